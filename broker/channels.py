@@ -1,0 +1,108 @@
+"""Channel names, ids and NATS subjects: the one place that decides what is allowed.
+
+Client-side channels are ``user`` (the connection's own user), ``room:<id>`` and
+``broadcast``. Internally the user channel is ``user:<id>`` so that one name maps
+to exactly one subject. Ids are restricted to characters that can never be a
+NATS token separator or wildcard, which is what keeps a hostile id from widening
+a subscription or reaching a foreign subject.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ID_RE = re.compile(r"[A-Za-z0-9_:@=+-]{1,128}")
+EVENT_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
+PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+BROADCAST = "broadcast"
+ROOM = "room"
+USER = "user"
+DEFAULT_EVENT = "message"
+
+
+class InvalidChannel(ValueError):
+    """A channel, id or event name that the contract refuses."""
+
+
+def check_id(kind: str, value: object) -> str:
+    """Return ``value`` if it is a valid user or room id, else raise InvalidChannel."""
+    if not isinstance(value, str) or ID_RE.fullmatch(value) is None:
+        raise InvalidChannel(f"invalid {kind} id: must match [A-Za-z0-9_:@=+-]{{1,128}}")
+    return value
+
+
+def check_event(value: object) -> str:
+    if not isinstance(value, str) or EVENT_RE.fullmatch(value) is None:
+        raise InvalidChannel("invalid event name: must match [A-Za-z0-9_.:@+-]{1,64}")
+    return value
+
+
+def room_channel(room_id: str) -> str:
+    return f"{ROOM}:{check_id(ROOM, room_id)}"
+
+
+def user_channel(user_id: str) -> str:
+    return f"{USER}:{check_id(USER, user_id)}"
+
+
+def parse_channel(name: object) -> str:
+    """Validate a fully named channel (``room:<id>``, ``user:<id>``, ``broadcast``)."""
+    if name == BROADCAST:
+        return BROADCAST
+    if isinstance(name, str):
+        kind, sep, ident = name.partition(":")
+        if sep and kind in (ROOM, USER):
+            check_id(kind, ident)
+            return name
+    raise InvalidChannel("invalid channel: expected room:<id>, user:<id> or broadcast")
+
+
+def client_name(channel: str) -> str:
+    """The name a client sees: its own user channel is just ``user``."""
+    return USER if channel.startswith("user:") else channel
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Maps channels to the input subjects publishers use and the live subjects
+    the stream republishes to (which nodes subscribe to)."""
+
+    prefix: str = "herald"
+    live_prefix: str = "herald_live"
+
+    def __post_init__(self) -> None:
+        for key, value in (("prefix", self.prefix), ("live_prefix", self.live_prefix)):
+            if PREFIX_RE.fullmatch(value) is None:
+                raise InvalidChannel(f"invalid subject {key} {value!r}")
+        if self.live_prefix == self.prefix or self.live_prefix.startswith(self.prefix + "."):
+            raise InvalidChannel("live_prefix must lie outside the input prefix")
+
+    def _suffix(self, channel: str) -> str:
+        if channel == BROADCAST:
+            return BROADCAST
+        kind, _, ident = channel.partition(":")
+        return f"{kind}.{ident}"
+
+    def input_subject(self, channel: str) -> str:
+        return f"{self.prefix}.{self._suffix(channel)}"
+
+    def live_subject(self, channel: str) -> str:
+        return f"{self.live_prefix}.{self._suffix(channel)}"
+
+    def stream_subjects(self) -> list[str]:
+        return [f"{self.prefix}.user.>", f"{self.prefix}.room.>", f"{self.prefix}.{BROADCAST}"]
+
+    def channel_of(self, subject: str) -> str | None:
+        """Channel of an input or live subject, or None if it is not one of ours."""
+        for prefix in (self.live_prefix, self.prefix):
+            if subject.startswith(prefix) and subject[len(prefix) : len(prefix) + 1] == ".":
+                rest = subject[len(prefix) + 1 :]
+                if rest == BROADCAST:
+                    return BROADCAST
+                kind, _, ident = rest.partition(".")
+                if kind in (ROOM, USER) and ID_RE.fullmatch(ident):
+                    return f"{kind}:{ident}"
+                return None
+        return None

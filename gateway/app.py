@@ -1,0 +1,52 @@
+"""The aiohttp application of a node."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from . import api
+from .keys import NODE
+from .node import BrokerFactory, Node
+from .settings import Settings
+from .sse import sse_handler
+from .ws import ws_handler
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("herald")
+
+
+async def _index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
+def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) -> web.Application:
+    node = Node(settings, broker_factory)
+    app = web.Application(client_max_size=settings.http.max_body)
+    app[NODE] = node
+    app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/sse", sse_handler)
+    app.router.add_post("/api/publish", api.publish)
+    app.router.add_get("/api/stats", api.stats)
+    app.router.add_get("/metrics", api.metrics)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/", _index)
+    app.router.add_static("/static", STATIC)
+
+    async def start(app: web.Application) -> None:
+        await node.start()
+        log.info("node %s ready", node.id)
+
+    async def shutdown(app: web.Application) -> None:
+        await node.shutdown()
+
+    async def cleanup(app: web.Application) -> None:
+        await node.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(shutdown)
+    app.on_cleanup.append(cleanup)
+    return app

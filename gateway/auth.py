@@ -1,0 +1,156 @@
+"""JWT verification: who a connection is and which rooms it may use.
+
+The accepted algorithm is pinned by the configured key — HS256 for a shared
+secret, RS256 or ES256 for a public key file — so ``alg: none`` and HS/RS key
+confusion are refused by construction.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from broker.channels import ID_RE
+
+from .settings import JwtSettings
+
+MAX_TOKEN_LENGTH = 8192
+_GLOB_RE = re.compile(r"[A-Za-z0-9_:@=+*?-]{1,128}")
+
+
+class AuthError(Exception):
+    """A refused token. ``reason`` is the metric label, the message is for the client."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@functools.lru_cache(maxsize=4096)
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern))
+
+
+def glob_match(patterns: Iterable[str], value: str) -> bool:
+    return any(_glob(p).fullmatch(value) for p in patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user: str
+    rooms: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()
+    expires: float | None = None
+
+    def may_join(self, room: str) -> bool:
+        return glob_match(self.rooms, room)
+
+    def may_publish(self, room: str) -> bool:
+        return glob_match(self.publish, room)
+
+
+def _globs(claims: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = claims.get(name, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and _GLOB_RE.fullmatch(v) for v in value):
+        raise AuthError("bad_claims", f"claim {name!r} must be a list of room ids or globs")
+    return tuple(value)
+
+
+class Authenticator:
+    def __init__(self, settings: JwtSettings) -> None:
+        self._settings = settings
+        self._key: Any
+        if settings.public_key:
+            pem = Path(settings.public_key).read_bytes()
+            public = load_pem_public_key(pem)
+            if isinstance(public, rsa.RSAPublicKey):
+                self._algorithms = ["RS256"]
+            elif isinstance(public, ec.EllipticCurvePublicKey):
+                self._algorithms = ["ES256"]
+            else:
+                raise ValueError("jwt.public_key must be an RSA or EC (P-256) public key")
+            self._key = public
+        else:
+            self._algorithms = ["HS256"]
+            self._key = settings.secret
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._settings.public_key or self._settings.secret)
+
+    def verify(self, token: str | None) -> Identity:
+        if not token:
+            raise AuthError("missing", "missing token")
+        if not self.configured:
+            raise AuthError("not_configured", "authentication is not configured on this node")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise AuthError("too_large", "token too large")
+        s = self._settings
+        required = ["sub", "exp"] if s.require_exp else ["sub"]
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                audience=s.audience or None,
+                issuer=s.issuer or None,
+                leeway=s.leeway,
+                options={"require": required, "verify_aud": bool(s.audience)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("expired", "token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("not_yet_valid", "token not yet valid") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("bad_audience", "wrong token audience") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError("bad_issuer", "wrong token issuer") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError("bad_claims", f"token lacks claim {exc.claim!r}") from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError("bad_algorithm", "token algorithm not accepted") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("bad_signature", "token signature invalid") from None
+        except jwt.InvalidTokenError:
+            raise AuthError("malformed", "malformed token") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or ID_RE.fullmatch(sub) is None:
+            raise AuthError("bad_claims", "invalid sub: must match [A-Za-z0-9_:@=+-]{1,128}")
+        exp = claims.get("exp")
+        return Identity(
+            user=sub,
+            rooms=_globs(claims, "rooms"),
+            publish=_globs(claims, "publish"),
+            expires=float(exp) if isinstance(exp, (int, float)) else None,
+        )
+
+
+def mint_token(
+    key: str,
+    user: str,
+    rooms: Iterable[str] = (),
+    publish: Iterable[str] = (),
+    ttl: float = 3600.0,
+    algorithm: str = "HS256",
+    **extra: Any,
+) -> str:
+    """A token for ``herald token``, ``herald dev`` and tests."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": user, "iat": now, "exp": now + int(ttl)}
+    if rooms:
+        claims["rooms"] = list(rooms)
+    if publish:
+        claims["publish"] = list(publish)
+    claims.update(extra)
+    return jwt.encode(claims, key, algorithm=algorithm)

@@ -1,0 +1,167 @@
+"""``herald`` / ``python -m gateway``: serve, dev, publish, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+from broker import BrokerUnavailable, InvalidChannel
+from broker.channels import check_event, check_id, parse_channel
+from broker.embedded import NatsServer, free_port, nats_server_binary
+
+from .auth import mint_token
+from .settings import ConfigError, Settings, load_settings, with_overrides
+
+DEV_SECRET = "herald-dev-secret-do-not-use-in-production"
+DEV_PUBLISH_KEY = "dev-publish-key"
+DEV_ADMIN_KEY = "dev-admin-key"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="herald", description="Herald realtime gateway")
+    p.add_argument("--config", help="TOML file (default: $HERALD_CONFIG or config/herald.toml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a node")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    dev = sub.add_parser("dev", help="local nats-server with JetStream + one node, dev secrets")
+    dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument("--nats-port", type=int, default=0, help="default: 4222 if free, else any")
+
+    pub = sub.add_parser("publish", help="publish through JetStream (acked)")
+    pub.add_argument("channel", help="room:<id>, user:<id> or broadcast")
+    pub.add_argument("data", help="payload, usually JSON")
+    pub.add_argument("--event")
+
+    tok = sub.add_parser("token", help="mint a client token")
+    tok.add_argument("user")
+    tok.add_argument("--room", action="append", default=[], help="room id or glob (repeatable)")
+    tok.add_argument("--publish", action="append", default=[], help="room glob the user may publish to")
+    tok.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    tok.add_argument("--key", help="PEM private key for RS256/ES256 (default: jwt.secret, HS256)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        if args.command == "serve":
+            return _serve(settings, args)
+        if args.command == "dev":
+            return _dev(settings, args)
+        if args.command == "publish":
+            return asyncio.run(_publish(settings, args))
+        return _token(settings, args)
+    except (ConfigError, InvalidChannel, BrokerUnavailable, FileNotFoundError) as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from .server import configure_logging, serve
+
+    http = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if http:
+        settings = with_overrides(settings, http=http)
+    configure_logging(settings.log.level)
+    return serve(settings)
+
+
+def _dev(settings: Settings, args: argparse.Namespace) -> int:
+    from .server import configure_logging, serve
+
+    nats_server_binary()  # fail fast with a clear message
+    nats_port = args.nats_port or (4222 if _port_free(4222) else free_port())
+    store = tempfile.mkdtemp(prefix="herald-dev-")
+    server = NatsServer(port=nats_port, store_dir=store, log_file=str(Path(store) / "nats.log"))
+    server.start()
+    secret = settings.jwt.secret or DEV_SECRET
+    settings = with_overrides(
+        settings,
+        http={"host": "127.0.0.1", "port": args.port},
+        nats={"urls": (server.url,)},
+        jwt={"secret": secret, "public_key": ""},
+        publish={"key": settings.publish.key or DEV_PUBLISH_KEY},
+        admin={"key": settings.admin.key or DEV_ADMIN_KEY},
+    )
+    configure_logging(settings.log.level)
+    base = f"http://127.0.0.1:{args.port}"
+    token = mint_token(secret, "alice", rooms=["*"], publish=["*"], ttl=86400)
+
+    def banner() -> None:
+        print(
+            f"\nHerald dev node {settings.node.id}\n"
+            f"  demo:        {base}/\n"
+            f"  websocket:   ws://127.0.0.1:{args.port}/ws?token=<token>&room=lobby\n"
+            f"  events:      {base}/sse?token=<token>&room=lobby\n"
+            f"  metrics:     {base}/metrics\n"
+            f"  nats:        {server.url} (JetStream store {store})\n"
+            f"  publish key: {settings.publish.key}   admin key: {settings.admin.key}\n"
+            f"  sample token (user alice, all rooms, 24 h):\n    {token}\n"
+            f"  try:  curl -N '{base}/sse?token={token}&room=lobby'\n"
+            f"        curl -X POST {base}/api/publish -H 'Authorization: Bearer {settings.publish.key}' "
+            f"""-d '{{"channel":"room:lobby","data":{{"text":"hi"}}}}'\n""",
+            flush=True,
+        )
+
+    try:
+        return serve(settings, on_ready=banner)
+    finally:
+        server.cleanup()
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from broker.jetstream import NatsBroker
+
+    from .node import nats_config
+
+    channel = parse_channel(args.channel)
+    if args.event:
+        check_event(args.event)
+    broker = NatsBroker(nats_config(settings), lambda d: None)
+    await broker.start(manage_stream=False)
+    try:
+        seq = await broker.publish(channel, args.data.encode(), args.event)
+    finally:
+        await broker.close()
+    print(seq)
+    return 0
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    check_id("user", args.user)
+    if args.key:
+        pem = Path(args.key).read_bytes()
+        algorithm = "ES256" if b"EC PRIVATE" in pem or _is_ec(pem) else "RS256"
+        key: str = pem.decode()
+    elif settings.jwt.secret:
+        key, algorithm = settings.jwt.secret, "HS256"
+    else:
+        print("herald: set jwt.secret (HERALD_JWT_SECRET) or pass --key PRIVATE.pem", file=sys.stderr)
+        return 2
+    print(mint_token(key, args.user, args.room, args.publish, args.ttl, algorithm))
+    return 0
+
+
+def _is_ec(pem: bytes) -> bool:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    return isinstance(load_pem_private_key(pem, None), ec.EllipticCurvePrivateKey)

@@ -1,0 +1,156 @@
+"""Client → server commands on a WebSocket. Each answers with ``ack`` or
+``error``, echoing the command's ``ref``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from broker import BrokerUnavailable
+from broker.channels import InvalidChannel, check_event, check_id, room_channel
+
+from .auth import AuthError
+from .node import Node
+from .resume import resume
+from .session import Session
+
+Ref = str | int | None
+
+
+class CommandError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _room(cmd: dict[str, Any]) -> tuple[str, str]:
+    """The command's room id and its channel, validated."""
+    room = cmd.get("room")
+    try:
+        return check_id("room", room), room_channel(room)  # type: ignore[arg-type]
+    except InvalidChannel as exc:
+        raise CommandError("bad_request", str(exc)) from None
+
+
+class Commands:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._handlers = {
+            "subscribe": self.subscribe,
+            "unsubscribe": self.unsubscribe,
+            "publish": self.publish,
+            "refresh": self.refresh,
+            "ping": self.ping,
+        }
+
+    def error(self, session: Session, ref: Ref, code: str, message: str) -> None:
+        frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if ref is not None:
+            frame["ref"] = ref
+        session.send(frame)
+
+    def ack(self, session: Session, ref: Ref, **fields: Any) -> None:
+        frame: dict[str, Any] = {"type": "ack"}
+        if ref is not None:
+            frame["ref"] = ref
+        frame.update(fields)
+        session.send(frame)
+
+    async def handle(self, session: Session, text: str) -> None:
+        try:
+            cmd = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            self.error(session, None, "bad_frame", "frame is not valid JSON")
+            return
+        if not isinstance(cmd, dict):
+            self.error(session, None, "bad_frame", "frame must be a JSON object")
+            return
+        ref = cmd.get("ref")
+        if ref is not None and not (
+            (isinstance(ref, str) and len(ref) <= 64) or (type(ref) is int and abs(ref) < 2**53)
+        ):
+            self.error(session, None, "bad_request", "ref must be a string (<= 64 chars) or an integer")
+            return
+        kind = cmd.get("type")
+        handler = self._handlers.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            if kind in ("presence", "read"):
+                self.error(session, ref, "unsupported", f"{kind} is not available on this node yet")
+            else:
+                self.error(session, ref, "unknown_command", "unknown command type")
+            return
+        try:
+            await handler(session, cmd, ref)
+        except CommandError as exc:
+            self.error(session, ref, exc.code, str(exc))
+        except BrokerUnavailable as exc:
+            self.error(session, ref, "unavailable", str(exc))
+
+    async def subscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+        room, channel = _room(cmd)
+        if not session.identity.may_join(room):
+            raise CommandError("forbidden", f"token does not allow room {room}")
+        since = cmd.get("since")
+        if since is not None and not (isinstance(since, str) and since.isdigit() and len(since) <= 20):
+            raise CommandError("bad_request", "since must be a stream id (a string of digits)")
+        if channel not in session.channels:
+            # The user channel and broadcast are always there and do not count.
+            limit = self.node.settings.limits.max_subscriptions
+            if len(session.channels) - 2 >= limit:
+                raise CommandError("too_many_subscriptions", f"at most {limit} rooms per connection")
+            await self.node.hub.join(session, channel)
+        if since is not None:
+            await resume(self.node, session, (channel,), int(since))
+        self.ack(session, ref, channel=channel)
+
+    async def unsubscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+        _, channel = _room(cmd)
+        await self.node.hub.leave(session, channel)
+        self.ack(session, ref, channel=channel)
+
+    async def publish(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+        room, channel = _room(cmd)
+        if not session.identity.may_publish(room):
+            raise CommandError("forbidden", f"token does not allow publishing to room {room}")
+        if "data" not in cmd:
+            raise CommandError("bad_request", "publish needs data")
+        event = cmd.get("event")
+        if event is not None:
+            try:
+                check_event(event)
+            except InvalidChannel as exc:
+                raise CommandError("bad_request", str(exc)) from None
+        payload = orjson.dumps(cmd["data"])
+        broker = self.node.broker
+        if cmd.get("ephemeral") is True:
+            await broker.publish_ephemeral(channel, payload, event)
+            self.ack(session, ref, channel=channel)
+        else:
+            seq = await broker.publish(channel, payload, event)
+            self.ack(session, ref, channel=channel, id=str(seq))
+
+    async def refresh(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+        token = cmd.get("token")
+        if not isinstance(token, str):
+            raise CommandError("bad_request", "refresh needs a token")
+        try:
+            identity = self.node.authenticate(token, session.id)
+        except AuthError as exc:
+            raise CommandError("bad_token", str(exc)) from None
+        if identity.user != session.user:
+            self.node.metrics.auth_failures.labels("other_user").inc()
+            raise CommandError("forbidden", "refresh token is for another user")
+        session.identity = identity
+        session.set_expiry(identity.expires)
+        # Rooms the new token no longer allows are left.
+        for channel in list(session.channels):
+            if channel.startswith("room:") and not identity.may_join(channel[5:]):
+                await self.node.hub.leave(session, channel)
+        self.ack(session, ref, channels=sorted(session.channels))
+
+    async def ping(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+        frame: dict[str, Any] = {"type": "pong"}
+        if ref is not None:
+            frame["ref"] = ref
+        session.send(frame)

@@ -1,0 +1,36 @@
+"""Why a connection ends: a close code for the client and a label for metrics.
+
+Every close goes through one of these, so the code a client sees and the
+``reason`` label of ``herald_connections_closed_total`` never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    code: int
+    message: str
+    label: str
+
+    def with_message(self, message: str) -> Disconnect:
+        # WebSocket close reasons are limited to 123 bytes.
+        return Disconnect(self.code, message.encode()[:123].decode(errors="ignore"), self.label)
+
+
+CLIENT_CLOSED = Disconnect(1000, "", "client_closed")
+GOING_AWAY = Disconnect(1001, "going away", "client_closed")
+BAD_TOKEN = Disconnect(4001, "invalid token", "bad_token")
+TOKEN_EXPIRED = Disconnect(4001, "token expired", "token_expired")
+FORBIDDEN = Disconnect(4003, "forbidden", "forbidden")
+BAD_REQUEST = Disconnect(4000, "bad request", "bad_request")
+SLOW_CONSUMER = Disconnect(4008, "slow consumer: reconnect with since=<last id>", "slow_consumer")
+STALLED = Disconnect(4008, "stalled: reconnect with since=<last id>", "slow_consumer")
+RATE_LIMITED = Disconnect(4029, "rate limited", "rate_limited")
+TOO_BIG = Disconnect(1009, "frame too big", "too_big")
+HEARTBEAT_TIMEOUT = Disconnect(1006, "heartbeat timeout", "heartbeat_timeout")
+SHUTDOWN = Disconnect(1012, "node restarting: reconnect", "shutdown")
+INTERNAL = Disconnect(1011, "internal error", "internal")
+UNAVAILABLE = Disconnect(1013, "broker unavailable: try again", "unavailable")

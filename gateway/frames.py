@@ -1,0 +1,93 @@
+"""Wire encodings. A delivery is encoded once per transport per node and the
+same bytes are queued to every recipient on that transport."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol
+
+import orjson
+
+from broker import Delivery
+from broker.channels import client_name
+
+_SSE_LINES = re.compile(rb"\r\n|\r|\n")
+
+
+def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """An unmasked, final WebSocket frame (server → client)."""
+    n = len(payload)
+    first = 0x80 | opcode
+    if n < 126:
+        header = bytes((first, n))
+    elif n < 65536:
+        header = bytes((first, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((first, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+def json_data(payload: bytes) -> bytes:
+    """``payload`` if it is JSON (embedded as is), else a JSON string of it."""
+    try:
+        orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return orjson.dumps(payload.decode("utf-8", "replace"))
+    return payload
+
+
+def message_json(d: Delivery) -> bytes:
+    head = {"type": "message", "channel": client_name(d.channel)}
+    if d.seq:
+        head["id"] = str(d.seq)
+    head["event"] = d.event
+    # Splice the payload in without re-serialising it.
+    return orjson.dumps(head)[:-1] + b',"data":' + json_data(d.payload) + b"}"
+
+
+def sse_event(event: str, data: bytes, event_id: int = 0) -> bytes:
+    parts = [b"id: %d\n" % event_id] if event_id else []
+    parts.append(b"event: " + event.encode() + b"\n")
+    for line in _SSE_LINES.split(data):
+        parts.append(b"data: " + line + b"\n")
+    parts.append(b"\n")
+    return b"".join(parts)
+
+
+class Codec(Protocol):
+    """How one transport turns deliveries and control objects into bytes."""
+
+    name: str
+
+    def message(self, d: Delivery) -> bytes: ...
+
+    def control(self, obj: dict[str, Any]) -> bytes: ...
+
+
+class WsCodec:
+    name = "ws"
+
+    def message(self, d: Delivery) -> bytes:
+        return ws_frame(message_json(d))
+
+    def control(self, obj: dict[str, Any]) -> bytes:
+        return ws_frame(orjson.dumps(obj))
+
+
+class SseCodec:
+    name = "sse"
+
+    def message(self, d: Delivery) -> bytes:
+        data = d.payload
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            data = data.decode("utf-8", "replace").encode()
+        return sse_event(d.event, data, d.seq)
+
+    def control(self, obj: dict[str, Any]) -> bytes:
+        return sse_event(str(obj.get("type", "message")), orjson.dumps(obj))
+
+
+WS = WsCodec()
+SSE = SseCodec()

@@ -1,0 +1,88 @@
+"""The local fan-out index: channel → sessions on this node.
+
+``deliver`` is the broker's callback. It encodes a delivery once per transport
+and queues the same bytes to every local recipient; it never awaits.
+"""
+
+from __future__ import annotations
+
+from broker import Broker, Delivery
+
+from .auth import glob_match
+from .session import Session
+
+
+class Hub:
+    def __init__(self, drop_oldest_rooms: tuple[str, ...] = (), drop_oldest_all: bool = False) -> None:
+        self.broker: Broker | None = None
+        self._index: dict[str, set[Session]] = {}
+        self._drop_oldest_rooms = drop_oldest_rooms
+        self._drop_oldest_all = drop_oldest_all
+        self._droppable: dict[str, bool] = {}
+
+    def droppable(self, channel: str) -> bool:
+        """Whether a full queue may drop this channel's messages (drop-oldest)."""
+        cached = self._droppable.get(channel)
+        if cached is None:
+            cached = self._drop_oldest_all or (
+                channel.startswith("room:") and glob_match(self._drop_oldest_rooms, channel[5:])
+            )
+            if len(self._droppable) > 100_000:
+                self._droppable.clear()
+            self._droppable[channel] = cached
+        return cached
+
+    def deliver(self, d: Delivery) -> None:
+        sessions = self._index.get(d.channel)
+        if not sessions:
+            return
+        droppable = self.droppable(d.channel)
+        encoded: dict[str, bytes] = {}
+        ts = d.ts
+        seq = d.seq
+        for session in sessions:
+            if session.held is not None:
+                session.held.append(d)
+                continue
+            codec = session.codec
+            frame = encoded.get(codec.name)
+            if frame is None:
+                frame = encoded[codec.name] = codec.message(d)
+            session.outbound.push(frame, ts, droppable)
+            if seq > session.last_seq:
+                session.last_seq = seq
+
+    async def join(self, session: Session, channel: str) -> None:
+        if channel in session.channels:
+            return
+        assert self.broker is not None
+        session.channels.add(channel)
+        self._index.setdefault(channel, set()).add(session)
+        try:
+            await self.broker.want(channel)
+        except BaseException:
+            self._drop(session, channel)
+            raise
+
+    async def leave(self, session: Session, channel: str) -> None:
+        if channel not in session.channels:
+            return
+        self._drop(session, channel)
+        assert self.broker is not None
+        await self.broker.unwant(channel)
+
+    async def leave_all(self, session: Session) -> None:
+        for channel in list(session.channels):
+            await self.leave(session, channel)
+
+    def _drop(self, session: Session, channel: str) -> None:
+        session.channels.discard(channel)
+        sessions = self._index.get(channel)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._index[channel]
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._index)

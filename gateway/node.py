@@ -1,0 +1,148 @@
+"""A node: the parts one process needs, and the life of its sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+from broker import Broker, DeliveryCallback
+from broker.channels import Subjects
+from broker.jetstream import NatsBroker, NatsConfig
+
+from .auth import Authenticator, AuthError, Identity
+from .disconnect import SHUTDOWN, Disconnect
+from .frames import Codec
+from .hub import Hub
+from .metrics import Metrics
+from .outbound import Flusher, QueueLimits, Wire
+from .session import Closer, Session, State
+from .settings import Settings
+
+log = logging.getLogger("herald.node")
+
+BrokerFactory = Callable[[DeliveryCallback], Broker]
+
+
+def nats_config(settings: Settings) -> NatsConfig:
+    h = settings.history
+    n = settings.nats
+    return NatsConfig(
+        urls=n.urls,
+        name=f"herald-{settings.node.id}",
+        connect_timeout=n.connect_timeout,
+        reconnect_wait=n.reconnect_wait,
+        subjects=Subjects(settings.subject.prefix, settings.live_prefix),
+        stream=settings.stream.name,
+        replicas=settings.stream.replicas,
+        storage=settings.stream.storage,
+        max_msgs_per_subject=max(h.user_max, h.room_max),
+        max_age=max(h.user_max_age, h.room_max_age),
+        max_bytes=settings.stream.max_bytes,
+        publish_timeout=n.publish_timeout,
+        unsubscribe_delay=n.unsubscribe_delay,
+        pending_msgs_limit=n.pending_msgs_limit,
+        pending_bytes_limit=n.pending_bytes_limit,
+    )
+
+
+class _Throttle:
+    """At most one log line per ``interval`` per key, with a count of the rest."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last, skipped = self._last.get(key, (0.0, 0))
+        if now - last < self._interval:
+            self._last[key] = (last, skipped + 1)
+            return
+        self._last[key] = (now, 0)
+        log.warning(message + (f" ({skipped} more suppressed)" if skipped else ""), *args)
+
+
+class Node:
+    def __init__(self, settings: Settings, broker_factory: BrokerFactory | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.auth = Authenticator(settings.jwt)
+        bp = settings.backpressure
+        self.hub = Hub(bp.drop_oldest_rooms, drop_oldest_all=bp.policy == "drop-oldest")
+        factory = broker_factory or (lambda cb: NatsBroker(nats_config(settings), cb))
+        self.broker: Broker = factory(self.hub.deliver)
+        self.hub.broker = self.broker
+        self.flusher = Flusher(self.metrics.dropped_queue_full.inc)
+        self.limits = QueueLimits(bp.max_bytes, bp.max_messages, bp.write_buffer, bp.stall_timeout)
+        self.sessions: set[Session] = set()
+        self.draining = False
+        self._ids = itertools.count(1)
+        self.warn = _Throttle()
+        self.metrics.watch_broker(self.broker.stats)
+        self.metrics.watch_queue_bytes(self.queued_bytes)
+
+    @property
+    def id(self) -> str:
+        return self.settings.node.id
+
+    def queued_bytes(self) -> float:
+        return float(sum(s.outbound.pending_bytes() for s in self.sessions))
+
+    def authenticate(self, token: str | None, peer: str) -> Identity:
+        try:
+            return self.auth.verify(token)
+        except AuthError as exc:
+            self.metrics.auth_failures.labels(exc.reason).inc()
+            self.warn("auth:" + exc.reason, "refused token from %s: %s", peer, exc)
+            raise
+
+    def open_session(self, identity: Identity, codec: Codec, wire: Wire, closer: Closer) -> Session:
+        session = Session(
+            f"{self.id}:{next(self._ids)}",
+            identity,
+            codec,
+            wire,
+            closer,
+            self.flusher,
+            self.limits,
+            self.metrics.transport[codec.name],
+        )
+        self.sessions.add(session)
+        session.metrics.opened.inc()
+        session.metrics.connections.inc()
+        return session
+
+    async def finish_session(self, session: Session, reason: Disconnect) -> None:
+        """The transport is done with ``session``: unsubscribe and count it."""
+        if session.state is State.CLOSED:
+            return
+        final = session.closed(reason)
+        self.sessions.discard(session)
+        session.metrics.connections.dec()
+        self.metrics.closed.labels(session.transport, final.label).inc()
+        try:
+            await self.hub.leave_all(session)
+        except Exception:
+            log.debug("unsubscribe failed for %s", session.id, exc_info=True)
+
+    async def start(self) -> None:
+        await self.broker.start()
+
+    async def shutdown(self) -> None:
+        """Stop serving: readyz goes 503, every client is told 1012 / its SSE
+        stream ends, and what has not closed after the grace is aborted."""
+        self.draining = True
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.close(SHUTDOWN)
+        deadline = time.monotonic() + self.settings.http.shutdown_grace
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.sessions:
+            log.info("%d connections did not close within the grace; aborting", len(self.sessions))
+
+    async def close(self) -> None:
+        await self.broker.close()

@@ -1,0 +1,128 @@
+"""One client connection: identity, channels, outbound queue, state.
+
+A session is transport-agnostic: the transport hands it a Wire (raw writes) and
+a closer (how to end the connection with a Disconnect). Everything the client
+receives — deliveries, acks, errors — goes through the one bounded queue, so
+ordering is the order of ``push``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from typing import Any
+
+from broker import Delivery
+
+from .auth import Identity
+from .disconnect import SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
+from .frames import Codec
+from .metrics import TransportMetrics
+from .outbound import Flusher, Outbound, QueueLimits, Wire
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+Closer = Callable[[Disconnect], None]
+
+
+class Session:
+    __slots__ = (
+        "_closer",
+        "_expiry",
+        "channels",
+        "codec",
+        "disconnect",
+        "held",
+        "id",
+        "identity",
+        "last_seq",
+        "metrics",
+        "outbound",
+        "state",
+    )
+
+    def __init__(
+        self,
+        conn_id: str,
+        identity: Identity,
+        codec: Codec,
+        wire: Wire,
+        closer: Closer,
+        flusher: Flusher,
+        limits: QueueLimits,
+        metrics: TransportMetrics,
+    ) -> None:
+        self.id = conn_id
+        self.identity = identity
+        self.codec = codec
+        self.metrics = metrics
+        self.outbound = Outbound(wire, flusher, limits, metrics, self._on_overflow)
+        self.channels: set[str] = set()
+        self.state = State.CONNECTING
+        self.disconnect: Disconnect | None = None
+        self.last_seq = 0
+        # Live deliveries held aside while a resume replays (see resume.py).
+        self.held: list[Delivery] | None = None
+        self._closer = closer
+        self._expiry: asyncio.TimerHandle | None = None
+        self.set_expiry(identity.expires)
+
+    @property
+    def user(self) -> str:
+        return self.identity.user
+
+    @property
+    def transport(self) -> str:
+        return self.codec.name
+
+    @property
+    def active(self) -> bool:
+        return self.state in (State.CONNECTING, State.OPEN)
+
+    def send(self, obj: dict[str, Any]) -> None:
+        """Queue a control frame (welcome, ack, error, pong…)."""
+        self.outbound.push(self.codec.control(obj))
+
+    def set_expiry(self, expires: float | None) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if expires is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, expires - time.time())
+            self._expiry = loop.call_at(loop.time() + delay, self.close, TOKEN_EXPIRED)
+
+    def _on_overflow(self, stalled: bool) -> None:
+        self.metrics.slow_consumer.inc()
+        self.close(STALLED if stalled else SLOW_CONSUMER)
+
+    def close(self, reason: Disconnect) -> None:
+        """Start closing; idempotent, never blocks. The transport finishes it."""
+        if not self.active:
+            return
+        self.state = State.CLOSING
+        self.disconnect = reason
+        self.outbound.close()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._closer(reason)
+
+    def closed(self, reason: Disconnect) -> Disconnect:
+        """Mark the session closed; returns the reason that counts (the first one)."""
+        if self.disconnect is None:
+            self.disconnect = reason
+        self.state = State.CLOSED
+        self.outbound.close()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        return self.disconnect

@@ -1,0 +1,105 @@
+"""The Server-Sent-Events transport: ``GET /sse``.
+
+aiohttp-sse prepares the response (headers, keep-alive comments); after that,
+prebuilt event bytes are written straight to the transport as HTTP chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from broker import BrokerUnavailable
+
+from .admission import Refusal, admit
+from .disconnect import CLIENT_CLOSED, GOING_AWAY, INTERNAL, UNAVAILABLE, Disconnect
+from .frames import SSE
+from .http import json_error
+from .keys import NODE
+from .resume import resume
+
+log = logging.getLogger("herald.sse")
+
+
+class SseConnection:
+    """Wire and closer of one event stream."""
+
+    __slots__ = ("_chunked", "_response", "_transport")
+
+    def __init__(self, response: EventSourceResponse, transport: asyncio.Transport) -> None:
+        self._response = response
+        self._transport = transport
+        self._chunked = response.chunked
+
+    def write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            return
+        if self._chunked:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            transport.write(data)
+
+    def buffered(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def close(self, reason: Disconnect) -> None:
+        # Ends ``response.wait()`` in the handler, which finishes the stream.
+        self._response.stop_streaming()
+
+
+async def sse_handler(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    try:
+        admission = admit(node, request, request.headers.get("Last-Event-ID"))
+    except Refusal as refusal:
+        return json_error(refusal.status, refusal.error, refusal.message)
+
+    s = node.settings.sse
+    response = EventSourceResponse(ping_interval=s.keepalive)
+    response.force_close()  # one stream per connection: never reused for keep-alive
+    await response.prepare(request)
+    # The first write sends the buffered headers; raw chunks may follow it.
+    await response.write(b"retry: %d\n\n" % s.retry)
+    transport = request.transport
+    assert transport is not None
+    conn = SseConnection(response, transport)
+    session = node.open_session(admission.identity, SSE, conn, conn.close)
+    reason: Disconnect = CLIENT_CLOSED
+    try:
+        for channel in admission.channels:
+            await node.hub.join(session, channel)
+        if admission.since is not None:
+            await resume(node, session, admission.channels, admission.since)
+        await response.wait()
+        if session.disconnect is not None:
+            reason = session.disconnect
+            await _end_stream(response, transport, node.settings.ws.close_timeout)
+    except BrokerUnavailable:
+        reason = UNAVAILABLE
+    except asyncio.CancelledError:
+        # The client went away (handler cancellation) or the server is stopping.
+        reason = session.disconnect or GOING_AWAY
+        raise
+    except Exception:
+        log.exception("stream %s failed", session.id)
+        reason = INTERNAL
+        transport.abort()
+    finally:
+        await node.finish_session(session, reason)
+    return response
+
+
+async def _end_stream(response: EventSourceResponse, transport: asyncio.Transport, timeout: float) -> None:
+    """Finish the chunked body; a peer that does not read is aborted."""
+    try:
+        async with asyncio.timeout(timeout):
+            await response.write_eof()
+    except Exception:  # noqa: BLE001
+        transport.abort()
+        return
+    if transport.get_write_buffer_size():
+        transport.abort()

@@ -1,0 +1,144 @@
+"""The WebSocket transport: ``GET /ws``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSMsgType, web
+
+from broker import BrokerUnavailable
+from broker.channels import client_name
+
+from .admission import Refusal, admit
+from .commands import Commands
+from .disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, INTERNAL, TOO_BIG, UNAVAILABLE, Disconnect
+from .frames import WS
+from .http import json_error
+from .keys import NODE
+from .resume import resume
+from .session import Session
+
+log = logging.getLogger("herald.ws")
+
+
+class WsConnection:
+    """Wire and closer of one WebSocket: raw frame writes, and a close that
+    never waits on a stalled peer longer than ``close_timeout``."""
+
+    __slots__ = ("_close_timeout", "_transport", "_ws", "close_task")
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport, close_timeout: float) -> None:
+        self._ws = ws
+        self._transport = transport
+        self._close_timeout = close_timeout
+        self.close_task: asyncio.Task[None] | None = None
+
+    def write(self, data: bytes) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def buffered(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def close(self, reason: Disconnect) -> None:
+        if self.close_task is None:
+            self.close_task = asyncio.get_running_loop().create_task(self._close(reason))
+
+    async def _close(self, reason: Disconnect) -> None:
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await self._ws.close(code=reason.code, message=reason.message.encode(), drain=False)
+        except Exception:  # noqa: BLE001 - timeouts and broken pipes end the same way
+            pass
+        # Whatever the peer did not read by now it never will: free the socket.
+        if self._transport.get_write_buffer_size() or not self._transport.is_closing():
+            self._transport.abort()
+
+
+def _classify(close_code: int | None) -> Disconnect:
+    if close_code == TOO_BIG.code:
+        return TOO_BIG
+    if close_code == 1001:
+        return GOING_AWAY
+    if close_code == 1006:
+        return HEARTBEAT_TIMEOUT
+    return CLIENT_CLOSED
+
+
+async def ws_handler(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    s = node.settings.ws
+    ws = web.WebSocketResponse(
+        compress=s.compress,
+        max_msg_size=s.max_frame,
+        heartbeat=s.heartbeat or None,
+        timeout=s.close_timeout,
+    )
+    if not ws.can_prepare(request).ok:
+        return json_error(400, "bad_request", "expected a WebSocket upgrade")
+    await ws.prepare(request)
+    # Refusals are close codes after the upgrade: a browser cannot see an HTTP status.
+    try:
+        admission = admit(node, request)
+    except Refusal as refusal:
+        await _close_now(ws, refusal.disconnect, s.close_timeout, request)
+        return ws
+
+    transport = request.transport
+    assert transport is not None
+    conn = WsConnection(ws, transport, s.close_timeout)
+    session = node.open_session(admission.identity, WS, conn, conn.close)
+    reason: Disconnect = CLIENT_CLOSED
+    try:
+        session.send(
+            {
+                "type": "welcome",
+                "conn": session.id,
+                "user": session.user,
+                "node": node.id,
+                "channels": [client_name(c) for c in admission.channels],
+            }
+        )
+        for channel in admission.channels:
+            await node.hub.join(session, channel)
+        if admission.since is not None:
+            await resume(node, session, admission.channels, admission.since)
+        await _receive_loop(ws, Commands(node), session)
+        reason = _classify(ws.close_code)
+    except BrokerUnavailable:
+        reason = UNAVAILABLE
+        session.close(UNAVAILABLE)
+    except asyncio.CancelledError:
+        reason = GOING_AWAY
+        raise
+    except Exception:
+        log.exception("connection %s failed", session.id)
+        reason = INTERNAL
+        session.close(INTERNAL)
+    finally:
+        await node.finish_session(session, reason)
+        if conn.close_task is not None:
+            await asyncio.shield(conn.close_task)
+    return ws
+
+
+async def _receive_loop(ws: web.WebSocketResponse, commands: Commands, session: Session) -> None:
+    async for msg in ws:
+        if not session.active:
+            break
+        if msg.type is WSMsgType.TEXT:
+            await commands.handle(session, msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            commands.error(session, None, "bad_frame", "binary frames are not supported: send JSON text")
+        elif msg.type is WSMsgType.ERROR:
+            break
+
+
+async def _close_now(ws: web.WebSocketResponse, reason: Disconnect, timeout: float, request: web.Request) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await ws.close(code=reason.code, message=reason.message.encode(), drain=False)
+    except Exception:  # noqa: BLE001
+        if request.transport is not None:
+            request.transport.abort()
