@@ -1,0 +1,207 @@
+"""Test helpers: nodes on real ports, real-socket clients, metric scraping."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import nats
+import orjson
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import create_app
+from gateway.auth import mint_token
+from gateway.keys import NODE
+from gateway.node import BrokerFactory, Node
+from gateway.settings import Settings, load_settings, with_overrides
+
+SECRET = "test-secret-that-is-long-enough-for-hs256!"
+PUBLISH_KEY = "test-publish-key"
+ADMIN_KEY = "test-admin-key"
+_ids = itertools.count(1)
+
+
+def make_settings(nats_url: str = "nats://127.0.0.1:1", *, isolate: bool = True, **sections: dict[str, Any]) -> Settings:
+    """Test settings: a private subject prefix and stream per call (unless the
+    caller passes ``subject``/``stream``), fast timings, test secrets."""
+    n = next(_ids)
+    base: dict[str, dict[str, Any]] = {
+        "node": {"id": f"node{n}"},
+        "http": {"host": "127.0.0.1", "port": 0, "shutdown_grace": 1.0},
+        "nats": {"urls": (nats_url,), "unsubscribe_delay": 0.0, "connect_timeout": 3.0},
+        "jwt": {"secret": SECRET},
+        "publish": {"key": PUBLISH_KEY},
+        "admin": {"key": ADMIN_KEY},
+        "ws": {"close_timeout": 1.0},
+    }
+    if isolate:
+        base["subject"] = {"prefix": f"t{n}"}
+        base["stream"] = {"name": f"T{n}", "storage": "memory"}
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return with_overrides(load_settings(env={}, use_default_file=False), **base)
+
+
+def token(user: str = "alice", rooms: list[str] | None = None, publish: list[str] | None = None,
+          ttl: float = 3600, key: str = SECRET, algorithm: str = "HS256", **claims: Any) -> str:
+    return mint_token(key, user, rooms if rooms is not None else ["*"], publish or [], ttl, algorithm, **claims)
+
+
+@dataclass
+class RunningNode:
+    settings: Settings
+    runner: web.AppRunner
+    url: str
+
+    @property
+    def node(self) -> Node:
+        return self.runner.app[NODE]  # type: ignore[union-attr]
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http", "ws", 1) + "/ws"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_node(settings: Settings, broker_factory: BrokerFactory | None = None) -> RunningNode:
+    app = create_app(settings, broker_factory)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=settings.http.shutdown_grace)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http.host, settings.http.port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return RunningNode(settings, runner, f"http://{host}:{port}")
+
+
+async def recv_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> dict[str, Any]:
+    msg = await ws.receive(timeout=timeout)
+    assert msg.type is aiohttp.WSMsgType.TEXT, f"expected a text frame, got {msg.type} {msg.data!r} {msg.extra!r}"
+    return orjson.loads(msg.data)  # type: ignore[no-any-return]
+
+
+async def recv_until(ws: aiohttp.ClientWebSocketResponse, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Skip frames until one of type ``kind``."""
+    while True:
+        frame = await recv_json(ws, timeout)
+        if frame["type"] == kind:
+            return frame
+
+
+async def expect_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> tuple[int | None, str]:
+    """Read until the server closes; returns (close code, reason)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await ws.receive()
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                return ws.close_code, str(msg.extra or "")
+            if msg.type is aiohttp.WSMsgType.ERROR:
+                return ws.close_code, str(msg.data)
+
+
+@dataclass
+class SseEvent:
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        return orjson.loads(self.data)
+
+
+class SseClient:
+    """Reads an event stream from a real socket and parses it per the spec."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.status = response.status
+        self.retry: int | None = None
+        self.comments = 0
+        self.ended = False
+
+    async def next(self, timeout: float = 5.0) -> SseEvent:
+        async with asyncio.timeout(timeout):
+            ev = SseEvent()
+            data: list[str] = []
+            have = False
+            while True:
+                raw = await self.response.content.readline()
+                if not raw:
+                    self.ended = True
+                    raise EOFError("stream ended")
+                line = raw.decode().rstrip("\r\n")
+                if not line:
+                    if have:
+                        ev.data = "\n".join(data)
+                        return ev
+                    continue
+                if line.startswith(":"):
+                    self.comments += 1
+                    continue
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "data":
+                    data.append(value)
+                    have = True
+                elif name == "event":
+                    ev.event = value
+                    have = True
+                elif name == "id":
+                    ev.id = value
+                    have = True
+                elif name == "retry":
+                    self.retry = int(value)
+                else:
+                    ev.fields[name] = value
+
+    async def read_to_end(self, timeout: float = 5.0) -> list[SseEvent]:
+        events = []
+        try:
+            while True:
+                events.append(await self.next(timeout))
+        except EOFError:
+            return events
+
+
+async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """``/metrics`` as {'name{label="v",...}': value}, labels sorted."""
+    async with session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Poll a sync or async predicate until it is true."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = predicate()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(interval)
+
+
+async def core_publish(nats_url: str, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+    """Publish with plain core NATS, as any backend would."""
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.publish(subject, data, headers=headers)
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
