@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any
 
@@ -45,3 +46,43 @@ def key_matches(request: web.BaseRequest, expected: str) -> bool:
 
 def peer(request: web.BaseRequest) -> str:
     return request.remote or "?"
+
+
+async def drain_or_abort(transport: asyncio.BaseTransport, deadline: float) -> None:
+    """Give a slow peer until ``deadline`` (loop time) to read what is buffered
+    (which ends with the close frame or the last chunk), then free the socket."""
+    assert isinstance(transport, asyncio.WriteTransport)
+    loop = asyncio.get_running_loop()
+    while transport.get_write_buffer_size() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if transport.get_write_buffer_size() or not transport.is_closing():
+        transport.abort()
+
+
+class SocketWire:
+    """Raw access to a request's socket for prebuilt frames (see outbound.Wire).
+
+    The transport pauses above ``write_buffer``, and ``drained`` waits on
+    aiohttp's own flow control (``request.writer.drain``) until it resumes.
+    """
+
+    __slots__ = ("_transport", "_writer")
+
+    def __init__(self, request: web.BaseRequest, write_buffer: int) -> None:
+        transport = request.transport
+        assert transport is not None
+        transport.set_write_buffer_limits(high=write_buffer)
+        self._transport = transport
+        self._writer = request.writer
+
+    def write(self, data: bytes) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def buffered(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    async def drained(self) -> None:
+        if self._transport.is_closing():
+            raise ConnectionResetError("connection closing")
+        await self._writer.drain()

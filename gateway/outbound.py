@@ -1,11 +1,14 @@
 """Bounded per-connection outbound queues and the node's flusher.
 
 The fan-out path only appends prebuilt bytes to a queue; it never awaits a
-socket. The flusher runs once per event-loop pass over the connections that got
-something, joins each one's queue into a single transport write, and leaves a
-connection alone while its transport still holds more than ``write_buffer``
-bytes. A queue that exceeds its limits sheds droppable (drop-oldest) entries or
-calls the overflow handler (the connection is closed as a slow consumer).
+socket. The flusher runs once per event-loop pass over the queues that got
+something and joins each one's entries into a single transport write, filling
+the transport's buffer up to ``write_buffer``. A queue with more than that
+waits, in one task of its own and only while backed up, for the transport to
+drain. ``max_bytes`` bounds what a connection holds in total (queued here plus
+the transport's buffer): past it, droppable (drop-oldest) entries are shed, or
+the overflow handler closes the connection as a slow consumer. A transport
+that makes no progress for ``stall_timeout`` is treated the same way.
 """
 
 from __future__ import annotations
@@ -19,13 +22,22 @@ from typing import Protocol
 
 from .metrics import TransportMetrics
 
+# (frame bytes, stream timestamp or 0 for frames that are not deliveries, droppable)
+Entry = tuple[bytes, float, bool]
+
 
 class Wire(Protocol):
-    """The raw side of a transport: write framed bytes, tell what is buffered."""
+    """The raw side of a transport."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        """Write framed bytes now; never blocks."""
 
-    def buffered(self) -> int: ...
+    def buffered(self) -> int:
+        """Bytes the transport holds that the peer has not taken yet."""
+        ...
+
+    async def drained(self) -> None:
+        """Return once the transport wants more (raises if the connection is gone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +55,9 @@ class Outbound:
         "_limits",
         "_metrics",
         "_scheduled",
+        "_waiter",
         "_wire",
-        "blocked_since",
+        "_wire_bytes",
         "bytes",
         "closed",
         "on_overflow",
@@ -62,13 +75,14 @@ class Outbound:
         self._flusher = flusher
         self._limits = limits
         self._metrics = metrics
-        # (frame, stream timestamp or 0 for control frames, droppable)
-        self._entries: deque[tuple[bytes, float, bool]] = deque()
+        self._entries: deque[Entry] = deque()
         self.bytes = 0
+        # Transport buffer size as of the last write or check.
+        self._wire_bytes = 0
         self._scheduled = False
-        self.blocked_since = 0.0
+        self._waiter: asyncio.Task[None] | None = None
         self.closed = False
-        self.on_overflow = on_overflow  # called with stalled=False (full) / True (timed out)
+        self.on_overflow = on_overflow  # called with stalled=False (full) / True (no progress)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -79,20 +93,28 @@ class Outbound:
         self._entries.append((frame, ts, droppable))
         self.bytes += len(frame)
         limits = self._limits
-        if (self.bytes > limits.max_bytes or len(self._entries) > limits.max_messages) and not self._shed():
-            self.on_overflow(False)
-            return
-        if not self._scheduled:
+        if self.bytes + self._wire_bytes > limits.max_bytes or len(self._entries) > limits.max_messages:
+            # The cached transport size may be stale (the peer read since): ask again.
+            self._wire_bytes = self._wire.buffered()
+            if not self._within_limits() and not self._shed():
+                self.on_overflow(False)
+                return
+        if not self._scheduled and self._waiter is None:
             self._scheduled = True
             self._flusher.schedule(self)
+
+    def _within_limits(self) -> bool:
+        limits = self._limits
+        return self.bytes + self._wire_bytes <= limits.max_bytes and len(self._entries) <= limits.max_messages
 
     def _shed(self) -> bool:
         """Drop the oldest droppable entries until within limits; True if that sufficed."""
         limits = self._limits
-        kept: deque[tuple[bytes, float, bool]] = deque()
+        budget = limits.max_bytes - self._wire_bytes
+        kept: deque[Entry] = deque()
         dropped = 0
         entries = self._entries
-        while entries and (self.bytes > limits.max_bytes or len(entries) + len(kept) > limits.max_messages):
+        while entries and (self.bytes > budget or len(entries) + len(kept) > limits.max_messages):
             entry = entries.popleft()
             if entry[2]:
                 self.bytes -= len(entry[0])
@@ -103,62 +125,89 @@ class Outbound:
         self._entries = kept
         if dropped:
             self._flusher.count_dropped(dropped)
-        return self.bytes <= limits.max_bytes and len(kept) <= limits.max_messages
+        return self._within_limits()
 
     def flush(self, now: float) -> bool:
-        """Write what is queued in one write. Returns True if the wire is backed up."""
+        """Write what fits below ``write_buffer`` in one write. True if some is left."""
         self._scheduled = False
         entries = self._entries
         if self.closed or not entries:
             return False
-        if self._wire.buffered() > self._limits.write_buffer:
-            if not self.blocked_since:
-                self.blocked_since = now
+        self._wire_bytes = self._wire.buffered()
+        allowance = self._limits.write_buffer - self._wire_bytes
+        if allowance <= 0:
+            self._backed_up()
             return True
-        self.blocked_since = 0.0
-        if len(entries) == 1:
-            frame, ts, _ = entries[0]
-            data = frame
-            delivered = 1 if ts else 0
-            if ts:
-                self._metrics.latency.observe(now - ts)
+        if len(entries) == 1 or self.bytes <= allowance:
+            batch = list(entries)
+            entries.clear()
         else:
-            data = b"".join([e[0] for e in entries])
-            delivered = 0
-            observe = self._metrics.latency.observe
-            for _, ts, _ in entries:
-                if ts:
-                    delivered += 1
-                    observe(now - ts)
-        entries.clear()
-        self.bytes = 0
+            # Only what fits: the rest stays here, where drop-oldest can shed it.
+            batch = [entries.popleft()]
+            size = len(batch[0][0])
+            while entries and size + len(entries[0][0]) <= allowance:
+                size += len(entries[0][0])
+                batch.append(entries.popleft())
+        data = batch[0][0] if len(batch) == 1 else b"".join([e[0] for e in batch])
+        metrics = self._metrics
+        observe = metrics.latency.observe
+        delivered = 0
+        for _, ts, _ in batch:
+            if ts:
+                delivered += 1
+                observe(now - ts)
+        self.bytes -= len(data)
         self._wire.write(data)
+        self._wire_bytes += len(data)
         if delivered:
-            self._metrics.delivered.inc(delivered)
+            metrics.delivered.inc(delivered)
+        if entries:
+            self._backed_up()
+            return True
         return False
 
-    def stalled(self, now: float) -> bool:
-        return bool(self.blocked_since) and now - self.blocked_since > self._limits.stall_timeout
+    def _backed_up(self) -> None:
+        if self._waiter is None and not self.closed:
+            self._waiter = asyncio.get_running_loop().create_task(self._wait_writable())
+
+    async def _wait_writable(self) -> None:
+        try:
+            while not self.closed:
+                try:
+                    async with asyncio.timeout(self._limits.stall_timeout):
+                        await self._wire.drained()
+                except TimeoutError:
+                    self.on_overflow(True)
+                    return
+                before = len(self._entries)
+                if not self.flush(time.time()):
+                    return
+                if len(self._entries) == before:
+                    # Not paused, yet full to write_buffer: do not spin.
+                    await asyncio.sleep(0.005)
+        except (ConnectionError, RuntimeError):
+            pass  # the connection is gone; its handler ends the session
+        finally:
+            self._waiter = None
 
     def close(self) -> None:
         self.closed = True
         self._entries.clear()
         self.bytes = 0
+        waiter = self._waiter
+        if waiter is not None and waiter is not asyncio.current_task():
+            waiter.cancel()
 
     def pending_bytes(self) -> int:
         return self.bytes + (0 if self.closed else self._wire.buffered())
 
 
 class Flusher:
-    """Flushes queues once per loop pass; retries backed-up ones on a timer and
-    reports those stalled past ``stall_timeout``."""
+    """Flushes every queue that got something, once per event-loop pass."""
 
-    def __init__(self, count_dropped: Callable[[int], None], retry_interval: float = 0.05) -> None:
+    def __init__(self, count_dropped: Callable[[int], None]) -> None:
         self._dirty: list[Outbound] = []
-        self._blocked: set[Outbound] = set()
         self._scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._retry_interval = retry_interval
         self.count_dropped = count_dropped
 
     def schedule(self, queue: Outbound) -> None:
@@ -172,27 +221,4 @@ class Flusher:
         dirty, self._dirty = self._dirty, []
         now = time.time()
         for queue in dirty:
-            if queue.flush(now):
-                self._block(queue)
-
-    def _block(self, queue: Outbound) -> None:
-        self._blocked.add(queue)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._retry_interval, self._retry)
-
-    def _retry(self) -> None:
-        self._timer = None
-        blocked, self._blocked = self._blocked, set()
-        now = time.time()
-        for queue in blocked:
-            if queue.closed:
-                continue
-            if queue.flush(now):
-                if queue.stalled(now):
-                    queue.on_overflow(True)
-                else:
-                    self._block(queue)
-
-    @property
-    def blocked(self) -> int:
-        return len(self._blocked)
+            queue.flush(now)

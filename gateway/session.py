@@ -87,6 +87,10 @@ class Session:
     def active(self) -> bool:
         return self.state in (State.CONNECTING, State.OPEN)
 
+    def opened(self) -> None:
+        if self.state is State.CONNECTING:
+            self.state = State.OPEN
+
     def send(self, obj: dict[str, Any]) -> None:
         """Queue a control frame (welcome, ack, error, pong…)."""
         self.outbound.push(self.codec.control(obj))

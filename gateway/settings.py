@@ -313,6 +313,11 @@ def validate(s: Settings) -> None:
         "must be disconnect or drop-oldest",
     )
     _require(s.backpressure.write_buffer >= 1024, "backpressure.write_buffer", "must be >= 1024")
+    _require(
+        s.backpressure.write_buffer < s.backpressure.max_bytes,
+        "backpressure.write_buffer",
+        "must be smaller than backpressure.max_bytes",
+    )
     _require(s.backpressure.stall_timeout > 0, "backpressure.stall_timeout", "must be > 0")
     _require(s.limits.max_subscriptions >= 1, "limits.max_subscriptions", "must be >= 1")
     _require(s.log.level in ("debug", "info", "warning", "error"), "log.level", "debug, info, warning or error")

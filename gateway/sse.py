@@ -17,34 +17,25 @@ from broker import BrokerUnavailable
 from .admission import Refusal, admit
 from .disconnect import CLIENT_CLOSED, GOING_AWAY, INTERNAL, UNAVAILABLE, Disconnect
 from .frames import SSE
-from .http import json_error
+from .http import SocketWire, drain_or_abort, json_error
 from .keys import NODE
 from .resume import resume
 
 log = logging.getLogger("herald.sse")
 
 
-class SseConnection:
-    """Wire and closer of one event stream."""
+class SseConnection(SocketWire):
+    """Wire and closer of one event stream: event bytes go out as HTTP chunks."""
 
-    __slots__ = ("_chunked", "_response", "_transport")
+    __slots__ = ("_chunked", "_response")
 
-    def __init__(self, response: EventSourceResponse, transport: asyncio.Transport) -> None:
+    def __init__(self, response: EventSourceResponse, request: web.Request, write_buffer: int) -> None:
+        super().__init__(request, write_buffer)
         self._response = response
-        self._transport = transport
         self._chunked = response.chunked
 
     def write(self, data: bytes) -> None:
-        transport = self._transport
-        if transport.is_closing():
-            return
-        if self._chunked:
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            transport.write(data)
-
-    def buffered(self) -> int:
-        return self._transport.get_write_buffer_size()
+        super().write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
 
     def close(self, reason: Disconnect) -> None:
         # Ends ``response.wait()`` in the handler, which finishes the stream.
@@ -66,7 +57,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     await response.write(b"retry: %d\n\n" % s.retry)
     transport = request.transport
     assert transport is not None
-    conn = SseConnection(response, transport)
+    conn = SseConnection(response, request, node.settings.backpressure.write_buffer)
     session = node.open_session(admission.identity, SSE, conn, conn.close)
     reason: Disconnect = CLIENT_CLOSED
     try:
@@ -74,6 +65,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
             await node.hub.join(session, channel)
         if admission.since is not None:
             await resume(node, session, admission.channels, admission.since)
+        session.opened()
         await response.wait()
         if session.disconnect is not None:
             reason = session.disconnect
@@ -94,12 +86,13 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def _end_stream(response: EventSourceResponse, transport: asyncio.Transport, timeout: float) -> None:
-    """Finish the chunked body; a peer that does not read is aborted."""
+    """Finish the chunked body; a peer that does not read it in time is aborted."""
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(deadline):
             await response.write_eof()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a stalled or vanished peer ends the same way
         transport.abort()
         return
-    if transport.get_write_buffer_size():
-        transport.abort()
+    transport.close()
+    await drain_or_abort(transport, deadline)

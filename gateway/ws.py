@@ -14,7 +14,7 @@ from .admission import Refusal, admit
 from .commands import Commands
 from .disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, INTERNAL, TOO_BIG, UNAVAILABLE, Disconnect
 from .frames import WS
-from .http import json_error
+from .http import SocketWire, drain_or_abort, json_error
 from .keys import NODE
 from .resume import resume
 from .session import Session
@@ -22,38 +22,32 @@ from .session import Session
 log = logging.getLogger("herald.ws")
 
 
-class WsConnection:
+class WsConnection(SocketWire):
     """Wire and closer of one WebSocket: raw frame writes, and a close that
     never waits on a stalled peer longer than ``close_timeout``."""
 
-    __slots__ = ("_close_timeout", "_transport", "_ws", "close_task")
+    __slots__ = ("_close_timeout", "_ws", "close_task")
 
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport, close_timeout: float) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, request: web.Request, write_buffer: int, close_timeout: float
+    ) -> None:
+        super().__init__(request, write_buffer)
         self._ws = ws
-        self._transport = transport
         self._close_timeout = close_timeout
         self.close_task: asyncio.Task[None] | None = None
-
-    def write(self, data: bytes) -> None:
-        if not self._transport.is_closing():
-            self._transport.write(data)
-
-    def buffered(self) -> int:
-        return self._transport.get_write_buffer_size()
 
     def close(self, reason: Disconnect) -> None:
         if self.close_task is None:
             self.close_task = asyncio.get_running_loop().create_task(self._close(reason))
 
     async def _close(self, reason: Disconnect) -> None:
+        deadline = asyncio.get_running_loop().time() + self._close_timeout
         try:
-            async with asyncio.timeout(self._close_timeout):
+            async with asyncio.timeout_at(deadline):
                 await self._ws.close(code=reason.code, message=reason.message.encode(), drain=False)
         except Exception:  # noqa: BLE001 - timeouts and broken pipes end the same way
             pass
-        # Whatever the peer did not read by now it never will: free the socket.
-        if self._transport.get_write_buffer_size() or not self._transport.is_closing():
-            self._transport.abort()
+        await drain_or_abort(self._transport, deadline)
 
 
 def _classify(close_code: int | None) -> Disconnect:
@@ -85,9 +79,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         await _close_now(ws, refusal.disconnect, s.close_timeout, request)
         return ws
 
-    transport = request.transport
-    assert transport is not None
-    conn = WsConnection(ws, transport, s.close_timeout)
+    conn = WsConnection(ws, request, node.settings.backpressure.write_buffer, s.close_timeout)
     session = node.open_session(admission.identity, WS, conn, conn.close)
     reason: Disconnect = CLIENT_CLOSED
     try:
@@ -104,6 +96,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             await node.hub.join(session, channel)
         if admission.since is not None:
             await resume(node, session, admission.channels, admission.since)
+        session.opened()
         await _receive_loop(ws, Commands(node), session)
         reason = _classify(ws.close_code)
     except BrokerUnavailable:

@@ -205,3 +205,66 @@ async def core_publish(nats_url: str, subject: str, data: bytes, headers: dict[s
         await nc.close()
 
 
+
+
+class RawWsClient:
+    """A WebSocket client on a plain socket, so a test controls reading: it can
+    stop reading entirely (receive window fills) and resume later."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, url: str, rcvbuf: int = 4096) -> RawWsClient:
+        import base64
+        import os
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        sock = socket.socket()
+        # Set before connect so the advertised window stays small.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2**20)
+        key = base64.b64encode(os.urandom(16)).decode()
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        writer.write(
+            (
+                f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    async def frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
+        """(opcode, payload) of the next frame."""
+        async with asyncio.timeout(timeout):
+            b1, b2 = await self.reader.readexactly(2)
+            n = b2 & 0x7F
+            if n == 126:
+                n = int.from_bytes(await self.reader.readexactly(2), "big")
+            elif n == 127:
+                n = int.from_bytes(await self.reader.readexactly(8), "big")
+            return b1 & 0x0F, await self.reader.readexactly(n)
+
+    async def messages_until_close(self, timeout: float = 10.0) -> tuple[list[dict[str, Any]], int | None]:
+        """Read text frames until a close frame; returns (frames, close code or None on EOF)."""
+        frames: list[dict[str, Any]] = []
+        try:
+            while True:
+                opcode, payload = await self.frame(timeout)
+                if opcode == 0x8:
+                    return frames, int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+                if opcode == 0x1:
+                    frames.append(orjson.loads(payload))
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return frames, None
+
+    def close(self) -> None:
+        self.writer.transport.abort()
