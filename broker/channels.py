@@ -15,6 +15,7 @@ from dataclasses import dataclass
 ID_RE = re.compile(r"[A-Za-z0-9_:@=+-]{1,128}")
 EVENT_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
 PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+SEQ_RE = re.compile(r"[0-9]{1,20}")
 
 BROADCAST = "broadcast"
 ROOM = "room"
@@ -37,6 +38,13 @@ def check_event(value: object) -> str:
     if not isinstance(value, str) or EVENT_RE.fullmatch(value) is None:
         raise InvalidChannel("invalid event name: must match [A-Za-z0-9_.:@+-]{1,64}")
     return value
+
+
+def parse_seq(value: object) -> int:
+    """A stream position (``since``, ``Last-Event-ID``): ASCII digits only."""
+    if not isinstance(value, str) or SEQ_RE.fullmatch(value) is None:
+        raise InvalidChannel("a position must be a stream id (a string of digits)")
+    return int(value)
 
 
 def room_channel(room_id: str) -> str:
@@ -76,8 +84,10 @@ class Subjects:
         for key, value in (("prefix", self.prefix), ("live_prefix", self.live_prefix)):
             if PREFIX_RE.fullmatch(value) is None:
                 raise InvalidChannel(f"invalid subject {key} {value!r}")
-        if self.live_prefix == self.prefix or self.live_prefix.startswith(self.prefix + "."):
-            raise InvalidChannel("live_prefix must lie outside the input prefix")
+        a, b = self.prefix + ".", self.live_prefix + "."
+        if a.startswith(b) or b.startswith(a):
+            # Either way round, the republished copies would land in the stream again.
+            raise InvalidChannel("prefix and live_prefix must not contain one another")
 
     def _suffix(self, channel: str) -> str:
         if channel == BROADCAST:

@@ -8,9 +8,18 @@ page reload does not unsubscribe and resubscribe the same channel.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 Action = Callable[[str], Awaitable[None]]
+
+
+class _KeyLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 class Interest:
@@ -22,7 +31,7 @@ class Interest:
         self._delay = release_delay
         self._counts: dict[str, int] = {}
         self._held: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _KeyLock] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         # Delayed releases in flight, referenced so they are not garbage collected.
         self._tasks: set[asyncio.Task[None]] = set()
@@ -37,19 +46,24 @@ class Interest:
     def keys(self) -> list[str]:
         return list(self._held)
 
-    def _lock(self, key: str) -> asyncio.Lock:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        return lock
-
-    def _forget_lock(self, key: str) -> None:
-        lock = self._locks.get(key)
-        if lock is not None and not lock.locked() and key not in self._counts and key not in self._held:
-            del self._locks[key]
+    @contextlib.asynccontextmanager
+    async def _serialised(self, key: str) -> AsyncIterator[None]:
+        """Hold the key's lock. The lock lives while anyone holds or awaits it,
+        so two callers can never end up with different locks for one key."""
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = _KeyLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._locks[key]
 
     async def want(self, key: str) -> None:
-        async with self._lock(key):
+        async with self._serialised(key):
             self._counts[key] = self._counts.get(key, 0) + 1
             timer = self._timers.pop(key, None)
             if timer is not None:
@@ -63,7 +77,7 @@ class Interest:
                 self._held.add(key)
 
     async def unwant(self, key: str) -> None:
-        async with self._lock(key):
+        async with self._serialised(key):
             if self._decrement(key) or key not in self._held:
                 return
             if self._delay > 0:
@@ -71,7 +85,6 @@ class Interest:
                 self._timers[key] = loop.call_later(self._delay, self._release_later, key)
                 return
             await self._release_now(key)
-        self._forget_lock(key)
 
     def _decrement(self, key: str) -> int:
         left = self._counts.get(key, 0) - 1
@@ -88,11 +101,10 @@ class Interest:
         task.add_done_callback(self._tasks.discard)
 
     async def _release_if_unwanted(self, key: str) -> None:
-        async with self._lock(key):
+        async with self._serialised(key):
             if key in self._counts or key not in self._held:
                 return
             await self._release_now(key)
-        self._forget_lock(key)
 
     async def _release_now(self, key: str) -> None:
         self._held.discard(key)
@@ -106,4 +118,3 @@ class Interest:
         for key in list(self._held):
             await self._release_now(key)
         self._counts.clear()
-        self._locks.clear()

@@ -2,34 +2,32 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
+_STAMP = re.compile(r"([^.Zz+-]+(?:-\d\d-\d\d[Tt ][^.Zz+-]+)?)(?:\.(\d+))?([Zz]|[+-]\d\d:?\d\d)?")
 _second_cache: dict[str, float] = {}
 
 
 def parse_rfc3339(text: str) -> float:
     """``2026-11-23T17:12:22.123456789Z`` → unix seconds (float).
 
-    The whole-second part is cached: consecutive messages share it, and
-    ``datetime`` parsing is the expensive bit.
+    Fractions of any length (JetStream sends nanoseconds) and explicit offsets
+    are honoured. The whole-second part is cached: consecutive messages share
+    it, and ``datetime`` parsing is the expensive bit.
     """
-    base, dot, rest = text.partition(".")
-    if dot:
-        digits = rest.rstrip("Z")
-        offset = rest[len(digits) :]
-        fraction = float("0." + digits) if digits.isdigit() else 0.0
-    else:
-        base = text.rstrip("Z")
-        offset = text[len(base) :]
-        fraction = 0.0
-    key = base + offset
+    match = _STAMP.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    base, digits, offset = match.groups()
+    key = base + (offset or "")
     seconds = _second_cache.get(key)
     if seconds is None:
-        parsed = datetime.fromisoformat(base + (offset or "Z"))
+        parsed = datetime.fromisoformat(base + ("+00:00" if offset in (None, "Z", "z") else offset))
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
         seconds = parsed.timestamp()
         if len(_second_cache) > 1024:
             _second_cache.clear()
         _second_cache[key] = seconds
-    return seconds + fraction
+    return seconds + (int(digits) / 10 ** len(digits) if digits else 0.0)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from broker.channels import BROADCAST, InvalidChannel, room_channel, user_channel
+from broker.channels import BROADCAST, InvalidChannel, parse_seq, room_channel, user_channel
 
 from .auth import AuthError, Identity
 from .disconnect import BAD_REQUEST, BAD_TOKEN, FORBIDDEN, SHUTDOWN, Disconnect
@@ -35,12 +35,13 @@ class Admission:
 
 
 def parse_since(value: str | None) -> int | None:
-    """A resume position: a stream sequence (non-negative integer)."""
+    """A resume position from ``?since=`` or ``Last-Event-ID``."""
     if value is None or value == "":
         return None
-    if not value.isdigit() or len(value) > 20:
-        raise Refusal(400, BAD_REQUEST, "bad_request", "since / Last-Event-ID must be a stream id (an integer)")
-    return int(value)
+    try:
+        return parse_seq(value)
+    except InvalidChannel:
+        raise Refusal(400, BAD_REQUEST, "bad_request", "since / Last-Event-ID must be a stream id (digits)") from None
 
 
 def admit(node: Node, request: web.Request, last_event_id: str | None = None) -> Admission:

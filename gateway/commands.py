@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from broker import BrokerUnavailable
-from broker.channels import InvalidChannel, check_event, check_id, room_channel
+from broker.channels import InvalidChannel, check_event, check_id, parse_seq, room_channel
 
 from .auth import AuthError
 from .node import Node
@@ -92,16 +92,18 @@ class Commands:
         if not session.identity.may_join(room):
             raise CommandError("forbidden", f"token does not allow room {room}")
         since = cmd.get("since")
-        if since is not None and not (isinstance(since, str) and since.isdigit() and len(since) <= 20):
-            raise CommandError("bad_request", "since must be a stream id (a string of digits)")
+        try:
+            position = None if since is None else parse_seq(since)
+        except InvalidChannel as exc:
+            raise CommandError("bad_request", str(exc)) from None
         if channel not in session.channels:
             # The user channel and broadcast are always there and do not count.
             limit = self.node.settings.limits.max_subscriptions
             if len(session.channels) - 2 >= limit:
                 raise CommandError("too_many_subscriptions", f"at most {limit} rooms per connection")
             await self.node.hub.join(session, channel)
-        if since is not None:
-            await resume(self.node, session, (channel,), int(since))
+        if position is not None:
+            await resume(self.node, session, (channel,), position)
         self.ack(session, ref, channel=channel)
 
     async def unsubscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:

@@ -48,10 +48,9 @@ def peer(request: web.BaseRequest) -> str:
     return request.remote or "?"
 
 
-async def drain_or_abort(transport: asyncio.BaseTransport, deadline: float) -> None:
+async def drain_or_abort(transport: asyncio.Transport, deadline: float) -> None:
     """Give a slow peer until ``deadline`` (loop time) to read what is buffered
     (which ends with the close frame or the last chunk), then free the socket."""
-    assert isinstance(transport, asyncio.WriteTransport)
     loop = asyncio.get_running_loop()
     while transport.get_write_buffer_size() and loop.time() < deadline:
         await asyncio.sleep(0.05)

@@ -39,7 +39,6 @@ class Hub:
         droppable = self.droppable(d.channel)
         encoded: dict[str, bytes] = {}
         ts = d.ts
-        seq = d.seq
         for session in sessions:
             if session.held is not None:
                 session.held.append(d)
@@ -49,8 +48,6 @@ class Hub:
             if frame is None:
                 frame = encoded[codec.name] = codec.message(d)
             session.outbound.push(frame, ts, droppable)
-            if seq > session.last_seq:
-                session.last_seq = seq
 
     async def join(self, session: Session, channel: str) -> None:
         if channel in session.channels:

@@ -22,7 +22,9 @@ from typing import Protocol
 
 from .metrics import TransportMetrics
 
-# (frame bytes, stream timestamp or 0 for frames that are not deliveries, droppable)
+# (frame bytes, stamp, droppable). The stamp is the stream timestamp of a live
+# delivery (counted, latency observed), -1 for a replayed one (counted only),
+# 0 for a control frame.
 Entry = tuple[bytes, float, bool]
 
 
@@ -155,7 +157,8 @@ class Outbound:
         for _, ts, _ in batch:
             if ts:
                 delivered += 1
-                observe(now - ts)
+                if ts > 0:
+                    observe(now - ts)
         self.bytes -= len(data)
         self._wire.write(data)
         self._wire_bytes += len(data)
@@ -171,19 +174,27 @@ class Outbound:
             self._waiter = asyncio.get_running_loop().create_task(self._wait_writable())
 
     async def _wait_writable(self) -> None:
+        loop = asyncio.get_running_loop()
+        stall = self._limits.stall_timeout
+        deadline = loop.time() + stall
         try:
             while not self.closed:
                 try:
-                    async with asyncio.timeout(self._limits.stall_timeout):
+                    async with asyncio.timeout_at(deadline):
                         await self._wire.drained()
                 except TimeoutError:
                     self.on_overflow(True)
                     return
-                before = len(self._entries)
+                before = self.bytes
                 if not self.flush(time.time()):
                     return
-                if len(self._entries) == before:
-                    # Not paused, yet full to write_buffer: do not spin.
+                if self.bytes < before:
+                    deadline = loop.time() + stall  # the peer is reading
+                elif loop.time() >= deadline:
+                    self.on_overflow(True)
+                    return
+                else:
+                    # The transport is not paused yet takes nothing: wait without spinning.
                     await asyncio.sleep(0.005)
         except (ConnectionError, RuntimeError):
             pass  # the connection is gone; its handler ends the session

@@ -1,8 +1,9 @@
 """Resume from a position: replay what the stream holds, then switch to live.
 
-While replaying, live deliveries for the session are held aside; afterwards
-only those newer than the last replayed sequence are released, so the client
-sees each message once, in order.
+The transport calls ``hold`` before it joins the channels, so no live delivery
+can slip past the replay; ``resume`` then replays the stored messages after the
+position and releases the held live ones that the replay did not already
+cover — each message once, in order.
 """
 
 from __future__ import annotations
@@ -12,24 +13,33 @@ from collections.abc import Sequence
 from .node import Node
 from .session import Session
 
+# Replay at most this many messages per resume; a longer gap gets a reset frame.
 MAX_REPLAY = 10_000
 
 
+def hold(session: Session) -> None:
+    if session.held is None:
+        session.held = []
+
+
 async def resume(node: Node, session: Session, channels: Sequence[str], since: int) -> None:
-    session.held = []
+    hold(session)
     last = since
     try:
-        replayed = await node.broker.replay(channels, since, MAX_REPLAY)
+        replayed = await node.broker.replay(channels, since, MAX_REPLAY + 1)
         codec = session.codec
+        if len(replayed) > MAX_REPLAY:
+            # Loss is never silent: the client must refetch its state.
+            session.send({"type": "reset", "reason": f"more than {MAX_REPLAY} messages missed"})
+            replayed = replayed[-MAX_REPLAY:]
         for d in replayed:
-            session.outbound.push(codec.message(d))
+            session.outbound.push(codec.message(d), -1.0)
             last = d.seq
         if replayed:
             node.metrics.replayed.inc(len(replayed))
-            if d.seq > session.last_seq:
-                session.last_seq = d.seq
     finally:
-        held, session.held = session.held, None
+        held, session.held = session.held or [], None
+        wanted = set(channels)
         for d in held:
-            if d.seq == 0 or d.seq > last:
-                session.outbound.push(session.codec.message(d), d.ts)
+            if d.seq == 0 or d.seq > last or d.channel not in wanted:
+                session.outbound.push(session.codec.message(d), d.ts, node.hub.droppable(d.channel))

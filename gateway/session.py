@@ -43,7 +43,6 @@ class Session:
         "held",
         "id",
         "identity",
-        "last_seq",
         "metrics",
         "outbound",
         "state",
@@ -68,7 +67,6 @@ class Session:
         self.channels: set[str] = set()
         self.state = State.CONNECTING
         self.disconnect: Disconnect | None = None
-        self.last_seq = 0
         # Live deliveries held aside while a resume replays (see resume.py).
         self.held: list[Delivery] | None = None
         self._closer = closer

@@ -7,7 +7,9 @@ line naming the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import socket
 import tomllib
@@ -179,14 +181,15 @@ def _convert(name: str, default: Any, raw: Any, from_env: bool) -> Any:
         if isinstance(default, float):
             if isinstance(raw, bool):
                 raise ValueError("expected a number")
+            number: float | None = None
             if isinstance(raw, (int, float)):
-                return float(raw)
-            if from_env and isinstance(raw, str):
-                try:
-                    return float(raw)
-                except ValueError:
-                    pass
-            raise ValueError("expected a number")
+                number = float(raw)
+            elif from_env and isinstance(raw, str):
+                with contextlib.suppress(ValueError):
+                    number = float(raw)
+            if number is None or not math.isfinite(number):
+                raise ValueError("expected a finite number")
+            return number
         if isinstance(default, tuple):
             if from_env and isinstance(raw, str):
                 return tuple(item.strip() for item in raw.split(",") if item.strip())

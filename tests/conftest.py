@@ -27,8 +27,9 @@ async def node_factory(nats_server: NatsServer) -> AsyncIterator[Callable[..., A
     """``await node_factory(ws={...}, ...)`` starts a node on a free port."""
     running: list[RunningNode] = []
 
-    async def make(broker_factory: BrokerFactory | None = None, nats_url: str | None = None,
-                   **sections: dict[str, Any]) -> RunningNode:
+    async def make(
+        broker_factory: BrokerFactory | None = None, nats_url: str | None = None, **sections: dict[str, Any]
+    ) -> RunningNode:
         settings = make_settings(nats_url or nats_server.url, **sections)
         node = await start_node(settings, broker_factory)
         running.append(node)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,9 @@ ADMIN_KEY = "test-admin-key"
 _ids = itertools.count(1)
 
 
-def make_settings(nats_url: str = "nats://127.0.0.1:1", *, isolate: bool = True, **sections: dict[str, Any]) -> Settings:
+def make_settings(
+    nats_url: str = "nats://127.0.0.1:1", *, isolate: bool = True, **sections: dict[str, Any]
+) -> Settings:
     """Test settings: a private subject prefix and stream per call (unless the
     caller passes ``subject``/``stream``), fast timings, test secrets."""
     n = next(_ids)
@@ -47,8 +48,15 @@ def make_settings(nats_url: str = "nats://127.0.0.1:1", *, isolate: bool = True,
     return with_overrides(load_settings(env={}, use_default_file=False), **base)
 
 
-def token(user: str = "alice", rooms: list[str] | None = None, publish: list[str] | None = None,
-          ttl: float = 3600, key: str = SECRET, algorithm: str = "HS256", **claims: Any) -> str:
+def token(
+    user: str = "alice",
+    rooms: list[str] | None = None,
+    publish: list[str] | None = None,
+    ttl: float = 3600,
+    key: str = SECRET,
+    algorithm: str = "HS256",
+    **claims: Any,
+) -> str:
     return mint_token(key, user, rooms if rooms is not None else ["*"], publish or [], ttl, algorithm, **claims)
 
 
@@ -72,8 +80,9 @@ class RunningNode:
 
 async def start_node(settings: Settings, broker_factory: BrokerFactory | None = None) -> RunningNode:
     app = create_app(settings, broker_factory)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=settings.http.shutdown_grace)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.http.shutdown_grace
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.http.host, settings.http.port)
     await site.start()
@@ -203,8 +212,6 @@ async def core_publish(nats_url: str, subject: str, data: bytes, headers: dict[s
         await nc.flush()
     finally:
         await nc.close()
-
-
 
 
 class RawWsClient:

@@ -102,8 +102,15 @@ async def test_stalled_reader_is_closed_4008_and_others_get_everything(
     await wait_for(lambda: not node.node.sessions or len(node.node.sessions) == 1)
 
 
-async def test_drop_oldest_room_drops_and_counts(node_factory, nats_server: NatsServer, http: aiohttp.ClientSession) -> None:
-    limits = {"max_bytes": 128 * 1024, "max_messages": 50, "write_buffer": 32 * 1024, "drop_oldest_rooms": ("typing-*",)}
+async def test_drop_oldest_room_drops_and_counts(
+    node_factory, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
+    limits = {
+        "max_bytes": 128 * 1024,
+        "max_messages": 50,
+        "write_buffer": 32 * 1024,
+        "drop_oldest_rooms": ("typing-*",),
+    }
     node: RunningNode = await node_factory(backpressure=limits)
     subject = f"{node.settings.subject.prefix}.room.typing-1"
     stalled = await RawWsClient.connect(f"{node.ws_url}?token={token('slow')}&room=typing-1")
@@ -138,7 +145,9 @@ async def test_drop_oldest_room_drops_and_counts(node_factory, nats_server: Nats
     stalled.close()
 
 
-async def test_sse_stalled_reader_stream_ends(node_factory, nats_server: NatsServer, http: aiohttp.ClientSession) -> None:
+async def test_sse_stalled_reader_stream_ends(
+    node_factory, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
     import socket
 
     limits = {"max_bytes": 128 * 1024, "max_messages": 1000, "write_buffer": 32 * 1024}

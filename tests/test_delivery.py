@@ -12,7 +12,9 @@ from broker.embedded import NatsServer
 from .helpers import PUBLISH_KEY, RunningNode, SseClient, core_publish, recv_json, recv_until, token
 
 
-async def open_ws(http: aiohttp.ClientSession, node: RunningNode, tok: str, rooms: list[str] = ()) -> aiohttp.ClientWebSocketResponse:
+async def open_ws(
+    http: aiohttp.ClientSession, node: RunningNode, tok: str, rooms: list[str] = ()
+) -> aiohttp.ClientWebSocketResponse:
     query = [("token", tok)] + [("room", r) for r in rooms]
     ws = await http.ws_connect(node.ws_url, params=query)
     welcome = await recv_json(ws)
@@ -20,7 +22,9 @@ async def open_ws(http: aiohttp.ClientSession, node: RunningNode, tok: str, room
     return ws
 
 
-async def open_sse(http: aiohttp.ClientSession, node: RunningNode, tok: str, rooms: list[str] = (), headers=None) -> SseClient:
+async def open_sse(
+    http: aiohttp.ClientSession, node: RunningNode, tok: str, rooms: list[str] = (), headers=None
+) -> SseClient:
     query = [("token", tok)] + [("room", r) for r in rooms]
     resp = await http.get(node.url + "/sse", params=query, headers=headers or {})
     assert resp.status == 200, await resp.text()
@@ -37,7 +41,9 @@ async def subscribed(node: RunningNode, count: int) -> None:
     await asyncio.sleep(0.05)
 
 
-async def test_core_nats_publish_reaches_ws_and_sse(node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession) -> None:
+async def test_core_nats_publish_reaches_ws_and_sse(
+    node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
     prefix = node.settings.subject.prefix
     ws = await open_ws(http, node, token("alice"), ["lobby"])
     sse = await open_sse(http, node, token("bob"), ["lobby"])
@@ -56,7 +62,9 @@ async def test_core_nats_publish_reaches_ws_and_sse(node: RunningNode, nats_serv
     assert sse.retry == node.settings.sse.retry
 
 
-async def test_default_event_and_non_json_payload(node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession) -> None:
+async def test_default_event_and_non_json_payload(
+    node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
     prefix = node.settings.subject.prefix
     ws = await open_ws(http, node, token("alice"), ["lobby"])
     sse = await open_sse(http, node, token("bob"), ["lobby"])
@@ -70,7 +78,9 @@ async def test_default_event_and_non_json_payload(node: RunningNode, nats_server
     assert ev.data == "plain text\nsecond line"  # one data: line per payload line
 
 
-async def test_user_channel_reaches_every_tab_of_that_user_only(node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession) -> None:
+async def test_user_channel_reaches_every_tab_of_that_user_only(
+    node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
     prefix = node.settings.subject.prefix
     alice_tabs = [await open_ws(http, node, token("alice")) for _ in range(3)]
     alice_sse = await open_sse(http, node, token("alice"))
@@ -89,7 +99,9 @@ async def test_user_channel_reaches_every_tab_of_that_user_only(node: RunningNod
     assert (await recv_json(alice_tabs[0]))["type"] == "pong"
 
 
-async def test_broadcast_reaches_everyone(node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession) -> None:
+async def test_broadcast_reaches_everyone(
+    node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
     prefix = node.settings.subject.prefix
     clients = [await open_ws(http, node, token(f"u{i}")) for i in range(4)]
     sse = await open_sse(http, node, token("s1"))
@@ -105,12 +117,16 @@ async def test_http_publish_api(node: RunningNode, http: aiohttp.ClientSession) 
     ws = await open_ws(http, node, token("alice"), ["news"])
     await subscribed(node, 3)
     headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
-    async with http.post(node.url + "/api/publish", json={"channel": "room:news", "event": "headline", "data": {"t": 1}}, headers=headers) as resp:
+    async with http.post(
+        node.url + "/api/publish", json={"channel": "room:news", "event": "headline", "data": {"t": 1}}, headers=headers
+    ) as resp:
         assert resp.status == 200
         body = await resp.json()
     frame = await recv_json(ws)
     assert frame == {"type": "message", "channel": "room:news", "id": body["id"], "event": "headline", "data": {"t": 1}}
-    async with http.post(node.url + "/api/publish", json={"channel": "user:alice", "data": [1, 2]}, headers=headers) as resp:
+    async with http.post(
+        node.url + "/api/publish", json={"channel": "user:alice", "data": [1, 2]}, headers=headers
+    ) as resp:
         assert resp.status == 200
         second = await resp.json()
     assert int(second["id"]) > int(body["id"])
@@ -135,7 +151,16 @@ async def test_client_publish_and_subscribe_commands(node: RunningNode, http: ai
     err = await recv_until(reader, "error")
     assert (err["code"], err["ref"]) == ("forbidden", "x")
     # ephemeral: delivered live, without an id
-    await writer.send_json({"type": "publish", "room": "chat-1", "data": {"typing": True}, "event": "typing", "ephemeral": True, "ref": "e"})
+    await writer.send_json(
+        {
+            "type": "publish",
+            "room": "chat-1",
+            "data": {"typing": True},
+            "event": "typing",
+            "ephemeral": True,
+            "ref": "e",
+        }
+    )
     frame = await recv_until(reader, "message")
     assert frame["event"] == "typing" and "id" not in frame
     await reader.send_json({"type": "unsubscribe", "room": "chat-1", "ref": "u"})
@@ -151,7 +176,12 @@ async def test_bad_frames_get_errors_and_connection_survives(node: RunningNode, 
     await ws.send_bytes(b"\x00\x01")
     assert (await recv_json(ws))["code"] == "bad_frame"
     await ws.send_json({"type": "frobnicate", "ref": "r"})
-    assert await recv_json(ws) == {"type": "error", "code": "unknown_command", "message": "unknown command type", "ref": "r"}
+    assert await recv_json(ws) == {
+        "type": "error",
+        "code": "unknown_command",
+        "message": "unknown command type",
+        "ref": "r",
+    }
     await ws.send_json({"type": "subscribe", "ref": {"nested": 1}})
     assert (await recv_json(ws))["code"] == "bad_request"
     await ws.send_json({"type": "ping", "ref": 3})
