@@ -20,7 +20,15 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RePublish,
+    StorageType,
+    StreamConfig,
+)
 
 from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback
 from .channels import DEFAULT_EVENT, EVENT_RE, Subjects
@@ -261,7 +269,58 @@ class NatsBroker:
         await self._nc.publish(self._subjects.live_subject(channel), payload, headers=headers)
 
     async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> list[Delivery]:
-        raise NotImplementedError("replay from the stream is not implemented yet")
+        """Stored messages of ``channels`` after ``after_seq``, oldest first, at
+        most ``limit``: an ephemeral pull consumer filtered to their subjects,
+        read until it has nothing pending, then deleted."""
+        if self._js is None or self._nc is None or not self.connected:
+            raise BrokerUnavailable("NATS is not connected")
+        js, subjects = self._js, self._subjects
+        name = self._nc._nuid.next().decode()
+        filters = [subjects.input_subject(c) for c in channels]
+        config = ConsumerConfig(
+            name=name,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after_seq + 1,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=30.0,
+            mem_storage=True,
+            num_replicas=1,
+            **({"filter_subject": filters[0]} if len(filters) == 1 else {"filter_subjects": filters}),
+        )
+        found: list[Delivery] = []
+        try:
+            info = await js.add_consumer(self._config.stream, config=config)
+            pending = min(int(info.num_pending or 0), limit)
+            if pending:
+                sub = await js.pull_subscribe_bind(name, stream=self._config.stream)
+                try:
+                    while len(found) < pending:
+                        batch = await sub.fetch(min(500, pending - len(found)), timeout=self._config.publish_timeout)
+                        for msg in batch:
+                            delivery = self._stored(msg)
+                            if delivery is not None:
+                                found.append(delivery)
+                            if msg.metadata.num_pending == 0:
+                                pending = len(found)
+                finally:
+                    await sub.unsubscribe()
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerUnavailable(f"replay failed: {exc.__class__.__name__}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(self._config.stream, name)
+        return found
+
+    def _stored(self, msg: Msg) -> Delivery | None:
+        channel = self._subjects.channel_of(msg.subject)
+        if channel is None:
+            return None
+        headers = msg.headers or {}
+        event = headers.get(EVENT_HEADER, DEFAULT_EVENT)
+        if EVENT_RE.fullmatch(event) is None:
+            event = DEFAULT_EVENT
+        meta = msg.metadata
+        return Delivery(channel, meta.sequence.stream, 0, meta.timestamp.timestamp(), event, msg.data)
 
 
 def _decode(channel: str, data: bytes, headers: dict[str, str] | None) -> Delivery:
