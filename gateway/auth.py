@@ -27,6 +27,18 @@ MAX_TOKEN_LENGTH = 8192
 _GLOB_RE = re.compile(r"[A-Za-z0-9_:@=+*?-]{1,128}")
 
 
+# PyJWT's errors → (metric reason, message for the client); the first match wins.
+_REFUSALS: tuple[tuple[type[jwt.InvalidTokenError], str, str], ...] = (
+    (jwt.ExpiredSignatureError, "expired", "token expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid", "token not yet valid"),
+    (jwt.InvalidAudienceError, "bad_audience", "wrong token audience"),
+    (jwt.InvalidIssuerError, "bad_issuer", "wrong token issuer"),
+    (jwt.InvalidAlgorithmError, "bad_algorithm", "token algorithm not accepted"),
+    (jwt.InvalidSignatureError, "bad_signature", "token signature invalid"),
+    (jwt.InvalidTokenError, "malformed", "malformed token"),
+)
+
+
 class AuthError(Exception):
     """A refused token. ``reason`` is the metric label, the message is for the client."""
 
@@ -108,22 +120,11 @@ class Authenticator:
                 leeway=s.leeway,
                 options={"require": required, "verify_aud": bool(s.audience)},
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("expired", "token expired") from None
-        except jwt.ImmatureSignatureError:
-            raise AuthError("not_yet_valid", "token not yet valid") from None
-        except jwt.InvalidAudienceError:
-            raise AuthError("bad_audience", "wrong token audience") from None
-        except jwt.InvalidIssuerError:
-            raise AuthError("bad_issuer", "wrong token issuer") from None
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError("bad_claims", f"token lacks claim {exc.claim!r}") from None
-        except jwt.InvalidAlgorithmError:
-            raise AuthError("bad_algorithm", "token algorithm not accepted") from None
-        except jwt.InvalidSignatureError:
-            raise AuthError("bad_signature", "token signature invalid") from None
-        except jwt.InvalidTokenError:
-            raise AuthError("malformed", "malformed token") from None
+        except jwt.InvalidTokenError as exc:
+            reason, message = next((r, m) for cls, r, m in _REFUSALS if isinstance(exc, cls))
+            raise AuthError(reason, message) from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or ID_RE.fullmatch(sub) is None:
             raise AuthError("bad_claims", "invalid sub: must match [A-Za-z0-9_:@=+-]{1,128}")

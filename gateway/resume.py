@@ -22,6 +22,18 @@ def hold(session: Session) -> None:
         session.held = []
 
 
+async def attach(node: Node, session: Session, channels: Sequence[str], since: int | None) -> None:
+    """Join a new session's channels — replaying from ``since`` first, if given —
+    and mark it open."""
+    if since is not None:
+        hold(session)  # before joining, so no live delivery overtakes the replay
+    for channel in channels:
+        await node.hub.join(session, channel)
+    if since is not None:
+        await resume(node, session, channels, since)
+    session.opened()
+
+
 async def resume(node: Node, session: Session, channels: Sequence[str], since: int) -> None:
     hold(session)
     last = since

@@ -19,7 +19,7 @@ from .disconnect import CLIENT_CLOSED, GOING_AWAY, INTERNAL, UNAVAILABLE, Discon
 from .frames import SSE
 from .http import SocketWire, drain_or_abort, json_error
 from .keys import NODE
-from .resume import hold, resume
+from .resume import attach
 
 log = logging.getLogger("herald.sse")
 
@@ -61,13 +61,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     session = node.open_session(admission.identity, SSE, conn, conn.close)
     reason: Disconnect = CLIENT_CLOSED
     try:
-        if admission.since is not None:
-            hold(session)  # before joining, so no live delivery overtakes the replay
-        for channel in admission.channels:
-            await node.hub.join(session, channel)
-        if admission.since is not None:
-            await resume(node, session, admission.channels, admission.since)
-        session.opened()
+        await attach(node, session, admission.channels, admission.since)
         await response.wait()
         if session.disconnect is not None:
             reason = session.disconnect

@@ -16,7 +16,7 @@ from .disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, INTERNAL, 
 from .frames import WS
 from .http import SocketWire, drain_or_abort, json_error
 from .keys import NODE
-from .resume import hold, resume
+from .resume import attach
 from .session import Session
 
 log = logging.getLogger("herald.ws")
@@ -92,13 +92,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                 "channels": [client_name(c) for c in admission.channels],
             }
         )
-        if admission.since is not None:
-            hold(session)  # before joining, so no live delivery overtakes the replay
-        for channel in admission.channels:
-            await node.hub.join(session, channel)
-        if admission.since is not None:
-            await resume(node, session, admission.channels, admission.since)
-        session.opened()
+        await attach(node, session, admission.channels, admission.since)
         await _receive_loop(ws, Commands(node), session)
         reason = _classify(ws.close_code)
     except BrokerUnavailable:
