@@ -125,6 +125,8 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             reason, message = next((r, m) for cls, r, m in _REFUSALS if isinstance(exc, cls))
             raise AuthError(reason, message) from None
+        except (OverflowError, ValueError, TypeError):  # e.g. "exp": 1e400 in a signed token
+            raise AuthError("malformed", "malformed token") from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or ID_RE.fullmatch(sub) is None:
             raise AuthError("bad_claims", "invalid sub: must match [A-Za-z0-9_:@=+-]{1,128}")

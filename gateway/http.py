@@ -18,22 +18,40 @@ def json_error(status: int, error: str, message: str) -> web.Response:
     return json_response({"error": error, "message": message}, status)
 
 
-def bearer(request: web.BaseRequest) -> str | None:
-    header = request.headers.get("Authorization", "")
+def _bearer_value(header: str) -> str | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return None
 
 
+def bearer(request: web.BaseRequest) -> str | None:
+    return _bearer_value(request.headers.get("Authorization", ""))
+
+
 class ConflictingTokens(ValueError):
     pass
 
 
+def _cookie_values(request: web.BaseRequest, name: str) -> list[str]:
+    # request.cookies keeps one value per name; a repeated cookie must be seen whole.
+    values = []
+    for header in request.headers.getall("Cookie", []):
+        for part in header.split(";"):
+            key, sep, value = part.strip().partition("=")
+            if sep and key == name and value:
+                values.append(value.strip('"'))
+    return values
+
+
 def client_token(request: web.BaseRequest) -> str | None:
     """The token from ``?token=``, ``Authorization: Bearer`` or the cookie
-    ``herald_token``. Two different tokens in one request are refused."""
-    found = {t for t in (request.query.get("token"), bearer(request), request.cookies.get("herald_token")) if t}
+    ``herald_token``. Two different tokens in one request — in different places
+    or repeated in one — are refused rather than one picked by position."""
+    found = set(request.query.getall("token", []))
+    found.update(v for h in request.headers.getall("Authorization", []) if (v := _bearer_value(h)))
+    found.update(_cookie_values(request, "herald_token"))
+    found.discard("")
     if len(found) > 1:
         raise ConflictingTokens("conflicting tokens in query, header and cookie")
     return found.pop() if found else None
