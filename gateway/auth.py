@@ -79,20 +79,26 @@ def _globs(claims: dict[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def key_algorithm(pem: bytes) -> tuple[Any, str]:
+    """The public key in ``pem`` and the one algorithm it may verify."""
+    try:
+        public = load_pem_public_key(pem)
+    except ValueError:
+        raise ValueError("not a PEM public key") from None
+    if isinstance(public, rsa.RSAPublicKey):
+        return public, "RS256"
+    if isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1):
+        return public, "ES256"
+    raise ValueError("must be an RSA or EC P-256 public key")
+
+
 class Authenticator:
     def __init__(self, settings: JwtSettings) -> None:
         self._settings = settings
         self._key: Any
         if settings.public_key:
-            pem = Path(settings.public_key).read_bytes()
-            public = load_pem_public_key(pem)
-            if isinstance(public, rsa.RSAPublicKey):
-                self._algorithms = ["RS256"]
-            elif isinstance(public, ec.EllipticCurvePublicKey):
-                self._algorithms = ["ES256"]
-            else:
-                raise ValueError("jwt.public_key must be an RSA or EC (P-256) public key")
-            self._key = public
+            self._key, algorithm = key_algorithm(Path(settings.public_key).read_bytes())
+            self._algorithms = [algorithm]
         else:
             self._algorithms = ["HS256"]
             self._key = settings.secret

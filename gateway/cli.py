@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 from pathlib import Path
 
 from broker import BrokerUnavailable, InvalidChannel
@@ -74,34 +73,41 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
-    from .server import configure_logging, serve
-
     nats_server_binary()  # fail fast with a clear message
     nats_port = args.nats_port or (4222 if _port_free(4222) else free_port())
-    store = tempfile.mkdtemp(prefix="herald-dev-")
-    server = NatsServer(port=nats_port, store_dir=store, log_file=str(Path(store) / "nats.log"))
-    server.start()
+    server = NatsServer(port=nats_port)  # its own temp store, removed on exit
+    server.log_file = str(Path(server.store_dir) / "nats.log")
     secret = settings.jwt.secret or DEV_SECRET
-    settings = with_overrides(
-        settings,
-        http={"host": "127.0.0.1", "port": args.port},
-        nats={"urls": (server.url,)},
-        jwt={"secret": secret, "public_key": ""},
-        publish={"key": settings.publish.key or DEV_PUBLISH_KEY},
-        admin={"key": settings.admin.key or DEV_ADMIN_KEY},
-    )
+    try:
+        settings = with_overrides(
+            settings,
+            http={"host": "127.0.0.1", "port": args.port},
+            nats={"urls": (server.url,)},
+            jwt={"secret": secret, "public_key": ""},
+            publish={"key": settings.publish.key or DEV_PUBLISH_KEY},
+            admin={"key": settings.admin.key or DEV_ADMIN_KEY},
+        )
+        server.start()
+        return _run_dev(settings, server, args.port, secret)
+    finally:
+        server.cleanup()
+
+
+def _run_dev(settings: Settings, server: NatsServer, port: int, secret: str) -> int:
+    from .server import configure_logging, serve
+
     configure_logging(settings.log.level)
-    base = f"http://127.0.0.1:{args.port}"
+    base = f"http://127.0.0.1:{port}"
     token = mint_token(secret, "alice", rooms=["*"], publish=["*"], ttl=86400)
 
     def banner() -> None:
         print(
             f"\nHerald dev node {settings.node.id}\n"
             f"  demo:        {base}/\n"
-            f"  websocket:   ws://127.0.0.1:{args.port}/ws?token=<token>&room=lobby\n"
+            f"  websocket:   ws://127.0.0.1:{port}/ws?token=<token>&room=lobby\n"
             f"  events:      {base}/sse?token=<token>&room=lobby\n"
             f"  metrics:     {base}/metrics\n"
-            f"  nats:        {server.url} (JetStream store {store})\n"
+            f"  nats:        {server.url} (JetStream store {server.store_dir})\n"
             f"  publish key: {settings.publish.key}   admin key: {settings.admin.key}\n"
             f"  sample token (user alice, all rooms, 24 h):\n    {token}\n"
             f"  try:  curl -N '{base}/sse?token={token}&room=lobby'\n"
@@ -110,10 +116,7 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    try:
-        return serve(settings, on_ready=banner)
-    finally:
-        server.cleanup()
+    return serve(settings, on_ready=banner)
 
 
 def _port_free(port: int) -> bool:

@@ -303,6 +303,12 @@ def validate(s: Settings) -> None:
     _require(not (s.jwt.secret and s.jwt.public_key), "jwt.secret", "set jwt.secret or jwt.public_key, not both")
     if s.jwt.public_key:
         _require(Path(s.jwt.public_key).is_file(), "jwt.public_key", f"no such file {s.jwt.public_key!r}")
+        from .auth import key_algorithm
+
+        try:
+            key_algorithm(Path(s.jwt.public_key).read_bytes())
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"config error: jwt.public_key: {exc}") from None
     _require(s.ws.heartbeat >= 0, "ws.heartbeat", "must be >= 0")
     _require(s.ws.max_frame >= 1024, "ws.max_frame", "must be >= 1024")
     _require(s.ws.close_timeout > 0, "ws.close_timeout", "must be > 0")

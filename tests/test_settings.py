@@ -134,11 +134,27 @@ def test_contract_env_vars_work_without_a_file(env: dict[str, str], check: Any) 
 
 
 def test_jwt_public_key_from_env(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = tmp_path / "pub.pem"
-    key.write_text("-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n")
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    key.write_bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     s = load({"HERALD_JWT_PUBLIC_KEY": str(key)})
     assert s.jwt.public_key == str(key)
     assert s.jwt.secret == ""
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n", "not a key at all", ""],
+)
+def test_jwt_public_key_that_is_not_a_key_names_the_key(tmp_path: Path, content: str) -> None:
+    key = tmp_path / "pub.pem"
+    key.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        load({"HERALD_JWT_PUBLIC_KEY": str(key)})
+    assert "jwt.public_key" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
