@@ -50,7 +50,11 @@ class WsConnection(SocketWire):
         await drain_or_abort(self._transport, deadline)
 
 
-def _classify(close_code: int | None) -> Disconnect:
+def _classify(ws: web.WebSocketResponse) -> Disconnect:
+    """Why the peer's side ended, as far as aiohttp can tell."""
+    if isinstance(ws.exception(), TimeoutError):  # no pong within the heartbeat
+        return HEARTBEAT_TIMEOUT
+    close_code = ws.close_code
     if close_code == TOO_BIG.code:
         return TOO_BIG
     if close_code == 1001:
@@ -94,12 +98,13 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         )
         await attach(node, session, admission.channels, admission.since)
         await _receive_loop(ws, Commands(node), session)
-        reason = _classify(ws.close_code)
+        reason = _classify(ws)
     except BrokerUnavailable:
         reason = UNAVAILABLE
         session.close(UNAVAILABLE)
     except asyncio.CancelledError:
-        reason = GOING_AWAY
+        # The connection dropped (handler cancellation): a missed heartbeat or the peer left.
+        reason = _classify(ws)
         raise
     except Exception:
         log.exception("connection %s failed", session.id)
