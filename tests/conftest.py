@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -49,3 +55,41 @@ async def node(node_factory: Callable[..., Any]) -> RunningNode:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start ``python -m gateway ARGS`` in its own process group (cwd=tmp_path,
+    stdout/stderr to files, kept as ``out_path``/``err_path`` on the process);
+    the whole group — the process and any nats-server it started — is killed
+    afterwards."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        args: list[str], env: dict[str, str], out: Path | None = None, err: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        n = len(procs)
+        out = out or tmp_path / f"out{n}.txt"
+        err = err or tmp_path / f"err{n}.txt"
+        with open(out, "wb") as out_fh, open(err, "wb") as err_fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", *args],
+                env=env,
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                stdout=out_fh,
+                stderr=err_fh,
+                start_new_session=True,
+            )
+        proc.out_path = out  # type: ignore[attr-defined]
+        proc.err_path = err  # type: ignore[attr-defined]
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +22,7 @@ from gateway.keys import NODE
 from gateway.node import BrokerFactory, Node
 from gateway.settings import Settings, load_settings, with_overrides
 
+VENV_BIN = Path(sys.executable).parent
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 PUBLISH_KEY = "test-publish-key"
 ADMIN_KEY = "test-admin-key"
@@ -275,3 +279,17 @@ class RawWsClient:
 
     def close(self) -> None:
         self.writer.transport.abort()
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """A clean environment for a CLI subprocess: no HERALD_* from the caller,
+    the venv first on PATH."""
+    env = {
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VIRTUAL_ENV": str(VENV_BIN.parent),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra)
+    return env

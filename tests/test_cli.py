@@ -10,8 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import suppress
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -21,23 +20,9 @@ from broker.embedded import NatsServer, free_port
 from gateway.auth import Authenticator
 from gateway.settings import JwtSettings
 
-from .helpers import SECRET, make_settings, recv_json, start_node, token, wait_for
+from .helpers import SECRET, cli_env, make_settings, recv_json, start_node, token, wait_for
 
-VENV_BIN = Path(sys.executable).parent
 _ids = itertools.count(1)
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """A clean environment: no HERALD_* from the caller, the venv first on PATH."""
-    env = {
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "VIRTUAL_ENV": str(VENV_BIN.parent),
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "LANG": "C.UTF-8",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.update(extra)
-    return env
 
 
 def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -150,35 +135,6 @@ def test_publish_without_nats_fails_with_the_url(tmp_path: Path) -> None:
 
 
 # --- dev ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start a CLI process in its own process group; the whole group (the
-    process and any nats-server it started) is killed afterwards."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(args: list[str], env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
-        with open(out, "wb") as out_fh, open(err, "wb") as err_fh:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", *args],
-                env=env,
-                cwd=tmp_path,
-                stdin=subprocess.DEVNULL,
-                stdout=out_fh,
-                stderr=err_fh,
-                start_new_session=True,
-            )
-        procs.append(proc)
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def port_open(port: int) -> bool:

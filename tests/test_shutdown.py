@@ -11,8 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import suppress
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -20,55 +19,20 @@ import pytest
 
 from broker.embedded import NatsServer, free_port
 
-from .helpers import PUBLISH_KEY, SECRET, RawWsClient, SseClient, expect_close, recv_json, scrape, token, wait_for
+from .helpers import (
+    PUBLISH_KEY,
+    SECRET,
+    RawWsClient,
+    SseClient,
+    cli_env,
+    expect_close,
+    recv_json,
+    scrape,
+    token,
+    wait_for,
+)
 
-VENV_BIN = Path(sys.executable).parent
 _ids = itertools.count(1)
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """A clean environment: no HERALD_* from the caller, the venv first on PATH."""
-    env = {
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "VIRTUAL_ENV": str(VENV_BIN.parent),
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "LANG": "C.UTF-8",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.update(extra)
-    return env
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start ``python -m gateway ARGS`` in its own process group (cwd=tmp_path,
-    stdout/stderr to files); whatever is left of the group is killed afterwards."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        n = len(procs)
-        with open(tmp_path / f"out{n}.txt", "wb") as out, open(tmp_path / f"err{n}.txt", "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", *args],
-                env=env,
-                cwd=tmp_path,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-        proc.out_path = tmp_path / f"out{n}.txt"  # type: ignore[attr-defined]
-        proc.err_path = tmp_path / f"err{n}.txt"  # type: ignore[attr-defined]
-        procs.append(proc)
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def stderr_of(proc: subprocess.Popen[bytes]) -> str:
