@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -34,15 +35,10 @@ def _room(cmd: dict[str, Any]) -> tuple[str, str]:
 
 
 class Commands:
+    """The command handlers of one node (stateless: one instance serves every connection)."""
+
     def __init__(self, node: Node) -> None:
         self.node = node
-        self._handlers = {
-            "subscribe": self.subscribe,
-            "unsubscribe": self.unsubscribe,
-            "publish": self.publish,
-            "refresh": self.refresh,
-            "ping": self.ping,
-        }
 
     def error(self, session: Session, ref: Ref, code: str, message: str) -> None:
         frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
@@ -73,7 +69,7 @@ class Commands:
             self.error(session, None, "bad_request", "ref must be a string (<= 64 chars) or an integer")
             return
         kind = cmd.get("type")
-        handler = self._handlers.get(kind) if isinstance(kind, str) else None
+        handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
             if kind in ("presence", "read"):
                 self.error(session, ref, "unsupported", f"{kind} is not available on this node yet")
@@ -81,7 +77,7 @@ class Commands:
                 self.error(session, ref, "unknown_command", "unknown command type")
             return
         try:
-            await handler(session, cmd, ref)
+            await handler(self, session, cmd, ref)
         except CommandError as exc:
             self.error(session, ref, exc.code, str(exc))
         except BrokerUnavailable as exc:
@@ -156,3 +152,13 @@ class Commands:
         if ref is not None:
             frame["ref"] = ref
         session.send(frame)
+
+
+Handler = Callable[[Commands, Session, dict[str, Any], Ref], Awaitable[None]]
+_HANDLERS: dict[str, Handler] = {
+    "subscribe": Commands.subscribe,
+    "unsubscribe": Commands.unsubscribe,
+    "publish": Commands.publish,
+    "refresh": Commands.refresh,
+    "ping": Commands.ping,
+}
