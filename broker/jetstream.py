@@ -145,12 +145,18 @@ class NatsBroker:
             try:
                 await self._js.stream_info(config.name or "")
             except nats.js.errors.NotFoundError:
-                await self._js.add_stream(config)
-                log.info("created stream %s", config.name)
-            else:
-                await self._js.update_stream(config)
+                try:
+                    await self._js.add_stream(config)
+                    log.info("created stream %s", config.name)
+                    return self._ready()
+                except nats.js.errors.BadRequestError:
+                    pass  # another node created it meanwhile: update below
+            await self._js.update_stream(config)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"cannot create or update stream {config.name}: {exc}") from None
+        self._ready()
+
+    def _ready(self) -> None:
         self._stream_ready = True
 
     async def close(self) -> None:

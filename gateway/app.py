@@ -22,17 +22,27 @@ async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
 
 
+def _add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", api.metrics)
+    app.router.add_get("/api/stats", api.stats)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+
+
 def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) -> web.Application:
+    """The node's public application. ``/metrics`` and ``/api/stats`` are on it
+    unless ``[admin] port`` puts them on the admin application instead."""
     node = Node(settings, broker_factory)
     app = web.Application(client_max_size=settings.http.max_body)
     app[NODE] = node
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/sse", sse_handler)
     app.router.add_post("/api/publish", api.publish)
-    app.router.add_get("/api/stats", api.stats)
-    app.router.add_get("/metrics", api.metrics)
-    app.router.add_get("/healthz", api.healthz)
-    app.router.add_get("/readyz", api.readyz)
+    if settings.admin.port:
+        app.router.add_get("/healthz", api.healthz)
+        app.router.add_get("/readyz", api.readyz)
+    else:
+        _add_admin_routes(app)
     app.router.add_get("/", _index)
     app.router.add_static("/static", STATIC)
 
@@ -49,4 +59,12 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     app.on_startup.append(start)
     app.on_shutdown.append(shutdown)
     app.on_cleanup.append(cleanup)
+    return app
+
+
+def create_admin_app(node: Node) -> web.Application:
+    """Metrics, stats and health of ``node`` for the admin port (no lifecycle of its own)."""
+    app = web.Application()
+    app[NODE] = node
+    _add_admin_routes(app)
     return app

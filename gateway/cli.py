@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a node")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT); one per core")
 
     dev = sub.add_parser("dev", help="local nats-server with JetStream + one node, dev secrets")
     dev.add_argument("--port", type=int, default=8080)
@@ -68,8 +69,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     http = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if http:
         settings = with_overrides(settings, http=http)
+    if args.workers < 1:
+        raise ConfigError("herald: --workers must be >= 1")
     configure_logging(settings.log.level)
-    return serve(settings)
+    return serve(settings, workers=args.workers)
 
 
 def _dev(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,9 +1,21 @@
-"""Running a node as a process: event loop, logging, signals, graceful exit."""
+"""Running a node as a process: event loop, sites, signals, workers.
+
+``serve`` runs one node until SIGTERM/SIGINT. With ``workers > 1`` the parent
+forks that many processes that share the port through SO_REUSEPORT (the kernel
+spreads connections evenly), each with its own NATS connection and metrics;
+worker k serves the admin port + k. The parent forwards signals and exits when
+they have.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import multiprocessing
+import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -11,8 +23,11 @@ from aiohttp import web
 
 from broker import BrokerUnavailable
 
-from .app import create_app
+from .app import create_admin_app, create_app
+from .keys import NODE
 from .settings import Settings
+
+log = logging.getLogger("herald")
 
 
 def configure_logging(level: str) -> None:
@@ -33,33 +48,89 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
-    """Run a node until SIGINT/SIGTERM. Returns the process exit code."""
+async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully (see Node.shutdown)."""
     app = create_app(settings)
-    if on_ready is not None:
-
-        async def ready(app: web.Application) -> None:
-            on_ready()
-
-        app.on_startup.append(ready)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.http.shutdown_grace
+    )
+    await runner.setup()  # connects to NATS; raises BrokerUnavailable
+    runners = [runner]
     try:
-        web.run_app(
-            app,
-            host=settings.http.host,
-            port=settings.http.port,
-            backlog=settings.http.backlog,
-            access_log=None,
-            shutdown_timeout=settings.http.shutdown_grace,
-            handler_cancellation=True,
-            loop=new_event_loop(),
-            print=None,
-        )
+        http = settings.http
+        await web.TCPSite(runner, http.host, http.port, backlog=http.backlog, reuse_port=reuse_port).start()
+        if settings.admin.port:
+            admin = web.AppRunner(create_admin_app(app[NODE]), access_log=None)
+            await admin.setup()
+            runners.append(admin)
+            await web.TCPSite(admin, settings.admin.host, settings.admin.port).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("node %s listening on %s:%s", settings.node.id, http.host, http.port)
+        if on_ready is not None:
+            on_ready()
+        await stop.wait()
+        log.info("node %s stopping", settings.node.id)
+    finally:
+        for r in reversed(runners):
+            await r.cleanup()
+
+
+def _run(settings: Settings, reuse_port: bool, on_ready: Callable[[], None] | None) -> int:
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(run_node(settings, reuse_port, on_ready))
     except BrokerUnavailable as exc:
-        logging.getLogger("herald").error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc)
         return 1
     except OSError as exc:
-        logging.getLogger("herald").error(
-            "cannot listen on %s:%s: %s", settings.http.host, settings.http.port, exc.strerror
-        )
+        log.error("cannot listen on %s:%s: %s", settings.http.host, settings.http.port, exc.strerror)
         return 1
+    finally:
+        loop.close()
     return 0
+
+
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker ``index``: its own node id and admin port."""
+    admin = settings.admin
+    return dataclasses.replace(
+        settings,
+        node=dataclasses.replace(settings.node, id=f"{settings.node.id}-w{index}"),
+        admin=dataclasses.replace(admin, port=admin.port + index if admin.port else 0),
+    )
+
+
+def _worker(settings: Settings) -> None:
+    # A fresh process group member: the parent forwards the signals it gets.
+    sys.exit(_run(settings, True, None))
+
+
+def serve(settings: Settings, workers: int = 1, on_ready: Callable[[], None] | None = None) -> int:
+    """Run a node (or ``workers`` of them) until SIGINT/SIGTERM. Returns the exit code."""
+    if workers <= 1:
+        return _run(settings, False, on_ready)
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=_worker, args=(worker_settings(settings, k),)) for k in range(workers)]
+
+    def forward(sig: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    for child in children:
+        child.start()
+    if on_ready is not None:
+        on_ready()
+    code = 0
+    for child in children:
+        child.join()
+        code = max(code, child.exitcode or 0)
+        if child.exitcode:
+            forward(signal.SIGTERM, None)  # one failed: stop the others
+    return code

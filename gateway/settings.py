@@ -94,6 +94,8 @@ class PublishSettings:
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
     key: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +276,7 @@ def validate(s: Settings) -> None:
         "letters, digits, '-', '_' or '.'",
     )
     _require(0 <= s.http.port <= 65535, "http.port", "must be 0..65535")
+    _require(0 <= s.admin.port <= 65535, "admin.port", "must be 0..65535 (0: on the main port)")
     _require(s.http.backlog > 0, "http.backlog", "must be > 0")
     _require(s.http.max_body >= 1024, "http.max_body", "must be >= 1024")
     _require(s.http.shutdown_grace >= 0, "http.shutdown_grace", "must be >= 0")
