@@ -1,15 +1,18 @@
 """Prometheus metrics (names are part of the contract, DESIGN §6).
 
 Each node has its own registry, label children are bound once, and nothing is
-labelled per connection or per user.
+labelled per connection or per user. The two series touched once per delivery —
+delivered messages and delivery latency — are plain counters in this process
+(no locks: the event loop is the only writer), exported at scrape time.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker import BrokerStats
@@ -21,17 +24,33 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+class LatencyHistogram:
+    """A Prometheus-style histogram for one writer: ``counts[i]`` holds values
+    <= ``bounds[i]`` (the last slot is +Inf), not cumulative until exported."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
 class TransportMetrics:
-    """The children of one transport, bound once."""
+    """What one transport counts; label children bound once."""
 
     __slots__ = ("connections", "delivered", "latency", "opened", "slow_consumer")
 
     def __init__(self, m: Metrics, transport: str) -> None:
         self.connections = m.connections.labels(transport)
         self.opened = m.opened.labels(transport)
-        self.delivered = m.delivered.labels(transport)
         self.slow_consumer = m.slow_consumer.labels(transport)
         self.latency = m.latency
+        self.delivered = 0  # messages written to sockets; exported as herald_messages_delivered_total
 
 
 class Metrics:
@@ -42,15 +61,7 @@ class Metrics:
         self.closed = Counter(
             "herald_connections_closed", "Client connections closed, by reason", ["transport", "reason"], registry=r
         )
-        self.delivered = Counter(
-            "herald_messages_delivered", "Messages written to client sockets", ["transport"], registry=r
-        )
-        self.latency = Histogram(
-            "herald_delivery_latency_seconds",
-            "Stream timestamp to socket write",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.latency = LatencyHistogram()
         self.slow_consumer = Counter(
             "herald_slow_consumer_disconnects", "Connections closed for falling behind", ["transport"], registry=r
         )
@@ -62,6 +73,7 @@ class Metrics:
         )
         self.queue_bytes = Gauge("herald_outbound_queue_bytes", "Bytes waiting in outbound queues", registry=r)
         self.transport = {t: TransportMetrics(self, t) for t in TRANSPORTS}
+        r.register(_DeliveryCollector(self))
         self.dropped_queue_full = self.dropped.labels("queue_full")
         # Pre-create the children so series exist (at 0) from the first scrape.
         for t in TRANSPORTS:
@@ -73,6 +85,33 @@ class Metrics:
 
     def watch_broker(self, stats: Callable[[], BrokerStats]) -> None:
         self.registry.register(_BrokerCollector(stats))
+
+
+class _DeliveryCollector(Collector):
+    """Exports the per-delivery counters kept outside prometheus-client."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        delivered = CounterMetricFamily(
+            "herald_messages_delivered", "Messages written to client sockets", labels=["transport"]
+        )
+        for name, t in m.transport.items():
+            delivered.add_metric([name], t.delivered)
+        yield delivered
+        h = m.latency
+        cumulative, buckets = 0, []
+        for bound, count in zip((*h.bounds, float("inf")), h.counts, strict=True):
+            cumulative += count
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+        yield HistogramMetricFamily(
+            "herald_delivery_latency_seconds", "Stream timestamp to socket write", buckets=buckets, sum_value=h.sum
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class _BrokerCollector(Collector):

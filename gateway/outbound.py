@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,14 +136,17 @@ class Outbound:
         entries = self._entries
         if self.closed or not entries:
             return False
-        self._wire_bytes = self._wire.buffered()
-        allowance = self._limits.write_buffer - self._wire_bytes
+        self._wire_bytes = wire_bytes = self._wire.buffered()
+        allowance = self._limits.write_buffer - wire_bytes
         if allowance <= 0:
             self._backed_up()
             return True
-        if len(entries) == 1 or self.bytes <= allowance:
-            batch = list(entries)
-            entries.clear()
+        if len(entries) == 1:  # the common case under light load: no copies
+            batch: deque[Entry] | list[Entry] = entries
+            data = entries[0][0]
+        elif self.bytes <= allowance:
+            batch = entries
+            data = b"".join([e[0] for e in entries])
         else:
             # Only what fits: the rest stays here, where drop-oldest can shed it.
             batch = [entries.popleft()]
@@ -150,20 +154,24 @@ class Outbound:
             while entries and size + len(entries[0][0]) <= allowance:
                 size += len(entries[0][0])
                 batch.append(entries.popleft())
-        data = batch[0][0] if len(batch) == 1 else b"".join([e[0] for e in batch])
+            data = b"".join([e[0] for e in batch])
         metrics = self._metrics
-        observe = metrics.latency.observe
+        latency = metrics.latency
+        counts, bounds = latency.counts, latency.bounds
         delivered = 0
         for _, ts, _ in batch:
             if ts:
                 delivered += 1
                 if ts > 0:
-                    observe(now - ts)
+                    lag = now - ts
+                    counts[bisect_left(bounds, lag)] += 1
+                    latency.sum += lag
+        if batch is entries:
+            entries.clear()
         self.bytes -= len(data)
         self._wire.write(data)
         self._wire_bytes += len(data)
-        if delivered:
-            metrics.delivered.inc(delivered)
+        metrics.delivered += delivered
         if entries:
             self._backed_up()
             return True
