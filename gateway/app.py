@@ -8,7 +8,8 @@ from pathlib import Path
 from aiohttp import web
 
 from . import api
-from .keys import NODE
+from .commands import Commands
+from .keys import COMMANDS, NODE
 from .node import BrokerFactory, Node
 from .settings import Settings
 from .sse import sse_handler
@@ -35,6 +36,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     node = Node(settings, broker_factory)
     app = web.Application(client_max_size=settings.http.max_body)
     app[NODE] = node
+    app[COMMANDS] = Commands(node)
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/sse", sse_handler)
     app.router.add_post("/api/publish", api.publish)

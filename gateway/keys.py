@@ -2,6 +2,8 @@
 
 from aiohttp import web
 
+from .commands import Commands
 from .node import Node
 
 NODE = web.AppKey("herald_node", Node)
+COMMANDS = web.AppKey("herald_commands", Commands)

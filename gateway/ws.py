@@ -11,13 +11,11 @@ from broker import BrokerUnavailable
 from broker.channels import client_name
 
 from .admission import Refusal, admit
-from .commands import Commands
 from .disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, INTERNAL, TOO_BIG, UNAVAILABLE, Disconnect
 from .frames import WS
 from .http import SocketWire, drain_or_abort, json_error
-from .keys import NODE
+from .keys import COMMANDS, NODE
 from .resume import attach
-from .session import Session
 
 log = logging.getLogger("herald.ws")
 
@@ -97,7 +95,16 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             }
         )
         await attach(node, session, admission.channels, admission.since)
-        await _receive_loop(ws, Commands(node), session)
+        # The receive loop is inlined: one coroutine frame less per idle connection.
+        commands = request.app[COMMANDS]
+        while session.active:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT:
+                await commands.handle(session, msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                commands.error(session, None, "bad_frame", "binary frames are not supported: send JSON text")
+            else:  # close, closing, closed or error
+                break
         reason = _classify(ws)
     except BrokerUnavailable:
         reason = UNAVAILABLE
@@ -115,18 +122,6 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         if conn.close_task is not None:
             await asyncio.shield(conn.close_task)
     return ws
-
-
-async def _receive_loop(ws: web.WebSocketResponse, commands: Commands, session: Session) -> None:
-    async for msg in ws:
-        if not session.active:
-            break
-        if msg.type is WSMsgType.TEXT:
-            await commands.handle(session, msg.data)
-        elif msg.type is WSMsgType.BINARY:
-            commands.error(session, None, "bad_frame", "binary frames are not supported: send JSON text")
-        elif msg.type is WSMsgType.ERROR:
-            break
 
 
 async def _close_now(ws: web.WebSocketResponse, reason: Disconnect, timeout: float, request: web.Request) -> None:
