@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import socket
+import struct
 from typing import Any
 
 import orjson
@@ -66,13 +69,25 @@ def peer(request: web.BaseRequest) -> str:
     return request.remote or "?"
 
 
+def hard_abort(transport: asyncio.Transport) -> None:
+    """Abort with a reset: the kernel drops what it still holds for the peer
+    at once, instead of keeping it (and the socket) in FIN-WAIT."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 async def drain_or_abort(transport: asyncio.Transport, deadline: float) -> None:
     """Give a slow peer until ``deadline`` (loop time) to read what is buffered
     (which ends with the close frame or the last chunk), then free the socket."""
     loop = asyncio.get_running_loop()
     while transport.get_write_buffer_size() and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    if transport.get_write_buffer_size() or not transport.is_closing():
+    if transport.get_write_buffer_size():
+        hard_abort(transport)
+    elif not transport.is_closing():
         transport.abort()
 
 
@@ -85,10 +100,17 @@ class SocketWire:
 
     __slots__ = ("_transport", "_writer")
 
-    def __init__(self, request: web.BaseRequest, write_buffer: int) -> None:
+    def __init__(self, request: web.BaseRequest, write_buffer: int, socket_buffer: int = 0) -> None:
         transport = request.transport
         assert transport is not None
         transport.set_write_buffer_limits(high=write_buffer)
+        if socket_buffer:
+            # Bound what the kernel holds for a peer that stopped reading, so
+            # backpressure (and its memory bound) starts within our limits.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
         self._transport = transport
         self._writer = request.writer
 

@@ -143,10 +143,21 @@ class Outbound:
         if allowance <= 0:
             self._backed_up()
             return True
-        if len(entries) == 1:  # the common case under light load: no copies
-            batch = entries
-            data = entries[0][0]
-        elif self.bytes <= allowance:
+        if len(entries) == 1:
+            # The common case below saturation: one message for this connection
+            # in this loop pass. Kept free of loops and copies.
+            frame, ts, _ = entries[0]
+            entries.clear()
+            self.bytes = 0
+            self._wire.write(frame)
+            self._wire_bytes = wire_bytes + len(frame)
+            if ts:
+                metrics = self._metrics
+                metrics.delivered += 1
+                if ts > 0:
+                    metrics.latency.observe(now - ts)
+            return False
+        if self.bytes <= allowance:
             batch = entries
             data = b"".join([e[0] for e in entries])
         else:

@@ -119,6 +119,7 @@ class BackpressureSettings:
     policy: str = "disconnect"
     drop_oldest_rooms: tuple[str, ...] = ()
     write_buffer: int = 64 * 1024
+    socket_buffer: int = 128 * 1024
     stall_timeout: float = 30.0
 
 
@@ -330,6 +331,7 @@ def validate(s: Settings) -> None:
         "backpressure.write_buffer",
         "must be smaller than backpressure.max_bytes",
     )
+    _require(s.backpressure.socket_buffer >= 0, "backpressure.socket_buffer", "must be >= 0 (0: kernel default)")
     _require(s.backpressure.stall_timeout > 0, "backpressure.stall_timeout", "must be > 0")
     _require(s.limits.max_subscriptions >= 1, "limits.max_subscriptions", "must be >= 1")
     _require(s.log.level in ("debug", "info", "warning", "error"), "log.level", "debug, info, warning or error")

@@ -29,8 +29,10 @@ class SseConnection(SocketWire):
 
     __slots__ = ("_chunked", "_response")
 
-    def __init__(self, response: EventSourceResponse, request: web.Request, write_buffer: int) -> None:
-        super().__init__(request, write_buffer)
+    def __init__(
+        self, response: EventSourceResponse, request: web.Request, write_buffer: int, socket_buffer: int
+    ) -> None:
+        super().__init__(request, write_buffer, socket_buffer)
         self._response = response
         self._chunked = response.chunked
 
@@ -57,7 +59,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     await response.write(b"retry: %d\n\n" % s.retry)
     transport = request.transport
     assert transport is not None
-    conn = SseConnection(response, request, node.settings.backpressure.write_buffer)
+    bp = node.settings.backpressure
+    conn = SseConnection(response, request, bp.write_buffer, bp.socket_buffer)
     session = node.open_session(admission.identity, SSE, conn, conn.close)
     reason: Disconnect = CLIENT_CLOSED
     try:

@@ -27,9 +27,14 @@ class WsConnection(SocketWire):
     __slots__ = ("_close_timeout", "_ws", "close_task")
 
     def __init__(
-        self, ws: web.WebSocketResponse, request: web.Request, write_buffer: int, close_timeout: float
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        write_buffer: int,
+        socket_buffer: int,
+        close_timeout: float,
     ) -> None:
-        super().__init__(request, write_buffer)
+        super().__init__(request, write_buffer, socket_buffer)
         self._ws = ws
         self._close_timeout = close_timeout
         self.close_task: asyncio.Task[None] | None = None
@@ -81,7 +86,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         await _close_now(ws, refusal.disconnect, s.close_timeout, request)
         return ws
 
-    conn = WsConnection(ws, request, node.settings.backpressure.write_buffer, s.close_timeout)
+    bp = node.settings.backpressure
+    conn = WsConnection(ws, request, bp.write_buffer, bp.socket_buffer, s.close_timeout)
     session = node.open_session(admission.identity, WS, conn, conn.close)
     reason: Disconnect = CLIENT_CLOSED
     try:
