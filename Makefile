@@ -4,8 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Extra arguments for ops/bench/run.py, e.g. make bench BENCH_ARGS='--quick --only fanout-ws'
+BENCH_ARGS ?=
+NCHAN_MODULE ?= /usr/lib/nginx/modules/ngx_nchan_module.so
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: dev test lint serve clean install
+.PHONY: dev test lint serve clean install bench bench-peers bench-deps-nchan
 
 install: $(STAMP)
 
@@ -25,10 +29,25 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Herald and the naive aiohttp baseline; results in artifacts/bench/ (see ops/bench/README.md).
+bench: $(STAMP)
+	$(BIN)/python -m ops.bench.run $(BENCH_ARGS)
+
+# The same plus nginx + nchan, installed with apt-get when missing.
+bench-peers: $(STAMP) bench-deps-nchan
+	$(BIN)/python -m ops.bench.run --peers $(BENCH_ARGS)
+
+bench-deps-nchan:
+	@if { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && test -e $(NCHAN_MODULE); then :; else \
+		echo "installing nginx and libnginx-mod-nchan with apt-get"; \
+		$(SUDO) apt-get install -y nginx libnginx-mod-nchan || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y nginx libnginx-mod-nchan; }; \
+	fi
+
 lint: $(STAMP)
-	$(BIN)/ruff check gateway broker tests
-	$(BIN)/ruff format --check gateway broker tests
-	$(BIN)/mypy gateway broker
+	$(BIN)/ruff check gateway broker ops tests
+	$(BIN)/ruff format --check gateway broker ops tests
+	$(BIN)/mypy gateway broker ops
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

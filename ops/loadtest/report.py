@@ -1,0 +1,99 @@
+"""The readable side of results: one table row per step, a connect line, the
+idle and stalled summaries. The JSON file carries the same numbers in full."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+_COLUMNS: list[tuple[str, int, Callable[[Row], str]]] = [
+    ("rate/s", 8, lambda r: _num(r["rate"])),
+    ("pub/s", 8, lambda r: _num(r["published_per_s"])),
+    ("expected", 10, lambda r: _num(r["expected"])),
+    ("delivered", 10, lambda r: _num(r["delivered"])),
+    ("deliv/s", 9, lambda r: _num(r["delivered_per_s"])),
+    ("lost", 7, lambda r: _num(r["lost"])),
+    ("dup", 5, lambda r: _num(r["duplicated"])),
+    ("p50", 7, lambda r: _num(r["latency_ms"]["p50"], 1)),
+    ("p90", 7, lambda r: _num(r["latency_ms"]["p90"], 1)),
+    ("p99", 7, lambda r: _num(r["latency_ms"]["p99"], 1)),
+    ("max ms", 7, lambda r: _num(r["latency_ms"]["max"], 1)),
+    ("srv%", 6, lambda r: _num(r["server"]["cpu_pct"])),
+    ("µs/msg", 7, lambda r: _num(r["server"]["us_per_delivery"], 1)),
+    ("RSS MB", 7, lambda r: _num(r["server"]["rss_mb"])),
+    ("aux%", 5, lambda r: _num(r["aux"]["cpu_pct"])),
+    ("gen%", 5, lambda r: _num(r["generator_cpu_pct"])),
+    ("closed", 6, lambda r: _num(sum(r["closed_by_server"].values()))),
+    ("verdict", 0, lambda r: r["verdict"]),
+]
+
+
+def header() -> str:
+    return " ".join(f"{name:>{width}}" if width else name for name, width, _ in _COLUMNS)
+
+
+def row(step: Row) -> str:
+    line = " ".join(f"{get(step):>{width}}" if width else get(step) for _, width, get in _COLUMNS)
+    notes = []
+    if step["closed_by_server"]:
+        notes.append("closed by server: " + _counts(step["closed_by_server"]))
+    if step["publish_errors"]:
+        notes.append("publish errors: " + _counts(step["publish_errors"]))
+    notes.extend(step["notes"])
+    return line + "".join(f"\n    {note}" for note in notes)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{key} x{n}" for key, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def connect_line(c: Row) -> str:
+    errors = f", errors: {_counts(c['errors'])}" if c["errors"] else ""
+    return (
+        f"connected {c['connected']}/{c['requested']} in {c['seconds']:.2f}s "
+        f"({c['rate_achieved']:,.0f}/s achieved, {c['rate_target']:,.0f}/s asked; "
+        f"CPU server {_num(c['server_cpu_pct'])}%, generator {_num(c['generator_cpu_pct'])}%){errors}"
+    )
+
+
+def idle_lines(idle: Row) -> list[str]:
+    return [
+        f"idle {idle['seconds']:.0f}s with {idle['connections']} connections "
+        f"({idle['still_open']} still open at the end)",
+        f"  server RSS before connecting {_num(idle['rss_before_mb'], 1)} MB, with connections "
+        f"{_num(idle['rss_with_mb'], 1)} MB (peak {_num(idle['rss_peak_mb'], 1)} MB) "
+        f"→ {_num(idle['kib_per_connection'], 1)} KiB per connection",
+        f"  server CPU while idle {_num(idle['server_cpu_pct'], 1)}% of a core, "
+        f"generator {_num(idle['generator_cpu_pct'], 1)}%",
+    ]
+
+
+def stalled_lines(stalled: Row) -> list[str]:
+    how = _counts(stalled["how"]) if stalled["how"] else "none"
+    return [
+        f"stalled connections: {stalled['count']} (excluded from the table), "
+        f"disconnected by the server: {stalled['disconnected']} ({how}), still open: {stalled['still_open']}"
+    ]
+
+
+def summary_line(summary: Row) -> str:
+    if summary.get("mode") == "idle":
+        return f"idle: {_num(summary['kib_per_connection'], 1)} KiB of server RSS per connection"
+    best = summary.get("highest_sustained")
+    if best is None:
+        return f"no step was sustained ({summary['stopped']})"
+    return (
+        f"highest sustained rate: {best['rate']:,.0f} msg/s published → "
+        f"{best['delivered_per_s']:,.0f} deliveries/s "
+        f"(p99 {best['p99_ms']:.1f} ms, server {_num(best['us_per_delivery'], 1)} µs/delivery); "
+        f"stopped: {summary['stopped']}"
+    )

@@ -1,0 +1,267 @@
+"""Unit tests of the load generator's parsers and accounting (ops/loadtest).
+
+No server: bytes in, frames / events / counts out. Every parser is fed the same
+stream cut at every possible place, because real reads split anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from gateway.frames import sse_event, ws_frame
+from ops.loadtest import payload, wsproto
+from ops.loadtest.clients import ConnectError, SseClient, WsClient
+from ops.loadtest.http1 import ProtocolError, parse_head
+from ops.loadtest.sse import Dechunker, EventParser
+from ops.loadtest.stats import Histogram, SeqTrack, tally
+from ops.loadtest.target import UnsafeTarget, expand, loopback_url
+
+
+def feed_in_pieces(parser: wsproto.FrameParser, data: bytes, cuts: list[int]) -> list[wsproto.Frame]:
+    frames: list[wsproto.Frame] = []
+    last = 0
+    for cut in [*cuts, len(data)]:
+        frames.extend(parser.feed(data[last:cut]))
+        last = cut
+    return frames
+
+
+# -- WebSocket frames -----------------------------------------------------------
+
+
+def test_frames_survive_every_split() -> None:
+    # 7-bit, 16-bit (126) and 64-bit (127) lengths, a ping, and a close, back to back.
+    messages = [b"a" * 5, b"b" * 300, b"c" * 70_000]
+    stream = b"".join(ws_frame(m) for m in messages) + ws_frame(b"hi", wsproto.PING) + ws_frame(b"\x0f\xa0", 0x8)
+    expected = [(wsproto.TEXT, m) for m in messages] + [(wsproto.PING, b"hi"), (wsproto.CLOSE, b"\x0f\xa0")]
+    assert wsproto.FrameParser().feed(stream) == expected  # many frames in one read
+    headers = [0, 1, 2, 3, 7, 8, 9, 10, 11, 12, 311, 312, 313, 314, 315, 316, 320, 70_000]
+    for cut in headers + list(range(len(stream) - 20, len(stream))):
+        assert feed_in_pieces(wsproto.FrameParser(), stream, [cut]) == expected, cut
+    one_byte_at_a_time = list(range(1, len(stream)))[:400] + list(range(70_300, len(stream)))
+    assert feed_in_pieces(wsproto.FrameParser(), stream, one_byte_at_a_time) == expected
+
+
+def test_length_encodings() -> None:
+    assert ws_frame(b"x" * 125)[1] == 125
+    assert ws_frame(b"x" * 126)[1] == 126  # 16-bit length follows
+    assert ws_frame(b"x" * 65536)[1] == 127  # 64-bit length follows
+    for n in (0, 125, 126, 65535, 65536):
+        assert wsproto.FrameParser().feed(ws_frame(b"y" * n)) == [(wsproto.TEXT, b"y" * n)]
+
+
+def test_fragments_reassembled_around_a_ping() -> None:
+    first = bytes((0x01, 3)) + b"abc"  # text, not final
+    ping = bytes((0x89, 1)) + b"p"
+    last = bytes((0x80, 2)) + b"de"  # continuation, final
+    frames = feed_in_pieces(wsproto.FrameParser(), first + ping + last, [4, 7])
+    assert frames == [(wsproto.PING, b"p"), (wsproto.TEXT, b"abcde")]
+    with pytest.raises(ProtocolError):
+        wsproto.FrameParser().feed(last)
+
+
+def test_client_frames_are_masked_and_round_trip() -> None:
+    for body in (b"", b"pong!", os.urandom(200), os.urandom(70_000)):
+        frame = wsproto.client_frame(wsproto.PONG, body)
+        assert frame[0] == 0x80 | wsproto.PONG and frame[1] & 0x80
+        assert wsproto.FrameParser().feed(frame) == [(wsproto.PONG, body)]  # the parser unmasks
+    assert wsproto.close_code(wsproto.FrameParser().feed(wsproto.close_frame(4008))[0][1]) == 4008
+    assert wsproto.close_code(b"") == wsproto.NO_STATUS
+
+
+def test_upgrade_check() -> None:
+    request, key = wsproto.upgrade_request("127.0.0.1:8080", "/ws?room=r1")
+    assert request.startswith(b"GET /ws?room=r1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n")
+    assert key.encode() in request and request.endswith(b"\r\n\r\n")
+    # RFC 6455's own example.
+    assert wsproto.accept_value("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    ok = f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {wsproto.accept_value(key)}"
+    head = parse_head((ok + "\r\n\r\n").encode() + b"\x81\x00")
+    assert head is not None and head.status == 101
+    wsproto.check_upgrade(head, key)
+    with pytest.raises(ProtocolError, match="Accept"):
+        wsproto.check_upgrade(head, "other-key")
+    refused = parse_head(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+    assert refused is not None
+    with pytest.raises(ProtocolError, match="http 401"):
+        wsproto.check_upgrade(refused, key)
+    assert parse_head(b"HTTP/1.1 101 Switching") is None  # not complete yet
+
+
+# -- SSE ------------------------------------------------------------------------
+
+
+def chunked(*chunks: bytes) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+
+
+def test_dechunker_any_split_and_extensions() -> None:
+    body = [b"retry: 2000\n\n", b'id: 7\nevent: message\ndata: {"s":1}\n\n', b"x" * 300]
+    wire = chunked(*body).replace(b"d\r\n", b"d;ext=1\r\n", 1)  # a chunk extension on the first size line
+    for cut in range(len(wire) + 1):
+        for second in (cut, min(len(wire), cut + 3)):
+            d = Dechunker()
+            out = d.feed(wire[:cut]) + d.feed(wire[cut:second]) + d.feed(wire[second:])
+            assert out == b"".join(body) and d.done, (cut, second)
+    with pytest.raises(ProtocolError):
+        Dechunker().feed(b"zz\r\n")
+
+
+def test_events_split_mid_line() -> None:
+    stream = (
+        b"retry: 2000\r\n\r\n"
+        b": keep-alive\n\n"
+        b'id: 41\nevent: message\ndata: {"s":1}\n\n'
+        b"data: first\r\ndata:second\r\n\r\n"
+        b"id: 43\rdata: lone-cr\r\r"
+        b"event: reset\ndata\n\n"
+    )
+    expected = [
+        (b"41", b"message", b'{"s":1}'),
+        (None, None, b"first\nsecond"),
+        (b"43", None, b"lone-cr"),
+        (None, b"reset", b""),
+    ]
+    for cut in range(len(stream) + 1):
+        for size in (1, 2, 5):
+            parser = EventParser()
+            events = parser.feed(stream[:cut])
+            for i in range(cut, len(stream), size):
+                events += parser.feed(stream[i : i + size])
+            assert events == expected, (cut, size)
+
+
+def test_herald_sse_bytes_through_both_layers() -> None:
+    events = [sse_event("message", payload.make(s, 1.0, 100), s) for s in range(1, 4)]
+    wire = chunked(events[0] + events[1], events[2])
+    d, parser = Dechunker(), EventParser()
+    got = [e for i in range(0, len(wire), 7) for e in parser.feed(d.feed(wire[i : i + 7]))]
+    assert [payload.extract(data) for _, _, data in got] == [(1, 1.0), (2, 1.0), (3, 1.0)]
+    assert [e[0] for e in got] == [b"1", b"2", b"3"]
+
+
+# -- payloads and accounting ----------------------------------------------------
+
+
+def test_payload_size_and_extraction() -> None:
+    now = time.time()
+    p = payload.make(12345, now, 100)
+    assert len(p) == 100 and p.startswith(b'{"s":12345,')
+    s, t = payload.extract(p) or (0, 0.0)
+    assert s == 12345 and abs(t - now) < 1e-5
+    herald = b'{"type":"message","channel":"room:r3","id":"9","event":"message","data":' + p + b"}"
+    assert payload.extract(herald) == (12345, t)
+    assert payload.extract(b'{"t": 2.5, "p": "", "s": 7}') == (7, 2.5)  # re-serialised by a server
+    assert payload.extract(b'{"type":"welcome","channels":["room:r1"]}') is None
+
+
+def test_sequence_accounting() -> None:
+    track = SeqTrack()
+    for s in (1, 2, 3, 3, 6, 5, 7):  # a duplicate, a gap of two, one late arrival
+        track.see(s)
+    assert (track.last, track.received, track.gaps, track.dups) == (7, 5, 2, 2)
+    assert track.lost(published=7) == 2
+    assert track.lost(published=10) == 5  # the unreceived tail is lost too
+
+    quiet = SeqTrack()
+    before = tally([(track, 7), (quiet, 7)])
+    track.see(8)
+    after = tally([(track, 10), (quiet, 10)])
+    step = after - before
+    assert (step.received, step.dups, step.lost) == (1, 0, 2 + 3)
+    # Every published message is either received or lost, per connection.
+    assert after.received + after.lost == 2 * 10 - 0
+
+
+def test_histogram_quantiles() -> None:
+    h = Histogram()
+    for us in range(1, 10_001):  # 1 µs … 10 ms, uniform
+        h.record(us / 1e6)
+    h.record(-0.001)  # clock skew lands in the lowest bucket
+    assert h.count == 10_001
+    for q, expect in ((0.5, 0.005), (0.9, 0.009), (0.99, 0.0099)):
+        assert h.quantile(q) == pytest.approx(expect, rel=0.012)
+    assert h.max == pytest.approx(0.01)
+    snap = h.take()
+    assert snap.count == 10_001 and h.count == 0 and h.quantile(0.99) == 0.0
+
+
+def test_only_loopback_targets() -> None:
+    ep = loopback_url(expand("ws://localhost:8080/ws?token={token}&room={room}", "r2", "tok", 5), ("ws",))
+    assert (ep.address, ep.port, ep.target) == ("127.0.0.1", 8080, "/ws?token=tok&room=r2")
+    assert loopback_url("http://[::1]:9/sse", ("http",)).address == "::1"
+    for url in ("ws://10.0.0.1/ws", "ws://example.com/ws", "ws://127.0.0.2/ws", "ws://localhost.evil.com/x"):
+        with pytest.raises(UnsafeTarget):
+            loopback_url(url, ("ws",))
+    with pytest.raises(UnsafeTarget):
+        loopback_url("wss://127.0.0.1/ws", ("ws",))
+
+
+# -- the Protocols, with a fake transport -----------------------------------------
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.paused = False
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+async def test_ws_client_handshake_welcome_ping_close() -> None:
+    hist = Histogram()
+    client = WsClient(0, 0, loopback_url("ws://127.0.0.1:1/ws", ("ws",)), True, hist, False)
+    transport = FakeTransport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+    key = transport.written[0].split(b"Sec-WebSocket-Key: ")[1].split(b"\r\n")[0].decode()
+    head = f"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {wsproto.accept_value(key)}\r\n\r\n"
+    welcome = ws_frame(b'{"type":"welcome","conn":"n:1","channels":["room:r0"]}')
+    message = ws_frame(
+        b'{"type":"message","channel":"room:r0","id":"5","event":"message","data":%s}'
+        % (payload.make(1, time.time(), 100))
+    )
+    stream = head.encode() + welcome + message + ws_frame(b"hb", wsproto.PING)
+    for i in range(len(stream)):
+        client.data_received(stream[i : i + 1])
+    assert client.ready.done() and client.ready.exception() is None
+    assert client.track.received == 1 and hist.count == 1
+    pong = wsproto.FrameParser().feed(transport.written[-1])
+    assert pong == [(wsproto.PONG, b"hb")]
+    client.data_received(ws_frame(b"\x0f\xa8slow", 0x8))
+    assert client.close_how == "ws 4008" and client.close_code == 4008 and transport.closing
+
+
+async def test_sse_client_refusal_and_stall() -> None:
+    ep = loopback_url("http://127.0.0.1:1/sse", ("http",))
+    refused = SseClient(0, 0, ep, True, Histogram(), False)
+    refused.connection_made(FakeTransport())  # type: ignore[arg-type]
+    refused.data_received(b'HTTP/1.1 401 Unauthorized\r\nContent-Length: 20\r\n\r\n{"error":"bad_token"}')
+    with pytest.raises(ConnectError, match="http 401"):
+        await asyncio.wait_for(refused.ready, 1)
+
+    hist = Histogram()
+    stalled = SseClient(1, 0, ep, True, hist, True)
+    transport = FakeTransport()
+    stalled.connection_made(transport)  # type: ignore[arg-type]
+    events = b"".join(sse_event("message", payload.make(s, time.time(), 60), s) for s in (1, 2))
+    stalled.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(events)[:-5])
+    assert stalled.ready.done() and transport.paused and stalled.paused
+    assert stalled.track.received == 2 and hist.count == 0  # stalled: counted apart, no latency
