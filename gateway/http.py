@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -98,7 +99,7 @@ class SocketWire:
     aiohttp's own flow control (``request.writer.drain``) until it resumes.
     """
 
-    __slots__ = ("_transport", "_writer")
+    __slots__ = ("_transport", "_writer", "frame", "send")
 
     def __init__(self, request: web.BaseRequest, write_buffer: int, socket_buffer: int = 0) -> None:
         transport = request.transport
@@ -113,10 +114,12 @@ class SocketWire:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
         self._transport = transport
         self._writer = request.writer
+        self.send: Callable[[bytes], object] = transport.write
+        self.frame: Callable[[bytes], bytes] | None = None
 
     def write(self, data: bytes) -> None:
         if not self._transport.is_closing():
-            self._transport.write(data)
+            self._transport.write(data if self.frame is None else self.frame(data))
 
     def buffered(self) -> int:
         return self._transport.get_write_buffer_size()

@@ -27,21 +27,24 @@ log = logging.getLogger("herald.sse")
 class SseConnection(SocketWire):
     """Wire and closer of one event stream: event bytes go out as HTTP chunks."""
 
-    __slots__ = ("_chunked", "_response")
+    __slots__ = ("_response",)
 
     def __init__(
         self, response: EventSourceResponse, request: web.Request, write_buffer: int, socket_buffer: int
     ) -> None:
         super().__init__(request, write_buffer, socket_buffer)
         self._response = response
-        self._chunked = response.chunked
-
-    def write(self, data: bytes) -> None:
-        super().write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        if response.chunked:
+            self.frame = _chunk
 
     def close(self, reason: Disconnect) -> None:
         # Ends ``response.wait()`` in the handler, which finishes the stream.
         self._response.stop_streaming()
+
+
+def _chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk (the response body is chunked)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:

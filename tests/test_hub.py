@@ -33,8 +33,11 @@ class FakeWire:
     ``drained()`` returns once the level is back to 0 (the peer read everything),
     or at once when ``paused`` is False (a transport below its high-water mark)."""
 
+    frame = None  # no transport framing (as a WebSocket)
+
     def __init__(self, grow: bool = False) -> None:
         self.writes: list[bytes] = []
+        self.send = self.write
         self.grow = grow
         self.paused = True
         self.drain_calls = 0
