@@ -57,6 +57,19 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def raw_target(server: str, port: int, ws_path: str, sse_path: str, pids: list[int]) -> Target:
+    """A peer that sends payloads as they are and takes them by HTTP POST /pub/<room>."""
+    base = f"127.0.0.1:{port}"
+    return Target(
+        server=server,
+        ws_url=f"ws://{base}{ws_path}",
+        sse_url=f"http://{base}{sse_path}",
+        envelope="raw",
+        publish_args=["--publish-url", f"http://{base}/pub/{{room}}", "--publish-body", "raw"],
+        server_pids=pids,
+    )
+
+
 class Server:
     name = "server"
 
@@ -182,15 +195,7 @@ class Naive(Server):
             wait_until(lambda: port_open(port), 20, "listen", proc)
         except BenchError as exc:
             raise self._fail(exc, log) from None
-        base = f"127.0.0.1:{port}"
-        return Target(
-            server=self.name,
-            ws_url=f"ws://{base}/ws?room={{room}}",
-            sse_url=f"http://{base}/sse?room={{room}}",
-            envelope="raw",
-            publish_args=["--publish-url", f"http://{base}/pub/{{room}}", "--publish-body", "raw"],
-            server_pids=[proc.pid],
-        )
+        return raw_target(self.name, port, "/ws?room={room}", "/sse?room={room}", [proc.pid])
 
 
 def nginx_binary() -> str | None:
@@ -254,15 +259,8 @@ class Nchan(Server):
             wait_until(lambda: bool(children(proc.pid)), 10, "nginx worker", proc)
         except BenchError as exc:
             raise self._fail(exc, log) from None
-        base = f"127.0.0.1:{port}"
-        return Target(
-            server=self.name,
-            ws_url=f"ws://{base}/sub/{{room}}",
-            sse_url=f"http://{base}/sub/{{room}}",
-            envelope="raw",
-            publish_args=["--publish-url", f"http://{base}/pub/{{room}}", "--publish-body", "raw"],
-            server_pids=children(proc.pid),  # the worker(s), not the idle master
-        )
+        # Server CPU of the worker(s), not of the idle master.
+        return raw_target(self.name, port, "/sub/{room}", "/sub/{room}", children(proc.pid))
 
     def stop(self) -> None:
         super().stop()
