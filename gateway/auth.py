@@ -24,6 +24,7 @@ from broker.channels import ID_RE
 from .settings import JwtSettings
 
 MAX_TOKEN_LENGTH = 8192
+VERIFIED_CACHE_SIZE = 10_000
 _GLOB_RE = re.compile(r"[A-Za-z0-9_:@=+*?-]{1,128}")
 
 
@@ -102,6 +103,7 @@ class Authenticator:
         else:
             self._algorithms = ["HS256"]
             self._key = settings.secret
+        self._verified: dict[str, Identity] = {}
 
     @property
     def configured(self) -> bool:
@@ -114,6 +116,21 @@ class Authenticator:
             raise AuthError("not_configured", "authentication is not configured on this node")
         if len(token) > MAX_TOKEN_LENGTH:
             raise AuthError("too_large", "token too large")
+        # Reconnects (EventSource retries, reloads, a reconnect storm after a
+        # node dies) bring back tokens already verified: a signature check
+        # costs ~100 us. Only verified tokens are kept; expiry is checked on use.
+        cached = self._verified.get(token)
+        if cached is not None:
+            if cached.expires is None or cached.expires + self._settings.leeway > time.time():
+                return cached
+            del self._verified[token]
+        identity = self._decode(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[token] = identity
+        return identity
+
+    def _decode(self, token: str) -> Identity:
         s = self._settings
         required = ["sub", "exp"] if s.require_exp else ["sub"]
         try:
