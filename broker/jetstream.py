@@ -233,17 +233,46 @@ class NatsBroker:
     async def _subscribe(self, channel: str) -> None:
         if self._nc is None:
             raise BrokerUnavailable("NATS is not connected")
+        # Subscribe-and-confirm runs to completion even if the connection that
+        # asked goes away meanwhile: a subscription left half made would be
+        # unknown to Interest, and the next one would deliver everything twice.
+        opening = asyncio.ensure_future(self._open_subscription(channel))
+        try:
+            sub = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(self._discard_opened)
+            raise
+        self._subs[channel] = sub
+
+    async def _open_subscription(self, channel: str) -> Subscription:
+        assert self._nc is not None
         handle = self._handle
 
         async def on_message(msg: Msg) -> None:
             handle(channel, msg)
 
-        self._subs[channel] = await self._nc.subscribe(
+        sub = await self._nc.subscribe(
             self._subjects.live_subject(channel),
             cb=on_message,
             pending_msgs_limit=self._config.pending_msgs_limit,
             pending_bytes_limit=self._config.pending_bytes_limit,
         )
+        # Round trip, so the server has the interest once want() returns: a
+        # client told its channels are live can rely on it.
+        try:
+            await self._nc.flush(timeout=max(1, int(self._config.publish_timeout)))
+        except (TimeoutError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            raise BrokerUnavailable(f"subscribe not confirmed: {exc.__class__.__name__}") from None
+        return sub
+
+    def _discard_opened(self, opening: asyncio.Future[Subscription]) -> None:
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        task = asyncio.get_running_loop().create_task(opening.result().unsubscribe())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _unsubscribe(self, channel: str) -> None:
         sub = self._subs.pop(channel, None)

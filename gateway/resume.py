@@ -1,14 +1,15 @@
-"""Resume from a position: replay what the stream holds, then switch to live.
+"""Opening a session on its channels, and resuming from a position.
 
-The transport calls ``hold`` before it joins the channels, so no live delivery
-can slip past the replay; ``resume`` then replays the stored messages after the
-position and releases the held live ones that the replay did not already
-cover — each message once, in order.
+Live deliveries are held aside while a session joins its channels (and, with a
+position, while the stream replays what it missed); they are released after —
+only those the replay did not already cover — so the client sees its first
+frame first, then each message once, in order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from .node import Node
 from .session import Session
@@ -22,16 +23,36 @@ def hold(session: Session) -> None:
         session.held = []
 
 
-async def attach(node: Node, session: Session, channels: Sequence[str], since: int | None) -> None:
-    """Join a new session's channels — replaying from ``since`` first, if given —
-    and mark it open."""
-    if since is not None:
-        hold(session)  # before joining, so no live delivery overtakes the replay
-    for channel in channels:
-        await node.hub.join(session, channel)
+async def attach(
+    node: Node, session: Session, channels: Sequence[str], since: int | None, first: dict[str, Any] | None = None
+) -> None:
+    """Join a new session's channels, then send ``first`` (the welcome frame),
+    then what it missed since ``since`` if given, then the live flow. Sent after
+    the joins, ``first`` tells the client its channels are live."""
+    hold(session)
+    try:
+        for channel in channels:
+            await node.hub.join(session, channel)
+        if first is not None:
+            session.send(first)
+    except BaseException:
+        session.held = None
+        raise
     if since is not None:
         await resume(node, session, channels, since)
+    else:
+        release(node, session)
     session.opened()
+
+
+def release(node: Node, session: Session, after: int = 0, replayed: Sequence[str] = ()) -> None:
+    """Queue the held live deliveries, skipping those of the ``replayed``
+    channels at or below ``after`` (the replay sent them already)."""
+    held, session.held = session.held or [], None
+    wanted = set(replayed)
+    for d in held:
+        if d.seq == 0 or d.seq > after or d.channel not in wanted:
+            session.outbound.push(session.codec.message(d), d.ts, node.hub.droppable(d.channel))
 
 
 async def resume(node: Node, session: Session, channels: Sequence[str], since: int) -> None:
@@ -50,8 +71,4 @@ async def resume(node: Node, session: Session, channels: Sequence[str], since: i
         if replayed:
             node.metrics.replayed.inc(len(replayed))
     finally:
-        held, session.held = session.held or [], None
-        wanted = set(channels)
-        for d in held:
-            if d.seq == 0 or d.seq > last or d.channel not in wanted:
-                session.outbound.push(session.codec.message(d), d.ts, node.hub.droppable(d.channel))
+        release(node, session, last, channels)

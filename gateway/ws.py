@@ -91,16 +91,14 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     session = node.open_session(admission.identity, WS, conn, conn.close)
     reason: Disconnect = CLIENT_CLOSED
     try:
-        session.send(
-            {
-                "type": "welcome",
-                "conn": session.id,
-                "user": session.user,
-                "node": node.id,
-                "channels": [client_name(c) for c in admission.channels],
-            }
-        )
-        await attach(node, session, admission.channels, admission.since)
+        welcome = {
+            "type": "welcome",
+            "conn": session.id,
+            "user": session.user,
+            "node": node.id,
+            "channels": [client_name(c) for c in admission.channels],
+        }
+        await attach(node, session, admission.channels, admission.since, welcome)
         # The receive loop is inlined: one coroutine frame less per idle connection.
         commands = request.app[COMMANDS]
         while session.active:

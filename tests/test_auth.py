@@ -259,7 +259,7 @@ async def test_bad_token_is_refused_on_ws_and_sse(kind: str, node: RunningNode, 
     assert isinstance(answer.body["message"], str) and answer.body["message"]
     metrics = await scrape(http, node.url)
     assert failures(metrics, reason) == 2, {k: v for k, v in metrics.items() if "auth_failures" in k}
-    assert not node.node.sessions
+    await wait_for(lambda: not node.node.sessions)
     assert node.node.broker.stats().subscriptions == 0
 
 
@@ -324,7 +324,7 @@ async def test_rs256_node_accepts_rs256_and_refuses_key_confusion(
     assert failures(metrics, "bad_algorithm") == 2 * 5
     assert failures(metrics, "bad_signature") == 2
     assert failures(metrics, "bad_claims") == 2
-    assert not rs_node.node.sessions
+    await wait_for(lambda: not rs_node.node.sessions)
 
 
 async def test_es256_node_accepts_es256_and_refuses_rs256(
@@ -414,7 +414,7 @@ async def test_two_different_tokens_are_refused(
     assert (answer.status, answer.body["error"]) == (401, "bad_token")
     assert answer.body["message"]
     assert failures(await scrape(http, node.url), "conflicting") == 2
-    assert not node.node.sessions
+    await wait_for(lambda: not node.node.sessions)
 
 
 @pytest.mark.parametrize("place", ["query", "header", "cookie"])
@@ -462,7 +462,7 @@ async def test_room_outside_token_rooms_is_forbidden(node: RunningNode, http: ai
     # A token without a rooms claim may join no room at all.
     bare = mint_token(SECRET, "bob")
     assert (await ws_refusal(http, node, query(bare, ["lobby"])))[0] == 4003
-    assert not node.node.sessions
+    await wait_for(lambda: not node.node.sessions)
     assert node.node.broker.stats().subscriptions == 0
 
 
@@ -477,7 +477,7 @@ async def test_invalid_room_in_query_is_a_bad_request(
     answer = await sse_refusal(http, node, params)
     assert answer.status == 400
     assert answer.body["error"] == "bad_request" and answer.body["message"]
-    assert not node.node.sessions
+    await wait_for(lambda: not node.node.sessions)
     assert node.node.broker.stats().subscriptions == 0
 
 
@@ -759,7 +759,7 @@ async def test_bad_since_is_a_bad_request(since: str, node: RunningNode, http: a
     if since.isascii():
         answer = await sse_refusal(http, node, query(token("alice")), {"Last-Event-ID": since})
         assert (answer.status, answer.body["error"]) == (400, "bad_request")
-    assert not node.node.sessions
+    await wait_for(lambda: not node.node.sessions)
 
 
 async def test_bad_since_in_subscribe_is_a_bad_request(node: RunningNode, http: aiohttp.ClientSession) -> None:

@@ -186,3 +186,16 @@ async def test_bad_frames_get_errors_and_connection_survives(node: RunningNode, 
     assert (await recv_json(ws))["code"] == "bad_request"
     await ws.send_json({"type": "ping", "ref": 3})
     assert await recv_json(ws) == {"type": "pong", "ref": 3}
+
+
+async def test_welcome_means_the_channels_are_live(
+    node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
+    """No waiting after welcome: a message published right then arrives."""
+    prefix = node.settings.subject.prefix
+    for i in range(5):
+        ws = await open_ws(http, node, token(f"fresh{i}"), [f"new-room-{i}"])
+        await core_publish(nats_server.url, f"{prefix}.room.new-room-{i}", b'{"n":%d}' % i)
+        frame = await recv_json(ws)
+        assert (frame["channel"], frame["data"]) == (f"room:new-room-{i}", {"n": i})
+        await ws.close()

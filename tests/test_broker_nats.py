@@ -1,0 +1,64 @@
+"""The NATS broker on its own, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+
+from broker import Delivery
+from broker.channels import Subjects
+from broker.embedded import NatsServer
+from broker.jetstream import NatsBroker, NatsConfig
+
+from .helpers import wait_for
+
+
+async def subjects_of(nats_server: NatsServer, name: str, prefix: str) -> list[str]:
+    url = f"http://127.0.0.1:{nats_server.monitor_port}/connz?subs=1&limit=1024"
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        doc = await resp.json()
+    for conn in doc["connections"]:
+        if conn.get("name") == name:
+            return [s for s in conn.get("subscriptions_list", []) if s.startswith(prefix)]
+    return []
+
+
+async def test_cancelled_want_leaves_no_subscription_behind(nats_server: NatsServer) -> None:
+    """A connection that goes away while its channel is being subscribed must
+    not leave a NATS subscription that later doubles every delivery."""
+    got: list[Delivery] = []
+    config = NatsConfig(
+        urls=(nats_server.url,),
+        name="cancel-test",
+        subjects=Subjects("cx", "cx_live"),
+        stream="CX",
+        storage="memory",
+        unsubscribe_delay=0.0,
+    )
+    broker = NatsBroker(config, got.append)
+    await broker.start()
+    try:
+        for i in range(24):
+            want = asyncio.create_task(broker.want("room:x"))
+            for _ in range(i % 6):  # cancel at different points of subscribe + confirm
+                await asyncio.sleep(0)
+            want.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await want
+            if not want.cancelled():
+                await broker.unwant("room:x")  # it completed before the cancel: give it back
+
+        async def no_leftovers() -> bool:
+            return await subjects_of(nats_server, "cancel-test", "cx_live.") == []
+
+        await wait_for(no_leftovers, timeout=5)
+        await broker.want("room:x")
+        assert await subjects_of(nats_server, "cancel-test", "cx_live.") == ["cx_live.room.x"]
+        seq = await broker.publish("room:x", b'"once"')
+        await wait_for(lambda: len(got) >= 1)
+        await asyncio.sleep(0.2)
+        assert [(d.channel, d.seq) for d in got] == [("room:x", seq)]
+    finally:
+        await broker.close()
