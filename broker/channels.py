@@ -101,6 +101,10 @@ class Subjects:
     def live_subject(self, channel: str) -> str:
         return f"{self.live_prefix}.{self._suffix(channel)}"
 
+    def live_family(self, kind: str) -> str:
+        """The live subject of every channel of one kind (``user``, ``room``)."""
+        return f"{self.live_prefix}.{kind}.*"
+
     def stream_subjects(self) -> list[str]:
         return [f"{self.prefix}.user.>", f"{self.prefix}.room.>", f"{self.prefix}.{BROADCAST}"]
 

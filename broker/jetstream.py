@@ -38,6 +38,8 @@ from .timestamps import parse_rfc3339
 log = logging.getLogger("herald.broker")
 
 EVENT_HEADER = "Herald-Event"
+# Interest key of the shared user subscription; never a valid channel name.
+ALL_USERS = "user:*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,10 @@ class NatsConfig:
     unsubscribe_delay: float = 1.0
     pending_msgs_limit: int = 65536
     pending_bytes_limit: int = 64 * 1024 * 1024
+    # One wildcard subscription for all user channels instead of one per user
+    # (each costs nats-py a task and a queue, ~5 KiB): for nodes that serve
+    # most of the users, at the price of receiving every user's messages.
+    shared_user_subscription: bool = False
 
 
 class NatsBroker:
@@ -224,11 +230,16 @@ class NatsBroker:
 
     # -- subscriptions ---------------------------------------------------------
 
+    def _interest_key(self, channel: str) -> str:
+        if self._config.shared_user_subscription and channel.startswith("user:"):
+            return ALL_USERS
+        return channel
+
     async def want(self, channel: str) -> None:
-        await self._interest.want(channel)
+        await self._interest.want(self._interest_key(channel))
 
     async def unwant(self, channel: str) -> None:
-        await self._interest.unwant(channel)
+        await self._interest.unwant(self._interest_key(channel))
 
     async def _subscribe(self, channel: str) -> None:
         if self._nc is None:
@@ -247,13 +258,17 @@ class NatsBroker:
     async def _open_subscription(self, channel: str) -> Subscription:
         assert self._nc is not None
         handle = self._handle
+        subject = self._subjects.live_subject(channel) if channel != ALL_USERS else self._subjects.live_family("user")
 
         async def on_message(msg: Msg) -> None:
             handle(channel, msg)
 
+        async def on_user_message(msg: Msg) -> None:
+            handle(self._subjects.channel_of(msg.subject), msg)
+
         sub = await self._nc.subscribe(
-            self._subjects.live_subject(channel),
-            cb=on_message,
+            subject,
+            cb=on_message if channel != ALL_USERS else on_user_message,
             pending_msgs_limit=self._config.pending_msgs_limit,
             pending_bytes_limit=self._config.pending_bytes_limit,
         )
@@ -280,8 +295,11 @@ class NatsBroker:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    def _handle(self, channel: str, msg: Msg) -> None:
+    def _handle(self, channel: str | None, msg: Msg) -> None:
         self._stats.messages_received += 1
+        if channel is None:  # a live subject we cannot map (not published by the stream)
+            self._stats.malformed_messages += 1
+            return
         headers = msg.headers
         try:
             delivery = _decode(channel, msg.data, headers)

@@ -45,6 +45,7 @@ def nats_config(settings: Settings) -> NatsConfig:
         unsubscribe_delay=n.unsubscribe_delay,
         pending_msgs_limit=n.pending_msgs_limit,
         pending_bytes_limit=n.pending_bytes_limit,
+        shared_user_subscription=n.user_subscriptions == "shared",
     )
 
 

@@ -52,6 +52,7 @@ class NatsSettings:
     unsubscribe_delay: float = 1.0
     pending_msgs_limit: int = 65536
     pending_bytes_limit: int = 64 * 1024 * 1024
+    user_subscriptions: str = "per-user"
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +289,9 @@ def validate(s: Settings) -> None:
         )
     _require(s.nats.connect_timeout > 0, "nats.connect_timeout", "must be > 0")
     _require(s.nats.publish_timeout > 0, "nats.publish_timeout", "must be > 0")
+    _require(
+        s.nats.user_subscriptions in ("per-user", "shared"), "nats.user_subscriptions", "must be per-user or shared"
+    )
     _require(s.nats.unsubscribe_delay >= 0, "nats.unsubscribe_delay", "must be >= 0")
     try:
         Subjects(s.subject.prefix, s.live_prefix)

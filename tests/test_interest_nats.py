@@ -9,7 +9,7 @@ import aiohttp
 
 from broker.embedded import NatsServer
 
-from .helpers import RunningNode, SseClient, recv_json, scrape, token, wait_for
+from .helpers import PUBLISH_KEY, RunningNode, SseClient, recv_json, scrape, token, wait_for
 
 
 async def node_subjects(http: aiohttp.ClientSession, nats_server: NatsServer, node: RunningNode) -> list[str]:
@@ -82,3 +82,36 @@ async def test_delayed_unsubscribe_survives_a_reload(
         return lobby not in await node_subjects(http, nats_server, node)
 
     await wait_for(gone, timeout=3)
+
+
+async def test_shared_user_subscription(node_factory, nats_server: NatsServer, http: aiohttp.ClientSession) -> None:
+    """nats.user_subscriptions = shared: one wildcard subscription serves every
+    user channel; each user still gets only their own messages."""
+    node: RunningNode = await node_factory(nats={"user_subscriptions": "shared"})
+    live = node.settings.live_prefix
+    sockets = {}
+    for user in ("ann", "ben", "cat", "dan"):
+        ws = await http.ws_connect(node.ws_url, params={"token": token(user)})
+        assert (await recv_json(ws))["type"] == "welcome"
+        sockets[user] = ws
+    assert sorted(await node_subjects(http, nats_server, node)) == [f"{live}.broadcast", f"{live}.user.*"]
+    assert (await scrape(http, node.url))["herald_channels_subscribed"] == 2
+    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+    for user in ("ben", "dan", "nobody-here"):
+        async with http.post(
+            node.url + "/api/publish", json={"channel": f"user:{user}", "data": user}, headers=headers
+        ) as r:
+            assert r.status == 200
+    for user in ("ben", "dan"):
+        frame = await recv_json(sockets[user])
+        assert (frame["channel"], frame["data"]) == ("user", user)
+    for user in ("ann", "cat"):  # nothing for them: their next frame answers a ping
+        await sockets[user].send_json({"type": "ping"})
+        assert (await recv_json(sockets[user]))["type"] == "pong"
+    for ws in sockets.values():
+        await ws.close()
+
+    async def gone() -> bool:
+        return await node_subjects(http, nats_server, node) == []
+
+    await wait_for(gone)
