@@ -62,26 +62,29 @@ async def test_many_connections_one_subscription(
 async def test_delayed_unsubscribe_survives_a_reload(
     node_factory, nats_server: NatsServer, http: aiohttp.ClientSession
 ) -> None:
-    node: RunningNode = await node_factory(nats={"unsubscribe_delay": 0.5})
+    delay = 2.0  # wide enough that a loaded machine still checks well inside it
+    node: RunningNode = await node_factory(nats={"unsubscribe_delay": delay})
     lobby = f"{node.settings.live_prefix}.room.lobby"
     ws = await http.ws_connect(node.ws_url, params={"token": token("a"), "room": "lobby"})
     await recv_json(ws)
     await ws.close()
     await wait_for(lambda: not node.node.sessions)
+    left = asyncio.get_running_loop().time()
     # A page reload within the delay: the subscription was never dropped.
     assert lobby in await node_subjects(http, nats_server, node)
     ws = await http.ws_connect(node.ws_url, params={"token": token("a"), "room": "lobby"})
     await recv_json(ws)
-    await asyncio.sleep(0.7)
+    # Past the moment the first release would have happened: still there.
+    await asyncio.sleep(max(0.0, left + delay + 0.3 - asyncio.get_running_loop().time()))
     assert lobby in await node_subjects(http, nats_server, node)
     await ws.close()
-    await asyncio.sleep(0.1)
+    await wait_for(lambda: not node.node.sessions)
     assert lobby in await node_subjects(http, nats_server, node)
 
     async def gone() -> bool:
         return lobby not in await node_subjects(http, nats_server, node)
 
-    await wait_for(gone, timeout=3)
+    await wait_for(gone, timeout=delay + 4)
 
 
 async def test_shared_user_subscription(node_factory, nats_server: NatsServer, http: aiohttp.ClientSession) -> None:
