@@ -94,9 +94,7 @@ class Session:
         self.outbound.push(self.codec.control(obj))
 
     def set_expiry(self, expires: float | None) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+        self._cancel_expiry()
         if expires is not None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, expires - time.time())
@@ -112,10 +110,7 @@ class Session:
             return
         self.state = State.CLOSING
         self.disconnect = reason
-        self.outbound.close()
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+        self._stop()
         self._closer(reason)
 
     def closed(self, reason: Disconnect) -> Disconnect:
@@ -123,8 +118,15 @@ class Session:
         if self.disconnect is None:
             self.disconnect = reason
         self.state = State.CLOSED
+        self._stop()
+        return self.disconnect
+
+    def _stop(self) -> None:
+        """Nothing more goes out and no timer fires for this session."""
         self.outbound.close()
+        self._cancel_expiry()
+
+    def _cancel_expiry(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        return self.disconnect

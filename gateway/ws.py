@@ -44,13 +44,18 @@ class WsConnection(SocketWire):
             self.close_task = asyncio.get_running_loop().create_task(self._close(reason))
 
     async def _close(self, reason: Disconnect) -> None:
-        deadline = asyncio.get_running_loop().time() + self._close_timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._ws.close(code=reason.code, message=reason.message.encode(), drain=False)
-        except Exception:  # noqa: BLE001 - timeouts and broken pipes end the same way
-            pass
-        await drain_or_abort(self._transport, deadline)
+        await close_ws(self._ws, self._transport, reason, self._close_timeout)
+
+
+async def close_ws(ws: web.WebSocketResponse, transport: asyncio.Transport, reason: Disconnect, timeout: float) -> None:
+    """Send the close frame; give the peer ``timeout`` to read it, then free the socket."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        async with asyncio.timeout_at(deadline):
+            await ws.close(code=reason.code, message=reason.message.encode(), drain=False)
+    except Exception:  # noqa: BLE001 - timeouts and broken pipes end the same way
+        pass
+    await drain_or_abort(transport, deadline)
 
 
 def _classify(ws: web.WebSocketResponse) -> Disconnect:
@@ -83,7 +88,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     try:
         admission = admit(node, request)
     except Refusal as refusal:
-        await _close_now(ws, refusal.disconnect, s.close_timeout, request)
+        if request.transport is not None:
+            await close_ws(ws, request.transport, refusal.disconnect, s.close_timeout)
         return ws
 
     bp = node.settings.backpressure
@@ -126,12 +132,3 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         if conn.close_task is not None:
             await asyncio.shield(conn.close_task)
     return ws
-
-
-async def _close_now(ws: web.WebSocketResponse, reason: Disconnect, timeout: float, request: web.Request) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            await ws.close(code=reason.code, message=reason.message.encode(), drain=False)
-    except Exception:  # noqa: BLE001
-        if request.transport is not None:
-            request.transport.abort()
