@@ -378,20 +378,24 @@ class NatsBroker:
         channel = self._subjects.channel_of(msg.subject)
         if channel is None:
             return None
-        headers = msg.headers or {}
-        event = headers.get(EVENT_HEADER, DEFAULT_EVENT)
-        if EVENT_RE.fullmatch(event) is None:
-            event = DEFAULT_EVENT
         meta = msg.metadata
-        return Delivery(channel, meta.sequence.stream, 0, meta.timestamp.timestamp(), event, msg.data)
+        return Delivery(
+            channel, meta.sequence.stream, 0, meta.timestamp.timestamp(), _event(msg.headers or {}), msg.data
+        )
+
+
+def _event(headers: dict[str, str]) -> str:
+    """The message's event name; a malformed one (it would break SSE framing) is replaced."""
+    event = headers.get(EVENT_HEADER, DEFAULT_EVENT)
+    if event is not DEFAULT_EVENT and EVENT_RE.fullmatch(event) is None:
+        return DEFAULT_EVENT
+    return event
 
 
 def _decode(channel: str, data: bytes, headers: dict[str, str] | None) -> Delivery:
     if not headers:
         return Delivery(channel, 0, 0, time.time(), DEFAULT_EVENT, data)
-    event = headers.get(EVENT_HEADER, DEFAULT_EVENT)
-    if event is not DEFAULT_EVENT and EVENT_RE.fullmatch(event) is None:
-        event = DEFAULT_EVENT
+    event = _event(headers)
     seq_text = headers.get("Nats-Sequence")
     if seq_text is None:  # ephemeral: published straight to the live subject
         return Delivery(channel, 0, 0, time.time(), event, data)
