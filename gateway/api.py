@@ -16,43 +16,41 @@ from .keys import NODE
 async def publish(request: web.Request) -> web.Response:
     node = request.app[NODE]
     result = node.metrics.published
+
+    def refuse(status: int, error: str, message: str) -> web.Response:
+        result.labels(error).inc()  # the metric label is the error code
+        return json_error(status, error, message)
+
     key = node.settings.publish.key
     if not key:
-        result.labels("disabled").inc()
-        return json_error(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
+        return refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
     if not key_matches(request, key):
-        result.labels("unauthorized").inc()
-        return json_error(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
+        return refuse(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
     limit = node.settings.http.max_body
+    too_large = f"body larger than {limit} bytes"
     if request.content_length is not None and request.content_length > limit:
-        result.labels("too_large").inc()
-        return json_error(413, "too_large", f"body larger than {limit} bytes")
+        return refuse(413, "too_large", too_large)
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        result.labels("too_large").inc()
-        return json_error(413, "too_large", f"body larger than {limit} bytes")
+        return refuse(413, "too_large", too_large)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        result.labels("bad_request").inc()
-        return json_error(400, "bad_request", "body is not valid JSON")
+        return refuse(400, "bad_request", "body is not valid JSON")
     if not isinstance(doc, dict) or "data" not in doc:
-        result.labels("bad_request").inc()
-        return json_error(400, "bad_request", 'body must be {"channel": ..., "data": ..., "event"?: ...}')
+        return refuse(400, "bad_request", 'body must be {"channel": ..., "data": ..., "event"?: ...}')
     try:
         channel = parse_channel(doc.get("channel"))
         event = doc.get("event")
         if event is not None:
             check_event(event)
     except InvalidChannel as exc:
-        result.labels("bad_request").inc()
-        return json_error(400, "bad_request", str(exc))
+        return refuse(400, "bad_request", str(exc))
     try:
         seq = await node.broker.publish(channel, orjson.dumps(doc["data"]), event)
     except BrokerUnavailable as exc:
-        result.labels("unavailable").inc()
-        return json_error(503, "unavailable", str(exc))
+        return refuse(503, "unavailable", str(exc))
     result.labels("ok").inc()
     return json_response({"id": str(seq)})
 

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from broker import BrokerUnavailable
-from broker.channels import InvalidChannel, check_event, check_id, parse_seq, room_channel
+from broker.channels import InvalidChannel, check_event, parse_seq, room_channel
 
 from .auth import AuthError
 from .node import Node
@@ -27,9 +27,9 @@ class CommandError(Exception):
 
 def _room(cmd: dict[str, Any]) -> tuple[str, str]:
     """The command's room id and its channel, validated."""
-    room = cmd.get("room")
     try:
-        return check_id("room", room), room_channel(room)  # type: ignore[arg-type]
+        channel = room_channel(cmd.get("room"))  # type: ignore[arg-type]
+        return channel[len("room:") :], channel
     except InvalidChannel as exc:
         raise CommandError("bad_request", str(exc)) from None
 
