@@ -1,6 +1,16 @@
 """Everything NATS: subjects, interest-counted subscriptions, the stream, publishing."""
 
-from .base import Broker, BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback
+from .base import (
+    Broker,
+    BrokerStats,
+    BrokerUnavailable,
+    Delivery,
+    DeliveryCallback,
+    History,
+    LossCallback,
+    Replay,
+    Retention,
+)
 from .channels import InvalidChannel
 
 __all__ = [
@@ -9,5 +19,9 @@ __all__ = [
     "BrokerUnavailable",
     "Delivery",
     "DeliveryCallback",
+    "History",
     "InvalidChannel",
+    "LossCallback",
+    "Replay",
+    "Retention",
 ]

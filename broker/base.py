@@ -25,6 +25,46 @@ class Delivery:
 
 
 DeliveryCallback = Callable[[Delivery], None]
+# Called with a channel whose live flow lost messages the broker could not
+# recover from the stream: its subscribers must be told (a reset).
+LossCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of one channel family a replay may hand out."""
+
+    max_msgs: int
+    max_age: float
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Retention per channel family; ``broadcast`` counts as a room."""
+
+    user: Retention = Retention(50, 7 * 86400.0)
+    room: Retention = Retention(1000, 86400.0)
+
+    def of(self, channel: str) -> Retention:
+        return self.user if channel.startswith("user:") else self.room
+
+    @property
+    def max_msgs(self) -> int:
+        return max(self.user.max_msgs, self.room.max_msgs)
+
+    @property
+    def max_age(self) -> float:
+        return max(self.user.max_age, self.room.max_age)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a replay found: the deliveries, oldest first, and the channels for
+    which messages after the position are no longer held (retention, or more
+    than the replay limit) — their subscribers must be told."""
+
+    deliveries: list[Delivery]
+    lost: frozenset[str] = frozenset()
 
 
 class BrokerUnavailable(Exception):
@@ -41,6 +81,10 @@ class BrokerStats:
     reconnects: int = 0
     slow_consumer_errors: int = 0
     malformed_messages: int = 0
+    gap_repairs: int = 0
+    gap_repaired_messages: int = 0
+    gaps_lost: int = 0
+    duplicates_dropped: int = 0
 
 
 class Broker(Protocol):
@@ -70,8 +114,17 @@ class Broker(Protocol):
         """Deliver to whoever is connected now; never stored, no sequence."""
         ...
 
-    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> list[Delivery]:
-        """Stored messages of ``channels`` with sequence > ``after_seq``, oldest first."""
+    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> Replay:
+        """Stored messages of ``channels`` with sequence > ``after_seq``, oldest
+        first, within each family's retention and at most ``limit`` (the newest)."""
+        ...
+
+    async def read_position(self, user: str) -> int:
+        """The user's read position (0 if never set), cluster-wide."""
+        ...
+
+    async def mark_read(self, user: str, seq: int) -> int:
+        """Move the read position forward to ``seq`` (never back); returns it."""
         ...
 
     def stats(self) -> BrokerStats: ...

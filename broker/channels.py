@@ -41,8 +41,11 @@ def check_event(value: object) -> str:
 
 
 def parse_seq(value: object) -> int:
-    """A stream position (``since``, ``Last-Event-ID``): ASCII digits only."""
-    if not isinstance(value, str) or SEQ_RE.fullmatch(value) is None:
+    """A stream position (``since``, ``Last-Event-ID``, ``read``): a string of
+    ASCII digits, or (from JSON) a non-negative integer below 2**63."""
+    if type(value) is int and 0 <= value < 2**63:
+        return value
+    if not isinstance(value, str) or SEQ_RE.fullmatch(value) is None or int(value) >= 2**63:
         raise InvalidChannel("a position must be a stream id (a string of digits)")
     return int(value)
 

@@ -16,28 +16,21 @@ from dataclasses import dataclass, field
 
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    DiscardPolicy,
-    RePublish,
-    StorageType,
-    StreamConfig,
-)
+from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
 
-from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback
-from .channels import DEFAULT_EVENT, EVENT_RE, Subjects
+from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback, History, LossCallback, Replay
+from .channels import DEFAULT_EVENT, Subjects
+from .dispatch import DispatchingClient
+from .history import retain, stream_cap
 from .interest import Interest
+from .sequencer import Sequencer
+from .store import EVENT_HEADER, ReadPositions, event_of, first_sequence, read_stored
 from .timestamps import parse_rfc3339
 
 log = logging.getLogger("herald.broker")
 
-EVENT_HEADER = "Herald-Event"
 # Interest key of the shared user subscription; never a valid channel name.
 ALL_USERS = "user:*"
 
@@ -52,8 +45,7 @@ class NatsConfig:
     stream: str = "HERALD"
     replicas: int = 1
     storage: str = "file"
-    max_msgs_per_subject: int = 1000
-    max_age: float = 7 * 86400.0
+    history: History = field(default_factory=History)
     max_bytes: int = -1
     publish_timeout: float = 5.0
     unsubscribe_delay: float = 1.0
@@ -63,21 +55,31 @@ class NatsConfig:
     # (each costs nats-py a task and a queue, ~5 KiB): for nodes that serve
     # most of the users, at the price of receiving every user's messages.
     shared_user_subscription: bool = False
+    # Bounds of a replay: seconds it may take, messages a gap repair may fetch.
+    replay_timeout: float = 10.0
+    max_repair: int = 10_000
 
 
 class NatsBroker:
     """Broker over a NATS cluster with JetStream. See ``broker.base.Broker``."""
 
-    def __init__(self, config: NatsConfig, on_delivery: DeliveryCallback) -> None:
+    def __init__(self, config: NatsConfig, on_delivery: DeliveryCallback, on_loss: LossCallback | None = None) -> None:
         self._config = config
         self._subjects = config.subjects
-        self._on_delivery = on_delivery
-        self._nc: NatsClient | None = None
+        self._nc: DispatchingClient | None = None
         self._js: JetStreamContext | None = None
         self._subs: dict[str, Subscription] = {}
         self._interest = Interest(self._subscribe, self._unsubscribe, config.unsubscribe_delay)
         self._stats = BrokerStats()
+        self._sequencer = Sequencer(
+            on_delivery, on_loss or _ignore_loss, self._fetch, self._stats, max_repair=config.max_repair
+        )
+        self._push = self._sequencer.push
+        # Channels wanted (reference counted): the ones whose flow is kept gap-free.
+        self._wanted: dict[str, int] = {}
+        self._reads = ReadPositions(f"{config.stream}_read")
         self._stream_ready = False
+        self._stream_created: float | None = None
         self._closing = False
         self._last_error_log = 0.0
         self._suppressed_errors = 0
@@ -96,7 +98,7 @@ class NatsBroker:
     async def start(self, manage_stream: bool = True) -> None:
         """Connect; create or update the stream unless ``manage_stream`` is False
         (short-lived publishers must not rewrite the nodes' stream limits)."""
-        nc = NatsClient()
+        nc = DispatchingClient()
         urls = list(self._config.urls)
         try:
             # max_reconnect_attempts=-1 would retry the first connect forever:
@@ -136,8 +138,8 @@ class NatsBroker:
             subjects=self._subjects.stream_subjects(),
             storage=StorageType.MEMORY if c.storage == "memory" else StorageType.FILE,
             num_replicas=c.replicas,
-            max_msgs_per_subject=c.max_msgs_per_subject,
-            max_age=c.max_age,
+            max_msgs_per_subject=stream_cap(c.history),
+            max_age=c.history.max_age,
             max_bytes=c.max_bytes,
             discard=DiscardPolicy.OLD,
             allow_direct=True,
@@ -152,17 +154,22 @@ class NatsBroker:
                 await self._js.stream_info(config.name or "")
             except nats.js.errors.NotFoundError:
                 try:
-                    await self._js.add_stream(config)
+                    info = await self._js.add_stream(config)
                     log.info("created stream %s", config.name)
-                    return self._ready()
                 except nats.js.errors.BadRequestError:
-                    pass  # another node created it meanwhile: update below
-            await self._js.update_stream(config)
+                    info = await self._js.update_stream(config)  # another node created it meanwhile
+            else:
+                info = await self._js.update_stream(config)
+            await self._reads.ensure(self._js, self._config.replicas, self._config.storage)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"cannot create or update stream {config.name}: {exc}") from None
-        self._ready()
-
-    def _ready(self) -> None:
+        # A stream created anew (a NATS store lost, or deleted by hand) numbers
+        # from 1 again: what the sequencer knows of the old one no longer holds.
+        created = info.created.timestamp() if info.created else 0.0
+        if self._stream_created is not None and created != self._stream_created:
+            log.warning("stream %s was recreated: its sequence starts over", config.name)
+            self._sequencer.restart()
+        self._stream_created = created
         self._stream_ready = True
 
     async def close(self) -> None:
@@ -178,6 +185,7 @@ class NatsBroker:
             await asyncio.wait_for(nc.flush(1), timeout=1.5)
         for task in self._tasks:
             task.cancel()
+        self._sequencer.close()
         await _close_quietly(nc)
 
     def stats(self) -> BrokerStats:
@@ -202,6 +210,8 @@ class NatsBroker:
     async def _on_disconnected(self) -> None:
         # The server we come back to may have lost the stream: not ready until checked.
         self._stream_ready = False
+        # Live messages wait until the stream is checked and the gap caught up.
+        self._sequencer.pause()
         if not self._closing:
             log.warning("disconnected from NATS; reconnecting")
 
@@ -218,6 +228,8 @@ class NatsBroker:
         while not self._closing and self.connected:
             try:
                 await self._ensure_stream()
+                # What the held channels missed while disconnected, then the live flow.
+                self._sequencer.catch_up()
                 return
             except BrokerUnavailable as exc:
                 self._stream_ready = False
@@ -237,8 +249,18 @@ class NatsBroker:
 
     async def want(self, channel: str) -> None:
         await self._interest.want(self._interest_key(channel))
+        count = self._wanted.get(channel, 0)
+        self._wanted[channel] = count + 1
+        if not count:
+            self._sequencer.track(channel)
 
     async def unwant(self, channel: str) -> None:
+        count = self._wanted.get(channel, 0)
+        if count <= 1:
+            self._wanted.pop(channel, None)
+            self._sequencer.untrack(channel)
+        else:
+            self._wanted[channel] = count - 1
         await self._interest.unwant(self._interest_key(channel))
 
     async def _subscribe(self, channel: str) -> None:
@@ -256,57 +278,57 @@ class NatsBroker:
         self._subs[channel] = sub
 
     async def _open_subscription(self, channel: str) -> Subscription:
-        assert self._nc is not None
+        nc = self._nc
+        assert nc is not None
         handle = self._handle
-        subject = self._subjects.live_subject(channel) if channel != ALL_USERS else self._subjects.live_family("user")
+        if channel == ALL_USERS:
+            channel_of = self._subjects.channel_of
 
-        async def on_message(msg: Msg) -> None:
-            handle(channel, msg)
+            def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+                handle(channel_of(subject.decode()), data, headers)
 
-        async def on_user_message(msg: Msg) -> None:
-            handle(self._subjects.channel_of(msg.subject), msg)
+            sub = await nc.subscribe_direct(self._subjects.live_family("user"), on_message)
+        else:
 
-        sub = await self._nc.subscribe(
-            subject,
-            cb=on_message if channel != ALL_USERS else on_user_message,
-            pending_msgs_limit=self._config.pending_msgs_limit,
-            pending_bytes_limit=self._config.pending_bytes_limit,
-        )
+            def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+                handle(channel, data, headers)
+
+            sub = await nc.subscribe_direct(self._subjects.live_subject(channel), on_message)
         # Round trip, so the server has the interest once want() returns: a
         # client told its channels are live can rely on it.
         try:
-            await self._nc.flush(timeout=max(1, int(self._config.publish_timeout)))
+            await nc.flush(timeout=max(1, int(self._config.publish_timeout)))
         except (TimeoutError, nats.errors.Error) as exc:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await nc.unsubscribe_direct(sub)
             raise BrokerUnavailable(f"subscribe not confirmed: {exc.__class__.__name__}") from None
         return sub
 
     def _discard_opened(self, opening: asyncio.Future[Subscription]) -> None:
         if opening.cancelled() or opening.exception() is not None:
             return
-        task = asyncio.get_running_loop().create_task(opening.result().unsubscribe())
+        assert self._nc is not None
+        task = asyncio.get_running_loop().create_task(self._nc.unsubscribe_direct(opening.result()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _unsubscribe(self, channel: str) -> None:
         sub = self._subs.pop(channel, None)
-        if sub is not None:
+        if sub is not None and self._nc is not None:
             with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+                await self._nc.unsubscribe_direct(sub)
 
-    def _handle(self, channel: str | None, msg: Msg) -> None:
+    def _handle(self, channel: str | None, data: bytes, headers: dict[str, str] | None) -> None:
         self._stats.messages_received += 1
         if channel is None:  # a live subject we cannot map (not published by the stream)
             self._stats.malformed_messages += 1
             return
-        headers = msg.headers
         try:
-            delivery = _decode(channel, msg.data, headers)
+            delivery = _decode(channel, data, headers)
         except (ValueError, KeyError):
             self._stats.malformed_messages += 1
             return
-        self._on_delivery(delivery)
+        self._push(delivery)
 
     # -- publishing -----------------------------------------------------------
 
@@ -331,71 +353,62 @@ class NatsBroker:
         headers = {EVENT_HEADER: event} if event else None
         await self._nc.publish(self._subjects.live_subject(channel), payload, headers=headers)
 
-    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> list[Delivery]:
-        """Stored messages of ``channels`` after ``after_seq``, oldest first, at
-        most ``limit``: an ephemeral pull consumer filtered to their subjects,
-        read until it has nothing pending, then deleted."""
+    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> Replay:
+        c = self._config
+        read_limit = len(channels) * stream_cap(c.history)  # all the stream holds for them
+        try:
+            async with asyncio.timeout(c.replay_timeout):
+                if after_seq > 0:
+                    found, first = await asyncio.gather(
+                        self._fetch(channels, after_seq, read_limit), first_sequence(self._jetstream(), c.stream)
+                    )
+                else:
+                    found, first = await self._fetch(channels, after_seq, read_limit), 0
+        except TimeoutError:
+            raise BrokerUnavailable(f"replay took longer than {c.replay_timeout:g}s") from None
+        # Messages after the position that the stream dropped as a whole (age,
+        # size): any of these channels may have had some.
+        evicted = channels if after_seq + 1 < first else ()
+        return retain(found, c.history, limit, time.time(), evicted)
+
+    def _jetstream(self) -> JetStreamContext:
         if self._js is None or self._nc is None or not self.connected:
             raise BrokerUnavailable("NATS is not connected")
-        js, subjects = self._js, self._subjects
-        name = self._nc._nuid.next().decode()
-        filters = [subjects.input_subject(c) for c in channels]
-        config = ConsumerConfig(
-            name=name,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=after_seq + 1,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=30.0,
-            mem_storage=True,
-            num_replicas=1,
-            **({"filter_subject": filters[0]} if len(filters) == 1 else {"filter_subjects": filters}),
-        )
-        found: list[Delivery] = []
-        try:
-            info = await js.add_consumer(self._config.stream, config=config)
-            pending = min(int(info.num_pending or 0), limit)
-            if pending:
-                sub = await js.pull_subscribe_bind(name, stream=self._config.stream)
-                try:
-                    while len(found) < pending:
-                        batch = await sub.fetch(min(500, pending - len(found)), timeout=self._config.publish_timeout)
-                        for msg in batch:
-                            delivery = self._stored(msg)
-                            if delivery is not None:
-                                found.append(delivery)
-                            if msg.metadata.num_pending == 0:
-                                pending = len(found)
-                finally:
-                    await sub.unsubscribe()
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise BrokerUnavailable(f"replay failed: {exc.__class__.__name__}") from None
-        finally:
-            with contextlib.suppress(Exception):
-                await js.delete_consumer(self._config.stream, name)
-        return found
+        return self._js
 
-    def _stored(self, msg: Msg) -> Delivery | None:
-        channel = self._subjects.channel_of(msg.subject)
-        if channel is None:
-            return None
-        meta = msg.metadata
-        return Delivery(
-            channel, meta.sequence.stream, 0, meta.timestamp.timestamp(), _event(msg.headers or {}), msg.data
+    async def _fetch(self, channels: Sequence[str], after_seq: int, limit: int) -> list[Delivery]:
+        """Stored messages of ``channels`` after ``after_seq``, oldest first, at most ``limit``."""
+        js = self._jetstream()
+        assert self._nc is not None
+        subjects = self._subjects
+        return await read_stored(
+            js,
+            self._config.stream,
+            [subjects.input_subject(c) for c in channels],
+            after_seq,
+            limit,
+            self._nc._nuid.next().decode(),
+            subjects.channel_of,
+            self._config.publish_timeout,
         )
 
+    async def read_position(self, user: str) -> int:
+        self._jetstream()
+        return await self._reads.get(user)
 
-def _event(headers: dict[str, str]) -> str:
-    """The message's event name; a malformed one (it would break SSE framing) is replaced."""
-    event = headers.get(EVENT_HEADER, DEFAULT_EVENT)
-    if event is not DEFAULT_EVENT and EVENT_RE.fullmatch(event) is None:
-        return DEFAULT_EVENT
-    return event
+    async def mark_read(self, user: str, seq: int) -> int:
+        self._jetstream()
+        return await self._reads.advance(user, seq)
+
+
+def _ignore_loss(channel: str) -> None:
+    pass
 
 
 def _decode(channel: str, data: bytes, headers: dict[str, str] | None) -> Delivery:
     if not headers:
         return Delivery(channel, 0, 0, time.time(), DEFAULT_EVENT, data)
-    event = _event(headers)
+    event = event_of(headers)
     seq_text = headers.get("Nats-Sequence")
     if seq_text is None:  # ephemeral: published straight to the live subject
         return Delivery(channel, 0, 0, time.time(), event, data)
@@ -410,7 +423,7 @@ def _decode(channel: str, data: bytes, headers: dict[str, str] | None) -> Delive
     )
 
 
-async def _close_quietly(nc: NatsClient) -> None:
+async def _close_quietly(nc: DispatchingClient) -> None:
     # Best effort on a half-open client: whatever it raises, it is gone.
     with contextlib.suppress(Exception):
         await asyncio.wait_for(nc.close(), timeout=2.0)

@@ -6,14 +6,19 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback
+from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback, History, Replay
 from .channels import DEFAULT_EVENT
+from .history import retain
 from .interest import Interest
 
 
 class MemoryBroker:
-    def __init__(self, on_delivery: DeliveryCallback, unsubscribe_delay: float = 0.0) -> None:
+    def __init__(
+        self, on_delivery: DeliveryCallback, unsubscribe_delay: float = 0.0, history: History | None = None
+    ) -> None:
         self._on_delivery = on_delivery
+        self._history = history or History()
+        self._reads: dict[str, int] = {}
         self._log: list[Delivery] = []
         self._last_on_channel: dict[str, int] = {}
         self._subscribed: set[str] = set()
@@ -70,10 +75,20 @@ class MemoryBroker:
         self._check()
         self._emit(Delivery(channel, 0, 0, time.time(), event or DEFAULT_EVENT, payload))
 
-    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> list[Delivery]:
+    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> Replay:
+        self._check()
         wanted = set(channels)
         found = [d for d in self._log[after_seq:] if d.channel in wanted]
-        return found[:limit]
+        return retain(found, self._history, limit, time.time())
+
+    async def read_position(self, user: str) -> int:
+        self._check()
+        return self._reads.get(user, 0)
+
+    async def mark_read(self, user: str, seq: int) -> int:
+        self._check()
+        position = self._reads[user] = max(seq, self._reads.get(user, 0))
+        return position
 
     def stats(self) -> BrokerStats:
         self._stats.connected = self.available

@@ -71,7 +71,7 @@ class Commands:
         kind = cmd.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
-            if kind in ("presence", "read"):
+            if kind == "presence":
                 self.error(session, ref, "unsupported", f"{kind} is not available on this node yet")
             else:
                 self.error(session, ref, "unknown_command", "unknown command type")
@@ -147,6 +147,16 @@ class Commands:
                 await self.node.hub.leave(session, channel)
         self.ack(session, ref, channels=sorted(session.channels))
 
+    async def read(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+        """Move the user's read position (cluster-wide, forward only) to ``id``."""
+        try:
+            seq = parse_seq(cmd.get("id"))
+        except InvalidChannel as exc:
+            raise CommandError("bad_request", str(exc)) from None
+        position = await self.node.broker.mark_read(session.user, seq)
+        self.node.metrics.read_marks.inc()
+        self.ack(session, ref, id=str(position))
+
     async def ping(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
         frame: dict[str, Any] = {"type": "pong"}
         if ref is not None:
@@ -160,5 +170,6 @@ _HANDLERS: dict[str, Handler] = {
     "unsubscribe": Commands.unsubscribe,
     "publish": Commands.publish,
     "refresh": Commands.refresh,
+    "read": Commands.read,
     "ping": Commands.ping,
 }

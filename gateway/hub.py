@@ -6,7 +6,10 @@ and queues the same bytes to every local recipient; it never awaits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from broker import Broker, Delivery
+from broker.channels import client_name
 
 from .auth import glob_match
 from .session import Session
@@ -19,6 +22,7 @@ class Hub:
         self._drop_oldest_rooms = drop_oldest_rooms
         self._drop_oldest_all = drop_oldest_all
         self._droppable: dict[str, bool] = {}
+        self.on_reset: Callable[[int], None] | None = None
 
     def droppable(self, channel: str) -> bool:
         """Whether a full queue may drop this channel's messages (drop-oldest)."""
@@ -39,15 +43,30 @@ class Hub:
         droppable = self.droppable(d.channel)
         encoded: dict[str, bytes] = {}
         ts = d.ts
+        seq = d.seq
         for session in sessions:
             if session.held is not None:
-                session.held.append(d)
+                session.hold(d)
                 continue
+            floors = session.floors
+            if floors is not None and seq and seq <= floors.get(d.channel, 0):
+                continue  # a gap repair re-sent what this session's replay gave it
             codec = session.codec
             frame = encoded.get(codec.name)
             if frame is None:
                 frame = encoded[codec.name] = codec.message(d)
             session.outbound.push(frame, ts, droppable)
+
+    def lost(self, channel: str) -> None:
+        """The broker could not recover messages of ``channel``: tell its sessions."""
+        sessions = self._index.get(channel)
+        if not sessions:
+            return
+        frame = {"type": "reset", "channel": client_name(channel), "reason": "messages were lost in transit"}
+        for session in sessions:
+            session.send(frame)
+        if self.on_reset is not None:
+            self.on_reset(len(sessions))
 
     async def join(self, session: Session, channel: str) -> None:
         if channel in session.channels:

@@ -67,6 +67,13 @@ class Metrics:
         )
         self.dropped = Counter("herald_messages_dropped", "Messages not delivered, by reason", ["reason"], registry=r)
         self.replayed = Counter("herald_replayed_messages", "Messages delivered from the stream on resume", registry=r)
+        self.resets = Counter(
+            "herald_resets",
+            "Reset frames sent: messages a client missed are no longer held (history) or were lost live (gap)",
+            ["reason"],
+            registry=r,
+        )
+        self.read_marks = Counter("herald_read_marks", "Read positions stored (read command)", registry=r)
         self.auth_failures = Counter("herald_auth_failures", "Refused tokens, by reason", ["reason"], registry=r)
         self.published = Counter(
             "herald_api_publishes", "Publishes through the HTTP API, by result", ["result"], registry=r
@@ -79,6 +86,8 @@ class Metrics:
         for t in TRANSPORTS:
             self.closed.labels(t, "client_closed")
         self.published.labels("ok")
+        self.resets_history = self.resets.labels("history")
+        self.resets_gap = self.resets.labels("gap")
 
     def watch_queue_bytes(self, total: Callable[[], float]) -> None:
         self.queue_bytes.set_function(total)
@@ -135,6 +144,18 @@ class _BrokerCollector(Collector):
         )
         yield CounterMetricFamily(
             "herald_nats_malformed_messages", "Live messages that could not be decoded", value=s.malformed_messages
+        )
+        yield CounterMetricFamily(
+            "herald_gap_repairs", "Gaps in a channel's live flow fetched back from the stream", value=s.gap_repairs
+        )
+        yield CounterMetricFamily(
+            "herald_gap_repaired_messages", "Messages recovered by gap repair", value=s.gap_repaired_messages
+        )
+        yield CounterMetricFamily(
+            "herald_gaps_lost", "Channel gaps that could not be repaired (subscribers got a reset)", value=s.gaps_lost
+        )
+        yield CounterMetricFamily(
+            "herald_duplicates_dropped", "Live messages dropped as already delivered", value=s.duplicates_dropped
         )
 
     def describe(self) -> Iterator[Metric]:

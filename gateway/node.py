@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from broker import Broker, DeliveryCallback
+from broker import Broker, DeliveryCallback, History, LossCallback, Retention
 from broker.channels import Subjects
 from broker.jetstream import NatsBroker, NatsConfig
 
@@ -23,7 +23,7 @@ from .settings import Settings
 
 log = logging.getLogger("herald.node")
 
-BrokerFactory = Callable[[DeliveryCallback], Broker]
+BrokerFactory = Callable[[DeliveryCallback, LossCallback], Broker]
 
 
 def nats_config(settings: Settings) -> NatsConfig:
@@ -38,14 +38,15 @@ def nats_config(settings: Settings) -> NatsConfig:
         stream=settings.stream.name,
         replicas=settings.stream.replicas,
         storage=settings.stream.storage,
-        max_msgs_per_subject=max(h.user_max, h.room_max),
-        max_age=max(h.user_max_age, h.room_max_age),
+        history=History(Retention(h.user_max, h.user_max_age), Retention(h.room_max, h.room_max_age)),
         max_bytes=settings.stream.max_bytes,
         publish_timeout=n.publish_timeout,
         unsubscribe_delay=n.unsubscribe_delay,
         pending_msgs_limit=n.pending_msgs_limit,
         pending_bytes_limit=n.pending_bytes_limit,
         shared_user_subscription=n.user_subscriptions == "shared",
+        replay_timeout=h.replay_timeout,
+        max_repair=h.replay_max,
     )
 
 
@@ -73,9 +74,10 @@ class Node:
         self.auth = Authenticator(settings.jwt)
         bp = settings.backpressure
         self.hub = Hub(bp.drop_oldest_rooms, drop_oldest_all=bp.policy == "drop-oldest")
-        factory = broker_factory or (lambda cb: NatsBroker(nats_config(settings), cb))
-        self.broker: Broker = factory(self.hub.deliver)
+        factory = broker_factory or (lambda deliver, lose: NatsBroker(nats_config(settings), deliver, lose))
+        self.broker: Broker = factory(self.hub.deliver, self.hub.lost)
         self.hub.broker = self.broker
+        self.hub.on_reset = self.metrics.resets_gap.inc
         self.flusher = Flusher(self.metrics.dropped_queue_full.inc)
         self.limits = QueueLimits(bp.max_bytes, bp.max_messages, bp.write_buffer, bp.stall_timeout)
         self.sessions: set[Session] = set()

@@ -62,6 +62,7 @@ class Outbound:
         "_flusher",
         "_limits",
         "_metrics",
+        "_room",
         "_scheduled",
         "_waiter",
         "_wire",
@@ -90,8 +91,13 @@ class Outbound:
         self._wire_bytes = 0
         self._scheduled = False
         self._waiter: asyncio.Task[None] | None = None
+        self._room: asyncio.Future[None] | None = None
         self.closed = False
         self.on_overflow = on_overflow  # called with stalled=False (full) / True (no progress)
+
+    @property
+    def limits(self) -> QueueLimits:
+        return self._limits
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -223,7 +229,9 @@ class Outbound:
                     self.on_overflow(True)
                     return
                 before = self.bytes
-                if not self.flush(time.time()):
+                more = self.flush(time.time())
+                self._wake_room()
+                if not more:
                     return
                 if self.bytes < before:
                     deadline = loop.time() + stall  # the peer is reading
@@ -237,11 +245,29 @@ class Outbound:
             pass  # the connection is gone; its handler ends the session
         finally:
             self._waiter = None
+            self._wake_room()
+
+    async def room(self, max_bytes: int, max_messages: int) -> None:
+        """Wait until at most ``max_bytes`` and ``max_messages`` are queued here
+        (or the queue is closed): how a replay paces itself to the client."""
+        while not self.closed and (self.bytes > max_bytes or len(self._entries) > max_messages):
+            if self._waiter is None:
+                # The flusher writes first; what does not fit starts the waiter.
+                await asyncio.sleep(0.001)
+                continue
+            self._room = room = asyncio.get_running_loop().create_future()
+            await room
+
+    def _wake_room(self) -> None:
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
     def close(self) -> None:
         self.closed = True
         self._entries.clear()
         self.bytes = 0
+        self._wake_room()
         waiter = self._waiter
         if waiter is not None and waiter is not asyncio.current_task():
             waiter.cancel()

@@ -1,9 +1,10 @@
-"""Opening a session on its channels, and resuming from a position.
+"""Opening a session on its channels, resuming from a position, the inbox.
 
-Live deliveries are held aside while a session joins its channels (and, with a
-position, while the stream replays what it missed); they are released after —
-only those the replay did not already cover — so the client sees its first
-frame first, then each message once, in order.
+Live deliveries are held aside while a session joins its channels and the
+stream replays what it missed; they are released after — only those the replay
+did not already cover — so the client sees its first frame first, then each
+message once, in order. A replay is paced to the client: it queues a slice,
+waits for the socket to take it, and so stays within the backpressure limits.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from broker import Replay
+from broker.channels import client_name, user_channel
+
 from .node import Node
 from .session import Session
-
-# Replay at most this many messages per resume; a longer gap gets a reset frame.
-MAX_REPLAY = 10_000
 
 
 def hold(session: Session) -> None:
@@ -26,49 +27,98 @@ def hold(session: Session) -> None:
 async def attach(
     node: Node, session: Session, channels: Sequence[str], since: int | None, first: dict[str, Any] | None = None
 ) -> None:
-    """Join a new session's channels, then send ``first`` (the welcome frame),
-    then what it missed since ``since`` if given, then the live flow. Sent after
-    the joins, ``first`` tells the client its channels are live."""
+    """Join a new session's channels, then send ``first`` (the welcome frame,
+    completed with ``unread``), then what it missed since ``since`` — or,
+    without a position, its user's unread messages — then the live flow. Sent
+    after the joins, ``first`` tells the client its channels are live."""
     hold(session)
     try:
         for channel in channels:
             await node.hub.join(session, channel)
+        replay, unread = await _opening_replay(node, session, channels, since)
         if first is not None:
+            if unread is not None:
+                first["unread"] = unread
             session.send(first)
     except BaseException:
         session.held = None
         raise
-    if since is not None:
-        await resume(node, session, channels, since)
-    else:
-        release(node, session)
+    await _send(node, session, replay)
     session.opened()
 
 
-def release(node: Node, session: Session, after: int = 0, replayed: Sequence[str] = ()) -> None:
-    """Queue the held live deliveries, skipping those of the ``replayed``
-    channels at or below ``after`` (the replay sent them already)."""
-    held, session.held = session.held or [], None
-    wanted = set(replayed)
-    for d in held:
-        if d.seq == 0 or d.seq > after or d.channel not in wanted:
-            session.outbound.push(session.codec.message(d), d.ts, node.hub.droppable(d.channel))
+async def _opening_replay(
+    node: Node, session: Session, channels: Sequence[str], since: int | None
+) -> tuple[Replay | None, int | None]:
+    """What a new session is sent before the live flow, and its unread count."""
+    history = node.settings.history
+    broker = node.broker
+    if not history.inbox:
+        replay = None if since is None else await broker.replay(channels, since, history.replay_max)
+        return replay, None
+    user = user_channel(session.user)
+    read = await broker.read_position(session.user)
+    if since is None:
+        replay = await broker.replay((user,), read, history.replay_max)
+        return replay, len(replay.deliveries)
+    replay = await broker.replay(channels, since, history.replay_max)
+    if read >= since:
+        unread = sum(1 for d in replay.deliveries if d.channel == user and d.seq > read)
+    else:
+        unread = len((await broker.replay((user,), read, history.user_max)).deliveries)
+    return replay, unread
 
 
 async def resume(node: Node, session: Session, channels: Sequence[str], since: int) -> None:
+    """Replay ``channels`` after ``since`` into an open session, then go on live."""
     hold(session)
-    last = since
     try:
-        replayed = await node.broker.replay(channels, since, MAX_REPLAY + 1)
-        codec = session.codec
-        if len(replayed) > MAX_REPLAY:
-            # Loss is never silent: the client must refetch its state.
-            session.send({"type": "reset", "reason": f"more than {MAX_REPLAY} messages missed"})
-            replayed = replayed[-MAX_REPLAY:]
-        for d in replayed:
-            session.outbound.push(codec.message(d), -1.0)
-            last = d.seq
-        if replayed:
-            node.metrics.replayed.inc(len(replayed))
+        replay = await node.broker.replay(channels, since, node.settings.history.replay_max)
+    except BaseException:
+        release(node, session)
+        raise
+    await _send(node, session, replay)
+
+
+async def _send(node: Node, session: Session, replay: Replay | None) -> None:
+    """Resets first, then the replayed messages, paced; then the held live ones."""
+    try:
+        if replay is not None:
+            await _send_replay(node, session, replay)
     finally:
-        release(node, session, last, channels)
+        release(node, session)
+
+
+async def _send_replay(node: Node, session: Session, replay: Replay) -> None:
+    for channel in sorted(replay.lost):
+        # Loss is never silent: the client must refetch this channel's state.
+        session.send({"type": "reset", "channel": client_name(channel), "reason": "messages missed are no longer held"})
+        node.metrics.resets_history.inc()
+    deliveries = replay.deliveries
+    if not deliveries:
+        return
+    floors = session.floors if session.floors is not None else {}
+    session.floors = floors
+    limits = session.outbound.limits
+    max_bytes, max_messages = limits.max_bytes // 4, max(1, limits.max_messages // 4)
+    codec, outbound = session.codec, session.outbound
+    sent = 0
+    for d in deliveries:
+        if outbound.bytes > max_bytes or len(outbound) > max_messages:
+            await outbound.room(max_bytes, max_messages)
+        if not session.active:
+            break
+        outbound.push(codec.message(d), -1.0)
+        floors[d.channel] = d.seq
+        sent += 1
+    node.metrics.replayed.inc(sent)
+
+
+def release(node: Node, session: Session) -> None:
+    """Queue the held live deliveries, skipping those a replay sent already."""
+    held, session.held = session.held or [], None
+    floors = session.floors or {}
+    droppable = node.hub.droppable
+    for d in held:
+        if not d.seq or d.seq > floors.get(d.channel, 0):
+            session.outbound.push(session.codec.message(d), d.ts, droppable(d.channel))

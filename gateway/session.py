@@ -40,6 +40,7 @@ class Session:
         "channels",
         "codec",
         "disconnect",
+        "floors",
         "held",
         "id",
         "identity",
@@ -69,6 +70,9 @@ class Session:
         self.disconnect: Disconnect | None = None
         # Live deliveries held aside while a resume replays (see resume.py).
         self.held: list[Delivery] | None = None
+        # Per replayed channel, the last sequence the replay sent: live copies
+        # at or below it (a gap repair re-sending them) are skipped.
+        self.floors: dict[str, int] | None = None
         self._closer = closer
         self._expiry: asyncio.TimerHandle | None = None
         self.set_expiry(identity.expires)
@@ -92,6 +96,15 @@ class Session:
     def send(self, obj: dict[str, Any]) -> None:
         """Queue a control frame (welcome, ack, error, pong…)."""
         self.outbound.push(self.codec.control(obj))
+
+    def hold(self, d: Delivery) -> None:
+        """Keep a live delivery aside while a replay runs; as many as the queue
+        may hold, then the session is a slow consumer like any other."""
+        held = self.held
+        assert held is not None
+        held.append(d)
+        if len(held) > self.outbound.limits.max_messages:
+            self._on_overflow(False)
 
     def set_expiry(self, expires: float | None) -> None:
         self._cancel_expiry()

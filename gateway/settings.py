@@ -75,6 +75,11 @@ class HistorySettings:
     user_max_age: float = 7 * 86400.0
     room_max: int = 1000
     room_max_age: float = 86400.0
+    # A connection without a resume position first gets its user's unread messages.
+    inbox: bool = True
+    # Most messages one resume (or one gap repair) replays; the newest are kept.
+    replay_max: int = 10_000
+    replay_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,9 +309,9 @@ def validate(s: Settings) -> None:
     )
     _require(s.stream.replicas in (1, 3, 5), "stream.replicas", "must be 1, 3 or 5")
     _require(s.stream.storage in ("file", "memory"), "stream.storage", "must be file or memory")
-    for key in ("user_max", "room_max"):
+    for key in ("user_max", "room_max", "replay_max"):
         _require(getattr(s.history, key) >= 1, f"history.{key}", "must be >= 1")
-    for key in ("user_max_age", "room_max_age"):
+    for key in ("user_max_age", "room_max_age", "replay_timeout"):
         _require(getattr(s.history, key) > 0, f"history.{key}", "must be > 0 seconds")
     _require(not (s.jwt.secret and s.jwt.public_key), "jwt.secret", "set jwt.secret or jwt.public_key, not both")
     if s.jwt.public_key:

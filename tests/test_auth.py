@@ -765,7 +765,7 @@ async def test_bad_since_is_a_bad_request(since: str, node: RunningNode, http: a
 async def test_bad_since_in_subscribe_is_a_bad_request(node: RunningNode, http: aiohttp.ClientSession) -> None:
     ws, _ = await open_ws(http, node, token("alice"))
     await wait_for(lambda: node.node.broker.stats().subscriptions == 2)
-    for n, since in enumerate([*BAD_POSITIONS, 5, ["1"]]):
+    for n, since in enumerate([*BAD_POSITIONS, -5, 2**63, True, 1.5, ["1"]]):
         await ws.send_json({"type": "subscribe", "room": "lobby", "since": since, "ref": n})
         err = await recv_json(ws, timeout=2.0)
         assert (err["type"], err["code"], err["ref"]) == ("error", "bad_request", n), since

@@ -4,6 +4,7 @@ with the in-memory broker and a fake wire (no sockets, no nats-server)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import SimpleNamespace
@@ -12,9 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
-from broker import BrokerUnavailable, Delivery
+from broker import BrokerUnavailable, Delivery, Replay
 from broker.memory import MemoryBroker
-from gateway import resume as resume_module
 from gateway.auth import Identity
 from gateway.disconnect import SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
 from gateway.frames import SSE, WS, SseCodec, WsCodec
@@ -23,6 +23,7 @@ from gateway.metrics import Metrics
 from gateway.outbound import Flusher, QueueLimits
 from gateway.resume import resume
 from gateway.session import Session, State
+from gateway.settings import Settings
 
 LIMITS = QueueLimits(max_bytes=1 << 20, max_messages=1000, write_buffer=64 * 1024, stall_timeout=5.0)
 
@@ -111,7 +112,7 @@ class Env:
         self.metrics = Metrics()
         self.dropped: list[int] = []
         self.flusher = Flusher(self.dropped.append)
-        self.node = SimpleNamespace(broker=self.broker, metrics=self.metrics, hub=self.hub)
+        self.node = SimpleNamespace(broker=self.broker, metrics=self.metrics, hub=self.hub, settings=Settings())
         self.sessions: list[Session] = []
 
     def session(
@@ -524,7 +525,7 @@ class ReplayHook:
         self._before = before
         self.fail = False
 
-    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> list[Delivery]:
+    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> Replay:
         if self.fail:
             await settle()
             raise BrokerUnavailable("replay failed")
@@ -627,10 +628,9 @@ async def test_resume_of_one_channel_keeps_held_deliveries_of_other_channels(env
     assert got == {("room:b", "2"), ("room:a", "1")}
 
 
-async def test_resume_longer_than_max_replay_is_not_silently_truncated(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(resume_module, "MAX_REPLAY", 3)
+async def test_resume_longer_than_max_replay_is_not_silently_truncated(env: Env) -> None:
+    settings = Settings()
+    env.node.settings = dataclasses.replace(settings, history=dataclasses.replace(settings.history, replay_max=3))
     for i in range(1, 7):
         await env.broker.publish("room:a", b"%d" % i)  # seq 1..6, stored
     s, wire, _ = env.session()
@@ -639,7 +639,8 @@ async def test_resume_longer_than_max_replay_is_not_silently_truncated(
     await env.broker.publish("room:a", b"7")
     await settle()
     frames = ws_frames(wire.data)
-    assert frames[0]["type"] == "reset" or ids(wire) == [str(i) for i in range(1, 8)]
+    assert frames[0] == {"type": "reset", "channel": "room:a", "reason": "messages missed are no longer held"}
+    assert ids(wire) == ["4", "5", "6", "7"]  # the newest replay_max, then live
 
 
 # --- token expiry --------------------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""Reading the stream back, and the users' read positions (a KV bucket)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import Callable, Sequence
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from .base import BrokerUnavailable, Delivery
+from .channels import DEFAULT_EVENT, EVENT_RE
+
+EVENT_HEADER = "Herald-Event"
+FETCH_BATCH = 500
+
+
+def event_of(headers: dict[str, str]) -> str:
+    """The message's event name; a malformed one (it would break SSE framing) is replaced."""
+    event = headers.get(EVENT_HEADER, DEFAULT_EVENT)
+    if event is not DEFAULT_EVENT and EVENT_RE.fullmatch(event) is None:
+        return DEFAULT_EVENT
+    return event
+
+
+async def read_stored(
+    js: JetStreamContext,
+    stream: str,
+    filters: Sequence[str],
+    after_seq: int,
+    limit: int,
+    name: str,
+    channel_of: Callable[[str], str | None],
+    timeout: float,
+) -> list[Delivery]:
+    """Stored messages on ``filters`` after ``after_seq``, oldest first, at most
+    ``limit``: an ephemeral pull consumer (no acks) read until nothing is
+    pending, then deleted."""
+    config = ConsumerConfig(
+        name=name,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=after_seq + 1,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=30.0,
+        mem_storage=True,
+        num_replicas=1,
+        **({"filter_subject": filters[0]} if len(filters) == 1 else {"filter_subjects": list(filters)}),
+    )
+    found: list[Delivery] = []
+    try:
+        info = await js.add_consumer(stream, config=config)
+        pending = min(int(info.num_pending or 0), limit)
+        if pending:
+            sub = await js.pull_subscribe_bind(name, stream=stream)
+            try:
+                read = 0
+                while read < pending:
+                    batch = await sub.fetch(min(FETCH_BATCH, pending - read), timeout=timeout)
+                    for msg in batch:
+                        read += 1
+                        delivery = _stored(msg, channel_of)
+                        if delivery is not None:
+                            found.append(delivery)
+                        if msg.metadata.num_pending == 0:
+                            pending = read
+            finally:
+                await sub.unsubscribe()
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise BrokerUnavailable(f"reading the stream failed: {exc.__class__.__name__}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, name)
+    return found
+
+
+def _stored(msg: Msg, channel_of: Callable[[str], str | None]) -> Delivery | None:
+    channel = channel_of(msg.subject)
+    if channel is None:
+        return None
+    meta = msg.metadata
+    return Delivery(channel, meta.sequence.stream, 0, meta.timestamp.timestamp(), event_of(msg.headers or {}), msg.data)
+
+
+async def first_sequence(js: JetStreamContext, stream: str) -> int:
+    """The lowest sequence the stream still holds."""
+    try:
+        info = await js.stream_info(stream)
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise BrokerUnavailable(f"stream info failed: {exc.__class__.__name__}") from None
+    return int(info.state.first_seq or 0)
+
+
+def _key(user: str) -> str:
+    # User ids may hold ':', '@', '+', which KV keys may not.
+    return base64.urlsafe_b64encode(user.encode()).decode().rstrip("=")
+
+
+class ReadPositions:
+    """Each user's read position, cluster-wide: one KV key per user, moved
+    forward only (compare-and-set), so tabs racing each other never go back."""
+
+    def __init__(self, bucket: str) -> None:
+        self.bucket = bucket
+        self._kv: KeyValue | None = None
+
+    async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
+        try:
+            self._kv = await js.key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            self._kv = await js.create_key_value(
+                KeyValueConfig(
+                    bucket=self.bucket,
+                    description="Herald: read position per user",
+                    history=1,
+                    replicas=replicas,
+                    storage=StorageType.MEMORY if storage == "memory" else StorageType.FILE,
+                )
+            )
+
+    def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            raise BrokerUnavailable("read positions are not available yet")
+        return self._kv
+
+    async def get(self, user: str) -> int:
+        kv = self._bucket()
+        try:
+            entry = await kv.get(_key(user))
+        except nats.js.errors.NotFoundError:  # never set, or deleted
+            return 0
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerUnavailable(f"read position lookup failed: {exc.__class__.__name__}") from None
+        return int(entry.value or b"0")
+
+    async def advance(self, user: str, seq: int) -> int:
+        kv = self._bucket()
+        key = _key(user)
+        value = str(seq).encode()
+        try:
+            for _ in range(10):
+                try:
+                    entry = await kv.get(key)
+                except nats.js.errors.NotFoundError:  # never set, or deleted
+                    try:
+                        await kv.create(key, value)
+                        return seq
+                    except nats.js.errors.KeyWrongLastSequenceError:
+                        continue  # created meanwhile
+                current = int(entry.value or b"0")
+                if current >= seq:
+                    return current
+                try:
+                    await kv.update(key, value, last=entry.revision)
+                    return seq
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue  # another tab moved it meanwhile: look again
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerUnavailable(f"storing the read position failed: {exc.__class__.__name__}") from None
+        raise BrokerUnavailable("read position kept changing under us")
