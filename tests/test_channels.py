@@ -144,14 +144,37 @@ def test_parse_channel_refuses(name: str) -> None:
         parse_channel(name)
 
 
-@pytest.mark.parametrize(("text", "value"), [("0", 0), ("1042", 1042), (str(2**63 - 1), 2**63 - 1), ("007", 7), (5, 5), (0, 0)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("0", 0), ("1042", 1042), (str(2**63 - 1), 2**63 - 1), ("007", 7), (5, 5), (0, 0)]
+)
 def test_parse_seq_accepts(text: str, value: int) -> None:
     assert parse_seq(text) == value
 
 
 @pytest.mark.parametrize(
     "text",
-    ["", "-1", "+1", "1.5", " 1", "1 ", "1\n", "\u00b2", "\u0661", "\uff11", "1" * 21, "9" * 20, str(2**63), "0x10", None, -5, 2**63, True, 1.5, b"1"],
+    [
+        "",
+        "-1",
+        "+1",
+        "1.5",
+        " 1",
+        "1 ",
+        "1\n",
+        "\u00b2",
+        "\u0661",
+        "\uff11",
+        "1" * 21,
+        "9" * 20,
+        str(2**63),
+        "0x10",
+        None,
+        -5,
+        2**63,
+        True,
+        1.5,
+        b"1",
+    ],
     ids=repr,
 )
 def test_parse_seq_refuses(text: object) -> None:

@@ -21,7 +21,6 @@ from .helpers import (
     SseClient,
     make_settings,
     recv_json,
-    recv_until,
     scrape,
     start_node,
     token,
