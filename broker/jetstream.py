@@ -26,7 +26,7 @@ from .dispatch import DispatchingClient
 from .history import retain, stream_cap
 from .interest import Interest
 from .sequencer import Sequencer
-from .store import EVENT_HEADER, ReadPositions, event_of, first_sequence, read_stored
+from .store import EVENT_HEADER, ReadPositions, event_of, first_sequence, last_sequence, read_stored
 from .timestamps import parse_rfc3339
 
 log = logging.getLogger("herald.broker")
@@ -355,12 +355,22 @@ class NatsBroker:
 
     async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> Replay:
         c = self._config
+        js = self._jetstream()
         read_limit = len(channels) * stream_cap(c.history)  # all the stream holds for them
         try:
             async with asyncio.timeout(c.replay_timeout):
+                if len(channels) == 1:
+                    # One channel (the inbox, a subscribe): a direct get of its
+                    # last message usually shows there is nothing to read. Then
+                    # nothing after the position can have been evicted either
+                    # (eviction takes the oldest first).
+                    subject = self._subjects.input_subject(channels[0])
+                    last = await last_sequence(js, c.stream, subject)
+                    if last is not None and last <= after_seq:
+                        return Replay([])
                 if after_seq > 0:
                     found, first = await asyncio.gather(
-                        self._fetch(channels, after_seq, read_limit), first_sequence(self._jetstream(), c.stream)
+                        self._fetch(channels, after_seq, read_limit), first_sequence(js, c.stream)
                     )
                 else:
                     found, first = await self._fetch(channels, after_seq, read_limit), 0

@@ -52,7 +52,8 @@ class Sequencer:
         self._backlog: list[Delivery] | None = None
         self._pending: list[tuple[list[str], int]] = []
         self._task: asyncio.Task[None] | None = None
-        self.high = 0  # the highest sequence seen on the live path
+        self._paused = False
+        self.high = 0  # the highest sequence delivered
 
     @property
     def repairing(self) -> bool:
@@ -66,8 +67,6 @@ class Sequencer:
 
     def push(self, d: Delivery) -> None:
         """A live delivery, in the order NATS sent it."""
-        if d.seq > self.high:
-            self.high = d.seq
         backlog = self._backlog
         if backlog is not None and d.seq:
             backlog.append(d)
@@ -88,16 +87,20 @@ class Sequencer:
                     self._repair([d.channel], last, d)
                     return
                 self._last[d.channel] = seq
+            if seq > self.high:
+                self.high = seq
         self._deliver(d)
 
     def pause(self) -> None:
         """Hold live deliveries back (disconnected: until ``catch_up``)."""
+        self._paused = True
         if self._backlog is None:
             self._backlog = []
 
     def catch_up(self) -> None:
         """After a reconnect: fetch what every held channel missed meanwhile,
         then release what waited."""
+        self._paused = False
         channels = list(self._last)
         if channels and self.high:
             for i in range(0, len(channels), CATCH_UP_BATCH):
@@ -157,6 +160,8 @@ class Sequencer:
             if known is None or d.seq <= known:
                 continue  # no longer held, or delivered already
             last[d.channel] = d.seq
+            if d.seq > self.high:
+                self.high = d.seq
             repaired += 1
             self._deliver(d)
         self._stats.gap_repaired_messages += repaired
@@ -173,6 +178,8 @@ class Sequencer:
 
     def _release(self) -> None:
         """Deliver what waited, in order; a new gap in it starts another repair."""
+        if self._paused:
+            return  # until catch_up()
         backlog, self._backlog = self._backlog or [], None
         for i, d in enumerate(backlog):
             self._accept(d)

@@ -95,6 +95,17 @@ async def first_sequence(js: JetStreamContext, stream: str) -> int:
     return int(info.state.first_seq or 0)
 
 
+async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int | None:
+    """The last sequence stored on ``subject``: 0 if none, None if unknown."""
+    try:
+        msg = await js.get_msg(stream, subject=subject, direct=True)
+    except nats.js.errors.NotFoundError:
+        return 0
+    except (TimeoutError, nats.errors.Error, AttributeError, KeyError):
+        return None  # an old server without direct get, an odd reply: read the stream instead
+    return int(msg.seq or 0) or None
+
+
 def _key(user: str) -> str:
     # User ids may hold ':', '@', '+', which KV keys may not.
     return base64.urlsafe_b64encode(user.encode()).decode().rstrip("=")
