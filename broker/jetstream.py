@@ -72,7 +72,7 @@ class NatsBroker:
         self._interest = Interest(self._subscribe, self._unsubscribe, config.unsubscribe_delay)
         self._stats = BrokerStats()
         self._sequencer = Sequencer(
-            on_delivery, on_loss or _ignore_loss, self._fetch, self._stats, max_repair=config.max_repair
+            on_delivery, on_loss or _ignore_loss, self.replay, self._stats, max_repair=config.max_repair
         )
         self._push = self._sequencer.push
         # Channels wanted (reference counted): the ones whose flow is kept gap-free.
@@ -166,7 +166,9 @@ class NatsBroker:
         # A stream created anew (a NATS store lost, or deleted by hand) numbers
         # from 1 again: what the sequencer knows of the old one no longer holds.
         created = info.created.timestamp() if info.created else 0.0
-        if self._stream_created is not None and created != self._stream_created:
+        if self._stream_created is None:
+            self._sequencer.start_at(int(info.state.last_seq or 0))
+        elif created != self._stream_created:
             log.warning("stream %s was recreated: its sequence starts over", config.name)
             self._sequencer.restart()
         self._stream_created = created

@@ -16,12 +16,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback, LossCallback
+from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback, LossCallback, Replay
 
 log = logging.getLogger("herald.broker")
 
-# Fetch stored messages of channels after a sequence, oldest first, at most n.
-Fetch = Callable[[Sequence[str], int, int], Awaitable[list[Delivery]]]
+# Stored messages of channels after a sequence, oldest first, at most n (the
+# newest), and the channels for which some are no longer held: Broker.replay.
+Fetch = Callable[[Sequence[str], int, int], Awaitable[Replay]]
 
 # Channels per fetch when catching up after a reconnect (one consumer each).
 CATCH_UP_BATCH = 256
@@ -43,7 +44,7 @@ class Sequencer:
         self._lose = lose
         self._fetch = fetch
         self._stats = stats
-        self._max_repair = max_repair
+        self._max_repair = max_repair  # messages one repair may fetch; more is a reset
         self._max_backlog = max_backlog
         self._retry_wait = retry_wait
         self._attempts = attempts
@@ -58,6 +59,11 @@ class Sequencer:
     @property
     def repairing(self) -> bool:
         return self._backlog is not None
+
+    def start_at(self, seq: int) -> None:
+        """The stream's last sequence when the node starts: a catch-up after a
+        reconnect starts there if nothing was delivered live since."""
+        self.high = max(self.high, seq)
 
     def track(self, channel: str) -> None:
         self._last.setdefault(channel, 0)
@@ -102,7 +108,7 @@ class Sequencer:
         then release what waited."""
         self._paused = False
         channels = list(self._last)
-        if channels and self.high:
+        if channels:
             for i in range(0, len(channels), CATCH_UP_BATCH):
                 self._repair(channels[i : i + CATCH_UP_BATCH], self.high, None)
         if self._task is None:
@@ -141,21 +147,34 @@ class Sequencer:
 
     async def _repair_one(self, channels: list[str], after: int) -> None:
         self._stats.gap_repairs += 1
-        found: list[Delivery] | None = None
+        replay: Replay | None = None
         for attempt in range(self._attempts):
             try:
-                found = await self._fetch(channels, after, self._max_repair + 1)
+                # One more than the limit: the message that revealed the gap is not missing.
+                replay = await self._fetch(channels, after, self._max_repair + 1)
                 break
             except BrokerUnavailable as exc:
                 log.warning("gap repair of %d channel(s) after %d failed: %s", len(channels), after, exc)
                 if attempt + 1 < self._attempts:
                     await asyncio.sleep(self._retry_wait)
-        if found is None or len(found) > self._max_repair:
+        if replay is None:
             self._give_up(channels, after)
             return
-        repaired = 0
         last = self._last
-        for d in found:
+        for channel in sorted(replay.lost):
+            # Part of the gap is no longer held (or it is longer than max_repair).
+            if channel in last:
+                self._stats.gaps_lost += 1
+                self._lose(channel)
+        # Everything from the first waiting delivery on comes live (it was
+        # subscribed before that one was published): deliver only what is
+        # older, so the node's order holds across channels.
+        backlog = self._backlog
+        bound = backlog[0].seq if backlog else None
+        repaired = 0
+        for d in replay.deliveries:
+            if bound is not None and d.seq >= bound:
+                break
             known = last.get(d.channel)
             if known is None or d.seq <= known:
                 continue  # no longer held, or delivered already

@@ -153,7 +153,9 @@ class ReadPositions:
         key = _key(user)
         value = str(seq).encode()
         try:
-            for _ in range(10):
+            # Each conflict is another tab moving the position forward: it ends
+            # once ours is no longer ahead; the bound only guards against a bug.
+            for _ in range(1000):
                 try:
                     entry = await kv.get(key)
                 except nats.js.errors.NotFoundError:  # never set, or deleted
