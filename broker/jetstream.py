@@ -363,11 +363,15 @@ class NatsBroker:
             async with asyncio.timeout(c.replay_timeout):
                 if len(channels) == 1:
                     # One channel (the inbox, a subscribe): a direct get of its
-                    # last message usually shows there is nothing to read. Then
-                    # nothing after the position can have been evicted either
-                    # (eviction takes the oldest first).
+                    # last message usually shows there is nothing to read. If
+                    # one is held, nothing after the position was evicted either
+                    # (eviction takes the oldest first); if none is, the stream
+                    # may have dropped them all.
                     subject = self._subjects.input_subject(channels[0])
                     last = await last_sequence(js, c.stream, subject)
+                    if last == 0 and after_seq > 0:
+                        gone = after_seq + 1 < await first_sequence(js, c.stream)
+                        return Replay([], frozenset(channels) if gone else frozenset())
                     if last is not None and last <= after_seq:
                         return Replay([])
                 if after_seq > 0:

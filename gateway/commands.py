@@ -97,9 +97,10 @@ class Commands:
             limit = self.node.settings.limits.max_subscriptions
             if len(session.channels) - 2 >= limit:
                 raise CommandError("too_many_subscriptions", f"at most {limit} rooms per connection")
-            await self.node.hub.join(session, channel)
         if position is not None:
-            await resume(self.node, session, (channel,), position)
+            await resume(self.node, session, (channel,), position)  # joins, then replays
+        else:
+            await self.node.hub.join(session, channel)
         self.ack(session, ref, channel=channel)
 
     async def unsubscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:

@@ -79,7 +79,13 @@ class Node:
         self.hub.broker = self.broker
         self.hub.on_reset = self.metrics.resets_gap.inc
         self.flusher = Flusher(self.metrics.dropped_queue_full.inc)
-        self.limits = QueueLimits(bp.max_bytes, bp.max_messages, bp.write_buffer, bp.stall_timeout)
+        self.limits = QueueLimits(
+            bp.max_bytes,
+            bp.max_messages,
+            bp.write_buffer,
+            bp.stall_timeout,
+            max_held=max(bp.max_messages, settings.history.replay_max),
+        )
         self.sessions: set[Session] = set()
         self.draining = False
         self._ids = itertools.count(1)

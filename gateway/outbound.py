@@ -54,6 +54,9 @@ class QueueLimits:
     max_messages: int
     write_buffer: int
     stall_timeout: float
+    # Live deliveries a session may hold aside while a replay runs. They are
+    # references to deliveries every recipient shares, so this can be large.
+    max_held: int = 10_000
 
 
 class Outbound:

@@ -60,6 +60,11 @@ async def _opening_replay(
     read = await broker.read_position(session.user)
     if since is None:
         replay = await broker.replay((user,), read, history.replay_max)
+        if not replay.deliveries:
+            # Nothing unread is held: whatever expired unread did so by the
+            # inbox's own limits, and a reset on every connect of every idle
+            # user would only be noise.
+            return None, 0
         return replay, len(replay.deliveries)
     replay = await broker.replay(channels, since, history.replay_max)
     if read >= since:
@@ -70,9 +75,13 @@ async def _opening_replay(
 
 
 async def resume(node: Node, session: Session, channels: Sequence[str], since: int) -> None:
-    """Replay ``channels`` after ``since`` into an open session, then go on live."""
+    """Join ``channels`` on an open session and replay them after ``since``,
+    then go on live. Live deliveries are held from before the join: one that
+    arrives while joining is then sent once, in order, not before the replay."""
     hold(session)
     try:
+        for channel in channels:
+            await node.hub.join(session, channel)
         replay = await node.broker.replay(channels, since, node.settings.history.replay_max)
     except BaseException:
         release(node, session)

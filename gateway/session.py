@@ -98,12 +98,12 @@ class Session:
         self.outbound.push(self.codec.control(obj))
 
     def hold(self, d: Delivery) -> None:
-        """Keep a live delivery aside while a replay runs; as many as the queue
-        may hold, then the session is a slow consumer like any other."""
+        """Keep a live delivery aside while a replay runs; past ``max_held``
+        the session is a slow consumer like any other."""
         held = self.held
         assert held is not None
         held.append(d)
-        if len(held) > self.outbound.limits.max_messages:
+        if len(held) > self.outbound.limits.max_held:
             self._on_overflow(False)
 
     def set_expiry(self, expires: float | None) -> None:
