@@ -58,6 +58,11 @@ class DispatchingClient(Client):
             self._handlers.pop(sid, None)
             await sub.unsubscribe()
             raise RuntimeError("nats-py subscription ids are not sequential")
+        # The SUB waits in nats-py's pending buffer, but flush() writes its
+        # PING straight to the socket: without this, the PONG can come back
+        # before the server has seen the SUB, and "subscribed" would not yet
+        # mean "live". Wait until the flusher has written the SUB.
+        await self._flush_pending(force_flush=True)
         return sub
 
     async def unsubscribe_direct(self, sub: Subscription) -> None:

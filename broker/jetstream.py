@@ -156,8 +156,13 @@ class NatsBroker:
                 try:
                     info = await self._js.add_stream(config)
                     log.info("created stream %s", config.name)
-                except nats.js.errors.BadRequestError:
-                    info = await self._js.update_stream(config)  # another node created it meanwhile
+                except nats.js.errors.BadRequestError as refused:
+                    try:  # another node created it meanwhile?
+                        info = await self._js.update_stream(config)
+                    except nats.js.errors.NotFoundError:
+                        # No: the server refused it (e.g. another stream already
+                        # captures these subjects). Say why.
+                        raise refused from None
             else:
                 info = await self._js.update_stream(config)
             await self._reads.ensure(self._js, self._config.replicas, self._config.storage)

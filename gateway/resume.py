@@ -94,6 +94,7 @@ async def _send(node: Node, session: Session, replay: Replay | None) -> None:
     try:
         if replay is not None:
             await _send_replay(node, session, replay)
+        await _release_paced(node, session)
     finally:
         release(node, session)
 
@@ -108,8 +109,7 @@ async def _send_replay(node: Node, session: Session, replay: Replay) -> None:
         return
     floors = session.floors if session.floors is not None else {}
     session.floors = floors
-    limits = session.outbound.limits
-    max_bytes, max_messages = limits.max_bytes // 4, max(1, limits.max_messages // 4)
+    max_bytes, max_messages = _pace(session)
     codec, outbound = session.codec, session.outbound
     sent = 0
     for d in deliveries:
@@ -121,6 +121,31 @@ async def _send_replay(node: Node, session: Session, replay: Replay) -> None:
         floors[d.channel] = d.seq
         sent += 1
     node.metrics.replayed.inc(sent)
+
+
+def _pace(session: Session) -> tuple[int, int]:
+    """How much a replay queues before it waits for the socket: a quarter of
+    the queue, so live messages still fit meanwhile."""
+    limits = session.outbound.limits
+    return limits.max_bytes // 4, max(1, limits.max_messages // 4)
+
+
+async def _release_paced(node: Node, session: Session) -> None:
+    """Queue the held live deliveries at the socket's pace; what arrives
+    meanwhile is held too, and goes next. Ends, with the session live, once
+    nothing is held (the client reads faster than its channels get messages)."""
+    max_bytes, max_messages = _pace(session)
+    outbound = session.outbound
+    while session.held and session.active:
+        held, session.held = session.held, []
+        floors = session.floors or {}
+        droppable = node.hub.droppable
+        for d in held:
+            if outbound.bytes > max_bytes or len(outbound) > max_messages:
+                await outbound.room(max_bytes, max_messages)
+            if d.seq and d.seq <= floors.get(d.channel, 0):
+                continue
+            outbound.push(session.codec.message(d), d.ts, droppable(d.channel))
 
 
 def release(node: Node, session: Session) -> None:

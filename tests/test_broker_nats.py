@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 
 import aiohttp
+import nats
+import pytest
 
-from broker import Delivery
+from broker import BrokerUnavailable, Delivery
 from broker.channels import Subjects
 from broker.embedded import NatsServer
 from broker.jetstream import NatsBroker, NatsConfig
@@ -61,4 +63,46 @@ async def test_cancelled_want_leaves_no_subscription_behind(nats_server: NatsSer
         await asyncio.sleep(0.2)
         assert [(d.channel, d.seq) for d in got] == [("room:x", seq)]
     finally:
+        await broker.close()
+
+
+async def test_second_stream_on_the_same_subjects_fails_with_the_servers_reason(nats_server: NatsServer) -> None:
+    """Two streams cannot capture one prefix: the node says why, instead of a
+    misleading 'stream not found'."""
+
+    def config(stream: str) -> NatsConfig:
+        return NatsConfig(
+            urls=(nats_server.url,), subjects=Subjects("ovl", "ovl_live"), stream=stream, storage="memory"
+        )
+
+    first = NatsBroker(config("OVL_ONE"), lambda d: None)
+    await first.start()
+    second = NatsBroker(config("OVL_TWO"), lambda d: None)
+    try:
+        with pytest.raises(BrokerUnavailable, match=r"OVL_TWO.*overlap"):
+            await second.start()
+    finally:
+        await second.close()
+        await first.close()
+
+
+async def test_a_wanted_channel_is_live_when_want_returns(nats_server: NatsServer) -> None:
+    """want() returns only once the server has the subscription: a message
+    published right after, from another connection, is never missed.
+    (nats-py's flush() writes its PING ahead of a SUB still pending.)"""
+    got: list[Delivery] = []
+    config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("lv", "lv_live"), stream="LV", storage="memory")
+    broker = NatsBroker(config, got.append)
+    await broker.start()
+    publisher = await nats.connect(nats_server.url)
+    try:
+        rounds = 150
+        for i in range(rounds):
+            await broker.want(f"room:r{i}")
+            await publisher.publish(f"lv_live.room.r{i}", b'"x"')  # ephemeral: straight to the live subject
+        await publisher.flush()
+        await wait_for(lambda: len(got) >= rounds, timeout=5)
+        assert sorted(d.channel for d in got) == sorted(f"room:r{i}" for i in range(rounds))
+    finally:
+        await publisher.close()
         await broker.close()
