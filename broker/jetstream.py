@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 
 import nats.errors
 import nats.js.errors
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
 
 from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback, History, LossCallback, Replay
 from .channels import DEFAULT_EVENT, Subjects
-from .dispatch import DispatchingClient
+from .dispatch import DispatchingClient, LiveSubscription
 from .history import retain, stream_cap
 from .interest import Interest
 from .sequencer import Sequencer
@@ -68,7 +67,7 @@ class NatsBroker:
         self._subjects = config.subjects
         self._nc: DispatchingClient | None = None
         self._js: JetStreamContext | None = None
-        self._subs: dict[str, Subscription] = {}
+        self._subs: dict[str, LiveSubscription] = {}
         self._interest = Interest(self._subscribe, self._unsubscribe, config.unsubscribe_delay)
         self._stats = BrokerStats()
         self._sequencer = Sequencer(
@@ -284,7 +283,7 @@ class NatsBroker:
             raise
         self._subs[channel] = sub
 
-    async def _open_subscription(self, channel: str) -> Subscription:
+    async def _open_subscription(self, channel: str) -> LiveSubscription:
         nc = self._nc
         assert nc is not None
         handle = self._handle
@@ -311,7 +310,7 @@ class NatsBroker:
             raise BrokerUnavailable(f"subscribe not confirmed: {exc.__class__.__name__}") from None
         return sub
 
-    def _discard_opened(self, opening: asyncio.Future[Subscription]) -> None:
+    def _discard_opened(self, opening: asyncio.Future[LiveSubscription]) -> None:
         if opening.cancelled() or opening.exception() is not None:
             return
         assert self._nc is not None
