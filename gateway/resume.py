@@ -33,8 +33,7 @@ async def attach(
     after the joins, ``first`` tells the client its channels are live."""
     hold(session)
     try:
-        for channel in channels:
-            await node.hub.join(session, channel)
+        await _join(node, session, channels)
         replay, unread = await _opening_replay(node, session, channels, since)
         if first is not None:
             if unread is not None:
@@ -45,6 +44,11 @@ async def attach(
         raise
     await _send(node, session, replay)
     session.opened()
+
+
+async def _join(node: Node, session: Session, channels: Sequence[str]) -> None:
+    for channel in channels:
+        await node.hub.join(session, channel)
 
 
 async def _opening_replay(
@@ -80,8 +84,7 @@ async def resume(node: Node, session: Session, channels: Sequence[str], since: i
     arrives while joining is then sent once, in order, not before the replay."""
     hold(session)
     try:
-        for channel in channels:
-            await node.hub.join(session, channel)
+        await _join(node, session, channels)
         replay = await node.broker.replay(channels, since, node.settings.history.replay_max)
     except BaseException:
         release(node, session)
