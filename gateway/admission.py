@@ -15,6 +15,7 @@ from broker.channels import BROADCAST, InvalidChannel, parse_seq, room_channel, 
 from .auth import AuthError, Identity
 from .disconnect import BAD_REQUEST, BAD_TOKEN, FORBIDDEN, SHUTDOWN, Disconnect
 from .http import ConflictingTokens, client_token, peer
+from .limits import origin_allowed
 from .node import Node
 
 
@@ -44,9 +45,20 @@ def parse_since(value: str | None) -> int | None:
         raise Refusal(400, BAD_REQUEST, "bad_request", "since / Last-Event-ID must be a stream id (digits)") from None
 
 
+def check_origin(node: Node, request: web.Request) -> None:
+    """A browser page from an origin not allowed may not open a stream (the
+    token may be a cookie the browser sends on its own)."""
+    origin = request.headers.get("Origin")
+    if not origin_allowed(origin, request.host, node.settings.limits.origins):
+        node.metrics.limit_rejections.labels("origin").inc()
+        node.warn("origin", "refused a stream from origin %s (limits.origins)", origin)
+        raise Refusal(403, FORBIDDEN, "forbidden_origin", f"origin {origin} is not allowed (limits.origins)")
+
+
 def admit(node: Node, request: web.Request, last_event_id: str | None = None) -> Admission:
     if node.draining:
         raise Refusal(503, SHUTDOWN, "draining", "node is draining: connect to another node")
+    check_origin(node, request)
     try:
         token = client_token(request)
     except ConflictingTokens as exc:
@@ -60,6 +72,7 @@ def admit(node: Node, request: web.Request, last_event_id: str | None = None) ->
     rooms = request.query.getall("room", [])
     limit = node.settings.limits.max_subscriptions
     if len(rooms) > limit:
+        node.metrics.limit_rejections.labels("subscriptions").inc()
         raise Refusal(400, BAD_REQUEST, "too_many_subscriptions", f"at most {limit} rooms per connection")
     channels = [user_channel(identity.user), BROADCAST]
     for room in rooms:

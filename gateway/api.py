@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,13 +28,21 @@ async def publish(request: web.Request) -> web.Response:
         return refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
     if not key_matches(request, key):
         return refuse(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
+    wait = node.api_bucket(key).take()
+    if wait:
+        node.metrics.limit_rejections.labels("api_rate").inc()
+        response = refuse(429, "rate_limited", f"more than {node.settings.limits.api_rate:g} publishes/s for this key")
+        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return response
     limit = node.settings.http.max_body
     too_large = f"body larger than {limit} bytes"
     if request.content_length is not None and request.content_length > limit:
+        node.metrics.limit_rejections.labels("body_size").inc()
         return refuse(413, "too_large", too_large)
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
+        node.metrics.limit_rejections.labels("body_size").inc()
         return refuse(413, "too_large", too_large)
     try:
         doc = orjson.loads(body)

@@ -12,6 +12,8 @@ from broker import BrokerUnavailable
 from broker.channels import InvalidChannel, check_event, parse_seq, room_channel
 
 from .auth import AuthError
+from .disconnect import RATE_LIMITED
+from .limits import CommandLimiter
 from .node import Node
 from .resume import resume
 from .session import Session
@@ -54,21 +56,26 @@ class Commands:
         session.send(frame)
 
     async def handle(self, session: Session, text: str) -> None:
+        cmd: Any
         try:
-            cmd = orjson.loads(text)
+            cmd, parsed = orjson.loads(text), True
         except orjson.JSONDecodeError:
+            cmd, parsed = None, False
+        kind = cmd.get("type") if isinstance(cmd, dict) else None
+        ref = cmd.get("ref") if isinstance(cmd, dict) else None
+        good_ref = ref is None or (isinstance(ref, str) and len(ref) <= 64) or (type(ref) is int and abs(ref) < 2**53)
+        # Every frame counts against the budget, garbage included.
+        if not self._within_rate(session, kind if isinstance(kind, str) else "", ref if good_ref else None):
+            return
+        if not parsed:
             self.error(session, None, "bad_frame", "frame is not valid JSON")
             return
         if not isinstance(cmd, dict):
             self.error(session, None, "bad_frame", "frame must be a JSON object")
             return
-        ref = cmd.get("ref")
-        if ref is not None and not (
-            (isinstance(ref, str) and len(ref) <= 64) or (type(ref) is int and abs(ref) < 2**53)
-        ):
+        if not good_ref:
             self.error(session, None, "bad_request", "ref must be a string (<= 64 chars) or an integer")
             return
-        kind = cmd.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
             if kind == "presence":
@@ -83,6 +90,33 @@ class Commands:
         except BrokerUnavailable as exc:
             self.error(session, ref, "unavailable", str(exc))
 
+    def _within_rate(self, session: Session, kind: str, ref: Ref) -> bool:
+        limits = self.node.settings.limits
+        limiter = session.limiter
+        if limiter is None:
+            limiter = session.limiter = CommandLimiter(limits.publish_rate, limits.command_rate, limits.rate_window)
+        wait = limiter.check(kind)
+        if not wait:
+            return True
+        name = "publish_rate" if kind == "publish" else "command_rate"
+        self.node.metrics.limit_rejections.labels(name).inc()
+        if limiter.strikes >= limits.abuse_strikes:
+            self.node.warn(
+                "abuse", "closing %s (user %s): %d commands refused in a row", session.id, session.user, limiter.strikes
+            )
+            session.close(RATE_LIMITED)
+            return False
+        frame: dict[str, Any] = {
+            "type": "error",
+            "code": "rate_limited",
+            "message": f"too many {'publishes' if kind == 'publish' else 'commands'}: retry later",
+            "retry_after": round(wait, 3),
+        }
+        if ref is not None:
+            frame["ref"] = ref
+        session.send(frame)
+        return False
+
     async def subscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
         room, channel = _room(cmd)
         if not session.identity.may_join(room):
@@ -96,6 +130,7 @@ class Commands:
             # The user channel and broadcast are always there and do not count.
             limit = self.node.settings.limits.max_subscriptions
             if len(session.channels) - 2 >= limit:
+                self.node.metrics.limit_rejections.labels("subscriptions").inc()
                 raise CommandError("too_many_subscriptions", f"at most {limit} rooms per connection")
         if position is not None:
             await resume(self.node, session, (channel,), position)  # joins, then replays

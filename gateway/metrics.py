@@ -73,6 +73,9 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.limit_rejections = Counter(
+            "herald_limit_rejections", "Requests refused by a configured limit, by limit", ["limit"], registry=r
+        )
         self.read_marks = Counter("herald_read_marks", "Read positions stored (read command)", registry=r)
         self.auth_failures = Counter("herald_auth_failures", "Refused tokens, by reason", ["reason"], registry=r)
         self.published = Counter(

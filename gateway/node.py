@@ -16,6 +16,7 @@ from .auth import Authenticator, AuthError, Identity
 from .disconnect import SHUTDOWN, Disconnect
 from .frames import Codec
 from .hub import Hub
+from .limits import TokenBucket
 from .metrics import Metrics
 from .outbound import Flusher, QueueLimits, Wire
 from .session import Closer, Session, State
@@ -90,12 +91,21 @@ class Node:
         self.draining = False
         self._ids = itertools.count(1)
         self.warn = _Throttle()
+        self._api_buckets: dict[str, TokenBucket] = {}
         self.metrics.watch_broker(self.broker.stats)
         self.metrics.watch_queue_bytes(self.queued_bytes)
 
     @property
     def id(self) -> str:
         return self.settings.node.id
+
+    def api_bucket(self, key: str) -> TokenBucket:
+        """The publish API's rate bucket of one key (one per configured key: bounded)."""
+        bucket = self._api_buckets.get(key)
+        if bucket is None:
+            rate = self.settings.limits.api_rate
+            bucket = self._api_buckets[key] = TokenBucket(rate, 1.0)
+        return bucket
 
     def queued_bytes(self) -> float:
         return float(sum(s.outbound.pending_bytes() for s in self.sessions))

@@ -19,6 +19,7 @@ from broker import Delivery
 from .auth import Identity
 from .disconnect import SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
 from .frames import Codec
+from .limits import CommandLimiter
 from .metrics import TransportMetrics
 from .outbound import Flusher, Outbound, QueueLimits, Wire
 
@@ -44,6 +45,7 @@ class Session:
         "held",
         "id",
         "identity",
+        "limiter",
         "metrics",
         "outbound",
         "state",
@@ -73,6 +75,7 @@ class Session:
         # Per replayed channel, the last sequence the replay sent: live copies
         # at or below it (a gap repair re-sending them) are skipped.
         self.floors: dict[str, int] | None = None
+        self.limiter: CommandLimiter | None = None  # made on the first command
         self._closer = closer
         self._expiry: asyncio.TimerHandle | None = None
         self.set_expiry(identity.expires)

@@ -132,6 +132,16 @@ class BackpressureSettings:
 @dataclass(frozen=True, slots=True)
 class LimitsSettings:
     max_subscriptions: int = 100
+    # Browser origins allowed to open streams: empty = the node's own origin, "*" = any.
+    origins: tuple[str, ...] = ()
+    # Client commands per connection per rate_window: publishes, and the rest.
+    publish_rate: int = 20
+    command_rate: int = 120
+    rate_window: float = 60.0
+    # Refused commands in a row that close the connection 4029.
+    abuse_strikes: int = 10
+    # HTTP publishes per second per publish key (also the burst).
+    api_rate: float = 1000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +353,16 @@ def validate(s: Settings) -> None:
     _require(s.backpressure.socket_buffer >= 0, "backpressure.socket_buffer", "must be >= 0 (0: kernel default)")
     _require(s.backpressure.stall_timeout > 0, "backpressure.stall_timeout", "must be > 0")
     _require(s.limits.max_subscriptions >= 1, "limits.max_subscriptions", "must be >= 1")
+    for key in ("publish_rate", "command_rate", "abuse_strikes"):
+        _require(getattr(s.limits, key) >= 1, f"limits.{key}", "must be >= 1")
+    for key in ("rate_window", "api_rate"):
+        _require(getattr(s.limits, key) > 0, f"limits.{key}", "must be > 0")
+    for origin in s.limits.origins:
+        _require(
+            origin == "*" or (origin.startswith(("http://", "https://")) and origin.count("/") == 2),
+            "limits.origins",
+            f"{origin!r} is not an origin like https://app.example.com (scheme://host[:port], no path) or *",
+        )
     _require(s.log.level in ("debug", "info", "warning", "error"), "log.level", "debug, info, warning or error")
 
 

@@ -10,7 +10,7 @@ from aiohttp import WSMsgType, web
 from broker import BrokerUnavailable
 from broker.channels import client_name
 
-from .admission import Refusal, admit
+from .admission import Refusal, admit, check_origin
 from .disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, INTERNAL, TOO_BIG, UNAVAILABLE, Disconnect
 from .frames import WS
 from .http import SocketWire, drain_or_abort, json_error
@@ -83,6 +83,10 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         return json_error(400, "bad_request", "expected a WebSocket upgrade")
+    try:
+        check_origin(node, request)  # before the upgrade: a cross-site page learns nothing
+    except Refusal as refusal:
+        return json_error(refusal.status, refusal.error, refusal.message)
     await ws.prepare(request)
     # Refusals are close codes after the upgrade: a browser cannot see an HTTP status.
     try:
@@ -116,6 +120,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             else:  # close, closing, closed or error
                 break
         reason = _classify(ws)
+        if reason is TOO_BIG:
+            node.metrics.limit_rejections.labels("frame_size").inc()
     except BrokerUnavailable:
         reason = UNAVAILABLE
         session.close(UNAVAILABLE)

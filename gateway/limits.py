@@ -1,0 +1,62 @@
+"""Rate limits and the browser Origin check.
+
+Buckets are per connection (client commands) and per publish key (the HTTP
+API); nothing here is shared across nodes — cluster-wide limits live in NATS.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit
+
+
+class TokenBucket:
+    """``capacity`` tokens, refilled evenly over ``window`` seconds."""
+
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, capacity: float, window: float) -> None:
+        self.capacity = capacity
+        self.rate = capacity / window
+        self.tokens = capacity
+        self.stamp = time.monotonic()
+
+    def take(self, now: float | None = None) -> float:
+        """Take a token: 0.0 if there was one, else the seconds until there is."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class CommandLimiter:
+    """One connection's command budget: publishes have their own (smaller)
+    bucket; ``strikes`` counts refusals in a row (sustained abuse)."""
+
+    __slots__ = ("commands", "publishes", "strikes")
+
+    def __init__(self, publish_rate: int, command_rate: int, window: float) -> None:
+        self.publishes = TokenBucket(publish_rate, window)
+        self.commands = TokenBucket(command_rate, window)
+        self.strikes = 0
+
+    def check(self, kind: str) -> float:
+        """0.0 if the command may run, else seconds to wait (and a strike)."""
+        wait = (self.publishes if kind == "publish" else self.commands).take()
+        self.strikes = self.strikes + 1 if wait else 0
+        return wait
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Browsers send ``Origin``; other clients do not and are not checked.
+    ``allowed`` empty: the node's own origin only (same host); ``*``: any."""
+    if origin is None or "*" in allowed:
+        return True
+    if origin in allowed:
+        return True
+    if allowed:
+        return False
+    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
