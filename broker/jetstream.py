@@ -24,6 +24,7 @@ from .channels import DEFAULT_EVENT, Subjects
 from .dispatch import DispatchingClient, LiveSubscription
 from .history import retain, stream_cap
 from .interest import Interest
+from .presence import Presence
 from .sequencer import Sequencer
 from .store import EVENT_HEADER, ReadPositions, event_of, first_sequence, last_sequence, read_stored
 from .timestamps import parse_rfc3339
@@ -57,6 +58,9 @@ class NatsConfig:
     # Bounds of a replay: seconds it may take, messages a gap repair may fetch.
     replay_timeout: float = 10.0
     max_repair: int = 10_000
+    # Presence: this node's id, and how long a silent node's users stay listed.
+    node_id: str = "herald"
+    presence_ttl: float = 15.0
 
 
 class NatsBroker:
@@ -77,6 +81,7 @@ class NatsBroker:
         # Channels wanted (reference counted): the ones whose flow is kept gap-free.
         self._wanted: dict[str, int] = {}
         self._reads = ReadPositions(f"{config.stream}_read")
+        self._presence = Presence(config.stream, config.node_id, config.presence_ttl)
         self._stream_ready = False
         self._stream_created: float | None = None
         self._closing = False
@@ -165,6 +170,7 @@ class NatsBroker:
             else:
                 info = await self._js.update_stream(config)
             await self._reads.ensure(self._js, self._config.replicas, self._config.storage)
+            await self._presence.ensure(self._js, self._config.replicas, self._config.storage)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"cannot create or update stream {config.name}: {exc}") from None
         # A stream created anew (a NATS store lost, or deleted by hand) numbers
@@ -187,6 +193,7 @@ class NatsBroker:
         # subscriptions are released already, so flush briefly and close.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._interest.release_all(), timeout=1.0)
+        await self._presence.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.flush(1), timeout=1.5)
         for task in self._tasks:
@@ -419,6 +426,13 @@ class NatsBroker:
     async def mark_read(self, user: str, seq: int) -> int:
         self._jetstream()
         return await self._reads.advance(user, seq)
+
+    def mark_present(self, channel: str, user: str, present: bool) -> None:
+        self._presence.mark(channel, user, present)
+
+    async def members(self, channel: str) -> list[str]:
+        self._jetstream()
+        return await self._presence.members(channel)
 
 
 def _ignore_loss(channel: str) -> None:

@@ -19,6 +19,7 @@ class MemoryBroker:
         self._on_delivery = on_delivery
         self._history = history or History()
         self._reads: dict[str, int] = {}
+        self._present: dict[str, set[str]] = {}
         self._log: list[Delivery] = []
         self._last_on_channel: dict[str, int] = {}
         self._subscribed: set[str] = set()
@@ -84,6 +85,17 @@ class MemoryBroker:
     async def read_position(self, user: str) -> int:
         self._check()
         return self._reads.get(user, 0)
+
+    def mark_present(self, channel: str, user: str, present: bool) -> None:
+        users = self._present.setdefault(channel, set())
+        if present:
+            users.add(user)
+        else:
+            users.discard(user)
+
+    async def members(self, channel: str) -> list[str]:
+        self._check()
+        return sorted(self._present.get(channel, ()))
 
     async def mark_read(self, user: str, seq: int) -> int:
         self._check()

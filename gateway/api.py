@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker import BrokerUnavailable
-from broker.channels import InvalidChannel, check_event, parse_channel
+from broker.channels import InvalidChannel, check_event, parse_channel, room_channel
 
 from .http import json_error, json_response, key_matches
 from .keys import NODE
@@ -92,10 +92,27 @@ async def stats(request: web.Request) -> web.Response:
             "connections": by_transport,
             "users": len({s.user for s in node.sessions}),
             "channels": node.hub.channel_count,
+            "rooms": node.hub.local_rooms(),
             "nats": {"connected": broker.connected, "subscriptions": broker.subscriptions},
             "draining": node.draining,
         }
     )
+
+
+async def presence(request: web.Request) -> web.Response:
+    """``GET /api/presence/<room>`` (admin key): the room's users on any node."""
+    node = request.app[NODE]
+    if not key_matches(request, node.settings.admin.key):
+        return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
+    try:
+        channel = room_channel(request.match_info["room"])
+    except InvalidChannel as exc:
+        return json_error(400, "bad_request", str(exc))
+    try:
+        users = await node.broker.members(channel)
+    except BrokerUnavailable as exc:
+        return json_error(503, "unavailable", str(exc))
+    return json_response({"room": channel[5:], "users": users})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ async def _index(request: web.Request) -> web.FileResponse:
 def _add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/api/stats", api.stats)
+    app.router.add_get("/api/presence/{room}", api.presence)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
 

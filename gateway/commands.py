@@ -78,10 +78,7 @@ class Commands:
             return
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
-            if kind == "presence":
-                self.error(session, ref, "unsupported", f"{kind} is not available on this node yet")
-            else:
-                self.error(session, ref, "unknown_command", "unknown command type")
+            self.error(session, ref, "unknown_command", "unknown command type")
             return
         try:
             await handler(self, session, cmd, ref)
@@ -193,6 +190,17 @@ class Commands:
         self.node.metrics.read_marks.inc()
         self.ack(session, ref, id=str(position))
 
+    async def presence(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+        """The users connected to a room on any node (each once)."""
+        room, channel = _room(cmd)
+        if not session.identity.may_join(room):
+            raise CommandError("forbidden", f"token does not allow room {room}")
+        users = await self.node.broker.members(channel)
+        frame: dict[str, Any] = {"type": "presence", "room": room, "users": users}
+        if ref is not None:
+            frame["ref"] = ref
+        session.send(frame)
+
     async def ping(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
         frame: dict[str, Any] = {"type": "pong"}
         if ref is not None:
@@ -207,5 +215,6 @@ _HANDLERS: dict[str, Handler] = {
     "publish": Commands.publish,
     "refresh": Commands.refresh,
     "read": Commands.read,
+    "presence": Commands.presence,
     "ping": Commands.ping,
 }

@@ -23,6 +23,8 @@ class Hub:
         self._drop_oldest_all = drop_oldest_all
         self._droppable: dict[str, bool] = {}
         self.on_reset: Callable[[int], None] | None = None
+        # Room channel → user → this node's connections of that user in it.
+        self._members: dict[str, dict[str, int]] = {}
 
     def droppable(self, channel: str) -> bool:
         """Whether a full queue may drop this channel's messages (drop-oldest)."""
@@ -74,6 +76,8 @@ class Hub:
         assert self.broker is not None
         session.channels.add(channel)
         self._index.setdefault(channel, set()).add(session)
+        if channel.startswith("room:"):
+            self._count_member(channel, session.user, +1)
         try:
             await self.broker.want(channel)
         except BaseException:
@@ -94,10 +98,31 @@ class Hub:
     def _drop(self, session: Session, channel: str) -> None:
         session.channels.discard(channel)
         sessions = self._index.get(channel)
-        if sessions is not None:
+        if sessions is not None and session in sessions:
             sessions.discard(session)
             if not sessions:
                 del self._index[channel]
+            if channel.startswith("room:"):
+                self._count_member(channel, session.user, -1)
+
+    def _count_member(self, channel: str, user: str, delta: int) -> None:
+        """Presence is per user: only the first connection in and the last out count."""
+        assert self.broker is not None
+        counts = self._members.setdefault(channel, {})
+        n = counts.get(user, 0) + delta
+        if n > 0:
+            counts[user] = n
+            if n == 1 and delta > 0:
+                self.broker.mark_present(channel, user, True)
+            return
+        counts.pop(user, None)
+        if not counts:
+            del self._members[channel]
+        self.broker.mark_present(channel, user, False)
+
+    def local_rooms(self) -> dict[str, int]:
+        """Room id → users with a connection in it on this node."""
+        return {channel[5:]: len(users) for channel, users in self._members.items()}
 
     @property
     def channel_count(self) -> int:

@@ -48,6 +48,8 @@ def nats_config(settings: Settings) -> NatsConfig:
         shared_user_subscription=n.user_subscriptions == "shared",
         replay_timeout=h.replay_timeout,
         max_repair=h.replay_max,
+        node_id=settings.node.id,
+        presence_ttl=settings.presence.ttl,
     )
 
 

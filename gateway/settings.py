@@ -83,6 +83,13 @@ class HistorySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PresenceSettings:
+    # Seconds after which a node that stopped refreshing (crashed) no longer
+    # counts: its users leave every room's presence within this bound.
+    ttl: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
 class JwtSettings:
     secret: str = ""
     public_key: str = ""
@@ -157,6 +164,7 @@ class Settings:
     subject: SubjectSettings = field(default_factory=SubjectSettings)
     stream: StreamSettings = field(default_factory=StreamSettings)
     history: HistorySettings = field(default_factory=HistorySettings)
+    presence: PresenceSettings = field(default_factory=PresenceSettings)
     jwt: JwtSettings = field(default_factory=JwtSettings)
     publish: PublishSettings = field(default_factory=PublishSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -319,6 +327,7 @@ def validate(s: Settings) -> None:
     )
     _require(s.stream.replicas in (1, 3, 5), "stream.replicas", "must be 1, 3 or 5")
     _require(s.stream.storage in ("file", "memory"), "stream.storage", "must be file or memory")
+    _require(1.0 <= s.presence.ttl <= 300.0, "presence.ttl", "must be between 1 and 300 seconds")
     for key in ("user_max", "room_max", "replay_max"):
         _require(getattr(s.history, key) >= 1, f"history.{key}", "must be >= 1")
     for key in ("user_max_age", "room_max_age", "replay_timeout"):

@@ -722,14 +722,23 @@ async def test_failed_join_leaves_no_trace(env: Env) -> None:
     s, _, _ = env.session()
 
     class Refusing:
+        def __init__(self) -> None:
+            self.present: list[tuple[str, str, bool]] = []
+
         async def want(self, channel: str) -> None:
             raise BrokerUnavailable("down")
 
-    env.hub.broker = Refusing()  # type: ignore[assignment]
+        def mark_present(self, channel: str, user: str, present: bool) -> None:
+            self.present.append((channel, user, present))
+
+    refusing = Refusing()
+    env.hub.broker = refusing  # type: ignore[assignment]
     with pytest.raises(BrokerUnavailable):
         await env.hub.join(s, "room:a")
     assert s.channels == set()
     assert env.hub.channel_count == 0
+    assert env.hub.local_rooms() == {}
+    assert refusing.present[-1:] == [("room:a", s.user, False)]  # presence not left behind
     env.hub.broker = env.broker
     await env.hub.join(s, "room:a")
     assert env.broker.stats().subscriptions == 1

@@ -1,0 +1,202 @@
+"""Cluster-wide presence: which users are in which room, on any node.
+
+Two KV buckets. ``<stream>_presence`` holds one key per (node instance, room,
+user) — ``<instance>.<room>.<user>`` — written by the node that has the user's
+connections, so a query is one server-side filtered listing
+(``*.<room>.*``) and users with tabs on several nodes appear once.
+``<stream>_nodes`` holds one key per live instance, refreshed every ttl/3 and
+expiring after ``ttl``: a query counts only entries of live instances, so a
+node that crashed drops out of every room within ``ttl``, without anyone
+having to clean up first. Each node also sweeps the entries of instances that
+are gone (listed under ``_inst.<instance>``) so the bucket does not grow.
+
+Writes are queued and applied in order by one task, latest state per key:
+joining and leaving never wait for NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+import uuid
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from .base import BrokerUnavailable
+
+log = logging.getLogger("herald.presence")
+
+REGISTRY = "_inst"
+
+
+def _b64(text: str) -> str:
+    # Room and user ids may hold ':', '@', '+', which KV keys may not.
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _unb64(token: str) -> str:
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+
+
+def instance_id(node_id: str) -> str:
+    """This process's presence identity: the node id plus a random suffix, so a
+    restarted node never mistakes a dead predecessor's entries for its own."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", node_id)[:64] + "-" + uuid.uuid4().hex[:8]
+
+
+class Presence:
+    def __init__(self, stream: str, node_id: str, ttl: float) -> None:
+        self.instance = instance_id(node_id)
+        self._bucket = f"{stream}_presence"
+        self._nodes_bucket = f"{stream}_nodes"
+        self._ttl = ttl
+        self._kv: KeyValue | None = None
+        self._nodes: KeyValue | None = None
+        # What this node wants the bucket to say: (room, user) present here.
+        self._local: set[tuple[str, str]] = set()
+        self._pending: dict[tuple[str, str], bool] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
+        """Bind (or create) the buckets, announce this instance, start writing."""
+        kind = StorageType.MEMORY if storage == "memory" else StorageType.FILE
+        self._kv = await _bucket(js, KeyValueConfig(bucket=self._bucket, history=1, replicas=replicas, storage=kind))
+        self._nodes = await _bucket(
+            js, KeyValueConfig(bucket=self._nodes_bucket, history=1, ttl=self._ttl, replicas=replicas, storage=kind)
+        )
+        await self._nodes.put(self.instance, b"1")
+        await self._kv.put(f"{REGISTRY}.{self.instance}", b"1")
+        # After a reconnect the store may be new: write everything again.
+        for key in self._local:
+            self._pending.setdefault(key, True)
+        self._wake.set()
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._write_loop()), loop.create_task(self._heartbeat_loop())]
+
+    # -- this node's members ----------------------------------------------------
+
+    def mark(self, room: str, user: str, present: bool) -> None:
+        """``user`` has (or no longer has) a connection in ``room`` on this node."""
+        key = (room, user)
+        if present:
+            self._local.add(key)
+        else:
+            self._local.discard(key)
+        self._pending[key] = present
+        self._wake.set()
+
+    def _entry(self, room: str, user: str) -> str:
+        return f"{self.instance}.{_b64(room)}.{_b64(user)}"
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending and self._kv is not None:
+                key, present = next(iter(self._pending.items()))
+                try:
+                    if present:
+                        await self._kv.put(self._entry(*key), b"1")
+                    else:
+                        await self._kv.delete(self._entry(*key))
+                except (TimeoutError, nats.errors.Error) as exc:
+                    log.warning("presence write failed (%r); retrying", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                if self._pending.get(key) is present:  # not changed meanwhile
+                    del self._pending[key]
+
+    async def _heartbeat_loop(self) -> None:
+        beat = self._ttl / 3
+        since_sweep = 0.0
+        while True:
+            await asyncio.sleep(beat)
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                assert self._nodes is not None
+                await self._nodes.put(self.instance, b"1")
+            since_sweep += beat
+            if since_sweep >= self._ttl:
+                since_sweep = 0.0
+                try:
+                    await self._sweep()
+                except (TimeoutError, nats.errors.Error) as exc:
+                    log.debug("presence sweep failed: %r", exc)
+
+    async def _sweep(self) -> None:
+        """Delete the entries of instances that stopped refreshing their key."""
+        assert self._kv is not None
+        alive = await self._alive()
+        for key in await _keys(self._kv, f"{REGISTRY}.*"):
+            dead = key.split(".", 1)[1]
+            if dead in alive or dead == self.instance:
+                continue
+            for entry in await _keys(self._kv, f"{dead}.*.*"):
+                await self._kv.delete(entry)
+            await self._kv.delete(key)
+            log.info("presence: removed the entries of instance %s (gone)", dead)
+
+    # -- queries -----------------------------------------------------------------
+
+    async def _alive(self) -> set[str]:
+        assert self._nodes is not None
+        return set(await _keys(self._nodes, "*"))
+
+    async def members(self, room: str) -> list[str]:
+        """Users with a connection in ``room`` on any live node, sorted."""
+        if self._kv is None or self._nodes is None:
+            raise BrokerUnavailable("presence is not available yet")
+        try:
+            alive = await self._alive()
+            entries = await _keys(self._kv, f"*.{_b64(room)}.*")
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerUnavailable(f"presence lookup failed: {exc.__class__.__name__}") from None
+        users = set()
+        for entry in entries:
+            instance, _, user = entry.split(".")
+            if instance in alive:
+                users.add(_unb64(user))
+        return sorted(users)
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """Leave every room at once (a drained node's users should not linger)."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        if self._kv is None or self._nodes is None:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await self._nodes.delete(self.instance)
+                for room, user in list(self._local):
+                    await self._kv.delete(self._entry(room, user))
+                await self._kv.delete(f"{REGISTRY}.{self.instance}")
+
+
+async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.key_value(config.bucket)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(config)
+
+
+async def _keys(kv: KeyValue, pattern: str) -> list[str]:
+    """Keys matching ``pattern`` (NATS wildcards), filtered by the server."""
+    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
+    keys: list[str] = []
+    try:
+        async for entry in watcher:
+            if entry is None:  # the end of what is stored
+                break
+            keys.append(entry.key)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return keys
