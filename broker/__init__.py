@@ -10,6 +10,7 @@ from .base import (
     LossCallback,
     Replay,
     Retention,
+    TooManyConnections,
 )
 from .channels import InvalidChannel
 
@@ -24,4 +25,5 @@ __all__ = [
     "LossCallback",
     "Replay",
     "Retention",
+    "TooManyConnections",
 ]

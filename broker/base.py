@@ -28,6 +28,11 @@ DeliveryCallback = Callable[[Delivery], None]
 # Called with a channel whose live flow lost messages the broker could not
 # recover from the stream: its subscribers must be told (a reset).
 LossCallback = Callable[[str], None]
+KickCallback = Callable[[str], None]
+
+
+class TooManyConnections(Exception):
+    """The user has as many connections as allowed (policy refuse-new)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +139,19 @@ class Broker(Protocol):
 
     async def members(self, channel: str) -> list[str]:
         """Users with a connection on room ``channel`` on any live node, sorted."""
+        ...
+
+    # Called with the id of a local connection the cluster asks to close
+    # (another node admitted a newer one of its user: close-oldest).
+    kick: KickCallback
+
+    async def open_connection(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
+        """Count a new connection of ``user`` cluster-wide. At ``limit``: raise
+        TooManyConnections, or (``close_oldest``) have the oldest closed."""
+        ...
+
+    def close_connection(self, user: str, conn: str) -> None:
+        """The connection is gone (in the background)."""
         ...
 
     def stats(self) -> BrokerStats: ...

@@ -16,11 +16,22 @@ from dataclasses import dataclass, field
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
 
-from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback, History, LossCallback, Replay
+from .base import (
+    BrokerStats,
+    BrokerUnavailable,
+    Delivery,
+    DeliveryCallback,
+    History,
+    KickCallback,
+    LossCallback,
+    Replay,
+)
 from .channels import DEFAULT_EVENT, Subjects
+from .connections import UserConnections
 from .dispatch import DispatchingClient, LiveSubscription
 from .history import retain, stream_cap
 from .interest import Interest
@@ -82,6 +93,8 @@ class NatsBroker:
         self._wanted: dict[str, int] = {}
         self._reads = ReadPositions(f"{config.stream}_read")
         self._presence = Presence(config.stream, config.node_id, config.presence_ttl)
+        self._connections = UserConnections(config.stream, self._presence.instance, self._presence.alive)
+        self.kick: KickCallback = _ignore_loss
         self._stream_ready = False
         self._stream_created: float | None = None
         self._closing = False
@@ -129,6 +142,7 @@ class NatsBroker:
             ) from None
         self._nc = nc
         self._js = nc.jetstream(timeout=self._config.publish_timeout)
+        await nc.subscribe(self._kick_subject(self._presence.instance), cb=self._on_kick)
         if manage_stream:
             await self._ensure_stream()
         else:
@@ -171,6 +185,7 @@ class NatsBroker:
                 info = await self._js.update_stream(config)
             await self._reads.ensure(self._js, self._config.replicas, self._config.storage)
             await self._presence.ensure(self._js, self._config.replicas, self._config.storage)
+            await self._connections.ensure(self._js, self._config.replicas, self._config.storage)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"cannot create or update stream {config.name}: {exc}") from None
         # A stream created anew (a NATS store lost, or deleted by hand) numbers
@@ -427,6 +442,27 @@ class NatsBroker:
         self._jetstream()
         return await self._reads.advance(user, seq)
 
+    def _kick_subject(self, instance: str) -> str:
+        # Core NATS only: outside the stream's subjects, never stored.
+        return f"_herald.{self._config.stream}.kick.{instance}"
+
+    async def _on_kick(self, msg: Msg) -> None:
+        self.kick(msg.data.decode(errors="replace"))
+
+    async def open_connection(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
+        victims = await self._connections.open(user, conn, limit, close_oldest)
+        for instance, victim in victims:
+            if instance == self._presence.instance:
+                self.kick(victim)
+            elif self._nc is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await self._nc.publish(self._kick_subject(instance), victim.encode())
+
+    def close_connection(self, user: str, conn: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._connections.close(user, conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def mark_present(self, channel: str, user: str, present: bool) -> None:
         self._presence.mark(channel, user, present)
 
@@ -435,7 +471,7 @@ class NatsBroker:
         return await self._presence.members(channel)
 
 
-def _ignore_loss(channel: str) -> None:
+def _ignore_loss(name: str) -> None:
     pass
 
 

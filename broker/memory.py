@@ -6,7 +6,16 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback, History, Replay
+from .base import (
+    BrokerStats,
+    BrokerUnavailable,
+    Delivery,
+    DeliveryCallback,
+    History,
+    KickCallback,
+    Replay,
+    TooManyConnections,
+)
 from .channels import DEFAULT_EVENT
 from .history import retain
 from .interest import Interest
@@ -20,6 +29,8 @@ class MemoryBroker:
         self._history = history or History()
         self._reads: dict[str, int] = {}
         self._present: dict[str, set[str]] = {}
+        self._conns: dict[str, list[str]] = {}
+        self.kick: KickCallback = lambda conn: None
         self._log: list[Delivery] = []
         self._last_on_channel: dict[str, int] = {}
         self._subscribed: set[str] = set()
@@ -85,6 +96,21 @@ class MemoryBroker:
     async def read_position(self, user: str) -> int:
         self._check()
         return self._reads.get(user, 0)
+
+    async def open_connection(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
+        conns = self._conns.setdefault(user, [])
+        if len(conns) >= limit:
+            if not close_oldest:
+                raise TooManyConnections(f"at most {limit} connections per user")
+            for victim in conns[: len(conns) + 1 - limit]:
+                conns.remove(victim)
+                self.kick(victim)
+        conns.append(conn)
+
+    def close_connection(self, user: str, conn: str) -> None:
+        conns = self._conns.get(user, [])
+        if conn in conns:
+            conns.remove(conn)
 
     def mark_present(self, channel: str, user: str, present: bool) -> None:
         users = self._present.setdefault(channel, set())

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import logging
 import re
+import time
 import uuid
 
 import nats.errors
@@ -64,6 +65,8 @@ class Presence:
         self._pending: dict[tuple[str, str], bool] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._alive_cache: set[str] = set()
+        self._alive_at = -1e9
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
         """Bind (or create) the buckets, announce this instance, start writing."""
@@ -148,7 +151,17 @@ class Presence:
 
     async def _alive(self) -> set[str]:
         assert self._nodes is not None
-        return set(await _keys(self._nodes, "*"))
+        self._alive_cache = set(await _keys(self._nodes, "*"))
+        self._alive_at = time.monotonic()
+        return set(self._alive_cache)
+
+    async def alive(self) -> set[str]:
+        """Live instances, at most ttl/3 old (for checks on every connect)."""
+        if self._nodes is None:
+            return {self.instance}
+        if time.monotonic() - self._alive_at > self._ttl / 3:
+            await self._alive()
+        return set(self._alive_cache)
 
     async def members(self, room: str) -> list[str]:
         """Users with a connection in ``room`` on any live node, sorted."""

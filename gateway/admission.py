@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from broker import TooManyConnections
 from broker.channels import BROADCAST, InvalidChannel, parse_seq, room_channel, user_channel
 
 from .auth import AuthError, Identity
-from .disconnect import BAD_REQUEST, BAD_TOKEN, FORBIDDEN, SHUTDOWN, Disconnect
+from .disconnect import BAD_REQUEST, BAD_TOKEN, FORBIDDEN, SHUTDOWN, TOO_MANY_CONNECTIONS, Disconnect
 from .http import ConflictingTokens, client_token, peer
 from .limits import origin_allowed
 from .node import Node
@@ -43,6 +44,20 @@ def parse_since(value: str | None) -> int | None:
         return parse_seq(value)
     except InvalidChannel:
         raise Refusal(400, BAD_REQUEST, "bad_request", "since / Last-Event-ID must be a stream id (digits)") from None
+
+
+async def count_in(node: Node, identity: Identity) -> str:
+    """Count a new connection of the user cluster-wide; its id, or a refusal."""
+    conn_id = node.new_conn_id()
+    limits = node.settings.limits
+    try:
+        await node.broker.open_connection(
+            identity.user, conn_id, limits.max_connections_per_user, limits.connections_policy == "close-oldest"
+        )
+    except TooManyConnections as exc:
+        node.metrics.limit_rejections.labels("connections_per_user").inc()
+        raise Refusal(429, TOO_MANY_CONNECTIONS, "too_many_connections", str(exc)) from None
+    return conn_id
 
 
 def check_origin(node: Node, request: web.Request) -> None:

@@ -13,7 +13,7 @@ from broker.channels import Subjects
 from broker.jetstream import NatsBroker, NatsConfig
 
 from .auth import Authenticator, AuthError, Identity
-from .disconnect import SHUTDOWN, Disconnect
+from .disconnect import REPLACED, SHUTDOWN, Disconnect
 from .frames import Codec
 from .hub import Hub
 from .limits import TokenBucket
@@ -81,6 +81,7 @@ class Node:
         self.broker: Broker = factory(self.hub.deliver, self.hub.lost)
         self.hub.broker = self.broker
         self.hub.on_reset = self.metrics.resets_gap.inc
+        self.broker.kick = self.kick
         self.flusher = Flusher(self.metrics.dropped_queue_full.inc)
         self.limits = QueueLimits(
             bp.max_bytes,
@@ -90,6 +91,7 @@ class Node:
             max_held=max(bp.max_messages, settings.history.replay_max),
         )
         self.sessions: set[Session] = set()
+        self._by_id: dict[str, Session] = {}
         self.draining = False
         self._ids = itertools.count(1)
         self.warn = _Throttle()
@@ -120,9 +122,18 @@ class Node:
             self.warn("auth:" + exc.reason, "refused token from %s: %s", peer, exc)
             raise
 
-    def open_session(self, identity: Identity, codec: Codec, wire: Wire, closer: Closer) -> Session:
+    def new_conn_id(self) -> str:
+        return f"{self.id}:{next(self._ids)}"
+
+    def kick(self, conn_id: str) -> None:
+        """The cluster made room for a newer connection of this one's user."""
+        session = self._by_id.get(conn_id)
+        if session is not None:
+            session.close(REPLACED)
+
+    def open_session(self, conn_id: str, identity: Identity, codec: Codec, wire: Wire, closer: Closer) -> Session:
         session = Session(
-            f"{self.id}:{next(self._ids)}",
+            conn_id,
             identity,
             codec,
             wire,
@@ -132,6 +143,7 @@ class Node:
             self.metrics.transport[codec.name],
         )
         self.sessions.add(session)
+        self._by_id[conn_id] = session
         session.metrics.opened.inc()
         session.metrics.connections.inc()
         return session
@@ -142,6 +154,8 @@ class Node:
             return
         final = session.closed(reason)
         self.sessions.discard(session)
+        self._by_id.pop(session.id, None)
+        self.broker.close_connection(session.user, session.id)
         session.metrics.connections.dec()
         self.metrics.closed.labels(session.transport, final.label).inc()
         try:

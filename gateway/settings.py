@@ -139,6 +139,10 @@ class BackpressureSettings:
 @dataclass(frozen=True, slots=True)
 class LimitsSettings:
     max_subscriptions: int = 100
+    # Open connections per user, across the cluster, and what happens to one more:
+    # "refuse-new" (WS close 4029 / HTTP 429) or "close-oldest" (that one gets 4029).
+    max_connections_per_user: int = 10
+    connections_policy: str = "refuse-new"
     # Browser origins allowed to open streams: empty = the node's own origin, "*" = any.
     origins: tuple[str, ...] = ()
     # Client commands per connection per rate_window: publishes, and the rest.
@@ -362,7 +366,12 @@ def validate(s: Settings) -> None:
     _require(s.backpressure.socket_buffer >= 0, "backpressure.socket_buffer", "must be >= 0 (0: kernel default)")
     _require(s.backpressure.stall_timeout > 0, "backpressure.stall_timeout", "must be > 0")
     _require(s.limits.max_subscriptions >= 1, "limits.max_subscriptions", "must be >= 1")
-    for key in ("publish_rate", "command_rate", "abuse_strikes"):
+    _require(
+        s.limits.connections_policy in ("refuse-new", "close-oldest"),
+        "limits.connections_policy",
+        "must be refuse-new or close-oldest",
+    )
+    for key in ("publish_rate", "command_rate", "abuse_strikes", "max_connections_per_user"):
         _require(getattr(s.limits, key) >= 1, f"limits.{key}", "must be >= 1")
     for key in ("rate_window", "api_rate"):
         _require(getattr(s.limits, key) > 0, f"limits.{key}", "must be > 0")

@@ -14,7 +14,7 @@ from aiohttp_sse import EventSourceResponse
 
 from broker import BrokerUnavailable
 
-from .admission import Refusal, admit
+from .admission import Refusal, admit, count_in
 from .disconnect import CLIENT_CLOSED, GOING_AWAY, INTERNAL, UNAVAILABLE, Disconnect
 from .frames import SSE
 from .http import SocketWire, drain_or_abort, json_error
@@ -51,6 +51,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
     try:
         admission = admit(node, request, request.headers.get("Last-Event-ID"))
+        conn_id = await count_in(node, admission.identity)
     except Refusal as refusal:
         return json_error(refusal.status, refusal.error, refusal.message)
 
@@ -64,7 +65,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     assert transport is not None
     bp = node.settings.backpressure
     conn = SseConnection(response, request, bp.write_buffer, bp.socket_buffer)
-    session = node.open_session(admission.identity, SSE, conn, conn.close)
+    session = node.open_session(conn_id, admission.identity, SSE, conn, conn.close)
     reason: Disconnect = CLIENT_CLOSED
     try:
         await attach(node, session, admission.channels, admission.since)

@@ -10,7 +10,7 @@ from aiohttp import WSMsgType, web
 from broker import BrokerUnavailable
 from broker.channels import client_name
 
-from .admission import Refusal, admit, check_origin
+from .admission import Refusal, admit, check_origin, count_in
 from .disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, INTERNAL, TOO_BIG, UNAVAILABLE, Disconnect
 from .frames import WS
 from .http import SocketWire, drain_or_abort, json_error
@@ -91,6 +91,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     # Refusals are close codes after the upgrade: a browser cannot see an HTTP status.
     try:
         admission = admit(node, request)
+        conn_id = await count_in(node, admission.identity)
     except Refusal as refusal:
         if request.transport is not None:
             await close_ws(ws, request.transport, refusal.disconnect, s.close_timeout)
@@ -98,7 +99,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
 
     bp = node.settings.backpressure
     conn = WsConnection(ws, request, bp.write_buffer, bp.socket_buffer, s.close_timeout)
-    session = node.open_session(admission.identity, WS, conn, conn.close)
+    session = node.open_session(conn_id, admission.identity, WS, conn, conn.close)
     reason: Disconnect = CLIENT_CLOSED
     try:
         welcome = {

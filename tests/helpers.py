@@ -113,7 +113,9 @@ async def expect_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0
     async with asyncio.timeout(timeout):
         while True:
             msg = await ws.receive()
-            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            if msg.type is aiohttp.WSMsgType.CLOSE:  # the frame's own code (close_code may lag)
+                return int(msg.data), str(msg.extra or "")
+            if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
                 return ws.close_code, str(msg.extra or "")
             if msg.type is aiohttp.WSMsgType.ERROR:
                 return ws.close_code, str(msg.data)

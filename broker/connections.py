@@ -1,0 +1,109 @@
+"""Connections per user, counted across the cluster.
+
+One KV key per user (``<stream>_conns``) holds that user's open connections —
+``{conn id: [node instance, opened at]}`` — updated with compare-and-set, so
+two nodes admitting the same user at once cannot both take the last place.
+Entries of instances that stopped refreshing their liveness key (crashed) do
+not count and are dropped at the user's next update. A connection chosen to
+make room on another node is closed through a message to that node.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from .base import TooManyConnections
+
+log = logging.getLogger("herald.connections")
+
+# conn id → [instance, opened at (unix seconds)]
+Table = dict[str, list[object]]
+
+
+def _key(user: str) -> str:
+    return base64.urlsafe_b64encode(user.encode()).decode().rstrip("=")
+
+
+class UserConnections:
+    def __init__(self, stream: str, instance: str, alive: Callable[[], Awaitable[set[str]]]) -> None:
+        self._bucket = f"{stream}_conns"
+        self._instance = instance
+        self._alive = alive
+        self._kv: KeyValue | None = None
+
+    async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
+        kind = StorageType.MEMORY if storage == "memory" else StorageType.FILE
+        try:
+            self._kv = await js.key_value(self._bucket)
+        except nats.js.errors.BucketNotFoundError:
+            self._kv = await js.create_key_value(
+                KeyValueConfig(bucket=self._bucket, history=1, replicas=replicas, storage=kind)
+            )
+
+    async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> list[tuple[str, str]]:
+        """Count ``conn`` in; returns the (instance, conn) to close to make
+        room (close-oldest), or raises TooManyConnections (refuse-new).
+        Without NATS it admits (a limit is protection, not authentication)."""
+        victims: list[tuple[str, str]] = []
+
+        def admit(table: Table, alive: set[str]) -> Table | None:
+            victims.clear()
+            live = {c: v for c, v in table.items() if v[0] in alive}
+            excess = len(live) + 1 - limit
+            if excess > 0:
+                if not close_oldest:
+                    raise TooManyConnections(f"at most {limit} connections per user")
+                for c in sorted(live, key=lambda c: float(live[c][1]))[:excess]:  # type: ignore[arg-type]
+                    victims.append((str(live[c][0]), c))
+                    del live[c]
+            live[conn] = [self._instance, time.time()]
+            return live
+
+        await self._update(user, admit)
+        return victims
+
+    async def close(self, user: str, conn: str) -> None:
+        def remove(table: Table, alive: set[str]) -> Table | None:
+            if conn not in table:
+                return None
+            return {c: v for c, v in table.items() if c != conn and v[0] in alive}
+
+        await self._update(user, remove)
+
+    async def _update(self, user: str, change: Callable[[Table, set[str]], Table | None]) -> None:
+        kv = self._kv
+        if kv is None:
+            return
+        key = _key(user)
+        try:
+            alive = await self._alive()
+            alive.add(self._instance)
+            for _ in range(100):
+                try:
+                    entry = await kv.get(key)
+                    table, revision = orjson.loads(entry.value or b"{}"), entry.revision
+                except nats.js.errors.NotFoundError:
+                    table, revision = {}, 0
+                new = change(table, alive)
+                if new is None:
+                    return
+                try:
+                    if revision:
+                        await kv.update(key, orjson.dumps(new), last=revision)
+                    else:
+                        await kv.create(key, orjson.dumps(new))
+                    return
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue  # another connection of this user changed it: again
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("connection count of a user not updated: %r", exc)
