@@ -9,7 +9,9 @@ a subscription or reaching a foreign subject.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ID_RE = re.compile(r"[A-Za-z0-9_:@=+-]{1,128}")
@@ -123,3 +125,13 @@ class Subjects:
                     return f"{kind}:{ident}"
                 return None
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern))
+
+
+def glob_match(patterns: Iterable[str], value: str) -> bool:
+    """``*`` matches any run of characters, ``?`` one; the whole value must match."""
+    return any(_glob(p).fullmatch(value) for p in patterns)

@@ -42,6 +42,8 @@ from .timestamps import parse_rfc3339
 
 log = logging.getLogger("herald.broker")
 
+# Set on join / leave announcements (by nodes, on live subjects only).
+PRESENCE_HEADER = "Herald-Presence"
 # Interest key of the shared user subscription; never a valid channel name.
 ALL_USERS = "user:*"
 
@@ -72,6 +74,8 @@ class NatsConfig:
     # Presence: this node's id, and how long a silent node's users stay listed.
     node_id: str = "herald"
     presence_ttl: float = 15.0
+    # Room globs whose members' first arrival / last departure is announced.
+    join_leave_rooms: tuple[str, ...] = ()
 
 
 class NatsBroker:
@@ -92,7 +96,9 @@ class NatsBroker:
         # Channels wanted (reference counted): the ones whose flow is kept gap-free.
         self._wanted: dict[str, int] = {}
         self._reads = ReadPositions(f"{config.stream}_read")
-        self._presence = Presence(config.stream, config.node_id, config.presence_ttl)
+        self._presence = Presence(
+            config.stream, config.node_id, config.presence_ttl, config.join_leave_rooms, self._announce
+        )
         self._connections = UserConnections(config.stream, self._presence.instance, self._presence.alive)
         self.kick: KickCallback = _ignore_loss
         self._stream_ready = False
@@ -463,6 +469,12 @@ class NatsBroker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _announce(self, channel: str, user: str, joined: bool) -> None:
+        """A join / leave frame to the room's members: live only, never stored."""
+        if self._nc is not None and self.connected:
+            headers = {PRESENCE_HEADER: "join" if joined else "leave"}
+            await self._nc.publish(self._subjects.live_subject(channel), user.encode(), headers=headers)
+
     def mark_present(self, channel: str, user: str, present: bool) -> None:
         self._presence.mark(channel, user, present)
 
@@ -481,6 +493,9 @@ def _decode(channel: str, data: bytes, headers: dict[str, str] | None) -> Delive
     event = event_of(headers)
     seq_text = headers.get("Nats-Sequence")
     if seq_text is None:  # ephemeral: published straight to the live subject
+        announced = headers.get(PRESENCE_HEADER)
+        if announced in ("join", "leave"):
+            event = "!" + announced  # not a valid event name: cannot come from a publisher
         return Delivery(channel, 0, 0, time.time(), event, data)
     stamp = headers.get("Nats-Time-Stamp")
     return Delivery(

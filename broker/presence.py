@@ -23,6 +23,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 import nats.js.errors
@@ -31,6 +32,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from .base import BrokerUnavailable
+from .channels import glob_match
 
 log = logging.getLogger("herald.presence")
 
@@ -52,9 +54,22 @@ def instance_id(node_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", node_id)[:64] + "-" + uuid.uuid4().hex[:8]
 
 
+# Announce a user's first connection to a room anywhere (True) / last one gone (False).
+Announce = Callable[[str, str, bool], Awaitable[None]]
+
+
 class Presence:
-    def __init__(self, stream: str, node_id: str, ttl: float) -> None:
+    def __init__(
+        self,
+        stream: str,
+        node_id: str,
+        ttl: float,
+        join_leave: tuple[str, ...] = (),
+        announce: Announce | None = None,
+    ) -> None:
         self.instance = instance_id(node_id)
+        self._join_leave = join_leave
+        self._announce = announce
         self._bucket = f"{stream}_presence"
         self._nodes_bucket = f"{stream}_nodes"
         self._ttl = ttl
@@ -111,12 +126,48 @@ class Presence:
                         await self._kv.put(self._entry(*key), b"1")
                     else:
                         await self._kv.delete(self._entry(*key))
+                    if self._announces(key[0]):
+                        await (self._joined if present else self._left)(*key)
                 except (TimeoutError, nats.errors.Error) as exc:
                     log.warning("presence write failed (%r); retrying", exc)
                     await asyncio.sleep(1.0)
                     continue
                 if self._pending.get(key) is present:  # not changed meanwhile
                     del self._pending[key]
+
+    # -- join / leave, once per user across the cluster ---------------------------
+    #
+    # A marker key per (room, user) is created by the first node to see the
+    # user arrive (KV create: one winner) and deleted with compare-and-set by
+    # the node that sees no live entry left: one join and one leave per stay,
+    # however many tabs and nodes.
+
+    def _announces(self, room: str) -> bool:
+        return self._announce is not None and room.startswith("room:") and glob_match(self._join_leave, room[5:])
+
+    def _marker(self, room: str, user: str) -> str:
+        return f"_j.m.{_b64(room)}.{_b64(user)}"
+
+    async def _joined(self, room: str, user: str) -> None:
+        assert self._kv is not None and self._announce is not None
+        try:
+            await self._kv.create(self._marker(room, user), b"1")
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return  # in the room already, through another node or tab
+        await self._announce(room, user, True)
+
+    async def _left(self, room: str, user: str) -> None:
+        assert self._kv is not None and self._announce is not None
+        alive = await self.alive()
+        for entry in await _keys(self._kv, f"*.{_b64(room)}.{_b64(user)}"):
+            if entry.split(".", 1)[0] in alive:
+                return  # still there on some node
+        try:
+            marker = await self._kv.get(self._marker(room, user))
+            await self._kv.delete(self._marker(room, user), last=marker.revision)
+        except (nats.js.errors.NotFoundError, nats.js.errors.KeyWrongLastSequenceError):
+            return  # announced by another node already
+        await self._announce(room, user, False)
 
     async def _heartbeat_loop(self) -> None:
         beat = self._ttl / 3
@@ -144,6 +195,10 @@ class Presence:
                 continue
             for entry in await _keys(self._kv, f"{dead}.*.*"):
                 await self._kv.delete(entry)
+                _, room, user = entry.split(".")
+                room, user = _unb64(room), _unb64(user)
+                if self._announces(room):
+                    await self._left(room, user)
             await self._kv.delete(key)
             log.info("presence: removed the entries of instance %s (gone)", dead)
 

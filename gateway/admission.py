@@ -64,7 +64,7 @@ def check_origin(node: Node, request: web.Request) -> None:
     """A browser page from an origin not allowed may not open a stream (the
     token may be a cookie the browser sends on its own)."""
     origin = request.headers.get("Origin")
-    if not origin_allowed(origin, request.host, node.settings.limits.origins):
+    if not origin_allowed(origin, request.host, node.allowed_origins):
         node.metrics.limit_rejections.labels("origin").inc()
         node.warn("origin", "refused a stream from origin %s (limits.origins)", origin)
         raise Refusal(403, FORBIDDEN, "forbidden_origin", f"origin {origin} is not allowed (limits.origins)")

@@ -7,7 +7,6 @@ confusion are refused by construction.
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 from collections.abc import Iterable
@@ -19,7 +18,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from broker.channels import ID_RE
+from broker.channels import ID_RE, glob_match
 
 from .settings import JwtSettings
 
@@ -46,15 +45,6 @@ class AuthError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-@functools.lru_cache(maxsize=4096)
-def _glob(pattern: str) -> re.Pattern[str]:
-    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern))
-
-
-def glob_match(patterns: Iterable[str], value: str) -> bool:
-    return any(_glob(p).fullmatch(value) for p in patterns)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from broker import BrokerUnavailable
-from broker.channels import InvalidChannel, check_event, parse_seq, room_channel
+from broker.channels import InvalidChannel, check_event, glob_match, parse_seq, room_channel
 
 from .auth import AuthError
 from .disconnect import RATE_LIMITED
@@ -87,6 +87,10 @@ class Commands:
         except BrokerUnavailable as exc:
             self.error(session, ref, "unavailable", str(exc))
 
+    def refuse_binary(self, session: Session) -> None:
+        if self._within_rate(session, "", None):  # counts like any other frame
+            self.error(session, None, "bad_frame", "binary frames are not supported: send JSON text")
+
     def _within_rate(self, session: Session, kind: str, ref: Ref) -> bool:
         limits = self.node.settings.limits
         limiter = session.limiter
@@ -144,6 +148,8 @@ class Commands:
         room, channel = _room(cmd)
         if not session.identity.may_publish(room):
             raise CommandError("forbidden", f"token does not allow publishing to room {room}")
+        if not glob_match(self.node.settings.rooms.client_publish, room):
+            raise CommandError("forbidden", f"clients may not publish to room {room} (rooms.client_publish)")
         if "data" not in cmd:
             raise CommandError("bad_request", "publish needs data")
         event = cmd.get("event")

@@ -45,6 +45,11 @@ def message_json(d: Delivery) -> bytes:
     return orjson.dumps(head)[:-1] + b',"data":' + json_data(d.payload) + b"}"
 
 
+def presence_json(d: Delivery) -> bytes:
+    """A join / leave announcement (event ``!join`` / ``!leave``, payload = user)."""
+    return orjson.dumps({"type": d.event[1:], "room": d.channel[5:], "user": d.payload.decode("utf-8", "replace")})
+
+
 def sse_event(event: str, data: bytes, event_id: int = 0) -> bytes:
     parts = [b"id: %d\n" % event_id] if event_id else []
     parts.append(b"event: " + event.encode() + b"\n")
@@ -68,6 +73,8 @@ class WsCodec:
     name = "ws"
 
     def message(self, d: Delivery) -> bytes:
+        if d.event[0] == "!":
+            return ws_frame(presence_json(d))
         return ws_frame(message_json(d))
 
     def control(self, obj: dict[str, Any]) -> bytes:
@@ -78,6 +85,8 @@ class SseCodec:
     name = "sse"
 
     def message(self, d: Delivery) -> bytes:
+        if d.event[0] == "!":
+            return sse_event(d.event[1:], presence_json(d))
         data = d.payload
         try:
             data.decode("utf-8")

@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from broker import Broker, Delivery
-from broker.channels import client_name
+from broker.channels import client_name, glob_match
 
-from .auth import glob_match
 from .session import Session
 
 

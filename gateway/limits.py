@@ -50,13 +50,37 @@ class CommandLimiter:
         return wait
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normal_origin(origin: str) -> str | None:
+    """``scheme://host[:port]`` lower-cased, without a default port; None if
+    ``origin`` is not such an origin (a path, userinfo, a wildcard, a bad port…)."""
+    if origin != origin.strip() or any(c in origin for c in "*?#@ \t"):
+        return None
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path or parts.query or parts.fragment:
+        return None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}" + ("" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}")
+
+
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
     """Browsers send ``Origin``; other clients do not and are not checked.
-    ``allowed`` empty: the node's own origin only (same host); ``*``: any."""
+    ``allowed`` (normalised origins) empty: the node's own origin only (same
+    host); ``*``: any."""
     if origin is None or "*" in allowed:
         return True
-    if origin in allowed:
-        return True
-    if allowed:
+    normal = normal_origin(origin)
+    if normal is None:
         return False
+    if allowed:
+        return normal in allowed
     return host is not None and urlsplit(origin).netloc.lower() == host.lower()

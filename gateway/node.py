@@ -16,7 +16,7 @@ from .auth import Authenticator, AuthError, Identity
 from .disconnect import REPLACED, SHUTDOWN, Disconnect
 from .frames import Codec
 from .hub import Hub
-from .limits import TokenBucket
+from .limits import TokenBucket, normal_origin
 from .metrics import Metrics
 from .outbound import Flusher, QueueLimits, Wire
 from .session import Closer, Session, State
@@ -50,6 +50,7 @@ def nats_config(settings: Settings) -> NatsConfig:
         max_repair=h.replay_max,
         node_id=settings.node.id,
         presence_ttl=settings.presence.ttl,
+        join_leave_rooms=settings.rooms.join_leave,
     )
 
 
@@ -96,6 +97,8 @@ class Node:
         self._ids = itertools.count(1)
         self.warn = _Throttle()
         self._api_buckets: dict[str, TokenBucket] = {}
+        # Compared with a request's Origin once both are normalised.
+        self.allowed_origins = tuple("*" if o == "*" else (normal_origin(o) or o) for o in settings.limits.origins)
         self.metrics.watch_broker(self.broker.stats)
         self.metrics.watch_queue_bytes(self.queued_bytes)
 
@@ -108,7 +111,8 @@ class Node:
         bucket = self._api_buckets.get(key)
         if bucket is None:
             rate = self.settings.limits.api_rate
-            bucket = self._api_buckets[key] = TokenBucket(rate, 1.0)
+            burst = max(1.0, rate)  # at least one whole token, or nothing would pass
+            bucket = self._api_buckets[key] = TokenBucket(burst, burst / rate)
         return bucket
 
     def queued_bytes(self) -> float:

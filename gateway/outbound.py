@@ -266,6 +266,16 @@ class Outbound:
         if room is not None and not room.done():
             room.set_result(None)
 
+    def write_out(self) -> None:
+        """Write everything queued now, past ``write_buffer``: before a close
+        frame, so the client still gets the acks and errors that explain it."""
+        if self.closed or not self._entries:
+            return
+        data = b"".join([e[0] for e in self._entries])
+        self._entries.clear()
+        self.bytes = 0
+        self._wire.write(data)
+
     def close(self) -> None:
         self.closed = True
         self._entries.clear()

@@ -126,6 +126,8 @@ class Session:
             return
         self.state = State.CLOSING
         self.disconnect = reason
+        if reason.label != "slow_consumer":  # one that does not read would not take it
+            self.outbound.write_out()
         self._stop()
         self._closer(reason)
 

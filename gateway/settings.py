@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .limits import normal_origin
+
 DEFAULT_CONFIG_PATH = Path("config/herald.toml")
 ENV_PREFIX = "HERALD_"
 # Environment names that are not settings keys.
@@ -87,6 +89,14 @@ class PresenceSettings:
     # Seconds after which a node that stopped refreshing (crashed) no longer
     # counts: its users leave every room's presence within this bound.
     ttl: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoomsSettings:
+    # Room globs whose members get join / leave frames.
+    join_leave: tuple[str, ...] = ()
+    # Room globs clients may publish into at all (the token's publish claim still applies).
+    client_publish: tuple[str, ...] = ("*",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +179,7 @@ class Settings:
     stream: StreamSettings = field(default_factory=StreamSettings)
     history: HistorySettings = field(default_factory=HistorySettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
+    rooms: RoomsSettings = field(default_factory=RoomsSettings)
     jwt: JwtSettings = field(default_factory=JwtSettings)
     publish: PublishSettings = field(default_factory=PublishSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -377,7 +388,7 @@ def validate(s: Settings) -> None:
         _require(getattr(s.limits, key) > 0, f"limits.{key}", "must be > 0")
     for origin in s.limits.origins:
         _require(
-            origin == "*" or (origin.startswith(("http://", "https://")) and origin.count("/") == 2),
+            origin == "*" or normal_origin(origin) is not None,
             "limits.origins",
             f"{origin!r} is not an origin like https://app.example.com (scheme://host[:port], no path) or *",
         )

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from aiohttp import WSMsgType, web
+from aiohttp.http_websocket import WebSocketError
 
 from broker import BrokerUnavailable
 from broker.channels import client_name
@@ -60,8 +61,11 @@ async def close_ws(ws: web.WebSocketResponse, transport: asyncio.Transport, reas
 
 def _classify(ws: web.WebSocketResponse) -> Disconnect:
     """Why the peer's side ended, as far as aiohttp can tell."""
-    if isinstance(ws.exception(), TimeoutError):  # no pong within the heartbeat
+    exc = ws.exception()
+    if isinstance(exc, TimeoutError):  # no pong within the heartbeat
         return HEARTBEAT_TIMEOUT
+    if isinstance(exc, WebSocketError) and exc.code == TOO_BIG.code:  # aiohttp then reports 1006
+        return TOO_BIG
     close_code = ws.close_code
     if close_code == TOO_BIG.code:
         return TOO_BIG
@@ -77,7 +81,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     s = node.settings.ws
     ws = web.WebSocketResponse(
         compress=s.compress,
-        max_msg_size=s.max_frame,
+        max_msg_size=s.max_frame + 1,  # aiohttp refuses sizes >= its limit; ws.max_frame itself is allowed
         heartbeat=s.heartbeat or None,
         timeout=s.close_timeout,
     )
@@ -117,7 +121,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             if msg.type is WSMsgType.TEXT:
                 await commands.handle(session, msg.data)
             elif msg.type is WSMsgType.BINARY:
-                commands.error(session, None, "bad_frame", "binary frames are not supported: send JSON text")
+                commands.refuse_binary(session)
             else:  # close, closing, closed or error
                 break
         reason = _classify(ws)
