@@ -1,0 +1,169 @@
+"""Rooms as a product: join / leave once per user across nodes, ephemeral
+(typing) messages, and which rooms clients may publish into."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from broker.embedded import NatsServer, free_port
+
+from .helpers import SECRET, RunningNode, SseClient, cli_env, recv_json, token, wait_for
+
+NodeFactory = Callable[..., Awaitable[RunningNode]]
+_clusters = itertools.count(1)
+
+
+def cluster(**extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    n = next(_clusters)
+    return {
+        "subject": {"prefix": f"rm{n}"},
+        "stream": {"name": f"RM{n}", "storage": "memory"},
+        "rooms": {"join_leave": ["chat-*"]},
+        **extra,
+    }
+
+
+async def open_ws(
+    http: aiohttp.ClientSession, node: RunningNode | str, user: str, room: str, **claims: Any
+) -> aiohttp.ClientWebSocketResponse:
+    url = node if isinstance(node, str) else node.ws_url
+    ws = await http.ws_connect(url, params={"token": token(user, **claims), "room": room})
+    assert (await recv_json(ws))["type"] == "welcome"
+    return ws
+
+
+async def frames_for(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> list[dict[str, Any]]:
+    """Every frame that arrives within ``seconds``."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            got.append(await recv_json(ws, timeout=left))
+        except TimeoutError:
+            break
+    return got
+
+
+def presence_frames(frames: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(f["type"], f["user"]) for f in frames if f["type"] in ("join", "leave")]
+
+
+async def test_one_join_and_one_leave_per_user_across_two_nodes(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    shared = cluster()
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    observer = await open_ws(http, a, "olga", "chat-1")
+    assert presence_frames(await frames_for(observer, 0.5)) == [("join", "olga")]  # its own arrival
+    sse = SseClient(await http.get(b.url + "/sse", params={"token": token("sam"), "room": "chat-1"}))
+
+    first = await open_ws(http, b, "alice", "chat-1")
+    second = await open_ws(http, a, "alice", "chat-1")  # another tab, another node: no second join
+    got = presence_frames(await frames_for(observer, 0.8))
+    assert got == [("join", "sam"), ("join", "alice")], got
+    await first.close()  # one tab left: no leave
+    assert presence_frames(await frames_for(observer, 0.6)) == []
+    await second.close()
+    assert presence_frames(await frames_for(observer, 1.0)) == [("leave", "alice")]
+
+    # The SSE member saw the same, as events.
+    events = []
+    while len(events) < 2:
+        ev = await sse.next()
+        if ev.event in ("join", "leave") and ev.json()["user"] == "alice":
+            events.append((ev.event, ev.json()))
+    assert events == [
+        ("join", {"type": "join", "room": "chat-1", "user": "alice"}),
+        ("leave", {"type": "leave", "room": "chat-1", "user": "alice"}),
+    ]
+    # Rooms outside rooms.join_leave announce nothing.
+    quiet = await open_ws(http, a, "quinn", "lobby")
+    rita = await open_ws(http, b, "rita", "lobby")
+    assert presence_frames(await frames_for(quiet, 0.6)) == []
+    await rita.close()
+    await observer.close()
+
+
+async def test_ephemeral_reaches_members_live_and_is_never_replayed(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    shared = cluster()
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    typist = await open_ws(http, a, "tom", "chat-2", publish=["chat-*"])
+    reader = await open_ws(http, b, "uma", "chat-2")
+    await frames_for(reader, 0.3)  # join frames
+    await typist.send_json({"type": "publish", "room": "chat-2", "data": {"typing": True}, "ephemeral": True, "ref": 1})
+    await typist.send_json({"type": "publish", "room": "chat-2", "data": {"text": "hi"}, "ref": 2})
+    acks = [f for f in await frames_for(typist, 0.5) if f["type"] == "ack"]
+    assert acks[0] == {"type": "ack", "ref": 1, "channel": "room:chat-2"}  # no id: not stored
+    stored_id = acks[1]["id"]
+    got = [f for f in await frames_for(reader, 0.5) if f["type"] == "message"]
+    assert got[0] == {"type": "message", "channel": "room:chat-2", "event": "message", "data": {"typing": True}}
+    assert (got[1]["id"], got[1]["data"]) == (stored_id, {"text": "hi"})
+
+    # A later resume from before both: only the stored one.
+    late = await http.ws_connect(b.ws_url, params={"token": token("vic"), "room": "chat-2", "since": "0"})
+    frames = [f for f in await frames_for(late, 0.6) if f["type"] == "message"]
+    assert [(f.get("id"), f["data"]) for f in frames] == [(stored_id, {"text": "hi"})]
+    for ws in (typist, reader, late):
+        await ws.close()
+
+
+async def test_rooms_client_publish_limits_where_clients_may_publish(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    node = await node_factory(**cluster(rooms={"client_publish": ["chat-*"]}))
+    ws = await open_ws(http, node, "will", "news", publish=["*"])
+    await ws.send_json({"type": "publish", "room": "news", "data": 1, "ref": "n"})
+    err = await recv_json(ws)
+    assert (err["type"], err["code"], err["ref"]) == ("error", "forbidden", "n")
+    assert "rooms.client_publish" in err["message"]
+    await ws.send_json({"type": "publish", "room": "chat-x", "data": 1, "ref": "c"})
+    assert (await recv_json(ws))["type"] == "ack"
+    await ws.close()
+
+
+async def test_a_killed_nodes_users_leave_once(
+    node_factory: NodeFactory, nats_server: NatsServer, spawn: Any, http: aiohttp.ClientSession
+) -> None:
+    shared = cluster(presence={"ttl": 1.5})
+    survivor = await node_factory(**shared)
+    port = free_port()
+    env = cli_env(
+        HERALD_NATS_URLS=nats_server.url,
+        HERALD_HTTP_PORT=str(port),
+        HERALD_JWT_SECRET=SECRET,
+        HERALD_SUBJECT_PREFIX=shared["subject"]["prefix"],
+        HERALD_STREAM_NAME=shared["stream"]["name"],
+        HERALD_STREAM_STORAGE="memory",
+        HERALD_PRESENCE_TTL="1.5",
+        HERALD_ROOMS_JOIN_LEAVE="chat-*",
+        HERALD_NODE_ID="doomed",
+    )
+    proc = spawn(["serve"], env)
+    url = f"http://127.0.0.1:{port}"
+
+    async def up() -> bool:
+        try:
+            async with http.get(url + "/readyz") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(up, timeout=20, interval=0.1)
+    watcher = await open_ws(http, survivor, "wes", "chat-9")
+    doomed = await open_ws(http, url.replace("http", "ws") + "/ws", "xena", "chat-9")
+    assert presence_frames(await frames_for(watcher, 1.0)) == [("join", "wes"), ("join", "xena")]
+    proc.send_signal(signal.SIGKILL)
+    got = presence_frames(await frames_for(watcher, 6.0))
+    assert got == [("leave", "xena")], got
+    await watcher.close()
+    await doomed.close()  # kept open until its node died
