@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .channels import glob_match
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -49,17 +51,29 @@ class History:
 
     user: Retention = Retention(50, 7 * 86400.0)
     room: Retention = Retention(1000, 86400.0)
+    # (room id glob, retention) in order: the first that matches a room wins.
+    rooms: tuple[tuple[str, Retention], ...] = ()
 
     def of(self, channel: str) -> Retention:
-        return self.user if channel.startswith("user:") else self.room
+        if channel.startswith("user:"):
+            return self.user
+        if self.rooms and channel.startswith("room:"):
+            room = channel[5:]
+            for pattern, retention in self.rooms:
+                if glob_match((pattern,), room):
+                    return retention
+        return self.room
+
+    def _all(self) -> list[Retention]:
+        return [self.user, self.room, *(r for _, r in self.rooms)]
 
     @property
     def max_msgs(self) -> int:
-        return max(self.user.max_msgs, self.room.max_msgs)
+        return max(r.max_msgs for r in self._all())
 
     @property
     def max_age(self) -> float:
-        return max(self.user.max_age, self.room.max_age)
+        return max(r.max_age for r in self._all())
 
 
 @dataclass(frozen=True, slots=True)

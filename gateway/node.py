@@ -20,7 +20,7 @@ from .limits import TokenBucket, normal_origin
 from .metrics import Metrics
 from .outbound import Flusher, QueueLimits, Wire
 from .session import Closer, Session, State
-from .settings import Settings
+from .settings import Settings, room_history_rules
 
 log = logging.getLogger("herald.node")
 
@@ -39,7 +39,11 @@ def nats_config(settings: Settings) -> NatsConfig:
         stream=settings.stream.name,
         replicas=settings.stream.replicas,
         storage=settings.stream.storage,
-        history=History(Retention(h.user_max, h.user_max_age), Retention(h.room_max, h.room_max_age)),
+        history=History(
+            Retention(h.user_max, h.user_max_age),
+            Retention(h.room_max, h.room_max_age),
+            tuple((glob, Retention(n, age)) for glob, n, age in room_history_rules(settings.rooms.history)),
+        ),
         max_bytes=settings.stream.max_bytes,
         publish_timeout=n.publish_timeout,
         unsubscribe_delay=n.unsubscribe_delay,

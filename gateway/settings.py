@@ -97,6 +97,27 @@ class RoomsSettings:
     join_leave: tuple[str, ...] = ()
     # Room globs clients may publish into at all (the token's publish claim still applies).
     client_publish: tuple[str, ...] = ("*",)
+    # History per room glob, "glob=max_messages/max_age_seconds"; first match wins,
+    # other rooms use history.room_max / room_max_age.
+    history: tuple[str, ...] = ()
+
+
+def room_history_rules(rules: tuple[str, ...]) -> tuple[tuple[str, int, float], ...]:
+    """Parse ``rooms.history`` entries; ValueError names the bad one."""
+    parsed = []
+    for rule in rules:
+        glob, sep, limits = rule.partition("=")
+        count, slash, age = limits.partition("/")
+        try:
+            if not (sep and slash and glob.strip()):
+                raise ValueError
+            max_msgs, max_age = int(count), float(age)
+            if max_msgs < 1 or not max_age > 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{rule!r} is not glob=max_messages/max_age_seconds, e.g. chat-*=200/3600") from None
+        parsed.append((glob.strip(), max_msgs, max_age))
+    return tuple(parsed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +364,10 @@ def validate(s: Settings) -> None:
     _require(s.stream.replicas in (1, 3, 5), "stream.replicas", "must be 1, 3 or 5")
     _require(s.stream.storage in ("file", "memory"), "stream.storage", "must be file or memory")
     _require(1.0 <= s.presence.ttl <= 300.0, "presence.ttl", "must be between 1 and 300 seconds")
+    try:
+        room_history_rules(s.rooms.history)
+    except ValueError as exc:
+        _require(False, "rooms.history", str(exc))
     for key in ("user_max", "room_max", "replay_max"):
         _require(getattr(s.history, key) >= 1, f"history.{key}", "must be >= 1")
     for key in ("user_max_age", "room_max_age", "replay_timeout"):

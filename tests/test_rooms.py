@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import signal
 import time
@@ -13,7 +14,7 @@ import aiohttp
 
 from broker.embedded import NatsServer, free_port
 
-from .helpers import SECRET, RunningNode, SseClient, cli_env, recv_json, token, wait_for
+from .helpers import PUBLISH_KEY, SECRET, RunningNode, SseClient, cli_env, recv_json, token, wait_for
 
 NodeFactory = Callable[..., Awaitable[RunningNode]]
 _clusters = itertools.count(1)
@@ -167,3 +168,50 @@ async def test_a_killed_nodes_users_leave_once(
     assert got == [("leave", "xena")], got
     await watcher.close()
     await doomed.close()  # kept open until its node died
+
+
+async def publish(http: aiohttp.ClientSession, node: RunningNode, channel: str, data: Any) -> str:
+    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+    async with http.post(node.url + "/api/publish", json={"channel": channel, "data": data}, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        return str((await r.json())["id"])
+
+
+async def test_history_per_room_glob(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
+    node = await node_factory(**cluster(rooms={"history": ["chat-*=3/3600", "log-?=100/0.5"]}))
+    since = await publish(http, node, "room:lobby", "before")
+    chat = [await publish(http, node, "room:chat-1", i) for i in range(6)]
+    lobby = [await publish(http, node, "room:lobby", i) for i in range(6)]
+    ws = await http.ws_connect(
+        node.ws_url,
+        params=[("token", token("yara")), ("room", "chat-1"), ("room", "lobby"), ("since", since)],
+    )
+    assert (await recv_json(ws))["type"] == "welcome"
+    frames = [f for f in await frames_for(ws, 0.8) if f["type"] in ("reset", "message")]
+    assert frames[0]["type"] == "reset" and frames[0]["channel"] == "room:chat-1"
+    ids = [f["id"] for f in frames[1:]]
+    assert ids == sorted(chat[-3:] + lobby, key=int)  # chat-*: the newest 3; lobby: the default (1000)
+    await ws.close()
+
+    # Age: log-? keeps half a second.
+    since = await publish(http, node, "room:lobby", "mark")
+    await publish(http, node, "room:log-1", "old")
+    await asyncio.sleep(0.7)
+    fresh = await publish(http, node, "room:log-1", "fresh")
+    ws = await http.ws_connect(node.ws_url, params={"token": token("yara"), "room": "log-1", "since": since})
+    assert (await recv_json(ws))["type"] == "welcome"
+    frames = [f for f in await frames_for(ws, 0.6) if f["type"] in ("reset", "message")]
+    assert [(f["type"], f.get("id")) for f in frames] == [("reset", None), ("message", fresh)]
+    await ws.close()
+
+
+def test_bad_room_history_rule_is_refused() -> None:
+    from gateway.settings import ConfigError, load_settings
+
+    for bad in ("chat-*", "chat-*=x/1", "=3/60", "chat-*=3/-1", "chat-*=0/60"):
+        try:
+            load_settings(env={"HERALD_ROOMS_HISTORY": bad}, use_default_file=False)
+        except ConfigError as exc:
+            assert "rooms.history" in str(exc), exc
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
