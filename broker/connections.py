@@ -10,6 +10,7 @@ make room on another node is closed through a message to that node.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -72,18 +73,26 @@ class UserConnections:
         await self._update(user, admit)
         return victims
 
-    async def close(self, user: str, conn: str) -> None:
+    async def close(self, user: str, conn: str, attempts: int = 5) -> None:
+        """Count ``conn`` out. Retried: a connection left counted would take
+        one of the user's places for as long as this node lives."""
+
         def remove(table: Table, alive: set[str]) -> Table | None:
             if conn not in table:
                 return None
             return {c: v for c, v in table.items() if c != conn and v[0] in alive}
 
-        await self._update(user, remove)
+        for attempt in range(attempts):
+            if await self._update(user, remove):
+                return
+            await asyncio.sleep(min(30.0, 2.0**attempt))
+        log.error("a closed connection of a user stays counted until this node restarts")
 
-    async def _update(self, user: str, change: Callable[[Table, set[str]], Table | None]) -> None:
+    async def _update(self, user: str, change: Callable[[Table, set[str]], Table | None]) -> bool:
+        """Apply ``change`` with compare-and-set; False if NATS failed."""
         kv = self._kv
         if kv is None:
-            return
+            return False
         key = _key(user)
         try:
             alive = await self._alive()
@@ -96,14 +105,15 @@ class UserConnections:
                     table, revision = {}, 0
                 new = change(table, alive)
                 if new is None:
-                    return
+                    return True
                 try:
                     if revision:
                         await kv.update(key, orjson.dumps(new), last=revision)
                     else:
                         await kv.create(key, orjson.dumps(new))
-                    return
+                    return True
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue  # another connection of this user changed it: again
         except (TimeoutError, nats.errors.Error) as exc:
             log.warning("connection count of a user not updated: %r", exc)
+        return False
