@@ -235,18 +235,17 @@ class Presence:
         return sorted(users)
 
     async def close(self, timeout: float = 1.0) -> None:
-        """Leave every room at once (a drained node's users should not linger)."""
+        """Stop counting as live: this node's users drop out of every room at
+        once. Its entries stay for a survivor's sweep, which also announces
+        their leaves (a node that is going away cannot be trusted to finish)."""
         for task in self._tasks:
             task.cancel()
         self._tasks = []
-        if self._kv is None or self._nodes is None:
+        if self._nodes is None:
             return
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
                 await self._nodes.delete(self.instance)
-                for room, user in list(self._local):
-                    await self._kv.delete(self._entry(room, user))
-                await self._kv.delete(f"{REGISTRY}.{self.instance}")
 
 
 async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:

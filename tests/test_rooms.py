@@ -215,3 +215,21 @@ def test_bad_room_history_rule_is_refused() -> None:
             assert "rooms.history" in str(exc), exc
         else:
             raise AssertionError(f"{bad!r} was accepted")
+
+
+async def test_a_stopped_nodes_users_leave_and_may_join_again(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    shared = cluster(presence={"ttl": 1.5})
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    watcher = await open_ws(http, a, "zed", "chat-5")
+    amy = await open_ws(http, b, "amy", "chat-5")
+    assert presence_frames(await frames_for(watcher, 0.8)) == [("join", "zed"), ("join", "amy")]
+    await b.stop()  # graceful: amy's node is gone at once, a survivor announces her leave
+    got = presence_frames(await frames_for(watcher, 5.0))
+    assert got == [("leave", "amy")], got
+    again = await open_ws(http, a, "amy", "chat-5")
+    assert presence_frames(await frames_for(watcher, 0.8)) == [("join", "amy")]
+    for ws in (again, watcher, amy):
+        await ws.close()
