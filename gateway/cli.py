@@ -134,19 +134,14 @@ def _port_free(port: int) -> bool:
 
 
 async def _publish(settings: Settings, args: argparse.Namespace) -> int:
-    from broker.jetstream import NatsBroker
-
-    from .node import nats_config
+    from broker.publisher import NatsPublisher
 
     channel = parse_channel(args.channel)
     if args.event:
         check_event(args.event)
-    broker = NatsBroker(nats_config(settings), lambda d: None)
-    await broker.start(manage_stream=False)
-    try:
-        seq = await broker.publish(channel, args.data.encode(), args.event)
-    finally:
-        await broker.close()
+    publisher = NatsPublisher(settings.nats.urls, settings.subject.prefix, settings.stream.name, attempts=1)
+    async with publisher:
+        seq = await publisher.publish(channel, args.data.encode(), args.event)
     print(seq)
     return 0
 

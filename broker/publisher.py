@@ -1,0 +1,90 @@
+"""Publishing from a backend straight through NATS, with retry.
+
+    async with NatsPublisher(["nats://10.0.0.5:4222"]) as pub:
+        msg_id = await pub.publish("user:alice", {"title": "Invoice paid"}, event="notice")
+
+The message goes to the input subject and is stored by the stream (the
+publish waits for its ack), so connected clients get it live and the others
+find it when they resume. ``gateway.client.HttpPublisher`` does the same
+through a node's HTTP API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+from .base import BrokerUnavailable
+from .channels import Subjects, check_event, parse_channel
+from .jetstream import NatsBroker, NatsConfig
+
+
+def retry_delays(attempts: int, base: float, cap: float = 5.0) -> Iterator[float]:
+    """Sleeps between ``attempts`` tries: exponential, capped, full jitter."""
+    for attempt in range(attempts - 1):
+        yield random.uniform(0, min(cap, base * 2**attempt))
+
+
+def encode(data: Any) -> bytes:
+    """Bytes are sent as they are; anything else as JSON."""
+    return data if isinstance(data, bytes) else orjson.dumps(data)
+
+
+class NatsPublisher:
+    def __init__(
+        self,
+        urls: list[str] | tuple[str, ...] = ("nats://127.0.0.1:4222",),
+        prefix: str = "herald",
+        stream: str = "HERALD",
+        attempts: int = 5,
+        backoff: float = 0.2,
+        timeout: float = 5.0,
+    ) -> None:
+        config = NatsConfig(
+            urls=tuple(urls),
+            name="herald-publisher",
+            subjects=Subjects(prefix, f"{prefix}_live"),
+            stream=stream,
+            publish_timeout=timeout,
+        )
+        self._broker = NatsBroker(config, lambda d: None)
+        self._attempts = attempts
+        self._backoff = backoff
+
+    async def connect(self) -> None:
+        # Never creates or changes the stream: the nodes own its limits.
+        await self._broker.start(manage_stream=False)
+
+    async def publish(self, channel: str, data: Any, event: str | None = None) -> int:
+        """Store one message; returns its id once acked. Retries while NATS
+        does not answer; raises BrokerUnavailable after the last try, and
+        InvalidChannel at once for a bad channel or event name."""
+        channel = parse_channel(channel)
+        if event is not None:
+            check_event(event)
+        payload = encode(data)
+        for delay in [*retry_delays(self._attempts, self._backoff), None]:
+            try:
+                return await self._broker.publish(channel, payload, event)
+            except BrokerUnavailable:
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        await self._broker.close()
+
+    async def __aenter__(self) -> NatsPublisher:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,86 @@
+"""Publishing from a backend through a node's HTTP API, with retry.
+
+    async with HttpPublisher("http://herald.internal:8080", key=PUBLISH_KEY) as pub:
+        msg_id = await pub.publish("room:lobby", {"text": "hi"})
+
+Retries connection errors, 5xx and 429 (waiting as ``Retry-After`` says);
+any other refusal (400, 401, 403, 413) raises ``PublishRefused`` at once.
+``broker.publisher.NatsPublisher`` publishes through NATS instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from broker.publisher import retry_delays
+
+
+class PublishRefused(Exception):
+    """The node refused the message: retrying the same one will not help
+    (or the last retry failed). ``error`` is the node's error code."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(f"{status} {error}: {message}")
+        self.status = status
+        self.error = error
+
+
+class HttpPublisher:
+    def __init__(self, url: str, key: str, attempts: int = 5, backoff: float = 0.2, timeout: float = 10.0) -> None:
+        self._url = url.rstrip("/") + "/api/publish"
+        self._headers = {"Authorization": f"Bearer {key}"}
+        self._attempts = attempts
+        self._backoff = backoff
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def publish(self, channel: str, data: Any, event: str | None = None) -> str:
+        """Store one message through the node; returns its id."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        body: dict[str, Any] = {"channel": channel, "data": data}
+        if event is not None:
+            body["event"] = event
+        refused = PublishRefused(0, "unavailable", "no attempt made")
+        for delay in [*retry_delays(self._attempts, self._backoff), None]:
+            try:
+                async with self._session.post(self._url, json=body, headers=self._headers) as resp:
+                    if resp.status == 200:
+                        return str((await resp.json())["id"])
+                    doc = await _json(resp)
+                    refused = PublishRefused(resp.status, doc.get("error", "?"), doc.get("message", ""))
+                    if resp.status != 429 and resp.status < 500:
+                        raise refused
+                    if resp.status == 429 and delay is not None:
+                        delay = max(delay, float(resp.headers.get("Retry-After", "1") or 1))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                refused = PublishRefused(0, "unavailable", f"{exc.__class__.__name__}: {exc}")
+            if delay is None:
+                raise refused
+            await asyncio.sleep(delay)
+        raise refused
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> HttpPublisher:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+async def _json(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    try:
+        doc = await resp.json(content_type=None)
+    except (ValueError, aiohttp.ContentTypeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
