@@ -9,8 +9,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker import BrokerUnavailable
-from broker.channels import InvalidChannel, check_event, parse_channel, room_channel
+from broker.channels import InvalidChannel, check_event, check_id, parse_channel, room_channel
 
+from .auth import mint_token
 from .http import json_error, json_response, key_matches
 from .keys import NODE
 
@@ -113,6 +114,19 @@ async def presence(request: web.Request) -> web.Response:
     except BrokerUnavailable as exc:
         return json_error(503, "unavailable", str(exc))
     return json_response({"room": channel[5:], "users": users})
+
+
+async def dev_token(request: web.Request) -> web.Response:
+    """``POST /api/dev/token {"user"}`` → a token for that user (all rooms,
+    publish everywhere, 1 h). Only with ``http.dev_tokens`` (``herald dev``)."""
+    node = request.app[NODE]
+    try:
+        doc = orjson.loads(await request.read())
+        user = check_id("user", doc.get("user") if isinstance(doc, dict) else None)
+    except (orjson.JSONDecodeError, InvalidChannel) as exc:
+        return json_error(400, "bad_request", f'body must be {{"user": "<id>"}}: {exc}')
+    token = mint_token(node.settings.jwt.secret, user, rooms=["*"], publish=["*"], ttl=3600)
+    return json_response({"token": token, "user": user})
 
 
 async def metrics(request: web.Request) -> web.Response:

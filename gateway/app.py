@@ -41,6 +41,8 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/sse", sse_handler)
     app.router.add_post("/api/publish", api.publish)
+    if settings.http.dev_tokens:
+        app.router.add_post("/api/dev/token", api.dev_token)
     if settings.admin.port:
         app.router.add_get("/healthz", api.healthz)
         app.router.add_get("/readyz", api.readyz)

@@ -84,7 +84,7 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
     try:
         settings = with_overrides(
             settings,
-            http={"host": "127.0.0.1", "port": args.port},
+            http={"host": "127.0.0.1", "port": args.port, "dev_tokens": True},
             nats={"urls": (server.url,)},
             jwt={"secret": secret, "public_key": ""},
             publish={"key": settings.publish.key or DEV_PUBLISH_KEY},

@@ -43,6 +43,8 @@ class HttpSettings:
     backlog: int = 2048
     max_body: int = 65536
     shutdown_grace: float = 3.0
+    # POST /api/dev/token mints a token for any user: development only (herald dev).
+    dev_tokens: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +375,11 @@ def validate(s: Settings) -> None:
     for key in ("user_max_age", "room_max_age", "replay_timeout"):
         _require(getattr(s.history, key) > 0, f"history.{key}", "must be > 0 seconds")
     _require(not (s.jwt.secret and s.jwt.public_key), "jwt.secret", "set jwt.secret or jwt.public_key, not both")
+    _require(
+        not s.http.dev_tokens or bool(s.jwt.secret),
+        "http.dev_tokens",
+        "needs jwt.secret (the node must be able to sign tokens)",
+    )
     if s.jwt.public_key:
         _require(Path(s.jwt.public_key).is_file(), "jwt.public_key", f"no such file {s.jwt.public_key!r}")
         from .auth import key_algorithm

@@ -190,6 +190,9 @@ async def test_dev_starts_nats_and_a_node_and_stops_both_on_sigint(
     async with http.get(base + "/") as resp:
         assert resp.status == 200
         assert "text/html" in resp.headers["Content-Type"]
+    async with http.post(base + "/api/dev/token", json={"user": "bob"}) as resp:
+        assert resp.status == 200  # the demo signs in by name on a dev node
+        assert (await resp.json())["user"] == "bob"
     await ws.close()
 
     if target == "parent":

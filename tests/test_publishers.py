@@ -79,3 +79,28 @@ async def test_http_publisher_gives_up_after_its_attempts() -> None:
         with pytest.raises(PublishRefused) as down:
             await pub.publish("room:lobby", 1)
     assert down.value.error == "unavailable"
+
+
+async def test_dev_token_endpoint_only_when_enabled(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
+    off = await node_factory()
+    async with http.post(off.url + "/api/dev/token", json={"user": "dora"}) as r:
+        assert r.status in (404, 405)
+    on = await node_factory(http={"dev_tokens": True})
+    async with http.post(on.url + "/api/dev/token", json={"user": "dora"}) as r:
+        assert r.status == 200
+        minted = (await r.json())["token"]
+    ws = await http.ws_connect(on.ws_url, params={"token": minted, "room": "any-room"})
+    welcome = await recv_json(ws)
+    assert (welcome["type"], welcome["user"]) == ("welcome", "dora")
+    await ws.close()
+    for bad in ({"user": "a.b"}, {"user": ""}, ["dora"], {}):
+        async with http.post(on.url + "/api/dev/token", json=bad) as r:
+            assert r.status == 400, bad
+            assert (await r.json())["error"] == "bad_request"
+
+
+def test_dev_tokens_need_a_secret() -> None:
+    from gateway.settings import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"http\.dev_tokens"):
+        load_settings(env={"HERALD_HTTP_DEV_TOKENS": "true"}, use_default_file=False)
