@@ -11,28 +11,23 @@ make room on another node is closed through a message to that node.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import nats.errors
-import nats.js.errors
 import orjson
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from .base import TooManyConnections
+from .kv import bind_bucket, compare_and_set, key_token, storage_type
 
 log = logging.getLogger("herald.connections")
 
 # conn id → [instance, opened at (unix seconds)]
 Table = dict[str, list[object]]
-
-
-def _key(user: str) -> str:
-    return base64.urlsafe_b64encode(user.encode()).decode().rstrip("=")
 
 
 class UserConnections:
@@ -43,13 +38,9 @@ class UserConnections:
         self._kv: KeyValue | None = None
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
-        kind = StorageType.MEMORY if storage == "memory" else StorageType.FILE
-        try:
-            self._kv = await js.key_value(self._bucket)
-        except nats.js.errors.BucketNotFoundError:
-            self._kv = await js.create_key_value(
-                KeyValueConfig(bucket=self._bucket, history=1, replicas=replicas, storage=kind)
-            )
+        self._kv = await bind_bucket(
+            js, KeyValueConfig(bucket=self._bucket, history=1, replicas=replicas, storage=storage_type(storage))
+        )
 
     async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> list[tuple[str, str]]:
         """Count ``conn`` in; returns the (instance, conn) to close to make
@@ -93,27 +84,16 @@ class UserConnections:
         kv = self._kv
         if kv is None:
             return False
-        key = _key(user)
         try:
             alive = await self._alive()
             alive.add(self._instance)
-            for _ in range(100):
-                try:
-                    entry = await kv.get(key)
-                    table, revision = orjson.loads(entry.value or b"{}"), entry.revision
-                except nats.js.errors.NotFoundError:
-                    table, revision = {}, 0
-                new = change(table, alive)
-                if new is None:
-                    return True
-                try:
-                    if revision:
-                        await kv.update(key, orjson.dumps(new), last=revision)
-                    else:
-                        await kv.create(key, orjson.dumps(new))
-                    return True
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    continue  # another connection of this user changed it: again
+
+            def apply(value: bytes | None) -> bytes | None:
+                new = change(orjson.loads(value or b"{}"), alive)
+                return None if new is None else orjson.dumps(new)
+
+            # A conflict is another connection of this user counted meanwhile.
+            return await compare_and_set(kv, key_token(user), apply, tries=100)
         except (TimeoutError, nats.errors.Error) as exc:
             log.warning("connection count of a user not updated: %r", exc)
         return False

@@ -18,7 +18,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RePublish, StreamConfig
 
 from .base import (
     BrokerStats,
@@ -35,6 +35,7 @@ from .connections import UserConnections
 from .dispatch import DispatchingClient, LiveSubscription
 from .history import retain, stream_cap
 from .interest import Interest
+from .kv import storage_type
 from .presence import Presence
 from .sequencer import Sequencer
 from .store import EVENT_HEADER, ReadPositions, event_of, first_sequence, last_sequence, read_stored
@@ -160,7 +161,7 @@ class NatsBroker:
             name=c.stream,
             description="Herald: every message of every channel, in one sequence",
             subjects=self._subjects.stream_subjects(),
-            storage=StorageType.MEMORY if c.storage == "memory" else StorageType.FILE,
+            storage=storage_type(c.storage),
             num_replicas=c.replicas,
             max_msgs_per_subject=stream_cap(c.history),
             max_age=c.history.max_age,

@@ -17,7 +17,6 @@ joining and leaving never wait for NATS.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import re
@@ -28,24 +27,16 @@ from collections.abc import Awaitable, Callable
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from .base import BrokerUnavailable
 from .channels import glob_match
+from .kv import bind_bucket, from_key_token, key_token, storage_type
 
 log = logging.getLogger("herald.presence")
 
 REGISTRY = "_inst"
-
-
-def _b64(text: str) -> str:
-    # Room and user ids may hold ':', '@', '+', which KV keys may not.
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def _unb64(token: str) -> str:
-    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
 
 
 def instance_id(node_id: str) -> str:
@@ -85,9 +76,11 @@ class Presence:
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
         """Bind (or create) the buckets, announce this instance, start writing."""
-        kind = StorageType.MEMORY if storage == "memory" else StorageType.FILE
-        self._kv = await _bucket(js, KeyValueConfig(bucket=self._bucket, history=1, replicas=replicas, storage=kind))
-        self._nodes = await _bucket(
+        kind = storage_type(storage)
+        self._kv = await bind_bucket(
+            js, KeyValueConfig(bucket=self._bucket, history=1, replicas=replicas, storage=kind)
+        )
+        self._nodes = await bind_bucket(
             js, KeyValueConfig(bucket=self._nodes_bucket, history=1, ttl=self._ttl, replicas=replicas, storage=kind)
         )
         await self._nodes.put(self.instance, b"1")
@@ -113,7 +106,7 @@ class Presence:
         self._wake.set()
 
     def _entry(self, room: str, user: str) -> str:
-        return f"{self.instance}.{_b64(room)}.{_b64(user)}"
+        return f"{self.instance}.{key_token(room)}.{key_token(user)}"
 
     async def _write_loop(self) -> None:
         while True:
@@ -146,7 +139,7 @@ class Presence:
         return self._announce is not None and room.startswith("room:") and glob_match(self._join_leave, room[5:])
 
     def _marker(self, room: str, user: str) -> str:
-        return f"_j.m.{_b64(room)}.{_b64(user)}"
+        return f"_j.m.{key_token(room)}.{key_token(user)}"
 
     async def _joined(self, room: str, user: str) -> None:
         assert self._kv is not None and self._announce is not None
@@ -159,7 +152,7 @@ class Presence:
     async def _left(self, room: str, user: str) -> None:
         assert self._kv is not None and self._announce is not None
         alive = await self.alive()
-        for entry in await _keys(self._kv, f"*.{_b64(room)}.{_b64(user)}"):
+        for entry in await _keys(self._kv, f"*.{key_token(room)}.{key_token(user)}"):
             if entry.split(".", 1)[0] in alive:
                 return  # still there on some node
         try:
@@ -196,7 +189,7 @@ class Presence:
             for entry in await _keys(self._kv, f"{dead}.*.*"):
                 await self._kv.delete(entry)
                 _, room, user = entry.split(".")
-                room, user = _unb64(room), _unb64(user)
+                room, user = from_key_token(room), from_key_token(user)
                 if self._announces(room):
                     await self._left(room, user)
             await self._kv.delete(key)
@@ -224,14 +217,14 @@ class Presence:
             raise BrokerUnavailable("presence is not available yet")
         try:
             alive = await self._alive()
-            entries = await _keys(self._kv, f"*.{_b64(room)}.*")
+            entries = await _keys(self._kv, f"*.{key_token(room)}.*")
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"presence lookup failed: {exc.__class__.__name__}") from None
         users = set()
         for entry in entries:
             instance, _, user = entry.split(".")
             if instance in alive:
-                users.add(_unb64(user))
+                users.add(from_key_token(user))
         return sorted(users)
 
     async def close(self, timeout: float = 1.0) -> None:
@@ -246,13 +239,6 @@ class Presence:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
                 await self._nodes.delete(self.instance)
-
-
-async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    try:
-        return await js.key_value(config.bucket)
-    except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(config)
 
 
 async def _keys(kv: KeyValue, pattern: str) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 from collections.abc import Callable, Sequence
 
@@ -10,11 +9,12 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.kv import KeyValue
 
 from .base import BrokerUnavailable, Delivery
 from .channels import DEFAULT_EVENT, EVENT_RE
+from .kv import bind_bucket, compare_and_set, key_token, storage_type
 
 EVENT_HEADER = "Herald-Event"
 FETCH_BATCH = 500
@@ -106,11 +106,6 @@ async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int 
     return int(msg.seq or 0) or None
 
 
-def _key(user: str) -> str:
-    # User ids may hold ':', '@', '+', which KV keys may not.
-    return base64.urlsafe_b64encode(user.encode()).decode().rstrip("=")
-
-
 class ReadPositions:
     """Each user's read position, cluster-wide: one KV key per user, moved
     forward only (compare-and-set), so tabs racing each other never go back."""
@@ -120,18 +115,16 @@ class ReadPositions:
         self._kv: KeyValue | None = None
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
-        try:
-            self._kv = await js.key_value(self.bucket)
-        except nats.js.errors.BucketNotFoundError:
-            self._kv = await js.create_key_value(
-                KeyValueConfig(
-                    bucket=self.bucket,
-                    description="Herald: read position per user",
-                    history=1,
-                    replicas=replicas,
-                    storage=StorageType.MEMORY if storage == "memory" else StorageType.FILE,
-                )
-            )
+        self._kv = await bind_bucket(
+            js,
+            KeyValueConfig(
+                bucket=self.bucket,
+                description="Herald: read position per user",
+                history=1,
+                replicas=replicas,
+                storage=storage_type(storage),
+            ),
+        )
 
     def _bucket(self) -> KeyValue:
         if self._kv is None:
@@ -141,7 +134,7 @@ class ReadPositions:
     async def get(self, user: str) -> int:
         kv = self._bucket()
         try:
-            entry = await kv.get(_key(user))
+            entry = await kv.get(key_token(user))
         except nats.js.errors.NotFoundError:  # never set, or deleted
             return 0
         except (TimeoutError, nats.errors.Error) as exc:
@@ -149,29 +142,23 @@ class ReadPositions:
         return int(entry.value or b"0")
 
     async def advance(self, user: str, seq: int) -> int:
-        kv = self._bucket()
-        key = _key(user)
-        value = str(seq).encode()
+        stored = seq
+
+        def forward(value: bytes | None) -> bytes | None:
+            nonlocal stored
+            current = int(value or b"0")
+            if current >= seq:
+                stored = current
+                return None
+            stored = seq
+            return str(seq).encode()
+
         try:
             # Each conflict is another tab moving the position forward: it ends
             # once ours is no longer ahead; the bound only guards against a bug.
-            for _ in range(1000):
-                try:
-                    entry = await kv.get(key)
-                except nats.js.errors.NotFoundError:  # never set, or deleted
-                    try:
-                        await kv.create(key, value)
-                        return seq
-                    except nats.js.errors.KeyWrongLastSequenceError:
-                        continue  # created meanwhile
-                current = int(entry.value or b"0")
-                if current >= seq:
-                    return current
-                try:
-                    await kv.update(key, value, last=entry.revision)
-                    return seq
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    continue  # another tab moved it meanwhile: look again
+            done = await compare_and_set(self._bucket(), key_token(user), forward, tries=1000)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"storing the read position failed: {exc.__class__.__name__}") from None
-        raise BrokerUnavailable("read position kept changing under us")
+        if not done:
+            raise BrokerUnavailable("read position kept changing under us")
+        return stored
