@@ -73,7 +73,6 @@ def check_origin(node: Node, request: web.Request) -> None:
 def admit(node: Node, request: web.Request, last_event_id: str | None = None) -> Admission:
     if node.draining:
         raise Refusal(503, SHUTDOWN, "draining", "node is draining: connect to another node")
-    check_origin(node, request)
     try:
         token = client_token(request)
     except ConflictingTokens as exc:

@@ -42,18 +42,18 @@ class Commands:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    def error(self, session: Session, ref: Ref, code: str, message: str) -> None:
-        frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    def reply(self, session: Session, ref: Ref, kind: str, **fields: Any) -> None:
+        """Send a ``kind`` frame answering a command, echoing its ``ref``."""
+        frame: dict[str, Any] = {"type": kind, **fields}
         if ref is not None:
             frame["ref"] = ref
         session.send(frame)
 
+    def error(self, session: Session, ref: Ref, code: str, message: str, **extra: Any) -> None:
+        self.reply(session, ref, "error", code=code, message=message, **extra)
+
     def ack(self, session: Session, ref: Ref, **fields: Any) -> None:
-        frame: dict[str, Any] = {"type": "ack"}
-        if ref is not None:
-            frame["ref"] = ref
-        frame.update(fields)
-        session.send(frame)
+        self.reply(session, ref, "ack", **fields)
 
     async def handle(self, session: Session, text: str) -> None:
         cmd: Any
@@ -107,15 +107,8 @@ class Commands:
             )
             session.close(RATE_LIMITED)
             return False
-        frame: dict[str, Any] = {
-            "type": "error",
-            "code": "rate_limited",
-            "message": f"too many {'publishes' if kind == 'publish' else 'commands'}: retry later",
-            "retry_after": round(wait, 3),
-        }
-        if ref is not None:
-            frame["ref"] = ref
-        session.send(frame)
+        what = "publishes" if kind == "publish" else "commands"
+        self.error(session, ref, "rate_limited", f"too many {what}: retry later", retry_after=round(wait, 3))
         return False
 
     async def subscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
@@ -201,17 +194,10 @@ class Commands:
         room, channel = _room(cmd)
         if not session.identity.may_join(room):
             raise CommandError("forbidden", f"token does not allow room {room}")
-        users = await self.node.broker.members(channel)
-        frame: dict[str, Any] = {"type": "presence", "room": room, "users": users}
-        if ref is not None:
-            frame["ref"] = ref
-        session.send(frame)
+        self.reply(session, ref, "presence", room=room, users=await self.node.broker.members(channel))
 
     async def ping(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
-        frame: dict[str, Any] = {"type": "pong"}
-        if ref is not None:
-            frame["ref"] = ref
-        session.send(frame)
+        self.reply(session, ref, "pong")
 
 
 Handler = Callable[[Commands, Session, dict[str, Any], Ref], Awaitable[None]]

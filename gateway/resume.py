@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from broker import Replay
+from broker import Delivery, Replay
 from broker.channels import client_name, user_channel
 
 from .node import Node
@@ -141,21 +141,22 @@ async def _release_paced(node: Node, session: Session) -> None:
     outbound = session.outbound
     while session.held and session.active:
         held, session.held = session.held, []
-        floors = session.floors or {}
-        droppable = node.hub.droppable
         for d in held:
             if outbound.bytes > max_bytes or len(outbound) > max_messages:
                 await outbound.room(max_bytes, max_messages)
-            if d.seq and d.seq <= floors.get(d.channel, 0):
-                continue
-            outbound.push(session.codec.message(d), d.ts, droppable(d.channel))
+            _queue_live(node, session, d)
 
 
 def release(node: Node, session: Session) -> None:
-    """Queue the held live deliveries, skipping those a replay sent already."""
+    """Queue the held live deliveries now (unpaced: the session is ending, or
+    ``_release_paced`` left nothing)."""
     held, session.held = session.held or [], None
-    floors = session.floors or {}
-    droppable = node.hub.droppable
     for d in held:
-        if not d.seq or d.seq > floors.get(d.channel, 0):
-            session.outbound.push(session.codec.message(d), d.ts, droppable(d.channel))
+        _queue_live(node, session, d)
+
+
+def _queue_live(node: Node, session: Session, d: Delivery) -> None:
+    """Queue a held live delivery, unless a replay sent it already."""
+    if d.seq and session.floors and d.seq <= session.floors.get(d.channel, 0):
+        return
+    session.outbound.push(session.codec.message(d), d.ts, node.hub.droppable(d.channel))
