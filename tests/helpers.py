@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.embedded import free_port
 from gateway.app import create_app
 from gateway.auth import mint_token
 from gateway.keys import NODE
@@ -295,3 +296,49 @@ def cli_env(**extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+async def api_publish(http: aiohttp.ClientSession, node: RunningNode, channel: str, data: Any) -> str:
+    """Publish through the node's HTTP API; returns the id it answers."""
+    async with http.post(
+        node.url + "/api/publish",
+        json={"channel": channel, "data": data},
+        headers={"Authorization": f"Bearer {PUBLISH_KEY}"},
+        timeout=aiohttp.ClientTimeout(total=5),
+    ) as resp:
+        body = await resp.json(content_type=None)
+        assert resp.status == 200, body
+        return str(body["id"])
+
+
+async def spawn_cluster_node(
+    spawn: Any, http: aiohttp.ClientSession, nats_url: str, shared: dict[str, dict[str, Any]], **env: str
+) -> tuple[Any, str]:
+    """``herald serve`` in its own process (so a test can SIGKILL it), in the
+    cluster ``shared`` describes (subject prefix and stream, as given to
+    node_factory); returns the process and its base URL once it is ready."""
+    port = free_port()
+    proc = spawn(
+        ["serve"],
+        cli_env(
+            HERALD_NATS_URLS=nats_url,
+            HERALD_HTTP_PORT=str(port),
+            HERALD_JWT_SECRET=SECRET,
+            HERALD_ADMIN_KEY=ADMIN_KEY,
+            HERALD_SUBJECT_PREFIX=shared["subject"]["prefix"],
+            HERALD_STREAM_NAME=shared["stream"]["name"],
+            HERALD_STREAM_STORAGE="memory",
+            **env,
+        ),
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    async def ready() -> bool:
+        try:
+            async with http.get(url + "/readyz") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(ready, timeout=20, interval=0.1)
+    return proc, url

@@ -19,7 +19,7 @@ from broker import BrokerUnavailable
 from broker.embedded import NatsServer
 from broker.jetstream import NatsBroker
 
-from .helpers import PUBLISH_KEY, RunningNode, recv_json, scrape, token, wait_for
+from .helpers import PUBLISH_KEY, RunningNode, api_publish, recv_json, scrape, token, wait_for
 
 PUBLISH_HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 
@@ -124,15 +124,7 @@ def cluster(storage: str = "memory") -> dict[str, dict[str, Any]]:
 
 
 async def publish(http: aiohttp.ClientSession, node: RunningNode, channel: str, data: Any) -> int:
-    async with http.post(
-        node.url + "/api/publish",
-        json={"channel": channel, "data": data},
-        headers=PUBLISH_HEADERS,
-        timeout=aiohttp.ClientTimeout(total=5),
-    ) as resp:
-        body = await resp.json(content_type=None)
-        assert resp.status == 200, body
-        return int(body["id"])
+    return int(await api_publish(http, node, channel, data))
 
 
 async def receive(ws: aiohttp.ClientWebSocketResponse, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:

@@ -25,6 +25,9 @@ from .helpers import (
     start_node,
     token,
 )
+from .helpers import (
+    api_publish as publish,
+)
 
 PUBLISH_HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 
@@ -33,18 +36,6 @@ def cluster() -> dict[str, dict[str, Any]]:
     """Settings sections shared by the nodes of one test-private cluster."""
     tag = uuid.uuid4().hex[:10]
     return {"subject": {"prefix": f"inbox{tag}"}, "stream": {"name": f"INBOX{tag.upper()}", "storage": "memory"}}
-
-
-async def publish(http: aiohttp.ClientSession, node: RunningNode, channel: str, data: Any) -> str:
-    async with http.post(
-        node.url + "/api/publish",
-        json={"channel": channel, "data": data},
-        headers=PUBLISH_HEADERS,
-        timeout=aiohttp.ClientTimeout(total=5),
-    ) as resp:
-        body = await resp.json(content_type=None)
-        assert resp.status == 200, body
-        return str(body["id"])
 
 
 async def publish_many(http: aiohttp.ClientSession, node: RunningNode, channel: str, n: int) -> list[str]:

@@ -13,9 +13,9 @@ from typing import Any
 
 import aiohttp
 
-from broker.embedded import NatsServer, free_port
+from broker.embedded import NatsServer
 
-from .helpers import ADMIN_KEY, SECRET, RunningNode, cli_env, recv_json, recv_until, token, wait_for
+from .helpers import ADMIN_KEY, RunningNode, recv_json, recv_until, spawn_cluster_node, token, wait_for
 
 NodeFactory = Callable[..., Awaitable[RunningNode]]
 _clusters = itertools.count(1)
@@ -113,29 +113,9 @@ async def test_a_killed_node_leaves_every_room_within_the_ttl(
 ) -> None:
     shared = cluster(presence={"ttl": 2.0})
     survivor = await node_factory(**shared)
-    port = free_port()
-    env = cli_env(
-        HERALD_NATS_URLS=nats_server.url,
-        HERALD_HTTP_PORT=str(port),
-        HERALD_JWT_SECRET=SECRET,
-        HERALD_ADMIN_KEY=ADMIN_KEY,
-        HERALD_SUBJECT_PREFIX=shared["subject"]["prefix"],
-        HERALD_STREAM_NAME=shared["stream"]["name"],
-        HERALD_STREAM_STORAGE="memory",
-        HERALD_PRESENCE_TTL="2.0",
-        HERALD_NODE_ID="doomed",
+    proc, url = await spawn_cluster_node(
+        spawn, http, nats_server.url, shared, HERALD_PRESENCE_TTL="2.0", HERALD_NODE_ID="doomed"
     )
-    proc = spawn(["serve"], env)
-    url = f"http://127.0.0.1:{port}"
-
-    async def up() -> bool:
-        try:
-            async with http.get(url + "/readyz") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await wait_for(up, timeout=20, interval=0.1)
     doomed = await http.ws_connect(url.replace("http", "ws") + "/ws", params={"token": token("erin"), "room": "lobby"})
     assert (await recv_json(doomed))["type"] == "welcome"
     stays = await open_ws(http, survivor, "frank", ["lobby"])

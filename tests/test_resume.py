@@ -5,14 +5,8 @@ from __future__ import annotations
 
 import aiohttp
 
-from .helpers import PUBLISH_KEY, RunningNode, SseClient, recv_json, scrape, token
-
-
-async def publish(http: aiohttp.ClientSession, node: RunningNode, channel: str, data: object) -> str:
-    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
-    async with http.post(node.url + "/api/publish", json={"channel": channel, "data": data}, headers=headers) as r:
-        assert r.status == 200, await r.text()
-        return str((await r.json())["id"])
+from .helpers import RunningNode, SseClient, recv_json, scrape, token
+from .helpers import api_publish as publish
 
 
 async def test_ws_since_replays_missed_then_live(node: RunningNode, http: aiohttp.ClientSession) -> None:

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from broker.embedded import NatsServer
 from gateway.session import State
 
-from .helpers import PUBLISH_KEY, RawWsClient, RunningNode, SseClient, recv_json, scrape, token, wait_for
+from .helpers import RawWsClient, RunningNode, SseClient, api_publish, recv_json, scrape, token, wait_for
 
 NodeFactory = Callable[..., Awaitable[RunningNode]]
 
@@ -69,10 +69,7 @@ class Published:
 
 
 async def publish(http: aiohttp.ClientSession, node: RunningNode, channel: str, data: Any) -> int:
-    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
-    async with http.post(node.url + "/api/publish", json={"channel": channel, "data": data}, headers=headers) as r:
-        assert r.status == 200, await r.text()
-        return int((await r.json())["id"])
+    return int(await api_publish(http, node, channel, data))
 
 
 async def publish_many(

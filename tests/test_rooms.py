@@ -12,9 +12,16 @@ from typing import Any
 
 import aiohttp
 
-from broker.embedded import NatsServer, free_port
+from broker.embedded import NatsServer
 
-from .helpers import PUBLISH_KEY, SECRET, RunningNode, SseClient, cli_env, recv_json, token, wait_for
+from .helpers import (
+    RunningNode,
+    SseClient,
+    recv_json,
+    spawn_cluster_node,
+    token,
+)
+from .helpers import api_publish as publish
 
 NodeFactory = Callable[..., Awaitable[RunningNode]]
 _clusters = itertools.count(1)
@@ -137,29 +144,15 @@ async def test_a_killed_nodes_users_leave_once(
 ) -> None:
     shared = cluster(presence={"ttl": 1.5})
     survivor = await node_factory(**shared)
-    port = free_port()
-    env = cli_env(
-        HERALD_NATS_URLS=nats_server.url,
-        HERALD_HTTP_PORT=str(port),
-        HERALD_JWT_SECRET=SECRET,
-        HERALD_SUBJECT_PREFIX=shared["subject"]["prefix"],
-        HERALD_STREAM_NAME=shared["stream"]["name"],
-        HERALD_STREAM_STORAGE="memory",
+    proc, url = await spawn_cluster_node(
+        spawn,
+        http,
+        nats_server.url,
+        shared,
         HERALD_PRESENCE_TTL="1.5",
         HERALD_ROOMS_JOIN_LEAVE="chat-*",
         HERALD_NODE_ID="doomed",
     )
-    proc = spawn(["serve"], env)
-    url = f"http://127.0.0.1:{port}"
-
-    async def up() -> bool:
-        try:
-            async with http.get(url + "/readyz") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await wait_for(up, timeout=20, interval=0.1)
     watcher = await open_ws(http, survivor, "wes", "chat-9")
     doomed = await open_ws(http, url.replace("http", "ws") + "/ws", "xena", "chat-9")
     assert presence_frames(await frames_for(watcher, 1.0)) == [("join", "wes"), ("join", "xena")]
@@ -168,13 +161,6 @@ async def test_a_killed_nodes_users_leave_once(
     assert got == [("leave", "xena")], got
     await watcher.close()
     await doomed.close()  # kept open until its node died
-
-
-async def publish(http: aiohttp.ClientSession, node: RunningNode, channel: str, data: Any) -> str:
-    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
-    async with http.post(node.url + "/api/publish", json={"channel": channel, "data": data}, headers=headers) as r:
-        assert r.status == 200, await r.text()
-        return str((await r.json())["id"])
 
 
 async def test_history_per_room_glob(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
