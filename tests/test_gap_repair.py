@@ -19,10 +19,7 @@ from broker import BrokerUnavailable
 from broker.embedded import NatsServer
 from broker.jetstream import NatsBroker
 
-from .helpers import PUBLISH_KEY, RunningNode, api_publish, recv_json, scrape, token, wait_for
-
-PUBLISH_HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
-
+from .helpers import RunningNode, api_publish, recv_json, scrape, token, wait_for
 
 # -- a TCP proxy that can cut the node off NATS ----------------------------------
 

@@ -17,7 +17,6 @@ import pytest
 from broker.jetstream import NatsBroker
 
 from .helpers import (
-    PUBLISH_KEY,
     RunningNode,
     SseClient,
     make_settings,
@@ -28,8 +27,6 @@ from .helpers import (
 from .helpers import (
     api_publish as publish,
 )
-
-PUBLISH_HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 
 
 def cluster() -> dict[str, dict[str, Any]]:
