@@ -91,7 +91,7 @@ class NatsBroker:
         self._interest = Interest(self._subscribe, self._unsubscribe, config.unsubscribe_delay)
         self._stats = BrokerStats()
         self._sequencer = Sequencer(
-            on_delivery, on_loss or _ignore_loss, self.replay, self._stats, max_repair=config.max_repair
+            on_delivery, on_loss or _ignore, self.replay, self._stats, max_repair=config.max_repair
         )
         self._push = self._sequencer.push
         # Channels wanted (reference counted): the ones whose flow is kept gap-free.
@@ -101,7 +101,7 @@ class NatsBroker:
             config.stream, config.node_id, config.presence_ttl, config.join_leave_rooms, self._announce
         )
         self._connections = UserConnections(config.stream, self._presence.instance, self._presence.alive)
-        self.kick: KickCallback = _ignore_loss
+        self.kick: KickCallback = _ignore
         self._stream_ready = False
         self._stream_created: float | None = None
         self._closing = False
@@ -484,8 +484,8 @@ class NatsBroker:
         return await self._presence.members(channel)
 
 
-def _ignore_loss(name: str) -> None:
-    pass
+def _ignore(name: str) -> None:
+    """The default loss and kick callback: nobody to tell."""
 
 
 def _decode(channel: str, data: bytes, headers: dict[str, str] | None) -> Delivery:
