@@ -208,14 +208,15 @@ class NatsBroker:
 
     async def close(self) -> None:
         self._closing = True
-        nc, self._nc = self._nc, None
-        if nc is None:
+        if self._nc is None:
             return
+        # Presence first, while connected: its last leaves are announced on NATS.
+        await self._presence.close()
+        nc, self._nc = self._nc, None
         # drain() cannot be bounded (it flushes for 10 s after a cancel): the
         # subscriptions are released already, so flush briefly and close.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._interest.release_all(), timeout=1.0)
-        await self._presence.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.flush(1), timeout=1.5)
         for task in self._tasks:

@@ -143,6 +143,11 @@ class Presence:
 
     async def _joined(self, room: str, user: str) -> None:
         assert self._kv is not None and self._announce is not None
+        # Shielded: a close must not separate the marker from its announcement.
+        await asyncio.shield(self._claim_join(room, user))
+
+    async def _claim_join(self, room: str, user: str) -> None:
+        assert self._kv is not None and self._announce is not None
         try:
             await self._kv.create(self._marker(room, user), b"1")
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -155,6 +160,10 @@ class Presence:
         for entry in await _keys(self._kv, f"*.{key_token(room)}.{key_token(user)}"):
             if entry.split(".", 1)[0] in alive:
                 return  # still there on some node
+        await asyncio.shield(self._claim_leave(room, user))
+
+    async def _claim_leave(self, room: str, user: str) -> None:
+        assert self._kv is not None and self._announce is not None
         try:
             marker = await self._kv.get(self._marker(room, user))
             await self._kv.delete(self._marker(room, user), last=marker.revision)
@@ -228,9 +237,14 @@ class Presence:
         return sorted(users)
 
     async def close(self, timeout: float = 1.0) -> None:
-        """Stop counting as live: this node's users drop out of every room at
-        once. Its entries stay for a survivor's sweep, which also announces
-        their leaves (a node that is going away cannot be trusted to finish)."""
+        """Stop counting as live. Writes still queued (the leaves of the
+        connections a drain just closed) get ``timeout`` to finish; whatever
+        is left stays for a survivor's sweep, which announces those leaves.
+        Call it while NATS is still connected: announcements go out on it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._pending and self._tasks and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
         self._tasks = []
