@@ -8,8 +8,11 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 NCHAN_MODULE ?= /usr/lib/nginx/modules/ngx_nchan_module.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CHROMIUM ?= /usr/bin/chromium
+# The browser tests drive Debian's chromium; playwright must never fetch a browser build of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: dev test lint serve clean install bench bench-peers bench-deps-nchan
+.PHONY: dev test lint serve clean install bench bench-peers bench-deps-nchan browser-deps
 
 install: $(STAMP)
 
@@ -26,7 +29,7 @@ dev: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/herald serve
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Herald and the naive aiohttp baseline; results in artifacts/bench/ (see ops/bench/README.md).
@@ -42,6 +45,14 @@ bench-deps-nchan:
 		echo "installing nginx and libnginx-mod-nchan with apt-get"; \
 		$(SUDO) apt-get install -y nginx libnginx-mod-nchan || \
 		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y nginx libnginx-mod-nchan; }; \
+	fi
+
+# Debian's chromium for the browser tests (tests/browser.py), installed with apt-get when missing.
+browser-deps:
+	@if test -x $(CHROMIUM); then :; else \
+		echo "installing chromium with apt-get"; \
+		$(SUDO) apt-get install -y chromium || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }; \
 	fi
 
 lint: $(STAMP)

@@ -99,5 +99,6 @@ def admit(node: Node, request: web.Request, last_event_id: str | None = None) ->
         if channel not in channels:
             channels.append(channel)
 
-    since = parse_since(request.query.get("since", last_event_id))
+    # EventSource reconnects to the same URL with a newer Last-Event-ID: it wins over ?since=.
+    since = parse_since(last_event_id or request.query.get("since"))
     return Admission(identity, tuple(channels), since)

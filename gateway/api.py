@@ -117,16 +117,22 @@ async def presence(request: web.Request) -> web.Response:
 
 
 async def dev_token(request: web.Request) -> web.Response:
-    """``POST /api/dev/token {"user"}`` → a token for that user (all rooms,
-    publish everywhere, 1 h). Only with ``http.dev_tokens`` (``herald dev``)."""
+    """``POST /api/dev/token {"user", "ttl"?}`` → a token for that user (all
+    rooms, publish everywhere, ``ttl`` seconds: 1 to 86400, default 3600).
+    Only with ``http.dev_tokens`` (``herald dev``)."""
     node = request.app[NODE]
     try:
         doc = orjson.loads(await request.read())
-        user = check_id("user", doc.get("user") if isinstance(doc, dict) else None)
-    except (orjson.JSONDecodeError, InvalidChannel) as exc:
-        return json_error(400, "bad_request", f'body must be {{"user": "<id>"}}: {exc}')
-    token = mint_token(node.settings.jwt.secret, user, rooms=["*"], publish=["*"], ttl=3600)
-    return json_response({"token": token, "user": user})
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        user = check_id("user", doc.get("user"))
+        ttl = doc.get("ttl", 3600)
+        if type(ttl) not in (int, float) or not 1 <= ttl <= 86400:
+            raise ValueError("ttl must be a number of seconds from 1 to 86400")
+    except (orjson.JSONDecodeError, InvalidChannel, ValueError) as exc:
+        return json_error(400, "bad_request", f'body must be {{"user": "<id>", "ttl": <seconds>}}: {exc}')
+    token = mint_token(node.settings.jwt.secret, user, rooms=["*"], publish=["*"], ttl=ttl)
+    return json_response({"token": token, "user": user, "expires_in": ttl})
 
 
 async def metrics(request: web.Request) -> web.Response:

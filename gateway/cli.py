@@ -89,6 +89,7 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
             jwt={"secret": secret, "public_key": ""},
             publish={"key": settings.publish.key or DEV_PUBLISH_KEY},
             admin={"key": settings.admin.key or DEV_ADMIN_KEY},
+            rooms={"join_leave": settings.rooms.join_leave or ("*",)},  # the demo's presence list
         )
         server.start()
         return _run_dev(settings, server, args.port, secret)

@@ -11,10 +11,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from playwright.async_api import Browser
 
 from broker.embedded import NatsServer, free_port
 from gateway.node import BrokerFactory
 
+from .browser import launch_chromium
 from .helpers import RunningNode, make_settings, start_node
 
 
@@ -55,6 +57,13 @@ async def node(node_factory: Callable[..., Any]) -> RunningNode:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's headless chromium through playwright's async API (same loop as the nodes), closed afterwards."""
+    async with launch_chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

@@ -312,12 +312,18 @@ async def api_publish(http: aiohttp.ClientSession, node: RunningNode, channel: s
 
 
 async def spawn_cluster_node(
-    spawn: Any, http: aiohttp.ClientSession, nats_url: str, shared: dict[str, dict[str, Any]], **env: str
+    spawn: Any,
+    http: aiohttp.ClientSession,
+    nats_url: str,
+    shared: dict[str, dict[str, Any]],
+    port: int | None = None,
+    **env: str,
 ) -> tuple[Any, str]:
     """``herald serve`` in its own process (so a test can SIGKILL it), in the
     cluster ``shared`` describes (subject prefix and stream, as given to
-    node_factory); returns the process and its base URL once it is ready."""
-    port = free_port()
+    node_factory), on ``port`` (default: a free one); returns the process and
+    its base URL once it is ready."""
+    port = port or free_port()
     proc = spawn(
         ["serve"],
         cli_env(

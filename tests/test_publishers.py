@@ -4,9 +4,11 @@ a node's HTTP API (gateway.client), with retry where retrying can help."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import jwt
 import pytest
 
 from broker import BrokerUnavailable, InvalidChannel
@@ -93,7 +95,12 @@ async def test_dev_token_endpoint_only_when_enabled(node_factory: NodeFactory, h
     welcome = await recv_json(ws)
     assert (welcome["type"], welcome["user"]) == ("welcome", "dora")
     await ws.close()
-    for bad in ({"user": "a.b"}, {"user": ""}, ["dora"], {}):
+    async with http.post(on.url + "/api/dev/token", json={"user": "dora", "ttl": 5}) as r:
+        short = await r.json()
+    assert short["expires_in"] == 5
+    assert jwt.decode(short["token"], options={"verify_signature": False})["exp"] - time.time() <= 5
+    bad_ttls = ({"user": "d", "ttl": t} for t in (0, "5", 86401, True))
+    for bad in ({"user": "a.b"}, {"user": ""}, ["dora"], {}, *bad_ttls):
         async with http.post(on.url + "/api/dev/token", json=bad) as r:
             assert r.status == 400, bad
             assert (await r.json())["error"] == "bad_request"

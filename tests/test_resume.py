@@ -37,6 +37,16 @@ async def test_sse_last_event_id_replays(node: RunningNode, http: aiohttp.Client
     assert (await sse.next()).id == live
 
 
+async def test_sse_last_event_id_wins_over_since(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    """EventSource reconnects to its first URL (which may carry an old ``since``)
+    with a newer Last-Event-ID: resuming from ``since`` would repeat messages."""
+    ids = [await publish(http, node, "room:news", i) for i in range(5)]
+    params = {"token": token("bob"), "room": "news", "since": ids[0]}
+    resp = await http.get(node.url + "/sse", params=params, headers={"Last-Event-ID": ids[3]})
+    sse = SseClient(resp)
+    assert (await sse.next()).id == ids[4]
+
+
 async def test_subscribe_with_since(node: RunningNode, http: aiohttp.ClientSession) -> None:
     ids = [await publish(http, node, "room:r1", i) for i in range(3)]
     ws = await http.ws_connect(node.ws_url, params={"token": token("carol")})
