@@ -14,10 +14,17 @@ class Disconnect:
     code: int
     message: str
     label: str
+    # When the client should reconnect, in ms (0: its own choice). WS says it in
+    # the close reason, SSE as a ``retry:`` line before the stream ends.
+    retry_ms: int = 0
 
     def with_message(self, message: str) -> Disconnect:
         # WebSocket close reasons are limited to 123 bytes.
-        return Disconnect(self.code, message.encode()[:123].decode(errors="ignore"), self.label)
+        return Disconnect(self.code, message.encode()[:123].decode(errors="ignore"), self.label, self.retry_ms)
+
+    def reconnect_in(self, ms: int) -> Disconnect:
+        """The same reason, telling the client to reconnect in ``ms``."""
+        return Disconnect(self.code, f"{self.message} in {ms} ms", self.label, ms)
 
 
 CLIENT_CLOSED = Disconnect(1000, "", "client_closed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 from collections.abc import Callable
 
@@ -175,13 +176,20 @@ class Node:
         await self.broker.start()
 
     async def shutdown(self) -> None:
-        """Stop serving: readyz goes 503, every client is told 1012 / its SSE
-        stream ends, and what has not closed after the grace is aborted."""
-        self.draining = True
-        sessions = list(self.sessions)
-        for session in sessions:
-            session.close(SHUTDOWN)
-        deadline = time.monotonic() + self.settings.http.shutdown_grace
+        """Stop serving: readyz goes 503 (and new clients are refused) at once;
+        after ``http.drain_delay`` every client is told 1012 / its SSE stream
+        ends, each with its own reconnect delay within ``http.reconnect_spread``
+        so the other nodes are not hit by all of them at once; returns when all
+        are gone or after ``http.shutdown_grace``. Idempotent."""
+        http = self.settings.http
+        if not self.draining:
+            self.draining = True
+            if http.drain_delay:
+                await asyncio.sleep(http.drain_delay)
+        spread_ms = int(http.reconnect_spread * 1000)
+        for session in list(self.sessions):
+            session.close(SHUTDOWN.reconnect_in(random.randint(0, spread_ms)) if spread_ms else SHUTDOWN)
+        deadline = time.monotonic() + http.shutdown_grace
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if self.sessions:

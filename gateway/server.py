@@ -72,7 +72,9 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
         if on_ready is not None:
             on_ready()
         await stop.wait()
-        log.info("node %s stopping", settings.node.id)
+        log.info("node %s draining", settings.node.id)
+        # Still listening: readyz answers 503 while the clients are sent away.
+        await app[NODE].shutdown()
     finally:
         for r in reversed(runners):
             await r.cleanup()

@@ -43,6 +43,10 @@ class HttpSettings:
     backlog: int = 2048
     max_body: int = 65536
     shutdown_grace: float = 3.0
+    # On SIGTERM: seconds readyz answers 503 before clients are told to go,
+    # and the window over which their reconnects are spread (random per client).
+    drain_delay: float = 0.0
+    reconnect_spread: float = 2.0
     # POST /api/dev/token mints a token for any user: development only (herald dev).
     dev_tokens: bool = False
 
@@ -343,6 +347,8 @@ def validate(s: Settings) -> None:
     _require(s.http.backlog > 0, "http.backlog", "must be > 0")
     _require(s.http.max_body >= 1024, "http.max_body", "must be >= 1024")
     _require(s.http.shutdown_grace >= 0, "http.shutdown_grace", "must be >= 0")
+    _require(s.http.drain_delay >= 0, "http.drain_delay", "must be >= 0")
+    _require(0 <= s.http.reconnect_spread <= 300, "http.reconnect_spread", "must be 0 to 300 seconds")
     _require(len(s.nats.urls) > 0, "nats.urls", "at least one URL")
     for url in s.nats.urls:
         _require(

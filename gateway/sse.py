@@ -38,6 +38,8 @@ class SseConnection(SocketWire):
             self.frame = _chunk
 
     def close(self, reason: Disconnect) -> None:
+        if reason.retry_ms:  # EventSource waits this long before it reconnects
+            self.write(b"retry: %d\n\n" % reason.retry_ms)
         # Ends ``response.wait()`` in the handler, which finishes the stream.
         self._response.stop_streaming()
 

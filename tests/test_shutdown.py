@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +178,59 @@ async def test_sigterm_shutdown_logs_no_errors(
         sse_resp.close()
     log = stderr_of(proc)
     assert "Traceback" not in log and " ERROR " not in log, log
+
+
+async def test_sigterm_goes_unready_at_once_then_spreads_the_reconnects(
+    spawn: Callable[..., subprocess.Popen[bytes]], nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
+    """readyz 503 (and new clients refused) during ``drain_delay``, while the
+    connected ones keep their streams; then each is told when to come back, at
+    a random moment within ``reconnect_spread`` (WS: the close reason; SSE: a
+    ``retry:`` line before the end of the stream)."""
+    proc, base = await serve_process(
+        spawn,
+        nats_server.url,
+        http,
+        HERALD_HTTP_DRAIN_DELAY="1.5",
+        HERALD_HTTP_RECONNECT_SPREAD="4",
+        HERALD_SSE_RETRY="9999",  # the stream's opening hint: the drain's must replace it
+    )
+    ws_url = base.replace("http", "ws", 1) + "/ws"
+    sockets = [await http.ws_connect(ws_url, params={"token": token(f"u{i}"), "room": "lobby"}) for i in range(8)]
+    sse_resp = await http.get(base + "/sse", params={"token": token("bob"), "room": "lobby"})
+    sse = SseClient(sse_resp)
+    try:
+        for ws in sockets:
+            assert (await recv_json(ws))["type"] == "welcome"
+        await wait_for(lambda: has_connections(http, base, 9), timeout=5)
+        proc.send_signal(signal.SIGTERM)
+
+        async def unready() -> bool:
+            async with http.get(base + "/readyz") as resp:
+                return resp.status == 503
+
+        await wait_for(unready, timeout=0.5, interval=0.02)
+        late = await http.ws_connect(ws_url, params={"token": token("late"), "room": "lobby"})
+        assert (await expect_close(late, timeout=2))[0] == 1012  # refused: go to another node
+        async with http.get(base + "/sse", params={"token": token("late")}) as refused:
+            assert refused.status == 503
+        assert all(not ws.closed for ws in sockets)  # the connected ones stay during the delay
+
+        closes = [await expect_close(ws, timeout=5) for ws in sockets]
+        hints = []
+        for code, reason in closes:
+            assert code == 1012
+            match = re.fullmatch(r"node restarting: reconnect in (\d+) ms", reason)
+            assert match, reason
+            hints.append(int(match[1]))
+        assert all(0 <= h <= 4000 for h in hints) and len(set(hints)) > 1, hints
+        assert await sse.read_to_end(timeout=5) == [] and sse.ended
+        assert sse.retry is not None and 0 <= sse.retry <= 4000, sse.retry
+        assert await wait_exit(proc, timeout=5) == 0
+    finally:
+        for ws in sockets:
+            await ws.close()
+        sse_resp.close()
 
 
 async def test_sigterm_exits_promptly_when_nats_does_not_answer(
