@@ -12,7 +12,7 @@ CHROMIUM ?= /usr/bin/chromium
 # The browser tests drive Debian's chromium; playwright must never fetch a browser build of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: dev test lint serve clean install bench bench-peers bench-deps-nchan browser-deps
+.PHONY: dev test lint serve clean install bench bench-peers bench-deps-nchan browser-deps cluster cluster-stop cluster-deps ops-deps
 
 install: $(STAMP)
 
@@ -29,7 +29,7 @@ dev: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/herald serve
 
-test: $(STAMP) browser-deps
+test: $(STAMP) browser-deps cluster-deps ops-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Herald and the naive aiohttp baseline; results in artifacts/bench/ (see ops/bench/README.md).
@@ -53,6 +53,29 @@ browser-deps:
 		echo "installing chromium with apt-get"; \
 		$(SUDO) apt-get install -y chromium || \
 		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }; \
+	fi
+
+# A local 3-node NATS cluster + 3 Herald nodes behind nginx (ops/cluster.py; state in .cluster/).
+cluster: $(STAMP) cluster-deps
+	$(BIN)/python -m ops.cluster start
+
+cluster-stop: $(STAMP)
+	$(BIN)/python -m ops.cluster stop
+
+# nginx for the cluster's load balancer (ops/nginx/herald.conf), installed with apt-get when missing.
+cluster-deps:
+	@if { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1; then :; else \
+		echo "installing nginx with apt-get"; \
+		$(SUDO) apt-get install -y nginx || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y nginx; }; \
+	fi
+
+# Debian's prometheus (with promtool) for the rules/dashboard tests (tests/test_ops_prometheus.py), installed when missing.
+ops-deps:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; else \
+		echo "installing prometheus with apt-get"; \
+		$(SUDO) apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends prometheus || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends prometheus; }; \
 	fi
 
 lint: $(STAMP)

@@ -43,3 +43,6 @@ HEARTBEAT_TIMEOUT = Disconnect(1006, "heartbeat timeout", "heartbeat_timeout")
 SHUTDOWN = Disconnect(1012, "node restarting: reconnect", "shutdown")
 INTERNAL = Disconnect(1011, "internal error", "internal")
 UNAVAILABLE = Disconnect(1013, "broker unavailable: try again", "unavailable")
+
+# Every ``label`` above: the reasons of herald_connections_closed_total.
+CLOSE_REASONS = tuple(dict.fromkeys(d.label for d in list(globals().values()) if isinstance(d, Disconnect)))

@@ -11,13 +11,44 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker import BrokerStats
 
+from .disconnect import CLOSE_REASONS
+
 TRANSPORTS = ("ws", "sse")
+# Every label value the code uses, so each series exists (at 0) from the first
+# scrape: rate() and increase() then see a node's first event of each kind.
+# tests/test_metrics.py checks that the code uses no value missing here.
+AUTH_FAILURE_REASONS = (
+    "missing",
+    "not_configured",
+    "too_large",
+    "malformed",
+    "bad_claims",
+    "expired",
+    "not_yet_valid",
+    "bad_audience",
+    "bad_issuer",
+    "bad_algorithm",
+    "bad_signature",
+    "conflicting",
+    "other_user",
+)
+LIMITS = (
+    "connections_per_user",
+    "origin",
+    "subscriptions",
+    "api_rate",
+    "body_size",
+    "frame_size",
+    "publish_rate",
+    "command_rate",
+)
+API_RESULTS = ("ok", "disabled", "unauthorized", "rate_limited", "too_large", "bad_request", "unavailable")
 # The _created series double the exposition size and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -87,8 +118,16 @@ class Metrics:
         self.dropped_queue_full = self.dropped.labels("queue_full")
         # Pre-create the children so series exist (at 0) from the first scrape.
         for t in TRANSPORTS:
-            self.closed.labels(t, "client_closed")
-        self.published.labels("ok")
+            for reason in CLOSE_REASONS:
+                self.closed.labels(t, reason)
+        for result in API_RESULTS:
+            self.published.labels(result)
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason)
+        for limit in LIMITS:
+            self.limit_rejections.labels(limit)
+        # CPU, memory and open files of the node's process (Linux /proc).
+        ProcessCollector(registry=r)
         self.resets_history = self.resets.labels("history")
         self.resets_gap = self.resets.labels("gap")
 

@@ -105,3 +105,36 @@ async def test_health_ready_and_stats(node: RunningNode, http: aiohttp.ClientSes
     assert stats["users"] == 1
     assert stats["channels"] == 3
     assert stats["nats"]["connected"] is True
+
+
+def test_every_label_value_the_code_uses_is_pre_created() -> None:
+    """The vocabularies in gateway/metrics.py cover every literal label the code
+    passes, so no series appears late (its first event invisible to rate())."""
+    import re
+    from pathlib import Path
+
+    from gateway import auth, metrics
+
+    source = "\n".join(p.read_text() for p in Path(auth.__file__).parent.glob("*.py"))
+    auth_reasons = set(re.findall(r'auth_failures\.labels\("(\w+)"\)|AuthError\("(\w+)"', source))
+    used_auth = {a or b for a, b in auth_reasons} | {reason for _, reason, _ in auth._REFUSALS}
+    assert used_auth <= set(metrics.AUTH_FAILURE_REASONS), used_auth - set(metrics.AUTH_FAILURE_REASONS)
+    used_limits = set(re.findall(r'limit_rejections\.labels\("(\w+)"\)', source)) | {"publish_rate", "command_rate"}
+    assert used_limits <= set(metrics.LIMITS), used_limits - set(metrics.LIMITS)
+    used_results = set(re.findall(r'refuse\(\d+, "(\w+)"', source)) | {"ok"}
+    assert used_results <= set(metrics.API_RESULTS), used_results - set(metrics.API_RESULTS)
+    assert len(used_auth) > 10 and len(used_limits) > 6 and len(used_results) > 5  # the patterns still match
+
+
+async def test_labelled_series_exist_from_the_first_scrape(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    from gateway.metrics import API_RESULTS, AUTH_FAILURE_REASONS, LIMITS
+
+    scraped = await scrape(http, node.url)
+    for reason in AUTH_FAILURE_REASONS:
+        assert scraped[f'herald_auth_failures_total{{reason="{reason}"}}'] == 0
+    for limit in LIMITS:
+        assert scraped[f'herald_limit_rejections_total{{limit="{limit}"}}'] == 0
+    for result in API_RESULTS:
+        assert scraped[f'herald_api_publishes_total{{result="{result}"}}'] == 0
+    assert scraped['herald_connections_closed_total{reason="slow_consumer",transport="sse"}'] == 0
+    assert scraped["process_resident_memory_bytes"] > 0

@@ -1,0 +1,1 @@
+"""Grafana dashboard for Herald (build.py writes herald.json)."""

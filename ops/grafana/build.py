@@ -1,0 +1,437 @@
+"""Builds the Herald Grafana dashboard, ``ops/grafana/herald.json``.
+
+    python -m ops.grafana.build            # (re)write herald.json
+    python -m ops.grafana.build --check    # exit 1 if herald.json is not what this script writes
+
+Edit this file, not the JSON: panel ids and positions are assigned here, so they stay unique and tidy.
+Every query filters ``instance=~"$node"`` and runs on the ``${datasource}`` variable (no ``__inputs``:
+import the file as it is and pick the Prometheus data source from the drop-down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).with_name("herald.json")
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+NODE = 'instance=~"$node"'
+RATE = "$__rate_interval"
+WIDTH = 24  # Grafana's grid is 24 columns wide
+
+
+@dataclass
+class Target:
+    expr: str
+    legend: str = ""
+    format: str = "time_series"
+
+
+@dataclass
+class Panel:
+    title: str
+    description: str
+    targets: list[Target]
+    kind: str = "timeseries"
+    unit: str = "short"
+    width: int = 12
+    height: int = 8
+    options: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    title: str
+    panels: list[Panel]
+
+
+def rate(metric: str, by: str = "", window: str = RATE, func: str = "rate") -> str:
+    """``sum by (by) (func(metric{instance=~"$node"}[window]))``; a selector already in ``metric`` is kept."""
+    selector = metric.replace("}", f",{NODE}}}") if "}" in metric else f"{metric}{{{NODE}}}"
+    grouping = f" by ({by}) " if by else ""
+    return f"sum{grouping}({func}({selector}[{window}]))"
+
+
+def quantile(q: float, by: str = "") -> str:
+    labels = f"{by}, le" if by else "le"
+    return f"histogram_quantile({q}, {rate('herald_delivery_latency_seconds_bucket', labels)})"
+
+
+def timeseries_options() -> dict[str, Any]:
+    return {
+        "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+        "tooltip": {"mode": "multi", "sort": "desc"},
+    }
+
+
+NATS_STATE = {
+    "mappings": [
+        {
+            "type": "value",
+            "options": {
+                "0": {"index": 0, "text": "disconnected", "color": "red"},
+                "1": {"index": 1, "text": "connected", "color": "green"},
+            },
+        }
+    ],
+    "color": {"mode": "thresholds"},
+    "thresholds": {"mode": "absolute", "steps": [{"color": "red", "value": None}, {"color": "green", "value": 1}]},
+    "min": 0,
+    "max": 1,
+}
+
+ROWS = [
+    Row(
+        "Connections",
+        [
+            Panel(
+                "Open connections by transport and node",
+                "herald_connections: WebSocket and SSE clients connected to each node.",
+                [Target(f"sum by (instance, transport) (herald_connections{{{NODE}}})", "{{instance}} {{transport}}")],
+                width=8,
+            ),
+            Panel(
+                "Connects / s by transport",
+                "herald_connections_opened_total: new client connections.",
+                [Target(rate("herald_connections_opened_total", "transport"), "{{transport}}")],
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "Disconnects / s by reason",
+                "herald_connections_closed_total: closes by reason (client_closed, slow_consumer, bad_token, "
+                "heartbeat_timeout, shutdown, replaced, ...).",
+                [Target(rate("herald_connections_closed_total", "reason"), "{{reason}}")],
+                unit="ops",
+                width=8,
+            ),
+        ],
+    ),
+    Row(
+        "Delivery",
+        [
+            Panel(
+                "Messages / s",
+                "Delivered: messages written to client sockets (herald_messages_delivered_total, replays included). "
+                "Received: messages in from NATS, once per node whatever the fan-out (herald_messages_received_total).",
+                [
+                    Target(rate("herald_messages_delivered_total", "transport"), "delivered {{transport}}"),
+                    Target(rate("herald_messages_received_total"), "received from NATS"),
+                ],
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "Delivery latency p50 / p99",
+                "herald_delivery_latency_seconds: stream timestamp to socket write, live messages only.",
+                [
+                    Target(quantile(0.5), "p50"),
+                    Target(quantile(0.99), "p99"),
+                    Target(quantile(0.99, "instance"), "p99 {{instance}}"),
+                ],
+                unit="s",
+                width=8,
+            ),
+            Panel(
+                "Delivery latency distribution",
+                "Deliveries per herald_delivery_latency_seconds bucket in each interval.",
+                [
+                    Target(
+                        rate("herald_delivery_latency_seconds_bucket", "le", "$__interval", "increase"),
+                        "{{le}}",
+                        "heatmap",
+                    )
+                ],
+                kind="heatmap",
+                unit="s",
+                width=8,
+                options={
+                    "calculate": False,
+                    "yAxis": {"unit": "s", "axisPlacement": "left"},
+                    "rowsFrame": {"layout": "auto"},
+                    "color": {"mode": "scheme", "scheme": "Oranges", "exponent": 0.5, "steps": 64},
+                    "cellGap": 1,
+                    "tooltip": {"show": True, "yHistogram": False},
+                    "legend": {"show": True},
+                },
+            ),
+        ],
+    ),
+    Row(
+        "Backpressure",
+        [
+            Panel(
+                "Outbound queue bytes",
+                "herald_outbound_queue_bytes: bytes waiting to be written to clients, per node.",
+                [Target(f"herald_outbound_queue_bytes{{{NODE}}}", "{{instance}}")],
+                unit="bytes",
+                width=8,
+            ),
+            Panel(
+                "Slow-consumer disconnects / s",
+                "herald_slow_consumer_disconnects_total: connections closed (4008) for falling behind.",
+                [
+                    Target(
+                        rate("herald_slow_consumer_disconnects_total", "instance, transport"),
+                        "{{instance}} {{transport}}",
+                    )
+                ],
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "Messages dropped / s by reason",
+                "herald_messages_dropped_total: messages not delivered (queue_full: the client's queue was full).",
+                [Target(rate("herald_messages_dropped_total", "reason"), "{{reason}}")],
+                unit="ops",
+                width=8,
+            ),
+        ],
+    ),
+    Row(
+        "NATS",
+        [
+            Panel(
+                "NATS connection",
+                "herald_nats_connected: 1 while the node is connected to NATS.",
+                [Target(f"herald_nats_connected{{{NODE}}}", "{{instance}}")],
+                kind="state-timeline",
+                width=8,
+                options={"showValue": "auto", "mergeValues": True, "rowHeight": 0.8, "alignValue": "center"},
+                defaults=NATS_STATE,
+            ),
+            Panel(
+                "NATS reconnects and slow-consumer drops",
+                "herald_nats_reconnects_total (reconnections) and herald_nats_slow_consumer_total (messages NATS "
+                "dropped because the node fell behind), per interval.",
+                [
+                    Target(
+                        rate("herald_nats_reconnects_total", "instance", func="increase"), "reconnects {{instance}}"
+                    ),
+                    Target(
+                        rate("herald_nats_slow_consumer_total", "instance", func="increase"),
+                        "slow-consumer drops {{instance}}",
+                    ),
+                ],
+                width=8,
+            ),
+            Panel(
+                "NATS subscriptions",
+                "herald_channels_subscribed: NATS subscriptions held, one per channel some client on the node wants.",
+                [Target(f"herald_channels_subscribed{{{NODE}}}", "{{instance}}")],
+                width=8,
+            ),
+        ],
+    ),
+    Row(
+        "Replay and gap repair",
+        [
+            Panel(
+                "Replayed and gap-repaired messages / s",
+                "herald_replayed_messages_total: sent from the stream on resume. herald_gap_repaired_messages_total: "
+                "missed live messages fetched back from the stream. herald_gaps_lost_total: gaps that could not be "
+                "repaired (clients got a reset).",
+                [
+                    Target(rate("herald_replayed_messages_total"), "replayed"),
+                    Target(rate("herald_gap_repaired_messages_total"), "gap-repaired"),
+                    Target(rate("herald_gaps_lost_total"), "gaps lost"),
+                ],
+                unit="ops",
+                width=12,
+            ),
+            Panel(
+                "Resets / s by reason",
+                "herald_resets_total: reset frames sent, history (missed messages no longer held) or gap (lost live).",
+                [Target(rate("herald_resets_total", "reason"), "{{reason}}")],
+                unit="ops",
+                width=12,
+            ),
+        ],
+    ),
+    Row(
+        "Publish API and auth",
+        [
+            Panel(
+                "Publish API / s by result",
+                'herald_api_publishes_total: publishes through POST /api/publish, result "ok" or the error code.',
+                [Target(rate("herald_api_publishes_total", "result"), "{{result}}")],
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "Publish API errors / s",
+                "herald_api_publishes_total with a result other than ok: unauthorized, rate_limited, too_large, "
+                "bad_request, unavailable, disabled.",
+                [Target(rate('herald_api_publishes_total{result!="ok"}', "result"), "{{result}}")],
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "Auth failures / s by reason",
+                "herald_auth_failures_total: refused tokens by reason (expired, bad_signature, malformed, "
+                "missing, ...).",
+                [Target(rate("herald_auth_failures_total", "reason"), "{{reason}}")],
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "Limit rejections / s by limit",
+                "herald_limit_rejections_total: requests refused by a configured limit.",
+                [Target(rate("herald_limit_rejections_total", "limit"), "{{limit}}")],
+                unit="ops",
+                width=24,
+            ),
+        ],
+    ),
+]
+
+
+def panel_json(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
+    targets = [
+        {
+            "refId": chr(ord("A") + i),
+            "datasource": DATASOURCE,
+            "editorMode": "code",
+            "expr": t.expr,
+            "legendFormat": t.legend or "__auto",
+            "format": t.format,
+            "range": True,
+        }
+        for i, t in enumerate(panel.targets)
+    ]
+    defaults: dict[str, Any] = {"unit": panel.unit, **panel.defaults}
+    if panel.kind == "timeseries":
+        defaults.setdefault("custom", {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10, "showPoints": "never"})
+    return {
+        "id": pid,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": DATASOURCE,
+        "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
+        "targets": targets,
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": panel.options or timeseries_options(),
+    }
+
+
+def templating() -> dict[str, Any]:
+    query = "label_values(herald_connections, instance)"
+    return {
+        "list": [
+            {
+                "name": "datasource",
+                "label": "Data source",
+                "type": "datasource",
+                "query": "prometheus",
+                "regex": "",
+                "current": {},
+                "hide": 0,
+                "includeAll": False,
+                "multi": False,
+                "options": [],
+                "refresh": 1,
+            },
+            {
+                "name": "node",
+                "label": "Node",
+                "type": "query",
+                "datasource": DATASOURCE,
+                "definition": query,
+                "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+                "regex": "",
+                "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                "hide": 0,
+                "includeAll": True,
+                "allValue": ".*",
+                "multi": True,
+                "options": [],
+                "refresh": 2,
+                "sort": 1,
+            },
+        ]
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    panels: list[dict[str, Any]] = []
+    pid, y = 1, 0
+    for row in ROWS:
+        panels.append(
+            {
+                "id": pid,
+                "type": "row",
+                "title": row.title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": WIDTH, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
+        pid, y, x, tallest = pid + 1, y + 1, 0, 0
+        for panel in row.panels:
+            if x + panel.width > WIDTH:
+                x, y, tallest = 0, y + tallest, 0
+            panels.append(panel_json(panel, pid, x, y))
+            pid, x, tallest = pid + 1, x + panel.width, max(tallest, panel.height)
+        y += tallest
+    return {
+        "id": None,
+        "uid": "herald",
+        "title": "Herald",
+        "description": "Herald realtime push gateway: connections, delivery, backpressure, NATS, replay, API and auth.",
+        "tags": ["herald"],
+        "editable": True,
+        "graphTooltip": 1,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timepicker": {},
+        "timezone": "",
+        "links": [],
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                }
+            ]
+        },
+        "templating": templating(),
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ops.grafana.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if herald.json differs from what would be written")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"where to write (default {OUT})")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else ""
+        if current != text:
+            print(f"{args.out} is out of date: run python -m ops.grafana.build", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
