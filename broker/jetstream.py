@@ -42,6 +42,14 @@ from .store import EVENT_HEADER, ReadPositions, event_of, first_sequence, last_s
 from .timestamps import parse_rfc3339
 
 log = logging.getLogger("herald.broker")
+# JetStream errors that mean "not yet" rather than "no": no leader, no answer.
+_NOT_READY = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
 
 # Set on join / leave announcements (by nodes, on live subjects only).
 PRESENCE_HEADER = "Herald-Presence"
@@ -62,6 +70,8 @@ class NatsConfig:
     history: History = field(default_factory=History)
     max_bytes: int = -1
     publish_timeout: float = 5.0
+    # At start, how long to wait for JetStream to answer (a cluster electing its leader).
+    stream_wait: float = 30.0
     unsubscribe_delay: float = 1.0
     pending_msgs_limit: int = 65536
     pending_bytes_limit: int = 64 * 1024 * 1024
@@ -151,9 +161,24 @@ class NatsBroker:
         self._js = nc.jetstream(timeout=self._config.publish_timeout)
         await nc.subscribe(self._kick_subject(self._presence.instance), cb=self._on_kick)
         if manage_stream:
-            await self._ensure_stream()
+            await self._ensure_stream_when_ready()
         else:
             self._stream_ready = True
+
+    async def _ensure_stream_when_ready(self) -> None:
+        """``_ensure_stream``, retried while JetStream does not answer yet (a
+        cluster that is still electing its leader), for ``stream_wait`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.stream_wait
+        while True:
+            try:
+                await self._ensure_stream()
+                return
+            except BrokerUnavailable as exc:
+                if not isinstance(exc.__cause__, _NOT_READY) or loop.time() > deadline:
+                    raise
+                log.info("JetStream not ready yet (%s): retrying", exc)
+                await asyncio.sleep(0.5)
 
     def _stream_config(self) -> StreamConfig:
         c = self._config
@@ -194,7 +219,7 @@ class NatsBroker:
             await self._presence.ensure(self._js, self._config.replicas, self._config.storage)
             await self._connections.ensure(self._js, self._config.replicas, self._config.storage)
         except (TimeoutError, nats.errors.Error) as exc:
-            raise BrokerUnavailable(f"cannot create or update stream {config.name}: {exc}") from None
+            raise BrokerUnavailable(f"cannot create or update stream {config.name}: {exc}") from exc
         # A stream created anew (a NATS store lost, or deleted by hand) numbers
         # from 1 again: what the sequencer knows of the old one no longer holds.
         created = info.created.timestamp() if info.created else 0.0

@@ -1,0 +1,159 @@
+"""Clients and a publisher for failure tests: subscribers that stay subscribed
+through node and NATS failures the way herald.js does (resume from the last id,
+honour reconnect hints), and a steady publisher that records every acked id.
+After the run, each subscriber must hold exactly the ids published to its
+room, once and in order."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from .helpers import SseClient, token
+
+HINT = re.compile(r"(\d+)\s*ms")
+
+
+@dataclass
+class Subscriber:
+    """One client in ``room`` over ``transport`` at ``base`` (a load balancer)."""
+
+    base: str
+    transport: str  # "ws" | "sse"
+    user: str
+    room: str
+    ids: list[int] = field(default_factory=list)
+    last: str | None = None
+    opened: list[float] = field(default_factory=list)  # monotonic time of every (re)open
+    ends: list[str] = field(default_factory=list)  # how each connection ended
+    resets: int = 0
+    _stop: bool = False
+
+    @property
+    def connected(self) -> bool:
+        return len(self.opened) > len(self.ends)
+
+    async def run(self, http: aiohttp.ClientSession) -> None:
+        attempt = 0
+        while not self._stop:
+            wait = None
+            try:
+                if self.transport == "ws":
+                    wait = await self._ws(http)
+                else:
+                    wait = await self._sse(http)
+                attempt = 0
+            except (aiohttp.ClientError, OSError, TimeoutError, EOFError) as exc:
+                if self.connected:
+                    self.ends.append(f"error {type(exc).__name__}")
+                attempt += 1
+            if self._stop:
+                return
+            # Like herald.js: the server's hint, else full-jitter backoff (short here).
+            await asyncio.sleep(wait / 1000 if wait is not None else random.uniform(0, min(1.0, 0.05 * 2**attempt)))
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _record(self, frame_id: str | None) -> None:
+        if frame_id is not None:
+            self.ids.append(int(frame_id))
+            self.last = frame_id
+
+    async def _ws(self, http: aiohttp.ClientSession) -> int | None:
+        params = {"token": token(self.user, rooms=["*"]), "room": self.room}
+        if self.last:
+            params["since"] = self.last
+        code, reason = None, ""
+        async with http.ws_connect(self.base.replace("http", "ws", 1) + "/ws", params=params, heartbeat=5) as ws:
+            while True:
+                msg = await ws.receive()
+                if msg.type is aiohttp.WSMsgType.CLOSE:
+                    code, reason = int(msg.data), str(msg.extra or "")
+                    break
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    code = ws.close_code
+                    break
+                frame = msg.json()
+                kind = frame.get("type")
+                if kind == "welcome":
+                    self.opened.append(time.monotonic())
+                elif kind == "message" and frame.get("channel") == f"room:{self.room}":
+                    self._record(frame.get("id"))
+                elif kind == "reset":
+                    self.resets += 1
+        if self.connected:
+            self.ends.append(f"ws {code} {reason}".strip())
+        hint = HINT.search(reason)
+        return int(hint[1]) if code == 1012 and hint else None
+
+    async def _sse(self, http: aiohttp.ClientSession) -> int | None:
+        headers = {"Last-Event-ID": self.last} if self.last else {}
+        params = {"token": token(self.user, rooms=["*"]), "room": self.room}
+        async with http.get(self.base + "/sse", params=params, headers=headers, timeout=_NO_TIMEOUT) as resp:
+            if resp.status != 200:
+                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
+            self.opened.append(time.monotonic())
+            sse = SseClient(resp)
+            while True:
+                try:
+                    ev = await sse.next(timeout=3600)
+                except EOFError:
+                    break
+                if ev.event == "reset":
+                    self.resets += 1
+                elif ev.id is not None:
+                    self._record(ev.id)
+        self.ends.append("sse end")
+        return sse.retry  # the stream's last hint (a drain's, or the opening one)
+
+
+_NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_read=None)
+
+
+@dataclass
+class SteadyPublisher:
+    """Publishes to ``rooms`` in turn at ``rate`` per second through ``publish``
+    (returns the acked id), recording per room every id it was given."""
+
+    publish: Callable[[str, int], Awaitable[str]]
+    rooms: list[str]
+    rate: float
+    sent: dict[str, list[int]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    _stop: bool = False
+
+    async def run(self) -> None:
+        n = 0
+        while not self._stop:
+            room = self.rooms[n % len(self.rooms)]
+            try:
+                sid = await self.publish(f"room:{room}", n)
+                self.sent.setdefault(room, []).append(int(sid))
+            except Exception as exc:  # noqa: BLE001 - counted; the test decides what is allowed
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+            n += 1
+            await asyncio.sleep(1 / self.rate)
+
+    def stop(self) -> None:
+        self._stop = True
+
+
+def check_delivery(subscribers: list[Subscriber], sent: dict[str, list[int]]) -> dict[str, int]:
+    """Every subscriber holds exactly its room's ids, once, in order; returns
+    totals of lost and duplicated messages (both must be 0)."""
+    lost = duplicated = 0
+    for sub in subscribers:
+        want = sent.get(sub.room, [])
+        got = sub.ids
+        duplicated += len(got) - len(set(got))
+        lost += len(set(want) - set(got))
+        assert sub.resets == 0, f"{sub.user}: reset"
+        assert got == sorted(got), f"{sub.user}: out of order"
+    return {"lost": lost, "duplicated": duplicated}

@@ -1,0 +1,234 @@
+"""Failures in a real cluster (ops/cluster.py: 3 nats-servers with an R3
+stream, 3 Herald nodes, nginx in front): 300 clients, WebSocket and SSE mixed,
+in 10 rooms, a publisher at a steady rate through NATS. A gateway node is
+SIGKILLed, one is drained with SIGTERM, a nats-server is SIGKILLed, all of NATS
+goes away: every client ends with every acked message of its room, once, in
+order. Figures go to artifacts/cluster/<test>.json."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from broker.embedded import nats_server_binary
+from broker.publisher import NatsPublisher
+from ops.cluster import HOST, NAMES, Cluster, Ports
+
+from .browser import ARTIFACTS
+from .failover import SteadyPublisher, Subscriber, check_delivery
+from .helpers import ADMIN_KEY, PUBLISH_KEY, SECRET, wait_for
+
+CLIENTS = int(os.environ.get("HERALD_FAILOVER_CLIENTS", "300"))
+ROOMS = 10
+RATE = 40.0  # messages/s over all rooms
+
+
+def free_port_block(size: int) -> int:
+    """A base port with ``size`` free ports above it."""
+    for _ in range(200):
+        base = random.randrange(20_000, 60_000 - size)
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as s:
+                    s.bind((HOST, port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no block of free ports")
+
+
+@dataclass
+class RunningCluster:
+    cluster: Cluster
+    ports: Ports
+
+    @property
+    def lb(self) -> str:
+        return f"http://{HOST}:{self.ports.lb}"
+
+    def pid(self, name: str) -> int:
+        return dict(self.cluster.recorded())[name]
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        os.kill(self.pid(name), sig)
+
+    def restart_nats(self, i: int) -> None:
+        """nats-server ``n<i+1>`` again, on its config and store."""
+        name = f"nats{i + 1}"
+        env = os.environ | {"NATS_STORE_DIR": str(self.cluster.dir / "data" / NAMES[i])}
+        self.cluster.spawn(name, [nats_server_binary(), "-c", str(self.cluster.conf / f"{NAMES[i]}.conf")], env)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
+    ports = Ports.from_base(free_port_block(13))
+    settings = {
+        "HERALD_JWT_SECRET": SECRET,
+        "HERALD_PUBLISH_KEY": PUBLISH_KEY,
+        "HERALD_ADMIN_KEY": ADMIN_KEY,
+        "HERALD_HTTP_RECONNECT_SPREAD": "1",
+        "HERALD_HTTP_SHUTDOWN_GRACE": "5",
+        "HERALD_NATS_RECONNECT_WAIT": "0.5",
+    }
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)  # the cluster tool passes its environment to the nodes
+    cluster = Cluster(tmp_path / "cluster")
+    try:
+        cluster.start(ports, timeout=30)
+        yield RunningCluster(cluster, ports)
+    finally:
+        cluster.stop(5.0)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+async def many() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session without the default 100-connection cap (SSE streams hold theirs)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        yield session
+
+
+async def run_scenario(
+    name: str,
+    c: RunningCluster,
+    http: aiohttp.ClientSession,
+    fault: Callable[[], Awaitable[None]],
+    after: float = 4.0,
+) -> tuple[list[Subscriber], dict[str, Any]]:
+    """Clients connect, publishing starts, ``fault`` happens, publishing goes
+    on for ``after`` seconds; returns once every client holds what its room got
+    (or after 40 s), with the figures (also written as JSON)."""
+    tag = uuid.uuid4().hex[:6]
+    subs = [Subscriber(c.lb, ("ws", "sse")[i % 2], f"{tag}u{i}", f"{tag}r{i % ROOMS}") for i in range(CLIENTS)]
+    tasks = [asyncio.create_task(s.run(http)) for s in subs]
+    rooms = sorted({s.room for s in subs})
+    try:
+        await wait_for(lambda: all(s.connected for s in subs), timeout=30, interval=0.1)
+        await asyncio.sleep(1.0)  # the SSE streams' subscriptions are in place after their headers
+        async with NatsPublisher(c.ports.nats_urls.split(","), "herald", "HERALD", attempts=20, backoff=0.1) as pub:
+
+            async def publish(channel: str, n: int) -> str:
+                return str(await pub.publish(channel, {"n": n}))
+
+            publisher = SteadyPublisher(publish, rooms, RATE)
+            publishing = asyncio.create_task(publisher.run())
+            await asyncio.sleep(2.0)
+            t0 = time.monotonic()
+            await fault()
+            fault_s = time.monotonic() - t0
+            await asyncio.sleep(after)
+            publisher.stop()
+            await publishing
+        stopped = time.monotonic()
+
+        def caught_up() -> bool:
+            return all(set(publisher.sent.get(s.room, ())) <= set(s.ids) for s in subs)
+
+        with suppress(TimeoutError):
+            await wait_for(caught_up, timeout=40, interval=0.2)
+        reopened = [next((t for t in s.opened if t > t0), None) for s in subs if any(t > t0 for t in s.opened)]
+        waits = sorted(t - t0 for t in reopened if t is not None)
+        figures: dict[str, Any] = {
+            "clients": CLIENTS,
+            "published": sum(len(v) for v in publisher.sent.values()),
+            "publish_failures": len(publisher.failures),
+            "reconnected": len(waits),
+            "reconnect_p50_s": round(waits[len(waits) // 2], 3) if waits else None,
+            "reconnect_max_s": round(waits[-1], 3) if waits else None,
+            "fault_s": round(fault_s, 3),
+            "caught_up_after_last_publish_s": round(time.monotonic() - stopped, 3),
+            **check_delivery(subs, publisher.sent),
+        }
+    finally:
+        for s in subs:
+            s.stop()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    out = ARTIFACTS / "cluster"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return subs, figures
+
+
+async def test_sigkill_of_a_gateway_node_loses_nothing(cluster: RunningCluster, many: aiohttp.ClientSession) -> None:
+    async def fault() -> None:
+        cluster.kill("node2")
+
+    _, figures = await run_scenario("kill-node", cluster, many, fault)
+    assert (figures["lost"], figures["duplicated"], figures["publish_failures"]) == (0, 0, 0), figures
+    assert figures["reconnected"] >= CLIENTS // 6, figures  # node2's share came back through nginx
+
+
+async def test_sigterm_drain_under_load_only_1012_or_stream_end(
+    cluster: RunningCluster, many: aiohttp.ClientSession
+) -> None:
+    async def fault() -> None:
+        cluster.kill("node1", signal.SIGTERM)
+
+    subs, figures = await run_scenario("drain-node", cluster, many, fault)
+    assert (figures["lost"], figures["duplicated"], figures["publish_failures"]) == (0, 0, 0), figures
+    ends = [e for s in subs for e in s.ends]
+    assert ends, "node1 had no clients"
+    bad = [e for e in ends if not (e.startswith("ws 1012 node restarting") or e == "sse end")]
+    assert bad == [], bad[:10]
+
+
+async def test_sigkill_of_a_nats_server_loses_nothing(cluster: RunningCluster, many: aiohttp.ClientSession) -> None:
+    async def fault() -> None:
+        cluster.kill("nats2")
+
+    _, figures = await run_scenario("kill-nats", cluster, many, fault)
+    assert (figures["lost"], figures["duplicated"], figures["publish_failures"]) == (0, 0, 0), figures
+
+
+async def test_all_of_nats_down_then_back(cluster: RunningCluster, many: aiohttp.ClientSession) -> None:
+    nodes = [f"http://{HOST}:{p}" for p in cluster.ports.nodes]
+
+    async def statuses(path: str) -> list[int]:
+        out = []
+        for base in nodes:
+            async with many.get(base + path) as resp:
+                out.append(resp.status)
+        return out
+
+    async def fault() -> None:
+        for i in range(3):
+            cluster.kill(f"nats{i + 1}")
+        await wait_for(lambda: _all(statuses("/readyz"), 503), timeout=10, interval=0.1)
+        headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+        body = {"channel": "room:x", "data": 1}
+        async with many.post(cluster.lb + "/api/publish", json=body, headers=headers) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"] == "unavailable"
+        assert await statuses("/healthz") == [200, 200, 200]  # no crash
+        for i in range(3):
+            cluster.restart_nats(i)
+        await wait_for(lambda: _all(statuses("/readyz"), 200), timeout=30, interval=0.2)
+
+    _, figures = await run_scenario("all-nats-down", cluster, many, fault)
+    # What was published while NATS was down was refused (and retried by the
+    # publisher until acked); what was acked reached everyone.
+    assert (figures["lost"], figures["duplicated"]) == (0, 0), figures
+
+
+async def _all(statuses: Awaitable[list[int]], wanted: int) -> bool:
+    return all(s == wanted for s in await statuses)
