@@ -14,7 +14,7 @@ from broker import TooManyConnections
 from broker.channels import BROADCAST, InvalidChannel, parse_seq, room_channel, user_channel
 
 from .auth import AuthError, Identity
-from .disconnect import BAD_REQUEST, BAD_TOKEN, FORBIDDEN, SHUTDOWN, TOO_MANY_CONNECTIONS, Disconnect
+from .disconnect import BAD_REQUEST, BAD_TOKEN, FORBIDDEN, SHUTDOWN, TOO_MANY_CONNECTIONS, UNAVAILABLE, Disconnect
 from .http import ConflictingTokens, client_token, peer
 from .limits import origin_allowed
 from .node import Node
@@ -58,6 +58,22 @@ async def count_in(node: Node, identity: Identity) -> str:
         node.metrics.limit_rejections.labels("connections_per_user").inc()
         raise Refusal(429, TOO_MANY_CONNECTIONS, "too_many_connections", str(exc)) from None
     return conn_id
+
+
+def screen(node: Node, request: web.Request) -> None:
+    """What is checked before a stream is accepted (before a WS upgrade, so a
+    refused browser sees the HTTP status): the node's capacity and the origin."""
+    check_capacity(node)
+    check_origin(node, request)
+
+
+def check_capacity(node: Node) -> None:
+    """A node at ``limits.max_connections`` refuses more streams (503: try another node)."""
+    limit = node.settings.limits.max_connections
+    if limit and len(node.sessions) >= limit:
+        node.metrics.limit_rejections.labels("node_connections").inc()
+        node.warn("capacity", "refused a stream: %d open (limits.max_connections)", limit)
+        raise Refusal(503, UNAVAILABLE, "node_full", f"node is at its limit of {limit} connections: try another node")
 
 
 def check_origin(node: Node, request: web.Request) -> None:

@@ -18,6 +18,27 @@ from .ws import ws_handler
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("herald")
 
+# The demo page and the client: scripts and styles only from the node itself
+# (no inline code), connections only back to it, never framed by another site.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``nosniff`` on every answer; the page's policy on the demo and its files.
+    No CORS header anywhere: a browser page of another origin cannot read the
+    API's answers (the publish API is for backends, with a key)."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if request.path == "/" or request.path.startswith("/static/"):
+        response.headers.update(PAGE_HEADERS)
+
 
 async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
@@ -50,6 +71,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         _add_admin_routes(app)
     app.router.add_get("/", _index)
     app.router.add_static("/static", STATIC)
+    app.on_response_prepare.append(_security_headers)
 
     async def start(app: web.Application) -> None:
         await node.start()

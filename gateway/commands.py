@@ -88,8 +88,12 @@ class Commands:
             self.error(session, ref, "unavailable", str(exc))
 
     def refuse_binary(self, session: Session) -> None:
-        if self._within_rate(session, "", None):  # counts like any other frame
+        if self.within_rate(session):
             self.error(session, None, "bad_frame", "binary frames are not supported: send JSON text")
+
+    def within_rate(self, session: Session) -> bool:
+        """A frame that is no command (a ping) takes its share of the budget too."""
+        return self._within_rate(session, "", None)
 
     def _within_rate(self, session: Session, kind: str, ref: Ref) -> bool:
         limits = self.node.settings.limits

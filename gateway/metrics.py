@@ -39,6 +39,7 @@ AUTH_FAILURE_REASONS = (
     "other_user",
 )
 LIMITS = (
+    "node_connections",
     "connections_per_user",
     "origin",
     "subscriptions",

@@ -48,12 +48,24 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def app_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    """The runner of a node's application: no access log (per-request logging
+    costs), handlers cancelled when their client goes, and a request that is
+    not complete within ``http.handshake_timeout`` (slow-header clients) cut."""
+    http = settings.http
+    return web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=http.shutdown_grace,
+        keepalive_timeout=http.handshake_timeout,
+    )
+
+
 async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully (see Node.shutdown)."""
     app = create_app(settings)
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.http.shutdown_grace
-    )
+    runner = app_runner(app, settings)
     await runner.setup()  # connects to NATS; raises BrokerUnavailable
     runners = [runner]
     try:

@@ -43,6 +43,9 @@ class HttpSettings:
     backlog: int = 2048
     max_body: int = 65536
     shutdown_grace: float = 3.0
+    # Seconds a new connection has to send its whole request (and an idle
+    # keep-alive connection to send the next): slow-header clients are cut.
+    handshake_timeout: float = 10.0
     # On SIGTERM: seconds readyz answers 503 before clients are told to go,
     # and the window over which their reconnects are spread (random per client).
     drain_delay: float = 0.0
@@ -176,6 +179,8 @@ class BackpressureSettings:
 @dataclass(frozen=True, slots=True)
 class LimitsSettings:
     max_subscriptions: int = 100
+    # Open streams (WS + SSE) on this node; one more gets HTTP 503. 0: no limit.
+    max_connections: int = 20000
     # Open connections per user, across the cluster, and what happens to one more:
     # "refuse-new" (WS close 4029 / HTTP 429) or "close-oldest" (that one gets 4029).
     max_connections_per_user: int = 10
@@ -348,6 +353,8 @@ def validate(s: Settings) -> None:
     _require(s.http.max_body >= 1024, "http.max_body", "must be >= 1024")
     _require(s.http.shutdown_grace >= 0, "http.shutdown_grace", "must be >= 0")
     _require(s.http.drain_delay >= 0, "http.drain_delay", "must be >= 0")
+    _require(s.http.handshake_timeout > 0, "http.handshake_timeout", "must be > 0")
+    _require(s.limits.max_connections >= 0, "limits.max_connections", "must be >= 0 (0: no limit)")
     _require(0 <= s.http.reconnect_spread <= 300, "http.reconnect_spread", "must be 0 to 300 seconds")
     _require(len(s.nats.urls) > 0, "nats.urls", "at least one URL")
     for url in s.nats.urls:

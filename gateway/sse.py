@@ -14,7 +14,7 @@ from aiohttp_sse import EventSourceResponse
 
 from broker import BrokerUnavailable
 
-from .admission import Refusal, admit, check_origin, count_in
+from .admission import Refusal, admit, count_in, screen
 from .disconnect import CLIENT_CLOSED, GOING_AWAY, INTERNAL, UNAVAILABLE, Disconnect
 from .frames import SSE
 from .http import SocketWire, drain_or_abort, json_error
@@ -52,7 +52,7 @@ def _chunk(data: bytes) -> bytes:
 async def sse_handler(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
     try:
-        check_origin(node, request)
+        screen(node, request)
         admission = admit(node, request, request.headers.get("Last-Event-ID"))
         conn_id = await count_in(node, admission.identity)
     except Refusal as refusal:

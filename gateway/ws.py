@@ -11,7 +11,7 @@ from aiohttp.http_websocket import WebSocketError
 from broker import BrokerUnavailable
 from broker.channels import client_name
 
-from .admission import Refusal, admit, check_origin, count_in
+from .admission import Refusal, admit, count_in, screen
 from .disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, INTERNAL, TOO_BIG, UNAVAILABLE, Disconnect
 from .frames import WS
 from .http import SocketWire, drain_or_abort, json_error
@@ -83,12 +83,13 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         compress=s.compress,
         max_msg_size=s.max_frame + 1,  # aiohttp refuses sizes >= its limit; ws.max_frame itself is allowed
         heartbeat=s.heartbeat or None,
+        autoping=False,  # client pings count against the frame budget (ping floods)
         timeout=s.close_timeout,
     )
     if not ws.can_prepare(request).ok:
         return json_error(400, "bad_request", "expected a WebSocket upgrade")
     try:
-        check_origin(node, request)  # before the upgrade: a cross-site page learns nothing
+        screen(node, request)  # before the upgrade: a cross-site page learns nothing
     except Refusal as refusal:
         return json_error(refusal.status, refusal.error, refusal.message)
     await ws.prepare(request)
@@ -122,6 +123,11 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                 await commands.handle(session, msg.data)
             elif msg.type is WSMsgType.BINARY:
                 commands.refuse_binary(session)
+            elif msg.type is WSMsgType.PING:
+                if commands.within_rate(session):
+                    await ws.pong(msg.data)
+            elif msg.type is WSMsgType.PONG:
+                continue  # answers to the heartbeat (aiohttp resets it on any data)
             else:  # close, closing, closed or error
                 break
         reason = _classify(ws)

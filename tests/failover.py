@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -29,6 +30,8 @@ class Subscriber:
     user: str
     room: str
     ids: list[int] = field(default_factory=list)
+    # (receive time, publish → receive latency) of each message: both wall clock, one machine.
+    latencies: list[tuple[float, float]] = field(default_factory=list)
     last: str | None = None
     opened: list[float] = field(default_factory=list)  # monotonic time of every (re)open
     ends: list[str] = field(default_factory=list)  # how each connection ended
@@ -61,10 +64,13 @@ class Subscriber:
     def stop(self) -> None:
         self._stop = True
 
-    def _record(self, frame_id: str | None) -> None:
+    def _record(self, frame_id: str | None, data: Any) -> None:
         if frame_id is not None:
             self.ids.append(int(frame_id))
             self.last = frame_id
+            if isinstance(data, dict) and isinstance(data.get("t"), float):
+                now = time.time()
+                self.latencies.append((now, now - data["t"]))
 
     async def _ws(self, http: aiohttp.ClientSession) -> int | None:
         params = {"token": token(self.user, rooms=["*"]), "room": self.room}
@@ -85,7 +91,7 @@ class Subscriber:
                 if kind == "welcome":
                     self.opened.append(time.monotonic())
                 elif kind == "message" and frame.get("channel") == f"room:{self.room}":
-                    self._record(frame.get("id"))
+                    self._record(frame.get("id"), frame.get("data"))
                 elif kind == "reset":
                     self.resets += 1
         if self.connected:
@@ -109,7 +115,7 @@ class Subscriber:
                 if ev.event == "reset":
                     self.resets += 1
                 elif ev.id is not None:
-                    self._record(ev.id)
+                    self._record(ev.id, ev.json())
         self.ends.append("sse end")
         return sse.retry  # the stream's last hint (a drain's, or the opening one)
 
@@ -122,7 +128,7 @@ class SteadyPublisher:
     """Publishes to ``rooms`` in turn at ``rate`` per second through ``publish``
     (returns the acked id), recording per room every id it was given."""
 
-    publish: Callable[[str, int], Awaitable[str]]
+    publish: Callable[[str, Any], Awaitable[str]]
     rooms: list[str]
     rate: float
     sent: dict[str, list[int]] = field(default_factory=dict)
@@ -134,7 +140,7 @@ class SteadyPublisher:
         while not self._stop:
             room = self.rooms[n % len(self.rooms)]
             try:
-                sid = await self.publish(f"room:{room}", n)
+                sid = await self.publish(f"room:{room}", {"n": n, "t": time.time()})
                 self.sent.setdefault(room, []).append(int(sid))
             except Exception as exc:  # noqa: BLE001 - counted; the test decides what is allowed
                 self.failures.append(f"{type(exc).__name__}: {exc}")
@@ -157,3 +163,9 @@ def check_delivery(subscribers: list[Subscriber], sent: dict[str, list[int]]) ->
         assert sub.resets == 0, f"{sub.user}: reset"
         assert got == sorted(got), f"{sub.user}: out of order"
     return {"lost": lost, "duplicated": duplicated}
+
+
+def p99_latency(subscribers: list[Subscriber], start: float, end: float) -> float | None:
+    """p99 of the latencies of messages received in [start, end) (wall clock), in ms."""
+    window = sorted(lat for sub in subscribers for t, lat in sub.latencies if start <= t < end)
+    return round(window[int(len(window) * 0.99)] * 1000, 1) if window else None

@@ -21,6 +21,7 @@ from gateway.app import create_app
 from gateway.auth import mint_token
 from gateway.keys import NODE
 from gateway.node import BrokerFactory, Node
+from gateway.server import app_runner
 from gateway.settings import Settings, load_settings, with_overrides
 
 VENV_BIN = Path(sys.executable).parent
@@ -84,10 +85,7 @@ class RunningNode:
 
 
 async def start_node(settings: Settings, broker_factory: BrokerFactory | None = None) -> RunningNode:
-    app = create_app(settings, broker_factory)
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.http.shutdown_grace
-    )
+    runner = app_runner(create_app(settings, broker_factory), settings)
     await runner.setup()
     site = web.TCPSite(runner, settings.http.host, settings.http.port)
     await site.start()

@@ -23,7 +23,7 @@ from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 
 from .browser import ConsoleWatch, screenshot_path
-from .helpers import RunningNode, api_publish, spawn_cluster_node
+from .helpers import RunningNode, api_publish, spawn_cluster_node, wait_for
 
 NodeFactory = Callable[..., Any]
 DEMO = {"http": {"dev_tokens": True}, "rooms": {"join_leave": ("*",)}}
@@ -145,8 +145,13 @@ async def test_expired_token_is_replaced_through_get_token(
     node: RunningNode = await node_factory(**DEMO)
     async with demo_page(browser, node.url, user="dave", room="lobby", ttl="2") as (page, watch):
         first = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "one"})
+
         # The node closes at expiry (4001); the page mints a new token and resumes.
-        await page.wait_for_function("window.heraldDemo.tokens >= 3", timeout=TIMEOUT)
+        async def renewed() -> bool:  # polled from here: the page's CSP forbids wait_for_function's eval
+            tokens: int = await page.evaluate("window.heraldDemo.tokens")
+            return tokens >= 3
+
+        await wait_for(renewed, timeout=TIMEOUT / 1000)
         await expect(page.locator("#status")).to_have_attribute("data-state", "open", timeout=TIMEOUT)
         second = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "two"})
         await expect(page.locator("#messages li[data-id]")).to_have_count(2, timeout=TIMEOUT)

@@ -29,7 +29,7 @@ from broker.publisher import NatsPublisher
 from ops.cluster import HOST, NAMES, Cluster, Ports
 
 from .browser import ARTIFACTS
-from .failover import SteadyPublisher, Subscriber, check_delivery
+from .failover import SteadyPublisher, Subscriber, check_delivery, p99_latency
 from .helpers import ADMIN_KEY, PUBLISH_KEY, SECRET, wait_for
 
 CLIENTS = int(os.environ.get("HERALD_FAILOVER_CLIENTS", "300"))
@@ -75,7 +75,8 @@ class RunningCluster:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
-    ports = Ports.from_base(free_port_block(13))
+    base = free_port_block(13)
+    ports = Ports.from_base(base)
     settings = {
         "HERALD_JWT_SECRET": SECRET,
         "HERALD_PUBLISH_KEY": PUBLISH_KEY,
@@ -88,7 +89,7 @@ def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
     os.environ.update(settings)  # the cluster tool passes its environment to the nodes
     cluster = Cluster(tmp_path / "cluster")
     try:
-        cluster.start(ports, timeout=30)
+        cluster.start(base, timeout=30)
         yield RunningCluster(cluster, ports)
     finally:
         cluster.stop(5.0)
@@ -125,13 +126,13 @@ async def run_scenario(
         await asyncio.sleep(1.0)  # the SSE streams' subscriptions are in place after their headers
         async with NatsPublisher(c.ports.nats_urls.split(","), "herald", "HERALD", attempts=20, backoff=0.1) as pub:
 
-            async def publish(channel: str, n: int) -> str:
-                return str(await pub.publish(channel, {"n": n}))
+            async def publish(channel: str, data: Any) -> str:
+                return str(await pub.publish(channel, data))
 
             publisher = SteadyPublisher(publish, rooms, RATE)
             publishing = asyncio.create_task(publisher.run())
             await asyncio.sleep(2.0)
-            t0 = time.monotonic()
+            t0, wall0 = time.monotonic(), time.time()
             await fault()
             fault_s = time.monotonic() - t0
             await asyncio.sleep(after)
@@ -146,6 +147,8 @@ async def run_scenario(
             await wait_for(caught_up, timeout=40, interval=0.2)
         reopened = [next((t for t in s.opened if t > t0), None) for s in subs if any(t > t0 for t in s.opened)]
         waits = sorted(t - t0 for t in reopened if t is not None)
+        # The clients the fault did not touch: does the others' reconnect storm slow them down?
+        untouched = [s for s in subs if not any(t > t0 for t in s.opened)]
         figures: dict[str, Any] = {
             "clients": CLIENTS,
             "published": sum(len(v) for v in publisher.sent.values()),
@@ -154,6 +157,8 @@ async def run_scenario(
             "reconnect_p50_s": round(waits[len(waits) // 2], 3) if waits else None,
             "reconnect_max_s": round(waits[-1], 3) if waits else None,
             "fault_s": round(fault_s, 3),
+            "untouched_p99_ms_before": p99_latency(untouched, wall0 - 2, wall0),
+            "untouched_p99_ms_during_2s": p99_latency(untouched, wall0, wall0 + 2),
             "caught_up_after_last_publish_s": round(time.monotonic() - stopped, 3),
             **check_delivery(subs, publisher.sent),
         }
