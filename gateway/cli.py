@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("data", help="payload, usually JSON")
     pub.add_argument("--event")
 
+    sub.add_parser("hooks", help="run a webhook dispatcher (config [hooks])")
+
     tok = sub.add_parser("token", help="mint a client token")
     tok.add_argument("user")
     tok.add_argument("--room", action="append", default=[], help="room id or glob (repeatable)")
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return _dev(settings, args)
         if args.command == "publish":
             return asyncio.run(_publish(settings, args))
+        if args.command == "hooks":
+            return _hooks(settings)
         return _token(settings, args)
     except (ConfigError, InvalidChannel, BrokerUnavailable, FileNotFoundError) as exc:
         print(f"herald: {exc}", file=sys.stderr)
@@ -144,6 +148,24 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
     async with publisher:
         seq = await publisher.publish(channel, args.data.encode(), args.event)
     print(seq)
+    return 0
+
+
+def _hooks(settings: Settings) -> int:
+    from .hooks import run_dispatcher
+    from .server import configure_logging, new_event_loop
+
+    h = settings.hooks
+    if not (h.url or h.routes):
+        raise ConfigError("config error: hooks.url (HERALD_HOOKS_URL) or hooks.routes is needed for herald hooks")
+    if not h.secret:
+        raise ConfigError("config error: hooks.secret (HERALD_HOOKS_SECRET) is needed: receivers verify signatures")
+    configure_logging(settings.log.level)
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(run_dispatcher(settings))
+    finally:
+        loop.close()
     return 0
 
 

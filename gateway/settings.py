@@ -152,6 +152,37 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HooksSettings:
+    """The webhook dispatcher (``herald hooks``): user-channel messages of
+    users who are offline (or leave them unread) are POSTed to ``url``."""
+
+    url: str = ""
+    # "event-glob=url" entries: the first whose glob matches the event wins; else ``url``.
+    routes: tuple[str, ...] = ()
+    secret: str = ""
+    secret_previous: str = ""  # during a key rotation both sign each request
+    offline_after: float = 60.0
+    unread_after: float = 0.0  # 0: a user online at the time is never sent a webhook
+    timeout: float = 10.0
+    horizon: float = 86400.0  # retry until the message is this old, then dead-letter it
+    max_backoff: float = 600.0
+    concurrency: int = 16
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+
+
+def hook_routes(routes: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Parse ``hooks.routes``; ValueError names the bad entry."""
+    parsed = []
+    for route in routes:
+        glob, sep, url = route.partition("=")
+        if not (sep and glob.strip() and url.strip().startswith(("http://", "https://"))):
+            raise ValueError(f"{route!r} is not event-glob=http(s)://url")
+        parsed.append((glob.strip(), url.strip()))
+    return tuple(parsed)
+
+
+@dataclass(frozen=True, slots=True)
 class WsSettings:
     heartbeat: float = 30.0
     max_frame: int = 65536
@@ -220,6 +251,7 @@ class Settings:
     backpressure: BackpressureSettings = field(default_factory=BackpressureSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    hooks: HooksSettings = field(default_factory=HooksSettings)
 
     @property
     def live_prefix(self) -> str:
@@ -379,6 +411,15 @@ def validate(s: Settings) -> None:
     _require(s.stream.replicas in (1, 3, 5), "stream.replicas", "must be 1, 3 or 5")
     _require(s.stream.storage in ("file", "memory"), "stream.storage", "must be file or memory")
     _require(1.0 <= s.presence.ttl <= 300.0, "presence.ttl", "must be between 1 and 300 seconds")
+    try:
+        hook_routes(s.hooks.routes)
+    except ValueError as exc:
+        _require(False, "hooks.routes", str(exc))
+    h = s.hooks
+    _require(not h.url or h.url.startswith(("http://", "https://")), "hooks.url", "must be an http(s) URL")
+    _require(h.offline_after >= 0 and h.unread_after >= 0, "hooks.offline_after", "delays must be >= 0")
+    _require(h.timeout > 0 and h.horizon > 0 and h.max_backoff > 0, "hooks.timeout", "must be > 0 (and horizon)")
+    _require(1 <= h.concurrency <= 1000, "hooks.concurrency", "must be between 1 and 1000")
     try:
         room_history_rules(s.rooms.history)
     except ValueError as exc:

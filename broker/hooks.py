@@ -1,0 +1,213 @@
+"""The NATS side of the webhook dispatcher: user-channel messages from the
+stream, one at a time per message across every dispatcher of the cluster.
+
+A durable pull consumer on ``<prefix>.user.>`` is shared by all dispatchers
+(a work queue): JetStream hands each message to one of them and hands it again
+only after ``ack_wait`` without an answer — so a dispatcher that dies
+mid-delivery is replaced, and while one works on a message (it reports
+progress) no other gets it. Waiting and retrying are ``nak`` with a delay:
+nothing is held in a dispatcher's memory, a restart loses nothing. What
+finally fails is published to a dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+
+from .base import BrokerUnavailable
+from .channels import Subjects
+from .kv import key_token
+from .presence import _keys
+from .store import event_of
+
+log = logging.getLogger("herald.hooks")
+
+
+@dataclass(frozen=True, slots=True)
+class HookMessage:
+    """One stored user-channel message as the dispatcher sees it."""
+
+    id: int  # the stream sequence: the idempotency key
+    user: str
+    event: str
+    data: bytes
+    timestamp: float  # when the stream stored it (unix seconds)
+    attempt: int  # 1 for the first delivery to a dispatcher
+    _msg: Msg
+
+    @property
+    def age(self) -> float:
+        return time.time() - self.timestamp
+
+    async def done(self) -> None:
+        await self._msg.ack()
+
+    async def later(self, delay: float) -> None:
+        """Hand it back, to come again (to any dispatcher) after ``delay`` seconds."""
+        await self._msg.nak(delay=max(0.0, delay))
+
+    async def working(self) -> None:
+        """Still on it: JetStream keeps it from the others for another ack_wait."""
+        await self._msg.in_progress()
+
+
+class HookSource:
+    """Connects, makes the consumer and the dead-letter stream, and yields the
+    messages; answers whether a user is online and what they have read."""
+
+    def __init__(
+        self, urls: tuple[str, ...], subjects: Subjects, stream: str, ack_wait: float, connect_timeout: float = 5.0
+    ) -> None:
+        self._urls = urls
+        self._subjects = subjects
+        self._stream = stream
+        self._ack_wait = ack_wait
+        self._connect_timeout = connect_timeout
+        self.consumer = f"{stream}_hooks"
+        self.dead_stream = f"{stream}_HOOKS_DEAD"
+        self.dead_subject = f"_herald.{stream}.hooks.dead"
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+
+    async def start(self) -> None:
+        try:
+            self._nc = await nats.connect(
+                list(self._urls),
+                name="herald-hooks",
+                connect_timeout=self._connect_timeout,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                allow_reconnect=True,
+            )
+            js = self._js = self._nc.jetstream()
+            await js.add_consumer(
+                self._stream,
+                ConsumerConfig(
+                    durable_name=self.consumer,
+                    filter_subject=f"{self._subjects.prefix}.user.>",
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.NEW,
+                    ack_wait=self._ack_wait,
+                    max_deliver=-1,
+                    max_ack_pending=10_000,
+                ),
+            )
+            try:
+                await js.stream_info(self.dead_stream)
+            except nats.js.errors.NotFoundError:
+                await js.add_stream(StreamConfig(name=self.dead_stream, subjects=[self.dead_subject]))
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            await self.close()
+            raise BrokerUnavailable(f"webhook dispatcher cannot reach NATS JetStream at {self._urls}: {exc}") from None
+
+    async def messages(self, batch: int) -> AsyncIterator[list[HookMessage]]:
+        """Batches of up to ``batch`` messages, as they come, until cancelled."""
+        assert self._js is not None
+        sub = await self._js.pull_subscribe_bind(self.consumer, self._stream)
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.Error as exc:  # disconnected: nats-py reconnects by itself
+                log.warning("fetching webhook messages failed: %r", exc)
+                await asyncio.sleep(1.0)
+                continue
+            yield [m for m in map(self._message, msgs) if m is not None]
+
+    def _message(self, msg: Msg) -> HookMessage | None:
+        channel = self._subjects.channel_of(msg.subject)
+        if channel is None or not channel.startswith("user:"):
+            asyncio.get_running_loop().create_task(msg.ack())  # not ours: never again
+            return None
+        meta = msg.metadata
+        return HookMessage(
+            id=meta.sequence.stream,
+            user=channel[len("user:") :],
+            event=event_of(msg.headers or {}),
+            data=msg.data,
+            timestamp=meta.timestamp.timestamp() if meta.timestamp else time.time(),
+            attempt=meta.num_delivered or 1,
+            _msg=msg,
+        )
+
+    async def online(self, user: str) -> bool:
+        """Whether ``user`` has a connection on a live node (the nodes' tables)."""
+        js = self._js
+        assert js is not None
+        try:
+            conns = await js.key_value(f"{self._stream}_conns")
+            entry = await conns.get(key_token(user))
+        except nats.js.errors.NotFoundError:  # no bucket yet, or no key
+            return False
+        table = orjson.loads(entry.value or b"{}")
+        if not table:
+            return False
+        try:
+            nodes = await js.key_value(f"{self._stream}_nodes")
+            alive = set(await _keys(nodes, "*"))
+        except nats.js.errors.NotFoundError:
+            return False
+        return any(isinstance(v, list) and v and v[0] in alive for v in table.values())
+
+    async def read_position(self, user: str) -> int:
+        js = self._js
+        assert js is not None
+        try:
+            reads = await js.key_value(f"{self._stream}_read")
+            entry = await reads.get(key_token(user))
+        except nats.js.errors.NotFoundError:  # no bucket yet, or no key
+            return 0
+        try:
+            return int(entry.value or b"0")
+        except ValueError:
+            return 0
+
+    async def dead_letter(self, message: HookMessage, reason: str) -> None:
+        """Keep what could not be delivered (with why), then let it go."""
+        js = self._js
+        assert js is not None
+        record = {
+            "id": str(message.id),
+            "user": message.user,
+            "event": message.event,
+            "reason": reason,
+            "attempts": message.attempt,
+            "data": message.data.decode("utf-8", "replace"),
+        }
+        await js.publish(self.dead_subject, orjson.dumps(record), headers={"Nats-Msg-Id": f"dead-{message.id}"})
+        await message.done()
+
+    async def pending(self) -> int:
+        """Messages not yet answered: waiting in the consumer or being worked on."""
+        js = self._js
+        if js is None:
+            return 0
+        try:
+            info = await js.consumer_info(self._stream, self.consumer)
+        except (TimeoutError, nats.errors.Error):
+            return 0
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def close(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            # Not drain(): it would wait for the open pull request (up to 30 s).
+            # The last acks are flushed; anything unanswered comes back after ack_wait.
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                await nc.flush(timeout=1)
+            await nc.close()

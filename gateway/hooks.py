@@ -1,0 +1,224 @@
+"""The webhook dispatcher (``herald hooks``): user-channel messages that their
+user did not get live — offline for ``hooks.offline_after`` seconds, or not
+read within ``hooks.unread_after`` — are POSTed, signed, to the backend that
+sends pushes, mails or texts. At least once, never twice at the same time;
+the stream id is the idempotency key (``Herald-Delivery-Id``).
+
+Decisions per message (each ends it, or hands it back to come again):
+online and (no unread_after, or read) → skip; offline and younger than
+offline_after → later; read meanwhile → skip; else POST: 2xx → done; 429 →
+after Retry-After; other 4xx → dead letter; 5xx / timeout / refused → later
+with backoff, dead letter past the horizon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import random
+import signal
+import time
+from datetime import UTC, datetime
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from broker.channels import Subjects, glob_match
+from broker.hooks import HookMessage, HookSource
+
+from .frames import json_data
+from .settings import HooksSettings, Settings, hook_routes
+
+log = logging.getLogger("herald.hooks")
+
+RESULTS = ("delivered", "retried", "rejected", "dead", "skipped_online", "skipped_read", "no_route")
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def signature(secrets: list[str], timestamp: int, body: bytes) -> str:
+    """``t=<unix>,v1=<hex>[,v1=<hex>]``: HMAC-SHA256 of ``b"<t>." + body`` per secret."""
+    signed = b"%d." % timestamp + body
+    macs = [hmac.new(s.encode(), signed, hashlib.sha256).hexdigest() for s in secrets if s]
+    return ",".join([f"t={timestamp}", *(f"v1={m}" for m in macs)])
+
+
+def verify(secret: str, header: str, body: bytes, tolerance: float = 300.0) -> bool:
+    """What a receiver does (README has it standalone): one v1 matches, t is recent."""
+    fields = [part.partition("=") for part in header.split(",")]
+    stamps = [v for k, _, v in fields if k == "t"]
+    if len(stamps) != 1 or not stamps[0].isdigit() or abs(time.time() - int(stamps[0])) > tolerance:
+        return False
+    expected = hmac.new(secret.encode(), stamps[0].encode() + b"." + body, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, v) for k, _, v in fields if k == "v1")
+
+
+class HookMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.deliveries = Counter("herald_webhook_deliveries", "Webhook outcomes, by result", ["result"], registry=r)
+        for result in RESULTS:
+            self.deliveries.labels(result)
+        self.latency = Histogram(
+            "herald_webhook_latency_seconds", "Webhook request time", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue = Gauge("herald_webhook_queue_depth", "User messages not yet decided on", registry=r)
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, source: HookSource | None = None) -> None:
+        self.hooks: HooksSettings = settings.hooks
+        self.routes = hook_routes(self.hooks.routes)
+        self.secrets = [s for s in (self.hooks.secret, self.hooks.secret_previous) if s]
+        self.source = source or HookSource(
+            settings.nats.urls,
+            Subjects(settings.subject.prefix, settings.live_prefix),
+            settings.stream.name,
+            ack_wait=2 * self.hooks.timeout + 1.0,  # longer than any request: no two at once
+            connect_timeout=settings.nats.connect_timeout,
+        )
+        self.metrics = HookMetrics()
+        self._http: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(self.hooks.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def url_for(self, event: str) -> str | None:
+        for glob, url in self.routes:
+            if glob_match((glob,), event):
+                return url
+        return self.hooks.url or None
+
+    async def run(self) -> None:
+        """Dispatch until cancelled; what is in flight then is finished (or left
+        to JetStream, which hands it to another dispatcher after ack_wait)."""
+        await self.source.start()
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.hooks.timeout))
+        depth = asyncio.create_task(self._watch_depth())
+        try:
+            async for batch in self.source.messages(self.hooks.concurrency):
+                for message in batch:
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._handle(message))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._finished)
+        finally:
+            depth.cancel()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=self.hooks.timeout + 1)
+            await self._http.close()
+            await self.source.close()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook handling failed", exc_info=task.exception())
+
+    async def _watch_depth(self) -> None:
+        while True:
+            self.metrics.queue.set(await self.source.pending())
+            await asyncio.sleep(5.0)
+
+    async def _handle(self, m: HookMessage) -> None:
+        url = self.url_for(m.event)
+        if url is None:
+            return await self._end(m, "no_route")
+        h = self.hooks
+        if await self.source.online(m.user):
+            if not h.unread_after:
+                return await self._end(m, "skipped_online")
+            wait = h.unread_after - m.age
+        else:
+            wait = h.offline_after - m.age
+        if wait > 0:
+            return await m.later(wait)
+        if await self.source.read_position(m.user) >= m.id:
+            return await self._end(m, "skipped_read")
+        await self._post(m, url)
+
+    async def _end(self, m: HookMessage, result: str) -> None:
+        self.metrics.deliveries.labels(result).inc()
+        await m.done()
+
+    async def _post(self, m: HookMessage, url: str) -> None:
+        assert self._http is not None
+        body = self.body(m)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "herald-hooks",
+            "Herald-Delivery-Id": str(m.id),
+            "Herald-Event": m.event,
+            "Herald-Signature": signature(self.secrets, int(time.time()), body),
+        }
+        began = time.monotonic()
+        try:
+            async with self._http.post(url, data=body, headers=headers) as resp:
+                status, retry_after = resp.status, resp.headers.get("Retry-After", "")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            status, retry_after, failure = 0, "", f"{type(exc).__name__}: {exc}"
+        else:
+            failure = f"HTTP {status}"
+        self.metrics.latency.observe(time.monotonic() - began)
+        if 200 <= status < 300:
+            return await self._end(m, "delivered")
+        if 400 <= status < 500 and status != 429:
+            log.warning("webhook %s for %s refused (%s): dead-lettered", m.id, m.user, failure)
+            self.metrics.deliveries.labels("rejected").inc()
+            return await self.source.dead_letter(m, failure)
+        if m.age > self.hooks.horizon:
+            log.warning("webhook %s for %s failed past the horizon (%s): dead-lettered", m.id, m.user, failure)
+            self.metrics.deliveries.labels("dead").inc()
+            return await self.source.dead_letter(m, f"{failure} after {m.attempt} attempts")
+        self.metrics.deliveries.labels("retried").inc()
+        delay = _seconds(retry_after) if status == 429 else None
+        await m.later(delay if delay is not None else self.backoff(m.attempt))
+
+    def backoff(self, attempt: int) -> float:
+        """Full jitter: a random wait in [0, min(max_backoff, 2^attempt)) seconds."""
+        return random.uniform(0, min(self.hooks.max_backoff, 2.0**attempt))
+
+    @staticmethod
+    def body(m: HookMessage) -> bytes:
+        stamp = datetime.fromtimestamp(m.timestamp, UTC).isoformat().replace("+00:00", "Z")
+        head = {"channel": f"user:{m.user}", "id": str(m.id), "event": m.event, "user": m.user, "timestamp": stamp}
+        return orjson.dumps(head)[:-1] + b',"data":' + json_data(m.data) + b"}"
+
+
+def _seconds(retry_after: str) -> float | None:
+    try:
+        return max(0.0, float(retry_after))
+    except ValueError:
+        return None  # an HTTP date: the usual backoff instead
+
+
+async def run_dispatcher(settings: Settings) -> None:
+    """``herald hooks``: dispatch until SIGTERM/SIGINT, with /metrics if configured."""
+    dispatcher = Dispatcher(settings)
+    runner = None
+    h = settings.hooks
+    if h.metrics_port:
+        app = web.Application()
+
+        async def metrics(request: web.Request) -> web.Response:
+            body = generate_latest(dispatcher.metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, h.metrics_host, h.metrics_port).start()
+    task = asyncio.create_task(dispatcher.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    log.info("webhook dispatcher running: %s", h.url or ", ".join(u for _, u in dispatcher.routes))
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    finally:
+        if runner is not None:
+            await runner.cleanup()
