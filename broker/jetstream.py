@@ -51,6 +51,16 @@ _NOT_READY = (
     nats.js.errors.NoStreamResponseError,
 )
 
+# "no suitable peers for placement": the cluster does not see its peers yet.
+_NO_PEERS = 10005
+
+
+def _not_ready(exc: BaseException | None) -> bool:
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _NO_PEERS:
+        return True
+    return isinstance(exc, _NOT_READY)
+
+
 # Set on join / leave announcements (by nodes, on live subjects only).
 PRESENCE_HEADER = "Herald-Presence"
 # Interest key of the shared user subscription; never a valid channel name.
@@ -175,7 +185,7 @@ class NatsBroker:
                 await self._ensure_stream()
                 return
             except BrokerUnavailable as exc:
-                if not isinstance(exc.__cause__, _NOT_READY) or loop.time() > deadline:
+                if not _not_ready(exc.__cause__) or loop.time() > deadline:
                     raise
                 log.info("JetStream not ready yet (%s): retrying", exc)
                 await asyncio.sleep(0.5)

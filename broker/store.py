@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 
@@ -9,7 +10,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, KeyValueConfig
 from nats.js.kv import KeyValue
 
 from .base import BrokerUnavailable, Delivery
@@ -26,6 +27,21 @@ def event_of(headers: dict[str, str]) -> str:
     if event is not DEFAULT_EVENT and EVENT_RE.fullmatch(event) is None:
         return DEFAULT_EVENT
     return event
+
+
+# A replicated stream answers 503 for a moment after a leader change: try again.
+_BRIEFLY_UNAVAILABLE = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
+
+
+async def _add_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig, tries: int = 4) -> ConsumerInfo:
+    for attempt in range(tries):
+        try:
+            return await js.add_consumer(stream, config=config)
+        except _BRIEFLY_UNAVAILABLE:
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 async def read_stored(
@@ -53,7 +69,7 @@ async def read_stored(
     )
     found: list[Delivery] = []
     try:
-        info = await js.add_consumer(stream, config=config)
+        info = await _add_consumer(js, stream, config)
         pending = min(int(info.num_pending or 0), limit)
         if pending:
             sub = await js.pull_subscribe_bind(name, stream=stream)
@@ -71,7 +87,7 @@ async def read_stored(
             finally:
                 await sub.unsubscribe()
     except (TimeoutError, nats.errors.Error) as exc:
-        raise BrokerUnavailable(f"reading the stream failed: {exc.__class__.__name__}") from None
+        raise BrokerUnavailable(f"reading the stream failed: {exc.__class__.__name__}: {exc}") from None
     finally:
         with contextlib.suppress(Exception):
             await js.delete_consumer(stream, name)

@@ -9,7 +9,7 @@ waits for the socket to take it, and so stays within the backpressure limits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from broker import Delivery, Replay
@@ -25,16 +25,24 @@ def hold(session: Session) -> None:
 
 
 async def attach(
-    node: Node, session: Session, channels: Sequence[str], since: int | None, first: dict[str, Any] | None = None
+    node: Node,
+    session: Session,
+    channels: Sequence[str],
+    since: int | None,
+    first: dict[str, Any] | None = None,
+    joined: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Join a new session's channels, then send ``first`` (the welcome frame,
-    completed with ``unread``), then what it missed since ``since`` — or,
-    without a position, its user's unread messages — then the live flow. Sent
-    after the joins, ``first`` tells the client its channels are live."""
+    """Join a new session's channels, then call ``joined`` (SSE: the response
+    starts only now), send ``first`` (the welcome frame, completed with
+    ``unread``), then what it missed since ``since`` — or, without a position,
+    its user's unread messages — then the live flow. Either tells the client
+    its channels are live: what is published after it reaches the client."""
     hold(session)
     try:
         await _join(node, session, channels)
         replay, unread = await _opening_replay(node, session, channels, since)
+        if joined is not None:
+            await joined()
         if first is not None:
             if unread is not None:
                 first["unread"] = unread

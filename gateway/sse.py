@@ -34,7 +34,14 @@ class SseConnection(SocketWire):
     ) -> None:
         super().__init__(request, write_buffer, socket_buffer)
         self._response = response
-        if response.chunked:
+
+    async def start(self, request: web.Request, retry: int) -> None:
+        """Send the response head and the ``retry:`` hint. Called once the
+        channels are joined: EventSource's "open" then means live."""
+        await self._response.prepare(request)
+        # The first write sends the buffered headers; raw chunks may follow it.
+        await self._response.write(b"retry: %d\n\n" % retry)
+        if self._response.chunked:
             self.frame = _chunk
 
     def close(self, reason: Disconnect) -> None:
@@ -61,9 +68,6 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     s = node.settings.sse
     response = EventSourceResponse(ping_interval=s.keepalive)
     response.force_close()  # one stream per connection: never reused for keep-alive
-    await response.prepare(request)
-    # The first write sends the buffered headers; raw chunks may follow it.
-    await response.write(b"retry: %d\n\n" % s.retry)
     transport = request.transport
     assert transport is not None
     bp = node.settings.backpressure
@@ -71,13 +75,16 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     session = node.open_session(conn_id, admission.identity, SSE, conn, conn.close)
     reason: Disconnect = CLIENT_CLOSED
     try:
-        await attach(node, session, admission.channels, admission.since)
+        await attach(node, session, admission.channels, admission.since, joined=lambda: conn.start(request, s.retry))
         await response.wait()
         if session.disconnect is not None:
             reason = session.disconnect
             await _end_stream(response, transport, node.settings.ws.close_timeout)
-    except BrokerUnavailable:
+    except BrokerUnavailable as exc:
         reason = UNAVAILABLE
+        log.warning("stream %s: %s", session.id, exc)
+        if not response.prepared:  # refused before the stream started: say why
+            return json_error(503, "unavailable", str(exc))
     except asyncio.CancelledError:
         # The client went away (handler cancellation) or the server is stopping.
         reason = session.disconnect or GOING_AWAY

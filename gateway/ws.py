@@ -133,8 +133,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         reason = _classify(ws)
         if reason is TOO_BIG:
             node.metrics.limit_rejections.labels("frame_size").inc()
-    except BrokerUnavailable:
+    except BrokerUnavailable as exc:
         reason = UNAVAILABLE
+        log.warning("connection %s: %s", session.id, exc)
         session.close(UNAVAILABLE)
     except asyncio.CancelledError:
         # The connection dropped (handler cancellation): a missed heartbeat or the peer left.

@@ -9,6 +9,7 @@ N+7..N+9, monitoring N+10..N+12. Secrets: HERALD_JWT_SECRET, HERALD_PUBLISH_KEY,
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -128,8 +129,7 @@ class Cluster:
                 print(f"{exc}\ncluster: starting node{i + 1} again", file=sys.stderr)
                 proc = self.spawn_node(i, ports, env)
 
-    def recorded(self) -> list[tuple[str, int]]:
-        """(name, pid) from the pid files."""
+    def recorded(self) -> list[tuple[str, int]]:  # (name, pid) from the pid files
         return [(f.stem, int(f.read_text().split()[0])) for f in sorted(self.pids.glob("*.pid"))]
 
     def running(self) -> list[tuple[str, int]]:
@@ -141,12 +141,13 @@ class Cluster:
         for sub in (self.pids, self.logs, self.conf, self.dir / "tmp"):
             sub.mkdir(parents=True, exist_ok=True)
         try:
-            self._start(base, Ports.from_base(base), timeout)
+            started = self._start(base, Ports.from_base(base), timeout)
         except BaseException:
             self.stop(5.0)
             raise
+        print(started)
 
-    def _start(self, base: int | None, ports: Ports, timeout: float) -> None:
+    def _start(self, base: int | None, ports: Ports, timeout: float) -> str:
         began = time.monotonic()
         nats, procs = nats_server_binary(), {}
         for i, name in enumerate(NAMES):
@@ -173,8 +174,7 @@ class Cluster:
         lb = self.spawn("nginx", [*nginx, "-e", str(self.logs / "nginx-error.log"), "-g", "daemon off;"])
         wait_http(f"http://{HOST}:{ports.lb}/readyz", lb, self.logs / "nginx-error.log", timeout)
         (self.dir / "cluster.json").write_text(json.dumps({"base_port": base}) + "\n")
-        print(f"Herald cluster up in {time.monotonic() - began:.1f}s ({self.dir})")
-        print(summary(ports, secrets, dev))
+        return f"Herald cluster up in {time.monotonic() - began:.1f}s ({self.dir})\n{summary(ports, secrets, dev)}"
 
     def stop(self, timeout: float) -> int:
         """SIGTERM by phase (nginx, nodes, NATS: nodes drain while NATS is up), SIGKILL after ``timeout``."""
@@ -262,8 +262,8 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
             with urllib.request.urlopen(url, timeout=2) as answer:
                 if answer.status == 200:
                     return
-        except OSError as exc:  # HTTPError (503 ...) included
-            last = str(exc)
+        except (OSError, http.client.HTTPException) as exc:  # HTTPError (503 ...) included
+            last = str(exc)  # BadStatusLine: connected to itself (the port is in the ephemeral range)
         time.sleep(0.1)
     raise SystemExit(f"cluster: {url} not ready within {timeout:g}s ({last}):\n{tail(log)}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,3 +348,24 @@ async def spawn_cluster_node(
 
     await wait_for(ready, timeout=20, interval=0.1)
     return proc, url
+
+
+def free_base(count: int = 13) -> int:
+    """A port with ``count - 1`` free ports after it (the cluster's --base-port), below the
+    ephemeral range: waiting for a port there can connect to itself before its server listens."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        base = random.randrange(min(low, 32768) - 12000, min(low, 32768) - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no run of free ports")

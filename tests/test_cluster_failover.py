@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -30,25 +28,11 @@ from ops.cluster import HOST, NAMES, Cluster, Ports
 
 from .browser import ARTIFACTS
 from .failover import SteadyPublisher, Subscriber, check_delivery, p99_latency
-from .helpers import ADMIN_KEY, PUBLISH_KEY, SECRET, wait_for
+from .helpers import ADMIN_KEY, PUBLISH_KEY, SECRET, free_base, wait_for
 
 CLIENTS = int(os.environ.get("HERALD_FAILOVER_CLIENTS", "300"))
 ROOMS = 10
 RATE = 40.0  # messages/s over all rooms
-
-
-def free_port_block(size: int) -> int:
-    """A base port with ``size`` free ports above it."""
-    for _ in range(200):
-        base = random.randrange(20_000, 60_000 - size)
-        try:
-            for port in range(base, base + size):
-                with socket.socket() as s:
-                    s.bind((HOST, port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no block of free ports")
 
 
 @dataclass
@@ -75,7 +59,7 @@ class RunningCluster:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
-    base = free_port_block(13)
+    base = free_base()
     ports = Ports.from_base(base)
     settings = {
         "HERALD_JWT_SECRET": SECRET,

@@ -55,3 +55,13 @@ async def test_subscribe_with_since(node: RunningNode, http: aiohttp.ClientSessi
     frames = [await recv_json(ws) for _ in range(3)]
     assert [f.get("id") for f in frames[:2]] == ids[1:]
     assert frames[2] == {"type": "ack", "ref": "s", "channel": "room:r1"}
+
+
+async def test_sse_stream_is_live_once_its_headers_arrive(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    """EventSource fires "open" on the headers: a message published right
+    after must arrive (the stream starts only once its channels are joined)."""
+    for i in range(15):
+        resp = await http.get(node.url + "/sse", params={"token": token(f"early{i}"), "room": f"early{i}"})
+        sent = await publish(http, node, f"room:early{i}", i)
+        assert (await SseClient(resp).next(timeout=3)).id == sent
+        resp.close()
