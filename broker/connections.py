@@ -23,8 +23,10 @@ from nats.js.kv import KeyValue
 
 from .base import TooManyConnections
 from .kv import bind_bucket, compare_and_set, key_token, storage_type
+from .throttle import Throttle
 
 log = logging.getLogger("herald.connections")
+warn = Throttle(log)
 
 # conn id → [instance, opened at (unix seconds)]
 Table = dict[str, list[object]]
@@ -95,5 +97,5 @@ class UserConnections:
             # A conflict is another connection of this user counted meanwhile.
             return await compare_and_set(kv, key_token(user), apply, tries=100)
         except (TimeoutError, nats.errors.Error) as exc:
-            log.warning("connection count of a user not updated: %r", exc)
+            warn("update", "connection count of a user not updated: %r", exc)
         return False

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from broker import Broker, DeliveryCallback, History, LossCallback, Retention
 from broker.channels import Subjects
 from broker.jetstream import NatsBroker, NatsConfig
+from broker.throttle import Throttle
 
 from .auth import Authenticator, AuthError, Identity
 from .disconnect import REPLACED, SHUTDOWN, Disconnect
@@ -59,23 +60,6 @@ def nats_config(settings: Settings) -> NatsConfig:
     )
 
 
-class _Throttle:
-    """At most one log line per ``interval`` per key, with a count of the rest."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self._interval = interval
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def __call__(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        last, skipped = self._last.get(key, (0.0, 0))
-        if now - last < self._interval:
-            self._last[key] = (last, skipped + 1)
-            return
-        self._last[key] = (now, 0)
-        log.warning(message + (f" ({skipped} more suppressed)" if skipped else ""), *args)
-
-
 class Node:
     def __init__(self, settings: Settings, broker_factory: BrokerFactory | None = None) -> None:
         self.settings = settings
@@ -100,7 +84,7 @@ class Node:
         self._by_id: dict[str, Session] = {}
         self.draining = False
         self._ids = itertools.count(1)
-        self.warn = _Throttle()
+        self.warn = Throttle(log)
         self._api_buckets: dict[str, TokenBucket] = {}
         # Compared with a request's Origin once both are normalised.
         self.allowed_origins = tuple("*" if o == "*" else (normal_origin(o) or o) for o in settings.limits.origins)

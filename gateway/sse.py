@@ -64,6 +64,9 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         conn_id = await count_in(node, admission.identity)
     except Refusal as refusal:
         return json_error(refusal.status, refusal.error, refusal.message)
+    if request.transport is None:  # the client left while it was being admitted
+        node.broker.close_connection(admission.identity.user, conn_id)
+        return web.Response(status=499)
 
     s = node.settings.sse
     response = EventSourceResponse(ping_interval=s.keepalive)
@@ -80,6 +83,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         if session.disconnect is not None:
             reason = session.disconnect
             await _end_stream(response, transport, node.settings.ws.close_timeout)
+    except ConnectionResetError:  # gone before or while the stream started
+        reason = CLIENT_CLOSED
     except BrokerUnavailable as exc:
         reason = UNAVAILABLE
         log.warning("stream %s: %s", session.id, exc)

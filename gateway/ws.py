@@ -92,7 +92,10 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         screen(node, request)  # before the upgrade: a cross-site page learns nothing
     except Refusal as refusal:
         return json_error(refusal.status, refusal.error, refusal.message)
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except ConnectionResetError:  # the client gave up before its upgrade was answered
+        return ws
     # Refusals are close codes after the upgrade: a browser cannot see an HTTP status.
     try:
         admission = admit(node, request)
@@ -100,6 +103,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     except Refusal as refusal:
         if request.transport is not None:
             await close_ws(ws, request.transport, refusal.disconnect, s.close_timeout)
+        return ws
+    if request.transport is None:  # the client left while it was being admitted
+        node.broker.close_connection(admission.identity.user, conn_id)
         return ws
 
     bp = node.settings.backpressure

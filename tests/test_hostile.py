@@ -6,11 +6,13 @@ limits, and an honest client keeps getting every message."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from .helpers import RunningNode, api_publish, expect_close, recv_json, scrape, token, wait_for
 
@@ -137,4 +139,37 @@ async def test_connections_opened_and_closed_in_a_loop_leave_nothing_behind(
         + after['herald_connections_opened_total{transport="sse"}']
     )
     assert opened >= 201
+    await honest.close()
+
+
+@pytest.mark.parametrize("path", ["/ws", "/sse"])
+async def test_clients_that_leave_during_admission_leave_no_traceback(
+    path: str, node: RunningNode, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connect storm makes admission slow (a KV round trip); clients give up
+    meanwhile. The node lets them go without an error in its log."""
+    broker = node.node.broker
+    real = broker.open_connection
+
+    async def slow_open(*args: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await real(*args)
+
+    broker.open_connection = slow_open  # type: ignore[method-assign]
+    host, port = node.url.removeprefix("http://").split(":")
+    upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    headers = upgrade + "Sec-WebSocket-Version: 13\r\n" if path == "/ws" else ""
+    request = f"GET {path}?token={token('quitter')}&room=lobby HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode()
+    for _ in range(5):
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        await writer.drain()
+        writer.transport.abort()  # gone before the answer
+    await asyncio.sleep(0.8)
+    broker.open_connection = real  # type: ignore[method-assign]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert node.node.sessions == set()
+    honest = await honest_client(http, node)
+    await still_served(http, node, honest)
     await honest.close()
