@@ -145,37 +145,31 @@ class HookSource:
             _msg=msg,
         )
 
-    async def online(self, user: str) -> bool:
-        """Whether ``user`` has a connection on a live node (the nodes' tables)."""
+    async def _user_value(self, bucket: str, user: str) -> bytes | None:
+        """The user's value in one of the nodes' KV buckets (None: no bucket or no key)."""
         js = self._js
         assert js is not None
         try:
-            conns = await js.key_value(f"{self._stream}_conns")
-            entry = await conns.get(key_token(user))
-        except nats.js.errors.NotFoundError:  # no bucket yet, or no key
-            return False
-        table = orjson.loads(entry.value or b"{}")
+            kv = await js.key_value(f"{self._stream}_{bucket}")
+            return (await kv.get(key_token(user))).value
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def online(self, user: str) -> bool:
+        """Whether ``user`` has a connection on a live node (the nodes' tables)."""
+        table = orjson.loads(await self._user_value("conns", user) or b"{}")
         if not table:
             return False
+        assert self._js is not None
         try:
-            nodes = await js.key_value(f"{self._stream}_nodes")
-            alive = set(await _keys(nodes, "*"))
+            alive = set(await _keys(await self._js.key_value(f"{self._stream}_nodes"), "*"))
         except nats.js.errors.NotFoundError:
             return False
         return any(isinstance(v, list) and v and v[0] in alive for v in table.values())
 
     async def read_position(self, user: str) -> int:
-        js = self._js
-        assert js is not None
-        try:
-            reads = await js.key_value(f"{self._stream}_read")
-            entry = await reads.get(key_token(user))
-        except nats.js.errors.NotFoundError:  # no bucket yet, or no key
-            return 0
-        try:
-            return int(entry.value or b"0")
-        except ValueError:
-            return 0
+        value = await self._user_value("read", user)
+        return int(value) if value and value.isdigit() else 0
 
     async def dead_letter(self, message: HookMessage, reason: str) -> None:
         """Keep what could not be delivered (with why), then let it go."""
