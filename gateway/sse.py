@@ -27,13 +27,14 @@ log = logging.getLogger("herald.sse")
 class SseConnection(SocketWire):
     """Wire and closer of one event stream: event bytes go out as HTTP chunks."""
 
-    __slots__ = ("_response",)
+    __slots__ = ("_response", "_started")
 
     def __init__(
         self, response: EventSourceResponse, request: web.Request, write_buffer: int, socket_buffer: int
     ) -> None:
         super().__init__(request, write_buffer, socket_buffer)
         self._response = response
+        self._started = False  # nothing may be written before the response head
 
     async def start(self, request: web.Request, retry: int) -> None:
         """Send the response head and the ``retry:`` hint. Called once the
@@ -43,9 +44,10 @@ class SseConnection(SocketWire):
         await self._response.write(b"retry: %d\n\n" % retry)
         if self._response.chunked:
             self.frame = _chunk
+        self._started = True
 
     def close(self, reason: Disconnect) -> None:
-        if reason.retry_ms:  # EventSource waits this long before it reconnects
+        if reason.retry_ms and self._started:  # EventSource waits this long before it reconnects
             self.write(b"retry: %d\n\n" % reason.retry_ms)
         # Ends ``response.wait()`` in the handler, which finishes the stream.
         self._response.stop_streaming()
