@@ -82,8 +82,9 @@ def check_origin(node: Node, request: web.Request) -> None:
     origin = request.headers.get("Origin")
     if not origin_allowed(origin, request.host, node.allowed_origins):
         node.metrics.limit_rejections.labels("origin").inc()
-        node.warn("origin", "refused a stream from origin %s (limits.origins)", origin)
-        raise Refusal(403, FORBIDDEN, "forbidden_origin", f"origin {origin} is not allowed (limits.origins)")
+        shown = ascii(origin)  # quoted as sent, whatever bytes it holds
+        node.warn("origin", "refused a stream from origin %s (limits.origins)", shown)
+        raise Refusal(403, FORBIDDEN, "forbidden_origin", f"origin {shown} is not allowed (limits.origins)")
 
 
 def admit(node: Node, request: web.Request, last_event_id: str | None = None) -> Admission:

@@ -6,12 +6,14 @@ import math
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker import BrokerUnavailable
 from broker.channels import InvalidChannel, check_event, check_id, parse_channel, room_channel
 
 from .auth import mint_token
+from .frames import dumps_exact, loads_exact
 from .http import json_error, json_response, key_matches
 from .keys import NODE
 
@@ -45,8 +47,10 @@ async def publish(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         node.metrics.limit_rejections.labels("body_size").inc()
         return refuse(413, "too_large", too_large)
+    except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
+        return refuse(400, "bad_request", f"body does not decode: {exc}")
     try:
-        doc = orjson.loads(body)
+        doc = loads_exact(body)
     except orjson.JSONDecodeError:
         return refuse(400, "bad_request", "body is not valid JSON")
     if not isinstance(doc, dict) or "data" not in doc:
@@ -59,7 +63,7 @@ async def publish(request: web.Request) -> web.Response:
     except InvalidChannel as exc:
         return refuse(400, "bad_request", str(exc))
     try:
-        seq = await node.broker.publish(channel, orjson.dumps(doc["data"]), event)
+        seq = await node.broker.publish(channel, dumps_exact(doc["data"]), event)
     except BrokerUnavailable as exc:
         return refuse(503, "unavailable", str(exc))
     result.labels("ok").inc()

@@ -6,6 +6,9 @@ import logging
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from broker.throttle import Throttle
 
 from . import api
 from .commands import Commands
@@ -29,6 +32,29 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs every request its parser refuses (a request line too long,
+    a repeated Content-Type, a body that does not decode) at ERROR with a
+    traceback, after answering 400 itself: anyone could fill the log with
+    them. One throttled warning line instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._warn = Throttle(log, interval=60.0)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            self._warn("malformed", "refused malformed requests (HTTP 400), e.g.: %s", exc.message)
+            return False
+        return True
+
+
+_AIOHTTP_SERVER = logging.getLogger("aiohttp.server")
+if not any(isinstance(f, _MalformedRequests) for f in _AIOHTTP_SERVER.filters):
+    _AIOHTTP_SERVER.addFilter(_MalformedRequests())
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:

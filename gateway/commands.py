@@ -13,6 +13,7 @@ from broker.channels import InvalidChannel, check_event, glob_match, parse_seq, 
 
 from .auth import AuthError
 from .disconnect import RATE_LIMITED
+from .frames import dumps_exact, loads_exact
 from .limits import CommandLimiter
 from .node import Node
 from .resume import resume
@@ -58,7 +59,7 @@ class Commands:
     async def handle(self, session: Session, text: str) -> None:
         cmd: Any
         try:
-            cmd, parsed = orjson.loads(text), True
+            cmd, parsed = loads_exact(text), True
         except orjson.JSONDecodeError:
             cmd, parsed = None, False
         kind = cmd.get("type") if isinstance(cmd, dict) else None
@@ -155,7 +156,7 @@ class Commands:
                 check_event(event)
             except InvalidChannel as exc:
                 raise CommandError("bad_request", str(exc)) from None
-        payload = orjson.dumps(cmd["data"])
+        payload = dumps_exact(cmd["data"])
         broker = self.node.broker
         if cmd.get("ephemeral") is True:
             await broker.publish_ephemeral(channel, payload, event)

@@ -3,6 +3,8 @@ same bytes are queued to every recipient on that transport."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from typing import Any, Protocol
 
@@ -12,6 +14,26 @@ from broker import Delivery
 from broker.channels import client_name
 
 _SSE_LINES = re.compile(rb"\r\n|\r|\n")
+# orjson reads integers past 64 bits as floats: a document with that many digits
+# in a row is read again, exactly, by the standard library (rare, so slow is fine).
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
+def loads_exact(raw: bytes | str) -> Any:
+    """A client's or publisher's JSON, numbers kept as they were written."""
+    doc = orjson.loads(raw)  # raises orjson.JSONDecodeError
+    if _LONG_DIGITS.search(raw.encode() if isinstance(raw, str) else raw):
+        with contextlib.suppress(RecursionError):  # deeper than the stdlib goes: orjson's reading stands
+            doc = json.loads(raw)
+    return doc
+
+
+def dumps_exact(obj: Any) -> bytes:
+    """``obj`` as compact JSON; integers orjson cannot hold go through the stdlib."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:

@@ -63,7 +63,10 @@ def client_token(request: web.BaseRequest) -> str | None:
 
 def key_matches(request: web.BaseRequest, expected: str) -> bool:
     given = bearer(request)
-    return bool(expected) and given is not None and hmac.compare_digest(given.encode(), expected.encode())
+    if not expected or given is None:
+        return False
+    # Header bytes that are not UTF-8 reach us as surrogates: compare the bytes sent.
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
 def peer(request: web.BaseRequest) -> str:

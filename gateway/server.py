@@ -50,8 +50,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def app_runner(app: web.Application, settings: Settings) -> web.AppRunner:
     """The runner of a node's application: no access log (per-request logging
-    costs), handlers cancelled when their client goes, and a request that is
-    not complete within ``http.handshake_timeout`` (slow-header clients) cut."""
+    costs), handlers cancelled when their client goes, a request that is not
+    complete within ``http.handshake_timeout`` (slow-header clients) cut."""
     http = settings.http
     return web.AppRunner(
         app,
@@ -59,6 +59,9 @@ def app_runner(app: web.Application, settings: Settings) -> web.AppRunner:
         access_log=None,
         shutdown_timeout=http.shutdown_grace,
         keepalive_timeout=http.handshake_timeout,
+        # A body the handler did not read (a refused publish) is not drained
+        # (and decoded, and its errors logged): the connection is closed.
+        lingering_time=0,
     )
 
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import socket
 import tomllib
 import typing
@@ -28,7 +29,12 @@ _ENV_NOT_KEYS = frozenset({"HERALD_CONFIG"})
 
 
 class ConfigError(ValueError):
-    """One bad key or value; the message names it."""
+    """One bad key or value; the message names it, on one line (a name or value
+    quoted from the file may hold a newline or bytes that are not text)."""
+
+    def __init__(self, message: str) -> None:
+        printable = message.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        super().__init__(re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], printable))
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +335,8 @@ def load_settings(
             raise ConfigError(f"config error: cannot read {chosen}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config error: {chosen}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config error: {chosen} is not UTF-8 (byte {exc.start})") from None
 
     sections = _sections()
     for section_name, section in data.items():
@@ -435,7 +443,11 @@ def validate(s: Settings) -> None:
         "needs jwt.secret (the node must be able to sign tokens)",
     )
     if s.jwt.public_key:
-        _require(Path(s.jwt.public_key).is_file(), "jwt.public_key", f"no such file {s.jwt.public_key!r}")
+        try:
+            found = Path(s.jwt.public_key).is_file()
+        except OSError:  # e.g. a name too long
+            found = False
+        _require(found, "jwt.public_key", f"no such file {s.jwt.public_key!r}")
         from .auth import key_algorithm
 
         try:
