@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import orjson
@@ -100,6 +101,8 @@ async def stats(request: web.Request) -> web.Response:
             "rooms": node.hub.local_rooms(),
             "nats": {"connected": broker.connected, "subscriptions": broker.subscriptions},
             "draining": node.draining,
+            # For leak hunting (make soak): tasks that outlive their connections.
+            "tasks": len(asyncio.all_tasks()),
         }
     )
 

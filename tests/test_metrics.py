@@ -105,6 +105,7 @@ async def test_health_ready_and_stats(node: RunningNode, http: aiohttp.ClientSes
     assert stats["users"] == 1
     assert stats["channels"] == 3
     assert stats["nats"]["connected"] is True
+    assert stats["tasks"] >= 1  # the event loop's tasks, for leak hunting
 
 
 def test_every_label_value_the_code_uses_is_pre_created() -> None:
