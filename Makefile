@@ -6,13 +6,15 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Extra arguments for ops/bench/run.py, e.g. make bench BENCH_ARGS='--quick --only fanout-ws'
 BENCH_ARGS ?=
+# Length of `make soak` (ops/soak.py: one node under churn and nats-server restarts, fails on drift).
+SOAK_MINUTES ?= 30
 NCHAN_MODULE ?= /usr/lib/nginx/modules/ngx_nchan_module.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CHROMIUM ?= /usr/bin/chromium
 # The browser tests drive Debian's chromium; playwright must never fetch a browser build of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: dev test lint serve clean install bench bench-peers bench-deps-nchan browser-deps cluster cluster-stop cluster-deps ops-deps
+.PHONY: dev test lint serve clean install bench bench-peers bench-deps-nchan browser-deps cluster cluster-stop cluster-deps ops-deps soak fuzz
 
 install: $(STAMP)
 
@@ -31,6 +33,13 @@ serve: $(STAMP)
 
 test: $(STAMP) browser-deps cluster-deps ops-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fuzzers of tests/test_fuzz.py with a big budget (make test runs them with 100 examples each);
+# inputs/s per property in artifacts/fuzz/stats.json.
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(STAMP)
+	HERALD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py \
+		--hypothesis-show-statistics --show-capture=no $(PYTEST_ARGS)
 
 # Herald and the naive aiohttp baseline; results in artifacts/bench/ (see ops/bench/README.md).
 bench: $(STAMP)
@@ -77,6 +86,10 @@ ops-deps:
 		$(SUDO) apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends prometheus || \
 		{ $(SUDO) apt-get update && $(SUDO) apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends prometheus; }; \
 	fi
+
+# One node soaked for $(SOAK_MINUTES) minutes; CSV, PNG and summary in artifacts/soak/.
+soak: $(STAMP)
+	$(BIN)/python -m ops.soak --minutes $(SOAK_MINUTES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway broker ops tests
