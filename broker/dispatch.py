@@ -108,7 +108,10 @@ class DispatchingClient(Client):
 
     async def unsubscribe_direct(self, sub: LiveSubscription) -> None:
         self._forget(sub)
-        if not (self.is_closed or self.is_reconnecting):
+        if not self.is_closed:
+            # While reconnecting too: a SUB written during the outage waits in
+            # the pending buffer and goes out after the reconnect; the UNSUB
+            # queued behind it undoes it (else the server keeps the subject).
             await self._send_unsubscribe(sub._id)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:

@@ -151,10 +151,12 @@ class Node:
         self.broker.close_connection(session.user, session.id)
         session.metrics.connections.dec()
         self.metrics.closed.labels(session.transport, final.label).inc()
+        # Shielded: a cancel (the handler's client went) must not stop it
+        # halfway and leave the rest of the session's channels held forever.
         try:
-            await self.hub.leave_all(session)
-        except Exception:
-            log.debug("unsubscribe failed for %s", session.id, exc_info=True)
+            await asyncio.shield(self.hub.leave_all(session))
+        except Exception as exc:  # noqa: BLE001 - logged; the node goes on
+            self.warn("leave", "releasing the channels of %s failed: %r", session.id, exc)
 
     async def start(self) -> None:
         await self.broker.start()

@@ -5,6 +5,7 @@ all fails its start quickly with a message naming the URL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -176,3 +177,36 @@ async def test_unreachable_nats_fails_start_within_connect_timeout() -> None:
     elapsed = time.monotonic() - started
     assert elapsed < 2.5, f"start took {elapsed:.1f}s with connect_timeout=1"
     assert url in str(info.value)
+
+
+async def test_a_channel_dropped_during_an_outage_leaves_no_subscription_behind(
+    tmp_path: Any, http: aiohttp.ClientSession
+) -> None:
+    """A SUB written while NATS is away waits in the client's buffer and goes
+    out after the reconnect: the UNSUB for it must follow it, or the server
+    keeps sending the node a channel nobody wants."""
+    server = NatsServer(port=free_port(), store_dir=str(tmp_path / "js"), monitor_port=free_port())
+    server.start()
+    try:
+        node = await start_node(make_settings(server.url, nats={"reconnect_wait": 0.2}))
+        try:
+            broker = node.node.broker
+            server.stop()
+            await wait_for(lambda: not broker.stats().connected, timeout=10)
+            with contextlib.suppress(BrokerUnavailable):
+                await broker.want("room:orphan")
+            with contextlib.suppress(BrokerUnavailable):
+                await broker.unwant("room:orphan")
+            server.start()
+            await wait_for(lambda: status_is(http, node.url + "/readyz", 200), timeout=20, interval=0.1)
+            await asyncio.sleep(0.5)  # what the client had buffered reaches the server
+            url = f"http://127.0.0.1:{server.monitor_port}/connz?subs=1"
+            async with http.get(url, timeout=SHORT) as resp:
+                doc = await resp.json()
+            subjects = [s for c in doc.get("connections") or [] for s in c.get("subscriptions_list") or []]
+            assert not [s for s in subjects if s.endswith(".room.orphan")], subjects
+            assert broker.stats().subscriptions == 0
+        finally:
+            await node.stop()
+    finally:
+        server.stop()
