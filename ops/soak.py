@@ -320,12 +320,12 @@ class Soak:
                 await self.stop()
 
 
-def verdict(soak: Soak) -> list[str]:
+def verdict(soak: Soak, rss_limit: float = RSS_LIMIT) -> list[str]:
     fails = list(soak.failures)
     q0, q1, q2 = (soak.quiet.get(k, []) for k in ("q0", "q1", "q2"))
     if not (q0 and q1 and q2):
         return [*fails, "the run did not reach its quiescent checkpoints"]
-    if (rss2 := median(q2, "rss_kib")) > (rss1 := median(q1, "rss_kib")) * (1 + RSS_LIMIT):
+    if (rss2 := median(q2, "rss_kib")) > (rss1 := median(q1, "rss_kib")) * (1 + rss_limit):
         fails.append(f"RSS grew {100 * (rss2 / rss1 - 1):.1f}% between quiescent points: {rss1:.0f} -> {rss2:.0f} KiB")
     if (fd1 := median(q1, "fds")) + FD_SLACK < (fd2 := median(q2, "fds")):
         fails.append(f"open fds grew between the quiescent points: {fd1:.0f} -> {fd2:.0f}")
@@ -384,10 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("artifacts/soak"))
     p.add_argument("--rate", type=float, default=20.0, help="publishes/s through /api/publish (default 20)")
     p.add_argument("--nats-restart-every", type=float, default=180.0, help="seconds, at most a fifth of the run")
+    p.add_argument("--rss-limit", type=float, default=RSS_LIMIT, help="RSS growth allowed between quiescent points")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     asyncio.run((soak := Soak(args.minutes, args.out, args.rate, args.nats_restart_every)).run())
-    text = report(soak, soak.now(), fails := verdict(soak))
+    text = report(soak, soak.now(), fails := verdict(soak, args.rss_limit))
     write_outputs(soak, text)
     print(text)
     return 1 if fails else 0

@@ -17,7 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_two_minute_soak_has_no_drift(tmp_path: Path) -> None:
     out = tmp_path / "soak"
     run = subprocess.run(
-        [sys.executable, "-m", "ops.soak", "--minutes", "2", "--out", str(out)],
+        # Two minutes cannot tell the allocator's swings (up to ~10 % of RSS
+        # between checkpoints, seen here) from growth: RSS is held to 25 % here,
+        # 5 % in the 30-minute `make soak`; fds, tasks, subscriptions and
+        # channels are held exactly in both.
+        [sys.executable, "-m", "ops.soak", "--minutes", "2", "--out", str(out), "--rss-limit", "0.25"],
         cwd=REPO,
         capture_output=True,
         text=True,
