@@ -12,11 +12,12 @@ from broker.throttle import Throttle
 
 from . import api
 from .commands import Commands
-from .keys import COMMANDS, NODE
+from .keys import COMMANDS, NODE, WS_LINKS
 from .node import BrokerFactory, Node
 from .settings import Settings
 from .sse import sse_handler
 from .ws import ws_handler
+from .wslink import WsContext
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("herald")
@@ -84,7 +85,8 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     node = Node(settings, broker_factory)
     app = web.Application(client_max_size=settings.http.max_body)
     app[NODE] = node
-    app[COMMANDS] = Commands(node)
+    app[COMMANDS] = commands = Commands(node)
+    app[WS_LINKS] = WsContext(node, commands)
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/sse", sse_handler)
     app.router.add_post("/api/publish", api.publish)

@@ -96,17 +96,13 @@ async def drain_or_abort(transport: asyncio.Transport, deadline: float) -> None:
 
 
 class SocketWire:
-    """Raw access to a request's socket for prebuilt frames (see outbound.Wire).
+    """Raw access to a socket for prebuilt frames (see outbound.Wire); the
+    transport pauses above ``write_buffer``. Subclasses say how to wait for it
+    to resume (``drained``)."""
 
-    The transport pauses above ``write_buffer``, and ``drained`` waits on
-    aiohttp's own flow control (``request.writer.drain``) until it resumes.
-    """
+    __slots__ = ("_transport", "frame", "send")
 
-    __slots__ = ("_transport", "_writer", "frame", "send")
-
-    def __init__(self, request: web.BaseRequest, write_buffer: int, socket_buffer: int = 0) -> None:
-        transport = request.transport
-        assert transport is not None
+    def __init__(self, transport: asyncio.Transport, write_buffer: int, socket_buffer: int = 0) -> None:
         transport.set_write_buffer_limits(high=write_buffer)
         if socket_buffer:
             # Bound what the kernel holds for a peer that stopped reading, so
@@ -116,7 +112,6 @@ class SocketWire:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
         self._transport = transport
-        self._writer = request.writer
         self.send: Callable[[bytes], object] = transport.write
         self.frame: Callable[[bytes], bytes] | None = None
 
@@ -126,8 +121,3 @@ class SocketWire:
 
     def buffered(self) -> int:
         return self._transport.get_write_buffer_size()
-
-    async def drained(self) -> None:
-        if self._transport.is_closing():
-            raise ConnectionResetError("connection closing")
-        await self._writer.drain()

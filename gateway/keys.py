@@ -4,6 +4,8 @@ from aiohttp import web
 
 from .commands import Commands
 from .node import Node
+from .wslink import WsContext
 
 NODE = web.AppKey("herald_node", Node)
 COMMANDS = web.AppKey("herald_commands", Commands)
+WS_LINKS = web.AppKey("herald_ws_links", WsContext)

@@ -193,7 +193,6 @@ class WsSettings:
     heartbeat: float = 30.0
     max_frame: int = 65536
     close_timeout: float = 2.0
-    compress: bool = False
 
 
 @dataclass(frozen=True, slots=True)

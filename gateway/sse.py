@@ -27,14 +27,22 @@ log = logging.getLogger("herald.sse")
 class SseConnection(SocketWire):
     """Wire and closer of one event stream: event bytes go out as HTTP chunks."""
 
-    __slots__ = ("_response", "_started")
+    __slots__ = ("_response", "_started", "_writer")
 
     def __init__(
         self, response: EventSourceResponse, request: web.Request, write_buffer: int, socket_buffer: int
     ) -> None:
-        super().__init__(request, write_buffer, socket_buffer)
+        assert request.transport is not None
+        super().__init__(request.transport, write_buffer, socket_buffer)
+        self._writer = request.writer
         self._response = response
         self._started = False  # nothing may be written before the response head
+
+    async def drained(self) -> None:
+        """aiohttp's own flow control: returns once the transport resumes."""
+        if self._transport.is_closing():
+            raise ConnectionResetError("connection closing")
+        await self._writer.drain()
 
     async def start(self, request: web.Request, retry: int) -> None:
         """Send the response head and the ``retry:`` hint. Called once the

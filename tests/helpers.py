@@ -256,6 +256,23 @@ class RawWsClient:
         assert head.startswith(b"HTTP/1.1 101"), head
         return cls(reader, writer)
 
+    def send_frame(self, opcode: int, payload: bytes, fin: bool = True, masked: bool = True, rsv: int = 0) -> None:
+        """One client frame, built by hand (so a test can also break the rules)."""
+        n = len(payload)
+        head = bytes([(0x80 if fin else 0) | rsv | opcode])
+        mask_bit = 0x80 if masked else 0
+        if n < 126:
+            head += bytes([mask_bit | n])
+        elif n < 65536:
+            head += bytes([mask_bit | 126]) + n.to_bytes(2, "big")
+        else:
+            head += bytes([mask_bit | 127]) + n.to_bytes(8, "big")
+        if masked:
+            key = os.urandom(4)
+            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            head += key
+        self.writer.write(head + payload)
+
     async def frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
         """(opcode, payload) of the next frame."""
         async with asyncio.timeout(timeout):

@@ -52,7 +52,7 @@ def test_defaults_with_no_file_and_empty_env() -> None:
     assert s.history.user_max == 50
     assert s.history.user_max_age == 7 * 86400
     assert s.backpressure.policy == "disconnect"
-    assert s.ws.compress is False
+    assert s.history.inbox is True
     assert s.jwt.secret == "" and s.jwt.public_key == ""
 
 
@@ -74,8 +74,8 @@ port = 9000
 urls = ["nats://a:4222", "nats://b:4222"]
 unsubscribe_delay = 2
 
-[ws]
-compress = true
+[history]
+inbox = false
 """,
     )
     from_file = load(path=path)
@@ -84,11 +84,11 @@ compress = true
     assert from_file.nats.urls == ("nats://a:4222", "nats://b:4222")
     assert from_file.nats.unsubscribe_delay == 2.0
     assert isinstance(from_file.nats.unsubscribe_delay, float)
-    assert from_file.ws.compress is True
+    assert from_file.history.inbox is False
 
-    both = load({"HERALD_HTTP_PORT": "9100", "HERALD_WS_COMPRESS": "false"}, path)
+    both = load({"HERALD_HTTP_PORT": "9100", "HERALD_HISTORY_INBOX": "true"}, path)
     assert both.http.port == 9100  # env wins
-    assert both.ws.compress is False  # env wins
+    assert both.history.inbox is True  # env wins
     assert both.http.host == "0.0.0.0"  # file value kept where env is silent
     assert both.nats.urls == ("nats://a:4222", "nats://b:4222")
 
@@ -172,8 +172,8 @@ def test_jwt_public_key_that_is_not_a_key_names_the_key(tmp_path: Path, content:
     ],
 )
 def test_bools_from_env(raw: str, expected: bool) -> None:
-    s = load({"HERALD_WS_COMPRESS": raw, "HERALD_JWT_REQUIRE_EXP": raw})
-    assert s.ws.compress is expected
+    s = load({"HERALD_HISTORY_INBOX": raw, "HERALD_JWT_REQUIRE_EXP": raw})
+    assert s.history.inbox is expected
     assert s.jwt.require_exp is expected
 
 
@@ -208,7 +208,7 @@ def test_every_key_has_an_env_name() -> None:
         ({"HERALD_HTTP_PORT": "-1"}, ("http.port",)),
         ({"HERALD_NATS_CONNECT_TIMEOUT": "soon"}, ("nats.connect_timeout", "HERALD_NATS_CONNECT_TIMEOUT")),
         ({"HERALD_NATS_CONNECT_TIMEOUT": "0"}, ("nats.connect_timeout",)),
-        ({"HERALD_WS_COMPRESS": "maybe"}, ("ws.compress", "HERALD_WS_COMPRESS")),
+        ({"HERALD_HISTORY_INBOX": "maybe"}, ("history.inbox", "HERALD_HISTORY_INBOX")),
         ({"HERALD_HTTP_PROT": "80"}, ("HERALD_HTTP_PROT",)),
         ({"HERALD_NOPE": "1"}, ("HERALD_NOPE",)),
         ({"HERALD_BACKPRESSURE_POLICY": "drop-newest"}, ("backpressure.policy",)),
@@ -243,8 +243,8 @@ def test_bad_env_values_raise_one_line_naming_the_key(env: dict[str, str], names
         ("[http]\nport = 123456\n", ("http.port",)),
         ("[nats]\nconnect_timeout = 'x'\n", ("nats.connect_timeout",)),
         ("[nats]\nconnect_timeout = false\n", ("nats.connect_timeout",)),
-        ("[ws]\ncompress = 'true'\n", ("ws.compress",)),
-        ("[ws]\ncompress = 1\n", ("ws.compress",)),
+        ("[history]\ninbox = 'true'\n", ("history.inbox",)),
+        ("[history]\ninbox = 1\n", ("history.inbox",)),
         ("[nats]\nurls = 'nats://a:4222'\n", ("nats.urls",)),
         ("[nats]\nurls = [1, 2]\n", ("nats.urls",)),
         ("[http]\nhost = 5\n", ("http.host",)),
