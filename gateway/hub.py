@@ -11,6 +11,8 @@ from collections.abc import Callable
 from broker import Broker, Delivery
 from broker.channels import client_name, glob_match
 
+from .frames import Codec
+from .outbound import Outbound
 from .session import Session
 
 
@@ -41,9 +43,8 @@ class Hub:
         sessions = self._index.get(d.channel)
         if not sessions:
             return
-        droppable = self.droppable(d.channel)
-        encoded: dict[str, bytes] = {}
-        ts = d.ts
+        # Recipients by transport: one encoding each, queued in one call.
+        by_codec: dict[Codec, list[Outbound]] = {}
         seq = d.seq
         for session in sessions:
             if session.held is not None:
@@ -52,11 +53,13 @@ class Hub:
             floors = session.floors
             if floors is not None and seq and seq <= floors.get(d.channel, 0):
                 continue  # a gap repair re-sent what this session's replay gave it
-            codec = session.codec
-            frame = encoded.get(codec.name)
-            if frame is None:
-                frame = encoded[codec.name] = codec.message(d)
-            session.outbound.push(frame, ts, droppable)
+            queues = by_codec.get(session.codec)
+            if queues is None:
+                queues = by_codec[session.codec] = []
+            queues.append(session.outbound)
+        droppable = self.droppable(d.channel)
+        for codec, queues in by_codec.items():
+            queues[0].flusher.fan_out(queues, codec.message(d), d.ts, droppable)
 
     def lost(self, channel: str) -> None:
         """The broker could not recover messages of ``channel``: tell its sessions."""

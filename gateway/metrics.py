@@ -71,6 +71,10 @@ class LatencyHistogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    def observe_many(self, value: float, times: int) -> None:
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+
 
 class TransportMetrics:
     """What one transport counts; label children bound once."""

@@ -20,7 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .metrics import TransportMetrics
+from .metrics import LatencyHistogram, TransportMetrics
+
+# A write the flusher issues at the end of its pass: the queue it is for
+# (skipped if closed by then: nothing may follow a close frame), the
+# transport's write, and the bytes.
+Write = tuple["Outbound", Callable[[bytes], object], bytes]
 
 # (frame bytes, stamp, droppable). The stamp is the stream timestamp of a live
 # delivery (counted, latency observed), -1 for a replayed one (counted only),
@@ -36,13 +41,12 @@ class Wire(Protocol):
     # the flusher can issue all of a loop pass's writes back to back.
     send: Callable[[bytes], object]
     frame: Callable[[bytes], bytes] | None
+    # Bytes the transport holds that the peer has not taken yet (the
+    # transport's own method: asked once per write).
+    buffered: Callable[[], int]
 
     def write(self, data: bytes) -> None:
         """Frame and write now; never blocks."""
-
-    def buffered(self) -> int:
-        """Bytes the transport holds that the peer has not taken yet."""
-        ...
 
     async def drained(self) -> None:
         """Return once the transport wants more (raises if the connection is gone)."""
@@ -62,16 +66,18 @@ class QueueLimits:
 class Outbound:
     __slots__ = (
         "_entries",
-        "_flusher",
         "_limits",
         "_metrics",
+        "_pass",
         "_room",
         "_scheduled",
+        "_slot",
         "_waiter",
         "_wire",
         "_wire_bytes",
         "bytes",
         "closed",
+        "flusher",
         "on_overflow",
     )
 
@@ -84,11 +90,15 @@ class Outbound:
         on_overflow: Callable[[bool], None],
     ) -> None:
         self._wire = wire
-        self._flusher = flusher
+        self.flusher = flusher
         self._limits = limits
         self._metrics = metrics
         # A list, not a deque: an empty deque costs ~1.3 KiB per idle connection.
         self._entries: list[Entry] = []
+        # The flusher pass that last noted a direct write for it, and where in
+        # that pass's writes: what ``flush`` writes in the same pass joins it.
+        self._pass = 0
+        self._slot = 0
         self.bytes = 0
         # Transport buffer size as of the last write or check.
         self._wire_bytes = 0
@@ -112,14 +122,17 @@ class Outbound:
         self.bytes += len(frame)
         limits = self._limits
         if self.bytes + self._wire_bytes > limits.max_bytes or len(self._entries) > limits.max_messages:
-            # The cached transport size may be stale (the peer read since): ask again.
-            self._wire_bytes = self._wire.buffered()
+            # The cached transport size may be stale (the peer read since): ask
+            # again, counting a direct write of this pass not sent yet.
+            flusher = self.flusher
+            pending = len(flusher._writes[self._slot][2]) if self._pass == flusher._pass else 0
+            self._wire_bytes = self._wire.buffered() + pending
             if not self._within_limits() and not self._shed():
                 self.on_overflow(False)
                 return
         if not self._scheduled and self._waiter is None:
             self._scheduled = True
-            self._flusher.schedule(self)
+            self.flusher.schedule(self)
 
     def _within_limits(self) -> bool:
         limits = self._limits
@@ -144,19 +157,25 @@ class Outbound:
         kept.extend(entries[i:])
         self._entries = kept
         if dropped:
-            self._flusher.count_dropped(dropped)
+            self.flusher.count_dropped(dropped)
         return self._within_limits()
 
-    def flush(self, now: float, out: list[tuple[Callable[[bytes], object], bytes]] | None = None) -> bool:
+    def flush(self, now: float, out: list[Write] | None = None) -> bool:
         """Write what fits below ``write_buffer`` in one write — or, with ``out``,
         append the write to it for the caller to issue. True if some is left."""
         self._scheduled = False
         entries = self._entries
         if self.closed or not entries:
             return False
-        self._wire_bytes = wire_bytes = self._wire.buffered()
+        wire_bytes = self._wire.buffered()
+        joining = out is not None and self._pass == self.flusher.flushing
+        if joining:
+            assert out is not None
+            wire_bytes += len(out[self._slot][2])  # its direct write of this pass, not sent yet
+        self._wire_bytes = wire_bytes
         allowance = self._limits.write_buffer - wire_bytes
-        if allowance <= 0:
+        # One frame goes out even past the allowance, but only on its own.
+        if allowance <= 0 or (joining and len(entries[0][0]) > allowance):
             self._backed_up()
             return True
         if len(entries) == 1:
@@ -207,13 +226,19 @@ class Outbound:
             return True
         return False
 
-    def _emit(self, data: bytes, out: list[tuple[Callable[[bytes], object], bytes]] | None) -> None:
+    def _emit(self, data: bytes, out: list[Write] | None) -> None:
         wire = self._wire
         if out is None:
             wire.write(data)
         else:
             framing = wire.frame
-            out.append((wire.send, data if framing is None else framing(data)))
+            if framing is not None:
+                data = framing(data)
+            if self._pass == self.flusher.flushing:  # one write per connection per pass
+                _, send, first = out[self._slot]
+                out[self._slot] = (self, send, first + data)
+            else:
+                out.append((self, wire.send, data))
 
     def _backed_up(self) -> None:
         if self._waiter is None and not self.closed:
@@ -290,30 +315,96 @@ class Outbound:
 
 
 class Flusher:
-    """Flushes every queue that got something, once per event-loop pass."""
+    """Writes what queues got, once per event-loop pass.
+
+    The common case — a connection with nothing pending that gets one message
+    in a loop pass — never touches the queue: ``fan_out`` checks the
+    connection's limits and notes the write itself, framed once per message
+    (not per recipient). That is the cost of every delivery, so it is kept to
+    a few attribute reads per recipient. Anything else (a second message in
+    the same pass, a backed-up or closed connection) goes through ``push`` and
+    ``flush``, after the direct writes so that order holds.
+    """
 
     def __init__(self, count_dropped: Callable[[int], None]) -> None:
         self._dirty: list[Outbound] = []
+        self._writes: list[Write] = []
+        # (stream timestamp, recipients, histogram) of this pass's direct writes.
+        self._stamps: list[tuple[float, int, LatencyHistogram]] = []
+        self._pass = 1  # queues written directly in this pass carry its number
+        self.flushing = 0  # the pass whose writes _run is putting together
         self._scheduled = False
         self.count_dropped = count_dropped
 
-    def schedule(self, queue: Outbound) -> None:
-        self._dirty.append(queue)
+    def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._run)
 
+    def schedule(self, queue: Outbound) -> None:
+        self._dirty.append(queue)
+        self._schedule()
+
+    def fan_out(self, queues: list[Outbound], frame: bytes, ts: float, droppable: bool) -> None:
+        """``push(frame, ts, droppable)`` to every queue of ``queues`` (one
+        transport's recipients of one message)."""
+        size = len(frame)
+        this_pass = self._pass
+        writes = self._writes
+        metrics = queues[0]._metrics
+        direct = 0
+        framing: Callable[[bytes], bytes] | None = None
+        framed = frame
+        for queue in queues:
+            if (
+                queue._pass == this_pass  # already written to in this pass: queue behind that write
+                or queue._entries
+                or queue._waiter is not None
+                or queue.closed
+                or queue.flusher is not self
+                or queue._metrics is not metrics
+            ):
+                queue.push(frame, ts, droppable)
+                continue
+            wire = queue._wire
+            wire_bytes = wire.buffered()
+            limits = queue._limits
+            if wire_bytes >= limits.write_buffer or size + wire_bytes > limits.max_bytes:
+                queue.push(frame, ts, droppable)
+                continue
+            queue._pass = this_pass
+            queue._slot = len(writes)
+            queue._wire_bytes = wire_bytes + size
+            if wire.frame is not framing:  # SSE: an HTTP chunk, made once per message
+                framing = wire.frame
+                framed = frame if framing is None else framing(frame)
+            writes.append((queue, wire.send, framed))
+            direct += 1
+        if direct:
+            if ts:
+                metrics.delivered += direct
+                if ts > 0:
+                    self._stamps.append((ts, direct, metrics.latency))
+            self._schedule()
+
     def _run(self) -> None:
         self._scheduled = False
-        dirty, self._dirty = self._dirty, []
+        self.flushing = self._pass
+        self._pass += 1
         now = time.time()
-        out: list[tuple[Callable[[bytes], object], bytes]] = []
+        out, self._writes = self._writes, []
+        stamps, self._stamps = self._stamps, []
+        for ts, count, histogram in stamps:
+            histogram.observe_many(now - ts, count)
+        dirty, self._dirty = self._dirty, []
         for queue in dirty:
             queue.flush(now, out)
         # All bookkeeping first, then the writes back to back: a reader woken by
         # the first finds the next ones already there, and the kernel does
         # less work per write than when each wakes a peer that went to sleep.
-        for send, data in out:
+        for queue, send, data in out:
+            if queue.closed:  # closed since the write was noted: its close frame is out
+                continue
             try:  # noqa: SIM105 - suppress() costs a context manager per write here
                 send(data)
             except RuntimeError:

@@ -350,7 +350,8 @@ async def test_writes_never_overfill_write_buffer(env: Env) -> None:
 @pytest.mark.parametrize(
     ("limits", "payload", "count"),
     [
-        (QueueLimits(1 << 20, 3, 65536, 5.0), b"{}", 4),  # too many messages
+        # too many messages: the first of a pass is written at once, 4 more are queued
+        (QueueLimits(1 << 20, 3, 65536, 5.0), b"{}", 5),
         (QueueLimits(2048, 1000, 1024, 5.0), b'"' + b"x" * 600 + b'"', 4),  # too many bytes
     ],
     ids=["max_messages", "max_bytes"],
@@ -415,9 +416,11 @@ async def test_droppable_room_sheds_oldest_and_does_not_disconnect(make_env: Any
     for seq in range(2, 7):
         env.hub.deliver(delivery("room:typing-1", seq))
     assert closer.calls == []
-    assert sum(env.dropped) == 3
+    # The first message of the pass went to the socket at once (nothing can
+    # shed it); of the 5 queued after it, the 2 oldest typing ones went.
+    assert sum(env.dropped) == 2
     await settle()
-    assert ids(wire) == ["1", "5", "6"]  # the chat message survives, the oldest typing ones went
+    assert ids(wire) == ["1", "4", "5", "6"]
     assert closer.calls == []
 
 
@@ -443,12 +446,12 @@ async def test_droppable_room_cannot_save_a_queue_full_of_undroppable(make_env: 
     s, _, closer = env.session(limits=QueueLimits(1 << 20, 3, 65536, 5.0))
     await env.hub.join(s, "room:chat")
     await env.hub.join(s, "room:typing-1")
-    for seq in (1, 2, 3):
+    for seq in (1, 2, 3, 4):  # 1 is written at once, 3 are queued
         env.hub.deliver(delivery("room:chat", seq))
-    env.hub.deliver(delivery("room:typing-1", 4))  # sheds itself: still within limits
+    env.hub.deliver(delivery("room:typing-1", 5))  # sheds itself: still within limits
     assert closer.calls == []
     assert sum(env.dropped) == 1
-    env.hub.deliver(delivery("room:chat", 5))
+    env.hub.deliver(delivery("room:chat", 6))
     assert [c.code for c in closer.calls] == [4008]
 
 
@@ -460,8 +463,8 @@ async def test_drop_oldest_all(make_env: Any) -> None:
         env.hub.deliver(delivery("user:u", seq))
     await settle()
     assert closer.calls == []
-    assert ids(wire) == ["4", "5"]
-    assert sum(env.dropped) == 3
+    assert ids(wire) == ["1", "4", "5"]  # 1 was written at once; of 2..5, 2 and 3 were shed
+    assert sum(env.dropped) == 2
 
 
 async def test_stalled_session_is_closed_after_stall_timeout(env: Env) -> None:
@@ -742,3 +745,66 @@ async def test_failed_join_leaves_no_trace(env: Env) -> None:
     env.hub.broker = env.broker
     await env.hub.join(s, "room:a")
     assert env.broker.stats().subscriptions == 1
+
+
+# --- the direct write of a pass's first message ----------------------------------------------------------------
+
+
+async def test_a_session_closed_in_the_pass_of_a_delivery_gets_nothing_after_its_close(env: Env) -> None:
+    """The first message of a pass is noted for writing at the end of the pass; a
+    close before then (its close frame goes out at once) cancels that write."""
+    s, wire, closer = env.session()
+    await env.hub.join(s, "room:a")
+    env.hub.deliver(delivery("room:a", 1))
+    s.close(SLOW_CONSUMER)
+    wire.write(b"<close frame>")  # what the transport's closer writes at once
+    await settle()
+    assert wire.writes == [b"<close frame>"]
+    assert [c.code for c in closer.calls] == [4008]
+
+
+class ChunkingWire(FakeWire):
+    """A wire with transport framing (as SSE's HTTP chunks), counting its calls."""
+
+    calls = 0
+
+    @staticmethod
+    def frame(data: bytes) -> bytes:  # type: ignore[override]
+        ChunkingWire.calls += 1
+        return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+async def test_transport_framing_is_done_once_per_message_and_pass(env: Env) -> None:
+    ChunkingWire.calls = 0
+    wires = []
+    for _ in range(5):
+        s, wire, _ = env.session(SSE, wire=ChunkingWire())
+        await env.hub.join(s, "room:a")
+        wires.append(wire)
+    env.hub.deliver(delivery("room:a", 1))
+    await settle()
+    assert ChunkingWire.calls == 1  # one chunk, written to all five
+    assert len({w.data for w in wires}) == 1 and all(len(w.writes) == 1 for w in wires)
+    # A burst in one pass: the first message is written as noted, the rest join
+    # it as one more chunk in the same write.
+    for seq in (2, 3, 4):
+        env.hub.deliver(delivery("room:a", seq))
+    await settle()
+    assert all(len(w.writes) == 2 for w in wires)
+    assert wires[0].writes[1].count(b"\r\n") == 4  # two chunks: size line and data each
+    assert wires[0].writes[1].count(b"id: ") == 3
+
+
+async def test_latency_and_delivered_are_counted_once_per_recipient(env: Env) -> None:
+    sessions = []
+    for _ in range(4):
+        s, _, _ = env.session()
+        await env.hub.join(s, "room:a")
+        sessions.append(s)
+    env.hub.deliver(delivery("room:a", 1, ts=time.time() - 0.2))  # written directly
+    env.hub.deliver(delivery("room:a", 2, ts=time.time() - 0.2))  # queued behind it
+    await settle()
+    assert env.metrics.transport["ws"].delivered == 8
+    latency = env.metrics.latency
+    assert sum(latency.counts) == 8
+    assert 8 * 0.2 <= latency.sum < 8 * 0.3
