@@ -255,15 +255,30 @@ class Presence:
                 await self._nodes.delete(self.instance)
 
 
+# nats-py can mark the end of what is stored before the last stored keys
+# arrived (nats-io/nats.py#842: deliveries in flight when the watcher starts,
+# or a stale per-message pending count under concurrent writes); a presence
+# query then missed users who were there. Keys arriving this soon after the
+# mark are taken as well.
+KEYS_SETTLE = 0.02
+
+
 async def _keys(kv: KeyValue, pattern: str) -> list[str]:
     """Keys matching ``pattern`` (NATS wildcards), filtered by the server."""
     watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
     keys: list[str] = []
     try:
         async for entry in watcher:
-            if entry is None:  # the end of what is stored
+            if entry is None:  # the end of what is stored, as nats-py sees it
                 break
             keys.append(entry.key)
+        while True:
+            try:
+                late = await watcher.updates(timeout=KEYS_SETTLE)  # type: ignore[no-untyped-call]
+            except nats.errors.TimeoutError:
+                break
+            if isinstance(late, KeyValue.Entry):
+                keys.append(late.key)
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
-    return keys
+    return list(dict.fromkeys(keys))

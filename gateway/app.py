@@ -107,6 +107,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
 
     async def shutdown(app: web.Application) -> None:
         await node.shutdown()
+        await app[WS_LINKS].wait_closed()
 
     async def cleanup(app: web.Application) -> None:
         await node.close()

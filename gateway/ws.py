@@ -36,7 +36,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     except Refusal as refusal:
         return json_error(refusal.status, refusal.error, refusal.message)
     transport = request.transport
-    if transport is None:  # the client already left
+    if transport is None or transport.is_closing():  # the client already left
         return web.Response(status=499)
     transport.write(switching_protocols(accept))
     link = WsLink(transport, request.app[WS_LINKS])

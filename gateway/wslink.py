@@ -98,9 +98,9 @@ def _unmask(mask: bytes, data: bytes) -> bytes:
 
 
 class WsContext:
-    """What every link of one node shares."""
+    """What every link of one node shares, and the links still open."""
 
-    __slots__ = ("close_timeout", "commands", "max_frame", "node", "pinger")
+    __slots__ = ("close_timeout", "commands", "links", "max_frame", "node", "pinger")
 
     def __init__(self, node: Node, commands: Commands) -> None:
         s = node.settings.ws
@@ -108,7 +108,16 @@ class WsContext:
         self.commands = commands
         self.max_frame = s.max_frame
         self.close_timeout = s.close_timeout
-        self.pinger = Pinger(s.heartbeat) if s.heartbeat else None
+        self.links: set[WsLink] = set()
+        self.pinger = Pinger(s.heartbeat, self.links) if s.heartbeat else None
+
+    async def wait_closed(self) -> None:
+        """After the node closed its sessions: give their close handshakes
+        ``close_timeout`` to finish (aiohttp does not know these sockets)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.close_timeout + 0.5
+        while self.links and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
 
 class WsLink(SocketWire, asyncio.Protocol):
@@ -159,8 +168,9 @@ class WsLink(SocketWire, asyncio.Protocol):
         self.last_in = loop.time()
         self.ping_at = 0.0
         transport.set_protocol(self)
+        ctx.links.add(self)
         if ctx.pinger is not None:
-            ctx.pinger.add(self)
+            ctx.pinger.start()
 
     # -- reading --------------------------------------------------------------
 
@@ -353,8 +363,7 @@ class WsLink(SocketWire, asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._wake_drain()
-        if self._ctx.pinger is not None:
-            self._ctx.pinger.discard(self)
+        self._ctx.links.discard(self)
         session = self.session
         if session is not None and session.active:
             session.close(CLIENT_CLOSED)  # the peer went without a close frame
@@ -406,18 +415,15 @@ class Pinger:
 
     __slots__ = ("_links", "_timer", "interval")
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, links: set[WsLink]) -> None:
         self.interval = interval
-        self._links: set[WsLink] = set()
+        self._links = links
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, link: WsLink) -> None:
-        self._links.add(link)
+    def start(self) -> None:
+        """Tick while there are links (a new link calls this)."""
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.interval / 2, self._tick)
-
-    def discard(self, link: WsLink) -> None:
-        self._links.discard(link)
 
     def _tick(self) -> None:
         self._timer = None

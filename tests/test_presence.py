@@ -128,3 +128,45 @@ async def test_a_killed_node_leaves_every_room_within_the_ttl(
     assert gone_after <= 2.0 + 1.5, gone_after  # the ttl, plus the stream's expiry granularity
     assert (await ask(stays, "lobby"))["users"] == ["frank"]
     await stays.close()
+
+
+async def test_key_listing_takes_keys_that_arrive_after_the_early_end_mark() -> None:
+    """nats-py can put its "nothing more stored" mark before the last stored
+    keys (nats-io/nats.py#842); those still count."""
+    import nats.errors
+    from nats.js.kv import KeyValue
+
+    from broker.presence import _keys
+
+    def entry(key: str) -> KeyValue.Entry:
+        return KeyValue.Entry(bucket="b", key=key, value=None, revision=1, delta=0, created=None, operation=None)
+
+    class EarlyMarkWatcher:
+        def __init__(self) -> None:
+            self.first = [entry("n1.lobby.alice"), None]
+            self.late = [entry("n2.lobby.bob"), entry("n1.lobby.alice")]
+            self.stopped = False
+
+        def __aiter__(self) -> EarlyMarkWatcher:
+            return self
+
+        async def __anext__(self) -> KeyValue.Entry | None:
+            return self.first.pop(0)
+
+        async def updates(self, timeout: float) -> KeyValue.Entry:
+            if not self.late:
+                await asyncio.sleep(timeout)
+                raise nats.errors.TimeoutError
+            return self.late.pop(0)
+
+        async def stop(self) -> None:
+            self.stopped = True
+
+    watcher = EarlyMarkWatcher()
+
+    class Kv:
+        async def watch(self, pattern: str, **kwargs: Any) -> EarlyMarkWatcher:
+            return watcher
+
+    assert await _keys(Kv(), "*.lobby.*") == ["n1.lobby.alice", "n2.lobby.bob"]  # type: ignore[arg-type]
+    assert watcher.stopped
