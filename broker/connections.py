@@ -97,5 +97,6 @@ class UserConnections:
             # A conflict is another connection of this user counted meanwhile.
             return await compare_and_set(kv, key_token(user), apply, tries=100)
         except (TimeoutError, nats.errors.Error) as exc:
-            warn("update", "connection count of a user not updated: %r", exc)
+            detail = getattr(exc, "description", None)  # what the JetStream API said, if it answered
+            warn("update", "connection count of a user not updated: %r%s", exc, f" ({detail})" if detail else "")
         return False

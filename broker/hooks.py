@@ -82,6 +82,7 @@ class HookSource:
         self.dead_subject = f"_herald.{stream}.hooks.dead"
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._acks: set[asyncio.Task[None]] = set()  # the loop keeps tasks only weakly
 
     async def start(self) -> None:
         try:
@@ -132,7 +133,9 @@ class HookSource:
     def _message(self, msg: Msg) -> HookMessage | None:
         channel = self._subjects.channel_of(msg.subject)
         if channel is None or not channel.startswith("user:"):
-            asyncio.get_running_loop().create_task(msg.ack())  # not ours: never again
+            ack = asyncio.get_running_loop().create_task(msg.ack())  # not ours: never again
+            self._acks.add(ack)
+            ack.add_done_callback(self._acks.discard)
             return None
         meta = msg.metadata
         return HookMessage(

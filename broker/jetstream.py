@@ -254,8 +254,14 @@ class NatsBroker:
             await asyncio.wait_for(self._interest.release_all(), timeout=1.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.flush(1), timeout=1.5)
-        for task in self._tasks:
-            task.cancel()
+        # Connections counted out during the drain: a moment to finish, then
+        # ended here (not destroyed pending when the loop closes).
+        tasks = set(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=1.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         self._sequencer.close()
         await _close_quietly(nc)
 

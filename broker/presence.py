@@ -73,6 +73,7 @@ class Presence:
         self._tasks: list[asyncio.Task[None]] = []
         self._alive_cache: set[str] = set()
         self._alive_at = -1e9
+        self._refreshing: asyncio.Future[set[str]] | None = None
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
         """Bind (or create) the buckets, announce this instance, start writing."""
@@ -217,7 +218,12 @@ class Presence:
         if self._nodes is None:
             return {self.instance}
         if time.monotonic() - self._alive_at > self._ttl / 3:
-            await self._alive()
+            # One lookup for everyone asking meanwhile (a burst of connects or
+            # closes would otherwise start a KV watcher each).
+            refresh = self._refreshing
+            if refresh is None or refresh.done():
+                refresh = self._refreshing = asyncio.ensure_future(self._alive())
+            await asyncio.shield(refresh)
         return set(self._alive_cache)
 
     async def members(self, room: str) -> list[str]:
@@ -245,9 +251,10 @@ class Presence:
         deadline = loop.time() + timeout
         while self._pending and self._tasks and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)  # ended, not destroyed pending later
         if self._nodes is None:
             return
         with contextlib.suppress(Exception):

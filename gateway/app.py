@@ -53,9 +53,10 @@ class _MalformedRequests(logging.Filter):
         return True
 
 
-_AIOHTTP_SERVER = logging.getLogger("aiohttp.server")
-if not any(isinstance(f, _MalformedRequests) for f in _AIOHTTP_SERVER.filters):
-    _AIOHTTP_SERVER.addFilter(_MalformedRequests())
+def _quiet_malformed_requests() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
+        server_log.addFilter(_MalformedRequests())
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -80,6 +81,7 @@ def _add_admin_routes(app: web.Application) -> None:
 
 
 def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) -> web.Application:
+    _quiet_malformed_requests()
     """The node's public application. ``/metrics`` and ``/api/stats`` are on it
     unless ``[admin] port`` puts them on the admin application instead."""
     node = Node(settings, broker_factory)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import random
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.embedded import free_port
+from broker.embedded import free_port, free_ports
 from gateway.app import create_app
 from gateway.auth import mint_token
 from gateway.keys import NODE
@@ -233,7 +232,6 @@ class RawWsClient:
     async def connect(cls, url: str, rcvbuf: int = 4096) -> RawWsClient:
         import base64
         import os
-        import socket
         from urllib.parse import urlsplit
 
         parts = urlsplit(url)
@@ -355,34 +353,27 @@ async def spawn_cluster_node(
         ),
     )
     url = f"http://127.0.0.1:{port}"
-
-    async def ready() -> bool:
-        try:
-            async with http.get(url + "/readyz") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await wait_for(ready, timeout=20, interval=0.1)
+    await wait_http_ok(http, url + "/readyz", proc, timeout=20)
     return proc, url
 
 
-def free_base(count: int = 13) -> int:
-    """A port with ``count - 1`` free ports after it (the cluster's --base-port), below the
-    ephemeral range: waiting for a port there can connect to itself before its server listens."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        base = random.randrange(min(low, 32768) - 12000, min(low, 32768) - count)
-        socks: list[socket.socket] = []
+async def wait_http_ok(
+    http: aiohttp.ClientSession, url: str, proc: Any = None, timeout: float = 15, what: str = "process"
+) -> None:
+    """Poll ``url`` until it answers 200; fail at once if ``proc`` (a Popen) exits."""
+
+    async def ok() -> bool:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode} before {url} answered 200")
         try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no run of free ports")
+            async with http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    await wait_for(ok, timeout=timeout, interval=0.05)
+
+
+def free_base(count: int = 13) -> int:
+    """A port with ``count - 1`` free ports after it (the cluster's --base-port)."""
+    return free_ports(count)

@@ -25,7 +25,7 @@ import pytest
 from broker.embedded import free_port
 from ops.grafana import build
 
-from .helpers import PUBLISH_KEY, RunningNode, SseClient, api_publish, recv_json, scrape, token, wait_for
+from .helpers import PUBLISH_KEY, RunningNode, SseClient, api_publish, recv_json, scrape, token, wait_for, wait_http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -174,16 +174,10 @@ async def run_prometheus(tmp: Path, target: str, http: aiohttp.ClientSession) ->
         )
     url = f"http://127.0.0.1:{port}"
     try:
-
-        async def ready() -> bool:
-            assert proc.poll() is None, f"prometheus exited:\n{log.read_text()}"
-            try:
-                async with http.get(url + "/-/ready") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_for(ready, timeout=15, interval=0.1)
+        try:
+            await wait_http_ok(http, url + "/-/ready", proc, what="prometheus")
+        except AssertionError:
+            raise AssertionError(f"prometheus did not start:\n{log.read_text()}") from None
         yield Prometheus(http, url)
     finally:
         proc.kill()

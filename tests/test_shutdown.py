@@ -31,6 +31,7 @@ from .helpers import (
     scrape,
     token,
     wait_for,
+    wait_http_ok,
 )
 
 _ids = itertools.count(1)
@@ -50,16 +51,10 @@ async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 async def wait_ready(http: aiohttp.ClientSession, base: str, proc: subprocess.Popen[bytes]) -> None:
-    async def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"node exited with {proc.returncode}; stderr:\n{stderr_of(proc)}")
-        try:
-            async with http.get(base + "/readyz", timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
-    await wait_for(ready, timeout=15, interval=0.05)
+    try:
+        await wait_http_ok(http, base + "/readyz", proc, what="node")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; stderr:\n{stderr_of(proc)}") from None
 
 
 async def serve_process(

@@ -94,3 +94,48 @@ async def test_close_oldest_closes_the_oldest_on_the_other_node(
     assert metrics['herald_connections_closed_total{reason="replaced",transport="ws"}'] == 1
     for ws in (middle, newest):
         await ws.close()
+
+
+async def test_a_burst_of_lookups_of_live_nodes_is_one_kv_watch() -> None:
+    """Connects and closes ask which nodes are alive (cached ttl/3). When the
+    cache is stale, a burst of them shares one lookup: a KV watcher each hit
+    the server's "maximum consumers limit reached" when 1,000 clients left at
+    once, and those connections stayed counted."""
+    import asyncio
+
+    import nats.errors
+
+    from broker.presence import Presence
+
+    watches = 0
+
+    class Watcher:
+        def __init__(self) -> None:
+            self.entries: list[Any] = [None]
+
+        def __aiter__(self) -> Watcher:
+            return self
+
+        async def __anext__(self) -> Any:
+            await asyncio.sleep(0.01)  # a round trip
+            return self.entries.pop(0)
+
+        async def updates(self, timeout: float) -> Any:
+            raise nats.errors.TimeoutError
+
+        async def stop(self) -> None:
+            pass
+
+    class Nodes:
+        async def watch(self, pattern: str, **kwargs: Any) -> Watcher:
+            nonlocal watches
+            watches += 1
+            return Watcher()
+
+    presence = Presence("S", "n1", ttl=3.0)
+    presence._nodes = Nodes()  # type: ignore[assignment]
+    answers = await asyncio.gather(*(presence.alive() for _ in range(200)))
+    assert watches == 1
+    assert all(a == answers[0] for a in answers)
+    await presence.alive()  # fresh: no lookup
+    assert watches == 1
