@@ -8,22 +8,16 @@ connection.
 
 from __future__ import annotations
 
-import logging
-
 from aiohttp import web
 
-from broker import BrokerUnavailable
 from broker.channels import client_name
 
 from .admission import Refusal, admit, count_in, screen
-from .disconnect import INTERNAL, UNAVAILABLE
 from .frames import WS
 from .http import json_error
 from .keys import NODE, WS_LINKS
 from .resume import attach
-from .wslink import WsLink, accept_key, release, switching_protocols
-
-log = logging.getLogger("herald.ws")
+from .wslink import WsLink, accept_key, ends_on_failure, release, switching_protocols
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
@@ -69,11 +63,5 @@ async def _open(request: web.Request, link: WsLink) -> None:
         "node": node.id,
         "channels": [client_name(c) for c in admission.channels],
     }
-    try:
+    with ends_on_failure(session):
         await attach(node, session, admission.channels, admission.since, welcome)
-    except BrokerUnavailable as exc:
-        log.warning("connection %s: %s", session.id, exc)
-        session.close(UNAVAILABLE)
-    except Exception:
-        log.exception("connection %s failed", session.id)
-        session.close(INTERNAL)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -95,6 +96,20 @@ def _unmask(mask: bytes, data: bytes) -> bytes:
         return data
     key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
     return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
+
+
+@contextlib.contextmanager
+def ends_on_failure(session: Session) -> Iterator[None]:
+    """A broker outage closes the session 1013; anything else is logged and
+    closes it 1011. The node goes on either way."""
+    try:
+        yield
+    except BrokerUnavailable as exc:
+        log.warning("connection %s: %s", session.id, exc)
+        session.close(UNAVAILABLE)
+    except Exception:
+        log.exception("connection %s failed", session.id)
+        session.close(INTERNAL)
 
 
 class WsContext:
@@ -290,23 +305,18 @@ class WsLink(SocketWire, asyncio.Protocol):
         commands = self._ctx.commands
         inbox = self._inbox
         try:
-            while inbox and session.active:
-                opcode, data = inbox.pop(0)
-                if opcode == OP_TEXT:
-                    await commands.handle(session, data)
-                elif opcode == OP_BINARY:
-                    commands.refuse_binary(session)
-                elif commands.within_rate(session):  # client pings count against the frame budget
-                    session.outbound.push(ws_frame(data, OP_PONG))
-                if self._reading_paused and len(inbox) <= _INBOX_RESUME and not self.gone:
-                    self._reading_paused = False
-                    self._transport.resume_reading()
-        except BrokerUnavailable as exc:
-            log.warning("connection %s: %s", session.id, exc)
-            session.close(UNAVAILABLE)
-        except Exception:
-            log.exception("connection %s failed", session.id)
-            session.close(INTERNAL)
+            with ends_on_failure(session):
+                while inbox and session.active:
+                    opcode, data = inbox.pop(0)
+                    if opcode == OP_TEXT:
+                        await commands.handle(session, data)
+                    elif opcode == OP_BINARY:
+                        commands.refuse_binary(session)
+                    elif commands.within_rate(session):  # client pings count against the frame budget
+                        session.outbound.push(ws_frame(data, OP_PONG))
+                    if self._reading_paused and len(inbox) <= _INBOX_RESUME and not self.gone:
+                        self._reading_paused = False
+                        self._transport.resume_reading()
         finally:
             self._worker = None
             if not inbox:
