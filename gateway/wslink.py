@@ -90,10 +90,10 @@ def release(request: web.BaseRequest) -> None:
     handler.connection_lost(None)
 
 
-def _unmask(mask: bytes, data: bytes) -> bytes:
+def _unmask(mask: bytes | bytearray, data: bytes | bytearray) -> bytes:
     n = len(data)
     if not n:
-        return data
+        return b""
     key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
     return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
 
@@ -166,7 +166,7 @@ class WsLink(SocketWire, asyncio.Protocol):
         super().__init__(transport, bp.write_buffer, bp.socket_buffer)
         self._ctx = ctx
         self._loop = loop = asyncio.get_running_loop()
-        self._buf = b""  # bytes of a frame not yet whole
+        self._buf: bytearray | None = None  # bytes of a frame not yet whole
         self._fragments: bytearray | None = None  # a fragmented message being assembled
         self._fragments_op = 0
         self._inbox: list[tuple[int, Any]] | None = None  # frames for the command handler
@@ -194,7 +194,12 @@ class WsLink(SocketWire, asyncio.Protocol):
         self.ping_at = 0.0  # any data proves the peer alive, not only a pong
         if self.peer_closed:
             return
-        buf = self._buf + data if self._buf else data
+        pending = self._buf
+        if pending is not None:  # a frame arriving in pieces: kept growing in place, not recopied
+            pending += data
+            buf: bytes | bytearray = pending
+        else:
+            buf = data
         pos, end = 0, len(buf)
         max_frame = self._ctx.max_frame
         while end - pos >= 2:
@@ -230,7 +235,12 @@ class WsLink(SocketWire, asyncio.Protocol):
             self._frame(b0 & 0x80, opcode, payload)
             if self.peer_closed:
                 return
-        self._buf = buf[pos:] if pos < end else b""
+        if pos == end:
+            self._buf = None
+        elif pending is not None:
+            del pending[:pos]
+        else:
+            self._buf = bytearray(buf[pos:])
 
     def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
         if opcode in (OP_TEXT, OP_BINARY):
@@ -271,7 +281,7 @@ class WsLink(SocketWire, asyncio.Protocol):
     def _fail(self, reason: Disconnect) -> None:
         """The client broke the protocol (or a limit): nothing more is read."""
         self.peer_closed = True
-        self._buf = b""
+        self._buf = None
         self._end(reason)
 
     def _end(self, reason: Disconnect) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 
 import aiohttp
 import orjson
@@ -172,3 +173,19 @@ async def test_a_frame_flood_stops_reading_not_serving(node: RunningNode, http: 
     assert closed == 4029
     client.close()
     await bystander.close()
+
+
+async def test_a_frame_arriving_byte_by_byte(node: RunningNode) -> None:
+    client = await raw(node)
+    client.writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sent: list[bytes] = []
+    real_write = client.writer.write
+    client.writer.write = sent.append  # type: ignore[method-assign]
+    client.send_frame(TEXT, b'{"type":"ping","ref":"slow"}' + b" " * 300)  # a 2-byte length
+    client.writer.write = real_write  # type: ignore[method-assign]
+    for byte in b"".join(sent):
+        client.writer.write(bytes([byte]))
+        await client.writer.drain()
+        await asyncio.sleep(0)
+    assert await next_json(client) == {"type": "pong", "ref": "slow"}
+    client.close()
