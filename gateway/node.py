@@ -72,7 +72,7 @@ class Node:
         self.hub.broker = self.broker
         self.hub.on_reset = self.metrics.resets_gap.inc
         self.broker.kick = self.kick
-        self.flusher = Flusher(self.metrics.dropped_queue_full.inc)
+        self.flusher = Flusher(self.metrics.dropped_queue_full.inc, bp.write_delay)
         self.limits = QueueLimits(
             bp.max_bytes,
             bp.max_messages,

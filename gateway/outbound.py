@@ -326,7 +326,8 @@ class Flusher:
     ``flush``, after the direct writes so that order holds.
     """
 
-    def __init__(self, count_dropped: Callable[[int], None]) -> None:
+    def __init__(self, count_dropped: Callable[[int], None], delay: float = 0.0) -> None:
+        self._delay = delay  # backpressure.write_delay
         self._dirty: list[Outbound] = []
         self._writes: list[Write] = []
         # (stream timestamp, recipients, histogram) of this pass's direct writes.
@@ -339,7 +340,10 @@ class Flusher:
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._run)
+            if self._delay:
+                asyncio.get_running_loop().call_later(self._delay, self._run)
+            else:
+                asyncio.get_running_loop().call_soon(self._run)
 
     def schedule(self, queue: Outbound) -> None:
         self._dirty.append(queue)

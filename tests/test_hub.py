@@ -808,3 +808,18 @@ async def test_latency_and_delivered_are_counted_once_per_recipient(env: Env) ->
     latency = env.metrics.latency
     assert sum(latency.counts) == 8
     assert 8 * 0.2 <= latency.sum < 8 * 0.3
+
+
+async def test_write_delay_joins_what_arrives_within_it_into_one_write(env: Env) -> None:
+    env.flusher = Flusher(env.dropped.append, delay=0.1)  # backpressure.write_delay
+    s, wire, _ = env.session()
+    await env.hub.join(s, "room:a")
+    env.hub.deliver(delivery("room:a", 1))
+    await asyncio.sleep(0.03)
+    assert wire.writes == []  # held for the delay
+    env.hub.deliver(delivery("room:a", 2))
+    s.send({"type": "ack", "ref": 1})  # answers wait too: order is kept
+    await asyncio.sleep(0.15)
+    assert len(wire.writes) == 1
+    assert ids(wire) == ["1", "2"]
+    assert ws_frames(wire.data)[-1] == {"type": "ack", "ref": 1}
