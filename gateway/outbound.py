@@ -1,9 +1,11 @@
 """Bounded per-connection outbound queues and the node's flusher.
 
-The fan-out path only appends prebuilt bytes to a queue; it never awaits a
-socket. The flusher runs once per event-loop pass over the queues that got
-something and joins each one's entries into a single transport write, filling
-the transport's buffer up to ``write_buffer``. A queue with more than that
+The fan-out path never awaits a socket. A connection with nothing pending
+gets a pass's first message as a write the flusher notes directly (no queue
+entry); anything more goes to its queue. Once per event-loop pass (or after
+``write_delay``) the flusher joins each connection's queued entries onto its
+noted write — one transport write per connection per pass — filling the
+transport's buffer up to ``write_buffer``, and issues the writes back to back. A queue with more than that
 waits, in one task of its own and only while backed up, for the transport to
 drain. ``max_bytes`` bounds what a connection holds in total (queued here plus
 the transport's buffer): past it, droppable (drop-oldest) entries are shed, or
