@@ -420,7 +420,7 @@ class NatsBroker:
                 headers=headers,
                 stream=self._config.stream,
             )
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (OSError, nats.errors.Error) as exc:  # OSError: timeouts, and a socket reset under the request
             raise BrokerUnavailable(f"publish not acknowledged: {exc.__class__.__name__}") from None
         return int(ack.seq)
 
