@@ -33,6 +33,7 @@ from .channels import Subjects
 from .kv import key_token
 from .presence import _keys
 from .store import event_of
+from .tasks import spawn
 
 log = logging.getLogger("herald.hooks")
 
@@ -82,7 +83,7 @@ class HookSource:
         self.dead_subject = f"_herald.{stream}.hooks.dead"
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._acks: set[asyncio.Task[None]] = set()  # the loop keeps tasks only weakly
+        self._acks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         try:
@@ -133,9 +134,7 @@ class HookSource:
     def _message(self, msg: Msg) -> HookMessage | None:
         channel = self._subjects.channel_of(msg.subject)
         if channel is None or not channel.startswith("user:"):
-            ack = asyncio.get_running_loop().create_task(msg.ack())  # not ours: never again
-            self._acks.add(ack)
-            ack.add_done_callback(self._acks.discard)
+            spawn(self._acks, msg.ack())  # not ours: never again
             return None
         meta = msg.metadata
         return HookMessage(

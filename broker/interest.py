@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from .tasks import spawn
+
 Action = Callable[[str], Awaitable[None]]
 
 
@@ -96,9 +98,7 @@ class Interest:
 
     def _release_later(self, key: str) -> None:
         self._timers.pop(key, None)
-        task = asyncio.get_running_loop().create_task(self._release_if_unwanted(key))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._tasks, self._release_if_unwanted(key))
 
     async def _release_if_unwanted(self, key: str) -> None:
         async with self._serialised(key):

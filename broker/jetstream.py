@@ -39,6 +39,7 @@ from .kv import storage_type
 from .presence import Presence
 from .sequencer import Sequencer
 from .store import EVENT_HEADER, ReadPositions, event_of, first_sequence, last_sequence, read_stored
+from .tasks import spawn
 from .timestamps import parse_rfc3339
 
 log = logging.getLogger("herald.broker")
@@ -297,9 +298,7 @@ class NatsBroker:
         url = self._nc.connected_url if self._nc is not None else None
         log.info("reconnected to NATS at %s", url.netloc if url else "?")
         # The server may have lost the stream (a fresh store): recreate it.
-        task = asyncio.get_running_loop().create_task(self._restore_stream())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._tasks, self._restore_stream())
 
     async def _restore_stream(self) -> None:
         while not self._closing and self.connected:
@@ -385,9 +384,7 @@ class NatsBroker:
         if opening.cancelled() or opening.exception() is not None:
             return
         assert self._nc is not None
-        task = asyncio.get_running_loop().create_task(self._nc.unsubscribe_direct(opening.result()))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._tasks, self._nc.unsubscribe_direct(opening.result()))
 
     async def _unsubscribe(self, channel: str) -> None:
         sub = self._subs.pop(channel, None)
@@ -508,9 +505,7 @@ class NatsBroker:
                     await self._nc.publish(self._kick_subject(instance), victim.encode())
 
     def close_connection(self, user: str, conn: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._connections.close(user, conn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._tasks, self._connections.close(user, conn))
 
     async def _announce(self, channel: str, user: str, joined: bool) -> None:
         """A join / leave frame to the room's members: live only, never stored."""

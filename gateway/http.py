@@ -89,6 +89,11 @@ async def drain_or_abort(transport: asyncio.Transport, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     while transport.get_write_buffer_size() and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    free_socket(transport)
+
+
+def free_socket(transport: asyncio.Transport) -> None:
+    """Done waiting for the peer: reset if it left bytes unread, else close now."""
     if transport.get_write_buffer_size():
         hard_abort(transport)
     elif not transport.is_closing():

@@ -17,12 +17,13 @@ import base64
 import contextlib
 import hashlib
 import logging
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from broker import BrokerUnavailable
+from broker.tasks import spawn
 
 from .disconnect import (
     CLIENT_CLOSED,
@@ -36,7 +37,7 @@ from .disconnect import (
     Disconnect,
 )
 from .frames import ws_frame
-from .http import SocketWire, hard_abort
+from .http import SocketWire, free_socket, hard_abort
 from .session import Session
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2,
 _PING = ws_frame(b"", OP_PING)
 # Frames waiting for their command handler; past this the socket is not read.
 _INBOX_PAUSE, _INBOX_RESUME = 64, 16
-# Finishing sessions: the loop keeps only weak references to tasks.
+# Sessions being finished (see broker.tasks.spawn).
 _finishing: set[asyncio.Task[None]] = set()
 
 
@@ -285,14 +286,18 @@ class WsLink(SocketWire, asyncio.Protocol):
         self._end(reason)
 
     def _end(self, reason: Disconnect) -> None:
-        session = self.session
-        if session is not None:
-            session.close(reason)  # queued answers go out first, then our close frame
-        else:
-            self.close(reason)
+        self._close_all(reason)
         if self.closing and not self.gone:
             # The peer sent its close (or broke the protocol): nothing to wait for.
             self._transport.close()
+
+    def _close_all(self, reason: Disconnect) -> None:
+        """Close the session (its queued answers go out first, then our close
+        frame), or only the link while there is no session yet."""
+        if self.session is not None:
+            self.session.close(reason)
+        else:
+            self.close(reason)
 
     def _enqueue(self, opcode: int, data: Any) -> None:
         inbox = self._inbox
@@ -360,19 +365,13 @@ class WsLink(SocketWire, asyncio.Protocol):
     def _give_up(self) -> None:
         self._timer = None
         if not self.gone:
-            if self._transport.get_write_buffer_size():
-                hard_abort(self._transport)  # the peer stopped reading
-            else:
-                self._transport.abort()
+            free_socket(self._transport)
 
     def heartbeat(self, now: float, interval: float) -> None:
         """A ping when the peer was quiet for ``interval``; closed if the last
         ping went unanswered."""
         if self.ping_at:
-            if self.session is not None:
-                self.session.close(HEARTBEAT_TIMEOUT)
-            else:
-                self.close(HEARTBEAT_TIMEOUT)
+            self._close_all(HEARTBEAT_TIMEOUT)
         elif now - self.last_in >= interval and not self.closing:
             self.ping_at = now
             self._transport.write(_PING)
@@ -398,7 +397,7 @@ class WsLink(SocketWire, asyncio.Protocol):
         worker = self._worker
         if worker is not None and worker is not asyncio.current_task():
             worker.cancel()
-        spawn_detached(self._finished(session, worker))
+        spawn(_finishing, self._finished(session, worker))
 
     async def _finished(self, session: Session, worker: asyncio.Task[None] | None) -> None:
         if worker is not None and not worker.done():
@@ -454,10 +453,3 @@ class Pinger:
         for link in list(self._links):
             link.heartbeat(now, self.interval)
         self._timer = loop.call_later(self.interval / 2, self._tick)
-
-
-def spawn_detached(coro: Coroutine[Any, Any, None]) -> None:
-    """Run ``coro`` in a task the loop keeps until it ends."""
-    task = asyncio.get_running_loop().create_task(coro)
-    _finishing.add(task)
-    task.add_done_callback(_finishing.discard)
