@@ -126,9 +126,7 @@ class Outbound:
         if self.bytes + self._wire_bytes > limits.max_bytes or len(self._entries) > limits.max_messages:
             # The cached transport size may be stale (the peer read since): ask
             # again, counting a direct write of this pass not sent yet.
-            flusher = self.flusher
-            pending = len(flusher._writes[self._slot][2]) if self._pass == flusher._pass else 0
-            self._wire_bytes = self._wire.buffered() + pending
+            self._wire_bytes = self._wire.buffered() + len(self.flusher.noted(self))
             if not self._within_limits() and not self._shed():
                 self.on_overflow(False)
                 return
@@ -294,14 +292,20 @@ class Outbound:
             room.set_result(None)
 
     def write_out(self) -> None:
-        """Write everything queued now, past ``write_buffer``: before a close
-        frame, so the client still gets the acks and errors that explain it."""
-        if self.closed or not self._entries:
+        """Write everything pending now, past ``write_buffer``: before a close
+        frame, so the client still gets the acks and errors that explain it.
+        The pass's direct write goes first: what queued behind it must not
+        arrive without it (a resume from the last id would skip the hole)."""
+        if self.closed:
             return
-        data = b"".join([e[0] for e in self._entries])
-        self._entries.clear()
-        self.bytes = 0
-        self._wire.write(data)
+        noted = self.flusher.take_noted(self)
+        if noted:
+            self._wire.send(noted)
+        if self._entries:
+            data = b"".join([e[0] for e in self._entries])
+            self._entries.clear()
+            self.bytes = 0
+            self._wire.write(data)
 
     def close(self) -> None:
         self.closed = True
@@ -350,6 +354,17 @@ class Flusher:
     def schedule(self, queue: Outbound) -> None:
         self._dirty.append(queue)
         self._schedule()
+
+    def noted(self, queue: Outbound) -> bytes:
+        """The direct write noted for ``queue`` in the pass being filled (b"" if none)."""
+        return self._writes[queue._slot][2] if queue._pass == self._pass else b""
+
+    def take_noted(self, queue: Outbound) -> bytes:
+        """``noted``, which the caller writes itself: the pass will not."""
+        data = self.noted(queue)
+        if data:
+            self._writes[queue._slot] = (queue, queue._wire.send, b"")
+        return data
 
     def fan_out(self, queues: list[Outbound], frame: bytes, ts: float, droppable: bool) -> None:
         """``push(frame, ts, droppable)`` to every queue of ``queues`` (one
@@ -409,7 +424,7 @@ class Flusher:
         # the first finds the next ones already there, and the kernel does
         # less work per write than when each wakes a peer that went to sleep.
         for queue, send, data in out:
-            if queue.closed:  # closed since the write was noted: its close frame is out
+            if queue.closed or not data:  # closed since noted (its close frame is out), or taken
                 continue
             try:  # noqa: SIM105 - suppress() costs a context manager per write here
                 send(data)

@@ -35,6 +35,7 @@ class Subscriber:
     last: str | None = None
     opened: list[float] = field(default_factory=list)  # monotonic time of every (re)open
     ends: list[str] = field(default_factory=list)  # how each connection ended
+    resumed: list[str | None] = field(default_factory=list)  # the position each (re)open resumed from
     resets: int = 0
     _stop: bool = False
 
@@ -74,8 +75,9 @@ class Subscriber:
 
     async def _ws(self, http: aiohttp.ClientSession) -> int | None:
         params = {"token": token(self.user, rooms=["*"]), "room": self.room}
-        if self.last:
-            params["since"] = self.last
+        since = self.last
+        if since:
+            params["since"] = since
         code, reason = None, ""
         async with http.ws_connect(self.base.replace("http", "ws", 1) + "/ws", params=params, heartbeat=5) as ws:
             while True:
@@ -90,6 +92,7 @@ class Subscriber:
                 kind = frame.get("type")
                 if kind == "welcome":
                     self.opened.append(time.monotonic())
+                    self.resumed.append(since)
                 elif kind == "message" and frame.get("channel") == f"room:{self.room}":
                     self._record(frame.get("id"), frame.get("data"))
                 elif kind == "reset":
@@ -100,12 +103,14 @@ class Subscriber:
         return int(hint[1]) if code == 1012 and hint else None
 
     async def _sse(self, http: aiohttp.ClientSession) -> int | None:
-        headers = {"Last-Event-ID": self.last} if self.last else {}
+        since = self.last
+        headers = {"Last-Event-ID": since} if since else {}
         params = {"token": token(self.user, rooms=["*"]), "room": self.room}
         async with http.get(self.base + "/sse", params=params, headers=headers, timeout=_NO_TIMEOUT) as resp:
             if resp.status != 200:
                 raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
             self.opened.append(time.monotonic())
+            self.resumed.append(since)
             sse = SseClient(resp)
             while True:
                 try:
@@ -151,18 +156,33 @@ class SteadyPublisher:
         self._stop = True
 
 
-def check_delivery(subscribers: list[Subscriber], sent: dict[str, list[int]]) -> dict[str, int]:
+def check_delivery(subscribers: list[Subscriber], sent: dict[str, list[int]]) -> dict[str, Any]:
     """Every subscriber holds exactly its room's ids, once, in order; returns
-    totals of lost and duplicated messages (both must be 0)."""
+    totals of lost and duplicated messages (both must be 0), and who lost what
+    (the first few subscribers: enough to tell a pattern from a log)."""
     lost = duplicated = 0
+    losers: list[dict[str, Any]] = []
     for sub in subscribers:
         want = sent.get(sub.room, [])
         got = sub.ids
         duplicated += len(got) - len(set(got))
-        lost += len(set(want) - set(got))
+        missing = sorted(set(want) - set(got))
+        lost += len(missing)
+        if missing and len(losers) < 8:
+            losers.append(
+                {
+                    "user": sub.user,
+                    "transport": sub.transport,
+                    "missing": missing[:6],
+                    "missing_count": len(missing),
+                    "held_around": [i for i in got if missing[0] - 20 <= i <= missing[-1] + 20][:12],
+                    "resumed_from": sub.resumed,
+                    "ends": sub.ends,
+                }
+            )
         assert sub.resets == 0, f"{sub.user}: reset"
         assert got == sorted(got), f"{sub.user}: out of order"
-    return {"lost": lost, "duplicated": duplicated}
+    return {"lost": lost, "duplicated": duplicated, "losers": losers}
 
 
 def p99_latency(subscribers: list[Subscriber], start: float, end: float) -> float | None:

@@ -16,7 +16,7 @@ import pytest
 from broker import BrokerUnavailable, Delivery, Replay
 from broker.memory import MemoryBroker
 from gateway.auth import Identity
-from gateway.disconnect import SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
+from gateway.disconnect import SHUTDOWN, SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
 from gateway.frames import SSE, WS, SseCodec, WsCodec
 from gateway.hub import Hub
 from gateway.metrics import Metrics
@@ -761,6 +761,22 @@ async def test_a_session_closed_in_the_pass_of_a_delivery_gets_nothing_after_its
     await settle()
     assert wire.writes == [b"<close frame>"]
     assert [c.code for c in closer.calls] == [4008]
+
+
+async def test_a_close_writes_out_the_direct_write_of_its_pass_before_what_queued_behind_it(env: Env) -> None:
+    """Two messages in one pass (the first noted as a direct write, the second
+    queued behind it), then a graceful close: the client gets both, in order,
+    before the close frame. Writing only the queued one would leave a hole
+    that resuming from the last id received can never fill."""
+    s, wire, _ = env.session()
+    await env.hub.join(s, "room:a")
+    env.hub.deliver(delivery("room:a", 1))
+    env.hub.deliver(delivery("room:a", 2))
+    s.close(SHUTDOWN)
+    wire.write(b"<close frame>")
+    await settle()
+    assert [f["id"] for f in ws_frames(b"".join(wire.writes[:-1]))] == ["1", "2"]
+    assert wire.writes[-1] == b"<close frame>"
 
 
 class ChunkingWire(FakeWire):
