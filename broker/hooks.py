@@ -30,8 +30,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from .base import BrokerUnavailable
 from .channels import Subjects
-from .kv import key_token
-from .presence import _keys
+from .kv import key_token, live_keys
 from .store import event_of
 from .tasks import spawn
 
@@ -164,7 +163,7 @@ class HookSource:
             return False
         assert self._js is not None
         try:
-            alive = set(await _keys(await self._js.key_value(f"{self._stream}_nodes"), "*"))
+            alive = set(await live_keys(await self._js.key_value(f"{self._stream}_nodes"), "*"))
         except nats.js.errors.NotFoundError:
             return False
         return any(isinstance(v, list) and v and v[0] in alive for v in table.values())

@@ -32,7 +32,7 @@ from nats.js.kv import KeyValue
 
 from .base import BrokerUnavailable
 from .channels import glob_match
-from .kv import bind_bucket, from_key_token, key_token, storage_type
+from .kv import bind_bucket, from_key_token, key_token, live_keys, storage_type
 
 log = logging.getLogger("herald.presence")
 
@@ -158,7 +158,7 @@ class Presence:
     async def _left(self, room: str, user: str) -> None:
         assert self._kv is not None and self._announce is not None
         alive = await self.alive()
-        for entry in await _keys(self._kv, f"*.{key_token(room)}.{key_token(user)}"):
+        for entry in await live_keys(self._kv, f"*.{key_token(room)}.{key_token(user)}"):
             if entry.split(".", 1)[0] in alive:
                 return  # still there on some node
         await asyncio.shield(self._claim_leave(room, user))
@@ -192,11 +192,11 @@ class Presence:
         """Delete the entries of instances that stopped refreshing their key."""
         assert self._kv is not None
         alive = await self._alive()
-        for key in await _keys(self._kv, f"{REGISTRY}.*"):
+        for key in await live_keys(self._kv, f"{REGISTRY}.*"):
             dead = key.split(".", 1)[1]
             if dead in alive or dead == self.instance:
                 continue
-            for entry in await _keys(self._kv, f"{dead}.*.*"):
+            for entry in await live_keys(self._kv, f"{dead}.*.*"):
                 await self._kv.delete(entry)
                 _, room, user = entry.split(".")
                 room, user = from_key_token(room), from_key_token(user)
@@ -209,7 +209,7 @@ class Presence:
 
     async def _alive(self) -> set[str]:
         assert self._nodes is not None
-        self._alive_cache = set(await _keys(self._nodes, "*"))
+        self._alive_cache = set(await live_keys(self._nodes, "*"))
         self._alive_at = time.monotonic()
         return set(self._alive_cache)
 
@@ -219,7 +219,7 @@ class Presence:
             return {self.instance}
         if time.monotonic() - self._alive_at > self._ttl / 3:
             # One lookup for everyone asking meanwhile (a burst of connects or
-            # closes would otherwise start a KV watcher each).
+            # closes would otherwise start a KV listing, one consumer, each).
             refresh = self._refreshing
             if refresh is None or refresh.done():
                 refresh = self._refreshing = asyncio.ensure_future(self._alive())
@@ -232,7 +232,7 @@ class Presence:
             raise BrokerUnavailable("presence is not available yet")
         try:
             alive = await self._alive()
-            entries = await _keys(self._kv, f"*.{key_token(room)}.*")
+            entries = await live_keys(self._kv, f"*.{key_token(room)}.*")
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"presence lookup failed: {exc.__class__.__name__}") from None
         users = set()
@@ -260,32 +260,3 @@ class Presence:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
                 await self._nodes.delete(self.instance)
-
-
-# nats-py can mark the end of what is stored before the last stored keys
-# arrived (nats-io/nats.py#842: deliveries in flight when the watcher starts,
-# or a stale per-message pending count under concurrent writes); a presence
-# query then missed users who were there. Keys arriving this soon after the
-# mark are taken as well.
-KEYS_SETTLE = 0.02
-
-
-async def _keys(kv: KeyValue, pattern: str) -> list[str]:
-    """Keys matching ``pattern`` (NATS wildcards), filtered by the server."""
-    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
-    keys: list[str] = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # the end of what is stored, as nats-py sees it
-                break
-            keys.append(entry.key)
-        while True:
-            try:
-                late = await watcher.updates(timeout=KEYS_SETTLE)  # type: ignore[no-untyped-call]
-            except nats.errors.TimeoutError:
-                break
-            if isinstance(late, KeyValue.Entry):
-                keys.append(late.key)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return list(dict.fromkeys(keys))

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, KeyValueConfig
+from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from .base import BrokerUnavailable, Delivery
 from .channels import DEFAULT_EVENT, EVENT_RE
 from .kv import bind_bucket, compare_and_set, key_token, storage_type
+from .snapshot import read_snapshot, snapshot_config
 
 EVENT_HEADER = "Herald-Event"
-FETCH_BATCH = 500
 
 
 def event_of(headers: dict[str, str]) -> str:
@@ -27,21 +25,6 @@ def event_of(headers: dict[str, str]) -> str:
     if event is not DEFAULT_EVENT and EVENT_RE.fullmatch(event) is None:
         return DEFAULT_EVENT
     return event
-
-
-# A replicated stream answers 503 for a moment after a leader change: try again.
-_BRIEFLY_UNAVAILABLE = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
-
-
-async def _add_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig, tries: int = 4) -> ConsumerInfo:
-    for attempt in range(tries):
-        try:
-            return await js.add_consumer(stream, config=config)
-        except _BRIEFLY_UNAVAILABLE:
-            if attempt == tries - 1:
-                raise
-            await asyncio.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 async def read_stored(
@@ -54,44 +37,12 @@ async def read_stored(
     channel_of: Callable[[str], str | None],
     timeout: float,
 ) -> list[Delivery]:
-    """Stored messages on ``filters`` after ``after_seq``, oldest first, at most
-    ``limit``: an ephemeral pull consumer (no acks) read until nothing is
-    pending, then deleted."""
-    config = ConsumerConfig(
-        name=name,
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=after_seq + 1,
-        ack_policy=AckPolicy.NONE,
-        inactive_threshold=30.0,
-        mem_storage=True,
-        num_replicas=1,
-        **({"filter_subject": filters[0]} if len(filters) == 1 else {"filter_subjects": list(filters)}),
-    )
-    found: list[Delivery] = []
+    """Stored messages on ``filters`` after ``after_seq``, oldest first, at most ``limit``."""
+    config = snapshot_config(name, list(filters), start_seq=after_seq + 1)
     try:
-        info = await _add_consumer(js, stream, config)
-        pending = min(int(info.num_pending or 0), limit)
-        if pending:
-            sub = await js.pull_subscribe_bind(name, stream=stream)
-            try:
-                read = 0
-                while read < pending:
-                    batch = await sub.fetch(min(FETCH_BATCH, pending - read), timeout=timeout)
-                    for msg in batch:
-                        read += 1
-                        delivery = _stored(msg, channel_of)
-                        if delivery is not None:
-                            found.append(delivery)
-                        if msg.metadata.num_pending == 0:
-                            pending = read
-            finally:
-                await sub.unsubscribe()
+        return await read_snapshot(js, stream, config, lambda msg: _stored(msg, channel_of), limit, timeout)
     except (TimeoutError, nats.errors.Error) as exc:
         raise BrokerUnavailable(f"reading the stream failed: {exc.__class__.__name__}: {exc}") from None
-    finally:
-        with contextlib.suppress(Exception):
-            await js.delete_consumer(stream, name)
-    return found
 
 
 def _stored(msg: Msg, channel_of: Callable[[str], str | None]) -> Delivery | None:
@@ -112,9 +63,12 @@ async def first_sequence(js: JetStreamContext, stream: str) -> int:
 
 
 async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int | None:
-    """The last sequence stored on ``subject``: 0 if none, None if unknown."""
+    """The last sequence stored on ``subject``: 0 if none, None if unknown.
+    Asked of the stream leader: a direct get may be answered by a replica
+    that is behind, and "nothing after the position" from it would skip
+    messages the publisher already has acks for (ADR-31: stale reads)."""
     try:
-        msg = await js.get_msg(stream, subject=subject, direct=True)
+        msg = await js.get_msg(stream, subject=subject, direct=False)
     except nats.js.errors.NotFoundError:
         return 0
     except (TimeoutError, nats.errors.Error, AttributeError, KeyError):

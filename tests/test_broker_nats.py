@@ -106,3 +106,32 @@ async def test_a_wanted_channel_is_live_when_want_returns(nats_server: NatsServe
     finally:
         await publisher.close()
         await broker.close()
+
+
+async def test_a_one_channel_replay_asks_the_stream_leader_not_any_replica(nats_server: NatsServer) -> None:
+    """Whether anything is newer than a position is asked of the stream leader
+    (STREAM.MSG.GET), never as a direct get, which any replica may answer from
+    behind: "nothing newer" from one would skip acked messages for good."""
+    config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("dg", "dg_live"), stream="DG", storage="memory")
+    broker = NatsBroker(config, lambda d: None)
+    await broker.start()
+    spy = await nats.connect(nats_server.url)
+    asked: list[str] = []
+
+    async def note(msg: nats.aio.msg.Msg) -> None:
+        asked.append(msg.subject)
+
+    try:
+        await spy.subscribe("$JS.API.DIRECT.GET.>", cb=note)
+        await spy.subscribe("$JS.API.STREAM.MSG.GET.>", cb=note)
+        await spy.flush()
+        first = await broker.publish("room:x", b"1")
+        second = await broker.publish("room:x", b"2")
+        assert [d.seq for d in (await broker.replay(["room:x"], second, 100)).deliveries] == []
+        assert [d.seq for d in (await broker.replay(["room:x"], first, 100)).deliveries] == [second]
+        await spy.flush()
+        await asyncio.sleep(0.1)
+        assert asked and all(s.startswith("$JS.API.STREAM.MSG.GET.") for s in asked), asked
+    finally:
+        await spy.close()
+        await broker.close()

@@ -130,43 +130,44 @@ async def test_a_killed_node_leaves_every_room_within_the_ttl(
     await stays.close()
 
 
-async def test_key_listing_takes_keys_that_arrive_after_the_early_end_mark() -> None:
-    """nats-py can put its "nothing more stored" mark before the last stored
-    keys (nats-io/nats.py#842); those still count."""
-    import nats.errors
-    from nats.js.kv import KeyValue
+async def test_key_listings_end_promptly_and_exactly_while_keys_churn(nats_server: NatsServer) -> None:
+    """Listing keys (presence queries, the live nodes behind every connect) is
+    a snapshot that ends by itself. A KV watcher waited for nats-py's end mark,
+    which comes late or never while the bucket changes (nats-io/nats.py#842),
+    and then for writes to pause: here listings took seconds, some never
+    ended, and one stuck listing of the live nodes held up every connect."""
+    import nats
+    from nats.js.api import KeyValueConfig, StorageType
 
-    from broker.presence import _keys
+    from broker.kv import live_keys
 
-    def entry(key: str) -> KeyValue.Entry:
-        return KeyValue.Entry(bucket="b", key=key, value=None, revision=1, delta=0, created=None, operation=None)
+    nc = await nats.connect(nats_server.url)
+    stop = asyncio.Event()
+    churners: list[asyncio.Task[None]] = []
+    try:
+        kv = await nc.jetstream().create_key_value(
+            KeyValueConfig(bucket=f"churn{next(_clusters)}", history=1, storage=StorageType.MEMORY)
+        )
+        for key in ("n1.lobby.alice", "n2.lobby.bob", "n1.attic.carol", "n3.lobby.dave"):
+            await kv.put(key, b"1")
+        await kv.delete("n3.lobby.dave")
 
-    class EarlyMarkWatcher:
-        def __init__(self) -> None:
-            self.first = [entry("n1.lobby.alice"), None]
-            self.late = [entry("n2.lobby.bob"), entry("n1.lobby.alice")]
-            self.stopped = False
+        async def churn(i: int) -> None:
+            while not stop.is_set():
+                await kv.put(f"c{i}.lobby.x", b"1")
+                await kv.delete(f"c{i}.lobby.x")
+                await asyncio.sleep(0.002)
 
-        def __aiter__(self) -> EarlyMarkWatcher:
-            return self
-
-        async def __anext__(self) -> KeyValue.Entry | None:
-            return self.first.pop(0)
-
-        async def updates(self, timeout: float) -> KeyValue.Entry:
-            if not self.late:
-                await asyncio.sleep(timeout)
-                raise nats.errors.TimeoutError
-            return self.late.pop(0)
-
-        async def stop(self) -> None:
-            self.stopped = True
-
-    watcher = EarlyMarkWatcher()
-
-    class Kv:
-        async def watch(self, pattern: str, **kwargs: Any) -> EarlyMarkWatcher:
-            return watcher
-
-    assert await _keys(Kv(), "*.lobby.*") == ["n1.lobby.alice", "n2.lobby.bob"]  # type: ignore[arg-type]
-    assert watcher.stopped
+        churners += [asyncio.create_task(churn(i)) for i in range(5)]
+        started = time.monotonic()
+        for _ in range(20):
+            listings = await asyncio.wait_for(asyncio.gather(*(live_keys(kv, "*.lobby.*") for _ in range(5))), 10)
+            for keys in listings:
+                # The stable keys, no deleted one; a churning key may or may not be there.
+                assert {k for k in keys if not k.startswith("c")} == {"n1.lobby.alice", "n2.lobby.bob"}
+        assert time.monotonic() - started < 10
+        assert sorted(await live_keys(kv, "n1.*.*")) == ["n1.attic.carol", "n1.lobby.alice"]
+    finally:
+        stop.set()
+        await asyncio.gather(*churners, return_exceptions=True)
+        await nc.close()

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from .helpers import RunningNode, SseClient, expect_close, recv_json, scrape, token, wait_for
 
@@ -96,46 +97,29 @@ async def test_close_oldest_closes_the_oldest_on_the_other_node(
         await ws.close()
 
 
-async def test_a_burst_of_lookups_of_live_nodes_is_one_kv_watch() -> None:
+async def test_a_burst_of_lookups_of_live_nodes_is_one_kv_listing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Connects and closes ask which nodes are alive (cached ttl/3). When the
-    cache is stale, a burst of them shares one lookup: a KV watcher each hit
-    the server's "maximum consumers limit reached" when 1,000 clients left at
-    once, and those connections stayed counted."""
+    cache is stale, a burst of them shares one lookup: a KV listing each (one
+    consumer each) hit the server's "maximum consumers limit reached" when
+    1,000 clients left at once, and those connections stayed counted."""
     import asyncio
 
-    import nats.errors
-
+    import broker.presence
     from broker.presence import Presence
 
-    watches = 0
+    listings = 0
 
-    class Watcher:
-        def __init__(self) -> None:
-            self.entries: list[Any] = [None]
+    async def live_keys(kv: Any, pattern: str) -> list[str]:
+        nonlocal listings
+        listings += 1
+        await asyncio.sleep(0.01)  # a round trip
+        return ["n1-abc"]
 
-        def __aiter__(self) -> Watcher:
-            return self
-
-        async def __anext__(self) -> Any:
-            await asyncio.sleep(0.01)  # a round trip
-            return self.entries.pop(0)
-
-        async def updates(self, timeout: float) -> Any:
-            raise nats.errors.TimeoutError
-
-        async def stop(self) -> None:
-            pass
-
-    class Nodes:
-        async def watch(self, pattern: str, **kwargs: Any) -> Watcher:
-            nonlocal watches
-            watches += 1
-            return Watcher()
-
+    monkeypatch.setattr(broker.presence, "live_keys", live_keys)
     presence = Presence("S", "n1", ttl=3.0)
-    presence._nodes = Nodes()  # type: ignore[assignment]
+    presence._nodes = object()  # type: ignore[assignment]
     answers = await asyncio.gather(*(presence.alive() for _ in range(200)))
-    assert watches == 1
-    assert all(a == answers[0] for a in answers)
+    assert listings == 1
+    assert all(a == {"n1-abc"} for a in answers)
     await presence.alive()  # fresh: no lookup
-    assert watches == 1
+    assert listings == 1
