@@ -178,6 +178,7 @@ def check_delivery(subscribers: list[Subscriber], sent: dict[str, list[int]]) ->
                     "held_around": [i for i in got if missing[0] - 20 <= i <= missing[-1] + 20][:12],
                     "resumed_from": sub.resumed,
                     "ends": sub.ends,
+                    "connected_at_end": sub.connected,
                 }
             )
         assert sub.resets == 0, f"{sub.user}: reset"

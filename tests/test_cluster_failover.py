@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -171,7 +173,27 @@ def assert_lossless(c: RunningCluster, figures: dict[str, Any], refusals_allowed
             for line in log.read_text(errors="replace").splitlines()
             if " WARNING " in line or " ERROR " in line
         ]
-        pytest.fail(json.dumps(figures, indent=1) + "\nnode warnings:\n" + "\n".join(warnings[-40:]), pytrace=False)
+        pytest.fail(
+            json.dumps(figures, indent=1) + "\nnode warnings:\n" + "\n".join(warnings[-40:]) + "\n" + nginx_summary(c),
+            pytrace=False,
+        )
+
+
+def nginx_summary(c: RunningCluster) -> str:
+    """What nginx answered (path, status, the nodes tried with their statuses)
+    and its error lines, counted: whether clients were kept out, and why."""
+    names = {f"{HOST}:{port}": f"node{i + 1}" for i, port in enumerate(c.ports.nodes)}
+    request = re.compile(r'"\S+ (\S+)" (\d+) \d+ upstream=(.*) rt=')
+    answered: Counter[str] = Counter()
+    for line in (c.cluster.logs / "nginx-access.log").read_text(errors="replace").splitlines():
+        if m := request.search(line):
+            tried = re.sub(r"[\d.]+:\d+", lambda a: names.get(a[0], a[0]), m[3])
+            answered[f"{m[1]} {m[2]} via {tried}"] += 1
+    errors = Counter(
+        line.split("] ", 1)[-1].split(", client:")[0].split(": ", 1)[-1]
+        for line in (c.cluster.logs / "nginx-error.log").read_text(errors="replace").splitlines()
+    )
+    return f"nginx answered: {answered.most_common(12)}\nnginx errors: {errors.most_common(6)}"
 
 
 async def test_sigkill_of_a_gateway_node_loses_nothing(cluster: RunningCluster, many: aiohttp.ClientSession) -> None:

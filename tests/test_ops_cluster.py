@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -72,19 +74,8 @@ async def test_nginx_passes_host_client_address_and_upgrade(tmp_path: Path) -> N
         await ws.close()
         return ws
 
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    for port in ports.nodes:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-    assert nginx_test(tmp_path, render_nginx(ports)).returncode == 0
-    conf = tmp_path / "conf" / "nginx.conf"
-    cmd = [nginx_binary(), "-p", f"{tmp_path}/", "-c", str(conf), "-e", str(tmp_path / "logs" / "error.log")]
-    nginx = subprocess.Popen([*cmd, "-g", "daemon off;"])
-    lb = f"http://127.0.0.1:{ports.lb}"
-    try:
-        assert await asyncio.to_thread(wait_for_port, "127.0.0.1", ports.lb, 10)
+    async with stand_in_nodes(ports, echo), running_nginx(tmp_path, ports):
+        lb = f"http://127.0.0.1:{ports.lb}"
         async with aiohttp.ClientSession() as http:
             for path in ("/sse", "/api/publish", "/"):
                 async with http.get(lb + path, headers={"X-Forwarded-For": "203.0.113.7"}) as answer:
@@ -98,10 +89,80 @@ async def test_nginx_passes_host_client_address_and_upgrade(tmp_path: Path) -> N
             assert seen["Connection"].lower() == "upgrade" and seen["X-Forwarded-For"] == "127.0.0.1"
             async with http.get(lb + "/metrics") as answer:
                 assert answer.status == 404  # scrape each node, not the balancer
+
+
+async def test_a_few_refusals_per_node_do_not_keep_new_streams_out(tmp_path: Path) -> None:
+    """Every node answers two streams 503 (draining, or NATS briefly away),
+    then serves. nginx counting those as node failures (max_fails) took each
+    node out for fail_timeout, and a node taken out comes back only when a
+    request to it completes: a stream lasts for hours, so each node then let
+    in one new stream per fail_timeout, and with all of them out nobody got in
+    (a drain's reconnect storm was kept out for ~40 s). New streams must get
+    in at once, spread over the nodes."""
+    ports = Ports.from_base(free_base())
+    refusals: dict[int, int] = {}
+    streams: dict[int, int] = {}
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        port = request.transport.get_extra_info("sockname")[1] if request.transport else 0
+        if refusals.get(port, 0) < 2:
+            refusals[port] = refusals.get(port, 0) + 1
+            return web.json_response({"error": "unavailable"}, status=503)
+        streams[port] = streams.get(port, 0) + 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"retry: 1000\n\n")
+        await asyncio.sleep(3600)  # a stream stays open
+        return response
+
+    statuses = []
+    async with stand_in_nodes(ports, stream), running_nginx(tmp_path, ports):
+        lb = f"http://127.0.0.1:{ports.lb}"
+        forever = aiohttp.ClientTimeout(total=None, sock_read=None)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=forever) as http:
+            opened = []
+            try:
+                for _ in range(14):
+                    answer = await http.get(lb + "/sse")
+                    statuses.append(answer.status)
+                    opened.append(answer)
+            finally:
+                for answer in opened:
+                    answer.close()
+    # The first requests met the refusals (nginx tries each node in turn);
+    # every later stream got in at once, the nodes sharing them.
+    assert statuses[3:] == [200] * 11, statuses
+    assert len(streams) == 3 and min(streams.values()) >= 3, streams
+
+
+@contextlib.asynccontextmanager
+async def stand_in_nodes(ports: Ports, handler: Any) -> AsyncIterator[None]:
+    """``handler`` serving every path on the node ports."""
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        for port in ports.nodes:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_nginx(prefix: Path, ports: Ports) -> AsyncIterator[None]:
+    """The load balancer config for ``ports``, run by the real nginx."""
+    assert nginx_test(prefix, render_nginx(ports)).returncode == 0
+    conf = prefix / "conf" / "nginx.conf"
+    cmd = [nginx_binary(), "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "logs" / "error.log")]
+    nginx = subprocess.Popen([*cmd, "-g", "daemon off;"])
+    try:
+        assert await asyncio.to_thread(wait_for_port, "127.0.0.1", ports.lb, 10)
+        yield
     finally:
         nginx.terminate()
         nginx.wait(10)
-        await runner.cleanup()
 
 
 def test_the_static_nats_configs_are_the_templates_default_rendering() -> None:
