@@ -30,17 +30,15 @@ _BRIEFLY_UNAVAILABLE = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRe
 
 
 def snapshot_config(
-    name: str, filters: list[str], start_seq: int = 0, last_per_subject: bool = False, headers_only: bool = False
+    name: str, filters: list[str], start_seq: int = 1, last_per_subject: bool = False, headers_only: bool = False
 ) -> ConsumerConfig:
-    """The consumer of one snapshot: from ``start_seq`` (0: the first held), or
-    only the last message of each subject; ``headers_only`` leaves payloads
-    out (a key listing needs none)."""
+    """The consumer of one snapshot: from ``start_seq``, or only the last
+    message of each subject; ``headers_only`` leaves payloads out (a key
+    listing needs none)."""
     if last_per_subject:
         policy: dict[str, object] = {"deliver_policy": DeliverPolicy.LAST_PER_SUBJECT}
-    elif start_seq:
-        policy = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": start_seq}
     else:
-        policy = {"deliver_policy": DeliverPolicy.ALL}
+        policy = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": start_seq}
     return ConsumerConfig(
         name=name,
         ack_policy=AckPolicy.NONE,

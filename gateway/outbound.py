@@ -300,7 +300,10 @@ class Outbound:
             return
         noted = self.flusher.take_noted(self)
         if noted:
-            self._wire.send(noted)
+            try:
+                self._wire.send(noted)  # framed already (the raw write, as the pass would)
+            except RuntimeError:
+                return  # the connection is gone (uvloop raises): nothing more to write
         if self._entries:
             data = b"".join([e[0] for e in self._entries])
             self._entries.clear()

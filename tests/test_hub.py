@@ -839,3 +839,20 @@ async def test_write_delay_joins_what_arrives_within_it_into_one_write(env: Env)
     assert len(wire.writes) == 1
     assert ids(wire) == ["1", "2"]
     assert ws_frames(wire.data)[-1] == {"type": "ack", "ref": 1}
+
+
+async def test_a_close_after_the_peer_left_does_not_raise_on_the_pending_direct_write(env: Env) -> None:
+    """A peer gone mid-pass: its transport refuses writes (uvloop raises); the
+    close that follows (from connection_lost) must not."""
+
+    class GoneWire(FakeWire):
+        def write(self, data: bytes) -> None:
+            raise RuntimeError("transport is closed")
+
+    s, _, closer = env.session(wire=GoneWire())
+    await env.hub.join(s, "room:a")
+    env.hub.deliver(delivery("room:a", 1))
+    env.hub.deliver(delivery("room:a", 2))
+    s.close(SHUTDOWN)  # must not raise
+    await settle()
+    assert [c.code for c in closer.calls] == [1012]
