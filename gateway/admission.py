@@ -62,7 +62,12 @@ async def count_in(node: Node, identity: Identity) -> str:
 
 def screen(node: Node, request: web.Request) -> None:
     """What is checked before a stream is accepted (before a WS upgrade, so a
-    refused browser sees the HTTP status): the node's capacity and the origin."""
+    refused browser sees the HTTP status): a draining node, the node's
+    capacity and the origin."""
+    if node.draining:
+        # An HTTP status, not a close code after the upgrade: a load balancer
+        # can only pass a request on to another node before the 101.
+        raise Refusal(503, SHUTDOWN, "draining", "node is draining: connect to another node")
     check_capacity(node)
     check_origin(node, request)
 
@@ -88,8 +93,6 @@ def check_origin(node: Node, request: web.Request) -> None:
 
 
 def admit(node: Node, request: web.Request, last_event_id: str | None = None) -> Admission:
-    if node.draining:
-        raise Refusal(503, SHUTDOWN, "draining", "node is draining: connect to another node")
     try:
         token = client_token(request)
     except ConflictingTokens as exc:

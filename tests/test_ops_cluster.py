@@ -314,7 +314,7 @@ async def use_the_cluster(lb: str, directory: Path) -> None:
                 break
         assert event is not None and event["id"] == sent and orjson.loads(event["data"]) == {"text": "through nginx"}
 
-        # Drain the WebSocket's node: it goes 503 (nginx passes requests to the others), the client
+        # Drain the WebSocket's node: it answers 503 (nginx passes new streams to the others), the client
         # gets 1012 and resumes through nginx on another node from its last id, missing nothing.
         os.kill(recorded_pids(directory)[welcome["node"]], signal.SIGTERM)
         msg = await ws.receive(timeout=10)
