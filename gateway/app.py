@@ -81,9 +81,9 @@ def _add_admin_routes(app: web.Application) -> None:
 
 
 def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) -> web.Application:
-    _quiet_malformed_requests()
     """The node's public application. ``/metrics`` and ``/api/stats`` are on it
     unless ``[admin] port`` puts them on the admin application instead."""
+    _quiet_malformed_requests()
     node = Node(settings, broker_factory)
     app = web.Application(client_max_size=settings.http.max_body)
     app[NODE] = node
