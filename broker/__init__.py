@@ -1,29 +1,38 @@
-"""Everything NATS: subjects, interest-counted subscriptions, the stream, publishing."""
+"""Everything NATS: subjects, interest-counted subscriptions, the stream, publishing.
+
+The gateway sees the roles of ``broker.roles`` and the values of ``broker.base``.
+"""
 
 from .base import (
-    Broker,
     BrokerStats,
     BrokerUnavailable,
     Delivery,
-    DeliveryCallback,
-    History,
-    LossCallback,
+    Kind,
     Replay,
     Retention,
+    RetentionPolicy,
     TooManyConnections,
 )
-from .channels import InvalidChannel
+from .channels import BROADCAST, Channel, InvalidChannel
+from .roles import Broker, BrokerEvents, Connections, History, Presence, PubSub, ReadPositions
 
 __all__ = [
+    "BROADCAST",
     "Broker",
+    "BrokerEvents",
     "BrokerStats",
     "BrokerUnavailable",
+    "Channel",
+    "Connections",
     "Delivery",
-    "DeliveryCallback",
     "History",
     "InvalidChannel",
-    "LossCallback",
+    "Kind",
+    "Presence",
+    "PubSub",
+    "ReadPositions",
     "Replay",
     "Retention",
+    "RetentionPolicy",
     "TooManyConnections",
 ]

@@ -19,7 +19,7 @@ EVENT_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
 PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 SEQ_RE = re.compile(r"[0-9]{1,20}")
 
-BROADCAST = "broadcast"
+BROADCAST_NAME = "broadcast"
 ROOM = "room"
 USER = "user"
 DEFAULT_EVENT = "message"
@@ -52,29 +52,71 @@ def parse_seq(value: object) -> int:
     return int(value)
 
 
-def room_channel(room_id: str) -> str:
-    return f"{ROOM}:{check_id(ROOM, room_id)}"
+class Channel(str):
+    """A validated channel: ``user:<id>``, ``room:<id>`` or ``broadcast``.
+
+    Its value is the canonical name, so hashing and equality stay those of
+    ``str`` on the delivery path (each delivery is looked up by channel). Made
+    only by the constructors below, which validate once, at the edge; nothing
+    outside this class takes a channel name apart.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def room(cls, room_id: object) -> Channel:
+        return cls._of(ROOM, check_id(ROOM, room_id))
+
+    @classmethod
+    def user(cls, user_id: object) -> Channel:
+        return cls._of(USER, check_id(USER, user_id))
+
+    @classmethod
+    def parse(cls, name: object) -> Channel:
+        """A fully named channel (``room:<id>``, ``user:<id>``, ``broadcast``)."""
+        if name == BROADCAST_NAME:
+            return BROADCAST
+        if isinstance(name, str):
+            kind, sep, ident = name.partition(":")
+            if sep and kind in (ROOM, USER):
+                return cls._of(kind, check_id(kind, ident))
+        raise InvalidChannel("invalid channel: expected room:<id>, user:<id> or broadcast")
+
+    @classmethod
+    def _of(cls, kind: str, ident: str) -> Channel:
+        return cls(f"{kind}:{ident}")
+
+    @property
+    def kind(self) -> str:
+        """``user``, ``room`` or ``broadcast``."""
+        return self.partition(":")[0]
+
+    @property
+    def id(self) -> str:
+        """The user or room id ("" for broadcast)."""
+        return self.partition(":")[2]
+
+    @property
+    def is_room(self) -> bool:
+        return self.startswith("room:")
+
+    @property
+    def is_user(self) -> bool:
+        return self.startswith("user:")
+
+    @property
+    def client_name(self) -> str:
+        """The name a client sees: its own user channel is just ``user``."""
+        return USER if self.is_user else str(self)
+
+    @property
+    def subject_suffix(self) -> str:
+        """The subject tokens after the prefix: ``room.<id>``, ``user.<id>``, ``broadcast``."""
+        kind, _, ident = self.partition(":")
+        return f"{kind}.{ident}" if ident else kind
 
 
-def user_channel(user_id: str) -> str:
-    return f"{USER}:{check_id(USER, user_id)}"
-
-
-def parse_channel(name: object) -> str:
-    """Validate a fully named channel (``room:<id>``, ``user:<id>``, ``broadcast``)."""
-    if name == BROADCAST:
-        return BROADCAST
-    if isinstance(name, str):
-        kind, sep, ident = name.partition(":")
-        if sep and kind in (ROOM, USER):
-            check_id(kind, ident)
-            return name
-    raise InvalidChannel("invalid channel: expected room:<id>, user:<id> or broadcast")
-
-
-def client_name(channel: str) -> str:
-    """The name a client sees: its own user channel is just ``user``."""
-    return USER if channel.startswith("user:") else channel
+BROADCAST = Channel(BROADCAST_NAME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,35 +136,29 @@ class Subjects:
             # Either way round, the republished copies would land in the stream again.
             raise InvalidChannel("prefix and live_prefix must not contain one another")
 
-    def _suffix(self, channel: str) -> str:
-        if channel == BROADCAST:
-            return BROADCAST
-        kind, _, ident = channel.partition(":")
-        return f"{kind}.{ident}"
+    def input_subject(self, channel: Channel) -> str:
+        return f"{self.prefix}.{channel.subject_suffix}"
 
-    def input_subject(self, channel: str) -> str:
-        return f"{self.prefix}.{self._suffix(channel)}"
-
-    def live_subject(self, channel: str) -> str:
-        return f"{self.live_prefix}.{self._suffix(channel)}"
+    def live_subject(self, channel: Channel) -> str:
+        return f"{self.live_prefix}.{channel.subject_suffix}"
 
     def live_family(self, kind: str) -> str:
         """The live subject of every channel of one kind (``user``, ``room``)."""
         return f"{self.live_prefix}.{kind}.*"
 
     def stream_subjects(self) -> list[str]:
-        return [f"{self.prefix}.user.>", f"{self.prefix}.room.>", f"{self.prefix}.{BROADCAST}"]
+        return [f"{self.prefix}.user.>", f"{self.prefix}.room.>", f"{self.prefix}.{BROADCAST_NAME}"]
 
-    def channel_of(self, subject: str) -> str | None:
+    def channel_of(self, subject: str) -> Channel | None:
         """Channel of an input or live subject, or None if it is not one of ours."""
         for prefix in (self.live_prefix, self.prefix):
             if subject.startswith(prefix) and subject[len(prefix) : len(prefix) + 1] == ".":
                 rest = subject[len(prefix) + 1 :]
-                if rest == BROADCAST:
+                if rest == BROADCAST_NAME:
                     return BROADCAST
                 kind, _, ident = rest.partition(".")
                 if kind in (ROOM, USER) and ID_RE.fullmatch(ident):
-                    return f"{kind}:{ident}"
+                    return Channel._of(kind, ident)
                 return None
         return None
 

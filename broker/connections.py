@@ -11,18 +11,22 @@ make room on another node is closed through a message to that node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import nats.errors
 import orjson
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from .base import TooManyConnections
 from .kv import bind_bucket, compare_and_set, key_token, storage_type
+from .link import NatsLink
+from .tasks import spawn
 from .throttle import Throttle
 
 log = logging.getLogger("herald.connections")
@@ -32,22 +36,60 @@ warn = Throttle(log)
 Table = dict[str, list[object]]
 
 
-class UserConnections:
-    def __init__(self, stream: str, instance: str, alive: Callable[[], Awaitable[set[str]]]) -> None:
+class KvConnections:
+    """``broker.roles.Connections``: the per-user table in KV, and the kicks
+    that make room for a newer connection (``kick`` is told of local ones;
+    other nodes are sent theirs)."""
+
+    def __init__(
+        self,
+        link: NatsLink,
+        stream: str,
+        instance: str,
+        alive: Callable[[], Awaitable[set[str]]],
+        kick: Callable[[str], None],
+    ) -> None:
+        self._link = link
+        self._stream = stream
         self._bucket = f"{stream}_conns"
         self._instance = instance
         self._alive = alive
+        self._kick = kick
         self._kv: KeyValue | None = None
+        self.tasks: set[asyncio.Task[None]] = set()  # connections being counted out
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
         self._kv = await bind_bucket(
             js, KeyValueConfig(bucket=self._bucket, history=1, replicas=replicas, storage=storage_type(storage))
         )
 
-    async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> list[tuple[str, str]]:
-        """Count ``conn`` in; returns the (instance, conn) to close to make
-        room (close-oldest), or raises TooManyConnections (refuse-new).
-        Without NATS it admits (a limit is protection, not authentication)."""
+    def _kick_subject(self, instance: str) -> str:
+        # Core NATS only: outside the stream's subjects, never stored.
+        return f"_herald.{self._stream}.kick.{instance}"
+
+    async def listen(self) -> None:
+        """Take the kicks other nodes send this one (once connected)."""
+        await self._link.client().subscribe(self._kick_subject(self._instance), cb=self._on_kick)
+
+    async def _on_kick(self, msg: Msg) -> None:
+        self._kick(msg.data.decode(errors="replace"))
+
+    async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
+        """Count ``conn`` in, kicking the oldest to make room (close-oldest), or
+        raise TooManyConnections (refuse-new). Without NATS it admits (a limit
+        is protection, not authentication)."""
+        for instance, victim in await self._admit(user, conn, limit, close_oldest):
+            if instance == self._instance:
+                self._kick(victim)
+            elif self._link.nc is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await self._link.nc.publish(self._kick_subject(instance), victim.encode())
+
+    def close(self, user: str, conn: str) -> None:
+        spawn(self.tasks, self._count_out(user, conn))
+
+    async def _admit(self, user: str, conn: str, limit: int, close_oldest: bool) -> list[tuple[str, str]]:
+        """Count ``conn`` in; returns the (instance, conn) to close to make room."""
         victims: list[tuple[str, str]] = []
 
         def admit(table: Table, alive: set[str]) -> Table | None:
@@ -66,7 +108,7 @@ class UserConnections:
         await self._update(user, admit)
         return victims
 
-    async def close(self, user: str, conn: str, attempts: int = 5) -> None:
+    async def _count_out(self, user: str, conn: str, attempts: int = 5) -> None:
         """Count ``conn`` out. Retried: a connection left counted would take
         one of the user's places for as long as this node lives."""
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from .base import Delivery, History, Replay
+from .base import Delivery, Replay, RetentionPolicy
+from .channels import Channel
 
 
-def stream_cap(history: History) -> int:
+def stream_cap(history: RetentionPolicy) -> int:
     """Messages the stream keeps per subject: the largest family limit, plus
     one so that an eviction past a position is visible to a replay."""
     return history.max_msgs + 1
@@ -22,16 +23,16 @@ def stream_cap(history: History) -> int:
 
 def retain(
     found: Sequence[Delivery],
-    history: History,
+    history: RetentionPolicy,
     limit: int,
     now: float,
-    lost: Iterable[str] = (),
+    lost: Iterable[Channel] = (),
 ) -> Replay:
     """Apply each channel's family limits to ``found`` (oldest first, every
     stored message after the position), then keep the newest ``limit``."""
     lost_channels = set(lost)
     counts = Counter(d.channel for d in found)
-    skip: dict[str, int] = {}
+    skip: dict[Channel, int] = {}
     for channel, n in counts.items():
         excess = n - history.of(channel).max_msgs
         if excess > 0:

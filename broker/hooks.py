@@ -132,13 +132,13 @@ class HookSource:
 
     def _message(self, msg: Msg) -> HookMessage | None:
         channel = self._subjects.channel_of(msg.subject)
-        if channel is None or not channel.startswith("user:"):
+        if channel is None or not channel.is_user:
             spawn(self._acks, msg.ack())  # not ours: never again
             return None
         meta = msg.metadata
         return HookMessage(
             id=meta.sequence.stream,
-            user=channel[len("user:") :],
+            user=channel.id,
             event=event_of(msg.headers or {}),
             data=msg.data,
             timestamp=meta.timestamp.timestamp() if meta.timestamp else time.time(),

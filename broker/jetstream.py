@@ -11,36 +11,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RePublish, StreamConfig
 
-from .base import (
-    BrokerStats,
-    BrokerUnavailable,
-    Delivery,
-    DeliveryCallback,
-    History,
-    KickCallback,
-    LossCallback,
-    Replay,
-)
-from .channels import DEFAULT_EVENT, Subjects
-from .connections import UserConnections
-from .dispatch import DispatchingClient, LiveSubscription
-from .history import retain, stream_cap
-from .interest import Interest
+from .base import BrokerStats, BrokerUnavailable, RetentionPolicy
+from .channels import Subjects
+from .connections import KvConnections
+from .dispatch import DispatchingClient
+from .history import stream_cap
 from .kv import storage_type
-from .presence import Presence
-from .sequencer import Sequencer
-from .store import EVENT_HEADER, ReadPositions, event_of, first_sequence, last_sequence, read_stored
+from .link import NatsLink
+from .live import LiveOptions, NatsPubSub
+from .presence import KvPresence
+from .reads import KvReadPositions
+from .roles import BrokerEvents
+from .store import NatsHistory, StreamPlace
 from .tasks import spawn
-from .timestamps import parse_rfc3339
 
 log = logging.getLogger("herald.broker")
 # JetStream errors that mean "not yet" rather than "no": no leader, no answer.
@@ -62,12 +51,6 @@ def _not_ready(exc: BaseException | None) -> bool:
     return isinstance(exc, _NOT_READY)
 
 
-# Set on join / leave announcements (by nodes, on live subjects only).
-PRESENCE_HEADER = "Herald-Presence"
-# Interest key of the shared user subscription; never a valid channel name.
-ALL_USERS = "user:*"
-
-
 @dataclass(frozen=True, slots=True)
 class NatsConfig:
     urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
@@ -78,7 +61,7 @@ class NatsConfig:
     stream: str = "HERALD"
     replicas: int = 1
     storage: str = "file"
-    history: History = field(default_factory=History)
+    history: RetentionPolicy = field(default_factory=RetentionPolicy)
     max_bytes: int = -1
     publish_timeout: float = 5.0
     # At start, how long to wait for JetStream to answer (a cluster electing its leader).
@@ -101,28 +84,38 @@ class NatsConfig:
 
 
 class NatsBroker:
-    """Broker over a NATS cluster with JetStream. See ``broker.base.Broker``."""
+    """``broker.roles.Broker`` over a NATS cluster with JetStream: the
+    connection, the stream and its buckets, and the roles built on them."""
 
-    def __init__(self, config: NatsConfig, on_delivery: DeliveryCallback, on_loss: LossCallback | None = None) -> None:
+    def __init__(self, config: NatsConfig, events: BrokerEvents) -> None:
         self._config = config
         self._subjects = config.subjects
-        self._nc: DispatchingClient | None = None
-        self._js: JetStreamContext | None = None
-        self._subs: dict[str, LiveSubscription] = {}
-        self._interest = Interest(self._subscribe, self._unsubscribe, config.unsubscribe_delay)
+        self._link = link = NatsLink()
         self._stats = BrokerStats()
-        self._sequencer = Sequencer(
-            on_delivery, on_loss or _ignore, self.replay, self._stats, max_repair=config.max_repair
+        self.history = NatsHistory(
+            link,
+            StreamPlace(config.stream, config.subjects, config.history, config.publish_timeout, config.replay_timeout),
         )
-        self._push = self._sequencer.push
-        # Channels wanted (reference counted): the ones whose flow is kept gap-free.
-        self._wanted: dict[str, int] = {}
-        self._reads = ReadPositions(f"{config.stream}_read")
-        self._presence = Presence(
-            config.stream, config.node_id, config.presence_ttl, config.join_leave_rooms, self._announce
+        self.pubsub = NatsPubSub(
+            link,
+            LiveOptions(
+                config.stream,
+                config.subjects,
+                config.publish_timeout,
+                config.unsubscribe_delay,
+                config.shared_user_subscription,
+                config.max_repair,
+            ),
+            events,
+            self.history,
+            self._stats,
         )
-        self._connections = UserConnections(config.stream, self._presence.instance, self._presence.alive)
-        self.kick: KickCallback = _ignore
+        self._sequencer = self.pubsub.sequencer
+        self.reads = KvReadPositions(f"{config.stream}_read", link)
+        self.presence = KvPresence(
+            link, config.subjects, config.stream, config.node_id, config.presence_ttl, config.join_leave_rooms
+        )
+        self.connections = KvConnections(link, config.stream, self.presence.instance, self.presence.alive, events.kick)
         self._stream_ready = False
         self._stream_created: float | None = None
         self._closing = False
@@ -134,7 +127,7 @@ class NatsBroker:
 
     @property
     def connected(self) -> bool:
-        return self._nc is not None and self._nc.is_connected
+        return self._link.connected
 
     @property
     def ready(self) -> bool:
@@ -168,9 +161,9 @@ class NatsBroker:
                 f"cannot connect to NATS at {','.join(urls)} within "
                 f"{self._config.connect_timeout:g}s ({exc.__class__.__name__})"
             ) from None
-        self._nc = nc
-        self._js = nc.jetstream(timeout=self._config.publish_timeout)
-        await nc.subscribe(self._kick_subject(self._presence.instance), cb=self._on_kick)
+        self._link.nc = nc
+        self._link.js = nc.jetstream(timeout=self._config.publish_timeout)
+        await self.connections.listen()
         if manage_stream:
             await self._ensure_stream_when_ready()
         else:
@@ -208,27 +201,27 @@ class NatsBroker:
         )
 
     async def _ensure_stream(self) -> None:
-        assert self._js is not None
+        js = self._link.js
+        assert js is not None  # connected once: set in start()
         config = self._stream_config()
         try:
             try:
-                await self._js.stream_info(config.name or "")
+                await js.stream_info(config.name or "")
             except nats.js.errors.NotFoundError:
                 try:
-                    info = await self._js.add_stream(config)
+                    info = await js.add_stream(config)
                     log.info("created stream %s", config.name)
                 except nats.js.errors.BadRequestError as refused:
                     try:  # another node created it meanwhile?
-                        info = await self._js.update_stream(config)
+                        info = await js.update_stream(config)
                     except nats.js.errors.NotFoundError:
                         # No: the server refused it (e.g. another stream already
                         # captures these subjects). Say why.
                         raise refused from None
             else:
-                info = await self._js.update_stream(config)
-            await self._reads.ensure(self._js, self._config.replicas, self._config.storage)
-            await self._presence.ensure(self._js, self._config.replicas, self._config.storage)
-            await self._connections.ensure(self._js, self._config.replicas, self._config.storage)
+                info = await js.update_stream(config)
+            for bucket in (self.reads, self.presence, self.connections):
+                await bucket.ensure(js, self._config.replicas, self._config.storage)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"cannot create or update stream {config.name}: {exc}") from exc
         # A stream created anew (a NATS store lost, or deleted by hand) numbers
@@ -244,31 +237,31 @@ class NatsBroker:
 
     async def close(self) -> None:
         self._closing = True
-        if self._nc is None:
+        nc = self._link.nc
+        if nc is None:
             return
         # Presence first, while connected: its last leaves are announced on NATS.
-        await self._presence.close()
-        nc, self._nc = self._nc, None
+        await self.presence.close()
+        self._link.nc = None
         # drain() cannot be bounded (it flushes for 10 s after a cancel): the
-        # subscriptions are released already, so flush briefly and close.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._interest.release_all(), timeout=1.0)
+        # subscriptions are forgotten (no UNSUB: the connection ends), so
+        # flush briefly and close.
+        await self.pubsub.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.flush(1), timeout=1.5)
         # Connections counted out during the drain: a moment to finish, then
         # ended here (not destroyed pending when the loop closes).
-        tasks = set(self._tasks)
+        tasks = self._tasks | self.connections.tasks
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=1.0)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        self._sequencer.close()
         await _close_quietly(nc)
 
     def stats(self) -> BrokerStats:
         self._stats.connected = self.connected
-        self._stats.subscriptions = len(self._subs)
+        self._stats.subscriptions = self.pubsub.subscriptions
         return self._stats
 
     # -- NATS callbacks -------------------------------------------------------
@@ -295,7 +288,7 @@ class NatsBroker:
 
     async def _on_reconnected(self) -> None:
         self._stats.reconnects += 1
-        url = self._nc.connected_url if self._nc is not None else None
+        url = self._link.nc.connected_url if self._link.nc is not None else None
         log.info("reconnected to NATS at %s", url.netloc if url else "?")
         # The server may have lost the stream (a fresh store): recreate it.
         spawn(self._tasks, self._restore_stream())
@@ -315,235 +308,6 @@ class NatsBroker:
     async def _on_closed(self) -> None:
         if not self._closing:
             log.error("NATS connection closed")
-
-    # -- subscriptions ---------------------------------------------------------
-
-    def _interest_key(self, channel: str) -> str:
-        if self._config.shared_user_subscription and channel.startswith("user:"):
-            return ALL_USERS
-        return channel
-
-    async def want(self, channel: str) -> None:
-        await self._interest.want(self._interest_key(channel))
-        count = self._wanted.get(channel, 0)
-        self._wanted[channel] = count + 1
-        if not count:
-            self._sequencer.track(channel)
-
-    async def unwant(self, channel: str) -> None:
-        count = self._wanted.get(channel, 0)
-        if count <= 1:
-            self._wanted.pop(channel, None)
-            self._sequencer.untrack(channel)
-        else:
-            self._wanted[channel] = count - 1
-        await self._interest.unwant(self._interest_key(channel))
-
-    async def _subscribe(self, channel: str) -> None:
-        if self._nc is None:
-            raise BrokerUnavailable("NATS is not connected")
-        # Subscribe-and-confirm runs to completion even if the connection that
-        # asked goes away meanwhile: a subscription left half made would be
-        # unknown to Interest, and the next one would deliver everything twice.
-        opening = asyncio.ensure_future(self._open_subscription(channel))
-        try:
-            sub = await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            opening.add_done_callback(self._discard_opened)
-            raise
-        self._subs[channel] = sub
-
-    async def _open_subscription(self, channel: str) -> LiveSubscription:
-        nc = self._nc
-        assert nc is not None
-        handle = self._handle
-        if channel == ALL_USERS:
-            channel_of = self._subjects.channel_of
-
-            def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
-                handle(channel_of(subject.decode()), data, headers)
-
-            sub = await nc.subscribe_direct(self._subjects.live_family("user"), on_message)
-        else:
-
-            def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
-                handle(channel, data, headers)
-
-            sub = await nc.subscribe_direct(self._subjects.live_subject(channel), on_message)
-        # Round trip, so the server has the interest once want() returns: a
-        # client told its channels are live can rely on it.
-        try:
-            await nc.flush(timeout=max(1, int(self._config.publish_timeout)))
-        except (TimeoutError, nats.errors.Error) as exc:
-            with contextlib.suppress(Exception):
-                await nc.unsubscribe_direct(sub)
-            raise BrokerUnavailable(f"subscribe not confirmed: {exc.__class__.__name__}") from None
-        return sub
-
-    def _discard_opened(self, opening: asyncio.Future[LiveSubscription]) -> None:
-        if opening.cancelled() or opening.exception() is not None:
-            return
-        assert self._nc is not None
-        spawn(self._tasks, self._nc.unsubscribe_direct(opening.result()))
-
-    async def _unsubscribe(self, channel: str) -> None:
-        sub = self._subs.pop(channel, None)
-        if sub is not None and self._nc is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._nc.unsubscribe_direct(sub)
-
-    def _handle(self, channel: str | None, data: bytes, headers: dict[str, str] | None) -> None:
-        self._stats.messages_received += 1
-        if channel is None:  # a live subject we cannot map (not published by the stream)
-            self._stats.malformed_messages += 1
-            return
-        try:
-            delivery = _decode(channel, data, headers)
-        except (ValueError, KeyError):
-            self._stats.malformed_messages += 1
-            return
-        self._push(delivery)
-
-    # -- publishing -----------------------------------------------------------
-
-    async def publish(self, channel: str, payload: bytes, event: str | None = None) -> int:
-        if self._js is None or not self.connected:
-            raise BrokerUnavailable("NATS is not connected")
-        headers = {EVENT_HEADER: event} if event else None
-        try:
-            ack = await self._js.publish(
-                self._subjects.input_subject(channel),
-                payload,
-                headers=headers,
-                stream=self._config.stream,
-            )
-        except (OSError, nats.errors.Error) as exc:  # OSError: timeouts, and a socket reset under the request
-            raise BrokerUnavailable(f"publish not acknowledged: {exc.__class__.__name__}") from None
-        return int(ack.seq)
-
-    async def publish_ephemeral(self, channel: str, payload: bytes, event: str | None = None) -> None:
-        if self._nc is None or not self.connected:
-            raise BrokerUnavailable("NATS is not connected")
-        headers = {EVENT_HEADER: event} if event else None
-        await self._nc.publish(self._subjects.live_subject(channel), payload, headers=headers)
-
-    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> Replay:
-        c = self._config
-        js = self._jetstream()
-        read_limit = len(channels) * stream_cap(c.history)  # all the stream holds for them
-        try:
-            async with asyncio.timeout(c.replay_timeout):
-                if len(channels) == 1:
-                    # One channel (the inbox, a subscribe): a direct get of its
-                    # last message usually shows there is nothing to read. If
-                    # one is held, nothing after the position was evicted either
-                    # (eviction takes the oldest first); if none is, the stream
-                    # may have dropped them all.
-                    subject = self._subjects.input_subject(channels[0])
-                    last = await last_sequence(js, c.stream, subject)
-                    if last == 0 and after_seq > 0:
-                        gone = after_seq + 1 < await first_sequence(js, c.stream)
-                        return Replay([], frozenset(channels) if gone else frozenset())
-                    if last is not None and last <= after_seq:
-                        return Replay([])
-                if after_seq > 0:
-                    found, first = await asyncio.gather(
-                        self._fetch(channels, after_seq, read_limit), first_sequence(js, c.stream)
-                    )
-                else:
-                    found, first = await self._fetch(channels, after_seq, read_limit), 0
-        except TimeoutError:
-            raise BrokerUnavailable(f"replay took longer than {c.replay_timeout:g}s") from None
-        # Messages after the position that the stream dropped as a whole (age,
-        # size): any of these channels may have had some.
-        evicted = channels if after_seq + 1 < first else ()
-        return retain(found, c.history, limit, time.time(), evicted)
-
-    def _jetstream(self) -> JetStreamContext:
-        if self._js is None or self._nc is None or not self.connected:
-            raise BrokerUnavailable("NATS is not connected")
-        return self._js
-
-    async def _fetch(self, channels: Sequence[str], after_seq: int, limit: int) -> list[Delivery]:
-        """Stored messages of ``channels`` after ``after_seq``, oldest first, at most ``limit``."""
-        js = self._jetstream()
-        assert self._nc is not None
-        subjects = self._subjects
-        return await read_stored(
-            js,
-            self._config.stream,
-            [subjects.input_subject(c) for c in channels],
-            after_seq,
-            limit,
-            self._nc._nuid.next().decode(),
-            subjects.channel_of,
-            self._config.publish_timeout,
-        )
-
-    async def read_position(self, user: str) -> int:
-        self._jetstream()
-        return await self._reads.get(user)
-
-    async def mark_read(self, user: str, seq: int) -> int:
-        self._jetstream()
-        return await self._reads.advance(user, seq)
-
-    def _kick_subject(self, instance: str) -> str:
-        # Core NATS only: outside the stream's subjects, never stored.
-        return f"_herald.{self._config.stream}.kick.{instance}"
-
-    async def _on_kick(self, msg: Msg) -> None:
-        self.kick(msg.data.decode(errors="replace"))
-
-    async def open_connection(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
-        victims = await self._connections.open(user, conn, limit, close_oldest)
-        for instance, victim in victims:
-            if instance == self._presence.instance:
-                self.kick(victim)
-            elif self._nc is not None:
-                with contextlib.suppress(nats.errors.Error):
-                    await self._nc.publish(self._kick_subject(instance), victim.encode())
-
-    def close_connection(self, user: str, conn: str) -> None:
-        spawn(self._tasks, self._connections.close(user, conn))
-
-    async def _announce(self, channel: str, user: str, joined: bool) -> None:
-        """A join / leave frame to the room's members: live only, never stored."""
-        if self._nc is not None and self.connected:
-            headers = {PRESENCE_HEADER: "join" if joined else "leave"}
-            await self._nc.publish(self._subjects.live_subject(channel), user.encode(), headers=headers)
-
-    def mark_present(self, channel: str, user: str, present: bool) -> None:
-        self._presence.mark(channel, user, present)
-
-    async def members(self, channel: str) -> list[str]:
-        self._jetstream()
-        return await self._presence.members(channel)
-
-
-def _ignore(name: str) -> None:
-    """The default loss and kick callback: nobody to tell."""
-
-
-def _decode(channel: str, data: bytes, headers: dict[str, str] | None) -> Delivery:
-    if not headers:
-        return Delivery(channel, 0, 0, time.time(), DEFAULT_EVENT, data)
-    event = event_of(headers)
-    seq_text = headers.get("Nats-Sequence")
-    if seq_text is None:  # ephemeral: published straight to the live subject
-        announced = headers.get(PRESENCE_HEADER)
-        if announced in ("join", "leave"):
-            event = "!" + announced  # not a valid event name: cannot come from a publisher
-        return Delivery(channel, 0, 0, time.time(), event, data)
-    stamp = headers.get("Nats-Time-Stamp")
-    return Delivery(
-        channel,
-        int(seq_text),
-        int(headers.get("Nats-Last-Sequence") or 0),
-        parse_rfc3339(stamp) if stamp else time.time(),
-        event,
-        data,
-    )
 
 
 async def _close_quietly(nc: DispatchingClient) -> None:

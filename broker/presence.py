@@ -22,7 +22,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import nats.errors
 import nats.js.errors
@@ -31,8 +30,9 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from .base import BrokerUnavailable
-from .channels import glob_match
+from .channels import Channel, InvalidChannel, Subjects, glob_match
 from .kv import bind_bucket, from_key_token, key_token, live_keys, storage_type
+from .link import NatsLink
 
 log = logging.getLogger("herald.presence")
 
@@ -45,30 +45,35 @@ def instance_id(node_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", node_id)[:64] + "-" + uuid.uuid4().hex[:8]
 
 
-# Announce a user's first connection to a room anywhere (True) / last one gone (False).
-Announce = Callable[[str, str, bool], Awaitable[None]]
+# Set on join / leave announcements (by nodes, on live subjects only).
+PRESENCE_HEADER = "Herald-Presence"
 
 
-class Presence:
+class KvPresence:
+    """``broker.roles.Presence`` in two KV buckets, with the join / leave
+    announcements of the rooms that have them."""
+
     def __init__(
         self,
+        link: NatsLink,
+        subjects: Subjects,
         stream: str,
         node_id: str,
         ttl: float,
         join_leave: tuple[str, ...] = (),
-        announce: Announce | None = None,
     ) -> None:
         self.instance = instance_id(node_id)
+        self._link = link
+        self._subjects = subjects
         self._join_leave = join_leave
-        self._announce = announce
         self._bucket = f"{stream}_presence"
         self._nodes_bucket = f"{stream}_nodes"
         self._ttl = ttl
         self._kv: KeyValue | None = None
         self._nodes: KeyValue | None = None
         # What this node wants the bucket to say: (room, user) present here.
-        self._local: set[tuple[str, str]] = set()
-        self._pending: dict[tuple[str, str], bool] = {}
+        self._local: set[tuple[Channel, str]] = set()
+        self._pending: dict[tuple[Channel, str], bool] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._alive_cache: set[str] = set()
@@ -96,7 +101,7 @@ class Presence:
 
     # -- this node's members ----------------------------------------------------
 
-    def mark(self, room: str, user: str, present: bool) -> None:
+    def mark(self, room: Channel, user: str, present: bool) -> None:
         """``user`` has (or no longer has) a connection in ``room`` on this node."""
         key = (room, user)
         if present:
@@ -136,35 +141,42 @@ class Presence:
     # the node that sees no live entry left: one join and one leave per stay,
     # however many tabs and nodes.
 
-    def _announces(self, room: str) -> bool:
-        return self._announce is not None and room.startswith("room:") and glob_match(self._join_leave, room[5:])
+    def _announces(self, room: Channel) -> bool:
+        return bool(self._join_leave) and room.is_room and glob_match(self._join_leave, room.id)
 
-    def _marker(self, room: str, user: str) -> str:
+    async def _announce(self, room: Channel, user: str, joined: bool) -> None:
+        """A join / leave frame to the room's members: live only, never stored."""
+        nc = self._link.nc
+        if nc is not None and nc.is_connected:
+            headers = {PRESENCE_HEADER: "join" if joined else "leave"}
+            await nc.publish(self._subjects.live_subject(room), user.encode(), headers=headers)
+
+    def _marker(self, room: Channel, user: str) -> str:
         return f"_j.m.{key_token(room)}.{key_token(user)}"
 
-    async def _joined(self, room: str, user: str) -> None:
-        assert self._kv is not None and self._announce is not None
+    async def _joined(self, room: Channel, user: str) -> None:
+        assert self._kv is not None
         # Shielded: a close must not separate the marker from its announcement.
         await asyncio.shield(self._claim_join(room, user))
 
-    async def _claim_join(self, room: str, user: str) -> None:
-        assert self._kv is not None and self._announce is not None
+    async def _claim_join(self, room: Channel, user: str) -> None:
+        assert self._kv is not None
         try:
             await self._kv.create(self._marker(room, user), b"1")
         except nats.js.errors.KeyWrongLastSequenceError:
             return  # in the room already, through another node or tab
         await self._announce(room, user, True)
 
-    async def _left(self, room: str, user: str) -> None:
-        assert self._kv is not None and self._announce is not None
+    async def _left(self, room: Channel, user: str) -> None:
+        assert self._kv is not None
         alive = await self.alive()
         for entry in await live_keys(self._kv, f"*.{key_token(room)}.{key_token(user)}"):
             if entry.split(".", 1)[0] in alive:
                 return  # still there on some node
         await asyncio.shield(self._claim_leave(room, user))
 
-    async def _claim_leave(self, room: str, user: str) -> None:
-        assert self._kv is not None and self._announce is not None
+    async def _claim_leave(self, room: Channel, user: str) -> None:
+        assert self._kv is not None
         try:
             marker = await self._kv.get(self._marker(room, user))
             await self._kv.delete(self._marker(room, user), last=marker.revision)
@@ -198,10 +210,13 @@ class Presence:
                 continue
             for entry in await live_keys(self._kv, f"{dead}.*.*"):
                 await self._kv.delete(entry)
-                _, room, user = entry.split(".")
-                room, user = from_key_token(room), from_key_token(user)
+                _, room_token, user_token = entry.split(".")
+                try:
+                    room = Channel.parse(from_key_token(room_token))
+                except InvalidChannel:
+                    continue  # not written by a node
                 if self._announces(room):
-                    await self._left(room, user)
+                    await self._left(room, from_key_token(user_token))
             await self._kv.delete(key)
             log.info("presence: removed the entries of instance %s (gone)", dead)
 
@@ -226,8 +241,9 @@ class Presence:
             await asyncio.shield(refresh)
         return set(self._alive_cache)
 
-    async def members(self, room: str) -> list[str]:
+    async def members(self, room: Channel) -> list[str]:
         """Users with a connection in ``room`` on any live node, sorted."""
+        self._link.jetstream()  # fails at once while NATS is away
         if self._kv is None or self._nodes is None:
             raise BrokerUnavailable("presence is not available yet")
         try:

@@ -20,8 +20,9 @@ from typing import Any
 import orjson
 
 from .base import BrokerUnavailable
-from .channels import Subjects, check_event, parse_channel
+from .channels import Channel, Subjects, check_event
 from .jetstream import NatsBroker, NatsConfig
+from .roles import BrokerEvents
 
 
 def retry_delays(attempts: int, base: float, cap: float = 5.0) -> Iterator[float]:
@@ -52,7 +53,7 @@ class NatsPublisher:
             stream=stream,
             publish_timeout=timeout,
         )
-        self._broker = NatsBroker(config, lambda d: None)
+        self._broker = NatsBroker(config, _UNHEARD)
         self._attempts = attempts
         self._backoff = backoff
 
@@ -64,13 +65,13 @@ class NatsPublisher:
         """Store one message; returns its id once acked. Retries while NATS
         does not answer; raises BrokerUnavailable after the last try, and
         InvalidChannel at once for a bad channel or event name."""
-        channel = parse_channel(channel)
+        target = Channel.parse(channel)
         if event is not None:
             check_event(event)
         payload = encode(data)
         for delay in [*retry_delays(self._attempts, self._backoff), None]:
             try:
-                return await self._broker.publish(channel, payload, event)
+                return await self._broker.pubsub.publish(target, payload, event)
             except BrokerUnavailable:
                 if delay is None:
                     raise
@@ -88,3 +89,10 @@ class NatsPublisher:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def _ignore(_: object) -> None:
+    """A publisher wants no channel: nothing is delivered, lost or kicked."""
+
+
+_UNHEARD = BrokerEvents(_ignore, _ignore, _ignore)

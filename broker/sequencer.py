@@ -16,23 +16,27 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from .base import BrokerStats, BrokerUnavailable, Delivery, DeliveryCallback, LossCallback, Replay
+from .base import BrokerStats, BrokerUnavailable, Delivery, Replay
+from .channels import Channel
 
 log = logging.getLogger("herald.broker")
 
 # Stored messages of channels after a sequence, oldest first, at most n (the
-# newest), and the channels for which some are no longer held: Broker.replay.
-Fetch = Callable[[Sequence[str], int, int], Awaitable[Replay]]
+# newest), and the channels for which some are no longer held: History.replay.
+Fetch = Callable[[Sequence[Channel], int, int], Awaitable[Replay]]
 
 # Channels per fetch when catching up after a reconnect (one consumer each).
 CATCH_UP_BATCH = 256
 
 
 class Sequencer:
+    """Owns each wanted channel's last delivered sequence and the backlog that
+    waits while a gap is repaired."""
+
     def __init__(
         self,
-        deliver: DeliveryCallback,
-        lose: LossCallback,
+        deliver: Callable[[Delivery], None],
+        lose: Callable[[Channel], None],
         fetch: Fetch,
         stats: BrokerStats,
         max_repair: int = 10_000,
@@ -49,9 +53,9 @@ class Sequencer:
         self._retry_wait = retry_wait
         self._attempts = attempts
         # Held channels → last sequence delivered (0: none yet, nothing to check against).
-        self._last: dict[str, int] = {}
+        self._last: dict[Channel, int] = {}
         self._backlog: list[Delivery] | None = None
-        self._pending: list[tuple[list[str], int]] = []
+        self._pending: list[tuple[list[Channel], int]] = []
         self._task: asyncio.Task[None] | None = None
         self._paused = False
         self.high = 0  # the highest sequence delivered
@@ -65,13 +69,13 @@ class Sequencer:
         reconnect starts there if nothing was delivered live since."""
         self.high = max(self.high, seq)
 
-    def track(self, channel: str) -> None:
+    def track(self, channel: Channel) -> None:
         self._last.setdefault(channel, 0)
 
-    def untrack(self, channel: str) -> None:
+    def untrack(self, channel: Channel) -> None:
         self._last.pop(channel, None)
 
-    def push(self, d: Delivery) -> None:
+    def receive(self, d: Delivery) -> None:
         """A live delivery, in the order NATS sent it."""
         backlog = self._backlog
         if backlog is not None and d.seq:
@@ -126,7 +130,7 @@ class Sequencer:
             self._stats.gaps_lost += 1
             self._lose(channel)
 
-    def _repair(self, channels: list[str], after: int, first: Delivery | None) -> None:
+    def _repair(self, channels: list[Channel], after: int, first: Delivery | None) -> None:
         if self._backlog is None:
             self._backlog = []
         if first is not None:
@@ -145,7 +149,7 @@ class Sequencer:
         finally:
             self._task = None
 
-    async def _repair_one(self, channels: list[str], after: int) -> None:
+    async def _repair_one(self, channels: list[Channel], after: int) -> None:
         self._stats.gap_repairs += 1
         replay: Replay | None = None
         for attempt in range(self._attempts):
@@ -187,7 +191,7 @@ class Sequencer:
         if repaired:
             log.info("gap repair: %d message(s) recovered on %d channel(s)", repaired, len(channels))
 
-    def _give_up(self, channels: Sequence[str], after: int) -> None:
+    def _give_up(self, channels: Sequence[Channel], after: int) -> None:
         log.error("gap after %d on %d channel(s) not repaired: subscribers get a reset", after, len(channels))
         for channel in channels:
             if channel in self._last:

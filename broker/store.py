@@ -1,19 +1,21 @@
-"""Reading the stream back, and the users' read positions (a KV bucket)."""
+"""Reading the stream back: stored messages after a position (``NatsHistory``)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
-from nats.js.kv import KeyValue
 
-from .base import BrokerUnavailable, Delivery
-from .channels import DEFAULT_EVENT, EVENT_RE
-from .kv import bind_bucket, compare_and_set, key_token, storage_type
+from .base import BrokerUnavailable, Delivery, Replay, RetentionPolicy
+from .channels import DEFAULT_EVENT, EVENT_RE, Channel, Subjects
+from .history import retain, stream_cap
+from .link import NatsLink
 from .snapshot import read_snapshot, snapshot_config
 
 EVENT_HEADER = "Herald-Event"
@@ -34,7 +36,7 @@ async def read_stored(
     after_seq: int,
     limit: int,
     name: str,
-    channel_of: Callable[[str], str | None],
+    channel_of: Callable[[str], Channel | None],
     timeout: float,
 ) -> list[Delivery]:
     """Stored messages on ``filters`` after ``after_seq``, oldest first, at most ``limit``."""
@@ -45,7 +47,7 @@ async def read_stored(
         raise BrokerUnavailable(f"reading the stream failed: {exc.__class__.__name__}: {exc}") from None
 
 
-def _stored(msg: Msg, channel_of: Callable[[str], str | None]) -> Delivery | None:
+def _stored(msg: Msg, channel_of: Callable[[str], Channel | None]) -> Delivery | None:
     channel = channel_of(msg.subject)
     if channel is None:
         return None
@@ -76,59 +78,68 @@ async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int 
     return int(msg.seq or 0) or None
 
 
-class ReadPositions:
-    """Each user's read position, cluster-wide: one KV key per user, moved
-    forward only (compare-and-set), so tabs racing each other never go back."""
+@dataclass(frozen=True, slots=True)
+class StreamPlace:
+    """Where the stream is and how long a read of it may take."""
 
-    def __init__(self, bucket: str) -> None:
-        self.bucket = bucket
-        self._kv: KeyValue | None = None
+    stream: str
+    subjects: Subjects
+    retention: RetentionPolicy
+    request_timeout: float
+    replay_timeout: float
 
-    async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
-        self._kv = await bind_bucket(
+
+class NatsHistory:
+    """``broker.roles.History`` over the JetStream stream."""
+
+    def __init__(self, link: NatsLink, place: StreamPlace) -> None:
+        self._link = link
+        self._place = place
+
+    async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
+        p = self._place
+        js = self._link.jetstream()
+        read_limit = len(channels) * stream_cap(p.retention)  # all the stream holds for them
+        try:
+            async with asyncio.timeout(p.replay_timeout):
+                if len(channels) == 1:
+                    # One channel (the inbox, a subscribe): a direct get of its
+                    # last message usually shows there is nothing to read. If
+                    # one is held, nothing after the position was evicted either
+                    # (eviction takes the oldest first); if none is, the stream
+                    # may have dropped them all.
+                    subject = p.subjects.input_subject(channels[0])
+                    last = await last_sequence(js, p.stream, subject)
+                    if last == 0 and after_seq > 0:
+                        gone = after_seq + 1 < await first_sequence(js, p.stream)
+                        return Replay([], frozenset(channels) if gone else frozenset())
+                    if last is not None and last <= after_seq:
+                        return Replay([])
+                if after_seq > 0:
+                    found, first = await asyncio.gather(
+                        self._fetch(channels, after_seq, read_limit), first_sequence(js, p.stream)
+                    )
+                else:
+                    found, first = await self._fetch(channels, after_seq, read_limit), 0
+        except TimeoutError:
+            raise BrokerUnavailable(f"replay took longer than {p.replay_timeout:g}s") from None
+        # Messages after the position that the stream dropped as a whole (age,
+        # size): any of these channels may have had some.
+        evicted = channels if after_seq + 1 < first else ()
+        return retain(found, p.retention, limit, time.time(), evicted)
+
+    async def _fetch(self, channels: Sequence[Channel], after_seq: int, limit: int) -> list[Delivery]:
+        """Stored messages of ``channels`` after ``after_seq``, oldest first, at most ``limit``."""
+        js = self._link.jetstream()
+        nc = self._link.client()
+        subjects = self._place.subjects
+        return await read_stored(
             js,
-            KeyValueConfig(
-                bucket=self.bucket,
-                description="Herald: read position per user",
-                history=1,
-                replicas=replicas,
-                storage=storage_type(storage),
-            ),
+            self._place.stream,
+            [subjects.input_subject(c) for c in channels],
+            after_seq,
+            limit,
+            nc._nuid.next().decode(),
+            subjects.channel_of,
+            self._place.request_timeout,
         )
-
-    def _bucket(self) -> KeyValue:
-        if self._kv is None:
-            raise BrokerUnavailable("read positions are not available yet")
-        return self._kv
-
-    async def get(self, user: str) -> int:
-        kv = self._bucket()
-        try:
-            entry = await kv.get(key_token(user))
-        except nats.js.errors.NotFoundError:  # never set, or deleted
-            return 0
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise BrokerUnavailable(f"read position lookup failed: {exc.__class__.__name__}") from None
-        return int(entry.value or b"0")
-
-    async def advance(self, user: str, seq: int) -> int:
-        stored = seq
-
-        def forward(value: bytes | None) -> bytes | None:
-            nonlocal stored
-            current = int(value or b"0")
-            if current >= seq:
-                stored = current
-                return None
-            stored = seq
-            return str(seq).encode()
-
-        try:
-            # Each conflict is another tab moving the position forward: it ends
-            # once ours is no longer ahead; the bound only guards against a bug.
-            done = await compare_and_set(self._bucket(), key_token(user), forward, tries=1000)
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise BrokerUnavailable(f"storing the read position failed: {exc.__class__.__name__}") from None
-        if not done:
-            raise BrokerUnavailable("read position kept changing under us")
-        return stored

@@ -1,148 +1,194 @@
-"""The HTTP API: publish, health, readiness, stats, metrics."""
+"""The HTTP API: publish (``PublishApi``), and health, readiness, stats,
+presence and metrics of the node (``NodeApi``)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker import BrokerUnavailable
-from broker.channels import InvalidChannel, check_event, check_id, parse_channel, room_channel
+from broker import Broker, BrokerUnavailable, Channel, Presence, PubSub
+from broker.channels import InvalidChannel, check_event, check_id
 
 from .auth import mint_token
 from .frames import dumps_exact, loads_exact
 from .http import json_error, json_response, key_matches
-from .keys import NODE
+from .limits import TokenBucket
+from .metrics import Metrics
+from .sessions import Sessions
+from .settings import Settings
+from .subscriptions import Subscriptions
 
 
-async def publish(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    result = node.metrics.published
+class PublishApi:
+    """``POST /api/publish``: owns the rate bucket of each publish key."""
 
-    def refuse(status: int, error: str, message: str) -> web.Response:
-        result.labels(error).inc()  # the metric label is the error code
-        return json_error(status, error, message)
+    def __init__(self, key: str, rate: float, max_body: int, pubsub: PubSub, metrics: Metrics) -> None:
+        self._key = key  # publish.key
+        self._rate = rate  # limits.api_rate
+        self._max_body = max_body  # http.max_body
+        self._pubsub = pubsub
+        self._metrics = metrics
+        self._buckets: dict[str, TokenBucket] = {}
 
-    key = node.settings.publish.key
-    if not key:
-        return refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
-    if not key_matches(request, key):
-        return refuse(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
-    wait = node.api_bucket(key).take()
-    if wait:
-        node.metrics.limit_rejections.labels("api_rate").inc()
-        response = refuse(429, "rate_limited", f"more than {node.settings.limits.api_rate:g} publishes/s for this key")
-        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-        return response
-    limit = node.settings.http.max_body
-    too_large = f"body larger than {limit} bytes"
-    if request.content_length is not None and request.content_length > limit:
-        node.metrics.limit_rejections.labels("body_size").inc()
-        return refuse(413, "too_large", too_large)
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        node.metrics.limit_rejections.labels("body_size").inc()
-        return refuse(413, "too_large", too_large)
-    except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
-        return refuse(400, "bad_request", f"body does not decode: {exc}")
-    try:
-        doc = loads_exact(body)
-    except orjson.JSONDecodeError:
-        return refuse(400, "bad_request", "body is not valid JSON")
-    if not isinstance(doc, dict) or "data" not in doc:
-        return refuse(400, "bad_request", 'body must be {"channel": ..., "data": ..., "event"?: ...}')
-    try:
-        channel = parse_channel(doc.get("channel"))
-        event = doc.get("event")
-        if event is not None:
-            check_event(event)
-    except InvalidChannel as exc:
-        return refuse(400, "bad_request", str(exc))
-    try:
-        seq = await node.broker.publish(channel, dumps_exact(doc["data"]), event)
-    except BrokerUnavailable as exc:
-        return refuse(503, "unavailable", str(exc))
-    result.labels("ok").inc()
-    return json_response({"id": str(seq)})
+    def _bucket(self, key: str) -> TokenBucket:
+        """The rate bucket of one key (one per configured key: bounded)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            burst = max(1.0, self._rate)  # at least one whole token, or nothing would pass
+            bucket = self._buckets[key] = TokenBucket(burst, burst / self._rate)
+        return bucket
+
+    async def publish(self, request: web.Request) -> web.Response:
+        metrics = self._metrics
+        result = metrics.published
+
+        def refuse(status: int, error: str, message: str) -> web.Response:
+            result.labels(error).inc()  # the metric label is the error code
+            return json_error(status, error, message)
+
+        key = self._key
+        if not key:
+            return refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
+        if not key_matches(request, key):
+            return refuse(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
+        wait = self._bucket(key).take()
+        if wait:
+            metrics.limit_rejections.labels("api_rate").inc()
+            response = refuse(429, "rate_limited", f"more than {self._rate:g} publishes/s for this key")
+            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return response
+        limit = self._max_body
+        too_large = f"body larger than {limit} bytes"
+        if request.content_length is not None and request.content_length > limit:
+            metrics.limit_rejections.labels("body_size").inc()
+            return refuse(413, "too_large", too_large)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            metrics.limit_rejections.labels("body_size").inc()
+            return refuse(413, "too_large", too_large)
+        except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
+            return refuse(400, "bad_request", f"body does not decode: {exc}")
+        try:
+            doc = loads_exact(body)
+        except orjson.JSONDecodeError:
+            return refuse(400, "bad_request", "body is not valid JSON")
+        if not isinstance(doc, dict) or "data" not in doc:
+            return refuse(400, "bad_request", 'body must be {"channel": ..., "data": ..., "event"?: ...}')
+        try:
+            channel = Channel.parse(doc.get("channel"))
+            event = doc.get("event")
+            if event is not None:
+                check_event(event)
+        except InvalidChannel as exc:
+            return refuse(400, "bad_request", str(exc))
+        try:
+            seq = await self._pubsub.publish(channel, dumps_exact(doc["data"]), event)
+        except BrokerUnavailable as exc:
+            return refuse(503, "unavailable", str(exc))
+        result.labels("ok").inc()
+        return json_response({"id": str(seq)})
 
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    if node.draining:
-        return json_error(503, "draining", "node is draining")
-    if not node.broker.ready:
-        return json_error(503, "nats_unavailable", "not connected to NATS or the stream is not ready")
-    return json_response({"status": "ready"})
+class NodeApi:
+    """Readiness, stats, presence, metrics (admin key where it says) and dev tokens."""
 
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        sessions: Sessions,
+        subscriptions: Subscriptions,
+        channel_count: Callable[[], int],
+        presence: Presence,
+        metrics: Metrics,
+    ) -> None:
+        self._node_id = settings.node.id
+        self._admin_key = settings.admin.key
+        self._jwt_secret = settings.jwt.secret
+        self._broker = broker
+        self._sessions = sessions
+        self._subscriptions = subscriptions
+        self._channel_count = channel_count
+        self._presence = presence
+        self._metrics = metrics
 
-async def stats(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    if not key_matches(request, node.settings.admin.key):
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self._sessions.draining:
+            return json_error(503, "draining", "node is draining")
+        if not self._broker.ready:
+            return json_error(503, "nats_unavailable", "not connected to NATS or the stream is not ready")
+        return json_response({"status": "ready"})
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        if key_matches(request, self._admin_key):
+            return None
         return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
-    by_transport = {"ws": 0, "sse": 0}
-    for session in node.sessions:
-        by_transport[session.transport] += 1
-    broker = node.broker.stats()
-    return json_response(
-        {
-            "node": node.id,
-            "connections": by_transport,
-            "users": len({s.user for s in node.sessions}),
-            "channels": node.hub.channel_count,
-            "rooms": node.hub.local_rooms(),
-            "nats": {"connected": broker.connected, "subscriptions": broker.subscriptions},
-            "draining": node.draining,
-            # For leak hunting (make soak): tasks that outlive their connections.
-            "tasks": len(asyncio.all_tasks()),
-        }
-    )
 
+    async def stats(self, request: web.Request) -> web.Response:
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
+        by_transport = {"ws": 0, "sse": 0}
+        for session in self._sessions:
+            by_transport[session.transport] += 1
+        broker = self._broker.stats()
+        return json_response(
+            {
+                "node": self._node_id,
+                "connections": by_transport,
+                "users": len({s.user for s in self._sessions}),
+                "channels": self._channel_count(),
+                "rooms": self._subscriptions.local_rooms(),
+                "nats": {"connected": broker.connected, "subscriptions": broker.subscriptions},
+                "draining": self._sessions.draining,
+                # For leak hunting (make soak): tasks that outlive their connections.
+                "tasks": len(asyncio.all_tasks()),
+            }
+        )
 
-async def presence(request: web.Request) -> web.Response:
-    """``GET /api/presence/<room>`` (admin key): the room's users on any node."""
-    node = request.app[NODE]
-    if not key_matches(request, node.settings.admin.key):
-        return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
-    try:
-        channel = room_channel(request.match_info["room"])
-    except InvalidChannel as exc:
-        return json_error(400, "bad_request", str(exc))
-    try:
-        users = await node.broker.members(channel)
-    except BrokerUnavailable as exc:
-        return json_error(503, "unavailable", str(exc))
-    return json_response({"room": channel[5:], "users": users})
+    async def presence(self, request: web.Request) -> web.Response:
+        """``GET /api/presence/<room>`` (admin key): the room's users on any node."""
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
+        try:
+            channel = Channel.room(request.match_info["room"])
+        except InvalidChannel as exc:
+            return json_error(400, "bad_request", str(exc))
+        try:
+            users = await self._presence.members(channel)
+        except BrokerUnavailable as exc:
+            return json_error(503, "unavailable", str(exc))
+        return json_response({"room": channel.id, "users": users})
 
+    async def dev_token(self, request: web.Request) -> web.Response:
+        """``POST /api/dev/token {"user", "ttl"?}`` → a token for that user (all
+        rooms, publish everywhere, ``ttl`` seconds: 1 to 86400, default 3600).
+        Only with ``http.dev_tokens`` (``herald dev``)."""
+        try:
+            doc = orjson.loads(await request.read())
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            user = check_id("user", doc.get("user"))
+            ttl = doc.get("ttl", 3600)
+            if type(ttl) not in (int, float) or not 1 <= ttl <= 86400:
+                raise ValueError("ttl must be a number of seconds from 1 to 86400")
+        except (orjson.JSONDecodeError, InvalidChannel, ValueError) as exc:
+            return json_error(400, "bad_request", f'body must be {{"user": "<id>", "ttl": <seconds>}}: {exc}')
+        token = mint_token(self._jwt_secret, user, rooms=["*"], publish=["*"], ttl=ttl)
+        return json_response({"token": token, "user": user, "expires_in": ttl})
 
-async def dev_token(request: web.Request) -> web.Response:
-    """``POST /api/dev/token {"user", "ttl"?}`` → a token for that user (all
-    rooms, publish everywhere, ``ttl`` seconds: 1 to 86400, default 3600).
-    Only with ``http.dev_tokens`` (``herald dev``)."""
-    node = request.app[NODE]
-    try:
-        doc = orjson.loads(await request.read())
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
-        user = check_id("user", doc.get("user"))
-        ttl = doc.get("ttl", 3600)
-        if type(ttl) not in (int, float) or not 1 <= ttl <= 86400:
-            raise ValueError("ttl must be a number of seconds from 1 to 86400")
-    except (orjson.JSONDecodeError, InvalidChannel, ValueError) as exc:
-        return json_error(400, "bad_request", f'body must be {{"user": "<id>", "ttl": <seconds>}}: {exc}')
-    token = mint_token(node.settings.jwt.secret, user, rooms=["*"], publish=["*"], ttl=ttl)
-    return json_response({"token": token, "user": user, "expires_in": ttl})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    body = generate_latest(node.metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -10,14 +10,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from broker.throttle import Throttle
 
-from . import api
-from .commands import Commands
-from .keys import COMMANDS, NODE, WS_LINKS
-from .node import BrokerFactory, Node
+from .api import NodeApi, PublishApi, healthz
+from .keys import NODE, NODE_API, WS_LINKS
+from .node import BrokerFactory, build_node
 from .settings import Settings
-from .sse import sse_handler
-from .ws import ws_handler
-from .wslink import WsContext
+from .sse import SseEndpoint
+from .ws import WsEndpoint
+from .wslink import WsLinks
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("herald")
@@ -72,33 +71,51 @@ async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
 
 
-def _add_admin_routes(app: web.Application) -> None:
+def _add_admin_routes(app: web.Application, api: NodeApi) -> None:
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/api/stats", api.stats)
     app.router.add_get("/api/presence/{room}", api.presence)
-    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", api.readyz)
 
 
 def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) -> web.Application:
-    """The node's public application. ``/metrics`` and ``/api/stats`` are on it
-    unless ``[admin] port`` puts them on the admin application instead."""
+    """The node's public application: its composition root. ``/metrics`` and
+    ``/api/stats`` are on it unless ``[admin] port`` puts them on the admin
+    application instead."""
     _quiet_malformed_requests()
-    node = Node(settings, broker_factory)
+    node = build_node(settings, broker_factory)
+    links = WsLinks(settings.ws, settings.backpressure, node.commands, node.gate, node.metrics)
+    ws = WsEndpoint(node.id, node.gate, node.sessions, node.resumer, links)
+    sse = SseEndpoint(
+        settings.sse, settings.backpressure, settings.ws.close_timeout, node.gate, node.sessions, node.resumer
+    )
+    publish = PublishApi(
+        settings.publish.key, settings.limits.api_rate, settings.http.max_body, node.broker.pubsub, node.metrics
+    )
+    node_api = NodeApi(
+        settings,
+        node.broker,
+        node.sessions,
+        node.subscriptions,
+        lambda: node.hub.channel_count,
+        node.broker.presence,
+        node.metrics,
+    )
     app = web.Application(client_max_size=settings.http.max_body)
     app[NODE] = node
-    app[COMMANDS] = commands = Commands(node)
-    app[WS_LINKS] = WsContext(node, commands)
-    app.router.add_get("/ws", ws_handler)
-    app.router.add_get("/sse", sse_handler)
-    app.router.add_post("/api/publish", api.publish)
+    app[NODE_API] = node_api
+    app[WS_LINKS] = links
+    app.router.add_get("/ws", ws.handle)
+    app.router.add_get("/sse", sse.handle)
+    app.router.add_post("/api/publish", publish.publish)
     if settings.http.dev_tokens:
-        app.router.add_post("/api/dev/token", api.dev_token)
+        app.router.add_post("/api/dev/token", node_api.dev_token)
     if settings.admin.port:
-        app.router.add_get("/healthz", api.healthz)
-        app.router.add_get("/readyz", api.readyz)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", node_api.readyz)
     else:
-        _add_admin_routes(app)
+        _add_admin_routes(app, node_api)
     app.router.add_get("/", _index)
     app.router.add_static("/static", STATIC)
     app.on_response_prepare.append(_security_headers)
@@ -109,7 +126,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
 
     async def shutdown(app: web.Application) -> None:
         await node.shutdown()
-        await app[WS_LINKS].wait_closed()
+        await links.wait_closed()
 
     async def cleanup(app: web.Application) -> None:
         await node.close()
@@ -120,9 +137,8 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     return app
 
 
-def create_admin_app(node: Node) -> web.Application:
-    """Metrics, stats and health of ``node`` for the admin port (no lifecycle of its own)."""
+def create_admin_app(node_api: NodeApi) -> web.Application:
+    """Metrics, stats and health of a node for the admin port (no lifecycle of its own)."""
     app = web.Application()
-    app[NODE] = node
-    _add_admin_routes(app)
+    _add_admin_routes(app, node_api)
     return app

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,9 +83,16 @@ def key_algorithm(pem: bytes) -> tuple[Any, str]:
     raise ValueError("must be an RSA or EC P-256 public key")
 
 
+# Told of each refused token, with who presented it (a peer address or a conn id).
+OnRefused = Callable[[AuthError, str], None]
+
+
 class Authenticator:
-    def __init__(self, settings: JwtSettings) -> None:
+    """Verifies tokens (and keeps the verified ones for reconnects)."""
+
+    def __init__(self, settings: JwtSettings, on_refused: OnRefused | None = None) -> None:
         self._settings = settings
+        self._on_refused = on_refused
         self._key: Any
         if settings.public_key:
             self._key, algorithm = key_algorithm(Path(settings.public_key).read_bytes())
@@ -98,6 +105,15 @@ class Authenticator:
     @property
     def configured(self) -> bool:
         return bool(self._settings.public_key or self._settings.secret)
+
+    def authenticate(self, token: str | None, peer: str) -> Identity:
+        """``verify``, telling ``on_refused`` of a refusal before raising it."""
+        try:
+            return self.verify(token)
+        except AuthError as exc:
+            if self._on_refused is not None:
+                self._on_refused(exc, peer)
+            raise
 
     def verify(self, token: str | None) -> Identity:
         if not token:

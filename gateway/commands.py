@@ -8,40 +8,66 @@ from typing import Any
 
 import orjson
 
-from broker import BrokerUnavailable
-from broker.channels import InvalidChannel, check_event, glob_match, parse_seq, room_channel
+from broker import BrokerUnavailable, Channel, Presence, PubSub, ReadPositions
+from broker.channels import InvalidChannel, check_event, glob_match, parse_seq
+from broker.throttle import Throttle
 
-from .auth import AuthError
+from .auth import Authenticator, AuthError
 from .disconnect import RATE_LIMITED
 from .frames import dumps_exact, loads_exact
 from .limits import CommandLimiter
-from .node import Node
-from .resume import resume
+from .metrics import Metrics
+from .resume import Resumer
 from .session import Session
+from .settings import LimitsSettings
+from .subscriptions import Subscriptions
 
 Ref = str | int | None
 
 
 class CommandError(Exception):
+    """A command refused: its ``error`` frame's code and message."""
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
-def _room(cmd: dict[str, Any]) -> tuple[str, str]:
-    """The command's room id and its channel, validated."""
+def _room(cmd: dict[str, Any]) -> Channel:
+    """The command's room channel, validated."""
     try:
-        channel = room_channel(cmd.get("room"))  # type: ignore[arg-type]
-        return channel[len("room:") :], channel
+        return Channel.room(cmd.get("room"))
     except InvalidChannel as exc:
         raise CommandError("bad_request", str(exc)) from None
 
 
 class Commands:
-    """The command handlers of one node (stateless: one instance serves every connection)."""
+    """The command handlers of one node (no state of their own: one instance
+    serves every connection)."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(
+        self,
+        limits: LimitsSettings,
+        client_publish: tuple[str, ...],
+        subscriptions: Subscriptions,
+        resumer: Resumer,
+        pubsub: PubSub,
+        reads: ReadPositions,
+        presence: Presence,
+        authenticator: Authenticator,
+        metrics: Metrics,
+        warn: Throttle,
+    ) -> None:
+        self._limits = limits
+        self._client_publish = client_publish  # rooms.client_publish
+        self._subscriptions = subscriptions
+        self._resumer = resumer
+        self._pubsub = pubsub
+        self._reads = reads
+        self._presence = presence
+        self._authenticator = authenticator
+        self._metrics = metrics
+        self._warn = warn
 
     def reply(self, session: Session, ref: Ref, kind: str, **fields: Any) -> None:
         """Send a ``kind`` frame answering a command, echoing its ``ref``."""
@@ -97,7 +123,7 @@ class Commands:
         return self._within_rate(session, "", None)
 
     def _within_rate(self, session: Session, kind: str, ref: Ref) -> bool:
-        limits = self.node.settings.limits
+        limits = self._limits
         limiter = session.limiter
         if limiter is None:
             limiter = session.limiter = CommandLimiter(limits.publish_rate, limits.command_rate, limits.rate_window)
@@ -105,9 +131,9 @@ class Commands:
         if not wait:
             return True
         name = "publish_rate" if kind == "publish" else "command_rate"
-        self.node.metrics.limit_rejections.labels(name).inc()
+        self._metrics.limit_rejections.labels(name).inc()
         if limiter.strikes >= limits.abuse_strikes:
-            self.node.warn(
+            self._warn(
                 "abuse", "closing %s (user %s): %d commands refused in a row", session.id, session.user, limiter.strikes
             )
             session.close(RATE_LIMITED)
@@ -117,9 +143,9 @@ class Commands:
         return False
 
     async def subscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
-        room, channel = _room(cmd)
-        if not session.identity.may_join(room):
-            raise CommandError("forbidden", f"token does not allow room {room}")
+        channel = _room(cmd)
+        if not session.identity.may_join(channel.id):
+            raise CommandError("forbidden", f"token does not allow room {channel.id}")
         since = cmd.get("since")
         try:
             position = None if since is None else parse_seq(since)
@@ -127,26 +153,27 @@ class Commands:
             raise CommandError("bad_request", str(exc)) from None
         if channel not in session.channels:
             # The user channel and broadcast are always there and do not count.
-            limit = self.node.settings.limits.max_subscriptions
+            limit = self._limits.max_subscriptions
             if len(session.channels) - 2 >= limit:
-                self.node.metrics.limit_rejections.labels("subscriptions").inc()
+                self._metrics.limit_rejections.labels("subscriptions").inc()
                 raise CommandError("too_many_subscriptions", f"at most {limit} rooms per connection")
         if position is not None:
-            await resume(self.node, session, (channel,), position)  # joins, then replays
+            await self._resumer.resume(session, (channel,), position)  # joins, then replays
         else:
-            await self.node.hub.join(session, channel)
+            await self._subscriptions.join(session, channel)
         self.ack(session, ref, channel=channel)
 
     async def unsubscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
-        _, channel = _room(cmd)
-        await self.node.hub.leave(session, channel)
+        channel = _room(cmd)
+        await self._subscriptions.leave(session, channel)
         self.ack(session, ref, channel=channel)
 
     async def publish(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
-        room, channel = _room(cmd)
+        channel = _room(cmd)
+        room = channel.id
         if not session.identity.may_publish(room):
             raise CommandError("forbidden", f"token does not allow publishing to room {room}")
-        if not glob_match(self.node.settings.rooms.client_publish, room):
+        if not glob_match(self._client_publish, room):
             raise CommandError("forbidden", f"clients may not publish to room {room} (rooms.client_publish)")
         if "data" not in cmd:
             raise CommandError("bad_request", "publish needs data")
@@ -157,12 +184,11 @@ class Commands:
             except InvalidChannel as exc:
                 raise CommandError("bad_request", str(exc)) from None
         payload = dumps_exact(cmd["data"])
-        broker = self.node.broker
         if cmd.get("ephemeral") is True:
-            await broker.publish_ephemeral(channel, payload, event)
+            await self._pubsub.publish_ephemeral(channel, payload, event)
             self.ack(session, ref, channel=channel)
         else:
-            seq = await broker.publish(channel, payload, event)
+            seq = await self._pubsub.publish(channel, payload, event)
             self.ack(session, ref, channel=channel, id=str(seq))
 
     async def refresh(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
@@ -170,18 +196,18 @@ class Commands:
         if not isinstance(token, str):
             raise CommandError("bad_request", "refresh needs a token")
         try:
-            identity = self.node.authenticate(token, session.id)
+            identity = self._authenticator.authenticate(token, session.id)
         except AuthError as exc:
             raise CommandError("bad_token", str(exc)) from None
         if identity.user != session.user:
-            self.node.metrics.auth_failures.labels("other_user").inc()
+            self._metrics.auth_failures.labels("other_user").inc()
             raise CommandError("forbidden", "refresh token is for another user")
         session.identity = identity
         session.set_expiry(identity.expires)
         # Rooms the new token no longer allows are left.
         for channel in list(session.channels):
-            if channel.startswith("room:") and not identity.may_join(channel[5:]):
-                await self.node.hub.leave(session, channel)
+            if channel.is_room and not identity.may_join(channel.id):
+                await self._subscriptions.leave(session, channel)
         self.ack(session, ref, channels=sorted(session.channels))
 
     async def read(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
@@ -190,16 +216,16 @@ class Commands:
             seq = parse_seq(cmd.get("id"))
         except InvalidChannel as exc:
             raise CommandError("bad_request", str(exc)) from None
-        position = await self.node.broker.mark_read(session.user, seq)
-        self.node.metrics.read_marks.inc()
+        position = await self._reads.advance(session.user, seq)
+        self._metrics.read_marks.inc()
         self.ack(session, ref, id=str(position))
 
     async def presence(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
         """The users connected to a room on any node (each once)."""
-        room, channel = _room(cmd)
-        if not session.identity.may_join(room):
-            raise CommandError("forbidden", f"token does not allow room {room}")
-        self.reply(session, ref, "presence", room=room, users=await self.node.broker.members(channel))
+        channel = _room(cmd)
+        if not session.identity.may_join(channel.id):
+            raise CommandError("forbidden", f"token does not allow room {channel.id}")
+        self.reply(session, ref, "presence", room=channel.id, users=await self._presence.members(channel))
 
     async def ping(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
         self.reply(session, ref, "pong")

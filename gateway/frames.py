@@ -10,8 +10,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from broker import Delivery
-from broker.channels import client_name
+from broker import Delivery, Kind
 
 _SSE_LINES = re.compile(rb"\r\n|\r|\n")
 # orjson reads integers past 64 bits as floats: a document with that many digits
@@ -59,7 +58,7 @@ def json_data(payload: bytes) -> bytes:
 
 
 def message_json(d: Delivery) -> bytes:
-    head = {"type": "message", "channel": client_name(d.channel)}
+    head = {"type": "message", "channel": d.channel.client_name}
     if d.seq:
         head["id"] = str(d.seq)
     head["event"] = d.event
@@ -68,8 +67,8 @@ def message_json(d: Delivery) -> bytes:
 
 
 def presence_json(d: Delivery) -> bytes:
-    """A join / leave announcement (event ``!join`` / ``!leave``, payload = user)."""
-    return orjson.dumps({"type": d.event[1:], "room": d.channel[5:], "user": d.payload.decode("utf-8", "replace")})
+    """A join / leave announcement (payload: the user)."""
+    return orjson.dumps({"type": d.kind.value, "room": d.channel.id, "user": d.payload.decode("utf-8", "replace")})
 
 
 def sse_event(event: str, data: bytes, event_id: int = 0) -> bytes:
@@ -92,10 +91,12 @@ class Codec(Protocol):
 
 
 class WsCodec:
+    """Deliveries and control objects as WebSocket text frames."""
+
     name = "ws"
 
     def message(self, d: Delivery) -> bytes:
-        if d.event[0] == "!":
+        if d.kind is not Kind.MESSAGE:
             return ws_frame(presence_json(d))
         return ws_frame(message_json(d))
 
@@ -104,11 +105,13 @@ class WsCodec:
 
 
 class SseCodec:
+    """Deliveries and control objects as SSE events."""
+
     name = "sse"
 
     def message(self, d: Delivery) -> bytes:
-        if d.event[0] == "!":
-            return sse_event(d.event[1:], presence_json(d))
+        if d.kind is not Kind.MESSAGE:
+            return sse_event(d.kind.value, presence_json(d))
         data = d.payload
         try:
             data.decode("utf-8")

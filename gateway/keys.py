@@ -2,10 +2,12 @@
 
 from aiohttp import web
 
-from .commands import Commands
+from .api import NodeApi
 from .node import Node
-from .wslink import WsContext
+from .wslink import WsLinks
 
+# The node's parts: for the server's lifecycle (drain) and for tests.
 NODE = web.AppKey("herald_node", Node)
-COMMANDS = web.AppKey("herald_commands", Commands)
-WS_LINKS = web.AppKey("herald_ws_links", WsContext)
+# Served on the admin port too, when there is one.
+NODE_API = web.AppKey("herald_node_api", NodeApi)
+WS_LINKS = web.AppKey("herald_ws_links", WsLinks)

@@ -29,10 +29,13 @@ from .metrics import LatencyHistogram, TransportMetrics
 # transport's write, and the bytes.
 Write = tuple["Outbound", Callable[[bytes], object], bytes]
 
-# (frame bytes, stamp, droppable). The stamp is the stream timestamp of a live
-# delivery (counted, latency observed), -1 for a replayed one (counted only),
-# 0 for a control frame.
-Entry = tuple[bytes, float, bool]
+# What an entry is, for the delivery counters: a control frame (welcome, ack,
+# error: not counted), a replayed message (counted) or a live one (counted,
+# and its latency observed from its stream timestamp).
+CONTROL, REPLAYED, LIVE = 0, 1, 2
+
+# (frame bytes, kind, stream timestamp of a LIVE entry (else 0), droppable).
+Entry = tuple[bytes, int, float, bool]
 
 
 class Wire(Protocol):
@@ -66,21 +69,31 @@ class QueueLimits:
 
 
 class Outbound:
+    """One connection's bounded queue of frames and how much its transport holds.
+
+    ``entries``, ``wire``, ``limits``, ``metrics`` and ``waiter`` are read by
+    the Flusher's fast path; ``noted_pass`` / ``noted_slot`` are the Flusher's
+    own bookkeeping of this queue (the pass that noted a direct write for it,
+    and where in that pass's writes) and it updates ``wire_bytes`` when it
+    notes one. Attributes, not methods: the fast path reads them once per
+    recipient.
+    """
+
     __slots__ = (
-        "_entries",
-        "_limits",
-        "_metrics",
-        "_pass",
         "_room",
         "_scheduled",
-        "_slot",
-        "_waiter",
-        "_wire",
-        "_wire_bytes",
         "bytes",
         "closed",
+        "entries",
         "flusher",
+        "limits",
+        "metrics",
+        "noted_pass",
+        "noted_slot",
         "on_overflow",
+        "waiter",
+        "wire",
+        "wire_bytes",
     )
 
     def __init__(
@@ -91,71 +104,69 @@ class Outbound:
         metrics: TransportMetrics,
         on_overflow: Callable[[bool], None],
     ) -> None:
-        self._wire = wire
+        self.wire = wire
         self.flusher = flusher
-        self._limits = limits
-        self._metrics = metrics
+        self.limits = limits
+        self.metrics = metrics
         # A list, not a deque: an empty deque costs ~1.3 KiB per idle connection.
-        self._entries: list[Entry] = []
+        self.entries: list[Entry] = []
         # The flusher pass that last noted a direct write for it, and where in
         # that pass's writes: what ``flush`` writes in the same pass joins it.
-        self._pass = 0
-        self._slot = 0
+        self.noted_pass = 0
+        self.noted_slot = 0
         self.bytes = 0
-        # Transport buffer size as of the last write or check.
-        self._wire_bytes = 0
+        # Transport buffer size as of the last write or check (or noted write).
+        self.wire_bytes = 0
         self._scheduled = False
-        self._waiter: asyncio.Task[None] | None = None
+        # Waits for the transport to drain, only while the queue is backed up.
+        self.waiter: asyncio.Task[None] | None = None
         self._room: asyncio.Future[None] | None = None
         self.closed = False
         self.on_overflow = on_overflow  # called with stalled=False (full) / True (no progress)
 
-    @property
-    def limits(self) -> QueueLimits:
-        return self._limits
-
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
-    def push(self, frame: bytes, ts: float = 0.0, droppable: bool = False) -> None:
+    def push(self, frame: bytes, kind: int = CONTROL, ts: float = 0.0, droppable: bool = False) -> None:
+        """Queue ``frame`` (a ``kind`` entry; ``ts``: a LIVE one's stream timestamp)."""
         if self.closed:
             return
-        self._entries.append((frame, ts, droppable))
+        self.entries.append((frame, kind, ts, droppable))
         self.bytes += len(frame)
-        limits = self._limits
-        if self.bytes + self._wire_bytes > limits.max_bytes or len(self._entries) > limits.max_messages:
+        limits = self.limits
+        if self.bytes + self.wire_bytes > limits.max_bytes or len(self.entries) > limits.max_messages:
             # The cached transport size may be stale (the peer read since): ask
             # again, counting a direct write of this pass not sent yet.
-            self._wire_bytes = self._wire.buffered() + len(self.flusher.noted(self))
+            self.wire_bytes = self.wire.buffered() + len(self.flusher.noted(self))
             if not self._within_limits() and not self._shed():
                 self.on_overflow(False)
                 return
-        if not self._scheduled and self._waiter is None:
+        if not self._scheduled and self.waiter is None:
             self._scheduled = True
             self.flusher.schedule(self)
 
     def _within_limits(self) -> bool:
-        limits = self._limits
-        return self.bytes + self._wire_bytes <= limits.max_bytes and len(self._entries) <= limits.max_messages
+        limits = self.limits
+        return self.bytes + self.wire_bytes <= limits.max_bytes and len(self.entries) <= limits.max_messages
 
     def _shed(self) -> bool:
         """Drop the oldest droppable entries until within limits; True if that sufficed."""
-        limits = self._limits
-        budget = limits.max_bytes - self._wire_bytes
-        entries = self._entries
+        limits = self.limits
+        budget = limits.max_bytes - self.wire_bytes
+        entries = self.entries
         kept: list[Entry] = []
         dropped = 0
         i = 0
         while i < len(entries) and (self.bytes > budget or len(entries) - i + len(kept) > limits.max_messages):
             entry = entries[i]
             i += 1
-            if entry[2]:
+            if entry[3]:
                 self.bytes -= len(entry[0])
                 dropped += 1
             else:
                 kept.append(entry)
         kept.extend(entries[i:])
-        self._entries = kept
+        self.entries = kept
         if dropped:
             self.flusher.count_dropped(dropped)
         return self._within_limits()
@@ -164,16 +175,16 @@ class Outbound:
         """Write what fits below ``write_buffer`` in one write — or, with ``out``,
         append the write to it for the caller to issue. True if some is left."""
         self._scheduled = False
-        entries = self._entries
+        entries = self.entries
         if self.closed or not entries:
             return False
-        wire_bytes = self._wire.buffered()
-        joining = out is not None and self._pass == self.flusher.flushing
+        wire_bytes = self.wire.buffered()
+        joining = out is not None and self.noted_pass == self.flusher.flushing
         if joining:
             assert out is not None
-            wire_bytes += len(out[self._slot][2])  # its direct write of this pass, not sent yet
-        self._wire_bytes = wire_bytes
-        allowance = self._limits.write_buffer - wire_bytes
+            wire_bytes += len(out[self.noted_slot][2])  # its direct write of this pass, not sent yet
+        self.wire_bytes = wire_bytes
+        allowance = self.limits.write_buffer - wire_bytes
         # One frame goes out even past the allowance, but only on its own.
         if allowance <= 0 or (joining and len(entries[0][0]) > allowance):
             self._backed_up()
@@ -181,15 +192,15 @@ class Outbound:
         if len(entries) == 1:
             # The common case below saturation: one message for this connection
             # in this loop pass. Kept free of loops and copies.
-            frame, ts, _ = entries[0]
+            frame, kind, ts, _ = entries[0]
             entries.clear()
             self.bytes = 0
             self._emit(frame, out)
-            self._wire_bytes = wire_bytes + len(frame)
-            if ts:
-                metrics = self._metrics
+            self.wire_bytes = wire_bytes + len(frame)
+            if kind:
+                metrics = self.metrics
                 metrics.delivered += 1
-                if ts > 0:
+                if kind == LIVE:
                     metrics.latency.observe(now - ts)
             return False
         if self.bytes <= allowance:
@@ -204,14 +215,14 @@ class Outbound:
             batch = entries[:k]
             del entries[:k]
             data = b"".join([e[0] for e in batch])
-        metrics = self._metrics
+        metrics = self.metrics
         latency = metrics.latency
         counts, bounds = latency.counts, latency.bounds
         delivered = 0
-        for _, ts, _ in batch:
-            if ts:
+        for _, kind, ts, _ in batch:
+            if kind:
                 delivered += 1
-                if ts > 0:
+                if kind == LIVE:
                     lag = now - ts
                     counts[bisect_left(bounds, lag)] += 1
                     latency.sum += lag
@@ -219,7 +230,7 @@ class Outbound:
             entries.clear()
         self.bytes -= len(data)
         self._emit(data, out)
-        self._wire_bytes += len(data)
+        self.wire_bytes += len(data)
         metrics.delivered += delivered
         if entries:
             self._backed_up()
@@ -227,32 +238,32 @@ class Outbound:
         return False
 
     def _emit(self, data: bytes, out: list[Write] | None) -> None:
-        wire = self._wire
+        wire = self.wire
         if out is None:
             wire.write(data)
         else:
             framing = wire.frame
             if framing is not None:
                 data = framing(data)
-            if self._pass == self.flusher.flushing:  # one write per connection per pass
-                _, send, first = out[self._slot]
-                out[self._slot] = (self, send, first + data)
+            if self.noted_pass == self.flusher.flushing:  # one write per connection per pass
+                _, send, first = out[self.noted_slot]
+                out[self.noted_slot] = (self, send, first + data)
             else:
                 out.append((self, wire.send, data))
 
     def _backed_up(self) -> None:
-        if self._waiter is None and not self.closed:
-            self._waiter = asyncio.get_running_loop().create_task(self._wait_writable())
+        if self.waiter is None and not self.closed:
+            self.waiter = asyncio.get_running_loop().create_task(self._wait_writable())
 
     async def _wait_writable(self) -> None:
         loop = asyncio.get_running_loop()
-        stall = self._limits.stall_timeout
+        stall = self.limits.stall_timeout
         deadline = loop.time() + stall
         try:
             while not self.closed:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        await self._wire.drained()
+                        await self.wire.drained()
                 except TimeoutError:
                     self.on_overflow(True)
                     return
@@ -272,14 +283,14 @@ class Outbound:
         except (ConnectionError, RuntimeError):
             pass  # the connection is gone; its handler ends the session
         finally:
-            self._waiter = None
+            self.waiter = None
             self._wake_room()
 
     async def room(self, max_bytes: int, max_messages: int) -> None:
         """Wait until at most ``max_bytes`` and ``max_messages`` are queued here
         (or the queue is closed): how a replay paces itself to the client."""
-        while not self.closed and (self.bytes > max_bytes or len(self._entries) > max_messages):
-            if self._waiter is None:
+        while not self.closed and (self.bytes > max_bytes or len(self.entries) > max_messages):
+            if self.waiter is None:
                 # The flusher writes first; what does not fit starts the waiter.
                 await asyncio.sleep(0.001)
                 continue
@@ -301,30 +312,30 @@ class Outbound:
         noted = self.flusher.take_noted(self)
         if noted:
             try:
-                self._wire.send(noted)  # framed already (the raw write, as the pass would)
+                self.wire.send(noted)  # framed already (the raw write, as the pass would)
             except RuntimeError:
                 return  # the connection is gone (uvloop raises): nothing more to write
-        if self._entries:
-            data = b"".join([e[0] for e in self._entries])
-            self._entries.clear()
+        if self.entries:
+            data = b"".join([e[0] for e in self.entries])
+            self.entries.clear()
             self.bytes = 0
-            self._wire.write(data)
+            self.wire.write(data)
 
     def close(self) -> None:
         self.closed = True
-        self._entries.clear()
+        self.entries.clear()
         self.bytes = 0
         self._wake_room()
-        waiter = self._waiter
+        waiter = self.waiter
         if waiter is not None and waiter is not asyncio.current_task():
             waiter.cancel()
 
     def pending_bytes(self) -> int:
-        return self.bytes + (0 if self.closed else self._wire.buffered())
+        return self.bytes + (0 if self.closed else self.wire.buffered())
 
 
 class Flusher:
-    """Writes what queues got, once per event-loop pass.
+    """Writes what queues got, once per event-loop pass: owns each pass's writes.
 
     The common case — a connection with nothing pending that gets one message
     in a loop pass — never touches the queue: ``fan_out`` checks the
@@ -360,55 +371,53 @@ class Flusher:
 
     def noted(self, queue: Outbound) -> bytes:
         """The direct write noted for ``queue`` in the pass being filled (b"" if none)."""
-        return self._writes[queue._slot][2] if queue._pass == self._pass else b""
+        return self._writes[queue.noted_slot][2] if queue.noted_pass == self._pass else b""
 
     def take_noted(self, queue: Outbound) -> bytes:
         """``noted``, which the caller writes itself: the pass will not."""
         data = self.noted(queue)
         if data:
-            self._writes[queue._slot] = (queue, queue._wire.send, b"")
+            self._writes[queue.noted_slot] = (queue, queue.wire.send, b"")
         return data
 
     def fan_out(self, queues: list[Outbound], frame: bytes, ts: float, droppable: bool) -> None:
-        """``push(frame, ts, droppable)`` to every queue of ``queues`` (one
-        transport's recipients of one message)."""
+        """``push(frame, LIVE, ts, droppable)`` to every queue of ``queues``
+        (one transport's recipients of one live message)."""
         size = len(frame)
         this_pass = self._pass
         writes = self._writes
-        metrics = queues[0]._metrics
+        metrics = queues[0].metrics
         direct = 0
         framing: Callable[[bytes], bytes] | None = None
         framed = frame
         for queue in queues:
             if (
-                queue._pass == this_pass  # already written to in this pass: queue behind that write
-                or queue._entries
-                or queue._waiter is not None
+                queue.noted_pass == this_pass  # already written to in this pass: queue behind that write
+                or queue.entries
+                or queue.waiter is not None
                 or queue.closed
                 or queue.flusher is not self
-                or queue._metrics is not metrics
+                or queue.metrics is not metrics
             ):
-                queue.push(frame, ts, droppable)
+                queue.push(frame, LIVE, ts, droppable)
                 continue
-            wire = queue._wire
+            wire = queue.wire
             wire_bytes = wire.buffered()
-            limits = queue._limits
+            limits = queue.limits
             if wire_bytes >= limits.write_buffer or size + wire_bytes > limits.max_bytes:
-                queue.push(frame, ts, droppable)
+                queue.push(frame, LIVE, ts, droppable)
                 continue
-            queue._pass = this_pass
-            queue._slot = len(writes)
-            queue._wire_bytes = wire_bytes + size
+            queue.noted_pass = this_pass
+            queue.noted_slot = len(writes)
+            queue.wire_bytes = wire_bytes + size
             if wire.frame is not framing:  # SSE: an HTTP chunk, made once per message
                 framing = wire.frame
                 framed = frame if framing is None else framing(frame)
             writes.append((queue, wire.send, framed))
             direct += 1
         if direct:
-            if ts:
-                metrics.delivered += direct
-                if ts > 0:
-                    self._stamps.append((ts, direct, metrics.latency))
+            metrics.delivered += direct
+            self._stamps.append((ts, direct, metrics.latency))
             self._schedule()
 
     def _run(self) -> None:

@@ -1,10 +1,11 @@
 """Opening a session on its channels, resuming from a position, the inbox.
 
-Live deliveries are held aside while a session joins its channels and the
-stream replays what it missed; they are released after — only those the replay
-did not already cover — so the client sees its first frame first, then each
-message once, in order. A replay is paced to the client: it queues a slice,
-waits for the socket to take it, and so stays within the backpressure limits.
+Live deliveries are held aside (by the session) while it joins its channels
+and the stream replays what it missed; they are queued after — only those the
+replay did not already cover — so the client sees its first frame first, then
+each message once, in order. A replay is paced to the client: it queues a
+slice, waits for the socket to take it, and so stays within the backpressure
+limits.
 """
 
 from __future__ import annotations
@@ -12,126 +13,156 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from broker import Delivery, Replay
-from broker.channels import client_name, user_channel
+from broker import Channel, History, ReadPositions, Replay
 
-from .node import Node
+from .metrics import Metrics
 from .session import Session
+from .settings import HistorySettings
+from .subscriptions import Subscriptions
 
 
-def hold(session: Session) -> None:
-    if session.held is None:
-        session.held = []
+class Resumer:
+    """Owns what a session is sent before (or while joining) the live flow:
+    the replay from a position, or the user's unread messages."""
 
+    def __init__(
+        self,
+        subscriptions: Subscriptions,
+        history: History,
+        reads: ReadPositions,
+        droppable: Callable[[Channel], bool],
+        settings: HistorySettings,
+        metrics: Metrics,
+    ) -> None:
+        self._subscriptions = subscriptions
+        self._history = history
+        self._reads = reads
+        self._droppable = droppable
+        self._settings = settings
+        self._metrics = metrics
 
-async def attach(
-    node: Node,
-    session: Session,
-    channels: Sequence[str],
-    since: int | None,
-    first: dict[str, Any] | None = None,
-    joined: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Join a new session's channels, then call ``joined`` (SSE: the response
-    starts only now), send ``first`` (the welcome frame, completed with
-    ``unread``), then what it missed since ``since`` — or, without a position,
-    its user's unread messages — then the live flow. Either tells the client
-    its channels are live: what is published after it reaches the client."""
-    hold(session)
-    try:
-        await _join(node, session, channels)
-        replay, unread = await _opening_replay(node, session, channels, since)
-        if joined is not None:
-            await joined()
-        if first is not None:
-            if unread is not None:
-                first["unread"] = unread
-            session.send(first)
-    except BaseException:
-        session.held = None
-        raise
-    await _send(node, session, replay)
-    session.opened()
+    async def attach(
+        self,
+        session: Session,
+        channels: Sequence[Channel],
+        since: int | None,
+        first: dict[str, Any] | None = None,
+        joined: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Join a new session's channels, then call ``joined`` (SSE: the response
+        starts only now), send ``first`` (the welcome frame, completed with
+        ``unread``), then what it missed since ``since`` — or, without a position,
+        its user's unread messages — then the live flow. Either tells the client
+        its channels are live: what is published after it reaches the client."""
+        session.start_holding()
+        try:
+            await self._join(session, channels)
+            replay, unread = await self._opening_replay(session, channels, since)
+            if joined is not None:
+                await joined()
+            if first is not None:
+                if unread is not None:
+                    first["unread"] = unread
+                session.send(first)
+        except BaseException:
+            session.stop_holding()
+            raise
+        await self._send(session, replay)
+        session.opened()
 
+    async def resume(self, session: Session, channels: Sequence[Channel], since: int) -> None:
+        """Join ``channels`` on an open session and replay them after ``since``,
+        then go on live. Live deliveries are held from before the join: one that
+        arrives while joining is then sent once, in order, not before the replay."""
+        session.start_holding()
+        try:
+            await self._join(session, channels)
+            replay = await self._history.replay(channels, since, self._settings.replay_max)
+        except BaseException:
+            self._queue_held(session)
+            raise
+        await self._send(session, replay)
 
-async def _join(node: Node, session: Session, channels: Sequence[str]) -> None:
-    for channel in channels:
-        await node.hub.join(session, channel)
+    async def _join(self, session: Session, channels: Sequence[Channel]) -> None:
+        for channel in channels:
+            await self._subscriptions.join(session, channel)
 
+    async def _opening_replay(
+        self, session: Session, channels: Sequence[Channel], since: int | None
+    ) -> tuple[Replay | None, int | None]:
+        """What a new session is sent before the live flow, and its unread count."""
+        settings = self._settings
+        history = self._history
+        if not settings.inbox:
+            replay = None if since is None else await history.replay(channels, since, settings.replay_max)
+            return replay, None
+        user = Channel.user(session.user)
+        read = await self._reads.position(session.user)
+        if since is None:
+            replay = await history.replay((user,), read, settings.replay_max)
+            if not replay.deliveries:
+                # Nothing unread is held: whatever expired unread did so by the
+                # inbox's own limits, and a reset on every connect of every idle
+                # user would only be noise.
+                return None, 0
+            return replay, len(replay.deliveries)
+        replay = await history.replay(channels, since, settings.replay_max)
+        if read >= since:
+            unread = sum(1 for d in replay.deliveries if d.channel == user and d.seq > read)
+        else:
+            unread = len((await history.replay((user,), read, settings.user_max)).deliveries)
+        return replay, unread
 
-async def _opening_replay(
-    node: Node, session: Session, channels: Sequence[str], since: int | None
-) -> tuple[Replay | None, int | None]:
-    """What a new session is sent before the live flow, and its unread count."""
-    history = node.settings.history
-    broker = node.broker
-    if not history.inbox:
-        replay = None if since is None else await broker.replay(channels, since, history.replay_max)
-        return replay, None
-    user = user_channel(session.user)
-    read = await broker.read_position(session.user)
-    if since is None:
-        replay = await broker.replay((user,), read, history.replay_max)
-        if not replay.deliveries:
-            # Nothing unread is held: whatever expired unread did so by the
-            # inbox's own limits, and a reset on every connect of every idle
-            # user would only be noise.
-            return None, 0
-        return replay, len(replay.deliveries)
-    replay = await broker.replay(channels, since, history.replay_max)
-    if read >= since:
-        unread = sum(1 for d in replay.deliveries if d.channel == user and d.seq > read)
-    else:
-        unread = len((await broker.replay((user,), read, history.user_max)).deliveries)
-    return replay, unread
+    async def _send(self, session: Session, replay: Replay | None) -> None:
+        """Resets first, then the replayed messages, paced; then the held live ones."""
+        try:
+            if replay is not None:
+                await self._send_replay(session, replay)
+            await self._queue_held_paced(session)
+        finally:
+            self._queue_held(session)
 
+    async def _send_replay(self, session: Session, replay: Replay) -> None:
+        for channel in sorted(replay.lost):
+            # Loss is never silent: the client must refetch this channel's state.
+            session.send(
+                {"type": "reset", "channel": channel.client_name, "reason": "messages missed are no longer held"}
+            )
+            self._metrics.resets_history.inc()
+        deliveries = replay.deliveries
+        if not deliveries:
+            return
+        max_bytes, max_messages = _pace(session)
+        outbound = session.outbound
+        sent = 0
+        for d in deliveries:
+            if outbound.bytes > max_bytes or len(outbound) > max_messages:
+                await outbound.room(max_bytes, max_messages)
+            if not session.active:
+                break
+            session.queue_replayed(d)
+            sent += 1
+        self._metrics.replayed.inc(sent)
 
-async def resume(node: Node, session: Session, channels: Sequence[str], since: int) -> None:
-    """Join ``channels`` on an open session and replay them after ``since``,
-    then go on live. Live deliveries are held from before the join: one that
-    arrives while joining is then sent once, in order, not before the replay."""
-    hold(session)
-    try:
-        await _join(node, session, channels)
-        replay = await node.broker.replay(channels, since, node.settings.history.replay_max)
-    except BaseException:
-        release(node, session)
-        raise
-    await _send(node, session, replay)
+    async def _queue_held_paced(self, session: Session) -> None:
+        """Queue the held live deliveries at the socket's pace; what arrives
+        meanwhile is held too, and goes next. Ends, with the session live, once
+        nothing is held (the client reads faster than its channels get messages)."""
+        max_bytes, max_messages = _pace(session)
+        outbound = session.outbound
+        droppable = self._droppable
+        while session.held and session.active:
+            for d in session.take_held():
+                if outbound.bytes > max_bytes or len(outbound) > max_messages:
+                    await outbound.room(max_bytes, max_messages)
+                session.queue_held(d, droppable(d.channel))
 
-
-async def _send(node: Node, session: Session, replay: Replay | None) -> None:
-    """Resets first, then the replayed messages, paced; then the held live ones."""
-    try:
-        if replay is not None:
-            await _send_replay(node, session, replay)
-        await _release_paced(node, session)
-    finally:
-        release(node, session)
-
-
-async def _send_replay(node: Node, session: Session, replay: Replay) -> None:
-    for channel in sorted(replay.lost):
-        # Loss is never silent: the client must refetch this channel's state.
-        session.send({"type": "reset", "channel": client_name(channel), "reason": "messages missed are no longer held"})
-        node.metrics.resets_history.inc()
-    deliveries = replay.deliveries
-    if not deliveries:
-        return
-    floors = session.floors if session.floors is not None else {}
-    session.floors = floors
-    max_bytes, max_messages = _pace(session)
-    codec, outbound = session.codec, session.outbound
-    sent = 0
-    for d in deliveries:
-        if outbound.bytes > max_bytes or len(outbound) > max_messages:
-            await outbound.room(max_bytes, max_messages)
-        if not session.active:
-            break
-        outbound.push(codec.message(d), -1.0)
-        floors[d.channel] = d.seq
-        sent += 1
-    node.metrics.replayed.inc(sent)
+    def _queue_held(self, session: Session) -> None:
+        """Stop holding and queue what is held now (unpaced: the session is
+        ending, or ``_queue_held_paced`` left nothing)."""
+        droppable = self._droppable
+        for d in session.stop_holding():
+            session.queue_held(d, droppable(d.channel))
 
 
 def _pace(session: Session) -> tuple[int, int]:
@@ -139,32 +170,3 @@ def _pace(session: Session) -> tuple[int, int]:
     the queue, so live messages still fit meanwhile."""
     limits = session.outbound.limits
     return limits.max_bytes // 4, max(1, limits.max_messages // 4)
-
-
-async def _release_paced(node: Node, session: Session) -> None:
-    """Queue the held live deliveries at the socket's pace; what arrives
-    meanwhile is held too, and goes next. Ends, with the session live, once
-    nothing is held (the client reads faster than its channels get messages)."""
-    max_bytes, max_messages = _pace(session)
-    outbound = session.outbound
-    while session.held and session.active:
-        held, session.held = session.held, []
-        for d in held:
-            if outbound.bytes > max_bytes or len(outbound) > max_messages:
-                await outbound.room(max_bytes, max_messages)
-            _queue_live(node, session, d)
-
-
-def release(node: Node, session: Session) -> None:
-    """Queue the held live deliveries now (unpaced: the session is ending, or
-    ``_release_paced`` left nothing)."""
-    held, session.held = session.held or [], None
-    for d in held:
-        _queue_live(node, session, d)
-
-
-def _queue_live(node: Node, session: Session, d: Delivery) -> None:
-    """Queue a held live delivery, unless a replay sent it already."""
-    if d.seq and session.floors and d.seq <= session.floors.get(d.channel, 0):
-        return
-    session.outbound.push(session.codec.message(d), d.ts, node.hub.droppable(d.channel))

@@ -24,7 +24,7 @@ from aiohttp import web
 from broker import BrokerUnavailable
 
 from .app import create_admin_app, create_app
-from .keys import NODE
+from .keys import NODE, NODE_API
 from .settings import Settings
 
 log = logging.getLogger("herald")
@@ -75,7 +75,7 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
         http = settings.http
         await web.TCPSite(runner, http.host, http.port, backlog=http.backlog, reuse_port=reuse_port).start()
         if settings.admin.port:
-            admin = web.AppRunner(create_admin_app(app[NODE]), access_log=None)
+            admin = web.AppRunner(create_admin_app(app[NODE_API]), access_log=None)
             await admin.setup()
             runners.append(admin)
             await web.TCPSite(admin, settings.admin.host, settings.admin.port).start()

@@ -1,9 +1,10 @@
-"""One client connection: identity, channels, outbound queue, state.
+"""One client connection: identity, channels, outbound queue, state, and the
+live deliveries it holds aside while a replay runs.
 
 A session is transport-agnostic: the transport hands it a Wire (raw writes) and
 a closer (how to end the connection with a Disconnect). Everything the client
 receives — deliveries, acks, errors — goes through the one bounded queue, so
-ordering is the order of ``push``.
+ordering is the order in which they are queued.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from broker import Delivery
+from broker import Channel, Delivery
 
 from .auth import Identity
 from .disconnect import SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
 from .frames import Codec
 from .limits import CommandLimiter
 from .metrics import TransportMetrics
-from .outbound import Flusher, Outbound, QueueLimits, Wire
+from .outbound import LIVE, REPLAYED, Flusher, Outbound, QueueLimits, Wire
 
 
 class State(enum.Enum):
+    """Where a session is in its life: connecting → open → closing → closed."""
+
     CONNECTING = "connecting"
     OPEN = "open"
     CLOSING = "closing"
@@ -35,6 +38,9 @@ Closer = Callable[[Disconnect], None]
 
 
 class Session:
+    """Owns one connection's identity, channels, queue and state, and what it
+    holds aside while a replay runs."""
+
     __slots__ = (
         "_closer",
         "_expiry",
@@ -42,6 +48,7 @@ class Session:
         "codec",
         "disconnect",
         "floors",
+        "gated",
         "held",
         "id",
         "identity",
@@ -67,14 +74,17 @@ class Session:
         self.codec = codec
         self.metrics = metrics
         self.outbound = Outbound(wire, flusher, limits, metrics, self._on_overflow)
-        self.channels: set[str] = set()
+        self.channels: set[Channel] = set()
         self.state = State.CONNECTING
         self.disconnect: Disconnect | None = None
-        # Live deliveries held aside while a resume replays (see resume.py).
+        # Live deliveries held aside while a replay runs (see resume.py).
         self.held: list[Delivery] | None = None
         # Per replayed channel, the last sequence the replay sent: live copies
         # at or below it (a gap repair re-sending them) are skipped.
-        self.floors: dict[str, int] | None = None
+        self.floors: dict[Channel, int] | None = None
+        # Whether a live delivery must pass ``pass_live`` (held or floors set):
+        # one attribute for the fan-out to read per recipient.
+        self.gated = False
         self.limiter: CommandLimiter | None = None  # made on the first command
         self._closer = closer
         self._expiry: asyncio.TimerHandle | None = None
@@ -100,14 +110,55 @@ class Session:
         """Queue a control frame (welcome, ack, error, pong…)."""
         self.outbound.push(self.codec.control(obj))
 
-    def hold(self, d: Delivery) -> None:
-        """Keep a live delivery aside while a replay runs; past ``max_held``
-        the session is a slow consumer like any other."""
+    # -- holding live deliveries while a replay runs ----------------------------
+
+    def start_holding(self) -> None:
+        """Live deliveries wait aside from now on, until ``stop_holding``."""
+        if self.held is None:
+            self.held = []
+            self.gated = True
+
+    def pass_live(self, d: Delivery) -> bool:
+        """Whether a live delivery goes to the queue now: not while a replay
+        runs (it is held, and queued after the replay), nor if a replay sent
+        it already. Past ``max_held`` held the session is a slow consumer."""
         held = self.held
-        assert held is not None
-        held.append(d)
-        if len(held) > self.outbound.limits.max_held:
-            self._on_overflow(False)
+        if held is not None:
+            held.append(d)
+            if len(held) > self.outbound.limits.max_held:
+                self._on_overflow(False)
+            return False
+        return not self._replayed(d)
+
+    def _replayed(self, d: Delivery) -> bool:
+        floors = self.floors
+        return bool(d.seq and floors and d.seq <= floors.get(d.channel, 0))
+
+    def take_held(self) -> list[Delivery]:
+        """What was held so far; holding goes on."""
+        held, self.held = self.held or [], []
+        return held
+
+    def stop_holding(self) -> list[Delivery]:
+        """What was held; live deliveries are queued directly again."""
+        held, self.held = self.held or [], None
+        self.gated = self.floors is not None
+        return held
+
+    def queue_replayed(self, d: Delivery) -> None:
+        self.outbound.push(self.codec.message(d), REPLAYED)
+        floors = self.floors
+        if floors is None:
+            floors = self.floors = {}
+            self.gated = True
+        floors[d.channel] = d.seq
+
+    def queue_held(self, d: Delivery, droppable: bool) -> None:
+        """Queue a held live delivery, unless a replay sent it already."""
+        if not self._replayed(d):
+            self.outbound.push(self.codec.message(d), LIVE, d.ts, droppable)
+
+    # -- life ----------------------------------------------------------------------
 
     def set_expiry(self, expires: float | None) -> None:
         self._cancel_expiry()

@@ -14,12 +14,13 @@ from aiohttp_sse import EventSourceResponse
 
 from broker import BrokerUnavailable
 
-from .admission import Refusal, admit, count_in, screen
+from .admission import Gate, Refusal
 from .disconnect import CLIENT_CLOSED, GOING_AWAY, INTERNAL, UNAVAILABLE, Disconnect
 from .frames import SSE
 from .http import SocketWire, drain_or_abort, json_error
-from .keys import NODE
-from .resume import attach
+from .resume import Resumer
+from .sessions import Sessions
+from .settings import BackpressureSettings, SseSettings
 
 log = logging.getLogger("herald.sse")
 
@@ -66,51 +67,72 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-async def sse_handler(request: web.Request) -> web.StreamResponse:
-    node = request.app[NODE]
-    try:
-        screen(node, request)
-        admission = admit(node, request, request.headers.get("Last-Event-ID"))
-        conn_id = await count_in(node, admission.identity)
-    except Refusal as refusal:
-        return json_error(refusal.status, refusal.error, refusal.message)
-    if request.transport is None:  # the client left while it was being admitted
-        node.broker.close_connection(admission.identity.user, conn_id)
-        return web.Response(status=499)
+class SseEndpoint:
+    """``GET /sse``: admits, attaches, and serves the stream until it ends."""
 
-    s = node.settings.sse
-    response = EventSourceResponse(ping_interval=s.keepalive)
-    response.force_close()  # one stream per connection: never reused for keep-alive
-    transport = request.transport
-    assert transport is not None
-    bp = node.settings.backpressure
-    conn = SseConnection(response, request, bp.write_buffer, bp.socket_buffer)
-    session = node.open_session(conn_id, admission.identity, SSE, conn, conn.close)
-    reason: Disconnect = CLIENT_CLOSED
-    try:
-        await attach(node, session, admission.channels, admission.since, joined=lambda: conn.start(request, s.retry))
-        await response.wait()
-        if session.disconnect is not None:
-            reason = session.disconnect
-            await _end_stream(response, transport, node.settings.ws.close_timeout)
-    except ConnectionResetError:  # gone before or while the stream started
-        reason = CLIENT_CLOSED
-    except BrokerUnavailable as exc:
-        reason = UNAVAILABLE
-        log.warning("stream %s: %s", session.id, exc)
-        if not response.prepared:  # refused before the stream started: say why
-            return json_error(503, "unavailable", str(exc))
-    except asyncio.CancelledError:
-        # The client went away (handler cancellation) or the server is stopping.
-        reason = session.disconnect or GOING_AWAY
-        raise
-    except Exception:
-        log.exception("stream %s failed", session.id)
-        reason = INTERNAL
-        transport.abort()
-    finally:
-        await node.finish_session(session, reason)
-    return response
+    def __init__(
+        self,
+        sse: SseSettings,
+        backpressure: BackpressureSettings,
+        close_timeout: float,
+        gate: Gate,
+        sessions: Sessions,
+        resumer: Resumer,
+    ) -> None:
+        self._sse = sse
+        self._backpressure = backpressure
+        self._close_timeout = close_timeout  # ws.close_timeout: the same bound for ending a stream
+        self._gate = gate
+        self._sessions = sessions
+        self._resumer = resumer
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        gate = self._gate
+        try:
+            gate.screen(request)
+            admission = gate.admit(request, request.headers.get("Last-Event-ID"))
+            conn_id = await gate.count_in(admission.identity)
+        except Refusal as refusal:
+            return json_error(refusal.status, refusal.error, refusal.message)
+        if request.transport is None:  # the client left while it was being admitted
+            gate.count_out(admission.identity.user, conn_id)
+            return web.Response(status=499)
+
+        s = self._sse
+        response = EventSourceResponse(ping_interval=s.keepalive)
+        response.force_close()  # one stream per connection: never reused for keep-alive
+        transport = request.transport
+        assert transport is not None
+        bp = self._backpressure
+        conn = SseConnection(response, request, bp.write_buffer, bp.socket_buffer)
+        session = self._sessions.open(conn_id, admission.identity, SSE, conn, conn.close)
+        reason: Disconnect = CLIENT_CLOSED
+        try:
+            await self._resumer.attach(
+                session, admission.channels, admission.since, joined=lambda: conn.start(request, s.retry)
+            )
+            await response.wait()
+            if session.disconnect is not None:
+                reason = session.disconnect
+                await _end_stream(response, transport, self._close_timeout)
+        except ConnectionResetError:  # gone before or while the stream started
+            reason = CLIENT_CLOSED
+        except BrokerUnavailable as exc:
+            reason = UNAVAILABLE
+            log.warning("stream %s: %s", session.id, exc)
+            if not response.prepared:  # refused before the stream started: say why
+                return json_error(503, "unavailable", str(exc))
+        except asyncio.CancelledError:
+            # The client went away (handler cancellation) or the server is stopping.
+            reason = session.disconnect or GOING_AWAY
+            raise
+        except Exception:
+            log.exception("stream %s failed", session.id)
+            reason = INTERNAL
+            transport.abort()
+        finally:
+            await gate.finish(session, reason)
+        return response
 
 
 async def _end_stream(response: EventSourceResponse, transport: asyncio.Transport, timeout: float) -> None:

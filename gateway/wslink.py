@@ -13,14 +13,10 @@ outbound.py).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
 
 from broker import BrokerUnavailable
 from broker.tasks import spawn
@@ -41,12 +37,13 @@ from .http import SocketWire, free_socket, hard_abort
 from .session import Session
 
 if TYPE_CHECKING:
+    from .admission import Gate
     from .commands import Commands
-    from .node import Node
+    from .metrics import Metrics
+    from .settings import BackpressureSettings, WsSettings
 
 log = logging.getLogger("herald.ws")
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _PING = ws_frame(b"", OP_PING)
 # Frames waiting for their command handler; past this the socket is not read.
@@ -55,40 +52,8 @@ _INBOX_PAUSE, _INBOX_RESUME = 64, 16
 _finishing: set[asyncio.Task[None]] = set()
 
 
-def accept_key(request: web.BaseRequest) -> str | None:
-    """``Sec-WebSocket-Accept`` for a valid upgrade request; None if it is not one."""
-    headers = request.headers
-    if request.method != "GET" or headers.get("Upgrade", "").strip().lower() != "websocket":
-        return None
-    if "upgrade" not in headers.get("Connection", "").lower() or headers.get("Sec-WebSocket-Version") != "13":
-        return None
-    key = headers.get("Sec-WebSocket-Key", "")
-    try:
-        if len(base64.b64decode(key, validate=True)) != 16:
-            return None
-    except ValueError:
-        return None
-    return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
-
-
-def switching_protocols(accept: str) -> bytes:
-    return (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept.encode()
-    )
-
-
 def close_frame(reason: Disconnect) -> bytes:
     return ws_frame(reason.code.to_bytes(2, "big") + reason.message.encode()[:123], OP_CLOSE)
-
-
-def release(request: web.BaseRequest) -> None:
-    """Make aiohttp forget an upgraded connection whose socket a WsLink now
-    owns: no write, close or timer of aiohttp's touches it afterwards. The
-    handler must return right after (aiohttp may cancel its task)."""
-    handler = request.protocol
-    handler.transport = None
-    handler.connection_lost(None)
 
 
 def _unmask(mask: bytes | bytearray, data: bytes | bytearray) -> bytes:
@@ -113,19 +78,33 @@ def ends_on_failure(session: Session) -> Iterator[None]:
         session.close(INTERNAL)
 
 
-class WsContext:
-    """What every link of one node shares, and the links still open."""
+class WsLinks:
+    """The links of one node still open, and what they all share."""
 
-    __slots__ = ("close_timeout", "commands", "links", "max_frame", "node", "pinger")
+    __slots__ = (
+        "close_timeout",
+        "commands",
+        "frame_rejections",
+        "gate",
+        "links",
+        "max_frame",
+        "pinger",
+        "socket_buffer",
+        "write_buffer",
+    )
 
-    def __init__(self, node: Node, commands: Commands) -> None:
-        s = node.settings.ws
-        self.node = node
+    def __init__(
+        self, ws: WsSettings, backpressure: BackpressureSettings, commands: Commands, gate: Gate, metrics: Metrics
+    ) -> None:
         self.commands = commands
-        self.max_frame = s.max_frame
-        self.close_timeout = s.close_timeout
+        self.gate = gate
+        self.max_frame = ws.max_frame
+        self.close_timeout = ws.close_timeout
+        self.write_buffer = backpressure.write_buffer
+        self.socket_buffer = backpressure.socket_buffer
+        self.frame_rejections = metrics.limit_rejections.labels("frame_size")
         self.links: set[WsLink] = set()
-        self.pinger = Pinger(s.heartbeat, self.links) if s.heartbeat else None
+        self.pinger = Pinger(ws.heartbeat, self.links) if ws.heartbeat else None
 
     async def wait_closed(self) -> None:
         """After the node closed its sessions: give their close handshakes
@@ -162,9 +141,8 @@ class WsLink(SocketWire, asyncio.Protocol):
         "session",
     )
 
-    def __init__(self, transport: asyncio.Transport, ctx: WsContext) -> None:
-        bp = ctx.node.settings.backpressure
-        super().__init__(transport, bp.write_buffer, bp.socket_buffer)
+    def __init__(self, transport: asyncio.Transport, ctx: WsLinks) -> None:
+        super().__init__(transport, ctx.write_buffer, ctx.socket_buffer)
         self._ctx = ctx
         self._loop = loop = asyncio.get_running_loop()
         self._buf: bytearray | None = None  # bytes of a frame not yet whole
@@ -225,7 +203,7 @@ class WsLink(SocketWire, asyncio.Protocol):
                 self._fail(PROTOCOL_ERROR)
                 return
             elif size + (len(self._fragments) if opcode == OP_CONTINUATION and self._fragments else 0) > max_frame:
-                self._ctx.node.metrics.limit_rejections.labels("frame_size").inc()
+                self._ctx.frame_rejections.inc()
                 self._fail(TOO_BIG)
                 return
             stop = head + 4 + size
@@ -402,7 +380,7 @@ class WsLink(SocketWire, asyncio.Protocol):
     async def _finished(self, session: Session, worker: asyncio.Task[None] | None) -> None:
         if worker is not None and not worker.done():
             await asyncio.wait([worker])  # a command mid-way ends before the channels are released
-        await self._ctx.node.finish_session(session, session.disconnect or CLIENT_CLOSED)
+        await self._ctx.gate.finish(session, session.disconnect or CLIENT_CLOSED)
 
     # -- writing (outbound.Wire) ----------------------------------------------
 

@@ -7,6 +7,7 @@ import itertools
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker import BrokerEvents, Delivery
 from broker.embedded import free_port, free_ports
 from gateway.app import create_app
 from gateway.auth import mint_token
@@ -92,6 +94,15 @@ async def start_node(settings: Settings, broker_factory: BrokerFactory | None = 
     await site.start()
     host, port = runner.addresses[0][:2]
     return RunningNode(settings, runner, f"http://{host}:{port}")
+
+
+def broker_events(deliver: Callable[[Delivery], None] | None = None) -> BrokerEvents:
+    """Events for a broker built alone: deliveries to ``deliver``, the rest ignored."""
+
+    def ignore(_: object) -> None:
+        pass
+
+    return BrokerEvents(deliver or ignore, ignore, ignore)
 
 
 async def recv_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> dict[str, Any]:

@@ -69,7 +69,7 @@ async def test_stalled_reader_is_closed_4008_and_others_get_everything(
     async def watch_queue() -> None:
         nonlocal peak_queue
         while True:
-            peak_queue = max(peak_queue, node.node.queued_bytes())
+            peak_queue = max(peak_queue, node.node.sessions.queued_bytes())
             await asyncio.sleep(0.005)
 
     watcher = asyncio.create_task(watch_queue())

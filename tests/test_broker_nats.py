@@ -9,12 +9,14 @@ import aiohttp
 import nats
 import pytest
 
-from broker import BrokerUnavailable, Delivery
+from broker import BrokerUnavailable, Channel, Delivery
 from broker.channels import Subjects
 from broker.embedded import NatsServer
 from broker.jetstream import NatsBroker, NatsConfig
 
-from .helpers import wait_for
+from .helpers import broker_events, wait_for
+
+ROOM_X = Channel.room("x")
 
 
 async def subjects_of(nats_server: NatsServer, name: str, prefix: str) -> list[str]:
@@ -39,26 +41,26 @@ async def test_cancelled_want_leaves_no_subscription_behind(nats_server: NatsSer
         storage="memory",
         unsubscribe_delay=0.0,
     )
-    broker = NatsBroker(config, got.append)
+    broker = NatsBroker(config, broker_events(got.append))
     await broker.start()
     try:
         for i in range(24):
-            want = asyncio.create_task(broker.want("room:x"))
+            want = asyncio.create_task(broker.pubsub.want(ROOM_X))
             for _ in range(i % 6):  # cancel at different points of subscribe + confirm
                 await asyncio.sleep(0)
             want.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await want
             if not want.cancelled():
-                await broker.unwant("room:x")  # it completed before the cancel: give it back
+                await broker.pubsub.unwant(ROOM_X)  # it completed before the cancel: give it back
 
         async def no_leftovers() -> bool:
             return await subjects_of(nats_server, "cancel-test", "cx_live.") == []
 
         await wait_for(no_leftovers, timeout=5)
-        await broker.want("room:x")
+        await broker.pubsub.want(ROOM_X)
         assert await subjects_of(nats_server, "cancel-test", "cx_live.") == ["cx_live.room.x"]
-        seq = await broker.publish("room:x", b'"once"')
+        seq = await broker.pubsub.publish(ROOM_X, b'"once"')
         await wait_for(lambda: len(got) >= 1)
         await asyncio.sleep(0.2)
         assert [(d.channel, d.seq) for d in got] == [("room:x", seq)]
@@ -75,9 +77,9 @@ async def test_second_stream_on_the_same_subjects_fails_with_the_servers_reason(
             urls=(nats_server.url,), subjects=Subjects("ovl", "ovl_live"), stream=stream, storage="memory"
         )
 
-    first = NatsBroker(config("OVL_ONE"), lambda d: None)
+    first = NatsBroker(config("OVL_ONE"), broker_events())
     await first.start()
-    second = NatsBroker(config("OVL_TWO"), lambda d: None)
+    second = NatsBroker(config("OVL_TWO"), broker_events())
     try:
         with pytest.raises(BrokerUnavailable, match=r"OVL_TWO.*overlap"):
             await second.start()
@@ -92,13 +94,13 @@ async def test_a_wanted_channel_is_live_when_want_returns(nats_server: NatsServe
     (nats-py's flush() writes its PING ahead of a SUB still pending.)"""
     got: list[Delivery] = []
     config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("lv", "lv_live"), stream="LV", storage="memory")
-    broker = NatsBroker(config, got.append)
+    broker = NatsBroker(config, broker_events(got.append))
     await broker.start()
     publisher = await nats.connect(nats_server.url)
     try:
         rounds = 150
         for i in range(rounds):
-            await broker.want(f"room:r{i}")
+            await broker.pubsub.want(Channel.room(f"r{i}"))
             await publisher.publish(f"lv_live.room.r{i}", b'"x"')  # ephemeral: straight to the live subject
         await publisher.flush()
         await wait_for(lambda: len(got) >= rounds, timeout=5)
@@ -113,7 +115,7 @@ async def test_a_one_channel_replay_asks_the_stream_leader_not_any_replica(nats_
     (STREAM.MSG.GET), never as a direct get, which any replica may answer from
     behind: "nothing newer" from one would skip acked messages for good."""
     config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("dg", "dg_live"), stream="DG", storage="memory")
-    broker = NatsBroker(config, lambda d: None)
+    broker = NatsBroker(config, broker_events())
     await broker.start()
     spy = await nats.connect(nats_server.url)
     asked: list[str] = []
@@ -125,10 +127,10 @@ async def test_a_one_channel_replay_asks_the_stream_leader_not_any_replica(nats_
         await spy.subscribe("$JS.API.DIRECT.GET.>", cb=note)
         await spy.subscribe("$JS.API.STREAM.MSG.GET.>", cb=note)
         await spy.flush()
-        first = await broker.publish("room:x", b"1")
-        second = await broker.publish("room:x", b"2")
-        assert [d.seq for d in (await broker.replay(["room:x"], second, 100)).deliveries] == []
-        assert [d.seq for d in (await broker.replay(["room:x"], first, 100)).deliveries] == [second]
+        first = await broker.pubsub.publish(ROOM_X, b"1")
+        second = await broker.pubsub.publish(ROOM_X, b"2")
+        assert [d.seq for d in (await broker.history.replay([ROOM_X], second, 100)).deliveries] == []
+        assert [d.seq for d in (await broker.history.replay([ROOM_X], first, 100)).deliveries] == [second]
         await spy.flush()
         await asyncio.sleep(0.1)
         assert asked and all(s.startswith("$JS.API.STREAM.MSG.GET.") for s in asked), asked

@@ -169,9 +169,9 @@ class Dropper:
     def wrap(self, channel: str) -> None:
         """Drop ``channel``'s deliveries while it is in ``dropping`` or its
         ``pattern`` says so."""
-        nc = self.broker._nc
+        nc = self.broker._link.nc
         assert nc is not None
-        sid = self.broker._subs[channel]._id
+        sid = self.broker.pubsub._subs[channel]._id
         original = nc._handlers[sid]
         seen = [0]
 
@@ -384,7 +384,7 @@ async def test_whitebox_stream_unreachable_for_repair_is_a_reset(
     first = await publish(http, node, "room:lobby", 0)
     assert ids(await receive(ws, 1)) == [first]
 
-    sequencer = nats_broker(node)._sequencer
+    sequencer = nats_broker(node).pubsub.sequencer
     sequencer._retry_wait = 0.05
     calls = []
 
@@ -471,7 +471,7 @@ async def test_whitebox_repair_keeps_order_across_channels_of_one_client(
     assert ids(await receive(ws, 1)) == [first]
 
     # Hold the repair's fetch until the test lets it go (a slow stream read).
-    sequencer = nats_broker(node)._sequencer
+    sequencer = nats_broker(node).pubsub.sequencer
     real_fetch = sequencer._fetch
     go = asyncio.Event()
 

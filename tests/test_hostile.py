@@ -148,14 +148,14 @@ async def test_clients_that_leave_during_admission_leave_no_traceback(
 ) -> None:
     """A connect storm makes admission slow (a KV round trip); clients give up
     meanwhile. The node lets them go without an error in its log."""
-    broker = node.node.broker
-    real = broker.open_connection
+    connections = node.node.broker.connections
+    real = connections.open
 
     async def slow_open(*args: Any) -> Any:
         await asyncio.sleep(0.3)
         return await real(*args)
 
-    broker.open_connection = slow_open  # type: ignore[method-assign]
+    connections.open = slow_open  # type: ignore[method-assign]
     host, port = node.url.removeprefix("http://").split(":")
     upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     headers = upgrade + "Sec-WebSocket-Version: 13\r\n" if path == "/ws" else ""
@@ -166,10 +166,10 @@ async def test_clients_that_leave_during_admission_leave_no_traceback(
         await writer.drain()
         writer.transport.abort()  # gone before the answer
     await asyncio.sleep(0.8)
-    broker.open_connection = real  # type: ignore[method-assign]
+    connections.open = real  # type: ignore[method-assign]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
-    assert node.node.sessions == set()
+    assert len(node.node.sessions) == 0
     honest = await honest_client(http, node)
     await still_served(http, node, honest)
     await honest.close()

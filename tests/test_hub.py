@@ -7,23 +7,24 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
 
-from broker import BrokerUnavailable, Delivery, Replay
-from broker.memory import MemoryBroker
+from broker import BrokerEvents, BrokerUnavailable, Channel, Delivery, Replay
 from gateway.auth import Identity
 from gateway.disconnect import SHUTDOWN, SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
 from gateway.frames import SSE, WS, SseCodec, WsCodec
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.outbound import Flusher, QueueLimits
-from gateway.resume import resume
+from gateway.resume import Resumer
 from gateway.session import Session, State
 from gateway.settings import Settings
+from gateway.subscriptions import Subscriptions
+
+from .memory_broker import MemoryBroker, MemoryHistory
 
 LIMITS = QueueLimits(max_bytes=1 << 20, max_messages=1000, write_buffer=64 * 1024, stall_timeout=5.0)
 
@@ -105,15 +106,37 @@ class CountingSse(SseCodec):
 
 
 class Env:
+    """The delivery path's parts wired as ``build_node`` wires them, over the
+    memory broker. Channels are given by name and parsed here."""
+
     def __init__(self, hub: Hub | None = None) -> None:
         self.hub = hub or Hub()
-        self.broker = MemoryBroker(self.hub.deliver)
-        self.hub.broker = self.broker
+        self.broker = MemoryBroker(BrokerEvents(self.hub.deliver, self.hub.lost, lambda conn: None))
+        self.subscriptions = Subscriptions(self.hub, self.broker.pubsub, self.broker.presence)
+        self.history: Any = self.broker.history  # a test may wrap it (ReplayHook)
+        self.settings = Settings()
         self.metrics = Metrics()
         self.dropped: list[int] = []
         self.flusher = Flusher(self.dropped.append)
-        self.node = SimpleNamespace(broker=self.broker, metrics=self.metrics, hub=self.hub, settings=Settings())
         self.sessions: list[Session] = []
+
+    async def join(self, session: Session, name: str) -> None:
+        await self.subscriptions.join(session, Channel.parse(name))
+
+    async def leave(self, session: Session, name: str) -> None:
+        await self.subscriptions.leave(session, Channel.parse(name))
+
+    async def publish(self, name: str, payload: bytes, event: str | None = None) -> int:
+        return await self.broker.pubsub.publish(Channel.parse(name), payload, event)
+
+    async def publish_ephemeral(self, name: str, payload: bytes) -> None:
+        await self.broker.pubsub.publish_ephemeral(Channel.parse(name), payload)
+
+    async def resume(self, session: Session, names: Sequence[str], since: int) -> None:
+        resumer = Resumer(
+            self.subscriptions, self.history, self.broker.reads, self.hub.droppable, self.settings.history, self.metrics
+        )
+        await resumer.resume(session, [Channel.parse(n) for n in names], since)
 
     def session(
         self,
@@ -174,7 +197,7 @@ async def settle(passes: int = 5) -> None:
 
 
 def delivery(channel: str, seq: int, payload: bytes = b"{}", ts: float | None = None) -> Delivery:
-    return Delivery(channel, seq, 0, time.time() if ts is None else ts, "message", payload)
+    return Delivery(Channel.parse(channel), seq, 0, time.time() if ts is None else ts, "message", payload)
 
 
 def ws_frames(data: bytes) -> list[dict[str, Any]]:
@@ -206,8 +229,8 @@ async def test_one_delivery_to_100_ws_sessions_encodes_once(env: Env) -> None:
     codec = CountingWs()
     sessions = [env.session(codec) for _ in range(100)]
     for s, _, _ in sessions:
-        await env.hub.join(s, "room:a")
-    await env.broker.publish("room:a", b'{"n":1}')
+        await env.join(s, "room:a")
+    await env.publish("room:a", b'{"n":1}')
     await settle()
     assert codec.calls == 1
     first = sessions[0][1].writes[0]
@@ -226,8 +249,8 @@ async def test_ws_and_sse_sessions_get_their_own_encoding_once_each(env: Env) ->
     ws = [env.session(ws_codec) for _ in range(20)]
     sse = [env.session(sse_codec) for _ in range(20)]
     for s, _, _ in ws + sse:
-        await env.hub.join(s, "broadcast")
-    await env.broker.publish("broadcast", b'{"hello":"all"}', "greet")
+        await env.join(s, "broadcast")
+    await env.publish("broadcast", b'{"hello":"all"}', "greet")
     await settle()
     assert (ws_codec.calls, sse_codec.calls) == (1, 1)
     ws_bytes = {id(w.writes[0]) for _, w, _ in ws}
@@ -240,17 +263,17 @@ async def test_ws_and_sse_sessions_get_their_own_encoding_once_each(env: Env) ->
 
 async def test_deliveries_in_one_loop_pass_are_one_write_in_order(env: Env) -> None:
     s, wire, _ = env.session()
-    await env.hub.join(s, "room:a")
-    await env.hub.join(s, "room:b")
+    await env.join(s, "room:a")
+    await env.join(s, "room:b")
     for i in range(5):
-        await env.broker.publish("room:a" if i % 2 else "room:b", b'{"i":%d}' % i)
+        await env.publish("room:a" if i % 2 else "room:b", b'{"i":%d}' % i)
     await settle()
     assert len(wire.writes) == 1
     frames = ws_frames(wire.writes[0])
     assert [f["id"] for f in frames] == ["1", "2", "3", "4", "5"]
     assert [f["data"]["i"] for f in frames] == [0, 1, 2, 3, 4]
     # The next pass is the next write.
-    await env.broker.publish("room:a", b"6")
+    await env.publish("room:a", b"6")
     await settle()
     assert len(wire.writes) == 2
     assert ids(wire) == ["1", "2", "3", "4", "5", "6"]
@@ -258,7 +281,7 @@ async def test_deliveries_in_one_loop_pass_are_one_write_in_order(env: Env) -> N
 
 async def test_control_frames_and_deliveries_keep_push_order(env: Env) -> None:
     s, wire, _ = env.session()
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     s.send({"type": "welcome"})
     env.hub.deliver(delivery("room:a", 1))
     s.send({"type": "ack", "ref": "1"})
@@ -279,7 +302,7 @@ async def test_control_frames_and_deliveries_keep_push_order(env: Env) -> None:
 
 async def test_sse_control_and_delivery_order(env: Env) -> None:
     s, wire, _ = env.session(SSE)
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     s.send({"type": "welcome"})
     env.hub.deliver(delivery("room:a", 7, b"x"))
     await settle()
@@ -289,8 +312,8 @@ async def test_sse_control_and_delivery_order(env: Env) -> None:
 async def test_no_delivery_without_sessions_or_after_leave(env: Env) -> None:
     s, wire, _ = env.session()
     env.hub.deliver(delivery("room:nobody", 1))
-    await env.hub.join(s, "room:a")
-    await env.hub.leave(s, "room:a")
+    await env.join(s, "room:a")
+    await env.leave(s, "room:a")
     env.hub.deliver(delivery("room:a", 2))
     await settle()
     assert wire.writes == []
@@ -301,7 +324,7 @@ async def test_no_delivery_without_sessions_or_after_leave(env: Env) -> None:
 
 async def test_full_wire_buffer_defers_the_write_until_it_drains(env: Env) -> None:
     s, wire, closer = env.session()
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     wire.level = LIMITS.write_buffer + 1
     env.hub.deliver(delivery("room:a", 1))
     await settle()
@@ -327,7 +350,7 @@ async def test_full_wire_buffer_defers_the_write_until_it_drains(env: Env) -> No
 async def test_writes_never_overfill_write_buffer(env: Env) -> None:
     limits = QueueLimits(max_bytes=1 << 20, max_messages=1000, write_buffer=1024, stall_timeout=5.0)
     s, wire, closer = env.session(limits=limits, wire=FakeWire(grow=True))
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     payload = b'"' + b"x" * 560 + b'"'
     for seq in (1, 2, 3):
         env.hub.deliver(delivery("room:a", seq, payload))
@@ -362,8 +385,8 @@ async def test_queue_overflow_disconnects_slow_consumer(
 ) -> None:
     s, wire, closer = env.session(codec, limits=limits)
     other, other_wire, other_closer = env.session(codec)
-    await env.hub.join(s, "room:a")
-    await env.hub.join(other, "room:a")
+    await env.join(s, "room:a")
+    await env.join(other, "room:a")
     wire.level = 1000  # the client reads nothing
     for seq in range(1, count + 1):
         env.hub.deliver(delivery("room:a", seq, payload))
@@ -390,7 +413,7 @@ async def test_queue_overflow_disconnects_slow_consumer(
 async def test_max_bytes_counts_the_transport_buffer(env: Env) -> None:
     limits = QueueLimits(max_bytes=4096, max_messages=1000, write_buffer=1024, stall_timeout=5.0)
     s, wire, closer = env.session(limits=limits, wire=FakeWire(grow=True))
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     frame = b'"' + b"x" * 900 + b'"'
     for seq in range(1, 5):  # each fits below write_buffer on its own: written, never read
         env.hub.deliver(delivery("room:a", seq, frame))
@@ -406,12 +429,12 @@ async def test_max_bytes_counts_the_transport_buffer(env: Env) -> None:
 async def test_droppable_room_sheds_oldest_and_does_not_disconnect(make_env: Any) -> None:
     env = await make_env(Hub(drop_oldest_rooms=("typing-*",)))
     s, wire, closer = env.session(limits=QueueLimits(1 << 20, 3, 65536, 5.0))
-    await env.hub.join(s, "room:chat")
-    await env.hub.join(s, "room:typing-1")
-    assert env.hub.droppable("room:typing-1")
-    assert not env.hub.droppable("room:chat")
-    assert not env.hub.droppable("user:typing-1")
-    assert not env.hub.droppable("broadcast")
+    await env.join(s, "room:chat")
+    await env.join(s, "room:typing-1")
+    assert env.hub.droppable(Channel.parse("room:typing-1"))
+    assert not env.hub.droppable(Channel.parse("room:chat"))
+    assert not env.hub.droppable(Channel.parse("user:typing-1"))
+    assert not env.hub.droppable(Channel.parse("broadcast"))
     env.hub.deliver(delivery("room:chat", 1))
     for seq in range(2, 7):
         env.hub.deliver(delivery("room:typing-1", seq))
@@ -428,7 +451,7 @@ async def test_droppable_room_sheds_by_bytes_too(make_env: Any) -> None:
     env = await make_env(Hub(drop_oldest_rooms=("typing-*",)))
     limits = QueueLimits(max_bytes=2048, max_messages=1000, write_buffer=1024, stall_timeout=5.0)
     s, wire, closer = env.session(limits=limits)
-    await env.hub.join(s, "room:typing-1")
+    await env.join(s, "room:typing-1")
     wire.level = 1000  # backed up: nothing is written, the queue fills
     big = b'"' + b"x" * 400 + b'"'
     for seq in range(1, 6):
@@ -444,8 +467,8 @@ async def test_droppable_room_sheds_by_bytes_too(make_env: Any) -> None:
 async def test_droppable_room_cannot_save_a_queue_full_of_undroppable(make_env: Any) -> None:
     env = await make_env(Hub(drop_oldest_rooms=("typing-*",)))
     s, _, closer = env.session(limits=QueueLimits(1 << 20, 3, 65536, 5.0))
-    await env.hub.join(s, "room:chat")
-    await env.hub.join(s, "room:typing-1")
+    await env.join(s, "room:chat")
+    await env.join(s, "room:typing-1")
     for seq in (1, 2, 3, 4):  # 1 is written at once, 3 are queued
         env.hub.deliver(delivery("room:chat", seq))
     env.hub.deliver(delivery("room:typing-1", 5))  # sheds itself: still within limits
@@ -458,7 +481,7 @@ async def test_droppable_room_cannot_save_a_queue_full_of_undroppable(make_env: 
 async def test_drop_oldest_all(make_env: Any) -> None:
     env = await make_env(Hub(drop_oldest_all=True))
     s, wire, closer = env.session(limits=QueueLimits(1 << 20, 2, 65536, 5.0))
-    await env.hub.join(s, "user:u")
+    await env.join(s, "user:u")
     for seq in range(1, 6):
         env.hub.deliver(delivery("user:u", seq))
     await settle()
@@ -469,7 +492,7 @@ async def test_drop_oldest_all(make_env: Any) -> None:
 
 async def test_stalled_session_is_closed_after_stall_timeout(env: Env) -> None:
     s, wire, closer = env.session(SSE, limits=QueueLimits(1 << 20, 1000, 65536, 0.05))
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     wire.level = 10**6  # never drains
     env.hub.deliver(delivery("room:a", 1))
     await asyncio.sleep(0.02)
@@ -485,7 +508,7 @@ async def test_stalled_session_is_closed_after_stall_timeout(env: Env) -> None:
 
 async def test_slow_but_draining_session_is_not_stalled(env: Env) -> None:
     s, wire, closer = env.session(limits=QueueLimits(1 << 20, 1000, 65536, 0.05))
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     wire.level = 10**6
     env.hub.deliver(delivery("room:a", 1))
     await asyncio.sleep(0.03)
@@ -500,7 +523,7 @@ async def test_slow_but_draining_session_is_not_stalled(env: Env) -> None:
 
 async def test_stall_detected_when_drained_returns_but_nothing_moves(env: Env) -> None:
     s, wire, closer = env.session(limits=QueueLimits(1 << 20, 1000, 1024, 0.05))
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     wire.paused = False  # asyncio pauses only above the high-water mark
     wire.level = 1024  # == write_buffer, and the peer reads nothing
     env.hub.deliver(delivery("room:a", 1))
@@ -514,16 +537,16 @@ async def test_stall_detected_when_drained_returns_but_nothing_moves(env: Env) -
 
 
 class ReplayHook:
-    """Wraps a broker so live deliveries can arrive while a replay is in flight:
+    """Wraps a history so live deliveries can arrive while a replay is in flight:
     ``before`` runs before the stream is read, ``during`` after it was read."""
 
     def __init__(
         self,
-        broker: MemoryBroker,
+        history: MemoryHistory,
         during: Callable[[], Awaitable[None]] | None = None,
         before: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._broker = broker
+        self._history = history
         self._during = during
         self._before = before
         self.fail = False
@@ -535,20 +558,20 @@ class ReplayHook:
         if self._before is not None:
             await self._before()
             await settle()
-        found = await self._broker.replay(channels, after_seq, limit)
+        found = await self._history.replay(channels, after_seq, limit)
         if self._during is not None:
             await self._during()
         await settle()
         return found
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._broker, name)
+        return getattr(self._history, name)
 
 
 async def test_held_session_buffers_deliveries(env: Env) -> None:
     s, wire, _ = env.session()
-    await env.hub.join(s, "room:a")
-    s.held = []
+    await env.join(s, "room:a")
+    s.start_holding()
     d = delivery("room:a", 1)
     env.hub.deliver(d)
     await settle()
@@ -559,18 +582,18 @@ async def test_held_session_buffers_deliveries(env: Env) -> None:
 
 async def test_resume_replays_then_releases_held_without_duplicates(env: Env) -> None:
     for i in range(1, 4):
-        await env.broker.publish("room:a", b'{"i":%d}' % i)  # seq 1..3, stored only (no subscriber yet)
-    await env.broker.publish("room:other", b"{}")  # seq 4, another channel
+        await env.publish("room:a", b'{"i":%d}' % i)  # seq 1..3, stored only (no subscriber yet)
+    await env.publish("room:other", b"{}")  # seq 4, another channel
     s, wire, closer = env.session()
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
 
     async def live_while_replaying() -> None:
-        env.hub.deliver(env.broker._log[2])  # the live copy of seq 3, which the replay also returned
-        await env.broker.publish("room:a", b'{"i":5}')  # seq 5: only live
-        await env.broker.publish_ephemeral("room:a", b'{"typing":true}')  # no id, never replayed
+        env.hub.deliver(env.broker.log[2])  # the live copy of seq 3, which the replay also returned
+        await env.publish("room:a", b'{"i":5}')  # seq 5: only live
+        await env.publish_ephemeral("room:a", b'{"typing":true}')  # no id, never replayed
 
-    env.node.broker = ReplayHook(env.broker, live_while_replaying)
-    await resume(env.node, s, ["room:a"], 1)  # type: ignore[arg-type]
+    env.history = ReplayHook(env.broker.history, live_while_replaying)
+    await env.resume(s, ["room:a"], 1)
     assert s.held is None
     await settle()
     frames = [f for f in ws_frames(wire.data) if f["type"] == "message"]
@@ -579,21 +602,21 @@ async def test_resume_replays_then_releases_held_without_duplicates(env: Env) ->
     assert env.sample("herald_replayed_messages_total") == 2
     assert closer.calls == []
     # Live flow afterwards.
-    await env.broker.publish("room:a", b"{}")
+    await env.publish("room:a", b"{}")
     await settle()
     assert ids(wire)[-1] == "6"
 
 
 async def test_resume_with_nothing_to_replay_releases_held(env: Env) -> None:
-    await env.broker.publish("room:a", b"1")
+    await env.publish("room:a", b"1")
     s, wire, _ = env.session()
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
 
     async def live() -> None:
-        await env.broker.publish("room:a", b"2")  # newer than the replay read
+        await env.publish("room:a", b"2")  # newer than the replay read
 
-    env.node.broker = ReplayHook(env.broker, live)
-    await resume(env.node, s, ["room:a"], 1)  # type: ignore[arg-type]  # the client has seq 1
+    env.history = ReplayHook(env.broker.history, live)
+    await env.resume(s, ["room:a"], 1)  # the client has seq 1
     await settle()
     assert ids(wire) == ["2"]
     assert env.sample("herald_replayed_messages_total") == 0
@@ -601,13 +624,13 @@ async def test_resume_with_nothing_to_replay_releases_held(env: Env) -> None:
 
 async def test_resume_releases_held_when_replay_fails(env: Env) -> None:
     s, wire, _ = env.session()
-    await env.hub.join(s, "room:a")
-    hook = ReplayHook(env.broker)
+    await env.join(s, "room:a")
+    hook = ReplayHook(env.broker.history)
     hook.fail = True
-    env.node.broker = hook
-    task = asyncio.create_task(resume(env.node, s, ["room:a"], 0))  # type: ignore[arg-type]
+    env.history = hook
+    task = asyncio.create_task(env.resume(s, ["room:a"], 0))
     await asyncio.sleep(0)
-    await env.broker.publish("room:a", b"1")  # arrives while the replay is failing
+    await env.publish("room:a", b"1")  # arrives while the replay is failing
     with pytest.raises(BrokerUnavailable):
         await task
     assert s.held is None
@@ -617,15 +640,15 @@ async def test_resume_releases_held_when_replay_fails(env: Env) -> None:
 
 async def test_resume_of_one_channel_keeps_held_deliveries_of_other_channels(env: Env) -> None:
     s, wire, _ = env.session()
-    await env.hub.join(s, "room:a")
-    await env.hub.join(s, "room:b")
+    await env.join(s, "room:a")
+    await env.join(s, "room:b")
 
     async def publish_during_resume() -> None:
-        await env.broker.publish("room:a", b'"a1"')  # seq 1: live on room:a, held
-        await env.broker.publish("room:b", b'"b1"')  # seq 2: replayed (and live, held)
+        await env.publish("room:a", b'"a1"')  # seq 1: live on room:a, held
+        await env.publish("room:b", b'"b1"')  # seq 2: replayed (and live, held)
 
-    env.node.broker = ReplayHook(env.broker, before=publish_during_resume)
-    await resume(env.node, s, ["room:b"], 0)  # type: ignore[arg-type]
+    env.history = ReplayHook(env.broker.history, before=publish_during_resume)
+    await env.resume(s, ["room:b"], 0)
     await settle()
     got = {(f["channel"], f["id"]) for f in ws_frames(wire.data)}
     assert got == {("room:b", "2"), ("room:a", "1")}
@@ -633,13 +656,13 @@ async def test_resume_of_one_channel_keeps_held_deliveries_of_other_channels(env
 
 async def test_resume_longer_than_max_replay_is_not_silently_truncated(env: Env) -> None:
     settings = Settings()
-    env.node.settings = dataclasses.replace(settings, history=dataclasses.replace(settings.history, replay_max=3))
+    env.settings = dataclasses.replace(settings, history=dataclasses.replace(settings.history, replay_max=3))
     for i in range(1, 7):
-        await env.broker.publish("room:a", b"%d" % i)  # seq 1..6, stored
+        await env.publish("room:a", b"%d" % i)  # seq 1..6, stored
     s, wire, _ = env.session()
-    await env.hub.join(s, "room:a")
-    await resume(env.node, s, ["room:a"], 0)  # type: ignore[arg-type]
-    await env.broker.publish("room:a", b"7")
+    await env.join(s, "room:a")
+    await env.resume(s, ["room:a"], 0)
+    await env.publish("room:a", b"7")
     await settle()
     frames = ws_frames(wire.data)
     assert frames[0] == {"type": "reset", "channel": "room:a", "reason": "messages missed are no longer held"}
@@ -700,22 +723,22 @@ async def test_close_is_idempotent_and_first_reason_counts(env: Env) -> None:
 async def test_join_leave_follow_broker_subscriptions(env: Env) -> None:
     sessions = [env.session(identity=Identity(f"u{i}"))[0] for i in range(10)]
     for s in sessions:
-        await env.hub.join(s, "room:a")
-        await env.hub.join(s, "room:a")  # twice: no second reference
+        await env.join(s, "room:a")
+        await env.join(s, "room:a")  # twice: no second reference
     assert env.broker.stats().subscriptions == 1
     assert env.hub.channel_count == 1
     for s in sessions:
-        await env.hub.join(s, f"user:{s.user}")
-        await env.hub.join(s, "broadcast")
+        await env.join(s, f"user:{s.user}")
+        await env.join(s, "broadcast")
     assert env.broker.stats().subscriptions == 12
     for s in sessions[:9]:
-        await env.hub.leave(s, "room:a")
-        await env.hub.leave(s, "room:a")  # twice: no second unwant
+        await env.leave(s, "room:a")
+        await env.leave(s, "room:a")  # twice: no second unwant
     assert env.broker.stats().subscriptions == 12
-    await env.hub.leave(sessions[9], "room:a")
+    await env.leave(sessions[9], "room:a")
     assert env.broker.stats().subscriptions == 11
     for s in sessions:
-        await env.hub.leave_all(s)
+        await env.subscriptions.leave_all(s)
         assert s.channels == set()
     assert env.broker.stats().subscriptions == 0
     assert env.hub.channel_count == 0
@@ -731,19 +754,20 @@ async def test_failed_join_leaves_no_trace(env: Env) -> None:
         async def want(self, channel: str) -> None:
             raise BrokerUnavailable("down")
 
-        def mark_present(self, channel: str, user: str, present: bool) -> None:
+        def mark(self, channel: str, user: str, present: bool) -> None:
             self.present.append((channel, user, present))
 
     refusing = Refusing()
-    env.hub.broker = refusing  # type: ignore[assignment]
+    working = env.subscriptions
+    env.subscriptions = Subscriptions(env.hub, refusing, refusing)  # type: ignore[arg-type]
     with pytest.raises(BrokerUnavailable):
-        await env.hub.join(s, "room:a")
+        await env.join(s, "room:a")
     assert s.channels == set()
     assert env.hub.channel_count == 0
-    assert env.hub.local_rooms() == {}
+    assert env.subscriptions.local_rooms() == {}
     assert refusing.present[-1:] == [("room:a", s.user, False)]  # presence not left behind
-    env.hub.broker = env.broker
-    await env.hub.join(s, "room:a")
+    env.subscriptions = working
+    await env.join(s, "room:a")
     assert env.broker.stats().subscriptions == 1
 
 
@@ -754,7 +778,7 @@ async def test_a_session_closed_in_the_pass_of_a_delivery_gets_nothing_after_its
     """The first message of a pass is noted for writing at the end of the pass; a
     close before then (its close frame goes out at once) cancels that write."""
     s, wire, closer = env.session()
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     env.hub.deliver(delivery("room:a", 1))
     s.close(SLOW_CONSUMER)
     wire.write(b"<close frame>")  # what the transport's closer writes at once
@@ -769,7 +793,7 @@ async def test_a_close_writes_out_the_direct_write_of_its_pass_before_what_queue
     before the close frame. Writing only the queued one would leave a hole
     that resuming from the last id received can never fill."""
     s, wire, _ = env.session()
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     env.hub.deliver(delivery("room:a", 1))
     env.hub.deliver(delivery("room:a", 2))
     s.close(SHUTDOWN)
@@ -795,7 +819,7 @@ async def test_transport_framing_is_done_once_per_message_and_pass(env: Env) -> 
     wires = []
     for _ in range(5):
         s, wire, _ = env.session(SSE, wire=ChunkingWire())
-        await env.hub.join(s, "room:a")
+        await env.join(s, "room:a")
         wires.append(wire)
     env.hub.deliver(delivery("room:a", 1))
     await settle()
@@ -815,7 +839,7 @@ async def test_latency_and_delivered_are_counted_once_per_recipient(env: Env) ->
     sessions = []
     for _ in range(4):
         s, _, _ = env.session()
-        await env.hub.join(s, "room:a")
+        await env.join(s, "room:a")
         sessions.append(s)
     env.hub.deliver(delivery("room:a", 1, ts=time.time() - 0.2))  # written directly
     env.hub.deliver(delivery("room:a", 2, ts=time.time() - 0.2))  # queued behind it
@@ -829,7 +853,7 @@ async def test_latency_and_delivered_are_counted_once_per_recipient(env: Env) ->
 async def test_write_delay_joins_what_arrives_within_it_into_one_write(env: Env) -> None:
     env.flusher = Flusher(env.dropped.append, delay=0.1)  # backpressure.write_delay
     s, wire, _ = env.session()
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     env.hub.deliver(delivery("room:a", 1))
     await asyncio.sleep(0.03)
     assert wire.writes == []  # held for the delay
@@ -850,7 +874,7 @@ async def test_a_close_after_the_peer_left_does_not_raise_on_the_pending_direct_
             raise RuntimeError("transport is closed")
 
     s, _, closer = env.session(wire=GoneWire())
-    await env.hub.join(s, "room:a")
+    await env.join(s, "room:a")
     env.hub.deliver(delivery("room:a", 1))
     env.hub.deliver(delivery("room:a", 2))
     s.close(SHUTDOWN)  # must not raise

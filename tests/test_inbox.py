@@ -140,7 +140,7 @@ async def test_read_is_forward_only(node_factory: Callable[..., Any], http: aioh
     # A lower id answers with the stored position, which stays.
     assert await read(ws, ids[0], ref="back") == {"type": "ack", "ref": "back", "id": ids[2]}
     assert await read(ws, "0", ref="zero") == {"type": "ack", "ref": "zero", "id": ids[2]}
-    assert await node.node.broker.read_position("hana") == int(ids[2])
+    assert await node.node.broker.reads.position("hana") == int(ids[2])
     await ws.close()
     ws, welcome = await connect(http, node, "hana")
     assert welcome["unread"] == 1
@@ -164,7 +164,7 @@ async def test_read_with_bad_id_is_bad_request(
     await ws.send_json({"type": "read", "ref": "missing"})
     frame = await recv_json(ws)
     assert (frame["type"], frame["code"], frame["ref"]) == ("error", "bad_request", "missing")
-    assert await node.node.broker.read_position("ivan") == 0
+    assert await node.node.broker.reads.position("ivan") == 0
     await ws.close()
 
 
@@ -197,7 +197,7 @@ async def test_racing_reads_never_move_the_position_back(
         assert all(position >= asked for asked, position in acks)
     assert acks_one[-1][1] == up[-1]  # ascending: its last read is the highest
     for node in (node_a, node_b):
-        assert await node.node.broker.read_position("jo") == up[-1]
+        assert await node.node.broker.reads.position("jo") == up[-1]
     # Lower reads now answer with the stored maximum.
     assert (await read(two, ids[0], ref="low"))["id"] == ids[-1]
     for ws in (one, two):
@@ -218,7 +218,7 @@ async def test_whitebox_read_succeeds_while_other_tabs_keep_reading(
     assert (await read(ws, ids[0]))["id"] == ids[0]
     broker = node.node.broker
     assert isinstance(broker, NatsBroker)
-    reads = broker._reads
+    reads = broker.reads
     real_kv = reads._kv
     assert real_kv is not None
 

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker import Channel
 from broker.embedded import NatsServer
 from gateway.session import State
 
@@ -655,21 +656,23 @@ async def test_subscribe_since_with_message_during_join(
     await publish_many(http, [a, b], [room] * 20, log, "missed")
 
     broker = b.node.broker
-    join = broker.want
+    join = broker.pubsub.want
 
-    async def want_while_publishing(channel: str) -> None:
+    channel = Channel.parse(room)
+
+    async def want_while_publishing(wanted: Channel) -> None:
         # The node's subscription is in place: a message published now is
         # live for it. Let it arrive before the join returns. (Published
         # through the node's own NATS connection, so that it reaches the
         # server after the SUB: nats-py's flush() may overtake a pending SUB.)
-        await join(channel)
-        if channel == room:
+        await join(wanted)
+        if wanted == room:
             before = broker.stats().messages_received
             data = {"label": "during-join"}
-            log.by_id[await broker.publish(room, orjson.dumps(data))] = (room, data)
+            log.by_id[await broker.pubsub.publish(channel, orjson.dumps(data))] = (room, data)
             await wait_for(lambda: broker.stats().messages_received > before)
 
-    monkeypatch.setattr(broker, "want", want_while_publishing)
+    monkeypatch.setattr(broker.pubsub, "want", want_while_publishing)
     ws = await http.ws_connect(b.ws_url, params=[("token", user.token()), ("room", user.rooms[0])])
     assert (await recv_json(ws))["type"] == "welcome"
     await ws.send_json({"type": "subscribe", "room": user.rooms[1], "since": str(since), "ref": "s"})
@@ -837,7 +840,7 @@ async def test_replay_to_slow_reader_is_paced_not_cut(
                 # Stop reading: the node must wait for room, not overflow.
                 for _ in range(10):
                     await asyncio.sleep(0.03)
-                    peak = max(peak, node.node.queued_bytes())
+                    peak = max(peak, node.node.sessions.queued_bytes())
             opcode, payload = await client.frame(timeout=10)
             assert opcode == 1, (opcode, payload[:2])
             frame = orjson.loads(payload)

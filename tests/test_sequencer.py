@@ -104,7 +104,7 @@ async def settled(seq: Sequencer) -> None:
 async def test_in_order_passthrough() -> None:
     seq, stream, rec, stats = make("room:a", "room:b")
     for channel in ["room:a", "room:b", "room:a", "room:a", "room:b"]:
-        seq.push(stream.add(channel))
+        seq.receive(stream.add(channel))
     assert rec.seqs == [1, 2, 3, 4, 5]
     assert not seq.repairing and stream.calls == []
     assert seq.high == 5
@@ -115,7 +115,7 @@ async def test_duplicates_dropped() -> None:
     seq, stream, rec, stats = make("room:a")
     d1, d2 = stream.add("room:a"), stream.add("room:a")
     for d in (d1, d2, d2, d1):
-        seq.push(d)
+        seq.receive(d)
     assert rec.seqs == [1, 2]
     assert stats.duplicates_dropped == 2
     assert stream.calls == []
@@ -123,17 +123,17 @@ async def test_duplicates_dropped() -> None:
 
 async def test_gap_repaired_in_order_later_deliveries_wait() -> None:
     seq, stream, rec, stats = make("room:a", "room:b")
-    seq.push(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:a"))  # 1
     stream.add("room:a")  # 2: missed
     stream.add("room:a")  # 3: missed
     stream.hold()
-    seq.push(stream.add("room:a"))  # 4, prev 3: gap
+    seq.receive(stream.add("room:a"))  # 4, prev 3: gap
     assert seq.repairing
     await asyncio.sleep(0)
     assert stream.calls == [(("room:a",), 1, 10_001)]
     # While the repair runs, every sequenced live delivery waits (any channel).
-    seq.push(stream.add("room:b"))  # 5
-    seq.push(stream.add("room:a"))  # 6
+    seq.receive(stream.add("room:b"))  # 5
+    seq.receive(stream.add("room:a"))  # 6
     await asyncio.sleep(0.01)
     assert rec.seqs == [1]
     stream.open()
@@ -145,7 +145,7 @@ async def test_gap_repaired_in_order_later_deliveries_wait() -> None:
     assert stats.gap_repaired_messages >= 2
     assert stats.gaps_lost == 0
     # Flowing again without a fetch.
-    seq.push(stream.add("room:a"))
+    seq.receive(stream.add("room:a"))
     assert rec.of("room:a")[-1] == 7
     assert len(stream.calls) == 1
 
@@ -155,12 +155,12 @@ async def test_repair_keeps_global_order_across_channels() -> None:
     # the node's order is kept across channels too") and the contract's
     # "one global sequence ... a single id is a complete resume position".
     seq, stream, rec, _ = make("room:a", "room:b")
-    seq.push(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:a"))  # 1
     stream.add("room:a")  # 2: missed
     stream.hold()
-    seq.push(stream.add("room:a"))  # 3: gap → repair (held)
-    seq.push(stream.add("room:b"))  # 4: waits in the backlog
-    seq.push(stream.add("room:a"))  # 5: waits in the backlog
+    seq.receive(stream.add("room:a"))  # 3: gap → repair (held)
+    seq.receive(stream.add("room:b"))  # 4: waits in the backlog
+    seq.receive(stream.add("room:a"))  # 5: waits in the backlog
     stream.open()
     await settled(seq)
     assert rec.of("room:a") == [1, 2, 3, 5] and rec.of("room:b") == [4]
@@ -169,13 +169,13 @@ async def test_repair_keeps_global_order_across_channels() -> None:
 
 async def test_second_gap_found_while_releasing_backlog() -> None:
     seq, stream, rec, stats = make("room:a", "room:b")
-    seq.push(stream.add("room:a"))  # 1
-    seq.push(stream.add("room:b"))  # 2
+    seq.receive(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:b"))  # 2
     stream.add("room:a")  # 3: missed
     stream.hold()
-    seq.push(stream.add("room:a"))  # 4: gap on a
+    seq.receive(stream.add("room:a"))  # 4: gap on a
     stream.add("room:b")  # 5: missed too
-    seq.push(stream.add("room:b"))  # 6: a gap on b, found when the backlog is released
+    seq.receive(stream.add("room:b"))  # 6: a gap on b, found when the backlog is released
     stream.open()
     await settled(seq)
     assert rec.of("room:a") == [1, 3, 4]
@@ -189,8 +189,8 @@ async def test_untracked_channel_passes_unchecked() -> None:
     seq, stream, rec, stats = make("room:a")
     stream.add("room:x")
     d = stream.add("room:x")  # prev 1, never delivered: but nobody holds room:x
-    seq.push(d)
-    seq.push(d)  # not tracked: not de-duplicated either
+    seq.receive(d)
+    seq.receive(d)  # not tracked: not de-duplicated either
     assert rec.log == [("msg", "room:x", 2), ("msg", "room:x", 2)]
     assert stream.calls == [] and not seq.repairing
     assert stats.duplicates_dropped == 0
@@ -198,13 +198,13 @@ async def test_untracked_channel_passes_unchecked() -> None:
 
 async def test_ephemeral_delivered_immediately_during_repair() -> None:
     seq, stream, rec, _ = make("room:a")
-    seq.push(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:a"))  # 1
     stream.add("room:a")  # 2: missed
     stream.hold()
-    seq.push(stream.add("room:a"))  # 3: gap
+    seq.receive(stream.add("room:a"))  # 3: gap
     assert seq.repairing
-    seq.push(Delivery("room:a", 0, 0, 0.0, "typing", b"{}"))
-    seq.push(Delivery("room:b", 0, 0, 0.0, "typing", b"{}"))
+    seq.receive(Delivery("room:a", 0, 0, 0.0, "typing", b"{}"))
+    seq.receive(Delivery("room:b", 0, 0, 0.0, "typing", b"{}"))
     assert rec.log == [("msg", "room:a", 1), ("msg", "room:a", 0), ("msg", "room:b", 0)]
     stream.open()
     await settled(seq)
@@ -213,12 +213,12 @@ async def test_ephemeral_delivered_immediately_during_repair() -> None:
 
 async def test_fetch_failing_three_times_loses_channel_and_restarts_continuity() -> None:
     seq, stream, rec, stats = make("room:a", "room:b")
-    seq.push(stream.add("room:a"))  # 1
-    seq.push(stream.add("room:b"))  # 2
+    seq.receive(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:b"))  # 2
     stream.add("room:a")  # 3: missed
     stream.failures = 3
-    seq.push(stream.add("room:a"))  # 4: gap, never repaired
-    seq.push(stream.add("room:b"))  # 5: waits meanwhile
+    seq.receive(stream.add("room:a"))  # 4: gap, never repaired
+    seq.receive(stream.add("room:b"))  # 5: waits meanwhile
     await settled(seq)
     assert len(stream.calls) == 3
     assert rec.log == [
@@ -230,9 +230,9 @@ async def test_fetch_failing_three_times_loses_channel_and_restarts_continuity()
     ]
     assert stats.gaps_lost == 1 and stats.gap_repaired_messages == 0
     # Continuity restarts from the message after the loss: the next gap is seen again.
-    seq.push(stream.add("room:a"))  # 6, prev 4: fine
+    seq.receive(stream.add("room:a"))  # 6, prev 4: fine
     stream.add("room:a")  # 7: missed
-    seq.push(stream.add("room:a"))  # 8: gap → repaired this time
+    seq.receive(stream.add("room:a"))  # 8: gap → repaired this time
     await settled(seq)
     assert rec.of("room:a") == [1, 4, 6, 7, 8]
     assert stats.gaps_lost == 1
@@ -240,10 +240,10 @@ async def test_fetch_failing_three_times_loses_channel_and_restarts_continuity()
 
 async def test_fetch_failing_twice_then_succeeding_repairs() -> None:
     seq, stream, rec, stats = make("room:a")
-    seq.push(stream.add("room:a"))
+    seq.receive(stream.add("room:a"))
     stream.add("room:a")
     stream.failures = 2
-    seq.push(stream.add("room:a"))
+    seq.receive(stream.add("room:a"))
     await settled(seq)
     assert len(stream.calls) == 3
     assert rec.of("room:a") == [1, 2, 3] and rec.lost == []
@@ -252,10 +252,10 @@ async def test_fetch_failing_twice_then_succeeding_repairs() -> None:
 
 async def test_more_than_max_repair_missing_loses() -> None:
     seq, stream, rec, stats = make("room:a", max_repair=3)
-    seq.push(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:a"))  # 1
     for _ in range(4):  # 2..5 missed: more than max_repair
         stream.add("room:a")
-    seq.push(stream.add("room:a"))  # 6
+    seq.receive(stream.add("room:a"))  # 6
     await settled(seq)
     # A reset, then the newest max_repair of the gap, then the live flow.
     assert rec.log == [("msg", "room:a", 1), ("lost", "room:a", 0)] + [("msg", "room:a", n) for n in (3, 4, 5, 6)]
@@ -265,10 +265,10 @@ async def test_more_than_max_repair_missing_loses() -> None:
 
 async def test_exactly_max_repair_missing_is_repaired() -> None:
     seq, stream, rec, stats = make("room:a", max_repair=3)
-    seq.push(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:a"))  # 1
     for _ in range(3):  # 2..4 missed: exactly max_repair
         stream.add("room:a")
-    seq.push(stream.add("room:a"))  # 5
+    seq.receive(stream.add("room:a"))  # 5
     await settled(seq)
     assert rec.lost == [] and stats.gaps_lost == 0
     assert rec.of("room:a") == [1, 2, 3, 4, 5]
@@ -276,20 +276,20 @@ async def test_exactly_max_repair_missing_is_repaired() -> None:
 
 async def test_backlog_overflow_loses_its_channels() -> None:
     seq, stream, rec, stats = make("room:a", "room:b", max_backlog=3)
-    seq.push(stream.add("room:a"))  # 1
-    seq.push(stream.add("room:b"))  # 2
+    seq.receive(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:b"))  # 2
     stream.add("room:a")  # 3: missed
     stream.hold()
-    seq.push(stream.add("room:a"))  # 4: gap; the repair hangs
+    seq.receive(stream.add("room:a"))  # 4: gap; the repair hangs
     for _ in range(3):  # 5, 6, 7 on b: the backlog (4, 5, 6, 7) outgrows 3
-        seq.push(stream.add("room:b"))
+        seq.receive(stream.add("room:b"))
     assert sorted(rec.lost) == ["room:a", "room:b"]
     assert stats.gaps_lost == 2
     assert rec.of("room:b") == [2]
     stream.open()
     await settled(seq)
     # Continuity restarts: what comes next is delivered, after the resets.
-    seq.push(stream.add("room:b"))  # 8
+    seq.receive(stream.add("room:b"))  # 8
     assert rec.of("room:b")[-1] == 8
     first_reset = rec.log.index(("lost", "room:b", 0))
     assert ("msg", "room:b", 8) in rec.log[first_reset:]
@@ -300,8 +300,8 @@ async def test_backlog_overflow_loses_its_channels() -> None:
 
 async def test_pause_then_catch_up_from_high() -> None:
     seq, stream, rec, stats = make("room:a", "room:b", "room:c")
-    seq.push(stream.add("room:a"))  # 1
-    seq.push(stream.add("room:b"))  # 2
+    seq.receive(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:b"))  # 2
     assert seq.high == 2
     seq.pause()  # disconnected
     stream.add("room:a")  # 3: stored while away
@@ -309,7 +309,7 @@ async def test_pause_then_catch_up_from_high() -> None:
     stream.add("room:x")  # 5: not held
     stream.add("room:c")  # 6: stored while away, c had nothing before
     # Reconnected: NATS delivers new live messages before the stream is checked.
-    seq.push(stream.add("room:a"))  # 7
+    seq.receive(stream.add("room:a"))  # 7
     await asyncio.sleep(0.01)
     assert rec.seqs == [1, 2], "live deliveries must wait while paused"
     seq.catch_up()
@@ -319,15 +319,15 @@ async def test_pause_then_catch_up_from_high() -> None:
     assert set(stream.calls[0][0]) == {"room:a", "room:b", "room:c"}
     assert stats.gap_repairs == 1 and stats.gap_repaired_messages >= 3
     assert rec.lost == []
-    seq.push(stream.add("room:b"))  # 8: flowing again
+    seq.receive(stream.add("room:b"))  # 8: flowing again
     assert rec.seqs[-1] == 8
 
 
 async def test_pause_without_anything_missed_releases_backlog() -> None:
     seq, stream, rec, _ = make("room:a")
-    seq.push(stream.add("room:a"))
+    seq.receive(stream.add("room:a"))
     seq.pause()
-    seq.push(stream.add("room:a"))
+    seq.receive(stream.add("room:a"))
     assert rec.seqs == [1]
     seq.catch_up()
     await settled(seq)
@@ -336,13 +336,13 @@ async def test_pause_without_anything_missed_releases_backlog() -> None:
 
 async def test_repair_finishing_while_paused_waits_for_catch_up() -> None:
     seq, stream, rec, _ = make("room:a", "room:b")
-    seq.push(stream.add("room:a"))  # 1
-    seq.push(stream.add("room:b"))  # 2
+    seq.receive(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:b"))  # 2
     stream.add("room:a")  # 3: missed
     stream.hold()
-    seq.push(stream.add("room:a"))  # 4: gap
+    seq.receive(stream.add("room:a"))  # 4: gap
     seq.pause()
-    seq.push(stream.add("room:b"))  # 5: waits
+    seq.receive(stream.add("room:b"))  # 5: waits
     stream.open()
     await wait_for(lambda: seq._task is None, timeout=3.0, interval=0.001)  # the repair ran
     await asyncio.sleep(0.01)
@@ -355,25 +355,25 @@ async def test_repair_finishing_while_paused_waits_for_catch_up() -> None:
 
 async def test_restart_resets_and_loses_every_tracked_channel() -> None:
     seq, stream, rec, stats = make("room:a", "user:alice")
-    seq.push(stream.add("room:a"))
-    seq.push(stream.add("user:alice"))
+    seq.receive(stream.add("room:a"))
+    seq.receive(stream.add("user:alice"))
     seq.restart()
     assert sorted(rec.lost) == ["room:a", "user:alice"]
     assert seq.high == 0
     assert stats.gaps_lost == 2
     # The new stream numbers from 1 again: low sequences are new messages, not duplicates.
-    seq.push(Delivery("room:a", 1, 0, 0.0, "message", b"new"))
-    seq.push(Delivery("user:alice", 2, 0, 0.0, "message", b"new"))
+    seq.receive(Delivery("room:a", 1, 0, 0.0, "message", b"new"))
+    seq.receive(Delivery("user:alice", 2, 0, 0.0, "message", b"new"))
     assert rec.log[-2:] == [("msg", "room:a", 1), ("msg", "user:alice", 2)]
     assert stats.duplicates_dropped == 0
 
 
 async def test_untracked_during_repair_not_delivered() -> None:
     seq, stream, rec, _ = make("room:a")
-    seq.push(stream.add("room:a"))
+    seq.receive(stream.add("room:a"))
     stream.add("room:a")
     stream.hold()
-    seq.push(stream.add("room:a"))
+    seq.receive(stream.add("room:a"))
     seq.untrack("room:a")
     stream.open()
     await settled(seq)

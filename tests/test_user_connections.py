@@ -105,7 +105,9 @@ async def test_a_burst_of_lookups_of_live_nodes_is_one_kv_listing(monkeypatch: p
     import asyncio
 
     import broker.presence
-    from broker.presence import Presence
+    from broker.channels import Subjects
+    from broker.link import NatsLink
+    from broker.presence import KvPresence
 
     listings = 0
 
@@ -116,7 +118,7 @@ async def test_a_burst_of_lookups_of_live_nodes_is_one_kv_listing(monkeypatch: p
         return ["n1-abc"]
 
     monkeypatch.setattr(broker.presence, "live_keys", live_keys)
-    presence = Presence("S", "n1", ttl=3.0)
+    presence = KvPresence(NatsLink(), Subjects(), "S", "n1", ttl=3.0)
     presence._nodes = object()  # type: ignore[assignment]
     answers = await asyncio.gather(*(presence.alive() for _ in range(200)))
     assert listings == 1

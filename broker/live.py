@@ -1,0 +1,208 @@
+"""The live flow: interest-counted subscriptions to live subjects, decoding,
+gap repair, and publishing (``NatsPubSub``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+import nats.errors
+
+from .base import BrokerStats, BrokerUnavailable, Delivery, Kind
+from .channels import DEFAULT_EVENT, Channel, Subjects
+from .dispatch import DispatchingClient, LiveSubscription
+from .interest import Interest
+from .link import NatsLink
+from .presence import PRESENCE_HEADER
+from .roles import BrokerEvents, History
+from .sequencer import Sequencer
+from .store import EVENT_HEADER, event_of
+from .tasks import spawn
+from .timestamps import parse_rfc3339
+
+# Interest key of the shared user subscription; never a valid channel name.
+ALL_USERS = "user:*"
+
+
+@dataclass(frozen=True, slots=True)
+class LiveOptions:
+    """How channels are subscribed and messages published."""
+
+    stream: str
+    subjects: Subjects
+    publish_timeout: float = 5.0
+    unsubscribe_delay: float = 1.0
+    # One wildcard subscription for all user channels instead of one per user
+    # (each costs nats-py a task and a queue, ~5 KiB): for nodes that serve
+    # most of the users, at the price of receiving every user's messages.
+    shared_user_subscription: bool = False
+    max_repair: int = 10_000
+
+
+class NatsPubSub:
+    """``broker.roles.PubSub``: one NATS subscription per wanted channel; each
+    live message is decoded and handed, gap-free, to ``events.deliver``."""
+
+    def __init__(
+        self, link: NatsLink, options: LiveOptions, events: BrokerEvents, history: History, stats: BrokerStats
+    ) -> None:
+        self._link = link
+        self._options = options
+        self._subjects = options.subjects
+        self._stats = stats
+        self._subs: dict[str, LiveSubscription] = {}
+        self._interest = Interest(self._subscribe, self._unsubscribe, options.unsubscribe_delay)
+        self.sequencer = Sequencer(events.deliver, events.lost, history.replay, stats, max_repair=options.max_repair)
+        self._receive = self.sequencer.receive
+        # Channels wanted (reference counted): the ones whose flow is kept gap-free.
+        self._wanted: dict[Channel, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def subscriptions(self) -> int:
+        return len(self._subs)
+
+    def _interest_key(self, channel: Channel) -> str:
+        if self._options.shared_user_subscription and channel.is_user:
+            return ALL_USERS
+        return channel
+
+    async def want(self, channel: Channel) -> None:
+        await self._interest.want(self._interest_key(channel))
+        count = self._wanted.get(channel, 0)
+        self._wanted[channel] = count + 1
+        if not count:
+            self.sequencer.track(channel)
+
+    async def unwant(self, channel: Channel) -> None:
+        count = self._wanted.get(channel, 0)
+        if count <= 1:
+            self._wanted.pop(channel, None)
+            self.sequencer.untrack(channel)
+        else:
+            self._wanted[channel] = count - 1
+        await self._interest.unwant(self._interest_key(channel))
+
+    async def release_all(self) -> None:
+        """Drop every subscription (the node is closing)."""
+        await self._interest.release_all()
+
+    def _client(self) -> DispatchingClient:
+        # Not link.client(): while NATS reconnects, nats-py buffers the SUB
+        # and sends it on reconnecting, which is what a want() then needs.
+        nc = self._link.nc
+        if nc is None:
+            raise BrokerUnavailable("NATS is not connected")
+        return nc
+
+    async def _subscribe(self, key: str) -> None:
+        self._client()
+        # Subscribe-and-confirm runs to completion even if the connection that
+        # asked goes away meanwhile: a subscription left half made would be
+        # unknown to Interest, and the next one would deliver everything twice.
+        opening = asyncio.ensure_future(self._open_subscription(key))
+        try:
+            sub = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(self._discard_opened)
+            raise
+        self._subs[key] = sub
+
+    async def _open_subscription(self, key: str) -> LiveSubscription:
+        nc = self._client()
+        handle = self._handle
+        if key == ALL_USERS:
+            channel_of = self._subjects.channel_of
+
+            def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+                handle(channel_of(subject.decode()), data, headers)
+
+            sub = await nc.subscribe_direct(self._subjects.live_family("user"), on_message)
+        else:
+            channel = Channel(key)  # the key of a channel is that channel (see _interest_key)
+
+            def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+                handle(channel, data, headers)
+
+            sub = await nc.subscribe_direct(self._subjects.live_subject(channel), on_message)
+        # Round trip, so the server has the interest once want() returns: a
+        # client told its channels are live can rely on it.
+        try:
+            await nc.flush(timeout=max(1, int(self._options.publish_timeout)))
+        except (TimeoutError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.unsubscribe_direct(sub)
+            raise BrokerUnavailable(f"subscribe not confirmed: {exc.__class__.__name__}") from None
+        return sub
+
+    def _discard_opened(self, opening: asyncio.Future[LiveSubscription]) -> None:
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        nc = self._link.nc
+        if nc is not None:
+            spawn(self._tasks, nc.unsubscribe_direct(opening.result()))
+
+    async def _unsubscribe(self, key: str) -> None:
+        sub = self._subs.pop(key, None)
+        nc = self._link.nc
+        if sub is not None and nc is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await nc.unsubscribe_direct(sub)
+
+    def _handle(self, channel: Channel | None, data: bytes, headers: dict[str, str] | None) -> None:
+        self._stats.messages_received += 1
+        if channel is None:  # a live subject we cannot map (not published by the stream)
+            self._stats.malformed_messages += 1
+            return
+        try:
+            delivery = _decode(channel, data, headers)
+        except (ValueError, KeyError):
+            self._stats.malformed_messages += 1
+            return
+        self._receive(delivery)
+
+    async def publish(self, channel: Channel, payload: bytes, event: str | None = None) -> int:
+        js = self._link.jetstream()
+        headers = {EVENT_HEADER: event} if event else None
+        try:
+            ack = await js.publish(
+                self._subjects.input_subject(channel), payload, headers=headers, stream=self._options.stream
+            )
+        except (OSError, nats.errors.Error) as exc:  # OSError: timeouts, and a socket reset under the request
+            raise BrokerUnavailable(f"publish not acknowledged: {exc.__class__.__name__}") from None
+        return int(ack.seq)
+
+    async def publish_ephemeral(self, channel: Channel, payload: bytes, event: str | None = None) -> None:
+        nc = self._link.client()
+        headers = {EVENT_HEADER: event} if event else None
+        await nc.publish(self._subjects.live_subject(channel), payload, headers=headers)
+
+    async def close(self) -> None:
+        """Drop the subscriptions (briefly: NATS may be gone) and stop repairing."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._interest.release_all(), timeout=1.0)
+        self.sequencer.close()
+
+
+_ANNOUNCED = {"join": Kind.JOIN, "leave": Kind.LEAVE}
+
+
+def _decode(channel: Channel, data: bytes, headers: dict[str, str] | None) -> Delivery:
+    if not headers:
+        return Delivery(channel, 0, 0, time.time(), DEFAULT_EVENT, data)
+    event = event_of(headers)
+    seq_text = headers.get("Nats-Sequence")
+    if seq_text is None:  # ephemeral: published straight to the live subject
+        kind = _ANNOUNCED.get(headers.get(PRESENCE_HEADER, ""), Kind.MESSAGE)
+        return Delivery(channel, 0, 0, time.time(), event, data, kind)
+    stamp = headers.get("Nats-Time-Stamp")
+    return Delivery(
+        channel,
+        int(seq_text),
+        int(headers.get("Nats-Last-Sequence") or 0),
+        parse_rfc3339(stamp) if stamp else time.time(),
+        event,
+        data,
+    )

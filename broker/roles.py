@@ -1,0 +1,127 @@
+"""The seam between the gateway and a broker, by role.
+
+Each role is a small protocol the gateway part that needs it is handed at
+construction: the fan-out wants channels (``PubSub``), opening and resuming
+read the stream (``History``), the inbox keeps read positions
+(``ReadPositions``), rooms count their members (``Presence``), admission
+counts connections per user (``Connections``). What the broker has to tell the
+gateway goes to one ``BrokerEvents`` object given to the broker when it is
+built, never assigned afterwards. No NATS type appears here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .base import BrokerStats, Delivery, Replay
+from .channels import Channel
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerEvents:
+    """What a broker tells the gateway, given to it when it is built. Each is
+    called synchronously, one at a time, in the order the broker learns of
+    it; never awaited."""
+
+    # A live delivery of a wanted channel, gap-free and in stream order.
+    deliver: Callable[[Delivery], None]
+    # Messages of a channel were lost in transit and cannot be recovered from
+    # the stream: its subscribers must be told (a reset).
+    lost: Callable[[Channel], None]
+    # Close the local connection with this id: the cluster admitted a newer
+    # one of its user (policy close-oldest).
+    kick: Callable[[str], None]
+
+
+class PubSub(Protocol):
+    """Live flow of channels, and publishing into them."""
+
+    async def want(self, channel: Channel) -> None:
+        """Start delivering ``channel`` (reference counted); returns once the
+        broker has the interest, so what is published after is delivered."""
+
+    async def unwant(self, channel: Channel) -> None:
+        """Drop one reference to ``channel``."""
+
+    async def publish(self, channel: Channel, payload: bytes, event: str | None = None) -> int:
+        """Store a message in the stream; returns its sequence once acked."""
+        ...
+
+    async def publish_ephemeral(self, channel: Channel, payload: bytes, event: str | None = None) -> None:
+        """Deliver to whoever is connected now; never stored, no sequence."""
+
+
+class History(Protocol):
+    """What the stream still holds."""
+
+    async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
+        """Stored messages of ``channels`` with sequence > ``after_seq``, oldest
+        first, within each family's retention and at most ``limit`` (the newest)."""
+        ...
+
+
+class ReadPositions(Protocol):
+    """Each user's read position in the stream, cluster-wide."""
+
+    async def position(self, user: str) -> int:
+        """The user's read position (0 if never set)."""
+        ...
+
+    async def advance(self, user: str, seq: int) -> int:
+        """Move the read position forward to ``seq`` (never back); returns it."""
+        ...
+
+
+class Presence(Protocol):
+    """Which users are in which room, on any live node."""
+
+    def mark(self, channel: Channel, user: str, present: bool) -> None:
+        """``user`` has (or no longer has) a connection on room ``channel`` on
+        this node. Never waits: written to the cluster in the background."""
+
+    async def members(self, channel: Channel) -> list[str]:
+        """Users with a connection on room ``channel`` on any live node, sorted."""
+        ...
+
+
+class Connections(Protocol):
+    """Connections per user, counted cluster-wide."""
+
+    async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
+        """Count a new connection of ``user``. At ``limit``: raise
+        TooManyConnections, or (``close_oldest``) have the oldest kicked."""
+
+    def close(self, user: str, conn: str) -> None:
+        """The connection is gone (counted out in the background)."""
+
+
+class Broker(Protocol):
+    """A broker's life and its roles, for the composition root that builds a node."""
+
+    @property
+    def ready(self) -> bool:
+        """Connected and the stream exists: the node can serve."""
+        ...
+
+    @property
+    def pubsub(self) -> PubSub: ...
+
+    @property
+    def history(self) -> History: ...
+
+    @property
+    def reads(self) -> ReadPositions: ...
+
+    @property
+    def presence(self) -> Presence: ...
+
+    @property
+    def connections(self) -> Connections: ...
+
+    async def start(self) -> None: ...
+
+    def stats(self) -> BrokerStats: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,86 @@
+"""The sessions open on this node."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import Iterator
+
+from .auth import Identity
+from .disconnect import REPLACED, SHUTDOWN, Disconnect
+from .frames import Codec
+from .metrics import Metrics
+from .outbound import Flusher, QueueLimits, Wire
+from .session import Closer, Session, State
+
+log = logging.getLogger("herald.node")
+
+
+class Sessions:
+    """Owns the set of this node's sessions: opens them (with their ids and
+    queues), finds one by id, counts them out, and closes them all on a drain."""
+
+    def __init__(self, node_id: str, flusher: Flusher, limits: QueueLimits, metrics: Metrics) -> None:
+        self._node_id = node_id
+        self._flusher = flusher
+        self._limits = limits
+        self._metrics = metrics
+        self._open: set[Session] = set()
+        self._by_id: dict[str, Session] = {}
+        self._ids = itertools.count(1)
+        # Set once the node drains: new streams are refused from then on.
+        self.draining = False
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(self._open)
+
+    def queued_bytes(self) -> float:
+        return float(sum(s.outbound.pending_bytes() for s in self._open))
+
+    def new_id(self) -> str:
+        return f"{self._node_id}:{next(self._ids)}"
+
+    def open(self, conn_id: str, identity: Identity, codec: Codec, wire: Wire, closer: Closer) -> Session:
+        metrics = self._metrics.transport[codec.name]
+        session = Session(conn_id, identity, codec, wire, closer, self._flusher, self._limits, metrics)
+        self._open.add(session)
+        self._by_id[conn_id] = session
+        metrics.opened.inc()
+        metrics.connections.inc()
+        return session
+
+    def remove(self, session: Session, reason: Disconnect) -> bool:
+        """Mark ``session`` closed and count it out; False if it was already."""
+        if session.state is State.CLOSED:
+            return False
+        final = session.closed(reason)
+        self._open.discard(session)
+        self._by_id.pop(session.id, None)
+        session.metrics.connections.dec()
+        self._metrics.closed.labels(session.transport, final.label).inc()
+        return True
+
+    def kick(self, conn_id: str) -> None:
+        """The cluster made room for a newer connection of this one's user."""
+        session = self._by_id.get(conn_id)
+        if session is not None:
+            session.close(REPLACED)
+
+    async def close_all(self, spread: float, grace: float) -> None:
+        """Tell every client 1012 / end its SSE stream, each with its own
+        reconnect delay within ``spread`` seconds so other nodes are not hit
+        by all of them at once; returns when all are gone or after ``grace``."""
+        spread_ms = int(spread * 1000)
+        for session in list(self._open):
+            session.close(SHUTDOWN.reconnect_in(random.randint(0, spread_ms)) if spread_ms else SHUTDOWN)
+        deadline = time.monotonic() + grace
+        while self._open and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self._open:
+            log.info("%d connections did not close within the grace; aborting", len(self._open))

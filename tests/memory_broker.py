@@ -1,0 +1,187 @@
+"""An in-memory broker with the same behaviour as the NATS one, by role, for
+unit tests of the gateway core (no nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from broker import (
+    BrokerEvents,
+    BrokerStats,
+    BrokerUnavailable,
+    Channel,
+    Delivery,
+    Replay,
+    RetentionPolicy,
+    TooManyConnections,
+)
+from broker.channels import DEFAULT_EVENT
+from broker.history import retain
+from broker.interest import Interest
+
+
+class MemoryStream:
+    """The stream, the interest and the availability every role shares."""
+
+    def __init__(self, events: BrokerEvents, unsubscribe_delay: float, retention: RetentionPolicy) -> None:
+        self.events = events
+        self.retention = retention
+        self.log: list[Delivery] = []
+        self.last_on_channel: dict[Channel, int] = {}
+        self.subscribed: set[str] = set()
+        self.interest = Interest(self._acquire, self._release, unsubscribe_delay)
+        self.stats = BrokerStats()
+        self.available = True
+
+    async def _acquire(self, key: str) -> None:
+        self.subscribed.add(key)
+
+    async def _release(self, key: str) -> None:
+        self.subscribed.discard(key)
+
+    def check(self) -> None:
+        if not self.available:
+            raise BrokerUnavailable("broker unavailable")
+
+    def emit(self, delivery: Delivery) -> None:
+        self.stats.messages_received += 1
+        if delivery.channel in self.subscribed:
+            # Deliver on a later loop pass, as a network broker would.
+            asyncio.get_running_loop().call_soon(self.events.deliver, delivery)
+
+
+class MemoryPubSub:
+    def __init__(self, stream: MemoryStream) -> None:
+        self._stream = stream
+
+    async def want(self, channel: Channel) -> None:
+        await self._stream.interest.want(channel)
+
+    async def unwant(self, channel: Channel) -> None:
+        await self._stream.interest.unwant(channel)
+
+    async def publish(self, channel: Channel, payload: bytes, event: str | None = None) -> int:
+        s = self._stream
+        s.check()
+        seq = len(s.log) + 1
+        delivery = Delivery(
+            channel, seq, s.last_on_channel.get(channel, 0), time.time(), event or DEFAULT_EVENT, payload
+        )
+        s.last_on_channel[channel] = seq
+        s.log.append(delivery)
+        s.emit(delivery)
+        return seq
+
+    async def publish_ephemeral(self, channel: Channel, payload: bytes, event: str | None = None) -> None:
+        self._stream.check()
+        self._stream.emit(Delivery(channel, 0, 0, time.time(), event or DEFAULT_EVENT, payload))
+
+
+class MemoryHistory:
+    def __init__(self, stream: MemoryStream) -> None:
+        self._stream = stream
+
+    async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
+        s = self._stream
+        s.check()
+        wanted = set(channels)
+        found = [d for d in s.log[after_seq:] if d.channel in wanted]
+        return retain(found, s.retention, limit, time.time())
+
+
+class MemoryReads:
+    def __init__(self, stream: MemoryStream) -> None:
+        self._stream = stream
+        self._positions: dict[str, int] = {}
+
+    async def position(self, user: str) -> int:
+        self._stream.check()
+        return self._positions.get(user, 0)
+
+    async def advance(self, user: str, seq: int) -> int:
+        self._stream.check()
+        position = self._positions[user] = max(seq, self._positions.get(user, 0))
+        return position
+
+
+class MemoryPresence:
+    def __init__(self, stream: MemoryStream) -> None:
+        self._stream = stream
+        self._present: dict[Channel, set[str]] = {}
+
+    def mark(self, channel: Channel, user: str, present: bool) -> None:
+        users = self._present.setdefault(channel, set())
+        if present:
+            users.add(user)
+        else:
+            users.discard(user)
+
+    async def members(self, channel: Channel) -> list[str]:
+        self._stream.check()
+        return sorted(self._present.get(channel, ()))
+
+
+class MemoryConnections:
+    def __init__(self, stream: MemoryStream) -> None:
+        self._stream = stream
+        self._conns: dict[str, list[str]] = {}
+
+    async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
+        conns = self._conns.setdefault(user, [])
+        if len(conns) >= limit:
+            if not close_oldest:
+                raise TooManyConnections(f"at most {limit} connections per user")
+            for victim in conns[: len(conns) + 1 - limit]:
+                conns.remove(victim)
+                self._stream.events.kick(victim)
+        conns.append(conn)
+
+    def close(self, user: str, conn: str) -> None:
+        conns = self._conns.get(user, [])
+        if conn in conns:
+            conns.remove(conn)
+
+
+class MemoryBroker:
+    """Every role over one in-memory stream (see ``broker.roles.Broker``)."""
+
+    def __init__(
+        self, events: BrokerEvents, unsubscribe_delay: float = 0.0, retention: RetentionPolicy | None = None
+    ) -> None:
+        self._stream = stream = MemoryStream(events, unsubscribe_delay, retention or RetentionPolicy())
+        self.pubsub = MemoryPubSub(stream)
+        self.history = MemoryHistory(stream)
+        self.reads = MemoryReads(stream)
+        self.presence = MemoryPresence(stream)
+        self.connections = MemoryConnections(stream)
+
+    @property
+    def log(self) -> list[Delivery]:
+        """Everything stored, in sequence order."""
+        return self._stream.log
+
+    @property
+    def available(self) -> bool:
+        return self._stream.available
+
+    @available.setter
+    def available(self, value: bool) -> None:
+        self._stream.available = value
+
+    @property
+    def ready(self) -> bool:
+        return self._stream.available
+
+    async def start(self) -> None:
+        self._stream.stats.connected = True
+
+    def stats(self) -> BrokerStats:
+        s = self._stream
+        s.stats.connected = s.available
+        s.stats.subscriptions = len(s.subscribed)
+        return s.stats
+
+    async def close(self) -> None:
+        await self._stream.interest.release_all()
