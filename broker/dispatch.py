@@ -74,6 +74,8 @@ class LiveSubscription:
 
 
 class DispatchingClient(Client):
+    """A nats-py client that hands live messages to plain callbacks (no task or queue per subscription)."""
+
     def __init__(self) -> None:
         super().__init__()
         self._handlers: dict[int, Handler] = {}

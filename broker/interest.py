@@ -17,6 +17,8 @@ Action = Callable[[str], Awaitable[None]]
 
 
 class _KeyLock:
+    """One key's lock, and how many wait on it (dropped when none do)."""
+
     __slots__ = ("lock", "users")
 
     def __init__(self) -> None:
@@ -25,6 +27,8 @@ class _KeyLock:
 
 
 class Interest:
+    """Owns the reference count of each key and its one subscription (made on the first want, dropped after the last)."""
+
     __slots__ = ("_acquire", "_counts", "_delay", "_held", "_locks", "_release", "_tasks", "_timers")
 
     def __init__(self, acquire: Action, release: Action, release_delay: float = 0.0) -> None:

@@ -53,6 +53,8 @@ def _not_ready(exc: BaseException | None) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class NatsConfig:
+    """Where the cluster and the stream are, and the limits the broker's roles apply."""
+
     urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     name: str = "herald"
     connect_timeout: float = 5.0

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import nats.errors
 
@@ -121,7 +122,7 @@ class NatsPubSub:
 
             sub = await nc.subscribe_direct(self._subjects.live_family("user"), on_message)
         else:
-            channel = Channel(key)  # the key of a channel is that channel (see _interest_key)
+            channel = cast(Channel, key)  # the key of a channel is that channel (see _interest_key)
 
             def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
                 handle(channel, data, headers)

@@ -37,6 +37,8 @@ def encode(data: Any) -> bytes:
 
 
 class NatsPublisher:
+    """Publishes into the stream from a backend (a short-lived connection of its own)."""
+
     def __init__(
         self,
         urls: list[str] | tuple[str, ...] = ("nats://127.0.0.1:4222",),

@@ -49,6 +49,8 @@ class AuthError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Identity:
+    """Who a verified token says the client is, and what it may do."""
+
     user: str
     rooms: tuple[str, ...] = ()
     publish: tuple[str, ...] = ()

@@ -30,6 +30,8 @@ class PublishRefused(Exception):
 
 
 class HttpPublisher:
+    """Publishes through a node's HTTP API (for backends without NATS access)."""
+
     def __init__(self, url: str, key: str, attempts: int = 5, backoff: float = 0.2, timeout: float = 10.0) -> None:
         self._url = url.rstrip("/") + "/api/publish"
         self._headers = {"Authorization": f"Bearer {key}"}

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Disconnect:
+    """Why a connection ends: the close code and message a client gets, and the metric label."""
+
     code: int
     message: str
     label: str

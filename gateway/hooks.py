@@ -57,6 +57,8 @@ def verify(secret: str, header: str, body: bytes, tolerance: float = 300.0) -> b
 
 
 class HookMetrics:
+    """The webhook dispatcher's metrics (its own registry)."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.deliveries = Counter("herald_webhook_deliveries", "Webhook outcomes, by result", ["result"], registry=r)
@@ -69,6 +71,8 @@ class HookMetrics:
 
 
 class Dispatcher:
+    """Sends each message the hook source yields to its webhook, with retries and signatures."""
+
     def __init__(self, settings: Settings, source: HookSource | None = None) -> None:
         self.hooks: HooksSettings = settings.hooks
         self.routes = hook_routes(self.hooks.routes)

@@ -34,6 +34,8 @@ def bearer(request: web.BaseRequest) -> str | None:
 
 
 class ConflictingTokens(ValueError):
+    """Two different tokens in one request (query, header, cookie)."""
+
     pass
 
 

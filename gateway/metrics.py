@@ -90,6 +90,8 @@ class TransportMetrics:
 
 
 class Metrics:
+    """The node's metrics (its own registry); label children bound once."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.connections = Gauge("herald_connections", "Open client connections", ["transport"], registry=r)

@@ -59,6 +59,8 @@ class Wire(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class QueueLimits:
+    """How much one connection may hold, and how long its transport may stall."""
+
     max_bytes: int
     max_messages: int
     write_buffer: int
