@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from broker.channels import ID_RE, glob_match
 
-from .settings import JwtSettings
+from .settings.schema import JwtSettings
 
 MAX_TOKEN_LENGTH = 8192
 VERIFIED_CACHE_SIZE = 10_000

@@ -1,4 +1,4 @@
-"""Prometheus metrics (names are part of the contract, DESIGN §6).
+"""Prometheus metrics (names are part of the contract, README: Metrics).
 
 Each node has its own registry, label children are bound once, and nothing is
 labelled per connection or per user. The two series touched once per delivery —

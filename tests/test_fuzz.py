@@ -76,13 +76,13 @@ FUZZ = settings(
 )
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "fuzz"
 
-# The contract's id rule (DESIGN §2), written out here rather than imported.
+# The contract's id rule (README: Channels), written out here rather than imported.
 ID_RE = re.compile(r"[A-Za-z0-9_:@=+-]{1,128}")
 GLOB_RE = re.compile(r"[A-Za-z0-9_:@=+*?-]{1,128}")
 SEQ_RE = re.compile(r"[0-9]{1,20}")
 MAX_SUBSCRIPTIONS = 40
 MAX_FRAME = 65536
-# Close codes documented for WebSocket clients (DESIGN §3, README). 1011 is
+# Close codes documented for WebSocket clients (README: WebSocket protocol). 1011 is
 # documented too, but it means the node failed: never acceptable here.
 WS_CLOSE_CODES = {1000, 1009, 1012, 1013, 4000, 4001, 4003, 4008, 4029}
 ANSWERS = {"ack", "error", "pong", "presence"}

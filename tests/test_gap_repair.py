@@ -2,7 +2,7 @@
 NATS connection dropped, or deliveries lost at the NATS level) fetches them
 back from the stream, so its clients still see every sequence of their
 channels exactly once and in order; what cannot be repaired is a reset
-frame, never a silent loss (DESIGN §2 sequencing, §3 Resume, §4)."""
+frame, never a silent loss (README: Resume, resets and the inbox)."""
 
 from __future__ import annotations
 

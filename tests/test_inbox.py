@@ -1,8 +1,8 @@
-"""Offline delivery and read state (DESIGN §3): messages to a user channel
-are kept; a connection that opens without a resume position first gets its
-user's messages after the user's read position (``welcome.unread`` counts
-them), then the live flow; ``read {id}`` moves that position forward only,
-cluster-wide (NATS KV)."""
+"""Offline delivery and read state (README: Resume, resets and the inbox):
+messages to a user channel are kept; a connection that opens without a resume
+position first gets its user's messages after the user's read position
+(``welcome.unread`` counts them), then the live flow; ``read {id}`` moves that
+position forward only, cluster-wide (NATS KV)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Limits (DESIGN §3 "Rooms, presence, reads, limits"), against real nodes over
-real sockets.
+"""Limits (README: Rooms: presence, join / leave, typing, limits), against real
+nodes over real sockets.
 
 - Browser ``Origin`` allow-list (``limits.origins``): a foreign page gets 403
   JSON ``forbidden_origin`` — on /ws before any upgrade, on /sse as the

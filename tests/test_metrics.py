@@ -1,4 +1,4 @@
-"""The metrics of DESIGN §6 exist, move, and count each delivery once."""
+"""The metrics listed in README: Metrics exist, move, and count each delivery once."""
 
 from __future__ import annotations
 

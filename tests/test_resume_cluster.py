@@ -1,9 +1,9 @@
-"""Resume across a cluster (DESIGN.md §3 "Resume"): a client that drops off one
-node and comes back to another with its last id gets every message of its
-channels it missed, in id order, each once, then the live flow — while
-publishers keep publishing. A position older than retention (or than one
-replay may carry) is announced with a reset, never skipped silently. A long
-replay is paced within the backpressure limits.
+"""Resume across a cluster (README: Resume, resets and the inbox): a client
+that drops off one node and comes back to another with its last id gets every
+message of its channels it missed, in id order, each once, then the live flow
+— while publishers keep publishing. A position older than retention (or than
+one replay may carry) is announced with a reset, never skipped silently. A
+long replay is paced within the backpressure limits.
 
 Two nodes are one cluster when they share the subject prefix and the stream
 (and, as the contract requires, the history settings).

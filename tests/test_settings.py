@@ -1,4 +1,4 @@
-"""Settings from TOML + HERALD_* environment (gateway/settings.py; DESIGN §7)."""
+"""Settings from TOML + HERALD_* environment (gateway/settings/; README: Configuration)."""
 
 from __future__ import annotations
 
@@ -306,7 +306,7 @@ def test_shipped_config_loads_and_documents_the_defaults() -> None:
 
 
 def test_shipped_config_mentions_every_key() -> None:
-    """DESIGN §1: herald.toml with every key documented (set or commented out)."""
+    """README: Configuration: herald.toml with every key documented (set or commented out)."""
     _shipped()
     text = SHIPPED.read_text()
     missing = []

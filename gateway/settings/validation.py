@@ -1,0 +1,209 @@
+"""Checking Settings as a whole: ranges, choices, the syntax of names and URLs,
+and keys that only make sense together. A failed check raises ConfigError
+naming the key, on one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from broker.channels import Subjects
+
+from ..auth import key_algorithm
+from ..limits import normal_origin
+from .schema import (
+    AdminSettings,
+    BackpressureSettings,
+    ConfigError,
+    HistorySettings,
+    HooksSettings,
+    HttpSettings,
+    JwtSettings,
+    LimitsSettings,
+    LogSettings,
+    NatsSettings,
+    NodeSettings,
+    PresenceSettings,
+    RoomsSettings,
+    Settings,
+    SseSettings,
+    StreamSettings,
+    WsSettings,
+    hook_routes,
+    room_history_rules,
+)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config error: {key}: {message}")
+
+
+def validate(s: Settings) -> None:
+    """Raise ConfigError naming the first bad key, checking the sections in this order."""
+    _node(s.node)
+    _http(s.http)
+    _admin(s.admin)
+    _nats(s.nats)
+    _subject(s)
+    _stream(s.stream)
+    _presence(s.presence)
+    _hooks(s.hooks)
+    _rooms(s.rooms)
+    _history(s.history)
+    _jwt(s.jwt, s.http)
+    _ws(s.ws)
+    _sse(s.sse)
+    _backpressure(s.backpressure)
+    _limits(s.limits)
+    _log(s.log)
+
+
+def _node(node: NodeSettings) -> None:
+    _require(
+        bool(node.id) and all(c.isalnum() or c in "-_." for c in node.id),
+        "node.id",
+        "letters, digits, '-', '_' or '.'",
+    )
+
+
+def _http(http: HttpSettings) -> None:
+    _require(0 <= http.port <= 65535, "http.port", "must be 0..65535")
+    _require(http.backlog > 0, "http.backlog", "must be > 0")
+    _require(http.max_body >= 1024, "http.max_body", "must be >= 1024")
+    _require(http.shutdown_grace >= 0, "http.shutdown_grace", "must be >= 0")
+    _require(http.drain_delay >= 0, "http.drain_delay", "must be >= 0")
+    _require(http.handshake_timeout > 0, "http.handshake_timeout", "must be > 0")
+    _require(0 <= http.reconnect_spread <= 300, "http.reconnect_spread", "must be 0 to 300 seconds")
+
+
+def _admin(admin: AdminSettings) -> None:
+    _require(0 <= admin.port <= 65535, "admin.port", "must be 0..65535 (0: on the main port)")
+
+
+def _nats(nats: NatsSettings) -> None:
+    _require(len(nats.urls) > 0, "nats.urls", "at least one URL")
+    for url in nats.urls:
+        _require(
+            url.split("://", 1)[0] in ("nats", "tls", "ws", "wss") and "://" in url, "nats.urls", f"bad URL {url!r}"
+        )
+    _require(nats.connect_timeout > 0, "nats.connect_timeout", "must be > 0")
+    _require(nats.publish_timeout > 0, "nats.publish_timeout", "must be > 0")
+    _require(nats.user_subscriptions in ("per-user", "shared"), "nats.user_subscriptions", "must be per-user or shared")
+    _require(nats.unsubscribe_delay >= 0, "nats.unsubscribe_delay", "must be >= 0")
+
+
+def _subject(s: Settings) -> None:
+    try:
+        Subjects(s.subject.prefix, s.live_prefix)
+    except ValueError as exc:
+        raise ConfigError(f"config error: subject.prefix / subject.live_prefix: {exc}") from None
+
+
+def _stream(stream: StreamSettings) -> None:
+    _require(
+        bool(stream.name) and stream.name.replace("_", "").replace("-", "").isalnum(),
+        "stream.name",
+        "letters, digits, '-' or '_'",
+    )
+    _require(stream.replicas in (1, 3, 5), "stream.replicas", "must be 1, 3 or 5")
+    _require(stream.storage in ("file", "memory"), "stream.storage", "must be file or memory")
+
+
+def _presence(presence: PresenceSettings) -> None:
+    _require(1.0 <= presence.ttl <= 300.0, "presence.ttl", "must be between 1 and 300 seconds")
+
+
+def _hooks(h: HooksSettings) -> None:
+    try:
+        hook_routes(h.routes)
+    except ValueError as exc:
+        _require(False, "hooks.routes", str(exc))
+    _require(not h.url or h.url.startswith(("http://", "https://")), "hooks.url", "must be an http(s) URL")
+    _require(h.offline_after >= 0 and h.unread_after >= 0, "hooks.offline_after", "delays must be >= 0")
+    _require(h.timeout > 0 and h.horizon > 0 and h.max_backoff > 0, "hooks.timeout", "must be > 0 (and horizon)")
+    _require(1 <= h.concurrency <= 1000, "hooks.concurrency", "must be between 1 and 1000")
+
+
+def _rooms(rooms: RoomsSettings) -> None:
+    try:
+        room_history_rules(rooms.history)
+    except ValueError as exc:
+        _require(False, "rooms.history", str(exc))
+
+
+def _history(history: HistorySettings) -> None:
+    for key in ("user_max", "room_max", "replay_max"):
+        _require(getattr(history, key) >= 1, f"history.{key}", "must be >= 1")
+    for key in ("user_max_age", "room_max_age", "replay_timeout"):
+        _require(getattr(history, key) > 0, f"history.{key}", "must be > 0 seconds")
+
+
+def _jwt(jwt: JwtSettings, http: HttpSettings) -> None:
+    """The token keys, and what needs them (``http.dev_tokens`` signs with ``jwt.secret``)."""
+    _require(not (jwt.secret and jwt.public_key), "jwt.secret", "set jwt.secret or jwt.public_key, not both")
+    _require(
+        not http.dev_tokens or bool(jwt.secret),
+        "http.dev_tokens",
+        "needs jwt.secret (the node must be able to sign tokens)",
+    )
+    if jwt.public_key:
+        try:
+            found = Path(jwt.public_key).is_file()
+        except OSError:  # e.g. a name too long
+            found = False
+        _require(found, "jwt.public_key", f"no such file {jwt.public_key!r}")
+        try:
+            key_algorithm(Path(jwt.public_key).read_bytes())
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"config error: jwt.public_key: {exc}") from None
+
+
+def _ws(ws: WsSettings) -> None:
+    _require(ws.heartbeat >= 0, "ws.heartbeat", "must be >= 0")
+    _require(ws.max_frame >= 1024, "ws.max_frame", "must be >= 1024")
+    _require(ws.close_timeout > 0, "ws.close_timeout", "must be > 0")
+
+
+def _sse(sse: SseSettings) -> None:
+    _require(sse.keepalive > 0, "sse.keepalive", "must be > 0")
+    _require(sse.retry >= 0, "sse.retry", "must be >= 0")
+
+
+def _backpressure(bp: BackpressureSettings) -> None:
+    _require(bp.max_bytes >= 1024, "backpressure.max_bytes", "must be >= 1024")
+    _require(bp.max_messages >= 1, "backpressure.max_messages", "must be >= 1")
+    _require(bp.policy in ("disconnect", "drop-oldest"), "backpressure.policy", "must be disconnect or drop-oldest")
+    _require(bp.write_buffer >= 1024, "backpressure.write_buffer", "must be >= 1024")
+    _require(
+        bp.write_buffer < bp.max_bytes,
+        "backpressure.write_buffer",
+        "must be smaller than backpressure.max_bytes",
+    )
+    _require(bp.socket_buffer >= 0, "backpressure.socket_buffer", "must be >= 0 (0: kernel default)")
+    _require(bp.stall_timeout > 0, "backpressure.stall_timeout", "must be > 0")
+    _require(0 <= bp.write_delay <= 1, "backpressure.write_delay", "must be between 0 and 1 (seconds)")
+
+
+def _limits(limits: LimitsSettings) -> None:
+    _require(limits.max_connections >= 0, "limits.max_connections", "must be >= 0 (0: no limit)")
+    _require(limits.max_subscriptions >= 1, "limits.max_subscriptions", "must be >= 1")
+    _require(
+        limits.connections_policy in ("refuse-new", "close-oldest"),
+        "limits.connections_policy",
+        "must be refuse-new or close-oldest",
+    )
+    for key in ("publish_rate", "command_rate", "abuse_strikes", "max_connections_per_user"):
+        _require(getattr(limits, key) >= 1, f"limits.{key}", "must be >= 1")
+    for key in ("rate_window", "api_rate"):
+        _require(getattr(limits, key) > 0, f"limits.{key}", "must be > 0")
+    for origin in limits.origins:
+        _require(
+            origin == "*" or normal_origin(origin) is not None,
+            "limits.origins",
+            f"{origin!r} is not an origin like https://app.example.com (scheme://host[:port], no path) or *",
+        )
+
+
+def _log(log: LogSettings) -> None:
+    _require(log.level in ("debug", "info", "warning", "error"), "log.level", "debug, info, warning or error")
