@@ -27,7 +27,7 @@ class _KeyLock:
 
 
 class Interest:
-    """Owns the reference count of each key and its one subscription (made on the first want, dropped after the last)."""
+    """Owns each key's reference count and its one subscription (made on the first want, dropped after the last)."""
 
     __slots__ = ("_acquire", "_counts", "_delay", "_held", "_locks", "_release", "_tasks", "_timers")
 

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from broker.channels import ID_RE, glob_match
 
+from .public_keys import key_algorithm
 from .settings.schema import JwtSettings
 
 MAX_TOKEN_LENGTH = 8192
@@ -70,19 +69,6 @@ def _globs(claims: dict[str, Any], name: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and _GLOB_RE.fullmatch(v) for v in value):
         raise AuthError("bad_claims", f"claim {name!r} must be a list of room ids or globs")
     return tuple(value)
-
-
-def key_algorithm(pem: bytes) -> tuple[Any, str]:
-    """The public key in ``pem`` and the one algorithm it may verify."""
-    try:
-        public = load_pem_public_key(pem)
-    except ValueError:
-        raise ValueError("not a PEM public key") from None
-    if isinstance(public, rsa.RSAPublicKey):
-        return public, "RS256"
-    if isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1):
-        return public, "ES256"
-    raise ValueError("must be an RSA or EC P-256 public key")
 
 
 # Told of each refused token, with who presented it (a peer address or a conn id).

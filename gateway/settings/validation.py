@@ -9,8 +9,8 @@ from pathlib import Path
 
 from broker.channels import Subjects
 
-from ..auth import key_algorithm
 from ..limits import normal_origin
+from ..public_keys import key_algorithm
 from .schema import (
     AdminSettings,
     BackpressureSettings,
