@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from broker.embedded import NatsServer, free_port
-from gateway.hooks import Dispatcher, signature, verify
+from gateway.hooks import Dispatcher, verify
 from gateway.settings import Settings, with_overrides
 
 from ..helpers import RunningNode, api_publish, cli_env, recv_json, scrape, token, wait_for
@@ -250,17 +250,6 @@ async def test_a_killed_dispatchers_message_is_sent_after_restart_with_the_same_
     assert verify(SECRET, receiver.requests[1][0]["Herald-Signature"], receiver.requests[1][1])
 
 
-def test_signature_scheme_and_tampering() -> None:
-    body = b'{"id":"7","data":{"amount":10}}'
-    header = signature([SECRET, "old-secret"], int(__import__("time").time()), body)
-    assert header.count("v1=") == 2
-    assert verify(SECRET, header, body) and verify("old-secret", header, body)  # rotation: both verify
-    assert not verify(SECRET, header, body.replace(b"10", b"99"))  # tampered body
-    assert not verify("another-secret", header, body)
-    stale = signature([SECRET], 1_000_000_000, body)
-    assert not verify(SECRET, stale, body)  # too old: a replay
-
-
 async def test_herald_hooks_needs_a_url_and_a_secret() -> None:
     for env in ({}, {"HERALD_HOOKS_URL": "http://127.0.0.1:9/h"}):
         proc = await asyncio.create_subprocess_exec(
@@ -326,18 +315,3 @@ async def dead_letters(nats_server: NatsServer, settings: Settings) -> list[dict
         return out
     finally:
         await nc.close()
-
-
-def test_the_readme_receiver_example_verifies_our_signatures() -> None:
-    import re
-    import time
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "def verify" in block)
-    namespace: dict[str, Any] = {}
-    exec(code, namespace)
-    body = b'{"id":"1","data":"x"}'
-    header = signature([SECRET], int(time.time()), body)
-    assert namespace["verify"](SECRET, header, body)
-    assert not namespace["verify"](SECRET, header, body + b" ")

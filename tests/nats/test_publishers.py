@@ -11,8 +11,8 @@ import aiohttp
 import jwt
 import pytest
 
-from broker import BrokerUnavailable, InvalidChannel
-from broker.embedded import NatsServer, free_port
+from broker import InvalidChannel
+from broker.embedded import NatsServer
 from broker.publisher import NatsPublisher
 from gateway.client import HttpPublisher, PublishRefused
 
@@ -46,13 +46,6 @@ async def test_nats_publisher_stores_and_delivers(
     await ws.close()
 
 
-async def test_nats_publisher_without_nats_fails_clearly() -> None:
-    pub = NatsPublisher([f"nats://127.0.0.1:{free_port()}"], attempts=2, backoff=0.01, timeout=1.0)
-    with pytest.raises(BrokerUnavailable, match="cannot connect"):
-        await pub.connect()
-    await pub.close()
-
-
 async def test_http_publisher_publishes_and_retries_429(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
     node = await node_factory(limits={"api_rate": 2.0})
     ws = await open_ws(http, node, "bea")
@@ -76,13 +69,6 @@ async def test_http_publisher_does_not_retry_refusals(node: RunningNode) -> None
         assert unauthorized.value.status == 401
 
 
-async def test_http_publisher_gives_up_after_its_attempts() -> None:
-    async with HttpPublisher(f"http://127.0.0.1:{free_port()}", PUBLISH_KEY, attempts=3, backoff=0.01) as pub:
-        with pytest.raises(PublishRefused) as down:
-            await pub.publish("room:lobby", 1)
-    assert down.value.error == "unavailable"
-
-
 async def test_dev_token_endpoint_only_when_enabled(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
     off = await node_factory()
     async with http.post(off.url + "/api/dev/token", json={"user": "dora"}) as r:
@@ -104,10 +90,3 @@ async def test_dev_token_endpoint_only_when_enabled(node_factory: NodeFactory, h
         async with http.post(on.url + "/api/dev/token", json=bad) as r:
             assert r.status == 400, bad
             assert (await r.json())["error"] == "bad_request"
-
-
-def test_dev_tokens_need_a_secret() -> None:
-    from gateway.settings import ConfigError, load_settings
-
-    with pytest.raises(ConfigError, match=r"http\.dev_tokens"):
-        load_settings(env={"HERALD_HTTP_DEV_TOKENS": "true"}, use_default_file=False)

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import pytest
 
 from ..helpers import RunningNode, SseClient, expect_close, recv_json, scrape, token, wait_for
 
@@ -95,31 +94,3 @@ async def test_close_oldest_closes_the_oldest_on_the_other_node(
     assert metrics['herald_connections_closed_total{reason="replaced",transport="ws"}'] == 1
     for ws in (middle, newest):
         await ws.close()
-
-
-async def test_a_burst_of_lookups_of_live_nodes_is_one_kv_listing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Connects and closes ask which nodes are alive (cached ttl/3). When the
-    cache is stale, a burst of them shares one lookup: a KV listing each (one
-    consumer each) hit the server's "maximum consumers limit reached" when
-    1,000 clients left at once, and those connections stayed counted."""
-    import asyncio
-
-    import broker.presence
-    from broker.presence import Presence
-
-    listings = 0
-
-    async def live_keys(kv: Any, pattern: str) -> list[str]:
-        nonlocal listings
-        listings += 1
-        await asyncio.sleep(0.01)  # a round trip
-        return ["n1-abc"]
-
-    monkeypatch.setattr(broker.presence, "live_keys", live_keys)
-    presence = Presence("S", "n1", ttl=3.0)
-    presence._nodes = object()  # type: ignore[assignment]
-    answers = await asyncio.gather(*(presence.alive() for _ in range(200)))
-    assert listings == 1
-    assert all(a == {"n1-abc"} for a in answers)
-    await presence.alive()  # fresh: no lookup
-    assert listings == 1

@@ -165,13 +165,6 @@ async def running_nginx(prefix: Path, ports: Ports) -> AsyncIterator[None]:
         nginx.wait(10)
 
 
-def test_the_static_nats_configs_are_the_templates_default_rendering() -> None:
-    for i, name in enumerate(NAMES):
-        assert (ROOT / "config" / "nats" / f"{name}.conf").read_text() == render_nats(i), (
-            f"config/nats/{name}.conf differs from config/nats/node.conf.in: render it again"
-        )
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_nats_server_accepts_each_cluster_config(tmp_path: Path, name: str) -> None:
     env = os.environ | {"NATS_STORE_DIR": str(tmp_path / name)}
