@@ -32,6 +32,9 @@ from ..browser import ARTIFACTS
 from ..failover import SteadyPublisher, Subscriber, check_delivery, p99_latency
 from ..helpers import ADMIN_KEY, PUBLISH_KEY, SECRET, free_base, wait_for
 
+# A cluster of 7 processes and 300 clients per test.
+pytestmark = pytest.mark.slow
+
 CLIENTS = int(os.environ.get("HERALD_FAILOVER_CLIENTS", "300"))
 ROOMS = 10
 RATE = 40.0  # messages/s over all rooms

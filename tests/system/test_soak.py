@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.slow  # about 3 minutes
+
 
 @pytest.mark.timeout(600)  # 2 minutes of churn, two quiescent checkpoints, start and stop: about 3 minutes
 def test_two_minute_soak_has_no_drift(tmp_path: Path) -> None:
