@@ -34,11 +34,11 @@ serve: $(STAMP)
 test: $(STAMP) browser-deps cluster-deps ops-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The fuzzers of tests/test_fuzz.py with a big budget (make test runs them with 100 examples each);
-# inputs/s per property in artifacts/fuzz/stats.json.
+# The fuzzers of tests/{unit,nats}/test_fuzz.py with a big budget (make test runs them with 100 examples
+# each); inputs/s per property in artifacts/fuzz/stats.json.
 FUZZ_EXAMPLES ?= 5000
 fuzz: $(STAMP)
-	HERALD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py \
+	HERALD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/unit/test_fuzz.py tests/nats/test_fuzz.py \
 		--hypothesis-show-statistics --show-capture=no $(PYTEST_ARGS)
 
 # Herald and the naive aiohttp baseline; results in artifacts/bench/ (see ops/bench/README.md).
@@ -79,7 +79,7 @@ cluster-deps:
 		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y nginx; }; \
 	fi
 
-# Debian's prometheus (with promtool) for the rules/dashboard tests (tests/test_ops_prometheus.py), installed when missing.
+# Debian's prometheus (with promtool) for the rules/dashboard tests (tests/system/test_ops_prometheus.py), installed when missing.
 ops-deps:
 	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; else \
 		echo "installing prometheus with apt-get"; \

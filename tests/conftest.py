@@ -1,3 +1,20 @@
+"""Fixtures every tier shares, and the tiers themselves.
+
+A test's folder is its tier, and its marker (added here, so ``-m`` selects by tier):
+
+- ``tests/unit/``: no processes (no nats-server, no subprocess of any kind); in-process
+  aiohttp servers on loopback and the in-memory broker are fine. Seconds.
+- ``tests/nats/``: a real nats-server (the ``nats_server`` fixture, or a test's own),
+  and Herald's own CLI (``python -m gateway``) as extra nodes.
+- ``tests/system/``: anything else: nginx, Prometheus/promtool, Chromium, the cluster
+  (ops/cluster.py), the soak, the CLIs end to end.
+
+``slow`` marks the few tests of minutes (the soak, the cluster failovers):
+``make test PYTEST_ARGS='-m "not slow"'`` leaves them out. The guards below keep the
+tiers honest: a unit test asking for ``nats_server`` fails at once, and so does a
+process a test's tier does not allow.
+"""
+
 from __future__ import annotations
 
 import os
@@ -11,17 +28,104 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser
 
-from broker.embedded import NatsServer, free_port
+from broker.embedded import NatsServer, free_port, nats_server_binary
 from gateway.node import BrokerFactory
 
-from .browser import launch_chromium
 from .helpers import RunningNode, make_settings, start_node
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "nats", "system")
+
+
+def tier_of(item: pytest.Item) -> str:
+    for tier in TIERS:
+        if item.get_closest_marker(tier) is not None:
+            return tier
+    return "system"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            folder = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        if folder not in TIERS:
+            raise pytest.UsageError(
+                f"{item.nodeid}: every test lives in a tier folder, tests/unit/, tests/nats/ or tests/system/"
+            )
+        item.add_marker(folder)
+
+
+class TierViolation(AssertionError):
+    """A test started a process its tier does not allow."""
+
+
+def _allowed(tier: str, argv: list[str]) -> bool:
+    if tier == "system":
+        return True
+    if tier == "unit" or not argv:
+        return False
+    program = os.path.basename(argv[0])
+    return program == os.path.basename(nats_server_binary()) or (
+        argv[0] == sys.executable and argv[1:3] == ["-m", "gateway"]
+    )
+
+
+@pytest.fixture(autouse=True)
+def _tier_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Unit tests start no process at all; nats tests only nats-server and
+    ``python -m gateway``. Checked where every subprocess (asyncio's too) starts."""
+    tier = tier_of(request.node)
+    if tier == "system":
+        yield
+        return
+    refused: list[str] = []
+    real = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+    def guarded(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> Any:
+        argv = [os.fsdecode(args)] if isinstance(args, (str, bytes, os.PathLike)) else [os.fsdecode(a) for a in args]
+        if not _allowed(tier, argv):
+            refused.append(" ".join(argv))
+            raise TierViolation(
+                f"a {tier} test may not start {argv[0]!r}"
+                + (" (no process at all)" if tier == "unit" else " (only nats-server and python -m gateway)")
+                + f": move {request.node.nodeid} to the tier it needs (see tests/conftest.py)"
+            )
+        return real(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", guarded)
+    yield
+    call = getattr(request.node, "_tier_call_report", None)
+    if refused and call is not None and call.passed:  # the TierViolation was caught and swallowed
+        pytest.fail(f"{tier} test tried to start processes its tier does not allow: {refused}", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item._tier_call_report = report  # type: ignore[attr-defined]
+    return report
+
+
+@pytest.fixture
+def nats_server(request: pytest.FixtureRequest) -> NatsServer:
+    """The session's nats-server (see ``nats_session_server``); refused to unit
+    tests, before anything starts."""
+    if tier_of(request.node) == "unit":
+        pytest.fail(
+            f"{request.node.nodeid} is a unit test but needs nats_server (directly or through node /"
+            " node_factory): unit tests start no nats-server; move it to tests/nats/",
+            pytrace=False,
+        )
+    return request.getfixturevalue("nats_session_server")  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+def nats_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """One real nats-server with JetStream for the session; tests isolate
     themselves by subject prefix and stream name."""
     server = NatsServer(store_dir=str(tmp_path_factory.mktemp("jetstream")), monitor_port=free_port())
@@ -57,13 +161,6 @@ async def node(node_factory: Callable[..., Any]) -> RunningNode:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    """Debian's headless chromium through playwright's async API (same loop as the nodes), closed afterwards."""
-    async with launch_chromium() as launched:
-        yield launched
 
 
 @pytest.fixture

@@ -1,0 +1,317 @@
+"""Webhooks for users who did not get their messages live: a real nats-server,
+a real node (presence, read positions), dispatchers and a real aiohttp
+receiver on local ports."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import nats
+import orjson
+import pytest
+from aiohttp import web
+
+from broker.embedded import NatsServer, free_port
+from gateway.hooks import Dispatcher, verify
+from gateway.settings import Settings, with_overrides
+
+from ..helpers import RunningNode, api_publish, cli_env, recv_json, scrape, token, wait_for
+
+NodeFactory = Callable[..., Any]
+SECRET = "hook-secret-0123456789"
+
+
+@dataclass
+class Receiver:
+    """A webhook endpoint on a local port; ``answers`` scripts its replies in turn (then 200)."""
+
+    url: str = ""
+    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    answers: list[int | str] = field(default_factory=list)  # status, or "hang"
+
+    def ids(self) -> list[str]:
+        return [h["Herald-Delivery-Id"] for h, _ in self.requests]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((dict(request.headers), await request.read()))
+        answer = self.answers.pop(0) if self.answers else 200
+        if answer == "hang":
+            await asyncio.sleep(3600)
+        headers = {"Retry-After": "1"} if answer == 429 else {}
+        return web.Response(status=int(answer), text="ok" if answer == 200 else "no", headers=headers)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", r.handle)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    r.url = f"http://127.0.0.1:{port}/hook"
+    yield r
+    await runner.cleanup()
+
+
+def hook_settings(node: RunningNode, url: str, **hooks: Any) -> Settings:
+    values = {"url": url, "secret": SECRET, "offline_after": 0.0, "max_backoff": 0.3, "timeout": 1.0, **hooks}
+    return with_overrides(node.settings, hooks=values)
+
+
+@pytest.fixture
+async def dispatchers() -> AsyncIterator[Callable[[Settings], Dispatcher]]:
+    """``start(settings)`` runs a dispatcher in a task until the test ends."""
+    running: list[asyncio.Task[None]] = []
+
+    def start(settings: Settings) -> Dispatcher:
+        d = Dispatcher(settings)
+        running.append(asyncio.create_task(d.run()))
+        return d
+
+    yield start
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+
+
+async def consumer_ready(nats_server: NatsServer, settings: Settings) -> None:
+    """The durable consumer exists (it only takes messages published after it)."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+
+    async def exists() -> bool:
+        try:
+            await js.consumer_info(settings.stream.name, f"{settings.stream.name}_hooks")
+            return True
+        except nats.errors.Error:
+            return False
+
+    try:
+        await wait_for(exists, timeout=10, interval=0.05)
+    finally:
+        await nc.close()
+
+
+async def test_offline_user_gets_one_signed_webhook_online_user_none(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    settings = hook_settings(node, receiver.url, offline_after=0.5)
+    dispatcher = dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    online = await http.ws_connect(node.ws_url, params={"token": token("bob")})
+    assert (await recv_json(online))["type"] == "welcome"
+
+    to_bob = await api_publish(http, node, "user:bob", {"text": "you are here"})
+    to_carol = await api_publish(http, node, "user:carol", {"text": "you are away"})
+    await wait_for(lambda: receiver.requests, timeout=10)
+    await asyncio.sleep(1.5)  # bob's would have come by now, and a second carol one
+    assert receiver.ids() == [to_carol]
+    headers, body = receiver.requests[0]
+    assert verify(SECRET, headers["Herald-Signature"], body)
+    doc = orjson.loads(body)
+    assert doc["user"] == "carol" and doc["channel"] == "user:carol" and doc["id"] == to_carol
+    assert doc["data"] == {"text": "you are away"} and doc["event"] == "message" and doc["timestamp"].endswith("Z")
+    counts = dispatcher.metrics.deliveries
+    assert counts.labels("delivered")._value.get() == 1
+    assert counts.labels("skipped_online")._value.get() == 1
+    assert to_bob not in receiver.ids()
+    await online.close()
+
+
+async def test_a_message_read_before_the_delay_is_not_sent(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    settings = hook_settings(node, receiver.url, offline_after=1.5)
+    dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    first = await api_publish(http, node, "user:dora", {"n": 1})
+    ws = await http.ws_connect(node.ws_url, params={"token": token("dora")})  # the inbox brings it
+    await recv_json(ws)
+    assert (await recv_json(ws))["id"] == first
+    await ws.send_json({"type": "read", "id": first, "ref": "r"})
+    assert (await recv_json(ws))["type"] == "ack"
+    await ws.close()
+    second = await api_publish(http, node, "user:dora", {"n": 2})
+    await wait_for(lambda: receiver.requests, timeout=10)
+    await asyncio.sleep(0.5)
+    assert receiver.ids() == [second]
+
+
+async def test_unread_after_sends_what_an_online_user_left_unread(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    settings = hook_settings(node, receiver.url, unread_after=1.0)
+    dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    ws = await http.ws_connect(node.ws_url, params={"token": token("jo")})
+    await recv_json(ws)
+    read = await api_publish(http, node, "user:jo", "seen")
+    assert (await recv_json(ws))["id"] == read
+    await ws.send_json({"type": "read", "id": read})
+    unread = await api_publish(http, node, "user:jo", "not seen")
+    await wait_for(lambda: receiver.requests, timeout=10)
+    await asyncio.sleep(1.5)
+    assert receiver.ids() == [unread]
+    await ws.close()
+
+
+async def test_retries_after_5xx_then_stops_at_success(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    receiver.answers = [500, 500, 200]
+    settings = hook_settings(node, receiver.url)
+    dispatcher = dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    sent = await api_publish(http, node, "user:erin", "hi")
+    await wait_for(lambda: len(receiver.requests) >= 3, timeout=15)
+    await asyncio.sleep(1.5)
+    assert receiver.ids() == [sent] * 3  # twice refused, once delivered, never again
+    assert dispatcher.metrics.deliveries.labels("retried")._value.get() == 2
+    assert dispatcher.metrics.deliveries.labels("delivered")._value.get() == 1
+
+
+async def test_429_waits_for_retry_after_and_4xx_is_not_retried(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    receiver.answers = [429, 200, 410]
+    settings = hook_settings(node, receiver.url, concurrency=1)
+    dispatcher = dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    limited = await api_publish(http, node, "user:fay", 1)
+    await wait_for(lambda: len(receiver.requests) >= 2, timeout=10)
+    gone = await api_publish(http, node, "user:fay", 2)
+    await wait_for(lambda: len(receiver.requests) >= 3, timeout=10)
+    await asyncio.sleep(1.5)
+    assert receiver.ids() == [limited, limited, gone]
+    assert dispatcher.metrics.deliveries.labels("rejected")._value.get() == 1
+    dead = await dead_letters(nats_server, settings)
+    assert [(d["id"], d["reason"]) for d in dead] == [(gone, "HTTP 410")]
+
+
+async def test_receiver_down_past_the_horizon_is_dead_lettered(
+    node: RunningNode, http: aiohttp.ClientSession, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens
+    settings = hook_settings(node, closed, horizon=1.5)
+    dispatcher = dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    sent = await api_publish(http, node, "user:gus", {"x": 1})
+    await wait_for(lambda: dispatcher.metrics.deliveries.labels("dead")._value.get() == 1, timeout=15)
+    assert dispatcher.metrics.deliveries.labels("retried")._value.get() >= 2
+    dead = await dead_letters(nats_server, settings)
+    assert len(dead) == 1 and dead[0]["id"] == sent and dead[0]["user"] == "gus"
+    assert "ClientConnectorError" in dead[0]["reason"] and dead[0]["attempts"] >= 3
+
+
+async def test_two_dispatchers_send_each_message_once(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    settings = hook_settings(node, receiver.url)
+    first, second = dispatchers(settings), dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    sent = [await api_publish(http, node, f"user:u{i % 7}", i) for i in range(40)]
+    await wait_for(lambda: len(receiver.requests) >= 40, timeout=15)
+    await asyncio.sleep(1.0)
+    assert sorted(receiver.ids(), key=int) == sent
+    assert collections.Counter(receiver.ids()).most_common(1)[0][1] == 1
+    per = [d.metrics.deliveries.labels("delivered")._value.get() for d in (first, second)]
+    assert sum(per) == 40
+
+
+async def test_a_killed_dispatchers_message_is_sent_after_restart_with_the_same_id(
+    node: RunningNode,
+    http: aiohttp.ClientSession,
+    receiver: Receiver,
+    dispatchers: Any,
+    nats_server: NatsServer,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    settings = hook_settings(node, receiver.url)
+    receiver.answers = ["hang"]  # the first request never gets its answer
+    proc = spawn(["hooks"], dispatcher_env(settings, nats_server))
+    await consumer_ready(nats_server, settings)
+    sent = await api_publish(http, node, "user:hal", {"important": True})
+    await wait_for(lambda: receiver.requests, timeout=10)
+    proc.send_signal(signal.SIGKILL)  # mid-delivery: nothing acked
+    proc.wait()
+    dispatchers(settings)  # its replacement
+    await wait_for(lambda: len(receiver.requests) >= 2, timeout=15)  # after ack_wait (2 x timeout + 1 s)
+    await asyncio.sleep(0.5)
+    assert receiver.ids() == [sent, sent]
+    assert verify(SECRET, receiver.requests[1][0]["Herald-Signature"], receiver.requests[1][1])
+
+
+async def test_herald_hooks_needs_a_url_and_a_secret() -> None:
+    for env in ({}, {"HERALD_HOOKS_URL": "http://127.0.0.1:9/h"}):
+        proc = await asyncio.create_subprocess_exec(
+            *cli_env_command(), "hooks", env=cli_env(**env), stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await proc.communicate()
+        assert proc.returncode == 2 and b"hooks." in err, err
+
+
+async def test_metrics_port_serves_webhook_metrics(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, nats_server: NatsServer, spawn: Any
+) -> None:
+    settings = hook_settings(node, receiver.url)
+    port = free_port()
+    spawn(["hooks"], dispatcher_env(settings, nats_server, HERALD_HOOKS_METRICS_PORT=str(port)))
+    await consumer_ready(nats_server, settings)
+    await api_publish(http, node, "user:ivy", 1)
+    await wait_for(lambda: receiver.requests, timeout=10)
+
+    async def counted() -> bool:
+        try:
+            metrics = await scrape(http, f"http://127.0.0.1:{port}")
+        except aiohttp.ClientError:
+            return False
+        return metrics.get('herald_webhook_deliveries_total{result="delivered"}') == 1
+
+    await wait_for(counted, timeout=10, interval=0.2)
+    metrics = await scrape(http, f"http://127.0.0.1:{port}")
+    assert "herald_webhook_queue_depth" in metrics and "herald_webhook_latency_seconds_count" in metrics
+
+
+def cli_env_command() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "gateway"]
+
+
+def dispatcher_env(settings: Settings, nats_server: NatsServer, **extra: str) -> dict[str, str]:
+    h = settings.hooks
+    return cli_env(
+        HERALD_NATS_URLS=nats_server.url,
+        HERALD_SUBJECT_PREFIX=settings.subject.prefix,
+        HERALD_STREAM_NAME=settings.stream.name,
+        HERALD_HOOKS_URL=h.url,
+        HERALD_HOOKS_SECRET=h.secret,
+        HERALD_HOOKS_OFFLINE_AFTER=str(h.offline_after),
+        HERALD_HOOKS_TIMEOUT=str(h.timeout),
+        HERALD_HOOKS_MAX_BACKOFF=str(h.max_backoff),
+        **extra,
+    )
+
+
+async def dead_letters(nats_server: NatsServer, settings: Settings) -> list[dict[str, Any]]:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        stream = f"{settings.stream.name}_HOOKS_DEAD"
+        info = await js.stream_info(stream)
+        out = []
+        for seq in range(1, (info.state.last_seq or 0) + 1):
+            msg = await js.get_msg(stream, seq)
+            out.append(orjson.loads(msg.data or b"{}"))
+        return out
+    finally:
+        await nc.close()

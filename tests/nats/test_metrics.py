@@ -1,0 +1,122 @@
+"""The metrics listed in README: Metrics exist, move, and count each delivery once."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from broker.embedded import NatsServer
+
+from ..helpers import ADMIN_KEY, PUBLISH_KEY, RunningNode, SseClient, recv_json, scrape, token, wait_for
+
+CONTRACT = [
+    'herald_connections{transport="ws"}',
+    'herald_connections{transport="sse"}',
+    'herald_connections_opened_total{transport="ws"}',
+    'herald_connections_closed_total{reason="client_closed",transport="ws"}',
+    "herald_channels_subscribed",
+    "herald_messages_received_total",
+    'herald_messages_delivered_total{transport="ws"}',
+    'herald_messages_delivered_total{transport="sse"}',
+    "herald_delivery_latency_seconds_count",
+    "herald_outbound_queue_bytes",
+    'herald_slow_consumer_disconnects_total{transport="ws"}',
+    'herald_messages_dropped_total{reason="queue_full"}',
+    "herald_nats_connected",
+    "herald_nats_reconnects_total",
+    "herald_replayed_messages_total",
+]
+
+
+async def test_contract_metrics_move(node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession) -> None:
+    before = await scrape(http, node.url)
+    for name in CONTRACT:
+        assert name in before, name
+    assert before["herald_nats_connected"] == 1
+
+    a = await http.ws_connect(node.ws_url, params={"token": token("a"), "room": "r"})
+    b = await http.ws_connect(node.ws_url, params={"token": token("b"), "room": "r"})
+    for ws in (a, b):
+        await recv_json(ws)
+    sse = SseClient(await http.get(node.url + "/sse", params={"token": token("c"), "room": "r"}))
+    await wait_for(lambda: node.node.broker.stats().subscriptions == 5)
+    during = await scrape(http, node.url)
+    assert during['herald_connections{transport="ws"}'] == 2
+    assert during['herald_connections{transport="sse"}'] == 1
+    assert during['herald_connections_opened_total{transport="ws"}'] == 2
+    assert during["herald_channels_subscribed"] == 5
+
+    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+    for i in range(3):
+        async with http.post(node.url + "/api/publish", json={"channel": "room:r", "data": i}, headers=headers) as r:
+            assert r.status == 200
+    for ws in (a, b):
+        for _ in range(3):
+            assert (await recv_json(ws))["type"] == "message"
+    for _ in range(3):
+        await sse.next()
+
+    after = await scrape(http, node.url)
+    assert after['herald_messages_delivered_total{transport="ws"}'] == 6
+    assert after['herald_messages_delivered_total{transport="sse"}'] == 3
+    assert after["herald_delivery_latency_seconds_count"] == 9
+    assert after["herald_delivery_latency_seconds_sum"] > 0
+    assert after["herald_messages_received_total"] == 3  # one NATS message each, whatever the fan-out
+    assert after['herald_api_publishes_total{result="ok"}'] == 3
+
+    await a.close()
+    sse.response.close()
+    await wait_for(lambda: len(node.node.sessions) == 1)
+    closed = await scrape(http, node.url)
+    assert closed['herald_connections{transport="ws"}'] == 1
+    assert closed['herald_connections{transport="sse"}'] == 0
+    assert closed['herald_connections_closed_total{reason="client_closed",transport="ws"}'] == 1
+    assert (
+        sum(v for k, v in closed.items() if k.startswith("herald_connections_closed_total{") and 'transport="sse"' in k)
+        == 1
+    )
+
+
+async def test_no_per_connection_or_user_labels(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    ws = await http.ws_connect(node.ws_url, params={"token": token("someone-unique"), "room": "room-unique"})
+    await recv_json(ws)
+    async with http.get(node.url + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    assert "someone-unique" not in text and "room-unique" not in text
+    for label in ("user=", "conn=", "channel=", "room="):
+        assert label not in text
+
+
+async def test_health_ready_and_stats(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    async with http.get(node.url + "/healthz") as r:
+        assert r.status == 200
+    async with http.get(node.url + "/readyz") as r:
+        assert r.status == 200
+    ws = await http.ws_connect(node.ws_url, params={"token": token("u1"), "room": "x"})
+    await recv_json(ws)
+    async with http.get(node.url + "/api/stats") as r:
+        assert r.status == 401
+        assert (await r.json())["error"] == "unauthorized"
+    async with http.get(node.url + "/api/stats", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+        stats = await r.json()
+    assert stats["node"] == node.settings.node.id
+    assert stats["connections"] == {"ws": 1, "sse": 0}
+    assert stats["users"] == 1
+    assert stats["channels"] == 3
+    assert stats["nats"]["connected"] is True
+    assert stats["tasks"] >= 1  # the event loop's tasks, for leak hunting
+
+
+async def test_labelled_series_exist_from_the_first_scrape(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    from gateway.metrics import API_RESULTS, AUTH_FAILURE_REASONS, LIMITS
+
+    scraped = await scrape(http, node.url)
+    for reason in AUTH_FAILURE_REASONS:
+        assert scraped[f'herald_auth_failures_total{{reason="{reason}"}}'] == 0
+    for limit in LIMITS:
+        assert scraped[f'herald_limit_rejections_total{{limit="{limit}"}}'] == 0
+    for result in API_RESULTS:
+        assert scraped[f'herald_api_publishes_total{{result="{result}"}}'] == 0
+    assert scraped['herald_connections_closed_total{reason="slow_consumer",transport="sse"}'] == 0
+    assert scraped["process_resident_memory_bytes"] > 0

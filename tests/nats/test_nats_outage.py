@@ -1,0 +1,201 @@
+"""NATS goes away and comes back: the node reports it (readyz, publish API),
+keeps its clients, and recovers by itself. (A node that cannot reach NATS at
+all fails its start quickly with a message naming the URL: tests/unit/test_nats_outage.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from broker import BrokerUnavailable, Channel
+from broker.embedded import NatsServer, free_port
+
+from ..helpers import (
+    PUBLISH_KEY,
+    RunningNode,
+    SseClient,
+    make_settings,
+    recv_json,
+    scrape,
+    start_node,
+    token,
+    wait_for,
+)
+
+PUBLISH_HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+# Every request in this file is bounded: a hang is a failure, not a stuck run.
+SHORT = aiohttp.ClientTimeout(total=3)
+
+
+@pytest.fixture
+def own_nats(tmp_path: Any) -> Iterator[NatsServer]:
+    """A nats-server of this test's own, on a fixed port and store so it can be
+    stopped and started again (the session server must not be disturbed)."""
+    server = NatsServer(port=free_port(), store_dir=str(tmp_path / "jetstream"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def get_status(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url, timeout=SHORT) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def publish(http: aiohttp.ClientSession, node: RunningNode, body: dict[str, Any]) -> tuple[int, Any]:
+    async with http.post(node.url + "/api/publish", json=body, headers=PUBLISH_HEADERS, timeout=SHORT) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def status_is(http: aiohttp.ClientSession, url: str, status: int) -> bool:
+    try:
+        return (await get_status(http, url))[0] == status
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def subscribed(node: RunningNode, count: int) -> None:
+    await wait_for(lambda: node.node.broker.stats().subscriptions >= count)
+    await asyncio.sleep(0.05)  # one round trip for the SUB to reach the server
+
+
+@pytest.mark.parametrize("storage", ["file", "memory"])
+async def test_node_survives_nats_outage_and_recovers(
+    storage: str, own_nats: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    node: RunningNode = await node_factory(
+        nats_url=own_nats.url, nats={"reconnect_wait": 0.2}, stream={"storage": storage}
+    )
+    readyz, healthz = node.url + "/readyz", node.url + "/healthz"
+    assert await get_status(http, readyz) == (200, {"status": "ready"})
+
+    ws = await http.ws_connect(node.ws_url, params=[("token", token("alice")), ("room", "lobby")])
+    assert (await recv_json(ws))["type"] == "welcome"
+    sse_resp = await http.get(node.url + "/sse", params=[("token", token("bob")), ("room", "lobby")])
+    assert sse_resp.status == 200
+    sse = SseClient(sse_resp)
+    await subscribed(node, 3)  # user:alice, user:bob, room:lobby
+    status, before = await publish(http, node, {"channel": "room:lobby", "data": {"n": 0}})
+    assert status == 200
+    assert (await recv_json(ws))["id"] == before["id"]
+    assert (await sse.next()).id == before["id"]
+
+    # --- outage ---------------------------------------------------------------
+    own_nats.stop()
+    await wait_for(lambda: status_is(http, readyz, 503), timeout=5)
+    status, body = await get_status(http, readyz)
+    assert status == 503
+    assert body["error"] == "nats_unavailable" and body["message"]
+
+    started = time.monotonic()
+    status, body = await publish(http, node, {"channel": "room:lobby", "data": {"n": 1}})
+    assert status == 503, body
+    assert body["error"] == "unavailable" and "NATS" in body["message"]
+    assert time.monotonic() - started < 2.0, "publish must fail fast while NATS is down, not wait for it"
+
+    assert await get_status(http, healthz) == (200, {"status": "ok"})
+    metrics = await scrape(http, node.url)
+    assert metrics["herald_nats_connected"] == 0
+    # Clients are kept: the WS still answers, the SSE stream is still open.
+    await ws.send_json({"type": "ping", "ref": "during"})
+    assert await recv_json(ws) == {"type": "pong", "ref": "during"}
+    assert not ws.closed
+    assert not sse.ended and not sse_resp.content.at_eof()
+    assert len(node.node.sessions) == 2
+
+    # --- recovery: same port, same store ---------------------------------------
+    own_nats.start()
+    await wait_for(lambda: status_is(http, readyz, 200), timeout=10)
+    metrics = await scrape(http, node.url)
+    assert metrics["herald_nats_reconnects_total"] >= 1
+    assert metrics["herald_nats_connected"] == 1
+
+    # The subscriptions held before the outage were restored: the clients that
+    # stayed connected receive what is published now.
+    status, after = await publish(http, node, {"channel": "room:lobby", "event": "back", "data": {"n": 2}})
+    assert status == 200, after
+    assert int(after["id"]) >= 1
+    frame = await recv_json(ws)
+    if storage == "memory":
+        # The stream started over, so ids before the outage mean nothing now:
+        # the client is told (a reset) before anything of the new stream.
+        resets = set()
+        while frame["type"] == "reset":
+            resets.add(frame["channel"])
+            frame = await recv_json(ws)
+        assert resets == {"user", "broadcast", "room:lobby"}
+    assert (frame["channel"], frame["event"], frame["data"], frame["id"]) == (
+        "room:lobby",
+        "back",
+        {"n": 2},
+        after["id"],
+    )
+    ev = await sse.next()
+    if storage == "memory":
+        assert ev.event == "reset", ev
+        while ev.event == "reset":
+            ev = await sse.next()
+    assert (ev.event, ev.json(), ev.id) == ("back", {"n": 2}, after["id"])
+    if storage == "file":
+        # The stream survived on disk: the sequence continues.
+        assert int(after["id"]) > int(before["id"])
+    await ws.close()
+    sse_resp.close()
+
+
+async def test_readyz_not_ready_until_stream_restored(
+    own_nats: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    # Memory storage: a restarted server has lost the stream and the node must
+    # recreate it. /readyz promises "NATS connected and the stream ready", so
+    # the first 200 after the restart must mean a publish now succeeds.
+    node: RunningNode = await node_factory(nats_url=own_nats.url, nats={"reconnect_wait": 0.2})
+    readyz = node.url + "/readyz"
+    for cycle in range(3):
+        own_nats.stop()
+        await wait_for(lambda: status_is(http, readyz, 503), timeout=5, interval=0)
+        own_nats.start()
+        await wait_for(lambda: status_is(http, readyz, 200), timeout=10, interval=0)
+        status, body = await publish(http, node, {"channel": "room:lobby", "data": {"cycle": cycle}})
+        assert status == 200, f"/readyz said ready, publish said {status} {body}"
+
+
+async def test_a_channel_dropped_during_an_outage_leaves_no_subscription_behind(
+    tmp_path: Any, http: aiohttp.ClientSession
+) -> None:
+    """A SUB written while NATS is away waits in the client's buffer and goes
+    out after the reconnect: the UNSUB for it must follow it, or the server
+    keeps sending the node a channel nobody wants."""
+    server = NatsServer(port=free_port(), store_dir=str(tmp_path / "js"), monitor_port=free_port())
+    server.start()
+    try:
+        node = await start_node(make_settings(server.url, nats={"reconnect_wait": 0.2}))
+        try:
+            broker = node.node.broker
+            server.stop()
+            await wait_for(lambda: not broker.stats().connected, timeout=10)
+            with contextlib.suppress(BrokerUnavailable):
+                await broker.pubsub.want(Channel.room("orphan"))
+            with contextlib.suppress(BrokerUnavailable):
+                await broker.pubsub.unwant(Channel.room("orphan"))
+            server.start()
+            await wait_for(lambda: status_is(http, node.url + "/readyz", 200), timeout=20, interval=0.1)
+            await asyncio.sleep(0.5)  # what the client had buffered reaches the server
+            url = f"http://127.0.0.1:{server.monitor_port}/connz?subs=1"
+            async with http.get(url, timeout=SHORT) as resp:
+                doc = await resp.json()
+            subjects = [s for c in doc.get("connections") or [] for s in c.get("subscriptions_list") or []]
+            assert not [s for s in subjects if s.endswith(".room.orphan")], subjects
+            assert broker.stats().subscriptions == 0
+        finally:
+            await node.stop()
+    finally:
+        server.stop()

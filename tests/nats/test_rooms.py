@@ -1,0 +1,209 @@
+"""Rooms as a product: join / leave once per user across nodes, ephemeral
+(typing) messages, and which rooms clients may publish into."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from broker.embedded import NatsServer
+
+from ..helpers import (
+    RunningNode,
+    SseClient,
+    recv_json,
+    spawn_cluster_node,
+    token,
+)
+from ..helpers import api_publish as publish
+
+NodeFactory = Callable[..., Awaitable[RunningNode]]
+_clusters = itertools.count(1)
+
+
+def cluster(**extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    n = next(_clusters)
+    return {
+        "subject": {"prefix": f"rm{n}"},
+        "stream": {"name": f"RM{n}", "storage": "memory"},
+        "rooms": {"join_leave": ["chat-*"]},
+        **extra,
+    }
+
+
+async def open_ws(
+    http: aiohttp.ClientSession, node: RunningNode | str, user: str, room: str, **claims: Any
+) -> aiohttp.ClientWebSocketResponse:
+    url = node if isinstance(node, str) else node.ws_url
+    ws = await http.ws_connect(url, params={"token": token(user, **claims), "room": room})
+    assert (await recv_json(ws))["type"] == "welcome"
+    return ws
+
+
+async def frames_for(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> list[dict[str, Any]]:
+    """Every frame that arrives within ``seconds``."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            got.append(await recv_json(ws, timeout=left))
+        except TimeoutError:
+            break
+    return got
+
+
+def presence_frames(frames: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(f["type"], f["user"]) for f in frames if f["type"] in ("join", "leave")]
+
+
+async def test_one_join_and_one_leave_per_user_across_two_nodes(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    shared = cluster()
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    observer = await open_ws(http, a, "olga", "chat-1")
+    assert presence_frames(await frames_for(observer, 0.5)) == [("join", "olga")]  # its own arrival
+    sse = SseClient(await http.get(b.url + "/sse", params={"token": token("sam"), "room": "chat-1"}))
+
+    first = await open_ws(http, b, "alice", "chat-1")
+    second = await open_ws(http, a, "alice", "chat-1")  # another tab, another node: no second join
+    got = presence_frames(await frames_for(observer, 0.8))
+    assert got == [("join", "sam"), ("join", "alice")], got
+    await first.close()  # one tab left: no leave
+    assert presence_frames(await frames_for(observer, 0.6)) == []
+    await second.close()
+    assert presence_frames(await frames_for(observer, 1.0)) == [("leave", "alice")]
+
+    # The SSE member saw the same, as events.
+    events = []
+    while len(events) < 2:
+        ev = await sse.next()
+        if ev.event in ("join", "leave") and ev.json()["user"] == "alice":
+            events.append((ev.event, ev.json()))
+    assert events == [
+        ("join", {"type": "join", "room": "chat-1", "user": "alice"}),
+        ("leave", {"type": "leave", "room": "chat-1", "user": "alice"}),
+    ]
+    # Rooms outside rooms.join_leave announce nothing.
+    quiet = await open_ws(http, a, "quinn", "lobby")
+    rita = await open_ws(http, b, "rita", "lobby")
+    assert presence_frames(await frames_for(quiet, 0.6)) == []
+    await rita.close()
+    await observer.close()
+
+
+async def test_ephemeral_reaches_members_live_and_is_never_replayed(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    shared = cluster()
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    typist = await open_ws(http, a, "tom", "chat-2", publish=["chat-*"])
+    reader = await open_ws(http, b, "uma", "chat-2")
+    await frames_for(reader, 0.3)  # join frames
+    await typist.send_json({"type": "publish", "room": "chat-2", "data": {"typing": True}, "ephemeral": True, "ref": 1})
+    await typist.send_json({"type": "publish", "room": "chat-2", "data": {"text": "hi"}, "ref": 2})
+    acks = [f for f in await frames_for(typist, 0.5) if f["type"] == "ack"]
+    assert acks[0] == {"type": "ack", "ref": 1, "channel": "room:chat-2"}  # no id: not stored
+    stored_id = acks[1]["id"]
+    got = [f for f in await frames_for(reader, 0.5) if f["type"] == "message"]
+    assert got[0] == {"type": "message", "channel": "room:chat-2", "event": "message", "data": {"typing": True}}
+    assert (got[1]["id"], got[1]["data"]) == (stored_id, {"text": "hi"})
+
+    # A later resume from before both: only the stored one.
+    late = await http.ws_connect(b.ws_url, params={"token": token("vic"), "room": "chat-2", "since": "0"})
+    frames = [f for f in await frames_for(late, 0.6) if f["type"] == "message"]
+    assert [(f.get("id"), f["data"]) for f in frames] == [(stored_id, {"text": "hi"})]
+    for ws in (typist, reader, late):
+        await ws.close()
+
+
+async def test_rooms_client_publish_limits_where_clients_may_publish(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    node = await node_factory(**cluster(rooms={"client_publish": ["chat-*"]}))
+    ws = await open_ws(http, node, "will", "news", publish=["*"])
+    await ws.send_json({"type": "publish", "room": "news", "data": 1, "ref": "n"})
+    err = await recv_json(ws)
+    assert (err["type"], err["code"], err["ref"]) == ("error", "forbidden", "n")
+    assert "rooms.client_publish" in err["message"]
+    await ws.send_json({"type": "publish", "room": "chat-x", "data": 1, "ref": "c"})
+    assert (await recv_json(ws))["type"] == "ack"
+    await ws.close()
+
+
+async def test_a_killed_nodes_users_leave_once(
+    node_factory: NodeFactory, nats_server: NatsServer, spawn: Any, http: aiohttp.ClientSession
+) -> None:
+    shared = cluster(presence={"ttl": 1.5})
+    survivor = await node_factory(**shared)
+    proc, url = await spawn_cluster_node(
+        spawn,
+        http,
+        nats_server.url,
+        shared,
+        HERALD_PRESENCE_TTL="1.5",
+        HERALD_ROOMS_JOIN_LEAVE="chat-*",
+        HERALD_NODE_ID="doomed",
+    )
+    watcher = await open_ws(http, survivor, "wes", "chat-9")
+    doomed = await open_ws(http, url.replace("http", "ws") + "/ws", "xena", "chat-9")
+    assert presence_frames(await frames_for(watcher, 1.0)) == [("join", "wes"), ("join", "xena")]
+    proc.send_signal(signal.SIGKILL)
+    got = presence_frames(await frames_for(watcher, 6.0))
+    assert got == [("leave", "xena")], got
+    await watcher.close()
+    await doomed.close()  # kept open until its node died
+
+
+async def test_history_per_room_glob(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
+    node = await node_factory(**cluster(rooms={"history": ["chat-*=3/3600", "log-?=100/0.5"]}))
+    since = await publish(http, node, "room:lobby", "before")
+    chat = [await publish(http, node, "room:chat-1", i) for i in range(6)]
+    lobby = [await publish(http, node, "room:lobby", i) for i in range(6)]
+    ws = await http.ws_connect(
+        node.ws_url,
+        params=[("token", token("yara")), ("room", "chat-1"), ("room", "lobby"), ("since", since)],
+    )
+    assert (await recv_json(ws))["type"] == "welcome"
+    frames = [f for f in await frames_for(ws, 0.8) if f["type"] in ("reset", "message")]
+    assert frames[0]["type"] == "reset" and frames[0]["channel"] == "room:chat-1"
+    ids = [f["id"] for f in frames[1:]]
+    assert ids == sorted(chat[-3:] + lobby, key=int)  # chat-*: the newest 3; lobby: the default (1000)
+    await ws.close()
+
+    # Age: log-? keeps half a second.
+    since = await publish(http, node, "room:lobby", "mark")
+    await publish(http, node, "room:log-1", "old")
+    await asyncio.sleep(0.7)
+    fresh = await publish(http, node, "room:log-1", "fresh")
+    ws = await http.ws_connect(node.ws_url, params={"token": token("yara"), "room": "log-1", "since": since})
+    assert (await recv_json(ws))["type"] == "welcome"
+    frames = [f for f in await frames_for(ws, 0.6) if f["type"] in ("reset", "message")]
+    assert [(f["type"], f.get("id")) for f in frames] == [("reset", None), ("message", fresh)]
+    await ws.close()
+
+
+async def test_a_stopped_nodes_users_leave_and_may_join_again(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    shared = cluster(presence={"ttl": 1.5})
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    watcher = await open_ws(http, a, "zed", "chat-5")
+    amy = await open_ws(http, b, "amy", "chat-5")
+    assert presence_frames(await frames_for(watcher, 0.8)) == [("join", "zed"), ("join", "amy")]
+    await b.stop()  # graceful: amy's node is gone at once, a survivor announces her leave
+    got = presence_frames(await frames_for(watcher, 5.0))
+    assert got == [("leave", "amy")], got
+    again = await open_ws(http, a, "amy", "chat-5")
+    assert presence_frames(await frames_for(watcher, 0.8)) == [("join", "amy")]
+    for ws in (again, watcher, amy):
+        await ws.close()

@@ -1,0 +1,182 @@
+"""The demo page and herald.js in Debian's chromium, against real nodes on real NATS.
+
+Two users chat with presence, typing and notifications; the page survives a
+killed node (WS and SSE) and an expiring token; ``auto`` falls back to SSE
+when WebSockets are blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Browser, Page, WebSocketRoute, expect
+
+from broker.embedded import NatsServer, free_port
+from broker.publisher import NatsPublisher
+
+from ..browser import ConsoleWatch, screenshot_path
+from ..helpers import RunningNode, api_publish, spawn_cluster_node, wait_for
+
+NodeFactory = Callable[..., Any]
+DEMO = {"http": {"dev_tokens": True}, "rooms": {"join_leave": ("*",)}}
+TIMEOUT = 15_000  # ms, for expectations that wait on a reconnect
+
+
+@asynccontextmanager
+async def demo_page(browser: Browser, base: str, **query: str) -> AsyncIterator[tuple[Page, ConsoleWatch]]:
+    """A fresh browser context (its own storage: one user) on the demo, signed in by query."""
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        watch = ConsoleWatch(page)
+        await page.goto(f"{base}/?" + "&".join(f"{k}={v}" for k, v in query.items()))
+        await expect(page.locator("#status")).to_have_attribute("data-state", "open", timeout=TIMEOUT)
+        yield page, watch
+    finally:
+        await context.close()
+
+
+async def shown_ids(page: Page) -> list[str]:
+    ids: list[str] = await page.locator("#messages li[data-id]").evaluate_all("els => els.map(e => e.dataset.id)")
+    return ids
+
+
+def page_errors(watch: ConsoleWatch) -> list[str]:
+    """Uncaught exceptions only (a killed node makes the browser log refused connections)."""
+    return [e for e in watch.errors if e.startswith("pageerror")]
+
+
+async def test_two_users_chat_with_presence_typing_and_notifications(
+    node_factory: NodeFactory, nats_server: NatsServer, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(**DEMO)
+    async with (
+        demo_page(browser, node.url, user="alice", room="lobby") as (alice, alice_watch),
+        demo_page(browser, node.url, user="bob", room="lobby") as (bob, bob_watch),
+    ):
+        for page in (alice, bob):  # presence lists both, cluster-wide, on either page
+            await expect(page.locator("#presence li")).to_have_count(2)
+            await expect(page.locator("#presence")).to_contain_text("alice")
+            await expect(page.locator("#presence")).to_contain_text("bob")
+
+        await alice.locator("#text").press_sequentially("hello bob")
+        await expect(bob.locator("#typing")).to_have_text("alice is typing…")
+        await alice.locator("#text").press("Enter")
+        line = bob.locator("#messages li").filter(has_text="hello bob")
+        await expect(line).to_contain_text("alice")
+        await expect(bob.locator("#typing")).to_have_text("")  # the message ends the indicator
+        await expect(alice.locator("#messages li").filter(has_text="hello bob")).to_have_count(1)
+        await bob.locator("#text").fill("hi alice")
+        await bob.locator("#say button").click()
+        await expect(alice.locator("#messages li").filter(has_text="hi alice")).to_have_count(1)
+
+        settings = node.settings
+        async with NatsPublisher([nats_server.url], settings.subject.prefix, settings.stream.name) as backend:
+            await backend.publish("user:bob", {"text": "Your order shipped"}, event="notify")
+            await backend.publish("user:bob", {"text": "Invoice ready"}, event="notify")
+        await expect(bob.locator("#unread")).to_have_text("2")
+        await expect(bob.locator("#notifications li.unread")).to_have_count(2)
+        await expect(alice.locator("#unread")).to_have_text("0")  # another user's channel
+        await bob.screenshot(path=screenshot_path("demo-chat"), full_page=True)
+
+        await bob.locator("#mark-read").click()
+        await expect(bob.locator("#unread")).to_have_text("0")
+        await expect(bob.locator("#notifications li.unread")).to_have_count(0)
+        await bob.reload()  # signed in again from storage; the read position is kept by the node
+        await expect(bob.locator("#status")).to_have_attribute("data-state", "open", timeout=TIMEOUT)
+        await expect(bob.locator("#presence li")).to_have_count(2)
+        await asyncio.sleep(0.5)  # an unread replay would arrive right after the welcome
+        await expect(bob.locator("#unread")).to_have_text("0")
+        await expect(bob.locator("#notifications li")).to_have_count(0)
+
+        await expect(alice.locator("#status")).to_contain_text("open · ws · last id")
+        assert alice_watch.errors == [], alice_watch.messages
+        assert bob_watch.errors == [], bob_watch.messages
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_page_resumes_after_its_node_is_killed_and_restarted(
+    transport: str,
+    node_factory: NodeFactory,
+    nats_server: NatsServer,
+    spawn: Any,
+    http: aiohttp.ClientSession,
+    browser: Browser,
+) -> None:
+    tag = "br" + uuid.uuid4().hex[:10]
+    stream = {"name": tag.upper(), "storage": "memory"}
+    shared: dict[str, dict[str, Any]] = {"subject": {"prefix": tag}, "stream": stream}
+    other = await node_factory(**shared)  # publishes while the page's node is down
+    port = free_port()
+    env = {"HERALD_HTTP_DEV_TOKENS": "true", "HERALD_SSE_RETRY": "300"}
+    proc, base = await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
+
+    async with demo_page(browser, base, user="carol", room="lobby", transport=transport) as (page, watch):
+        await expect(page.locator("#status")).to_contain_text(f"· {transport} ·")
+        sent = [await api_publish(http, other, "room:lobby", {"user": "srv", "text": "before"})]
+        await expect(page.locator("#messages li[data-id]")).to_have_count(1)
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        await expect(page.locator("#status")).not_to_have_attribute("data-state", "open", timeout=TIMEOUT)
+        sent += [await api_publish(http, other, "room:lobby", {"user": "srv", "text": f"down {i}"}) for i in range(5)]
+        await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
+        await expect(page.locator("#status")).to_have_attribute("data-state", "open", timeout=TIMEOUT)
+        sent.append(await api_publish(http, other, "room:lobby", {"user": "srv", "text": "after"}))
+
+        await expect(page.locator("#messages li[data-id]")).to_have_count(len(sent), timeout=TIMEOUT)
+        await asyncio.sleep(0.3)  # a duplicate would show up right behind
+        assert await shown_ids(page) == sent  # every message once, in order
+        await expect(page.locator("#status")).to_contain_text(f"last id {sent[-1]}")
+        assert page_errors(watch) == []
+
+
+async def test_expired_token_is_replaced_through_get_token(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(**DEMO)
+    async with demo_page(browser, node.url, user="dave", room="lobby", ttl="2") as (page, watch):
+        first = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "one"})
+
+        # The node closes at expiry (4001); the page mints a new token and resumes.
+        async def renewed() -> bool:  # polled from here: the page's CSP forbids wait_for_function's eval
+            tokens: int = await page.evaluate("window.heraldDemo.tokens")
+            return tokens >= 3
+
+        await wait_for(renewed, timeout=TIMEOUT / 1000)
+        await expect(page.locator("#status")).to_have_attribute("data-state", "open", timeout=TIMEOUT)
+        second = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "two"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(2, timeout=TIMEOUT)
+        assert await shown_ids(page) == [first, second]
+        assert page_errors(watch) == []
+
+
+async def test_auto_falls_back_to_sse_when_websockets_are_blocked(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(**DEMO)
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        watch = ConsoleWatch(page)
+
+        async def refuse_upgrade(ws: WebSocketRoute) -> None:  # a proxy that drops WebSockets
+            await ws.close(code=1011, reason="blocked by proxy")
+
+        await page.route_web_socket(re.compile(r"/ws\?"), refuse_upgrade)
+        await page.goto(f"{node.url}/?user=erin&room=lobby&transport=auto")
+        await expect(page.locator("#status")).to_contain_text("open · sse ·", timeout=TIMEOUT)
+        sent = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "over sse"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(1)
+        assert await shown_ids(page) == [sent]
+        assert page_errors(watch) == []
+    finally:
+        await context.close()

@@ -1,0 +1,226 @@
+"""The helper commands of ``python -m gateway``: token, publish, dev."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from broker.embedded import NatsServer, free_port
+from gateway.auth import Authenticator
+from gateway.settings import JwtSettings
+
+from ..helpers import SECRET, cli_env, make_settings, recv_json, start_node, token, wait_for
+
+_ids = itertools.count(1)
+
+
+def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a short CLI command to completion (killed if it outlives 15 s)."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=cli_env(**env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+
+
+# --- token -------------------------------------------------------------------
+
+
+def test_token_mints_a_jwt_the_node_accepts(tmp_path: Path) -> None:
+    result = run_cli(["token", "bob", "--room", "lobby", "--ttl", "60"], tmp_path, HERALD_JWT_SECRET=SECRET)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    identity = Authenticator(JwtSettings(secret=SECRET)).verify(lines[0])
+    assert identity.user == "bob"
+    assert identity.rooms == ("lobby",)
+    assert identity.publish == ()
+    assert identity.expires is not None and 50 < identity.expires - time.time() <= 61
+    # Signed with that secret, not another one.
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do
+        Authenticator(JwtSettings(secret=SECRET + "-other")).verify(lines[0])
+
+
+def test_token_without_a_secret_exits_2_with_a_message(tmp_path: Path) -> None:
+    result = run_cli(["token", "bob"], tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "HERALD_JWT_SECRET" in result.stderr or "jwt.secret" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_token_refuses_a_bad_user_id(tmp_path: Path) -> None:
+    result = run_cli(["token", "*"], tmp_path, HERALD_JWT_SECRET=SECRET)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "user id" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- publish -----------------------------------------------------------------
+
+
+async def test_publish_prints_the_stream_id_and_reaches_clients(nats_server: NatsServer, tmp_path: Path) -> None:
+    n = next(_ids)
+    prefix, stream = f"cli{n}x{os.getpid()}", f"CLI{n}X{os.getpid()}"
+    node = await start_node(
+        make_settings(nats_server.url, subject={"prefix": prefix}, stream={"name": stream, "storage": "memory"})
+    )
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(node.ws_url, params=[("token", token("alice")), ("room", "lobby")])
+            assert (await recv_json(ws))["type"] == "welcome"
+            await wait_for(lambda: node.node.broker.stats().subscriptions >= 3)
+            await asyncio.sleep(0.05)
+            # Run asynchronously: the node lives in this event loop.
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway",
+                "publish",
+                "room:lobby",
+                '{"x":1}',
+                "--event",
+                "cli",
+                env=cli_env(HERALD_NATS_URLS=nats_server.url, HERALD_SUBJECT_PREFIX=prefix, HERALD_STREAM_NAME=stream),
+                cwd=tmp_path,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=15)
+            assert proc.returncode == 0, err.decode()
+            seq = out.decode().strip()
+            assert seq.isdigit() and int(seq) >= 1, out
+            frame = await recv_json(ws)
+            assert frame == {"type": "message", "channel": "room:lobby", "id": seq, "event": "cli", "data": {"x": 1}}
+            await ws.close()
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await node.stop()
+
+
+@pytest.mark.parametrize("channel", ["room:a.b", "room:*", "room:>", "lobby", "user:"])
+def test_publish_refuses_a_bad_channel(channel: str, tmp_path: Path) -> None:
+    # A closed NATS port: the channel must be refused before any connection.
+    result = run_cli(["publish", channel, "x"], tmp_path, HERALD_NATS_URLS=f"nats://127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "invalid" in lines[0], result.stderr
+
+
+def test_publish_without_nats_fails_with_the_url(tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = run_cli(["publish", "room:lobby", "x"], tmp_path, HERALD_NATS_URLS=url, HERALD_NATS_CONNECT_TIMEOUT="1")
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2
+    assert url in result.stderr and "Traceback" not in result.stderr
+
+
+# --- dev ---------------------------------------------------------------------
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("target", ["parent", "group"])
+async def test_dev_starts_nats_and_a_node_and_stops_both_on_sigint(
+    target: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    port, nats_port = free_port(), free_port()
+    out, err = tmp_path / "dev.out", tmp_path / "dev.err"
+    store_parent = tmp_path / "tmp"
+    store_parent.mkdir()
+    # TMPDIR: the dev JetStream store is created under tmp_path.
+    proc = spawn(
+        ["dev", "--port", str(port), "--nats-port", str(nats_port)], cli_env(TMPDIR=str(store_parent)), out, err
+    )
+
+    def banner_complete() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"dev exited with {proc.returncode}:\n{err.read_text()}")
+        text = out.read_text()
+        return "sample token" in text and "try:" in text
+
+    await wait_for(banner_complete, timeout=15, interval=0.05)
+    banner = out.read_text()
+    base = f"http://127.0.0.1:{port}"
+    assert f"{base}/" in banner
+    lines = banner.splitlines()
+    sample = lines[next(i for i, line in enumerate(lines) if "sample token" in line) + 1].strip()
+    assert sample.count(".") == 2, sample
+    assert port_open(nats_port)
+
+    async def ws_open() -> aiohttp.ClientWebSocketResponse | None:
+        try:
+            return await http.ws_connect(f"ws://127.0.0.1:{port}/ws", params=[("token", sample), ("room", "lobby")])
+        except aiohttp.ClientConnectorError:
+            return None  # the banner is printed just before the socket listens
+
+    ws: aiohttp.ClientWebSocketResponse | None = None
+    deadline = time.monotonic() + 5
+    while ws is None and time.monotonic() < deadline:
+        ws = await ws_open()
+        if ws is None:
+            await asyncio.sleep(0.05)
+    assert ws is not None, "could not open a WebSocket to the dev node"
+    welcome = await recv_json(ws)
+    assert welcome["type"] == "welcome"
+    assert "room:lobby" in welcome["channels"]
+    async with http.get(base + "/") as resp:
+        assert resp.status == 200
+        assert "text/html" in resp.headers["Content-Type"]
+    async with http.post(base + "/api/dev/token", json={"user": "bob"}) as resp:
+        assert resp.status == 200  # the demo signs in by name on a dev node
+        assert (await resp.json())["user"] == "bob"
+    await ws.close()
+
+    if target == "parent":
+        proc.send_signal(signal.SIGINT)  # the nats-server child must be stopped by its parent
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert proc.poll() is not None, f"dev still running 10s after SIGINT:\n{err.read_text()}"
+    assert not port_open(nats_port), "the dev nats-server outlived its parent"
+    assert not port_open(port)
+    log = err.read_text()
+    assert proc.returncode == 0, log
+
+
+async def test_dev_with_a_bad_port_fails_fast_and_leaves_no_nats_server(
+    spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    nats_port = free_port()
+    out, err = tmp_path / "dev.out", tmp_path / "dev.err"
+    store_parent = tmp_path / "tmp"
+    store_parent.mkdir()
+    proc = spawn(["dev", "--port", "70000", "--nats-port", str(nats_port)], cli_env(TMPDIR=str(store_parent)), out, err)
+    deadline = time.monotonic() + 15
+    while proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert proc.returncode == 2, err.read_text()
+    lines = err.read_text().strip().splitlines()
+    assert len(lines) == 1 and "http.port" in lines[0], lines
+    assert not port_open(nats_port), "nats-server left running after dev failed"

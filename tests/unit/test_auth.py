@@ -1,0 +1,51 @@
+"""Authentication without a node: the verified-token cache (the rest of the
+authentication tests drive real nodes: tests/nats/test_auth.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ..helpers import token
+
+OTHER_SECRET = "another-secret-that-is-long-enough-for-hs256!"
+
+
+def test_verified_tokens_are_cached_but_expiry_still_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time as time_module
+
+    import jwt as pyjwt
+
+    from gateway.auth import Authenticator, AuthError
+    from gateway.settings import JwtSettings
+
+    from ..helpers import SECRET
+
+    calls = 0
+    real_decode = pyjwt.decode
+
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(pyjwt, "decode", counting_decode)
+    auth = Authenticator(JwtSettings(secret=SECRET))
+    tok = token("alice", ttl=60)
+    assert auth.verify(tok).user == "alice"
+    assert auth.verify(tok).user == "alice"
+    assert calls == 1  # the second connect with the same token skipped the signature check
+    forged = token("alice", key=OTHER_SECRET)
+    for _ in range(2):
+        with pytest.raises(AuthError):
+            auth.verify(forged)
+    assert calls == 3  # refused tokens are never cached
+    # Once a cached token expires it is refused, as a fresh one would be.
+    short = token("bob", ttl=2)
+    identity = auth.verify(short)
+    assert identity.user == "bob" and identity.expires is not None
+    time_module.sleep(max(0.0, identity.expires - time_module.time()) + 0.1)
+    with pytest.raises(AuthError) as err:
+        auth.verify(short)
+    assert err.value.reason == "expired"

@@ -1,0 +1,23 @@
+"""The metric vocabularies, checked against the source (the metrics of a
+running node: tests/nats/test_metrics.py)."""
+
+from __future__ import annotations
+
+
+def test_every_label_value_the_code_uses_is_pre_created() -> None:
+    """The vocabularies in gateway/metrics.py cover every literal label the code
+    passes, so no series appears late (its first event invisible to rate())."""
+    import re
+    from pathlib import Path
+
+    from gateway import auth, metrics
+
+    source = "\n".join(p.read_text() for p in Path(auth.__file__).parent.glob("*.py"))
+    auth_reasons = set(re.findall(r'auth_failures\.labels\("(\w+)"\)|AuthError\("(\w+)"', source))
+    used_auth = {a or b for a, b in auth_reasons} | {reason for _, reason, _ in auth._REFUSALS}
+    assert used_auth <= set(metrics.AUTH_FAILURE_REASONS), used_auth - set(metrics.AUTH_FAILURE_REASONS)
+    used_limits = set(re.findall(r'limit_rejections\.labels\("(\w+)"\)', source)) | {"publish_rate", "command_rate"}
+    assert used_limits <= set(metrics.LIMITS), used_limits - set(metrics.LIMITS)
+    used_results = set(re.findall(r'refuse\(\d+, "(\w+)"', source)) | {"ok"}
+    assert used_results <= set(metrics.API_RESULTS), used_results - set(metrics.API_RESULTS)
+    assert len(used_auth) > 10 and len(used_limits) > 6 and len(used_results) > 5  # the patterns still match
