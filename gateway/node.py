@@ -74,7 +74,6 @@ class Node:
     gate: Gate
     resumer: Resumer
     commands: Commands
-    warn: Throttle
 
     @property
     def id(self) -> str:
@@ -141,4 +140,4 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
     gate = Gate(settings.limits, sessions, subscriptions, broker.connections, authenticator, metrics, warn)
     metrics.watch_broker(broker.stats)
     metrics.watch_queue_bytes(sessions.queued_bytes)
-    return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, warn)
+    return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands)
