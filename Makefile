@@ -4,6 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test / test-nats / test-system (0: one process). The tests mostly wait
+# (on sockets, timers, other processes), so 4 is right on 2 cores; tests/conftest.py gives the soak a
+# worker of its own and runs the cluster failovers one at a time.
+TEST_WORKERS ?= 4
+XDIST = -n $(TEST_WORKERS) --dist loadgroup
 # Extra arguments for ops/bench/run.py, e.g. make bench BENCH_ARGS='--quick --only fanout-ws'
 BENCH_ARGS ?=
 # Length of `make soak` (ops/soak.py: one node under churn and nats-server restarts, fails on drift).
@@ -14,7 +19,7 @@ CHROMIUM ?= /usr/bin/chromium
 # The browser tests drive Debian's chromium; playwright must never fetch a browser build of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: dev test lint serve clean install bench bench-peers bench-deps-nchan browser-deps cluster cluster-stop cluster-deps ops-deps soak fuzz
+.PHONY: dev test test-fast test-nats test-system lint serve clean install bench bench-peers bench-deps-nchan browser-deps cluster cluster-stop cluster-deps ops-deps soak fuzz
 
 install: $(STAMP)
 
@@ -31,8 +36,21 @@ dev: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/herald serve
 
+# The tiers are folders (README "Tests"): tests/unit (no processes), tests/nats (a real nats-server),
+# tests/system (nginx, Prometheus, Chromium, the cluster, the soak, CLIs). make test runs them all;
+# make test PYTEST_ARGS='-m "not slow"' leaves out the soak and the cluster failovers.
 test: $(STAMP) browser-deps cluster-deps ops-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+
+# The unit tier, in one process: seconds.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-nats: $(STAMP)
+	$(BIN)/python -m pytest $(XDIST) tests/nats $(PYTEST_ARGS)
+
+test-system: $(STAMP) browser-deps cluster-deps ops-deps
+	$(BIN)/python -m pytest $(XDIST) tests/system $(PYTEST_ARGS)
 
 # The fuzzers of tests/{unit,nats}/test_fuzz.py with a big budget (make test runs them with 100 examples
 # each); inputs/s per property in artifacts/fuzz/stats.json.

@@ -57,6 +57,54 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 f"{item.nodeid}: every test lives in a tier folder, tests/unit/, tests/nats/ or tests/system/"
             )
         item.add_marker(folder)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the order tests are handed out in
+        items.sort(key=_weight)
+
+
+# --- pytest-xdist (make test: -n 4 --dist loadgroup) -------------------------------------------------
+# The soak (minutes, mostly waiting) starts first on a worker of its own; the cluster failovers
+# (a 7-process cluster and 300 clients each) run one at a time on another worker; the other workers
+# take the rest, longest tiers first, and are done well before the soak is.
+
+SOLO = ("tests/system/test_soak.py::",)  # a worker to itself, which then ends
+SERIAL = ("tests/system/test_cluster_failover.py::",)  # one unit of work: one worker, one test at a time
+
+
+def _weight(item: pytest.Item) -> int:
+    """A stable sort: each module's tests stay together."""
+    if item.nodeid.startswith(SOLO):
+        return 0
+    if item.get_closest_marker("slow") is not None:
+        return 1
+    return 2 + TIERS[::-1].index(tier_of(item))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` groups by SERIAL here: pytest 9.2 ignores the node id
+    suffix xdist's own loadgroup relies on (pytest-xdist issue #1386)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling  # type: ignore[import-untyped]
+
+    class TierScheduling(LoadGroupScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            for prefix in SERIAL:
+                if nodeid.startswith(prefix):
+                    return prefix
+            return super()._split_scope(nodeid)  # type: ignore[no-any-return]
+
+        def _reschedule(self, node: Any) -> None:
+            units = self.assigned_work.get(node, {}).values()
+            if not node.shutting_down and any(nid.startswith(SOLO) for unit in units for nid in unit):
+                # Anything queued now would wait for the soak, and a worker does not start a test
+                # before it knows the next one (or that there is none): it ends after the soak.
+                node.shutdown()
+                return
+            super()._reschedule(node)
+
+    config.option.loadscopereorder = False  # keep the order of _weight
+    return TierScheduling(config, log)
 
 
 class TierViolation(AssertionError):

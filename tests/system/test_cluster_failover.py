@@ -32,7 +32,7 @@ from ..browser import ARTIFACTS
 from ..failover import SteadyPublisher, Subscriber, check_delivery, p99_latency
 from ..helpers import ADMIN_KEY, PUBLISH_KEY, SECRET, free_base, wait_for
 
-# A cluster of 7 processes and 300 clients per test.
+# A cluster of 7 processes and 300 clients per test (make test runs them one at a time: tests/conftest.py).
 pytestmark = pytest.mark.slow
 
 CLIENTS = int(os.environ.get("HERALD_FAILOVER_CLIENTS", "300"))
