@@ -22,7 +22,7 @@ from .disconnect import CLOSE_REASONS
 TRANSPORTS = ("ws", "sse")
 # Every label value the code uses, so each series exists (at 0) from the first
 # scrape: rate() and increase() then see a node's first event of each kind.
-# tests/test_metrics.py checks that the code uses no value missing here.
+# tests/unit/test_metrics.py checks that the code uses no value missing here.
 AUTH_FAILURE_REASONS = (
     "missing",
     "not_configured",

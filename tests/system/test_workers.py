@@ -5,31 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import time
 
 import aiohttp
 
-from broker.embedded import NatsServer, free_port
+from broker.embedded import NatsServer, free_port, free_ports
 
 from ..helpers import ADMIN_KEY, SECRET, cli_env, recv_json, token
 
 
-def free_pair() -> int:
-    """A port p such that p and p + 1 are both free (worker k's admin port is p + k)."""
-    while True:
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-            return int(p)
-
-
 async def test_two_workers_share_the_port(nats_server: NatsServer, spawn, http: aiohttp.ClientSession) -> None:
-    port, admin = free_port(), free_pair()
+    # worker k's admin port is admin + k: two consecutive ports, below the ephemeral range (which the
+    # outgoing connections of tests running alongside may take at any moment)
+    port, admin = free_port(), free_ports(2)
     env = cli_env(
         HERALD_NATS_URLS=nats_server.url,
         HERALD_HTTP_PORT=str(port),
