@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from broker import BrokerUnavailable
 from broker.tasks import spawn
 
+from .admission import Gate
+from .commands import Commands
 from .disconnect import (
     CLIENT_CLOSED,
     GOING_AWAY,
@@ -34,13 +36,9 @@ from .disconnect import (
 )
 from .frames import ws_frame
 from .http import SocketWire, free_socket, hard_abort
+from .metrics import Metrics
 from .session import Session
-
-if TYPE_CHECKING:
-    from .admission import Gate
-    from .commands import Commands
-    from .metrics import Metrics
-    from .settings import BackpressureSettings, WsSettings
+from .settings import BackpressureSettings, WsSettings
 
 log = logging.getLogger("herald.ws")
 

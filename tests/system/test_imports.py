@@ -90,17 +90,23 @@ def _imported_modules(node: ast.Import | ast.ImportFrom, module: str, is_package
     return [".".join([*base, alias.name]) for alias in node.names]  # from . import x
 
 
+def _type_checking_only(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:``: imports that exist for the type checker alone."""
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
 def _lazy_project_imports() -> dict[tuple[str, str], list[int]]:
-    """(file, module) → lines where a function imports that project module."""
+    """(file, module) → lines where a function, or an ``if TYPE_CHECKING:``
+    block, imports that project module (both hide a cycle from a plain import)."""
     found: dict[tuple[str, str], list[int]] = {}
     for path in _sources():
         module = _module_name(path)
         tree = ast.parse(path.read_text(), str(path))
         nested = {
             node
-            for function in ast.walk(tree)
-            if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
-            for node in ast.walk(function)
+            for scope in ast.walk(tree)
+            if isinstance(scope, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) or _type_checking_only(scope)
+            for node in ast.walk(scope)
             if isinstance(node, ast.Import | ast.ImportFrom)
         }
         for node in sorted(nested, key=lambda node: node.lineno):
