@@ -53,7 +53,6 @@ class Session:
         "id",
         "identity",
         "limiter",
-        "metrics",
         "outbound",
         "state",
     )
@@ -72,7 +71,6 @@ class Session:
         self.id = conn_id
         self.identity = identity
         self.codec = codec
-        self.metrics = metrics
         self.outbound = Outbound(wire, flusher, limits, metrics, self._on_overflow)
         self.channels: set[Channel] = set()
         self.state = State.CONNECTING
@@ -93,6 +91,11 @@ class Session:
     @property
     def user(self) -> str:
         return self.identity.user
+
+    @property
+    def metrics(self) -> TransportMetrics:
+        """Its transport's metrics (kept by its queue: one reference per session)."""
+        return self.outbound.metrics
 
     @property
     def transport(self) -> str:
