@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .channels import Channel, glob_match
+from .channels import Channel, channel_id, glob_match, is_room, is_user
 
 
 class Kind(enum.Enum):
@@ -58,10 +58,10 @@ class RetentionPolicy:
     rooms: tuple[tuple[str, Retention], ...] = ()
 
     def of(self, channel: Channel) -> Retention:
-        if channel.is_user:
+        if is_user(channel):
             return self.user
-        if self.rooms and channel.is_room:
-            room = channel.id
+        if self.rooms and is_room(channel):
+            room = channel_id(channel)
             for pattern, retention in self.rooms:
                 if glob_match((pattern,), room):
                     return retention

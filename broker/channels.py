@@ -13,6 +13,7 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NewType
 
 ID_RE = re.compile(r"[A-Za-z0-9_:@=+-]{1,128}")
 EVENT_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
@@ -52,68 +53,66 @@ def parse_seq(value: object) -> int:
     return int(value)
 
 
-class Channel(str):
-    """A validated channel: ``user:<id>``, ``room:<id>`` or ``broadcast``.
+# A validated channel name: ``user:<id>``, ``room:<id>`` or ``broadcast``.
+# Made only by room_channel / user_channel / parse_channel (which validate
+# once, at the edge) and taken apart only by the functions below: nothing
+# outside this module slices a channel name. A NewType, so the type checker
+# refuses an unchecked string where a Channel is wanted, while at run time it
+# is a plain str: compact, and keys of the delivery path's dicts keep str's
+# fast layout (a str subclass cost ~100 B per connection).
+Channel = NewType("Channel", str)
 
-    Its value is the canonical name, so hashing and equality stay those of
-    ``str`` on the delivery path (each delivery is looked up by channel). Made
-    only by the constructors below, which validate once, at the edge; nothing
-    outside this class takes a channel name apart.
-    """
 
-    __slots__ = ()
+def room_channel(room_id: object) -> Channel:
+    return _channel(ROOM, check_id(ROOM, room_id))
 
-    @classmethod
-    def room(cls, room_id: object) -> Channel:
-        return cls._of(ROOM, check_id(ROOM, room_id))
 
-    @classmethod
-    def user(cls, user_id: object) -> Channel:
-        return cls._of(USER, check_id(USER, user_id))
+def user_channel(user_id: object) -> Channel:
+    return _channel(USER, check_id(USER, user_id))
 
-    @classmethod
-    def parse(cls, name: object) -> Channel:
-        """A fully named channel (``room:<id>``, ``user:<id>``, ``broadcast``)."""
-        if name == BROADCAST_NAME:
-            return BROADCAST
-        if isinstance(name, str):
-            kind, sep, ident = name.partition(":")
-            if sep and kind in (ROOM, USER):
-                return cls._of(kind, check_id(kind, ident))
-        raise InvalidChannel("invalid channel: expected room:<id>, user:<id> or broadcast")
 
-    @classmethod
-    def _of(cls, kind: str, ident: str) -> Channel:
-        return cls(f"{kind}:{ident}")
+def parse_channel(name: object) -> Channel:
+    """A fully named channel (``room:<id>``, ``user:<id>``, ``broadcast``)."""
+    if name == BROADCAST_NAME:
+        return BROADCAST
+    if isinstance(name, str):
+        kind, sep, ident = name.partition(":")
+        if sep and kind in (ROOM, USER):
+            return _channel(kind, check_id(kind, ident))
+    raise InvalidChannel("invalid channel: expected room:<id>, user:<id> or broadcast")
 
-    @property
-    def kind(self) -> str:
-        """``user``, ``room`` or ``broadcast``."""
-        return self.partition(":")[0]
 
-    @property
-    def id(self) -> str:
-        """The user or room id ("" for broadcast)."""
-        return self.partition(":")[2]
+def _channel(kind: str, ident: str) -> Channel:
+    return Channel(f"{kind}:{ident}")
 
-    @property
-    def is_room(self) -> bool:
-        return self.startswith("room:")
 
-    @property
-    def is_user(self) -> bool:
-        return self.startswith("user:")
+def channel_kind(channel: Channel) -> str:
+    """``user``, ``room`` or ``broadcast``."""
+    return channel.partition(":")[0]
 
-    @property
-    def client_name(self) -> str:
-        """The name a client sees: its own user channel is just ``user``."""
-        return USER if self.is_user else str(self)
 
-    @property
-    def subject_suffix(self) -> str:
-        """The subject tokens after the prefix: ``room.<id>``, ``user.<id>``, ``broadcast``."""
-        kind, _, ident = self.partition(":")
-        return f"{kind}.{ident}" if ident else kind
+def channel_id(channel: Channel) -> str:
+    """The user or room id ("" for broadcast)."""
+    return channel.partition(":")[2]
+
+
+def is_room(channel: Channel) -> bool:
+    return channel.startswith("room:")
+
+
+def is_user(channel: Channel) -> bool:
+    return channel.startswith("user:")
+
+
+def client_name(channel: Channel) -> str:
+    """The name a client sees: its own user channel is just ``user``."""
+    return USER if is_user(channel) else channel
+
+
+def _subject_suffix(channel: Channel) -> str:
+    """The subject tokens after the prefix: ``room.<id>``, ``user.<id>``, ``broadcast``."""
+    kind, _, ident = channel.partition(":")
+    return f"{kind}.{ident}" if ident else kind
 
 
 BROADCAST = Channel(BROADCAST_NAME)
@@ -137,10 +136,10 @@ class Subjects:
             raise InvalidChannel("prefix and live_prefix must not contain one another")
 
     def input_subject(self, channel: Channel) -> str:
-        return f"{self.prefix}.{channel.subject_suffix}"
+        return f"{self.prefix}.{_subject_suffix(channel)}"
 
     def live_subject(self, channel: Channel) -> str:
-        return f"{self.live_prefix}.{channel.subject_suffix}"
+        return f"{self.live_prefix}.{_subject_suffix(channel)}"
 
     def live_family(self, kind: str) -> str:
         """The live subject of every channel of one kind (``user``, ``room``)."""
@@ -158,7 +157,7 @@ class Subjects:
                     return BROADCAST
                 kind, _, ident = rest.partition(".")
                 if kind in (ROOM, USER) and ID_RE.fullmatch(ident):
-                    return Channel._of(kind, ident)
+                    return _channel(kind, ident)
                 return None
         return None
 

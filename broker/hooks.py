@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from .base import BrokerUnavailable
-from .channels import Subjects
+from .channels import Subjects, channel_id, is_user
 from .kv import key_token, live_keys
 from .store import event_of
 from .tasks import spawn
@@ -132,13 +132,13 @@ class HookSource:
 
     def _message(self, msg: Msg) -> HookMessage | None:
         channel = self._subjects.channel_of(msg.subject)
-        if channel is None or not channel.is_user:
+        if channel is None or not is_user(channel):
             spawn(self._acks, msg.ack())  # not ours: never again
             return None
         meta = msg.metadata
         return HookMessage(
             id=meta.sequence.stream,
-            user=channel.id,
+            user=channel_id(channel),
             event=event_of(msg.headers or {}),
             data=msg.data,
             timestamp=meta.timestamp.timestamp() if meta.timestamp else time.time(),

@@ -12,7 +12,7 @@ from typing import cast
 import nats.errors
 
 from .base import BrokerStats, BrokerUnavailable, Delivery, Kind
-from .channels import DEFAULT_EVENT, Channel, Subjects
+from .channels import DEFAULT_EVENT, Channel, Subjects, is_user
 from .dispatch import DispatchingClient, LiveSubscription
 from .interest import Interest
 from .link import NatsLink
@@ -66,7 +66,7 @@ class NatsPubSub:
         return len(self._subs)
 
     def _interest_key(self, channel: Channel) -> str:
-        if self._options.shared_user_subscription and channel.is_user:
+        if self._options.shared_user_subscription and is_user(channel):
             return ALL_USERS
         return channel
 

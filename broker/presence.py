@@ -30,7 +30,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from .base import BrokerUnavailable
-from .channels import Channel, InvalidChannel, Subjects, glob_match
+from .channels import Channel, InvalidChannel, Subjects, channel_id, glob_match, is_room, parse_channel
 from .kv import bind_bucket, from_key_token, key_token, live_keys, storage_type
 from .link import NatsLink
 
@@ -142,7 +142,7 @@ class KvPresence:
     # however many tabs and nodes.
 
     def _announces(self, room: Channel) -> bool:
-        return bool(self._join_leave) and room.is_room and glob_match(self._join_leave, room.id)
+        return bool(self._join_leave) and is_room(room) and glob_match(self._join_leave, channel_id(room))
 
     async def _announce(self, room: Channel, user: str, joined: bool) -> None:
         """A join / leave frame to the room's members: live only, never stored."""
@@ -212,7 +212,7 @@ class KvPresence:
                 await self._kv.delete(entry)
                 _, room_token, user_token = entry.split(".")
                 try:
-                    room = Channel.parse(from_key_token(room_token))
+                    room = parse_channel(from_key_token(room_token))
                 except InvalidChannel:
                     continue  # not written by a node
                 if self._announces(room):

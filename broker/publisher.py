@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from .base import BrokerUnavailable
-from .channels import Channel, Subjects, check_event
+from .channels import Subjects, check_event, parse_channel
 from .jetstream import NatsBroker, NatsConfig
 from .roles import BrokerEvents
 
@@ -67,7 +67,7 @@ class NatsPublisher:
         """Store one message; returns its id once acked. Retries while NATS
         does not answer; raises BrokerUnavailable after the last try, and
         InvalidChannel at once for a bad channel or event name."""
-        target = Channel.parse(channel)
+        target = parse_channel(channel)
         if event is not None:
             check_event(event)
         payload = encode(data)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from broker import BROADCAST, Channel, Connections, TooManyConnections
-from broker.channels import InvalidChannel, parse_seq
+from broker.channels import InvalidChannel, parse_seq, room_channel, user_channel
 from broker.throttle import Throttle
 
 from .auth import Authenticator, AuthError, Identity
@@ -128,10 +128,10 @@ class Gate:
         if len(rooms) > limit:
             self._metrics.limit_rejections.labels("subscriptions").inc()
             raise Refusal(400, BAD_REQUEST, "too_many_subscriptions", f"at most {limit} rooms per connection")
-        channels = [Channel.user(identity.user), BROADCAST]
+        channels = [user_channel(identity.user), BROADCAST]
         for room in rooms:
             try:
-                channel = Channel.room(room)
+                channel = room_channel(room)
             except InvalidChannel as exc:
                 raise Refusal(400, BAD_REQUEST, "bad_request", str(exc)) from None
             if not identity.may_join(room):

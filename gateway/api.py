@@ -12,8 +12,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker import Broker, BrokerUnavailable, Channel, Presence, PubSub
-from broker.channels import InvalidChannel, check_event, check_id
+from broker import Broker, BrokerUnavailable, Presence, PubSub
+from broker.channels import InvalidChannel, channel_id, check_event, check_id, parse_channel, room_channel
 
 from .auth import mint_token
 from .frames import dumps_exact, loads_exact
@@ -82,7 +82,7 @@ class PublishApi:
         if not isinstance(doc, dict) or "data" not in doc:
             return refuse(400, "bad_request", 'body must be {"channel": ..., "data": ..., "event"?: ...}')
         try:
-            channel = Channel.parse(doc.get("channel"))
+            channel = parse_channel(doc.get("channel"))
             event = doc.get("event")
             if event is not None:
                 check_event(event)
@@ -163,14 +163,14 @@ class NodeApi:
         if refused is not None:
             return refused
         try:
-            channel = Channel.room(request.match_info["room"])
+            channel = room_channel(request.match_info["room"])
         except InvalidChannel as exc:
             return json_error(400, "bad_request", str(exc))
         try:
             users = await self._presence.members(channel)
         except BrokerUnavailable as exc:
             return json_error(503, "unavailable", str(exc))
-        return json_response({"room": channel.id, "users": users})
+        return json_response({"room": channel_id(channel), "users": users})
 
     async def dev_token(self, request: web.Request) -> web.Response:
         """``POST /api/dev/token {"user", "ttl"?}`` → a token for that user (all

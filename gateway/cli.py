@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from broker import BrokerUnavailable, InvalidChannel
-from broker.channels import Channel, check_event, check_id
+from broker.channels import check_event, check_id, parse_channel
 from broker.embedded import NatsServer, free_port, nats_server_binary
 
 from .auth import mint_token
@@ -141,7 +141,7 @@ def _port_free(port: int) -> bool:
 async def _publish(settings: Settings, args: argparse.Namespace) -> int:
     from broker.publisher import NatsPublisher
 
-    channel = Channel.parse(args.channel)
+    channel = parse_channel(args.channel)
     if args.event:
         check_event(args.event)
     publisher = NatsPublisher(settings.nats.urls, settings.subject.prefix, settings.stream.name, attempts=1)

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from broker import BrokerUnavailable, Channel, Presence, PubSub, ReadPositions
-from broker.channels import InvalidChannel, check_event, glob_match, parse_seq
+from broker.channels import InvalidChannel, channel_id, check_event, glob_match, is_room, parse_seq, room_channel
 from broker.throttle import Throttle
 
 from .auth import Authenticator, AuthError
@@ -36,7 +36,7 @@ class CommandError(Exception):
 def _room(cmd: dict[str, Any]) -> Channel:
     """The command's room channel, validated."""
     try:
-        return Channel.room(cmd.get("room"))
+        return room_channel(cmd.get("room"))
     except InvalidChannel as exc:
         raise CommandError("bad_request", str(exc)) from None
 
@@ -144,8 +144,8 @@ class Commands:
 
     async def subscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
         channel = _room(cmd)
-        if not session.identity.may_join(channel.id):
-            raise CommandError("forbidden", f"token does not allow room {channel.id}")
+        if not session.identity.may_join(channel_id(channel)):
+            raise CommandError("forbidden", f"token does not allow room {channel_id(channel)}")
         since = cmd.get("since")
         try:
             position = None if since is None else parse_seq(since)
@@ -170,7 +170,7 @@ class Commands:
 
     async def publish(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
         channel = _room(cmd)
-        room = channel.id
+        room = channel_id(channel)
         if not session.identity.may_publish(room):
             raise CommandError("forbidden", f"token does not allow publishing to room {room}")
         if not glob_match(self._client_publish, room):
@@ -206,7 +206,7 @@ class Commands:
         session.set_expiry(identity.expires)
         # Rooms the new token no longer allows are left.
         for channel in list(session.channels):
-            if channel.is_room and not identity.may_join(channel.id):
+            if is_room(channel) and not identity.may_join(channel_id(channel)):
                 await self._subscriptions.leave(session, channel)
         self.ack(session, ref, channels=sorted(session.channels))
 
@@ -223,9 +223,9 @@ class Commands:
     async def presence(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
         """The users connected to a room on any node (each once)."""
         channel = _room(cmd)
-        if not session.identity.may_join(channel.id):
-            raise CommandError("forbidden", f"token does not allow room {channel.id}")
-        self.reply(session, ref, "presence", room=channel.id, users=await self._presence.members(channel))
+        if not session.identity.may_join(channel_id(channel)):
+            raise CommandError("forbidden", f"token does not allow room {channel_id(channel)}")
+        self.reply(session, ref, "presence", room=channel_id(channel), users=await self._presence.members(channel))
 
     async def ping(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
         self.reply(session, ref, "pong")

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import orjson
 
 from broker import Delivery, Kind
+from broker.channels import channel_id, client_name
 
 _SSE_LINES = re.compile(rb"\r\n|\r|\n")
 # orjson reads integers past 64 bits as floats: a document with that many digits
@@ -58,7 +59,7 @@ def json_data(payload: bytes) -> bytes:
 
 
 def message_json(d: Delivery) -> bytes:
-    head = {"type": "message", "channel": d.channel.client_name}
+    head = {"type": "message", "channel": client_name(d.channel)}
     if d.seq:
         head["id"] = str(d.seq)
     head["event"] = d.event
@@ -68,7 +69,9 @@ def message_json(d: Delivery) -> bytes:
 
 def presence_json(d: Delivery) -> bytes:
     """A join / leave announcement (payload: the user)."""
-    return orjson.dumps({"type": d.kind.value, "room": d.channel.id, "user": d.payload.decode("utf-8", "replace")})
+    return orjson.dumps(
+        {"type": d.kind.value, "room": channel_id(d.channel), "user": d.payload.decode("utf-8", "replace")}
+    )
 
 
 def sse_event(event: str, data: bytes, event_id: int = 0) -> bytes:

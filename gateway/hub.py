@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from broker import Channel, Delivery
-from broker.channels import glob_match
+from broker.channels import channel_id, client_name, glob_match, is_room
 
 from .frames import Codec
 from .outbound import Outbound
@@ -36,7 +36,9 @@ class Hub:
         """Whether a full queue may drop this channel's messages (drop-oldest)."""
         cached = self._droppable.get(channel)
         if cached is None:
-            cached = self._drop_oldest_all or (channel.is_room and glob_match(self._drop_oldest_rooms, channel.id))
+            cached = self._drop_oldest_all or (
+                is_room(channel) and glob_match(self._drop_oldest_rooms, channel_id(channel))
+            )
             if len(self._droppable) > 100_000:
                 self._droppable.clear()
             self._droppable[channel] = cached
@@ -64,7 +66,7 @@ class Hub:
         sessions = self._index.get(channel)
         if not sessions:
             return
-        frame = {"type": "reset", "channel": channel.client_name, "reason": "messages were lost in transit"}
+        frame = {"type": "reset", "channel": client_name(channel), "reason": "messages were lost in transit"}
         for session in sessions:
             session.send(frame)
         if self._on_reset is not None:

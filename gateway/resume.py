@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from broker import Channel, History, ReadPositions, Replay
+from broker.channels import client_name, user_channel
 
 from .metrics import Metrics
 from .session import Session
@@ -96,7 +97,7 @@ class Resumer:
         if not settings.inbox:
             replay = None if since is None else await history.replay(channels, since, settings.replay_max)
             return replay, None
-        user = Channel.user(session.user)
+        user = user_channel(session.user)
         read = await self._reads.position(session.user)
         if since is None:
             replay = await history.replay((user,), read, settings.replay_max)
@@ -126,7 +127,7 @@ class Resumer:
         for channel in sorted(replay.lost):
             # Loss is never silent: the client must refetch this channel's state.
             session.send(
-                {"type": "reset", "channel": channel.client_name, "reason": "messages missed are no longer held"}
+                {"type": "reset", "channel": client_name(channel), "reason": "messages missed are no longer held"}
             )
             self._metrics.resets_history.inc()
         deliveries = replay.deliveries

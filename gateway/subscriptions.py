@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from broker import Channel, Presence, PubSub
+from broker.channels import channel_id, is_room
 
 from .hub import Hub
 from .session import Session
@@ -27,7 +28,7 @@ class Subscriptions:
             return
         session.channels.add(channel)
         self._hub.add(session, channel)
-        if channel.is_room:
+        if is_room(channel):
             self._count_member(channel, session.user, +1)
         try:
             await self._pubsub.want(channel)
@@ -47,7 +48,7 @@ class Subscriptions:
 
     def _drop(self, session: Session, channel: Channel) -> None:
         session.channels.discard(channel)
-        if self._hub.remove(session, channel) and channel.is_room:
+        if self._hub.remove(session, channel) and is_room(channel):
             self._count_member(channel, session.user, -1)
 
     def _count_member(self, channel: Channel, user: str, delta: int) -> None:
@@ -65,4 +66,4 @@ class Subscriptions:
 
     def local_rooms(self) -> dict[str, int]:
         """Room id → users with a connection in it on this node."""
-        return {channel.id: len(users) for channel, users in self._members.items()}
+        return {channel_id(channel): len(users) for channel, users in self._members.items()}

@@ -13,6 +13,8 @@ import hashlib
 
 from aiohttp import web
 
+from broker.channels import client_name
+
 from .admission import Gate, Refusal
 from .frames import WS
 from .http import json_error
@@ -104,7 +106,7 @@ class WsEndpoint:
             "conn": session.id,
             "user": session.user,
             "node": self._node_id,
-            "channels": [c.client_name for c in admission.channels],
+            "channels": [client_name(c) for c in admission.channels],
         }
         with ends_on_failure(session):
             await self._resumer.attach(session, admission.channels, admission.since, welcome)

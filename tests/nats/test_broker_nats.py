@@ -9,14 +9,14 @@ import aiohttp
 import nats
 import pytest
 
-from broker import BrokerUnavailable, Channel, Delivery
-from broker.channels import Subjects
+from broker import BrokerUnavailable, Delivery
+from broker.channels import Subjects, room_channel
 from broker.embedded import NatsServer
 from broker.jetstream import NatsBroker, NatsConfig
 
 from ..helpers import broker_events, wait_for
 
-ROOM_X = Channel.room("x")
+ROOM_X = room_channel("x")
 
 
 async def subjects_of(nats_server: NatsServer, name: str, prefix: str) -> list[str]:
@@ -100,7 +100,7 @@ async def test_a_wanted_channel_is_live_when_want_returns(nats_server: NatsServe
     try:
         rounds = 150
         for i in range(rounds):
-            await broker.pubsub.want(Channel.room(f"r{i}"))
+            await broker.pubsub.want(room_channel(f"r{i}"))
             await publisher.publish(f"lv_live.room.r{i}", b'"x"')  # ephemeral: straight to the live subject
         await publisher.flush()
         await wait_for(lambda: len(got) >= rounds, timeout=5)

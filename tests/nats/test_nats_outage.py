@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker import BrokerUnavailable, Channel
+from broker import BrokerUnavailable
+from broker.channels import room_channel
 from broker.embedded import NatsServer, free_port
 
 from ..helpers import (
@@ -183,9 +184,9 @@ async def test_a_channel_dropped_during_an_outage_leaves_no_subscription_behind(
             server.stop()
             await wait_for(lambda: not broker.stats().connected, timeout=10)
             with contextlib.suppress(BrokerUnavailable):
-                await broker.pubsub.want(Channel.room("orphan"))
+                await broker.pubsub.want(room_channel("orphan"))
             with contextlib.suppress(BrokerUnavailable):
-                await broker.pubsub.unwant(Channel.room("orphan"))
+                await broker.pubsub.unwant(room_channel("orphan"))
             server.start()
             await wait_for(lambda: status_is(http, node.url + "/readyz", 200), timeout=20, interval=0.1)
             await asyncio.sleep(0.5)  # what the client had buffered reaches the server

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker import Channel
+from broker.channels import parse_channel
 from broker.embedded import NatsServer
 from gateway.session import State
 
@@ -658,7 +659,7 @@ async def test_subscribe_since_with_message_during_join(
     broker = b.node.broker
     join = broker.pubsub.want
 
-    channel = Channel.parse(room)
+    channel = parse_channel(room)
 
     async def want_while_publishing(wanted: Channel) -> None:
         # The node's subscription is in place: a message published now is

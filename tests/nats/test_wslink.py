@@ -11,7 +11,7 @@ import socket
 import aiohttp
 import orjson
 
-from broker import Channel
+from broker.channels import room_channel
 
 from ..helpers import RawWsClient, RunningNode, recv_json, scrape, token, wait_for
 
@@ -138,7 +138,7 @@ async def test_client_close_is_answered_and_session_released(node: RunningNode, 
     assert opcode == CLOSE and int.from_bytes(payload[:2], "big") in (1000, 1001)
     assert await client.reader.read() == b""  # then the node closes the socket
     await wait_for(lambda: not node.node.sessions)
-    assert not node.node.hub._index.get(Channel.room("r1"))
+    assert not node.node.hub._index.get(room_channel("r1"))
     metrics = await scrape(http, node.url)
     assert metrics['herald_connections_closed_total{reason="client_closed",transport="ws"}'] == 1
 

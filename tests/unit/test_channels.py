@@ -7,17 +7,19 @@ from datetime import datetime
 
 import pytest
 
-from broker.channels import BROADCAST, Channel, InvalidChannel, Subjects, check_event, check_id, parse_seq
+from broker.channels import (
+    BROADCAST,
+    InvalidChannel,
+    Subjects,
+    check_event,
+    check_id,
+    client_name,
+    parse_channel,
+    parse_seq,
+    room_channel,
+    user_channel,
+)
 from broker.timestamps import parse_rfc3339
-
-room_channel = Channel.room
-user_channel = Channel.user
-parse_channel = Channel.parse
-
-
-def client_name(name: str) -> str:
-    return Channel.parse(name).client_name
-
 
 VALID_IDS = [
     "a",
@@ -193,7 +195,7 @@ ROUND_TRIP_CHANNELS = ["broadcast", "room:lobby", "user:alice", "room:a:b@c=d+e-
 
 @pytest.mark.parametrize("name", ROUND_TRIP_CHANNELS)
 def test_subjects_round_trip_default_prefix(name: str) -> None:
-    channel = Channel.parse(name)
+    channel = parse_channel(name)
     s = Subjects()
     inp = s.input_subject(channel)
     live = s.live_subject(channel)
@@ -209,7 +211,7 @@ def test_subjects_round_trip_default_prefix(name: str) -> None:
     [("herald", "herald_live"), ("app.herald", "app.live"), ("t1", "t1_live"), ("a", "b.c.d"), ("x_y-z", "live")],
 )
 def test_subjects_round_trip_custom_prefixes(name: str, prefix: str, live_prefix: str) -> None:
-    channel = Channel.parse(name)
+    channel = parse_channel(name)
     s = Subjects(prefix, live_prefix)
     assert s.input_subject(channel).startswith(prefix + ".")
     assert s.live_subject(channel).startswith(live_prefix + ".")
@@ -219,10 +221,10 @@ def test_subjects_round_trip_custom_prefixes(name: str, prefix: str, live_prefix
 
 def test_subject_shapes() -> None:
     s = Subjects()
-    assert s.input_subject(Channel.parse("room:lobby")) == "herald.room.lobby"
-    assert s.input_subject(Channel.parse("user:alice")) == "herald.user.alice"
-    assert s.input_subject(Channel.parse("broadcast")) == "herald.broadcast"
-    assert s.live_subject(Channel.parse("room:lobby")) == "herald_live.room.lobby"
+    assert s.input_subject(parse_channel("room:lobby")) == "herald.room.lobby"
+    assert s.input_subject(parse_channel("user:alice")) == "herald.user.alice"
+    assert s.input_subject(parse_channel("broadcast")) == "herald.broadcast"
+    assert s.live_subject(parse_channel("room:lobby")) == "herald_live.room.lobby"
     assert s.stream_subjects() == ["herald.user.>", "herald.room.>", "herald.broadcast"]
 
 

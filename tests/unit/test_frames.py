@@ -12,7 +12,8 @@ from aiohttp import WSMsgType
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp._websocket.writer import WebSocketWriter
 
-from broker import Channel, Delivery
+from broker import Delivery
+from broker.channels import parse_channel
 from gateway.frames import SSE, WS, json_data, message_json, sse_event, ws_frame
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
@@ -124,7 +125,7 @@ async def test_binary_frame_and_concatenated_frames_parse_in_order() -> None:
 
 
 def _delivery(payload: bytes, channel: str = "room:lobby", seq: int = 1042, event: str = "message") -> Delivery:
-    return Delivery(Channel.parse(channel), seq, 1000, 1.0, event, payload)
+    return Delivery(parse_channel(channel), seq, 1000, 1.0, event, payload)
 
 
 def test_message_json_shape() -> None:

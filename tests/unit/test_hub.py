@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from broker import BrokerEvents, BrokerUnavailable, Channel, Delivery, Replay
+from broker import BrokerEvents, BrokerUnavailable, Delivery, Replay
+from broker.channels import parse_channel
 from gateway.auth import Identity
 from gateway.disconnect import SHUTDOWN, SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
 from gateway.frames import SSE, WS, SseCodec, WsCodec
@@ -121,22 +122,22 @@ class Env:
         self.sessions: list[Session] = []
 
     async def join(self, session: Session, name: str) -> None:
-        await self.subscriptions.join(session, Channel.parse(name))
+        await self.subscriptions.join(session, parse_channel(name))
 
     async def leave(self, session: Session, name: str) -> None:
-        await self.subscriptions.leave(session, Channel.parse(name))
+        await self.subscriptions.leave(session, parse_channel(name))
 
     async def publish(self, name: str, payload: bytes, event: str | None = None) -> int:
-        return await self.broker.pubsub.publish(Channel.parse(name), payload, event)
+        return await self.broker.pubsub.publish(parse_channel(name), payload, event)
 
     async def publish_ephemeral(self, name: str, payload: bytes) -> None:
-        await self.broker.pubsub.publish_ephemeral(Channel.parse(name), payload)
+        await self.broker.pubsub.publish_ephemeral(parse_channel(name), payload)
 
     async def resume(self, session: Session, names: Sequence[str], since: int) -> None:
         resumer = Resumer(
             self.subscriptions, self.history, self.broker.reads, self.hub.droppable, self.settings.history, self.metrics
         )
-        await resumer.resume(session, [Channel.parse(n) for n in names], since)
+        await resumer.resume(session, [parse_channel(n) for n in names], since)
 
     def session(
         self,
@@ -197,7 +198,7 @@ async def settle(passes: int = 5) -> None:
 
 
 def delivery(channel: str, seq: int, payload: bytes = b"{}", ts: float | None = None) -> Delivery:
-    return Delivery(Channel.parse(channel), seq, 0, time.time() if ts is None else ts, "message", payload)
+    return Delivery(parse_channel(channel), seq, 0, time.time() if ts is None else ts, "message", payload)
 
 
 def ws_frames(data: bytes) -> list[dict[str, Any]]:
@@ -431,10 +432,10 @@ async def test_droppable_room_sheds_oldest_and_does_not_disconnect(make_env: Any
     s, wire, closer = env.session(limits=QueueLimits(1 << 20, 3, 65536, 5.0))
     await env.join(s, "room:chat")
     await env.join(s, "room:typing-1")
-    assert env.hub.droppable(Channel.parse("room:typing-1"))
-    assert not env.hub.droppable(Channel.parse("room:chat"))
-    assert not env.hub.droppable(Channel.parse("user:typing-1"))
-    assert not env.hub.droppable(Channel.parse("broadcast"))
+    assert env.hub.droppable(parse_channel("room:typing-1"))
+    assert not env.hub.droppable(parse_channel("room:chat"))
+    assert not env.hub.droppable(parse_channel("user:typing-1"))
+    assert not env.hub.droppable(parse_channel("broadcast"))
     env.hub.deliver(delivery("room:chat", 1))
     for seq in range(2, 7):
         env.hub.deliver(delivery("room:typing-1", seq))
