@@ -86,11 +86,6 @@ def _channel(kind: str, ident: str) -> Channel:
     return Channel(f"{kind}:{ident}")
 
 
-def channel_kind(channel: Channel) -> str:
-    """``user``, ``room`` or ``broadcast``."""
-    return channel.partition(":")[0]
-
-
 def channel_id(channel: Channel) -> str:
     """The user or room id ("" for broadcast)."""
     return channel.partition(":")[2]

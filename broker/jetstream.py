@@ -253,7 +253,7 @@ class NatsBroker:
             await asyncio.wait_for(nc.flush(1), timeout=1.5)
         # Connections counted out during the drain: a moment to finish, then
         # ended here (not destroyed pending when the loop closes).
-        tasks = self._tasks | self.connections.tasks
+        tasks = self._tasks | self.pubsub.tasks | self.connections.tasks
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=1.0)
             for task in pending:

@@ -59,7 +59,7 @@ class NatsPubSub:
         self._receive = self.sequencer.receive
         # Channels wanted (reference counted): the ones whose flow is kept gap-free.
         self._wanted: dict[Channel, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # unsubscribes of subscriptions opened for nobody
 
     @property
     def subscriptions(self) -> int:
@@ -85,10 +85,6 @@ class NatsPubSub:
         else:
             self._wanted[channel] = count - 1
         await self._interest.unwant(self._interest_key(channel))
-
-    async def release_all(self) -> None:
-        """Drop every subscription (the node is closing)."""
-        await self._interest.release_all()
 
     def _client(self) -> DispatchingClient:
         # Not link.client(): while NATS reconnects, nats-py buffers the SUB
@@ -143,7 +139,7 @@ class NatsPubSub:
             return
         nc = self._link.nc
         if nc is not None:
-            spawn(self._tasks, nc.unsubscribe_direct(opening.result()))
+            spawn(self.tasks, nc.unsubscribe_direct(opening.result()))
 
     async def _unsubscribe(self, key: str) -> None:
         sub = self._subs.pop(key, None)

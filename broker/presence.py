@@ -146,10 +146,9 @@ class KvPresence:
 
     async def _announce(self, room: Channel, user: str, joined: bool) -> None:
         """A join / leave frame to the room's members: live only, never stored."""
-        nc = self._link.nc
-        if nc is not None and nc.is_connected:
+        if self._link.connected:
             headers = {PRESENCE_HEADER: "join" if joined else "leave"}
-            await nc.publish(self._subjects.live_subject(room), user.encode(), headers=headers)
+            await self._link.client().publish(self._subjects.live_subject(room), user.encode(), headers=headers)
 
     def _marker(self, room: Channel, user: str) -> str:
         return f"_j.m.{key_token(room)}.{key_token(user)}"

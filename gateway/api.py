@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
 
 import orjson
 from aiohttp import web
@@ -18,6 +17,7 @@ from broker.channels import InvalidChannel, channel_id, check_event, check_id, p
 from .auth import mint_token
 from .frames import dumps_exact, loads_exact
 from .http import json_error, json_response, key_matches
+from .hub import Hub
 from .limits import TokenBucket
 from .metrics import Metrics
 from .sessions import Sessions
@@ -109,7 +109,7 @@ class NodeApi:
         broker: Broker,
         sessions: Sessions,
         subscriptions: Subscriptions,
-        channel_count: Callable[[], int],
+        hub: Hub,
         presence: Presence,
         metrics: Metrics,
     ) -> None:
@@ -119,7 +119,7 @@ class NodeApi:
         self._broker = broker
         self._sessions = sessions
         self._subscriptions = subscriptions
-        self._channel_count = channel_count
+        self._hub = hub
         self._presence = presence
         self._metrics = metrics
 
@@ -148,7 +148,7 @@ class NodeApi:
                 "node": self._node_id,
                 "connections": by_transport,
                 "users": len({s.user for s in self._sessions}),
-                "channels": self._channel_count(),
+                "channels": self._hub.channel_count,
                 "rooms": self._subscriptions.local_rooms(),
                 "nats": {"connected": broker.connected, "subscriptions": broker.subscriptions},
                 "draining": self._sessions.draining,

@@ -98,7 +98,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         node.broker,
         node.sessions,
         node.subscriptions,
-        lambda: node.hub.channel_count,
+        node.hub,
         node.broker.presence,
         node.metrics,
     )
