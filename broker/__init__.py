@@ -8,13 +8,14 @@ from .base import (
     BrokerUnavailable,
     Delivery,
     Kind,
+    NodeGone,
     Replay,
     Retention,
     RetentionPolicy,
     TooManyConnections,
 )
 from .channels import BROADCAST, Channel, InvalidChannel
-from .roles import Broker, BrokerEvents, Connections, History, Presence, PubSub, ReadPositions
+from .roles import Broker, BrokerEvents, Connections, History, Presence, PubSub, ReadPositions, Relay
 
 __all__ = [
     "BROADCAST",
@@ -28,9 +29,11 @@ __all__ = [
     "History",
     "InvalidChannel",
     "Kind",
+    "NodeGone",
     "Presence",
     "PubSub",
     "ReadPositions",
+    "Relay",
     "Replay",
     "Retention",
     "RetentionPolicy",

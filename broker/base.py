@@ -36,6 +36,10 @@ class Delivery:
     kind: Kind = Kind.MESSAGE
 
 
+class NodeGone(Exception):
+    """No node by that id is there to answer (stopped, or never was)."""
+
+
 class TooManyConnections(Exception):
     """The user has as many connections as allowed (policy refuse-new)."""
 

@@ -27,6 +27,7 @@ from .link import NatsLink
 from .live import LiveOptions, NatsPubSub
 from .presence import KvPresence
 from .reads import KvReadPositions
+from .relay import NatsRelay
 from .roles import BrokerEvents
 from .store import NatsHistory, StreamPlace
 from .tasks import spawn
@@ -118,6 +119,7 @@ class NatsBroker:
             link, config.subjects, config.stream, config.node_id, config.presence_ttl, config.join_leave_rooms
         )
         self.connections = KvConnections(link, config.stream, self.presence.instance, self.presence.alive, events.kick)
+        self.relay = NatsRelay(link, config.stream, config.node_id, events.request)
         self._stream_ready = False
         self._stream_created: float | None = None
         self._closing = False
@@ -167,6 +169,7 @@ class NatsBroker:
         self._link.js = nc.jetstream(timeout=self._config.publish_timeout)
         await self.connections.listen()
         if manage_stream:
+            await self.relay.listen()  # a node: other nodes may address it
             await self._ensure_stream_when_ready()
         else:
             self._stream_ready = True
@@ -253,7 +256,7 @@ class NatsBroker:
             await asyncio.wait_for(nc.flush(1), timeout=1.5)
         # Connections counted out during the drain: a moment to finish, then
         # ended here (not destroyed pending when the loop closes).
-        tasks = self._tasks | self.pubsub.tasks | self.connections.tasks
+        tasks = self._tasks | self.pubsub.tasks | self.connections.tasks | self.relay.tasks
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=1.0)
             for task in pending:

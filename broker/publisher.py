@@ -97,4 +97,9 @@ def _ignore(_: object) -> None:
     """A publisher wants no channel: nothing is delivered, lost or kicked."""
 
 
-_UNHEARD = BrokerEvents(_ignore, _ignore, _ignore)
+async def _unaddressed(_: bytes) -> bytes:
+    """A publisher does not listen for requests: none reaches it."""
+    return b""
+
+
+_UNHEARD = BrokerEvents(_ignore, _ignore, _ignore, _unaddressed)

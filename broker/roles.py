@@ -4,14 +4,15 @@ Each role is a small protocol the gateway part that needs it is handed at
 construction: the fan-out wants channels (``PubSub``), opening and resuming
 read the stream (``History``), the inbox keeps read positions
 (``ReadPositions``), rooms count their members (``Presence``), admission
-counts connections per user (``Connections``). What the broker has to tell the
+counts connections per user (``Connections``), and a node asks another one
+something (``Relay``). What the broker has to tell the
 gateway goes to one ``BrokerEvents`` object given to the broker when it is
 built, never assigned afterwards. No NATS type appears here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +34,9 @@ class BrokerEvents:
     # Close the local connection with this id: the cluster admitted a newer
     # one of its user (policy close-oldest).
     kick: Callable[[str], None]
+    # Answer a request another node addressed to this one (``Relay.ask``):
+    # the one event that is awaited, each in a task of its own.
+    request: Callable[[bytes], Awaitable[bytes]]
 
 
 class PubSub(Protocol):
@@ -97,6 +101,16 @@ class Connections(Protocol):
         """The connection is gone (counted out in the background)."""
 
 
+class Relay(Protocol):
+    """Requests addressed to one node, answered by that node's
+    ``BrokerEvents.request``."""
+
+    async def ask(self, node: str, body: bytes, timeout: float) -> bytes:
+        """The answer of ``node``; NodeGone if no node by that id listens,
+        BrokerUnavailable if the broker is away or the node does not answer
+        within ``timeout`` seconds."""
+
+
 class Broker(Protocol):
     """A broker's life and its roles, for the composition root that builds a node."""
 
@@ -119,6 +133,9 @@ class Broker(Protocol):
 
     @property
     def connections(self) -> Connections: ...
+
+    @property
+    def relay(self) -> Relay: ...
 
     async def start(self) -> None: ...
 

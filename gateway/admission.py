@@ -90,7 +90,7 @@ class Gate:
             # can only pass a request on to another node before the 101.
             raise Refusal(503, SHUTDOWN, "draining", "node is draining: connect to another node")
         self._check_capacity()
-        self._check_origin(request)
+        self.check_origin(request)
 
     def _check_capacity(self) -> None:
         """A node at ``limits.max_connections`` refuses more streams (503: try another node)."""
@@ -102,7 +102,7 @@ class Gate:
                 503, UNAVAILABLE, "node_full", f"node is at its limit of {limit} connections: try another node"
             )
 
-    def _check_origin(self, request: web.Request) -> None:
+    def check_origin(self, request: web.Request) -> None:
         """A browser page from an origin not allowed may not open a stream (the
         token may be a cookie the browser sends on its own)."""
         origin = request.headers.get("Origin")

@@ -1,5 +1,5 @@
-"""The HTTP API: publish (``PublishApi``), and health, readiness, stats,
-presence and metrics of the node (``NodeApi``)."""
+"""The HTTP API: publish (``PublishApi``), client commands (``CommandApi``),
+and health, readiness, stats, presence and metrics of the node (``NodeApi``)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from broker import Broker, BrokerUnavailable, Presence, PubSub
 from broker.channels import InvalidChannel, channel_id, check_event, check_id, parse_channel, room_channel
 
+from .admission import Gate, Refusal
 from .auth import mint_token
+from .command_route import CommandRouter, error, status_of
+from .commands import NOT_JSON, Frame
 from .frames import dumps_exact, loads_exact
-from .http import json_error, json_response, key_matches
+from .http import ConflictingTokens, client_token, json_error, json_response, key_matches, peer
 from .hub import Hub
 from .limits import TokenBucket
 from .metrics import Metrics
@@ -96,6 +99,58 @@ class PublishApi:
         return json_response({"id": str(seq)})
 
 
+class CommandApi:
+    """``POST /api/command``: a client command over HTTP (how SSE clients send
+    them), with the user's token; the body is the WebSocket command frame,
+    plus ``conn`` for the commands that act on one stream. The answer is the
+    frame a WebSocket client would get, with the HTTP status of its code."""
+
+    def __init__(self, router: CommandRouter, gate: Gate, max_body: int, timeout: float, metrics: Metrics) -> None:
+        self._router = router
+        self._gate = gate
+        self._max_body = max_body  # ws.max_frame: a command is no bigger over HTTP
+        self._timeout = timeout  # http.command_timeout
+        self._metrics = metrics
+
+    async def command(self, request: web.Request) -> web.Response:
+        frame, forwarded = await self._answer(request)
+        status = status_of(frame)
+        self._metrics.commands.labels(frame["code"] if status != 200 else "ok", str(forwarded).lower()).inc()
+        response = json_response(frame, status)
+        if "retry_after" in frame:
+            response.headers["Retry-After"] = str(max(1, math.ceil(frame["retry_after"])))
+        return response
+
+    async def _answer(self, request: web.Request) -> tuple[Frame, bool]:
+        try:
+            self._gate.check_origin(request)  # a cookie token must not work for another site's page
+            token = client_token(request)
+        except Refusal as refusal:
+            return error(refusal.error, refusal.message), False
+        except ConflictingTokens as exc:
+            return error("bad_token", str(exc)), False
+        limit = self._max_body
+        body: bytes | None = None
+        if request.content_length is None or request.content_length <= limit:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    body = await request.read()
+            except TimeoutError:
+                return error("timeout", f"the body did not arrive within {self._timeout:g}s"), False
+            except web.HTTPRequestEntityTooLarge:
+                body = None
+            except RequestPayloadError as exc:
+                return error("bad_request", f"body does not decode: {exc}"), False
+        if body is None or len(body) > limit:
+            self._metrics.limit_rejections.labels("body_size").inc()
+            return error("too_large", f"a command is at most {limit} bytes"), False
+        try:
+            cmd = loads_exact(body)
+        except orjson.JSONDecodeError:
+            cmd = NOT_JSON
+        return await self._router.run(token, cmd, peer(request))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -139,9 +194,9 @@ class NodeApi:
         refused = self._unauthorized(request)
         if refused is not None:
             return refused
-        by_transport = {"ws": 0, "sse": 0}
+        by_transport = dict.fromkeys(self._metrics.transport, 0)  # every transport the node serves
         for session in self._sessions:
-            by_transport[session.transport] += 1
+            by_transport[session.transport.name] += 1
         broker = self._broker.stats()
         return json_response(
             {

@@ -10,13 +10,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from broker.throttle import Throttle
 
-from .api import NodeApi, PublishApi, healthz
-from .keys import NODE, NODE_API, WS_LINKS
+from .api import CommandApi, NodeApi, PublishApi, healthz
+from .keys import NODE, NODE_API
 from .node import BrokerFactory, build_node
 from .settings import Settings
-from .sse import SseEndpoint
-from .ws import WsEndpoint
-from .wslink import WsLinks
+from .transports.link import Opener
+from .transports.registry import KINDS
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("herald")
@@ -85,11 +84,15 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     application instead."""
     _quiet_malformed_requests()
     node = build_node(settings, broker_factory)
-    links = WsLinks(settings.ws, settings.backpressure, node.commands, node.gate, node.metrics)
-    ws = WsEndpoint(node.id, node.gate, node.sessions, node.resumer, links)
-    sse = SseEndpoint(
-        settings.sse, settings.backpressure, settings.ws.close_timeout, node.gate, node.sessions, node.resumer
-    )
+    opener = Opener(node.id, node.gate, node.sessions, node.resumer)
+    app = web.Application(client_max_size=settings.http.max_body)
+    endpoints = []
+    for kind in KINDS:
+        node.metrics.add_transport(kind.name)
+        endpoint = kind.serve(node, opener)
+        app.router.add_get(kind.path, endpoint.handle)
+        endpoints.append(endpoint)
+    commands = CommandApi(node.router, node.gate, settings.ws.max_frame, settings.http.command_timeout, node.metrics)
     publish = PublishApi(
         settings.publish.key, settings.limits.api_rate, settings.http.max_body, node.broker.pubsub, node.metrics
     )
@@ -102,13 +105,10 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         node.broker.presence,
         node.metrics,
     )
-    app = web.Application(client_max_size=settings.http.max_body)
     app[NODE] = node
     app[NODE_API] = node_api
-    app[WS_LINKS] = links
-    app.router.add_get("/ws", ws.handle)
-    app.router.add_get("/sse", sse.handle)
     app.router.add_post("/api/publish", publish.publish)
+    app.router.add_post("/api/command", commands.command)
     if settings.http.dev_tokens:
         app.router.add_post("/api/dev/token", node_api.dev_token)
     if settings.admin.port:
@@ -126,7 +126,8 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
 
     async def shutdown(app: web.Application) -> None:
         await node.shutdown()
-        await links.wait_closed()
+        for endpoint in endpoints:
+            await endpoint.wait_closed()
 
     async def cleanup(app: web.Application) -> None:
         await node.close()

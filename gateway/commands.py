@@ -1,5 +1,6 @@
-"""Client → server commands on a WebSocket. Each answers with ``ack`` or
-``error``, echoing the command's ``ref``."""
+"""Client → server commands, from a WebSocket or ``POST /api/command``. Each
+answers with one frame (``ack``, ``presence``, ``pong`` or ``error``),
+echoing the command's ``ref``; the caller sends it where it belongs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from broker import BrokerUnavailable, Channel, Presence, PubSub, ReadPositions
 from broker.channels import InvalidChannel, channel_id, check_event, glob_match, is_room, parse_seq, room_channel
 from broker.throttle import Throttle
 
-from .auth import Authenticator, AuthError
+from .auth import Authenticator, AuthError, Identity
 from .disconnect import RATE_LIMITED
 from .frames import dumps_exact, loads_exact
 from .limits import CommandLimiter
@@ -23,6 +24,11 @@ from .settings import LimitsSettings
 from .subscriptions import Subscriptions
 
 Ref = str | int | None
+Frame = dict[str, Any]
+# A command whose body is not JSON at all (it still counts against the budget).
+NOT_JSON = object()
+# The session was closed for refusals in a row: nothing is answered.
+_CLOSED: Frame = {}
 
 
 class CommandError(Exception):
@@ -69,82 +75,88 @@ class Commands:
         self._metrics = metrics
         self._warn = warn
 
-    def reply(self, session: Session, ref: Ref, kind: str, **fields: Any) -> None:
-        """Send a ``kind`` frame answering a command, echoing its ``ref``."""
-        frame: dict[str, Any] = {"type": kind, **fields}
-        if ref is not None:
-            frame["ref"] = ref
-        session.send(frame)
+    def limiter(self, session: Session) -> CommandLimiter:
+        """The session's command budget (made on its first command)."""
+        limiter = session.limiter
+        if limiter is None:
+            limiter = session.limiter = self.new_limiter()
+        return limiter
 
-    def error(self, session: Session, ref: Ref, code: str, message: str, **extra: Any) -> None:
-        self.reply(session, ref, "error", code=code, message=message, **extra)
-
-    def ack(self, session: Session, ref: Ref, **fields: Any) -> None:
-        self.reply(session, ref, "ack", **fields)
+    def new_limiter(self) -> CommandLimiter:
+        limits = self._limits
+        return CommandLimiter(limits.publish_rate, limits.command_rate, limits.rate_window)
 
     async def handle(self, session: Session, text: str) -> None:
-        cmd: Any
+        """A command frame from a client's own connection: the answer is queued to it."""
         try:
-            cmd, parsed = loads_exact(text), True
+            cmd = loads_exact(text)
         except orjson.JSONDecodeError:
-            cmd, parsed = None, False
+            cmd = NOT_JSON
+        frame = await self.run(session.identity, session, self.limiter(session), cmd)
+        if frame is not None:
+            session.send(frame)
+
+    async def run(self, identity: Identity, session: Session | None, limiter: CommandLimiter, cmd: Any) -> Frame | None:
+        """Run one command (its decoded JSON, or NOT_JSON) for ``identity``, on
+        ``session`` if it names one; returns the answer frame (``ack``,
+        ``presence``, ``pong``… or ``error``), echoing the command's ``ref``.
+        None: the session was closed for abusing the rate limit."""
         kind = cmd.get("type") if isinstance(cmd, dict) else None
         ref = cmd.get("ref") if isinstance(cmd, dict) else None
         good_ref = ref is None or (isinstance(ref, str) and len(ref) <= 64) or (type(ref) is int and abs(ref) < 2**53)
         # Every frame counts against the budget, garbage included.
-        if not self._within_rate(session, kind if isinstance(kind, str) else "", ref if good_ref else None):
-            return
-        if not parsed:
-            self.error(session, None, "bad_frame", "frame is not valid JSON")
-            return
+        refused = self._rate(session, identity, limiter, kind if isinstance(kind, str) else "")
+        if refused is not None:
+            return None if refused is _CLOSED else _reply(refused, ref if good_ref else None)
+        if cmd is NOT_JSON:
+            return _error(None, "bad_frame", "frame is not valid JSON")
         if not isinstance(cmd, dict):
-            self.error(session, None, "bad_frame", "frame must be a JSON object")
-            return
+            return _error(None, "bad_frame", "frame must be a JSON object")
         if not good_ref:
-            self.error(session, None, "bad_request", "ref must be a string (<= 64 chars) or an integer")
-            return
+            return _error(None, "bad_request", "ref must be a string (<= 64 chars) or an integer")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
-            self.error(session, ref, "unknown_command", "unknown command type")
-            return
+            return _error(ref, "unknown_command", "unknown command type")
         try:
-            await handler(self, session, cmd, ref)
+            return _reply(await handler(self, identity, session, cmd), ref)
         except CommandError as exc:
-            self.error(session, ref, exc.code, str(exc))
+            return _error(ref, exc.code, str(exc))
         except BrokerUnavailable as exc:
-            self.error(session, ref, "unavailable", str(exc))
+            return _error(ref, "unavailable", str(exc))
 
     def refuse_binary(self, session: Session) -> None:
         if self.within_rate(session):
-            self.error(session, None, "bad_frame", "binary frames are not supported: send JSON text")
+            session.send(_error(None, "bad_frame", "binary frames are not supported: send JSON text"))
 
     def within_rate(self, session: Session) -> bool:
         """A frame that is no command (a ping) takes its share of the budget too."""
-        return self._within_rate(session, "", None)
+        refused = self._rate(session, session.identity, self.limiter(session), "")
+        if refused is not None and refused is not _CLOSED:
+            session.send(refused)
+        return refused is None
 
-    def _within_rate(self, session: Session, kind: str, ref: Ref) -> bool:
+    def _rate(self, session: Session | None, identity: Identity, limiter: CommandLimiter, kind: str) -> Frame | None:
+        """None if the command may run; else the ``rate_limited`` error, or
+        _CLOSED once the session was closed for refusals in a row."""
         limits = self._limits
-        limiter = session.limiter
-        if limiter is None:
-            limiter = session.limiter = CommandLimiter(limits.publish_rate, limits.command_rate, limits.rate_window)
         wait = limiter.check(kind)
         if not wait:
-            return True
+            return None
         name = "publish_rate" if kind == "publish" else "command_rate"
         self._metrics.limit_rejections.labels(name).inc()
-        if limiter.strikes >= limits.abuse_strikes:
+        if session is not None and limiter.strikes >= limits.abuse_strikes:
             self._warn(
                 "abuse", "closing %s (user %s): %d commands refused in a row", session.id, session.user, limiter.strikes
             )
             session.close(RATE_LIMITED)
-            return False
+            return _CLOSED
         what = "publishes" if kind == "publish" else "commands"
-        self.error(session, ref, "rate_limited", f"too many {what}: retry later", retry_after=round(wait, 3))
-        return False
+        return _frame("error", code="rate_limited", message=f"too many {what}: retry later", retry_after=round(wait, 3))
 
-    async def subscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+    async def subscribe(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
+        session = _on_connection(session, "subscribe")
         channel = _room(cmd)
-        if not session.identity.may_join(channel_id(channel)):
+        if not identity.may_join(channel_id(channel)):
             raise CommandError("forbidden", f"token does not allow room {channel_id(channel)}")
         since = cmd.get("since")
         try:
@@ -161,17 +173,18 @@ class Commands:
             await self._resumer.resume(session, (channel,), position)  # joins, then replays
         else:
             await self._subscriptions.join(session, channel)
-        self.ack(session, ref, channel=channel)
+        return _frame("ack", channel=channel)
 
-    async def unsubscribe(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+    async def unsubscribe(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
+        session = _on_connection(session, "unsubscribe")
         channel = _room(cmd)
         await self._subscriptions.leave(session, channel)
-        self.ack(session, ref, channel=channel)
+        return _frame("ack", channel=channel)
 
-    async def publish(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+    async def publish(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
         channel = _room(cmd)
         room = channel_id(channel)
-        if not session.identity.may_publish(room):
+        if not identity.may_publish(room):
             raise CommandError("forbidden", f"token does not allow publishing to room {room}")
         if not glob_match(self._client_publish, room):
             raise CommandError("forbidden", f"clients may not publish to room {room} (rooms.client_publish)")
@@ -186,52 +199,74 @@ class Commands:
         payload = dumps_exact(cmd["data"])
         if cmd.get("ephemeral") is True:
             await self._pubsub.publish_ephemeral(channel, payload, event)
-            self.ack(session, ref, channel=channel)
-        else:
-            seq = await self._pubsub.publish(channel, payload, event)
-            self.ack(session, ref, channel=channel, id=str(seq))
+            return _frame("ack", channel=channel)
+        seq = await self._pubsub.publish(channel, payload, event)
+        return _frame("ack", channel=channel, id=str(seq))
 
-    async def refresh(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+    async def refresh(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
+        session = _on_connection(session, "refresh")
         token = cmd.get("token")
         if not isinstance(token, str):
             raise CommandError("bad_request", "refresh needs a token")
         try:
-            identity = self._authenticator.authenticate(token, session.id)
+            fresh = self._authenticator.authenticate(token, session.id)
         except AuthError as exc:
             raise CommandError("bad_token", str(exc)) from None
-        if identity.user != session.user:
+        if fresh.user != session.user:
             self._metrics.auth_failures.labels("other_user").inc()
             raise CommandError("forbidden", "refresh token is for another user")
-        session.identity = identity
-        session.set_expiry(identity.expires)
+        session.identity = fresh
+        session.set_expiry(fresh.expires)
         # Rooms the new token no longer allows are left.
         for channel in list(session.channels):
-            if is_room(channel) and not identity.may_join(channel_id(channel)):
+            if is_room(channel) and not fresh.may_join(channel_id(channel)):
                 await self._subscriptions.leave(session, channel)
-        self.ack(session, ref, channels=sorted(session.channels))
+        return _frame("ack", channels=sorted(session.channels))
 
-    async def read(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+    async def read(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
         """Move the user's read position (cluster-wide, forward only) to ``id``."""
         try:
             seq = parse_seq(cmd.get("id"))
         except InvalidChannel as exc:
             raise CommandError("bad_request", str(exc)) from None
-        position = await self._reads.advance(session.user, seq)
+        position = await self._reads.advance(identity.user, seq)
         self._metrics.read_marks.inc()
-        self.ack(session, ref, id=str(position))
+        return _frame("ack", id=str(position))
 
-    async def presence(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
+    async def presence(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
         """The users connected to a room on any node (each once)."""
         channel = _room(cmd)
-        if not session.identity.may_join(channel_id(channel)):
+        if not identity.may_join(channel_id(channel)):
             raise CommandError("forbidden", f"token does not allow room {channel_id(channel)}")
-        self.reply(session, ref, "presence", room=channel_id(channel), users=await self._presence.members(channel))
+        return _frame("presence", room=channel_id(channel), users=await self._presence.members(channel))
 
-    async def ping(self, session: Session, cmd: dict[str, Any], ref: Ref) -> None:
-        self.reply(session, ref, "pong")
+    async def ping(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
+        return _frame("pong")
 
 
-Handler = Callable[[Commands, Session, dict[str, Any], Ref], Awaitable[None]]
+def _frame(kind: str, **fields: Any) -> Frame:
+    return {"type": kind, **fields}
+
+
+def _reply(frame: Frame, ref: Ref) -> Frame:
+    """``frame`` answering a command: its ``ref`` echoed."""
+    if ref is not None:
+        frame["ref"] = ref
+    return frame
+
+
+def _error(ref: Ref, code: str, message: str) -> Frame:
+    return _reply(_frame("error", code=code, message=message), ref)
+
+
+def _on_connection(session: Session | None, kind: str) -> Session:
+    """The connection a command acts on; over HTTP it must name one."""
+    if session is None:
+        raise CommandError("bad_request", f'{kind} acts on one stream: give its "conn" (from its welcome)')
+    return session
+
+
+Handler = Callable[[Commands, Identity, Session | None, dict[str, Any]], Awaitable[Frame]]
 _HANDLERS: dict[str, Handler] = {
     "subscribe": Commands.subscribe,
     "unsubscribe": Commands.unsubscribe,

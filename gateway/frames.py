@@ -86,8 +86,6 @@ def sse_event(event: str, data: bytes, event_id: int = 0) -> bytes:
 class Codec(Protocol):
     """How one transport turns deliveries and control objects into bytes."""
 
-    name: str
-
     def message(self, d: Delivery) -> bytes: ...
 
     def control(self, obj: dict[str, Any]) -> bytes: ...
@@ -95,8 +93,6 @@ class Codec(Protocol):
 
 class WsCodec:
     """Deliveries and control objects as WebSocket text frames."""
-
-    name = "ws"
 
     def message(self, d: Delivery) -> bytes:
         if d.kind is not Kind.MESSAGE:
@@ -108,9 +104,9 @@ class WsCodec:
 
 
 class SseCodec:
-    """Deliveries and control objects as SSE events."""
-
-    name = "sse"
+    """Deliveries and control objects as SSE events: a message's event name is
+    the one it was published with and its data the bare payload; a control
+    frame's event name is its ``type`` and its data the frame's JSON."""
 
     def message(self, d: Delivery) -> bytes:
         if d.kind is not Kind.MESSAGE:
@@ -126,5 +122,17 @@ class SseCodec:
         return sse_event(str(obj.get("type", "message")), orjson.dumps(obj))
 
 
+class SseEnvelopeCodec(SseCodec):
+    """SSE with ``envelope=1``: every event's name is the frame's ``type`` and
+    its data the JSON frame a WebSocket client gets, so one EventSource can
+    tell channels apart."""
+
+    def message(self, d: Delivery) -> bytes:
+        if d.kind is not Kind.MESSAGE:
+            return sse_event(d.kind.value, presence_json(d))
+        return sse_event("message", message_json(d), d.seq)
+
+
 WS = WsCodec()
 SSE = SseCodec()
+SSE_ENVELOPE = SseEnvelopeCodec()

@@ -4,10 +4,8 @@ from aiohttp import web
 
 from .api import NodeApi
 from .node import Node
-from .wslink import WsLinks
 
 # The node's parts: for the server's lifecycle (drain) and for tests.
 NODE = web.AppKey("herald_node", Node)
 # Served on the admin port too, when there is one.
 NODE_API = web.AppKey("herald_node_api", NodeApi)
-WS_LINKS = web.AppKey("herald_ws_links", WsLinks)

@@ -19,7 +19,6 @@ from broker import BrokerStats
 
 from .disconnect import CLOSE_REASONS
 
-TRANSPORTS = ("ws", "sse")
 # Every label value the code uses, so each series exists (at 0) from the first
 # scrape: rate() and increase() then see a node's first event of each kind.
 # tests/unit/test_metrics.py checks that the code uses no value missing here.
@@ -48,6 +47,21 @@ LIMITS = (
     "frame_size",
     "publish_rate",
     "command_rate",
+)
+COMMAND_RESULTS = (
+    "ok",
+    "bad_frame",
+    "bad_request",
+    "unknown_command",
+    "too_many_subscriptions",
+    "bad_token",
+    "forbidden",
+    "forbidden_origin",
+    "not_found",
+    "timeout",
+    "too_large",
+    "rate_limited",
+    "unavailable",
 )
 API_RESULTS = ("ok", "disabled", "unauthorized", "rate_limited", "too_large", "bad_request", "unavailable")
 # The _created series double the exposition size and nobody graphs them.
@@ -92,7 +106,7 @@ class TransportMetrics:
 class Metrics:
     """The node's metrics (its own registry); label children bound once."""
 
-    def __init__(self) -> None:
+    def __init__(self, transports: tuple[str, ...] = ()) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.connections = Gauge("herald_connections", "Open client connections", ["transport"], registry=r)
         self.opened = Counter("herald_connections_opened", "Client connections opened", ["transport"], registry=r)
@@ -119,16 +133,25 @@ class Metrics:
         self.published = Counter(
             "herald_api_publishes", "Publishes through the HTTP API, by result", ["result"], registry=r
         )
+        self.commands = Counter(
+            "herald_api_commands",
+            "Client commands over POST /api/command, by result (ok or the error code) and whether another node ran it",
+            ["result", "forwarded"],
+            registry=r,
+        )
         self.queue_bytes = Gauge("herald_outbound_queue_bytes", "Bytes waiting in outbound queues", registry=r)
-        self.transport = {t: TransportMetrics(self, t) for t in TRANSPORTS}
+        # By Transport.name: one per transport the node serves (transports/registry.py).
+        self.transport: dict[str, TransportMetrics] = {}
         r.register(_DeliveryCollector(self))
         self.dropped_queue_full = self.dropped.labels("queue_full")
         # Pre-create the children so series exist (at 0) from the first scrape.
-        for t in TRANSPORTS:
-            for reason in CLOSE_REASONS:
-                self.closed.labels(t, reason)
+        for t in transports:
+            self.add_transport(t)
         for result in API_RESULTS:
             self.published.labels(result)
+        for result in COMMAND_RESULTS:
+            for forwarded in ("false", "true"):
+                self.commands.labels(result, forwarded)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
         for limit in LIMITS:
@@ -137,6 +160,12 @@ class Metrics:
         ProcessCollector(registry=r)
         self.resets_history = self.resets.labels("history")
         self.resets_gap = self.resets.labels("gap")
+
+    def add_transport(self, name: str) -> TransportMetrics:
+        metrics = self.transport[name] = TransportMetrics(self, name)
+        for reason in CLOSE_REASONS:
+            self.closed.labels(name, reason)
+        return metrics
 
     def watch_queue_bytes(self, total: Callable[[], float]) -> None:
         self.queue_bytes.set_function(total)

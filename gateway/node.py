@@ -16,6 +16,7 @@ from broker.throttle import Throttle
 
 from .admission import Gate
 from .auth import Authenticator, AuthError
+from .command_route import CommandRouter
 from .commands import Commands
 from .hub import Hub
 from .metrics import Metrics
@@ -74,6 +75,7 @@ class Node:
     gate: Gate
     resumer: Resumer
     commands: Commands
+    router: CommandRouter
 
     @property
     def id(self) -> str:
@@ -121,7 +123,13 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
     sessions = Sessions(
         settings.node.id, Flusher(metrics.dropped_queue_full.inc, bp.write_delay), queue_limits, metrics
     )
-    events = BrokerEvents(deliver=hub.deliver, lost=hub.lost, kick=sessions.kick)
+
+    async def forwarded(body: bytes) -> bytes:
+        # A command another node forwarded: ``router`` is made below, before
+        # the broker starts (no request can arrive earlier).
+        return await router.answer(body)
+
+    events = BrokerEvents(deliver=hub.deliver, lost=hub.lost, kick=sessions.kick, request=forwarded)
     broker = (broker_factory or (lambda e: NatsBroker(nats_config(settings), e)))(events)
     subscriptions = Subscriptions(hub, broker.pubsub, broker.presence)
     resumer = Resumer(subscriptions, broker.history, broker.reads, hub.droppable, settings.history, metrics)
@@ -138,6 +146,9 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
         warn,
     )
     gate = Gate(settings.limits, sessions, subscriptions, broker.connections, authenticator, metrics, warn)
+    router = CommandRouter(
+        settings.node.id, authenticator, sessions, commands, broker.relay, settings.http.command_timeout
+    )
     metrics.watch_broker(broker.stats)
     metrics.watch_queue_bytes(sessions.queued_bytes)
-    return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands)
+    return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router)

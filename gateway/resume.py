@@ -10,7 +10,7 @@ limits.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from broker import Channel, History, ReadPositions, Replay
@@ -48,10 +48,10 @@ class Resumer:
         channels: Sequence[Channel],
         since: int | None,
         first: dict[str, Any] | None = None,
-        joined: Callable[[], Awaitable[None]] | None = None,
+        joined: Callable[[], None] | None = None,
     ) -> None:
         """Join a new session's channels, then call ``joined`` (SSE: the response
-        starts only now), send ``first`` (the welcome frame, completed with
+        head goes out only now), send ``first`` (the welcome frame, completed with
         ``unread``), then what it missed since ``since`` — or, without a position,
         its user's unread messages — then the live flow. Either tells the client
         its channels are live: what is published after it reaches the client."""
@@ -60,7 +60,7 @@ class Resumer:
             await self._join(session, channels)
             replay, unread = await self._opening_replay(session, channels, since)
             if joined is not None:
-                await joined()
+                joined()
             if first is not None:
                 if unread is not None:
                     first["unread"] = unread

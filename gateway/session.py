@@ -1,8 +1,8 @@
 """One client connection: identity, channels, outbound queue, state, and the
 live deliveries it holds aside while a replay runs.
 
-A session is transport-agnostic: the transport hands it a Wire (raw writes) and
-a closer (how to end the connection with a Disconnect). Everything the client
+A session does not know which transport carries it: it writes through its
+``Transport`` (transports/contract.py) and ends it with a Disconnect. Everything the client
 receives — deliveries, acks, errors — goes through the one bounded queue, so
 ordering is the order in which they are queued.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable
 from typing import Any
 
 from broker import Channel, Delivery
@@ -22,7 +21,8 @@ from .disconnect import SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
 from .frames import Codec
 from .limits import CommandLimiter
 from .metrics import TransportMetrics
-from .outbound import LIVE, REPLAYED, Flusher, Outbound, QueueLimits, Wire
+from .outbound import LIVE, REPLAYED, Flusher, Outbound, QueueLimits
+from .transports.contract import Transport
 
 
 class State(enum.Enum):
@@ -34,15 +34,11 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-Closer = Callable[[Disconnect], None]
-
-
 class Session:
     """Owns one connection's identity, channels, queue and state, and what it
     holds aside while a replay runs."""
 
     __slots__ = (
-        "_closer",
         "_expiry",
         "channels",
         "codec",
@@ -55,23 +51,24 @@ class Session:
         "limiter",
         "outbound",
         "state",
+        "transport",
     )
 
     def __init__(
         self,
         conn_id: str,
         identity: Identity,
-        codec: Codec,
-        wire: Wire,
-        closer: Closer,
+        transport: Transport,
         flusher: Flusher,
         limits: QueueLimits,
         metrics: TransportMetrics,
     ) -> None:
         self.id = conn_id
         self.identity = identity
-        self.codec = codec
-        self.outbound = Outbound(wire, flusher, limits, metrics, self._on_overflow)
+        self.transport = transport
+        # Read per recipient by the fan-out: kept here, not looked up on the transport.
+        self.codec: Codec = transport.codec
+        self.outbound = Outbound(transport, flusher, limits, metrics, self._on_overflow)
         self.channels: set[Channel] = set()
         self.state = State.CONNECTING
         self.disconnect: Disconnect | None = None
@@ -84,7 +81,6 @@ class Session:
         # one attribute for the fan-out to read per recipient.
         self.gated = False
         self.limiter: CommandLimiter | None = None  # made on the first command
-        self._closer = closer
         self._expiry: asyncio.TimerHandle | None = None
         self.set_expiry(identity.expires)
 
@@ -96,10 +92,6 @@ class Session:
     def metrics(self) -> TransportMetrics:
         """Its transport's metrics (kept by its queue: one reference per session)."""
         return self.outbound.metrics
-
-    @property
-    def transport(self) -> str:
-        return self.codec.name
 
     @property
     def active(self) -> bool:
@@ -183,7 +175,7 @@ class Session:
         if reason.label != "slow_consumer":  # one that does not read would not take it
             self.outbound.write_out()
         self._stop()
-        self._closer(reason)
+        self.transport.close(reason)
 
     def closed(self, reason: Disconnect) -> Disconnect:
         """Mark the session closed; returns the reason that counts (the first one)."""

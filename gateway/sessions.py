@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 from .auth import Identity
 from .disconnect import REPLACED, SHUTDOWN, Disconnect
-from .frames import Codec
 from .metrics import Metrics
-from .outbound import Flusher, QueueLimits, Wire
-from .session import Closer, Session, State
+from .outbound import Flusher, QueueLimits
+from .session import Session, State
+from .transports.contract import Transport
 
 log = logging.getLogger("herald.node")
 
@@ -46,9 +46,9 @@ class Sessions:
     def new_id(self) -> str:
         return f"{self._node_id}:{next(self._ids)}"
 
-    def open(self, conn_id: str, identity: Identity, codec: Codec, wire: Wire, closer: Closer) -> Session:
-        metrics = self._metrics.transport[codec.name]
-        session = Session(conn_id, identity, codec, wire, closer, self._flusher, self._limits, metrics)
+    def open(self, conn_id: str, identity: Identity, transport: Transport) -> Session:
+        metrics = self._metrics.transport[transport.name]
+        session = Session(conn_id, identity, transport, self._flusher, self._limits, metrics)
         self._open.add(session)
         self._by_id[conn_id] = session
         metrics.opened.inc()
@@ -63,8 +63,12 @@ class Sessions:
         self._open.discard(session)
         self._by_id.pop(session.id, None)
         session.metrics.connections.dec()
-        self._metrics.closed.labels(session.transport, final.label).inc()
+        self._metrics.closed.labels(session.transport.name, final.label).inc()
         return True
+
+    def get(self, conn_id: str) -> Session | None:
+        """The open session with that id, if it is on this node."""
+        return self._by_id.get(conn_id)
 
     def kick(self, conn_id: str) -> None:
         """The cluster made room for a newer connection of this one's user."""

@@ -102,7 +102,10 @@ def broker_events(deliver: Callable[[Delivery], None] | None = None) -> BrokerEv
     def ignore(_: object) -> None:
         pass
 
-    return BrokerEvents(deliver or ignore, ignore, ignore)
+    async def unanswered(_: bytes) -> bytes:
+        return b""
+
+    return BrokerEvents(deliver or ignore, ignore, ignore, unanswered)
 
 
 async def recv_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> dict[str, Any]:
@@ -144,7 +147,9 @@ class SseEvent:
 
 
 class SseClient:
-    """Reads an event stream from a real socket and parses it per the spec."""
+    """Reads an event stream from a real socket and parses it per the spec.
+    The stream's first event, ``welcome``, is kept in ``welcome`` rather than
+    returned by ``next``."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
@@ -152,8 +157,16 @@ class SseClient:
         self.retry: int | None = None
         self.comments = 0
         self.ended = False
+        self.welcome: dict[str, Any] | None = None
 
     async def next(self, timeout: float = 5.0) -> SseEvent:
+        ev = await self._next(timeout)
+        if self.welcome is None and ev.event == "welcome":
+            self.welcome = ev.json()
+            ev = await self._next(timeout)
+        return ev
+
+    async def _next(self, timeout: float) -> SseEvent:
         async with asyncio.timeout(timeout):
             ev = SseEvent()
             data: list[str] = []

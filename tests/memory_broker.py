@@ -13,6 +13,7 @@ from broker import (
     BrokerUnavailable,
     Channel,
     Delivery,
+    NodeGone,
     Replay,
     RetentionPolicy,
     TooManyConnections,
@@ -144,6 +145,13 @@ class MemoryConnections:
             conns.remove(conn)
 
 
+class MemoryRelay:
+    """One node alone: no other node answers."""
+
+    async def ask(self, node: str, body: bytes, timeout: float) -> bytes:
+        raise NodeGone(f"node {node} is not running")
+
+
 class MemoryBroker:
     """Every role over one in-memory stream (see ``broker.roles.Broker``)."""
 
@@ -156,6 +164,7 @@ class MemoryBroker:
         self.reads = MemoryReads(stream)
         self.presence = MemoryPresence(stream)
         self.connections = MemoryConnections(stream)
+        self.relay = MemoryRelay()
 
     @property
     def log(self) -> list[Delivery]:

@@ -36,6 +36,9 @@ class HttpSettings:
     # Seconds a new connection has to send its whole request (and an idle
     # keep-alive connection to send the next): slow-header clients are cut.
     handshake_timeout: float = 10.0
+    # POST /api/command: seconds to send the body, and for the node holding
+    # the stream to answer a command forwarded to it.
+    command_timeout: float = 10.0
     # On SIGTERM: seconds readyz answers 503 before clients are told to go,
     # and the window over which their reconnects are spread (random per client).
     drain_delay: float = 0.0

@@ -74,6 +74,7 @@ def _http(http: HttpSettings) -> None:
     _require(http.shutdown_grace >= 0, "http.shutdown_grace", "must be >= 0")
     _require(http.drain_delay >= 0, "http.drain_delay", "must be >= 0")
     _require(http.handshake_timeout > 0, "http.handshake_timeout", "must be > 0")
+    _require(http.command_timeout > 0, "http.command_timeout", "must be > 0")
     _require(0 <= http.reconnect_spread <= 300, "http.reconnect_spread", "must be 0 to 300 seconds")
 
 

@@ -147,7 +147,7 @@ async def test_sigterm_drains_and_exits_despite_a_stalled_client(
         code, _ = await expect_close(ws, timeout=5)
         assert code == 1012
         events = await sse.read_to_end(timeout=5)  # raises on a broken (unterminated) body
-        assert events == [] and sse.ended
+        assert [(e.event, e.json()["code"]) for e in events] == [("close", 1012)] and sse.ended
         assert await wait_exit(proc, timeout=5) == 0
         elapsed = time.monotonic() - sent
         assert elapsed < 5.0, f"exit took {elapsed:.1f}s"
@@ -221,8 +221,11 @@ async def test_sigterm_goes_unready_at_once_then_spreads_the_reconnects(
             assert match, reason
             hints.append(int(match[1]))
         assert all(0 <= h <= 4000 for h in hints) and len(set(hints)) > 1, hints
-        assert await sse.read_to_end(timeout=5) == [] and sse.ended
+        events = await sse.read_to_end(timeout=5)
+        assert [(e.event, e.json()["code"]) for e in events] == [("close", 1012)] and sse.ended
         assert sse.retry is not None and 0 <= sse.retry <= 4000, sse.retry
+        # The close event's reason and the retry line say the same delay.
+        assert events[0].json()["reason"] == f"node restarting: reconnect in {sse.retry} ms"
         assert await wait_exit(proc, timeout=5) == 0
     finally:
         for ws in sockets:

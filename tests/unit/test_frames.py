@@ -197,7 +197,6 @@ def test_ws_codec() -> None:
     ctl = WS.control({"type": "ack", "ref": "7"})
     _, _, _, header = _parse_header(ctl)
     assert orjson.loads(ctl[header:]) == {"type": "ack", "ref": "7"}
-    assert WS.name == "ws"
 
 
 # --- SSE -----------------------------------------------------------------------------------------------------
@@ -283,4 +282,3 @@ def test_sse_codec_control() -> None:
     raw = SSE.control({"type": "reset", "reason": "a\nb"})
     events = _parse_sse(raw)
     assert events == [{"event": "reset", "data": '{"type":"reset","reason":"a\\nb"}'}]
-    assert SSE.name == "sse"

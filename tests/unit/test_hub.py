@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from broker import BrokerEvents, BrokerUnavailable, Delivery, Replay
+from broker import BrokerUnavailable, Delivery, Replay
 from broker.channels import parse_channel
 from gateway.auth import Identity
 from gateway.disconnect import SHUTDOWN, SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
@@ -25,6 +25,7 @@ from gateway.session import Session, State
 from gateway.settings import Settings
 from gateway.subscriptions import Subscriptions
 
+from ..helpers import broker_events
 from ..memory_broker import MemoryBroker, MemoryHistory
 
 LIMITS = QueueLimits(max_bytes=1 << 20, max_messages=1000, write_buffer=64 * 1024, stall_timeout=5.0)
@@ -39,6 +40,7 @@ class FakeWire:
     frame = None  # no transport framing (as a WebSocket)
 
     def __init__(self, grow: bool = False) -> None:
+        self.name, self.duplex, self.codec, self.close = "", True, None, None  # see Env.session
         self.writes: list[bytes] = []
         self.send = self.write
         self.grow = grow
@@ -88,6 +90,10 @@ class RecordingCloser:
         self.calls.append(reason)
 
 
+def transport_name(codec: Any) -> str:
+    return "sse" if isinstance(codec, SseCodec) else "ws"
+
+
 class CountingWs(WsCodec):
     def __init__(self) -> None:
         self.calls = 0
@@ -112,11 +118,12 @@ class Env:
 
     def __init__(self, hub: Hub | None = None) -> None:
         self.hub = hub or Hub()
-        self.broker = MemoryBroker(BrokerEvents(self.hub.deliver, self.hub.lost, lambda conn: None))
+        events = broker_events(self.hub.deliver)
+        self.broker = MemoryBroker(dataclasses.replace(events, lost=self.hub.lost))
         self.subscriptions = Subscriptions(self.hub, self.broker.pubsub, self.broker.presence)
         self.history: Any = self.broker.history  # a test may wrap it (ReplayHook)
         self.settings = Settings()
-        self.metrics = Metrics()
+        self.metrics = Metrics(("ws", "sse"))
         self.dropped: list[int] = []
         self.flusher = Flusher(self.dropped.append)
         self.sessions: list[Session] = []
@@ -148,15 +155,15 @@ class Env:
     ) -> tuple[Session, FakeWire, RecordingCloser]:
         wire = wire or FakeWire()
         closer = RecordingCloser()
+        # The wire made the session's Transport: a name, a codec and a closer.
+        wire.name, wire.duplex, wire.codec, wire.close = transport_name(codec), True, codec, closer
         session = Session(
             f"c{len(self.sessions) + 1}",
             identity or Identity("u"),
-            codec,
-            wire,
-            closer,
+            wire,  # type: ignore[arg-type]
             self.flusher,
             limits,
-            self.metrics.transport[codec.name],
+            self.metrics.transport[wire.name],
         )
         session.opened()
         self.sessions.append(session)
@@ -395,7 +402,7 @@ async def test_queue_overflow_disconnects_slow_consumer(
     assert closer.calls[0] is SLOW_CONSUMER
     assert s.state is State.CLOSING
     assert s.disconnect is SLOW_CONSUMER
-    assert env.sample("herald_slow_consumer_disconnects_total", transport=codec.name) == 1
+    assert env.sample("herald_slow_consumer_disconnects_total", transport=transport_name(codec)) == 1
     # Later pushes are ignored: nothing queued, no second close.
     for seq in range(count + 1, count + 10):
         env.hub.deliver(delivery("room:a", seq, payload))
@@ -405,7 +412,7 @@ async def test_queue_overflow_disconnects_slow_consumer(
     await settle()
     assert wire.writes == []
     assert len(closer.calls) == 1
-    assert env.sample("herald_slow_consumer_disconnects_total", transport=codec.name) == 1
+    assert env.sample("herald_slow_consumer_disconnects_total", transport=transport_name(codec)) == 1
     # The other session on the channel is unaffected.
     assert other_closer.calls == []
     assert len(other_wire.writes) >= 1

@@ -1,0 +1,134 @@
+"""Commands sent over HTTP (``POST /api/command``), run where they belong.
+
+A command that names a connection (``conn``, from its welcome) runs on the
+node holding it: behind a load balancer the POST rarely lands there, so it is
+forwarded over the broker (``Relay``) with the caller's token, and that node
+answers as if it had been posted to it. Commands that name no connection run
+here, against a per-user budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from broker import BrokerUnavailable, NodeGone, Relay
+
+from .auth import Authenticator, AuthError
+from .commands import Commands, Frame
+from .frames import dumps_exact, loads_exact
+from .limits import CommandLimiter
+from .sessions import Sessions
+
+# The HTTP status of an answer, by error code (200 when it is no error).
+STATUS = {
+    "bad_frame": 400,
+    "bad_request": 400,
+    "unknown_command": 400,
+    "too_many_subscriptions": 400,
+    "bad_token": 401,
+    "forbidden": 403,
+    "forbidden_origin": 403,
+    "not_found": 404,
+    "timeout": 408,
+    "too_large": 413,
+    "rate_limited": 429,
+    "unavailable": 503,
+}
+# Per-user budgets kept for commands without a connection; the oldest go first.
+MAX_USER_BUDGETS = 10_000
+
+
+def error(code: str, message: str) -> Frame:
+    return {"type": "error", "code": code, "message": message}
+
+
+def status_of(frame: Frame) -> int:
+    return STATUS.get(frame["code"], 400) if frame.get("type") == "error" else 200
+
+
+class CommandRouter:
+    """Owns where an HTTP command runs and the per-user budgets of those
+    that name no connection."""
+
+    def __init__(
+        self,
+        node_id: str,
+        authenticator: Authenticator,
+        sessions: Sessions,
+        commands: Commands,
+        relay: Relay,
+        timeout: float,
+    ) -> None:
+        self._node_id = node_id
+        self._authenticator = authenticator
+        self._sessions = sessions
+        self._commands = commands
+        self._relay = relay
+        self._timeout = timeout  # http.command_timeout
+        self._budgets: dict[str, CommandLimiter] = {}
+
+    async def run(self, token: str | None, cmd: Any, peer: str) -> tuple[Frame, bool]:
+        """The answer to ``cmd`` (a decoded body) posted with ``token``, and
+        whether another node gave it."""
+        conn = cmd.get("conn") if isinstance(cmd, dict) else None
+        if conn is not None and (not isinstance(conn, str) or not 0 < len(conn) <= 256):
+            return error("bad_request", "conn must be the connection id from its welcome"), False
+        try:
+            # Checked here even when forwarded: a bad token costs no other node anything.
+            self._authenticator.authenticate(token, peer)
+        except AuthError as exc:
+            return error("bad_token", str(exc)), False
+        if conn is not None and (node := conn.rpartition(":")[0]) != self._node_id:
+            return await self._forward(node, token, cmd), True
+        return await self._run_here(token, cmd, conn, peer), False
+
+    async def _run_here(self, token: str | None, cmd: Any, conn: str | None, peer: str) -> Frame:
+        try:
+            identity = self._authenticator.authenticate(token, peer)
+        except AuthError as exc:
+            return error("bad_token", str(exc))
+        if conn is None:
+            frame = await self._commands.run(identity, None, self._budget(identity.user), cmd)
+            assert frame is not None  # only a session is closed for abuse
+            return frame
+        session = self._sessions.get(conn)
+        if session is None or not session.active:
+            return error("not_found", f"no open connection {conn}")
+        if session.user != identity.user:
+            return error("forbidden", "the connection is another user's")
+        frame = await self._commands.run(identity, session, self._commands.limiter(session), cmd)
+        if frame is None:
+            return error("rate_limited", "the connection was closed: too many commands refused in a row")
+        return frame
+
+    def _budget(self, user: str) -> CommandLimiter:
+        budgets = self._budgets
+        limiter = budgets.get(user)
+        if limiter is None:
+            if len(budgets) >= MAX_USER_BUDGETS:
+                del budgets[next(iter(budgets))]
+            limiter = budgets[user] = self._commands.new_limiter()
+        return limiter
+
+    async def _forward(self, node: str, token: str | None, cmd: Any) -> Frame:
+        body = dumps_exact({"token": token, "command": cmd})
+        try:
+            answer = await self._relay.ask(node, body, self._timeout)
+        except NodeGone:
+            return error("not_found", f"no open connection {cmd['conn']}: its node is gone")
+        except BrokerUnavailable as exc:
+            return error("unavailable", str(exc))
+        frame: Frame = orjson.loads(answer)
+        return frame
+
+    async def answer(self, body: bytes) -> bytes:
+        """A command another node forwarded here (``BrokerEvents.request``)."""
+        request = loads_exact(body)
+        cmd = request["command"]
+        conn = cmd.get("conn") if isinstance(cmd, dict) else None
+        if not isinstance(conn, str) or conn.rpartition(":")[0] != self._node_id:
+            return orjson.dumps(error("not_found", "the connection is not on this node"))
+        frame = await self._run_here(request["token"], cmd, conn, f"node relay ({conn})")
+        return dumps_exact(frame)

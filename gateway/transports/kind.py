@@ -1,0 +1,28 @@
+"""What the registry knows of a transport: its name, its route, and how a
+node serves it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+
+from ..node import Node
+from .link import Opener
+
+
+class Endpoint(Protocol):
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Serve one client stream (it outlives the handler)."""
+
+    async def wait_closed(self) -> None:
+        """After the node closed its sessions: until their sockets are done (bounded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransportKind:
+    name: str  # Transport.name: the metrics label and the key in /api/stats
+    path: str  # the GET route of its streams
+    serve: Callable[[Node, Opener], Endpoint]

@@ -1,0 +1,235 @@
+"""A client socket taken over from aiohttp, and the session opened on it.
+
+aiohttp parses the request head and routes it; the transport's handler then
+takes the socket (``SocketLink``) and makes aiohttp forget it (``detach``).
+What aiohttp would keep per connection — the request and its headers, the
+handler tasks, a reader queue, timers — is gone: an idle connection is its
+asyncio transport, a link and its ``Session``. ``Opener`` is what every
+transport does next: admit the client, count it in, attach its session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+
+from broker import BrokerUnavailable
+from broker.channels import client_name
+from broker.tasks import spawn
+
+from ..admission import Gate, Refusal
+from ..disconnect import CLIENT_CLOSED, INTERNAL, UNAVAILABLE, Disconnect
+from ..frames import Codec
+from ..http import SocketWire, free_socket
+from ..resume import Resumer
+from ..session import Session
+from ..sessions import Sessions
+from ..settings import BackpressureSettings
+
+log = logging.getLogger("herald.transports")
+
+# Sessions being finished (see broker.tasks.spawn).
+_finishing: set[asyncio.Task[None]] = set()
+
+
+def detach(request: web.BaseRequest) -> None:
+    """Make aiohttp forget a connection whose socket a link now owns: no
+    write, close or timer of aiohttp's touches it afterwards. The handler must
+    return right after (aiohttp may cancel its task)."""
+    handler = request.protocol
+    handler.transport = None
+    handler.connection_lost(None)
+
+
+@contextlib.contextmanager
+def ends_on_failure(session: Session) -> Iterator[None]:
+    """A broker outage closes the session 1013; anything else is logged and
+    closes it 1011. The node goes on either way."""
+    try:
+        yield
+    except BrokerUnavailable as exc:
+        log.warning("connection %s: %s", session.id, exc)
+        session.close(UNAVAILABLE)
+    except Exception:
+        log.exception("connection %s failed", session.id)
+        session.close(INTERNAL)
+
+
+class Links:
+    """The open links of one transport on a node, and what they all share."""
+
+    __slots__ = ("close_timeout", "gate", "links", "socket_buffer", "write_buffer")
+
+    def __init__(self, close_timeout: float, backpressure: BackpressureSettings, gate: Gate) -> None:
+        self.gate = gate
+        self.close_timeout = close_timeout
+        self.write_buffer = backpressure.write_buffer
+        self.socket_buffer = backpressure.socket_buffer
+        self.links: set[Any] = set()
+
+    async def wait_closed(self) -> None:
+        """After the node closed its sessions: give their closes
+        ``close_timeout`` to finish (aiohttp does not know these sockets)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.close_timeout + 0.5
+        while self.links and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+
+class SocketLink(SocketWire, asyncio.Protocol):
+    """One client socket after its request head: the session's Transport.
+
+    Subclasses say what a close looks like on the wire (``_farewell``) and
+    how a refusal before the session is told (``refuse``). A session ends
+    once both its handler is done (``start``) and the link is closing or gone."""
+
+    __slots__ = ("_ctx", "_drain", "_loop", "_paused", "_started", "_timer", "closing", "gone", "session")
+
+    name = ""
+    duplex = False
+    codec: Codec  # set by each transport
+
+    def __init__(self, transport: asyncio.Transport, ctx: Links) -> None:
+        super().__init__(transport, ctx.write_buffer, ctx.socket_buffer)
+        self._ctx = ctx
+        self._loop = asyncio.get_running_loop()
+        self._paused = False  # the transport's write buffer is above its limit
+        self._drain: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = False  # the handler has set the session up (or given up)
+        self.session: Session | None = None
+        self.closing = False  # our farewell is out (or the socket aborted)
+        self.gone = False
+        transport.set_protocol(self)
+        ctx.links.add(self)
+
+    # -- life -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """The handler is done setting up (the session attached, or not made):
+        a lost socket ends the session from now on."""
+        self._started = True
+        if self.gone or self.closing:
+            self._finish()
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Tell a client refused before it has a session, and close."""
+        self.close(refusal.disconnect)
+
+    def close(self, reason: Disconnect) -> None:
+        """Close with ``reason`` (the session's Transport.close): the farewell
+        after what is queued; the peer gets ``close_timeout`` to read it."""
+        if self.closing or self.gone:
+            return
+        self.closing = True
+        self._farewell(reason)
+        if not self.gone:
+            self._timer = self._loop.call_later(self._ctx.close_timeout, self._give_up)
+        if self._started:
+            self._finish()  # its channels are released now, not when the peer is done reading
+
+    def _farewell(self, reason: Disconnect) -> None:
+        """Write what ends the connection for ``reason`` (and close or abort)."""
+        raise NotImplementedError
+
+    def _give_up(self) -> None:
+        self._timer = None
+        if not self.gone:
+            free_socket(self._transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.gone = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake_drain()
+        self._ctx.links.discard(self)
+        session = self.session
+        if session is not None and session.active:
+            session.close(CLIENT_CLOSED)  # the peer went without a goodbye
+        if self._started:
+            self._finish()
+
+    def _finish(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        self.session = None
+        spawn(_finishing, self._finished(session, self._stop_work()))
+
+    def _stop_work(self) -> asyncio.Task[None] | None:
+        """Cancel what the link still does for the session; the task to wait for."""
+        return None
+
+    async def _finished(self, session: Session, work: asyncio.Task[None] | None) -> None:
+        if work is not None and not work.done():
+            await asyncio.wait([work])  # a command mid-way ends before the channels are released
+        await self._ctx.gate.finish(session, session.disconnect or CLIENT_CLOSED)
+
+    # -- writing (outbound.Wire) ----------------------------------------------
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    async def drained(self) -> None:
+        if self._paused and not self.gone:
+            if self._drain is None:
+                self._drain = self._loop.create_future()
+            await self._drain
+        if self.gone or self._transport.is_closing():
+            raise ConnectionResetError("connection closing")
+
+
+class Opener:
+    """What every transport does once it holds the socket: admit the client,
+    count it in cluster-wide, open its session and attach it to its channels
+    (the welcome first, then what it missed, then the live flow)."""
+
+    def __init__(self, node_id: str, gate: Gate, sessions: Sessions, resumer: Resumer) -> None:
+        self._node_id = node_id
+        self._gate = gate
+        self._sessions = sessions
+        self._resumer = resumer
+
+    async def open(
+        self,
+        request: web.Request,
+        link: SocketLink,
+        last_event_id: str | None = None,
+        joined: Callable[[], None] | None = None,
+    ) -> None:
+        """``joined``: called once the channels are live, before the welcome."""
+        gate = self._gate
+        try:
+            admission = gate.admit(request, last_event_id)
+            conn_id = await gate.count_in(admission.identity)
+        except Refusal as refusal:
+            link.refuse(refusal)
+            return
+        if link.gone:  # the client left while it was being admitted
+            gate.count_out(admission.identity.user, conn_id)
+            return
+        session = link.session = self._sessions.open(conn_id, admission.identity, link)
+        welcome = {
+            "type": "welcome",
+            "conn": session.id,
+            "user": session.user,
+            "node": self._node_id,
+            "channels": [client_name(c) for c in admission.channels],
+        }
+        with ends_on_failure(session):
+            await self._resumer.attach(session, admission.channels, admission.since, welcome, joined)

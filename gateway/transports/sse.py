@@ -1,0 +1,185 @@
+"""The Server-Sent-Events transport: ``GET /sse``.
+
+Once the request is screened the socket is handed to an ``SseLink``, as a
+WebSocket's is: Herald writes the response head itself (a close-delimited
+body, so events go out as they are, with no chunk framing) and aiohttp
+forgets the connection. One node-wide ``KeepAlive`` timer writes the comment
+lines that keep proxies from timing idle streams out. The client sends
+nothing on the stream; its commands come over ``POST /api/command``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from aiohttp import web
+
+from ..admission import Gate, Refusal
+from ..disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, Disconnect
+from ..frames import SSE, SSE_ENVELOPE, SseCodec, sse_event
+from ..http import json_error
+from ..node import Node
+from ..settings import BackpressureSettings, SseSettings
+from .kind import TransportKind
+from .link import Links, Opener, SocketLink, detach
+
+_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/event-stream; charset=utf-8\r\n"
+    b"Cache-Control: no-cache\r\n"
+    b"Connection: close\r\n"
+    b"X-Accel-Buffering: no\r\n"  # nginx: pass events on as they come
+    b"X-Content-Type-Options: nosniff\r\n"
+    b"\r\n"
+)
+_COMMENT = b":\n\n"
+_REASONS = {400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 429: b"Too Many Requests"}
+# The HTTP status of a stream ended before its head was sent, by close code.
+_STATUS = {4000: 400, 4001: 401, 4003: 403, 4029: 429, 1011: 500}
+# Ends the client did not ask for get an ``event: close`` saying why.
+_SILENT = (CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT)
+
+
+def http_error(status: int, error: str, message: str) -> bytes:
+    """A whole HTTP response with a JSON reason (the socket closes after it)."""
+    body = orjson.dumps({"error": error, "message": message})
+    reason = _REASONS.get(status, b"Service Unavailable" if status == 503 else b"Error")
+    return (
+        b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n%b" % (status, reason, len(body), body)
+    )
+
+
+class SseLinks(Links):
+    """The event streams of one node, and what they all share."""
+
+    __slots__ = ("keepalive", "retry")
+
+    def __init__(self, sse: SseSettings, close_timeout: float, backpressure: BackpressureSettings, gate: Gate) -> None:
+        super().__init__(close_timeout, backpressure, gate)
+        self.retry = sse.retry
+        self.keepalive = KeepAlive(sse.keepalive, self.links) if sse.keepalive else None
+
+
+class SseLink(SocketLink):
+    """One event stream: the session's Transport. Its response head goes out
+    once the session's channels are live (``begin``): EventSource's ``open``
+    then means that what is published after reaches it."""
+
+    __slots__ = ("begun", "codec")
+
+    name = "sse"
+    duplex = False
+
+    def __init__(self, transport: asyncio.Transport, ctx: SseLinks, codec: SseCodec) -> None:
+        super().__init__(transport, ctx)
+        self._ctx: SseLinks = ctx
+        self.codec = codec
+        self.begun = False  # the response head is out
+        if ctx.keepalive is not None:
+            ctx.keepalive.start()
+
+    def begin(self) -> None:
+        if not self.begun and not self.gone:
+            self.begun = True
+            self._transport.write(_HEAD + b"retry: %d\n\n" % self._ctx.retry)
+
+    def data_received(self, data: bytes) -> None:
+        """The client has nothing to say on the stream (a pipelined request is ignored)."""
+
+    def eof_received(self) -> bool:
+        return False  # the client is done sending: the stream ends (EventSource never half-closes)
+
+    def refuse(self, refusal: Refusal) -> None:
+        self._refuse(refusal.status, refusal.error, refusal.message)
+
+    def _refuse(self, status: int, error: str, message: str) -> None:
+        if not self.closing and not self.gone:
+            self.closing = True
+            self._transport.write(http_error(status, error, message))
+            self._transport.close()
+            self._timer = self._loop.call_later(self._ctx.close_timeout, self._give_up)
+
+    def _farewell(self, reason: Disconnect) -> None:
+        if not self.begun:  # ended while its channels were being joined: an HTTP error then
+            status = _STATUS.get(reason.code, 503)
+            body = http_error(status, reason.label, reason.message)
+        else:
+            body = b""
+            if reason not in _SILENT:
+                farewell = {"type": "close", "code": reason.code, "reason": reason.message}
+                body = sse_event("close", orjson.dumps(farewell))
+            if reason.retry_ms:  # EventSource waits this long before it reconnects
+                body += b"retry: %d\n\n" % reason.retry_ms
+        if body:
+            self._transport.write(body)
+        self._transport.close()  # after what is buffered is written
+
+    def tick(self) -> None:
+        """A keep-alive comment, unless bytes are still on their way anyway."""
+        if self.begun and not self.closing and not self.buffered():
+            self._transport.write(_COMMENT)
+
+
+class KeepAlive:
+    """One timer writes every ``interval`` a comment line to each stream."""
+
+    __slots__ = ("_links", "_timer", "interval")
+
+    def __init__(self, interval: float, links: set[SseLink]) -> None:
+        self.interval = interval
+        self._links = links
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Tick while there are streams (a new stream calls this)."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if not self._links:
+            return
+        for link in self._links:
+            link.tick()
+        self._timer = asyncio.get_running_loop().call_later(self.interval, self._tick)
+
+
+class SseEndpoint:
+    """``GET /sse``: screens, takes the socket, and opens the session on it.
+    Refusals are HTTP statuses with a JSON reason (EventSource stops on them)."""
+
+    def __init__(self, gate: Gate, opener: Opener, links: SseLinks) -> None:
+        self._gate = gate
+        self._opener = opener
+        self.links = links
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self._gate.screen(request)
+        except Refusal as refusal:
+            return json_error(refusal.status, refusal.error, refusal.message)
+        transport = request.transport
+        if transport is None or transport.is_closing():  # the client already left
+            return web.Response(status=499)
+        codec = SSE_ENVELOPE if request.query.get("envelope") in ("1", "true") else SSE
+        link = SseLink(transport, self.links, codec)
+        try:
+            # EventSource reconnects to the same URL with a newer Last-Event-ID: it wins over ?since=.
+            await self._opener.open(request, link, request.headers.get("Last-Event-ID"), link.begin)
+        finally:
+            link.start()
+            detach(request)  # last: aiohttp may cancel this task from here on
+        return web.Response(status=200)  # never sent: aiohttp no longer has the socket
+
+    async def wait_closed(self) -> None:
+        await self.links.wait_closed()
+
+
+def _serve(node: Node, opener: Opener) -> SseEndpoint:
+    s = node.settings
+    return SseEndpoint(node.gate, opener, SseLinks(s.sse, s.ws.close_timeout, s.backpressure, node.gate))
+
+
+KIND = TransportKind(SseLink.name, "/sse", _serve)

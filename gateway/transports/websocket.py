@@ -1,0 +1,263 @@
+"""The WebSocket transport: ``GET /ws``.
+
+The handshake is answered here and the socket handed to a ``WsLink``, which
+reads it through the sans-I/O parser (wsproto.py), queues the client's
+commands for the command handler in order, answers the close handshake and
+keeps the heartbeat; one node-wide ``Pinger`` keeps every link's heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from ..admission import Gate, Refusal
+from ..commands import Commands
+from ..disconnect import HEARTBEAT_TIMEOUT, Disconnect
+from ..frames import WS, ws_frame
+from ..http import hard_abort, json_error
+from ..metrics import Metrics
+from ..node import Node
+from ..session import Session
+from ..settings import BackpressureSettings, WsSettings
+from .kind import TransportKind
+from .link import Links, Opener, SocketLink, detach, ends_on_failure
+from .wsproto import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PONG,
+    OP_TEXT,
+    PING,
+    FrameParser,
+    accept_key,
+    close_frame,
+    switching_protocols,
+)
+
+log = logging.getLogger("herald.ws")
+
+# Frames waiting for their command handler; past this the socket is not read.
+_INBOX_PAUSE, _INBOX_RESUME = 64, 16
+
+
+class WsLinks(Links):
+    """The WebSocket links of one node, and what they all share."""
+
+    __slots__ = ("commands", "frame_rejections", "max_frame", "pinger")
+
+    def __init__(
+        self, ws: WsSettings, backpressure: BackpressureSettings, commands: Commands, gate: Gate, metrics: Metrics
+    ) -> None:
+        super().__init__(ws.close_timeout, backpressure, gate)
+        self.commands = commands
+        self.max_frame = ws.max_frame
+        self.frame_rejections = metrics.limit_rejections.labels("frame_size")
+        self.pinger = Pinger(ws.heartbeat, self.links) if ws.heartbeat else None
+
+
+class WsLink(SocketLink):
+    """The protocol of one upgraded socket: the session's Transport, and the
+    reader of its client's frames."""
+
+    __slots__ = (
+        "_inbox",
+        "_parser",
+        "_reading_paused",
+        "_worker",
+        "last_in",
+        "peer_closed",
+        "ping_at",
+    )
+
+    name = "ws"
+    duplex = True
+    codec = WS
+
+    def __init__(self, transport: asyncio.Transport, ctx: WsLinks) -> None:
+        super().__init__(transport, ctx)
+        self._ctx: WsLinks = ctx
+        self._parser: FrameParser | None = None  # only while a frame or message is unfinished
+        self._inbox: list[tuple[int, object]] | None = None  # frames for the command handler
+        self._worker: asyncio.Task[None] | None = None
+        self._reading_paused = False
+        self.peer_closed = False  # the client's close frame (or a protocol error) came
+        self.last_in = self._loop.time()
+        self.ping_at = 0.0
+        if ctx.pinger is not None:
+            ctx.pinger.start()
+
+    # -- reading --------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.last_in = self._loop.time()
+        self.ping_at = 0.0  # any data proves the peer alive, not only a pong
+        if self.peer_closed:
+            return
+        parser = self._parser or FrameParser(self._ctx.max_frame)
+        events = parser.feed(data)
+        self._parser = None if parser.idle else parser
+        for opcode, payload in events:
+            if opcode == OP_CLOSE:
+                assert isinstance(payload, Disconnect)
+                self._peer_ended(payload)
+                return
+            self._enqueue(opcode, payload)
+
+    def _peer_ended(self, reason: Disconnect) -> None:
+        """The client sent its close frame or broke the protocol (or a limit):
+        nothing more is read, and nothing is waited for once our close is out."""
+        self.peer_closed = True
+        self._parser = None
+        if reason.label == "too_big":
+            self._ctx.frame_rejections.inc()
+        self._close_all(reason)
+        if self.closing and not self.gone:
+            self._transport.close()
+
+    def _close_all(self, reason: Disconnect) -> None:
+        """Close the session (its queued answers go out first, then our close
+        frame), or only the link while there is no session yet."""
+        if self.session is not None:
+            self.session.close(reason)
+        else:
+            self.close(reason)
+
+    def _enqueue(self, opcode: int, data: object) -> None:
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = []
+        inbox.append((opcode, data))
+        if len(inbox) >= _INBOX_PAUSE and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        if self._worker is None and self._started:
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        session = self.session
+        if session is not None and session.active:
+            self._worker = self._loop.create_task(self._work(session))
+
+    async def _work(self, session: Session) -> None:
+        """Handle queued frames in order; exists only while there are some."""
+        commands = self._ctx.commands
+        inbox = self._inbox
+        try:
+            with ends_on_failure(session):
+                while inbox and session.active:
+                    opcode, data = inbox.pop(0)
+                    if opcode == OP_TEXT:
+                        assert isinstance(data, str)
+                        await commands.handle(session, data)
+                    elif opcode == OP_BINARY:
+                        commands.refuse_binary(session)
+                    elif commands.within_rate(session):  # client pings count against the frame budget
+                        assert isinstance(data, bytes)
+                        session.outbound.push(ws_frame(data, OP_PONG))
+                    if self._reading_paused and len(inbox) <= _INBOX_RESUME and not self.gone:
+                        self._reading_paused = False
+                        self._transport.resume_reading()
+        finally:
+            self._worker = None
+            if not inbox:
+                self._inbox = None
+
+    # -- life -----------------------------------------------------------------
+
+    def start(self) -> None:
+        super().start()
+        if not (self.gone or self.closing) and self._inbox:
+            self._start_worker()
+
+    def _farewell(self, reason: Disconnect) -> None:
+        if reason is HEARTBEAT_TIMEOUT:  # 1006 is never sent: the peer is not there to read it
+            hard_abort(self._transport)
+        else:
+            self._transport.write(close_frame(reason))
+
+    def _stop_work(self) -> asyncio.Task[None] | None:
+        worker = self._worker
+        if worker is not None and worker is not asyncio.current_task():
+            worker.cancel()
+        return worker
+
+    def heartbeat(self, now: float, interval: float) -> None:
+        """A ping when the peer was quiet for ``interval``; closed if the last
+        ping went unanswered."""
+        if self.ping_at:
+            self._close_all(HEARTBEAT_TIMEOUT)
+        elif now - self.last_in >= interval and not self.closing:
+            self.ping_at = now
+            self._transport.write(PING)
+
+
+class Pinger:
+    """One timer keeps every link's heartbeat: a tick each half ``interval``
+    pings the links quiet for ``interval`` and closes those that did not
+    answer the ping of the tick before."""
+
+    __slots__ = ("_links", "_timer", "interval")
+
+    def __init__(self, interval: float, links: set[WsLink]) -> None:
+        self.interval = interval
+        self._links = links
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Tick while there are links (a new link calls this)."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval / 2, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if not self._links:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for link in list(self._links):
+            link.heartbeat(now, self.interval)
+        self._timer = loop.call_later(self.interval / 2, self._tick)
+
+
+class WsEndpoint:
+    """``GET /ws``: screens, upgrades, and hands the socket to a link; the
+    session is opened on it (refusals after the upgrade are close codes: a
+    browser cannot see an HTTP status)."""
+
+    def __init__(self, gate: Gate, opener: Opener, links: WsLinks) -> None:
+        self._gate = gate
+        self._opener = opener
+        self.links = links
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        accept = accept_key(request.method, request.headers)
+        if accept is None:
+            return json_error(400, "bad_request", "expected a WebSocket upgrade")
+        try:
+            self._gate.screen(request)  # before the upgrade: a cross-site page learns nothing
+        except Refusal as refusal:
+            return json_error(refusal.status, refusal.error, refusal.message)
+        transport = request.transport
+        if transport is None or transport.is_closing():  # the client already left
+            return web.Response(status=499)
+        transport.write(switching_protocols(accept))
+        link = WsLink(transport, self.links)
+        try:
+            await self._opener.open(request, link)
+        finally:
+            link.start()
+            detach(request)  # last: aiohttp may cancel this task from here on
+        return web.Response(status=101)  # never sent: aiohttp no longer has the socket
+
+    async def wait_closed(self) -> None:
+        await self.links.wait_closed()
+
+
+def _serve(node: Node, opener: Opener) -> WsEndpoint:
+    s = node.settings
+    return WsEndpoint(node.gate, opener, WsLinks(s.ws, s.backpressure, node.commands, node.gate, node.metrics))
+
+
+KIND = TransportKind(WsLink.name, "/ws", _serve)
