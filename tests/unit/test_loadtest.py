@@ -13,7 +13,13 @@ import time
 import pytest
 
 from gateway.frames import sse_event, ws_frame
+from ops.bench import report as bench_report
+from ops.bench.run import _parser as bench_parser
+from ops.bench.run import select
+from ops.bench.scenarios import SCENARIO_NAMES, loadtest_command, standard
+from ops.bench.servers import Target
 from ops.loadtest import payload, wsproto
+from ops.loadtest.cli import config
 from ops.loadtest.clients import ConnectError, SseClient, WsClient
 from ops.loadtest.http1 import ProtocolError, parse_head
 from ops.loadtest.sse import Dechunker, EventParser, event_stream_body, is_message
@@ -380,3 +386,58 @@ async def test_sse_client_refusal_and_stall() -> None:
     stalled.data_received(SSE_CHUNKED_HEAD + chunked(events)[:-5])
     assert stalled.ready.done() and transport.paused and stalled.paused
     assert stalled.track.received == 2 and hist.count == 0  # stalled: counted apart, no latency
+
+
+# -- the bench's idle-sse scenario ------------------------------------------------
+
+
+def test_idle_sse_scenario_mirrors_idle() -> None:
+    assert "idle" in SCENARIO_NAMES and "idle-sse" in SCENARIO_NAMES
+    for quick, conns in ((True, 1000), (False, 10_000)):
+        by_name = {s.name: s for s in standard(quick)}
+        ws, sse = by_name["idle"], by_name["idle-sse"]
+        assert (ws.transport, sse.transport) == ("ws", "sse")
+        assert ws.conns == sse.conns == conns and ws.rooms == sse.rooms == 10
+        assert sse.servers == ws.servers == ("herald", "naive", "nchan")
+        assert (sse.idle_seconds, sse.connect_rate) == (ws.idle_seconds, ws.connect_rate) and sse.idle
+    scenarios, servers, _ = select(bench_parser().parse_args(["--quick", "--only", "idle-sse"]))
+    assert [s.name for s in scenarios] == ["idle-sse"] and servers == {"herald", "naive"}
+
+    target = Target(
+        server="herald",
+        ws_url="ws://127.0.0.1:8080/ws?token={token}&room={room}",
+        sse_url="http://127.0.0.1:8080/sse?token={token}&room={room}",
+        envelope="herald",
+        publish_args=["--publish", "nats://127.0.0.1:4222", "--subject", "herald.room.{room}"],
+        server_pids=[101],
+        aux_pids=[102],
+        jwt_secret="s" * 32,
+    )
+    cmd = loadtest_command(scenarios[0], target, "/tmp/idle-sse.json", "1")
+    assert cmd[:3] == ["taskset", "-c", "1"]
+    cfg = config(cmd[cmd.index("ops.loadtest") + 1 :])
+    assert (cfg.transport, cfg.url, cfg.conns, cfg.rooms, cfg.idle) == ("sse", target.sse_url, 1000, 10, 3.0)
+    assert cfg.jwt_secret and cfg.envelope == "herald" and cfg.server_pids == (101,)  # one user per connection
+
+
+def test_report_idle_sse_figures_and_ratios() -> None:
+    def outcome(scenario: str, server: str, kib: float) -> dict[str, object]:
+        idle = {"connections": 1000, "still_open": 1000, "rss_before_mb": 50.0, "kib_per_connection": kib}
+        idle["rss_with_mb"] = 50.0 + kib * 1000 / 1024
+        return {"scenario": scenario, "server": server, "result": {"idle": idle}}
+
+    outcomes = [
+        outcome("idle", "herald", 5.0),
+        outcome("idle", "nchan", 10.0),
+        outcome("idle-sse", "herald", 12.0),
+        outcome("idle-sse", "nchan", 8.0),
+        outcome("idle-sse", "naive", 24.0),
+    ]
+    summary = bench_report.summarize(outcomes, {})
+    assert summary["figures"]["idle-sse"]["herald"]["kib_per_conn"] == 12.0
+    assert summary["ratios"]["idle"] == {"nchan": {"kib_per_conn": 0.5}}
+    assert summary["ratios"]["idle-sse"] == {"nchan": {"kib_per_conn": 1.5}, "naive": {"kib_per_conn": 0.5}}
+    text = bench_report.markdown(summary)
+    idle_table = text.split("## Idle connections")[1].split("## Ratios")[0]
+    assert "| idle-sse | herald " in idle_table and "| idle     | nchan " in idle_table
+    assert "| idle-sse | kib_per_conn | Herald ÷ nchan | 1.50" in text
