@@ -18,6 +18,7 @@ P99_FLOOR_MS = 1.0  # p99 differences below this are timer noise, not harm
 WORKERS_TARGET = 1.7
 GENERATOR_BUSY_PCT = 85.0
 COMPARED = ("fanout-ws", "fanout-sse", "broadcast")
+IDLE = ("idle", "idle-sse")  # memory per connection: WebSocket, SSE
 
 
 def _get(doc: Any, *path: str) -> Any:
@@ -248,11 +249,13 @@ def summarize(outcomes: Iterable[Doc], meta: Doc) -> Doc:
                 _get(herald, "half_saturation", "p99_ms"), _get(other, "half_saturation", "p99_ms")
             )
             ratios.setdefault(scenario, {})[peer] = row
-    idle = figures.get("idle", {})
-    if "herald" in idle:
+    for scenario in IDLE:
+        idle = figures.get(scenario, {})
+        if "herald" not in idle:
+            continue
         for peer in ("nchan", "naive"):
             if peer in idle:
-                ratios.setdefault("idle", {})[peer] = {
+                ratios.setdefault(scenario, {})[peer] = {
                     "kib_per_conn": _ratio(idle["herald"]["kib_per_conn"], idle[peer]["kib_per_conn"])
                 }
 
@@ -384,15 +387,27 @@ def markdown(summary: Doc) -> str:
             ),
             "",
         ]
-    idle = figures.get("idle", {})
-    if idle:
+    idle_rows = [(scenario, server, fig) for scenario in IDLE for server, fig in figures.get(scenario, {}).items()]
+    if idle_rows:
         out += [
             "## Idle connections",
             "",
+            "idle = WebSocket connections, idle-sse = SSE streams; KiB / conn = (RSS with - RSS before) / conns.",
+            "",
             *_table(
-                ["server", "conns", "RSS before MB", "RSS with MB", "KiB / conn", "server CPU idle", "other CPU"],
+                [
+                    "scenario",
+                    "server",
+                    "conns",
+                    "RSS before MB",
+                    "RSS with MB",
+                    "KiB / conn",
+                    "server CPU idle",
+                    "other CPU",
+                ],
                 [
                     [
+                        scenario,
                         server,
                         f"{fig.get('connections')} ({fig.get('still_open')} open at end)",
                         _fmt(fig.get("rss_before_mb")),
@@ -401,7 +416,7 @@ def markdown(summary: Doc) -> str:
                         _fmt(fig.get("server_cpu_pct"), 1, "%"),
                         _fmt(fig.get("other_cpu_pct"), 0, "%"),
                     ]
-                    for server, fig in idle.items()
+                    for scenario, server, fig in idle_rows
                 ],
             ),
             "",

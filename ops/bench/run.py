@@ -1,6 +1,6 @@
 """Run the standard benchmark scenarios and print how the servers compare.
 
-    python -m ops.bench.run [--quick] [--peers] [--only fanout-ws,idle,...] [--out artifacts/bench]
+    python -m ops.bench.run [--quick] [--peers] [--only fanout-ws,idle,idle-sse,...] [--out artifacts/bench]
 
 Every server runs pinned to core 0 (``taskset -c 0``), the load generator and
 Herald's nats-server to core 1. Each (scenario, server) pair gets fresh
@@ -76,7 +76,9 @@ class Outcome:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ops.bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: seconds per step, fewer connections")
-    p.add_argument("--peers", action="store_true", help="also run nginx + nchan (fanout-ws, fanout-sse, idle)")
+    p.add_argument(
+        "--peers", action="store_true", help="also run nginx + nchan (fanout-ws, fanout-sse, idle, idle-sse)"
+    )
     p.add_argument("--only", default="", help=f"comma-separated scenarios (default: all): {', '.join(SCENARIO_NAMES)}")
     p.add_argument("--servers", default="", help="comma-separated subset of herald,naive,nchan (default: all run)")
     p.add_argument("--rates", default="", help="comma-separated publish rates for every stepped scenario (msgs/s)")
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in meta["notes"]:
         print(f"note: {note}")
     if soft < 12000:
-        print(f"note: open-files limit is {soft}: the idle scenario may fail to open all its connections")
+        print(f"note: open-files limit is {soft}: the idle scenarios may fail to open all their connections")
     bench = Bench(args, out)
     code = 0
     try:

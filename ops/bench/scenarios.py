@@ -58,6 +58,15 @@ def standard(quick: bool) -> list[Scenario]:
         warmup=warmup,
         settle=settle,
     )
+    idle_ws = Scenario(
+        "idle",
+        "ws",
+        idle,
+        10,
+        idle_seconds=idle_s,
+        connect_rate=1000 if quick else 500,
+        about=f"{idle} idle WebSocket conns: (RSS with - RSS without) / conns",
+    )
     return [
         fanout,
         replace(fanout, name="fanout-sse", transport="sse", about=fanout.about.replace("WebSocket", "SSE")),
@@ -73,14 +82,12 @@ def standard(quick: bool) -> list[Scenario]:
             warmup=warmup,
             settle=settle,
         ),
-        Scenario(
-            "idle",
-            "ws",
-            idle,
-            10,
-            idle_seconds=idle_s,
-            connect_rate=1000 if quick else 500,
-            about=f"{idle} idle WebSocket conns: (RSS with - RSS without) / conns",
+        idle_ws,
+        replace(
+            idle_ws,
+            name="idle-sse",
+            transport="sse",
+            about=f"{idle} idle SSE streams: (RSS with - RSS without) / conns",
         ),
         replace(
             fanout,

@@ -16,7 +16,7 @@ from typing import cast
 from . import wsproto
 from .http1 import ProtocolError, ResponseHead, parse_head, request
 from .payload import extract
-from .sse import Dechunker, EventParser
+from .sse import Dechunker, EventParser, event_stream_body, is_message
 from .stats import Histogram, SeqTrack
 from .target import Endpoint
 
@@ -240,13 +240,16 @@ class WsClient(Client):
 
 
 class SseClient(Client):
-    """Server-Sent Events: a GET by hand, then a (usually chunked) event stream."""
+    """Server-Sent Events: a GET by hand, then an event stream, chunked or
+    close-delimited as the response head says. Only ``message`` events (or
+    events without a name) can be deliveries: control and presence events
+    (Herald's welcome, join, leave, reset, close…) are counted as ``other``."""
 
     __slots__ = ("_dechunk", "_events")
 
     def __init__(self, index: int, room: int, endpoint: Endpoint, herald: bool, hist: Histogram, stall: bool) -> None:
         super().__init__(index, room, endpoint, herald, hist, stall)
-        self._dechunk: Dechunker | None = None
+        self._dechunk: Dechunker | None = None  # None: the body is the raw bytes up to EOF
         self._events = EventParser()
 
     def _request(self) -> bytes:
@@ -257,8 +260,7 @@ class SseClient(Client):
         if head.status != 200:
             body = rest[:160].decode("utf-8", "replace").strip()
             raise ProtocolError(f"http {head.status}" + (f" {body}" if body else ""))
-        if "chunked" in head.headers.get("transfer-encoding", "").lower():
-            self._dechunk = Dechunker()
+        self._dechunk = event_stream_body(head)
         self.open = True
         self._ready()
 
@@ -269,13 +271,18 @@ class SseClient(Client):
         events = self._events.feed(data)
         if events:
             now = time.time()
-            herald = self.herald
             for _, name, payload in events:
-                if (herald and name is not None and name != b"message") or not self._payload(payload, now):
+                if not is_message(name) or not self._payload(payload, now):
                     self.other += 1
         if dechunk is not None and dechunk.done:
             self._ended("sse end")
             self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A close-delimited body ends with the connection: the server ended the stream.
+        if exc is None and self.open and self._dechunk is None:
+            self._ended("sse end")
+        super().connection_lost(exc)
 
 
 async def open_connection(client: Client, timeout: float, rcvbuf: int = 0) -> None:

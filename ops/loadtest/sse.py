@@ -1,12 +1,25 @@
-"""Server-Sent Events, sans I/O: undo ``Transfer-Encoding: chunked`` and split
-the body into events, whatever the split of the byte stream (chunk and line
-boundaries may fall anywhere in a read)."""
+"""Server-Sent Events, sans I/O: find how the body is framed, undo
+``Transfer-Encoding: chunked`` when it is used, and split the body into events,
+whatever the split of the byte stream (chunk and line boundaries may fall
+anywhere in a read).
+
+Both HTTP/1.1 framings are read: a chunked body (aiohttp-sse's), and a
+close-delimited one (``Connection: close``, neither ``Transfer-Encoding`` nor
+``Content-Length``): the body is every byte after the head until the server
+closes the connection, so it needs no decoding at all.
+"""
 
 from __future__ import annotations
 
-from .http1 import ProtocolError
+from .http1 import ProtocolError, ResponseHead
 
 MAX_PENDING = 16 * 1024 * 1024  # an event or chunk line longer than this is an error
+
+# The event name test messages arrive under: Herald's default event for a message published
+# without one, and what EventSource calls an event that has no ``event:`` line (nchan, aiohttp-sse).
+# Every other name is a control or presence event (welcome, join, leave, reset, close, error, ping…):
+# never a delivery, whatever its data holds.
+MESSAGE_EVENT = b"message"
 
 # (id, event name, data): id and event are None when the event had no such line.
 Event = tuple[bytes | None, bytes | None, bytes]
@@ -84,6 +97,26 @@ def _chunk_size(line: bytes) -> int:
         return int(line.split(b";", 1)[0].strip(), 16)
     except ValueError:
         raise ProtocolError(f"bad chunk size line {line[:40]!r}") from None
+
+
+def is_message(name: bytes | None) -> bool:
+    """Whether an event of this name can be a delivery of a test message."""
+    return name is None or name == MESSAGE_EVENT
+
+
+def event_stream_body(head: ResponseHead) -> Dechunker | None:
+    """How to read the body of a 200 event-stream response: a ``Dechunker`` when
+    the last transfer coding is ``chunked``, None when the body is the raw bytes
+    up to EOF (close-delimited; a ``Content-Length`` on a stream that never ends
+    is ignored). Refuses what is not an event stream, or is compressed."""
+    ctype = head.headers.get("content-type", "")
+    if ctype.split(";", 1)[0].strip().lower() != "text/event-stream":
+        raise ProtocolError(f"not an event stream: content-type {ctype[:60]!r}")
+    codings = [c.strip().lower() for c in head.headers.get("transfer-encoding", "").split(",") if c.strip()]
+    unknown = [c for c in codings if c not in ("chunked", "identity")]
+    if unknown:
+        raise ProtocolError(f"unsupported transfer-coding {', '.join(unknown)[:60]!r}")
+    return Dechunker() if codings and codings[-1] == "chunked" else None
 
 
 class EventParser:

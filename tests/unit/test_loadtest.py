@@ -13,10 +13,16 @@ import time
 import pytest
 
 from gateway.frames import sse_event, ws_frame
+from ops.bench import report as bench_report
+from ops.bench.run import _parser as bench_parser
+from ops.bench.run import select
+from ops.bench.scenarios import SCENARIO_NAMES, loadtest_command, standard
+from ops.bench.servers import Target
 from ops.loadtest import payload, wsproto
+from ops.loadtest.cli import config
 from ops.loadtest.clients import ConnectError, SseClient, WsClient
 from ops.loadtest.http1 import ProtocolError, parse_head
-from ops.loadtest.sse import Dechunker, EventParser
+from ops.loadtest.sse import Dechunker, EventParser, event_stream_body, is_message
 from ops.loadtest.stats import Histogram, SeqTrack, tally
 from ops.loadtest.target import UnsafeTarget, expand, loopback_url
 
@@ -133,6 +139,121 @@ def test_events_split_mid_line() -> None:
             for i in range(cut, len(stream), size):
                 events += parser.feed(stream[i : i + size])
             assert events == expected, (cut, size)
+
+
+SSE_CLOSE_HEAD = (  # Herald's stream: close-delimited, no Transfer-Encoding, no Content-Length
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
+)
+SSE_CHUNKED_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def test_event_stream_framing_from_the_head() -> None:
+    def body(head: bytes) -> Dechunker | None:
+        parsed = parse_head(head + b"\r\n")
+        assert parsed is not None
+        return event_stream_body(parsed)
+
+    assert body(SSE_CLOSE_HEAD[:-2]) is None  # raw bytes up to EOF
+    assert isinstance(body(SSE_CHUNKED_HEAD[:-2]), Dechunker)
+    ctype = b"HTTP/1.1 200 OK\r\nContent-Type: TEXT/Event-Stream\r\n"
+    assert isinstance(body(ctype + b"Transfer-Encoding: identity, Chunked\r\n"), Dechunker)
+    assert body(ctype + b"Transfer-Encoding: identity\r\n") is None
+    assert body(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n") is None
+    with pytest.raises(ProtocolError, match="not an event stream"):
+        body(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n")
+    with pytest.raises(ProtocolError, match="transfer-coding"):
+        body(ctype + b"Transfer-Encoding: gzip, chunked\r\n")
+
+
+def herald_stream(now: float) -> bytes:
+    """What Herald's /sse sends in bare mode: retry, welcome, then messages among
+    control and presence events (whose data may even look like a test payload)."""
+    lookalike = b'{"type":"reset","channel":"room:r0","data":' + payload.make(9, now, 60) + b"}"
+    return b"".join(
+        [
+            b"retry: 2000\n\n",
+            sse_event("welcome", b'{"type":"welcome","conn":"n:1","user":"u1","channels":["room:r0"]}'),
+            sse_event("message", payload.make(1, now, 100), 11),
+            sse_event("join", b'{"type":"join","channel":"room:r0","user":"u7"}'),
+            b": keep-alive\n\n",
+            sse_event("message", payload.make(2, now, 100), 12),
+            sse_event("reset", lookalike),
+            sse_event("leave", b'{"type":"leave","channel":"room:r0","user":"u7"}'),
+            sse_event("message", payload.make(3, now, 100), 13),
+            sse_event("error", payload.make(4, now, 60)),
+            sse_event("close", b'{"type":"close","code":1012,"reason":"restart"}'),
+            b"retry: 5000\n\n",
+        ]
+    )
+
+
+HERALD_CONTROL_EVENTS = 6  # welcome, join, reset, leave, error, close
+
+
+async def test_close_delimited_sse_any_split() -> None:
+    ep = loopback_url("http://127.0.0.1:1/sse", ("http",))
+    body = herald_stream(time.time())
+    wire = SSE_CLOSE_HEAD + body
+    for cut in range(len(wire) + 1):
+        for size in (1, 7, len(wire)):
+            hist = Histogram()
+            client = SseClient(0, 0, ep, True, hist, False)
+            transport = FakeTransport()
+            client.connection_made(transport)  # type: ignore[arg-type]
+            client.data_received(wire[:cut])
+            for i in range(cut, len(wire), size):
+                client.data_received(wire[i : i + size])
+            assert client.ready.done() and client.ready.exception() is None, (cut, size)
+            assert (client.track.last, client.track.received, client.track.gaps, client.track.dups) == (3, 3, 0, 0)
+            assert hist.count == 3 and client.other == HERALD_CONTROL_EVENTS, (cut, size)
+            assert client.closed_at is None and not transport.closing  # the body runs until EOF
+    client.connection_lost(None)  # the server closes: that is the end of the body
+    assert client.close_how == "sse end"
+
+
+async def test_chunked_sse_still_read() -> None:
+    ep = loopback_url("http://127.0.0.1:1/sse", ("http",))
+    body = herald_stream(time.time())
+    wire = SSE_CHUNKED_HEAD + chunked(body[:50], body[50:51], body[51:])
+    truncated = SseClient(0, 0, ep, True, Histogram(), False)
+    truncated.connection_made(FakeTransport())  # type: ignore[arg-type]
+    for i in range(0, len(wire) - 5, 5):  # all but the last chunk
+        truncated.data_received(wire[i : min(i + 5, len(wire) - 5)])
+    assert truncated.track.received == 3 and truncated.other == HERALD_CONTROL_EVENTS
+    truncated.connection_lost(None)
+    assert truncated.close_how == "eof"  # the last chunk never came: not a clean end
+
+    ended = SseClient(1, 0, ep, True, Histogram(), False)
+    transport = FakeTransport()
+    ended.connection_made(transport)  # type: ignore[arg-type]
+    ended.data_received(wire)
+    assert ended.track.received == 3 and ended.close_how == "sse end" and transport.closing
+
+
+async def test_sse_only_message_events_are_deliveries() -> None:
+    assert is_message(None) and is_message(b"message")
+    for name in (b"welcome", b"join", b"leave", b"reset", b"close", b"error", b"ping", b"Message"):
+        assert not is_message(name)
+    ep = loopback_url("http://127.0.0.1:1/sse", ("http",))
+    now = time.time()
+    envelope = b'{"type":"message","channel":"room:r0","id":"12","event":"message","data":%s}' % payload.make(
+        1, now, 100
+    )
+    for herald in (True, False):  # Herald's envelope or a peer's raw payloads: the same rule
+        client = SseClient(0, 0, ep, herald, Histogram(), False)
+        client.connection_made(FakeTransport())  # type: ignore[arg-type]
+        client.data_received(
+            SSE_CLOSE_HEAD
+            + sse_event("message", envelope, 12)  # Herald with envelope=1: counted too
+            + sse_event("reset", payload.make(2, now, 60))
+            + b"event: ping\ndata: \n\n"  # nchan's keep-alive
+            + b"data: "
+            + payload.make(2, now, 100)
+            + b"\n\n"  # no event name (nchan, aiohttp-sse)
+        )
+        assert (client.track.received, client.track.last, client.other) == (2, 2, 2), herald
 
 
 def test_herald_sse_bytes_through_both_layers() -> None:
@@ -262,6 +383,61 @@ async def test_sse_client_refusal_and_stall() -> None:
     transport = FakeTransport()
     stalled.connection_made(transport)  # type: ignore[arg-type]
     events = b"".join(sse_event("message", payload.make(s, time.time(), 60), s) for s in (1, 2))
-    stalled.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(events)[:-5])
+    stalled.data_received(SSE_CHUNKED_HEAD + chunked(events)[:-5])
     assert stalled.ready.done() and transport.paused and stalled.paused
     assert stalled.track.received == 2 and hist.count == 0  # stalled: counted apart, no latency
+
+
+# -- the bench's idle-sse scenario ------------------------------------------------
+
+
+def test_idle_sse_scenario_mirrors_idle() -> None:
+    assert "idle" in SCENARIO_NAMES and "idle-sse" in SCENARIO_NAMES
+    for quick, conns in ((True, 1000), (False, 10_000)):
+        by_name = {s.name: s for s in standard(quick)}
+        ws, sse = by_name["idle"], by_name["idle-sse"]
+        assert (ws.transport, sse.transport) == ("ws", "sse")
+        assert ws.conns == sse.conns == conns and ws.rooms == sse.rooms == 10
+        assert sse.servers == ws.servers == ("herald", "naive", "nchan")
+        assert (sse.idle_seconds, sse.connect_rate) == (ws.idle_seconds, ws.connect_rate) and sse.idle
+    scenarios, servers, _ = select(bench_parser().parse_args(["--quick", "--only", "idle-sse"]))
+    assert [s.name for s in scenarios] == ["idle-sse"] and servers == {"herald", "naive"}
+
+    target = Target(
+        server="herald",
+        ws_url="ws://127.0.0.1:8080/ws?token={token}&room={room}",
+        sse_url="http://127.0.0.1:8080/sse?token={token}&room={room}",
+        envelope="herald",
+        publish_args=["--publish", "nats://127.0.0.1:4222", "--subject", "herald.room.{room}"],
+        server_pids=[101],
+        aux_pids=[102],
+        jwt_secret="s" * 32,
+    )
+    cmd = loadtest_command(scenarios[0], target, "/tmp/idle-sse.json", "1")
+    assert cmd[:3] == ["taskset", "-c", "1"]
+    cfg = config(cmd[cmd.index("ops.loadtest") + 1 :])
+    assert (cfg.transport, cfg.url, cfg.conns, cfg.rooms, cfg.idle) == ("sse", target.sse_url, 1000, 10, 3.0)
+    assert cfg.jwt_secret and cfg.envelope == "herald" and cfg.server_pids == (101,)  # one user per connection
+
+
+def test_report_idle_sse_figures_and_ratios() -> None:
+    def outcome(scenario: str, server: str, kib: float) -> dict[str, object]:
+        idle = {"connections": 1000, "still_open": 1000, "rss_before_mb": 50.0, "kib_per_connection": kib}
+        idle["rss_with_mb"] = 50.0 + kib * 1000 / 1024
+        return {"scenario": scenario, "server": server, "result": {"idle": idle}}
+
+    outcomes = [
+        outcome("idle", "herald", 5.0),
+        outcome("idle", "nchan", 10.0),
+        outcome("idle-sse", "herald", 12.0),
+        outcome("idle-sse", "nchan", 8.0),
+        outcome("idle-sse", "naive", 24.0),
+    ]
+    summary = bench_report.summarize(outcomes, {})
+    assert summary["figures"]["idle-sse"]["herald"]["kib_per_conn"] == 12.0
+    assert summary["ratios"]["idle"] == {"nchan": {"kib_per_conn": 0.5}}
+    assert summary["ratios"]["idle-sse"] == {"nchan": {"kib_per_conn": 1.5}, "naive": {"kib_per_conn": 0.5}}
+    text = bench_report.markdown(summary)
+    idle_table = text.split("## Idle connections")[1].split("## Ratios")[0]
+    assert "| idle-sse | herald " in idle_table and "| idle     | nchan " in idle_table
+    assert "| idle-sse | kib_per_conn | Herald ÷ nchan | 1.50" in text
