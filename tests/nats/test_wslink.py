@@ -1,4 +1,4 @@
-"""The WebSocket protocol Herald speaks after the handshake (gateway/wslink.py),
+"""The WebSocket protocol Herald speaks after the handshake (gateway/transports/websocket.py, wsproto.py),
 driven frame by frame over a raw socket."""
 
 from __future__ import annotations
