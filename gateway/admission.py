@@ -112,6 +112,15 @@ class Gate:
             self._warn("origin", "refused a stream from origin %s (limits.origins)", shown)
             raise Refusal(403, FORBIDDEN, "forbidden_origin", f"origin {shown} is not allowed (limits.origins)")
 
+    def cross_origin(self, request: web.Request) -> str | None:
+        """The ``Origin`` of a browser page of another site that
+        ``limits.origins`` allows: what CORS headers must name for the page to
+        read the answer (an event stream, a command's). None otherwise."""
+        origin = request.headers.get("Origin")
+        if origin is None or not self._origins or normal_origin(origin) is None:
+            return None  # not a browser, or only the node's own pages are allowed (no CORS needed)
+        return origin if origin_allowed(origin, request.host, self._origins) else None
+
     def admit(self, request: web.Request, last_event_id: str | None = None) -> Admission:
         try:
             token = client_token(request)

@@ -119,7 +119,27 @@ class CommandApi:
         response = json_response(frame, status)
         if "retry_after" in frame:
             response.headers["Retry-After"] = str(max(1, math.ceil(frame["retry_after"])))
+        self._allow_cross_origin(request, response)
         return response
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        """``OPTIONS /api/command``: a page of another site that limits.origins
+        allows may send commands (with its Authorization header)."""
+        response = web.Response(status=204)
+        if not self._allow_cross_origin(request, response):
+            return json_error(403, "forbidden_origin", "origin is not allowed (limits.origins)")
+        response.headers["Access-Control-Allow-Methods"] = "POST"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+    def _allow_cross_origin(self, request: web.Request, response: web.Response) -> bool:
+        origin = self._gate.cross_origin(request)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers["Vary"] = "Origin"
+        return origin is not None
 
     async def _answer(self, request: web.Request) -> tuple[Frame, bool]:
         try:

@@ -59,8 +59,9 @@ def _quiet_malformed_requests() -> None:
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``nosniff`` on every answer; the page's policy on the demo and its files.
-    No CORS header anywhere: a browser page of another origin cannot read the
-    API's answers (the publish API is for backends, with a key)."""
+    CORS headers only where ``limits.origins`` allows another site's pages
+    (event streams, ``/api/command``): a page of another origin cannot read
+    the rest of the API's answers (the publish API is for backends, with a key)."""
     response.headers["X-Content-Type-Options"] = "nosniff"
     if request.path == "/" or request.path.startswith("/static/"):
         response.headers.update(PAGE_HEADERS)
@@ -109,6 +110,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     app[NODE_API] = node_api
     app.router.add_post("/api/publish", publish.publish)
     app.router.add_post("/api/command", commands.command)
+    app.router.add_route("OPTIONS", "/api/command", commands.preflight)
     if settings.http.dev_tokens:
         app.router.add_post("/api/dev/token", node_api.dev_token)
     if settings.admin.port:

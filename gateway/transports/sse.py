@@ -41,6 +41,13 @@ _STATUS = {4000: 400, 4001: 401, 4003: 403, 4029: 429, 1011: 500}
 _SILENT = (CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT)
 
 
+def cors_headers(origin: str) -> bytes:
+    """What lets a page of ``origin`` (allowed by limits.origins) read the answer."""
+    return b"Access-Control-Allow-Origin: %b\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n" % (
+        origin.encode("latin-1", "replace")
+    )
+
+
 def http_error(status: int, error: str, message: str) -> bytes:
     """A whole HTTP response with a JSON reason (the socket closes after it)."""
     body = orjson.dumps({"error": error, "message": message})
@@ -80,10 +87,12 @@ class SseLink(SocketLink):
         if ctx.keepalive is not None:
             ctx.keepalive.start()
 
-    def begin(self) -> None:
+    def begin(self, cross_origin: str | None = None) -> None:
+        """Send the head (naming ``cross_origin`` for CORS) and the ``retry:`` hint."""
         if not self.begun and not self.gone:
             self.begun = True
-            self._transport.write(_HEAD + b"retry: %d\n\n" % self._ctx.retry)
+            head = _HEAD if cross_origin is None else _HEAD[:-2] + cors_headers(cross_origin) + b"\r\n"
+            self._transport.write(head + b"retry: %d\n\n" % self._ctx.retry)
 
     def data_received(self, data: bytes) -> None:
         """The client has nothing to say on the stream (a pipelined request is ignored)."""
@@ -165,9 +174,12 @@ class SseEndpoint:
             return web.Response(status=499)
         codec = SSE_ENVELOPE if request.query.get("envelope") in ("1", "true") else SSE
         link = SseLink(transport, self.links, codec)
+        cross_origin = self._gate.cross_origin(request)
         try:
             # EventSource reconnects to the same URL with a newer Last-Event-ID: it wins over ?since=.
-            await self._opener.open(request, link, request.headers.get("Last-Event-ID"), link.begin)
+            await self._opener.open(
+                request, link, request.headers.get("Last-Event-ID"), lambda: link.begin(cross_origin)
+            )
         finally:
             link.start()
             detach(request)  # last: aiohttp may cancel this task from here on

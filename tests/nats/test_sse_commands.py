@@ -303,3 +303,33 @@ async def test_a_stream_ended_by_the_node_says_why(
     assert [(e.event, e.json()) for e in ends] == [
         ("close", {"type": "close", "code": 4001, "reason": "token expired"})
     ]
+
+
+async def test_pages_of_an_allowed_other_site_may_read_streams_and_send_commands(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    node = await node_factory(limits={"origins": ["https://app.example"]})
+    tok = token("alice")
+    async with http.options(
+        node.url + "/api/command",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Headers": "authorization"},
+    ) as resp:
+        assert resp.status == 204
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+    async with http.options(node.url + "/api/command", headers={"Origin": "https://evil.example"}) as resp:
+        assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers
+    async with http.post(
+        node.url + "/api/command",
+        json={"type": "ping"},
+        headers={"Authorization": f"Bearer {tok}", "Origin": "https://app.example"},
+    ) as resp:
+        assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    resp = await http.get(node.url + "/sse", params={"token": tok}, headers={"Origin": "https://app.example"})
+    assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    resp.close()
+    # Same-site or non-browser clients get no CORS headers at all.
+    async with http.post(
+        node.url + "/api/command", json={"type": "ping"}, headers={"Authorization": f"Bearer {tok}"}
+    ) as r:
+        assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
