@@ -15,7 +15,7 @@ import orjson
 
 from broker import BrokerUnavailable, NodeGone, Relay
 
-from .auth import Authenticator, AuthError
+from .auth import Authenticator, AuthError, Identity
 from .commands import Commands, Frame
 from .frames import dumps_exact, loads_exact
 from .limits import CommandLimiter
@@ -77,18 +77,14 @@ class CommandRouter:
             return error("bad_request", "conn must be the connection id from its welcome"), False
         try:
             # Checked here even when forwarded: a bad token costs no other node anything.
-            self._authenticator.authenticate(token, peer)
+            identity = self._authenticator.authenticate(token, peer)
         except AuthError as exc:
             return error("bad_token", str(exc)), False
         if conn is not None and (node := conn.rpartition(":")[0]) != self._node_id:
             return await self._forward(node, token, cmd), True
-        return await self._run_here(token, cmd, conn, peer), False
+        return await self._run_here(identity, cmd, conn), False
 
-    async def _run_here(self, token: str | None, cmd: Any, conn: str | None, peer: str) -> Frame:
-        try:
-            identity = self._authenticator.authenticate(token, peer)
-        except AuthError as exc:
-            return error("bad_token", str(exc))
+    async def _run_here(self, identity: Identity, cmd: Any, conn: str | None) -> Frame:
         if conn is None:
             frame = await self._commands.run(identity, None, self._budget(identity.user), cmd)
             assert frame is not None  # only a session is closed for abuse
@@ -130,5 +126,8 @@ class CommandRouter:
         conn = cmd.get("conn") if isinstance(cmd, dict) else None
         if not isinstance(conn, str) or conn.rpartition(":")[0] != self._node_id:
             return orjson.dumps(error("not_found", "the connection is not on this node"))
-        frame = await self._run_here(request["token"], cmd, conn, f"node relay ({conn})")
-        return dumps_exact(frame)
+        try:
+            identity = self._authenticator.authenticate(request["token"], f"a node relaying for {conn}")
+        except AuthError as exc:
+            return dumps_exact(error("bad_token", str(exc)))
+        return dumps_exact(await self._run_here(identity, cmd, conn))

@@ -150,7 +150,7 @@ class KeepAlive:
         self._timer = None
         if not self._links:
             return
-        for link in self._links:
+        for link in list(self._links):
             link.tick()
         self._timer = asyncio.get_running_loop().call_later(self.interval, self._tick)
 
