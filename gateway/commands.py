@@ -10,7 +10,16 @@ from typing import Any
 import orjson
 
 from broker import BrokerUnavailable, Channel, Presence, PubSub, ReadPositions
-from broker.channels import InvalidChannel, channel_id, check_event, glob_match, is_room, parse_seq, room_channel
+from broker.channels import (
+    InvalidChannel,
+    channel_id,
+    check_event,
+    client_name,
+    glob_match,
+    is_room,
+    parse_seq,
+    room_channel,
+)
 from broker.throttle import Throttle
 
 from .auth import Authenticator, AuthError, Identity
@@ -221,7 +230,7 @@ class Commands:
         for channel in list(session.channels):
             if is_room(channel) and not fresh.may_join(channel_id(channel)):
                 await self._subscriptions.leave(session, channel)
-        return _frame("ack", channels=sorted(session.channels))
+        return _frame("ack", channels=sorted(client_name(c) for c in session.channels))
 
     async def read(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
         """Move the user's read position (cluster-wide, forward only) to ``id``."""
