@@ -5,10 +5,12 @@
 //   client.on("message", (m) => console.log(m.channel, m.id, m.data));
 //   await client.publish("lobby", { text: "hi" });
 //
-// It resumes from the last id it saw after every reconnect (WebSocket: `since`;
-// SSE: EventSource's own Last-Event-ID), backs off with full jitter, asks
+// It resumes from the last id it saw after every reconnect (`since` in the URL
+// of the new WebSocket or EventSource), backs off with full jitter, asks
 // `getToken()` for a new token when the node says 4001, and falls back from
-// WebSocket to SSE when WebSockets cannot open ("auto").
+// WebSocket to SSE when WebSockets cannot open ("auto"). Over SSE the stream is
+// opened with `envelope=1` (each event's data is the frame a WebSocket gets)
+// and commands are posted to /api/command: both transports behave the same.
 
 /**
  * @typedef {"ws" | "sse" | "auto"} Transport
@@ -19,7 +21,8 @@
  *   getToken?: () => string | Promise<string>,  called for the first token and after a 4001
  *   rooms?: string[],
  *   transport?: Transport,              default "auto"
- *   events?: string[],                  SSE event names delivered as "message" (default ["message"])
+ *   events?: string[],                  ignored, kept for old callers: SSE used to need the event
+ *                                       names; its events now carry every frame, as on WebSocket
  *   timeout?: number,                   command timeout, ms (default 10000)
  *   minDelay?: number, maxDelay?: number  reconnect backoff bounds, ms (default 500 / 30000)
  * }} Options
@@ -27,8 +30,11 @@
  * @typedef {{code: string, message: string, ref?: string}} CommandError
  */
 
-const CONTROL = ["welcome", "reset", "join", "leave", "error"];
-const SSE_COMMANDS = "needs the WebSocket transport (SSE is one-way)";
+// The event names of an envelope SSE stream: its frames' types. ("error" is
+// also EventSource's own failure event, which carries no data.)
+const SSE_FRAMES = ["welcome", "message", "reset", "join", "leave", "presence", "error", "close"];
+// Commands that act on one stream: over SSE they name it (`conn`, from its welcome).
+const ON_STREAM = new Set(["subscribe", "unsubscribe", "refresh"]);
 
 class Client {
   /** @param {Options} opts */
@@ -43,10 +49,16 @@ class Client {
     /** @type {"ws" | "sse"} */
     this.transport = opts.transport === "sse" ? "sse" : "ws";
     this.token = opts.token || null;
+    /** @type {string | null} the stream's id, from its welcome (SSE commands name it) */
+    this.conn = null;
     this.handlers = new Map();
-    this.pending = new Map(); // ref -> {resolve, reject, timer}
-    this.queue = []; // commands waiting for an open WebSocket
+    this.pending = new Map(); // ref -> {resolve, reject, timer, urls, abort?}
+    this.queue = []; // commands waiting for an open stream
+    this.rejoin = []; // SSE: acks due once a stream opened from a URL made after their command
+    this.posting = Promise.resolve(); // SSE: commands are posted one after the other, in order
     this.refs = 0;
+    this.urls = 0; // stream URLs made so far: a URL made after a command carries its room set
+    this.sockUrl = 0; // the number of the current stream's URL
     this.attempt = 0;
     this.worked = false; // some transport has opened: "auto" stops switching
     this.refreshed = false; // getToken() was called since the last successful open
@@ -82,12 +94,12 @@ class Client {
   /** Join a room; resolves with the ack. */
   subscribe(room) {
     this.rooms.add(room);
-    return this.transport === "sse" ? this.reopen() : this.command({ type: "subscribe", room });
+    return this.command({ type: "subscribe", room });
   }
 
   unsubscribe(room) {
     this.rooms.delete(room);
-    return this.transport === "sse" ? this.reopen() : this.command({ type: "unsubscribe", room });
+    return this.command({ type: "unsubscribe", room });
   }
 
   /** Publish into a room; resolves with the ack (its `id`, unless ephemeral). */
@@ -115,19 +127,79 @@ class Client {
 
   /** @returns {Promise<any>} */
   command(cmd) {
-    if (this.transport === "sse") return Promise.reject({ code: "unsupported", message: `${cmd.type} ${SSE_COMMANDS}` });
     if (this.stopped) return Promise.reject({ code: "closed", message: "client closed" });
     return new Promise((resolve, reject) => {
       const ref = String(++this.refs);
       const timer = setTimeout(() => {
+        const waiting = this.pending.get(ref);
         this.pending.delete(ref);
         this.queue = this.queue.filter((c) => c.ref !== ref);
+        this.rejoin = this.rejoin.filter((a) => a.ref !== ref);
+        waiting?.abort?.();
         reject({ code: "timeout", message: `no answer to ${cmd.type} within ${this.opts.timeout || 10000} ms`, ref });
       }, this.opts.timeout || 10000);
-      this.pending.set(ref, { resolve, reject, timer });
+      this.pending.set(ref, { resolve, reject, timer, urls: this.urls });
       const frame = { ...cmd, ref };
-      if (this.sock instanceof WebSocket && this.state === "open") this.sock.send(JSON.stringify(frame));
+      if (this.sock && this.state === "open") this.send(frame);
       else this.queue.push(frame);
+    });
+  }
+
+  send(frame) {
+    if (this.sock instanceof WebSocket) this.sock.send(JSON.stringify(frame));
+    else this.posting = this.posting.then(() => this.post(frame)).catch((err) => this.emit("error", { code: "client", message: String(err) }));
+  }
+
+  /** SSE: POST one command; its answer (or error) settles its promise. */
+  async post(frame) {
+    const waiting = this.pending.get(frame.ref);
+    if (!waiting) return; // timed out while the commands before it were posted
+    const body = ON_STREAM.has(frame.type) ? { ...frame, conn: this.conn } : frame;
+    const headers = { "Content-Type": "application/json" };
+    if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    const abort = new AbortController();
+    waiting.abort = () => abort.abort();
+    let answer;
+    try {
+      const r = await fetch(`${this.base}/api/command`, {
+        method: "POST", headers, body: JSON.stringify(body), credentials: "same-origin", cache: "no-store", signal: abort.signal,
+      });
+      answer = await r.json().catch(() => null);
+      if (!answer || typeof answer.type !== "string") {
+        answer = { type: "error", code: r.status >= 500 ? "unavailable" : "bad_response", message: `HTTP ${r.status} without an answer frame` };
+      }
+    } catch (err) {
+      answer = { type: "error", code: "disconnected", message: `command not sent: ${err}` };
+    }
+    answer = { ...answer, ref: frame.ref }; // refusals made before the body was read carry no ref
+    if (answer.code === "not_found" && (frame.type === "subscribe" || frame.type === "unsubscribe")) {
+      this.resubscribed(frame, body.conn);
+    } else if (this.answer(answer) && answer.type === "presence") {
+      this.emit("presence", answer);
+    }
+  }
+
+  /** SSE: the node no longer knows the stream a (un)subscribe named: it
+   * reconnected meanwhile, or is about to. A stream opened from a URL made
+   * after the command already has the room set it asked for: its welcome is
+   * the answer. */
+  resubscribed(frame, conn) {
+    const waiting = this.pending.get(frame.ref);
+    if (!waiting) return;
+    this.rejoin.push({ type: "ack", channel: `room:${frame.room}`, ref: frame.ref });
+    if (this.sock && this.state === "open") {
+      if (this.conn !== conn) this.rejoined(this.sockUrl);
+      else { this.drop(); this.closed(1006, "the node no longer knows this stream", true); } // it is gone: reopen
+    }
+  }
+
+  /** Acknowledge the (un)subscribes waiting for a stream opened from URL number `url`. */
+  rejoined(url) {
+    this.rejoin = this.rejoin.filter((ack) => {
+      const waiting = this.pending.get(ack.ref);
+      if (waiting && waiting.urls >= url) return true; // that URL was made before the command
+      this.answer(ack);
+      return false;
     });
   }
 
@@ -144,10 +216,12 @@ class Client {
   failPending(code, message) {
     for (const [ref, w] of this.pending) {
       clearTimeout(w.timer);
+      w.abort?.();
       w.reject({ code, message, ref });
     }
     this.pending.clear();
     this.queue = [];
+    this.rejoin = [];
   }
 
   // ---- connection ---------------------------------------------------------
@@ -168,28 +242,21 @@ class Client {
     const q = new URLSearchParams({ token: this.token || "" });
     for (const room of this.rooms) q.append("room", room);
     if (this.lastId) q.set("since", this.lastId);
+    this.sockUrl = ++this.urls;
     if (this.transport === "ws") this.openWs(q);
     else this.openSse(q);
   }
 
   openWs(q) {
     const ws = new WebSocket(`${this.base.replace(/^http/, "ws")}/ws?${q}`);
+    const url = this.sockUrl;
     this.sock = ws;
     let welcomed = false; // a proxy may accept the upgrade yet pass nothing: only a welcome counts
     ws.onmessage = (ev) => {
       let f;
       try { f = JSON.parse(ev.data); } catch { return; }
-      if (f.type === "welcome") {
-        welcomed = true;
-        this.opened();
-        for (const frame of this.queue.splice(0)) ws.send(JSON.stringify(frame));
-      }
-      if (f.ref !== undefined && this.answer(f)) {
-        if (f.type === "presence") this.emit("presence", f);
-        return;
-      }
-      if (f.type === "message") this.deliver({ channel: f.channel, id: f.id || null, event: f.event, data: f.data });
-      else this.emit(f.type, f);
+      if (f.type === "welcome") welcomed = true;
+      this.receive(f, url);
     };
     ws.onclose = (ev) => {
       if (this.sock !== ws) return;
@@ -200,35 +267,62 @@ class Client {
   }
 
   openSse(q) {
-    const es = new EventSource(`${this.base}/sse?${q}`);
+    q.set("envelope", "1");
+    const href = `${this.base}/sse?${q}`;
+    const es = new EventSource(href);
+    const url = this.sockUrl;
     this.sock = es;
-    const parse = (data) => { try { return JSON.parse(data); } catch { return data; } };
-    es.onopen = () => this.opened();
-    for (const name of this.opts.events || ["message"]) {
-      es.addEventListener(name, (ev) => this.deliver({ channel: null, id: ev.lastEventId || null, event: name, data: parse(ev.data) }));
-    }
-    for (const name of CONTROL) {
-      es.addEventListener(name, (ev) => { if (ev.data !== undefined) this.emit(name, parse(ev.data)); });
-    }
-    es.onerror = () => {
-      // CONNECTING: EventSource retries by itself, sending Last-Event-ID.
-      if (es.readyState === EventSource.CONNECTING) { this.setState("reconnecting"); return; }
-      // CLOSED: an HTTP error (401, 403, 503…); ask for its status, then decide.
-      if (this.sock !== es) return;
+    let welcomed = false;
+    const onFrame = (ev) => {
+      if (this.sock !== es || typeof ev.data !== "string") return;
+      let f;
+      try { f = JSON.parse(ev.data); } catch { return; }
+      if (f.type === "close") { // the node ends the stream, and says why: the WebSocket close rules apply
+        this.sock = null;
+        es.close(); // EventSource would reconnect by itself, with a stale room set
+        this.closed(Number(f.code) || 1006, f.reason || "", welcomed);
+        return;
+      }
+      if (f.type === "welcome") welcomed = true;
+      this.receive(f, url);
+    };
+    for (const name of SSE_FRAMES) es.addEventListener(name, onFrame);
+    es.onerror = (ev) => {
+      if (this.sock !== es || typeof ev.data === "string") return; // a stream's `event: error` is a frame
       this.sock = null;
-      const wasOpen = this.state === "open";
+      const refused = es.readyState === EventSource.CLOSED; // an HTTP error (401, 403, 503…), not a lost stream
+      es.close(); // this client reopens it (below): the new URL carries the current rooms and position
+      if (welcomed || !refused) { this.closed(1006, "", welcomed); return; }
+      // Ask for the refusal's status, then decide.
       const probe = new AbortController();
-      fetch(es.url, { signal: probe.signal })
+      fetch(href, { signal: probe.signal })
         .then(async (r) => {
-          if (r.ok) { probe.abort(); return [200, null]; } // a stream again: EventSource will be made anew
+          if (r.ok) { probe.abort(); return [200, null]; } // a stream again: it is made anew
           return [r.status, await r.json().catch(() => null)];
         })
         .catch(() => [0, null])
         .then(([status, body]) => {
           const code = { 401: 4001, 403: 4003, 429: 4029 }[status] || (status === 200 ? 1000 : 1006);
-          this.closed(code, body?.message || "", wasOpen);
+          this.closed(code, body?.message || "", false);
         });
     };
+  }
+
+  /** One frame from the stream (WebSocket, or an SSE event's data). */
+  receive(f, url) {
+    if (f.type === "welcome") {
+      this.conn = typeof f.conn === "string" ? f.conn : null;
+      if (this.lastId === null && f.position != null) this.lastId = String(f.position);
+      this.opened();
+      for (const frame of this.queue.splice(0)) this.send(frame);
+      this.rejoined(url);
+    }
+    if (f.ref !== undefined && this.answer(f)) {
+      if (f.type === "presence") this.emit("presence", f);
+      return;
+    }
+    if (f.type === "message") this.deliver({ channel: f.channel ?? null, id: f.id || null, event: f.event, data: f.data });
+    else this.emit(f.type, f);
   }
 
   opened() {
@@ -253,7 +347,12 @@ class Client {
   closed(code, reason, wasOpen) {
     this.emit("close", { code, reason });
     if (this.stopped) return;
-    const stop = (why) => { this.stopped = true; this.emit("error", { code: String(code), message: why }); this.setState("closed"); };
+    const stop = (why) => {
+      this.stopped = true;
+      this.failPending("disconnected", why); // SSE: commands still waiting for a stream
+      this.emit("error", { code: String(code), message: why });
+      this.setState("closed");
+    };
     if (code === 4003 || code === 4000) return stop(reason || "forbidden");
     if (code === 4029 && /oldest/.test(reason)) return stop(reason); // replaced: reconnecting would evict another tab
     if (code === 4001) {
@@ -273,22 +372,6 @@ class Client {
     else wait = this.backoff();
     this.setState("reconnecting");
     this.timer = setTimeout(() => this.open(), wait);
-  }
-
-  /** Reopen the SSE stream (new room set), resuming from the last id. */
-  reopen() {
-    this.drop();
-    this.setState("reconnecting");
-    return new Promise((resolve, reject) => {
-      const done = (state) => {
-        if (state === "open") resolve({ type: "ack", channels: [...this.rooms].map((r) => `room:${r}`) });
-        else if (state === "closed") reject({ code: "closed", message: "connection closed" });
-        else return;
-        this.off("state", done);
-      };
-      this.on("state", done);
-      this.open();
-    });
   }
 
   drop() {
