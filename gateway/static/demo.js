@@ -49,7 +49,7 @@ function start({ user, room, transport }, token) {
   $("room-name").textContent = room;
   $("pub-room").value = room;
 
-  const client = Herald.connect({ token, getToken: () => mintToken(user), rooms: [room], transport, events: ["chat", "notify", "message"] });
+  const client = Herald.connect({ token, getToken: () => mintToken(user), rooms: [room], transport });
   demo.client = client;
   const present = new Set();
   const typing = new Map(); // user -> timer
@@ -67,7 +67,7 @@ function start({ user, room, transport }, token) {
     $("present-count").textContent = String(present.size);
   };
   const refreshPresence = () => {
-    if (client.transport !== "ws" || client.state !== "open") return;
+    if (client.state !== "open") return;
     client.presence(room).then((p) => { present.clear(); p.users.forEach((u) => present.add(u)); showPresence(); }, () => {});
   };
   const showTyping = () => {
@@ -87,7 +87,7 @@ function start({ user, room, transport }, token) {
     })
     .on("message", (m) => {
       status();
-      if (m.channel === "user" || (m.channel === null && m.event === "notify")) {
+      if (m.channel === "user") {
         item($("notifications"), textOf(m.data), { id: m.id, cls: "unread" });
         lastNotification = m.id || lastNotification;
         setUnread($("notifications").querySelectorAll(".unread").length);
@@ -120,7 +120,7 @@ function start({ user, room, transport }, token) {
     );
   };
   $("text").oninput = () => {
-    if (Date.now() - lastTyping < TYPING_EVERY || client.transport !== "ws") return;
+    if (Date.now() - lastTyping < TYPING_EVERY) return;
     lastTyping = Date.now();
     client.publish(room, { user }, { event: "typing", ephemeral: true }).catch(() => {});
   };
