@@ -149,3 +149,218 @@ async def test_commands_resolve_and_reject_by_ref(page: Page) -> None:
     assert result["bad"] == {"type": "error", "ref": "3", "code": "bad_request", "message": "invalid room"}
     assert result["slow"]["code"] == "timeout" and result["timeoutMs"] == 3000
     assert result["lost"]["code"] == "disconnected"
+
+
+async def test_sse_stream_carries_frames_and_is_reopened_with_the_current_rooms(page: Page) -> None:
+    result = await run(
+        page,
+        f"""
+        const opts = {{ url: "http://gw.test", token: "t1", rooms: ["lobby"], transport: "sse", events: ["chat"] }};
+        const c = Herald.connect(opts);  // events: ignored now, kept for old callers
+        const got = [], states = [];
+        c.on("state", (s) => states.push(s));
+        for (const name of ["message", "reset", "join", "leave", "welcome"]) c.on(name, (v) => got.push([name, v]));
+        const es = fake.last();
+        es.receive({WELCOME});
+        es.receive({{ type: "message", channel: "room:lobby", id: "41", event: "chat", data: {{ text: "hi" }} }});
+        es.receive({{ type: "message", channel: "user", id: "42", event: "notify", data: "x" }});
+        es.receive({{ type: "message", channel: "room:lobby", event: "typing", data: 2 }});  // ephemeral: no id
+        es.receive({{ type: "reset", channel: "room:lobby", reason: "gone" }});
+        es.receive({{ type: "join", room: "lobby", user: "v" }});
+        const sub = c.subscribe("b");
+        await fake.settle();
+        fake.request().respond(200, {{ type: "ack", ref: "1", channel: "room:b" }});
+        const ack = await sub;
+        es.fail("lost");  // EventSource would retry the old URL by itself: the client reopens instead
+        const wait = fake.fire();
+        return {{
+          first: es.url.href, closed: es.closed, wait, url: fake.last().url.href, conn: c.conn,
+          got, states, ack, sources: fake.sockets.length, lastId: c.lastId,
+        }};
+        """,
+    )
+    assert result["first"] == "http://gw.test/sse?token=t1&room=lobby&envelope=1"
+    assert result["url"] == "http://gw.test/sse?token=t1&room=lobby&room=b&since=42&envelope=1"
+    assert (result["closed"], result["wait"], result["sources"], result["conn"]) == (True, 500, 2, "c1")
+    assert result["states"] == ["open", "reconnecting"]
+    assert result["ack"] == {"type": "ack", "ref": "1", "channel": "room:b"}
+    messages = [v for name, v in result["got"] if name == "message"]
+    assert messages == [
+        {"channel": "room:lobby", "id": "41", "event": "chat", "data": {"text": "hi"}},
+        {"channel": "user", "id": "42", "event": "notify", "data": "x"},
+        {"channel": "room:lobby", "id": None, "event": "typing", "data": 2},
+    ]
+    assert [name for name, _ in result["got"]] == ["welcome", "message", "message", "message", "reset", "join"]
+
+
+async def test_sse_commands_are_posted_in_order_with_conn_and_token(page: Page) -> None:
+    result = await run(
+        page,
+        """
+        const c = Herald.connect({ url: "http://gw.test", token: "t", transport: "sse", timeout: 3000 });
+        const es = fake.last();
+        const early = c.publish("lobby", { text: "hi" }, { event: "chat" });  // before the welcome: waits for it
+        await fake.settle();
+        const queued = fake.requests.length;
+        es.receive({ type: "welcome", conn: "n1:4", user: "u", node: "n1", channels: [] });
+        const presence = c.presence("lobby");
+        const sub = c.subscribe("b").catch((e) => e);
+        const seen = [];
+        c.on("presence", (p) => seen.push(p.users));
+        await fake.settle();
+        const inFlight = fake.requests.length;  // one at a time, in order
+        const first = fake.request();
+        first.respond(200, { type: "ack", ref: "1", channel: "room:lobby", id: "9" });
+        await fake.settle();
+        fake.request().respond(200, { type: "presence", ref: "2", room: "lobby", users: ["u", "v"] });
+        await fake.settle();
+        const third = fake.request();
+        third.respond(403, { type: "error", ref: "3", code: "forbidden", message: "token does not allow room b" });
+        const out = { queued, inFlight, early: await early, presence: await presence, seen, sub: await sub };
+        out.first = { url: first.url.href, method: first.method, headers: first.headers, body: first.body };
+        out.third = third.body;
+        const expired = c.ping().catch((e) => e);
+        await fake.settle();
+        fake.request().respond(401, { type: "error", code: "bad_token", message: "token expired" });  // no ref
+        out.expired = await expired;
+        const proxy = c.ping().catch((e) => e);
+        await fake.settle();
+        fake.request().respond(502, undefined);  // a proxy's HTML page
+        out.proxy = await proxy;
+        const lost = c.read("9").catch((e) => e);
+        await fake.settle();
+        fake.request().fail();
+        out.lost = await lost;
+        const slow = c.ping().catch((e) => e);
+        await fake.settle();
+        const slowRequest = fake.request();
+        out.timeoutMs = fake.timers[fake.timers.length - 1].ms;
+        fake.fire();
+        out.slow = await slow;
+        out.aborted = slowRequest.done;
+        return out;
+        """,
+    )
+    assert (result["queued"], result["inFlight"]) == (0, 1)
+    assert result["first"] == {
+        "url": "http://gw.test/api/command",
+        "method": "POST",
+        "headers": {"Content-Type": "application/json", "Authorization": "Bearer t"},
+        "body": {"type": "publish", "room": "lobby", "data": {"text": "hi"}, "event": "chat", "ref": "1"},
+    }
+    assert result["early"] == {"type": "ack", "ref": "1", "channel": "room:lobby", "id": "9"}
+    assert result["presence"]["users"] == ["u", "v"] and result["seen"] == [["u", "v"]]
+    assert result["third"] == {"type": "subscribe", "room": "b", "ref": "3", "conn": "n1:4"}
+    assert result["sub"] == {"type": "error", "ref": "3", "code": "forbidden", "message": "token does not allow room b"}
+    assert result["expired"] == {"type": "error", "code": "bad_token", "message": "token expired", "ref": "4"}
+    assert (result["proxy"]["code"], result["proxy"]["ref"]) == ("unavailable", "5")
+    assert (result["lost"]["code"], result["lost"]["ref"]) == ("disconnected", "6")
+    assert result["slow"]["code"] == "timeout" and result["timeoutMs"] == 3000 and result["aborted"] is True
+
+
+async def test_sse_subscribe_to_a_stream_that_reconnected_meanwhile_waits_for_the_new_one(page: Page) -> None:
+    result = await run(
+        page,
+        """
+        const welcome = (conn) => ({ type: "welcome", conn, user: "u", node: "n", channels: [] });
+        const c = Herald.connect({ url: "http://gw.test", token: "t", rooms: ["lobby"], transport: "sse" });
+        fake.last().receive(welcome("n:1"));
+        let done = null;
+        const sub = c.subscribe("b").then((ack) => { done = ack; return ack; });
+        await fake.settle();
+        const sentConn = fake.request().body.conn;
+        fake.last().fail("lost");  // the stream drops while the command is on its way
+        fake.request().respond(404, { type: "error", ref: "1", code: "not_found", message: "no open connection n:1" });
+        await fake.settle();
+        const early = done;
+        fake.fireLast();
+        const url = fake.last().url.href;  // made after subscribe(): it carries room b
+        fake.last().receive(welcome("n:2"));
+        const out = { sentConn, early, url, ack: await sub };
+
+        // The node no longer knows a stream this client still holds: it reopens it.
+        const unsub = c.unsubscribe("lobby");
+        await fake.settle();
+        const held = fake.last();
+        fake.request().respond(404, { type: "error", ref: "2", code: "not_found", message: "no open connection n:2" });
+        await fake.settle();
+        out.heldClosed = held.closed;
+        out.state = c.state;
+        fake.fireLast();
+        out.url2 = fake.last().url.href;
+        fake.last().receive(welcome("n:3"));
+        out.unsub = await unsub;
+        out.requests = fake.requests.length;
+        return out;
+        """,
+    )
+    assert (result["sentConn"], result["early"]) == ("n:1", None)
+    assert result["url"] == "http://gw.test/sse?token=t&room=lobby&room=b&envelope=1"
+    assert result["ack"] == {"type": "ack", "channel": "room:b", "ref": "1"}
+    assert (result["heldClosed"], result["state"]) == (True, "reconnecting")
+    assert result["url2"] == "http://gw.test/sse?token=t&room=b&envelope=1"
+    assert result["unsub"] == {"type": "ack", "channel": "room:lobby", "ref": "2"}
+    assert result["requests"] == 2
+
+
+async def test_sse_close_events_pick_the_reconnect_like_websocket_close_codes(page: Page) -> None:
+    result = await run(
+        page,
+        f"""
+        let calls = 0;
+        const getToken = async () => `tok${{++calls}}`;
+        const c = Herald.connect({{ url: "http://gw.test", getToken, transport: "sse" }});
+        await fake.settle();
+        const waits = {{}};
+        const closedByClient = [];
+        const ends = [
+          [4008, "slow consumer"], [1012, "node restarting"], [1012, "node restarting: reconnect in 2500 ms"],
+          [1013, "unavailable"],
+        ];
+        for (const [code, reason] of ends) {{
+          const es = fake.last();
+          es.receive({WELCOME});
+          es.receive({{ type: "close", code, reason }});
+          closedByClient.push(es.closed);
+          waits[`${{code}} ${{reason}}`] = fake.fire();
+        }}
+        fake.last().receive({WELCOME});
+        fake.last().receive({{ type: "close", code: 4001, reason: "token expired" }});  // renewed at once
+        await fake.settle();
+        const renewed = fake.last().url.searchParams.get("token");
+        fake.last().fail("refused");  // the new token is refused before the stream: probe for the status
+        await fake.settle();
+        const probe = fake.request();
+        const probeUrl = probe.url.href;
+        probe.respond(401, {{ error: "bad_token", message: "token expired" }});
+        await fake.settle();
+        const afterRefusal = {{ state: c.state, timers: fake.timers.length, calls }};
+
+        const d = Herald.connect({{ url: "http://gw.test", token: "t", transport: "sse" }});
+        fake.last().receive({WELCOME});
+        const waiting = d.ping().catch((e) => e);  // posted, not answered yet
+        const queuedAfter = d.ping().catch((e) => e);
+        fake.last().receive({{ type: "close", code: 4003, reason: "room not allowed" }});
+        const forbidden = {{ state: d.state, timers: fake.timers.length }};
+        Object.assign(forbidden, {{ waiting: (await waiting).code, queued: (await queuedAfter).code }});
+
+        const e = Herald.connect({{ url: "http://gw.test", token: "t", transport: "sse" }});
+        fake.last().receive({WELCOME});
+        const reason = "too many connections: this was the user's oldest";
+        fake.last().receive({{ type: "close", code: 4029, reason }});
+        const timers = fake.timers.length;
+        return {{ waits, closedByClient, renewed, probeUrl, afterRefusal, forbidden, replaced: e.state, timers }};
+        """,
+    )
+    assert result["waits"] == {
+        "4008 slow consumer": 0,
+        "1012 node restarting": 1000,
+        "1012 node restarting: reconnect in 2500 ms": 2500,
+        "1013 unavailable": 500,
+    }
+    assert result["closedByClient"] == [True, True, True, True]
+    assert result["renewed"] == "tok2"
+    assert result["probeUrl"] == "http://gw.test/sse?token=tok2&envelope=1"
+    assert result["afterRefusal"] == {"state": "closed", "timers": 0, "calls": 2}
+    assert result["forbidden"] == {"state": "closed", "timers": 0, "waiting": "disconnected", "queued": "disconnected"}
+    assert (result["replaced"], result["timers"]) == ("closed", 0)
