@@ -1,8 +1,8 @@
 """The demo page and herald.js in Debian's chromium, against real nodes on real NATS.
 
 Two users chat with presence, typing and notifications; the page survives a
-killed node (WS and SSE) and an expiring token; ``auto`` falls back to SSE
-when WebSockets are blocked.
+killed node and an expiring token; ``auto`` falls back to SSE when WebSockets
+are blocked. Each on both transports, as is herald.js's own command set.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 
 from ..browser import ConsoleWatch, screenshot_path
-from ..helpers import RunningNode, api_publish, spawn_cluster_node, wait_for
+from ..helpers import RunningNode, api_publish, spawn_cluster_node, token, wait_for
 
 NodeFactory = Callable[..., Any]
 DEMO = {"http": {"dev_tokens": True}, "rooms": {"join_leave": ("*",)}}
@@ -54,13 +54,14 @@ def page_errors(watch: ConsoleWatch) -> list[str]:
     return [e for e in watch.errors if e.startswith("pageerror")]
 
 
+@pytest.mark.parametrize("transport", ["ws", "sse"])
 async def test_two_users_chat_with_presence_typing_and_notifications(
-    node_factory: NodeFactory, nats_server: NatsServer, browser: Browser
+    transport: str, node_factory: NodeFactory, nats_server: NatsServer, browser: Browser
 ) -> None:
     node: RunningNode = await node_factory(**DEMO)
     async with (
-        demo_page(browser, node.url, user="alice", room="lobby") as (alice, alice_watch),
-        demo_page(browser, node.url, user="bob", room="lobby") as (bob, bob_watch),
+        demo_page(browser, node.url, user="alice", room="lobby", transport=transport) as (alice, alice_watch),
+        demo_page(browser, node.url, user="bob", room="lobby", transport=transport) as (bob, bob_watch),
     ):
         for page in (alice, bob):  # presence lists both, cluster-wide, on either page
             await expect(page.locator("#presence li")).to_have_count(2)
@@ -85,7 +86,9 @@ async def test_two_users_chat_with_presence_typing_and_notifications(
         await expect(bob.locator("#unread")).to_have_text("2")
         await expect(bob.locator("#notifications li.unread")).to_have_count(2)
         await expect(alice.locator("#unread")).to_have_text("0")  # another user's channel
-        await bob.screenshot(path=screenshot_path("demo-chat"), full_page=True)
+        await bob.screenshot(
+            path=screenshot_path("demo-chat" if transport == "ws" else "demo-chat-sse"), full_page=True
+        )
 
         await bob.locator("#mark-read").click()
         await expect(bob.locator("#unread")).to_have_text("0")
@@ -97,7 +100,7 @@ async def test_two_users_chat_with_presence_typing_and_notifications(
         await expect(bob.locator("#unread")).to_have_text("0")
         await expect(bob.locator("#notifications li")).to_have_count(0)
 
-        await expect(alice.locator("#status")).to_contain_text("open · ws · last id")
+        await expect(alice.locator("#status")).to_contain_text(f"open · {transport} · last id")
         assert alice_watch.errors == [], alice_watch.messages
         assert bob_watch.errors == [], bob_watch.messages
 
@@ -139,11 +142,13 @@ async def test_page_resumes_after_its_node_is_killed_and_restarted(
         assert page_errors(watch) == []
 
 
+@pytest.mark.parametrize("transport", ["ws", "sse"])
 async def test_expired_token_is_replaced_through_get_token(
-    node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     node: RunningNode = await node_factory(**DEMO)
-    async with demo_page(browser, node.url, user="dave", room="lobby", ttl="2") as (page, watch):
+    async with demo_page(browser, node.url, user="dave", room="lobby", ttl="2", transport=transport) as (page, watch):
+        await expect(page.locator("#status")).to_contain_text(f"· {transport} ·")
         first = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "one"})
 
         # The node closes at expiry (4001); the page mints a new token and resumes.
@@ -180,3 +185,71 @@ async def test_auto_falls_back_to_sse_when_websockets_are_blocked(
         assert page_errors(watch) == []
     finally:
         await context.close()
+
+
+CLIENT_RUN = """async ([url, token, transport]) => {
+  const { Herald } = await import("/static/herald.js");
+  const until = async (what, ok) => {
+    for (const end = Date.now() + 5000; !ok(); await new Promise((r) => setTimeout(r, 20))) {
+      if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    }
+  };
+  const got = [], states = [];
+  const c = Herald.connect({ url, token, rooms: ["lobby"], transport });
+  c.on("message", (m) => got.push(m)).on("state", (s) => states.push(s));
+  await until("open", () => c.state === "open");
+  const conn = c.conn;
+  const seen = (id) => got.some((m) => m.id === id);
+  const stored = await c.publish("lobby", { text: "hi" }, { event: "chat" });
+  await until("the stored message", () => seen(stored.id));
+  const ephemeral = await c.publish("lobby", { user: "frank" }, { event: "typing", ephemeral: true });
+  await until("the ephemeral message", () => got.some((m) => m.event === "typing"));
+  const presence = await c.presence("lobby");
+  const read = await c.read(stored.id);
+  const pong = await c.ping();
+  const sub = await c.subscribe("b");
+  const inB = await c.publish("b", { text: "in b" });
+  await until("the message of room b", () => seen(inB.id));
+  const unsub = await c.unsubscribe("b");
+  const afterUnsub = await c.publish("b", { text: "not for us" });
+  const marker = await c.publish("lobby", { text: "marker" });
+  await until("the marker", () => seen(marker.id));
+  const bad = await c.subscribe("no such/room").catch((e) => e);
+  const out = { conn, sameConn: c.conn === conn, states: [...states], got, stored, ephemeral, presence, read, pong };
+  Object.assign(out, { sub, unsub, ids: [stored.id, inB.id, afterUnsub.id, marker.id], bad });
+  c.close();
+  return out;
+}"""
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_client_commands_and_rooms_on_one_stream(transport: str, node: RunningNode, browser: Browser) -> None:
+    """herald.js's whole command set against a real node: on SSE too, through
+    POST /api/command, and a room joined later arrives on the same stream."""
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        watch = ConsoleWatch(page, ignore=("/favicon.ico", "/api/command"))  # chromium logs the 400 refusal
+        await page.goto(node.url + "/healthz")  # any page of the node's origin, to import the module from
+        tok = token("frank", rooms=["*"], publish=["*"])
+        r = await page.evaluate(CLIENT_RUN, [node.url, tok, transport])
+        assert watch.errors == [], watch.messages
+    finally:
+        await context.close()
+    stored, in_b, after_unsub, marker = r["ids"]
+    assert r["states"] == ["open"] and r["sameConn"] and r["conn"].startswith(node.settings.node.id + ":")
+    assert r["got"] == [
+        {"channel": "room:lobby", "id": stored, "event": "chat", "data": {"text": "hi"}},
+        {"channel": "room:lobby", "id": None, "event": "typing", "data": {"user": "frank"}},
+        {"channel": "room:b", "id": in_b, "event": "message", "data": {"text": "in b"}},
+        {"channel": "room:lobby", "id": marker, "event": "message", "data": {"text": "marker"}},
+    ]
+    assert after_unsub and after_unsub not in [m["id"] for m in r["got"]]
+    assert r["stored"] == {"type": "ack", "channel": "room:lobby", "id": stored, "ref": "1"}
+    assert r["ephemeral"] == {"type": "ack", "channel": "room:lobby", "ref": "2"}
+    assert r["presence"] == {"type": "presence", "room": "lobby", "users": ["frank"], "ref": "3"}
+    assert r["read"] == {"type": "ack", "id": stored, "ref": "4"}
+    assert r["pong"] == {"type": "pong", "ref": "5"}
+    assert r["sub"] == {"type": "ack", "channel": "room:b", "ref": "6"}
+    assert r["unsub"] == {"type": "ack", "channel": "room:b", "ref": "8"}
+    assert (r["bad"]["code"], r["bad"]["ref"]) == ("bad_request", "11")
