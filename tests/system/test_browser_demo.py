@@ -253,3 +253,23 @@ async def test_client_commands_and_rooms_on_one_stream(transport: str, node: Run
     assert r["sub"] == {"type": "ack", "channel": "room:b", "ref": "6"}
     assert r["unsub"] == {"type": "ack", "channel": "room:b", "ref": "8"}
     assert (r["bad"]["code"], r["bad"]["ref"]) == ("bad_request", "11")
+
+
+async def test_client_on_a_page_of_another_allowed_origin_uses_sse(node_factory: NodeFactory, browser: Browser) -> None:
+    """CORS: a page of another origin that limits.origins allows runs the
+    SSE stream and its commands (the POST's Authorization header needs a
+    preflight)."""
+    node: RunningNode = await node_factory(limits={"origins": ("*",)})
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        watch = ConsoleWatch(page, ignore=("/favicon.ico", "/api/command"))
+        other = node.url.replace("127.0.0.1", "localhost")  # the same node, another origin
+        await page.goto(other + "/healthz")
+        r = await page.evaluate(CLIENT_RUN, [node.url, token("gina", rooms=["*"], publish=["*"]), "sse"])
+        assert watch.errors == [], watch.messages
+    finally:
+        await context.close()
+    assert r["states"] == ["open"] and r["sameConn"]
+    assert [m["channel"] for m in r["got"]] == ["room:lobby", "room:lobby", "room:b", "room:lobby"]
+    assert r["presence"]["users"] == ["gina"] and r["pong"]["type"] == "pong"
