@@ -165,3 +165,15 @@ def _glob(pattern: str) -> re.Pattern[str]:
 def glob_match(patterns: Iterable[str], value: str) -> bool:
     """``*`` matches any run of characters, ``?`` one; the whole value must match."""
     return any(_glob(p).fullmatch(value) for p in patterns)
+
+
+# The header a message's event name travels in (absent: the default event).
+EVENT_HEADER = "Herald-Event"
+
+
+def event_of(headers: dict[str, str]) -> str:
+    """A stored or live message's event name; a malformed one (it would break SSE framing) is replaced."""
+    event = headers.get(EVENT_HEADER, DEFAULT_EVENT)
+    if event is not DEFAULT_EVENT and EVENT_RE.fullmatch(event) is None:
+        return DEFAULT_EVENT
+    return event

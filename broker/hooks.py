@@ -29,9 +29,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from .base import BrokerUnavailable
-from .channels import Subjects, channel_id, is_user
+from .channels import Subjects, channel_id, event_of, is_user
 from .kv import key_token, live_keys
-from .store import event_of
 from .tasks import spawn
 
 log = logging.getLogger("herald.hooks")

@@ -12,14 +12,13 @@ from typing import cast
 import nats.errors
 
 from .base import BrokerStats, BrokerUnavailable, Delivery, Kind
-from .channels import DEFAULT_EVENT, Channel, Subjects, is_user
+from .channels import DEFAULT_EVENT, EVENT_HEADER, Channel, Subjects, event_of, is_user
 from .dispatch import DispatchingClient, LiveSubscription
 from .interest import Interest
 from .link import NatsLink
 from .presence import PRESENCE_HEADER
 from .roles import BrokerEvents, History
 from .sequencer import Sequencer
-from .store import EVENT_HEADER, event_of
 from .tasks import spawn
 from .timestamps import parse_rfc3339
 

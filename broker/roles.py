@@ -65,6 +65,14 @@ class History(Protocol):
         first, within each family's retention and at most ``limit`` (the newest)."""
         ...
 
+    async def page(self, channel: Channel, before: int | None, limit: int) -> list[Delivery]:
+        """The newest ``limit`` held messages of ``channel`` older than
+        ``before`` (None: the newest), oldest first: a page of its history.
+        Held: within the channel family's retention, as for a replay."""
+
+    async def position(self) -> int:
+        """The stream's last sequence now (0 while it is empty)."""
+
 
 class ReadPositions(Protocol):
     """Each user's read position in the stream, cluster-wide."""

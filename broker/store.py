@@ -13,20 +13,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .base import BrokerUnavailable, Delivery, Replay, RetentionPolicy
-from .channels import DEFAULT_EVENT, EVENT_RE, Channel, Subjects
+from .channels import Channel, Subjects, event_of
 from .history import retain, stream_cap
 from .link import NatsLink
+from .pages import DirectReader, Pager
 from .snapshot import read_snapshot, snapshot_config
-
-EVENT_HEADER = "Herald-Event"
-
-
-def event_of(headers: dict[str, str]) -> str:
-    """The message's event name; a malformed one (it would break SSE framing) is replaced."""
-    event = headers.get(EVENT_HEADER, DEFAULT_EVENT)
-    if event is not DEFAULT_EVENT and EVENT_RE.fullmatch(event) is None:
-        return DEFAULT_EVENT
-    return event
 
 
 async def read_stored(
@@ -55,13 +46,18 @@ def _stored(msg: Msg, channel_of: Callable[[str], Channel | None]) -> Delivery |
     return Delivery(channel, meta.sequence.stream, 0, meta.timestamp.timestamp(), event_of(msg.headers or {}), msg.data)
 
 
-async def first_sequence(js: JetStreamContext, stream: str) -> int:
-    """The lowest sequence the stream still holds."""
+async def stream_bounds(js: JetStreamContext, stream: str) -> tuple[int, int]:
+    """The lowest and the highest sequence the stream holds (as the leader says)."""
     try:
         info = await js.stream_info(stream)
     except (TimeoutError, nats.errors.Error) as exc:
         raise BrokerUnavailable(f"stream info failed: {exc.__class__.__name__}") from None
-    return int(info.state.first_seq or 0)
+    return int(info.state.first_seq or 0), int(info.state.last_seq or 0)
+
+
+async def first_sequence(js: JetStreamContext, stream: str) -> int:
+    """The lowest sequence the stream still holds."""
+    return (await stream_bounds(js, stream))[0]
 
 
 async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int | None:
@@ -127,6 +123,24 @@ class NatsHistory:
         # size): any of these channels may have had some.
         evicted = channels if after_seq + 1 < first else ()
         return retain(found, p.retention, limit, time.time(), evicted)
+
+    async def page(self, channel: Channel, before: int | None, limit: int) -> list[Delivery]:
+        p = self._place
+        js = self._link.jetstream()
+        subject = p.subjects.input_subject(channel)
+        pager = Pager(DirectReader(self._link.client(), p.stream, p.request_timeout), subject, channel)
+        try:
+            async with asyncio.timeout(p.replay_timeout):
+                try:
+                    last = int((await js.get_msg(p.stream, subject=subject, direct=True)).seq or 0)
+                except nats.js.errors.NotFoundError:
+                    last = 0
+                return await pager.page(last, before, limit, p.retention.of(channel), time.time())
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None
+
+    async def position(self) -> int:
+        return (await stream_bounds(self._link.jetstream(), self._place.stream))[1]
 
     async def _fetch(self, channels: Sequence[Channel], after_seq: int, limit: int) -> list[Delivery]:
         """Stored messages of ``channels`` after ``after_seq``, oldest first, at most ``limit``."""

@@ -11,14 +11,14 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker import Broker, BrokerUnavailable, Presence, PubSub
+from broker import Broker, BrokerUnavailable, History, Presence, PubSub
 from broker.channels import InvalidChannel, channel_id, check_event, check_id, parse_channel, room_channel
 
 from .admission import Gate, Refusal
 from .auth import mint_token
 from .command_route import CommandRouter, error, status_of
-from .commands import NOT_JSON, Frame
-from .frames import dumps_exact, loads_exact
+from .commands import NOT_JSON, Frame, page_request
+from .frames import dumps_exact, history_messages, loads_exact
 from .http import ConflictingTokens, client_token, json_error, json_response, key_matches, peer
 from .hub import Hub
 from .limits import TokenBucket
@@ -186,9 +186,11 @@ class NodeApi:
         subscriptions: Subscriptions,
         hub: Hub,
         presence: Presence,
+        history: History,
         metrics: Metrics,
     ) -> None:
         self._node_id = settings.node.id
+        self._page_max = settings.history.page_max
         self._admin_key = settings.admin.key
         self._jwt_secret = settings.jwt.secret
         self._broker = broker
@@ -196,6 +198,7 @@ class NodeApi:
         self._subscriptions = subscriptions
         self._hub = hub
         self._presence = presence
+        self._history = history
         self._metrics = metrics
 
     async def readyz(self, request: web.Request) -> web.Response:
@@ -246,6 +249,24 @@ class NodeApi:
         except BrokerUnavailable as exc:
             return json_error(503, "unavailable", str(exc))
         return json_response({"room": channel_id(channel), "users": users})
+
+    async def history(self, request: web.Request) -> web.Response:
+        """``GET /api/history?channel=room:<id>|user:<id>|broadcast&limit=&before=``
+        (admin key): a page of the channel's history, as the ``history`` command gives it."""
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
+        query = request.query
+        try:
+            channel = parse_channel(query.get("channel"))
+            limit, before = page_request(query.get("limit"), query.get("before"), self._page_max)
+        except InvalidChannel as exc:
+            return json_error(400, "bad_request", str(exc))
+        try:
+            page = await self._history.page(channel, before, limit)
+        except BrokerUnavailable as exc:
+            return json_error(503, "unavailable", str(exc))
+        return json_response({"channel": str(channel), "messages": history_messages(page)})
 
     async def dev_token(self, request: web.Request) -> web.Response:
         """``POST /api/dev/token {"user", "ttl"?}`` → a token for that user (all

@@ -75,6 +75,7 @@ def _add_admin_routes(app: web.Application, api: NodeApi) -> None:
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/api/stats", api.stats)
     app.router.add_get("/api/presence/{room}", api.presence)
+    app.router.add_get("/api/history", api.history)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", api.readyz)
 
@@ -104,6 +105,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         node.subscriptions,
         node.hub,
         node.broker.presence,
+        node.broker.history,
         node.metrics,
     )
     app[NODE] = node

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from broker import BrokerUnavailable, Channel, Presence, PubSub, ReadPositions
+from broker import BROADCAST, BrokerUnavailable, Channel, History, Presence, PubSub, ReadPositions
 from broker.channels import (
     InvalidChannel,
     channel_id,
@@ -17,14 +17,16 @@ from broker.channels import (
     client_name,
     glob_match,
     is_room,
+    parse_channel,
     parse_seq,
     room_channel,
+    user_channel,
 )
 from broker.throttle import Throttle
 
 from .auth import Authenticator, AuthError, Identity
 from .disconnect import RATE_LIMITED
-from .frames import dumps_exact, loads_exact
+from .frames import dumps_exact, history_messages, loads_exact
 from .limits import CommandLimiter
 from .metrics import Metrics
 from .resume import Resumer
@@ -67,6 +69,8 @@ class Commands:
         subscriptions: Subscriptions,
         resumer: Resumer,
         pubsub: PubSub,
+        history: History,
+        page_max: int,
         reads: ReadPositions,
         presence: Presence,
         authenticator: Authenticator,
@@ -78,6 +82,8 @@ class Commands:
         self._subscriptions = subscriptions
         self._resumer = resumer
         self._pubsub = pubsub
+        self._history = history
+        self._page_max = page_max  # history.page_max
         self._reads = reads
         self._presence = presence
         self._authenticator = authenticator
@@ -252,6 +258,48 @@ class Commands:
     async def ping(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
         return _frame("pong")
 
+    async def history(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
+        """A page of a channel's stored messages: the newest ``limit`` older
+        than ``before``, oldest first (each the frame a live client gets)."""
+        channel = self._history_channel(identity, cmd)
+        try:
+            limit, before = page_request(cmd.get("limit"), cmd.get("before"), self._page_max)
+        except InvalidChannel as exc:
+            raise CommandError("bad_request", str(exc)) from None
+        page = await self._history.page(channel, before, limit)
+        return _frame("history", channel=client_name(channel), messages=history_messages(page))
+
+    def _history_channel(self, identity: Identity, cmd: dict[str, Any]) -> Channel:
+        """``room``, or ``channel``: "user" (the caller's own), "broadcast" or "room:<id>"."""
+        name = cmd.get("channel")
+        if name == "user":
+            return user_channel(identity.user)
+        if name == BROADCAST:
+            return BROADCAST
+        try:
+            channel = room_channel(cmd.get("room")) if name is None else parse_channel(name)
+        except InvalidChannel as exc:
+            raise CommandError("bad_request", str(exc)) from None
+        if channel == user_channel(identity.user):
+            return channel
+        if not is_room(channel):
+            raise CommandError("forbidden", 'only your own user channel\'s history: "channel": "user"')
+        if not identity.may_join(channel_id(channel)):
+            raise CommandError("forbidden", f"token does not allow room {channel_id(channel)}")
+        return channel
+
+
+def page_request(limit: Any, before: Any, page_max: int) -> tuple[int, int | None]:
+    """A history page's ``limit`` (default 50) and ``before`` (an id, or
+    None: the newest), checked; InvalidChannel says what is wrong."""
+    if limit is None:
+        limit = min(50, page_max)
+    elif type(limit) is str and limit.isdigit():  # from a query string
+        limit = int(limit)
+    if type(limit) is not int or not 1 <= limit <= page_max:
+        raise InvalidChannel(f"limit must be an integer from 1 to {page_max} (history.page_max)")
+    return limit, None if before is None else parse_seq(before)
+
 
 def _frame(kind: str, **fields: Any) -> Frame:
     return {"type": kind, **fields}
@@ -284,4 +332,5 @@ _HANDLERS: dict[str, Handler] = {
     "read": Commands.read,
     "presence": Commands.presence,
     "ping": Commands.ping,
+    "history": Commands.history,
 }

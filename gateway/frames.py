@@ -67,6 +67,12 @@ def message_json(d: Delivery) -> bytes:
     return orjson.dumps(head)[:-1] + b',"data":' + json_data(d.payload) + b"}"
 
 
+def history_messages(page: list[Delivery]) -> list[orjson.Fragment]:
+    """A page of history as the ``message`` frames a live client gets,
+    embedded as they are encoded (no payload is parsed again)."""
+    return [orjson.Fragment(message_json(d)) for d in page]
+
+
 def presence_json(d: Delivery) -> bytes:
     """A join / leave announcement (payload: the user)."""
     return orjson.dumps(

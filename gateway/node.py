@@ -139,6 +139,8 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
         subscriptions,
         resumer,
         broker.pubsub,
+        broker.history,
+        settings.history.page_max,
         broker.reads,
         broker.presence,
         authenticator,

@@ -10,6 +10,7 @@ limits.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,18 +53,23 @@ class Resumer:
     ) -> None:
         """Join a new session's channels, then call ``joined`` (SSE: the response
         head goes out only now), send ``first`` (the welcome frame, completed with
-        ``unread``), then what it missed since ``since`` — or, without a position,
+        ``unread`` and ``position``), then what it missed since ``since`` — or, without a position,
         its user's unread messages — then the live flow. Either tells the client
         its channels are live: what is published after it reaches the client."""
         session.start_holding()
         try:
             await self._join(session, channels)
-            replay, unread = await self._opening_replay(session, channels, since)
+            # The position is read once the channels are live: whatever is
+            # published after it reaches the client, live or on a resume from it.
+            (replay, unread), position = await asyncio.gather(
+                self._opening_replay(session, channels, since), self._history.position()
+            )
             if joined is not None:
                 joined()
             if first is not None:
                 if unread is not None:
                     first["unread"] = unread
+                first["position"] = str(position)
                 session.send(first)
         except BaseException:
             session.stop_holding()

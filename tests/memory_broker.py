@@ -91,6 +91,19 @@ class MemoryHistory:
         found = [d for d in s.log[after_seq:] if d.channel in wanted]
         return retain(found, s.retention, limit, time.time())
 
+    async def page(self, channel: Channel, before: int | None, limit: int) -> list[Delivery]:
+        s = self._stream
+        s.check()
+        rule = s.retention.of(channel)
+        held = [d for d in s.log if d.channel == channel][-rule.max_msgs :]
+        now = time.time()
+        older = [d for d in held if (before is None or d.seq < before) and now - d.ts <= rule.max_age]
+        return older[-limit:] if limit else []
+
+    async def position(self) -> int:
+        self._stream.check()
+        return len(self._stream.log)
+
 
 class MemoryReads:
     def __init__(self, stream: MemoryStream) -> None:

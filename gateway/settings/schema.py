@@ -84,6 +84,8 @@ class HistorySettings:
     # Most messages one resume (or one gap repair) replays; the newest are kept.
     replay_max: int = 10_000
     replay_timeout: float = 10.0
+    # Most messages one page of history holds (the history command, GET /api/history).
+    page_max: int = 200
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,6 +136,7 @@ def _rooms(rooms: RoomsSettings) -> None:
 def _history(history: HistorySettings) -> None:
     for key in ("user_max", "room_max", "replay_max"):
         _require(getattr(history, key) >= 1, f"history.{key}", "must be >= 1")
+    _require(1 <= history.page_max <= 1000, "history.page_max", "must be 1 to 1000")
     for key in ("user_max_age", "room_max_age", "replay_timeout"):
         _require(getattr(history, key) > 0, f"history.{key}", "must be > 0 seconds")
 

@@ -736,7 +736,7 @@ def expect_frame(frame: Frame, conn: FuzzConn, read_position: list[int]) -> Expe
         return error("forbidden")
     conn.tok = new
     conn.rooms = {r for r in conn.rooms if glob_allows(new.rooms, r)}
-    expected = sorted(["user:alice", "broadcast", *(f"room:{r}" for r in conn.rooms)])
+    expected = sorted(["user", "broadcast", *(f"room:{r}" for r in conn.rooms)])
     return ack(lambda f: _eq(f.get("channels"), expected))
 
 

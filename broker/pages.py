@@ -1,0 +1,146 @@
+"""Pages of one channel's history, read backwards with batch direct gets.
+
+A page is the newest ``limit`` held messages of a channel older than a
+position. JetStream reads only forward, but a batch direct get (ADR-31)
+says on every message how many of its subject's messages follow it
+(``Nats-Num-Pending``): that count places any sequence exactly among the
+subject's messages. A page is then found with a few small requests and no
+consumer — a probe or two to place the position and estimate how densely
+the subject fills the stream, then one read that starts where the page
+should (rarely a second one, when the estimate was off).
+
+Direct gets may be answered by any replica of the stream, which may be a
+moment behind its leader: a page can miss the very newest messages, never
+reorder or invent any. Pages are for showing history, not for resuming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import nats.errors
+import orjson
+from nats.aio.msg import Msg
+
+from .base import BrokerUnavailable, Delivery, Retention
+from .channels import Channel, event_of
+from .dispatch import DispatchingClient
+from .timestamps import parse_rfc3339
+
+# Most messages one read asks for: a page is at most history.page_max.
+MAX_READ = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A message of the subject, and how many of the subject's follow it."""
+
+    delivery: Delivery
+    after: int
+
+
+class DirectReader:
+    """Batch direct gets of one subject (``$JS.API.DIRECT.GET.<stream>``)."""
+
+    def __init__(self, nc: DispatchingClient, stream: str, timeout: float) -> None:
+        self._nc = nc
+        self._api = f"$JS.API.DIRECT.GET.{stream}"
+        self._timeout = timeout
+
+    async def read(self, subject: str, channel: Channel, start: int, count: int) -> list[Stored]:
+        """Up to ``count`` messages of ``subject`` from sequence ``start`` on, oldest first."""
+        replies: list[Msg] = []
+        done = asyncio.get_running_loop().create_future()
+
+        async def take(msg: Msg) -> None:
+            replies.append(msg)
+            if msg.headers and "Status" in msg.headers and not done.done():
+                done.set_result(None)
+
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox, cb=take)
+        try:
+            request = {"seq": max(1, start), "next_by_subj": subject, "batch": count}
+            await self._nc.publish(self._api, orjson.dumps(request), reply=inbox)
+            async with asyncio.timeout(self._timeout):
+                await done
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None
+        finally:
+            await sub.unsubscribe()
+        return [_stored(msg, channel) for msg in replies if not (msg.headers and "Status" in msg.headers)]
+
+
+def _stored(msg: Msg, channel: Channel) -> Stored:
+    headers = msg.headers or {}
+    seq = int(headers["Nats-Sequence"])
+    ts = parse_rfc3339(headers["Nats-Time-Stamp"])
+    return Stored(Delivery(channel, seq, 0, ts, event_of(headers), msg.data), int(headers.get("Nats-Num-Pending", 0)))
+
+
+class Pager:
+    """Reads pages of one subject's history."""
+
+    def __init__(self, reader: DirectReader, subject: str, channel: Channel) -> None:
+        self._reader = reader
+        self._subject = subject
+        self._channel = channel
+
+    async def _read(self, start: int, count: int) -> list[Stored]:
+        return await self._reader.read(self._subject, self._channel, start, count)
+
+    async def page(self, last: int, before: int | None, limit: int, retention: Retention, now: float) -> list[Delivery]:
+        """The newest ``limit`` held messages older than ``before``, oldest
+        first; ``last``: the subject's last sequence (0: it holds nothing).
+        Held: among the newest ``retention.max_msgs`` and not older than
+        ``retention.max_age`` (nothing a resume could not return)."""
+        end = last + 1 if before is None or before > last else before  # the page is before ``end``
+        head = await self._read(1, 1) if last else []
+        if not head or end <= head[0].delivery.seq:
+            return []
+        first, total = head[0].delivery.seq, head[0].after + 1
+        newer = 0  # the subject's messages at or after ``end``
+        if end <= last:
+            probe = await self._read(end, 1)
+            newer = probe[0].after + 1 if probe else 0
+        older = total - newer
+        want = min(limit, retention.max_msgs - newer, older)
+        if want <= 0:
+            return []
+        start_seq, start_index = await self._place(older - want, (first, 0), (end, older), want, total)
+        found = await self._read(start_seq, min(MAX_READ, older - start_index))
+        page = [s.delivery for s in found if total - 1 - s.after >= older - want and s.delivery.seq < end]
+        return [d for d in page if now - d.ts <= retention.max_age]
+
+    async def _place(
+        self, target: int, low: tuple[int, int], high: tuple[int, int], slack: int, total: int
+    ) -> tuple[int, int]:
+        """A (sequence, index) of a message at or before the one of index
+        ``target`` (0: the subject's oldest), close enough that reading from
+        it wastes at most ``slack`` messages: interpolation search between
+        ``low`` (a message and its index) and ``high`` (a sequence and the
+        index of the first message at or after it), halving when the messages
+        are unevenly spread. ``total``: the subject's messages (an
+        index is ``total - 1 -`` the count that follows it)."""
+        (low_seq, low_index), (high_seq, high_index) = low, high
+        halve = False
+        for _ in range(32):
+            if target - low_index <= slack or high_seq - low_seq <= 1:
+                break
+            if halve:
+                guess = (low_seq + high_seq) // 2
+            else:
+                share = (target - low_index) / (high_index - low_index)
+                guess = low_seq + max(1, int((high_seq - low_seq) * share) - 1)
+            probe = await self._read(guess, 1)
+            if not probe:
+                break
+            seq, index = probe[0].delivery.seq, total - 1 - probe[0].after
+            before_gap = high_index - low_index
+            if index <= target:
+                low_seq, low_index = seq, index
+            else:  # the first message at or after ``guess`` is past the target
+                high_seq, high_index = guess, index
+            halve = (high_index - low_index) * 2 > before_gap  # interpolation did not halve it: bisect next
+        return low_seq, low_index

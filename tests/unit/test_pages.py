@@ -1,0 +1,81 @@
+"""Finding a page of history with forward-only reads (broker/pages.py),
+against a model stream: every page equals the naive answer, whatever the
+spread of the channel's messages in the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.base import Delivery, Retention
+from broker.channels import Channel, room_channel
+from broker.pages import Pager, Stored
+
+LOBBY = room_channel("lobby")
+
+
+class ModelStream:
+    """``seqs``: the sequences of the subject's messages; reads behave as a
+    batch direct get does (forward from a sequence, with Nats-Num-Pending)."""
+
+    def __init__(self, seqs: list[int], ts: float) -> None:
+        self.seqs = seqs
+        self.ts = ts
+        self.reads = 0
+        self.read_messages = 0
+
+    async def read(self, subject: str, channel: Channel, start: int, count: int) -> list[Stored]:
+        self.reads += 1
+        following = [s for s in self.seqs if s >= max(1, start)][:count]
+        self.read_messages += len(following)
+        total = len(self.seqs)
+        return [
+            Stored(Delivery(channel, s, 0, self.ts, "message", b"{}"), total - 1 - self.seqs.index(s))
+            for s in following
+        ]
+
+
+def naive(seqs: list[int], before: int | None, limit: int, max_msgs: int) -> list[int]:
+    held = seqs[-max_msgs:] if max_msgs else []
+    older = [s for s in held if before is None or s < before]
+    return older[-limit:]
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[list[int], int | None, int, int]:
+    # Runs of the channel's messages between runs of other channels' (skewed on purpose).
+    seqs: list[int] = []
+    seq = 0
+    for _ in range(draw(st.integers(0, 8))):
+        seq += draw(st.integers(1, 2000))  # other channels' messages
+        run = draw(st.integers(1, 120))
+        gap = draw(st.integers(1, 3))
+        for _ in range(run):
+            seq += gap
+            seqs.append(seq)
+    last = seqs[-1] if seqs else 0
+    before = draw(st.one_of(st.none(), st.integers(1, last + 5)))
+    return seqs, before, draw(st.integers(1, 200)), draw(st.integers(1, 1001))
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams())
+def test_every_page_is_the_naive_page(case: tuple[list[int], int | None, int, int]) -> None:
+    seqs, before, limit, max_msgs = case
+    stream = ModelStream(seqs, time.time())
+    pager = Pager(stream, "s", LOBBY)  # type: ignore[arg-type]
+    last = seqs[-1] if seqs else 0
+    page = asyncio.run(pager.page(last, before, limit, Retention(max_msgs, 3600.0), time.time()))
+    assert [d.seq for d in page] == naive(seqs, before, limit, max_msgs)
+    # Few requests, and little read beyond the page itself.
+    assert stream.reads <= 20  # typically 3 or 4
+    assert stream.read_messages <= 2 * limit + 20
+
+
+def test_messages_past_their_age_are_not_in_a_page() -> None:
+    stream = ModelStream(list(range(1, 11)), time.time() - 7200)
+    page = asyncio.run(Pager(stream, "s", LOBBY).page(10, None, 5, Retention(100, 3600.0), time.time()))  # type: ignore[arg-type]
+    assert page == []
