@@ -19,7 +19,7 @@ CHROMIUM ?= /usr/bin/chromium
 # The browser tests drive Debian's chromium; playwright must never fetch a browser build of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: dev test test-fast test-nats test-system lint serve clean install bench bench-peers bench-deps-nchan browser-deps cluster cluster-stop cluster-deps ops-deps soak fuzz
+.PHONY: dev test test-fast test-nats test-system lint serve clean install bench bench-peers bench-history bench-deps-nchan browser-deps cluster cluster-stop cluster-deps ops-deps soak fuzz
 
 install: $(STAMP)
 
@@ -66,6 +66,10 @@ bench: $(STAMP)
 # The same plus nginx + nchan, installed with apt-get when missing.
 bench-peers: $(STAMP) bench-deps-nchan
 	$(BIN)/python -m ops.bench.run --peers $(BENCH_ARGS)
+
+# The cost of one page of history (the history command) on a real nats-server: p50 / p99, node CPU per request.
+bench-history: $(STAMP)
+	$(BIN)/python -m ops.bench.history $(BENCH_ARGS)
 
 bench-deps-nchan:
 	@if { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && test -e $(NCHAN_MODULE); then :; else \

@@ -17,15 +17,16 @@ reorder or invent any. Pages are for showing history, not for resuming.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from dataclasses import dataclass
 
 import nats.errors
 import orjson
-from nats.aio.msg import Msg
 
 from .base import BrokerUnavailable, Delivery, Retention
 from .channels import Channel, event_of
 from .dispatch import DispatchingClient
+from .link import NatsLink
 from .timestamps import parse_rfc3339
 
 # Most messages one read asks for: a page is at most history.page_max.
@@ -41,42 +42,63 @@ class Stored:
 
 
 class DirectReader:
-    """Batch direct gets of one subject (``$JS.API.DIRECT.GET.<stream>``)."""
+    """Batch direct gets (``$JS.API.DIRECT.GET.<stream>``). Replies come to
+    one inbox subscription handled in the client's reader (no task or queue
+    per request), each request on a reply subject of its own."""
 
-    def __init__(self, nc: DispatchingClient, stream: str, timeout: float) -> None:
-        self._nc = nc
+    def __init__(self, link: NatsLink, stream: str, timeout: float) -> None:
+        self._link = link
         self._api = f"$JS.API.DIRECT.GET.{stream}"
         self._timeout = timeout
+        self._client: DispatchingClient | None = None  # the client ``_inbox`` is subscribed on
+        self._inbox = ""
+        self._ids = itertools.count()
+        # reply subject → (what came so far, set once the batch is complete)
+        self._waiting: dict[bytes, tuple[list[tuple[bytes, dict[str, str]]], asyncio.Future[None]]] = {}
+
+    async def _subscribed(self) -> DispatchingClient:
+        nc = self._link.client()
+        if nc is not self._client:
+            self._inbox = nc.new_inbox()
+            await nc.subscribe_direct(self._inbox + ".*", self._on_reply)
+            self._client = nc
+        return nc
+
+    def _on_reply(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        waiting = self._waiting.get(subject)
+        if waiting is None:
+            return  # a read that gave up
+        replies, done = waiting
+        if headers is None or "Status" in headers:  # the end of the batch (204), or nothing found (404)
+            if not done.done():
+                done.set_result(None)
+        else:
+            replies.append((data, headers))
 
     async def read(self, subject: str, channel: Channel, start: int, count: int) -> list[Stored]:
         """Up to ``count`` messages of ``subject`` from sequence ``start`` on, oldest first."""
-        replies: list[Msg] = []
-        done = asyncio.get_running_loop().create_future()
-
-        async def take(msg: Msg) -> None:
-            replies.append(msg)
-            if msg.headers and "Status" in msg.headers and not done.done():
-                done.set_result(None)
-
-        inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox, cb=take)
         try:
-            request = {"seq": max(1, start), "next_by_subj": subject, "batch": count}
-            await self._nc.publish(self._api, orjson.dumps(request), reply=inbox)
-            async with asyncio.timeout(self._timeout):
-                await done
+            nc = await self._subscribed()
+            reply = f"{self._inbox}.{next(self._ids)}"
+            replies: list[tuple[bytes, dict[str, str]]] = []
+            done = asyncio.get_running_loop().create_future()
+            self._waiting[reply.encode()] = (replies, done)
+            try:
+                request = {"seq": max(1, start), "next_by_subj": subject, "batch": count}
+                await nc.publish(self._api, orjson.dumps(request), reply=reply)
+                async with asyncio.timeout(self._timeout):
+                    await done
+            finally:
+                del self._waiting[reply.encode()]
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None
-        finally:
-            await sub.unsubscribe()
-        return [_stored(msg, channel) for msg in replies if not (msg.headers and "Status" in msg.headers)]
+        return [_stored(data, headers, channel) for data, headers in replies]
 
 
-def _stored(msg: Msg, channel: Channel) -> Stored:
-    headers = msg.headers or {}
+def _stored(data: bytes, headers: dict[str, str], channel: Channel) -> Stored:
     seq = int(headers["Nats-Sequence"])
     ts = parse_rfc3339(headers["Nats-Time-Stamp"])
-    return Stored(Delivery(channel, seq, 0, ts, event_of(headers), msg.data), int(headers.get("Nats-Num-Pending", 0)))
+    return Stored(Delivery(channel, seq, 0, ts, event_of(headers), data), int(headers.get("Nats-Num-Pending", 0)))
 
 
 class Pager:

@@ -91,6 +91,7 @@ class NatsHistory:
     def __init__(self, link: NatsLink, place: StreamPlace) -> None:
         self._link = link
         self._place = place
+        self._pages = DirectReader(link, place.stream, place.request_timeout)
 
     async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
         p = self._place
@@ -128,7 +129,7 @@ class NatsHistory:
         p = self._place
         js = self._link.jetstream()
         subject = p.subjects.input_subject(channel)
-        pager = Pager(DirectReader(self._link.client(), p.stream, p.request_timeout), subject, channel)
+        pager = Pager(self._pages, subject, channel)
         try:
             async with asyncio.timeout(p.replay_timeout):
                 try:
