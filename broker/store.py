@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 
 from .base import BrokerUnavailable, Delivery, Replay, RetentionPolicy
 from .channels import Channel, Subjects, event_of
+from .coalesce import Fresh
 from .history import retain, stream_cap
 from .link import NatsLink
 from .pages import DirectReader, Pager
@@ -92,6 +93,7 @@ class NatsHistory:
         self._link = link
         self._place = place
         self._pages = DirectReader(link, place.stream, place.request_timeout)
+        self._position = Fresh(self._ask_position)  # asked on every connect: shared by a burst of them
 
     async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
         p = self._place
@@ -141,6 +143,9 @@ class NatsHistory:
             raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None
 
     async def position(self) -> int:
+        return await self._position.get()
+
+    async def _ask_position(self) -> int:
         return (await stream_bounds(self._link.jetstream(), self._place.stream))[1]
 
     async def _fetch(self, channels: Sequence[Channel], after_seq: int, limit: int) -> list[Delivery]:

@@ -1,0 +1,49 @@
+"""One request answers every caller that asked before it was sent."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from .tasks import spawn
+
+T = TypeVar("T")
+
+
+class Fresh(Generic[T]):
+    """Calls ``ask`` on behalf of many callers, each answered by a call sent
+    *after* it asked (so the answer is at least as new as the moment it
+    asked), with at most one call in flight and one queued: a burst of N
+    callers costs two calls, not N."""
+
+    def __init__(self, ask: Callable[[], Awaitable[T]]) -> None:
+        self._ask = ask
+        self._in_flight: asyncio.Future[T] | None = None
+        self._queued: asyncio.Future[T] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def get(self) -> T:
+        queued = self._queued
+        if queued is None:
+            queued = self._queued = asyncio.get_running_loop().create_future()
+            spawn(self._tasks, self._send(queued))
+        return await asyncio.shield(queued)
+
+    async def _send(self, answer: asyncio.Future[T]) -> None:
+        previous = self._in_flight
+        if previous is not None:
+            await asyncio.wait([previous])  # one call at a time: this one goes once that is back
+        self._queued = None  # callers from now on wait for the next call
+        self._in_flight = answer
+        try:
+            answer.set_result(await self._ask())
+        except asyncio.CancelledError:
+            answer.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+            answer.set_exception(exc)
+            answer.exception()  # retrieved: no warning when every waiter has gone
+        finally:
+            if self._in_flight is answer:
+                self._in_flight = None

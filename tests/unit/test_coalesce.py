@@ -1,0 +1,59 @@
+"""broker/coalesce.py: a burst of callers shares calls, and each is answered
+by a call sent after it asked."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker.coalesce import Fresh
+
+
+async def test_a_burst_costs_two_calls_and_every_answer_is_fresh() -> None:
+    state = {"value": 0, "calls": 0}
+
+    async def ask() -> int:
+        state["calls"] += 1
+        seen = state["value"]
+        await asyncio.sleep(0.01)
+        return seen
+
+    fresh = Fresh(ask)
+    first = asyncio.ensure_future(fresh.get())
+    await asyncio.sleep(0.002)  # the first call is in flight, having seen 0
+    state["value"] = 1  # what later callers ask after must be seen by their answer
+    later = [asyncio.ensure_future(fresh.get()) for _ in range(50)]
+    assert await first == 0
+    assert await asyncio.gather(*later) == [1] * 50
+    assert state["calls"] == 2
+
+
+async def test_a_failure_reaches_every_waiter_and_the_next_call_goes_out() -> None:
+    calls = 0
+
+    async def ask() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("away")
+        return 7
+
+    fresh = Fresh(ask)
+    results = await asyncio.gather(fresh.get(), fresh.get(), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert await fresh.get() == 7
+
+
+async def test_a_waiter_cancelled_does_not_cancel_the_others() -> None:
+    async def ask() -> int:
+        await asyncio.sleep(0.01)
+        return 3
+
+    fresh = Fresh(ask)
+    a, b = asyncio.ensure_future(fresh.get()), asyncio.ensure_future(fresh.get())
+    await asyncio.sleep(0)
+    a.cancel()
+    assert await b == 3
+    with pytest.raises(asyncio.CancelledError):
+        await a
