@@ -36,6 +36,26 @@ class Delivery:
     kind: Kind = Kind.MESSAGE
 
 
+@dataclass(frozen=True, slots=True)
+class Publishable:
+    """A message for the stream; ``msg_id``: an idempotency key (a repeat
+    within the stream's duplicate window is not stored again)."""
+
+    channel: Channel
+    payload: bytes
+    event: str | None = None
+    msg_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Where the stream holds a published message; ``duplicate``: it was a
+    repeat of one published with the same key, whose id this is."""
+
+    seq: int
+    duplicate: bool = False
+
+
 class NodeGone(Exception):
     """No node by that id is there to answer (stopped, or never was)."""
 

@@ -67,6 +67,8 @@ class NatsConfig:
     history: RetentionPolicy = field(default_factory=RetentionPolicy)
     max_bytes: int = -1
     publish_timeout: float = 5.0
+    # Seconds the stream remembers a publish's Nats-Msg-Id (idempotency key).
+    dedup_window: float = 120.0
     # At start, how long to wait for JetStream to answer (a cluster electing its leader).
     stream_wait: float = 30.0
     unsubscribe_delay: float = 1.0
@@ -119,7 +121,7 @@ class NatsBroker:
             link, config.subjects, config.stream, config.node_id, config.presence_ttl, config.join_leave_rooms
         )
         self.connections = KvConnections(link, config.stream, self.presence.instance, self.presence.alive, events.kick)
-        self.relay = NatsRelay(link, config.stream, config.node_id, events.request)
+        self.relay = NatsRelay(link, config.stream, config.node_id, events.request, self.presence.alive)
         self._stream_ready = False
         self._stream_created: float | None = None
         self._closing = False
@@ -200,6 +202,7 @@ class NatsBroker:
             max_msgs_per_subject=stream_cap(c.history),
             max_age=c.history.max_age,
             max_bytes=c.max_bytes,
+            duplicate_window=min(c.dedup_window, c.history.max_age),
             discard=DiscardPolicy.OLD,
             allow_direct=True,
             republish=RePublish(src=f"{self._subjects.prefix}.>", dest=f"{self._subjects.live_prefix}.>"),

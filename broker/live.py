@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import nats.errors
 
-from .base import BrokerStats, BrokerUnavailable, Delivery, Kind
+from .acks import AckedPublisher, Outgoing
+from .base import BrokerStats, BrokerUnavailable, Delivery, Kind, Publishable, Published
 from .channels import DEFAULT_EVENT, EVENT_HEADER, Channel, Subjects, event_of, is_user
 from .dispatch import DispatchingClient, LiveSubscription
 from .interest import Interest
@@ -59,6 +61,7 @@ class NatsPubSub:
         # Channels wanted (reference counted): the ones whose flow is kept gap-free.
         self._wanted: dict[Channel, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()  # unsubscribes of subscriptions opened for nobody
+        self._acks = AckedPublisher(link, options.stream, options.publish_timeout)
 
     @property
     def subscriptions(self) -> int:
@@ -160,15 +163,18 @@ class NatsPubSub:
         self._receive(delivery)
 
     async def publish(self, channel: Channel, payload: bytes, event: str | None = None) -> int:
-        js = self._link.jetstream()
-        headers = {EVENT_HEADER: event} if event else None
-        try:
-            ack = await js.publish(
-                self._subjects.input_subject(channel), payload, headers=headers, stream=self._options.stream
-            )
-        except (OSError, nats.errors.Error) as exc:  # OSError: timeouts, and a socket reset under the request
-            raise BrokerUnavailable(f"publish not acknowledged: {exc.__class__.__name__}") from None
-        return int(ack.seq)
+        (ack,) = await self._acks.publish([self._outgoing(Publishable(channel, payload, event))])
+        return ack.seq
+
+    async def publish_batch(self, items: Sequence[Publishable]) -> list[Published]:
+        acks = await self._acks.publish([self._outgoing(item) for item in items])
+        return [Published(ack.seq, ack.duplicate) for ack in acks]
+
+    def _outgoing(self, item: Publishable) -> Outgoing:
+        headers = {EVENT_HEADER: item.event} if item.event else {}
+        if item.msg_id is not None:
+            headers["Nats-Msg-Id"] = item.msg_id  # the stream drops a repeat within its duplicate window
+        return self._subjects.input_subject(item.channel), item.payload, headers or None
 
     async def publish_ephemeral(self, channel: Channel, payload: bytes, event: str | None = None) -> None:
         nc = self._link.client()

@@ -17,7 +17,6 @@ reorder or invent any. Pages are for showing history, not for resuming.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from dataclasses import dataclass
 
 import nats.errors
@@ -25,7 +24,7 @@ import orjson
 
 from .base import BrokerUnavailable, Delivery, Retention
 from .channels import Channel, event_of
-from .dispatch import DispatchingClient
+from .inbox import ReplyInbox
 from .link import NatsLink
 from .timestamps import parse_rfc3339
 
@@ -42,56 +41,37 @@ class Stored:
 
 
 class DirectReader:
-    """Batch direct gets (``$JS.API.DIRECT.GET.<stream>``). Replies come to
-    one inbox subscription handled in the client's reader (no task or queue
-    per request), each request on a reply subject of its own."""
+    """Batch direct gets (``$JS.API.DIRECT.GET.<stream>``), their replies
+    taken in the client's reader (``ReplyInbox``)."""
 
     def __init__(self, link: NatsLink, stream: str, timeout: float) -> None:
-        self._link = link
+        self._inbox = ReplyInbox(link)
         self._api = f"$JS.API.DIRECT.GET.{stream}"
         self._timeout = timeout
-        self._client: DispatchingClient | None = None  # the client ``_inbox`` is subscribed on
-        self._inbox = ""
-        self._ids = itertools.count()
-        # reply subject → (what came so far, set once the batch is complete)
-        self._waiting: dict[bytes, tuple[list[tuple[bytes, dict[str, str]]], asyncio.Future[None]]] = {}
-
-    async def _subscribed(self) -> DispatchingClient:
-        nc = self._link.client()
-        if nc is not self._client:
-            self._inbox = nc.new_inbox()
-            await nc.subscribe_direct(self._inbox + ".*", self._on_reply)
-            self._client = nc
-        return nc
-
-    def _on_reply(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
-        waiting = self._waiting.get(subject)
-        if waiting is None:
-            return  # a read that gave up
-        replies, done = waiting
-        if headers is None or "Status" in headers:  # the end of the batch (204), or nothing found (404)
-            if not done.done():
-                done.set_result(None)
-        else:
-            replies.append((data, headers))
 
     async def read(self, subject: str, channel: Channel, start: int, count: int) -> list[Stored]:
         """Up to ``count`` messages of ``subject`` from sequence ``start`` on, oldest first."""
+        replies: list[tuple[bytes, dict[str, str]]] = []
+        done = asyncio.get_running_loop().create_future()
+
+        def take(data: bytes, headers: dict[str, str] | None) -> None:
+            if headers is None or "Status" in headers:  # the end of the batch (204), or nothing found (404)
+                if not done.done():
+                    done.set_result(None)
+            else:
+                replies.append((data, headers))
+
+        reply = ""
         try:
-            nc = await self._subscribed()
-            reply = f"{self._inbox}.{next(self._ids)}"
-            replies: list[tuple[bytes, dict[str, str]]] = []
-            done = asyncio.get_running_loop().create_future()
-            self._waiting[reply.encode()] = (replies, done)
-            try:
-                request = {"seq": max(1, start), "next_by_subj": subject, "batch": count}
-                await nc.publish(self._api, orjson.dumps(request), reply=reply)
-                async with asyncio.timeout(self._timeout):
-                    await done
-            finally:
-                del self._waiting[reply.encode()]
+            nc, reply = await self._inbox.open(take)
+            request = {"seq": max(1, start), "next_by_subj": subject, "batch": count}
+            await nc.publish(self._api, orjson.dumps(request), reply=reply)
+            async with asyncio.timeout(self._timeout):
+                await done
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None
+        finally:
+            self._inbox.close(reply)
         return [_stored(data, headers, channel) for data, headers in replies]
 
 

@@ -1,8 +1,10 @@
-"""Requests addressed to one node, over core NATS request/reply.
+"""Requests addressed to one node, or to every node, over core NATS.
 
 Each node listens on a subject of its own (its node id, encoded as one
 token); a request with no node listening gets NATS's "no responders" at once,
-which is how a node that is gone is told from one that is slow.
+which is how a node that is gone is told from one that is slow. Every node
+also listens on one subject for requests to all of them: the asker counts
+the answers against the nodes presence knows to be alive.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from .base import BrokerUnavailable, NodeGone
+from .inbox import ReplyInbox
 from .kv import key_token
 from .link import NatsLink
 from .tasks import spawn
@@ -28,11 +31,21 @@ class NatsRelay:
     """``broker.roles.Relay``: asks other nodes; answers those addressed to
     this one with ``answer`` (``BrokerEvents.request``), each in its own task."""
 
-    def __init__(self, link: NatsLink, stream: str, node_id: str, answer: Callable[[bytes], Awaitable[bytes]]) -> None:
+    def __init__(
+        self,
+        link: NatsLink,
+        stream: str,
+        node_id: str,
+        answer: Callable[[bytes], Awaitable[bytes]],
+        alive: Callable[[], Awaitable[set[str]]],
+    ) -> None:
         self._link = link
         self._prefix = f"_herald.{stream}.node."  # core NATS only: never stored
+        self._all = f"_herald.{stream}.nodes"
         self._node_id = node_id
         self._answer = answer
+        self._alive = alive  # the live node instances (presence)
+        self._inbox = ReplyInbox(link)
         self.tasks: set[asyncio.Task[None]] = set()  # requests being answered
 
     def _subject(self, node: str) -> str:
@@ -40,7 +53,9 @@ class NatsRelay:
 
     async def listen(self) -> None:
         """Take the requests addressed to this node (once connected)."""
-        await self._link.client().subscribe(self._subject(self._node_id), cb=self._on_request)
+        nc = self._link.client()
+        await nc.subscribe(self._subject(self._node_id), cb=self._on_request)
+        await nc.subscribe(self._all, cb=self._on_request)
 
     async def _on_request(self, msg: Msg) -> None:
         spawn(self.tasks, self._respond(msg))  # one slow answer must not hold up the others
@@ -67,3 +82,34 @@ class NatsRelay:
         except nats.errors.Error as exc:
             raise BrokerUnavailable(f"cannot reach node {node}: {exc!r}") from None
         return msg.data
+
+    async def ask_all(self, body: bytes, timeout: float) -> tuple[list[bytes], bool]:
+        """Every live node's answer (this one's too), and whether all of them
+        answered within ``timeout`` (False: the answers that came in time)."""
+        try:
+            expected = len(await self._alive())
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerUnavailable(f"cannot tell which nodes are alive: {exc!r}") from None
+        answers: list[bytes] = []
+        everyone = asyncio.get_running_loop().create_future()
+
+        def take(data: bytes, headers: dict[str, str] | None) -> None:
+            if headers and "Status" in headers:  # no responders: no node listens
+                return
+            answers.append(data)
+            if len(answers) >= expected and not everyone.done():
+                everyone.set_result(None)
+
+        reply = ""
+        try:
+            nc, reply = await self._inbox.open(take)
+            await nc.publish(self._all, body, reply=reply)
+            async with asyncio.timeout(timeout):
+                await everyone
+        except TimeoutError:
+            pass
+        except nats.errors.Error as exc:
+            raise BrokerUnavailable(f"cannot reach the nodes: {exc!r}") from None
+        finally:
+            self._inbox.close(reply)
+        return list(answers), len(answers) >= expected

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .base import BrokerStats, Delivery, Replay
+from .base import BrokerStats, Delivery, Publishable, Published, Replay
 from .channels import Channel
 
 
@@ -51,6 +51,13 @@ class PubSub(Protocol):
 
     async def publish(self, channel: Channel, payload: bytes, event: str | None = None) -> int:
         """Store a message in the stream; returns its sequence once acked."""
+        ...
+
+    async def publish_batch(self, items: Sequence[Publishable]) -> list[Published]:
+        """Store ``items`` in order, many in flight at once; where each is held
+        (a repeat of an ``msg_id`` within the duplicate window is not stored
+        again: its first copy's id). Raises BrokerUnavailable if any is not
+        acknowledged — those before it may be stored."""
         ...
 
     async def publish_ephemeral(self, channel: Channel, payload: bytes, event: str | None = None) -> None:
@@ -117,6 +124,11 @@ class Relay(Protocol):
         """The answer of ``node``; NodeGone if no node by that id listens,
         BrokerUnavailable if the broker is away or the node does not answer
         within ``timeout`` seconds."""
+
+    async def ask_all(self, body: bytes, timeout: float) -> tuple[list[bytes], bool]:
+        """The answers of every live node (this one's too), and whether every
+        one answered within ``timeout`` (False: those that did)."""
+        ...
 
 
 class Broker(Protocol):

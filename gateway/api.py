@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker import Broker, BrokerUnavailable, History, Presence, PubSub
+from broker import Broker, BrokerUnavailable, History, Presence, Publishable, PubSub
 from broker.channels import InvalidChannel, channel_id, check_event, check_id, parse_channel, room_channel
 
 from .admission import Gate, Refusal
@@ -24,17 +25,25 @@ from .hub import Hub
 from .limits import TokenBucket
 from .metrics import Metrics
 from .sessions import Sessions
-from .settings import Settings
+from .settings import PublishSettings, Settings
 from .subscriptions import Subscriptions
+
+# What a publish's Idempotency-Key may be (it becomes the Nats-Msg-Id header).
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class PublishApi:
-    """``POST /api/publish``: owns the rate bucket of each publish key."""
+    """``POST /api/publish``: one message, or a batch (a JSON array), with an
+    optional ``Idempotency-Key``. Owns the rate bucket of each publish key."""
 
-    def __init__(self, key: str, rate: float, max_body: int, pubsub: PubSub, metrics: Metrics) -> None:
+    def __init__(
+        self, key: str, rate: float, max_body: int, settings: PublishSettings, pubsub: PubSub, metrics: Metrics
+    ) -> None:
         self._key = key  # publish.key
         self._rate = rate  # limits.api_rate
-        self._max_body = max_body  # http.max_body
+        self._max_body = max_body  # http.max_body: one message
+        self._max_batch = settings.max_batch
+        self._max_batch_body = settings.max_batch_body
         self._pubsub = pubsub
         self._metrics = metrics
         self._buckets: dict[str, TokenBucket] = {}
@@ -66,37 +75,80 @@ class PublishApi:
             response = refuse(429, "rate_limited", f"more than {self._rate:g} publishes/s for this key")
             response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
             return response
-        limit = self._max_body
-        too_large = f"body larger than {limit} bytes"
+        idempotency_key = request.headers.get("Idempotency-Key")
+        if idempotency_key is not None and IDEMPOTENCY_KEY.fullmatch(idempotency_key) is None:
+            return refuse(400, "bad_request", "Idempotency-Key must be 1 to 128 printable ASCII characters, no spaces")
+        limit = self._max_batch_body
         if request.content_length is not None and request.content_length > limit:
             metrics.limit_rejections.labels("body_size").inc()
-            return refuse(413, "too_large", too_large)
+            return refuse(413, "too_large", f"body larger than {limit} bytes")
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             metrics.limit_rejections.labels("body_size").inc()
-            return refuse(413, "too_large", too_large)
+            return refuse(413, "too_large", f"body larger than {limit} bytes")
         except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
             return refuse(400, "bad_request", f"body does not decode: {exc}")
         try:
             doc = loads_exact(body)
         except orjson.JSONDecodeError:
             return refuse(400, "bad_request", "body is not valid JSON")
+        batch = isinstance(doc, list)
+        if not batch and len(body) > self._max_body:
+            metrics.limit_rejections.labels("body_size").inc()
+            return refuse(413, "too_large", f"body larger than {self._max_body} bytes")
+        try:
+            items = self._items(doc, idempotency_key)
+        except BadItem as exc:
+            if exc.too_large:
+                metrics.limit_rejections.labels("body_size").inc()
+            return refuse(413 if exc.too_large else 400, "too_large" if exc.too_large else "bad_request", str(exc))
+        try:
+            published = await self._pubsub.publish_batch(items)
+        except BrokerUnavailable as exc:
+            return refuse(503, "unavailable", str(exc))
+        result.labels("ok").inc(len(items))
+        if batch:
+            return json_response({"ids": [str(p.seq) for p in published]})
+        answer: dict[str, object] = {"id": str(published[0].seq)}
+        if published[0].duplicate:
+            answer["duplicate"] = True
+        return json_response(answer)
+
+    def _items(self, doc: object, idempotency_key: str | None) -> list[Publishable]:
+        """Every message of the body, checked before any is published."""
+        if not isinstance(doc, list):
+            return [self._item(doc, idempotency_key, "body")]
+        if not 1 <= len(doc) <= self._max_batch:
+            raise BadItem(f"a batch holds 1 to {self._max_batch} items (publish.max_batch)")
+        key = idempotency_key
+        return [self._item(item, None if key is None else f"{key}:{i}", f"item {i}") for i, item in enumerate(doc)]
+
+    def _item(self, doc: object, msg_id: str | None, where: str) -> Publishable:
         if not isinstance(doc, dict) or "data" not in doc:
-            return refuse(400, "bad_request", 'body must be {"channel": ..., "data": ..., "event"?: ...}')
+            raise BadItem(f'{where} must be {{"channel": ..., "data": ..., "event"?: ...}}')
+        unknown = doc.keys() - {"channel", "data", "event"}
+        if unknown:
+            raise BadItem(f"{where}: unknown field {sorted(unknown)[0]!r}")
         try:
             channel = parse_channel(doc.get("channel"))
             event = doc.get("event")
             if event is not None:
                 check_event(event)
         except InvalidChannel as exc:
-            return refuse(400, "bad_request", str(exc))
-        try:
-            seq = await self._pubsub.publish(channel, dumps_exact(doc["data"]), event)
-        except BrokerUnavailable as exc:
-            return refuse(503, "unavailable", str(exc))
-        result.labels("ok").inc()
-        return json_response({"id": str(seq)})
+            raise BadItem(f"{where}: {exc}") from None
+        payload = dumps_exact(doc["data"])
+        if len(payload) > self._max_body:
+            raise BadItem(f"{where}: data larger than {self._max_body} bytes", too_large=True)
+        return Publishable(channel, payload, event, msg_id)
+
+
+class BadItem(ValueError):
+    """A message of a publish body that cannot be published (``too_large``: by size)."""
+
+    def __init__(self, message: str, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
 class CommandApi:

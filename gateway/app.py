@@ -13,6 +13,7 @@ from broker.throttle import Throttle
 from .api import CommandApi, NodeApi, PublishApi, healthz
 from .keys import NODE, NODE_API
 from .node import BrokerFactory, build_node
+from .server_api import ServerApi
 from .settings import Settings
 from .transports.link import Opener
 from .transports.registry import KINDS
@@ -87,7 +88,8 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     _quiet_malformed_requests()
     node = build_node(settings, broker_factory)
     opener = Opener(node.id, node.gate, node.sessions, node.resumer)
-    app = web.Application(client_max_size=settings.http.max_body)
+    # Bodies up to a publish batch's; each handler bounds its own (http.max_body for most).
+    app = web.Application(client_max_size=max(settings.http.max_body, settings.publish.max_batch_body))
     endpoints = []
     for kind in KINDS:
         node.metrics.add_transport(kind.name)
@@ -96,7 +98,12 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         endpoints.append(endpoint)
     commands = CommandApi(node.router, node.gate, settings.ws.max_frame, settings.http.command_timeout, node.metrics)
     publish = PublishApi(
-        settings.publish.key, settings.limits.api_rate, settings.http.max_body, node.broker.pubsub, node.metrics
+        settings.publish.key,
+        settings.limits.api_rate,
+        settings.http.max_body,
+        settings.publish,
+        node.broker.pubsub,
+        node.metrics,
     )
     node_api = NodeApi(
         settings,
@@ -108,11 +115,15 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         node.broker.history,
         node.metrics,
     )
+    server_api = ServerApi(settings.admin.key, settings.limits.api_rate, node.broker.relay)
     app[NODE] = node
     app[NODE_API] = node_api
     app.router.add_post("/api/publish", publish.publish)
     app.router.add_post("/api/command", commands.command)
     app.router.add_route("OPTIONS", "/api/command", commands.preflight)
+    app.router.add_post("/api/disconnect", server_api.disconnect)
+    app.router.add_post("/api/subscribe", server_api.subscribe)
+    app.router.add_post("/api/unsubscribe", server_api.unsubscribe)
     if settings.http.dev_tokens:
         app.router.add_post("/api/dev/token", node_api.dev_token)
     if settings.admin.port:

@@ -109,7 +109,7 @@ class CommandRouter:
         return limiter
 
     async def _forward(self, node: str, token: str | None, cmd: Any) -> Frame:
-        body = dumps_exact({"token": token, "command": cmd})
+        body = dumps_exact({"op": "command", "token": token, "command": cmd})
         try:
             answer = await self._relay.ask(node, body, self._timeout)
         except NodeGone:

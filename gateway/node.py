@@ -22,6 +22,7 @@ from .hub import Hub
 from .metrics import Metrics
 from .outbound import Flusher, QueueLimits
 from .resume import Resumer
+from .server_api import NodeRequests, UserActions
 from .sessions import Sessions
 from .settings import Settings, room_history_rules
 from .subscriptions import Subscriptions
@@ -50,6 +51,7 @@ def nats_config(settings: Settings) -> NatsConfig:
         ),
         max_bytes=settings.stream.max_bytes,
         publish_timeout=n.publish_timeout,
+        dedup_window=settings.publish.dedup_window,
         unsubscribe_delay=n.unsubscribe_delay,
         pending_msgs_limit=n.pending_msgs_limit,
         pending_bytes_limit=n.pending_bytes_limit,
@@ -124,12 +126,12 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
         settings.node.id, Flusher(metrics.dropped_queue_full.inc, bp.write_delay), queue_limits, metrics
     )
 
-    async def forwarded(body: bytes) -> bytes:
-        # A command another node forwarded: ``router`` is made below, before
+    async def requested(body: bytes) -> bytes:
+        # What another node asks this one: ``requests`` is made below, before
         # the broker starts (no request can arrive earlier).
-        return await router.answer(body)
+        return await requests.answer(body)
 
-    events = BrokerEvents(deliver=hub.deliver, lost=hub.lost, kick=sessions.kick, request=forwarded)
+    events = BrokerEvents(deliver=hub.deliver, lost=hub.lost, kick=sessions.kick, request=requested)
     broker = (broker_factory or (lambda e: NatsBroker(nats_config(settings), e)))(events)
     subscriptions = Subscriptions(hub, broker.pubsub, broker.presence)
     resumer = Resumer(subscriptions, broker.history, broker.reads, hub.droppable, settings.history, metrics)
@@ -151,6 +153,7 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
     router = CommandRouter(
         settings.node.id, authenticator, sessions, commands, broker.relay, settings.http.command_timeout
     )
+    requests = NodeRequests(router, UserActions(sessions, subscriptions))
     metrics.watch_broker(broker.stats)
     metrics.watch_queue_bytes(sessions.queued_bytes)
     return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router)

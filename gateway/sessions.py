@@ -70,6 +70,10 @@ class Sessions:
         """The open session with that id, if it is on this node."""
         return self._by_id.get(conn_id)
 
+    def of_user(self, user: str) -> list[Session]:
+        """The user's open sessions on this node (a scan: for rare admin actions)."""
+        return [s for s in self._open if s.user == user and s.active]
+
     def kick(self, conn_id: str) -> None:
         """The cluster made room for a newer connection of this one's user."""
         session = self._by_id.get(conn_id)

@@ -14,6 +14,8 @@ from broker import (
     Channel,
     Delivery,
     NodeGone,
+    Publishable,
+    Published,
     Replay,
     RetentionPolicy,
     TooManyConnections,
@@ -56,6 +58,7 @@ class MemoryStream:
 class MemoryPubSub:
     def __init__(self, stream: MemoryStream) -> None:
         self._stream = stream
+        self._keys: dict[str, int] = {}  # msg id → sequence (no window: a test's life is short)
 
     async def want(self, channel: Channel) -> None:
         await self._stream.interest.want(channel)
@@ -74,6 +77,19 @@ class MemoryPubSub:
         s.log.append(delivery)
         s.emit(delivery)
         return seq
+
+    async def publish_batch(self, items: Sequence[Publishable]) -> list[Published]:
+        done = []
+        for item in items:
+            first = self._keys.get(item.msg_id) if item.msg_id is not None else None
+            if first is not None:
+                done.append(Published(first, duplicate=True))
+                continue
+            seq = await self.publish(item.channel, item.payload, item.event)
+            if item.msg_id is not None:
+                self._keys[item.msg_id] = seq
+            done.append(Published(seq))
+        return done
 
     async def publish_ephemeral(self, channel: Channel, payload: bytes, event: str | None = None) -> None:
         self._stream.check()
@@ -159,10 +175,17 @@ class MemoryConnections:
 
 
 class MemoryRelay:
-    """One node alone: no other node answers."""
+    """One node alone: no other node answers; asking all asks this one."""
+
+    def __init__(self, stream: MemoryStream) -> None:
+        self._stream = stream
 
     async def ask(self, node: str, body: bytes, timeout: float) -> bytes:
         raise NodeGone(f"node {node} is not running")
+
+    async def ask_all(self, body: bytes, timeout: float) -> tuple[list[bytes], bool]:
+        self._stream.check()
+        return [await self._stream.events.request(body)], True
 
 
 class MemoryBroker:
@@ -177,7 +200,7 @@ class MemoryBroker:
         self.reads = MemoryReads(stream)
         self.presence = MemoryPresence(stream)
         self.connections = MemoryConnections(stream)
-        self.relay = MemoryRelay()
+        self.relay = MemoryRelay(stream)
 
     @property
     def log(self) -> list[Delivery]:

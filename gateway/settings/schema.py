@@ -137,6 +137,11 @@ class JwtSettings:
 @dataclass(frozen=True, slots=True)
 class PublishSettings:
     key: str = ""
+    # Seconds a publish's Idempotency-Key is remembered (the stream's duplicate window).
+    dedup_window: float = 120.0
+    # POST /api/publish with a JSON array: most items, and most bytes in the whole body.
+    max_batch: int = 1000
+    max_batch_body: int = 1048576
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from .schema import (
     NatsSettings,
     NodeSettings,
     PresenceSettings,
+    PublishSettings,
     RoomsSettings,
     Settings,
     SseSettings,
@@ -43,6 +44,7 @@ def validate(s: Settings) -> None:
     """Raise ConfigError naming the first bad key, checking the sections in this order."""
     _node(s.node)
     _http(s.http)
+    _publish(s.publish, s.http)
     _admin(s.admin)
     _nats(s.nats)
     _subject(s)
@@ -76,6 +78,14 @@ def _http(http: HttpSettings) -> None:
     _require(http.handshake_timeout > 0, "http.handshake_timeout", "must be > 0")
     _require(http.command_timeout > 0, "http.command_timeout", "must be > 0")
     _require(0 <= http.reconnect_spread <= 300, "http.reconnect_spread", "must be 0 to 300 seconds")
+
+
+def _publish(publish: PublishSettings, http: HttpSettings) -> None:
+    _require(1 <= publish.dedup_window <= 86400, "publish.dedup_window", "must be 1 to 86400 seconds")
+    _require(1 <= publish.max_batch <= 10_000, "publish.max_batch", "must be 1 to 10000")
+    _require(
+        publish.max_batch_body >= http.max_body, "publish.max_batch_body", "must be >= http.max_body (one item's limit)"
+    )
 
 
 def _admin(admin: AdminSettings) -> None:

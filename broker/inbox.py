@@ -1,0 +1,48 @@
+"""One inbox subscription for many requests, handled in the client's reader.
+
+Each request gets a reply subject of its own under the inbox and a callback
+for what comes back to it: no task, queue or subscription per request (what
+nats-py's request() costs), and replies are matched as they come, so many
+requests can be in flight at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+from .dispatch import DispatchingClient
+from .link import NatsLink
+
+# (payload, headers or None) of one reply.
+OnReply = Callable[[bytes, dict[str, str] | None], None]
+
+
+class ReplyInbox:
+    """Reply subjects under one wildcard subscription (made again on a new client)."""
+
+    def __init__(self, link: NatsLink) -> None:
+        self._link = link
+        self._client: DispatchingClient | None = None  # the client ``_prefix`` is subscribed on
+        self._prefix = ""
+        self._ids = itertools.count()
+        self._waiting: dict[bytes, OnReply] = {}
+
+    async def open(self, on_reply: OnReply) -> tuple[DispatchingClient, str]:
+        """A reply subject whose replies go to ``on_reply`` until ``close``."""
+        nc = self._link.client()
+        if nc is not self._client:
+            self._prefix = nc.new_inbox()
+            await nc.subscribe_direct(self._prefix + ".*", self._on_reply)
+            self._client = nc
+        reply = f"{self._prefix}.{next(self._ids)}"
+        self._waiting[reply.encode()] = on_reply
+        return nc, reply
+
+    def close(self, reply: str) -> None:
+        self._waiting.pop(reply.encode(), None)
+
+    def _on_reply(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        on_reply = self._waiting.get(subject)
+        if on_reply is not None:  # else: a request that gave up
+            on_reply(data, headers)

@@ -1,0 +1,134 @@
+"""The server API for backends (admin key): close a user's connections, and
+join or leave them to a room — on every node of the cluster.
+
+The node that takes the POST asks every live node (``Relay.ask_all``); each
+acts on its own connections of the user (``UserActions``) and says how many
+it touched, and the sum is the answer — once every live node answered, or
+after ``TIMEOUT`` with the answers that came (``"complete": false``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+from broker import BrokerUnavailable, Relay
+from broker.channels import InvalidChannel, channel_id, check_id, room_channel
+
+from .command_route import CommandRouter
+from .disconnect import DISCONNECTED, DISCONNECTED_FOR_GOOD
+from .http import json_error, json_response, key_matches
+from .limits import TokenBucket
+from .sessions import Sessions
+from .subscriptions import Subscriptions
+
+# Seconds the asking node waits for every live node's answer.
+TIMEOUT = 1.0
+
+
+class UserActions:
+    """What a node does to its own connections of one user."""
+
+    def __init__(self, sessions: Sessions, subscriptions: Subscriptions) -> None:
+        self._sessions = sessions
+        self._subscriptions = subscriptions
+
+    async def act(self, request: dict[str, Any]) -> int:
+        """Carry out one action; the number of connections it touched."""
+        user, action = request["user"], request["op"]
+        sessions = self._sessions.of_user(user)
+        if action == "disconnect":
+            reason = DISCONNECTED if request.get("reconnect", True) else DISCONNECTED_FOR_GOOD
+            for session in sessions:
+                session.close(reason)
+            return len(sessions)
+        channel = room_channel(request["room"])
+        touched = 0
+        for session in sessions:
+            joining = action == "subscribe"
+            if (channel in session.channels) == joining:
+                continue  # already so: no frame for what did not change
+            if joining:
+                await self._subscriptions.join(session, channel)
+            else:
+                await self._subscriptions.leave(session, channel)
+            if session.active:
+                session.send({"type": "subscribed" if joining else "unsubscribed", "room": channel_id(channel)})
+                touched += 1
+        return touched
+
+
+class NodeRequests:
+    """What other nodes ask this one (``BrokerEvents.request``): to run a
+    command for one of its streams, or an action on a user's connections."""
+
+    def __init__(self, router: CommandRouter, actions: UserActions) -> None:
+        self._router = router
+        self._actions = actions
+
+    async def answer(self, body: bytes) -> bytes:
+        request = orjson.loads(body)
+        if request.get("op") == "command":
+            return await self._router.answer(body)
+        return orjson.dumps({"touched": await self._actions.act(request)})
+
+
+class ServerApi:
+    """``POST /api/disconnect``, ``/api/subscribe``, ``/api/unsubscribe``
+    (admin key), rate-limited like the publish API."""
+
+    def __init__(self, admin_key: str, rate: float, relay: Relay) -> None:
+        self._key = admin_key
+        burst = max(1.0, rate)
+        self._bucket = TokenBucket(burst, burst / rate)  # limits.api_rate
+        self._relay = relay
+
+    async def disconnect(self, request: web.Request) -> web.Response:
+        return await self._act(request, "disconnect", "disconnected")
+
+    async def subscribe(self, request: web.Request) -> web.Response:
+        return await self._act(request, "subscribe", "subscribed")
+
+    async def unsubscribe(self, request: web.Request) -> web.Response:
+        return await self._act(request, "unsubscribe", "unsubscribed")
+
+    async def _act(self, request: web.Request, op: str, counted: str) -> web.Response:
+        if not key_matches(request, self._key):
+            return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
+        if self._bucket.take():
+            return json_error(429, "rate_limited", "too many server API requests: retry later")
+        try:
+            action = _action(op, await request.read())
+        except (ValueError, InvalidChannel) as exc:
+            return json_error(400, "bad_request", str(exc))
+        except (web.HTTPRequestEntityTooLarge, RequestPayloadError):
+            return json_error(413, "too_large", "body too large")
+        try:
+            answers, complete = await self._relay.ask_all(orjson.dumps(action), TIMEOUT)
+        except BrokerUnavailable as exc:
+            return json_error(503, "unavailable", str(exc))
+        total = sum(int(orjson.loads(a).get("touched", 0)) for a in answers)
+        return json_response({counted: total, "nodes": len(answers), "complete": complete})
+
+
+def _action(op: str, body: bytes) -> dict[str, Any]:
+    """The action a body asks for, checked (ValueError says what is wrong)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValueError("body is not valid JSON") from None
+    fields = {"user", "reconnect"} if op == "disconnect" else {"user", "room"}
+    if not isinstance(doc, dict) or not doc.keys() <= fields or "user" not in doc:
+        raise ValueError(f"body must be {{{', '.join(sorted(fields))}}} with user")
+    action: dict[str, Any] = {"op": op, "user": check_id("user", doc["user"])}
+    if op == "disconnect":
+        reconnect = doc.get("reconnect", True)
+        if type(reconnect) is not bool:
+            raise ValueError("reconnect must be true or false")
+        action["reconnect"] = reconnect
+    else:
+        action["room"] = channel_id(room_channel(doc.get("room")))
+    return action

@@ -1,0 +1,127 @@
+"""The server API for backends (docs/protocol.md 10.4): disconnect a user's
+connections and join or leave them to a room, cluster-wide, posted to any
+node."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from ..helpers import ADMIN_KEY, PUBLISH_KEY, RunningNode, SseClient, api_publish, expect_close, recv_json, token
+
+NodeFactory = Callable[..., Awaitable[RunningNode]]
+
+
+async def cluster(node_factory: NodeFactory) -> tuple[RunningNode, RunningNode]:
+    tag = "sa" + uuid.uuid4().hex[:8]
+    shared: dict[str, Any] = {"subject": {"prefix": tag}, "stream": {"name": tag.upper(), "storage": "memory"}}
+    return await node_factory(**shared), await node_factory(**shared)
+
+
+async def admin(
+    http: aiohttp.ClientSession, node: RunningNode, path: str, body: Any, key: str = ADMIN_KEY
+) -> tuple[int, Any]:
+    async with http.post(node.url + path, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        return resp.status, await resp.json()
+
+
+async def open_sse(http: aiohttp.ClientSession, node: RunningNode, user: str, rooms: list[str] = ()) -> SseClient:
+    params = [("token", token(user)), ("envelope", "1")] + [("room", r) for r in rooms]
+    resp = await http.get(node.url + "/sse", params=params)
+    assert resp.status == 200
+    return SseClient(resp)
+
+
+async def test_disconnect_closes_every_connection_of_the_user_on_every_node(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    a, b = await cluster(node_factory)
+    ws1 = await http.ws_connect(a.ws_url, params={"token": token("mallory")})
+    ws2 = await http.ws_connect(a.ws_url, params={"token": token("mallory")})
+    bystander = await http.ws_connect(a.ws_url, params={"token": token("alice")})
+    for ws in (ws1, ws2, bystander):
+        await recv_json(ws)
+    sse = await open_sse(http, b, "mallory")
+    first = await sse._next(5.0)
+    assert first.event == "welcome"
+
+    started = time.monotonic()
+    status, answer = await admin(http, b, "/api/disconnect", {"user": "mallory"})
+    assert (status, answer) == (200, {"disconnected": 3, "nodes": 2, "complete": True})
+    assert [(await expect_close(ws))[0] for ws in (ws1, ws2)] == [4009, 4009]
+    ends = await sse.read_to_end()
+    assert [(e.event, e.json()["code"]) for e in ends] == [("close", 4009)]
+    assert time.monotonic() - started < 1.0
+    await bystander.send_json({"type": "ping"})
+    assert (await recv_json(bystander))["type"] == "pong"
+
+    ws3 = await http.ws_connect(a.ws_url, params={"token": token("mallory")})
+    await recv_json(ws3)
+    assert (await admin(http, a, "/api/disconnect", {"user": "mallory", "reconnect": False}))[1]["disconnected"] == 1
+    code, reason = await expect_close(ws3)
+    assert code == 4403 and "do not reconnect" in reason
+    metrics = await (await http.get(a.url + "/metrics")).text()
+    assert 'herald_connections_closed_total{reason="disconnected",transport="ws"} 2.0' in metrics
+    assert 'herald_connections_closed_total{reason="disconnected_for_good",transport="ws"} 1.0' in metrics
+    assert (await admin(http, a, "/api/disconnect", {"user": "nobody"}))[1]["disconnected"] == 0
+    await bystander.close()
+
+
+async def test_server_side_subscribe_and_unsubscribe_reach_streams_on_other_nodes(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    a, b = await cluster(node_factory)
+    # The token does not allow the room: the backend decides (no claim needed).
+    ws = await http.ws_connect(b.ws_url, params={"token": token("alice", rooms=["lobby"])})
+    await recv_json(ws)
+    sse = await open_sse(http, b, "alice")
+    await sse._next(5.0)
+
+    status, answer = await admin(http, a, "/api/subscribe", {"user": "alice", "room": "project-9"})
+    assert (status, answer) == (200, {"subscribed": 2, "nodes": 2, "complete": True})
+    assert await recv_json(ws) == {"type": "subscribed", "room": "project-9"}
+    ev = await sse.next()
+    assert (ev.event, ev.json()) == ("subscribed", {"type": "subscribed", "room": "project-9"})
+    msg_id = await api_publish(http, a, "room:project-9", {"n": 1})
+    assert (await recv_json(ws))["id"] == msg_id
+    assert (await sse.next()).id == msg_id
+    # Again: nothing changes, nothing is counted.
+    assert (await admin(http, a, "/api/subscribe", {"user": "alice", "room": "project-9"}))[1]["subscribed"] == 0
+
+    status, answer = await admin(http, a, "/api/unsubscribe", {"user": "alice", "room": "project-9"})
+    assert (status, answer["unsubscribed"]) == (200, 2)
+    assert await recv_json(ws) == {"type": "unsubscribed", "room": "project-9"}
+    await api_publish(http, a, "room:project-9", {"n": 2})
+    await ws.send_json({"type": "ping"})
+    assert (await recv_json(ws))["type"] == "pong"  # the room's message never came
+    assert (await admin(http, a, "/api/subscribe", {"user": "nobody", "room": "x"}))[1] == {
+        "subscribed": 0,
+        "nodes": 2,
+        "complete": True,
+    }
+    await ws.close()
+
+
+async def test_server_api_refusals(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    for path, body in [
+        ("/api/disconnect", {"user": "a.b"}),
+        ("/api/disconnect", {"user": "*"}),
+        ("/api/disconnect", {"user": "a", "reconnect": "no"}),
+        ("/api/disconnect", {"user": "a", "colour": "red"}),
+        ("/api/disconnect", ["a"]),
+        ("/api/subscribe", {"user": "a"}),
+        ("/api/subscribe", {"user": "a", "room": "x>y"}),
+        ("/api/unsubscribe", {"user": 7, "room": "x"}),
+    ]:
+        status, answer = await admin(http, node, path, body)
+        assert (status, answer["error"]) == (400, "bad_request"), (path, body)
+    for key in (PUBLISH_KEY, "wrong"):
+        assert (await admin(http, node, "/api/disconnect", {"user": "a"}, key=key))[0] == 401
+    async with http.post(
+        node.url + "/api/subscribe", data=b"not json", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as r:
+        assert r.status == 400
