@@ -1,0 +1,96 @@
+"""The node's CPU per message published through ``POST /api/publish``:
+single messages, and the same messages in batches (``make bench-publish``).
+
+    python -m ops.bench.publish [--messages 5000] [--batch 100] [--storage file|memory]
+
+Starts nats-server (core 1) and one node (core 0) as ``make bench`` does,
+with no subscribers; publishes ``--messages`` single messages (``--concurrency``
+requests in flight), then as many in batches of ``--batch``; prints the
+node's CPU (user + system, from /proc) per message for each way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from .history import cpu_seconds
+from .procs import Processes, install_signal_handlers
+from .servers import PUBLISH_KEY, Herald
+
+HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+
+
+def item(i: int) -> dict[str, object]:
+    return {"channel": f"room:r{i % 10}", "data": {"text": "x" * 80, "n": i}}
+
+
+async def run(base: str, pid: int, messages: int, batch: int, concurrency: int) -> dict[str, float]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        url = f"{base}/api/publish"
+
+        async def post(body: object) -> None:
+            async with http.post(url, json=body, headers=HEADERS) as resp:
+                resp.raise_for_status()
+                await resp.read()
+
+        async def drive(bodies: list[object]) -> tuple[float, float]:
+            queue = iter(bodies)
+
+            async def worker() -> None:
+                for body in queue:
+                    await post(body)
+
+            cpu0, wall0 = cpu_seconds(pid), time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return cpu_seconds(pid) - cpu0, time.perf_counter() - wall0
+
+        await drive([item(i) for i in range(200)])  # warm up
+        single_cpu, single_wall = await drive([item(i) for i in range(messages)])
+        batches: list[object] = [[item(i) for i in range(s, s + batch)] for s in range(0, messages, batch)]
+        batch_cpu, batch_wall = await drive(batches)
+    return {
+        "single_us": single_cpu / messages * 1e6,
+        "single_per_s": messages / single_wall,
+        "batch_us": batch_cpu / messages * 1e6,
+        "batch_per_s": messages / batch_wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ops.bench.publish", description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=5000)
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--storage", choices=("file", "memory"), default="file")
+    args = p.parse_args(argv)
+    install_signal_handlers()
+    procs = Processes()
+    unlimited = {"HERALD_LIMITS_API_RATE": "1000000"}
+    herald = Herald(
+        procs,
+        Path(tempfile.mkdtemp(prefix="herald-bench-publish-")),
+        env={"HERALD_STREAM_STORAGE": args.storage, **unlimited},
+    )
+    try:
+        target = herald.start()
+        base = "http://" + target.ws_url.split("//", 1)[1].split("/", 1)[0]
+        r = asyncio.run(run(base, target.server_pids[0], args.messages, args.batch, args.concurrency))
+    finally:
+        herald.stop()
+        procs.stop_all()
+    print(
+        f"POST /api/publish ({args.storage} stream, no subscribers, {args.concurrency} requests in flight): "
+        f"single {r['single_us']:.0f} µs of node CPU per message ({r['single_per_s']:.0f}/s); "
+        f"batches of {args.batch} {r['batch_us']:.0f} µs per message ({r['batch_per_s']:.0f}/s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
