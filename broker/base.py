@@ -131,3 +131,4 @@ class BrokerStats:
     gap_repaired_messages: int = 0
     gaps_lost: int = 0
     duplicates_dropped: int = 0
+    read_positions_reset: int = 0

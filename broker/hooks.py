@@ -31,6 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from .base import BrokerUnavailable
 from .channels import Subjects, channel_id, event_of, is_user
 from .kv import key_token, live_keys
+from .readmark import decode, stream_id, trusted
 from .tasks import spawn
 
 log = logging.getLogger("herald.hooks")
@@ -82,6 +83,8 @@ class HookSource:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._acks: set[asyncio.Task[None]] = set()
+        self._place: tuple[str, int] | None = None  # see _stream_place
+        self._place_at = 0.0
 
     async def start(self) -> None:
         try:
@@ -168,8 +171,26 @@ class HookSource:
         return any(isinstance(v, list) and v and v[0] in alive for v in table.values())
 
     async def read_position(self, user: str) -> int:
+        """What the user has read, by the nodes' rule (broker/readmark.py): a
+        position of another incarnation of the stream, or past its end, is
+        nothing read."""
         value = await self._user_value("read", user)
-        return int(value) if value and value.isdigit() else 0
+        seq, written_for = decode(value)
+        stream, last = await self._stream_place()
+        if written_for == stream:
+            return seq  # checked against the stream's end when written (that end may be newer than ours)
+        return trusted(value, stream, last)[0]
+
+    async def _stream_place(self) -> tuple[str, int]:
+        """The stream's incarnation and last sequence, asked at most once a second."""
+        now = time.monotonic()
+        if self._place is None or now - self._place_at > 1.0:
+            js = self._js
+            assert js is not None
+            info = await js.stream_info(self._stream)
+            self._place = (stream_id(info.created), int(info.state.last_seq or 0))
+            self._place_at = now
+        return self._place
 
     async def dead_letter(self, message: HookMessage, reason: str) -> None:
         """Keep what could not be delivered (with why), then let it go."""

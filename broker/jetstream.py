@@ -26,6 +26,7 @@ from .kv import storage_type
 from .link import NatsLink
 from .live import LiveOptions, NatsPubSub
 from .presence import KvPresence
+from .readmark import stream_id
 from .reads import KvReadPositions
 from .relay import NatsRelay
 from .roles import BrokerEvents
@@ -116,7 +117,7 @@ class NatsBroker:
             self._stats,
         )
         self._sequencer = self.pubsub.sequencer
-        self.reads = KvReadPositions(f"{config.stream}_read", link)
+        self.reads = KvReadPositions(f"{config.stream}_read", link, self.history.position, self._stats)
         self.presence = KvPresence(
             link, config.subjects, config.stream, config.node_id, config.presence_ttl, config.join_leave_rooms
         )
@@ -241,6 +242,7 @@ class NatsBroker:
             log.warning("stream %s was recreated: its sequence starts over", config.name)
             self._sequencer.restart()
         self._stream_created = created
+        self.reads.stream_id = stream_id(info.created)
         self._stream_ready = True
 
     async def close(self) -> None:

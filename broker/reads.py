@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
+
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from .base import BrokerUnavailable
+from .base import BrokerStats, BrokerUnavailable
 from .kv import bind_bucket, compare_and_set, key_token, storage_type
 from .link import NatsLink
+from .readmark import decode, encode, trusted
+from .throttle import Throttle
+
+log = logging.getLogger("herald.reads")
+warn = Throttle(log)
 
 
 class KvReadPositions:
     """``broker.roles.ReadPositions``: one KV key per user, moved forward only
-    (compare-and-set), so tabs racing each other never go back."""
+    (compare-and-set), so tabs racing each other never go back; each stored
+    with the stream it counts in (broker/readmark.py)."""
 
-    def __init__(self, bucket: str, link: NatsLink) -> None:
+    def __init__(self, bucket: str, link: NatsLink, last: Callable[[], Awaitable[int]], stats: BrokerStats) -> None:
         self.bucket = bucket
         self._link = link
+        self._last = last  # the stream's last sequence now
+        self._stats = stats
         self._kv: KeyValue | None = None
+        # The stream's incarnation (readmark.stream_id): set by the broker once it knows the stream.
+        self.stream_id = ""
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
         self._kv = await bind_bucket(
@@ -48,19 +61,36 @@ class KvReadPositions:
             return 0
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"read position lookup failed: {exc.__class__.__name__}") from None
-        return int(entry.value or b"0")
+        seq, written_for = decode(entry.value)
+        stream = self.stream_id or written_for or ""  # the stream not known yet: judge by its end only
+        # This stream's own positions were checked when written; others need the stream's end.
+        last = seq if written_for == stream else await self._last()
+        position, set_aside = trusted(entry.value, stream, last)
+        if set_aside:
+            self._stats.read_positions_reset += 1
+            warn(
+                "reset",
+                "read position %d of a user is not this stream's (recreated?) or past its end (%d): "
+                "the user's held messages count as unread",
+                seq,
+                last,
+            )
+        return position
 
     async def advance(self, user: str, seq: int) -> int:
         stored = seq
+        stream = self.stream_id
 
         def forward(value: bytes | None) -> bytes | None:
             nonlocal stored
-            current = int(value or b"0")
+            current, written_for = decode(value)
+            if written_for != stream:
+                current = 0  # another stream's position (or one without a stream): not ahead of anything
             if current >= seq:
                 stored = current
                 return None
             stored = seq
-            return str(seq).encode()
+            return encode(seq, stream)
 
         try:
             # Each conflict is another tab moving the position forward: it ends

@@ -244,6 +244,9 @@ class Commands:
             seq = parse_seq(cmd.get("id"))
         except InvalidChannel as exc:
             raise CommandError("bad_request", str(exc)) from None
+        last = await self._history.position()
+        if seq > last:  # it would mark everything published until then as read, unseen
+            raise CommandError("bad_request", f"id {seq} is past the stream's last message ({last})")
         position = await self._reads.advance(identity.user, seq)
         self._metrics.read_marks.inc()
         return _frame("ack", id=str(position))

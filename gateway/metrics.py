@@ -235,6 +235,11 @@ class _BrokerCollector(Collector):
         yield CounterMetricFamily(
             "herald_duplicates_dropped", "Live messages dropped as already delivered", value=s.duplicates_dropped
         )
+        yield CounterMetricFamily(
+            "herald_read_positions_reset",
+            "Stored read positions set aside: written for another incarnation of the stream, or past its end",
+            value=s.read_positions_reset,
+        )
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

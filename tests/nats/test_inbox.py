@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from broker.jetstream import NatsBroker
+from broker.readmark import decode, encode
 
 from ..helpers import (
     RunningNode,
@@ -237,7 +238,8 @@ async def test_whitebox_read_succeeds_while_other_tabs_keep_reading(
             entry = await real_kv.get(key)
             if self.moves < 12:
                 self.moves += 1
-                await real_kv.update(key, str(int(entry.value) + 1).encode(), last=entry.revision)
+                seq, stream = decode(entry.value)
+                await real_kv.update(key, encode(seq + 1, stream or reads.stream_id), last=entry.revision)
             return entry
 
     others = OtherTabs()

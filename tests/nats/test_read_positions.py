@@ -1,0 +1,90 @@
+"""Read positions are trusted only for the stream they were written against,
+and never past its end (docs/protocol.md 7.3): a client bug or a recreated
+stream must not silence a user's inbox for good."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import nats
+
+from broker.embedded import NatsServer
+
+from ..helpers import RunningNode, make_settings, scrape, start_node
+from .test_inbox import cluster, connect, messages, publish_many, quiet, read
+
+NodeFactory = Callable[..., Awaitable[RunningNode]]
+
+
+async def test_a_read_past_the_end_is_refused_and_changes_nothing(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    ids = await publish_many(http, node, "user:ana", 2)
+    ws, welcome = await connect(http, node, "ana")
+    assert welcome["unread"] == 2
+    await messages(ws, 2)
+    frame = await read(ws, "999999999")
+    assert frame["type"] == "error" and frame["code"] == "bad_request"
+    assert "past the stream's last message" in frame["message"]
+    assert (await read(ws, ids[0]))["id"] == ids[0]  # the position is where it was: it still moves
+    await ws.close()
+    later = await publish_many(http, node, "user:ana", 3)
+    ws, welcome = await connect(http, node, "ana")
+    assert welcome["unread"] == 4  # ids[1] and the three later ones
+    assert [m["id"] for m in await messages(ws, 4)] == [ids[1], *later]
+    await ws.close()
+
+
+async def test_a_position_at_the_last_message_leaves_nothing_unread(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    ids = await publish_many(http, node, "user:bo", 3)
+    ws, _ = await connect(http, node, "bo")
+    await messages(ws, 3)
+    assert (await read(ws, ids[-1]))["id"] == ids[-1]
+    await ws.close()
+    ws, welcome = await connect(http, node, "bo")
+    assert welcome["unread"] == 0
+    await quiet(ws)
+    await ws.close()
+
+
+async def test_positions_of_a_deleted_stream_do_not_silence_the_new_one(
+    nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
+    shared = cluster()
+    settings = make_settings(nats_server.url, subject=shared["subject"], stream=shared["stream"])
+    first = await start_node(settings)
+    try:
+        ids = await publish_many(http, first, "user:cy", 30)
+        ws, _ = await connect(http, first, "cy")
+        await messages(ws, 30)
+        assert (await read(ws, ids[-1]))["id"] == ids[-1]  # read up to 30-something
+        await ws.close()
+    finally:
+        await first.stop()
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().delete_stream(shared["stream"]["name"])  # an operator's mistake; sequences start over
+    await nc.close()
+
+    second = await start_node(settings)
+    try:
+        fresh = await publish_many(http, second, "user:cy", 3)  # ids 1..3 of the new stream: below the old position
+        ws, welcome = await connect(http, second, "cy")
+        assert welcome["unread"] == 3
+        assert [m["id"] for m in await messages(ws, 3)] == fresh
+        await ws.close()
+        metrics: dict[str, Any] = await scrape(http, second.url)
+        assert metrics["herald_read_positions_reset_total"] >= 1
+        # Reading in the new stream works as usual from then on.
+        ws, _ = await connect(http, second, "cy")
+        await messages(ws, 3)
+        assert (await read(ws, fresh[-1]))["id"] == fresh[-1]
+        await ws.close()
+        ws, welcome = await connect(http, second, "cy")
+        assert welcome["unread"] == 0
+        await ws.close()
+    finally:
+        await second.stop()
