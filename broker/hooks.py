@@ -28,13 +28,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
-from .base import BrokerUnavailable
 from .channels import Subjects, channel_id, event_of, is_user
 from .kv import key_token, live_keys
 from .readmark import decode, stream_id, trusted
 from .tasks import spawn
+from .throttle import Throttle
 
 log = logging.getLogger("herald.hooks")
+warn = Throttle(log, interval=30.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,52 +86,132 @@ class HookSource:
         self._acks: set[asyncio.Task[None]] = set()
         self._place: tuple[str, int] | None = None  # see _stream_place
         self._place_at = 0.0
+        self.ready = False  # consuming (False: waiting for NATS, the stream or the consumer)
+        self._waited = False  # the stream was missing at some point while this dispatcher ran
+        self._incarnation: str | None = None  # the stream's, when the consumer was last found or made
 
     async def start(self) -> None:
-        try:
-            self._nc = await nats.connect(
-                list(self._urls),
-                name="herald-hooks",
-                connect_timeout=self._connect_timeout,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                allow_reconnect=True,
-            )
-            js = self._js = self._nc.jetstream()
-            await js.add_consumer(
-                self._stream,
-                ConsumerConfig(
-                    durable_name=self.consumer,
-                    filter_subject=f"{self._subjects.prefix}.user.>",
-                    ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.NEW,
-                    ack_wait=self._ack_wait,
-                    max_deliver=-1,
-                    max_ack_pending=10_000,
-                ),
-            )
+        """Connect and bind the consumer, waiting as long as it takes for NATS
+        and for the stream (the nodes create it): a dispatcher may start
+        first. ``ready`` says when it is consuming."""
+        delay = 0.5
+        while self._nc is None:
             try:
-                await js.stream_info(self.dead_stream)
+                self._nc = await nats.connect(
+                    list(self._urls),
+                    name="herald-hooks",
+                    connect_timeout=self._connect_timeout,
+                    max_reconnect_attempts=-1,  # once connected, nats-py reconnects by itself
+                    reconnect_time_wait=1,
+                    allow_reconnect=True,
+                )
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                warn("connect", "webhook dispatcher cannot reach NATS at %s (%r): retrying", self._urls, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._js = self._nc.jetstream()
+        await self._bind()
+
+    async def _bind(self) -> None:
+        """Wait for the stream, then make (or find) the consumer and the
+        dead-letter stream. Waiting, not creating the stream: only the nodes
+        hold its settings, and a dispatcher's copy could differ from theirs."""
+        self.ready = False
+        js = self._js
+        assert js is not None
+        delay = 0.5
+        while True:
+            try:
+                info = await js.stream_info(self._stream)
+                await self._ensure_consumer(js, stream_id(info.created))
+                try:
+                    await js.stream_info(self.dead_stream)
+                except nats.js.errors.NotFoundError:
+                    await js.add_stream(StreamConfig(name=self.dead_stream, subjects=[self.dead_subject]))
             except nats.js.errors.NotFoundError:
-                await js.add_stream(StreamConfig(name=self.dead_stream, subjects=[self.dead_subject]))
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
-            await self.close()
-            raise BrokerUnavailable(f"webhook dispatcher cannot reach NATS JetStream at {self._urls}: {exc}") from None
+                self._waited = True
+                warn("stream", "stream %s not found: waiting for a node to create it", self._stream)
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                warn("jetstream", "webhook dispatcher cannot use NATS JetStream (%r): retrying", exc)
+            else:
+                self.ready = True
+                log.info("webhook dispatcher consuming %s", self._stream)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _ensure_consumer(self, js: JetStreamContext, incarnation: str) -> None:
+        """The shared durable consumer: found if it exists, else made. Made
+        when the stream is first seen as it was, it starts with what comes
+        next; made for a stream that appeared or was recreated while this
+        dispatcher ran, it starts at its beginning (nothing in it is older
+        than the dispatcher's watch, and what came before the consumer must
+        not be lost)."""
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.consumer_info(self._stream, self.consumer)
+            self._incarnation = incarnation
+            return
+        from_start = self._waited or (self._incarnation is not None and self._incarnation != incarnation)
+        await js.add_consumer(
+            self._stream,
+            ConsumerConfig(
+                durable_name=self.consumer,
+                filter_subject=f"{self._subjects.prefix}.user.>",
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
+                ack_wait=self._ack_wait,
+                max_deliver=-1,
+                max_ack_pending=10_000,
+            ),
+        )
+        if from_start:
+            log.warning(
+                "stream %s is new since this dispatcher started: webhooks start at its first message", self._stream
+            )
+        self._incarnation = incarnation
 
     async def messages(self, batch: int) -> AsyncIterator[list[HookMessage]]:
-        """Batches of up to ``batch`` messages, as they come, until cancelled."""
-        assert self._js is not None
-        sub = await self._js.pull_subscribe_bind(self.consumer, self._stream)
+        """Batches of up to ``batch`` messages, as they come, until cancelled.
+        A consumer that is gone (its stream deleted, and made again by a
+        node) is waited for and bound again."""
+        js = self._js
+        assert js is not None
+        sub = await js.pull_subscribe_bind(self.consumer, self._stream)
+        idle = 0.0
         while True:
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except nats.errors.Error as exc:  # disconnected: nats-py reconnects by itself
+                idle += 1.0
+                if idle < 5.0:
+                    continue
+                msgs = []  # quiet for a while: make sure the consumer is still there
+            except nats.errors.Error as exc:  # disconnected (nats-py reconnects), or the consumer is gone
                 log.warning("fetching webhook messages failed: %r", exc)
                 await asyncio.sleep(1.0)
+                msgs = []
+            if not msgs:
+                idle = 0.0
+                if not await self._consumer_exists(js):
+                    log.warning(
+                        "the webhook consumer of %s is gone (the stream deleted?): waiting for it", self._stream
+                    )
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    await self._bind()
+                    sub = await js.pull_subscribe_bind(self.consumer, self._stream)
                 continue
+            idle = 0.0
             yield [m for m in map(self._message, msgs) if m is not None]
+
+    async def _consumer_exists(self, js: JetStreamContext) -> bool:
+        try:
+            await js.consumer_info(self._stream, self.consumer)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (TimeoutError, nats.errors.Error):
+            return True  # cannot tell (NATS away): keep fetching, nats-py reconnects
+        return True
 
     def _message(self, msg: Msg) -> HookMessage | None:
         channel = self._subjects.channel_of(msg.subject)

@@ -68,6 +68,11 @@ class HookMetrics:
             "herald_webhook_latency_seconds", "Webhook request time", buckets=LATENCY_BUCKETS, registry=r
         )
         self.queue = Gauge("herald_webhook_queue_depth", "User messages not yet decided on", registry=r)
+        self.ready = Gauge(
+            "herald_webhook_dispatcher_ready",
+            "1 while consuming; 0 while waiting for NATS, the stream or its consumer",
+            registry=r,
+        )
 
 
 class Dispatcher:
@@ -85,6 +90,7 @@ class Dispatcher:
             connect_timeout=settings.nats.connect_timeout,
         )
         self.metrics = HookMetrics()
+        self.metrics.ready.set_function(lambda: 1.0 if self.source.ready else 0.0)
         self._http: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(self.hooks.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -210,7 +216,14 @@ async def run_dispatcher(settings: Settings) -> None:
             body = generate_latest(dispatcher.metrics.registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+        async def readyz(request: web.Request) -> web.Response:
+            """200 while consuming; 503 while waiting for NATS or the stream (a supervisor can tell them apart)."""
+            if dispatcher.source.ready:
+                return web.json_response({"status": "ready"})
+            return web.json_response({"status": "waiting", "message": "waiting for NATS or the stream"}, status=503)
+
         app.router.add_get("/metrics", metrics)
+        app.router.add_get("/readyz", readyz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, h.metrics_host, h.metrics_port).start()

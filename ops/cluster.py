@@ -1,4 +1,6 @@
-"""A local Herald cluster: 3 nats-servers (JetStream, one cluster), 3 Herald nodes (R3 stream), nginx in front.
+"""A local Herald cluster: 3 nats-servers (JetStream, one cluster), 3 Herald nodes (R3 stream), nginx in front,
+and 2 webhook dispatchers (sharing the work queue) posting to HERALD_HOOKS_URL, else to a local sink that
+writes what it receives to DIR/logs/webhooks.jsonl.
 
 ``python -m ops.cluster start|stop|status [--dir DIR] [--base-port N]``. Configs are rendered from
 config/nats/node.conf.in and ops/nginx/ into DIR/conf (DIR: .cluster/ in the repo), PIDs go to DIR/pids/*.pid,
@@ -23,7 +25,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.embedded import nats_server_binary
+from broker.embedded import free_port, nats_server_binary
 from gateway.auth import mint_token
 from gateway.cli import DEV_ADMIN_KEY, DEV_PUBLISH_KEY, DEV_SECRET
 
@@ -31,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NATS_TEMPLATE = ROOT / "config" / "nats" / "node.conf.in"
 NGINX_DIR = ROOT / "ops" / "nginx"
 HOST = "127.0.0.1"
+DEV_HOOKS_SECRET = "herald-dev-hooks-secret"
+DISPATCHERS = 2
 NAMES = ("n1", "n2", "n3")
 Triple = tuple[int, int, int]
 
@@ -96,7 +100,9 @@ def alive(pid: int) -> bool:
 
 def ours(name: str, pid: int) -> bool:
     """The pid still names the process we started (not a reused pid)."""
-    marker = {"nginx": "nginx", "node": "herald", "nats": "nats-server"}[name.rstrip("0123456789")]
+    marker = {"nginx": "nginx", "node": "herald", "nats": "nats-server", "hooks": "herald", "sink": "webhook_sink"}[
+        name.rstrip("0123456789")
+    ]
     try:
         return alive(pid) and marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
@@ -173,13 +179,38 @@ class Cluster:
         nginx = [nginx_binary(), "-p", f"{self.dir}/", "-c", str(self.conf / "nginx.conf")]
         lb = self.spawn("nginx", [*nginx, "-e", str(self.logs / "nginx-error.log"), "-g", "daemon off;"])
         wait_http(f"http://{HOST}:{ports.lb}/readyz", lb, self.logs / "nginx-error.log", timeout)
+        hooks = self._start_dispatchers(shared, timeout)
         (self.dir / "cluster.json").write_text(json.dumps({"base_port": base}) + "\n")
-        return f"Herald cluster up in {time.monotonic() - began:.1f}s ({self.dir})\n{summary(ports, secrets, dev)}"
+        took = time.monotonic() - began
+        return (
+            f"Herald cluster up in {took:.1f}s ({self.dir})\n{summary(ports, secrets, dev)}\n  webhooks:      {hooks}"
+        )
+
+    def _start_dispatchers(self, shared: dict[str, str], timeout: float) -> str:
+        """Two dispatchers on one work queue (each message goes to one of them), posting to
+        HERALD_HOOKS_URL / _ROUTES, else to a local sink; each ready once it consumes (/readyz)."""
+        env = shared | {"HERALD_HOOKS_SECRET": shared.get("HERALD_HOOKS_SECRET") or DEV_HOOKS_SECRET}
+        if not (env.get("HERALD_HOOKS_URL") or env.get("HERALD_HOOKS_ROUTES")):
+            port, out = free_port(), self.logs / "webhooks.jsonl"
+            sink = [sys.executable, "-m", "ops.webhook_sink", "--port", str(port), "--out", str(out)]
+            self.spawn("sink", sink, env)
+            env["HERALD_HOOKS_URL"] = f"http://{HOST}:{port}/hook"
+            where = f"to a local sink, received ones in {out}"
+        else:
+            where = f"to {env.get('HERALD_HOOKS_URL') or env.get('HERALD_HOOKS_ROUTES')}"
+        ready = []
+        for i in range(1, DISPATCHERS + 1):
+            port = free_port()
+            proc = self.spawn(f"hooks{i}", [*herald_command(), "hooks"], env | {"HERALD_HOOKS_METRICS_PORT": str(port)})
+            ready.append((f"http://{HOST}:{port}/readyz", proc, self.logs / f"hooks{i}.log"))
+        for url, proc, log in ready:
+            wait_http(url, proc, log, timeout)
+        return f"{DISPATCHERS} dispatchers posting {where}"
 
     def stop(self, timeout: float) -> int:
         """SIGTERM by phase (nginx, nodes, NATS: nodes drain while NATS is up), SIGKILL after ``timeout``."""
         running = self.running()
-        for phase in ("nginx", "node", "nats"):
+        for phase in ("nginx", "hooks", "node", "sink", "nats"):
             group = [(n, p) for n, p in running if n.startswith(phase)]
             for _, pid in group:
                 with suppress(ProcessLookupError):

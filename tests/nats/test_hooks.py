@@ -22,7 +22,7 @@ from broker.embedded import NatsServer, free_port
 from gateway.hooks import Dispatcher, verify
 from gateway.settings import Settings, with_overrides
 
-from ..helpers import RunningNode, api_publish, cli_env, recv_json, scrape, token, wait_for
+from ..helpers import RunningNode, api_publish, cli_env, make_settings, recv_json, scrape, start_node, token, wait_for
 
 NodeFactory = Callable[..., Any]
 SECRET = "hook-secret-0123456789"
@@ -315,3 +315,59 @@ async def dead_letters(nats_server: NatsServer, settings: Settings) -> list[dict
         return out
     finally:
         await nc.close()
+
+
+# -- the dispatcher's life: started before the stream, the stream recreated ------------
+
+HOOKS = {"secret": SECRET, "offline_after": 0.0, "max_backoff": 0.3, "timeout": 1.0}
+
+
+async def test_a_dispatcher_started_before_the_stream_waits_then_delivers(
+    nats_server: NatsServer, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any
+) -> None:
+    settings = with_overrides(make_settings(nats_server.url), hooks={"url": receiver.url, **HOOKS})
+    dispatcher = dispatchers(settings)
+    await asyncio.sleep(3.0)  # the nodes come up later
+    assert not dispatcher.source.ready
+    assert dispatcher.metrics.ready._value.get() == 0.0
+    node = await start_node(settings)
+    try:
+        await wait_for(lambda: dispatcher.source.ready, timeout=15)
+        sent = await api_publish(http, node, "user:carol", {"text": "while you were away"})
+        await wait_for(lambda: receiver.requests, timeout=15)
+        assert receiver.ids() == [sent]
+    finally:
+        await node.stop()
+
+
+async def test_a_recreated_stream_is_bound_again_and_old_read_positions_do_not_silence_it(
+    nats_server: NatsServer, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any
+) -> None:
+    settings = with_overrides(make_settings(nats_server.url), hooks={"url": receiver.url, **HOOKS})
+    node = await start_node(settings)
+    dispatcher = dispatchers(settings)
+    try:
+        await wait_for(lambda: dispatcher.source.ready, timeout=15)
+        # dora reads up to 5 while online: nothing is sent for those.
+        async with http.ws_connect(node.ws_url, params={"token": token("dora")}) as ws:
+            await recv_json(ws)
+            ids = [await api_publish(http, node, "user:dora", {"n": i}) for i in range(5)]
+            for _ in ids:
+                await recv_json(ws)
+            await ws.send_json({"type": "read", "id": ids[-1]})
+            assert (await recv_json(ws))["id"] == ids[-1]
+    finally:
+        await node.stop()
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().delete_stream(settings.stream.name)  # under the running dispatcher
+    await nc.close()
+    await wait_for(lambda: not dispatcher.source.ready, timeout=15)
+
+    node = await start_node(settings)  # a node makes the stream again: ids start over
+    try:
+        sent = await api_publish(http, node, "user:dora", {"text": "after the recreation"})
+        assert int(sent) <= int(ids[-1])  # below the old read position
+        await wait_for(lambda: sent in receiver.ids(), timeout=20)
+        assert dispatcher.source.ready
+    finally:
+        await node.stop()

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "ops" / "systemd"
 SECRET = "ops-cluster-test-secret-long-enough-for-hs256"
 PUBLISH_KEY = "ops-cluster-publish-key"
+HOOKS_SECRET = "ops-cluster-hooks-secret"
 
 
 def nginx_test(prefix: Path, confs: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -181,7 +182,11 @@ def test_nats_server_accepts_each_cluster_config(tmp_path: Path, name: str) -> N
 
 
 def test_the_systemd_units_parse(tmp_path: Path) -> None:
-    units = {"herald@8081.service": SYSTEMD / "herald@.service", "nats-server.service": SYSTEMD / "nats-server.service"}
+    units = {
+        "herald@8081.service": SYSTEMD / "herald@.service",
+        "herald-hooks.service": SYSTEMD / "herald-hooks.service",
+        "nats-server.service": SYSTEMD / "nats-server.service",
+    }
     for path in units.values():
         unit = configparser.ConfigParser(strict=False, interpolation=None)
         unit.optionxform = str  # type: ignore[assignment,method-assign]
@@ -189,13 +194,20 @@ def test_the_systemd_units_parse(tmp_path: Path) -> None:
         service = unit["Service"]
         for key in ("User", "ExecStart", "KillSignal", "TimeoutStopSec", "Restart", "LimitNOFILE"):
             assert service.get(key), f"{path.name}: [Service] {key}"
-        assert service["LimitNOFILE"] == "1048576" and service["Restart"] == "on-failure"
+        assert service["LimitNOFILE"] in ("1048576", "65536") and service["Restart"] == "on-failure"
         assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
         assert unit["Install"]["WantedBy"] == "multi-user.target"
     herald = configparser.ConfigParser(strict=False, interpolation=None)
     herald.read_string((SYSTEMD / "herald@.service").read_text())
     assert herald["Service"]["EnvironmentFile"] == "/etc/herald/herald.env"
     assert herald["Service"]["KillSignal"] == "SIGTERM" and int(herald["Service"]["TimeoutStopSec"]) > 3
+    hooks = configparser.ConfigParser(strict=False, interpolation=None)
+    hooks.read_string((SYSTEMD / "herald-hooks.service").read_text())
+    # The CLI takes --config before the command (`herald serve --config` is refused).
+    assert herald["Service"]["ExecStart"].endswith("herald --config /etc/herald/herald.toml serve")
+    assert "nats-server.service" in hooks["Unit"]["After"] and hooks["Service"]["ExecStart"].endswith(
+        "herald --config /etc/herald/herald.toml hooks"
+    )
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         return
@@ -211,6 +223,7 @@ def test_the_systemd_units_parse(tmp_path: Path) -> None:
 
 def cluster(command: str, directory: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"HERALD_JWT_SECRET": SECRET, "HERALD_PUBLISH_KEY": PUBLISH_KEY, "HERALD_ADMIN_KEY": "admin"}
+    env |= {"HERALD_HOOKS_OFFLINE_AFTER": "0", "HERALD_HOOKS_SECRET": HOOKS_SECRET}  # webhooks at once, to the sink
     cmd = [sys.executable, "-m", "ops.cluster", command, "--dir", str(directory), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
@@ -257,10 +270,12 @@ async def test_the_cluster_tool_starts_serves_through_nginx_and_stops(tmp_path: 
         up = cluster("start", tmp_path, "--base-port", str(base))
         started = recorded_pids(tmp_path)
         assert up.returncode == 0, up.stdout + up.stderr
-        assert sorted(started) == ["nats1", "nats2", "nats3", "nginx", "node1", "node2", "node3"]
+        names = ["hooks1", "hooks2", "nats1", "nats2", "nats3", "nginx", "node1", "node2", "node3", "sink"]
+        assert sorted(started) == names
         assert f"load balancer: {lb}/" in up.stdout and "sample token" in up.stdout
+        assert "2 dispatchers posting to a local sink" in up.stdout
         status = cluster("status", tmp_path)
-        assert status.returncode == 0 and status.stdout.count(" running") == 7, status.stdout
+        assert status.returncode == 0 and status.stdout.count(" running") == len(names), status.stdout
         await use_the_cluster(lb, tmp_path)
     finally:
         down = cluster("stop", tmp_path)
@@ -329,3 +344,15 @@ async def use_the_cluster(lb: str, directory: Path) -> None:
                 frame = await ws_message(again)
                 assert (frame["id"], frame["data"]) == (missed, {"text": "while away"})
                 break
+
+        # Webhooks: the cluster's dispatchers post an offline user's message, signed, once.
+        headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+        async with http.post(lb + "/api/publish", json={"channel": "user:zoe", "data": {"n": 1}}, headers=headers) as r:
+            zoe = str((await r.json())["id"])
+        received = directory / "logs" / "webhooks.jsonl"
+        for _ in range(200):
+            if received.exists() and received.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        records = [orjson.loads(line) for line in received.read_text().splitlines()]
+        assert [(r["id"], r["verified"], r["body"]["user"]) for r in records] == [(zoe, True, "zoe")]
