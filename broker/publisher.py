@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
-from .base import BrokerUnavailable
-from .channels import Subjects, check_event, parse_channel
+from .base import BrokerUnavailable, Publishable
+from .channels import InvalidChannel, Subjects, check_event, parse_channel
 from .jetstream import NatsBroker, NatsConfig
 from .roles import BrokerEvents
 
@@ -63,17 +63,24 @@ class NatsPublisher:
         # Never creates or changes the stream: the nodes own its limits.
         await self._broker.start(manage_stream=False)
 
-    async def publish(self, channel: str, data: Any, event: str | None = None) -> int:
+    async def publish(
+        self, channel: str, data: Any, event: str | None = None, idempotency_key: str | None = None
+    ) -> int:
         """Store one message; returns its id once acked. Retries while NATS
         does not answer; raises BrokerUnavailable after the last try, and
-        InvalidChannel at once for a bad channel or event name."""
+        InvalidChannel at once for a bad channel or event name.
+        ``idempotency_key``: a repeat within the stream's duplicate window
+        (publish.dedup_window) is not stored again and returns the first id —
+        so these retries (and the caller's) publish once."""
         target = parse_channel(channel)
         if event is not None:
             check_event(event)
-        payload = encode(data)
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= 128:
+            raise InvalidChannel("idempotency_key must be 1 to 128 characters")
+        item = Publishable(target, encode(data), event, idempotency_key)
         for delay in [*retry_delays(self._attempts, self._backoff), None]:
             try:
-                return await self._broker.pubsub.publish(target, payload, event)
+                return (await self._broker.pubsub.publish_batch([item]))[0].seq
             except BrokerUnavailable:
                 if delay is None:
                     raise

@@ -46,6 +46,23 @@ async def test_nats_publisher_stores_and_delivers(
     await ws.close()
 
 
+async def test_nats_publisher_with_an_idempotency_key_publishes_once(
+    node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
+    ws = await open_ws(http, node, "cid")
+    prefix, stream = node.settings.subject.prefix, node.settings.stream.name
+    async with NatsPublisher([nats_server.url], prefix, stream) as pub:
+        first = await pub.publish("room:lobby", {"n": 1}, idempotency_key="job-7")
+        assert await pub.publish("room:lobby", {"n": 1}, idempotency_key="job-7") == first
+        other = await pub.publish("room:lobby", {"n": 2}, idempotency_key="job-8")
+        with pytest.raises(InvalidChannel):
+            await pub.publish("room:lobby", 1, idempotency_key="")
+    assert [(await recv_json(ws))["id"] for _ in range(2)] == [str(first), str(other)]
+    await ws.send_json({"type": "ping"})
+    assert (await recv_json(ws))["type"] == "pong"  # the repeat was never delivered
+    await ws.close()
+
+
 async def test_http_publisher_publishes_and_retries_429(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
     node = await node_factory(limits={"api_rate": 2.0})
     ws = await open_ws(http, node, "bea")
