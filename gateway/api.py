@@ -89,14 +89,14 @@ class PublishApi:
             return refuse(413, "too_large", f"body larger than {limit} bytes")
         except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
             return refuse(400, "bad_request", f"body does not decode: {exc}")
+        if len(body) > self._max_body and not body.lstrip().startswith(b"["):  # only a batch may be larger
+            metrics.limit_rejections.labels("body_size").inc()
+            return refuse(413, "too_large", f"body larger than {self._max_body} bytes")
         try:
             doc = loads_exact(body)
         except orjson.JSONDecodeError:
             return refuse(400, "bad_request", "body is not valid JSON")
         batch = isinstance(doc, list)
-        if not batch and len(body) > self._max_body:
-            metrics.limit_rejections.labels("body_size").inc()
-            return refuse(413, "too_large", f"body larger than {self._max_body} bytes")
         try:
             items = self._items(doc, idempotency_key)
         except BadItem as exc:

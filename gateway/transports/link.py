@@ -205,14 +205,29 @@ class Opener:
         self._sessions = sessions
         self._resumer = resumer
 
-    async def open(
+    async def serve(
         self,
         request: web.Request,
         link: SocketLink,
         last_event_id: str | None = None,
         joined: Callable[[], None] | None = None,
     ) -> None:
-        """``joined``: called once the channels are live, before the welcome."""
+        """Open the session on ``link`` (``joined``: called once its channels
+        are live, before the welcome), then leave the socket to the link and
+        make aiohttp forget it. The handler must return right after."""
+        try:
+            await self._open(request, link, last_event_id, joined)
+        finally:
+            link.start()
+            detach(request)  # last: aiohttp may cancel the handler's task from here on
+
+    async def _open(
+        self,
+        request: web.Request,
+        link: SocketLink,
+        last_event_id: str | None,
+        joined: Callable[[], None] | None,
+    ) -> None:
         gate = self._gate
         try:
             admission = gate.admit(request, last_event_id)

@@ -22,7 +22,7 @@ from ..http import json_error
 from ..node import Node
 from ..settings import BackpressureSettings, SseSettings
 from .kind import TransportKind
-from .link import Links, Opener, SocketLink, detach
+from .link import Links, Opener, SocketLink
 
 _HEAD = (
     b"HTTP/1.1 200 OK\r\n"
@@ -175,14 +175,9 @@ class SseEndpoint:
         codec = SSE_ENVELOPE if request.query.get("envelope") in ("1", "true") else SSE
         link = SseLink(transport, self.links, codec)
         cross_origin = self._gate.cross_origin(request)
-        try:
-            # EventSource reconnects to the same URL with a newer Last-Event-ID: it wins over ?since=.
-            await self._opener.open(
-                request, link, request.headers.get("Last-Event-ID"), lambda: link.begin(cross_origin)
-            )
-        finally:
-            link.start()
-            detach(request)  # last: aiohttp may cancel this task from here on
+        # EventSource reconnects to the same URL with a newer Last-Event-ID: it wins over ?since=.
+        last_event_id = request.headers.get("Last-Event-ID")
+        await self._opener.serve(request, link, last_event_id, lambda: link.begin(cross_origin))
         return web.Response(status=200)  # never sent: aiohttp no longer has the socket
 
     async def wait_closed(self) -> None:

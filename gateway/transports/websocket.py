@@ -23,7 +23,7 @@ from ..node import Node
 from ..session import Session
 from ..settings import BackpressureSettings, WsSettings
 from .kind import TransportKind
-from .link import Links, Opener, SocketLink, detach, ends_on_failure
+from .link import Links, Opener, SocketLink, ends_on_failure
 from .wsproto import (
     OP_BINARY,
     OP_CLOSE,
@@ -243,12 +243,7 @@ class WsEndpoint:
         if transport is None or transport.is_closing():  # the client already left
             return web.Response(status=499)
         transport.write(switching_protocols(accept))
-        link = WsLink(transport, self.links)
-        try:
-            await self._opener.open(request, link)
-        finally:
-            link.start()
-            detach(request)  # last: aiohttp may cancel this task from here on
+        await self._opener.serve(request, WsLink(transport, self.links))
         return web.Response(status=101)  # never sent: aiohttp no longer has the socket
 
     async def wait_closed(self) -> None:

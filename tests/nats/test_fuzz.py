@@ -640,7 +640,16 @@ def _good_ref(ref: Any) -> bool:
     return ref is None or (isinstance(ref, str) and len(ref) <= 64) or (type(ref) is int and abs(ref) < 2**53)
 
 
-def expect_frame(frame: Frame, conn: FuzzConn, read_position: list[int]) -> Expect:
+@dataclass
+class Positions:
+    """What the oracle knows of the stream: the user's read position, and the
+    stream's last id (only this connection publishes into its stream)."""
+
+    read: int = 0
+    last: int = 0
+
+
+def expect_frame(frame: Frame, conn: FuzzConn, read_position: Positions) -> Expect:
     """The documented answer to one frame, updating the oracle's state."""
     size = len(frame.data.encode() if isinstance(frame.data, str) else frame.data)
     if size > MAX_FRAME:
@@ -700,6 +709,8 @@ def expect_frame(frame: Frame, conn: FuzzConn, read_position: list[int]) -> Expe
             except ValueError:
                 return error("bad_request")
         ephemeral = cmd.get("ephemeral") is True
+        if not ephemeral:
+            read_position.last += 1  # stored: the stream's end moves
 
         def published(f: dict[str, Any]) -> None:
             _eq(f.get("channel"), f"room:{room}")
@@ -722,8 +733,10 @@ def expect_frame(frame: Frame, conn: FuzzConn, read_position: list[int]) -> Expe
         seq = cmd.get("id")
         if not valid_seq(seq):
             return error("bad_request")
-        read_position[0] = max(read_position[0], int(seq))
-        stored = str(read_position[0])
+        if int(seq) > read_position.last:  # past the stream's end: refused, nothing stored
+            return error("bad_request")
+        read_position.read = max(read_position.read, int(seq))
+        stored = str(read_position.read)
         return ack(lambda f: _eq(f.get("id"), stored))
     # refresh
     text = cmd.get("token")
@@ -804,7 +817,7 @@ async def read_answers(ws: aiohttp.ClientWebSocketResponse, sync_ref: str | None
             raise AssertionError(f"unexpected {msg.type} frame {msg.data!r}")
 
 
-async def _ws_batch(conn: FuzzConn, batch: list[Frame], read_position: list[int]) -> None:
+async def _ws_batch(conn: FuzzConn, batch: list[Frame], read_position: Positions) -> None:
     """Send ``batch``, then a ping to sync on; check every answer against the oracle."""
     expected: list[Expect] = []
     for frame in batch:
@@ -855,7 +868,8 @@ async def test_ws_frames(ws_harness: Harness, batch: list[Frame]) -> None:
     big); the node and the bystander carry on."""
     h = ws_harness
     async with h.example():
-        state = h.state.setdefault("ws", {"conn": None, "read": [0]})  # kept across examples
+        state = h.state.setdefault("ws", {"conn": None, "read": Positions()})  # kept across examples
+        state["read"].last = await h.node.node.broker.history.position()
         conn: FuzzConn | None = state["conn"]
         if conn is None or conn.ws.closed:
             conn = state["conn"] = await open_fuzz_conn(h)
@@ -1197,18 +1211,27 @@ def expect_publish(headers: list[tuple[bytes, bytes]], body: bytes, encoding: by
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return Publish(400, "bad_request")
-    if not isinstance(doc, dict) or "data" not in doc:
+    items = doc if isinstance(doc, list) else [doc]  # an array: a batch, checked whole
+    if isinstance(doc, list) and not 1 <= len(doc) <= 1000:
         return Publish(400, "bad_request")
+    if not all(_publishable(item) for item in items):
+        return Publish(400, "bad_request")
+    return Publish(200)
+
+
+def _publishable(doc: Any) -> bool:
+    if not isinstance(doc, dict) or "data" not in doc or not doc.keys() <= {"channel", "data", "event"}:
+        return False
     channel = doc.get("channel")
     kind, sep, ident = channel.partition(":") if isinstance(channel, str) else ("", "", "")
     if channel != "broadcast" and not (sep and kind in ("room", "user") and valid_id(ident)):
-        return Publish(400, "bad_request")
+        return False
     if doc.get("event") is not None:
         try:
             check_event(doc["event"])
         except ValueError:
-            return Publish(400, "bad_request")
-    return Publish(200)
+            return False
+    return True
 
 
 @pytest.mark.timeout(0)
@@ -1267,7 +1290,8 @@ async def test_api_publish(
             if want.status == 200:
                 assert resp.headers.get("content-type", "").startswith("application/json"), resp
                 doc = resp.json()
-                assert list(doc) == ["id"] and isinstance(doc["id"], str) and doc["id"].isdigit(), doc
+                ids = doc["ids"] if list(doc) == ["ids"] else [doc.get("id")] if list(doc) == ["id"] else None
+                assert ids and all(isinstance(i, str) and i.isdigit() for i in ids), doc
             else:
                 assert assert_json_error(resp, what)["error"] == want.error, (what, resp)
         await h.end(what)
