@@ -101,12 +101,10 @@ class SseLink(SocketLink):
         return False  # the client is done sending: the stream ends (EventSource never half-closes)
 
     def refuse(self, refusal: Refusal) -> None:
-        self._refuse(refusal.status, refusal.error, refusal.message)
-
-    def _refuse(self, status: int, error: str, message: str) -> None:
+        """Before the head: an HTTP status with a JSON reason (EventSource stops on it)."""
         if not self.closing and not self.gone:
             self.closing = True
-            self._transport.write(http_error(status, error, message))
+            self._transport.write(http_error(refusal.status, refusal.error, refusal.message))
             self._transport.close()
             self._timer = self._loop.call_later(self._ctx.close_timeout, self._give_up)
 
