@@ -32,7 +32,7 @@
 
 // The event names of an envelope SSE stream: its frames' types. ("error" is
 // also EventSource's own failure event, which carries no data.)
-const SSE_FRAMES = ["welcome", "message", "reset", "join", "leave", "presence", "error", "close"];
+const SSE_FRAMES = ["welcome", "message", "reset", "join", "leave", "presence", "error", "close", "subscribed", "unsubscribed"];
 // Commands that act on one stream: over SSE they name it (`conn`, from its welcome).
 const ON_STREAM = new Set(["subscribe", "unsubscribe", "refresh"]);
 
@@ -42,6 +42,8 @@ class Client {
     this.opts = opts;
     this.base = (opts.url || location.origin).replace(/\/+$/, "");
     this.rooms = new Set(opts.rooms || []);
+    /** Rooms the backend joined this client to (`subscribed`): re-joined after each welcome. */
+    this.serverRooms = new Set();
     /** @type {string | null} the last stream id received: the resume position */
     this.lastId = null;
     /** @type {State} */
@@ -316,13 +318,28 @@ class Client {
       this.opened();
       for (const frame of this.queue.splice(0)) this.send(frame);
       this.rejoined(url);
+      this.rejoinServerRooms(f.channels || []);
     }
+    if (f.type === "subscribed") this.serverRooms.add(f.room);
+    if (f.type === "unsubscribed") { this.serverRooms.delete(f.room); this.rooms.delete(f.room); }
     if (f.ref !== undefined && this.answer(f)) {
       if (f.type === "presence") this.emit("presence", f);
       return;
     }
     if (f.type === "message") this.deliver({ channel: f.channel ?? null, id: f.id || null, event: f.event, data: f.data });
     else this.emit(f.type, f);
+  }
+
+  /** Rooms the backend joined us to are not in our URL (a room the token does not
+   * allow would cost the whole connection): ask for each again, from the last id. */
+  rejoinServerRooms(channels) {
+    for (const room of this.serverRooms) {
+      if (channels.includes(`room:${room}`)) continue;
+      const cmd = { type: "subscribe", room, ...(this.lastId ? { since: this.lastId } : {}) };
+      this.command(cmd).catch((err) => {
+        if (err.code === "forbidden" || err.code === "bad_request") this.serverRooms.delete(room); // no longer ours
+      });
+    }
   }
 
   opened() {
@@ -354,6 +371,7 @@ class Client {
       this.setState("closed");
     };
     if (code === 4003 || code === 4000) return stop(reason || "forbidden");
+    if (code === 4403) return stop(reason || "disconnected by the server"); // for good: no new token brings it back
     if (code === 4029 && /oldest/.test(reason)) return stop(reason); // replaced: reconnecting would evict another tab
     if (code === 4001) {
       if (!this.opts.getToken || this.refreshed) return stop(reason || "invalid token");

@@ -23,7 +23,7 @@ from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 
 from ..browser import ConsoleWatch, screenshot_path
-from ..helpers import RunningNode, api_publish, spawn_cluster_node, token, wait_for
+from ..helpers import ADMIN_KEY, RunningNode, api_publish, spawn_cluster_node, token, wait_for
 
 NodeFactory = Callable[..., Any]
 DEMO = {"http": {"dev_tokens": True}, "rooms": {"join_leave": ("*",)}}
@@ -273,3 +273,54 @@ async def test_client_on_a_page_of_another_allowed_origin_uses_sse(node_factory:
     assert r["states"] == ["open"] and r["sameConn"]
     assert [m["channel"] for m in r["got"]] == ["room:lobby", "room:lobby", "room:b", "room:lobby"]
     assert r["presence"]["users"] == ["gina"] and r["pong"]["type"] == "pong"
+
+
+SERVER_API_PAGE = """async ([url, token, transport]) => {
+  const { Herald } = await import("/static/herald.js");
+  window.got = []; window.states = []; window.closes = [];
+  window.c = Herald.connect({ url, token, rooms: ["lobby"], transport, minDelay: 50, maxDelay: 200 });
+  c.on("message", (m) => got.push(m)).on("state", (s) => states.push(s)).on("close", (e) => closes.push(e.code));
+}"""
+
+
+async def admin_post(path: str, node: RunningNode, body: dict[str, Any]) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(node.url + path, json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        return await resp.json()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_the_backend_joins_a_room_logs_out_and_bans(transport: str, node: RunningNode, browser: Browser) -> None:
+    """Server API against herald.js: a room the backend joins stays joined
+    across a reconnect (4009 after a logout everywhere), and a ban (4403)
+    stops the client for good."""
+    context = await browser.new_context()
+    http = aiohttp.ClientSession()
+    try:
+        page = await context.new_page()
+        await page.goto(node.url + "/healthz")
+        await page.evaluate(SERVER_API_PAGE, [node.url, token("gina"), transport])
+        await page.wait_for_function("c.state === 'open'")
+        assert (await admin_post("/api/subscribe", node, {"user": "gina", "room": "project-9"}))["subscribed"] == 1
+        first = await api_publish(http, node, "room:project-9", {"n": 1})
+        await page.wait_for_function(f"got.some((m) => m.id === '{first}')")
+        # Logged out everywhere: 4009, the client comes back, and the backend's room with it.
+        assert (await admin_post("/api/disconnect", node, {"user": "gina"}))["disconnected"] == 1
+        await page.wait_for_function("closes.includes(4009) && c.state === 'open'", timeout=TIMEOUT)
+        await wait_for(lambda: len(node.node.sessions.of_user("gina")) == 1, timeout=5)
+        session = node.node.sessions.of_user("gina")[0]
+        await wait_for(lambda: "room:project-9" in session.channels, timeout=5)
+        second = await api_publish(http, node, "room:project-9", {"n": 2})
+        await page.wait_for_function(f"got.some((m) => m.id === '{second}')")
+        # Banned: 4403, the client stops and stays away.
+        assert (await admin_post("/api/disconnect", node, {"user": "gina", "reconnect": False}))["disconnected"] == 1
+        await page.wait_for_function("c.state === 'closed'", timeout=TIMEOUT)
+        await asyncio.sleep(1.0)
+        assert await page.evaluate("c.state") == "closed" and node.node.sessions.of_user("gina") == []
+        assert (await page.evaluate("closes")).count(4403) == 1
+    finally:
+        await http.close()
+        await context.close()
