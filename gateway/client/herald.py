@@ -1,0 +1,430 @@
+"""``HeraldClient``: a Python client of Herald's WebSocket protocol that stays
+subscribed through node failures, as herald.js does in a browser.
+
+    async with HeraldClient("http://herald:8080", token=TOKEN, rooms=["lobby"]) as client:
+        async for message in client:
+            print(message.channel, message.id, message.event, message.data)
+
+One task reads the socket and keeps it open: on any end it reconnects (to
+the next URL of the list), by the close-code rules of ``reconnect.py``,
+resuming from the last id received (``feed.py``). Commands are sent on the
+open connection with a ``ref`` and answered by it (``calls.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import suppress
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .calls import Answer, Calls
+from .events import CommandError, CommandTimeout, Event, HeraldError, Message, Reset, Stopped, Welcome, event_of
+from .events import message_of as _message_of
+from .feed import Feed
+from .reconnect import Endpoints, Reconnect
+
+log = logging.getLogger("herald.client")
+
+TokenSource = Callable[[], str | Awaitable[str]]
+ResetHandler = Callable[[Reset], Awaitable[None] | None]
+
+_MAX_MESSAGE = 64 * 2**20  # bytes of one frame from the node (a history page can be large)
+_CLOSE_WAIT = 2.0  # seconds to wait for the node's answer to our close
+
+
+class HeraldClient:
+    """A connection to Herald that reconnects and resumes by itself.
+
+    ``url``: a node's base URL (http, https, ws or wss; ``/ws`` is added), or
+    a list of them, tried in turn on each reconnect. ``token`` or
+    ``get_token`` (called for the first token when there is no ``token``, and
+    once after the node refuses one with 4001; may be async). ``rooms``: the
+    rooms to be in from the start. ``since``: the position to start from (the
+    last id of an earlier run). ``timeout``: seconds a command may take,
+    waiting for the connection included. ``min_delay`` / ``max_delay``: the
+    reconnect backoff bounds. ``heartbeat``: seconds between our pings (None:
+    none). ``buffer``: events held for the application before the reader
+    stops reading (answers to commands come after them: iterate, even if
+    you mostly send commands). ``on_reset``: called (and awaited), in order, for each
+    ``Reset`` while iterating over messages.
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        token: str | None = None,
+        get_token: TokenSource | None = None,
+        rooms: Iterable[str] = (),
+        since: str | None = None,
+        timeout: float = 10.0,
+        min_delay: float = 0.5,
+        max_delay: float = 30.0,
+        heartbeat: float | None = 30.0,
+        buffer: int = 1000,
+        on_reset: ResetHandler | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        if token is None and get_token is None:
+            raise ValueError("give token or get_token")
+        self._endpoints = Endpoints(url)
+        self._token = token
+        self._get_token = get_token
+        self._rooms = dict.fromkeys(rooms)  # ordered set
+        self._timeout = timeout
+        self._heartbeat = heartbeat
+        self._on_reset = on_reset
+        self._policy = Reconnect(min_delay, max_delay)
+        self._feed = Feed(buffer, str(since) if since is not None else None)
+        self._calls = Calls()
+        self._session = session
+        self._own_session = session is None
+        self._socket: aiohttp.ClientWebSocketResponse | None = None  # open, welcomed or not
+        self._ws: aiohttp.ClientWebSocketResponse | None = None  # welcomed: commands go here
+        self._open = asyncio.Event()  # set while _ws is usable, and once the client is over
+        self._final: HeraldError | None = None  # why commands can no longer be sent
+        self._welcome: Welcome | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> HeraldClient:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        """Start connecting (``async with`` does it); returns at once."""
+        if self._task is None:
+            if self._session is None:
+                self._session = aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_connect=self._timeout)
+                )
+            self._task = asyncio.create_task(self._run(), name="herald-client")
+
+    async def close(self) -> None:
+        """Close the connection cleanly (1000) and stop: iterators end, commands
+        fail with ``closed``. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        self._end(CommandError("closed", "client closed"))
+        self._feed.abort()
+        socket = self._socket
+        if socket is not None and not socket.closed:
+            with suppress(Exception):
+                await asyncio.wait_for(socket.close(), _CLOSE_WAIT)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._own_session and self._session is not None:
+            await self._session.close()
+
+    # --- what the application sees -----------------------------------------------------------------
+
+    @property
+    def welcome(self) -> Welcome | None:
+        """The latest connection's ``welcome`` (None before the first)."""
+        return self._welcome
+
+    @property
+    def connected(self) -> bool:
+        """A connection is open and welcomed: commands go out at once."""
+        return self._ws is not None and not self._ws.closed
+
+    @property
+    def rooms(self) -> tuple[str, ...]:
+        """The rooms a reconnect joins."""
+        return tuple(self._rooms)
+
+    @property
+    def position(self) -> str | None:
+        """Where the next connection resumes from: the last id received."""
+        return self._feed.since
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        """The messages, in order. A ``Reset`` goes to ``on_reset`` (logged
+        without one); ``Welcome``, ``Join`` and ``Leave`` are skipped (see
+        ``events``). Ends when the client is closed; raises ``Stopped`` when
+        the node refused it for good."""
+        self._check_started()
+        return self._messages()
+
+    def events(self) -> AsyncIterator[Event]:
+        """Every event, in order: ``Welcome`` (one per connection), ``Message``,
+        ``Reset``, ``Join``, ``Leave``. One iterator at a time, this or the
+        client itself."""
+        self._check_started()
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        while (event := await self._feed.get()) is not None:
+            yield event
+
+    async def _messages(self) -> AsyncIterator[Message]:
+        while (event := await self._feed.get()) is not None:
+            if isinstance(event, Message):
+                yield event
+            elif isinstance(event, Reset):
+                if self._on_reset is None:
+                    log.warning("reset of %s: %s (refetch its state; pass on_reset)", event.channel, event.reason)
+                else:
+                    result = self._on_reset(event)
+                    if inspect.isawaitable(result):
+                        await result
+
+    def _check_started(self) -> None:
+        if self._task is None:
+            raise RuntimeError("use 'async with HeraldClient(...)' (or call start()) first")
+
+    # --- commands (docs/protocol.md §6) -------------------------------------------------------------
+
+    async def subscribe(self, room: str, since: str | None = None) -> None:
+        """Join ``room`` (and rejoin it on every reconnect); with ``since``,
+        the room's stored messages after that id come first."""
+        fields: dict[str, Any] = {"room": room}
+        if since is not None:
+            fields["since"] = str(since)
+            self._feed.rewind(f"room:{room}", str(since))
+        await self._command("subscribe", fields)
+        self._rooms[room] = None  # acked: reconnects rejoin it from now on
+
+    async def unsubscribe(self, room: str) -> None:
+        """Leave ``room``; reconnects no longer join it (even if this fails)."""
+        self._rooms.pop(room, None)
+        await self._command("unsubscribe", {"room": room})
+
+    async def publish(self, room: str, data: Any, event: str | None = None, ephemeral: bool = False) -> str | None:
+        """Publish into ``room``; returns the stored id (None when ``ephemeral``).
+        Not re-sent: if the connection drops first it fails with
+        ``disconnected``, and may or may not have been published."""
+        fields: dict[str, Any] = {"room": room, "data": data}
+        if event is not None:
+            fields["event"] = event
+        if ephemeral:
+            fields["ephemeral"] = True
+        answer = await self._command("publish", fields)
+        return _id_of(answer)
+
+    async def presence(self, room: str) -> list[str]:
+        """The users in ``room``, on any node, sorted."""
+        answer = await self._command("presence", {"room": room})
+        users = answer.get("users")
+        return [str(u) for u in users] if isinstance(users, list) else []
+
+    async def read(self, id: str) -> str:
+        """Move the user's read position to ``id``; returns the position stored
+        (larger if another connection had gone further)."""
+        return _id_of(await self._command("read", {"id": str(id)})) or str(id)
+
+    async def history(
+        self, room: str | None = None, channel: str | None = None, limit: int = 50, before: str | None = None
+    ) -> list[Message]:
+        """A page of stored messages, oldest first: of ``room``, or of
+        ``channel`` (``"user"``, ``"broadcast"``, ``"room:<id>"``): the newest
+        ``limit`` older than ``before`` (an id; None: the newest)."""
+        if (room is None) == (channel is None):
+            raise ValueError("give room or channel")
+        fields: dict[str, Any] = {"room": room} if room is not None else {"channel": channel}
+        fields["limit"] = limit
+        if before is not None:
+            fields["before"] = str(before)
+        answer = await self._command("history", fields)
+        name = answer.get("channel")
+        items = answer.get("messages")
+        default = name if isinstance(name, str) else (channel or f"room:{room}")
+        found = (_message_of(m, default) for m in items if isinstance(m, dict)) if isinstance(items, list) else ()
+        return [m for m in found if m is not None]
+
+    async def refresh(self, token: str) -> None:
+        """Replace the connection's token before it expires (and use it for
+        reconnects); rooms it no longer allows are left."""
+        answer = await self._command("refresh", {"token": token})
+        self._token = token
+        channels = answer.get("channels")
+        if isinstance(channels, list):
+            kept = {c.removeprefix("room:") for c in channels if isinstance(c, str) and c.startswith("room:")}
+            self._rooms = {r: None for r in self._rooms if r in kept}
+
+    async def ping(self) -> None:
+        """A round trip to the node: returns once it answered (so once the
+        client is connected, and the node is there)."""
+        await self._command("ping", {})
+
+    async def _command(self, kind: str, fields: dict[str, Any]) -> Answer:
+        """Send one command when a connection is open and await its answer,
+        all within the timeout."""
+        self._check_started()
+        try:
+            async with asyncio.timeout(self._timeout):
+                failed: aiohttp.ClientWebSocketResponse | None = None
+                while True:
+                    ws = await self._connected(not_this=failed)
+                    ref, answer = self._calls.open(ws)
+                    try:
+                        try:
+                            await ws.send_str(orjson.dumps({"type": kind, **fields, "ref": ref}).decode())
+                        except (ConnectionError, aiohttp.ClientError):
+                            failed = ws  # not sent: wait for the next connection
+                            continue
+                        return await answer
+                    finally:
+                        self._calls.forget(ref)
+        except TimeoutError:
+            raise CommandTimeout(f"no answer to {kind} within {self._timeout} s") from None
+
+    async def _connected(self, not_this: object = None) -> aiohttp.ClientWebSocketResponse:
+        """The welcomed connection, once there is one."""
+        while True:
+            if self._final is not None:
+                raise self._final
+            ws = self._ws
+            if ws is None:
+                await self._open.wait()
+            elif ws.closed or ws is not_this:
+                await asyncio.sleep(0.02)  # the reader has not seen it end yet
+            else:
+                return ws
+
+    # --- the connection ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Connect, read until the connection ends, decide, again: until a
+        close code says stop, or the client is closed."""
+        try:
+            while not self._closing:
+                url = self._endpoints.next()
+                if self._token is None and not await self._new_token():
+                    continue
+                code, reason = await self._connection(url)
+                if self._closing:
+                    return
+                step = self._policy.after(code, reason, self._get_token is not None)
+                if step.stop:
+                    log.info("stopped by %s: %s %s", url, code, reason)
+                    self._end(Stopped(code or 0, reason))
+                    return
+                if step.new_token:
+                    self._token = None
+                why = f"{code} {reason}".rstrip() if code is not None else f"dropped: {reason}".rstrip(": ")
+                log.info("connection to %s ended (%s): reconnecting in %.3f s", url, why, step.delay)
+                await asyncio.sleep(step.delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("the client failed")
+            self._end(HeraldError(f"the client failed: {exc!r}"))
+
+    async def _new_token(self) -> bool:
+        """Ask ``get_token``; on failure wait a backoff (False)."""
+        assert self._get_token is not None
+        try:
+            token = self._get_token()
+            self._token = await token if inspect.isawaitable(token) else token
+            return True
+        except Exception as exc:  # noqa: BLE001 - the application's callable: any failure is retried
+            delay = self._policy.backoff()
+            log.warning("get_token failed (%r): retrying in %.3f s", exc, delay)
+            await asyncio.sleep(delay)
+            return False
+
+    async def _connection(self, url: str) -> tuple[int | None, str]:
+        """One connection, from the upgrade to its end: (close code or None, reason)."""
+        assert self._session is not None and self._token is not None
+        params = [("room", room) for room in self._rooms]
+        if self._feed.since is not None:
+            params.append(("since", self._feed.since))
+        try:
+            ws = await self._session.ws_connect(
+                url,
+                params=params,
+                headers={"Authorization": f"Bearer {self._token}"},
+                heartbeat=self._heartbeat,
+                max_msg_size=_MAX_MESSAGE,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            return None, f"upgrade refused: {exc.status} {exc.message}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        self._socket = ws
+        try:
+            return await self._read(ws)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        finally:
+            if self._ws is ws:
+                self._ws = None
+                if self._final is None:
+                    self._open.clear()
+            self._calls.fail(CommandError("disconnected", "the connection closed before the answer"), ws)
+            if not ws.closed:
+                with suppress(Exception):
+                    await asyncio.wait_for(ws.close(), _CLOSE_WAIT)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
+        """Frames until the connection ends; the first must come within the
+        timeout (a proxy may accept the upgrade and pass nothing)."""
+        while True:
+            msg = await ws.receive(timeout=None if self._ws is ws else self._timeout)
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await self._frame(ws, msg.data)
+            elif msg.type is aiohttp.WSMsgType.CLOSE:
+                return int(msg.data), str(msg.extra or "")
+            elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                # Dropped without a close frame (1006 is never sent): no code.
+                code = ws.close_code
+                reason = repr(msg.data) if msg.type is aiohttp.WSMsgType.ERROR else ""
+                return (None if code in (None, 1006) else code), reason
+
+    async def _frame(self, ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
+        try:
+            frame = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            log.warning("ignored a frame that is not JSON")
+            return
+        if not isinstance(frame, dict) or self._calls.answer(frame):
+            return
+        event = event_of(frame)
+        if event is None:
+            if frame.get("type") == "error":
+                log.warning("the node says: %s: %s", frame.get("code"), frame.get("message"))
+            return
+        if isinstance(event, Welcome):
+            self._welcomed(ws, event)
+        await self._feed.put(event)
+
+    def _welcomed(self, ws: aiohttp.ClientWebSocketResponse, welcome: Welcome) -> None:
+        self._welcome = welcome
+        self._policy.opened()
+        self._feed.welcomed(welcome)
+        if self._final is None:
+            self._ws = ws
+            self._open.set()
+        log.info("connected to %s as %s (conn %s)", welcome.node, welcome.user, welcome.conn)
+
+    def _end(self, why: HeraldError) -> None:
+        """No more connections: waiting commands fail with ``why``, the feed ends with it
+        (a ``Stopped`` is raised by iterators; ``closed`` just ends them)."""
+        if self._final is not None:
+            return
+        self._final = why
+        self._open.set()
+        self._calls.fail(why)
+        self._feed.end(None if isinstance(why, CommandError) else why)
+
+
+def _id_of(answer: Answer) -> str | None:
+    value = answer.get("id")
+    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None

@@ -1,0 +1,112 @@
+"""Where and when the client reconnects: the node URLs in turn, and the
+close-code rules of herald.js (README, "Browser client"; docs/protocol.md §8).
+
+- 4000, 4003, and 4029 whose reason names the user's "oldest" connection:
+  stop (reconnecting cannot help, or would evict another of the user's tabs).
+- 4001: ask ``get_token`` for a new token and reconnect at once, once; a
+  second 4001 before a connection succeeds (or no ``get_token``) stops.
+- 4008 (slow consumer): reconnect at once.
+- 1012 (node draining): after the delay the reason names (``reconnect in
+  <ms> ms``), else within a second.
+- anything else (a dropped connection, 1006, 1011, 1013, a refused upgrade):
+  exponential backoff with full jitter, a random wait in
+  ``[0, min(max_delay, min_delay * 2**attempt))``; ``attempt`` starts again at
+  0 after every ``welcome``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+_HINT = re.compile(r"(\d+)\s*ms")
+_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+_MAX_ATTEMPT = 30  # 2**30 * min_delay is past any max_delay: no need to grow further
+
+
+def ws_url(url: str) -> str:
+    """A node's WebSocket endpoint from its base URL: ``http(s)://host[:port][/prefix]``
+    or ``ws(s)://…``, with ``/ws`` added unless the path already ends with it."""
+    parts = urlsplit(url.strip())
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"not a node URL (http, https, ws or wss): {url!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith("/ws"):
+        path += "/ws"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+class Endpoints:
+    """The node URLs, tried in turn: each new connection goes to the next one."""
+
+    def __init__(self, urls: str | Sequence[str]) -> None:
+        listed = [urls] if isinstance(urls, str) else list(urls)
+        if not listed:
+            raise ValueError("no node URL given")
+        self._urls = [ws_url(u) for u in listed]
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._urls)
+
+    def next(self) -> str:
+        url = self._urls[self._next]
+        self._next = (self._next + 1) % len(self._urls)
+        return url
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What to do after a connection ended: wait ``delay`` seconds and connect
+    again (after asking for a new token if ``new_token``), or stop."""
+
+    delay: float = 0.0
+    stop: bool = False
+    new_token: bool = False
+
+
+class Reconnect:
+    """The close-code rules and the backoff of one client."""
+
+    def __init__(
+        self, min_delay: float = 0.5, max_delay: float = 30.0, rand: Callable[[], float] = random.random
+    ) -> None:
+        if not 0 < min_delay <= max_delay:
+            raise ValueError("need 0 < min_delay <= max_delay")
+        self.min_delay = min_delay
+        self.max_delay = max_delay
+        self._rand = rand
+        self._attempt = 0
+        self._refreshed = False  # get_token was asked since the last welcome
+
+    def opened(self) -> None:
+        """A ``welcome`` arrived: the next trouble starts from the smallest delays."""
+        self._attempt = 0
+        self._refreshed = False
+
+    def backoff(self) -> float:
+        """The next full-jitter wait; each call doubles the bound (up to ``max_delay``)."""
+        bound = min(self.max_delay, self.min_delay * (1 << self._attempt))
+        self._attempt = min(self._attempt + 1, _MAX_ATTEMPT)
+        return self._rand() * bound
+
+    def after(self, code: int | None, reason: str, can_refresh: bool) -> Step:
+        """The step after a connection ended with close ``code`` (None: it
+        dropped, or never opened) and ``reason``."""
+        if code in (4000, 4003) or (code == 4029 and "oldest" in reason):
+            return Step(stop=True)
+        if code == 4001:
+            if not can_refresh or self._refreshed:
+                return Step(stop=True)
+            self._refreshed = True
+            return Step(new_token=True)
+        if code == 4008:
+            return Step()
+        if code == 1012:
+            hint = _HINT.search(reason)
+            return Step(min(int(hint[1]) / 1000, self.max_delay) if hint else self._rand())
+        return Step(self.backoff())

@@ -1,0 +1,183 @@
+"""The Python client (gateway.client.HeraldClient) against real nodes: it
+receives its rooms, its user channel and broadcast, its commands are
+answered, refusals raise, and when its node goes away it moves to the next
+URL and resumes with nothing lost or repeated. The close-code rules in
+detail: tests/unit/test_client.py; a SIGKILLed node: tests/system/test_client_failover.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.client import CommandError, HeraldClient, Message, Stopped
+
+from ..helpers import RunningNode, api_publish, token, wait_for
+
+NodeFactory = Callable[..., Awaitable[RunningNode]]
+
+
+def shared_cluster(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Sections that put every node started with them in one cluster."""
+    tag = "cl" + uuid.uuid4().hex[:10]
+    return {"subject": {"prefix": tag}, "stream": {"name": tag.upper(), "storage": "memory"}, **sections}
+
+
+async def take(client: HeraldClient, n: int, timeout: float = 5.0) -> list[Message]:
+    got: list[Message] = []
+    async with asyncio.timeout(timeout):
+        async for message in client:
+            got.append(message)
+            if len(got) == n:
+                break
+    return got
+
+
+async def test_receives_rooms_user_and_broadcast_and_commands_answer(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    user = "u" + uuid.uuid4().hex[:8]
+    tok = token(user, rooms=["lobby", "side"], publish=["lobby"])
+    async with HeraldClient(node.url, token=tok, rooms=["lobby"]) as client:
+        await client.ping()  # connected: what is published now reaches it
+        assert client.welcome is not None and client.welcome.user == user
+        assert client.welcome.channels == ("user", "broadcast", "room:lobby")
+        ids = [
+            await api_publish(http, node, "room:lobby", {"n": 1}),
+            await api_publish(http, node, "room:side", {"n": 2}),  # not subscribed
+            await api_publish(http, node, f"user:{user}", {"n": 3}),
+            await api_publish(http, node, "broadcast", {"n": 4}),
+        ]
+        got = await take(client, 3)
+        assert got == [
+            Message("room:lobby", ids[0], "message", {"n": 1}),
+            Message("user", ids[2], "message", {"n": 3}),
+            Message("broadcast", ids[3], "message", {"n": 4}),
+        ]
+        assert client.position == ids[3]
+
+        stored = await client.publish("lobby", {"text": "hi"}, event="chat")
+        assert stored is not None and stored.isdigit()
+        assert await client.publish("lobby", {"typing": True}, event="typing", ephemeral=True) is None
+        assert await take(client, 2) == [
+            Message("room:lobby", stored, "chat", {"text": "hi"}),
+            Message("room:lobby", None, "typing", {"typing": True}),
+        ]
+        assert await client.presence("lobby") == [user]
+        assert await client.read(ids[2]) == ids[2]
+
+        await client.subscribe("side", since=ids[0])  # the room's stored messages after ids[0] first
+        assert client.rooms == ("lobby", "side")
+        assert await take(client, 1) == [Message("room:side", ids[1], "message", {"n": 2})]
+        await client.unsubscribe("lobby")
+        assert client.rooms == ("side",)
+        await api_publish(http, node, "room:lobby", {"n": 5})
+        last = await api_publish(http, node, "room:side", {"n": 6})
+        assert await take(client, 1) == [Message("room:side", last, "message", {"n": 6})]
+
+
+async def test_refusals_raise_command_error_and_a_forbidden_room_stops(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    tok = token("carol", rooms=["lobby"], publish=[])
+    async with HeraldClient(node.url, token=tok, rooms=["lobby"]) as client:
+        with pytest.raises(CommandError) as refused:
+            await client.subscribe("secret")
+        assert refused.value.code == "forbidden" and "secret" in refused.value.message
+        assert client.rooms == ("lobby",)  # a reconnect does not ask for it (it would be 4003)
+        with pytest.raises(CommandError) as refused:
+            await client.publish("lobby", 1)
+        assert refused.value.code == "forbidden"
+        with pytest.raises(CommandError) as refused:
+            await client.read("not-an-id")
+        assert refused.value.code == "bad_request"
+        await client.ping()  # still connected
+
+    async with HeraldClient(node.url, token=tok, rooms=["secret"], min_delay=0.01) as client:
+        with pytest.raises(Stopped) as stopped:
+            await take(client, 1)
+        assert stopped.value.code == 4003 and "secret" in stopped.value.reason
+
+
+async def test_a_refused_token_asks_get_token_once(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    asked: list[str] = []
+
+    def get_token() -> str:
+        asked.append("x")
+        return token("dave", rooms=["lobby"])
+
+    expired = token("dave", rooms=["lobby"], ttl=-60)
+    async with HeraldClient(node.url, token=expired, get_token=get_token, rooms=["lobby"]) as client:
+        await client.ping()
+        assert len(asked) == 1
+
+    async with HeraldClient(node.url, get_token=lambda: expired, rooms=["lobby"], min_delay=0.01) as client:
+        with pytest.raises(Stopped) as stopped:
+            await client.ping()
+        assert stopped.value.code == 4001 and stopped.value.reason == "token expired"
+
+
+async def test_moves_to_the_next_url_when_its_node_drains_and_loses_nothing(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Node a drains (1012, "reconnect in <ms> ms") while messages go on being
+    published through node b: the client waits the hinted delay, reconnects to
+    b with its last id, and ends with every message once, in order."""
+    caplog.set_level(logging.INFO, logger="herald.client")
+    shared = shared_cluster(http={"reconnect_spread": 0.8, "shutdown_grace": 2.0})
+    a, b = await node_factory(**shared), await node_factory(**shared)
+    user = "u" + uuid.uuid4().hex[:8]
+    channels = {"room:lobby": "room:lobby", f"user:{user}": "user", "broadcast": "broadcast"}
+    sent: dict[str, list[str]] = {name: [] for name in channels.values()}
+    got: dict[str, list[str]] = {name: [] for name in channels.values()}
+    total = 90
+
+    async def publish() -> None:
+        for i in range(total):
+            channel = list(channels)[i % 3]
+            sent[channels[channel]].append(await api_publish(http, b, channel, {"i": i}))
+            if i == 30:
+                asyncio.create_task(a.stop())  # noqa: RUF006 - awaited by node_factory at the end
+            await asyncio.sleep(0.01)
+
+    async with HeraldClient([a.url, b.url], token=token(user), rooms=["lobby"], min_delay=0.05) as client:
+        await client.ping()
+        assert client.welcome is not None and client.welcome.node == a.settings.node.id
+
+        async def receive() -> None:
+            async for message in client:
+                assert message.id is not None
+                got[message.channel].append(message.id)
+                if sum(map(len, got.values())) == total:
+                    return
+
+        receiving = asyncio.create_task(receive())
+        await publish()
+        await asyncio.wait_for(receiving, 15)
+        assert client.welcome.node == b.settings.node.id
+    assert got == sent  # every one, once, in order per channel
+
+    ended = next(r for r in caplog.records if "ended (1012" in r.getMessage())
+    hint = re.search(r"reconnect in (\d+) ms", ended.getMessage())
+    assert hint is not None, ended.getMessage()
+    reconnected = next(r for r in caplog.records if r.created > ended.created and "connected to" in r.getMessage())
+    assert reconnected.created - ended.created >= int(hint[1]) / 1000 - 0.01
+
+
+async def test_commands_made_while_reconnecting_wait_for_the_connection(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    shared = shared_cluster(http={"reconnect_spread": 0.0})
+    a, b = await node_factory(**shared), await node_factory(**shared)
+    async with HeraldClient([a.url, b.url], token=token("erin"), min_delay=0.2, max_delay=0.2) as client:
+        await client.ping()
+        await a.stop()
+        await wait_for(lambda: not client.connected, timeout=5)
+        await client.ping()  # sent once the client is on b
+        assert client.welcome is not None and client.welcome.node == b.settings.node.id
