@@ -1,4 +1,4 @@
-"""``herald`` / ``python -m gateway``: serve, dev, publish, token."""
+"""``herald`` / ``python -m gateway``: serve, dev, publish, listen, hooks, token."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("data", help="payload, usually JSON")
     pub.add_argument("--event")
 
+    listen = sub.add_parser("listen", help="print a node's messages as JSON lines, reconnecting and resuming")
+    listen.add_argument("channels", nargs="+", metavar="CHANNEL", help="room:<id>, user, user:<id> or broadcast")
+    listen.add_argument("--since", help="start after this message id")
+    listen.add_argument("--url", action="append", default=[], help="a node's URL (repeatable; tried in turn)")
+    listen.add_argument("--token", help="the client token (default: $HERALD_TOKEN)")
+    listen.add_argument("--user", help="mint a token for this user with jwt.secret instead")
+    listen.add_argument("-v", "--verbose", action="store_true", help="say on stderr when it connects and reconnects")
+
     sub.add_parser("hooks", help="run a webhook dispatcher (config [hooks])")
 
     tok = sub.add_parser("token", help="mint a client token")
@@ -59,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return _dev(settings, args)
         if args.command == "publish":
             return asyncio.run(_publish(settings, args))
+        if args.command == "listen":
+            return _listen(settings, args)
         if args.command == "hooks":
             return _hooks(settings)
         return _token(settings, args)
@@ -149,6 +159,12 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
         seq = await publisher.publish(channel, args.data.encode(), args.event)
     print(seq)
     return 0
+
+
+def _listen(settings: Settings, args: argparse.Namespace) -> int:
+    from .client.listen import listen
+
+    return listen(settings, args.channels, args.url, args.token, args.user, args.since, args.verbose)
 
 
 def _hooks(settings: Settings) -> int:

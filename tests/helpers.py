@@ -28,6 +28,7 @@ from gateway.server import app_runner
 from gateway.settings import Settings, load_settings, with_overrides
 
 VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 PUBLISH_KEY = "test-publish-key"
 ADMIN_KEY = "test-admin-key"
@@ -325,9 +326,11 @@ class RawWsClient:
 
 def cli_env(**extra: str) -> dict[str, str]:
     """A clean environment for a CLI subprocess: no HERALD_* from the caller,
-    the venv first on PATH."""
+    the venv first on PATH, and this checkout's packages first on the path
+    (the venv's editable install may be of another worktree)."""
     env = {
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
         "VIRTUAL_ENV": str(VENV_BIN.parent),
         "HOME": os.environ.get("HOME", "/tmp"),
         "LANG": "C.UTF-8",

@@ -22,8 +22,8 @@ from .validation import validate
 
 DEFAULT_CONFIG_PATH = Path("config/herald.toml")
 ENV_PREFIX = "HERALD_"
-# Environment names that are not settings keys.
-_ENV_NOT_KEYS = frozenset({"HERALD_CONFIG"})
+# Environment names that are not settings keys (HERALD_TOKEN: the client token of herald listen).
+_ENV_NOT_KEYS = frozenset({"HERALD_CONFIG", "HERALD_TOKEN"})
 
 
 def _sections() -> dict[str, type]:

@@ -1,9 +1,10 @@
-"""The helper commands of ``python -m gateway``: token, publish, dev."""
+"""The helper commands of ``python -m gateway``: token, publish, listen, dev."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,7 +22,7 @@ from broker.embedded import NatsServer, free_port
 from gateway.auth import Authenticator
 from gateway.settings import JwtSettings
 
-from ..helpers import SECRET, cli_env, make_settings, recv_json, start_node, token, wait_for
+from ..helpers import SECRET, api_publish, cli_env, make_settings, recv_json, start_node, token, wait_for
 
 _ids = itertools.count(1)
 
@@ -224,3 +226,106 @@ async def test_dev_with_a_bad_port_fails_fast_and_leaves_no_nats_server(
     lines = err.read_text().strip().splitlines()
     assert len(lines) == 1 and "http.port" in lines[0], lines
     assert not port_open(nats_port), "nats-server left running after dev failed"
+
+
+# --- listen ------------------------------------------------------------------
+
+
+async def start_listen(args: list[str], tmp_path: Path, **env: str) -> asyncio.subprocess.Process:
+    """``herald listen ARGS`` in the background (the node lives in this event loop)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "listen",
+        *args,
+        env=cli_env(**env),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def read_lines(proc: asyncio.subprocess.Process, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout):
+        return [json.loads(await proc.stdout.readline()) for _ in range(n)]
+
+
+async def test_listen_prints_json_lines_resumes_from_since_and_exits_0_on_sigterm(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    node = await start_node(make_settings(nats_server.url))
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            before = await api_publish(http, node, "room:lobby", {"n": 0})
+            earlier = str(int(before) - 1)
+            # A token minted with jwt.secret for --user; the stored message after --since comes first.
+            args = ["room:lobby", "user:bob", "--since", earlier, "--url", node.url, "--user", "bob", "-v"]
+            proc = await start_listen(args, tmp_path, HERALD_JWT_SECRET=SECRET)
+            first = await read_lines(proc, 1)
+            assert first == [{"channel": "room:lobby", "id": before, "event": "message", "data": {"n": 0}}]
+            ids = [
+                await api_publish(http, node, "room:other", {"n": 1}),  # not joined
+                await api_publish(http, node, "broadcast", {"n": 2}),  # delivered, not asked for
+                await api_publish(http, node, "user:bob", {"n": 3}),
+                await api_publish(http, node, "room:lobby", [4]),
+            ]
+            assert await read_lines(proc, 2) == [
+                {"channel": "user", "id": ids[2], "event": "message", "data": {"n": 3}},
+                {"channel": "room:lobby", "id": ids[3], "event": "message", "data": [4]},
+            ]
+            proc.send_signal(signal.SIGTERM)
+            out, err = await asyncio.wait_for(proc.communicate(), 10)
+            assert proc.returncode == 0, err.decode()
+            assert out == b"" and "connected to" in err.decode() and "Traceback" not in err.decode()
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await node.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "tokens", "says"),
+    [
+        (["room:secret"], {"rooms": ["lobby"]}, "4003 token does not allow room secret"),
+        (["room:lobby"], {"ttl": -60}, "4001 token expired"),
+    ],
+)
+async def test_listen_stopped_for_good_exits_1_with_one_line(
+    nats_server: NatsServer, tmp_path: Path, args: list[str], tokens: dict[str, Any], says: str
+) -> None:
+    node = await start_node(make_settings(nats_server.url))
+    try:
+        proc = await start_listen([*args, "--url", node.url], tmp_path, HERALD_TOKEN=token("carol", **tokens))
+        out, err = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        await node.stop()
+    assert proc.returncode == 1
+    assert out == b""
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["room:lobby"], {}, "--token, $HERALD_TOKEN, or --user"),
+        (["room:lobby", "--user", "bob"], {}, "jwt.secret"),
+        (["lobby"], {"HERALD_TOKEN": "x"}, "invalid channel"),
+        (["room:a.b"], {"HERALD_TOKEN": "x"}, "invalid room id"),
+        (["user:bob", "--user", "eve"], {"HERALD_JWT_SECRET": SECRET}, "only your own user channel"),
+        (["user", "--since", "x"], {"HERALD_TOKEN": "x"}, "position"),
+        (["user", "--url", "ftp://h"], {"HERALD_TOKEN": "x"}, "not a node URL"),
+    ],
+)
+def test_listen_refuses_bad_arguments_with_one_line(
+    args: list[str], env: dict[str, str], says: str, tmp_path: Path
+) -> None:
+    result = run_cli(["listen", *args], tmp_path, **env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.stderr

@@ -20,6 +20,7 @@ LAZY_IMPORTS_ALLOWED = {
     ("gateway/cli.py", "gateway.server"): "the node's web stack (~250 ms) only for serve, dev and hooks, not token",
     ("gateway/cli.py", "gateway.hooks"): "the webhook dispatcher (~180 ms) only for herald hooks",
     ("gateway/cli.py", "broker.publisher"): "the NATS client (~140 ms) only for herald publish",
+    ("gateway/cli.py", "gateway.client.listen"): "the WebSocket client (aiohttp, ~100 ms) only for herald listen",
 }
 
 # Run in a fresh interpreter: imports each module with no project module loaded
