@@ -16,6 +16,8 @@ from .events import (
     Message,
     Reset,
     Stopped,
+    Subscribed,
+    Unsubscribed,
     Welcome,
 )
 from .herald import HeraldClient
@@ -34,5 +36,7 @@ __all__ = [
     "PublishRefused",
     "Reset",
     "Stopped",
+    "Subscribed",
+    "Unsubscribed",
     "Welcome",
 ]

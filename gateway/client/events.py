@@ -1,7 +1,8 @@
 """What a node sends a client, as small typed values, and the client's errors.
 
 ``event_of`` turns a frame that is not a command's answer into a ``Message``,
-``Reset``, ``Join``, ``Leave`` or ``Welcome`` (docs/protocol.md §3.2), and
+``Reset``, ``Join``, ``Leave``, ``Subscribed``, ``Unsubscribed`` or
+``Welcome`` (docs/protocol.md §3.2), and
 ignores what it does not know: a client MUST ignore new frame types and keys.
 """
 
@@ -53,6 +54,21 @@ class Leave:
 
 
 @dataclass(frozen=True, slots=True)
+class Subscribed:
+    """The backend joined this connection to ``room`` (``POST /api/subscribe``);
+    the client re-joins it after reconnects while the token allows it."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    """The backend took this connection out of ``room``; reconnects no longer join it."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
 class Welcome:
     """The first frame of every connection. ``position`` is the stream's
     position once the channels were live (None from nodes that do not send
@@ -66,7 +82,7 @@ class Welcome:
     position: str | None
 
 
-Event = Message | Reset | Join | Leave | Welcome
+Event = Message | Reset | Join | Leave | Subscribed | Unsubscribed | Welcome
 
 
 def event_of(frame: dict[str, Any]) -> Event | None:
@@ -80,6 +96,11 @@ def event_of(frame: dict[str, Any]) -> Event | None:
     if kind in ("join", "leave"):
         cls = Join if kind == "join" else Leave
         return cls(_str(frame.get("room")), _str(frame.get("user")))
+    if kind in ("subscribed", "unsubscribed"):
+        room = frame.get("room")
+        if not isinstance(room, str):
+            return None
+        return Subscribed(room) if kind == "subscribed" else Unsubscribed(room)
     if kind == "welcome":
         unread = frame.get("unread")
         channels = frame.get("channels")
@@ -142,8 +163,9 @@ class CommandTimeout(CommandError, TimeoutError):
 class Stopped(HeraldError):
     """The node refused the client for good: 4000 (bad request), 4001 (a token
     refused again, or no ``get_token``), 4003 (room not allowed), 4029 (this
-    connection was replaced by a newer one of the user). Reconnecting would
-    not help, so the client stops; iterating over it raises this."""
+    connection was replaced by a newer one of the user), 4403 (the backend
+    disconnected the user for good). Reconnecting would not help, or is not
+    wanted, so the client stops; iterating over it raises this."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(f"stopped by the node: {code} {reason}".rstrip())

@@ -8,7 +8,8 @@ subscribed through node failures, as herald.js does in a browser.
 One task reads the socket and keeps it open: on any end it reconnects (to
 the next URL of the list), by the close-code rules of ``reconnect.py``,
 resuming from the last id received (``feed.py``). Commands are sent on the
-open connection with a ``ref`` and answered by it (``calls.py``).
+open connection with a ``ref`` and answered by it (``calls.py``); what
+each sends and returns is in ``commands.py``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,23 @@ import aiohttp
 import orjson
 
 from .calls import Answer, Calls
-from .events import CommandError, CommandTimeout, Event, HeraldError, Message, Reset, Stopped, Welcome, event_of
-from .events import message_of as _message_of
+from .commands import Commands
+from .events import (
+    CommandError,
+    CommandTimeout,
+    Event,
+    HeraldError,
+    Message,
+    Reset,
+    Stopped,
+    Subscribed,
+    Unsubscribed,
+    Welcome,
+    event_of,
+)
 from .feed import Feed
 from .reconnect import Endpoints, Reconnect
+from .rooms import Rooms
 
 log = logging.getLogger("herald.client")
 
@@ -39,7 +53,7 @@ _MAX_MESSAGE = 64 * 2**20  # bytes of one frame from the node (a history page ca
 _CLOSE_WAIT = 2.0  # seconds to wait for the node's answer to our close
 
 
-class HeraldClient:
+class HeraldClient(Commands):
     """A connection to Herald that reconnects and resumes by itself.
 
     ``url``: a node's base URL (http, https, ws or wss; ``/ws`` is added), or
@@ -77,7 +91,7 @@ class HeraldClient:
         self._endpoints = Endpoints(url)
         self._token = token
         self._get_token = get_token
-        self._rooms = dict.fromkeys(rooms)  # ordered set
+        self._rooms = Rooms(rooms)
         self._timeout = timeout
         self._heartbeat = heartbeat
         self._on_reset = on_reset
@@ -92,6 +106,8 @@ class HeraldClient:
         self._final: HeraldError | None = None  # why commands can no longer be sent
         self._welcome: Welcome | None = None
         self._task: asyncio.Task[None] | None = None
+        self._rejoining: set[asyncio.Task[None]] = set()
+        self._since_opened: str | None = None  # the position the current connection resumed from
         self._closing = False
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -126,9 +142,10 @@ class HeraldClient:
         if socket is not None and not socket.closed:
             with suppress(Exception):
                 await asyncio.wait_for(socket.close(), _CLOSE_WAIT)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, *self._rejoining):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._own_session and self._session is not None:
             await self._session.close()
 
@@ -146,8 +163,8 @@ class HeraldClient:
 
     @property
     def rooms(self) -> tuple[str, ...]:
-        """The rooms a reconnect joins."""
-        return tuple(self._rooms)
+        """The rooms a reconnect joins: those asked for, then those the backend joined."""
+        return self._rooms.all()
 
     @property
     def position(self) -> str | None:
@@ -156,16 +173,16 @@ class HeraldClient:
 
     def __aiter__(self) -> AsyncIterator[Message]:
         """The messages, in order. A ``Reset`` goes to ``on_reset`` (logged
-        without one); ``Welcome``, ``Join`` and ``Leave`` are skipped (see
-        ``events``). Ends when the client is closed; raises ``Stopped`` when
-        the node refused it for good."""
+        without one); the other events are skipped (see ``events``). Ends
+        when the client is closed; raises ``Stopped`` when the node refused
+        it for good."""
         self._check_started()
         return self._messages()
 
     def events(self) -> AsyncIterator[Event]:
         """Every event, in order: ``Welcome`` (one per connection), ``Message``,
-        ``Reset``, ``Join``, ``Leave``. One iterator at a time, this or the
-        client itself."""
+        ``Reset``, ``Join``, ``Leave``, ``Subscribed``, ``Unsubscribed``. One
+        iterator at a time, this or the client itself."""
         self._check_started()
         return self._events()
 
@@ -188,80 +205,6 @@ class HeraldClient:
     def _check_started(self) -> None:
         if self._task is None:
             raise RuntimeError("use 'async with HeraldClient(...)' (or call start()) first")
-
-    # --- commands (docs/protocol.md §6) -------------------------------------------------------------
-
-    async def subscribe(self, room: str, since: str | None = None) -> None:
-        """Join ``room`` (and rejoin it on every reconnect); with ``since``,
-        the room's stored messages after that id come first."""
-        fields: dict[str, Any] = {"room": room}
-        if since is not None:
-            fields["since"] = str(since)
-            self._feed.rewind(f"room:{room}", str(since))
-        await self._command("subscribe", fields)
-        self._rooms[room] = None  # acked: reconnects rejoin it from now on
-
-    async def unsubscribe(self, room: str) -> None:
-        """Leave ``room``; reconnects no longer join it (even if this fails)."""
-        self._rooms.pop(room, None)
-        await self._command("unsubscribe", {"room": room})
-
-    async def publish(self, room: str, data: Any, event: str | None = None, ephemeral: bool = False) -> str | None:
-        """Publish into ``room``; returns the stored id (None when ``ephemeral``).
-        Not re-sent: if the connection drops first it fails with
-        ``disconnected``, and may or may not have been published."""
-        fields: dict[str, Any] = {"room": room, "data": data}
-        if event is not None:
-            fields["event"] = event
-        if ephemeral:
-            fields["ephemeral"] = True
-        answer = await self._command("publish", fields)
-        return _id_of(answer)
-
-    async def presence(self, room: str) -> list[str]:
-        """The users in ``room``, on any node, sorted."""
-        answer = await self._command("presence", {"room": room})
-        users = answer.get("users")
-        return [str(u) for u in users] if isinstance(users, list) else []
-
-    async def read(self, id: str) -> str:
-        """Move the user's read position to ``id``; returns the position stored
-        (larger if another connection had gone further)."""
-        return _id_of(await self._command("read", {"id": str(id)})) or str(id)
-
-    async def history(
-        self, room: str | None = None, channel: str | None = None, limit: int = 50, before: str | None = None
-    ) -> list[Message]:
-        """A page of stored messages, oldest first: of ``room``, or of
-        ``channel`` (``"user"``, ``"broadcast"``, ``"room:<id>"``): the newest
-        ``limit`` older than ``before`` (an id; None: the newest)."""
-        if (room is None) == (channel is None):
-            raise ValueError("give room or channel")
-        fields: dict[str, Any] = {"room": room} if room is not None else {"channel": channel}
-        fields["limit"] = limit
-        if before is not None:
-            fields["before"] = str(before)
-        answer = await self._command("history", fields)
-        name = answer.get("channel")
-        items = answer.get("messages")
-        default = name if isinstance(name, str) else (channel or f"room:{room}")
-        found = (_message_of(m, default) for m in items if isinstance(m, dict)) if isinstance(items, list) else ()
-        return [m for m in found if m is not None]
-
-    async def refresh(self, token: str) -> None:
-        """Replace the connection's token before it expires (and use it for
-        reconnects); rooms it no longer allows are left."""
-        answer = await self._command("refresh", {"token": token})
-        self._token = token
-        channels = answer.get("channels")
-        if isinstance(channels, list):
-            kept = {c.removeprefix("room:") for c in channels if isinstance(c, str) and c.startswith("room:")}
-            self._rooms = {r: None for r in self._rooms if r in kept}
-
-    async def ping(self) -> None:
-        """A round trip to the node: returns once it answered (so once the
-        client is connected, and the node is there)."""
-        await self._command("ping", {})
 
     async def _command(self, kind: str, fields: dict[str, Any]) -> Answer:
         """Send one command when a connection is open and await its answer,
@@ -343,9 +286,10 @@ class HeraldClient:
     async def _connection(self, url: str) -> tuple[int | None, str]:
         """One connection, from the upgrade to its end: (close code or None, reason)."""
         assert self._session is not None and self._token is not None
-        params = [("room", room) for room in self._rooms]
-        if self._feed.since is not None:
-            params.append(("since", self._feed.since))
+        params = [("room", room) for room in self._rooms.in_url()]
+        self._since_opened = self._feed.since
+        if self._since_opened is not None:
+            params.append(("since", self._since_opened))
         try:
             ws = await self._session.ws_connect(
                 url,
@@ -403,6 +347,10 @@ class HeraldClient:
             return
         if isinstance(event, Welcome):
             self._welcomed(ws, event)
+        elif isinstance(event, Subscribed):
+            self._rooms.granted(event.room)
+        elif isinstance(event, Unsubscribed):
+            self._rooms.left(event.room)
         await self._feed.put(event)
 
     def _welcomed(self, ws: aiohttp.ClientWebSocketResponse, welcome: Welcome) -> None:
@@ -413,6 +361,26 @@ class HeraldClient:
             self._ws = ws
             self._open.set()
         log.info("connected to %s as %s (conn %s)", welcome.node, welcome.user, welcome.conn)
+        rooms = self._rooms.to_rejoin(welcome.channels)
+        if rooms:
+            task = asyncio.create_task(self._rejoin(rooms, self._since_opened))
+            self._rejoining.add(task)
+            task.add_done_callback(self._rejoining.discard)
+
+    async def _rejoin(self, rooms: tuple[str, ...], since: str | None) -> None:
+        """Ask again for the rooms the backend had joined, from where this
+        connection resumed; one the token does not allow is given up."""
+        for room in rooms:
+            fields = {"room": room} if since is None else {"room": room, "since": since}
+            try:
+                await self._command("subscribe", fields)
+            except CommandError as exc:
+                if exc.code in ("disconnected", "timeout", "closed", "unavailable", "rate_limited"):
+                    return  # the next connection tries again
+                log.warning("room %s (joined by the backend) is left: %s", room, exc)
+                self._rooms.left(room)
+            except HeraldError:
+                return
 
     def _end(self, why: HeraldError) -> None:
         """No more connections: waiting commands fail with ``why``, the feed ends with it
@@ -423,8 +391,3 @@ class HeraldClient:
         self._open.set()
         self._calls.fail(why)
         self._feed.end(None if isinstance(why, CommandError) else why)
-
-
-def _id_of(answer: Answer) -> str | None:
-    value = answer.get("id")
-    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None

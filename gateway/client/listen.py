@@ -4,7 +4,7 @@ Each message of a channel named on the command line is one line
 ``{"channel","id","event","data"}``, flushed at once (pipe it to jq). The
 connection is a ``HeraldClient``: it reconnects and resumes, so a node that
 goes away loses nothing. SIGINT / SIGTERM end it with 0; a node refusing it
-for good (4000, 4003, a token refused) ends it with 1 and one line on stderr.
+for good (4000, 4003, 4403, a refused token) ends it with 1 and one line on stderr.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Where and when the client reconnects: the node URLs in turn, and the
 close-code rules of herald.js (README, "Browser client"; docs/protocol.md §8).
 
-- 4000, 4003, and 4029 whose reason names the user's "oldest" connection:
-  stop (reconnecting cannot help, or would evict another of the user's tabs).
+- 4000, 4003, 4403 (the backend disconnected the user for good), and 4029
+  whose reason names the user's "oldest" connection: stop (reconnecting
+  cannot help, is not wanted, or would evict another of the user's tabs).
 - 4001: ask ``get_token`` for a new token and reconnect at once, once; a
   second 4001 before a connection succeeds (or no ``get_token``) stops.
 - 4008 (slow consumer): reconnect at once.
 - 1012 (node draining): after the delay the reason names (``reconnect in
   <ms> ms``), else within a second.
-- anything else (a dropped connection, 1006, 1011, 1013, a refused upgrade):
+- anything else (a dropped connection, 1006, 1011, 1013, 4009 from
+  ``POST /api/disconnect``, a refused upgrade):
   exponential backoff with full jitter, a random wait in
   ``[0, min(max_delay, min_delay * 2**attempt))``; ``attempt`` starts again at
   0 after every ``welcome``.
@@ -97,7 +99,7 @@ class Reconnect:
     def after(self, code: int | None, reason: str, can_refresh: bool) -> Step:
         """The step after a connection ended with close ``code`` (None: it
         dropped, or never opened) and ``reason``."""
-        if code in (4000, 4003) or (code == 4029 and "oldest" in reason):
+        if code in (4000, 4003, 4403) or (code == 4029 and "oldest" in reason):
             return Step(stop=True)
         if code == 4001:
             if not can_refresh or self._refreshed:

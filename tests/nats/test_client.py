@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.client import CommandError, HeraldClient, Message, Stopped
+from gateway.client import CommandError, HeraldClient, Message, Stopped, Subscribed, Unsubscribed, Welcome
 
-from ..helpers import RunningNode, api_publish, token, wait_for
+from ..helpers import ADMIN_KEY, RunningNode, api_publish, token, wait_for
 
 NodeFactory = Callable[..., Awaitable[RunningNode]]
 
@@ -181,3 +181,78 @@ async def test_commands_made_while_reconnecting_wait_for_the_connection(
         await wait_for(lambda: not client.connected, timeout=5)
         await client.ping()  # sent once the client is on b
         assert client.welcome is not None and client.welcome.node == b.settings.node.id
+
+
+async def admin(http: aiohttp.ClientSession, node: RunningNode, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with http.post(node.url + path, json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        doc: dict[str, Any] = await resp.json()
+        assert resp.status == 200, doc
+        return doc
+
+
+async def test_history_pages_and_the_welcome_position(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    user = "u" + uuid.uuid4().hex[:8]
+    ids = [await api_publish(http, node, "room:lobby", {"n": n}) for n in range(3)]
+    note = await api_publish(http, node, f"user:{user}", {"n": "note"})
+    async with HeraldClient(node.url, token=token(user), rooms=["lobby"]) as client:
+        await client.ping()
+        assert client.welcome is not None and client.welcome.position == note
+        assert await client.history(room="lobby", limit=2) == [
+            Message("room:lobby", ids[1], "message", {"n": 1}),
+            Message("room:lobby", ids[2], "message", {"n": 2}),
+        ]
+        assert [m.id for m in await client.history(channel="room:lobby", before=ids[1])] == [ids[0]]
+        assert await client.history(channel="user") == [Message("user", note, "message", {"n": "note"})]
+        with pytest.raises(CommandError) as refused:
+            await client.history(channel="user:someone-else")
+        assert refused.value.code == "forbidden"
+        # The inbox replays the unread note (an id below the position): the position moves to it.
+        assert await take(client, 1) == [Message("user", note, "message", {"n": "note"})]
+
+
+async def test_resumes_from_the_welcome_position_when_nothing_came(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    shared = shared_cluster(http={"reconnect_spread": 0.0}, history={"inbox": False})
+    a, b = await node_factory(**shared), await node_factory(**shared)
+    async with HeraldClient([a.url, b.url], token=token("frank"), rooms=["lobby"], min_delay=0.3) as client:
+        await client.ping()
+        assert client.welcome is not None and client.position == client.welcome.position is not None
+        await a.stop()  # 1012 without a hint: the client waits up to a second
+        ids = [await api_publish(http, b, "room:lobby", {"n": n}) for n in range(3)]
+        assert [m.id for m in await take(client, 3)] == ids  # published while it was away, or after
+
+
+async def test_rooms_the_backend_joins_survive_a_reconnect_and_disconnects_are_obeyed(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    shared = shared_cluster(http={"reconnect_spread": 0.2})
+    a, b = await node_factory(**shared), await node_factory(**shared)
+    user = "u" + uuid.uuid4().hex[:8]
+    async with HeraldClient([a.url, b.url], token=token(user, rooms=["lobby", "project-*"]), min_delay=0.05) as client:
+        await client.ping()
+        assert (await admin(http, a, "/api/subscribe", {"user": user, "room": "project-9"}))["subscribed"] == 1
+        events = client.events()
+        assert isinstance(await anext(events), Welcome)
+        assert await anext(events) == Subscribed("project-9")
+        first = await api_publish(http, b, "room:project-9", {"n": 1})
+        assert await anext(events) == Message("room:project-9", first, "message", {"n": 1})
+        assert client.rooms == ("project-9",)
+
+        await a.stop()  # to node b, which re-joins project-9 from the last id
+        missed = await api_publish(http, b, "room:project-9", {"n": 2})
+        welcome = await anext(events)
+        assert isinstance(welcome, Welcome) and welcome.node == b.settings.node.id
+        assert await anext(events) == Message("room:project-9", missed, "message", {"n": 2})
+
+        assert (await admin(http, b, "/api/unsubscribe", {"user": user, "room": "project-9"}))["unsubscribed"] == 1
+        assert await anext(events) == Unsubscribed("project-9")
+        assert client.rooms == ()
+
+        assert (await admin(http, b, "/api/disconnect", {"user": user}))["disconnected"] == 1
+        again = await anext(events)  # 4009: it comes back
+        assert isinstance(again, Welcome) and again.conn != welcome.conn
+        assert (await admin(http, b, "/api/disconnect", {"user": user, "reconnect": False}))["disconnected"] == 1
+        with pytest.raises(Stopped) as stopped:
+            await anext(events)
+        assert stopped.value.code == 4403

@@ -15,11 +15,22 @@ import orjson
 import pytest
 from aiohttp import WSMsgType, web
 
-from gateway.client import CommandError, CommandTimeout, HeraldClient, Message, Reset, Stopped, Welcome
+from gateway.client import (
+    CommandError,
+    CommandTimeout,
+    HeraldClient,
+    Message,
+    Reset,
+    Stopped,
+    Subscribed,
+    Unsubscribed,
+    Welcome,
+)
 from gateway.client.calls import Calls
 from gateway.client.events import event_of
 from gateway.client.feed import Feed
 from gateway.client.reconnect import Endpoints, Reconnect, Step, ws_url
+from gateway.client.rooms import Rooms
 
 # --- the rules alone ------------------------------------------------------------------------------
 
@@ -46,6 +57,8 @@ def test_close_codes_decide_as_herald_js_does() -> None:
     r = Reconnect(0.5, 30.0, rand=lambda: 0.5)
     assert r.after(4003, "token does not allow room x", True) == Step(stop=True)
     assert r.after(4000, "invalid room id", True) == Step(stop=True)
+    assert r.after(4403, "disconnected by the server: do not reconnect", True) == Step(stop=True)
+    assert r.after(4009, "disconnected by the server: reconnect", True) == Step(0.25)  # backs off
     assert r.after(4029, "too many connections: this was the user's oldest", True) == Step(stop=True)
     assert r.after(4008, "slow consumer: reconnect with since=<last id>", True) == Step(0.0)
     assert r.after(1012, "node restarting: reconnect in 734 ms", True) == Step(0.734)
@@ -142,7 +155,28 @@ def test_frames_become_typed_events() -> None:
     welcome = event_of({"type": "welcome", "conn": "n:1", "user": "u", "node": "n", "channels": ["user"], "x": 1})
     assert welcome == Welcome("n:1", "u", "n", ("user",), None, None)
     assert event_of({"type": "reset", "channel": "user", "reason": "r"}) == Reset("user", "r")
+    assert event_of({"type": "subscribed", "room": "p"}) == Subscribed("p")
+    assert event_of({"type": "unsubscribed", "room": "p"}) == Unsubscribed("p")
+    assert event_of({"type": "subscribed"}) is None
     assert event_of({"type": "something-new"}) is None
+
+
+def test_rooms_asked_go_in_the_url_and_granted_are_rejoined() -> None:
+    rooms = Rooms(["a", "b"])
+    rooms.granted("p")
+    rooms.granted("a")  # already asked for: stays in the URL
+    assert rooms.in_url() == ("a", "b") and rooms.all() == ("a", "b", "p")
+    assert rooms.to_rejoin(["user", "room:a", "room:b"]) == ("p",)
+    assert rooms.to_rejoin(["room:p"]) == ()
+    rooms.asked("p")  # subscribe acknowledged: in the URL from now on
+    assert rooms.in_url() == ("a", "b", "p") and rooms.to_rejoin([]) == ()
+    rooms.granted("q")
+    rooms.left("a")
+    rooms.left("q")
+    assert rooms.all() == ("b", "p")
+    rooms.granted("q")
+    rooms.keep_only(["p", "q"])
+    assert rooms.all() == ("p", "q")
 
 
 # --- a scripted node ------------------------------------------------------------------------------
@@ -265,7 +299,12 @@ async def test_4008_reconnects_at_once_and_1011_backs_off(fake_node: FakeNode) -
 
 @pytest.mark.parametrize(
     ("code", "reason"),
-    [(4003, "token does not allow room x"), (4000, "invalid room id"), (4029, "this was the user's oldest")],
+    [
+        (4003, "token does not allow room x"),
+        (4000, "invalid room id"),
+        (4029, "this was the user's oldest"),
+        (4403, "disconnected by the server: do not reconnect"),
+    ],
 )
 async def test_stopping_codes_end_the_iterator_with_stopped(fake_node: FakeNode, code: int, reason: str) -> None:
     msg = {"type": "message", "channel": "user", "id": "1", "event": "n", "data": 1}
@@ -400,6 +439,54 @@ async def test_resets_go_to_on_reset_in_order(fake_node: FakeNode) -> None:
             async for message in client:
                 seen.append(f"message {message.id}")
     assert seen == ["message 1", "reset room:a", "message 5"]
+
+
+async def test_rooms_the_backend_joined_are_asked_for_again_after_a_reconnect(fake_node: FakeNode) -> None:
+    frames = (
+        {"type": "subscribed", "room": "project-9"},
+        {"type": "subscribed", "room": "gone"},
+        {"type": "message", "channel": "room:project-9", "id": "12", "event": "m", "data": 1},
+        {"type": "unsubscribed", "room": "gone"},
+    )
+
+    async def refuses(ws: web.WebSocketResponse, visit: Visit) -> None:
+        await ws.send_json(welcome())
+        async for msg in ws:
+            cmd = orjson.loads(msg.data)
+            visit.sent.append(cmd)
+            await ws.send_json({"type": "error", "code": "forbidden", "message": "no", "ref": cmd["ref"]})
+
+    async def acks_once(ws: web.WebSocketResponse, visit: Visit) -> None:
+        await ws.send_json(welcome())
+        cmd = orjson.loads((await ws.receive()).data)
+        visit.sent.append(cmd)
+        await ws.send_json({"type": "ack", "channel": f"room:{cmd['room']}", "ref": cmd["ref"]})
+        await ws.close(code=1011, message=b"internal error")
+
+    fake_node.scripts = [closes(1011, "internal error", frames), acks_once, refuses]
+    async with fast(fake_node.url, rooms=["lobby"]) as client:
+        kinds = []
+        async for event in client.events():
+            kinds.append(type(event).__name__)
+            if len(kinds) == 6:
+                break
+        assert kinds == ["Welcome", "Subscribed", "Subscribed", "Message", "Unsubscribed", "Welcome"]
+        assert client.rooms == ("lobby", "project-9")
+        await wait_until(lambda: len(fake_node.visits) == 3 and len(fake_node.visits[2].sent) == 1)
+        await wait_until(lambda: client.rooms == ("lobby",))  # the token no longer allows it: given up
+    first, second, third = fake_node.visits[:3]
+    assert first.query == second.query[:1] == [("room", "lobby")]  # never in the URL
+    assert second.param("since") == "12"
+    assert [{k: v for k, v in c.items() if k != "ref"} for c in second.sent] == [
+        {"type": "subscribe", "room": "project-9", "since": "12"}
+    ]
+    assert third.sent[0]["type"] == "subscribe"
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
 
 
 def test_needs_a_token_and_async_with() -> None:

@@ -1,0 +1,59 @@
+"""The rooms a client is in, and how a reconnect gets them back.
+
+Two kinds (docs/protocol.md §3.2, ``subscribed``):
+
+- rooms the client asked for (``rooms=``, an acknowledged ``subscribe``):
+  they go in the URL of every new connection, so the node joins them before
+  the ``welcome``;
+- rooms the backend joined it to (a ``subscribed`` frame, from
+  ``POST /api/subscribe``): the token may not allow them, so they are asked
+  for again after each ``welcome`` with ``subscribe {room, since}`` — a room
+  the token no longer allows then costs that room, not the connection.
+
+An ``unsubscribed`` frame, or ``unsubscribe``, takes a room out of both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class Rooms:
+    """The client's room set: ``asked`` (in the URL) and ``granted`` (re-joined after a welcome)."""
+
+    def __init__(self, asked: Iterable[str] = ()) -> None:
+        self._asked = dict.fromkeys(asked)  # ordered sets
+        self._granted: dict[str, None] = {}
+
+    def all(self) -> tuple[str, ...]:
+        return (*self._asked, *self._granted)
+
+    def in_url(self) -> tuple[str, ...]:
+        """The ``room`` parameters of a new connection."""
+        return tuple(self._asked)
+
+    def to_rejoin(self, channels: Iterable[str]) -> tuple[str, ...]:
+        """The granted rooms a new connection (on ``channels``) is not in yet."""
+        have = set(channels)
+        return tuple(room for room in self._granted if f"room:{room}" not in have)
+
+    def asked(self, room: str) -> None:
+        """``subscribe`` was acknowledged: in every URL from now on."""
+        self._granted.pop(room, None)
+        self._asked[room] = None
+
+    def granted(self, room: str) -> None:
+        """The backend joined the connection to ``room``."""
+        if room not in self._asked:
+            self._granted[room] = None
+
+    def left(self, room: str) -> None:
+        """``unsubscribe``, an ``unsubscribed`` frame, or a re-join refused."""
+        self._asked.pop(room, None)
+        self._granted.pop(room, None)
+
+    def keep_only(self, rooms: Iterable[str]) -> None:
+        """After ``refresh``: the rooms the new token still allows."""
+        kept = set(rooms)
+        self._asked = {r: None for r in self._asked if r in kept}
+        self._granted = {r: None for r in self._granted if r in kept}
