@@ -33,7 +33,8 @@ class Commands:
         fields: dict[str, Any] = {"room": room}
         if since is not None:
             fields["since"] = str(since)
-            self._feed.rewind(f"room:{room}", str(since))
+            if fields["since"].isdigit():  # else the node refuses it (bad_request)
+                self._feed.rewind(f"room:{room}", fields["since"])
         await self._command("subscribe", fields)
         self._rooms.asked(room)  # acked: reconnects join it from now on
 
