@@ -16,7 +16,7 @@ import nats.errors
 import orjson
 
 from .base import BrokerUnavailable
-from .inbox import OnReply, ReplyInbox
+from .inbox import OnReply
 from .link import NatsLink
 
 # A message to publish: (subject, payload, headers or None).
@@ -41,7 +41,7 @@ class AckedPublisher:
     """Publishes into the stream and waits for its acks."""
 
     def __init__(self, link: NatsLink, stream: str, timeout: float) -> None:
-        self._inbox = ReplyInbox(link)
+        self._inbox = link.replies
         self._stream = stream  # expected: a subject another stream captured is refused, not stored there
         self._timeout = timeout
 

@@ -12,29 +12,35 @@ import itertools
 from collections.abc import Callable
 
 from .dispatch import DispatchingClient
-from .link import NatsLink
 
 # (payload, headers or None) of one reply.
 OnReply = Callable[[bytes, dict[str, str] | None], None]
 
 
 class ReplyInbox:
-    """Reply subjects under one wildcard subscription (made again on a new client)."""
+    """Reply subjects under one wildcard subscription per connection (made
+    again on a new client), shared by every kind of request."""
 
-    def __init__(self, link: NatsLink) -> None:
-        self._link = link
+    def __init__(self, client: Callable[[], DispatchingClient]) -> None:
+        self._client_of = client  # the connected client, or BrokerUnavailable
         self._client: DispatchingClient | None = None  # the client ``_prefix`` is subscribed on
         self._prefix = ""
         self._ids = itertools.count()
         self._waiting: dict[bytes, OnReply] = {}
 
-    async def open(self, on_reply: OnReply) -> tuple[DispatchingClient, str]:
-        """A reply subject whose replies go to ``on_reply`` until ``close``."""
-        nc = self._link.client()
+    async def subscribe(self) -> DispatchingClient:
+        """The inbox subscription on the current client (made now if needed:
+        at the broker's start, so it is there before any request)."""
+        nc = self._client_of()
         if nc is not self._client:
             self._prefix = nc.new_inbox()
             await nc.subscribe_direct(self._prefix + ".*", self._on_reply)
             self._client = nc
+        return nc
+
+    async def open(self, on_reply: OnReply) -> tuple[DispatchingClient, str]:
+        """A reply subject whose replies go to ``on_reply`` until ``close``."""
+        nc = await self.subscribe()
         reply = f"{self._prefix}.{next(self._ids)}"
         self._waiting[reply.encode()] = on_reply
         return nc, reply

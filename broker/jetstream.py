@@ -171,6 +171,7 @@ class NatsBroker:
         self._link.nc = nc
         self._link.js = nc.jetstream(timeout=self._config.publish_timeout)
         await self.connections.listen()
+        await self._link.replies.subscribe()
         if manage_stream:
             await self.relay.listen()  # a node: other nodes may address it
             await self._ensure_stream_when_ready()

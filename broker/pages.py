@@ -24,7 +24,6 @@ import orjson
 
 from .base import BrokerUnavailable, Delivery, Retention
 from .channels import Channel, event_of
-from .inbox import ReplyInbox
 from .link import NatsLink
 from .timestamps import parse_rfc3339
 
@@ -45,7 +44,7 @@ class DirectReader:
     taken in the client's reader (``ReplyInbox``)."""
 
     def __init__(self, link: NatsLink, stream: str, timeout: float) -> None:
-        self._inbox = ReplyInbox(link)
+        self._inbox = link.replies
         self._api = f"$JS.API.DIRECT.GET.{stream}"
         self._timeout = timeout
 

@@ -17,7 +17,6 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from .base import BrokerUnavailable, NodeGone
-from .inbox import ReplyInbox
 from .kv import key_token
 from .link import NatsLink
 from .tasks import spawn
@@ -45,7 +44,7 @@ class NatsRelay:
         self._node_id = node_id
         self._answer = answer
         self._alive = alive  # the live node instances (presence)
-        self._inbox = ReplyInbox(link)
+        self._inbox = link.replies
         self.tasks: set[asyncio.Task[None]] = set()  # requests being answered
 
     def _subject(self, node: str) -> str:

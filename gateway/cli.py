@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("channel", help="room:<id>, user:<id> or broadcast")
     pub.add_argument("data", help="payload, usually JSON")
     pub.add_argument("--event")
+    pub.add_argument("--key", help="idempotency key: a repeat within publish.dedup_window is stored once")
 
     listen = sub.add_parser("listen", help="print a node's messages as JSON lines, reconnecting and resuming")
     listen.add_argument("channels", nargs="+", metavar="CHANNEL", help="room:<id>, user, user:<id> or broadcast")
@@ -156,7 +157,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
         check_event(args.event)
     publisher = NatsPublisher(settings.nats.urls, settings.subject.prefix, settings.stream.name, attempts=1)
     async with publisher:
-        seq = await publisher.publish(channel, args.data.encode(), args.event)
+        seq = await publisher.publish(channel, args.data.encode(), args.event, idempotency_key=args.key)
     print(seq)
     return 0
 

@@ -40,17 +40,22 @@ class HttpPublisher:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
-    async def publish(self, channel: str, data: Any, event: str | None = None) -> str:
-        """Store one message through the node; returns its id."""
+    async def publish(
+        self, channel: str, data: Any, event: str | None = None, idempotency_key: str | None = None
+    ) -> str:
+        """Store one message through the node; returns its id. With
+        ``idempotency_key`` (``Idempotency-Key``) the retries here — and the
+        caller's own — store it once: a repeat answers the first id."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         body: dict[str, Any] = {"channel": channel, "data": data}
         if event is not None:
             body["event"] = event
+        headers = self._headers if idempotency_key is None else {**self._headers, "Idempotency-Key": idempotency_key}
         refused = PublishRefused(0, "unavailable", "no attempt made")
         for delay in [*retry_delays(self._attempts, self._backoff), None]:
             try:
-                async with self._session.post(self._url, json=body, headers=self._headers) as resp:
+                async with self._session.post(self._url, json=body, headers=headers) as resp:
                     if resp.status == 200:
                         return str((await resp.json())["id"])
                     doc = await _json(resp)

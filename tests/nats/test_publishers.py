@@ -73,6 +73,19 @@ async def test_http_publisher_publishes_and_retries_429(node_factory: NodeFactor
     await ws.close()
 
 
+async def test_http_publisher_with_an_idempotency_key_publishes_once(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    ws = await open_ws(http, node, "dee")
+    async with HttpPublisher(node.url, PUBLISH_KEY) as pub:
+        first = await pub.publish("room:lobby", {"n": 1}, idempotency_key="k-1")
+        assert await pub.publish("room:lobby", {"n": 1}, idempotency_key="k-1") == first
+    assert (await recv_json(ws))["id"] == first
+    await ws.send_json({"type": "ping"})
+    assert (await recv_json(ws))["type"] == "pong"
+    await ws.close()
+
+
 async def test_http_publisher_does_not_retry_refusals(node: RunningNode) -> None:
     async with HttpPublisher(node.url, PUBLISH_KEY, attempts=5, backoff=5.0) as pub:
         started = asyncio.get_running_loop().time()

@@ -109,6 +109,21 @@ async def test_publish_prints_the_stream_id_and_reaches_clients(nats_server: Nat
             assert seq.isdigit() and int(seq) >= 1, out
             frame = await recv_json(ws)
             assert frame == {"type": "message", "channel": "room:lobby", "id": seq, "event": "cli", "data": {"x": 1}}
+            # --key: the same key twice publishes once, and prints the first id both times.
+            env = cli_env(HERALD_NATS_URLS=nats_server.url, HERALD_SUBJECT_PREFIX=prefix, HERALD_STREAM_NAME=stream)
+            keyed = []
+            for _ in range(2):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "gateway", "publish", "room:lobby", "2", "--key", "cli-once",
+                    env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                out, err = await asyncio.wait_for(proc.communicate(), timeout=15)
+                assert proc.returncode == 0, err.decode()
+                keyed.append(out.decode().strip())
+            assert keyed[0] == keyed[1] and int(keyed[0]) > int(seq)
+            assert (await recv_json(ws))["id"] == keyed[0]
+            await ws.send_json({"type": "ping"})
+            assert (await recv_json(ws))["type"] == "pong"  # the repeat was not delivered
             await ws.close()
     finally:
         if proc is not None and proc.returncode is None:
