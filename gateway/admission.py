@@ -18,7 +18,7 @@ from broker.throttle import Throttle
 
 from .auth import Authenticator, AuthError, Identity
 from .disconnect import BAD_REQUEST, BAD_TOKEN, FORBIDDEN, SHUTDOWN, TOO_MANY_CONNECTIONS, UNAVAILABLE, Disconnect
-from .http import ConflictingTokens, client_token, peer
+from .http import ConflictingTokens, TrustedProxies, client_token, peer
 from .limits import normal_origin, origin_allowed
 from .metrics import Metrics
 from .session import Session
@@ -70,7 +70,9 @@ class Gate:
         authenticator: Authenticator,
         metrics: Metrics,
         warn: Throttle,
+        proxies: TrustedProxies | None = None,
     ) -> None:
+        self._proxies = proxies
         self._limits = limits
         self._sessions = sessions
         self._subscriptions = subscriptions
@@ -128,7 +130,7 @@ class Gate:
             self._metrics.auth_failures.labels("conflicting").inc()
             raise Refusal(401, BAD_TOKEN, "bad_token", str(exc)) from None
         try:
-            identity = self._authenticator.authenticate(token, peer(request))
+            identity = self._authenticator.authenticate(token, peer(request, self._proxies))
         except AuthError as exc:
             raise Refusal(401, BAD_TOKEN, "bad_token", str(exc)) from None
 

@@ -18,6 +18,7 @@ from .admission import Gate
 from .auth import Authenticator, AuthError
 from .command_route import CommandRouter
 from .commands import Commands
+from .http import TrustedProxies
 from .hub import Hub
 from .metrics import Metrics
 from .outbound import Flusher, QueueLimits
@@ -149,7 +150,16 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
         metrics,
         warn,
     )
-    gate = Gate(settings.limits, sessions, subscriptions, broker.connections, authenticator, metrics, warn)
+    gate = Gate(
+        settings.limits,
+        sessions,
+        subscriptions,
+        broker.connections,
+        authenticator,
+        metrics,
+        warn,
+        TrustedProxies(settings.http.trusted_proxies),
+    )
     router = CommandRouter(
         settings.node.id, authenticator, sessions, commands, broker.relay, settings.http.command_timeout
     )

@@ -45,6 +45,9 @@ class HttpSettings:
     reconnect_spread: float = 2.0
     # POST /api/dev/token mints a token for any user: development only (herald dev).
     dev_tokens: bool = False
+    # CIDRs of the proxies in front of the node: X-Forwarded-For is honoured
+    # only from them (the right-most address not itself trusted is the client).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

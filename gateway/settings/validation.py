@@ -5,6 +5,7 @@ naming the key, on one line.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from broker.channels import Subjects
@@ -78,6 +79,11 @@ def _http(http: HttpSettings) -> None:
     _require(http.handshake_timeout > 0, "http.handshake_timeout", "must be > 0")
     _require(http.command_timeout > 0, "http.command_timeout", "must be > 0")
     _require(0 <= http.reconnect_spread <= 300, "http.reconnect_spread", "must be 0 to 300 seconds")
+    for cidr in http.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError:
+            _require(False, "http.trusted_proxies", f"{cidr!r} is not a network like 10.0.0.0/8 or 127.0.0.1/32")
 
 
 def _publish(publish: PublishSettings, http: HttpSettings) -> None:
