@@ -1,5 +1,7 @@
 """Who may open a stream, and on which channels, and counting streams in and
-out of the cluster: shared by WebSocket and SSE.
+out of the cluster: shared by WebSocket and SSE. Who a client is — its token,
+or the connect hook's answer (``auth.mode``) — is decided here for streams and
+for ``POST /api/command`` alike.
 
 A refusal carries both forms of the answer — the HTTP status with a JSON
 reason (SSE, and anything before an upgrade) and the close code (WebSocket).
@@ -17,8 +19,9 @@ from broker.channels import InvalidChannel, parse_seq, room_channel, user_channe
 from broker.throttle import Throttle
 
 from .auth import Authenticator, AuthError, Identity
+from .connect_hook import ConnectHook, Credentials, HookCall, HookRefused, HookUnavailable
 from .disconnect import BAD_REQUEST, BAD_TOKEN, FORBIDDEN, SHUTDOWN, TOO_MANY_CONNECTIONS, UNAVAILABLE, Disconnect
-from .http import ConflictingTokens, client_token, peer
+from .http import ConflictingTokens, TrustedProxies, client_token, peer
 from .limits import normal_origin, origin_allowed
 from .metrics import Metrics
 from .session import Session
@@ -70,7 +73,15 @@ class Gate:
         authenticator: Authenticator,
         metrics: Metrics,
         warn: Throttle,
+        mode: str = "jwt",
+        hook: ConnectHook | None = None,
+        proxies: TrustedProxies | None = None,
     ) -> None:
+        if mode != "jwt" and hook is None:
+            raise ValueError(f"auth.mode {mode!r} needs the connect hook")
+        self._mode = mode  # auth.mode
+        self._hook = hook
+        self._proxies = proxies
         self._limits = limits
         self._sessions = sessions
         self._subscriptions = subscriptions
@@ -121,17 +132,44 @@ class Gate:
             return None  # not a browser, or only the node's own pages are allowed (no CORS needed)
         return origin if origin_allowed(origin, request.host, self._origins) else None
 
-    def admit(self, request: web.Request, last_event_id: str | None = None) -> Admission:
+    def credentials(self, request: web.BaseRequest, transport: str) -> Credentials:
+        """What ``request`` says about who it is, by ``auth.mode``: its token
+        ("jwt"; "either" when it has one), or the connect hook call that
+        decides ("hook", which ignores tokens; "either" without one). Two
+        different tokens are refused."""
+        client = peer(request, self._proxies)
+        if self._mode == "hook":
+            return Credentials(client, hook=HookCall.of(request, transport, client))
         try:
             token = client_token(request)
         except ConflictingTokens as exc:
             self._metrics.auth_failures.labels("conflicting").inc()
             raise Refusal(401, BAD_TOKEN, "bad_token", str(exc)) from None
-        try:
-            identity = self._authenticator.authenticate(token, peer(request))
-        except AuthError as exc:
-            raise Refusal(401, BAD_TOKEN, "bad_token", str(exc)) from None
+        if token is None and self._mode == "either":
+            return Credentials(client, hook=HookCall.of(request, transport, client))
+        return Credentials(client, token)
 
+    async def identify(self, credentials: Credentials) -> Identity:
+        """Who ``credentials`` say the client is. Refused (401 / close 4001)
+        for a bad token or the app's refusal; 503 (close 1013) when the app
+        gives no usable answer."""
+        call = credentials.hook
+        if call is None:
+            try:
+                return self._authenticator.authenticate(credentials.token, credentials.peer)
+            except AuthError as exc:
+                raise Refusal(401, BAD_TOKEN, "bad_token", str(exc)) from None
+        if self._hook is None:  # a call forwarded by a node with other settings
+            raise Refusal(401, BAD_TOKEN, "bad_token", "this node has no connect hook (auth.mode)")
+        try:
+            return await self._hook.ask(call)
+        except HookRefused as exc:
+            raise Refusal(401, BAD_TOKEN, "bad_token", str(exc)) from None
+        except HookUnavailable as exc:
+            raise Refusal(503, UNAVAILABLE, "unavailable", str(exc)) from None
+
+    async def admit(self, request: web.Request, transport: str, last_event_id: str | None = None) -> Admission:
+        identity = await self.identify(self.credentials(request, transport))
         rooms = request.query.getall("room", [])
         limit = self._limits.max_subscriptions
         if len(rooms) > limit:

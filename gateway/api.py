@@ -20,7 +20,7 @@ from .auth import mint_token
 from .command_route import CommandRouter, error, status_of
 from .commands import NOT_JSON, Frame, page_request
 from .frames import dumps_exact, history_messages, loads_exact
-from .http import ConflictingTokens, client_token, json_error, json_response, key_matches, peer
+from .http import json_error, json_response, key_matches
 from .hub import Hub
 from .limits import TokenBucket
 from .metrics import Metrics
@@ -196,11 +196,9 @@ class CommandApi:
     async def _answer(self, request: web.Request) -> tuple[Frame, bool]:
         try:
             self._gate.check_origin(request)  # a cookie token must not work for another site's page
-            token = client_token(request)
+            credentials = self._gate.credentials(request, "command")  # a token, or the connect hook's call
         except Refusal as refusal:
             return error(refusal.error, refusal.message), False
-        except ConflictingTokens as exc:
-            return error("bad_token", str(exc)), False
         limit = self._max_body
         body: bytes | None = None
         if request.content_length is None or request.content_length <= limit:
@@ -220,7 +218,7 @@ class CommandApi:
             cmd = loads_exact(body)
         except orjson.JSONDecodeError:
             cmd = NOT_JSON
-        return await self._router.run(token, cmd, peer(request))
+        return await self._router.run(credentials, cmd)
 
 
 async def healthz(request: web.Request) -> web.Response:

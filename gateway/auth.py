@@ -23,7 +23,8 @@ from .settings.schema import JwtSettings
 
 MAX_TOKEN_LENGTH = 8192
 VERIFIED_CACHE_SIZE = 10_000
-_GLOB_RE = re.compile(r"[A-Za-z0-9_:@=+*?-]{1,128}")
+# A room id or glob in a token's rooms / publish (and in a connect hook's answer).
+GLOB_RE = re.compile(r"[A-Za-z0-9_:@=+*?-]{1,128}")
 
 
 # PyJWT's errors → (metric reason, message for the client); the first match wins.
@@ -66,7 +67,7 @@ def _globs(claims: dict[str, Any], name: str) -> tuple[str, ...]:
     value = claims.get(name, [])
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and _GLOB_RE.fullmatch(v) for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and GLOB_RE.fullmatch(v) for v in value):
         raise AuthError("bad_claims", f"claim {name!r} must be a list of room ids or globs")
     return tuple(value)
 

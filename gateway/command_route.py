@@ -2,21 +2,25 @@
 
 A command that names a connection (``conn``, from its welcome) runs on the
 node holding it: behind a load balancer the POST rarely lands there, so it is
-forwarded over the broker (``Relay``) with the caller's token, and that node
-answers as if it had been posted to it. Commands that name no connection run
-here, against a per-user budget.
+forwarded over the broker (``Relay``) with the caller's credentials (its
+token, or what the connect hook is asked), and that node answers as if it had
+been posted to it. Commands that name no connection run here, against a
+per-user budget.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from broker import BrokerUnavailable, NodeGone, Relay
 
-from .auth import Authenticator, AuthError, Identity
+from .admission import Refusal
+from .auth import Identity
 from .commands import Commands, Frame
+from .connect_hook import Credentials
 from .frames import dumps_exact, loads_exact
 from .limits import CommandLimiter
 from .sessions import Sessions
@@ -40,6 +44,10 @@ STATUS = {
 MAX_USER_BUDGETS = 10_000
 
 
+# Who credentials say a client is (Gate.identify); raises Refusal.
+Identify = Callable[[Credentials], Awaitable[Identity]]
+
+
 def error(code: str, message: str) -> Frame:
     return {"type": "error", "code": code, "message": message}
 
@@ -55,33 +63,33 @@ class CommandRouter:
     def __init__(
         self,
         node_id: str,
-        authenticator: Authenticator,
+        identify: Identify,
         sessions: Sessions,
         commands: Commands,
         relay: Relay,
         timeout: float,
     ) -> None:
         self._node_id = node_id
-        self._authenticator = authenticator
+        self._identify = identify
         self._sessions = sessions
         self._commands = commands
         self._relay = relay
         self._timeout = timeout  # http.command_timeout
         self._budgets: dict[str, CommandLimiter] = {}
 
-    async def run(self, token: str | None, cmd: Any, peer: str) -> tuple[Frame, bool]:
-        """The answer to ``cmd`` (a decoded body) posted with ``token``, and
-        whether another node gave it."""
+    async def run(self, credentials: Credentials, cmd: Any) -> tuple[Frame, bool]:
+        """The answer to ``cmd`` (a decoded body) posted with ``credentials``,
+        and whether another node gave it."""
         conn = cmd.get("conn") if isinstance(cmd, dict) else None
         if conn is not None and (not isinstance(conn, str) or not 0 < len(conn) <= 256):
             return error("bad_request", "conn must be the connection id from its welcome"), False
         try:
             # Checked here even when forwarded: a bad token costs no other node anything.
-            identity = self._authenticator.authenticate(token, peer)
-        except AuthError as exc:
-            return error("bad_token", str(exc)), False
+            identity = await self._identify(credentials)
+        except Refusal as refusal:
+            return error(refusal.error, refusal.message), False
         if conn is not None and (node := conn.rpartition(":")[0]) != self._node_id:
-            return await self._forward(node, token, cmd), True
+            return await self._forward(node, credentials, cmd), True
         return await self._run_here(identity, cmd, conn), False
 
     async def _run_here(self, identity: Identity, cmd: Any, conn: str | None) -> Frame:
@@ -108,8 +116,8 @@ class CommandRouter:
             limiter = budgets[user] = self._commands.new_limiter()
         return limiter
 
-    async def _forward(self, node: str, token: str | None, cmd: Any) -> Frame:
-        body = dumps_exact({"op": "command", "token": token, "command": cmd})
+    async def _forward(self, node: str, credentials: Credentials, cmd: Any) -> Frame:
+        body = dumps_exact({"op": "command", **credentials.wire(), "command": cmd})
         try:
             answer = await self._relay.ask(node, body, self._timeout)
         except NodeGone:
@@ -127,7 +135,9 @@ class CommandRouter:
         if not isinstance(conn, str) or conn.rpartition(":")[0] != self._node_id:
             return orjson.dumps(error("not_found", "the connection is not on this node"))
         try:
-            identity = self._authenticator.authenticate(request["token"], f"a node relaying for {conn}")
-        except AuthError as exc:
-            return dumps_exact(error("bad_token", str(exc)))
+            identity = await self._identify(Credentials.from_wire(request, f"a node relaying for {conn}"))
+        except Refusal as refusal:
+            return dumps_exact(error(refusal.error, refusal.message))
+        except ValueError as exc:
+            return dumps_exact(error("bad_request", str(exc)))
         return dumps_exact(await self._run_here(identity, cmd, conn))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -71,8 +72,57 @@ def key_matches(request: web.BaseRequest, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
-def peer(request: web.BaseRequest) -> str:
-    return request.remote or "?"
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(text: str) -> IpAddress | None:
+    """An IP address (an IPv4-mapped IPv6 one as IPv4), or None if ``text`` is none."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class TrustedProxies:
+    """``http.trusted_proxies``: whose ``X-Forwarded-For`` is believed. The
+    client is the right-most forwarded address that is not itself a trusted
+    proxy: what a client puts in the header itself is to the left of what its
+    proxies append, so it can pretend to be anything but not skip them."""
+
+    __slots__ = ("_networks",)
+
+    def __init__(self, cidrs: Iterable[str] = ()) -> None:
+        self._networks = tuple(ipaddress.ip_network(c) for c in cidrs)
+
+    def trusts(self, address: IpAddress) -> bool:
+        return any(address in network for network in self._networks)
+
+    def client(self, request: web.BaseRequest) -> str:
+        """The client's address: the direct peer's, or, when the direct peer is
+        a trusted proxy, the one its ``X-Forwarded-For`` chain names."""
+        direct = request.remote or "?"
+        if not self._networks:
+            return direct
+        hop = _address(direct)
+        if hop is None or not self.trusts(hop):
+            return direct
+        chain = [part for header in request.headers.getall("X-Forwarded-For", []) for part in header.split(",")]
+        for entry in reversed(chain):
+            address = _address(entry)
+            if address is None:  # garbage: nothing to its left can be believed; the last proxy is all we know
+                break
+            hop = address
+            if not self.trusts(address):
+                break
+        return str(hop)
+
+
+def peer(request: web.BaseRequest, proxies: TrustedProxies | None = None) -> str:
+    """Who sent ``request``, for logs and the connect hook (behind ``proxies``: the forwarded client)."""
+    return proxies.client(request) if proxies is not None else request.remote or "?"
 
 
 def hard_abort(transport: asyncio.Transport) -> None:

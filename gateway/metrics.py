@@ -11,7 +11,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -64,6 +64,9 @@ COMMAND_RESULTS = (
     "unavailable",
 )
 API_RESULTS = ("ok", "disabled", "unauthorized", "rate_limited", "too_large", "bad_request", "unavailable")
+# What the connect hook (gateway/connect_hook.py) came to: the app's answer
+# (admitted, refused), an answer reused (cached), or no usable one.
+CONNECT_HOOK_RESULTS = ("admitted", "cached", "refused", "timeout", "unreachable", "error_status", "bad_answer")
 # The _created series double the exposition size and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -160,6 +163,12 @@ class Metrics:
         ProcessCollector(registry=r)
         self.resets_history = self.resets.labels("history")
         self.resets_gap = self.resets.labels("gap")
+        self.connect_hook_seconds = Histogram(
+            "herald_connect_hook_seconds", "Connect hook request time", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.connect_hook = Counter("herald_connect_hook", "Connect hook outcomes, by result", ["result"], registry=r)
+        for result in CONNECT_HOOK_RESULTS:
+            self.connect_hook.labels(result)
 
     def add_transport(self, name: str) -> TransportMetrics:
         metrics = self.transport[name] = TransportMetrics(self, name)

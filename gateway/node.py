@@ -18,6 +18,8 @@ from .admission import Gate
 from .auth import Authenticator, AuthError
 from .command_route import CommandRouter
 from .commands import Commands
+from .connect_hook import ConnectHook
+from .http import TrustedProxies
 from .hub import Hub
 from .metrics import Metrics
 from .outbound import Flusher, QueueLimits
@@ -78,6 +80,7 @@ class Node:
     resumer: Resumer
     commands: Commands
     router: CommandRouter
+    hook: ConnectHook | None = None  # auth.mode "hook" or "either"
 
     @property
     def id(self) -> str:
@@ -100,6 +103,8 @@ class Node:
         await self.sessions.close_all(http.reconnect_spread, http.shutdown_grace)
 
     async def close(self) -> None:
+        if self.hook is not None:
+            await self.hook.close()
         await self.broker.close()
 
 
@@ -149,11 +154,24 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
         metrics,
         warn,
     )
-    gate = Gate(settings.limits, sessions, subscriptions, broker.connections, authenticator, metrics, warn)
+    auth = settings.auth
+    hook = ConnectHook(auth, metrics) if auth.mode != "jwt" else None
+    gate = Gate(
+        settings.limits,
+        sessions,
+        subscriptions,
+        broker.connections,
+        authenticator,
+        metrics,
+        warn,
+        auth.mode,
+        hook,
+        TrustedProxies(settings.http.trusted_proxies),
+    )
     router = CommandRouter(
-        settings.node.id, authenticator, sessions, commands, broker.relay, settings.http.command_timeout
+        settings.node.id, gate.identify, sessions, commands, broker.relay, settings.http.command_timeout
     )
     requests = NodeRequests(router, UserActions(sessions, subscriptions))
     metrics.watch_broker(broker.stats)
     metrics.watch_queue_bytes(sessions.queued_bytes)
-    return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router)
+    return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router, hook)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from .loading import DEFAULT_CONFIG_PATH, ENV_PREFIX, load_settings, with_overrides
 from .schema import (
     AdminSettings,
+    AuthSettings,
     BackpressureSettings,
     ConfigError,
     HistorySettings,
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
     "AdminSettings",
+    "AuthSettings",
     "BackpressureSettings",
     "ConfigError",
     "HistorySettings",

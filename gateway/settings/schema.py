@@ -45,6 +45,9 @@ class HttpSettings:
     reconnect_spread: float = 2.0
     # POST /api/dev/token mints a token for any user: development only (herald dev).
     dev_tokens: bool = False
+    # CIDRs of the proxies in front of the node: X-Forwarded-For is honoured
+    # only from them (the right-most address not itself trusted is the client).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,25 @@ class JwtSettings:
     issuer: str = ""
     require_exp: bool = True
     leeway: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Who a stream is: its JWT (``[jwt]``), or the app's answer to the connect hook."""
+
+    # "jwt": tokens only; "hook": the connect hook decides, tokens are ignored;
+    # "either": a token when the request has one, else the connect hook.
+    mode: str = "jwt"
+    connect_url: str = ""
+    # Signs each hook request (Herald-Signature, as webhooks are signed); during
+    # a rotation both sign.
+    connect_secret: str = ""
+    connect_secret_previous: str = ""
+    # Seconds for the app's answer; past it the stream is refused (503 / 1013).
+    connect_timeout: float = 2.0
+    # Seconds an answer is reused for the same Cookie header (never past its
+    # expires); 0: the hook is asked for every stream and command.
+    connect_cache_ttl: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +268,7 @@ class Settings:
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     rooms: RoomsSettings = field(default_factory=RoomsSettings)
     jwt: JwtSettings = field(default_factory=JwtSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     publish: PublishSettings = field(default_factory=PublishSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     ws: WsSettings = field(default_factory=WsSettings)

@@ -5,6 +5,7 @@ naming the key, on one line.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from broker.channels import Subjects
@@ -13,6 +14,7 @@ from ..limits import normal_origin
 from ..public_keys import key_algorithm
 from .schema import (
     AdminSettings,
+    AuthSettings,
     BackpressureSettings,
     ConfigError,
     HistorySettings,
@@ -54,6 +56,7 @@ def validate(s: Settings) -> None:
     _rooms(s.rooms)
     _history(s.history)
     _jwt(s.jwt, s.http)
+    _auth(s.auth)
     _ws(s.ws)
     _sse(s.sse)
     _backpressure(s.backpressure)
@@ -78,6 +81,11 @@ def _http(http: HttpSettings) -> None:
     _require(http.handshake_timeout > 0, "http.handshake_timeout", "must be > 0")
     _require(http.command_timeout > 0, "http.command_timeout", "must be > 0")
     _require(0 <= http.reconnect_spread <= 300, "http.reconnect_spread", "must be 0 to 300 seconds")
+    for cidr in http.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError:
+            _require(False, "http.trusted_proxies", f"{cidr!r} is not a network like 10.0.0.0/8 or 127.0.0.1/32")
 
 
 def _publish(publish: PublishSettings, http: HttpSettings) -> None:
@@ -169,6 +177,22 @@ def _jwt(jwt: JwtSettings, http: HttpSettings) -> None:
             key_algorithm(Path(jwt.public_key).read_bytes())
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"config error: jwt.public_key: {exc}") from None
+
+
+def _auth(auth: AuthSettings) -> None:
+    _require(auth.mode in ("jwt", "hook", "either"), "auth.mode", "must be jwt, hook or either")
+    _require(
+        not auth.connect_url or auth.connect_url.startswith(("http://", "https://")),
+        "auth.connect_url",
+        "must be an http(s) URL",
+    )
+    if auth.mode != "jwt":
+        _require(bool(auth.connect_url), "auth.connect_url", f"needed with auth.mode = {auth.mode}")
+        _require(
+            bool(auth.connect_secret), "auth.connect_secret", f"needed with auth.mode = {auth.mode} (signs the hook)"
+        )
+    _require(0 < auth.connect_timeout <= 30, "auth.connect_timeout", "must be > 0 and <= 30 seconds")
+    _require(0 <= auth.connect_cache_ttl <= 86400, "auth.connect_cache_ttl", "must be 0 to 86400 seconds")
 
 
 def _ws(ws: WsSettings) -> None:

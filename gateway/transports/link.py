@@ -230,7 +230,7 @@ class Opener:
     ) -> None:
         gate = self._gate
         try:
-            admission = gate.admit(request, last_event_id)
+            admission = await gate.admit(request, link.name, last_event_id)
             conn_id = await gate.count_in(admission.identity)
         except Refusal as refusal:
             link.refuse(refusal)
