@@ -373,6 +373,14 @@ class Client {
     if (code === 4003 || code === 4000) return stop(reason || "forbidden");
     if (code === 4403) return stop(reason || "disconnected by the server"); // for good: no new token brings it back
     if (code === 4029 && /oldest/.test(reason)) return stop(reason); // replaced: reconnecting would evict another tab
+    if (code === 4001 && !this.opts.token && !this.opts.getToken) {
+      // Admitted by the app's cookie (the connect hook): its answer expired. Ask again once.
+      if (this.refreshed) return stop(reason || "refused by the app");
+      this.refreshed = true;
+      this.setState("reconnecting");
+      this.timer = setTimeout(() => this.open(), this.backoff());
+      return;
+    }
     if (code === 4001) {
       if (!this.opts.getToken || this.refreshed) return stop(reason || "invalid token");
       this.refreshed = true;
