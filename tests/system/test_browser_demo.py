@@ -2,7 +2,8 @@
 
 Two users chat with presence, typing and notifications; the page survives a
 killed node and an expiring token; ``auto`` falls back to SSE when WebSockets
-are blocked. Each on both transports, as is herald.js's own command set.
+are blocked. Each on both transports, as is herald.js's own command set
+(history pages included).
 """
 
 from __future__ import annotations
@@ -324,3 +325,63 @@ async def test_the_backend_joins_a_room_logs_out_and_bans(transport: str, node: 
     finally:
         await http.close()
         await context.close()
+
+
+HISTORY_RUN = """async ([url, token, transport]) => {
+  const { Herald } = await import("/static/herald.js");
+  const until = async (what, ok) => {
+    for (const end = Date.now() + 5000; !ok(); await new Promise((r) => setTimeout(r, 20))) {
+      if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    }
+  };
+  const got = [];
+  const c = Herald.connect({ url, token, rooms: ["lobby"], transport });
+  c.on("message", (m) => got.push(m));
+  await until("open", () => c.state === "open");
+  await until("the inbox", () => got.length === 2);
+  const position = c.lastId;
+  const newest = await c.history("lobby", { limit: 3 });
+  const older = await c.history("lobby", { limit: 3, before: newest.messages[0].id });
+  const inbox = await c.history({ channel: "user" }, { limit: 10 });
+  const forbidden = await c.history("secret").catch((e) => e);
+  const bad = await c.history("lobby", { limit: 0 }).catch((e) => e);
+  const unchanged = c.lastId === position && got.length === 2;
+  const live = await c.publish("lobby", { text: "live" });
+  await until("the live message", () => got.some((m) => m.id === live.id));
+  c.close();
+  return { newest, older, inbox, forbidden, bad, unchanged, got, live: live.id };
+}"""
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_client_history_pages_on_a_real_node(
+    transport: str, node: RunningNode, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    """herald.js's history(): a room's pages backwards, the user's inbox, the
+    refusals; pages are not delivered as messages and do not move the resume
+    position."""
+    lobby = [await api_publish(http, node, "room:lobby", {"n": i}) for i in range(5)]
+    notes = [await api_publish(http, node, "user:hana", {"note": i}) for i in range(2)]
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        watch = ConsoleWatch(page, ignore=("/favicon.ico", "/api/command"))  # chromium logs the 4xx refusals
+        await page.goto(node.url + "/healthz")
+        tok = token("hana", rooms=["lobby"], publish=["lobby"])
+        r = await page.evaluate(HISTORY_RUN, [node.url, tok, transport])
+        assert watch.errors == [], watch.messages
+    finally:
+        await context.close()
+
+    def room_message(i: int) -> dict[str, Any]:
+        return {"channel": "room:lobby", "id": lobby[i], "event": "message", "data": {"n": i}}
+
+    inbox = [{"channel": "user", "id": notes[i], "event": "message", "data": {"note": i}} for i in range(2)]
+    assert r["newest"] == {"channel": "room:lobby", "messages": [room_message(i) for i in (2, 3, 4)]}
+    assert r["older"] == {"channel": "room:lobby", "messages": [room_message(i) for i in (0, 1)]}  # 2 < 3: the last
+    assert r["inbox"] == {"channel": "user", "messages": inbox}
+    assert (r["forbidden"]["code"], r["forbidden"]["message"]) == ("forbidden", "token does not allow room secret")
+    assert r["bad"]["code"] == "bad_request" and r["bad"]["ref"]
+    assert r["unchanged"] is True
+    live = {"channel": "room:lobby", "id": r["live"], "event": "message", "data": {"text": "live"}}
+    assert r["got"] == [*inbox, live]  # the unread inbox at open, then the live message: no history
