@@ -14,12 +14,14 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, WebSocketRoute, expect
 
+import gateway
 from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 
@@ -27,6 +29,9 @@ from ..browser import ConsoleWatch, screenshot_path
 from ..helpers import ADMIN_KEY, RunningNode, api_publish, spawn_cluster_node, token, wait_for
 
 NodeFactory = Callable[..., Any]
+# A node in a process of its own serves the static files of the gateway package this test imports (a
+# worktree's, with PYTHONPATH), not of the one the venv has installed.
+OWN_GATEWAY = {"PYTHONPATH": str(Path(gateway.__file__).resolve().parent.parent)}
 DEMO = {"http": {"dev_tokens": True}, "rooms": {"join_leave": ("*",)}}
 TIMEOUT = 15_000  # ms, for expectations that wait on a reconnect
 
@@ -120,7 +125,7 @@ async def test_page_resumes_after_its_node_is_killed_and_restarted(
     shared: dict[str, dict[str, Any]] = {"subject": {"prefix": tag}, "stream": stream}
     other = await node_factory(**shared)  # publishes while the page's node is down
     port = free_port()
-    env = {"HERALD_HTTP_DEV_TOKENS": "true", "HERALD_SSE_RETRY": "300"}
+    env = {"HERALD_HTTP_DEV_TOKENS": "true", "HERALD_SSE_RETRY": "300", **OWN_GATEWAY}
     proc, base = await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
 
     async with demo_page(browser, base, user="carol", room="lobby", transport=transport) as (page, watch):
