@@ -2,8 +2,9 @@
 
 Two users chat with presence, typing and notifications; the page survives a
 killed node and an expiring token; ``auto`` falls back to SSE when WebSockets
-are blocked. Each on both transports, as is herald.js's own command set
-(history pages included).
+are blocked; a room's history shows above its live messages, pages back as the
+list is scrolled up, and is reloaded after a reset. Each on both transports,
+as is herald.js's own command set (history pages included).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 
 from ..browser import ConsoleWatch, screenshot_path
-from ..helpers import ADMIN_KEY, RunningNode, api_publish, spawn_cluster_node, token, wait_for
+from ..helpers import ADMIN_KEY, PUBLISH_KEY, RunningNode, api_publish, spawn_cluster_node, token, wait_for
 
 NodeFactory = Callable[..., Any]
 # A node in a process of its own serves the static files of the gateway package this test imports (a
@@ -48,6 +49,15 @@ async def demo_page(browser: Browser, base: str, **query: str) -> AsyncIterator[
         yield page, watch
     finally:
         await context.close()
+
+
+async def publish_batch(http: aiohttp.ClientSession, base: str, channel: str, texts: list[str]) -> list[str]:
+    """Publish one message per text (``{"user": "srv", "text"}``) in one batch; returns their ids."""
+    batch = [{"channel": channel, "event": "chat", "data": {"user": "srv", "text": t}} for t in texts]
+    async with http.post(base + "/api/publish", json=batch, headers={"Authorization": f"Bearer {PUBLISH_KEY}"}) as resp:
+        body = await resp.json(content_type=None)
+        assert resp.status == 200, body
+        return [str(i) for i in body["ids"]]
 
 
 async def shown_ids(page: Page) -> list[str]:
@@ -330,6 +340,144 @@ async def test_the_backend_joins_a_room_logs_out_and_bans(transport: str, node: 
     finally:
         await http.close()
         await context.close()
+
+
+async def list_rows(page: Page) -> list[str]:
+    """The message list, row by row: ``history:<id>``, ``live:<id>``, ``divider`` or ``edge:<state>`` (others:
+    ``system``)."""
+    rows: list[str] = await page.locator("#messages li").evaluate_all(
+        """els => els.map((e) => e.classList.contains("history-edge") ? `edge:${e.dataset.state}`
+            : e.classList.contains("divider") ? "divider"
+            : e.dataset.id ? `${e.classList.contains("history") ? "history" : "live"}:${e.dataset.id}` : "system")"""
+    )
+    return rows
+
+
+async def scroll_list_to_top(page: Page) -> None:
+    """What a user does: the wheel, over the message list."""
+    await page.locator("#messages").hover()
+    await page.mouse.wheel(0, -100_000)
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_joining_a_room_of_60_messages_shows_the_newest_page_and_scrolling_up_loads_the_rest(
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(**DEMO)
+    sent = await publish_batch(http, node.url, "room:lobby", [f"old {i}" for i in range(60)])
+    async with demo_page(browser, node.url, user="nina", room="lobby", transport=transport) as (page, watch):
+        history = page.locator("#messages li.history")
+        edge = page.locator("#messages li.history-edge")
+        await expect(history).to_have_count(50)
+        await expect(edge).to_have_attribute("data-state", "more")
+        await expect(page.locator("#messages li.divider")).to_have_text("↑ earlier messages")
+        # The newest 50, oldest first, marked as history, under the edge and above the divider.
+        assert await list_rows(page) == ["edge:more"] + [f"history:{i}" for i in sent[10:]] + ["divider"]
+        await expect(history.last).to_contain_text("old 59")
+        await expect(history.last).to_be_in_viewport()  # the list starts at its newest message
+        await expect(history.first).not_to_be_in_viewport()
+
+        await scroll_list_to_top(page)
+        await expect(history).to_have_count(60)
+        await expect(edge).to_have_text("start of history")
+        assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in sent] + ["divider"]
+        # The page came in above what was shown, which stayed in place: the list is not at its top.
+        assert await page.locator("#messages").evaluate("el => el.scrollTop") > 0
+        await expect(page.locator(f'#messages li[data-id="{sent[10]}"]')).to_be_in_viewport()
+
+        await scroll_list_to_top(page)  # nothing older: no more requests
+        await asyncio.sleep(0.3)
+        await expect(history).to_have_count(60)
+
+        live = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "live one"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(61)
+        await asyncio.sleep(0.3)  # a duplicate would show up right behind
+        assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in sent] + ["divider", f"live:{live}"]
+        await expect(page.locator("#messages")).not_to_contain_text("refresh")
+        await page.locator("#messages li").last.scroll_into_view_if_needed()  # the divider and the live message
+        await page.screenshot(path=screenshot_path("demo-history" if transport == "ws" else "demo-history-sse"))
+        assert watch.errors == [], watch.messages
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_switching_rooms_shows_the_new_rooms_history_then_its_live_messages(
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(**DEMO)
+    in_b = await publish_batch(http, node.url, "room:b", ["b one", "b two", "b three"])
+    async with demo_page(browser, node.url, user="omar", room="lobby", transport=transport) as (page, watch):
+        await expect(page.locator("#messages li.history-edge")).to_have_text("start of history")  # an empty room
+        in_lobby = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "in lobby"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(1)
+
+        await page.locator("#join-room").fill("b")
+        await page.locator("#join-room").press("Enter")
+        await expect(page.locator("#room-name")).to_have_text("b")
+        await expect(page.locator("#messages li.history")).to_have_count(3)
+        assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in in_b] + ["divider"]
+
+        ignored = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "lobby, left"})
+        live = await api_publish(http, node, "room:b", {"user": "srv", "text": "b live"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(4)
+        await asyncio.sleep(0.3)
+        assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in in_b] + ["divider", f"live:{live}"]
+        assert in_lobby not in await shown_ids(page) and ignored not in await shown_ids(page)
+        assert await page.evaluate("[...window.heraldDemo.client.rooms]") == ["b"]
+        assert watch.errors == [], watch.messages
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_a_reset_reloads_the_rooms_history(
+    transport: str,
+    node_factory: NodeFactory,
+    nats_server: NatsServer,
+    spawn: Any,
+    http: aiohttp.ClientSession,
+    browser: Browser,
+) -> None:
+    """The page's node is killed; more messages are published meanwhile than
+    its resume replays (``history.replay_max`` 3): the resume starts with a
+    reset of the room, and the page shows the room's newest page of history
+    again (what the replay left out included) instead of a gap."""
+    tag = "br" + uuid.uuid4().hex[:10]
+    shared: dict[str, dict[str, Any]] = {
+        "subject": {"prefix": tag},
+        "stream": {"name": tag.upper(), "storage": "memory"},
+    }
+    other = await node_factory(**shared)
+    port = free_port()
+    env = {"HERALD_HTTP_DEV_TOKENS": "true", "HERALD_SSE_RETRY": "300", "HERALD_HISTORY_REPLAY_MAX": "3", **OWN_GATEWAY}
+    proc, base = await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
+    old = await publish_batch(http, other.url, "room:lobby", ["old 0", "old 1"])
+
+    async with demo_page(browser, base, user="pia", room="lobby", transport=transport) as (page, watch):
+        await expect(page.locator("#messages li.history")).to_have_count(2)
+        before = await api_publish(http, other, "room:lobby", {"user": "srv", "text": "before"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(3)
+        assert await list_rows(page) == ["edge:start", *(f"history:{i}" for i in old), "divider", f"live:{before}"]
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        await expect(page.locator("#status")).not_to_have_attribute("data-state", "open", timeout=TIMEOUT)
+        down = await publish_batch(http, other.url, "room:lobby", [f"down {i}" for i in range(6)])
+        await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
+        await expect(page.locator("#status")).to_have_attribute("data-state", "open", timeout=TIMEOUT)
+
+        # The resume replays down 3-5 only, after a reset: the list is made anew from the room's history,
+        # the 6 messages the replay left out marked as history.
+        everything = [*old, before, *down]
+        await expect(page.locator("#messages li[data-id]")).to_have_count(len(everything), timeout=TIMEOUT)
+        await asyncio.sleep(0.3)
+        assert await shown_ids(page) == everything
+        rows = await list_rows(page)
+        assert rows[0] == "edge:start" and "divider" in rows
+        assert [r for r in rows if r.startswith("history:")][:6] == [f"history:{i}" for i in everything[:6]]
+        assert await page.locator("#messages li.system").count() == 0  # no "messages were lost, refresh"
+
+        after = await api_publish(http, other, "room:lobby", {"user": "srv", "text": "after"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(len(everything) + 1)
+        assert (await list_rows(page))[-1] == f"live:{after}"
+        assert page_errors(watch) == []
 
 
 HISTORY_RUN = """async ([url, token, transport]) => {
