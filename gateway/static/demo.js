@@ -124,7 +124,7 @@ function start({ user, room, transport }, token) {
   const newView = () => {
     const edge = line("", { cls: "history-edge" });
     list.replaceChildren(edge);
-    view = { room, edge, shown: new Set(), oldest: null, loaded: false, loading: false, done: false, divider: null };
+    view = { room, edge, shown: new Set(), oldest: null, loaded: false, loading: false, done: false, divider: null, failures: 0 };
     setEdge("loading");
     return view;
   };
@@ -158,10 +158,15 @@ function start({ user, room, transport }, token) {
       page = await client.history(v.room, older ? { limit: PAGE, before: v.oldest } : { limit: PAGE });
     } catch (e) {
       v.loading = false;
-      if (v === view) setEdge("error", `earlier messages unavailable: ${e.message}`); // retried on the next open or scroll
+      if (v !== view || e.code === "closed") return;
+      // Asked again after a backoff (a lost connection: once it is back), or sooner by a scroll.
+      const wait = Math.max(Math.min(10000, 500 * 2 ** v.failures++), (e.retry_after || 0) * 1000);
+      setEdge("error", `earlier messages unavailable: ${e.message} (trying again)`);
+      setTimeout(() => { if (v === view) loadPage(older); }, wait);
       return;
     }
     v.loading = false;
+    v.failures = 0;
     if (v !== view) return; // another room, or a reset, meanwhile
     const fromBottom = list.scrollHeight - list.scrollTop;
     const stick = atBottom();

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, Page, WebSocketRoute, expect
+from playwright.async_api import Browser, Page, Route, WebSocketRoute, expect
 
 import gateway
 from broker.embedded import NatsServer, free_port
@@ -368,7 +368,7 @@ async def test_joining_a_room_of_60_messages_shows_the_newest_page_and_scrolling
     async with demo_page(browser, node.url, user="nina", room="lobby", transport=transport) as (page, watch):
         history = page.locator("#messages li.history")
         edge = page.locator("#messages li.history-edge")
-        await expect(history).to_have_count(50)
+        await expect(history).to_have_count(50, timeout=TIMEOUT)
         await expect(edge).to_have_attribute("data-state", "more")
         await expect(page.locator("#messages li.divider")).to_have_text("↑ earlier messages")
         # The newest 50, oldest first, marked as history, under the edge and above the divider.
@@ -378,7 +378,7 @@ async def test_joining_a_room_of_60_messages_shows_the_newest_page_and_scrolling
         await expect(history.first).not_to_be_in_viewport()
 
         await scroll_list_to_top(page)
-        await expect(history).to_have_count(60)
+        await expect(history).to_have_count(60, timeout=TIMEOUT)
         await expect(edge).to_have_text("start of history")
         assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in sent] + ["divider"]
         # The page came in above what was shown, which stayed in place: the list is not at its top.
@@ -406,14 +406,15 @@ async def test_switching_rooms_shows_the_new_rooms_history_then_its_live_message
     node: RunningNode = await node_factory(**DEMO)
     in_b = await publish_batch(http, node.url, "room:b", ["b one", "b two", "b three"])
     async with demo_page(browser, node.url, user="omar", room="lobby", transport=transport) as (page, watch):
-        await expect(page.locator("#messages li.history-edge")).to_have_text("start of history")  # an empty room
+        edge = page.locator("#messages li.history-edge")
+        await expect(edge).to_have_text("start of history", timeout=TIMEOUT)  # an empty room
         in_lobby = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "in lobby"})
         await expect(page.locator("#messages li[data-id]")).to_have_count(1)
 
         await page.locator("#join-room").fill("b")
         await page.locator("#join-room").press("Enter")
         await expect(page.locator("#room-name")).to_have_text("b")
-        await expect(page.locator("#messages li.history")).to_have_count(3)
+        await expect(page.locator("#messages li.history")).to_have_count(3, timeout=TIMEOUT)
         assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in in_b] + ["divider"]
 
         ignored = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "lobby, left"})
@@ -451,7 +452,7 @@ async def test_a_reset_reloads_the_rooms_history(
     old = await publish_batch(http, other.url, "room:lobby", ["old 0", "old 1"])
 
     async with demo_page(browser, base, user="pia", room="lobby", transport=transport) as (page, watch):
-        await expect(page.locator("#messages li.history")).to_have_count(2)
+        await expect(page.locator("#messages li.history")).to_have_count(2, timeout=TIMEOUT)
         before = await api_publish(http, other, "room:lobby", {"user": "srv", "text": "before"})
         await expect(page.locator("#messages li[data-id]")).to_have_count(3)
         assert await list_rows(page) == ["edge:start", *(f"history:{i}" for i in old), "divider", f"live:{before}"]
@@ -478,6 +479,44 @@ async def test_a_reset_reloads_the_rooms_history(
         await expect(page.locator("#messages li[data-id]")).to_have_count(len(everything) + 1)
         assert (await list_rows(page))[-1] == f"live:{after}"
         assert page_errors(watch) == []
+
+
+async def test_a_history_page_that_fails_is_asked_again(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    """A page of history can fail for a moment (503 unavailable: NATS did not
+    answer in time): the demo says so and asks again, without a reconnect."""
+    node: RunningNode = await node_factory(**DEMO)
+    sent = await publish_batch(http, node.url, "room:lobby", ["kept 0", "kept 1"])
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        watch = ConsoleWatch(page, ignore=("/favicon.ico", "/api/command"))  # chromium logs the 503
+        history_posts = 0
+
+        async def first_history_fails(route: Route) -> None:
+            nonlocal history_posts
+            if (route.request.post_data_json or {}).get("type") == "history":
+                history_posts += 1
+                if history_posts == 1:
+                    message = "reading history failed: TimeoutError"
+                    await route.fulfill(status=503, json={"type": "error", "code": "unavailable", "message": message})
+                    return
+            await route.continue_()
+
+        await page.route(re.compile(r"/api/command$"), first_history_fails)
+        await page.goto(f"{node.url}/?user=quinn&room=lobby&transport=sse")
+        edge = page.locator("#messages li.history-edge")
+        await expect(edge).to_have_attribute("data-state", "error", timeout=TIMEOUT)
+        await expect(edge).to_contain_text("reading history failed: TimeoutError (trying again)")
+        conn = await page.evaluate("window.heraldDemo.client.conn")
+        await expect(edge).to_have_text("start of history", timeout=TIMEOUT)
+        assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in sent] + ["divider"]
+        assert history_posts == 2
+        assert await page.evaluate("window.heraldDemo.client.conn") == conn  # no reconnect: the same stream
+        assert watch.errors == [], watch.messages
+    finally:
+        await context.close()
 
 
 HISTORY_RUN = """async ([url, token, transport]) => {
