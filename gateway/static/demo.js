@@ -1,5 +1,7 @@
 // The demo page: sign in with a dev token, chat in a room with presence and a
-// typing indicator, user-channel notifications with an unread count.
+// typing indicator, user-channel notifications with an unread count. Joining a
+// room shows its recent history (marked as such) above the live messages;
+// scrolling to the top loads older pages; a reset reloads the newest page.
 // Query parameters (handy for links and tests): user, room, transport, ttl (token lifetime, s).
 import { Herald } from "/static/herald.js";
 
@@ -8,6 +10,8 @@ const params = new URLSearchParams(location.search);
 const STORE = "herald-demo";
 const TYPING_EVERY = 2000; // ms between our typing announcements
 const TYPING_SHOWN = 3500; // ms a typing announcement stays visible
+const PAGE = 50; // messages per history page
+const NEAR = 40; // px from an edge of the message list that count as "at" it
 
 /** Visible to tests and to the curious in the console. */
 const demo = (window.heraldDemo = { client: null, tokens: 0, user: null, room: null });
@@ -26,21 +30,30 @@ async function mintToken(user) {
   return doc.token;
 }
 
-function item(parent, text, { id, cls, who } = {}) {
+function line(text, { id, cls, who } = {}) {
   const li = document.createElement("li");
   if (cls) li.className = cls;
   if (id) { li.dataset.id = id; const s = document.createElement("span"); s.className = "id"; s.textContent = `#${id}`; li.append(s); }
   if (who) { const b = document.createElement("span"); b.className = "who"; b.textContent = who; li.append(b); }
   li.append(document.createTextNode(text));
+  return li;
+}
+
+function item(parent, text, opts) {
+  const li = line(text, opts);
   parent.append(li);
   return li;
 }
+
+/** Ids are decimal strings that can pass 2^53: compare them as BigInts. */
+const olderThan = (a, b) => BigInt(a) < BigInt(b);
 
 const textOf = (data) => (typeof data === "string" ? data : data && typeof data.text === "string" ? data.text : JSON.stringify(data));
 
 function start({ user, room, transport }, token) {
   Object.assign(demo, { user, room });
-  localStorage.setItem(STORE, JSON.stringify({ user, room, transport }));
+  const save = () => localStorage.setItem(STORE, JSON.stringify({ user, room, transport }));
+  save();
   $("signin").hidden = true;
   $("app").hidden = false;
   $("signout").hidden = false;
@@ -51,6 +64,7 @@ function start({ user, room, transport }, token) {
 
   const client = Herald.connect({ token, getToken: () => mintToken(user), rooms: [room], transport });
   demo.client = client;
+  const list = $("messages");
   const present = new Set();
   const typing = new Map(); // user -> timer
   let lastNotification = null;
@@ -68,22 +82,142 @@ function start({ user, room, transport }, token) {
   };
   const refreshPresence = () => {
     if (client.state !== "open") return;
-    client.presence(room).then((p) => { present.clear(); p.users.forEach((u) => present.add(u)); showPresence(); }, () => {});
+    const asked = room;
+    client.presence(asked).then((p) => {
+      if (asked !== room) return;
+      present.clear();
+      p.users.forEach((u) => present.add(u));
+      showPresence();
+    }, () => {});
   };
   const showTyping = () => {
     const who = [...typing.keys()];
     $("typing").textContent = who.length ? `${who.join(", ")} ${who.length > 1 ? "are" : "is"} typing…` : "";
   };
+  const clearTyping = () => { typing.forEach((t) => clearTimeout(t)); typing.clear(); showTyping(); };
   const setUnread = (n) => {
     $("unread").textContent = String(n);
     $("unread").dataset.zero = String(n === 0);
     $("mark-read").disabled = n === 0;
   };
+  const system = (text) => {
+    item(list, text, { cls: "system" });
+    list.scrollTop = list.scrollHeight;
+  };
+
+  // ---- the room's messages: history pages above, live messages below ------
+  //
+  // `view` is the list of the room being shown. A new one is made when the
+  // page joins a room and on a reset of that room; a page of history that
+  // comes back for an older view is dropped. Every id is shown once:
+  // history and live messages that overlap are deduplicated by id.
+  let view = null;
+  const EDGE = {
+    loading: "loading earlier messages…",
+    more: "scroll up for earlier messages",
+    start: "start of history",
+  };
+  const setEdge = (state, text = EDGE[state]) => {
+    view.edge.dataset.state = state;
+    view.edge.textContent = text;
+  };
+  const newView = () => {
+    const edge = line("", { cls: "history-edge" });
+    list.replaceChildren(edge);
+    view = { room, edge, shown: new Set(), oldest: null, loaded: false, loading: false, done: false, divider: null, failures: 0 };
+    setEdge("loading");
+    return view;
+  };
+  const atBottom = () => list.scrollHeight - list.scrollTop - list.clientHeight < NEAR;
+  const chatLine = (m, cls) => {
+    const who = m.data && typeof m.data.user === "string" ? m.data.user : undefined;
+    return line(textOf(m.data), { id: m.id || undefined, who, cls });
+  };
+  /** A page of history, oldest first, each in its place by id. */
+  const insertHistory = (messages) => {
+    let newest = null;
+    for (const m of messages) {
+      if (!m.id || view.shown.has(m.id)) continue; // already shown live (or from an overlapping page)
+      const li = chatLine(m, "history");
+      const next = [...list.querySelectorAll("li[data-id]")].find((el) => olderThan(m.id, el.dataset.id));
+      if (next) next.before(li);
+      else list.append(li);
+      view.shown.add(m.id);
+      newest = li;
+    }
+    return newest;
+  };
+  /** The newest page (`older` false), or the page before the oldest message shown. */
+  const loadPage = async (older) => {
+    const v = view;
+    if (v.loading || (older && (v.done || !v.loaded))) return;
+    v.loading = true;
+    setEdge("loading");
+    let page;
+    try {
+      page = await client.history(v.room, older ? { limit: PAGE, before: v.oldest } : { limit: PAGE });
+    } catch (e) {
+      v.loading = false;
+      if (v !== view || e.code === "closed") return;
+      // Asked again after a backoff (a lost connection: once it is back), or sooner by a scroll.
+      const wait = Math.max(Math.min(10000, 500 * 2 ** v.failures++), (e.retry_after || 0) * 1000);
+      setEdge("error", `earlier messages unavailable: ${e.message} (trying again)`);
+      setTimeout(() => { if (v === view) loadPage(older); }, wait);
+      return;
+    }
+    v.loading = false;
+    v.failures = 0;
+    if (v !== view) return; // another room, or a reset, meanwhile
+    const fromBottom = list.scrollHeight - list.scrollTop;
+    const stick = atBottom();
+    const newest = insertHistory(page.messages);
+    if (page.messages.length) v.oldest = page.messages[0].id;
+    v.done = page.messages.length < PAGE;
+    if (!older) {
+      v.loaded = true;
+      if (newest && !v.divider) {
+        v.divider = line("↑ earlier messages", { cls: "divider" });
+        const last = [...list.querySelectorAll("li.history")].pop();
+        last.after(v.divider);
+      }
+    }
+    setEdge(v.done ? "start" : "more");
+    if (!older || stick) list.scrollTop = list.scrollHeight;
+    else list.scrollTop = list.scrollHeight - fromBottom; // what the user was looking at stays in place
+    if (!v.done && list.clientHeight > 0 && list.scrollHeight <= list.clientHeight) loadPage(true); // nothing to scroll yet: fill the list
+  };
+  list.onscroll = () => { if (list.scrollTop < NEAR) loadPage(view.loaded); };
+  /** A live message of the room (or broadcast) below the others, unless it is shown already. */
+  const showLive = (m) => {
+    if (m.id && view.shown.has(m.id)) return;
+    const stick = atBottom();
+    list.append(chatLine(m));
+    if (m.id) view.shown.add(m.id);
+    if (stick) list.scrollTop = list.scrollHeight;
+  };
+  const showRoom = () => {
+    demo.room = room;
+    $("room-name").textContent = room;
+    $("pub-room").value = room;
+    $("join-room").value = "";
+    present.clear();
+    present.add(user);
+    showPresence();
+    clearTyping();
+    newView();
+    loadPage(false); // asked now, sent once the stream is open
+  };
+  showRoom();
 
   client
     .on("state", (s) => {
       status();
-      if (s === "open") { present.add(user); showPresence(); refreshPresence(); }
+      if (s === "open") {
+        present.add(user);
+        showPresence();
+        refreshPresence();
+        if (!view.loaded) loadPage(false); // its first request was lost with the connection
+      }
     })
     .on("message", (m) => {
       status();
@@ -91,6 +225,8 @@ function start({ user, room, transport }, token) {
         item($("notifications"), textOf(m.data), { id: m.id, cls: "unread" });
         lastNotification = m.id || lastNotification;
         setUnread($("notifications").querySelectorAll(".unread").length);
+      } else if (m.channel !== `room:${room}` && m.channel !== "broadcast") {
+        // a room left a moment ago
       } else if (m.event === "typing") {
         const who = m.data && m.data.user;
         if (!who || who === user) return;
@@ -100,23 +236,39 @@ function start({ user, room, transport }, token) {
       } else {
         const who = m.data && typeof m.data.user === "string" ? m.data.user : null;
         if (who && typing.has(who)) { clearTimeout(typing.get(who)); typing.delete(who); showTyping(); }
-        item($("messages"), textOf(m.data), { id: m.id, who: who || undefined });
-        $("messages").scrollTop = $("messages").scrollHeight;
+        showLive(m);
       }
     })
-    .on("join", (j) => { present.add(j.user); showPresence(); })
-    .on("leave", (l) => { present.delete(l.user); showPresence(); })
-    .on("reset", (r) => item($("messages"), `messages were lost (${r.reason || "history expired"}); older ones are not shown`, { cls: "system" }))
-    .on("error", (e) => { if (!e.ref) item($("messages"), `error: ${e.message}`, { cls: "system" }); });
+    .on("join", (j) => { if (j.room === room) { present.add(j.user); showPresence(); } })
+    .on("leave", (l) => { if (l.room === room) { present.delete(l.user); showPresence(); } })
+    .on("reset", (r) => {
+      // Messages of the room were lost to this page: what the node still
+      // holds is its history, so show the newest page again.
+      if (r.channel === `room:${room}`) { newView(); loadPage(false); }
+    })
+    .on("error", (e) => { if (!e.ref) system(`error: ${e.message}`); });
   const presenceTimer = setInterval(refreshPresence, 15000);
 
+  $("join").onsubmit = (ev) => {
+    ev.preventDefault();
+    const next = $("join-room").value.trim();
+    if (!next || next === room) return;
+    const left = room;
+    room = next;
+    save();
+    client.subscribe(next).then(
+      () => { client.unsubscribe(left).catch(() => {}); refreshPresence(); },
+      (e) => { if (room === next) system(`could not join ${next}: ${e.message}`); },
+    );
+    showRoom(); // its history is asked after the subscribe: commands go in order
+  };
   $("say").onsubmit = (ev) => {
     ev.preventDefault();
     const text = $("text").value.trim();
     if (!text) return;
     client.publish(room, { user, text }, { event: "chat" }).then(
       () => { $("text").value = ""; },
-      (e) => item($("messages"), `not sent: ${e.message}`, { cls: "system" }),
+      (e) => system(`not sent: ${e.message}`),
     );
   };
   $("text").oninput = () => {
@@ -129,7 +281,7 @@ function start({ user, room, transport }, token) {
     client.read(lastNotification).then(() => {
       $("notifications").querySelectorAll(".unread").forEach((li) => li.classList.remove("unread"));
       setUnread(0);
-    }, (e) => item($("messages"), `mark read failed: ${e.message}`, { cls: "system" }));
+    }, (e) => system(`mark read failed: ${e.message}`));
   };
   $("publish").onsubmit = (ev) => {
     ev.preventDefault();

@@ -4,6 +4,7 @@
 //   const client = Herald.connect({ token, rooms: ["lobby"] });
 //   client.on("message", (m) => console.log(m.channel, m.id, m.data));
 //   await client.publish("lobby", { text: "hi" });
+//   const { messages } = await client.history("lobby", { limit: 50 });  // the newest page, oldest first
 //
 // It resumes from the last id it saw after every reconnect (`since` in the URL
 // of the new WebSocket or EventSource), backs off with full jitter, asks
@@ -27,6 +28,11 @@
  *   minDelay?: number, maxDelay?: number  reconnect backoff bounds, ms (default 500 / 30000)
  * }} Options
  * @typedef {{channel: string | null, id: string | null, event: string, data: any}} Message
+ * @typedef {{limit?: number, before?: string | number}} PageOptions
+ *   limit: messages per page (1 to the node's history.page_max, 200; default 50);
+ *   before: an id: the page ends just before it (default: the newest messages)
+ * @typedef {{channel: string, messages: Message[]}} HistoryPage
+ *   messages oldest first; fewer than `limit` means there is none older
  * @typedef {{code: string, message: string, ref?: string}} CommandError
  */
 
@@ -35,6 +41,9 @@
 const SSE_FRAMES = ["welcome", "message", "reset", "join", "leave", "presence", "error", "close", "subscribed", "unsubscribed"];
 // Commands that act on one stream: over SSE they name it (`conn`, from its welcome).
 const ON_STREAM = new Set(["subscribe", "unsubscribe", "refresh"]);
+
+/** @returns {Message} a `message` frame as the client hands it out */
+const toMessage = (f) => ({ channel: f.channel ?? null, id: f.id || null, event: f.event, data: f.data });
 
 class Client {
   /** @param {Options} opts */
@@ -116,6 +125,28 @@ class Client {
   read(id) { return this.command({ type: "read", id: String(id) }); }
 
   ping() { return this.command({ type: "ping" }); }
+
+  /**
+   * A page of stored messages, oldest first, as the Message objects `message`
+   * events get. Page backwards with `before` = the first id of the previous
+   * page; a page shorter than `limit` is the last one. It is read, not
+   * delivered: no `message` event, and the resume position does not move.
+   *
+   *   client.history("lobby", { limit: 50 })            // a room
+   *   client.history("lobby", { before: page.messages[0].id })
+   *   client.history({ channel: "user" }, { limit: 20 }) // the user's own inbox ("broadcast", "room:<id>" too)
+   *
+   * @param {string | {channel: string} | {room: string}} from  a room id, or `{channel}` (or `{room}`)
+   * @param {PageOptions} [opts]
+   * @returns {Promise<HistoryPage>}
+   */
+  history(from, { limit, before } = {}) {
+    const where = typeof from === "object" && from !== null ? from : { room: from };
+    const cmd = { type: "history", ...(where.channel !== undefined ? { channel: where.channel } : { room: where.room }) };
+    if (limit !== undefined) cmd.limit = limit;
+    if (before !== undefined && before !== null) cmd.before = String(before);
+    return this.command(cmd).then((f) => ({ channel: f.channel, messages: (f.messages || []).map(toMessage) }));
+  }
 
   close() {
     this.stopped = true;
@@ -326,7 +357,7 @@ class Client {
       if (f.type === "presence") this.emit("presence", f);
       return;
     }
-    if (f.type === "message") this.deliver({ channel: f.channel ?? null, id: f.id || null, event: f.event, data: f.data });
+    if (f.type === "message") this.deliver(toMessage(f));
     else this.emit(f.type, f);
   }
 

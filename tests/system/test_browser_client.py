@@ -364,3 +364,97 @@ async def test_sse_close_events_pick_the_reconnect_like_websocket_close_codes(pa
     assert result["afterRefusal"] == {"state": "closed", "timers": 0, "calls": 2}
     assert result["forbidden"] == {"state": "closed", "timers": 0, "waiting": "disconnected", "queued": "disconnected"}
     assert (result["replaced"], result["timers"]) == ("closed", 0)
+
+
+async def test_history_pages_resolve_as_messages_and_reject_by_ref(page: Page) -> None:
+    result = await run(
+        page,
+        """
+        const c = Herald.connect({ url: "http://gw.test", token: "t", rooms: ["lobby"], transport: "ws" });
+        const ws = fake.last();
+        const early = c.history("lobby", { limit: 2 });  // before the welcome: queued, like any command
+        const queued = ws.sent.length;
+        ws.receive({ type: "welcome", conn: "c1", user: "u", node: "n", channels: [], position: "50" });
+        const got = [], resets = [];
+        c.on("message", (m) => got.push(m));
+        const older = c.history("lobby", { limit: 2, before: 39 });  // a number is sent as an id string
+        const inbox = c.history({ channel: "user" });
+        const denied = c.history("secret").catch((e) => e);
+        const msg = (id, data) => ({ type: "message", channel: "room:lobby", id, event: "chat", data });
+        const note = { type: "message", channel: "user", id: "12", event: "notify", data: "x" };
+        ws.receive({ type: "history", channel: "room:lobby", messages: [msg("39", 1), msg("41", 2)], ref: "1" });
+        ws.receive({ type: "history", channel: "room:lobby", messages: [], ref: "2" });
+        ws.receive({ type: "history", channel: "user", messages: [note], ref: "3" });
+        ws.receive({ type: "error", code: "forbidden", message: "token does not allow room secret", ref: "4" });
+        const out = { queued, early: await early, older: await older, inbox: await inbox, denied: await denied };
+
+        // A reset: what the node still holds of the room is its history; the page asks for it again.
+        let reloaded = null;
+        c.on("reset", (r) => { resets.push(r.channel); reloaded = c.history({ channel: r.channel }, { limit: 50 }); });
+        ws.receive({ type: "reset", channel: "room:lobby", reason: "messages missed are no longer held" });
+        ws.receive({ type: "history", channel: "room:lobby", messages: [msg("49", 3)], ref: "5" });
+        out.reloaded = await reloaded;
+        return { ...out, sent: ws.sent, got, resets, lastId: c.lastId };
+        """,
+    )
+    assert result["queued"] == 0
+    assert result["sent"] == [
+        {"type": "history", "room": "lobby", "limit": 2, "ref": "1"},
+        {"type": "history", "room": "lobby", "limit": 2, "before": "39", "ref": "2"},
+        {"type": "history", "channel": "user", "ref": "3"},
+        {"type": "history", "room": "secret", "ref": "4"},
+        {"type": "history", "channel": "room:lobby", "limit": 50, "ref": "5"},
+    ]
+    assert result["early"] == {
+        "channel": "room:lobby",
+        "messages": [
+            {"channel": "room:lobby", "id": "39", "event": "chat", "data": 1},
+            {"channel": "room:lobby", "id": "41", "event": "chat", "data": 2},
+        ],
+    }
+    assert result["older"] == {"channel": "room:lobby", "messages": []}
+    assert result["inbox"] == {
+        "channel": "user",
+        "messages": [{"channel": "user", "id": "12", "event": "notify", "data": "x"}],
+    }
+    assert result["denied"] == {
+        "type": "error",
+        "code": "forbidden",
+        "message": "token does not allow room secret",
+        "ref": "4",
+    }
+    assert result["resets"] == ["room:lobby"]
+    assert result["reloaded"]["messages"] == [{"channel": "room:lobby", "id": "49", "event": "chat", "data": 3}]
+    # A page is read, not delivered: no message event, and the resume position stays the welcome's.
+    assert (result["got"], result["lastId"]) == ([], "50")
+
+
+async def test_sse_history_is_posted_without_conn(page: Page) -> None:
+    result = await run(
+        page,
+        """
+        const c = Herald.connect({ url: "http://gw.test", token: "t", transport: "sse" });
+        fake.last().receive({ type: "welcome", conn: "n1:4", user: "u", node: "n1", channels: [], position: "7" });
+        const newest = c.history("lobby", { limit: 2, before: "7" });
+        const denied = c.history({ channel: "room:secret" }).catch((e) => e);
+        await fake.settle();
+        const first = fake.request();
+        first.respond(200, { type: "history", channel: "room:lobby", ref: "1",
+          messages: [{ type: "message", channel: "room:lobby", id: "5", event: "message", data: { text: "hi" } }] });
+        await fake.settle();
+        const second = fake.request();
+        const refusal = { type: "error", code: "forbidden", message: "token does not allow room secret", ref: "2" };
+        second.respond(403, refusal);
+        return { bodies: [first.body, second.body], url: first.url.href, newest: await newest, denied: await denied };
+        """,
+    )
+    assert result["url"] == "http://gw.test/api/command"
+    assert result["bodies"] == [
+        {"type": "history", "room": "lobby", "limit": 2, "before": "7", "ref": "1"},
+        {"type": "history", "channel": "room:secret", "ref": "2"},
+    ]
+    assert result["newest"] == {
+        "channel": "room:lobby",
+        "messages": [{"channel": "room:lobby", "id": "5", "event": "message", "data": {"text": "hi"}}],
+    }
+    assert (result["denied"]["code"], result["denied"]["ref"]) == ("forbidden", "2")

@@ -2,7 +2,9 @@
 
 Two users chat with presence, typing and notifications; the page survives a
 killed node and an expiring token; ``auto`` falls back to SSE when WebSockets
-are blocked. Each on both transports, as is herald.js's own command set.
+are blocked; a room's history shows above its live messages, pages back as the
+list is scrolled up, and is reloaded after a reset. Each on both transports,
+as is herald.js's own command set (history pages included).
 """
 
 from __future__ import annotations
@@ -13,19 +15,24 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, Page, WebSocketRoute, expect
+from playwright.async_api import Browser, Page, Route, WebSocketRoute, expect
 
+import gateway
 from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 
 from ..browser import ConsoleWatch, screenshot_path
-from ..helpers import ADMIN_KEY, RunningNode, api_publish, spawn_cluster_node, token, wait_for
+from ..helpers import ADMIN_KEY, PUBLISH_KEY, RunningNode, api_publish, spawn_cluster_node, token, wait_for
 
 NodeFactory = Callable[..., Any]
+# A node in a process of its own serves the static files of the gateway package this test imports (a
+# worktree's, with PYTHONPATH), not of the one the venv has installed.
+OWN_GATEWAY = {"PYTHONPATH": str(Path(gateway.__file__).resolve().parent.parent)}
 DEMO = {"http": {"dev_tokens": True}, "rooms": {"join_leave": ("*",)}}
 TIMEOUT = 15_000  # ms, for expectations that wait on a reconnect
 
@@ -42,6 +49,15 @@ async def demo_page(browser: Browser, base: str, **query: str) -> AsyncIterator[
         yield page, watch
     finally:
         await context.close()
+
+
+async def publish_batch(http: aiohttp.ClientSession, base: str, channel: str, texts: list[str]) -> list[str]:
+    """Publish one message per text (``{"user": "srv", "text"}``) in one batch; returns their ids."""
+    batch = [{"channel": channel, "event": "chat", "data": {"user": "srv", "text": t}} for t in texts]
+    async with http.post(base + "/api/publish", json=batch, headers={"Authorization": f"Bearer {PUBLISH_KEY}"}) as resp:
+        body = await resp.json(content_type=None)
+        assert resp.status == 200, body
+        return [str(i) for i in body["ids"]]
 
 
 async def shown_ids(page: Page) -> list[str]:
@@ -119,7 +135,7 @@ async def test_page_resumes_after_its_node_is_killed_and_restarted(
     shared: dict[str, dict[str, Any]] = {"subject": {"prefix": tag}, "stream": stream}
     other = await node_factory(**shared)  # publishes while the page's node is down
     port = free_port()
-    env = {"HERALD_HTTP_DEV_TOKENS": "true", "HERALD_SSE_RETRY": "300"}
+    env = {"HERALD_HTTP_DEV_TOKENS": "true", "HERALD_SSE_RETRY": "300", **OWN_GATEWAY}
     proc, base = await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
 
     async with demo_page(browser, base, user="carol", room="lobby", transport=transport) as (page, watch):
@@ -324,3 +340,240 @@ async def test_the_backend_joins_a_room_logs_out_and_bans(transport: str, node: 
     finally:
         await http.close()
         await context.close()
+
+
+async def list_rows(page: Page) -> list[str]:
+    """The message list, row by row: ``history:<id>``, ``live:<id>``, ``divider`` or ``edge:<state>`` (others:
+    ``system``)."""
+    rows: list[str] = await page.locator("#messages li").evaluate_all(
+        """els => els.map((e) => e.classList.contains("history-edge") ? `edge:${e.dataset.state}`
+            : e.classList.contains("divider") ? "divider"
+            : e.dataset.id ? `${e.classList.contains("history") ? "history" : "live"}:${e.dataset.id}` : "system")"""
+    )
+    return rows
+
+
+async def scroll_list_to_top(page: Page) -> None:
+    """What a user does: the wheel, over the message list."""
+    await page.locator("#messages").hover()
+    await page.mouse.wheel(0, -100_000)
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_joining_a_room_of_60_messages_shows_the_newest_page_and_scrolling_up_loads_the_rest(
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(**DEMO)
+    sent = await publish_batch(http, node.url, "room:lobby", [f"old {i}" for i in range(60)])
+    async with demo_page(browser, node.url, user="nina", room="lobby", transport=transport) as (page, watch):
+        history = page.locator("#messages li.history")
+        edge = page.locator("#messages li.history-edge")
+        await expect(history).to_have_count(50, timeout=TIMEOUT)
+        await expect(edge).to_have_attribute("data-state", "more")
+        await expect(page.locator("#messages li.divider")).to_have_text("↑ earlier messages")
+        # The newest 50, oldest first, marked as history, under the edge and above the divider.
+        assert await list_rows(page) == ["edge:more"] + [f"history:{i}" for i in sent[10:]] + ["divider"]
+        await expect(history.last).to_contain_text("old 59")
+        await expect(history.last).to_be_in_viewport()  # the list starts at its newest message
+        await expect(history.first).not_to_be_in_viewport()
+
+        await scroll_list_to_top(page)
+        await expect(history).to_have_count(60, timeout=TIMEOUT)
+        await expect(edge).to_have_text("start of history")
+        assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in sent] + ["divider"]
+        # The page came in above what was shown, which stayed in place: the list is not at its top.
+        assert await page.locator("#messages").evaluate("el => el.scrollTop") > 0
+        await expect(page.locator(f'#messages li[data-id="{sent[10]}"]')).to_be_in_viewport()
+
+        await scroll_list_to_top(page)  # nothing older: no more requests
+        await asyncio.sleep(0.3)
+        await expect(history).to_have_count(60)
+
+        live = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "live one"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(61)
+        await asyncio.sleep(0.3)  # a duplicate would show up right behind
+        assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in sent] + ["divider", f"live:{live}"]
+        await expect(page.locator("#messages")).not_to_contain_text("refresh")
+        await page.locator("#messages li").last.scroll_into_view_if_needed()  # the divider and the live message
+        await page.screenshot(path=screenshot_path("demo-history" if transport == "ws" else "demo-history-sse"))
+        assert watch.errors == [], watch.messages
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_switching_rooms_shows_the_new_rooms_history_then_its_live_messages(
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(**DEMO)
+    in_b = await publish_batch(http, node.url, "room:b", ["b one", "b two", "b three"])
+    async with demo_page(browser, node.url, user="omar", room="lobby", transport=transport) as (page, watch):
+        edge = page.locator("#messages li.history-edge")
+        await expect(edge).to_have_text("start of history", timeout=TIMEOUT)  # an empty room
+        in_lobby = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "in lobby"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(1)
+
+        await page.locator("#join-room").fill("b")
+        await page.locator("#join-room").press("Enter")
+        await expect(page.locator("#room-name")).to_have_text("b")
+        await expect(page.locator("#messages li.history")).to_have_count(3, timeout=TIMEOUT)
+        assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in in_b] + ["divider"]
+
+        ignored = await api_publish(http, node, "room:lobby", {"user": "srv", "text": "lobby, left"})
+        live = await api_publish(http, node, "room:b", {"user": "srv", "text": "b live"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(4)
+        await asyncio.sleep(0.3)
+        assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in in_b] + ["divider", f"live:{live}"]
+        assert in_lobby not in await shown_ids(page) and ignored not in await shown_ids(page)
+        assert await page.evaluate("[...window.heraldDemo.client.rooms]") == ["b"]
+        assert watch.errors == [], watch.messages
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_a_reset_reloads_the_rooms_history(
+    transport: str,
+    node_factory: NodeFactory,
+    nats_server: NatsServer,
+    spawn: Any,
+    http: aiohttp.ClientSession,
+    browser: Browser,
+) -> None:
+    """The page's node is killed; more messages are published meanwhile than
+    its resume replays (``history.replay_max`` 3): the resume starts with a
+    reset of the room, and the page shows the room's newest page of history
+    again (what the replay left out included) instead of a gap."""
+    tag = "br" + uuid.uuid4().hex[:10]
+    shared: dict[str, dict[str, Any]] = {
+        "subject": {"prefix": tag},
+        "stream": {"name": tag.upper(), "storage": "memory"},
+    }
+    other = await node_factory(**shared)
+    port = free_port()
+    env = {"HERALD_HTTP_DEV_TOKENS": "true", "HERALD_SSE_RETRY": "300", "HERALD_HISTORY_REPLAY_MAX": "3", **OWN_GATEWAY}
+    proc, base = await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
+    old = await publish_batch(http, other.url, "room:lobby", ["old 0", "old 1"])
+
+    async with demo_page(browser, base, user="pia", room="lobby", transport=transport) as (page, watch):
+        await expect(page.locator("#messages li.history")).to_have_count(2, timeout=TIMEOUT)
+        before = await api_publish(http, other, "room:lobby", {"user": "srv", "text": "before"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(3)
+        assert await list_rows(page) == ["edge:start", *(f"history:{i}" for i in old), "divider", f"live:{before}"]
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        await expect(page.locator("#status")).not_to_have_attribute("data-state", "open", timeout=TIMEOUT)
+        down = await publish_batch(http, other.url, "room:lobby", [f"down {i}" for i in range(6)])
+        await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
+        await expect(page.locator("#status")).to_have_attribute("data-state", "open", timeout=TIMEOUT)
+
+        # The resume replays down 3-5 only, after a reset: the list is made anew from the room's history,
+        # the 6 messages the replay left out marked as history.
+        everything = [*old, before, *down]
+        await expect(page.locator("#messages li[data-id]")).to_have_count(len(everything), timeout=TIMEOUT)
+        await asyncio.sleep(0.3)
+        assert await shown_ids(page) == everything
+        rows = await list_rows(page)
+        assert rows[0] == "edge:start" and "divider" in rows
+        assert [r for r in rows if r.startswith("history:")][:6] == [f"history:{i}" for i in everything[:6]]
+        assert await page.locator("#messages li.system").count() == 0  # no "messages were lost, refresh"
+
+        after = await api_publish(http, other, "room:lobby", {"user": "srv", "text": "after"})
+        await expect(page.locator("#messages li[data-id]")).to_have_count(len(everything) + 1)
+        assert (await list_rows(page))[-1] == f"live:{after}"
+        assert page_errors(watch) == []
+
+
+async def test_a_history_page_that_fails_is_asked_again(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    """A page of history can fail for a moment (503 unavailable: NATS did not
+    answer in time): the demo says so and asks again, without a reconnect."""
+    node: RunningNode = await node_factory(**DEMO)
+    sent = await publish_batch(http, node.url, "room:lobby", ["kept 0", "kept 1"])
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        watch = ConsoleWatch(page, ignore=("/favicon.ico", "/api/command"))  # chromium logs the 503
+        history_posts = 0
+
+        async def first_history_fails(route: Route) -> None:
+            nonlocal history_posts
+            if (route.request.post_data_json or {}).get("type") == "history":
+                history_posts += 1
+                if history_posts == 1:
+                    message = "reading history failed: TimeoutError"
+                    await route.fulfill(status=503, json={"type": "error", "code": "unavailable", "message": message})
+                    return
+            await route.continue_()
+
+        await page.route(re.compile(r"/api/command$"), first_history_fails)
+        await page.goto(f"{node.url}/?user=quinn&room=lobby&transport=sse")
+        edge = page.locator("#messages li.history-edge")
+        await expect(edge).to_have_attribute("data-state", "error", timeout=TIMEOUT)
+        await expect(edge).to_contain_text("reading history failed: TimeoutError (trying again)")
+        conn = await page.evaluate("window.heraldDemo.client.conn")
+        await expect(edge).to_have_text("start of history", timeout=TIMEOUT)
+        assert await list_rows(page) == ["edge:start"] + [f"history:{i}" for i in sent] + ["divider"]
+        assert history_posts == 2
+        assert await page.evaluate("window.heraldDemo.client.conn") == conn  # no reconnect: the same stream
+        assert watch.errors == [], watch.messages
+    finally:
+        await context.close()
+
+
+HISTORY_RUN = """async ([url, token, transport]) => {
+  const { Herald } = await import("/static/herald.js");
+  const until = async (what, ok) => {
+    for (const end = Date.now() + 5000; !ok(); await new Promise((r) => setTimeout(r, 20))) {
+      if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    }
+  };
+  const got = [];
+  const c = Herald.connect({ url, token, rooms: ["lobby"], transport });
+  c.on("message", (m) => got.push(m));
+  await until("open", () => c.state === "open");
+  await until("the inbox", () => got.length === 2);
+  const position = c.lastId;
+  const newest = await c.history("lobby", { limit: 3 });
+  const older = await c.history("lobby", { limit: 3, before: newest.messages[0].id });
+  const inbox = await c.history({ channel: "user" }, { limit: 10 });
+  const forbidden = await c.history("secret").catch((e) => e);
+  const bad = await c.history("lobby", { limit: 0 }).catch((e) => e);
+  const unchanged = c.lastId === position && got.length === 2;
+  const live = await c.publish("lobby", { text: "live" });
+  await until("the live message", () => got.some((m) => m.id === live.id));
+  c.close();
+  return { newest, older, inbox, forbidden, bad, unchanged, got, live: live.id };
+}"""
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_client_history_pages_on_a_real_node(
+    transport: str, node: RunningNode, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    """herald.js's history(): a room's pages backwards, the user's inbox, the
+    refusals; pages are not delivered as messages and do not move the resume
+    position."""
+    lobby = [await api_publish(http, node, "room:lobby", {"n": i}) for i in range(5)]
+    notes = [await api_publish(http, node, "user:hana", {"note": i}) for i in range(2)]
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        watch = ConsoleWatch(page, ignore=("/favicon.ico", "/api/command"))  # chromium logs the 4xx refusals
+        await page.goto(node.url + "/healthz")
+        tok = token("hana", rooms=["lobby"], publish=["lobby"])
+        r = await page.evaluate(HISTORY_RUN, [node.url, tok, transport])
+        assert watch.errors == [], watch.messages
+    finally:
+        await context.close()
+
+    def room_message(i: int) -> dict[str, Any]:
+        return {"channel": "room:lobby", "id": lobby[i], "event": "message", "data": {"n": i}}
+
+    inbox = [{"channel": "user", "id": notes[i], "event": "message", "data": {"note": i}} for i in range(2)]
+    assert r["newest"] == {"channel": "room:lobby", "messages": [room_message(i) for i in (2, 3, 4)]}
+    assert r["older"] == {"channel": "room:lobby", "messages": [room_message(i) for i in (0, 1)]}  # 2 < 3: the last
+    assert r["inbox"] == {"channel": "user", "messages": inbox}
+    assert (r["forbidden"]["code"], r["forbidden"]["message"]) == ("forbidden", "token does not allow room secret")
+    assert r["bad"]["code"] == "bad_request" and r["bad"]["ref"]
+    assert r["unchanged"] is True
+    live = {"channel": "room:lobby", "id": r["live"], "event": "message", "data": {"text": "live"}}
+    assert r["got"] == [*inbox, live]  # the unread inbox at open, then the live message: no history
