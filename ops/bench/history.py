@@ -18,7 +18,6 @@ import asyncio
 import os
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +25,7 @@ import aiohttp
 
 from gateway.auth import mint_token
 
-from .procs import Processes, install_signal_handlers
-from .servers import JWT_SECRET, PUBLISH_KEY, Herald
+from .servers import JWT_SECRET, PUBLISH_KEY, against_one_node
 
 ROOMS = 10
 
@@ -92,19 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--storage", choices=("file", "memory"), default="file")
     args = p.parse_args(argv)
-    install_signal_handlers()
-    procs = Processes()
-    logs = Path(tempfile.mkdtemp(prefix="herald-bench-history-"))
     unlimited = {"HERALD_LIMITS_API_RATE": "100000", "HERALD_LIMITS_COMMAND_RATE": "100000"}
-    env = {"HERALD_STREAM_STORAGE": args.storage, **unlimited}
-    herald = Herald(procs, logs, env=env)
-    try:
-        target = herald.start()
-        base = "http://" + target.ws_url.split("//", 1)[1].split("/", 1)[0]
-        result = asyncio.run(measure(base, target.server_pids[0], args.messages, args.requests, args.limit))
-    finally:
-        herald.stop()
-        procs.stop_all()
+    result = against_one_node(
+        "history",
+        {"HERALD_STREAM_STORAGE": args.storage, **unlimited},
+        lambda base, pid: measure(base, pid, args.messages, args.requests, args.limit),
+    )
     print(
         f"history pages of {result['limit']} ({args.storage} stream, {args.messages} messages over {ROOMS} rooms): "
         f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "

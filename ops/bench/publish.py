@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
-from pathlib import Path
 
 import aiohttp
 
 from .history import cpu_seconds
-from .procs import Processes, install_signal_handlers
-from .servers import PUBLISH_KEY, Herald
+from .servers import PUBLISH_KEY, against_one_node
 
 HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 
@@ -69,21 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--storage", choices=("file", "memory"), default="file")
     args = p.parse_args(argv)
-    install_signal_handlers()
-    procs = Processes()
     unlimited = {"HERALD_LIMITS_API_RATE": "1000000"}
-    herald = Herald(
-        procs,
-        Path(tempfile.mkdtemp(prefix="herald-bench-publish-")),
-        env={"HERALD_STREAM_STORAGE": args.storage, **unlimited},
+    r = against_one_node(
+        "publish",
+        {"HERALD_STREAM_STORAGE": args.storage, **unlimited},
+        lambda base, pid: run(base, pid, args.messages, args.batch, args.concurrency),
     )
-    try:
-        target = herald.start()
-        base = "http://" + target.ws_url.split("//", 1)[1].split("/", 1)[0]
-        r = asyncio.run(run(base, target.server_pids[0], args.messages, args.batch, args.concurrency))
-    finally:
-        herald.stop()
-        procs.stop_all()
     print(
         f"POST /api/publish ({args.storage} stream, no subscribers, {args.concurrency} requests in flight): "
         f"single {r['single_us']:.0f} µs of node CPU per message ({r['single_per_s']:.0f}/s); "

@@ -7,6 +7,7 @@ process goes through ``Processes`` so it dies with the run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -14,12 +15,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from broker.embedded import NatsServer, free_port
 
-from .procs import BenchError, Processes, children, http_status, pinned, port_open, wait_until
+from .procs import (
+    BenchError,
+    Processes,
+    children,
+    http_status,
+    install_signal_handlers,
+    pinned,
+    port_open,
+    wait_until,
+)
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -293,3 +307,18 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def against_one_node(name: str, env: dict[str, str], job: Callable[[str, int], Coroutine[Any, Any, T]]) -> T:
+    """Start nats-server and one Herald node (``make bench``'s cores), run
+    ``job(base URL, node pid)`` in an event loop, stop them; its result."""
+    install_signal_handlers()
+    procs = Processes()
+    herald = Herald(procs, Path(tempfile.mkdtemp(prefix=f"herald-bench-{name}-")), env=env)
+    try:
+        target = herald.start()
+        base = "http://" + target.ws_url.split("//", 1)[1].split("/", 1)[0]
+        return asyncio.run(job(base, target.server_pids[0]))
+    finally:
+        herald.stop()
+        procs.stop_all()
