@@ -21,7 +21,7 @@ from .admission import Refusal
 from .auth import Identity
 from .commands import Commands, Frame
 from .connect_hook import Credentials
-from .frames import dumps_exact, loads_exact
+from .frames import dumps_exact
 from .limits import CommandLimiter
 from .sessions import Sessions
 
@@ -127,9 +127,8 @@ class CommandRouter:
         frame: Frame = orjson.loads(answer)
         return frame
 
-    async def answer(self, body: bytes) -> bytes:
-        """A command another node forwarded here (``BrokerEvents.request``)."""
-        request = loads_exact(body)
+    async def answer(self, request: dict[str, Any]) -> bytes:
+        """A command another node forwarded here (decoded by ``NodeRequests``)."""
         cmd = request["command"]
         conn = cmd.get("conn") if isinstance(cmd, dict) else None
         if not isinstance(conn, str) or conn.rpartition(":")[0] != self._node_id:

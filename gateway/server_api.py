@@ -20,6 +20,7 @@ from broker.channels import InvalidChannel, channel_id, check_id, room_channel
 
 from .command_route import CommandRouter
 from .disconnect import DISCONNECTED, DISCONNECTED_FOR_GOOD
+from .frames import loads_exact
 from .http import json_error, json_response, key_matches
 from .limits import TokenBucket
 from .sessions import Sessions
@@ -70,9 +71,9 @@ class NodeRequests:
         self._actions = actions
 
     async def answer(self, body: bytes) -> bytes:
-        request = orjson.loads(body)
+        request = loads_exact(body)  # a forwarded command's numbers stay as the client wrote them
         if request.get("op") == "command":
-            return await self._router.answer(body)
+            return await self._router.answer(request)
         return orjson.dumps({"touched": await self._actions.act(request)})
 
 
