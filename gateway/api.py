@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
@@ -20,7 +21,7 @@ from .auth import mint_token
 from .command_route import CommandRouter, error, status_of
 from .commands import NOT_JSON, Frame, page_request
 from .frames import dumps_exact, history_messages, loads_exact
-from .http import json_error, json_response, key_matches
+from .http import Reply, error_reply, header_key_matches, json_error, json_reply, json_response, key_matches
 from .hub import Hub
 from .limits import TokenBucket
 from .metrics import Metrics
@@ -56,64 +57,83 @@ class PublishApi:
             bucket = self._buckets[key] = TokenBucket(burst, burst / self._rate)
         return bucket
 
+    @property
+    def max_body(self) -> int:
+        """The largest body (a batch's); larger ones are refused before they are read."""
+        return self._max_batch_body
+
     async def publish(self, request: web.Request) -> web.Response:
-        metrics = self._metrics
-        result = metrics.published
-
-        def refuse(status: int, error: str, message: str) -> web.Response:
-            result.labels(error).inc()  # the metric label is the error code
-            return json_error(status, error, message)
-
-        key = self._key
-        if not key:
-            return refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
-        if not key_matches(request, key):
-            return refuse(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
-        wait = self._bucket(key).take()
-        if wait:
-            metrics.limit_rejections.labels("api_rate").inc()
-            response = refuse(429, "rate_limited", f"more than {self._rate:g} publishes/s for this key")
-            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-            return response
-        idempotency_key = request.headers.get("Idempotency-Key")
-        if idempotency_key is not None and IDEMPOTENCY_KEY.fullmatch(idempotency_key) is None:
-            return refuse(400, "bad_request", "Idempotency-Key must be 1 to 128 printable ASCII characters, no spaces")
-        limit = self._max_batch_body
-        if request.content_length is not None and request.content_length > limit:
-            metrics.limit_rejections.labels("body_size").inc()
-            return refuse(413, "too_large", f"body larger than {limit} bytes")
+        """The aiohttp route (the front door serves the common shapes: ``answer``)."""
+        refusal = self._refusal(request.headers, request.content_length)  # case-insensitive names
+        if refusal is not None:
+            return refusal.response()
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            metrics.limit_rejections.labels("body_size").inc()
-            return refuse(413, "too_large", f"body larger than {limit} bytes")
+            return self._too_large(f"body larger than {self._max_batch_body} bytes").response()
         except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
-            return refuse(400, "bad_request", f"body does not decode: {exc}")
+            return self._refuse(400, "bad_request", f"body does not decode: {exc}").response()
+        return (await self._publish(body, request.headers.get("idempotency-key"))).response()
+
+    async def answer(self, headers: Mapping[str, str], body: bytes) -> Reply:
+        """The front door's route (``headers``: lower-cased names)."""
+        refusal = self._refusal(headers, len(body))
+        if refusal is not None:
+            return refusal
+        return await self._publish(body, headers.get("idempotency-key"))
+
+    def _refuse(self, status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+        self._metrics.published.labels(error).inc()  # the metric label is the error code
+        return error_reply(status, error, message, headers)
+
+    def _too_large(self, message: str) -> Reply:
+        self._metrics.limit_rejections.labels("body_size").inc()
+        return self._refuse(413, "too_large", message)
+
+    def _refusal(self, headers: Mapping[str, str], content_length: int | None) -> Reply | None:
+        """Why a request is refused before its body is looked at, or None."""
+        key = self._key
+        if not key:
+            return self._refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
+        if not header_key_matches(headers.get("authorization", ""), key):
+            return self._refuse(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
+        wait = self._bucket(key).take()
+        if wait:
+            self._metrics.limit_rejections.labels("api_rate").inc()
+            retry = (("Retry-After", str(max(1, math.ceil(wait)))),)
+            return self._refuse(429, "rate_limited", f"more than {self._rate:g} publishes/s for this key", retry)
+        idempotency_key = headers.get("idempotency-key")
+        if idempotency_key is not None and IDEMPOTENCY_KEY.fullmatch(idempotency_key) is None:
+            message = "Idempotency-Key must be 1 to 128 printable ASCII characters, no spaces"
+            return self._refuse(400, "bad_request", message)
+        if content_length is not None and content_length > self._max_batch_body:
+            return self._too_large(f"body larger than {self._max_batch_body} bytes")
+        return None
+
+    async def _publish(self, body: bytes, idempotency_key: str | None) -> Reply:
         if len(body) > self._max_body and not body.lstrip().startswith(b"["):  # only a batch may be larger
-            metrics.limit_rejections.labels("body_size").inc()
-            return refuse(413, "too_large", f"body larger than {self._max_body} bytes")
+            return self._too_large(f"body larger than {self._max_body} bytes")
         try:
             doc = loads_exact(body)
         except orjson.JSONDecodeError:
-            return refuse(400, "bad_request", "body is not valid JSON")
-        batch = isinstance(doc, list)
+            return self._refuse(400, "bad_request", "body is not valid JSON")
         try:
             items = self._items(doc, idempotency_key)
         except BadItem as exc:
             if exc.too_large:
-                metrics.limit_rejections.labels("body_size").inc()
-            return refuse(413 if exc.too_large else 400, "too_large" if exc.too_large else "bad_request", str(exc))
+                return self._too_large(str(exc))
+            return self._refuse(400, "bad_request", str(exc))
         try:
             published = await self._pubsub.publish_batch(items)
         except BrokerUnavailable as exc:
-            return refuse(503, "unavailable", str(exc))
-        result.labels("ok").inc(len(items))
-        if batch:
-            return json_response({"ids": [str(p.seq) for p in published]})
+            return self._refuse(503, "unavailable", str(exc))
+        self._metrics.published.labels("ok").inc(len(items))
+        if isinstance(doc, list):
+            return json_reply({"ids": [str(p.seq) for p in published]})
         answer: dict[str, object] = {"id": str(published[0].seq)}
         if published[0].duplicate:
             answer["duplicate"] = True
-        return json_response(answer)
+        return json_reply(answer)
 
     def _items(self, doc: object, idempotency_key: str | None) -> list[Publishable]:
         """Every message of the body, checked before any is published."""

@@ -11,7 +11,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from broker.throttle import Throttle
 
 from .api import CommandApi, NodeApi, PublishApi, healthz
-from .keys import NODE, NODE_API
+from .front import FastRoute
+from .keys import FAST_ROUTES, NODE, NODE_API
 from .node import BrokerFactory, build_node
 from .server_api import ServerApi
 from .settings import Settings
@@ -119,6 +120,8 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     app[NODE] = node
     app[NODE_API] = node_api
     app.router.add_post("/api/publish", publish.publish)
+    fast: dict[tuple[bytes, bytes], FastRoute] = {(b"POST", b"/api/publish"): publish}
+    app[FAST_ROUTES] = fast
     app.router.add_post("/api/command", commands.command)
     app.router.add_route("OPTIONS", "/api/command", commands.preflight)
     app.router.add_post("/api/disconnect", server_api.disconnect)

@@ -9,6 +9,7 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -21,6 +22,30 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 def json_error(status: int, error: str, message: str) -> web.Response:
     return json_response({"error": error, "message": message}, status)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer that either aiohttp or the front door writes (see front.py)."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "application/json"
+
+    def response(self) -> web.Response:
+        """As aiohttp's response."""
+        return web.Response(
+            body=self.body, status=self.status, content_type=self.content_type, headers=dict(self.headers)
+        )
+
+
+def json_reply(body: Any, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return Reply(status, orjson.dumps(body), headers)
+
+
+def error_reply(status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return json_reply({"error": error, "message": message}, status, headers)
 
 
 def _bearer_value(header: str) -> str | None:
@@ -65,7 +90,12 @@ def client_token(request: web.BaseRequest) -> str | None:
 
 
 def key_matches(request: web.BaseRequest, expected: str) -> bool:
-    given = bearer(request)
+    return header_key_matches(request.headers.get("Authorization", ""), expected)
+
+
+def header_key_matches(authorization: str, expected: str) -> bool:
+    """Whether an ``Authorization`` header carries the bearer key ``expected``."""
+    given = _bearer_value(authorization)
     if not expected or given is None:
         return False
     # Header bytes that are not UTF-8 reach us as surrogates: compare the bytes sent.

@@ -24,7 +24,8 @@ from aiohttp import web
 from broker import BrokerUnavailable
 
 from .app import create_admin_app, create_app
-from .keys import NODE, NODE_API
+from .front import FrontRunner
+from .keys import FAST_ROUTES, NODE, NODE_API
 from .settings import Settings
 
 log = logging.getLogger("herald")
@@ -49,12 +50,14 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def app_runner(app: web.Application, settings: Settings) -> web.AppRunner:
-    """The runner of a node's application: no access log (per-request logging
-    costs), handlers cancelled when their client goes, a request that is not
-    complete within ``http.handshake_timeout`` (slow-header clients) cut."""
+    """The runner of a node's application: the front door first (front.py), no
+    access log (per-request logging costs), handlers cancelled when their
+    client goes, a request that is not complete within
+    ``http.handshake_timeout`` (slow-header clients) cut."""
     http = settings.http
-    return web.AppRunner(
+    return FrontRunner(
         app,
+        FAST_ROUTES,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=http.shutdown_grace,

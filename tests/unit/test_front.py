@@ -1,0 +1,188 @@
+"""The front door: the fast routes it serves itself, and every other request
+(or shape of request) handed, with its bytes, to aiohttp on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+
+import pytest
+from aiohttp import web
+
+from gateway.front import FastRoute, FrontDoor, FrontRunner
+from gateway.http import Reply, json_reply
+
+ROUTES: web.AppKey[dict[tuple[bytes, bytes], FastRoute]] = web.AppKey("routes", dict)
+
+
+class Echo:
+    """A fast route that answers with what it got; ``served`` counts its calls."""
+
+    max_body = 64
+
+    def __init__(self) -> None:
+        self.served = 0
+        self.gate: asyncio.Event | None = None
+
+    async def answer(self, headers: Mapping[str, str], body: bytes) -> Reply:
+        self.served += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return json_reply({"front": True, "body": body.decode(), "key": headers.get("x-key")})
+
+
+class Served:
+    def __init__(self, runner: FrontRunner, port: int, echo: Echo, seen: list[str]) -> None:
+        self.runner, self.port, self.echo, self.seen = runner, port, echo, seen
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    echo, seen = Echo(), []
+
+    async def aiohttp_route(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path} {(await request.read()).decode()}")
+        return web.json_response({"front": False})
+
+    app = web.Application()
+    app.router.add_post("/echo", aiohttp_route)
+    app.router.add_get("/other", aiohttp_route)
+    app[ROUTES] = {(b"POST", b"/echo"): echo}
+    runner = FrontRunner(app, ROUTES, keepalive_timeout=0.5, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield Served(runner, runner.addresses[0][1], echo, seen)
+    await runner.cleanup()
+
+
+def post(body: bytes, *extra: str, path: str = "/echo") -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: x", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode()
+    lines = head.split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    body = await reader.readexactly(int(headers.get("content-length", 0)))
+    return int(lines[0].split()[1]), headers, body
+
+
+async def test_fast_requests_on_one_connection_are_answered_in_order(served: Served) -> None:
+    reader, writer = await served.open()
+    for i in range(3):
+        writer.write(post(f"m{i}".encode(), f"X-Key: k{i}"))
+        status, headers, body = await response(reader)
+        assert status == 200 and headers["content-type"] == "application/json"
+        assert body == b'{"front":true,"body":"m%d","key":"k%d"}' % (i, i)
+        assert headers["x-content-type-options"] == "nosniff" and "date" in headers
+    writer.write(post(b"a") + post(b"b") + post(b"c"))  # pipelined
+    bodies = [(await response(reader))[2] for _ in range(3)]
+    assert [b'"body":"%s"' % x in body for x, body in zip((b"a", b"b", b"c"), bodies, strict=True)] == [True] * 3
+    assert served.echo.served == 6 and served.seen == []
+    writer.close()
+
+
+async def test_a_head_in_pieces_is_still_served_by_the_front(served: Served) -> None:
+    reader, writer = await served.open()
+    for byte in post(b"slow"):
+        writer.write(bytes([byte]))
+        await writer.drain()
+    assert (await response(reader))[2].startswith(b'{"front":true')
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n",
+        post(b"body", "Content-Encoding: identity"),
+        post(b"body", "Expect: 100-continue"),
+        post(b"body", "X-Key: a", "X-Key: b"),  # a repeated header: aiohttp's rules
+        post(b"body", path="/echo?q=1"),
+        post(b"body").replace(b"HTTP/1.1", b"HTTP/1.0"),
+        post(b"x" * 65),  # over the route's max_body
+        b"POST /echo HTTP/1.1\r\nHost: x\r\n\r\n",  # no Content-Length
+    ],
+    ids=["chunked", "encoded", "expect", "repeated", "query", "http10", "large", "no-length"],
+)
+async def test_other_shapes_go_to_aiohttp(served: Served, request_bytes: bytes) -> None:
+    reader, writer = await served.open()
+    writer.write(request_bytes)
+    status, _, body = await response(reader)
+    assert status in (100, 200) and served.echo.served == 0
+    if status == 200:
+        assert body == b'{"front": false}' and served.seen[0].startswith("POST /echo")
+    writer.close()
+
+
+async def test_after_a_fast_request_another_route_is_aiohttp_s_for_good(served: Served) -> None:
+    reader, writer = await served.open()
+    writer.write(post(b"one") + b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n" + post(b"two"))
+    answers = [(await response(reader))[2] for _ in range(3)]
+    assert answers[0].startswith(b'{"front":true') and answers[1:] == [b'{"front": false}'] * 2
+    assert served.echo.served == 1 and served.seen == ["GET /other ", "POST /echo two"]
+    writer.close()
+
+
+async def test_a_malformed_head_gets_aiohttp_s_400(served: Served) -> None:
+    reader, writer = await served.open()
+    writer.write(b"POST /echo HTTP/1.1\r\nBad Header: x\r\nContent-Length: 1\r\n\r\nx")
+    status, _, _ = await response(reader)
+    assert status == 400 and served.echo.served == 0
+    writer.close()
+
+
+async def test_connection_close_is_honoured(served: Served) -> None:
+    reader, writer = await served.open()
+    writer.write(post(b"bye", "Connection: close"))
+    _, headers, _ = await response(reader)
+    assert headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_an_idle_or_slow_connection_is_closed_after_the_timeout(served: Served) -> None:
+    reader, writer = await served.open()
+    writer.write(post(b"x"))
+    await response(reader)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # idle after its answer
+    reader, writer = await served.open()
+    writer.write(b"POST /echo HTTP/1.1\r\nHost:")  # never finished
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 5)
+
+
+async def test_shutdown_answers_the_request_in_flight_then_closes(served: Served) -> None:
+    gate = served.echo.gate = asyncio.Event()
+    busy_reader, busy_writer = await served.open()
+    idle_reader, idle_writer = await served.open()
+    busy_writer.write(post(b"last"))
+    idle_writer.write(post(b"first", "X-Key: idle"))
+    gate.set()
+    await response(idle_reader)
+    await asyncio.sleep(0.05)
+    gate.clear()
+    busy_writer.write(post(b"late"))
+    await asyncio.sleep(0.05)
+    cleanup = asyncio.create_task(served.runner.cleanup())
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # idle: closed at once
+    await response(busy_reader)  # "last"
+    gate.set()
+    _, headers, body = await response(busy_reader)
+    assert b"late" in body and headers["connection"] == "close"
+    await cleanup
+
+
+def test_match_reads_only_plain_requests() -> None:
+    door = FrontDoor({(b"POST", b"/echo"): Echo()}, 1.0)
+    plain = door.match(b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nAuthorization: Bearer k\xc3\xa9")
+    assert plain is not None and plain.length == 3 and plain.headers["authorization"] == "Bearer k\xe9"
+    assert door.match(b"GET /echo HTTP/1.1\r\nContent-Length: 3") is None
+    assert door.match(b"POST /echo HTTP/1.1\r\nContent-Length: +3") is None
+    assert door.match(b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\n folded") is None
+    assert door.match(b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nX: a\x00b") is None
+    assert door.match(b"POST  /echo HTTP/1.1\r\nContent-Length: 3") is None
