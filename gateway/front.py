@@ -271,5 +271,5 @@ class FrontRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        routes = self.app[self._routes_key] if self._routes_key in self.app else {}
+        routes = self.app[self._routes_key]
         return FrontServer(server, FrontDoor(routes, self._timeout))
