@@ -44,29 +44,37 @@ class AckedPublisher:
         self._inbox = link.replies
         self._stream = stream  # expected: a subject another stream captured is refused, not stored there
         self._timeout = timeout
+        self._headers = {"Nats-Expected-Stream": stream}
+        self._head = _head(stream, {})
 
     async def publish(self, messages: list[Outgoing]) -> list[Ack]:
         """Publish ``messages`` in order; their acks, in the same order. Raises
         BrokerUnavailable (or Refused) if any is not acknowledged in time —
         the ones before it may be stored."""
+        if not messages:
+            return []
         loop = asyncio.get_running_loop()
         pending: list[asyncio.Future[Ack]] = []
         replies: list[str] = []
+        # One timer for the whole batch (not a timeout scope and a gather).
+        timer = loop.call_later(self._timeout, _expire, pending)
         try:
+            commands: list[bytes] = []
             for subject, payload, headers in messages:
                 future: asyncio.Future[Ack] = loop.create_future()
                 nc, reply = await self._inbox.open(_resolver(future))
                 replies.append(reply)
                 pending.append(future)
-                hdr = {"Nats-Expected-Stream": self._stream, **(headers or {})}
-                await nc.publish(subject, payload, reply=reply, headers=hdr)
-            async with asyncio.timeout(self._timeout):
-                return list(await asyncio.gather(*pending))
-        except TimeoutError:
-            raise BrokerUnavailable("publish not acknowledged in time") from None
+                head = self._head if headers is None else _head(self._stream, headers)
+                commands.append(_hpub(subject, reply, head, payload))
+            if not nc.write_now(b"".join(commands)):  # one write for the batch
+                for (subject, payload, headers), reply in zip(messages, replies, strict=True):
+                    await nc.publish(subject, payload, reply=reply, headers={**self._headers, **(headers or {})})
+            return [await future for future in pending]
         except (OSError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"publish not acknowledged: {exc.__class__.__name__}") from None
         finally:
+            timer.cancel()
             for reply in replies:
                 self._inbox.close(reply)
             for future in pending:
@@ -74,6 +82,29 @@ class AckedPublisher:
                     future.cancel()
                 elif not future.cancelled():
                     future.exception()  # retrieved: one failure is raised, the others are not warnings
+
+
+def _expire(pending: list[asyncio.Future[Ack]]) -> None:
+    for future in pending:
+        if not future.done():
+            future.set_exception(BrokerUnavailable("publish not acknowledged in time"))
+
+
+def _head(stream: str, headers: dict[str, str]) -> bytes:
+    """The NATS header block; values are ours (checked event names, message ids)."""
+    lines = [f"{name}: {value}" for name, value in {"Nats-Expected-Stream": stream, **headers}.items()]
+    return ("NATS/1.0\r\n" + "\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _hpub(subject: str, reply: str, head: bytes, payload: bytes) -> bytes:
+    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+        subject.encode(),
+        reply.encode(),
+        len(head),
+        len(head) + len(payload),
+        head,
+        payload,
+    )
 
 
 def _resolver(future: asyncio.Future[Ack]) -> OnReply:

@@ -149,3 +149,15 @@ class DispatchingClient(Client):
         if self._burst >= YIELD_EVERY:
             self._burst = 0
             await asyncio.sleep(0)
+
+    def write_now(self, command: bytes) -> bool:
+        """Write a protocol command straight to the socket when nothing is
+        queued before it (so order is kept); False: queue it the usual way.
+        nats-py queues every command for its flusher task: a task wake-up and
+        a drain per publish, which a request/ack round trip cannot share."""
+        transport = self._transport
+        if self._pending or transport is None or not self.is_connected:
+            return False
+        transport.write(command)
+        self.stats["out_msgs"] += 1
+        return True
