@@ -67,7 +67,7 @@ class AckedPublisher:
                 pending.append(future)
                 head = self._head if headers is None else _head(self._stream, headers)
                 commands.append(_hpub(subject, reply, head, payload))
-            if not nc.write_now(b"".join(commands)):  # one write for the batch
+            if not nc.write_soon(b"".join(commands)):
                 for (subject, payload, headers), reply in zip(messages, replies, strict=True):
                     await nc.publish(subject, payload, reply=reply, headers={**self._headers, **(headers or {})})
             return [await future for future in pending]

@@ -100,6 +100,7 @@ class DispatchingClient(Client):
         super().__init__()
         self._handlers: dict[int, Handler] = {}
         self._burst = 0
+        self._outgoing: list[bytes] = []  # see write_soon
 
     async def subscribe_direct(self, subject: str, handler: Handler) -> LiveSubscription:
         """Subscribe with ``handler`` called for each message, in the reader.
@@ -150,14 +151,24 @@ class DispatchingClient(Client):
             self._burst = 0
             await asyncio.sleep(0)
 
-    def write_now(self, command: bytes) -> bool:
-        """Write a protocol command straight to the socket when nothing is
-        queued before it (so order is kept); False: queue it the usual way.
-        nats-py queues every command for its flusher task: a task wake-up and
-        a drain per publish, which a request/ack round trip cannot share."""
-        transport = self._transport
-        if self._pending or transport is None or not self.is_connected:
+    def write_soon(self, command: bytes) -> bool:
+        """Write a protocol command at the end of this loop pass, with the
+        others of the pass in one write; False: queue it the usual way
+        (reconnecting, or nats-py has commands queued that must go first).
+        nats-py queues every command for its flusher task: a Future, a
+        queue, a task wake-up and a drain per publish."""
+        if self._pending or self._transport is None or not self.is_connected:
             return False
-        transport.write(command)
+        self._outgoing.append(command)
+        if len(self._outgoing) == 1:
+            asyncio.get_running_loop().call_soon(self._write_out)
         self.stats["out_msgs"] += 1
         return True
+
+    def _write_out(self) -> None:
+        out, self._outgoing = self._outgoing, []
+        if self._transport is not None and self.is_connected:
+            self._transport.writelines(out)
+        else:  # lost meanwhile: nats-py sends its pending buffer after the reconnect
+            self._pending.extend(out)
+            self._pending_data_size += sum(map(len, out))
