@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from broker import BROADCAST, Channel, Connections, TooManyConnections
 from broker.channels import InvalidChannel, parse_seq, room_channel, user_channel
 from broker.throttle import Throttle
@@ -21,6 +19,7 @@ from broker.throttle import Throttle
 from .auth import Authenticator, AuthError, Identity
 from .connect_hook import ConnectHook, Credentials, HookCall, HookRefused, HookUnavailable
 from .disconnect import BAD_REQUEST, BAD_TOKEN, FORBIDDEN, SHUTDOWN, TOO_MANY_CONNECTIONS, UNAVAILABLE, Disconnect
+from .head import Head
 from .http import ConflictingTokens, TrustedProxies, client_token, peer
 from .limits import normal_origin, origin_allowed
 from .metrics import Metrics
@@ -92,7 +91,7 @@ class Gate:
         # Compared with a request's Origin once both are normalised.
         self._origins = tuple("*" if o == "*" else (normal_origin(o) or o) for o in limits.origins)
 
-    def screen(self, request: web.Request) -> None:
+    def screen(self, request: Head) -> None:
         """What is checked before a stream is accepted (before a WS upgrade, so a
         refused browser sees the HTTP status): a draining node, the node's
         capacity and the origin."""
@@ -113,7 +112,7 @@ class Gate:
                 503, UNAVAILABLE, "node_full", f"node is at its limit of {limit} connections: try another node"
             )
 
-    def check_origin(self, request: web.Request) -> None:
+    def check_origin(self, request: Head) -> None:
         """A browser page from an origin not allowed may not open a stream (the
         token may be a cookie the browser sends on its own)."""
         origin = request.headers.get("Origin")
@@ -123,7 +122,7 @@ class Gate:
             self._warn("origin", "refused a stream from origin %s (limits.origins)", shown)
             raise Refusal(403, FORBIDDEN, "forbidden_origin", f"origin {shown} is not allowed (limits.origins)")
 
-    def cross_origin(self, request: web.Request) -> str | None:
+    def cross_origin(self, request: Head) -> str | None:
         """The ``Origin`` of a browser page of another site that
         ``limits.origins`` allows: what CORS headers must name for the page to
         read the answer (an event stream, a command's). None otherwise."""
@@ -132,7 +131,7 @@ class Gate:
             return None  # not a browser, or only the node's own pages are allowed (no CORS needed)
         return origin if origin_allowed(origin, request.host, self._origins) else None
 
-    def credentials(self, request: web.BaseRequest, transport: str) -> Credentials:
+    def credentials(self, request: Head, transport: str) -> Credentials:
         """What ``request`` says about who it is, by ``auth.mode``: its token
         ("jwt"; "either" when it has one), or the connect hook call that
         decides ("hook", which ignores tokens; "either" without one). Two
@@ -168,7 +167,7 @@ class Gate:
         except HookUnavailable as exc:
             raise Refusal(503, UNAVAILABLE, "unavailable", str(exc)) from None
 
-    async def admit(self, request: web.Request, transport: str, last_event_id: str | None = None) -> Admission:
+    async def admit(self, request: Head, transport: str, last_event_id: str | None = None) -> Admission:
         identity = await self.identify(self.credentials(request, transport))
         rooms = request.query.getall("room", [])
         limit = self._limits.max_subscriptions

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker import Broker, BrokerUnavailable, History, Presence, Publishable, PubSub
@@ -21,6 +21,7 @@ from .auth import mint_token
 from .command_route import CommandRouter, error, status_of
 from .commands import NOT_JSON, Frame, page_request
 from .frames import dumps_exact, history_messages, loads_exact
+from .head import FrontHead
 from .http import Reply, error_reply, header_key_matches, json_error, json_reply, json_response, key_matches
 from .hub import Hub
 from .limits import TokenBucket
@@ -64,7 +65,7 @@ class PublishApi:
 
     async def publish(self, request: web.Request) -> web.Response:
         """The aiohttp route (the front door serves the common shapes: ``answer``)."""
-        refusal = self._refusal(request.headers, request.content_length)  # case-insensitive names
+        refusal = self._refusal(request.headers, request.content_length)
         if refusal is not None:
             return refusal.response()
         try:
@@ -73,14 +74,14 @@ class PublishApi:
             return self._too_large(f"body larger than {self._max_batch_body} bytes").response()
         except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
             return self._refuse(400, "bad_request", f"body does not decode: {exc}").response()
-        return (await self._publish(body, request.headers.get("idempotency-key"))).response()
+        return (await self._publish(body, request.headers.get("Idempotency-Key"))).response()
 
-    async def answer(self, headers: Mapping[str, str], body: bytes) -> Reply:
-        """The front door's route (``headers``: lower-cased names)."""
-        refusal = self._refusal(headers, len(body))
+    async def answer(self, head: FrontHead, body: bytes) -> Reply:
+        """The front door's route."""
+        refusal = self._refusal(head.headers, len(body))
         if refusal is not None:
             return refusal
-        return await self._publish(body, headers.get("idempotency-key"))
+        return await self._publish(body, head.headers.get("Idempotency-Key"))
 
     def _refuse(self, status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
         self._metrics.published.labels(error).inc()  # the metric label is the error code
@@ -90,19 +91,19 @@ class PublishApi:
         self._metrics.limit_rejections.labels("body_size").inc()
         return self._refuse(413, "too_large", message)
 
-    def _refusal(self, headers: Mapping[str, str], content_length: int | None) -> Reply | None:
+    def _refusal(self, headers: CIMultiDictProxy[str], content_length: int | None) -> Reply | None:
         """Why a request is refused before its body is looked at, or None."""
         key = self._key
         if not key:
             return self._refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
-        if not header_key_matches(headers.get("authorization", ""), key):
+        if not header_key_matches(headers.get("Authorization", ""), key):
             return self._refuse(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
         wait = self._bucket(key).take()
         if wait:
             self._metrics.limit_rejections.labels("api_rate").inc()
             retry = (("Retry-After", str(max(1, math.ceil(wait)))),)
             return self._refuse(429, "rate_limited", f"more than {self._rate:g} publishes/s for this key", retry)
-        idempotency_key = headers.get("idempotency-key")
+        idempotency_key = headers.get("Idempotency-Key")
         if idempotency_key is not None and IDEMPOTENCY_KEY.fullmatch(idempotency_key) is None:
             message = "Idempotency-Key must be 1 to 128 printable ASCII characters, no spaces"
             return self._refuse(400, "bad_request", message)

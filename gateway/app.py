@@ -92,10 +92,12 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     # Bodies up to a publish batch's; each handler bounds its own (http.max_body for most).
     app = web.Application(client_max_size=max(settings.http.max_body, settings.publish.max_batch_body))
     endpoints = []
+    fast: dict[tuple[bytes, bytes], FastRoute] = {}  # served by the front door first (front.py)
     for kind in KINDS:
         node.metrics.add_transport(kind.name)
         endpoint = kind.serve(node, opener)
         app.router.add_get(kind.path, endpoint.handle)
+        fast[(b"GET", kind.path.encode())] = endpoint
         endpoints.append(endpoint)
     commands = CommandApi(node.router, node.gate, settings.ws.max_frame, settings.http.command_timeout, node.metrics)
     publish = PublishApi(
@@ -120,7 +122,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     app[NODE] = node
     app[NODE_API] = node_api
     app.router.add_post("/api/publish", publish.publish)
-    fast: dict[tuple[bytes, bytes], FastRoute] = {(b"POST", b"/api/publish"): publish}
+    fast[(b"POST", b"/api/publish")] = publish
     app[FAST_ROUTES] = fast
     app.router.add_post("/api/command", commands.command)
     app.router.add_route("OPTIONS", "/api/command", commands.preflight)

@@ -33,13 +33,13 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 from yarl import URL
 
 from broker.channels import ID_RE
 from broker.throttle import Throttle
 
 from .auth import GLOB_RE, Identity
+from .head import Head
 from .hooks import signature
 from .metrics import CONNECT_HOOK_RESULTS, Metrics
 from .settings import AuthSettings
@@ -77,7 +77,7 @@ class HookCall:
     remote: str  # the client's address (behind trusted proxies: the forwarded one)
 
     @classmethod
-    def of(cls, request: web.BaseRequest, transport: str, remote: str) -> HookCall:
+    def of(cls, request: Head, transport: str, remote: str) -> HookCall:
         headers = request.headers
         cookies = headers.getall("Cookie", [])  # HTTP/2 proxies may split it in several
         return cls(

@@ -1,15 +1,18 @@
-"""The first protocol of every connection: the hot API requests served
-without aiohttp's per-request machinery, everything else handed to aiohttp.
+"""The first protocol of every connection: the hot requests (publishes,
+stream handshakes) served without aiohttp's per-request machinery,
+everything else handed to aiohttp.
 
 aiohttp spends ~120 µs of CPU on a request before and after its handler
 (request and payload objects, routing, a task, the response's headers and
-writer): more than a publish's whole budget. A connection starts here; while
-its requests are plain ``POST`` requests to a fast route (HTTP/1.1, a
-``Content-Length`` body, no ``Transfer-Encoding``, ``Content-Encoding`` nor
-``Expect``; each header once), they are answered here. At the first request
-of any other shape, the connection — with the bytes not yet consumed — goes
-to aiohttp for good, which serves it (and answers every malformed request)
-as it serves any. A fast route gives the same answers through both paths.
+writer): more than a publish's whole budget, and a good part of a connect's.
+A connection starts here; while its requests are plain requests to a fast
+route (HTTP/1.1, a ``Host``, each header once, no ``Transfer-Encoding``,
+``Content-Encoding`` nor ``Expect``; a ``POST`` with a ``Content-Length``
+body, a ``GET`` with none), they are answered here, or the route takes the
+socket (a stream). At the first request of any other shape, the connection —
+with the bytes not yet consumed — goes to aiohttp for good, which serves it
+(and answers every malformed request) as it serves any. A fast route gives
+the same answers through both paths.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from typing import Protocol, cast
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict
 
 from broker.tasks import spawn
 
+from .head import FrontHead
 from .http import Reply, hard_abort
 
 log = logging.getLogger("herald.http")
@@ -37,8 +42,8 @@ MAX_HEAD = 8190  # longer heads go to aiohttp, which refuses them (its own limit
 # Header lines as RFC 9110 has them (no folding, no stray control bytes), checked in one pass.
 _HEADERS = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-# What only aiohttp handles: a body that is not a plain Content-Length one, upgrades.
-_DELEGATED = frozenset(("transfer-encoding", "content-encoding", "expect", "upgrade"))
+# What only aiohttp handles: bodies that are not plain Content-Length ones.
+_DELEGATED = frozenset(("transfer-encoding", "content-encoding", "expect"))
 
 
 class FastRoute(Protocol):
@@ -46,18 +51,20 @@ class FastRoute(Protocol):
 
     @property
     def max_body(self) -> int:
-        """Larger bodies go to aiohttp, which refuses them."""
+        """Larger bodies go to aiohttp, which refuses them (0: a GET route)."""
 
-    def answer(self, headers: Mapping[str, str], body: bytes) -> Awaitable[Reply]:
-        """The reply to one request (``headers``: lower-cased names)."""
+    def answer(self, head: FrontHead, body: bytes) -> Awaitable[Reply | None]:
+        """The reply to one request; None: the route took the socket."""
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One request the front door serves: its route, headers and body length."""
+    """One request the front door serves: its route, method, target and headers, and its body's length."""
 
     route: FastRoute
-    headers: dict[str, str]
+    method: str
+    target: str
+    headers: CIMultiDict[str]
     length: int
     close: bool
 
@@ -84,21 +91,24 @@ class FrontDoor:
         parts = (head if line_end < 0 else head[:line_end]).split(b" ")
         if len(parts) != 3 or parts[2] != b"HTTP/1.1":
             return None
-        route = self._routes.get((parts[0], parts[1]))
+        method, target = parts[0], parts[1]
+        route = self._routes.get((method, target.partition(b"?")[0]))
         if route is None or line_end < 0 or _HEADERS.fullmatch(head, line_end) is None:
             return None
-        headers: dict[str, str] = {}
+        headers: CIMultiDict[str] = CIMultiDict()
         for line in head[line_end + 2 :].split(b"\r\n"):
             name, _, value = line.partition(b":")
-            key = name.decode("ascii").lower()
-            if key in headers or key in _DELEGATED:
+            key = name.decode("ascii")
+            if key in headers or key.lower() in _DELEGATED:
                 return None
             headers[key] = value.strip(b" \t").decode("utf-8", "surrogateescape")
-        length = headers.get("content-length", "").encode("utf-8", "surrogateescape")
+        if "Host" not in headers:
+            return None
+        length = headers.get("Content-Length", "0" if method == b"GET" else "").encode("utf-8", "surrogateescape")
         if _DIGITS.fullmatch(length) is None or int(length) > route.max_body:
             return None
-        close = "close" in headers.get("connection", "").lower()
-        return Request(route, headers, int(length), close)
+        close = "close" in headers.get("Connection", "").lower()
+        return Request(route, method.decode(), target.decode("utf-8", "surrogateescape"), headers, int(length), close)
 
     def encode(self, reply: Reply, close: bool) -> bytes:
         lines = [
@@ -169,17 +179,21 @@ class FrontConnection(asyncio.Protocol):
         del buffer[: start + request.length]
         self._busy = True
         self._disarm()
-        spawn(_answering, self._answer(request, body))
+        assert self._transport is not None
+        spawn(_answering, self._answer(request, body, self._transport))
 
-    async def _answer(self, request: Request, body: bytes) -> None:
+    async def _answer(self, request: Request, body: bytes, transport: asyncio.Transport) -> None:
+        head = FrontHead(request.method, request.target, request.headers, transport)
         try:
-            reply = await request.route.answer(request.headers, body)
+            reply = await request.route.answer(head, body)
         except Exception:
             log.exception("request failed")
             reply = Reply(500, b'{"error":"internal","message":"internal error"}')
         self._busy = False
-        transport = self._transport
-        if self._gone or transport is None:
+        if reply is None:  # a stream: the socket is the route's now
+            self._release()
+            return
+        if self._gone or self._transport is None:
             return
         close = request.close or self._door.closing
         transport.write(self._door.encode(reply, close))
@@ -191,14 +205,18 @@ class FrontConnection(asyncio.Protocol):
         if self._buffer:
             self._advance()
 
+    def _release(self) -> None:
+        """The connection is no longer the front door's."""
+        self._disarm()
+        self._door.connections.discard(self)
+        self._transport = None
+
     def _hand_over(self) -> None:
         """From here on aiohttp serves this connection, from the first byte not consumed."""
         transport = self._transport
         if transport is None:
             return
-        self._disarm()
-        self._door.connections.discard(self)
-        self._transport = None
+        self._release()
         handler = self._handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)

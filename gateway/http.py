@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .head import Head
+
 
 def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
@@ -55,7 +57,7 @@ def _bearer_value(header: str) -> str | None:
     return None
 
 
-def bearer(request: web.BaseRequest) -> str | None:
+def bearer(request: Head) -> str | None:
     return _bearer_value(request.headers.get("Authorization", ""))
 
 
@@ -65,7 +67,7 @@ class ConflictingTokens(ValueError):
     pass
 
 
-def _cookie_values(request: web.BaseRequest, name: str) -> list[str]:
+def _cookie_values(request: Head, name: str) -> list[str]:
     # request.cookies keeps one value per name; a repeated cookie must be seen whole.
     values = []
     for header in request.headers.getall("Cookie", []):
@@ -76,7 +78,7 @@ def _cookie_values(request: web.BaseRequest, name: str) -> list[str]:
     return values
 
 
-def client_token(request: web.BaseRequest) -> str | None:
+def client_token(request: Head) -> str | None:
     """The token from ``?token=``, ``Authorization: Bearer`` or the cookie
     ``herald_token``. Two different tokens in one request — in different places
     or repeated in one — are refused rather than one picked by position."""
@@ -89,7 +91,7 @@ def client_token(request: web.BaseRequest) -> str | None:
     return found.pop() if found else None
 
 
-def key_matches(request: web.BaseRequest, expected: str) -> bool:
+def key_matches(request: Head, expected: str) -> bool:
     return header_key_matches(request.headers.get("Authorization", ""), expected)
 
 
@@ -130,7 +132,7 @@ class TrustedProxies:
     def trusts(self, address: IpAddress) -> bool:
         return any(address in network for network in self._networks)
 
-    def client(self, request: web.BaseRequest) -> str:
+    def client(self, request: Head) -> str:
         """The client's address: the direct peer's, or, when the direct peer is
         a trusted proxy, the one its ``X-Forwarded-For`` chain names."""
         direct = request.remote or "?"
@@ -150,7 +152,7 @@ class TrustedProxies:
         return str(hop)
 
 
-def peer(request: web.BaseRequest, proxies: TrustedProxies | None = None) -> str:
+def peer(request: Head, proxies: TrustedProxies | None = None) -> str:
     """Who sent ``request``, for logs and the connect hook (behind ``proxies``: the forwarded client)."""
     return proxies.client(request) if proxies is not None else request.remote or "?"
 

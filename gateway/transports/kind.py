@@ -9,13 +9,23 @@ from typing import Protocol
 
 from aiohttp import web
 
+from ..head import FrontHead
+from ..http import Reply
 from ..node import Node
 from .link import Opener
 
 
 class Endpoint(Protocol):
+    """A transport's streams, opened through aiohttp (``handle``) or the
+    front door (``answer``, with ``max_body``; see front.py)."""
+
+    max_body: int
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one client stream (it outlives the handler)."""
+
+    async def answer(self, head: FrontHead, body: bytes) -> Reply | None:
+        """The same from the front door: a refusal, or None (the socket is the stream's)."""
 
     async def wait_closed(self) -> None:
         """After the node closed its sessions: until their sockets are done (bounded)."""

@@ -25,6 +25,7 @@ from broker.tasks import spawn
 from ..admission import Gate, Refusal
 from ..disconnect import CLIENT_CLOSED, INTERNAL, UNAVAILABLE, Disconnect
 from ..frames import Codec
+from ..head import Head
 from ..http import SocketWire, free_socket
 from ..resume import Resumer
 from ..session import Session
@@ -44,6 +45,10 @@ def detach(request: web.BaseRequest) -> None:
     handler = request.protocol
     handler.transport = None
     handler.connection_lost(None)
+
+
+def nothing() -> None:
+    """What a socket the front door took needs forgetting (see front.py): nothing."""
 
 
 @contextlib.contextmanager
@@ -207,23 +212,25 @@ class Opener:
 
     async def serve(
         self,
-        request: web.Request,
+        request: Head,
         link: SocketLink,
+        forget: Callable[[], None],
         last_event_id: str | None = None,
         joined: Callable[[], None] | None = None,
     ) -> None:
         """Open the session on ``link`` (``joined``: called once its channels
         are live, before the welcome), then leave the socket to the link and
-        make aiohttp forget it. The handler must return right after."""
+        ``forget`` it where the request came from (aiohttp: ``detach``). The
+        handler must return right after."""
         try:
             await self._open(request, link, last_event_id, joined)
         finally:
             link.start()
-            detach(request)  # last: aiohttp may cancel the handler's task from here on
+            forget()  # last: aiohttp may cancel the handler's task from here on
 
     async def _open(
         self,
-        request: web.Request,
+        request: Head,
         link: SocketLink,
         last_event_id: str | None,
         joined: Callable[[], None] | None,

@@ -11,6 +11,7 @@ nothing on the stream; its commands come over ``POST /api/command``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import orjson
 from aiohttp import web
@@ -18,11 +19,12 @@ from aiohttp import web
 from ..admission import Gate, Refusal
 from ..disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, Disconnect
 from ..frames import SSE, SSE_ENVELOPE, SseCodec, sse_event
-from ..http import json_error
+from ..head import FrontHead, Head
+from ..http import Reply, error_reply
 from ..node import Node
 from ..settings import BackpressureSettings, SseSettings
 from .kind import TransportKind
-from .link import Links, Opener, SocketLink
+from .link import Links, Opener, SocketLink, detach, nothing
 
 _HEAD = (
     b"HTTP/1.1 200 OK\r\n"
@@ -162,21 +164,31 @@ class SseEndpoint:
         self._opener = opener
         self.links = links
 
+    max_body = 0  # a front door route (front.py) without a body
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        reply = await self.open(request, lambda: detach(request))
+        return web.Response(status=200) if reply is None else reply.response()  # 200: never sent
+
+    async def answer(self, head: FrontHead, body: bytes) -> Reply | None:
+        return await self.open(head, nothing)
+
+    async def open(self, request: Head, forget: Callable[[], None]) -> Reply | None:
+        """The refusal, or None: the socket is the stream's (or the client left)."""
         try:
             self._gate.screen(request)
         except Refusal as refusal:
-            return json_error(refusal.status, refusal.error, refusal.message)
+            return error_reply(refusal.status, refusal.error, refusal.message)
         transport = request.transport
         if transport is None or transport.is_closing():  # the client already left
-            return web.Response(status=499)
+            return None
         codec = SSE_ENVELOPE if request.query.get("envelope") in ("1", "true") else SSE
         link = SseLink(transport, self.links, codec)
         cross_origin = self._gate.cross_origin(request)
         # EventSource reconnects to the same URL with a newer Last-Event-ID: it wins over ?since=.
         last_event_id = request.headers.get("Last-Event-ID")
-        await self._opener.serve(request, link, last_event_id, lambda: link.begin(cross_origin))
-        return web.Response(status=200)  # never sent: aiohttp no longer has the socket
+        await self._opener.serve(request, link, forget, last_event_id, lambda: link.begin(cross_origin))
+        return None
 
     async def wait_closed(self) -> None:
         await self.links.wait_closed()

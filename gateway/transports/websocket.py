@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -17,13 +18,14 @@ from ..admission import Gate, Refusal
 from ..commands import Commands
 from ..disconnect import HEARTBEAT_TIMEOUT, Disconnect
 from ..frames import WS, ws_frame
-from ..http import hard_abort, json_error
+from ..head import FrontHead, Head
+from ..http import Reply, error_reply, hard_abort
 from ..metrics import Metrics
 from ..node import Node
 from ..session import Session
 from ..settings import BackpressureSettings, WsSettings
 from .kind import TransportKind
-from .link import Links, Opener, SocketLink, ends_on_failure
+from .link import Links, Opener, SocketLink, detach, ends_on_failure, nothing
 from .wsproto import (
     OP_BINARY,
     OP_CLOSE,
@@ -231,20 +233,30 @@ class WsEndpoint:
         self._opener = opener
         self.links = links
 
+    max_body = 0  # a front door route (front.py) without a body
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        reply = await self.open(request, lambda: detach(request))
+        return web.Response(status=101) if reply is None else reply.response()  # 101: never sent
+
+    async def answer(self, head: FrontHead, body: bytes) -> Reply | None:
+        return await self.open(head, nothing)
+
+    async def open(self, request: Head, forget: Callable[[], None]) -> Reply | None:
+        """The refusal, or None: the socket is the stream's (or the client left)."""
         accept = accept_key(request.method, request.headers)
         if accept is None:
-            return json_error(400, "bad_request", "expected a WebSocket upgrade")
+            return error_reply(400, "bad_request", "expected a WebSocket upgrade")
         try:
             self._gate.screen(request)  # before the upgrade: a cross-site page learns nothing
         except Refusal as refusal:
-            return json_error(refusal.status, refusal.error, refusal.message)
+            return error_reply(refusal.status, refusal.error, refusal.message)
         transport = request.transport
         if transport is None or transport.is_closing():  # the client already left
-            return web.Response(status=499)
+            return None
         transport.write(switching_protocols(accept))
-        await self._opener.serve(request, WsLink(transport, self.links))
-        return web.Response(status=101)  # never sent: aiohttp no longer has the socket
+        await self._opener.serve(request, WsLink(transport, self.links), forget)
+        return None
 
     async def wait_closed(self) -> None:
         await self.links.wait_closed()
