@@ -1,5 +1,6 @@
-"""Authentication without a node: the verified-token cache (the rest of the
-authentication tests drive real nodes: tests/nats/test_auth.py)."""
+"""Authentication without a node: the verified-token cache (the HS256 fast
+path against PyJWT: tests/unit/test_hs256.py; the rest of the authentication
+tests drive real nodes: tests/nats/test_auth.py)."""
 
 from __future__ import annotations
 
@@ -15,22 +16,20 @@ OTHER_SECRET = "another-secret-that-is-long-enough-for-hs256!"
 def test_verified_tokens_are_cached_but_expiry_still_applies(monkeypatch: pytest.MonkeyPatch) -> None:
     import time as time_module
 
-    import jwt as pyjwt
-
     from gateway.auth import Authenticator, AuthError
     from gateway.settings import JwtSettings
 
     from ..helpers import SECRET
 
     calls = 0
-    real_decode = pyjwt.decode
+    real_decode = Authenticator._decode
 
     def counting_decode(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(pyjwt, "decode", counting_decode)
+    monkeypatch.setattr(Authenticator, "_decode", counting_decode)
     auth = Authenticator(JwtSettings(secret=SECRET))
     tok = token("alice", ttl=60)
     assert auth.verify(tok).user == "alice"
