@@ -162,13 +162,23 @@ class Authenticator:
         sub = claims.get("sub")
         if not isinstance(sub, str) or ID_RE.fullmatch(sub) is None:
             raise AuthError("bad_claims", "invalid sub: must match [A-Za-z0-9_:@=+-]{1,128}")
-        exp = claims.get("exp")
         return Identity(
             user=sub,
             rooms=_globs(claims, "rooms"),
             publish=_globs(claims, "publish"),
-            expires=float(exp) if isinstance(exp, (int, float)) else None,
+            expires=_expiry(claims.get("exp")),
         )
+
+
+def _expiry(exp: object) -> float | None:
+    """``exp`` as PyJWT took it (a number, or a string ``int()`` reads), or
+    None without one. One PyJWT took but no float can hold is malformed."""
+    if exp is None or isinstance(exp, bool):
+        return None
+    try:
+        return float(int(exp) if isinstance(exp, str) else exp)  # type: ignore[arg-type]
+    except (OverflowError, ValueError, TypeError):
+        raise AuthError("malformed", "malformed token") from None
 
 
 def mint_token(

@@ -48,3 +48,23 @@ def test_verified_tokens_are_cached_but_expiry_still_applies(monkeypatch: pytest
     with pytest.raises(AuthError) as err:
         auth.verify(short)
     assert err.value.reason == "expired"
+
+
+def test_an_exp_as_a_string_or_too_large_for_a_float_is_read_or_refused() -> None:
+    import time
+
+    import jwt
+
+    from gateway.auth import Authenticator, AuthError
+    from gateway.settings import JwtSettings
+
+    from ..helpers import SECRET
+
+    auth = Authenticator(JwtSettings(secret=SECRET))
+    later = int(time.time()) + 600
+    as_text = jwt.encode({"sub": "alice", "exp": str(later)}, SECRET, algorithm="HS256")
+    assert auth.verify(as_text).expires == later  # PyJWT takes it: so does the session's expiry
+    huge = jwt.encode({"sub": "alice", "exp": 10**400}, SECRET, algorithm="HS256")
+    with pytest.raises(AuthError) as refused:
+        auth.verify(huge)
+    assert refused.value.reason == "malformed"
