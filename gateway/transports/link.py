@@ -1,11 +1,12 @@
-"""A client socket taken over from aiohttp, and the session opened on it.
+"""A client socket after its request head, and the session opened on it.
 
-aiohttp parses the request head and routes it; the transport's handler then
-takes the socket (``SocketLink``) and makes aiohttp forget it (``detach``).
-What aiohttp would keep per connection — the request and its headers, the
-handler tasks, a reader queue, timers — is gone: an idle connection is its
-asyncio transport, a link and its ``Session``. ``Opener`` is what every
-transport does next: admit the client, count it in, attach its session.
+The front door (or aiohttp, for a head of another shape) parses the request
+head and routes it; the transport's endpoint then takes the socket
+(``SocketLink``; aiohttp is made to forget it: ``detach``). What aiohttp
+would keep per connection — the request and its headers, the handler tasks,
+a reader queue, timers — is not kept: an idle connection is its asyncio
+transport, a link and its ``Session``. ``Opener`` is what every transport
+does next: admit the client, count it in, attach its session.
 """
 
 from __future__ import annotations
