@@ -19,11 +19,10 @@ from typing import Any
 
 from . import report
 from .cli import Config
-from .clients import Client, SseClient, WsClient, describe, open_connection
+from .clients import Client, failure_label, new_client, open_connection, tokens
 from .procstat import ProcGroup, raise_fd_limit, self_cpu
 from .publisher import HttpPublisher, NatsPublisher, Publisher
 from .stats import Histogram, Tally, tally
-from .target import expand, loopback_url
 
 MB = 1024 * 1024
 BEHIND = 0.95  # a step falls behind below this share of expected deliveries
@@ -127,19 +126,11 @@ class Run:
 
     # -- connecting ------------------------------------------------------------
 
-    def _client(self, index: int, token: str) -> Client:
-        cfg = self.cfg
-        room = index % cfg.rooms
-        url = expand(cfg.url, room=self.rooms[room], token=token, index=index)
-        endpoint = loopback_url(url, ("ws", "http") if cfg.transport == "ws" else ("http",))
-        kind = WsClient if cfg.transport == "ws" else SseClient
-        return kind(index, room, endpoint, cfg.envelope == "herald", self.hist, cfg.stalls(index))
-
     async def _connect_all(self) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         raise_fd_limit(cfg.conns + 256)
-        tokens = _tokens(cfg)
+        minted = tokens(cfg.jwt_secret, range(cfg.conns))
         errors: Counter[str] = Counter()
         ready_times: list[float] = []
 
@@ -149,10 +140,7 @@ class Run:
                 timeout = min(cfg.connect_timeout, self.deadline - loop.time())
                 await open_connection(client, timeout, rcvbuf)
             except Exception as exc:  # noqa: BLE001 - every failure is counted by its label
-                label = describe(exc)
-                if label == "timeout" and client.open and client.herald and cfg.transport == "ws":
-                    label = "upgraded, but no Herald welcome frame in time (not Herald? try --envelope raw)"
-                errors[label] += 1
+                errors[failure_label(exc, client)] += 1
             else:
                 ready_times.append(loop.time())
 
@@ -168,7 +156,7 @@ class Run:
             delay = at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            client = self._client(i, tokens[i] if tokens else "")
+            client = new_client(cfg, i, minted[i], self.hist)
             self.clients.append(client)
             tasks.append(loop.create_task(one(client)))
             if loop.time() - last_log >= 2:
@@ -409,14 +397,6 @@ class Run:
         if idle is not None:
             return {"mode": "idle", "kib_per_connection": idle["kib_per_connection"], "stopped": stopped}
         return {"mode": "steps", "highest_sustained": best, "stopped": stopped}
-
-
-def _tokens(cfg: Config) -> list[str]:
-    if not cfg.jwt_secret:
-        return []
-    from gateway.auth import mint_token  # only needed with --jwt-secret
-
-    return [mint_token(cfg.jwt_secret, f"u{i}", rooms=["*"], ttl=3600) for i in range(cfg.conns)]
 
 
 async def _drained(clients: list[Client], quiet: float = 0.5, limit: float = 8.0) -> None:

@@ -382,9 +382,13 @@ async def test_sse_client_refusal_and_stall() -> None:
     stalled = SseClient(1, 0, ep, True, hist, True)
     transport = FakeTransport()
     stalled.connection_made(transport)  # type: ignore[arg-type]
+    stalled.data_received(SSE_CHUNKED_HEAD)
+    assert not stalled.ready.done() and stalled.open  # a Herald stream is ready at its welcome
+    welcome = sse_event("welcome", b'{"type":"welcome","conn":"n:1"}')
     events = b"".join(sse_event("message", payload.make(s, time.time(), 60), s) for s in (1, 2))
-    stalled.data_received(SSE_CHUNKED_HEAD + chunked(events)[:-5])
+    stalled.data_received(chunked(welcome + events)[:-5])
     assert stalled.ready.done() and transport.paused and stalled.paused
+    assert 0 < stalled.head_at <= stalled.ready_at
     assert stalled.track.received == 2 and hist.count == 0  # stalled: counted apart, no latency
 
 
