@@ -34,6 +34,7 @@ class Config:
     publish_url: str | None
     publish_headers: tuple[tuple[str, str], ...]
     publish_body: str
+    publish_batch: int
     payload_bytes: int
     rates: tuple[float, ...]
     step_seconds: float
@@ -100,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     a("--transport", choices=("ws", "sse"), default="ws")
     a("--url", help="connection URL template with {room}, {token}, {i} (default: Herald's /ws or /sse on :8080)")
     a("--jwt-secret", help="mint an HS256 token per connection (user u{i}, all rooms) with this secret")
-    a("--conns", type=int, default=1000, help="connections")
+    a("--conns", type=int, default=1000, help="connections (0: publish only, to measure the publish path)")
     a("--rooms", type=int, default=10, help="rooms r0..r{K-1}; connection i joins room i %% K")
     a("--connect-rate", type=float, default=1000.0, help="new connections per second")
     a("--connect-timeout", type=float, default=10.0, help="seconds for one connection to become ready")
@@ -110,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
     a("--publish-url", help="HTTP POST publishing instead of NATS, URL template with {room}")
     a("--publish-header", action="append", type=_header, default=[], help="'Name: value' (repeatable)")
     a("--publish-body", choices=("raw", "herald"), default="raw", help='herald: {"channel":"room:…","data":…}')
+    a("--publish-batch", type=int, default=1, help="messages per request (JSON array; --publish-body herald)")
     a("--payload-bytes", type=int, default=100, help="size of each payload")
     a("--rates", type=_rates, default="100,200,500,1000,2000", help="published msgs/s per step")
     a("--step-seconds", type=float, default=10.0)
@@ -130,8 +132,14 @@ def config(argv: list[str] | None = None) -> Config:
     p = parser()
     args = p.parse_args(argv)
     problems = []
-    if not 1 <= args.conns <= MAX_CONNS:
-        problems.append(f"--conns must be 1..{MAX_CONNS}")
+    if not 0 <= args.conns <= MAX_CONNS:
+        problems.append(f"--conns must be 0..{MAX_CONNS}")
+    if args.conns == 0 and (args.idle is not None or args.stall_fraction):
+        problems.append("--conns 0 (publish only) goes with neither --idle nor --stall-fraction")
+    if not 1 <= args.publish_batch <= 1000:
+        problems.append("--publish-batch must be 1..1000")
+    if args.publish_batch > 1 and not (args.publish_url and args.publish_body == "herald"):
+        problems.append("--publish-batch needs --publish-url and --publish-body herald (a JSON array of messages)")
     if not 1 <= args.rooms <= 100_000:
         problems.append("--rooms must be 1..100000")
     if args.connect_rate <= 0 or args.connect_timeout <= 0:
@@ -174,6 +182,7 @@ def config(argv: list[str] | None = None) -> Config:
         publish_url=args.publish_url,
         publish_headers=tuple(args.publish_header),
         publish_body=args.publish_body,
+        publish_batch=args.publish_batch,
         payload_bytes=args.payload_bytes,
         rates=args.rates,
         step_seconds=args.step_seconds,

@@ -97,8 +97,12 @@ class Run:
     async def _body(self) -> None:
         cfg = self.cfg
         self.result["server_rss_before_mb"] = self._rss_mb()
-        await self._connect_all()
-        if not self.clean and not cfg.idle:
+        if cfg.conns:
+            await self._connect_all()
+        else:
+            self.result["connect"] = {"requested": 0, "connected": 0, "rate_achieved": 0.0, "errors": {}}
+            log("publishing only (--conns 0): no receivers")
+        if cfg.conns and not self.clean and not cfg.idle:
             _no_clients(self.result)
             return
         if cfg.idle:
@@ -194,7 +198,12 @@ class Run:
         cfg = self.cfg
         if cfg.publish_url:
             return HttpPublisher(
-                self.rooms, cfg.payload_bytes, cfg.publish_url, dict(cfg.publish_headers), cfg.publish_body == "herald"
+                self.rooms,
+                cfg.payload_bytes,
+                cfg.publish_url,
+                dict(cfg.publish_headers),
+                cfg.publish_body == "herald",
+                cfg.publish_batch,
             )
         assert cfg.publish_nats
         return NatsPublisher(self.rooms, cfg.payload_bytes, cfg.publish_nats, cfg.subject)
@@ -247,13 +256,17 @@ class Run:
         errors_before = Counter(pub.errors)
         self.hist.take()  # stragglers of the previous step are not this step's latency
         self.lag.take()
+        http = pub if isinstance(pub, HttpPublisher) else None
+        requests_before = http.requests if http else 0
+        if http:
+            http.latency.take()
         cpu0, aux0, gen0, t0 = self.server.cpu(), self.aux.cpu(), self_cpu(), loop.time()
 
         started = await pub.run(rate, seconds)
         cpu_p, aux_p, gen_p, t_pub = self.server.cpu(), self.aux.cpu(), self_cpu(), loop.time()
         abandoned = await pub.drain(cfg.settle)
         await asyncio.sleep(max(0.0, t_pub + cfg.settle - loop.time()))
-        cpu1, t1 = self.server.cpu(), loop.time()
+        cpu1, aux1, t1 = self.server.cpu(), self.aux.cpu(), loop.time()
 
         diff = self._tally() - before
         hist = self.hist.take()
@@ -273,6 +286,9 @@ class Run:
         target = round(rate * seconds)
         if published < BEHIND * target:
             verdicts.append("publisher behind")
+        publish_errors = dict(Counter(pub.errors) - errors_before)
+        if publish_errors:
+            verdicts.append("publish errors")  # a message that was not taken is lost, whatever the receivers say
         notes = []
         gen_pct = 100 * (gen_p - gen0) / publish_window
         if gen_pct > GENERATOR_BUSY_PCT:
@@ -306,10 +322,17 @@ class Run:
                 else None,
                 "rss_mb": round(rss_end / MB, 1) if rss_end is not None else None,
                 "rss_peak_mb": round(max([*window_rss, rss_end or 0]) / MB, 1) if self.server else None,
+                "us_per_publish": round(server_cpu / published * 1e6, 2) if self.server and published else None,
             },
             "aux": {
                 "cpu_pct": round(100 * (aux_p - aux0) / publish_window, 1) if self.aux else None,
                 "rss_mb": round(self.aux.rss() / MB, 1) if self.aux else None,
+                "us_per_publish": round((aux1 - aux0) / published * 1e6, 2) if self.aux and published else None,
+            },
+            "publish": {
+                "requests": (http.requests - requests_before) if http else None,
+                "batch": http.batch if http else 1,
+                "latency_ms": http.latency.take().summary_ms() if http else None,
             },
             "generator_cpu_pct": round(gen_pct, 1),
             "generator_lag_ms": lag,
@@ -317,7 +340,7 @@ class Run:
             "connect_rate_achieved": self.result["connect"]["rate_achieved"],
             "closed_by_server": self._closes(t0, t1, stalling=False),
             "stalled_closed": stalled_closes,
-            "publish_errors": dict(Counter(pub.errors) - errors_before),
+            "publish_errors": publish_errors,
             "verdict": "ok" if not verdicts else " + ".join(verdicts),
             "notes": notes,
         }

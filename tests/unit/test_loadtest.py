@@ -7,6 +7,7 @@ stream cut at every possible place, because real reads split anywhere.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -22,6 +23,8 @@ from ops.loadtest import payload, wsproto
 from ops.loadtest.cli import config
 from ops.loadtest.clients import ConnectError, SseClient, WsClient
 from ops.loadtest.http1 import ProtocolError, parse_head
+from ops.loadtest.httpclient import Exchange, post_request
+from ops.loadtest.publisher import HttpPublisher
 from ops.loadtest.sse import Dechunker, EventParser, event_stream_body, is_message
 from ops.loadtest.stats import Histogram, SeqTrack, tally
 from ops.loadtest.target import UnsafeTarget, expand, loopback_url
@@ -445,3 +448,90 @@ def test_report_idle_sse_figures_and_ratios() -> None:
     idle_table = text.split("## Idle connections")[1].split("## Ratios")[0]
     assert "| idle-sse | herald " in idle_table and "| idle     | nchan " in idle_table
     assert "| idle-sse | kib_per_conn | Herald ÷ nchan | 1.50" in text
+
+
+# -- HTTP publishing ----------------------------------------------------------------
+
+
+def feed_response(wire: bytes, cut: int) -> Exchange:
+    exchange = Exchange()
+    done = exchange.feed(wire[:cut]) if cut else False
+    for i in range(cut, len(wire)):
+        assert not done, (cut, i)
+        done = exchange.feed(wire[i : i + 1])
+    assert done or exchange.eof()
+    return exchange
+
+
+def test_http_responses_any_split() -> None:
+    sized = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{"id":"1"}'
+    chunks = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nqueu\r\n2\r\ned\r\n0\r\n\r\n"
+    closing = b"HTTP/1.1 202 Accepted\r\nConnection: close\r\n\r\nno subscribers"
+    for wire, status, body, keep in ((sized, 200, b'{"id":"1"}', True), (chunks, 201, b"queued", True)):
+        for cut in range(len(wire)):
+            ex = feed_response(wire, cut)
+            assert ex.head is not None and (ex.head.status, bytes(ex.body), ex.keep_alive) == (status, body, keep)
+    ex = feed_response(closing, 10)
+    assert ex.head is not None and ex.head.status == 202 and bytes(ex.body) == b"no subscribers"
+    assert not ex.keep_alive  # a close-delimited body: the next request needs a new connection
+    assert Exchange().feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    with pytest.raises(ProtocolError, match="after the response"):
+        Exchange().feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1")
+    request = post_request(loopback_url("http://localhost:81/api/publish", ("http",)), {"X-A": "b"}, b"{}")
+    assert request == b"POST /api/publish HTTP/1.1\r\nHost: localhost:81\r\nX-A: b\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def test_http_publisher_bodies_single_and_batched() -> None:
+    url, key = "http://127.0.0.1:1/api/publish", {"Authorization": "Bearer k"}
+    single = HttpPublisher(["r0", "r1"], 60, url, key, herald_body=True)
+    last, body = single.body(1, 1)
+    doc = json.loads(body)
+    assert last == 1 and doc["channel"] == "room:r1" and doc["data"]["s"] == 1
+    batched = HttpPublisher(["r0", "r1"], 60, url, key, herald_body=True, batch=100)
+    batched.published[0] = 7
+    last, body = batched.body(0, 3)
+    items = json.loads(body)
+    assert last == 10 and [i["data"]["s"] for i in items] == [8, 9, 10]
+    assert {i["channel"] for i in items} == {"room:r0"}
+    raw = HttpPublisher(["r0"], 60, "http://127.0.0.1:1/pub/{room}", {}, herald_body=False)
+    assert raw.endpoints[0].target == "/pub/r0" and payload.extract(raw.body(0, 1)[1]) is not None
+    with pytest.raises(ValueError, match="Herald"):
+        HttpPublisher(["r0"], 60, url, {}, herald_body=False, batch=10)
+    for p in (single, batched, raw):
+        await p.close()
+
+
+async def test_http_publisher_against_a_loopback_server() -> None:
+    """Keep-alive, a server that closes after a response, refusals counted as errors."""
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            size = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            seen.append(await reader.readexactly(size))
+            n = len(seen)
+            if n == 3:
+                writer.write(b"HTTP/1.1 429 Too Many\r\nContent-Length: 0\r\n\r\n")
+            elif n == 2:
+                writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                writer.close()
+                return
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pub = HttpPublisher(["r0"], 60, f"http://127.0.0.1:{port}/pub/{{room}}", {}, herald_body=False)
+    await pub.start()
+    try:
+        assert await pub.run(40, 0.1) == 4
+        assert await pub.drain(5) == 0
+    finally:
+        await pub.close()
+        server.close()
+    assert len(seen) == 4 and pub.requests == 4 and pub.latency.count == 4
+    assert pub.published == [3] and dict(pub.errors) == {"http 429": 1}
+    assert pub._conns[0].opened == 2  # reopened after the server closed
