@@ -20,6 +20,8 @@ from .httpclient import HttpConnection, post_request
 from .stats import Histogram
 from .target import expand, loopback_url
 
+MIN_SLEEP = 0.001  # the pacer's shortest sleep (s): uvloop's timer resolution
+
 
 class Publisher:
     """The pacing and bookkeeping; subclasses say how one message is sent."""
@@ -67,8 +69,10 @@ class Publisher:
                 sent += 1
                 if not sent % 256:  # a long catch-up burst must not starve the receivers
                     await asyncio.sleep(0)
+            # uvloop's timers tick in whole milliseconds: a shorter sleep returns at once, and
+            # the loop would spin (each pass sending one message) instead of sending a burst.
             delay = start + sent / rate - loop.time()
-            await asyncio.sleep(delay if delay > 0 else 0)
+            await asyncio.sleep(max(delay, MIN_SLEEP))
         await asyncio.sleep(max(0.0, start + seconds - loop.time()))  # a step lasts its length
         return sent
 
