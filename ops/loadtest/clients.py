@@ -309,26 +309,31 @@ class SseClient(Client):
 async def open_connection(client: Client, timeout: float, rcvbuf: int = 0) -> None:
     """Connect ``client`` and wait until it is ready; raises (and cleans up) otherwise.
 
-    The socket is made here so that a small receive buffer can be set before
-    connecting (it only shapes the TCP window if set before the handshake).
+    With ``rcvbuf`` the socket is made here, so that a small receive buffer is
+    set before connecting (it only shapes the TCP window if set before the
+    handshake); otherwise the event loop makes and connects it (cheaper: a
+    connect storm's generator spends most of its time there).
     """
     loop = asyncio.get_running_loop()
     ep = client.endpoint
     client.started_at = time.monotonic()
-    sock = socket.socket(ep.family, socket.SOCK_STREAM)
+    sock: socket.socket | None = None
     transport: asyncio.Transport | None = None
     try:
-        sock.setblocking(False)
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, (ep.address, ep.port))
-            transport, _ = await loop.create_connection(lambda: client, sock=sock)
+            if rcvbuf:
+                sock = socket.socket(ep.family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                await loop.sock_connect(sock, (ep.address, ep.port))
+                transport, _ = await loop.create_connection(lambda: client, sock=sock)
+            else:
+                transport, _ = await loop.create_connection(lambda: client, ep.address, ep.port, family=ep.family)
             await client.ready
     except BaseException:
         if transport is not None:
             transport.abort()
-        else:
+        elif sock is not None:
             sock.close()
         raise
 
