@@ -48,6 +48,10 @@ class Config:
     aux_pids: tuple[int, ...]
     json_path: str | None
     max_seconds: float
+    storm: bool = False
+    hold: float = 1.0
+    procs: int = 1
+    child: int | None = None  # internal: this process is part ``child`` of ``procs`` (storm)
 
     def stalls(self, index: int) -> bool:
         """Every round(1/F)-th connection stalls."""
@@ -123,6 +127,14 @@ def parser() -> argparse.ArgumentParser:
     a("--idle", type=float, metavar="SECONDS", help="publish nothing: hold connections and sample server RSS")
     a("--server-pid", type=int, action="append", default=[], help="server process to measure (repeatable, summed)")
     a("--aux-pid", type=int, action="append", default=[], help="helper process to measure, e.g. nats-server")
+    a(
+        "--storm",
+        action="store_true",
+        help="connect only: --conns connects offered at --connect-rate, handshake times, then close",
+    )
+    a("--hold", type=float, default=1.0, help="--storm: seconds to hold the connections before closing them")
+    a("--procs", type=int, default=1, help="--storm: split the offered connects over this many processes")
+    a("--child", type=int, help=argparse.SUPPRESS)
     a("--json", dest="json_path", metavar="PATH", help="write all results here")
     a("--max-seconds", type=float, default=600.0, help="hard deadline for the whole run")
     return p
@@ -134,8 +146,20 @@ def config(argv: list[str] | None = None) -> Config:
     problems = []
     if not 0 <= args.conns <= MAX_CONNS:
         problems.append(f"--conns must be 0..{MAX_CONNS}")
-    if args.conns == 0 and (args.idle is not None or args.stall_fraction):
-        problems.append("--conns 0 (publish only) goes with neither --idle nor --stall-fraction")
+    if args.conns == 0 and (args.idle is not None or args.storm or args.stall_fraction):
+        problems.append("--conns 0 (publish only) goes with neither --idle, --storm nor --stall-fraction")
+    if args.storm and args.conns == 0:
+        problems.append("--storm needs --conns")
+    if args.storm and args.idle is not None:
+        problems.append("choose one of --storm and --idle")
+    if not 1 <= args.procs <= 16:
+        problems.append("--procs must be 1..16")
+    if args.procs > 1 and not args.storm:
+        problems.append("--procs only splits a --storm")
+    if args.child is not None and not 0 <= args.child < args.procs:
+        problems.append("--child must be in 0..procs-1")
+    if args.hold < 0:
+        problems.append("--hold must not be negative")
     if not 1 <= args.publish_batch <= 1000:
         problems.append("--publish-batch must be 1..1000")
     if args.publish_batch > 1 and not (args.publish_url and args.publish_body == "herald"):
@@ -196,4 +220,8 @@ def config(argv: list[str] | None = None) -> Config:
         aux_pids=tuple(args.aux_pid),
         json_path=args.json_path,
         max_seconds=args.max_seconds,
+        storm=args.storm,
+        hold=args.hold,
+        procs=args.procs,
+        child=args.child,
     )

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
-import sys
 import time
 from collections import Counter
 from typing import Any
@@ -22,21 +20,12 @@ from .cli import Config
 from .clients import Client, failure_label, new_client, open_connection, tokens
 from .procstat import ProcGroup, raise_fd_limit, self_cpu
 from .publisher import HttpPublisher, NatsPublisher, Publisher
+from .report import log, out
 from .stats import Histogram, Tally, tally
 
 MB = 1024 * 1024
 BEHIND = 0.95  # a step falls behind below this share of expected deliveries
 GENERATOR_BUSY_PCT = 85.0
-
-
-def log(line: str) -> None:
-    """Progress and problems: stderr."""
-    print(line, file=sys.stderr, flush=True)
-
-
-def out(line: str) -> None:
-    """Results (the table and summaries): stdout."""
-    print(line, flush=True)
 
 
 class Run:
@@ -448,9 +437,3 @@ def _stalled_report(stalled: list[Client]) -> dict[str, Any]:
 def _no_clients(result: dict[str, Any]) -> None:
     result["stopped"] = "no connection became ready"
     log("no connection became ready: nothing to measure")
-
-
-def write_json(path: str, result: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,8 @@ from ops.bench.run import _parser as bench_parser
 from ops.bench.run import select
 from ops.bench.scenarios import SCENARIO_NAMES, loadtest_command, standard
 from ops.bench.servers import Target
-from ops.loadtest import payload, wsproto
+from ops.loadtest import payload, storm, wsproto
+from ops.loadtest import report as loadtest_report
 from ops.loadtest.cli import config
 from ops.loadtest.clients import ConnectError, SseClient, WsClient
 from ops.loadtest.http1 import ProtocolError, parse_head
@@ -535,3 +537,111 @@ async def test_http_publisher_against_a_loopback_server() -> None:
     assert len(seen) == 4 and pub.requests == 4 and pub.latency.count == 4
     assert pub.published == [3] and dict(pub.errors) == {"http 429": 1}
     assert pub._conns[0].opened == 2  # reopened after the server closed
+
+
+# -- connect storm --------------------------------------------------------------------
+
+
+def test_storm_options_are_checked() -> None:
+    base = ["--storm", "--conns", "100", "--jwt-secret", "s" * 32]
+    cfg = config([*base, "--connect-rate", "5000", "--procs", "2", "--hold", "2"])
+    assert cfg.storm and cfg.procs == 2 and cfg.hold == 2.0 and cfg.child is None
+    for bad in (
+        ["--procs", "0"],
+        ["--procs", "17"],
+        ["--idle", "3"],
+        ["--hold", "-1"],
+        ["--procs", "2", "--child", "2"],
+    ):
+        with pytest.raises(SystemExit):
+            config([*base, *bad])
+    with pytest.raises(SystemExit):
+        config(["--conns", "10", "--procs", "2"])  # --procs splits a storm only
+    with pytest.raises(SystemExit):
+        config(["--storm", "--conns", "0"])
+    with pytest.raises(SystemExit):  # batches are Herald's JSON arrays
+        config(["--conns", "0", "--publish-url", "http://127.0.0.1:1/pub/{room}", "--publish-batch", "10"])
+    publish_only = config(["--conns", "0", "--publish-url", "http://127.0.0.1:1/api/publish", "--publish-body=herald"])
+    assert publish_only.conns == 0 and publish_only.publish_batch == 1
+
+
+def test_storm_parts_split_the_indices_and_rebuild_the_config() -> None:
+    parts = [storm.part_indices(10, 3, j) for j in range(3)]
+    assert [list(p) for p in parts] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    url = "http://127.0.0.1:9/sse?token={token}&room={room}"
+    cfg = config(
+        [
+            *("--storm", "--transport", "sse", "--url", url, "--conns", "5000", "--rooms", "10"),
+            *("--connect-rate", "5000", "--jwt-secret", "s" * 32, "--procs", "4", "--hold", "1.5"),
+            *("--connect-timeout", "7", "--server-pid", str(os.getpid())),
+        ]
+    )
+    child = config(storm.child_argv(cfg, 3, "/tmp/part-3.json"))
+    assert child.child == 3 and child.json_path == "/tmp/part-3.json" and child.server_pids == ()
+    same = ("transport", "url", "conns", "rooms", "connect_rate", "connect_timeout", "envelope", "hold", "procs")
+    assert all(getattr(child, k) == getattr(cfg, k) for k in same) and child.jwt_secret == cfg.jwt_secret
+
+
+def storm_part(part: int, go: float, timings: list[tuple[float, float, float]], cpu_s: float) -> dict[str, Any]:
+    return {
+        "part": part,
+        "go": go,
+        "done": go + 2.0,
+        "attempted": len(timings),
+        "start": [t[0] for t in timings],
+        "head": [t[1] for t in timings],
+        "ready": [t[2] for t in timings],
+        "late": [0.001] * len(timings),
+        "errors": {"timeout": 1} if any(not t[2] for t in timings) else {},
+        "cpu_s": cpu_s,
+        "closed_during_hold": {},
+    }
+
+
+def test_storm_parts_merge_on_one_clock() -> None:
+    # Two processes, interleaved: part 0 starts at 100.0, part 1's last connect is ready at 101.0.
+    a = storm_part(0, 100.0, [(100.0, 100.001, 100.002), (100.4, 100.401, 100.404)], cpu_s=1.0)
+    b = storm_part(1, 100.0, [(100.2, 100.2005, 100.201), (100.6, 100.9, 101.0), (100.8, 100.9, 0.0)], cpu_s=1.8)
+    merged = storm.merge([a, b], requested=5, rate=5.0)
+    assert (merged["attempted"], merged["connected"], merged["failed"]) == (5, 4, 1)
+    assert merged["errors"] == {"timeout": 1} and merged["procs"] == 2
+    assert merged["offered_per_s"] == pytest.approx(4 / 0.8, rel=1e-3)  # 5 starts over 0.8 s
+    assert merged["admitted_per_s"] == pytest.approx(4 / 1.0, rel=1e-3)  # first start → last ready
+    hs = merged["handshake_ms"]
+    assert hs["count"] == 4 and hs["p50"] == pytest.approx(2.0) and hs["max"] == pytest.approx(400.0)
+    assert merged["head_ms"]["count"] == 5  # the one that timed out did get its head
+    assert merged["generator_cpu_pct"] == [50.0, 90.0] and merged["generator_cpu_max"] == 90.0
+    assert merged["generator_busy"]  # ≥ 85 %: it may be the limit
+    storm.add_server(merged, server_s=0.4, aux_s=None)
+    assert merged["server"] == {"cpu_s": 0.4, "cpu_pct": 20.0, "us_per_connect": 100_000.0}
+    assert merged["aux"]["us_per_connect"] is None
+    assert storm.quantiles_ms([]) is None
+    assert storm.quantiles_ms([0.001 * i for i in range(1, 101)])["p99"] == pytest.approx(99.0)
+    lines = loadtest_report.storm_lines(merged)
+    assert any("admitted 4/s" in line for line in lines) and any("may be the limit" in line for line in lines)
+
+
+async def test_storm_against_a_loopback_event_stream() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(SSE_CLOSE_HEAD)
+        await reader.read()  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/sub/{{room}}"
+    cfg = config(
+        [
+            *("--storm", "--transport", "sse", "--envelope", "raw", "--url", url, "--conns", "30"),
+            *("--connect-rate", "600", "--hold", "0", "--server-pid", str(os.getpid())),
+        ]
+    )
+    try:
+        result = await storm.run(cfg)
+    finally:
+        server.close()
+    s = result["storm"]
+    assert (s["attempted"], s["connected"], s["failed"]) == (30, 30, 0) and "aborted" not in result
+    assert 300 < s["offered_per_s"] <= 700 and s["handshake_ms"]["count"] == s["head_ms"]["count"] == 30
+    assert s["server"]["cpu_s"] is not None and s["aux"]["cpu_s"] is None
