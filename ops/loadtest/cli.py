@@ -41,6 +41,7 @@ class Config:
     warmup: float
     settle: float
     max_p99_ms: float
+    measure_up_to: float
     stall_fraction: float
     stall_rcvbuf: int
     idle: float | None
@@ -122,6 +123,13 @@ def parser() -> argparse.ArgumentParser:
     a("--warmup", type=float, default=2.0, help="seconds between connecting and the first step")
     a("--settle", type=float, default=2.0, help="seconds after each step to collect stragglers")
     a("--max-p99-ms", type=float, default=100.0, help="stop stepping past this p99 latency")
+    a(
+        "--measure-up-to",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="steps at or below this rate run even after one fell behind (their figures are wanted)",
+    )
     a("--stall-fraction", type=float, default=0.0, help="fraction of connections that stop reading")
     a("--stall-rcvbuf", type=int, default=4096, help="SO_RCVBUF of stalling connections")
     a("--idle", type=float, metavar="SECONDS", help="publish nothing: hold connections and sample server RSS")
@@ -213,6 +221,7 @@ def config(argv: list[str] | None = None) -> Config:
         warmup=args.warmup,
         settle=args.settle,
         max_p99_ms=args.max_p99_ms,
+        measure_up_to=args.measure_up_to,
         stall_fraction=args.stall_fraction,
         stall_rcvbuf=args.stall_rcvbuf,
         idle=args.idle,

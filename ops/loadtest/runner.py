@@ -103,19 +103,20 @@ class Run:
         await asyncio.sleep(cfg.warmup)
         out(report.header())
         loop = asyncio.get_running_loop()
+        failed = None  # the first step that was not ok; later steps only up to --measure-up-to
         for rate in cfg.rates:
+            if failed and rate > cfg.measure_up_to:
+                break
             seconds = min(cfg.step_seconds, self.deadline - loop.time() - cfg.settle - 1.0)
             if seconds < min(1.0, cfg.step_seconds):
                 self.result["stopped"] = "deadline (--max-seconds) before the next step"
-                break
+                return
             step = await self._step(rate, seconds)
             self.result["steps"].append(step)
             out(report.row(step))
-            if step["verdict"] != "ok":
-                self.result["stopped"] = f"{step['verdict']} at {rate:g} msg/s"
-                break
-        else:
-            self.result["stopped"] = "all rates done"
+            if step["verdict"] != "ok" and failed is None:
+                failed = f"{step['verdict']} at {rate:g} msg/s"
+        self.result["stopped"] = failed or "all rates done"
 
     # -- connecting ------------------------------------------------------------
 

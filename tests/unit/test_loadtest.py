@@ -11,6 +11,7 @@ import json
 import os
 import time
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -26,7 +27,8 @@ from ops.loadtest.cli import config
 from ops.loadtest.clients import ConnectError, SseClient, WsClient
 from ops.loadtest.http1 import ProtocolError, parse_head
 from ops.loadtest.httpclient import Exchange, post_request
-from ops.loadtest.publisher import HttpPublisher
+from ops.loadtest.publisher import HttpPublisher, Publisher
+from ops.loadtest.runner import Run
 from ops.loadtest.sse import Dechunker, EventParser, event_stream_body, is_message
 from ops.loadtest.stats import Histogram, SeqTrack, tally
 from ops.loadtest.target import UnsafeTarget, expand, loopback_url
@@ -645,3 +647,27 @@ async def test_storm_against_a_loopback_event_stream() -> None:
     assert (s["attempted"], s["connected"], s["failed"]) == (30, 30, 0) and "aborted" not in result
     assert 300 < s["offered_per_s"] <= 700 and s["handshake_ms"]["count"] == s["head_ms"]["count"] == 30
     assert s["server"]["cpu_s"] is not None and s["aux"]["cpu_s"] is None
+
+
+async def test_steps_go_on_up_to_measure_up_to() -> None:
+    """A failed step stops the stepping, except for the rates whose figures are wanted anyway."""
+
+    class Quiet(Publisher):
+        async def _emit(self, room: int) -> None:
+            pass
+
+    async def fake_step(rate: float, seconds: float) -> dict[str, Any]:
+        ran.append(rate)
+        return {"rate": rate, "verdict": "p99" if rate == 100 else "ok", "publish_errors": {}, "notes": []}
+
+    argv = ["--conns", "0", "--publish-url", "http://127.0.0.1:1/pub/{room}", "--rates", "100,200,500,1000"]
+    argv += ["--warmup", "0"]
+    for up_to, expected in (("0", [100.0]), ("500", [100.0, 200.0, 500.0])):
+        ran: list[float] = []
+        run = Run(config([*argv, "--measure-up-to", up_to]))
+        run._make_publisher = lambda: Quiet(["r0"], 60)  # type: ignore[method-assign]
+        run._step = fake_step  # type: ignore[method-assign]
+        run.deadline = asyncio.get_running_loop().time() + 100
+        with mock.patch.object(loadtest_report, "row", lambda step: str(step["rate"])):
+            await run._body()
+        assert ran == expected and run.result["stopped"] == "p99 at 100 msg/s"
