@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from typing import Any
 from unittest import mock
@@ -20,7 +21,7 @@ from ops.bench import report as bench_report
 from ops.bench.run import _parser as bench_parser
 from ops.bench.run import select
 from ops.bench.scenarios import SCENARIO_NAMES, loadtest_command, standard
-from ops.bench.servers import Target
+from ops.bench.servers import Target, raw_target
 from ops.loadtest import payload, storm, wsproto
 from ops.loadtest import report as loadtest_report
 from ops.loadtest.cli import config
@@ -671,3 +672,171 @@ async def test_steps_go_on_up_to_measure_up_to() -> None:
         with mock.patch.object(loadtest_report, "row", lambda step: str(step["rate"])):
             await run._body()
         assert ran == expected and run.result["stopped"] == "p99 at 100 msg/s"
+
+
+# -- the bench's issue-20 scenarios -----------------------------------------------------
+
+HERALD = Target(
+    server="herald",
+    ws_url="ws://127.0.0.1:8080/ws?token={token}&room={room}",
+    sse_url="http://127.0.0.1:8080/sse?token={token}&room={room}",
+    envelope="herald",
+    publish_args=["--publish", "nats://127.0.0.1:4222", "--subject", "herald.room.{room}"],
+    server_pids=[101],
+    aux_pids=[102],
+    jwt_secret="s" * 32,
+    http_publish_args=[
+        *("--publish-url", "http://127.0.0.1:8080/api/publish", "--publish-body", "herald"),
+        *("--publish-header", "Authorization: Bearer k"),
+    ],
+)
+NCHAN = raw_target("nchan", 8089, "/sub/{room}", "/sub/{room}", [201])
+
+
+def loadtest_config(scenario_name: str, target: Target, quick: bool = False) -> Any:
+    scenario = {s.name: s for s in standard(quick)}[scenario_name]
+    cmd = loadtest_command(scenario, target, "/tmp/x.json", "1")
+    return scenario, config(cmd[cmd.index("ops.loadtest") + 1 :])
+
+
+def test_issue20_scenarios_and_their_commands() -> None:
+    new = ["publish-api", "publish-api-batch", "fanout-ws-http", "fanout-sse-http"]
+    new += ["connect-storm-ws", "connect-storm-sse", "connect-storm-sse-10k"]
+    assert set(new) <= set(SCENARIO_NAMES)
+    scenario, cfg = loadtest_config("publish-api", HERALD)
+    assert cfg.conns == 0 and cfg.rates == (500.0, 2000.0) and cfg.measure_up_to == 2000
+    assert cfg.publish_url == "http://127.0.0.1:8080/api/publish" and cfg.publish_body == "herald"
+    assert dict(cfg.publish_headers) == {"Authorization": "Bearer k"} and cfg.publish_nats is None
+    assert dict(scenario.herald_env) == {"HERALD_LIMITS_API_RATE": "1000000"}
+    assert scenario.servers == ("herald", "nchan")
+    _, cfg = loadtest_config("publish-api", NCHAN)
+    assert cfg.publish_url == "http://127.0.0.1:8089/pub/{room}" and cfg.publish_body == "raw"
+    scenario, cfg = loadtest_config("publish-api-batch", HERALD)
+    assert cfg.publish_batch == 100 and scenario.servers == ("herald",)
+    for name, transport in (("fanout-ws-http", "ws"), ("fanout-sse-http", "sse")):
+        scenario, cfg = loadtest_config(name, HERALD)
+        assert (cfg.transport, cfg.conns, cfg.rooms, cfg.measure_up_to) == (transport, 1000, 10, 500)
+        assert cfg.jwt_secret and cfg.publish_url and 200.0 in cfg.rates and 500.0 in cfg.rates
+        assert scenario.herald_env and scenario.servers == ("herald", "nchan")
+    for quick, conns, rate in ((False, 5000, 5000), (True, 1000, 2000)):
+        for name in ("connect-storm-ws", "connect-storm-sse"):
+            scenario, cfg = loadtest_config(name, HERALD, quick)
+            assert cfg.storm and (cfg.conns, cfg.connect_rate, cfg.rooms) == (conns, rate, 10)
+            assert cfg.jwt_secret and cfg.hold == 2 and cfg.connect_timeout == 30 and cfg.server_pids == (101,)
+            assert scenario.budget() >= conns / rate + 30 + 2
+    _, cfg = loadtest_config("connect-storm-sse-10k", NCHAN)
+    assert (cfg.transport, cfg.conns, cfg.connect_rate, cfg.envelope) == ("sse", 10_000, 2000, "raw")
+
+
+def test_issue20_selection_groups() -> None:
+    args = bench_parser().parse_args(["--quick", "--peers", "--only", "publish-api,connect-storm-sse", "--rates", "50"])
+    args.storm_procs = 2
+    scenarios, _, notes = select(args)
+    by_name = {s.name: s for s in scenarios}
+    assert set(by_name) == {"publish-api", "publish-api-batch", "fanout-ws-http", "connect-storm-sse"} | {
+        "connect-storm-sse-10k"
+    }
+    assert by_name["publish-api"].rates == (500, 2000)  # --rates steps fan-outs, not the publish API's fixed rates
+    assert by_name["fanout-ws-http"].rates == (50,) and by_name["connect-storm-sse"].procs == 2
+    assert any("publish-api-batch" in n for n in notes)
+
+
+def canned_outcomes() -> list[dict[str, Any]]:
+    def publish(us: dict[int, float], p99: float, batch: int = 1) -> dict[str, Any]:
+        steps = [
+            {
+                "rate": rate,
+                "published_per_s": rate,
+                "server": {"us_per_publish": cost, "cpu_pct": 10.0},
+                "aux": {"us_per_publish": 30.0},
+                "publish": {"requests": rate, "batch": batch, "latency_ms": {"p50": 0.5, "p99": p99, "max": 9.0}},
+                "publish_errors": {},
+                "generator_cpu_pct": 12.0,
+                "verdict": "ok",
+            }
+            for rate, cost in us.items()
+        ]
+        return {"config": {"conns": 0}, "steps": steps}
+
+    def fanout(us: float, p99: float) -> dict[str, Any]:
+        steps = [
+            {
+                "rate": rate,
+                "seconds": 10.0,
+                "delivered": rate * 1000,
+                "delivered_per_s": rate * 100,
+                "latency_ms": {"p50": 1.0, "p99": p99 * rate / 500, "max": 50.0},
+                "server": {"us_per_delivery": us, "us_per_publish": us * 100},
+                "publish": {"latency_ms": {"p50": 0.5, "p99": 2.0}},
+                "verdict": "ok",
+            }
+            for rate in (200, 500)
+        ]
+        return {"config": {"conns": 1000}, "steps": steps, "connect": {"requested": 1000}}
+
+    def storm(admitted: float, p99: float, us: float, gen: float, cores: list[float]) -> dict[str, Any]:
+        return {
+            "config": {"storm": True, "conns": 5000},
+            "bench_cores": {"server": [0], "generator": [1]},
+            "storm": {
+                "requested": 5000,
+                "rate_offered_target": 5000,
+                "attempted": 5000,
+                "connected": 5000,
+                "failed": 0,
+                "errors": {},
+                "offered_per_s": 4990.0,
+                "admitted_per_s": admitted,
+                "handshake_ms": {"p50": 1.0, "p99": p99, "max": p99 * 2},
+                "head_ms": {"p50": 0.9, "p99": p99},
+                "server": {"us_per_connect": us, "cpu_pct": 50.0},
+                "aux": {"us_per_connect": None},
+                "procs": 1,
+                "generator_cpu_pct": [gen],
+                "generator_cpu_max": gen,
+                "generator_busy": gen >= 85,
+                "cores_busy_pct": cores,
+            },
+        }
+
+    return [
+        {"scenario": "publish-api", "server": "herald", "result": publish({500: 200.0, 2000: 100.0}, 4.0)},
+        {"scenario": "publish-api", "server": "nchan", "result": publish({500: 50.0, 2000: 25.0}, 2.0)},
+        {"scenario": "publish-api-batch", "server": "herald", "result": publish({2000: 20.0, 10000: 15.0}, 9.0, 100)},
+        {"scenario": "fanout-ws-http", "server": "herald", "result": fanout(12.0, 30.0)},
+        {"scenario": "fanout-ws-http", "server": "nchan", "result": fanout(4.0, 10.0)},
+        {"scenario": "connect-storm-ws", "server": "herald", "result": storm(1000.0, 400.0, 800.0, 20.0, [99.0, 80.0])},
+        {"scenario": "connect-storm-ws", "server": "nchan", "result": storm(4950.0, 2.0, 50.0, 90.0, [60.0, 99.0])},
+    ]
+
+
+def test_report_issue20_figures_and_ratios() -> None:
+    summary = bench_report.summarize(canned_outcomes(), {"quick": False})
+    fig = summary["figures"]
+    assert fig["publish-api"]["herald"]["at"]["2000"]["us_per_publish"] == 100.0
+    assert fig["fanout-ws-http"]["herald"]["at"]["500"]["us_per_publish"] == 1200.0
+    storm_h, storm_n = fig["connect-storm-ws"]["herald"], fig["connect-storm-ws"]["nchan"]
+    assert storm_h["kind"] == "storm" and storm_h["admitted_per_s"] == 1000.0 and storm_h["limit"] is None
+    assert storm_n["generator_core_busy_pct"] == 99.0 and "may be the limit" in storm_n["limit"]
+    ratios = summary["ratios"]
+    assert ratios["publish-api"]["nchan"]["us_per_publish@500"] == 4.0
+    assert ratios["publish-api"]["nchan"]["publish_p99@2000"] == 2.0
+    assert ratios["publish-api"]["nchan"]["us_per_publish_with_fanout@500"] == 3.0
+    http = ratios["fanout-ws-http"]["nchan"]
+    assert http["us_per_delivery@200"] == http["us_per_delivery@500"] == 3.0 and http["p99@500"] == 3.0
+    assert ratios["connect-storm-ws"]["nchan"] == {
+        "admitted_per_s": round(1000 / 4950, 3),
+        "handshake_p99": 200.0,
+        "us_per_connect": 16.0,
+    }
+    text = bench_report.markdown(summary)
+    publish_table = text.split("## HTTP publish API")[1].split("## Connect storms")[0]
+    assert "| herald | 200.0 " in publish_table and "| 15.0 " in publish_table  # batch @10000
+    nchan_row = next(line for line in publish_table.splitlines() if line.startswith("| nchan"))
+    assert nchan_row.count("—") == 2 and "| 400.0 " in nchan_row  # no batch; fan-out µs per publish
+    assert "1,000 receivers over 10 rooms, 100 deliveries per message" in publish_table
+    storms = text.split("## Connect storms")[1].split("## Ratios")[0]
+    assert "| connect-storm-ws | herald | 5,000 @ 5,000/s | 4,990 " in storms
+    throughput = text.split("## Throughput and cost")[1].split("## HTTP publish API")[0]
+    assert "| fanout-ws-http | herald | 12.0 " in throughput and "publish-api" not in throughput.split("|---")[1]
+    assert re.search(r"\| connect-storm-ws \| us_per_connect +\| Herald ÷ nchan \| 16\.00", text)
