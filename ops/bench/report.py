@@ -8,36 +8,24 @@ one JSON-able dict, ``markdown`` renders it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
-Doc = dict[str, Any]
+from .costs import cost_ratios, publish_figures, publish_section, storm_figures, storm_section
+from .tables import Doc
+from .tables import at as _at
+from .tables import core_busy as _core_busy
+from .tables import fmt as _fmt
+from .tables import get as _get
+from .tables import num as _num
+from .tables import ratio as _ratio
+from .tables import table as _table
 
 HEADLINE_RATES = (200, 500)
 STALL_TOLERANCE = 0.10  # the issue: within 10 % of the clean run
 P99_FLOOR_MS = 1.0  # p99 differences below this are timer noise, not harm
 WORKERS_TARGET = 1.7
 GENERATOR_BUSY_PCT = 85.0
-COMPARED = ("fanout-ws", "fanout-sse", "broadcast")
+COMPARED = ("fanout-ws", "fanout-sse", "broadcast", "fanout-ws-http", "fanout-sse-http")
 IDLE = ("idle", "idle-sse")  # memory per connection: WebSocket, SSE
-
-
-def _get(doc: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(doc, dict):
-            return None
-        doc = doc.get(key)
-    return doc
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _ratio(a: Any, b: Any) -> float | None:
-    x, y = _num(a), _num(b)
-    if x is None or y is None or y == 0:
-        return None
-    return round(x / y, 3)
 
 
 def _step_row(step: Doc) -> Doc:
@@ -70,17 +58,14 @@ def _step_row(step: Doc) -> Doc:
         "closed_by_server": sum((step.get("closed_by_server") or {}).values()),
         "stalled_closed": step.get("stalled_closed") or {},
         "publish_errors": sum((step.get("publish_errors") or {}).values()),
+        "us_per_publish": _get(step, "server", "us_per_publish"),
+        "aux_us_per_publish": _get(step, "aux", "us_per_publish"),
+        "publish_p50_ms": _get(step, "publish", "latency_ms", "p50"),
+        "publish_p99_ms": _get(step, "publish", "latency_ms", "p99"),
         "cores_busy_pct": step.get("cores_busy_pct"),
         "verdict": step.get("verdict"),
         "ok": step.get("verdict") == "ok",
     }
-
-
-def _core_busy(row: Doc, cores: list[int]) -> float | None:
-    busy = row.get("cores_busy_pct")
-    if not isinstance(busy, list) or not cores or any(c >= len(busy) for c in cores):
-        return None
-    return round(sum(float(busy[c]) for c in cores) / len(cores), 1)
 
 
 def _limit(rows: list[Doc], cores: Doc) -> str | None:
@@ -126,6 +111,10 @@ def rate_figures(result: Doc) -> Doc:
                 "p50_ms": match["p50_ms"],
                 "p99_ms": match["p99_ms"],
                 "server_cpu_pct": match["server_cpu_pct"],
+                "us_per_publish": match["us_per_publish"],
+                "publish_p99_ms": match["publish_p99_ms"],
+                "lost": match["lost"],
+                "publish_errors": match["publish_errors"],
                 "ok": match["ok"],
             }
     half = None
@@ -164,6 +153,16 @@ def idle_figures(result: Doc) -> Doc:
         "connect": result.get("connect"),
         "aborted": result.get("aborted"),
     }
+
+
+def _kind(result: Doc) -> str:
+    if result.get("idle") is not None:
+        return "idle"
+    if result.get("storm") is not None or _get(result, "config", "storm"):
+        return "storm"
+    if _get(result, "config", "conns") == 0:
+        return "publish"
+    return "rate"
 
 
 def _stalled_vs_clean(stalled: Doc, clean: Doc) -> Doc:
@@ -224,7 +223,9 @@ def summarize(outcomes: Iterable[Doc], meta: Doc) -> Doc:
         result = o.get("result")
         if not isinstance(result, dict):
             continue
-        fig = idle_figures(result) if result.get("idle") is not None else rate_figures(result)
+        kind = _kind(result)
+        make = {"idle": idle_figures, "storm": storm_figures, "publish": publish_figures}.get(kind, rate_figures)
+        fig = make(result)
         fig["other_cpu_pct"] = _get(o, "machine", "foreign_cpu_pct")
         figures.setdefault(str(o["scenario"]), {})[str(o["server"])] = fig
 
@@ -243,12 +244,16 @@ def summarize(outcomes: Iterable[Doc], meta: Doc) -> Doc:
                 row[f"us_per_delivery@{rate}"] = _ratio(
                     _get(herald, "at", str(rate), "us_per_delivery"), _get(other, "at", str(rate), "us_per_delivery")
                 )
-            row["p99@200"] = _ratio(_get(herald, "at", "200", "p99_ms"), _get(other, "at", "200", "p99_ms"))
+            for rate in HEADLINE_RATES:
+                row[f"p99@{rate}"] = _ratio(
+                    _get(herald, "at", str(rate), "p99_ms"), _get(other, "at", str(rate), "p99_ms")
+                )
             row["max_delivered_per_s"] = _ratio(herald["max_delivered_per_s"], other["max_delivered_per_s"])
             row["p99@half_saturation"] = _ratio(
                 _get(herald, "half_saturation", "p99_ms"), _get(other, "half_saturation", "p99_ms")
             )
             ratios.setdefault(scenario, {})[peer] = row
+    ratios.update(cost_ratios(figures))
     for scenario in IDLE:
         idle = figures.get(scenario, {})
         if "herald" not in idle:
@@ -296,34 +301,11 @@ def summarize(outcomes: Iterable[Doc], meta: Doc) -> Doc:
 # -- rendering ----------------------------------------------------------------
 
 
-def _fmt(value: Any, digits: int = 1, suffix: str = "") -> str:
-    x = _num(value)
-    if x is None:
-        return "-"
-    return f"{x:,.{digits}f}{suffix}"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    return [line, rule, *body]
-
-
-def _at(fig: Doc, rate: int, key: str = "us_per_delivery", digits: int = 1) -> str:
-    cell = _get(fig, "at", str(rate))
-    if not isinstance(cell, dict):
-        return "-"
-    text = _fmt(cell.get(key), digits)
-    return text if cell.get("ok") or text == "-" else text + "*"
-
-
 def _rate_rows(figures: dict[str, dict[str, Doc]]) -> list[list[str]]:
     rows = []
     for scenario, per in figures.items():
         for server, fig in per.items():
-            if "steps" not in fig or scenario in ("stalled", "workers"):
+            if "steps" not in fig or fig.get("kind") or scenario in ("stalled", "workers"):
                 continue
             half = fig.get("half_saturation") or {}
             rows.append(
@@ -333,6 +315,7 @@ def _rate_rows(figures: dict[str, dict[str, Doc]]) -> list[list[str]]:
                     _at(fig, 200),
                     _at(fig, 500),
                     _at(fig, 200, "us_per_delivery_with_aux"),
+                    _at(fig, 500, "p99_ms"),
                     _fmt(fig.get("saturation_rate"), 0),
                     _fmt(fig.get("max_delivered_per_s"), 0),
                     f"{_fmt(half.get('p50_ms'))} / {_fmt(half.get('p99_ms'))} @ {_fmt(half.get('rate'), 0)}",
@@ -363,7 +346,9 @@ def markdown(summary: Doc) -> str:
             "## Throughput and cost",
             "",
             "µs/deliv = µs of server CPU (from /proc) per delivered message at that publish rate "
-            "(`*` = that step was not sustained); `+nats` adds nats-server's CPU (Herald only). "
+            "(`*` = that step was not sustained); `+nats` adds nats-server's CPU (Herald only); "
+            "p99 = publish → receive latency. `-http`: Herald publishes through POST /api/publish "
+            "as nchan does through /pub (the others: Herald through NATS). "
             "sat = highest sustained publish rate (msgs/s); deliv/s = deliveries/s there. "
             "other CPU = what processes outside the bench used meanwhile (% of a core): above ~10% "
             "the figures are suspect.",
@@ -375,6 +360,7 @@ def markdown(summary: Doc) -> str:
                     "µs/deliv @200",
                     "µs/deliv @500",
                     "+nats @200",
+                    "p99 ms @500",
                     "sat msgs/s",
                     "deliv/s",
                     "p50 / p99 ms @ half sat",
@@ -387,6 +373,8 @@ def markdown(summary: Doc) -> str:
             ),
             "",
         ]
+    out += publish_section(figures)
+    out += storm_section(figures)
     idle_rows = [(scenario, server, fig) for scenario in IDLE for server, fig in figures.get(scenario, {}).items()]
     if idle_rows:
         out += [

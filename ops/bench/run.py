@@ -35,7 +35,7 @@ from .procs import (
     tee_lines,
     wait_for_quiet,
 )
-from .scenarios import SCENARIO_NAMES, Scenario, loadtest_command, standard
+from .scenarios import GROUPS, SCENARIO_NAMES, Scenario, loadtest_command, standard
 from .servers import ROOT, Herald, Naive, Nchan, Server, child_env, gateway_supports_workers
 
 SERVER_CORES = "0"
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ops.bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: seconds per step, fewer connections")
     p.add_argument(
-        "--peers", action="store_true", help="also run nginx + nchan (fanout-ws, fanout-sse, idle, idle-sse)"
+        "--peers", action="store_true", help="also run nginx + nchan (every scenario but broadcast, stalled, workers)"
     )
     p.add_argument("--only", default="", help=f"comma-separated scenarios (default: all): {', '.join(SCENARIO_NAMES)}")
     p.add_argument("--servers", default="", help="comma-separated subset of herald,naive,nchan (default: all run)")
@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="extra HERALD_* setting for the Herald node (repeatable), e.g. HERALD_BACKPRESSURE_MAX_BYTES=262144",
+    )
+    p.add_argument(
+        "--storm-procs",
+        type=int,
+        choices=range(1, 9),
+        metavar="K",
+        help="split each connect storm over K generator processes (all on the generator's core; default 1)",
     )
     p.add_argument("--quiet", action="store_true", help="do not echo the load tool's progress lines")
     p.add_argument(
@@ -111,16 +118,20 @@ def select(args: argparse.Namespace) -> tuple[list[Scenario], set[str], list[str
         unknown = sorted(set(wanted) - set(SCENARIO_NAMES))
         if unknown:
             raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIO_NAMES)}")
-        if "stalled" in wanted and "fanout-ws" not in wanted:
-            wanted.append("fanout-ws")
-            notes.append("stalled is compared with a clean fanout-ws run: fanout-ws added")
+        for name, parts in GROUPS.items():
+            missing = [p for p in parts if name in wanted and p not in wanted]
+            if missing:
+                wanted += missing
+                notes.append(f"{name} goes with {', '.join(parts)}: {', '.join(missing)} added")
         scenarios = [s for s in scenarios if s.name in wanted]
     if args.rates:
         try:
             rates = tuple(int(r) for r in args.rates.split(",") if r.strip())
         except ValueError:
             raise SystemExit(f"--rates: not a list of integers: {args.rates!r}") from None
-        scenarios = [replace(s, rates=rates) if s.rates else s for s in scenarios]
+        scenarios = [replace(s, rates=rates) if s.rates and s.conns else s for s in scenarios]
+    if args.storm_procs:
+        scenarios = [replace(s, procs=args.storm_procs) if s.storm else s for s in scenarios]
     servers = {"herald", "naive"} | ({"nchan"} if args.peers else set())
     if args.servers:
         servers = {s.strip() for s in args.servers.split(",") if s.strip()}
@@ -145,17 +156,18 @@ class Bench:
         self.outcomes: list[Outcome] = []
         self.herald_env = dict(kv.split("=", 1) for kv in args.herald_env if "=" in kv)
 
-    def make_server(self, name: str, logs: Path) -> tuple[Server, str | None]:
+    def make_server(self, name: str, logs: Path, scenario: Scenario | None = None) -> tuple[Server, str | None]:
         """The server and the cores the generator runs on for it."""
+        env = {**dict(scenario.herald_env if scenario else ()), **self.herald_env}  # --herald-env wins
         if name == "herald":
-            return Herald(self.procs, logs, SERVER_CORES, GENERATOR_CORES, env=self.herald_env), GENERATOR_CORES
+            return Herald(self.procs, logs, SERVER_CORES, GENERATOR_CORES, env=env), GENERATOR_CORES
         if name == "naive":
             return Naive(self.procs, logs, SERVER_CORES), GENERATOR_CORES
         if name == "nchan":
             return Nchan(self.procs, logs, SERVER_CORES), GENERATOR_CORES
         if name.startswith("herald-w"):
             workers = int(name.removeprefix("herald-w"))
-            server = Herald(self.procs, logs, BOTH_CORES, BOTH_CORES, workers=workers, env=self.herald_env, label=name)
+            server = Herald(self.procs, logs, BOTH_CORES, BOTH_CORES, workers=workers, env=env, label=name)
             return server, BOTH_CORES
         raise ValueError(name)
 
@@ -164,7 +176,7 @@ class Bench:
         logs = self.logs / f"{scenario.name}--{server_name}"
         shutil.rmtree(logs, ignore_errors=True)  # logs are appended to: start clean
         logs.mkdir(parents=True)
-        server, gen_cores = self.make_server(server_name, logs)
+        server, gen_cores = self.make_server(server_name, logs, scenario)
         tag = f"{scenario.name}/{server_name}"
         json_path = self.raw / f"{scenario.name}--{server_name}.json"
         self.raw.mkdir(parents=True, exist_ok=True)
@@ -173,7 +185,7 @@ class Bench:
         print(f"\n== {tag}: {scenario.about}", flush=True)
         tool: subprocess.Popen[bytes] | None = None
         audit = CpuAudit(self.procs)
-        cores = CoreSampler()
+        cores = CoreSampler(0.1 if scenario.storm else 0.5)  # a storm lasts a second or two
         stamped: list[tuple[float, str]] = []
         try:
             if self.args.quiet_wait > 0:
@@ -208,6 +220,9 @@ class Bench:
                 outcome.notes.append(f"load tool exited with {code}")
             outcome.data = json.loads(json_path.read_text())
             annotate_cores(outcome.data, stamped, cores, scenario.settle, server_cores(server_name))
+            storm = outcome.data.get("storm")
+            if isinstance(storm, dict) and len(storm.get("window") or ()) == 2:
+                storm["cores_busy_pct"] = cores.busy_pct(*storm["window"])  # the same clock: time.monotonic()
             outcome.notes += self.server_health(server, logs / f"{server_name}.log")
         except BenchError as exc:
             outcome.error = str(exc)

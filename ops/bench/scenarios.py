@@ -11,6 +11,19 @@ FULL_RATES = (100, 200, 500, 1000, 2000)
 QUICK_RATES = (100, 200, 500)
 MAX_P99_MS = 100.0
 PAYLOAD_BYTES = 100
+PUBLISH_RATES = (500, 2000)  # publish-api: offered HTTP publishes/s, no receivers
+BATCH_RATES = (2000, 10000)  # publish-api-batch: messages/s, in requests of BATCH messages
+BATCH = 100
+HEADLINE_MAX = 500  # the highest rate of the headline figures (µs per delivery and p99 at 200 and 500)
+# Herald rate-limits POST /api/publish per key (limits.api_rate, 1,000/s by default): lifted where
+# the publish API is what is measured or what publishes.
+UNLIMITED_API = (("HERALD_LIMITS_API_RATE", "1000000"),)
+# Selecting one of these also selects the others of its group (the parts of one figure).
+GROUPS = {
+    "stalled": ("fanout-ws",),
+    "publish-api": ("publish-api-batch", "fanout-ws-http"),
+    "connect-storm-sse": ("connect-storm-sse-10k",),
+}
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,14 @@ class Scenario:
     settle: float = 2.0
     connect_rate: int = 1000
     about: str = ""
+    publish: str = "native"  # native: what the server's row in the table says; http: Herald too via /api/publish
+    batch: int = 1  # messages per publish request (Herald's JSON array)
+    storm: bool = False  # connect only: conns offered at connect_rate, handshake times
+    hold: float = 2.0  # storm: seconds the connections are held before closing
+    procs: int = 1  # storm: generator processes the connects are split over
+    connect_timeout: float = 10.0  # storm: 30 s, so that a slow admission is measured, not cut off
+    herald_env: tuple[tuple[str, str], ...] = ()  # HERALD_* for this scenario's node
+    measure_up_to: int = 0  # steps up to this rate run even after one failed (their figures are the headline)
 
     @property
     def idle(self) -> bool:
@@ -36,7 +57,9 @@ class Scenario:
     def budget(self) -> float:
         """Seconds the load tool may take: connecting, every step, the idle wait, closing."""
         steps = len(self.rates) * (self.step_seconds + self.warmup + self.settle)
-        return self.conns / max(self.connect_rate, 1) * 2 + steps + self.idle_seconds + 60
+        connecting = self.conns / max(self.connect_rate, 1) * (1 if self.storm else 2)
+        storm = self.hold + self.connect_timeout + 5 if self.storm else 0
+        return connecting + steps + self.idle_seconds + storm + 60
 
 
 def standard(quick: bool) -> list[Scenario]:
@@ -96,12 +119,94 @@ def standard(quick: bool) -> list[Scenario]:
             servers=("herald", "naive"),
             about="fanout-ws with 1% of clients that stop reading; compared with the clean fanout-ws run",
         ),
+        *new_scenarios(quick, fanout),
         replace(
             fanout,
             name="workers",
             servers=("herald-w1", "herald-w2"),
             rates=(*rates, 3000, 5000) if not quick else rates,
             about="fanout-ws against serve --workers 1 and --workers 2, all on cores 0,1 (generator too)",
+        ),
+    ]
+
+
+def new_scenarios(quick: bool, fanout: Scenario) -> list[Scenario]:
+    """Issue 20: the publish API, connect storms, fan-out published over HTTP."""
+    step, warmup, settle = (3.0, 1.0, 1.0) if quick else (10.0, 1.0, 1.0)
+    storm, storm_rate = (1000, 2000) if quick else (5000, 5000)
+    slow, slow_rate = (2000, 1000) if quick else (10_000, 2000)
+    publish = Scenario(
+        "publish-api",
+        "ws",
+        0,
+        10,
+        PUBLISH_RATES,
+        servers=("herald", "nchan"),
+        step_seconds=step,
+        warmup=warmup,
+        settle=settle,
+        publish="http",
+        herald_env=UNLIMITED_API,
+        measure_up_to=max(PUBLISH_RATES),
+        about="HTTP publishes at a fixed rate, no receivers (Herald: POST /api/publish; nchan: POST /pub/<room>), "
+        "10 keep-alive connections: server CPU per publish",
+    )
+    storm_ws = Scenario(
+        "connect-storm-ws",
+        "ws",
+        storm,
+        10,
+        connect_rate=storm_rate,
+        storm=True,
+        connect_timeout=30.0,
+        about=f"{storm:,} WebSocket connects offered at {storm_rate:,}/s, each its own user, over 10 rooms: "
+        "admitted/s, handshake latency, server CPU per connect",
+    )
+    return [
+        publish,
+        replace(
+            publish,
+            name="publish-api-batch",
+            rates=BATCH_RATES,
+            batch=BATCH,
+            measure_up_to=max(BATCH_RATES),
+            servers=("herald",),
+            about=f"POST /api/publish with batches of {BATCH} messages (a JSON array), no receivers: "
+            "server CPU per message",
+        ),
+        replace(
+            fanout,
+            name="fanout-ws-http",
+            servers=("herald", "nchan"),
+            publish="http",
+            herald_env=UNLIMITED_API,
+            measure_up_to=HEADLINE_MAX,
+            about=fanout.about + "; Herald publishes through POST /api/publish",
+        ),
+        replace(
+            fanout,
+            name="fanout-sse-http",
+            transport="sse",
+            servers=("herald", "nchan"),
+            publish="http",
+            herald_env=UNLIMITED_API,
+            measure_up_to=HEADLINE_MAX,
+            about=fanout.about.replace("WebSocket", "SSE") + "; Herald publishes through POST /api/publish",
+        ),
+        storm_ws,
+        replace(
+            storm_ws,
+            name="connect-storm-sse",
+            transport="sse",
+            about=storm_ws.about.replace("WebSocket", "SSE"),
+        ),
+        replace(
+            storm_ws,
+            name="connect-storm-sse-10k",
+            transport="sse",
+            conns=slow,
+            connect_rate=slow_rate,
+            about=f"{slow:,} SSE connects offered at {slow_rate:,}/s, each its own user, over 10 rooms",
         ),
     ]
 
@@ -130,9 +235,6 @@ def loadtest_command(
         str(scenario.connect_rate),
         "--envelope",
         target.envelope,
-        *target.publish_args,
-        "--payload-bytes",
-        str(PAYLOAD_BYTES),
         "--json",
         json_path,
         "--max-seconds",
@@ -140,7 +242,15 @@ def loadtest_command(
     ]
     if target.jwt_secret:
         cmd += ["--jwt-secret", target.jwt_secret]
-    if scenario.idle:
+    if not scenario.storm:
+        cmd += target.http_publish_args if scenario.publish == "http" else target.publish_args
+        cmd += ["--payload-bytes", str(PAYLOAD_BYTES)]
+    if scenario.batch > 1:
+        cmd += ["--publish-batch", str(scenario.batch)]
+    if scenario.storm:
+        cmd += ["--storm", "--hold", f"{scenario.hold:g}", "--procs", str(scenario.procs)]
+        cmd += ["--connect-timeout", f"{scenario.connect_timeout:g}"]
+    elif scenario.idle:
         cmd += ["--idle", f"{scenario.idle_seconds:g}"]
     else:
         cmd += [
@@ -155,6 +265,8 @@ def loadtest_command(
             "--max-p99-ms",
             f"{max_p99_ms:g}",
         ]
+    if scenario.measure_up_to and not scenario.storm and not scenario.idle:
+        cmd += ["--measure-up-to", str(scenario.measure_up_to)]
     if scenario.stall_fraction:
         cmd += ["--stall-fraction", f"{scenario.stall_fraction:g}"]
     for pid in target.server_pids:

@@ -59,6 +59,11 @@ class Target:
     server_pids: list[int]
     aux_pids: list[int] = field(default_factory=list)
     jwt_secret: str | None = None
+    http_publish_args: list[str] = field(default_factory=list)  # publishing by HTTP POST (the same for peers)
+
+    def __post_init__(self) -> None:
+        if not self.http_publish_args and "--publish-url" in self.publish_args:
+            self.http_publish_args = list(self.publish_args)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -187,6 +192,14 @@ class Herald(Server):
             server_pids=pids,
             aux_pids=[nats_proc.pid],
             jwt_secret=JWT_SECRET,
+            http_publish_args=[
+                "--publish-url",
+                f"http://{base}/api/publish",
+                "--publish-body",
+                "herald",
+                "--publish-header",
+                f"Authorization: Bearer {PUBLISH_KEY}",
+            ],
         )
 
     def stop(self) -> None:

@@ -19,8 +19,15 @@ helper CPU and RSS from /proc, the generator's CPU, and server-side closes.
 Stepping stops at the first step that falls behind (< 95 % delivered, or the
 publisher could not keep the rate) or whose p99 is above ``--max-p99-ms``.
 
-Modules: ``cli`` (options → Config), ``runner`` (one run), ``clients`` (the
-Protocols), ``wsproto`` / ``sse`` / ``http1`` (sans-I/O parsers), ``payload``
-(test messages), ``stats`` (sequences, histogram), ``publisher`` (NATS / HTTP,
-paced), ``procstat`` (/proc), ``report`` (the table), ``target`` (loopback only).
+``--storm`` connects only: ``--conns`` connects offered at ``--connect-rate``
+(optionally split over ``--procs`` processes), handshake latency to ready and
+connects admitted per second, the server's CPU per connect; then close.
+``--conns 0`` publishes with no receivers (the cost of the publish path).
+
+Modules: ``cli`` (options → Config), ``runner`` (one run), ``storm`` (a
+connect storm), ``clients`` (the Protocols), ``wsproto`` / ``sse`` / ``http1``
+(sans-I/O parsers), ``payload`` (test messages), ``stats`` (sequences,
+histogram), ``publisher`` (NATS / HTTP, paced), ``httpclient`` (keep-alive
+POSTs), ``procstat`` (/proc), ``report`` (the table, output), ``target``
+(loopback only).
 """

@@ -7,9 +7,11 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from . import report
+from . import report, storm
 from .cli import config
-from .runner import Run, log, out, write_json
+from .procstat import ProcGroup
+from .report import log, out, write_json
+from .runner import Run
 
 
 def _run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
@@ -24,12 +26,20 @@ def _run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     cfg = config(argv)
     try:
-        run = Run(cfg)
+        if cfg.storm:  # the pids are checked here as Run checks them
+            ProcGroup(list(cfg.server_pids))
+            ProcGroup(list(cfg.aux_pids))
+            coro = storm.run(cfg)
+        else:
+            coro = Run(cfg).main()
     except ValueError as exc:  # e.g. a --server-pid that does not exist
         print(f"loadtest: {exc}", file=sys.stderr)
         return 2
-    result = _run(run.main())
-    out(report.summary_line(result["summary"]))
+    result = _run(coro)
+    if cfg.child is not None:  # one part of a storm: its parent reports
+        return 0 if "aborted" not in result else 1
+    if "summary" in result:
+        out(report.summary_line(result["summary"]))
     if cfg.json_path:
         write_json(cfg.json_path, result)
         log(f"results written to {cfg.json_path}")

@@ -34,12 +34,14 @@ class Config:
     publish_url: str | None
     publish_headers: tuple[tuple[str, str], ...]
     publish_body: str
+    publish_batch: int
     payload_bytes: int
     rates: tuple[float, ...]
     step_seconds: float
     warmup: float
     settle: float
     max_p99_ms: float
+    measure_up_to: float
     stall_fraction: float
     stall_rcvbuf: int
     idle: float | None
@@ -47,6 +49,10 @@ class Config:
     aux_pids: tuple[int, ...]
     json_path: str | None
     max_seconds: float
+    storm: bool = False
+    hold: float = 1.0
+    procs: int = 1
+    child: int | None = None  # internal: this process is part ``child`` of ``procs`` (storm)
 
     def stalls(self, index: int) -> bool:
         """Every round(1/F)-th connection stalls."""
@@ -100,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     a("--transport", choices=("ws", "sse"), default="ws")
     a("--url", help="connection URL template with {room}, {token}, {i} (default: Herald's /ws or /sse on :8080)")
     a("--jwt-secret", help="mint an HS256 token per connection (user u{i}, all rooms) with this secret")
-    a("--conns", type=int, default=1000, help="connections")
+    a("--conns", type=int, default=1000, help="connections (0: publish only, to measure the publish path)")
     a("--rooms", type=int, default=10, help="rooms r0..r{K-1}; connection i joins room i %% K")
     a("--connect-rate", type=float, default=1000.0, help="new connections per second")
     a("--connect-timeout", type=float, default=10.0, help="seconds for one connection to become ready")
@@ -110,17 +116,33 @@ def parser() -> argparse.ArgumentParser:
     a("--publish-url", help="HTTP POST publishing instead of NATS, URL template with {room}")
     a("--publish-header", action="append", type=_header, default=[], help="'Name: value' (repeatable)")
     a("--publish-body", choices=("raw", "herald"), default="raw", help='herald: {"channel":"room:…","data":…}')
+    a("--publish-batch", type=int, default=1, help="messages per request (JSON array; --publish-body herald)")
     a("--payload-bytes", type=int, default=100, help="size of each payload")
     a("--rates", type=_rates, default="100,200,500,1000,2000", help="published msgs/s per step")
     a("--step-seconds", type=float, default=10.0)
     a("--warmup", type=float, default=2.0, help="seconds between connecting and the first step")
     a("--settle", type=float, default=2.0, help="seconds after each step to collect stragglers")
     a("--max-p99-ms", type=float, default=100.0, help="stop stepping past this p99 latency")
+    a(
+        "--measure-up-to",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="steps at or below this rate run even after one fell behind (their figures are wanted)",
+    )
     a("--stall-fraction", type=float, default=0.0, help="fraction of connections that stop reading")
     a("--stall-rcvbuf", type=int, default=4096, help="SO_RCVBUF of stalling connections")
     a("--idle", type=float, metavar="SECONDS", help="publish nothing: hold connections and sample server RSS")
     a("--server-pid", type=int, action="append", default=[], help="server process to measure (repeatable, summed)")
     a("--aux-pid", type=int, action="append", default=[], help="helper process to measure, e.g. nats-server")
+    a(
+        "--storm",
+        action="store_true",
+        help="connect only: --conns connects offered at --connect-rate, handshake times, then close",
+    )
+    a("--hold", type=float, default=1.0, help="--storm: seconds to hold the connections before closing them")
+    a("--procs", type=int, default=1, help="--storm: split the offered connects over this many processes")
+    a("--child", type=int, help=argparse.SUPPRESS)
     a("--json", dest="json_path", metavar="PATH", help="write all results here")
     a("--max-seconds", type=float, default=600.0, help="hard deadline for the whole run")
     return p
@@ -130,8 +152,26 @@ def config(argv: list[str] | None = None) -> Config:
     p = parser()
     args = p.parse_args(argv)
     problems = []
-    if not 1 <= args.conns <= MAX_CONNS:
-        problems.append(f"--conns must be 1..{MAX_CONNS}")
+    if not 0 <= args.conns <= MAX_CONNS:
+        problems.append(f"--conns must be 0..{MAX_CONNS}")
+    if args.conns == 0 and (args.idle is not None or args.storm or args.stall_fraction):
+        problems.append("--conns 0 (publish only) goes with neither --idle, --storm nor --stall-fraction")
+    if args.storm and args.conns == 0:
+        problems.append("--storm needs --conns")
+    if args.storm and args.idle is not None:
+        problems.append("choose one of --storm and --idle")
+    if not 1 <= args.procs <= 16:
+        problems.append("--procs must be 1..16")
+    if args.procs > 1 and not args.storm:
+        problems.append("--procs only splits a --storm")
+    if args.child is not None and not 0 <= args.child < args.procs:
+        problems.append("--child must be in 0..procs-1")
+    if args.hold < 0:
+        problems.append("--hold must not be negative")
+    if not 1 <= args.publish_batch <= 1000:
+        problems.append("--publish-batch must be 1..1000")
+    if args.publish_batch > 1 and not (args.publish_url and args.publish_body == "herald"):
+        problems.append("--publish-batch needs --publish-url and --publish-body herald (a JSON array of messages)")
     if not 1 <= args.rooms <= 100_000:
         problems.append("--rooms must be 1..100000")
     if args.connect_rate <= 0 or args.connect_timeout <= 0:
@@ -174,12 +214,14 @@ def config(argv: list[str] | None = None) -> Config:
         publish_url=args.publish_url,
         publish_headers=tuple(args.publish_header),
         publish_body=args.publish_body,
+        publish_batch=args.publish_batch,
         payload_bytes=args.payload_bytes,
         rates=args.rates,
         step_seconds=args.step_seconds,
         warmup=args.warmup,
         settle=args.settle,
         max_p99_ms=args.max_p99_ms,
+        measure_up_to=args.measure_up_to,
         stall_fraction=args.stall_fraction,
         stall_rcvbuf=args.stall_rcvbuf,
         idle=args.idle,
@@ -187,4 +229,8 @@ def config(argv: list[str] | None = None) -> Config:
         aux_pids=tuple(args.aux_pid),
         json_path=args.json_path,
         max_seconds=args.max_seconds,
+        storm=args.storm,
+        hold=args.hold,
+        procs=args.procs,
+        child=args.child,
     )

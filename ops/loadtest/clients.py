@@ -11,14 +11,20 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 from . import wsproto
 from .http1 import ProtocolError, ResponseHead, parse_head, request
 from .payload import extract
 from .sse import Dechunker, EventParser, event_stream_body, is_message
 from .stats import Histogram, SeqTrack
-from .target import Endpoint
+from .target import Endpoint, expand, loopback_url
+
+if TYPE_CHECKING:
+    from .cli import Config
+
+WELCOME_EVENT = b"welcome"  # Herald's first event on a stream: the client is admitted
 
 # tcpi_state values (include/net/tcp_states.h) that mean the peer ended the connection.
 _TCP_CLOSE, _TCP_CLOSE_WAIT = 7, 8
@@ -37,7 +43,9 @@ class Client(asyncio.Protocol):
         "close_code",
         "close_how",
         "closed_at",
+        "connected_at",
         "endpoint",
+        "head_at",
         "herald",
         "hist",
         "index",
@@ -46,9 +54,11 @@ class Client(asyncio.Protocol):
         "other",
         "paused",
         "ready",
+        "ready_at",
         "resumed",
         "room",
         "stall",
+        "started_at",
         "track",
         "transport",
     )
@@ -73,10 +83,14 @@ class Client(asyncio.Protocol):
         self.close_code: int | None = None  # a WebSocket close frame's code, whenever one arrives
         self._ours = False
         self._head: bytearray | None = bytearray()
+        # time.monotonic() (the same clock in every process) at: the connect's start, the TCP
+        # connection made, the response head parsed, ready; 0.0 until then. For the --storm figures.
+        self.started_at = self.connected_at = self.head_at = self.ready_at = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connected_at = time.monotonic()
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport.write(self._request())
 
@@ -89,6 +103,7 @@ class Client(asyncio.Protocol):
                     return
                 rest = bytes(self._head[head.size :])
                 self._head = None
+                self.head_at = time.monotonic()
                 self._on_head(head, rest)
             except ProtocolError as exc:
                 self._fail(str(exc))
@@ -136,6 +151,7 @@ class Client(asyncio.Protocol):
 
     def _ready(self) -> None:
         if not self.ready.done():
+            self.ready_at = time.monotonic()
             self.ready.set_result(None)
 
     def _ended(self, how: str) -> None:
@@ -243,7 +259,9 @@ class SseClient(Client):
     """Server-Sent Events: a GET by hand, then an event stream, chunked or
     close-delimited as the response head says. Only ``message`` events (or
     events without a name) can be deliveries: control and presence events
-    (Herald's welcome, join, leave, reset, close…) are counted as ``other``."""
+    (Herald's welcome, join, leave, reset, close…) are counted as ``other``.
+    A Herald stream is ready at its ``welcome`` event (Herald has admitted the
+    client then), any other at its response head."""
 
     __slots__ = ("_dechunk", "_events")
 
@@ -262,7 +280,8 @@ class SseClient(Client):
             raise ProtocolError(f"http {head.status}" + (f" {body}" if body else ""))
         self._dechunk = event_stream_body(head)
         self.open = True
-        self._ready()
+        if not self.herald:
+            self._ready()
 
     def _body(self, data: bytes) -> None:
         dechunk = self._dechunk
@@ -274,6 +293,8 @@ class SseClient(Client):
             for _, name, payload in events:
                 if not is_message(name) or not self._payload(payload, now):
                     self.other += 1
+                    if name == WELCOME_EVENT and self.herald:
+                        self._ready()
         if dechunk is not None and dechunk.done:
             self._ended("sse end")
             self.close()
@@ -288,25 +309,31 @@ class SseClient(Client):
 async def open_connection(client: Client, timeout: float, rcvbuf: int = 0) -> None:
     """Connect ``client`` and wait until it is ready; raises (and cleans up) otherwise.
 
-    The socket is made here so that a small receive buffer can be set before
-    connecting (it only shapes the TCP window if set before the handshake).
+    With ``rcvbuf`` the socket is made here, so that a small receive buffer is
+    set before connecting (it only shapes the TCP window if set before the
+    handshake); otherwise the event loop makes and connects it (cheaper: a
+    connect storm's generator spends most of its time there).
     """
     loop = asyncio.get_running_loop()
     ep = client.endpoint
-    sock = socket.socket(ep.family, socket.SOCK_STREAM)
+    client.started_at = time.monotonic()
+    sock: socket.socket | None = None
     transport: asyncio.Transport | None = None
     try:
-        sock.setblocking(False)
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, (ep.address, ep.port))
-            transport, _ = await loop.create_connection(lambda: client, sock=sock)
+            if rcvbuf:
+                sock = socket.socket(ep.family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                await loop.sock_connect(sock, (ep.address, ep.port))
+                transport, _ = await loop.create_connection(lambda: client, sock=sock)
+            else:
+                transport, _ = await loop.create_connection(lambda: client, ep.address, ep.port, family=ep.family)
             await client.ready
     except BaseException:
         if transport is not None:
             transport.abort()
-        else:
+        elif sock is not None:
             sock.close()
         raise
 
@@ -322,3 +349,31 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"oserror {exc.errno}" if exc.errno else type(exc).__name__
     return type(exc).__name__
+
+
+def failure_label(exc: BaseException, client: Client) -> str:
+    """``describe``, and for Herald a timeout after the head names the missing welcome."""
+    label = describe(exc)
+    if label == "timeout" and client.open and client.herald:
+        what = "upgraded, but no Herald welcome frame" if isinstance(client, WsClient) else "no welcome event"
+        label = f"{what} in time (not Herald? try --envelope raw)"
+    return label
+
+
+def new_client(cfg: Config, index: int, token: str, hist: Histogram) -> Client:
+    """Connection ``index`` of a run: room ``r{index % rooms}``, its own user (token)."""
+    room = index % cfg.rooms
+    url = expand(cfg.url, room=f"r{room}", token=token, index=index)
+    endpoint = loopback_url(url, ("ws", "http") if cfg.transport == "ws" else ("http",))
+    kind = WsClient if cfg.transport == "ws" else SseClient
+    return kind(index, room, endpoint, cfg.envelope == "herald", hist, cfg.stalls(index))
+
+
+def tokens(secret: str | None, indices: Sequence[int]) -> list[str]:
+    """A token per connection (user ``u{i}``, every room), minted up front so that
+    minting never competes with connecting; empty strings without a secret."""
+    if not secret:
+        return [""] * len(indices)
+    from gateway.auth import mint_token  # only needed with --jwt-secret
+
+    return [mint_token(secret, f"u{i}", rooms=["*"], ttl=3600) for i in indices]

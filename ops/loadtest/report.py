@@ -3,10 +3,28 @@ idle and stalled summaries. The JSON file carries the same numbers in full."""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
 Row = dict[str, Any]
+
+
+def log(line: str) -> None:
+    """Progress and problems: stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def out(line: str) -> None:
+    """Results (the table and summaries): stdout."""
+    print(line, flush=True)
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -86,6 +104,8 @@ def stalled_lines(stalled: Row) -> list[str]:
 
 
 def summary_line(summary: Row) -> str:
+    if summary.get("mode") == "storm":
+        return f"storm: {_num(summary['admitted_per_s'])} connects admitted per second"
     if summary.get("mode") == "idle":
         return f"idle: {_num(summary['kib_per_connection'], 1)} KiB of server RSS per connection"
     best = summary.get("highest_sustained")
@@ -97,3 +117,37 @@ def summary_line(summary: Row) -> str:
         f"(p99 {best['p99_ms']:.1f} ms, server {_num(best['us_per_delivery'], 1)} µs/delivery); "
         f"stopped: {summary['stopped']}"
     )
+
+
+def _ms(q: Row | None) -> str:
+    if not q:
+        return "-"
+    return f"p50 {q['p50']:,.1f} / p90 {q['p90']:,.1f} / p99 {q['p99']:,.1f} / max {q['max']:,.1f} ms"
+
+
+def storm_lines(s: Row) -> list[str]:
+    server, aux = s.get("server") or {}, s.get("aux") or {}
+    gens = ", ".join(_num(g) + "%" for g in s["generator_cpu_pct"])
+    lines = [
+        f"storm: {s['attempted']:,}/{s['requested']:,} connects offered at {s['rate_offered_target']:,.0f}/s "
+        f"({_num(s['offered_per_s'])}/s achieved; start lag p99 "
+        f"{_num((s['start_late_ms'] or {}).get('p99'), 1)} ms) by {s['procs']} process(es)",
+        f"  connected {s['connected']:,}, failed {s['failed']:,} → admitted {_num(s['admitted_per_s'])}/s "
+        f"(over {s['admitted_seconds']:.2f}s from the first start to the last ready)",
+        f"  start → ready: {_ms(s['handshake_ms'])}",
+        f"  start → response head: {_ms(s['head_ms'])}",
+        f"  server CPU {_num(server.get('cpu_pct'))}% of a core → {_num(server.get('us_per_connect'))} µs per connect"
+        + (
+            f"; aux {_num(aux.get('cpu_pct'))}% ({_num(aux.get('us_per_connect'))} µs per connect)"
+            if aux.get("cpu_s") is not None
+            else ""
+        ),
+        f"  generator CPU {gens} (per process, % of a core)",
+    ]
+    if s["generator_busy"]:
+        lines.append(f"  generator at {_num(s['generator_cpu_max'])}% of a core: it may be the limit (try --procs)")
+    if s["errors"]:
+        lines.append("  errors: " + _counts(s["errors"]))
+    if s["closed_during_hold"]:
+        lines.append("  closed by the server during the hold: " + _counts(s["closed_during_hold"]))
+    return lines

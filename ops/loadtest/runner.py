@@ -10,34 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
-import sys
 import time
 from collections import Counter
 from typing import Any
 
 from . import report
 from .cli import Config
-from .clients import Client, SseClient, WsClient, describe, open_connection
+from .clients import Client, failure_label, new_client, open_connection, tokens
 from .procstat import ProcGroup, raise_fd_limit, self_cpu
 from .publisher import HttpPublisher, NatsPublisher, Publisher
+from .report import log, out
 from .stats import Histogram, Tally, tally
-from .target import expand, loopback_url
 
 MB = 1024 * 1024
 BEHIND = 0.95  # a step falls behind below this share of expected deliveries
 GENERATOR_BUSY_PCT = 85.0
-
-
-def log(line: str) -> None:
-    """Progress and problems: stderr."""
-    print(line, file=sys.stderr, flush=True)
-
-
-def out(line: str) -> None:
-    """Results (the table and summaries): stdout."""
-    print(line, flush=True)
 
 
 class Run:
@@ -98,8 +86,12 @@ class Run:
     async def _body(self) -> None:
         cfg = self.cfg
         self.result["server_rss_before_mb"] = self._rss_mb()
-        await self._connect_all()
-        if not self.clean and not cfg.idle:
+        if cfg.conns:
+            await self._connect_all()
+        else:
+            self.result["connect"] = {"requested": 0, "connected": 0, "rate_achieved": 0.0, "errors": {}}
+            log("publishing only (--conns 0): no receivers")
+        if cfg.conns and not self.clean and not cfg.idle:
             _no_clients(self.result)
             return
         if cfg.idle:
@@ -111,35 +103,28 @@ class Run:
         await asyncio.sleep(cfg.warmup)
         out(report.header())
         loop = asyncio.get_running_loop()
+        failed = None  # the first step that was not ok; later steps only up to --measure-up-to
         for rate in cfg.rates:
+            if failed and rate > cfg.measure_up_to:
+                break
             seconds = min(cfg.step_seconds, self.deadline - loop.time() - cfg.settle - 1.0)
             if seconds < min(1.0, cfg.step_seconds):
                 self.result["stopped"] = "deadline (--max-seconds) before the next step"
-                break
+                return
             step = await self._step(rate, seconds)
             self.result["steps"].append(step)
             out(report.row(step))
-            if step["verdict"] != "ok":
-                self.result["stopped"] = f"{step['verdict']} at {rate:g} msg/s"
-                break
-        else:
-            self.result["stopped"] = "all rates done"
+            if step["verdict"] != "ok" and failed is None:
+                failed = f"{step['verdict']} at {rate:g} msg/s"
+        self.result["stopped"] = failed or "all rates done"
 
     # -- connecting ------------------------------------------------------------
-
-    def _client(self, index: int, token: str) -> Client:
-        cfg = self.cfg
-        room = index % cfg.rooms
-        url = expand(cfg.url, room=self.rooms[room], token=token, index=index)
-        endpoint = loopback_url(url, ("ws", "http") if cfg.transport == "ws" else ("http",))
-        kind = WsClient if cfg.transport == "ws" else SseClient
-        return kind(index, room, endpoint, cfg.envelope == "herald", self.hist, cfg.stalls(index))
 
     async def _connect_all(self) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         raise_fd_limit(cfg.conns + 256)
-        tokens = _tokens(cfg)
+        minted = tokens(cfg.jwt_secret, range(cfg.conns))
         errors: Counter[str] = Counter()
         ready_times: list[float] = []
 
@@ -149,10 +134,7 @@ class Run:
                 timeout = min(cfg.connect_timeout, self.deadline - loop.time())
                 await open_connection(client, timeout, rcvbuf)
             except Exception as exc:  # noqa: BLE001 - every failure is counted by its label
-                label = describe(exc)
-                if label == "timeout" and client.open and client.herald and cfg.transport == "ws":
-                    label = "upgraded, but no Herald welcome frame in time (not Herald? try --envelope raw)"
-                errors[label] += 1
+                errors[failure_label(exc, client)] += 1
             else:
                 ready_times.append(loop.time())
 
@@ -168,7 +150,7 @@ class Run:
             delay = at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            client = self._client(i, tokens[i] if tokens else "")
+            client = new_client(cfg, i, minted[i], self.hist)
             self.clients.append(client)
             tasks.append(loop.create_task(one(client)))
             if loop.time() - last_log >= 2:
@@ -206,7 +188,12 @@ class Run:
         cfg = self.cfg
         if cfg.publish_url:
             return HttpPublisher(
-                self.rooms, cfg.payload_bytes, cfg.publish_url, dict(cfg.publish_headers), cfg.publish_body == "herald"
+                self.rooms,
+                cfg.payload_bytes,
+                cfg.publish_url,
+                dict(cfg.publish_headers),
+                cfg.publish_body == "herald",
+                cfg.publish_batch,
             )
         assert cfg.publish_nats
         return NatsPublisher(self.rooms, cfg.payload_bytes, cfg.publish_nats, cfg.subject)
@@ -259,13 +246,17 @@ class Run:
         errors_before = Counter(pub.errors)
         self.hist.take()  # stragglers of the previous step are not this step's latency
         self.lag.take()
+        http = pub if isinstance(pub, HttpPublisher) else None
+        requests_before = http.requests if http else 0
+        if http:
+            http.latency.take()
         cpu0, aux0, gen0, t0 = self.server.cpu(), self.aux.cpu(), self_cpu(), loop.time()
 
         started = await pub.run(rate, seconds)
         cpu_p, aux_p, gen_p, t_pub = self.server.cpu(), self.aux.cpu(), self_cpu(), loop.time()
         abandoned = await pub.drain(cfg.settle)
         await asyncio.sleep(max(0.0, t_pub + cfg.settle - loop.time()))
-        cpu1, t1 = self.server.cpu(), loop.time()
+        cpu1, aux1, t1 = self.server.cpu(), self.aux.cpu(), loop.time()
 
         diff = self._tally() - before
         hist = self.hist.take()
@@ -285,6 +276,9 @@ class Run:
         target = round(rate * seconds)
         if published < BEHIND * target:
             verdicts.append("publisher behind")
+        publish_errors = dict(Counter(pub.errors) - errors_before)
+        if publish_errors:
+            verdicts.append("publish errors")  # a message that was not taken is lost, whatever the receivers say
         notes = []
         gen_pct = 100 * (gen_p - gen0) / publish_window
         if gen_pct > GENERATOR_BUSY_PCT:
@@ -318,10 +312,17 @@ class Run:
                 else None,
                 "rss_mb": round(rss_end / MB, 1) if rss_end is not None else None,
                 "rss_peak_mb": round(max([*window_rss, rss_end or 0]) / MB, 1) if self.server else None,
+                "us_per_publish": round(server_cpu / published * 1e6, 2) if self.server and published else None,
             },
             "aux": {
                 "cpu_pct": round(100 * (aux_p - aux0) / publish_window, 1) if self.aux else None,
                 "rss_mb": round(self.aux.rss() / MB, 1) if self.aux else None,
+                "us_per_publish": round((aux1 - aux0) / published * 1e6, 2) if self.aux and published else None,
+            },
+            "publish": {
+                "requests": (http.requests - requests_before) if http else None,
+                "batch": http.batch if http else 1,
+                "latency_ms": http.latency.take().summary_ms() if http else None,
             },
             "generator_cpu_pct": round(gen_pct, 1),
             "generator_lag_ms": lag,
@@ -329,7 +330,7 @@ class Run:
             "connect_rate_achieved": self.result["connect"]["rate_achieved"],
             "closed_by_server": self._closes(t0, t1, stalling=False),
             "stalled_closed": stalled_closes,
-            "publish_errors": dict(Counter(pub.errors) - errors_before),
+            "publish_errors": publish_errors,
             "verdict": "ok" if not verdicts else " + ".join(verdicts),
             "notes": notes,
         }
@@ -411,14 +412,6 @@ class Run:
         return {"mode": "steps", "highest_sustained": best, "stopped": stopped}
 
 
-def _tokens(cfg: Config) -> list[str]:
-    if not cfg.jwt_secret:
-        return []
-    from gateway.auth import mint_token  # only needed with --jwt-secret
-
-    return [mint_token(cfg.jwt_secret, f"u{i}", rooms=["*"], ttl=3600) for i in range(cfg.conns)]
-
-
 async def _drained(clients: list[Client], quiet: float = 0.5, limit: float = 8.0) -> None:
     """Wait until resumed connections have ended or gone ``quiet`` (their
     backlog read), for at most ``limit`` seconds."""
@@ -445,9 +438,3 @@ def _stalled_report(stalled: list[Client]) -> dict[str, Any]:
 def _no_clients(result: dict[str, Any]) -> None:
     result["stopped"] = "no connection became ready"
     log("no connection became ready: nothing to measure")
-
-
-def write_json(path: str, result: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")

@@ -7,8 +7,12 @@ stream cut at every possible place, because real reads split anywhere.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import time
+from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -17,11 +21,15 @@ from ops.bench import report as bench_report
 from ops.bench.run import _parser as bench_parser
 from ops.bench.run import select
 from ops.bench.scenarios import SCENARIO_NAMES, loadtest_command, standard
-from ops.bench.servers import Target
-from ops.loadtest import payload, wsproto
+from ops.bench.servers import Target, raw_target
+from ops.loadtest import payload, storm, wsproto
+from ops.loadtest import report as loadtest_report
 from ops.loadtest.cli import config
 from ops.loadtest.clients import ConnectError, SseClient, WsClient
 from ops.loadtest.http1 import ProtocolError, parse_head
+from ops.loadtest.httpclient import Exchange, post_request
+from ops.loadtest.publisher import HttpPublisher, Publisher
+from ops.loadtest.runner import Run
 from ops.loadtest.sse import Dechunker, EventParser, event_stream_body, is_message
 from ops.loadtest.stats import Histogram, SeqTrack, tally
 from ops.loadtest.target import UnsafeTarget, expand, loopback_url
@@ -382,9 +390,13 @@ async def test_sse_client_refusal_and_stall() -> None:
     stalled = SseClient(1, 0, ep, True, hist, True)
     transport = FakeTransport()
     stalled.connection_made(transport)  # type: ignore[arg-type]
+    stalled.data_received(SSE_CHUNKED_HEAD)
+    assert not stalled.ready.done() and stalled.open  # a Herald stream is ready at its welcome
+    welcome = sse_event("welcome", b'{"type":"welcome","conn":"n:1"}')
     events = b"".join(sse_event("message", payload.make(s, time.time(), 60), s) for s in (1, 2))
-    stalled.data_received(SSE_CHUNKED_HEAD + chunked(events)[:-5])
+    stalled.data_received(chunked(welcome + events)[:-5])
     assert stalled.ready.done() and transport.paused and stalled.paused
+    assert 0 < stalled.head_at <= stalled.ready_at
     assert stalled.track.received == 2 and hist.count == 0  # stalled: counted apart, no latency
 
 
@@ -441,3 +453,390 @@ def test_report_idle_sse_figures_and_ratios() -> None:
     idle_table = text.split("## Idle connections")[1].split("## Ratios")[0]
     assert "| idle-sse | herald " in idle_table and "| idle     | nchan " in idle_table
     assert "| idle-sse | kib_per_conn | Herald ÷ nchan | 1.50" in text
+
+
+# -- HTTP publishing ----------------------------------------------------------------
+
+
+def feed_response(wire: bytes, cut: int) -> Exchange:
+    exchange = Exchange()
+    done = exchange.feed(wire[:cut]) if cut else False
+    for i in range(cut, len(wire)):
+        assert not done, (cut, i)
+        done = exchange.feed(wire[i : i + 1])
+    assert done or exchange.eof()
+    return exchange
+
+
+def test_http_responses_any_split() -> None:
+    sized = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{"id":"1"}'
+    chunks = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nqueu\r\n2\r\ned\r\n0\r\n\r\n"
+    closing = b"HTTP/1.1 202 Accepted\r\nConnection: close\r\n\r\nno subscribers"
+    for wire, status, body, keep in ((sized, 200, b'{"id":"1"}', True), (chunks, 201, b"queued", True)):
+        for cut in range(len(wire)):
+            ex = feed_response(wire, cut)
+            assert ex.head is not None and (ex.head.status, bytes(ex.body), ex.keep_alive) == (status, body, keep)
+    ex = feed_response(closing, 10)
+    assert ex.head is not None and ex.head.status == 202 and bytes(ex.body) == b"no subscribers"
+    assert not ex.keep_alive  # a close-delimited body: the next request needs a new connection
+    assert Exchange().feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    with pytest.raises(ProtocolError, match="after the response"):
+        Exchange().feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1")
+    request = post_request(loopback_url("http://localhost:81/api/publish", ("http",)), {"X-A": "b"}, b"{}")
+    assert request == b"POST /api/publish HTTP/1.1\r\nHost: localhost:81\r\nX-A: b\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def test_http_publisher_bodies_single_and_batched() -> None:
+    url, key = "http://127.0.0.1:1/api/publish", {"Authorization": "Bearer k"}
+    single = HttpPublisher(["r0", "r1"], 60, url, key, herald_body=True)
+    last, body = single.body(1, 1)
+    doc = json.loads(body)
+    assert last == 1 and doc["channel"] == "room:r1" and doc["data"]["s"] == 1
+    batched = HttpPublisher(["r0", "r1"], 60, url, key, herald_body=True, batch=100)
+    batched.published[0] = 7
+    last, body = batched.body(0, 3)
+    items = json.loads(body)
+    assert last == 10 and [i["data"]["s"] for i in items] == [8, 9, 10]
+    assert {i["channel"] for i in items} == {"room:r0"}
+    raw = HttpPublisher(["r0"], 60, "http://127.0.0.1:1/pub/{room}", {}, herald_body=False)
+    assert raw.endpoints[0].target == "/pub/r0" and payload.extract(raw.body(0, 1)[1]) is not None
+    with pytest.raises(ValueError, match="Herald"):
+        HttpPublisher(["r0"], 60, url, {}, herald_body=False, batch=10)
+    for p in (single, batched, raw):
+        await p.close()
+
+
+async def test_http_publisher_against_a_loopback_server() -> None:
+    """Keep-alive, a server that closes after a response, refusals counted as errors."""
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            size = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            seen.append(await reader.readexactly(size))
+            n = len(seen)
+            if n == 3:
+                writer.write(b"HTTP/1.1 429 Too Many\r\nContent-Length: 0\r\n\r\n")
+            elif n == 2:
+                writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                writer.close()
+                return
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pub = HttpPublisher(["r0"], 60, f"http://127.0.0.1:{port}/pub/{{room}}", {}, herald_body=False)
+    await pub.start()
+    try:
+        assert await pub.run(40, 0.1) == 4
+        assert await pub.drain(5) == 0
+    finally:
+        await pub.close()
+        server.close()
+    assert len(seen) == 4 and pub.requests == 4 and pub.latency.count == 4
+    assert pub.published == [3] and dict(pub.errors) == {"http 429": 1}
+    assert pub._conns[0].opened == 2  # reopened after the server closed
+
+
+# -- connect storm --------------------------------------------------------------------
+
+
+def test_storm_options_are_checked() -> None:
+    base = ["--storm", "--conns", "100", "--jwt-secret", "s" * 32]
+    cfg = config([*base, "--connect-rate", "5000", "--procs", "2", "--hold", "2"])
+    assert cfg.storm and cfg.procs == 2 and cfg.hold == 2.0 and cfg.child is None
+    for bad in (
+        ["--procs", "0"],
+        ["--procs", "17"],
+        ["--idle", "3"],
+        ["--hold", "-1"],
+        ["--procs", "2", "--child", "2"],
+    ):
+        with pytest.raises(SystemExit):
+            config([*base, *bad])
+    with pytest.raises(SystemExit):
+        config(["--conns", "10", "--procs", "2"])  # --procs splits a storm only
+    with pytest.raises(SystemExit):
+        config(["--storm", "--conns", "0"])
+    with pytest.raises(SystemExit):  # batches are Herald's JSON arrays
+        config(["--conns", "0", "--publish-url", "http://127.0.0.1:1/pub/{room}", "--publish-batch", "10"])
+    publish_only = config(["--conns", "0", "--publish-url", "http://127.0.0.1:1/api/publish", "--publish-body=herald"])
+    assert publish_only.conns == 0 and publish_only.publish_batch == 1
+
+
+def test_storm_parts_split_the_indices_and_rebuild_the_config() -> None:
+    parts = [storm.part_indices(10, 3, j) for j in range(3)]
+    assert [list(p) for p in parts] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    url = "http://127.0.0.1:9/sse?token={token}&room={room}"
+    cfg = config(
+        [
+            *("--storm", "--transport", "sse", "--url", url, "--conns", "5000", "--rooms", "10"),
+            *("--connect-rate", "5000", "--jwt-secret", "s" * 32, "--procs", "4", "--hold", "1.5"),
+            *("--connect-timeout", "7", "--server-pid", str(os.getpid())),
+        ]
+    )
+    child = config(storm.child_argv(cfg, 3, "/tmp/part-3.json"))
+    assert child.child == 3 and child.json_path == "/tmp/part-3.json" and child.server_pids == ()
+    same = ("transport", "url", "conns", "rooms", "connect_rate", "connect_timeout", "envelope", "hold", "procs")
+    assert all(getattr(child, k) == getattr(cfg, k) for k in same) and child.jwt_secret == cfg.jwt_secret
+
+
+def storm_part(part: int, go: float, timings: list[tuple[float, float, float]], cpu_s: float) -> dict[str, Any]:
+    return {
+        "part": part,
+        "go": go,
+        "done": go + 2.0,
+        "attempted": len(timings),
+        "start": [t[0] for t in timings],
+        "head": [t[1] for t in timings],
+        "ready": [t[2] for t in timings],
+        "late": [0.001] * len(timings),
+        "errors": {"timeout": 1} if any(not t[2] for t in timings) else {},
+        "cpu_s": cpu_s,
+        "closed_during_hold": {},
+    }
+
+
+def test_storm_parts_merge_on_one_clock() -> None:
+    # Two processes, interleaved: part 0 starts at 100.0, part 1's last connect is ready at 101.0.
+    a = storm_part(0, 100.0, [(100.0, 100.001, 100.002), (100.4, 100.401, 100.404)], cpu_s=1.0)
+    b = storm_part(1, 100.0, [(100.2, 100.2005, 100.201), (100.6, 100.9, 101.0), (100.8, 100.9, 0.0)], cpu_s=1.8)
+    merged = storm.merge([a, b], requested=5, rate=5.0)
+    assert (merged["attempted"], merged["connected"], merged["failed"]) == (5, 4, 1)
+    assert merged["errors"] == {"timeout": 1} and merged["procs"] == 2
+    assert merged["offered_per_s"] == pytest.approx(4 / 0.8, rel=1e-3)  # 5 starts over 0.8 s
+    assert merged["admitted_per_s"] == pytest.approx(4 / 1.0, rel=1e-3)  # first start → last ready
+    hs = merged["handshake_ms"]
+    assert hs["count"] == 4 and hs["p50"] == pytest.approx(2.0) and hs["max"] == pytest.approx(400.0)
+    assert merged["head_ms"]["count"] == 5  # the one that timed out did get its head
+    assert merged["generator_cpu_pct"] == [50.0, 90.0] and merged["generator_cpu_max"] == 90.0
+    assert merged["generator_busy"]  # ≥ 85 %: it may be the limit
+    storm.add_server(merged, server_s=0.4, aux_s=None)
+    assert merged["server"] == {"cpu_s": 0.4, "cpu_pct": 20.0, "us_per_connect": 100_000.0}
+    assert merged["aux"]["us_per_connect"] is None
+    assert storm.quantiles_ms([]) is None
+    assert storm.quantiles_ms([0.001 * i for i in range(1, 101)])["p99"] == pytest.approx(99.0)
+    lines = loadtest_report.storm_lines(merged)
+    assert any("admitted 4/s" in line for line in lines) and any("may be the limit" in line for line in lines)
+
+
+async def test_storm_against_a_loopback_event_stream() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(SSE_CLOSE_HEAD)
+        await reader.read()  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/sub/{{room}}"
+    cfg = config(
+        [
+            *("--storm", "--transport", "sse", "--envelope", "raw", "--url", url, "--conns", "30"),
+            *("--connect-rate", "600", "--hold", "0", "--server-pid", str(os.getpid())),
+        ]
+    )
+    try:
+        result = await storm.run(cfg)
+    finally:
+        server.close()
+    s = result["storm"]
+    assert (s["attempted"], s["connected"], s["failed"]) == (30, 30, 0) and "aborted" not in result
+    assert 300 < s["offered_per_s"] <= 700 and s["handshake_ms"]["count"] == s["head_ms"]["count"] == 30
+    assert s["server"]["cpu_s"] is not None and s["aux"]["cpu_s"] is None
+
+
+async def test_steps_go_on_up_to_measure_up_to() -> None:
+    """A failed step stops the stepping, except for the rates whose figures are wanted anyway."""
+
+    class Quiet(Publisher):
+        async def _emit(self, room: int) -> None:
+            pass
+
+    async def fake_step(rate: float, seconds: float) -> dict[str, Any]:
+        ran.append(rate)
+        return {"rate": rate, "verdict": "p99" if rate == 100 else "ok", "publish_errors": {}, "notes": []}
+
+    argv = ["--conns", "0", "--publish-url", "http://127.0.0.1:1/pub/{room}", "--rates", "100,200,500,1000"]
+    argv += ["--warmup", "0"]
+    for up_to, expected in (("0", [100.0]), ("500", [100.0, 200.0, 500.0])):
+        ran: list[float] = []
+        run = Run(config([*argv, "--measure-up-to", up_to]))
+        run._make_publisher = lambda: Quiet(["r0"], 60)  # type: ignore[method-assign]
+        run._step = fake_step  # type: ignore[method-assign]
+        run.deadline = asyncio.get_running_loop().time() + 100
+        with mock.patch.object(loadtest_report, "row", lambda step: str(step["rate"])):
+            await run._body()
+        assert ran == expected and run.result["stopped"] == "p99 at 100 msg/s"
+
+
+# -- the bench's issue-20 scenarios -----------------------------------------------------
+
+HERALD = Target(
+    server="herald",
+    ws_url="ws://127.0.0.1:8080/ws?token={token}&room={room}",
+    sse_url="http://127.0.0.1:8080/sse?token={token}&room={room}",
+    envelope="herald",
+    publish_args=["--publish", "nats://127.0.0.1:4222", "--subject", "herald.room.{room}"],
+    server_pids=[101],
+    aux_pids=[102],
+    jwt_secret="s" * 32,
+    http_publish_args=[
+        *("--publish-url", "http://127.0.0.1:8080/api/publish", "--publish-body", "herald"),
+        *("--publish-header", "Authorization: Bearer k"),
+    ],
+)
+NCHAN = raw_target("nchan", 8089, "/sub/{room}", "/sub/{room}", [201])
+
+
+def loadtest_config(scenario_name: str, target: Target, quick: bool = False) -> Any:
+    scenario = {s.name: s for s in standard(quick)}[scenario_name]
+    cmd = loadtest_command(scenario, target, "/tmp/x.json", "1")
+    return scenario, config(cmd[cmd.index("ops.loadtest") + 1 :])
+
+
+def test_issue20_scenarios_and_their_commands() -> None:
+    new = ["publish-api", "publish-api-batch", "fanout-ws-http", "fanout-sse-http"]
+    new += ["connect-storm-ws", "connect-storm-sse", "connect-storm-sse-10k"]
+    assert set(new) <= set(SCENARIO_NAMES)
+    scenario, cfg = loadtest_config("publish-api", HERALD)
+    assert cfg.conns == 0 and cfg.rates == (500.0, 2000.0) and cfg.measure_up_to == 2000
+    assert cfg.publish_url == "http://127.0.0.1:8080/api/publish" and cfg.publish_body == "herald"
+    assert dict(cfg.publish_headers) == {"Authorization": "Bearer k"} and cfg.publish_nats is None
+    assert dict(scenario.herald_env) == {"HERALD_LIMITS_API_RATE": "1000000"}
+    assert scenario.servers == ("herald", "nchan")
+    _, cfg = loadtest_config("publish-api", NCHAN)
+    assert cfg.publish_url == "http://127.0.0.1:8089/pub/{room}" and cfg.publish_body == "raw"
+    scenario, cfg = loadtest_config("publish-api-batch", HERALD)
+    assert cfg.publish_batch == 100 and scenario.servers == ("herald",)
+    for name, transport in (("fanout-ws-http", "ws"), ("fanout-sse-http", "sse")):
+        scenario, cfg = loadtest_config(name, HERALD)
+        assert (cfg.transport, cfg.conns, cfg.rooms, cfg.measure_up_to) == (transport, 1000, 10, 500)
+        assert cfg.jwt_secret and cfg.publish_url and 200.0 in cfg.rates and 500.0 in cfg.rates
+        assert scenario.herald_env and scenario.servers == ("herald", "nchan")
+    for quick, conns, rate in ((False, 5000, 5000), (True, 1000, 2000)):
+        for name in ("connect-storm-ws", "connect-storm-sse"):
+            scenario, cfg = loadtest_config(name, HERALD, quick)
+            assert cfg.storm and (cfg.conns, cfg.connect_rate, cfg.rooms) == (conns, rate, 10)
+            assert cfg.jwt_secret and cfg.hold == 2 and cfg.connect_timeout == 30 and cfg.server_pids == (101,)
+            assert scenario.budget() >= conns / rate + 30 + 2
+    _, cfg = loadtest_config("connect-storm-sse-10k", NCHAN)
+    assert (cfg.transport, cfg.conns, cfg.connect_rate, cfg.envelope) == ("sse", 10_000, 2000, "raw")
+
+
+def test_issue20_selection_groups() -> None:
+    args = bench_parser().parse_args(["--quick", "--peers", "--only", "publish-api,connect-storm-sse", "--rates", "50"])
+    args.storm_procs = 2
+    scenarios, _, notes = select(args)
+    by_name = {s.name: s for s in scenarios}
+    assert set(by_name) == {"publish-api", "publish-api-batch", "fanout-ws-http", "connect-storm-sse"} | {
+        "connect-storm-sse-10k"
+    }
+    assert by_name["publish-api"].rates == (500, 2000)  # --rates steps fan-outs, not the publish API's fixed rates
+    assert by_name["fanout-ws-http"].rates == (50,) and by_name["connect-storm-sse"].procs == 2
+    assert any("publish-api-batch" in n for n in notes)
+
+
+def canned_outcomes() -> list[dict[str, Any]]:
+    def publish(us: dict[int, float], p99: float, batch: int = 1) -> dict[str, Any]:
+        steps = [
+            {
+                "rate": rate,
+                "published_per_s": rate,
+                "server": {"us_per_publish": cost, "cpu_pct": 10.0},
+                "aux": {"us_per_publish": 30.0},
+                "publish": {"requests": rate, "batch": batch, "latency_ms": {"p50": 0.5, "p99": p99, "max": 9.0}},
+                "publish_errors": {},
+                "generator_cpu_pct": 12.0,
+                "verdict": "ok",
+            }
+            for rate, cost in us.items()
+        ]
+        return {"config": {"conns": 0}, "steps": steps}
+
+    def fanout(us: float, p99: float) -> dict[str, Any]:
+        steps = [
+            {
+                "rate": rate,
+                "seconds": 10.0,
+                "delivered": rate * 1000,
+                "delivered_per_s": rate * 100,
+                "latency_ms": {"p50": 1.0, "p99": p99 * rate / 500, "max": 50.0},
+                "server": {"us_per_delivery": us, "us_per_publish": us * 100},
+                "publish": {"latency_ms": {"p50": 0.5, "p99": 2.0}},
+                "verdict": "ok",
+            }
+            for rate in (200, 500)
+        ]
+        return {"config": {"conns": 1000}, "steps": steps, "connect": {"requested": 1000}}
+
+    def storm(admitted: float, p99: float, us: float, gen: float, cores: list[float]) -> dict[str, Any]:
+        return {
+            "config": {"storm": True, "conns": 5000},
+            "bench_cores": {"server": [0], "generator": [1]},
+            "storm": {
+                "requested": 5000,
+                "rate_offered_target": 5000,
+                "attempted": 5000,
+                "connected": 5000,
+                "failed": 0,
+                "errors": {},
+                "offered_per_s": 4990.0,
+                "admitted_per_s": admitted,
+                "handshake_ms": {"p50": 1.0, "p99": p99, "max": p99 * 2},
+                "head_ms": {"p50": 0.9, "p99": p99},
+                "server": {"us_per_connect": us, "cpu_pct": 50.0},
+                "aux": {"us_per_connect": None},
+                "procs": 1,
+                "generator_cpu_pct": [gen],
+                "generator_cpu_max": gen,
+                "generator_busy": gen >= 85,
+                "cores_busy_pct": cores,
+            },
+        }
+
+    return [
+        {"scenario": "publish-api", "server": "herald", "result": publish({500: 200.0, 2000: 100.0}, 4.0)},
+        {"scenario": "publish-api", "server": "nchan", "result": publish({500: 50.0, 2000: 25.0}, 2.0)},
+        {"scenario": "publish-api-batch", "server": "herald", "result": publish({2000: 20.0, 10000: 15.0}, 9.0, 100)},
+        {"scenario": "fanout-ws-http", "server": "herald", "result": fanout(12.0, 30.0)},
+        {"scenario": "fanout-ws-http", "server": "nchan", "result": fanout(4.0, 10.0)},
+        {"scenario": "connect-storm-ws", "server": "herald", "result": storm(1000.0, 400.0, 800.0, 20.0, [99.0, 80.0])},
+        {"scenario": "connect-storm-ws", "server": "nchan", "result": storm(4950.0, 2.0, 50.0, 90.0, [60.0, 99.0])},
+    ]
+
+
+def test_report_issue20_figures_and_ratios() -> None:
+    summary = bench_report.summarize(canned_outcomes(), {"quick": False})
+    fig = summary["figures"]
+    assert fig["publish-api"]["herald"]["at"]["2000"]["us_per_publish"] == 100.0
+    assert fig["fanout-ws-http"]["herald"]["at"]["500"]["us_per_publish"] == 1200.0
+    storm_h, storm_n = fig["connect-storm-ws"]["herald"], fig["connect-storm-ws"]["nchan"]
+    assert storm_h["kind"] == "storm" and storm_h["admitted_per_s"] == 1000.0 and storm_h["limit"] is None
+    assert storm_n["generator_core_busy_pct"] == 99.0 and "may be the limit" in storm_n["limit"]
+    ratios = summary["ratios"]
+    assert ratios["publish-api"]["nchan"]["us_per_publish@500"] == 4.0
+    assert ratios["publish-api"]["nchan"]["publish_p99@2000"] == 2.0
+    assert ratios["publish-api"]["nchan"]["us_per_publish_with_fanout@500"] == 3.0
+    http = ratios["fanout-ws-http"]["nchan"]
+    assert http["us_per_delivery@200"] == http["us_per_delivery@500"] == 3.0 and http["p99@500"] == 3.0
+    assert ratios["connect-storm-ws"]["nchan"] == {
+        "admitted_per_s": round(1000 / 4950, 3),
+        "handshake_p99": 200.0,
+        "us_per_connect": 16.0,
+    }
+    text = bench_report.markdown(summary)
+    publish_table = text.split("## HTTP publish API")[1].split("## Connect storms")[0]
+    assert "| herald | 200.0 " in publish_table and "| 15.0 " in publish_table  # batch @10000
+    nchan_row = next(line for line in publish_table.splitlines() if line.startswith("| nchan"))
+    assert nchan_row.count("—") == 2 and "| 400.0 " in nchan_row  # no batch; fan-out µs per publish
+    assert "1,000 receivers over 10 rooms, 100 deliveries per message" in publish_table
+    storms = text.split("## Connect storms")[1].split("## Ratios")[0]
+    assert "| connect-storm-ws | herald | 5,000 @ 5,000/s | 4,990 " in storms
+    throughput = text.split("## Throughput and cost")[1].split("## HTTP publish API")[0]
+    assert "| fanout-ws-http | herald | 12.0 " in throughput and "publish-api" not in throughput.split("|---")[1]
+    assert re.search(r"\| connect-storm-ws \| us_per_connect +\| Herald ÷ nchan \| 16\.00", text)
