@@ -17,6 +17,7 @@ from .channels import Channel, Subjects, event_of
 from .coalesce import Fresh
 from .history import retain, stream_cap
 from .link import NatsLink
+from .lookup import LastMessage
 from .pages import DirectReader, Pager
 from .snapshot import read_snapshot, snapshot_config
 
@@ -61,18 +62,16 @@ async def first_sequence(js: JetStreamContext, stream: str) -> int:
     return (await stream_bounds(js, stream))[0]
 
 
-async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int | None:
+async def last_sequence(leader: LastMessage, subject: str) -> int | None:
     """The last sequence stored on ``subject``: 0 if none, None if unknown.
     Asked of the stream leader: a direct get may be answered by a replica
     that is behind, and "nothing after the position" from it would skip
     messages the publisher already has acks for (ADR-31: stale reads)."""
     try:
-        msg = await js.get_msg(stream, subject=subject, direct=False)
-    except nats.js.errors.NotFoundError:
-        return 0
-    except (TimeoutError, nats.errors.Error, AttributeError, KeyError):
-        return None  # an old server without direct get, an odd reply: read the stream instead
-    return int(msg.seq or 0) or None
+        stored = await leader.get(subject)
+    except BrokerUnavailable:
+        return None  # no answer, an error, an odd reply: read the stream instead
+    return 0 if stored is None else stored.seq or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +92,8 @@ class NatsHistory:
         self._link = link
         self._place = place
         self._pages = DirectReader(link, place.stream, place.request_timeout)
+        # Buffered while NATS reconnects, as js.get_msg was (within the request timeout).
+        self._leader = LastMessage(link.replies, place.stream, place.request_timeout, direct=False, buffered=True)
         self._position = Fresh(self._ask_position)  # asked on every connect: shared by a burst of them
 
     async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
@@ -108,7 +109,7 @@ class NatsHistory:
                     # (eviction takes the oldest first); if none is, the stream
                     # may have dropped them all.
                     subject = p.subjects.input_subject(channels[0])
-                    last = await last_sequence(js, p.stream, subject)
+                    last = await last_sequence(self._leader, subject)
                     if last == 0 and after_seq > 0:
                         gone = after_seq + 1 < await first_sequence(js, p.stream)
                         return Replay([], frozenset(channels) if gone else frozenset())
