@@ -121,7 +121,13 @@ class NatsBroker:
             f"{config.stream}_read", link, self.history.position, self._stats, config.publish_timeout
         )
         self.presence = KvPresence(
-            link, config.subjects, config.stream, config.node_id, config.presence_ttl, config.join_leave_rooms
+            link,
+            config.subjects,
+            config.stream,
+            config.node_id,
+            config.presence_ttl,
+            config.join_leave_rooms,
+            config.publish_timeout,
         )
         self.connections = KvConnections(
             link, config.stream, self.presence.instance, self.presence.alive, events.kick, config.publish_timeout

@@ -15,7 +15,7 @@ import pytest
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from broker import BrokerUnavailable, Delivery
+from broker import BrokerUnavailable, Delivery, Kind
 from broker.channels import Subjects, room_channel
 from broker.dispatch import DispatchingClient
 from broker.embedded import NatsServer, free_port
@@ -235,5 +235,60 @@ async def test_a_subscription_not_confirmed_in_time_is_undone(nats_server: NatsS
             await asyncio.wait_for(broker.pubsub.want(room_channel("late")), timeout=3)
         assert broker.pubsub.subscriptions == 0
         assert not [s for s in nc._subs.values() if s.subject.startswith("cu_live")]
+    finally:
+        await broker.close()
+
+
+async def test_presence_writes_a_burst_in_batches_and_announces_each_join_and_leave(
+    nats_server: NatsServer,
+) -> None:
+    """A connect storm marks one presence entry per connect: they go out as
+    pipelined batches, not one round trip each, and still end as the last
+    mark of each key says; rooms that announce get one join and one leave per user."""
+    got: list[Delivery] = []
+    config = NatsConfig(
+        urls=(nats_server.url,),
+        subjects=Subjects("pb", "pb_live"),
+        stream="PB",
+        storage="memory",
+        join_leave_rooms=("stage",),
+    )
+    broker = NatsBroker(config, broker_events(got.append))
+    await broker.start()
+    presence = broker.presence
+    acks = presence._acks
+    assert acks is not None
+    batches = 0
+    real_publish = acks.publish
+
+    async def counted(messages: Any) -> Any:
+        nonlocal batches
+        batches += 1
+        return await real_publish(messages)
+
+    acks.publish = counted  # type: ignore[method-assign]
+    lobby, stage = room_channel("lobby"), room_channel("stage")
+    try:
+        users = [f"u{i}" for i in range(300)]
+        for user in users:
+            presence.mark(lobby, user, True)
+        for user in users[::3]:
+            presence.mark(lobby, user, False)  # gone again, maybe before its entry was written
+        await wait_for(lambda: not presence._pending, timeout=10)
+        assert await presence.members(lobby) == sorted(users[1::3] + users[2::3])
+        assert batches <= 6, f"{batches} batches for 400 marks"
+
+        await broker.pubsub.want(stage)
+        for user in users[:20]:
+            presence.mark(stage, user, True)
+        await wait_for(lambda: sum(d.kind is Kind.JOIN for d in got) >= 20, timeout=10)
+        for user in users[:20]:
+            presence.mark(stage, user, False)
+        await wait_for(lambda: sum(d.kind is Kind.LEAVE for d in got) >= 20, timeout=10)
+        await asyncio.sleep(0.2)
+        joins = sorted(d.payload.decode() for d in got if d.kind is Kind.JOIN)
+        leaves = sorted(d.payload.decode() for d in got if d.kind is Kind.LEAVE)
+        assert joins == leaves == sorted(users[:20])
+        assert await presence.members(stage) == []
     finally:
         await broker.close()
