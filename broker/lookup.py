@@ -41,6 +41,35 @@ class LookupFailed(BrokerUnavailable):
     """JetStream answered with an error other than "no such message"."""
 
 
+async def ask(
+    inbox: ReplyInbox, subject: str, payload: bytes, timeout: float, buffered: bool = False
+) -> tuple[bytes, dict[str, str] | None]:
+    """One request through the inbox: its reply's payload and headers.
+    BrokerUnavailable if none comes within ``timeout`` (or NATS fails)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[tuple[bytes, dict[str, str] | None]] = loop.create_future()
+
+    def take(data: bytes, headers: dict[str, str] | None) -> None:
+        if not answer.done():
+            answer.set_result((data, headers))
+
+    reply = ""
+    try:
+        nc, reply = await inbox.open(take, buffered)
+        await nc.publish(subject, payload, reply=reply)
+        expiry = loop.call_later(timeout, expire, (answer,))
+        try:
+            return await answer
+        finally:
+            expiry.cancel()
+    except TimeoutError:
+        raise BrokerUnavailable("JetStream did not answer in time") from None
+    except (OSError, nats.errors.Error) as exc:
+        raise BrokerUnavailable(f"JetStream request failed: {exc.__class__.__name__}") from None
+    finally:
+        inbox.close(reply)
+
+
 class LastMessage:
     """Reads the last message of a subject of one stream."""
 
@@ -58,32 +87,34 @@ class LastMessage:
         """The last message stored on ``subject``; None if there is none (or
         no such stream: JetStream says 404 for both, as nats-py reads it).
         Raises BrokerUnavailable if no answer comes in time or it is an error."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[tuple[bytes, dict[str, str] | None]] = loop.create_future()
+        if self._direct:  # the last_by_subj form that needs no payload (as nats-py asks it)
+            data, headers = await ask(self._inbox, self._direct + subject, b"", self._timeout, self._buffered)
+            return _direct_answer(data, headers)
+        request = orjson.dumps({"last_by_subj": subject})
+        data, headers = await ask(self._inbox, self._leader_api, request, self._timeout, self._buffered)
+        return _leader_answer(data, headers)
 
-        def take(data: bytes, headers: dict[str, str] | None) -> None:
-            if not answer.done():
-                answer.set_result((data, headers))
 
-        reply = ""
-        try:
-            nc, reply = await self._inbox.open(take, self._buffered)
-            if self._direct:  # the last_by_subj form that needs no payload (as nats-py asks it)
-                await nc.publish(self._direct + subject, b"", reply=reply)
-            else:
-                await nc.publish(self._leader_api, orjson.dumps({"last_by_subj": subject}), reply=reply)
-            expiry = loop.call_later(self._timeout, expire, (answer,))
-            try:
-                data, headers = await answer
-            finally:
-                expiry.cancel()
-        except TimeoutError:
-            raise BrokerUnavailable("message lookup not answered in time") from None
-        except (OSError, nats.errors.Error) as exc:
-            raise BrokerUnavailable(f"message lookup failed: {exc.__class__.__name__}") from None
-        finally:
-            self._inbox.close(reply)
-        return _direct_answer(data, headers) if self._direct else _leader_answer(data, headers)
+async def stream_bounds(inbox: ReplyInbox, stream: str, timeout: float) -> tuple[int, int]:
+    """The lowest and the highest sequence the stream holds, as its leader
+    says (STREAM.INFO, what nats-py's stream_info asks; only the state is
+    read, not the whole answer turned into dataclasses). Waits out a
+    reconnect within ``timeout``, as nats-py did."""
+    try:
+        data, headers = await ask(inbox, f"$JS.API.STREAM.INFO.{stream}", b"", timeout, buffered=True)
+    except BrokerUnavailable as exc:
+        raise BrokerUnavailable(f"stream info failed: {exc}") from None
+    if _unavailable(headers):
+        raise BrokerUnavailable("stream info failed: no stream answered (is JetStream up?)")
+    try:
+        answer = orjson.loads(data)
+        error = answer.get("error")
+        if error is not None:
+            raise BrokerUnavailable(f"stream info failed: {error.get('description')}")
+        state = answer["state"]
+        return int(state.get("first_seq") or 0), int(state.get("last_seq") or 0)
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        raise BrokerUnavailable(f"stream info failed: unreadable answer {data[:80]!r}") from None
 
 
 def _unavailable(headers: dict[str, str] | None) -> bool:

@@ -22,7 +22,7 @@ from broker.embedded import NatsServer, free_port
 from broker.jetstream import NatsBroker, NatsConfig
 from broker.kv import Bucket, compare_and_set
 from broker.link import NatsLink
-from broker.lookup import LastMessage
+from broker.lookup import LastMessage, stream_bounds
 from broker.store import last_sequence
 
 from ..helpers import broker_events, wait_for
@@ -152,6 +152,20 @@ async def test_last_sequence_asks_the_leader_and_reads_404_as_nothing(link: Nats
     assert stored is not None and (stored.seq, stored.data, stored.headers.get("H")) == (second, b"3", "v")
     # No such stream: 404 as well, read as nothing stored (as nats-py's NotFoundError was).
     assert await last_sequence(LastMessage(link.replies, "NO_SUCH_STREAM", 2.0, direct=False), "x") == 0
+
+
+async def test_stream_bounds_read_the_leaders_state(link: NatsLink) -> None:
+    assert link.js is not None
+    stream = f"SB{uuid.uuid4().hex[:10]}"
+    await link.js.add_stream(name=stream, subjects=[f"{stream}.>"], storage=StorageType.MEMORY)
+    assert await stream_bounds(link.replies, stream, 2.0) == (0, 0)
+    for i in range(5):
+        await link.js.publish(f"{stream}.s{i % 2}", b"x")
+    await link.js.purge_stream(stream, subject=f"{stream}.s0")  # 1, 3, 5 gone: 2 and 4 left
+    info = await link.js.stream_info(stream)
+    assert await stream_bounds(link.replies, stream, 2.0) == (info.state.first_seq, info.state.last_seq) == (2, 5)
+    with pytest.raises(BrokerUnavailable, match="stream info failed: stream not found"):
+        await stream_bounds(link.replies, "NO_SUCH_STREAM", 2.0)
 
 
 async def test_a_kv_write_while_nats_reconnects_waits_for_it(tmp_path: Any) -> None:
