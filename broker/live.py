@@ -122,18 +122,18 @@ class NatsPubSub:
             def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
                 handle(channel_of(subject.decode()), data, headers)
 
-            sub = await nc.subscribe_direct(self._subjects.live_family("user"), on_message)
+            sub = await nc.subscribe_direct(self._subjects.live_family("user"), on_message, written=False)
         else:
             channel = cast(Channel, key)  # the key of a channel is that channel (see _interest_key)
 
             def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
                 handle(channel, data, headers)
 
-            sub = await nc.subscribe_direct(self._subjects.live_subject(channel), on_message)
+            sub = await nc.subscribe_direct(self._subjects.live_subject(channel), on_message, written=False)
         # Live on the server before want() returns, so nothing published after the welcome is missed.
         try:
             async with asyncio.timeout(self._confirm_timeout):
-                await self._confirm.get()  # a round trip sent after this SUB was written
+                await self._confirm.get()  # a round trip that starts after this SUB was queued
         except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
             with contextlib.suppress(Exception):
                 await nc.unsubscribe_direct(sub)
@@ -141,7 +141,7 @@ class NatsPubSub:
         return sub
 
     async def _round_trip(self) -> None:
-        await self._client().flush(timeout=self._confirm_timeout)
+        await self._client().confirm(self._confirm_timeout)
 
     def _discard_opened(self, opening: asyncio.Future[LiveSubscription]) -> None:
         if opening.cancelled() or opening.exception() is not None:
