@@ -58,7 +58,6 @@ class Bucket:
     def __init__(self, link: NatsLink, kv: KeyValue, timeout: float) -> None:
         # The bucket's stream and key prefix, as nats-py's KeyValue keeps them;
         # direct gets only if the stream allows them (nats-py's rule).
-        self.kv = kv
         self._prefix = kv._pre
         self._last = LastMessage(link.replies, kv._stream, timeout, direct=bool(kv._direct), buffered=True)
         self._acks = AckedPublisher(link, kv._stream, timeout, buffered=True)

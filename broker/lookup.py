@@ -1,11 +1,13 @@
-"""The last message stored on a subject, asked through the reply inbox.
+"""JetStream lookups asked through the reply inbox: the last message stored
+on a subject, a stream's first and last sequence.
 
-What nats-py's ``kv.get`` and ``js.get_msg(subject=...)`` ask, without their
-request machinery (an inbox token, a future and a ``wait_for`` per request,
-stdlib json, dataclasses): a reply subject under the shared inbox
-(``ReplyInbox``), the answer read with orjson or from its headers. Asked on
-every connect (a user's connection count and read position, whether the
-user's channel holds anything new), so it has to be cheap.
+What nats-py's ``kv.get``, ``js.get_msg(subject=...)`` and ``stream_info``
+ask, without their request machinery (an inbox token, a future and a
+``wait_for`` per request, stdlib json, dataclasses): a reply subject under the
+shared inbox (``ReplyInbox``), the answer read with orjson or from its
+headers. Asked on every connect (a user's connection count and read position,
+whether the user's channel holds anything new, the welcome's position), so
+they have to be cheap.
 
 Two forms, as nats-py chooses between them: the stream leader's
 ``STREAM.MSG.GET`` (never behind), or a direct get (``DIRECT.GET``, ADR-31:

@@ -90,10 +90,10 @@ class NatsHistory:
             async with asyncio.timeout(p.replay_timeout):
                 if len(channels) == 1:
                     # One channel (the inbox, a subscribe): a look at its last
-                    # message (the leader's, see last_sequence) usually shows there is nothing to read. If
-                    # one is held, nothing after the position was evicted either
-                    # (eviction takes the oldest first); if none is, the stream
-                    # may have dropped them all.
+                    # message (asked of the leader, see last_sequence) usually
+                    # shows there is nothing to read. If one is held, nothing
+                    # after the position was evicted either (eviction takes the
+                    # oldest first); if none is, the stream may have dropped them all.
                     subject = p.subjects.input_subject(channels[0])
                     last = await last_sequence(self._leader, subject)
                     if last == 0 and after_seq > 0:
