@@ -16,7 +16,7 @@ import nats.errors
 import orjson
 
 from .base import BrokerUnavailable
-from .inbox import OnReply
+from .inbox import OnReply, expire
 from .link import NatsLink
 
 # A message to publish: (subject, payload, headers or None).
@@ -34,18 +34,24 @@ class Ack:
 
 
 class Refused(BrokerUnavailable):
-    """The stream answered, but did not store the message."""
+    """The stream answered, but did not store the message; ``code``: its
+    JetStream error code (e.g. 10071, a wrong expected last sequence), 0 if none."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class AckedPublisher:
     """Publishes into the stream and waits for its acks."""
 
-    def __init__(self, link: NatsLink, stream: str, timeout: float) -> None:
+    def __init__(self, link: NatsLink, stream: str, timeout: float, buffered: bool = False) -> None:
         self._inbox = link.replies
         self._stream = stream  # expected: a subject another stream captured is refused, not stored there
         self._timeout = timeout
         self._headers = {"Nats-Expected-Stream": stream}
         self._head = _head(stream, {})
+        self._buffered = buffered  # while NATS reconnects: wait for it (ReplyInbox.open)
 
     async def publish(self, messages: list[Outgoing]) -> list[Ack]:
         """Publish ``messages`` in order; their acks, in the same order. Raises
@@ -57,12 +63,12 @@ class AckedPublisher:
         pending: list[asyncio.Future[Ack]] = []
         replies: list[str] = []
         # One timer for the whole batch (not a timeout scope and a gather).
-        timer = loop.call_later(self._timeout, _expire, pending)
+        timer = loop.call_later(self._timeout, expire, pending)
         try:
             commands: list[bytes] = []
             for subject, payload, headers in messages:
                 future: asyncio.Future[Ack] = loop.create_future()
-                nc, reply = await self._inbox.open(_resolver(future))
+                nc, reply = await self._inbox.open(_resolver(future), self._buffered)
                 replies.append(reply)
                 pending.append(future)
                 head = self._head if headers is None else _head(self._stream, headers)
@@ -71,6 +77,8 @@ class AckedPublisher:
                 for (subject, payload, headers), reply in zip(messages, replies, strict=True):
                     await nc.publish(subject, payload, reply=reply, headers={**self._headers, **(headers or {})})
             return [await future for future in pending]
+        except TimeoutError:
+            raise BrokerUnavailable("publish not acknowledged in time") from None
         except (OSError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"publish not acknowledged: {exc.__class__.__name__}") from None
         finally:
@@ -82,12 +90,6 @@ class AckedPublisher:
                     future.cancel()
                 elif not future.cancelled():
                     future.exception()  # retrieved: one failure is raised, the others are not warnings
-
-
-def _expire(pending: list[asyncio.Future[Ack]]) -> None:
-    for future in pending:
-        if not future.done():
-            future.set_exception(BrokerUnavailable("publish not acknowledged in time"))
 
 
 def _head(stream: str, headers: dict[str, str]) -> bytes:
@@ -124,7 +126,9 @@ def _resolver(future: asyncio.Future[Ack]) -> OnReply:
         error = ack.get("error") if isinstance(ack, dict) else None
         if error is not None or not isinstance(ack, dict) or "seq" not in ack:
             description = error.get("description") if isinstance(error, dict) else ack
-            future.set_exception(Refused(f"the stream refused the message: {description}"))
+            code = error.get("err_code") if isinstance(error, dict) else 0
+            refused = f"the stream refused the message: {description}"
+            future.set_exception(Refused(refused, code if isinstance(code, int) else 0))
             return
         future.set_result(Ack(int(ack["seq"]), bool(ack.get("duplicate"))))
 

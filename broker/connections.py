@@ -21,10 +21,9 @@ import orjson
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.kv import KeyValue
 
-from .base import TooManyConnections
-from .kv import bind_bucket, compare_and_set, key_token, storage_type
+from .base import BrokerUnavailable, TooManyConnections
+from .kv import Bucket, bind_bucket, compare_and_set, key_token, storage_type
 from .link import NatsLink
 from .tasks import spawn
 from .throttle import Throttle
@@ -48,6 +47,7 @@ class KvConnections:
         instance: str,
         alive: Callable[[], Awaitable[set[str]]],
         kick: Callable[[str], None],
+        timeout: float = 5.0,
     ) -> None:
         self._link = link
         self._stream = stream
@@ -55,13 +55,15 @@ class KvConnections:
         self._instance = instance
         self._alive = alive
         self._kick = kick
-        self._kv: KeyValue | None = None
+        self._timeout = timeout  # of each KV request (the JetStream context's)
+        self._kv: Bucket | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # connections being counted out
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
-        self._kv = await bind_bucket(
+        kv = await bind_bucket(
             js, KeyValueConfig(bucket=self._bucket, history=1, replicas=replicas, storage=storage_type(storage))
         )
+        self._kv = Bucket(self._link, kv, self._timeout)
 
     def _kick_subject(self, instance: str) -> str:
         # Core NATS only: outside the stream's subjects, never stored.
@@ -138,7 +140,7 @@ class KvConnections:
 
             # A conflict is another connection of this user counted meanwhile.
             return await compare_and_set(kv, key_token(user), apply, tries=100)
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
             detail = getattr(exc, "description", None)  # what the JetStream API said, if it answered
             warn("update", "connection count of a user not updated: %r%s", exc, f" ({detail})" if detail else "")
         return False

@@ -102,9 +102,11 @@ class DispatchingClient(Client):
         self._burst = 0
         self._outgoing: list[bytes] = []  # see write_soon
 
-    async def subscribe_direct(self, subject: str, handler: Handler) -> LiveSubscription:
+    async def subscribe_direct(self, subject: str, handler: Handler, written: bool = True) -> LiveSubscription:
         """Subscribe with ``handler`` called for each message, in the reader.
-        Returns once the SUB is written to the socket."""
+        Returns once the SUB is written to the socket, or with ``written``
+        False once it is queued (``confirm`` then writes it: one wait for
+        many subscriptions)."""
         if self.is_closed:
             raise ConnectionClosedError
         if self.is_draining:
@@ -115,15 +117,21 @@ class DispatchingClient(Client):
         self._subs[sub._id] = sub  # type: ignore[assignment]  # resubscribed by nats-py on reconnect
         try:
             await self._send_subscribe(sub)  # type: ignore[arg-type]
-            # The SUB waits in nats-py's pending buffer, but flush() writes its
-            # PING straight to the socket: without this, the PONG can come back
-            # before the server has seen the SUB, and "subscribed" would not
-            # yet mean "live". Wait until the flusher has written the SUB.
-            await self._flush_pending(force_flush=True)
+            if written:
+                await self._flush_pending(force_flush=True)  # see confirm()
         except BaseException:
             self._forget(sub)
             raise
         return sub
+
+    async def confirm(self, timeout: int) -> None:
+        """Return once the server has every SUB queued before the call: the
+        pending buffer written, then a PING/PONG round trip. (The SUBs wait in
+        nats-py's pending buffer, but flush() writes its PING straight to the
+        socket: without the write first, the PONG could come back before the
+        server has seen them.)"""
+        await self._flush_pending(force_flush=True)
+        await self.flush(timeout)
 
     def _forget(self, sub: LiveSubscription) -> None:
         self._handlers.pop(sub._id, None)

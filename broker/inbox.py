@@ -8,13 +8,25 @@ requests can be in flight at once.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .dispatch import DispatchingClient
 
 # (payload, headers or None) of one reply.
 OnReply = Callable[[bytes, dict[str, str] | None], None]
+
+
+def expire(futures: Iterable[asyncio.Future[Any]]) -> None:
+    """Fail those of ``futures`` not done yet with TimeoutError. Called by a
+    timer (``loop.call_later``) bounding a wait for replies: cheaper than
+    ``asyncio.timeout`` (no task cancelled and uncancelled), which on every
+    connect adds up."""
+    for future in futures:
+        if not future.done():
+            future.set_exception(TimeoutError())
 
 
 class ReplyInbox:
@@ -38,9 +50,14 @@ class ReplyInbox:
             self._client = nc
         return nc
 
-    async def open(self, on_reply: OnReply) -> tuple[DispatchingClient, str]:
-        """A reply subject whose replies go to ``on_reply`` until ``close``."""
-        nc = await self.subscribe()
+    async def open(self, on_reply: OnReply, buffered: bool = False) -> tuple[DispatchingClient, str]:
+        """A reply subject whose replies go to ``on_reply`` until ``close``.
+        ``buffered``: while the client reconnects, the request waits in its
+        pending buffer and goes out once reconnected, after the inbox's SUB
+        (what nats-py's request() does), instead of failing at once."""
+        nc = self._client
+        if not (buffered and nc is not None and nc.is_reconnecting):
+            nc = await self.subscribe()
         reply = f"{self._prefix}.{next(self._ids)}"
         self._waiting[reply.encode()] = on_reply
         return nc, reply

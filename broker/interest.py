@@ -8,8 +8,7 @@ page reload does not unsubscribe and resubscribe the same channel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from .tasks import spawn
 
@@ -17,13 +16,35 @@ Action = Callable[[str], Awaitable[None]]
 
 
 class _KeyLock:
-    """One key's lock, and how many wait on it (dropped when none do)."""
+    """One key's lock, and how many hold or await it: dropped from ``locks``
+    when none do, so two callers can never end up with different locks for
+    one key. An async context manager (a class, not a generator: it is
+    entered on every first want and last unwant)."""
 
-    __slots__ = ("lock", "users")
+    __slots__ = ("key", "lock", "locks", "users")
 
-    def __init__(self) -> None:
+    def __init__(self, locks: dict[str, _KeyLock], key: str) -> None:
         self.lock = asyncio.Lock()
+        self.locks = locks
+        self.key = key
         self.users = 0
+
+    async def __aenter__(self) -> None:
+        self.users += 1
+        try:
+            await self.lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self.users -= 1
+        if not self.users:
+            del self.locks[self.key]
 
 
 class Interest:
@@ -52,28 +73,20 @@ class Interest:
     def keys(self) -> list[str]:
         return list(self._held)
 
-    @contextlib.asynccontextmanager
-    async def _serialised(self, key: str) -> AsyncIterator[None]:
-        """Hold the key's lock. The lock lives while anyone holds or awaits it,
-        so two callers can never end up with different locks for one key."""
+    def _serialised(self, key: str) -> _KeyLock:
+        """The key's lock, to hold while acquiring or releasing it."""
         entry = self._locks.get(key)
         if entry is None:
-            entry = self._locks[key] = _KeyLock()
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if not entry.users:
-                del self._locks[key]
+            entry = self._locks[key] = _KeyLock(self._locks, key)
+        return entry
 
     async def want(self, key: str) -> None:
+        if key in self._held and key not in self._locks:
+            # Held, nothing under way for it: counting in does not wait, so needs no lock.
+            self._count_in(key)
+            return
         async with self._serialised(key):
-            self._counts[key] = self._counts.get(key, 0) + 1
-            timer = self._timers.pop(key, None)
-            if timer is not None:
-                timer.cancel()
+            self._count_in(key)
             if key not in self._held:
                 try:
                     await self._acquire(key)
@@ -82,7 +95,17 @@ class Interest:
                     raise
                 self._held.add(key)
 
+    def _count_in(self, key: str) -> None:
+        self._counts[key] = self._counts.get(key, 0) + 1
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
     async def unwant(self, key: str) -> None:
+        count = self._counts.get(key, 0)
+        if count > 1 and key not in self._locks:  # not the last: nothing to wait for
+            self._counts[key] = count - 1
+            return
         async with self._serialised(key):
             if self._decrement(key) or key not in self._held:
                 return

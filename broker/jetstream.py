@@ -117,11 +117,21 @@ class NatsBroker:
             self._stats,
         )
         self._sequencer = self.pubsub.sequencer
-        self.reads = KvReadPositions(f"{config.stream}_read", link, self.history.position, self._stats)
-        self.presence = KvPresence(
-            link, config.subjects, config.stream, config.node_id, config.presence_ttl, config.join_leave_rooms
+        self.reads = KvReadPositions(
+            f"{config.stream}_read", link, self.history.position, self._stats, config.publish_timeout
         )
-        self.connections = KvConnections(link, config.stream, self.presence.instance, self.presence.alive, events.kick)
+        self.presence = KvPresence(
+            link,
+            config.subjects,
+            config.stream,
+            config.node_id,
+            config.presence_ttl,
+            config.join_leave_rooms,
+            config.publish_timeout,
+        )
+        self.connections = KvConnections(
+            link, config.stream, self.presence.instance, self.presence.alive, events.kick, config.publish_timeout
+        )
         self.relay = NatsRelay(link, config.stream, config.node_id, events.request, self.presence.alive)
         self._stream_ready = False
         self._stream_created: float | None = None

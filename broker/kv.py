@@ -13,12 +13,17 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from .acks import AckedPublisher, Refused
+from .link import NatsLink
+from .lookup import LastMessage
 from .snapshot import read_snapshot, snapshot_config
 
 # A listing reads what the bucket holds when it starts; this bounds a read
 # that stalls (the server answers within milliseconds otherwise).
 KEYS_TIMEOUT = 2.0
 _GONE = ("DEL", "PURGE")  # KV-Operation of a deleted or purged key
+# JetStream's "wrong last sequence" (nats-py's KeyWrongLastSequenceError): another write got in first.
+_WRONG_LAST = (10071, 10164)
 
 
 def storage_type(storage: str) -> StorageType:
@@ -43,27 +48,58 @@ async def bind_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
         return await js.create_key_value(config)
 
 
-async def compare_and_set(kv: KeyValue, key: str, change: Callable[[bytes | None], bytes | None], tries: int) -> bool:
+class Bucket:
+    """One KV bucket's hot-path reads and checked writes, through the reply
+    inbox (``LastMessage``, ``AckedPublisher``): what nats-py's ``get``,
+    ``create`` and ``update`` do — same requests, same rules — without its
+    per-request machinery. Fails with BrokerUnavailable; while NATS
+    reconnects, waits for it within ``timeout`` (as nats-py does)."""
+
+    def __init__(self, link: NatsLink, kv: KeyValue, timeout: float) -> None:
+        # The bucket's stream and key prefix, as nats-py's KeyValue keeps them;
+        # direct gets only if the stream allows them (nats-py's rule).
+        self._prefix = kv._pre
+        self._last = LastMessage(link.replies, kv._stream, timeout, direct=bool(kv._direct), buffered=True)
+        self._acks = AckedPublisher(link, kv._stream, timeout, buffered=True)
+
+    async def get(self, key: str) -> tuple[bytes | None, int]:
+        """The key's value (None: never set, deleted or purged) and the
+        revision a write must expect (0: no message on the key at all; a
+        deleted key's is its delete marker's)."""
+        stored = await self._last.get(self._prefix + key)
+        if stored is None:
+            return None, 0
+        if stored.headers.get("KV-Operation") in _GONE:
+            return None, stored.seq
+        return stored.data, stored.seq
+
+    async def write(self, key: str, value: bytes, revision: int) -> bool:
+        """Store ``value`` if the key's last revision is still ``revision``
+        (0: the key has no message); False if it is not."""
+        message = (self._prefix + key, value, {"Nats-Expected-Last-Subject-Sequence": str(revision)})
+        try:
+            await self._acks.publish([message])
+        except Refused as refused:
+            if refused.code in _WRONG_LAST:
+                return False
+            raise
+        return True
+
+
+async def compare_and_set(bucket: Bucket, key: str, change: Callable[[bytes | None], bytes | None], tries: int) -> bool:
     """Write ``change(current value)`` (None: the key is absent) unless another
     writer got in between, in which case look again. ``change`` returning None
     leaves the key as it is. False if ``tries`` conflicts in a row."""
     for _ in range(tries):
-        try:
-            entry = await kv.get(key)
-            value, revision = entry.value or b"", entry.revision
-        except nats.js.errors.NotFoundError:  # never set, or deleted
-            value, revision = None, 0
+        value, revision = await bucket.get(key)
         new = change(value)
         if new is None:
             return True
-        try:
-            if revision:
-                await kv.update(key, new, last=revision)
-            else:
-                await kv.create(key, new)
+        # Over a deleted key, the write expects its delete marker (what
+        # nats-py's create() finds out with a second get after a conflict).
+        if await bucket.write(key, new, revision):
             return True
-        except nats.js.errors.KeyWrongLastSequenceError:
-            continue  # changed meanwhile: look again
+        # Changed meanwhile: look again.
     return False
 
 

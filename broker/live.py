@@ -15,6 +15,7 @@ import nats.errors
 from .acks import AckedPublisher, Outgoing
 from .base import BrokerStats, BrokerUnavailable, Delivery, Kind, Publishable, Published
 from .channels import DEFAULT_EVENT, EVENT_HEADER, Channel, Subjects, event_of, is_user
+from .coalesce import Fresh
 from .dispatch import DispatchingClient, LiveSubscription
 from .interest import Interest
 from .link import NatsLink
@@ -62,6 +63,9 @@ class NatsPubSub:
         self._wanted: dict[Channel, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()  # unsubscribes of subscriptions opened for nobody
         self._acks = AckedPublisher(link, options.stream, options.publish_timeout)
+        # One PING/PONG confirms every subscription made before it was sent (a connect storm makes many).
+        self._confirm = Fresh(self._round_trip)
+        self._confirm_timeout = max(1, int(options.publish_timeout))
 
     @property
     def subscriptions(self) -> int:
@@ -118,23 +122,26 @@ class NatsPubSub:
             def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
                 handle(channel_of(subject.decode()), data, headers)
 
-            sub = await nc.subscribe_direct(self._subjects.live_family("user"), on_message)
+            sub = await nc.subscribe_direct(self._subjects.live_family("user"), on_message, written=False)
         else:
             channel = cast(Channel, key)  # the key of a channel is that channel (see _interest_key)
 
             def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
                 handle(channel, data, headers)
 
-            sub = await nc.subscribe_direct(self._subjects.live_subject(channel), on_message)
-        # Round trip, so the server has the interest once want() returns: a
-        # client told its channels are live can rely on it.
+            sub = await nc.subscribe_direct(self._subjects.live_subject(channel), on_message, written=False)
+        # Live on the server before want() returns, so nothing published after the welcome is missed.
         try:
-            await nc.flush(timeout=max(1, int(self._options.publish_timeout)))
-        except (TimeoutError, nats.errors.Error) as exc:
+            async with asyncio.timeout(self._confirm_timeout):
+                await self._confirm.get()  # a round trip that starts after this SUB was queued
+        except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
             with contextlib.suppress(Exception):
                 await nc.unsubscribe_direct(sub)
             raise BrokerUnavailable(f"subscribe not confirmed: {exc.__class__.__name__}") from None
         return sub
+
+    async def _round_trip(self) -> None:
+        await self._client().confirm(self._confirm_timeout)
 
     def _discard_opened(self, opening: asyncio.Future[LiveSubscription]) -> None:
         if opening.cancelled() or opening.exception() is not None:

@@ -11,13 +11,15 @@ having to clean up first. Each node also sweeps the entries of instances that
 are gone (listed under ``_inst.<instance>``) so the bucket does not grow.
 
 Writes are queued and applied in order by one task, latest state per key:
-joining and leaving never wait for NATS.
+joining and leaving never wait for NATS. What is queued goes out as one
+pipelined batch (a connect storm queues one entry per connect).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import time
@@ -29,6 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from .acks import AckedPublisher, Outgoing
 from .base import BrokerUnavailable
 from .channels import Channel, InvalidChannel, Subjects, channel_id, glob_match, is_room, parse_channel
 from .kv import bind_bucket, from_key_token, key_token, live_keys, storage_type
@@ -37,6 +40,8 @@ from .link import NatsLink
 log = logging.getLogger("herald.presence")
 
 REGISTRY = "_inst"
+# Most entries written in one pipelined batch.
+WRITE_BATCH = 256
 
 
 def instance_id(node_id: str) -> str:
@@ -61,6 +66,7 @@ class KvPresence:
         node_id: str,
         ttl: float,
         join_leave: tuple[str, ...] = (),
+        timeout: float = 5.0,
     ) -> None:
         self.instance = instance_id(node_id)
         self._link = link
@@ -69,7 +75,9 @@ class KvPresence:
         self._bucket = f"{stream}_presence"
         self._nodes_bucket = f"{stream}_nodes"
         self._ttl = ttl
+        self._timeout = timeout  # of each write (the JetStream context's)
         self._kv: KeyValue | None = None
+        self._acks: AckedPublisher | None = None
         self._nodes: KeyValue | None = None
         # What this node wants the bucket to say: (room, user) present here.
         self._local: set[tuple[Channel, str]] = set()
@@ -89,6 +97,8 @@ class KvPresence:
         self._nodes = await bind_bucket(
             js, KeyValueConfig(bucket=self._nodes_bucket, history=1, ttl=self._ttl, replicas=replicas, storage=kind)
         )
+        # Waits while NATS reconnects, as nats-py's put did.
+        self._acks = AckedPublisher(self._link, self._kv._stream, self._timeout, buffered=True)
         await self._nodes.put(self.instance, b"1")
         await self._kv.put(f"{REGISTRY}.{self.instance}", b"1")
         # After a reconnect the store may be new: write everything again.
@@ -118,21 +128,25 @@ class KvPresence:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending and self._kv is not None:
-                key, present = next(iter(self._pending.items()))
+            while self._pending and self._kv is not None and self._acks is not None:
+                batch = list(itertools.islice(self._pending.items(), WRITE_BATCH))
                 try:
-                    if present:
-                        await self._kv.put(self._entry(*key), b"1")
-                    else:
-                        await self._kv.delete(self._entry(*key))
-                    if self._announces(key[0]):
-                        await (self._joined if present else self._left)(*key)
-                except (TimeoutError, nats.errors.Error) as exc:
+                    # What kv.put / kv.delete publish, pipelined: one ack wait for the batch.
+                    await self._acks.publish([self._write(key, present) for key, present in batch])
+                    # Then each key's join / leave, after its own entry is written.
+                    for key, present in batch:
+                        if self._announces(key[0]):
+                            await (self._joined if present else self._left)(*key)
+                        if self._pending.get(key) is present:  # not changed meanwhile
+                            del self._pending[key]
+                except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
                     log.warning("presence write failed (%r); retrying", exc)
                     await asyncio.sleep(1.0)
-                    continue
-                if self._pending.get(key) is present:  # not changed meanwhile
-                    del self._pending[key]
+
+    def _write(self, key: tuple[Channel, str], present: bool) -> Outgoing:
+        assert self._kv is not None
+        subject = self._kv._pre + self._entry(*key)
+        return (subject, b"1", None) if present else (subject, b"", {"KV-Operation": "DEL"})
 
     # -- join / leave, once per user across the cluster ---------------------------
     #

@@ -5,14 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-import nats.errors
-import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.kv import KeyValue
 
 from .base import BrokerStats, BrokerUnavailable
-from .kv import bind_bucket, compare_and_set, key_token, storage_type
+from .kv import Bucket, bind_bucket, compare_and_set, key_token, storage_type
 from .link import NatsLink
 from .readmark import decode, encode, trusted
 from .throttle import Throttle
@@ -26,17 +23,25 @@ class KvReadPositions:
     (compare-and-set), so tabs racing each other never go back; each stored
     with the stream it counts in (broker/readmark.py)."""
 
-    def __init__(self, bucket: str, link: NatsLink, last: Callable[[], Awaitable[int]], stats: BrokerStats) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        link: NatsLink,
+        last: Callable[[], Awaitable[int]],
+        stats: BrokerStats,
+        timeout: float = 5.0,
+    ) -> None:
         self.bucket = bucket
+        self._timeout = timeout  # of each KV request (the JetStream context's)
         self._link = link
         self._last = last  # the stream's last sequence now
         self._stats = stats
-        self._kv: KeyValue | None = None
+        self._kv: Bucket | None = None
         # The stream's incarnation (readmark.stream_id): set by the broker once it knows the stream.
         self.stream_id = ""
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
-        self._kv = await bind_bucket(
+        kv = await bind_bucket(
             js,
             KeyValueConfig(
                 bucket=self.bucket,
@@ -46,8 +51,9 @@ class KvReadPositions:
                 storage=storage_type(storage),
             ),
         )
+        self._kv = Bucket(self._link, kv, self._timeout)
 
-    def _bucket(self) -> KeyValue:
+    def _bucket(self) -> Bucket:
         self._link.jetstream()  # fails at once while NATS is away
         if self._kv is None:
             raise BrokerUnavailable("read positions are not available yet")
@@ -56,16 +62,16 @@ class KvReadPositions:
     async def position(self, user: str) -> int:
         kv = self._bucket()
         try:
-            entry = await kv.get(key_token(user))
-        except nats.js.errors.NotFoundError:  # never set, or deleted
+            value, _ = await kv.get(key_token(user))
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(f"read position lookup failed: {exc}") from None
+        if value is None:  # never set, or deleted
             return 0
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise BrokerUnavailable(f"read position lookup failed: {exc.__class__.__name__}") from None
-        seq, written_for = decode(entry.value)
+        seq, written_for = decode(value)
         stream = self.stream_id or written_for or ""  # the stream not known yet: judge by its end only
         # This stream's own positions were checked when written; others need the stream's end.
         last = seq if written_for == stream else await self._last()
-        position, set_aside = trusted(entry.value, stream, last)
+        position, set_aside = trusted(value, stream, last)
         if set_aside:
             self._stats.read_positions_reset += 1
             warn(
@@ -92,12 +98,13 @@ class KvReadPositions:
             stored = seq
             return encode(seq, stream)
 
+        kv = self._bucket()
         try:
             # Each conflict is another tab moving the position forward: it ends
             # once ours is no longer ahead; the bound only guards against a bug.
-            done = await compare_and_set(self._bucket(), key_token(user), forward, tries=1000)
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise BrokerUnavailable(f"storing the read position failed: {exc.__class__.__name__}") from None
+            done = await compare_and_set(kv, key_token(user), forward, tries=1000)
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(f"storing the read position failed: {exc}") from None
         if not done:
             raise BrokerUnavailable("read position kept changing under us")
         return stored

@@ -17,6 +17,7 @@ from .channels import Channel, Subjects, event_of
 from .coalesce import Fresh
 from .history import retain, stream_cap
 from .link import NatsLink
+from .lookup import LastMessage, stream_bounds
 from .pages import DirectReader, Pager
 from .snapshot import read_snapshot, snapshot_config
 
@@ -47,32 +48,16 @@ def _stored(msg: Msg, channel_of: Callable[[str], Channel | None]) -> Delivery |
     return Delivery(channel, meta.sequence.stream, 0, meta.timestamp.timestamp(), event_of(msg.headers or {}), msg.data)
 
 
-async def stream_bounds(js: JetStreamContext, stream: str) -> tuple[int, int]:
-    """The lowest and the highest sequence the stream holds (as the leader says)."""
-    try:
-        info = await js.stream_info(stream)
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise BrokerUnavailable(f"stream info failed: {exc.__class__.__name__}") from None
-    return int(info.state.first_seq or 0), int(info.state.last_seq or 0)
-
-
-async def first_sequence(js: JetStreamContext, stream: str) -> int:
-    """The lowest sequence the stream still holds."""
-    return (await stream_bounds(js, stream))[0]
-
-
-async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int | None:
+async def last_sequence(leader: LastMessage, subject: str) -> int | None:
     """The last sequence stored on ``subject``: 0 if none, None if unknown.
     Asked of the stream leader: a direct get may be answered by a replica
     that is behind, and "nothing after the position" from it would skip
     messages the publisher already has acks for (ADR-31: stale reads)."""
     try:
-        msg = await js.get_msg(stream, subject=subject, direct=False)
-    except nats.js.errors.NotFoundError:
-        return 0
-    except (TimeoutError, nats.errors.Error, AttributeError, KeyError):
-        return None  # an old server without direct get, an odd reply: read the stream instead
-    return int(msg.seq or 0) or None
+        stored = await leader.get(subject)
+    except BrokerUnavailable:
+        return None  # no answer, an error, an odd reply: read the stream instead
+    return 0 if stored is None else stored.seq or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,30 +78,32 @@ class NatsHistory:
         self._link = link
         self._place = place
         self._pages = DirectReader(link, place.stream, place.request_timeout)
+        # Buffered while NATS reconnects, as js.get_msg was (within the request timeout).
+        self._leader = LastMessage(link.replies, place.stream, place.request_timeout, direct=False, buffered=True)
         self._position = Fresh(self._ask_position)  # asked on every connect: shared by a burst of them
 
     async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
         p = self._place
-        js = self._link.jetstream()
+        self._link.jetstream()  # fails at once while NATS is away
         read_limit = len(channels) * stream_cap(p.retention)  # all the stream holds for them
         try:
             async with asyncio.timeout(p.replay_timeout):
                 if len(channels) == 1:
-                    # One channel (the inbox, a subscribe): a direct get of its
-                    # last message usually shows there is nothing to read. If
-                    # one is held, nothing after the position was evicted either
-                    # (eviction takes the oldest first); if none is, the stream
-                    # may have dropped them all.
+                    # One channel (the inbox, a subscribe): a look at its last
+                    # message (asked of the leader, see last_sequence) usually
+                    # shows there is nothing to read. If one is held, nothing
+                    # after the position was evicted either (eviction takes the
+                    # oldest first); if none is, the stream may have dropped them all.
                     subject = p.subjects.input_subject(channels[0])
-                    last = await last_sequence(js, p.stream, subject)
+                    last = await last_sequence(self._leader, subject)
                     if last == 0 and after_seq > 0:
-                        gone = after_seq + 1 < await first_sequence(js, p.stream)
+                        gone = after_seq + 1 < await self._first_sequence()
                         return Replay([], frozenset(channels) if gone else frozenset())
                     if last is not None and last <= after_seq:
                         return Replay([])
                 if after_seq > 0:
                     found, first = await asyncio.gather(
-                        self._fetch(channels, after_seq, read_limit), first_sequence(js, p.stream)
+                        self._fetch(channels, after_seq, read_limit), self._first_sequence()
                     )
                 else:
                     found, first = await self._fetch(channels, after_seq, read_limit), 0
@@ -146,7 +133,12 @@ class NatsHistory:
         return await self._position.get()
 
     async def _ask_position(self) -> int:
-        return (await stream_bounds(self._link.jetstream(), self._place.stream))[1]
+        self._link.jetstream()  # fails at once while NATS is away
+        return (await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout))[1]
+
+    async def _first_sequence(self) -> int:
+        """The lowest sequence the stream still holds."""
+        return (await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout))[0]
 
     async def _fetch(self, channels: Sequence[Channel], after_seq: int, limit: int) -> list[Delivery]:
         """Stored messages of ``channels`` after ``after_seq``, oldest first, at most ``limit``."""

@@ -235,12 +235,12 @@ async def test_whitebox_read_succeeds_while_other_tabs_keep_reading(
             return getattr(real_kv, name)
 
         async def get(self, key: str) -> Any:
-            entry = await real_kv.get(key)
+            value, revision = await real_kv.get(key)
             if self.moves < 12:
                 self.moves += 1
-                seq, stream = decode(entry.value)
-                await real_kv.update(key, encode(seq + 1, stream or reads.stream_id), last=entry.revision)
-            return entry
+                seq, stream = decode(value)
+                assert await real_kv.write(key, encode(seq + 1, stream or reads.stream_id), revision)
+            return value, revision
 
     others = OtherTabs()
     reads._kv = others  # type: ignore[assignment]

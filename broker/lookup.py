@@ -1,0 +1,153 @@
+"""JetStream lookups asked through the reply inbox: the last message stored
+on a subject, a stream's first and last sequence.
+
+What nats-py's ``kv.get``, ``js.get_msg(subject=...)`` and ``stream_info``
+ask, without their request machinery (an inbox token, a future and a
+``wait_for`` per request, stdlib json, dataclasses): a reply subject under the
+shared inbox (``ReplyInbox``), the answer read with orjson or from its
+headers. Asked on every connect (a user's connection count and read position,
+whether the user's channel holds anything new, the welcome's position), so
+they have to be cheap.
+
+Two forms, as nats-py chooses between them: the stream leader's
+``STREAM.MSG.GET`` (never behind), or a direct get (``DIRECT.GET``, ADR-31:
+any replica may answer, possibly from a moment behind) for streams that allow
+it, when such a read is good enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from dataclasses import dataclass
+
+import nats.errors
+import orjson
+
+from .base import BrokerUnavailable
+from .dispatch import DispatchingClient
+from .inbox import ReplyInbox, expire
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A stored message: its sequence, payload and own headers (e.g. KV-Operation)."""
+
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+
+
+class LookupFailed(BrokerUnavailable):
+    """JetStream answered with an error other than "no such message"."""
+
+
+async def ask(
+    inbox: ReplyInbox, subject: str, payload: bytes, timeout: float, buffered: bool = False
+) -> tuple[bytes, dict[str, str] | None]:
+    """One request through the inbox: its reply's payload and headers.
+    BrokerUnavailable if none comes within ``timeout`` (or NATS fails)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[tuple[bytes, dict[str, str] | None]] = loop.create_future()
+
+    def take(data: bytes, headers: dict[str, str] | None) -> None:
+        if not answer.done():
+            answer.set_result((data, headers))
+
+    reply = ""
+    try:
+        nc, reply = await inbox.open(take, buffered)
+        await nc.publish(subject, payload, reply=reply)
+        expiry = loop.call_later(timeout, expire, (answer,))
+        try:
+            return await answer
+        finally:
+            expiry.cancel()
+    except TimeoutError:
+        raise BrokerUnavailable("JetStream did not answer in time") from None
+    except (OSError, nats.errors.Error) as exc:
+        raise BrokerUnavailable(f"JetStream request failed: {exc.__class__.__name__}") from None
+    finally:
+        inbox.close(reply)
+
+
+class LastMessage:
+    """Reads the last message of a subject of one stream."""
+
+    __slots__ = ("_buffered", "_direct", "_inbox", "_leader_api", "_timeout")
+
+    def __init__(self, inbox: ReplyInbox, stream: str, timeout: float, direct: bool, buffered: bool = False) -> None:
+        self._inbox = inbox
+        self._timeout = timeout
+        self._direct = f"$JS.API.DIRECT.GET.{stream}." if direct else ""
+        self._leader_api = f"$JS.API.STREAM.MSG.GET.{stream}"
+        # While NATS reconnects: wait for it (as nats-py's requests do) rather than fail at once.
+        self._buffered = buffered
+
+    async def get(self, subject: str) -> Stored | None:
+        """The last message stored on ``subject``; None if there is none (or
+        no such stream: JetStream says 404 for both, as nats-py reads it).
+        Raises BrokerUnavailable if no answer comes in time or it is an error."""
+        if self._direct:  # the last_by_subj form that needs no payload (as nats-py asks it)
+            data, headers = await ask(self._inbox, self._direct + subject, b"", self._timeout, self._buffered)
+            return _direct_answer(data, headers)
+        request = orjson.dumps({"last_by_subj": subject})
+        data, headers = await ask(self._inbox, self._leader_api, request, self._timeout, self._buffered)
+        return _leader_answer(data, headers)
+
+
+async def stream_bounds(inbox: ReplyInbox, stream: str, timeout: float) -> tuple[int, int]:
+    """The lowest and the highest sequence the stream holds, as its leader
+    says (STREAM.INFO, what nats-py's stream_info asks; only the state is
+    read, not the whole answer turned into dataclasses). Waits out a
+    reconnect within ``timeout``, as nats-py did."""
+    try:
+        data, headers = await ask(inbox, f"$JS.API.STREAM.INFO.{stream}", b"", timeout, buffered=True)
+    except BrokerUnavailable as exc:
+        raise BrokerUnavailable(f"stream info failed: {exc}") from None
+    if _unavailable(headers):
+        raise BrokerUnavailable("stream info failed: no stream answered (is JetStream up?)")
+    try:
+        answer = orjson.loads(data)
+        error = answer.get("error")
+        if error is not None:
+            raise BrokerUnavailable(f"stream info failed: {error.get('description')}")
+        state = answer["state"]
+        return int(state.get("first_seq") or 0), int(state.get("last_seq") or 0)
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        raise BrokerUnavailable(f"stream info failed: unreadable answer {data[:80]!r}") from None
+
+
+def _unavailable(headers: dict[str, str] | None) -> bool:
+    return headers is not None and headers.get("Status") == "503"  # no responders: JetStream is not there
+
+
+def _direct_answer(data: bytes, headers: dict[str, str] | None) -> Stored | None:
+    if _unavailable(headers):
+        raise BrokerUnavailable("no stream answered (is JetStream up?)")
+    status = headers.get("Status") if headers else None
+    if status == "404":
+        return None
+    if headers is None or status is not None or "Nats-Sequence" not in headers:
+        raise LookupFailed(f"direct get failed: {status} {(headers or {}).get('Description', '')}".rstrip())
+    return Stored(int(headers["Nats-Sequence"]), data, headers)
+
+
+def _leader_answer(data: bytes, headers: dict[str, str] | None) -> Stored | None:
+    if _unavailable(headers):
+        raise BrokerUnavailable("no stream answered (is JetStream up?)")
+    try:
+        answer = orjson.loads(data)
+        error = answer.get("error")
+        if error is not None:
+            if error.get("code") == 404:
+                return None
+            raise LookupFailed(f"message lookup refused: {error.get('description')}")
+        message = answer["message"]
+        raw = message.get("hdrs")
+        own = DispatchingClient._parse_header_lines(base64.b64decode(raw)) if raw else {}
+        payload = message.get("data")
+        return Stored(int(message["seq"]), base64.b64decode(payload) if payload else b"", own)
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError, binascii.Error):
+        raise LookupFailed(f"unreadable lookup answer: {data[:80]!r}") from None
