@@ -38,7 +38,7 @@ from .http import Reply, hard_abort
 
 log = logging.getLogger("herald.http")
 
-MAX_HEAD = 8190  # longer heads go to aiohttp, which refuses them (its own limit)
+MAX_HEAD = 8190  # longer heads go to aiohttp (its limit for a line: it refuses longer ones)
 # Header lines as RFC 9110 has them (no folding, no stray control bytes), checked in one pass.
 _HEADERS = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
@@ -164,7 +164,7 @@ class FrontConnection(asyncio.Protocol):
     def _advance(self) -> None:
         buffer = self._buffer
         end = buffer.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or end > MAX_HEAD:
             if len(buffer) > MAX_HEAD:
                 self._hand_over()
             return
