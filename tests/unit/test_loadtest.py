@@ -646,7 +646,7 @@ async def test_storm_against_a_loopback_event_stream() -> None:
         server.close()
     s = result["storm"]
     assert (s["attempted"], s["connected"], s["failed"]) == (30, 30, 0) and "aborted" not in result
-    assert 0 < s["offered_per_s"] <= 700 and s["handshake_ms"]["count"] == s["head_ms"]["count"] == 30
+    assert s["offered_per_s"] > 0 and s["handshake_ms"]["count"] == s["head_ms"]["count"] == 30
     assert s["server"]["cpu_s"] is not None and s["aux"]["cpu_s"] is None
 
 
