@@ -1199,8 +1199,8 @@ def expect_publish(headers: list[tuple[bytes, bytes]], body: bytes, encoding: by
     scheme, _, value = auth.strip().partition(b" ")
     if not (scheme.lower() == b"bearer" and value.strip() == KEY):
         return Publish(401, "unauthorized", undecodable=enc is not None and plain is None)
-    if len(body) > 65536:
-        return Publish(413, "too_large", undecodable=enc is not None and plain is None)
+    if len(body) > 65536 and (enc is None or plain is not None):  # a batch may be larger: read (decoded) first
+        return Publish(413, "too_large")
     if enc is not None:
         if plain is None:
             return Publish(400, "bad_request", undecodable=True)
