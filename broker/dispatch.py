@@ -160,12 +160,12 @@ class DispatchingClient(Client):
             await asyncio.sleep(0)
 
     def write_soon(self, command: bytes) -> bool:
-        """Write a protocol command at the end of this loop pass, with the
-        others of the pass in one write; False: queue it the usual way
-        (reconnecting, or nats-py has commands queued that must go first).
-        nats-py queues every command for its flusher task: a Future, a
-        queue, a task wake-up and a drain per publish."""
-        if self._pending or self._transport is None or not self.is_connected:
+        """Write a protocol command at the end of this loop pass, with every
+        other of the pass in one write; False while not connected (queue it
+        the usual way: nats-py sends its buffer after the reconnect). nats-py
+        queues each command for its flusher task: a Future, a queue, a task
+        wake-up and a drain per publish."""
+        if self._transport is None or not self.is_connected:
             return False
         self._outgoing.append(command)
         if len(self._outgoing) == 1:
@@ -173,10 +173,18 @@ class DispatchingClient(Client):
         self.stats["out_msgs"] += 1
         return True
 
+    def publish_soon(self, subject: str, reply: str, payload: bytes) -> bool:
+        """``write_soon`` of a plain PUB (subjects are ours, already valid)."""
+        return self.write_soon(b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload), payload))
+
     def _write_out(self) -> None:
         out, self._outgoing = self._outgoing, []
-        if self._transport is not None and self.is_connected:
-            self._transport.writelines(out)
-        else:  # lost meanwhile: nats-py sends its pending buffer after the reconnect
+        if self._transport is None or not self.is_connected:  # lost meanwhile: sent after the reconnect
             self._pending.extend(out)
             self._pending_data_size += sum(map(len, out))
+            return
+        if self._pending:  # what nats-py queued goes first, in its order; its flusher then finds nothing
+            out = [*self._pending, *out]
+            self._pending = []
+            self._pending_data_size = 0
+        self._transport.writelines(out)

@@ -58,7 +58,8 @@ async def ask(
     reply = ""
     try:
         nc, reply = await inbox.open(take, buffered)
-        await nc.publish(subject, payload, reply=reply)
+        if not nc.publish_soon(subject, reply, payload):
+            await nc.publish(subject, payload, reply=reply)
         expiry = loop.call_later(timeout, expire, (answer,))
         try:
             return await answer

@@ -651,11 +651,11 @@ async def test_refused_ids_never_widen_a_nats_subscription(
 
 async def test_expired_token_closes_ws_with_4001(node: RunningNode, http: aiohttp.ClientSession) -> None:
     started = time.time()
-    ws, _ = await open_ws(http, node, token("alice", exp=started + 1.0))
-    code, message = await expect_close(ws, timeout=3.0)
+    ws, _ = await open_ws(http, node, token("alice", exp=started + 2.0))  # admitted well before (a loaded CI)
+    code, message = await expect_close(ws, timeout=4.0)
     assert code == 4001
     assert "expired" in message
-    assert time.time() - started >= 0.9
+    assert time.time() - started >= 1.9
     metrics = await scrape(http, node.url)
     assert metrics['herald_connections_closed_total{reason="token_expired",transport="ws"}'] == 1
     await wait_for(lambda: node.node.broker.stats().subscriptions == 0)
