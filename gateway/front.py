@@ -42,6 +42,7 @@ MAX_HEAD = 8190  # longer heads go to aiohttp (its limit for a line: it refuses 
 # Header lines as RFC 9110 has them (no folding, no stray control bytes), checked in one pass.
 _HEADERS = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+_TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin-form, visible ASCII: anything else is aiohttp's to judge
 # What only aiohttp handles: bodies that are not plain Content-Length ones.
 _DELEGATED = frozenset(("transfer-encoding", "content-encoding", "expect"))
 
@@ -93,7 +94,9 @@ class FrontDoor:
             return None
         method, target = parts[0], parts[1]
         route = self._routes.get((method, target.partition(b"?")[0]))
-        if route is None or line_end < 0 or _HEADERS.fullmatch(head, line_end) is None:
+        if route is None or line_end < 0 or _TARGET.fullmatch(target) is None:
+            return None
+        if _HEADERS.fullmatch(head, line_end) is None:
             return None
         headers: CIMultiDict[str] = CIMultiDict()
         for line in head[line_end + 2 :].split(b"\r\n"):
@@ -108,7 +111,7 @@ class FrontDoor:
         if _DIGITS.fullmatch(length) is None or int(length) > route.max_body:
             return None
         close = "close" in headers.get("Connection", "").lower()
-        return Request(route, method.decode(), target.decode("utf-8", "surrogateescape"), headers, int(length), close)
+        return Request(route, method.decode(), target.decode("ascii"), headers, int(length), close)
 
     def encode(self, reply: Reply, close: bool) -> bytes:
         lines = [
