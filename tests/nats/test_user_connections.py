@@ -3,6 +3,7 @@ wherever it lands, is refused — or the oldest is closed, by policy."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -93,4 +94,28 @@ async def test_close_oldest_closes_the_oldest_on_the_other_node(
     metrics = await scrape(http, b.url)
     assert metrics['herald_connections_closed_total{reason="replaced",transport="ws"}'] == 1
     for ws in (middle, newest):
+        await ws.close()
+
+
+async def test_a_burst_of_one_users_connects_on_two_nodes_admits_exactly_the_limit(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A storm of connects at once (each count a compare-and-set, pipelined
+    with the others): the limit holds exactly, and other users are admitted."""
+    shared = cluster(max_connections_per_user=3)
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+
+    async def first_frame(node: RunningNode, user: str) -> tuple[aiohttp.ClientWebSocketResponse, str]:
+        ws = await connect(http, node, user)
+        msg = await ws.receive(timeout=10)
+        return ws, ("welcome" if msg.type == aiohttp.WSMsgType.TEXT else f"closed {ws.close_code}")
+
+    burst = [first_frame(a if i % 2 else b, "judy") for i in range(12)]
+    burst += [first_frame(a if i % 2 else b, f"bystander{i}") for i in range(20)]
+    outcomes = await asyncio.gather(*burst)
+    judy = [what for _, what in outcomes[:12]]
+    assert judy.count("welcome") == 3 and judy.count("closed 4029") == 9, judy
+    assert all(what == "welcome" for _, what in outcomes[12:])
+    for ws, _ in outcomes:
         await ws.close()
