@@ -80,7 +80,9 @@ class NatsHistory:
         self._pages = DirectReader(link, place.stream, place.request_timeout)
         # Buffered while NATS reconnects, as js.get_msg was (within the request timeout).
         self._leader = LastMessage(link.replies, place.stream, place.request_timeout, direct=False, buffered=True)
-        self._position = Fresh(self._ask_position)  # asked on every connect: shared by a burst of them
+        # Asked on every connect (the welcome's position, a resume's first
+        # sequence): one request shared by a burst of them.
+        self._bounds = Fresh(self._ask_bounds)
 
     async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
         p = self._place
@@ -130,15 +132,15 @@ class NatsHistory:
             raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None
 
     async def position(self) -> int:
-        return await self._position.get()
-
-    async def _ask_position(self) -> int:
-        self._link.jetstream()  # fails at once while NATS is away
-        return (await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout))[1]
+        return (await self._bounds.get())[1]
 
     async def _first_sequence(self) -> int:
         """The lowest sequence the stream still holds."""
-        return (await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout))[0]
+        return (await self._bounds.get())[0]
+
+    async def _ask_bounds(self) -> tuple[int, int]:
+        self._link.jetstream()  # fails at once while NATS is away
+        return await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout)
 
     async def _fetch(self, channels: Sequence[Channel], after_seq: int, limit: int) -> list[Delivery]:
         """Stored messages of ``channels`` after ``after_seq``, oldest first, at most ``limit``."""
