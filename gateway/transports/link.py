@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 
@@ -26,8 +26,8 @@ from broker.tasks import spawn
 from ..admission import Gate, Refusal
 from ..disconnect import CLIENT_CLOSED, INTERNAL, UNAVAILABLE, Disconnect
 from ..frames import Codec
-from ..head import Head
-from ..http import SocketWire, free_socket
+from ..head import FrontHead, Head
+from ..http import Reply, SocketWire, free_socket
 from ..resume import Resumer
 from ..session import Session
 from ..sessions import Sessions
@@ -46,10 +46,6 @@ def detach(request: web.BaseRequest) -> None:
     handler = request.protocol
     handler.transport = None
     handler.connection_lost(None)
-
-
-def nothing() -> None:
-    """What a socket the front door took needs forgetting (see front.py): nothing."""
 
 
 @contextlib.contextmanager
@@ -256,3 +252,39 @@ class Opener:
         }
         with ends_on_failure(session):
             await self._resumer.attach(session, admission.channels, admission.since, welcome, joined)
+
+
+L = TypeVar("L", bound=Links)
+
+
+class StreamEndpoint(Generic[L]):
+    """A transport's ``GET`` route: its streams opened through aiohttp
+    (``handle``) or the front door (``answer``; see front.py), both by
+    ``open``, which returns a refusal or takes the socket for a link."""
+
+    max_body = 0  # as a front door route: no body
+    taken_status = 200  # what aiohttp is told once the socket is taken (never sent)
+
+    def __init__(self, gate: Gate, opener: Opener, links: L) -> None:
+        self._gate = gate
+        self._opener = opener
+        self.links = links
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        reply = await self.open(request, lambda: detach(request))
+        return web.Response(status=self.taken_status) if reply is None else reply.response()
+
+    async def answer(self, head: FrontHead, body: bytes) -> Reply | None:
+        return await self.open(head, _nothing)  # the front door keeps nothing of a socket it gave away
+
+    async def open(self, request: Head, forget: Callable[[], None]) -> Reply | None:
+        """The refusal, or None: the socket is the stream's (or the client left);
+        ``forget`` makes where the request came from let go of the socket."""
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        await self.links.wait_closed()
+
+
+def _nothing() -> None:
+    pass

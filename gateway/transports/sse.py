@@ -14,17 +14,16 @@ import asyncio
 from collections.abc import Callable
 
 import orjson
-from aiohttp import web
 
 from ..admission import Gate, Refusal
 from ..disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, Disconnect
 from ..frames import SSE, SSE_ENVELOPE, SseCodec, sse_event
-from ..head import FrontHead, Head
+from ..head import Head
 from ..http import Reply, error_reply
 from ..node import Node
 from ..settings import BackpressureSettings, SseSettings
 from .kind import TransportKind
-from .link import Links, Opener, SocketLink, detach, nothing
+from .link import Links, Opener, SocketLink, StreamEndpoint
 
 _HEAD = (
     b"HTTP/1.1 200 OK\r\n"
@@ -155,26 +154,11 @@ class KeepAlive:
         self._timer = asyncio.get_running_loop().call_later(self.interval, self._tick)
 
 
-class SseEndpoint:
+class SseEndpoint(StreamEndpoint[SseLinks]):
     """``GET /sse``: screens, takes the socket, and opens the session on it.
     Refusals are HTTP statuses with a JSON reason (EventSource stops on them)."""
 
-    def __init__(self, gate: Gate, opener: Opener, links: SseLinks) -> None:
-        self._gate = gate
-        self._opener = opener
-        self.links = links
-
-    max_body = 0  # a front door route (front.py) without a body
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        reply = await self.open(request, lambda: detach(request))
-        return web.Response(status=200) if reply is None else reply.response()  # 200: never sent
-
-    async def answer(self, head: FrontHead, body: bytes) -> Reply | None:
-        return await self.open(head, nothing)
-
     async def open(self, request: Head, forget: Callable[[], None]) -> Reply | None:
-        """The refusal, or None: the socket is the stream's (or the client left)."""
         try:
             self._gate.screen(request)
         except Refusal as refusal:
@@ -189,9 +173,6 @@ class SseEndpoint:
         last_event_id = request.headers.get("Last-Event-ID")
         await self._opener.serve(request, link, forget, last_event_id, lambda: link.begin(cross_origin))
         return None
-
-    async def wait_closed(self) -> None:
-        await self.links.wait_closed()
 
 
 def _serve(node: Node, opener: Opener) -> SseEndpoint:

@@ -12,20 +12,18 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from aiohttp import web
-
 from ..admission import Gate, Refusal
 from ..commands import Commands
 from ..disconnect import HEARTBEAT_TIMEOUT, Disconnect
 from ..frames import WS, ws_frame
-from ..head import FrontHead, Head
+from ..head import Head
 from ..http import Reply, error_reply, hard_abort
 from ..metrics import Metrics
 from ..node import Node
 from ..session import Session
 from ..settings import BackpressureSettings, WsSettings
 from .kind import TransportKind
-from .link import Links, Opener, SocketLink, detach, ends_on_failure, nothing
+from .link import Links, Opener, SocketLink, StreamEndpoint, ends_on_failure
 from .wsproto import (
     OP_BINARY,
     OP_CLOSE,
@@ -223,27 +221,14 @@ class Pinger:
         self._timer = loop.call_later(self.interval / 2, self._tick)
 
 
-class WsEndpoint:
+class WsEndpoint(StreamEndpoint[WsLinks]):
     """``GET /ws``: screens, upgrades, and hands the socket to a link; the
     session is opened on it (refusals after the upgrade are close codes: a
     browser cannot see an HTTP status)."""
 
-    def __init__(self, gate: Gate, opener: Opener, links: WsLinks) -> None:
-        self._gate = gate
-        self._opener = opener
-        self.links = links
-
-    max_body = 0  # a front door route (front.py) without a body
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        reply = await self.open(request, lambda: detach(request))
-        return web.Response(status=101) if reply is None else reply.response()  # 101: never sent
-
-    async def answer(self, head: FrontHead, body: bytes) -> Reply | None:
-        return await self.open(head, nothing)
+    taken_status = 101
 
     async def open(self, request: Head, forget: Callable[[], None]) -> Reply | None:
-        """The refusal, or None: the socket is the stream's (or the client left)."""
         accept = accept_key(request.method, request.headers)
         if accept is None:
             return error_reply(400, "bad_request", "expected a WebSocket upgrade")
@@ -257,9 +242,6 @@ class WsEndpoint:
         transport.write(switching_protocols(accept))
         await self._opener.serve(request, WsLink(transport, self.links), forget)
         return None
-
-    async def wait_closed(self) -> None:
-        await self.links.wait_closed()
 
 
 def _serve(node: Node, opener: Opener) -> WsEndpoint:
