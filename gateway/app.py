@@ -12,6 +12,7 @@ from broker.throttle import Throttle
 
 from .api import CommandApi, NodeApi, PublishApi, healthz
 from .front import FastRoute
+from .http import ALWAYS_HEADERS
 from .keys import FAST_ROUTES, NODE, NODE_API
 from .node import BrokerFactory, build_node
 from .server_api import ServerApi
@@ -64,7 +65,7 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     CORS headers only where ``limits.origins`` allows another site's pages
     (event streams, ``/api/command``): a page of another origin cannot read
     the rest of the API's answers (the publish API is for backends, with a key)."""
-    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers.update(ALWAYS_HEADERS)
     if request.path == "/" or request.path.startswith("/static/"):
         response.headers.update(PAGE_HEADERS)
 

@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 from broker.tasks import spawn
 
 from .head import FrontHead
-from .http import Reply, hard_abort
+from .http import ALWAYS_HEADERS, Reply, error_reply, hard_abort
 
 log = logging.getLogger("herald.http")
 
@@ -120,9 +120,8 @@ class FrontDoor:
             f"Content-Length: {len(reply.body)}",
             f"Date: {self.date()}",
             f"Server: {SERVER_SOFTWARE}",
-            "X-Content-Type-Options: nosniff",
         ]
-        lines.extend(f"{name}: {value}" for name, value in reply.headers)
+        lines.extend(f"{name}: {value}" for name, value in (*ALWAYS_HEADERS, *reply.headers))
         if close:
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + reply.body
@@ -191,7 +190,7 @@ class FrontConnection(asyncio.Protocol):
             reply = await request.route.answer(head, body)
         except Exception:
             log.exception("request failed")
-            reply = Reply(500, b'{"error":"internal","message":"internal error"}')
+            reply = error_reply(500, "internal", "internal error")
         self._busy = False
         if reply is None:  # a stream: the socket is the route's now
             self._release()

@@ -17,13 +17,8 @@ from aiohttp import web
 
 from .head import Head
 
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def json_error(status: int, error: str, message: str) -> web.Response:
-    return json_response({"error": error, "message": message}, status)
+# On every answer, whichever path writes it (aiohttp's, the front door's).
+ALWAYS_HEADERS = (("X-Content-Type-Options", "nosniff"),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +45,19 @@ def error_reply(status: int, error: str, message: str, headers: tuple[tuple[str,
     return json_reply({"error": error, "message": message}, status, headers)
 
 
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return json_reply(body, status).response()
+
+
+def json_error(status: int, error: str, message: str) -> web.Response:
+    return error_reply(status, error, message).response()
+
+
 def _bearer_value(header: str) -> str | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return None
-
-
-def bearer(request: Head) -> str | None:
-    return _bearer_value(request.headers.get("Authorization", ""))
 
 
 class ConflictingTokens(ValueError):
