@@ -415,20 +415,10 @@ def test_idle_sse_scenario_mirrors_idle() -> None:
     scenarios, servers, _ = select(bench_parser().parse_args(["--quick", "--only", "idle-sse"]))
     assert [s.name for s in scenarios] == ["idle-sse"] and servers == {"herald", "naive"}
 
-    target = Target(
-        server="herald",
-        ws_url="ws://127.0.0.1:8080/ws?token={token}&room={room}",
-        sse_url="http://127.0.0.1:8080/sse?token={token}&room={room}",
-        envelope="herald",
-        publish_args=["--publish", "nats://127.0.0.1:4222", "--subject", "herald.room.{room}"],
-        server_pids=[101],
-        aux_pids=[102],
-        jwt_secret="s" * 32,
-    )
-    cmd = loadtest_command(scenarios[0], target, "/tmp/idle-sse.json", "1")
+    cmd = loadtest_command(scenarios[0], HERALD, "/tmp/idle-sse.json", "1")
     assert cmd[:3] == ["taskset", "-c", "1"]
     cfg = config(cmd[cmd.index("ops.loadtest") + 1 :])
-    assert (cfg.transport, cfg.url, cfg.conns, cfg.rooms, cfg.idle) == ("sse", target.sse_url, 1000, 10, 3.0)
+    assert (cfg.transport, cfg.url, cfg.conns, cfg.rooms, cfg.idle) == ("sse", HERALD.sse_url, 1000, 10, 3.0)
     assert cfg.jwt_secret and cfg.envelope == "herald" and cfg.server_pids == (101,)  # one user per connection
 
 
