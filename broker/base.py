@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .channels import Channel, channel_id, glob_match, is_room, is_user
 
@@ -36,8 +37,7 @@ class Delivery:
     kind: Kind = Kind.MESSAGE
 
 
-@dataclass(frozen=True, slots=True)
-class Publishable:
+class Publishable(NamedTuple):  # a tuple: one is made per message of a publish
     """A message for the stream; ``msg_id``: an idempotency key (a repeat
     within the stream's duplicate window is not stored again)."""
 
@@ -47,8 +47,7 @@ class Publishable:
     msg_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Published:
+class Published(NamedTuple):
     """Where the stream holds a published message; ``duplicate``: it was a
     repeat of one published with the same key, whose id this is."""
 

@@ -36,7 +36,7 @@ class ReplyInbox:
     def __init__(self, client: Callable[[], DispatchingClient]) -> None:
         self._client_of = client  # the connected client, or BrokerUnavailable
         self._client: DispatchingClient | None = None  # the client ``_prefix`` is subscribed on
-        self._prefix = ""
+        self._prefix = b""
         self._ids = itertools.count()
         self._waiting: dict[bytes, OnReply] = {}
 
@@ -45,25 +45,42 @@ class ReplyInbox:
         at the broker's start, so it is there before any request)."""
         nc = self._client_of()
         if nc is not self._client:
-            self._prefix = nc.new_inbox()
-            await nc.subscribe_direct(self._prefix + ".*", self._on_reply)
+            prefix = nc.new_inbox()
+            self._prefix = prefix.encode()
+            await nc.subscribe_direct(prefix + ".*", self._on_reply)
             self._client = nc
         return nc
 
     async def open(self, on_reply: OnReply, buffered: bool = False) -> tuple[DispatchingClient, str]:
         """A reply subject whose replies go to ``on_reply`` until ``close``.
-        ``buffered``: while the client reconnects, the request waits in its
-        pending buffer and goes out once reconnected, after the inbox's SUB
+        ``buffered``: see ``ready``."""
+        nc = await self.ready(buffered)
+        return nc, self.add(on_reply).decode()
+
+    async def ready(self, buffered: bool = False) -> DispatchingClient:
+        """The client to send requests on, with the inbox subscribed.
+        ``buffered``: while the client reconnects, requests wait in its
+        pending buffer and go out once reconnected, after the inbox's SUB
         (what nats-py's request() does), instead of failing at once."""
         nc = self._client
         if not (buffered and nc is not None and nc.is_reconnecting):
             nc = await self.subscribe()
-        reply = f"{self._prefix}.{next(self._ids)}"
-        self._waiting[reply.encode()] = on_reply
-        return nc, reply
+        return nc
+
+    def add(self, on_reply: OnReply) -> bytes:
+        """A reply subject (after ``ready``) whose replies go to ``on_reply``
+        until ``discard``."""
+        reply = b"%s.%d" % (self._prefix, next(self._ids))
+        self._waiting[reply] = on_reply
+        return reply
 
     def close(self, reply: str) -> None:
         self._waiting.pop(reply.encode(), None)
+
+    def discard(self, replies: Iterable[bytes]) -> None:
+        waiting = self._waiting
+        for reply in replies:
+            waiting.pop(reply, None)
 
     def _on_reply(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
         on_reply = self._waiting.get(subject)

@@ -174,8 +174,7 @@ class NatsPubSub:
         return ack.seq
 
     async def publish_batch(self, items: Sequence[Publishable]) -> list[Published]:
-        acks = await self._acks.publish([self._outgoing(item) for item in items])
-        return [Published(ack.seq, ack.duplicate) for ack in acks]
+        return await self._acks.publish([self._outgoing(item) for item in items])
 
     def _outgoing(self, item: Publishable) -> Outgoing:
         headers = {EVENT_HEADER: item.event} if item.event else {}
