@@ -16,13 +16,16 @@ from broker.channels import channel_id, client_name
 _SSE_LINES = re.compile(rb"\r\n|\r|\n")
 # orjson reads integers past 64 bits as floats: a document with that many digits
 # in a row is read again, exactly, by the standard library (rare, so slow is fine).
-_LONG_DIGITS = re.compile(rb"\d{19,}")
+# Found by blanking all but digits (a regex takes ~10 times as long: ~1 µs per
+# 100 bytes, on every publish and client frame).
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
+_LONG_DIGITS = b"0" * 19
 
 
 def loads_exact(raw: bytes | str) -> Any:
     """A client's or publisher's JSON, numbers kept as they were written."""
     doc = orjson.loads(raw)  # raises orjson.JSONDecodeError
-    if _LONG_DIGITS.search(raw.encode() if isinstance(raw, str) else raw):
+    if _LONG_DIGITS in (raw.encode() if isinstance(raw, str) else raw).translate(_DIGITS_ONLY):
         with contextlib.suppress(RecursionError):  # deeper than the stdlib goes: orjson's reading stands
             doc = json.loads(raw)
     return doc

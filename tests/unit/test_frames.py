@@ -4,6 +4,7 @@ reader and writer, the message JSON, and SSE events (no injection through payloa
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import orjson
@@ -14,7 +15,7 @@ from aiohttp._websocket.writer import WebSocketWriter
 
 from broker import Delivery
 from broker.channels import parse_channel
-from gateway.frames import SSE, WS, json_data, message_json, sse_event, ws_frame
+from gateway.frames import SSE, WS, dumps_exact, json_data, loads_exact, message_json, sse_event, ws_frame
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
 
@@ -282,3 +283,11 @@ def test_sse_codec_control() -> None:
     raw = SSE.control({"type": "reset", "reason": "a\nb"})
     events = _parse_sse(raw)
     assert events == [{"event": "reset", "data": '{"type":"reset","reason":"a\\nb"}'}]
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"a":[12345678901234567890123]}', '{"a":[-98765432109876543210]}', b"[1234567890123456789, 1]"]
+)
+def test_numbers_past_64_bits_are_read_exactly(raw: bytes | str) -> None:
+    assert loads_exact(raw) == json.loads(raw)
+    assert dumps_exact(loads_exact(raw)) == json.dumps(json.loads(raw), separators=(",", ":")).encode()
