@@ -8,8 +8,11 @@ delivered messages and delivery latency — are plain counters in this process
 
 from __future__ import annotations
 
+import socket
+import struct
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -181,6 +184,61 @@ class Metrics:
 
     def watch_broker(self, stats: Callable[[], BrokerStats]) -> None:
         self.registry.register(_BrokerCollector(stats))
+
+    def watch_accept_queue(self, sockets: Callable[[], Iterable[Listener]]) -> None:
+        """Export the accept queue of the node's listening ``sockets``."""
+        self.registry.register(_AcceptQueueCollector(sockets))
+
+
+class Listener(Protocol):
+    """A listening socket (asyncio hands out socket-like objects)."""
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes: ...
+
+
+# Linux's struct tcp_info: for a listening socket, tcpi_unacked (at byte 24)
+# holds its accept queue's length and tcpi_sacked its capacity.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_QUEUE_AT = 24
+
+
+def accept_queue(listener: Listener) -> tuple[int, int] | None:
+    """(connections waiting to be accepted, the queue's capacity), or None
+    where the system does not say (not Linux)."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)
+    except OSError:
+        return None
+    waiting, capacity = struct.unpack_from("=II", info, _QUEUE_AT)
+    return waiting, capacity
+
+
+class _AcceptQueueCollector(Collector):
+    """Connections the kernel has accepted that the node has not taken yet.
+    When connects come faster than the node admits them (a reconnect storm)
+    the queue fills; once full, the kernel drops SYNs and clients wait for
+    their retransmit (1 s, then 3 s…): from outside, a slow network."""
+
+    def __init__(self, sockets: Callable[[], Iterable[Listener]]) -> None:
+        self._sockets = sockets
+
+    def collect(self) -> Iterator[Metric]:
+        queues = [q for q in map(accept_queue, self._sockets()) if q is not None]
+        if not queues:
+            return
+        yield GaugeMetricFamily(
+            "herald_accept_queue", "Connections waiting for the node to accept them", value=sum(q[0] for q in queues)
+        )
+        yield GaugeMetricFamily(
+            "herald_accept_queue_limit",
+            "Capacity of the accept queue (http.backlog, capped by net.core.somaxconn)",
+            value=sum(q[1] for q in queues),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class _DeliveryCollector(Collector):

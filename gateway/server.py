@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -26,6 +26,7 @@ from broker import BrokerUnavailable
 from .app import create_admin_app, create_app
 from .front import FrontRunner
 from .keys import FAST_ROUTES, NODE, NODE_API
+from .metrics import Listener
 from .settings import Settings
 
 log = logging.getLogger("herald")
@@ -68,6 +69,22 @@ def app_runner(app: web.Application, settings: Settings) -> web.AppRunner:
     )
 
 
+async def listen(runner: web.AppRunner, settings: Settings, reuse_port: bool = False) -> web.TCPSite:
+    """Serve ``runner``'s node on ``http.host``/``http.port``; its metrics
+    watch the listening sockets' accept queue."""
+    http = settings.http
+    site = web.TCPSite(runner, http.host, http.port, backlog=http.backlog, reuse_port=reuse_port)
+    await site.start()
+    runner.app[NODE].metrics.watch_accept_queue(lambda: _listening_sockets(site))
+    return site
+
+
+def _listening_sockets(site: web.BaseSite) -> Sequence[Listener]:
+    """The sockets ``site`` listens on (aiohttp keeps its asyncio server private)."""
+    server = getattr(site, "_server", None)
+    return list(getattr(server, "sockets", ()))
+
+
 async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully (see Node.shutdown)."""
     app = create_app(settings)
@@ -76,7 +93,7 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
     runners = [runner]
     try:
         http = settings.http
-        await web.TCPSite(runner, http.host, http.port, backlog=http.backlog, reuse_port=reuse_port).start()
+        await listen(runner, settings, reuse_port)
         if settings.admin.port:
             admin = web.AppRunner(create_admin_app(app[NODE_API]), access_log=None)
             await admin.setup()

@@ -24,7 +24,7 @@ from gateway.app import create_app
 from gateway.auth import mint_token
 from gateway.keys import NODE
 from gateway.node import BrokerFactory, Node
-from gateway.server import app_runner
+from gateway.server import app_runner, listen
 from gateway.settings import Settings, load_settings, with_overrides
 
 VENV_BIN = Path(sys.executable).parent
@@ -91,8 +91,7 @@ class RunningNode:
 async def start_node(settings: Settings, broker_factory: BrokerFactory | None = None) -> RunningNode:
     runner = app_runner(create_app(settings, broker_factory), settings)
     await runner.setup()
-    site = web.TCPSite(runner, settings.http.host, settings.http.port)
-    await site.start()
+    await listen(runner, settings)
     host, port = runner.addresses[0][:2]
     return RunningNode(settings, runner, f"http://{host}:{port}")
 

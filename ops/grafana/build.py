@@ -93,14 +93,14 @@ ROWS = [
                 "Open connections by transport and node",
                 "herald_connections: WebSocket and SSE clients connected to each node.",
                 [Target(f"sum by (instance, transport) (herald_connections{{{NODE}}})", "{{instance}} {{transport}}")],
-                width=8,
+                width=6,
             ),
             Panel(
                 "Connects / s by transport",
                 "herald_connections_opened_total: new client connections.",
                 [Target(rate("herald_connections_opened_total", "transport"), "{{transport}}")],
                 unit="ops",
-                width=8,
+                width=6,
             ),
             Panel(
                 "Disconnects / s by reason",
@@ -108,7 +108,18 @@ ROWS = [
                 "heartbeat_timeout, shutdown, replaced, ...).",
                 [Target(rate("herald_connections_closed_total", "reason"), "{{reason}}")],
                 unit="ops",
-                width=8,
+                width=6,
+            ),
+            Panel(
+                "Accept queue by node",
+                "herald_accept_queue: connects the kernel holds until the node takes them. Near "
+                "herald_accept_queue_limit, connects come faster than the node admits them; when full, new ones wait "
+                "for a SYN retransmit (1 s, 3 s...).",
+                [
+                    Target(f"sum by (instance) (herald_accept_queue{{{NODE}}})", "{{instance}}"),
+                    Target(f"sum by (instance) (herald_accept_queue_limit{{{NODE}}})", "limit {{instance}}"),
+                ],
+                width=6,
             ),
         ],
     ),

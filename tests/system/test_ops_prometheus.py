@@ -41,6 +41,7 @@ ALERTS = {
     "HeraldOutboundQueueBytesHigh",
     "HeraldAuthFailureSpike",
     "HeraldReplayOrGapRepairSpike",
+    "HeraldAcceptQueueFilling",
 }
 # What Grafana would put in for its own variables when the queries run.
 GRAFANA_VARS = {"${node}": ".*", "$node": ".*", "$__rate_interval": "5s", "$__interval": "5s"}

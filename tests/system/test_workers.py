@@ -11,7 +11,7 @@ import aiohttp
 
 from broker.embedded import NatsServer, free_port, free_ports
 
-from ..helpers import ADMIN_KEY, SECRET, cli_env, recv_json, token
+from ..helpers import ADMIN_KEY, SECRET, cli_env, recv_json, scrape, token
 
 
 async def test_two_workers_share_the_port(nats_server: NatsServer, spawn, http: aiohttp.ClientSession) -> None:
@@ -28,6 +28,7 @@ async def test_two_workers_share_the_port(nats_server: NatsServer, spawn, http: 
         HERALD_STREAM_NAME="WK",
         HERALD_STREAM_STORAGE="memory",
         HERALD_NODE_ID="box",
+        HERALD_HTTP_BACKLOG="123",
     )
     proc = spawn(["serve", "--workers", "2"], env)
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -55,6 +56,9 @@ async def test_two_workers_share_the_port(nats_server: NatsServer, spawn, http: 
         assert r.status == 404
     async with http.get(f"http://127.0.0.1:{admin}/metrics") as r:
         assert r.status == 200 and "herald_connections" in await r.text()
+    for k in (0, 1):  # each worker has a listening socket (and accept queue) of its own
+        samples = await scrape(http, f"http://127.0.0.1:{admin + k}")
+        assert samples["herald_accept_queue_limit"] == 123 and samples["herald_accept_queue"] == 0
 
     proc.send_signal(signal.SIGTERM)
     closes = [await ws.receive(timeout=5) for ws in sockets]

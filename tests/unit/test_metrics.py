@@ -21,3 +21,28 @@ def test_every_label_value_the_code_uses_is_pre_created() -> None:
     used_results = set(re.findall(r'refuse\(\d+, "(\w+)"', source)) | {"ok"}
     assert used_results <= set(metrics.API_RESULTS), used_results - set(metrics.API_RESULTS)
     assert len(used_auth) > 10 and len(used_limits) > 6 and len(used_results) > 5  # the patterns still match
+
+
+def test_the_accept_queue_counts_connections_the_node_has_not_taken() -> None:
+    """A listening socket nobody accepts from: the kernel queues the connects
+    (up to the backlog) and the gauges say so."""
+    import socket
+
+    from prometheus_client import generate_latest
+
+    from gateway.metrics import Metrics, accept_queue
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=7)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+    try:
+        assert accept_queue(listener) == (3, 7)
+        metrics = Metrics()
+        metrics.watch_accept_queue(lambda: [listener])
+        text = generate_latest(metrics.registry).decode()
+        assert "herald_accept_queue 3.0" in text and "herald_accept_queue_limit 7.0" in text
+        listener.accept()[0].close()
+        assert accept_queue(listener) == (2, 7)
+    finally:
+        for c in clients:
+            c.close()
+        listener.close()
