@@ -10,17 +10,31 @@ awaited together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import secrets
+from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 
 import nats.errors
 import orjson
 
 from .base import BrokerUnavailable, Published
+from .dispatch import DispatchingClient
 from .inbox import expire
 from .link import NatsLink
 
 # A message to publish: (subject, payload, headers or None).
 Outgoing = tuple[str, bytes, dict[str, str] | None]
+# The most messages the stream takes in one atomic batch (nats-server's limit).
+ATOMIC_MAX = 1000
+# Refusals of an atomic batch after which the messages can go one by one (none
+# was stored): atomic publishing disabled (10174), a header it does not take
+# in a batch (10177: Nats-Msg-Id before nats-server 2.14), a batch too large
+# (10199), a message id already in the stream (10201), too many batches in
+# flight on the stream (10210).
+_NOT_AS_A_BATCH = frozenset({10174, 10177, 10199, 10201, 10210})
 
 
 class Refused(BrokerUnavailable):
@@ -42,21 +56,35 @@ class AckedPublisher:
         self._headers = {"Nats-Expected-Stream": stream}
         self._head = _head(stream, {})
         self._buffered = buffered  # while NATS reconnects: wait for it (ReplyInbox.open)
+        # The stream takes atomic batches (allow_atomic, nats-server 2.12+): set once it is known.
+        self.atomic = False
+        self._batch_ids = itertools.count()
+        self._batch_prefix = secrets.token_hex(8)
 
     async def publish(self, messages: list[Outgoing]) -> list[Published]:
         """Publish ``messages`` in order; where the stream stored them, in the
         same order. Raises BrokerUnavailable (or Refused) if any is not
-        acknowledged in time — the ones before it may be stored."""
+        acknowledged in time — the ones before it may be stored, unless the
+        stream took them as one atomic batch: then all are, or none."""
+        if self.atomic and 1 < len(messages) <= ATOMIC_MAX:
+            try:
+                return await self._publish_atomic(messages)
+            except Refused as exc:
+                if exc.code not in _NOT_AS_A_BATCH:
+                    raise
+                # Nothing was stored: e.g. a message id the stream has seen (a
+                # retried batch) refuses the whole batch; one by one, the
+                # repeats are dropped and the rest stored.
+        return await self._publish_each(messages)
+
+    async def _publish_each(self, messages: list[Outgoing]) -> list[Published]:
+        """Every message with a reply subject: an ack each."""
         if not messages:
             return []
-        loop = asyncio.get_running_loop()
-        acks = _Acks(len(messages), loop.create_future())
-        # One timer for the whole batch (not a timeout scope and a gather).
-        timer = loop.call_later(self._timeout, expire, (acks.done,))
+        acks = _Acks(len(messages), asyncio.get_running_loop().create_future())
         inbox = self._inbox
         replies: list[bytes] = []
-        try:
-            nc = await inbox.ready(self._buffered)
+        async with self._waiting(acks.done, replies) as nc:
             commands: list[bytes] = []
             for index, (subject, payload, headers) in enumerate(messages):
                 reply = inbox.add(partial(acks.take, index))
@@ -68,26 +96,74 @@ class AckedPublisher:
                     await nc.publish(
                         subject, payload, reply=reply.decode(), headers={**self._headers, **(headers or {})}
                     )
-            return await acks.done
+            return [Published(int(ack["seq"]), bool(ack.get("duplicate"))) for ack in await acks.done]
+
+    async def _publish_atomic(self, messages: list[Outgoing]) -> list[Published]:
+        """One atomic batch (ADR-50): the last message commits it and alone
+        gets an ack, with the last sequence; the others precede it."""
+        acks = _Acks(1, asyncio.get_running_loop().create_future())
+        batch = b"%s-%d" % (self._batch_prefix.encode(), next(self._batch_ids))
+        replies: list[bytes] = []
+        async with self._waiting(acks.done, replies) as nc:
+            replies.append(self._inbox.add(partial(acks.take, 0)))
+            opening = b"NATS/1.0\r\nNats-Expected-Stream: %s\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: " % (
+                self._stream.encode(),
+                batch,
+            )
+            last = len(messages) - 1
+            commands: list[bytes] = []
+            for index, (subject, payload, headers) in enumerate(messages):
+                head = b"%s%d\r\n%s%s\r\n" % (
+                    opening,
+                    index + 1,
+                    _lines(headers) if headers else b"",
+                    b"Nats-Batch-Commit: 1\r\n" if index == last else b"",
+                )
+                if index == last:
+                    commands.append(_hpub(subject, replies[0], head, payload))
+                else:
+                    commands.append(
+                        b"HPUB %s %d %d\r\n%s%s\r\n"
+                        % (subject.encode(), len(head), len(head) + len(payload), head, payload)
+                    )
+            if not nc.write_soon(b"".join(commands)):
+                raise BrokerUnavailable("NATS is not connected")
+            (commit,) = await acks.done
+        if commit.get("count") != len(messages):
+            raise BrokerUnavailable(f"the stream did not take the batch as one: {commit}")
+        first = int(commit["seq"]) - len(messages) + 1
+        return [Published(first + index) for index in range(len(messages))]
+
+    @contextlib.asynccontextmanager
+    async def _waiting(
+        self, done: asyncio.Future[list[dict[str, Any]]], replies: list[bytes]
+    ) -> AsyncIterator[DispatchingClient]:
+        """The client to publish on, while ``done`` waits for acks to ``replies``:
+        one timer bounds the wait (not a timeout scope and a gather); the
+        replies are forgotten after."""
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self._timeout, expire, (done,))
+        try:
+            yield await self._inbox.ready(self._buffered)
         except TimeoutError:
             raise BrokerUnavailable("publish not acknowledged in time") from None
         except (OSError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"publish not acknowledged: {exc.__class__.__name__}") from None
         finally:
             timer.cancel()
-            inbox.discard(replies)
-            if not acks.done.done():
-                acks.done.cancel()
+            self._inbox.discard(replies)
+            if not done.done():
+                done.cancel()
 
 
 class _Acks:
-    """The acks of one batch as they come: ``done`` has them all, in order,
-    or the first failure to arrive."""
+    """Acks as they come: ``done`` has them all (read, see ``_read_ack``), in
+    order, or the first failure to arrive."""
 
     __slots__ = ("_acks", "_left", "done")
 
-    def __init__(self, count: int, done: asyncio.Future[list[Published]]) -> None:
-        self._acks: list[Published | None] = [None] * count
+    def __init__(self, count: int, done: asyncio.Future[list[dict[str, Any]]]) -> None:
+        self._acks: list[dict[str, Any] | None] = [None] * count
         self._left = count
         self.done = done
 
@@ -106,8 +182,11 @@ class _Acks:
 
 def _head(stream: str, headers: dict[str, str]) -> bytes:
     """The NATS header block; values are ours (checked event names, message ids)."""
-    lines = [f"{name}: {value}" for name, value in {"Nats-Expected-Stream": stream, **headers}.items()]
-    return ("NATS/1.0\r\n" + "\r\n".join(lines) + "\r\n\r\n").encode()
+    return b"NATS/1.0\r\n%s\r\n" % _lines({"Nats-Expected-Stream": stream, **headers})
+
+
+def _lines(headers: dict[str, str]) -> bytes:
+    return "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode()
 
 
 def _hpub(subject: str, reply: bytes, head: bytes, payload: bytes) -> bytes:
@@ -121,9 +200,9 @@ def _hpub(subject: str, reply: bytes, head: bytes, payload: bytes) -> bytes:
     )
 
 
-def _read_ack(data: bytes, headers: dict[str, str] | None) -> Published:
-    """Where the stream stored a message, from its ack; BrokerUnavailable or
-    Refused if it did not."""
+def _read_ack(data: bytes, headers: dict[str, str] | None) -> dict[str, Any]:
+    """An ack that says where the stream stored a message (its ``seq``);
+    BrokerUnavailable or Refused if it did not."""
     if headers and headers.get("Status") == "503":
         raise BrokerUnavailable("no stream answered (is JetStream up?)")
     try:
@@ -135,4 +214,4 @@ def _read_ack(data: bytes, headers: dict[str, str] | None) -> Published:
         description = error.get("description") if isinstance(error, dict) else ack
         code = error.get("err_code") if isinstance(error, dict) else 0
         raise Refused(f"the stream refused the message: {description}", code if isinstance(code, int) else 0)
-    return Published(int(ack["seq"]), bool(ack.get("duplicate")))
+    return ack

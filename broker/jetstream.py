@@ -217,6 +217,7 @@ class NatsBroker:
             duplicate_window=min(c.dedup_window, c.history.max_age),
             discard=DiscardPolicy.OLD,
             allow_direct=True,
+            allow_atomic=True,  # a publish of many messages stores all or none (nats-server 2.12+)
             republish=RePublish(src=f"{self._subjects.prefix}.>", dest=f"{self._subjects.live_prefix}.>"),
         )
 
@@ -254,6 +255,8 @@ class NatsBroker:
             self._sequencer.restart()
         self._stream_created = created
         self.reads.stream_id = stream_id(info.created)
+        # A server before 2.12 drops allow_atomic: batches then go message by message.
+        self.pubsub.atomic_batches = info.config.allow_atomic is True
         self._stream_ready = True
 
     async def close(self) -> None:

@@ -71,6 +71,15 @@ class NatsPubSub:
     def subscriptions(self) -> int:
         return len(self._subs)
 
+    @property
+    def atomic_batches(self) -> bool:
+        """publish_batch stores all of a batch or none (the stream allows atomic batches)."""
+        return self._acks.atomic
+
+    @atomic_batches.setter
+    def atomic_batches(self, allowed: bool) -> None:
+        self._acks.atomic = allowed
+
     def _interest_key(self, channel: Channel) -> str:
         if self._options.shared_user_subscription and is_user(channel):
             return ALL_USERS

@@ -56,8 +56,9 @@ class PubSub(Protocol):
     async def publish_batch(self, items: Sequence[Publishable]) -> list[Published]:
         """Store ``items`` in order, many in flight at once; where each is held
         (a repeat of an ``msg_id`` within the duplicate window is not stored
-        again: its first copy's id). Raises BrokerUnavailable if any is not
-        acknowledged — those before it may be stored."""
+        again: its first copy's id). All or none are stored where the stream
+        takes atomic batches; else one by one, and if BrokerUnavailable is
+        raised, those before the failure may be stored."""
         ...
 
     async def publish_ephemeral(self, channel: Channel, payload: bytes, event: str | None = None) -> None:

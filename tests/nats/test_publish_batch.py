@@ -9,8 +9,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
+from nats.js.api import StorageType, StreamConfig
+
+from broker.acks import AckedPublisher, Refused
+from broker.embedded import NatsServer
 
 from ..helpers import ADMIN_KEY, PUBLISH_KEY, RunningNode, recv_json, token
+from .test_lean_requests import connected_link
 
 NodeFactory = Callable[..., Awaitable[RunningNode]]
 
@@ -121,3 +127,56 @@ async def test_bad_keys_and_bodies(node_factory: NodeFactory, http: aiohttp.Clie
     assert (await post(http, node, {"channel": "room:lobby", "data": "y" * 66_000}))[0] == 413  # one message
     async with http.post(node.url + "/api/publish", json=[body], headers={"Idempotency-Key": "k"}) as resp:
         assert resp.status == 401
+
+
+async def test_concurrent_batches_get_the_ids_of_their_own_messages(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A batch is stored as one atomic batch (its messages in a row): its ids
+    are its messages' even while other nodes publish into the stream."""
+    a, b = await cluster(node_factory)
+    assert a.node.broker.pubsub.atomic_batches  # nats-server 2.12+: the stream allows atomic batches
+    batches = [[{"channel": "room:lobby", "data": f"{k}-{i}"} for i in range(40)] for k in range(4)]
+    singles = [{"channel": "room:lobby", "data": f"single-{i}"} for i in range(20)]
+    answers = await asyncio.gather(
+        *(post(http, (a, b)[k % 2], batch) for k, batch in enumerate(batches)),
+        *(post(http, (b, a)[i % 2], single) for i, single in enumerate(singles)),
+    )
+    assert all(status == 200 for status, _ in answers), answers
+    async with http.get(
+        a.url + "/api/history",
+        params={"channel": "room:lobby", "limit": "200"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    ) as resp:
+        stored = {m["id"]: m["data"] for m in (await resp.json())["messages"]}
+    assert len(stored) == 4 * 40 + 20
+    for batch, (_, answer) in zip(batches, answers, strict=False):
+        ids = [int(i) for i in answer["ids"]]
+        assert ids == list(range(ids[0], ids[0] + 40))  # in a row
+        assert [stored[str(i)] for i in ids] == [item["data"] for item in batch]
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "one-by-one"])
+async def test_a_batch_the_stream_refuses_in_part(nats_server: NatsServer, atomic: bool) -> None:
+    """Atomic: a message the stream refuses (here: too large for it) refuses
+    the batch and none is stored. Message by message (a stream without atomic
+    batches), the others are stored."""
+    link = await connected_link(nats_server.url)
+    assert link.nc is not None and link.js is not None
+    name = "AT" + uuid.uuid4().hex[:8].upper()
+    config = StreamConfig(
+        name=name, subjects=[f"{name}.>"], allow_atomic=atomic, max_msg_size=300, storage=StorageType.MEMORY
+    )
+    await link.js.add_stream(config)
+    acks = AckedPublisher(link, name, 5.0)
+    acks.atomic = atomic
+    small, big = (f"{name}.a", b"x", None), (f"{name}.a", b"y" * 400, None)
+    try:
+        with pytest.raises(Refused):
+            await acks.publish([small, big, small])
+        assert (await link.js.stream_info(name)).state.messages == (0 if atomic else 2)
+        stored = await acks.publish([small, small, small])
+        first = 1 if atomic else 3
+        assert [p.seq for p in stored] == [first, first + 1, first + 2]
+    finally:
+        await link.nc.close()
