@@ -221,6 +221,13 @@ class ConnectHook:
         # Shielded: the request that started it may leave; the others still wait for it.
         return await asyncio.shield(task)
 
+    def forget(self, user: str) -> None:
+        """Drop the answers kept for ``user``: the backend closed the user's
+        connections (a logout, a permission change), so their reconnects ask
+        the app again instead of being admitted on what it said before."""
+        for key in [key for key, (identity, _) in self._cache.items() if identity.user == user]:
+            del self._cache[key]
+
     def _asked(self, key: bytes, task: asyncio.Task[Identity]) -> None:
         if self._asking.get(key) is task:
             del self._asking[key]

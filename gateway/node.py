@@ -171,7 +171,7 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
     router = CommandRouter(
         settings.node.id, gate.identify, sessions, commands, broker.relay, settings.http.command_timeout
     )
-    requests = NodeRequests(router, UserActions(sessions, subscriptions))
+    requests = NodeRequests(router, UserActions(sessions, subscriptions, hook.forget if hook else None))
     metrics.watch_broker(broker.stats)
     metrics.watch_queue_bytes(sessions.queued_bytes)
     return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router, hook)

@@ -9,6 +9,7 @@ after ``TIMEOUT`` with the answers that came (``"complete": false``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -33,15 +34,20 @@ TIMEOUT = 1.0
 class UserActions:
     """What a node does to its own connections of one user."""
 
-    def __init__(self, sessions: Sessions, subscriptions: Subscriptions) -> None:
+    def __init__(
+        self, sessions: Sessions, subscriptions: Subscriptions, forget_user: Callable[[str], None] | None = None
+    ) -> None:
         self._sessions = sessions
         self._subscriptions = subscriptions
+        self._forget_user = forget_user  # the connect hook's kept answers for the user
 
     async def act(self, request: dict[str, Any]) -> int:
         """Carry out one action; the number of connections it touched."""
         user, action = request["user"], request["op"]
         sessions = self._sessions.of_user(user)
         if action == "disconnect":
+            if self._forget_user is not None:  # every node, whether it holds a connection of the user or not
+                self._forget_user(user)
             reason = DISCONNECTED if request.get("reconnect", True) else DISCONNECTED_FOR_GOOD
             for session in sessions:
                 session.close(reason)

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,18 @@ from aiohttp import web
 
 from broker.embedded import free_port
 
-from ..helpers import RunningNode, SseClient, api_publish, expect_close, recv_json, recv_until, scrape, token, wait_for
+from ..helpers import (
+    ADMIN_KEY,
+    RunningNode,
+    SseClient,
+    api_publish,
+    expect_close,
+    recv_json,
+    recv_until,
+    scrape,
+    token,
+    wait_for,
+)
 
 NodeFactory = Callable[..., Any]
 CONNECT_SECRET = "connect-secret-0123456789"
@@ -330,6 +342,34 @@ async def test_answers_are_kept_per_cookie_until_the_ttl(
     assert (await ws_close(http, node, alice))[0] == 4001
     for ws, _ in opened:
         await ws.close()
+
+
+async def test_a_disconnect_by_the_backend_drops_the_kept_answers_on_every_node(
+    node_factory: NodeFactory, app: App, http: aiohttp.ClientSession
+) -> None:
+    """After POST /api/disconnect (a logout, a permission change) the user's
+    reconnects ask the app again, on each node, instead of being admitted on
+    the answer kept from before."""
+    tag = "ch" + uuid.uuid4().hex[:8]
+    shared: dict[str, Any] = {"subject": {"prefix": tag}, "stream": {"name": tag.upper(), "storage": "memory"}}
+    a, b = [await node_factory(auth=auth(app.url), **shared) for _ in range(2)]
+    alice = app.login("s-alice", "alice", ["lobby"])
+    on_a, _ = await open_ws(http, a, alice)
+    on_b, _ = await open_ws(http, b, alice)
+    await (await open_ws(http, a, alice))[0].close()  # kept: not asked again
+    assert len(app.requests) == 2  # once per node
+    async with http.post(
+        b.url + "/api/disconnect", json={"user": "alice"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as resp:
+        assert resp.status == 200 and (await resp.json())["disconnected"] == 2
+    assert (await expect_close(on_a))[0] == 4009 and (await expect_close(on_b))[0] == 4009
+    app.sessions["s-alice"]["rooms"] = []  # the app changed what alice may join
+    for node in (a, b):
+        ws, welcome = await open_ws(http, node, alice)
+        assert welcome["user"] == "alice"
+        await ws.close()
+    assert len(app.requests) == 4
+    assert app.bodies()[-1]["headers"]["cookie"] == alice
 
 
 # -- modes -------------------------------------------------------------------------
