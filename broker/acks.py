@@ -4,7 +4,9 @@ Each message goes out as a plain PUB with a reply subject of its own
 (``ReplyInbox``); the stream's ack comes back to it. A batch is written in
 order without waiting between messages (the stream stores them in that
 order: one connection's messages keep their order), then its acks are
-awaited together.
+awaited together — or, where the stream allows it, as one atomic batch
+(ADR-50): only the message that commits it has a reply, and its ack says
+where the last one went; the others precede it, all stored or none.
 """
 
 from __future__ import annotations
@@ -110,22 +112,16 @@ class AckedPublisher:
                 self._stream.encode(),
                 batch,
             )
-            last = len(messages) - 1
             commands: list[bytes] = []
-            for index, (subject, payload, headers) in enumerate(messages):
+            for index, (subject, payload, headers) in enumerate(messages, 1):
+                last = index == len(messages)
                 head = b"%s%d\r\n%s%s\r\n" % (
                     opening,
-                    index + 1,
+                    index,
                     _lines(headers) if headers else b"",
-                    b"Nats-Batch-Commit: 1\r\n" if index == last else b"",
+                    b"Nats-Batch-Commit: 1\r\n" if last else b"",
                 )
-                if index == last:
-                    commands.append(_hpub(subject, replies[0], head, payload))
-                else:
-                    commands.append(
-                        b"HPUB %s %d %d\r\n%s%s\r\n"
-                        % (subject.encode(), len(head), len(head) + len(payload), head, payload)
-                    )
+                commands.append(_hpub(subject, replies[0] if last else b"", head, payload))
             if not nc.write_soon(b"".join(commands)):
                 raise BrokerUnavailable("NATS is not connected")
             (commit,) = await acks.done
@@ -190,9 +186,10 @@ def _lines(headers: dict[str, str]) -> bytes:
 
 
 def _hpub(subject: str, reply: bytes, head: bytes, payload: bytes) -> bytes:
-    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+    """``reply`` empty: none (no ack is sent)."""
+    return b"HPUB %s %s%d %d\r\n%s%s\r\n" % (
         subject.encode(),
-        reply,
+        reply + b" " if reply else b"",
         len(head),
         len(head) + len(payload),
         head,
