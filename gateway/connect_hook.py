@@ -199,6 +199,8 @@ class ConnectHook:
         # cookie hash -> (identity, unix time it may be reused until)
         self._cache: dict[bytes, tuple[Identity, float]] = {}
         self._asking: dict[bytes, asyncio.Task[Identity]] = {}
+        # user -> when ``forget`` dropped its answers (kept while an ask may still be under way)
+        self._forgotten: dict[str, float] = {}
 
     async def ask(self, call: HookCall) -> Identity:
         """Who ``call``'s client is; HookRefused or HookUnavailable."""
@@ -227,6 +229,10 @@ class ConnectHook:
         the app again instead of being admitted on what it said before."""
         for key in [key for key, (identity, _) in self._cache.items() if identity.user == user]:
             del self._cache[key]
+        # An ask under way now may bring an answer from before: used, not kept.
+        now = time.monotonic()
+        self._forgotten = {u: t for u, t in self._forgotten.items() if now - t <= self._timeout + 1.0}
+        self._forgotten[user] = now
 
     def _asked(self, key: bytes, task: asyncio.Task[Identity]) -> None:
         if self._asking.get(key) is task:
@@ -235,8 +241,11 @@ class ConnectHook:
             task.exception()  # retrieved: nobody may be waiting any more
 
     async def _ask_and_keep(self, key: bytes, call: HookCall) -> Identity:
+        asked = time.monotonic()
         identity = await self._ask(call)
         assert identity.expires is not None
+        if self._forgotten.get(identity.user, -math.inf) >= asked:
+            return identity
         if len(self._cache) >= CACHE_SIZE:
             del self._cache[next(iter(self._cache))]  # the oldest
         self._cache[key] = identity, min(identity.expires, time.time() + self._ttl)

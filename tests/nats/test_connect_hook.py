@@ -58,6 +58,7 @@ class App:
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     answer: tuple[int, bytes] | str | None = None
     requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    held: asyncio.Event | None = None  # set: answers wait for it (an ask under way)
 
     def login(self, sid: str, user: str, rooms: list[str], ttl: float = 3600, **extra: Any) -> str:
         self.sessions[sid] = {"user": user, "rooms": rooms, "publish": rooms, "expires": time.time() + ttl, **extra}
@@ -71,6 +72,8 @@ class App:
         self.requests.append((dict(request.headers), body))
         if self.answer == "hang":
             await asyncio.sleep(3600)
+        if self.held is not None:
+            await self.held.wait()
         if isinstance(self.answer, tuple):
             status, raw = self.answer
             return web.Response(status=status, body=raw, content_type="application/json")
@@ -370,6 +373,26 @@ async def test_a_disconnect_by_the_backend_drops_the_kept_answers_on_every_node(
         await ws.close()
     assert len(app.requests) == 4
     assert app.bodies()[-1]["headers"]["cookie"] == alice
+
+
+async def test_an_answer_asked_for_before_a_disconnect_is_used_but_not_kept(
+    node_factory: NodeFactory, app: App, http: aiohttp.ClientSession
+) -> None:
+    node = await node_factory(auth=auth(app.url))
+    alice = app.login("s-alice", "alice", ["lobby"])
+    app.held = asyncio.Event()
+    opening = asyncio.create_task(open_ws(http, node, alice))
+    await wait_for(lambda: len(app.requests) == 1)
+    async with http.post(
+        node.url + "/api/disconnect", json={"user": "alice"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as resp:
+        assert resp.status == 200
+    app.held.set()
+    ws, welcome = await opening  # admitted on the answer it waited for
+    assert welcome["user"] == "alice"
+    await ws.close()
+    await (await open_ws(http, node, alice))[0].close()
+    assert len(app.requests) == 2  # that answer was not kept
 
 
 # -- modes -------------------------------------------------------------------------
