@@ -12,10 +12,8 @@ where the last one went; the others precede it, all stored or none.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import secrets
-from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -23,7 +21,6 @@ import nats.errors
 import orjson
 
 from .base import BrokerUnavailable, Published
-from .dispatch import DispatchingClient
 from .inbox import expire
 from .link import NatsLink
 
@@ -68,16 +65,21 @@ class AckedPublisher:
         same order. Raises BrokerUnavailable (or Refused) if any is not
         acknowledged in time — the ones before it may be stored, unless the
         stream took them as one atomic batch: then all are, or none."""
-        if self.atomic and 1 < len(messages) <= ATOMIC_MAX:
-            try:
-                return await self._publish_atomic(messages)
-            except Refused as exc:
-                if exc.code not in _NOT_AS_A_BATCH:
-                    raise
-                # Nothing was stored: e.g. a message id the stream has seen (a
-                # retried batch) refuses the whole batch; one by one, the
-                # repeats are dropped and the rest stored.
-        return await self._publish_each(messages)
+        try:
+            if self.atomic and 1 < len(messages) <= ATOMIC_MAX:
+                try:
+                    return await self._publish_atomic(messages)
+                except Refused as exc:
+                    if exc.code not in _NOT_AS_A_BATCH:
+                        raise
+                    # Nothing was stored: e.g. a message id the stream has seen (a
+                    # retried batch) refuses the whole batch; one by one, the
+                    # repeats are dropped and the rest stored.
+            return await self._publish_each(messages)
+        except TimeoutError:  # see expire
+            raise BrokerUnavailable("publish not acknowledged in time") from None
+        except (OSError, nats.errors.Error) as exc:
+            raise BrokerUnavailable(f"publish not acknowledged: {exc.__class__.__name__}") from None
 
     async def _publish_each(self, messages: list[Outgoing]) -> list[Published]:
         """Every message with a reply subject: an ack each."""
@@ -86,7 +88,9 @@ class AckedPublisher:
         acks = _Acks(len(messages), asyncio.get_running_loop().create_future())
         inbox = self._inbox
         replies: list[bytes] = []
-        async with self._waiting(acks.done, replies) as nc:
+        timer = self._bound(acks.done)
+        try:
+            nc = await inbox.ready(self._buffered)
             commands: list[bytes] = []
             for index, (subject, payload, headers) in enumerate(messages):
                 reply = inbox.add(partial(acks.take, index))
@@ -99,6 +103,8 @@ class AckedPublisher:
                         subject, payload, reply=reply.decode(), headers={**self._headers, **(headers or {})}
                     )
             return [Published(int(ack["seq"]), bool(ack.get("duplicate"))) for ack in await acks.done]
+        finally:
+            self._settle(timer, replies, acks.done)
 
     async def _publish_atomic(self, messages: list[Outgoing]) -> list[Published]:
         """One atomic batch (ADR-50): the last message commits it and alone
@@ -106,7 +112,9 @@ class AckedPublisher:
         acks = _Acks(1, asyncio.get_running_loop().create_future())
         batch = b"%s-%d" % (self._batch_prefix.encode(), next(self._batch_ids))
         replies: list[bytes] = []
-        async with self._waiting(acks.done, replies) as nc:
+        timer = self._bound(acks.done)
+        try:
+            nc = await self._inbox.ready(self._buffered)
             replies.append(self._inbox.add(partial(acks.take, 0)))
             opening = b"NATS/1.0\r\nNats-Expected-Stream: %s\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: " % (
                 self._stream.encode(),
@@ -125,31 +133,23 @@ class AckedPublisher:
             if not nc.write_soon(b"".join(commands)):
                 raise BrokerUnavailable("NATS is not connected")
             (commit,) = await acks.done
+        finally:
+            self._settle(timer, replies, acks.done)
         if commit.get("count") != len(messages):
             raise BrokerUnavailable(f"the stream did not take the batch as one: {commit}")
         first = int(commit["seq"]) - len(messages) + 1
         return [Published(first + index) for index in range(len(messages))]
 
-    @contextlib.asynccontextmanager
-    async def _waiting(
-        self, done: asyncio.Future[list[dict[str, Any]]], replies: list[bytes]
-    ) -> AsyncIterator[DispatchingClient]:
-        """The client to publish on, while ``done`` waits for acks to ``replies``:
-        one timer bounds the wait (not a timeout scope and a gather); the
-        replies are forgotten after."""
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self._timeout, expire, (done,))
-        try:
-            yield await self._inbox.ready(self._buffered)
-        except TimeoutError:
-            raise BrokerUnavailable("publish not acknowledged in time") from None
-        except (OSError, nats.errors.Error) as exc:
-            raise BrokerUnavailable(f"publish not acknowledged: {exc.__class__.__name__}") from None
-        finally:
-            timer.cancel()
-            self._inbox.discard(replies)
-            if not done.done():
-                done.cancel()
+    def _bound(self, done: asyncio.Future[list[dict[str, Any]]]) -> asyncio.TimerHandle:
+        """One timer bounds the wait for a batch's acks (not a timeout scope and a gather)."""
+        return asyncio.get_running_loop().call_later(self._timeout, expire, (done,))
+
+    def _settle(self, timer: asyncio.TimerHandle, replies: list[bytes], done: asyncio.Future[Any]) -> None:
+        """The wait is over: forget its timer and reply subjects."""
+        timer.cancel()
+        self._inbox.discard(replies)
+        if not done.done():
+            done.cancel()
 
 
 class _Acks:
