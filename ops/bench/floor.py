@@ -184,7 +184,7 @@ class WsFloor(asyncio.Protocol):
         )
         nats_line = self.nats
         if nats_line is None:
-            self._done(b"")
+            self._write_answer()
             return
         WsFloor.users += 1
         user = b"u%d" % WsFloor.users
@@ -193,25 +193,23 @@ class WsFloor(asyncio.Protocol):
         get = b"$JS.API.STREAM.MSG.GET." + COUNTS.encode()
 
         def counted(reply: bytes) -> None:
+            self._left -= 1
             seq = json.loads(reply).get("message", {}).get("seq", 0)
             expected = b"Nats-Expected-Last-Subject-Sequence: %d" % seq
             nats_line.request(b"$KV.floor.c." + user, b"1", self._done, expected)
 
-        nats_line.request(get, b'{"last_by_subj":"$KV.floor.c.%s"}' % user, self._step(counted))
+        nats_line.request(get, b'{"last_by_subj":"$KV.floor.c.%s"}' % user, counted)
         nats_line.request(get, b'{"last_by_subj":"$KV.floor.r.%s"}' % user, self._done)
         last = b"$JS.API.STREAM.MSG.GET." + STREAM.encode()
         nats_line.request(last, b'{"last_by_subj":"floor.user.%s"}' % user, self._done)
 
-    def _step(self, then: Callable[[bytes], None]) -> Callable[[bytes], None]:
-        def step(reply: bytes) -> None:
-            self._left -= 1
-            then(reply)
-
-        return step
-
     def _done(self, _reply: bytes) -> None:
-        self._left = max(0, self._left - 1)
-        if not self._left and self._transport is not None and not self._transport.is_closing():
+        self._left -= 1
+        if not self._left:
+            self._write_answer()
+
+    def _write_answer(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._answer)
 
 
