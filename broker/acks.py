@@ -21,7 +21,7 @@ import nats.errors
 import orjson
 
 from .base import BrokerUnavailable, Published
-from .inbox import expire
+from .inbox import ReplyInbox, expire
 from .link import NatsLink
 
 # A message to publish: (subject, payload, headers or None).
@@ -85,18 +85,14 @@ class AckedPublisher:
         """Every message with a reply subject: an ack each."""
         if not messages:
             return []
-        acks = _Acks(len(messages), asyncio.get_running_loop().create_future())
-        inbox = self._inbox
-        replies: list[bytes] = []
-        timer = self._bound(acks.done)
+        acks = _Acks(self._inbox, self._timeout)
         try:
-            nc = await inbox.ready(self._buffered)
-            commands: list[bytes] = []
-            for index, (subject, payload, headers) in enumerate(messages):
-                reply = inbox.add(partial(acks.take, index))
-                replies.append(reply)
-                head = self._head if headers is None else _head(self._stream, headers)
-                commands.append(_hpub(subject, reply, head, payload))
+            nc = await self._inbox.ready(self._buffered)
+            replies = [acks.reply_to() for _ in messages]
+            commands = [
+                _hpub(subject, reply, self._head if headers is None else _head(self._stream, headers), payload)
+                for (subject, payload, headers), reply in zip(messages, replies, strict=True)
+            ]
             if not nc.write_soon(b"".join(commands)):
                 for (subject, payload, headers), reply in zip(messages, replies, strict=True):
                     await nc.publish(
@@ -104,18 +100,15 @@ class AckedPublisher:
                     )
             return [Published(int(ack["seq"]), bool(ack.get("duplicate"))) for ack in await acks.done]
         finally:
-            self._settle(timer, replies, acks.done)
+            acks.close()
 
     async def _publish_atomic(self, messages: list[Outgoing]) -> list[Published]:
         """One atomic batch (ADR-50): the last message commits it and alone
         gets an ack, with the last sequence; the others precede it."""
-        acks = _Acks(1, asyncio.get_running_loop().create_future())
+        acks = _Acks(self._inbox, self._timeout)
         batch = b"%s-%d" % (self._batch_prefix.encode(), next(self._batch_ids))
-        replies: list[bytes] = []
-        timer = self._bound(acks.done)
         try:
             nc = await self._inbox.ready(self._buffered)
-            replies.append(self._inbox.add(partial(acks.take, 0)))
             opening = b"NATS/1.0\r\nNats-Expected-Stream: %s\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: " % (
                 self._stream.encode(),
                 batch,
@@ -129,41 +122,51 @@ class AckedPublisher:
                     _lines(headers) if headers else b"",
                     b"Nats-Batch-Commit: 1\r\n" if last else b"",
                 )
-                commands.append(_hpub(subject, replies[0] if last else b"", head, payload))
+                commands.append(_hpub(subject, acks.reply_to() if last else b"", head, payload))
             if not nc.write_soon(b"".join(commands)):
                 raise BrokerUnavailable("NATS is not connected")
             (commit,) = await acks.done
         finally:
-            self._settle(timer, replies, acks.done)
+            acks.close()
         if commit.get("count") != len(messages):
             raise BrokerUnavailable(f"the stream did not take the batch as one: {commit}")
         first = int(commit["seq"]) - len(messages) + 1
         return [Published(first + index) for index in range(len(messages))]
 
-    def _bound(self, done: asyncio.Future[list[dict[str, Any]]]) -> asyncio.TimerHandle:
-        """One timer bounds the wait for a batch's acks (not a timeout scope and a gather)."""
-        return asyncio.get_running_loop().call_later(self._timeout, expire, (done,))
-
-    def _settle(self, timer: asyncio.TimerHandle, replies: list[bytes], done: asyncio.Future[Any]) -> None:
-        """The wait is over: forget its timer and reply subjects."""
-        timer.cancel()
-        self._inbox.discard(replies)
-        if not done.done():
-            done.cancel()
-
 
 class _Acks:
-    """Acks as they come: ``done`` has them all (read, see ``_read_ack``), in
-    order, or the first failure to arrive."""
+    """The acks of one write, as they come: ``reply_to`` gives each message
+    that expects one its reply subject; ``done`` has them all (read, see
+    ``_read_ack``) in that order, or the first failure to arrive, or
+    TimeoutError after ``timeout`` (one timer for the whole write, not a
+    timeout scope and a gather). ``close`` forgets the replies and the timer."""
 
-    __slots__ = ("_acks", "_left", "done")
+    __slots__ = ("_acks", "_inbox", "_left", "_replies", "_timer", "done")
 
-    def __init__(self, count: int, done: asyncio.Future[list[dict[str, Any]]]) -> None:
-        self._acks: list[dict[str, Any] | None] = [None] * count
-        self._left = count
-        self.done = done
+    def __init__(self, inbox: ReplyInbox, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._inbox = inbox
+        self._acks: list[dict[str, Any] | None] = []
+        self._replies: list[bytes] = []
+        self._left = 0
+        self.done: asyncio.Future[list[dict[str, Any]]] = loop.create_future()
+        self._timer = loop.call_later(timeout, expire, (self.done,))
 
-    def take(self, index: int, data: bytes, headers: dict[str, str] | None) -> None:
+    def reply_to(self) -> bytes:
+        """A reply subject for the next ack (all are asked for before any can come)."""
+        reply = self._inbox.add(partial(self._take, len(self._acks)))
+        self._acks.append(None)
+        self._replies.append(reply)
+        self._left += 1
+        return reply
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self._inbox.discard(self._replies)
+        if not self.done.done():
+            self.done.cancel()
+
+    def _take(self, index: int, data: bytes, headers: dict[str, str] | None) -> None:
         if self.done.done() or self._acks[index] is not None:
             return
         try:
