@@ -12,7 +12,7 @@ import asyncio
 import socket
 from typing import cast
 
-from .http1 import ProtocolError, ResponseHead, parse_head
+from .http1 import ProtocolError, ResponseHead, parse_head, request
 from .sse import Dechunker
 from .target import Endpoint
 
@@ -21,10 +21,8 @@ MAX_BODY = 1024 * 1024  # a response body larger than this is an error, not buff
 
 def post_request(endpoint: Endpoint, headers: dict[str, str], body: bytes) -> bytes:
     """A whole POST request for ``endpoint`` with ``body``."""
-    lines = [f"POST {endpoint.target} HTTP/1.1", f"Host: {endpoint.host_header}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    head = request("POST", endpoint.host_header, endpoint.target, {**headers, "Content-Length": str(len(body))})
+    return head + body
 
 
 class Exchange:
