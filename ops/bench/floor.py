@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
 import json
 import sys
 import tempfile
@@ -40,6 +38,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from broker.embedded import NatsServer, free_port, wait_for_port
 from ops.loadtest.publisher import HttpPublisher
+from ops.loadtest.wsproto import accept_value
 
 from .history import cpu_seconds
 from .procs import Processes, pinned
@@ -47,7 +46,6 @@ from .procs import Processes, pinned
 SERVER_CORES, OTHER_CORES = "0", "1"
 ANSWER = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{"id":"1"}'
 WELCOME = b'{"type":"welcome","conn":"c","user":"u","node":"floor","channels":[]}'
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 STREAM, COUNTS = "FLOOR", "KV_FLOOR"  # messages; one value per key, as a KV bucket
 MODES = {"publish": ("http", "publish"), "connect": ("handshake", "connect")}
 
@@ -177,7 +175,7 @@ class WsFloor(asyncio.Protocol):
             if line[:18].lower() == b"sec-websocket-key:":
                 key = line[18:].strip()
         self._buffer = None
-        accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+        accept = accept_value(key.decode("latin-1")).encode()
         self._answer = (
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: %s\r\n\r\n%s%s" % (accept, bytes((0x81, len(WELCOME))), WELCOME)
