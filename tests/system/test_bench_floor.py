@@ -28,6 +28,7 @@ def test_the_floor_servers_answer_every_publish_and_connect() -> None:
     for mode in ("http", "publish"):
         steps = results[mode]
         assert [s["rate"] for s in steps] == [500, 2000]
-        assert all(s["sent"] > 0 and not s["errors"] and s["us_per_publish"] > 0 for s in steps), steps
+        # CPU is read in clock ticks (10 ms): a half-second step may read 0.
+        assert all(s["sent"] > 0 and not s["errors"] and s["us_per_publish"] >= 0 for s in steps), steps
     for mode in ("handshake", "connect"):
         assert results[mode]["connected"] == 40, results[mode]
