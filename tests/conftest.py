@@ -17,10 +17,12 @@ process a test's tier does not allow.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -149,6 +151,35 @@ def _tier_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
     call = getattr(request.node, "_tier_call_report", None)
     if refused and call is not None and call.passed:  # the TierViolation was caught and swallowed
         pytest.fail(f"{tier} test tried to start processes its tier does not allow: {refused}", pytrace=False)
+
+
+def _print_tasks(_signum: int, _frame: object) -> None:
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return
+    print(f"--- {len(asyncio.all_tasks(loop))} task(s) pending before the timeout:", file=sys.stderr)
+    for task in asyncio.all_tasks(loop):
+        task.print_stack(file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _tasks_before_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test (its fixtures' teardown included) about to reach pytest-timeout
+    prints its event loop's pending tasks and where each waits: the thread
+    stacks pytest-timeout prints show a hung loop only waiting in epoll."""
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0] if marker and marker.args else request.config.getini("timeout") or 0)
+    if timeout <= 20:
+        yield
+        return
+    signal.signal(signal.SIGUSR2, _print_tasks)
+    timer = threading.Timer(timeout - 10, os.kill, (os.getpid(), signal.SIGUSR2))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @pytest.hookimpl(wrapper=True)
