@@ -325,6 +325,9 @@ class Outbound:
 
     def close(self) -> None:
         self.closed = True
+        # The session's method refers back to the session: without this cycle
+        # a closed session is freed at once, not by the cyclic GC's next pass.
+        self.on_overflow = _closed
         self.entries.clear()
         self.bytes = 0
         self._wake_room()
@@ -334,6 +337,10 @@ class Outbound:
 
     def pending_bytes(self) -> int:
         return self.bytes + (0 if self.closed else self.wire.buffered())
+
+
+def _closed(stalled: bool) -> None:
+    """A closed queue's overflow: nothing to do."""
 
 
 class Flusher:

@@ -7,13 +7,13 @@ import gc
 from gateway.server import GC_THRESHOLDS, tune_gc
 
 
-def test_what_exists_at_start_is_frozen_and_passes_come_less_often() -> None:
+def test_startup_objects_are_frozen_and_full_passes_come_less_often() -> None:
     before = gc.get_threshold()
     try:
         tune_gc()
         assert gc.get_freeze_count() > 1000  # the modules and the node's parts
         assert gc.get_threshold() == GC_THRESHOLDS
-        assert GC_THRESHOLDS[0] > before[0]
+        assert GC_THRESHOLDS[2] > before[2]
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
