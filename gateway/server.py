@@ -32,8 +32,6 @@ from .settings import Settings
 
 log = logging.getLogger("herald")
 
-GC_THRESHOLDS = (700, 10, 100)  # CPython's: (700, 10, 10)
-
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(
@@ -107,7 +105,7 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         log.info("node %s listening on %s:%s", settings.node.id, http.host, http.port)
-        tune_gc()
+        freeze_startup_objects()
         if on_ready is not None:
             on_ready()
         await stop.wait()
@@ -119,17 +117,13 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
             await r.cleanup()
 
 
-def tune_gc() -> None:
-    """Once the node serves: what exists (modules, classes, the node's parts:
-    ~50,000 objects) is left out of the cyclic GC's passes for good, and a
-    full pass comes at most once per 100 middle ones (CPython: 10). While
-    connections pile up (a storm) every full pass scanned all of them and
-    all of those again: over 5,000 connects, 8 full passes of 50-120 ms,
-    ~1 s of the node's ~4.5 s of CPU. Young passes stay as frequent: the
-    garbage cycles that do occur are still freed soon."""
+def freeze_startup_objects() -> None:
+    """Once the node serves, what exists (modules, classes, the node's parts:
+    ~50,000 objects) is left out of the cyclic GC's passes for good: each
+    full pass scanned them all again. (Rarer GC passes cut a storm's CPU
+    further but let the soak's memory grow past its limit.)"""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _run(settings: Settings, reuse_port: bool, on_ready: Callable[[], None] | None) -> int:
