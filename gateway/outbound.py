@@ -325,8 +325,8 @@ class Outbound:
 
     def close(self) -> None:
         self.closed = True
-        # The session's method refers back to the session: without this cycle
-        # a closed session is freed at once, not by the cyclic GC's next pass.
+        # Let go of the session's method (it refers back to the session): no
+        # cycle, so a closed session is freed at once, not by a full GC pass.
         self.on_overflow = _closed
         self.entries.clear()
         self.bytes = 0
