@@ -325,9 +325,7 @@ class Outbound:
 
     def close(self) -> None:
         self.closed = True
-        # Let go of the session's method (it refers back to the session): no
-        # cycle, so a closed session is freed at once, not by a full GC pass.
-        self.on_overflow = _closed
+        self.on_overflow = _closed  # not the session's method: no cycle, the session is freed at once
         self.entries.clear()
         self.bytes = 0
         self._wake_room()
@@ -340,7 +338,7 @@ class Outbound:
 
 
 def _closed(stalled: bool) -> None:
-    """A closed queue's overflow: nothing to do."""
+    """A closed queue's overflow: nothing to do (and no reference to a session)."""
 
 
 class Flusher:
