@@ -19,10 +19,11 @@ from .auth import Authenticator, AuthError
 from .command_route import CommandRouter
 from .commands import Commands
 from .connect_hook import ConnectHook
+from .flusher import Flusher
 from .http import TrustedProxies
 from .hub import Hub
 from .metrics import Metrics
-from .outbound import Flusher, QueueLimits
+from .outbound import QueueLimits
 from .resume import Resumer
 from .server_api import NodeRequests, UserActions
 from .sessions import Sessions

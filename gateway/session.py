@@ -18,10 +18,11 @@ from broker import Channel, Delivery
 
 from .auth import Identity
 from .disconnect import SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
+from .flusher import Flusher
 from .frames import Codec
 from .limits import CommandLimiter
 from .metrics import TransportMetrics
-from .outbound import LIVE, REPLAYED, Flusher, Outbound, QueueLimits
+from .outbound import LIVE, REPLAYED, Outbound, QueueLimits
 from .transports.contract import Transport
 
 

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 
 from .auth import Identity
 from .disconnect import REPLACED, SHUTDOWN, Disconnect
+from .flusher import Flusher
 from .metrics import Metrics
-from .outbound import Flusher, QueueLimits
+from .outbound import QueueLimits
 from .session import Session, State
 from .transports.contract import Transport
 

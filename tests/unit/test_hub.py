@@ -17,10 +17,11 @@ from broker import BrokerUnavailable, Delivery, Replay
 from broker.channels import parse_channel
 from gateway.auth import Identity
 from gateway.disconnect import CLIENT_CLOSED, SHUTDOWN, SLOW_CONSUMER, STALLED, TOKEN_EXPIRED, Disconnect
+from gateway.flusher import Flusher
 from gateway.frames import SSE, WS, SseCodec, WsCodec
 from gateway.hub import Hub
 from gateway.metrics import Metrics
-from gateway.outbound import Flusher, QueueLimits
+from gateway.outbound import QueueLimits
 from gateway.resume import Resumer
 from gateway.session import Session, State
 from gateway.settings import Settings
