@@ -1,23 +1,33 @@
 """Reading what a stream holds on some subjects, as of one moment.
 
-An ephemeral pull consumer (no acks, in memory, one replica) is created on the
-stream leader; the number of messages it has pending then is what is read,
-and nothing after. It ends on its own: no end mark to wait for, unlike a KV
-watcher (nats-py's can put its mark early, nats-io/nats.py#842, or, when a
-delivery is lost under load, never), and writes arriving meanwhile do not
-keep it going. Used for replays and for listing KV keys.
+An ephemeral pull consumer (no acks, in memory, one replica) is created; the
+number of messages it has pending then is what is read, and nothing after. It
+ends on its own: no end mark to wait for, unlike a KV watcher (nats-py's can
+put its mark early, nats-io/nats.py#842, or, when a delivery is lost under
+load, never), and writes arriving meanwhile do not keep it going. Used for
+replays and for listing KV keys.
+
+A one-replica consumer of a replicated stream is placed on any of the
+stream's servers (nats-server picks one at random), and it reads that
+server's copy, which may be behind the leader: a message the publisher has an
+ack for may not be there yet. A read that must not miss such messages names
+them (``reach``: per subject, its last sequence as the leader said before the
+read), and goes on, waiting for that copy, until it has read them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
+import orjson
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
@@ -27,6 +37,11 @@ T = TypeVar("T")
 
 # A replicated stream answers 503 for a moment after a leader change: try again.
 _BRIEFLY_UNAVAILABLE = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
+
+# A pull request's answers that end it: no (more) messages now, its wait expired.
+_END_OF_REQUEST = ("404", "408")
+# Pull requests to a consumer not reachable yet (10, 20, … ms apart: ~0.6 s in all).
+_UNREACHABLE_TRIES = 6
 
 
 def snapshot_config(
@@ -58,34 +73,109 @@ async def read_snapshot(
     take: Callable[[Msg], T | None],
     limit: int,
     timeout: float,
+    reach: Mapping[str, int] | None = None,
 ) -> list[T]:
     """``take(msg)`` of each message the consumer has pending when created,
-    oldest first, at most ``limit`` (None results are left out). Raises
+    oldest first, at most ``limit`` (None results are left out) — and, while
+    the consumer's copy of the stream is behind ``reach`` (subject → sequence
+    it must read up to), what comes after, until it has caught up. Raises
     TimeoutError or nats.errors.Error if the stream cannot be read."""
     assert config.name is not None
+    start = config.opt_start_seq or 1
+    unmet = {subject: seq for subject, seq in (reach or {}).items() if seq >= start}
     found: list[T] = []
     try:
         info = await _add_consumer(js, stream, config)
         pending = min(int(info.num_pending or 0), limit)
-        if pending:
-            sub = await js.pull_subscribe_bind(config.name, stream=stream)
+        if pending or unmet:
+            puller = await Puller.open(js, stream, config.name, timeout)
             try:
                 read = 0
-                while read < pending:
-                    batch = await sub.fetch(min(FETCH_BATCH, pending - read), timeout=timeout)
+                while read < limit and (read < pending or unmet):
+                    if read < pending:
+                        batch = await puller.pull(min(FETCH_BATCH, pending - read))
+                        if not batch:
+                            pending = read  # fewer than it had: some were removed meanwhile
+                    else:
+                        batch = await puller.next()  # this copy is behind the leader: wait for it
                     for msg in batch:
                         read += 1
                         item = take(msg)
                         if item is not None:
                             found.append(item)
-                        if msg.metadata.num_pending == 0:  # the last one (fewer if some were removed meanwhile)
-                            pending = read
+                        meta = msg.metadata
+                        if unmet and meta.sequence.stream >= unmet.get(msg.subject, 1 << 63):
+                            del unmet[msg.subject]
+                        # No more (fewer if some were removed meanwhile); while
+                        # catching up, all this copy holds so far.
+                        if meta.num_pending == 0 or unmet:
+                            pending = min(read + meta.num_pending, limit)
             finally:
-                await sub.unsubscribe()
+                await puller.close()
     finally:
         with contextlib.suppress(Exception):
             await js.delete_consumer(stream, config.name)
     return found
+
+
+class Puller:
+    """Pull requests to one consumer, answered on one subscription of its own.
+
+    Not nats-py's ``fetch``: when the consumer lives on another server whose
+    interest has not reached ours yet (it was just created), a pull request
+    has no responders; ``fetch`` of one message raises for it, and of several
+    waits out its whole timeout. Here it is asked again at once, briefly."""
+
+    def __init__(self, nc: Client, sub: Subscription, api: str, timeout: float) -> None:
+        self._nc = nc
+        self._sub = sub
+        self._api = api
+        self._timeout = timeout
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, stream: str, consumer: str, timeout: float) -> Puller:
+        nc: Client = js._nc  # the JetStream context's client (nats-py keeps it there)
+        sub = await nc.subscribe(nc.new_inbox())
+        return cls(nc, sub, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", timeout)
+
+    async def pull(self, batch: int) -> list[Msg]:
+        """What the consumer has now, up to ``batch`` messages."""
+        return await self._request({"batch": batch, "no_wait": True}, batch)
+
+    async def next(self) -> list[Msg]:
+        """The next message the consumer gets, within the timeout (else TimeoutError)."""
+        got = await self._request({"batch": 1, "expires": int(self._timeout * 1e9)}, 1)
+        if not got:
+            raise TimeoutError
+        return got
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+    async def _request(self, request: dict[str, object], batch: int) -> list[Msg]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        payload = orjson.dumps(request)
+        got: list[Msg] = []
+        for attempt in range(_UNREACHABLE_TRIES):
+            await self._nc.publish(self._api, payload, reply=self._sub.subject)
+            while len(got) < batch:
+                msg = await self._sub.next_msg(timeout=max(0.0, deadline - loop.time()))
+                if msg.reply:  # a stored message (its reply subject carries its metadata)
+                    got.append(msg)
+                    continue
+                status = (msg.headers or {}).get("Status")
+                if status in _END_OF_REQUEST:
+                    return got
+                elif status == "503":
+                    break  # no responders: not reachable yet
+                elif status != "100":  # 100: a heartbeat
+                    raise nats.js.errors.APIError.from_msg(msg)
+            else:
+                return got
+            await asyncio.sleep(0.01 * 2**attempt)
+        raise nats.js.errors.ServiceUnavailableError(description="the consumer is not reachable")
 
 
 async def _add_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig, tries: int = 4) -> ConsumerInfo:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import nats.errors
@@ -31,11 +31,13 @@ async def read_stored(
     name: str,
     channel_of: Callable[[str], Channel | None],
     timeout: float,
+    reach: Mapping[str, int] | None = None,
 ) -> list[Delivery]:
-    """Stored messages on ``filters`` after ``after_seq``, oldest first, at most ``limit``."""
+    """Stored messages on ``filters`` after ``after_seq``, oldest first, at
+    most ``limit``, up to at least ``reach`` (see read_snapshot)."""
     config = snapshot_config(name, list(filters), start_seq=after_seq + 1)
     try:
-        return await read_snapshot(js, stream, config, lambda msg: _stored(msg, channel_of), limit, timeout)
+        return await read_snapshot(js, stream, config, lambda msg: _stored(msg, channel_of), limit, timeout, reach)
     except (TimeoutError, nats.errors.Error) as exc:
         raise BrokerUnavailable(f"reading the stream failed: {exc.__class__.__name__}: {exc}") from None
 
@@ -87,33 +89,31 @@ class NatsHistory:
     async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
         p = self._place
         self._link.jetstream()  # fails at once while NATS is away
-        read_limit = len(channels) * stream_cap(p.retention)  # all the stream holds for them
         try:
             async with asyncio.timeout(p.replay_timeout):
-                if len(channels) == 1:
-                    # One channel (the inbox, a subscribe): a look at its last
-                    # message (asked of the leader, see last_sequence) usually
-                    # shows there is nothing to read. If one is held, nothing
-                    # after the position was evicted either (eviction takes the
-                    # oldest first); if none is, the stream may have dropped them all.
-                    subject = p.subjects.input_subject(channels[0])
-                    last = await last_sequence(self._leader, subject)
-                    if last == 0 and after_seq > 0:
-                        gone = after_seq + 1 < await self._first_sequence()
-                        return Replay([], frozenset(channels) if gone else frozenset())
-                    if last is not None and last <= after_seq:
-                        return Replay([])
-                if after_seq > 0:
-                    found, first = await asyncio.gather(
-                        self._fetch(channels, after_seq, read_limit), self._first_sequence()
-                    )
+                # Each channel's last message, asked of the leader (see
+                # last_sequence): the read goes up to it, whichever copy of the
+                # stream it reads; and it often shows there is nothing to read.
+                subjects = [p.subjects.input_subject(c) for c in channels]
+                lasts = await asyncio.gather(*(last_sequence(self._leader, s) for s in subjects))
+                # A channel whose last message is at or before the position
+                # missed nothing: had any been evicted after it, so would that
+                # one (eviction takes the oldest first). One with none may have
+                # had them all evicted.
+                unread = [c for c, last in zip(channels, lasts, strict=True) if last is None or last > after_seq]
+                empty = [c for c, last in zip(channels, lasts, strict=True) if last == 0]
+                reach = {s: last for s, last in zip(subjects, lasts, strict=True) if last}
+                may_be_evicted = after_seq > 0 and bool(unread or empty)
+                if unread and may_be_evicted:
+                    found, first = await asyncio.gather(self._fetch(unread, after_seq, reach), self._first_sequence())
                 else:
-                    found, first = await self._fetch(channels, after_seq, read_limit), 0
+                    found = await self._fetch(unread, after_seq, reach) if unread else []
+                    first = await self._first_sequence() if may_be_evicted else 0
         except TimeoutError:
             raise BrokerUnavailable(f"replay took longer than {p.replay_timeout:g}s") from None
         # Messages after the position that the stream dropped as a whole (age,
         # size): any of these channels may have had some.
-        evicted = channels if after_seq + 1 < first else ()
+        evicted = [*unread, *empty] if after_seq + 1 < first else ()
         return retain(found, p.retention, limit, time.time(), evicted)
 
     async def page(self, channel: Channel, before: int | None, limit: int) -> list[Delivery]:
@@ -142,8 +142,9 @@ class NatsHistory:
         self._link.jetstream()  # fails at once while NATS is away
         return await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout)
 
-    async def _fetch(self, channels: Sequence[Channel], after_seq: int, limit: int) -> list[Delivery]:
-        """Stored messages of ``channels`` after ``after_seq``, oldest first, at most ``limit``."""
+    async def _fetch(self, channels: Sequence[Channel], after_seq: int, reach: dict[str, int]) -> list[Delivery]:
+        """Every stored message of ``channels`` after ``after_seq``, oldest
+        first, up to at least ``reach`` (subject → sequence)."""
         js = self._link.jetstream()
         nc = self._link.client()
         subjects = self._place.subjects
@@ -152,8 +153,9 @@ class NatsHistory:
             self._place.stream,
             [subjects.input_subject(c) for c in channels],
             after_seq,
-            limit,
+            len(channels) * stream_cap(self._place.retention),  # all the stream holds for them
             nc._nuid.next().decode(),
             subjects.channel_of,
             self._place.request_timeout,
+            reach,
         )
