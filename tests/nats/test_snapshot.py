@@ -1,0 +1,87 @@
+"""Reading a stream through a snapshot consumer (broker/snapshot.py), on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.api import StorageType, StreamConfig
+
+from broker.embedded import NatsServer
+from broker.snapshot import Puller, read_snapshot, snapshot_config
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_server.url)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def stream_with(nc: Client, count: int) -> str:
+    name = "SNAP" + uuid.uuid4().hex[:8].upper()
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"], storage=StorageType.MEMORY))
+    for i in range(count):
+        await js.publish(f"{name}.{'a' if i % 2 else 'b'}", b"%d" % i)
+    return name
+
+
+async def test_a_pull_to_a_consumer_not_reachable_yet_is_asked_again(nc: Client) -> None:
+    """Right after a consumer is created on another server, a pull request to
+    it can find no responders: it is asked again, not failed (nats-py's fetch
+    raises for one message, and waits out its timeout for several)."""
+    stream = await stream_with(nc, 3)
+    js = nc.jetstream()
+    puller = await Puller.open(js, stream, "later", timeout=5.0)
+    try:
+        pulled = asyncio.create_task(puller.pull(3))
+        await asyncio.sleep(0.02)  # its first request has no responders
+        await js.add_consumer(stream, config=snapshot_config("later", [f"{stream}.>"]))
+        got = await asyncio.wait_for(pulled, 2.0)
+    finally:
+        await puller.close()
+    assert [m.data for m in got] == [b"0", b"1", b"2"]
+
+
+async def test_a_consumer_that_never_appears_is_an_error(nc: Client) -> None:
+    stream = await stream_with(nc, 1)
+    puller = await Puller.open(nc.jetstream(), stream, "never", timeout=5.0)
+    try:
+        with pytest.raises(nats.js.errors.ServiceUnavailableError):
+            await puller.pull(1)
+    finally:
+        await puller.close()
+
+
+async def test_a_snapshot_reads_what_was_pending_and_nothing_after(nc: Client) -> None:
+    stream = await stream_with(nc, 5)
+    js = nc.jetstream()
+    config = snapshot_config("snap", [f"{stream}.a"], start_seq=2)
+    got = await read_snapshot(js, stream, config, lambda m: m.metadata.sequence.stream, 100, 5.0)
+    assert got == [2, 4]
+    # A sequence to reach that is not stored yet: the read waits for it, then times out.
+    config = snapshot_config("snap2", [f"{stream}.a"], start_seq=2)
+    with pytest.raises(TimeoutError):
+        await read_snapshot(js, stream, config, lambda m: m.data, 100, 0.3, reach={f"{stream}.a": 6})
+
+
+async def test_a_read_behind_its_reach_waits_for_the_copy_to_catch_up(nc: Client) -> None:
+    """What a lagging replica looks like to the reader: the sequence to reach
+    is stored only after the consumer was made."""
+    stream = await stream_with(nc, 5)
+    js = nc.jetstream()
+    config = snapshot_config("behind", [f"{stream}.a", f"{stream}.b"], start_seq=5)
+    reading = asyncio.create_task(
+        read_snapshot(js, stream, config, lambda m: m.metadata.sequence.stream, 100, 5.0, reach={f"{stream}.a": 7})
+    )
+    await asyncio.sleep(0.1)
+    for _ in range(3):
+        await js.publish(f"{stream}.a", b"late")  # 6, 7, 8
+    assert (await asyncio.wait_for(reading, 3.0))[:3] == [5, 6, 7]
