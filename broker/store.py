@@ -50,16 +50,13 @@ def _stored(msg: Msg, channel_of: Callable[[str], Channel | None]) -> Delivery |
     return Delivery(channel, meta.sequence.stream, 0, meta.timestamp.timestamp(), event_of(msg.headers or {}), msg.data)
 
 
-async def last_sequence(leader: LastMessage, subject: str) -> int | None:
-    """The last sequence stored on ``subject``: 0 if none, None if unknown.
-    Asked of the stream leader: a direct get may be answered by a replica
-    that is behind, and "nothing after the position" from it would skip
+async def last_sequence(leader: LastMessage, subject: str) -> int:
+    """The last sequence stored on ``subject``, 0 if none; BrokerUnavailable
+    if the leader does not say. Asked of the stream leader: any other copy
+    may be behind, and "nothing after the position" from it would skip
     messages the publisher already has acks for (ADR-31: stale reads)."""
-    try:
-        stored = await leader.get(subject)
-    except BrokerUnavailable:
-        return None  # no answer, an error, an odd reply: read the stream instead
-    return 0 if stored is None else stored.seq or None
+    stored = await leader.get(subject)
+    return 0 if stored is None else stored.seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +97,7 @@ class NatsHistory:
                 # missed nothing: had any been evicted after it, so would that
                 # one (eviction takes the oldest first). One with none may have
                 # had them all evicted.
-                unread = [c for c, last in zip(channels, lasts, strict=True) if last is None or last > after_seq]
+                unread = [c for c, last in zip(channels, lasts, strict=True) if last > after_seq]
                 empty = [c for c, last in zip(channels, lasts, strict=True) if last == 0]
                 reach = {s: last for s, last in zip(subjects, lasts, strict=True) if last}
                 may_be_evicted = after_seq > 0 and bool(unread or empty)

@@ -11,8 +11,13 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import StorageType, StreamConfig
 
+from broker import BrokerUnavailable
+from broker.channels import Subjects, room_channel, user_channel
 from broker.embedded import NatsServer
+from broker.jetstream import NatsBroker, NatsConfig
 from broker.snapshot import Puller, read_snapshot, snapshot_config
+
+from ..helpers import broker_events
 
 
 @pytest.fixture
@@ -85,3 +90,26 @@ async def test_a_read_behind_its_reach_waits_for_the_copy_to_catch_up(nc: Client
     for _ in range(3):
         await js.publish(f"{stream}.a", b"late")  # 6, 7, 8
     assert (await asyncio.wait_for(reading, 3.0))[:3] == [5, 6, 7]
+
+
+async def test_a_replay_without_the_leaders_last_sequences_fails_rather_than_guess(nats_server: NatsServer) -> None:
+    """Without them a read may end on a copy that is behind, silently short:
+    the replay says it could not read (the client retries, a gap repair
+    tries again or announces a reset)."""
+    config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("snl", "snl_live"), stream="SNL", storage="memory")
+    broker = NatsBroker(config, broker_events())
+    await broker.start()
+    try:
+        room = room_channel("x")
+        seq = await broker.pubsub.publish(room, b'"m"')
+        assert [d.seq for d in (await broker.history.replay([room], 0, 10)).deliveries] == [seq]
+
+        class Silent:
+            async def get(self, subject: str) -> None:
+                raise BrokerUnavailable("JetStream did not answer in time")
+
+        broker.history._leader = Silent()  # type: ignore[assignment]
+        with pytest.raises(BrokerUnavailable):
+            await broker.history.replay([room, user_channel("u")], 0, 10)
+    finally:
+        await broker.close()
