@@ -92,7 +92,10 @@ class NatsHistory:
                 # last_sequence): the read goes up to it, whichever copy of the
                 # stream it reads; and it often shows there is nothing to read.
                 subjects = [p.subjects.input_subject(c) for c in channels]
-                lasts = await asyncio.gather(*(last_sequence(self._leader, s) for s in subjects))
+                if len(subjects) == 1:  # the inbox on every connect: no task for one request
+                    lasts = [await last_sequence(self._leader, subjects[0])]
+                else:
+                    lasts = await asyncio.gather(*(last_sequence(self._leader, s) for s in subjects))
                 # A channel whose last message is at or before the position
                 # missed nothing: had any been evicted after it, so would that
                 # one (eviction takes the oldest first). One with none may have
@@ -100,12 +103,13 @@ class NatsHistory:
                 unread = [c for c, last in zip(channels, lasts, strict=True) if last > after_seq]
                 empty = [c for c, last in zip(channels, lasts, strict=True) if last == 0]
                 reach = {s: last for s, last in zip(subjects, lasts, strict=True) if last}
-                may_be_evicted = after_seq > 0 and bool(unread or empty)
-                if unread and may_be_evicted:
+                if not unread:  # nothing after the position (the inbox, on most connects)
+                    gone = bool(empty) and after_seq > 0 and after_seq + 1 < await self._first_sequence()
+                    return Replay([], frozenset(empty) if gone else frozenset())
+                if after_seq > 0:
                     found, first = await asyncio.gather(self._fetch(unread, after_seq, reach), self._first_sequence())
                 else:
-                    found = await self._fetch(unread, after_seq, reach) if unread else []
-                    first = await self._first_sequence() if may_be_evicted else 0
+                    found, first = await self._fetch(unread, after_seq, reach), 0
         except TimeoutError:
             raise BrokerUnavailable(f"replay took longer than {p.replay_timeout:g}s") from None
         # Messages after the position that the stream dropped as a whole (age,
