@@ -59,6 +59,10 @@ async def last_sequence(leader: LastMessage, subject: str) -> int:
     return 0 if stored is None else stored.seq
 
 
+# Messages per channel a replay reads with a direct get before it needs a consumer.
+DIRECT_BATCH = 100
+
+
 @dataclass(frozen=True, slots=True)
 class StreamPlace:
     """Where the stream is and how long a read of it may take."""
@@ -146,6 +150,40 @@ class NatsHistory:
     async def _fetch(self, channels: Sequence[Channel], after_seq: int, reach: dict[str, int]) -> list[Delivery]:
         """Every stored message of ``channels`` after ``after_seq``, oldest
         first, up to at least ``reach`` (subject → sequence)."""
+        found = await self._read_direct(channels, after_seq, reach)
+        return found if found is not None else await self._read_consumer(channels, after_seq, reach)
+
+    async def _read_direct(
+        self, channels: Sequence[Channel], after_seq: int, reach: dict[str, int]
+    ) -> list[Delivery] | None:
+        """What most replays need — a few messages per channel — read with one
+        batch direct get each: no consumer to create and delete (on a cluster,
+        each is a proposal of its meta leader). Any copy of the stream may
+        answer, but a copy's log is a prefix of the leader's: one that holds
+        ``reach`` holds everything before it. None when a copy is behind or a
+        channel has more than a batch after the position."""
+        subject_of = self._place.subjects.input_subject
+        try:
+            if len(channels) == 1:
+                reads = [await self._pages.read(subject_of(channels[0]), channels[0], after_seq + 1, DIRECT_BATCH)]
+            else:
+                reads = await asyncio.gather(
+                    *(self._pages.read(subject_of(c), c, after_seq + 1, DIRECT_BATCH) for c in channels)
+                )
+        except BrokerUnavailable:
+            return None
+        found: list[Delivery] = []
+        for channel, stored in zip(channels, reads, strict=True):
+            if not stored or stored[-1].delivery.seq < reach[subject_of(channel)]:
+                return None
+            found.extend(s.delivery for s in stored)
+        if len(reads) > 1:
+            found.sort(key=lambda d: d.seq)
+        return found
+
+    async def _read_consumer(
+        self, channels: Sequence[Channel], after_seq: int, reach: dict[str, int]
+    ) -> list[Delivery]:
         js = self._link.jetstream()
         nc = self._link.client()
         subjects = self._place.subjects

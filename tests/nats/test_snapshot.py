@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import pytest
 from nats.aio.client import Client
 from nats.js.api import StorageType, StreamConfig
 
-from broker import BrokerUnavailable
+from broker import BrokerUnavailable, Channel
 from broker.channels import Subjects, room_channel, user_channel
 from broker.embedded import NatsServer
 from broker.jetstream import NatsBroker, NatsConfig
@@ -113,3 +114,57 @@ async def test_a_replay_without_the_leaders_last_sequences_fails_rather_than_gue
             await broker.history.replay([room, user_channel("u")], 0, 10)
     finally:
         await broker.close()
+
+
+@pytest.fixture
+async def history_broker(nats_server: NatsServer) -> AsyncIterator[NatsBroker]:
+    name = "SND" + uuid.uuid4().hex[:6].upper()
+    config = NatsConfig(
+        urls=(nats_server.url,), subjects=Subjects(name.lower(), name.lower() + "_live"), stream=name, storage="memory"
+    )
+    broker = NatsBroker(config, broker_events())
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+async def _published(broker: NatsBroker, channels: list[Channel]) -> list[int]:
+    return [await broker.pubsub.publish(c, b'"m"') for c in channels]
+
+
+async def test_a_short_replay_needs_no_consumer(history_broker: NatsBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few messages per channel are read with direct gets, in sequence order across channels."""
+    room, user = room_channel("x"), user_channel("u")
+    (before,) = await _published(history_broker, [room])
+    missed = await _published(history_broker, [room, user, room, room, user])
+
+    async def no_consumer(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a consumer was created")
+
+    monkeypatch.setattr("broker.store.read_stored", no_consumer)
+    replay = await history_broker.history.replay([room, user], before, 100)
+    assert [(d.channel, d.seq) for d in replay.deliveries] == list(
+        zip([room, user, room, room, user], missed, strict=True)
+    )
+
+
+async def test_a_replay_longer_than_a_batch_or_behind_reads_a_consumer(
+    history_broker: NatsBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    room, user = room_channel("x"), user_channel("u")
+    missed = await _published(history_broker, [room, user, room, room])
+    monkeypatch.setattr("broker.store.DIRECT_BATCH", 2)  # the room has 3
+    replay = await history_broker.history.replay([room, user], 0, 100)
+    assert [d.seq for d in replay.deliveries] == missed
+    monkeypatch.setattr("broker.store.DIRECT_BATCH", 100)
+    pages = history_broker.history._pages
+    read = pages.read
+
+    async def behind(*args: Any) -> list[Any]:
+        return (await read(*args))[:-1]  # a copy that lacks the newest
+
+    monkeypatch.setattr(pages, "read", behind)
+    replay = await history_broker.history.replay([room, user], 0, 100)
+    assert [d.seq for d in replay.deliveries] == missed
