@@ -11,7 +11,9 @@ should (rarely a second one, when the estimate was off).
 
 Direct gets may be answered by any replica of the stream, which may be a
 moment behind its leader: a page can miss the very newest messages, never
-reorder or invent any. Pages are for showing history, not for resuming.
+reorder or invent any. Pages are for showing history; a replay reads with
+the same gets only up to a sequence the leader named, and checks it got
+there (store.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ number of messages it has pending then is what is read, and nothing after. It
 ends on its own: no end mark to wait for, unlike a KV watcher (nats-py's can
 put its mark early, nats-io/nats.py#842, or, when a delivery is lost under
 load, never), and writes arriving meanwhile do not keep it going. Used for
-replays and for listing KV keys.
+replays longer than a direct get's batch and for listing KV keys.
 
 A one-replica consumer of a replicated stream is placed on any of the
 stream's servers (nats-server picks one at random), and it reads that

@@ -1,4 +1,12 @@
-"""Reading the stream back: stored messages after a position (``NatsHistory``)."""
+"""Reading the stream back: stored messages after a position (``NatsHistory``).
+
+A replay is bounded by the stream leader: each channel's last sequence is
+asked of it first, and the read goes at least that far, whichever copy of a
+replicated stream answers it (the others may be a moment behind). Channels
+with nothing after the position are not read at all; a few messages per
+channel are read with batch direct gets; more, or a copy behind, with a
+snapshot consumer (snapshot.py).
+"""
 
 from __future__ import annotations
 
