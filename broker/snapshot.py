@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -40,8 +41,10 @@ _BRIEFLY_UNAVAILABLE = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRe
 
 # A pull request's answers that end it: no (more) messages now, its wait expired.
 _END_OF_REQUEST = ("404", "408")
-# Pull requests to a consumer not reachable yet (10, 20, … ms apart: ~0.6 s in all).
-_UNREACHABLE_TRIES = 6
+# A pull request to a consumer not reachable yet is asked again 10, 20, 40…
+# ms later, at most this far apart, until the read's timeout (a server that
+# was stopped for a moment can take a while to announce its new consumer).
+_UNREACHABLE_PAUSE_MAX = 0.2
 
 
 def snapshot_config(
@@ -124,7 +127,7 @@ class Puller:
     Not nats-py's ``fetch``: when the consumer lives on another server whose
     interest has not reached ours yet (it was just created), a pull request
     has no responders; ``fetch`` of one message raises for it, and of several
-    waits out its whole timeout. Here it is asked again at once, briefly."""
+    waits out its whole timeout. Here it is asked again, soon, until then."""
 
     def __init__(self, nc: Client, sub: Subscription, api: str, timeout: float) -> None:
         self._nc = nc
@@ -140,11 +143,11 @@ class Puller:
 
     async def pull(self, batch: int) -> list[Msg]:
         """What the consumer has now, up to ``batch`` messages."""
-        return await self._request({"batch": batch, "no_wait": True}, batch)
+        return await self._request(batch, wait=False)
 
     async def next(self) -> list[Msg]:
         """The next message the consumer gets, within the timeout (else TimeoutError)."""
-        got = await self._request({"batch": 1, "expires": int(self._timeout * 1e9)}, 1)
+        got = await self._request(1, wait=True)
         if not got:
             raise TimeoutError
         return got
@@ -153,13 +156,16 @@ class Puller:
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
 
-    async def _request(self, request: dict[str, object], batch: int) -> list[Msg]:
+    async def _request(self, batch: int, wait: bool) -> list[Msg]:
+        """One pull request (asked again while the consumer is not reachable,
+        until the timeout): what it brings."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        payload = orjson.dumps(request)
         got: list[Msg] = []
-        for attempt in range(_UNREACHABLE_TRIES):
-            await self._nc.publish(self._api, payload, reply=self._sub.subject)
+        for attempt in itertools.count():
+            left = deadline - loop.time()
+            request = {"batch": batch, "expires": int(left * 1e9)} if wait else {"batch": batch, "no_wait": True}
+            await self._nc.publish(self._api, orjson.dumps(request), reply=self._sub.subject)
             while len(got) < batch:
                 msg = await self._sub.next_msg(timeout=max(0.0, deadline - loop.time()))
                 if msg.reply:  # a stored message (its reply subject carries its metadata)
@@ -174,7 +180,10 @@ class Puller:
                     raise nats.js.errors.APIError.from_msg(msg)
             else:
                 return got
-            await asyncio.sleep(0.01 * 2**attempt)
+            pause = min(_UNREACHABLE_PAUSE_MAX, 0.01 * 2**attempt)
+            if loop.time() + pause >= deadline:
+                break
+            await asyncio.sleep(pause)
         raise nats.js.errors.ServiceUnavailableError(description="the consumer is not reachable")
 
 

@@ -58,7 +58,7 @@ async def test_a_pull_to_a_consumer_not_reachable_yet_is_asked_again(nc: Client)
 
 async def test_a_consumer_that_never_appears_is_an_error(nc: Client) -> None:
     stream = await stream_with(nc, 1)
-    puller = await Puller.open(nc.jetstream(), stream, "never", timeout=5.0)
+    puller = await Puller.open(nc.jetstream(), stream, "never", timeout=0.5)
     try:
         with pytest.raises(nats.js.errors.ServiceUnavailableError):
             await puller.pull(1)
