@@ -113,7 +113,9 @@ async def run_scenario(
     try:
         await wait_for(lambda: all(s.connected for s in subs), timeout=30, interval=0.1)
         await asyncio.sleep(1.0)  # the SSE streams' subscriptions are in place after their headers
-        async with NatsPublisher(c.ports.nats_urls.split(","), "herald", "HERALD", attempts=20, backoff=0.1) as pub:
+        # A killed stream leader leaves the stream without one for nats-server's
+        # election timeout (4-9 s), longer on a loaded CI machine: ~60 s of tries.
+        async with NatsPublisher(c.ports.nats_urls.split(","), "herald", "HERALD", attempts=30, backoff=0.1) as pub:
 
             async def publish(channel: str, data: Any) -> str:
                 return str(await pub.publish(channel, data))
