@@ -31,7 +31,7 @@ from .reads import KvReadPositions
 from .relay import NatsRelay
 from .roles import BrokerEvents
 from .store import NatsHistory, StreamPlace
-from .tasks import spawn
+from .tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("herald.broker")
 # JetStream errors that mean "not yet" rather than "no": no leader, no answer.
@@ -278,9 +278,7 @@ class NatsBroker:
         tasks = self._tasks | self.pubsub.tasks | self.connections.tasks | self.relay.tasks
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=1.0)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(pending)
         await _close_quietly(nc)
 
     def stats(self) -> BrokerStats:

@@ -36,6 +36,7 @@ from .base import BrokerUnavailable
 from .channels import Channel, InvalidChannel, Subjects, channel_id, glob_match, is_room, parse_channel
 from .kv import bind_bucket, from_key_token, key_token, live_keys, storage_type
 from .link import NatsLink
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("herald.presence")
 
@@ -281,9 +282,7 @@ class KvPresence:
         while self._pending and self._tasks and loop.time() < deadline:
             await asyncio.sleep(0.01)
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # ended, not destroyed pending later
+        await cancel_and_wait(tasks)  # ended, not destroyed pending later
         if self._nodes is None:
             return
         with contextlib.suppress(Exception):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 
@@ -15,3 +15,21 @@ def spawn(tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any]) -> asyn
     tasks.add(task)
     task.add_done_callback(tasks.discard)
     return task
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], tries: int = 10) -> None:
+    """Cancel ``tasks`` and wait until they have ended. A cancel can be
+    lost: Python 3.11's ``asyncio.wait_for`` (under nats-py's requests)
+    returns a result that arrives together with the cancel and drops the
+    cancel, and a loop around the request goes on. Those still running are
+    cancelled again (every 0.5 s, ``tries`` times; then they are left)."""
+    left = {task for task in tasks if not task.done()}
+    for _ in range(tries):
+        if not left:
+            return
+        for task in left:
+            task.cancel()
+        done, left = await asyncio.wait(left, timeout=0.5)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: ending with an error is no news at close
