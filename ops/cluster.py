@@ -144,8 +144,7 @@ class Cluster:
     def start(self, base: int | None, timeout: float) -> None:
         if self.running():
             raise SystemExit(f"cluster: already running in {self.dir} (python -m ops.cluster stop --dir {self.dir})")
-        for sub in (self.pids, self.logs, self.conf, self.dir / "tmp"):
-            sub.mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
         try:
             started = self._start(base, Ports.from_base(base), timeout)
         except BaseException:
@@ -153,8 +152,13 @@ class Cluster:
             raise
         print(started)
 
-    def _start(self, base: int | None, ports: Ports, timeout: float) -> str:
-        began = time.monotonic()
+    def _make_dirs(self) -> None:
+        for sub in (self.pids, self.logs, self.conf, self.dir / "tmp"):
+            sub.mkdir(parents=True, exist_ok=True)
+
+    def start_nats(self, ports: Ports, timeout: float) -> dict[str, subprocess.Popen[bytes]]:
+        """The 3 nats-servers (by name: n1, n2, n3), once JetStream has a meta leader with all of them."""
+        self._make_dirs()
         nats, procs = nats_server_binary(), {}
         for i, name in enumerate(NAMES):
             (conf := self.conf / f"{name}.conf").write_text(render_nats(i, ports))
@@ -164,6 +168,11 @@ class Cluster:
         for i, port in enumerate(ports.monitor):
             wait_http(f"http://{HOST}:{port}/healthz", procs[NAMES[i]], self.logs / f"nats{i + 1}.log", timeout)
         wait_meta(ports, timeout)
+        return procs
+
+    def _start(self, base: int | None, ports: Ports, timeout: float) -> str:
+        began = time.monotonic()
+        self.start_nats(ports, timeout)
         secrets, dev = secrets_from_env(), "HERALD_JWT_SECRET" not in os.environ
         shared = os.environ | secrets | {"HERALD_NATS_URLS": ports.nats_urls, "HERALD_STREAM_REPLICAS": "3"}
         if dev:  # the demo page signs in by name, as with `herald dev`

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,10 +31,9 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from broker import BrokerUnavailable
 from broker.channels import Subjects, room_channel, user_channel
-from broker.embedded import nats_server_binary
 from broker.jetstream import NatsBroker, NatsConfig
 from broker.kv import live_keys
-from ops.cluster import HOST, NAMES, Ports, render_nats, wait_meta
+from ops.cluster import HOST, NAMES, Cluster, Ports
 
 from ..helpers import broker_events, free_base
 
@@ -54,21 +54,14 @@ class NatsCluster:
 @pytest.fixture
 def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
     ports = Ports.from_base(free_base())
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    cluster = Cluster(tmp_path)
     try:
-        for i, name in enumerate(NAMES):
-            (conf := tmp_path / f"{name}.conf").write_text(render_nats(i, ports))
-            (store := tmp_path / "data" / name).mkdir(parents=True)
-            env = os.environ | {"NATS_STORE_DIR": str(store)}
-            log = (tmp_path / f"{name}.log").open("wb")
-            procs[name] = subprocess.Popen([nats_server_binary(), "-c", str(conf)], env=env, stdout=log, stderr=log)
-        wait_meta(ports, 30)
-        yield NatsCluster(ports, procs)
+        yield NatsCluster(ports, cluster.start_nats(ports, 30))
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
-            proc.wait()
+        for _, pid in cluster.recorded():
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # a stopped server would not take the SIGTERM
+        cluster.stop(5.0)
 
 
 @pytest.fixture
@@ -109,9 +102,9 @@ def _connected(broker: NatsBroker, cluster: NatsCluster) -> str:
     return NAMES[cluster.ports.nats.index(url.port)]
 
 
-async def _followers(broker: NatsBroker, connected: str) -> list[str]:
-    js = broker._link.jetstream()
-    info = await js.stream_info("RR")
+async def _followers(broker: NatsBroker, stream: str, connected: str) -> list[str]:
+    """The followers of ``stream``'s leader but the server the broker is connected to."""
+    info = await _settled(lambda: broker._link.jetstream().stream_info(stream))
     assert info.cluster is not None
     return [str(r.name) for r in info.cluster.replicas or [] if r.name != connected]
 
@@ -127,7 +120,7 @@ async def test_a_replay_reads_what_the_leader_acked_whichever_copy_it_reads(
     missed = []
     unavailable = 0
     for trial in range(TRIALS):
-        followers = await _settled(lambda: _followers(node, connected))
+        followers = await _followers(node, "RR", connected)
         stopped = cluster.procs[followers[trial % len(followers)]]
         channels = [ROOM_A, ROOM_B, USER][: 1 + trial % 3]  # one channel and several
         stopped.send_signal(signal.SIGSTOP)
@@ -162,9 +155,7 @@ async def test_a_key_listing_holds_what_the_leader_acked_whichever_copy_it_reads
     wrong = []
     unavailable = 0
     for trial in range(TRIALS):
-        info = await _settled(lambda: js.stream_info("KV_rr_keys"))
-        assert info.cluster is not None
-        followers = [str(r.name) for r in info.cluster.replicas or [] if r.name != connected]
+        followers = await _followers(node, "KV_rr_keys", connected)
         stopped = cluster.procs[followers[trial % len(followers)]]
         stopped.send_signal(signal.SIGSTOP)
         try:
