@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -28,6 +29,8 @@ from .link import NatsLink
 from .lookup import LastMessage, stream_bounds
 from .pages import DirectReader, Pager
 from .snapshot import read_snapshot, snapshot_config
+
+T = TypeVar("T")
 
 
 async def read_stored(
@@ -67,6 +70,14 @@ async def last_sequence(leader: LastMessage, subject: str) -> int:
     return 0 if stored is None else stored.seq
 
 
+async def _each(calls: list[Awaitable[T]]) -> list[T]:
+    """Every result, in order: a lone call awaited as it is (the inbox's
+    replay on every connect: no task for it), several at once."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    return list(await asyncio.gather(*calls))
+
+
 # Messages per channel a replay reads with a direct get before it needs a consumer.
 DIRECT_BATCH = 100
 
@@ -104,10 +115,7 @@ class NatsHistory:
                 # last_sequence): the read goes up to it, whichever copy of the
                 # stream it reads; and it often shows there is nothing to read.
                 subjects = [p.subjects.input_subject(c) for c in channels]
-                if len(subjects) == 1:  # the inbox on every connect: no task for one request
-                    lasts = [await last_sequence(self._leader, subjects[0])]
-                else:
-                    lasts = await asyncio.gather(*(last_sequence(self._leader, s) for s in subjects))
+                lasts = await _each([last_sequence(self._leader, s) for s in subjects])
                 # A channel whose last message is at or before the position
                 # missed nothing: had any been evicted after it, so would that
                 # one (eviction takes the oldest first). One with none may have
@@ -170,19 +178,16 @@ class NatsHistory:
         answer, but a copy's log is a prefix of the leader's: one that holds
         ``reach`` holds everything before it. None when a copy is behind or a
         channel has more than a batch after the position."""
-        subject_of = self._place.subjects.input_subject
+        subjects = [self._place.subjects.input_subject(c) for c in channels]
         try:
-            if len(channels) == 1:
-                reads = [await self._pages.read(subject_of(channels[0]), channels[0], after_seq + 1, DIRECT_BATCH)]
-            else:
-                reads = await asyncio.gather(
-                    *(self._pages.read(subject_of(c), c, after_seq + 1, DIRECT_BATCH) for c in channels)
-                )
+            reads = await _each(
+                [self._pages.read(s, c, after_seq + 1, DIRECT_BATCH) for s, c in zip(subjects, channels, strict=True)]
+            )
         except BrokerUnavailable:
             return None
         found: list[Delivery] = []
-        for channel, stored in zip(channels, reads, strict=True):
-            if not stored or stored[-1].delivery.seq < reach[subject_of(channel)]:
+        for subject, stored in zip(subjects, reads, strict=True):
+            if not stored or stored[-1].delivery.seq < reach[subject]:
                 return None
             found.extend(s.delivery for s in stored)
         if len(reads) > 1:
