@@ -178,7 +178,10 @@ class WsLink(SocketLink):
             self._transport.write(close_frame(reason))
 
     def _stop_work(self) -> asyncio.Task[None] | None:
-        worker = self._worker
+        # Forgotten here, not only by _work's finally: a worker cancelled
+        # before its first step never runs that, and its CancelledError's
+        # traceback (holding this link) would make a cycle only the GC frees.
+        worker, self._worker = self._worker, None
         if worker is not None and worker is not asyncio.current_task():
             worker.cancel()
         return worker

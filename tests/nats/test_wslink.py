@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import socket
 
@@ -12,6 +13,7 @@ import aiohttp
 import orjson
 
 from broker.channels import room_channel
+from gateway.transports.websocket import WsLink
 
 from ..helpers import RawWsClient, RunningNode, recv_json, scrape, token, wait_for
 
@@ -191,3 +193,27 @@ async def test_a_frame_arriving_byte_by_byte(node: RunningNode) -> None:
         await asyncio.sleep(0)
     assert await next_json(client) == {"type": "pong", "ref": "slow"}
     client.close()
+
+
+async def test_a_link_gone_with_a_command_queued_is_freed_without_the_cyclic_gc(node: RunningNode) -> None:
+    """A command and the peer's leaving in one loop pass (as uvloop orders
+    them): the command's worker is cancelled before its first step, and its
+    CancelledError's traceback holds the link. The link must not hold the
+    worker, or each such connection waits for the GC's full passes."""
+    client = await raw(node)
+    await wait_for(lambda: len(node.node.sessions) == 1)
+    link = next(iter(node.node.sessions)).transport
+    assert isinstance(link, WsLink)
+    command = b'{"type":"subscribe","room":"r1","ref":"1"}'
+    gc.collect()  # what earlier tests left
+    gc.disable()
+    try:
+        link.data_received(bytes([0x80 | TEXT, 0x80 | len(command)]) + bytes(4) + command)  # masked with zeros
+        link.connection_lost(None)
+        del link
+        client.close()
+        await wait_for(lambda: not node.node.sessions)
+        await asyncio.sleep(0.1)  # the link's finishing task
+        assert not [o for o in gc.get_objects() if type(o) is WsLink]
+    finally:
+        gc.enable()
