@@ -165,6 +165,9 @@ class _Acks:
         self._inbox.discard(self._replies)
         if not self.done.done():
             self.done.cancel()
+        # A refusal's traceback holds frames that hold this object: letting go
+        # of the future that holds the refusal leaves no cycle for the GC.
+        del self.done
 
     def _take(self, index: int, data: bytes, headers: dict[str, str] | None) -> None:
         if self.done.done() or self._acks[index] is not None:

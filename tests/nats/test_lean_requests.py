@@ -6,6 +6,7 @@ js.get_msg give, and subscriptions live when want() returns."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from broker import BrokerUnavailable, Delivery, Kind
+from broker.acks import _Acks
 from broker.channels import Subjects, room_channel
 from broker.dispatch import DispatchingClient
 from broker.embedded import NatsServer, free_port
@@ -87,6 +89,22 @@ async def test_a_write_expects_the_last_revision(link: NatsLink, direct: bool) -
     assert await bucket.write("k", b"two", rev)
     assert not await bucket.write("k", b"three", rev)  # that revision is gone now
     assert (await kv.get("k")).value == b"two"
+
+
+async def test_a_refused_write_leaves_no_reference_cycle(link: NatsLink) -> None:
+    """A conflict (every compare-and-set that loses a race) is freed at once,
+    not by the GC's full passes: the refusal's traceback holds the frames
+    that held its publish's state."""
+    _, bucket = await new_bucket(link)
+    assert await bucket.write("k", b"one", 0)
+    gc.collect()  # what earlier tests left
+    gc.disable()
+    try:
+        assert not await bucket.write("k", b"two", 0)
+        await asyncio.sleep(0)  # the wake-up that resumed this test holds the ack's future until it returns
+        assert not [o for o in gc.get_objects() if type(o) is _Acks]
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("how", ["delete", "purge"])
