@@ -19,7 +19,7 @@ CHROMIUM ?= /usr/bin/chromium
 # The browser tests drive Debian's chromium; playwright must never fetch a browser build of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: dev test test-fast test-nats test-system lint serve clean install bench bench-peers bench-history bench-publish bench-floor bench-deps-nchan browser-deps cluster cluster-stop cluster-deps ops-deps soak fuzz
+.PHONY: dev test test-fast test-nats test-system lint serve clean install bench bench-peers bench-history bench-publish bench-floor bench-ab bench-deps-nchan browser-deps cluster cluster-stop cluster-deps ops-deps soak fuzz
 
 install: $(STAMP)
 
@@ -79,6 +79,10 @@ bench-publish: $(STAMP)
 # What minimal Python servers doing only the contract's work cost per publish and per connect here.
 bench-floor: $(STAMP)
 	$(BIN)/python -m ops.bench.floor $(BENCH_ARGS)
+
+# Two versions served side by side, so that this VM's drift hits both alike: make bench-ab AB='main HEAD'
+bench-ab: $(STAMP)
+	$(BIN)/python -m ops.bench.ab $(AB) $(BENCH_ARGS)
 
 bench-deps-nchan:
 	@if { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && test -e $(NCHAN_MODULE); then :; else \

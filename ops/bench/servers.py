@@ -92,10 +92,11 @@ def raw_target(server: str, port: int, ws_path: str, sse_path: str, pids: list[i
 class Server:
     name = "server"
 
-    def __init__(self, procs: Processes, logs: Path, cores: str | None) -> None:
+    def __init__(self, procs: Processes, logs: Path, cores: str | None, root: Path = ROOT) -> None:
         self.procs = procs
         self.logs = logs
         self.cores = cores
+        self.root = root  # the checkout it runs from
         self._started: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> Target:
@@ -111,7 +112,7 @@ class Server:
         self._started.clear()
 
     def _spawn(self, cmd: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = self.procs.spawn(pinned(self.cores, cmd), self.logs / log, env=env or child_env(), cwd=ROOT)
+        proc = self.procs.spawn(pinned(self.cores, cmd), self.logs / log, env=env or child_env(), cwd=self.root)
         self._started.append(proc)
         return proc
 
@@ -134,8 +135,9 @@ class Herald(Server):
         workers: int = 1,
         env: dict[str, str] | None = None,
         label: str = "herald",
+        root: Path = ROOT,
     ) -> None:
-        super().__init__(procs, logs, cores)
+        super().__init__(procs, logs, cores, root)
         self.nats_cores = nats_cores
         self.workers = workers
         self.extra_env = env or {}
@@ -145,7 +147,7 @@ class Herald(Server):
     def start(self) -> Target:
         nats = self._nats = NatsServer()
         nats_log = f"{self.name}-nats.log"
-        nats_proc = self.procs.spawn(pinned(self.nats_cores, nats.command()), self.logs / nats_log, cwd=ROOT)
+        nats_proc = self.procs.spawn(pinned(self.nats_cores, nats.command()), self.logs / nats_log, cwd=self.root)
         self._started.append(nats_proc)
         try:
             wait_until(lambda: port_open(nats.port), 20, "nats-server", nats_proc)

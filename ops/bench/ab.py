@@ -1,0 +1,170 @@
+"""Two versions of Herald measured side by side (``make bench-ab``).
+
+    python -m ops.bench.ab A B [--only publish,storm] [--rounds 5]
+
+A and B are git revisions (checked out into temporary worktrees) or
+directories holding a checkout. Both nodes run at the same time, pinned to
+core 0, each with its own nats-server on core 1, and get the same load at the
+same moment: HTTP publishes at ``--rate`` (node CPU per publish), then
+connect storms of ``--storm-conns`` at ``--storm-rate`` each (node CPU per
+connect). This VM's speed drifts by ±20 % between runs a minute apart, which
+hides any change smaller than that when runs are compared one after another;
+side by side, both nodes see the same drift, and each round's B ÷ A ratio
+is steady to ~2 %. Reported: each round's figures, and the ratio's median
+and range. A node that is second in the pair measures ~1-2 % higher: swap
+A and B to see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ops.loadtest.publisher import HttpPublisher
+
+from .history import cpu_seconds
+from .procs import Processes, install_signal_handlers, pinned
+from .servers import JWT_SECRET, PUBLISH_KEY, ROOT, Herald, Target
+
+
+@contextmanager
+def checkouts(versions: list[str]) -> Iterator[list[Path]]:
+    """A directory per version: itself if it is one, else a worktree of the revision."""
+    made: list[Path] = []
+    trees: list[Path] = []
+    try:
+        for version in versions:
+            if Path(version, "gateway").is_dir():
+                trees.append(Path(version).resolve())
+                continue
+            tree = Path(tempfile.mkdtemp(prefix="herald-ab-")) / "tree"
+            git = ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), version]
+            subprocess.run(git, check=True)
+            made.append(tree)
+            trees.append(tree)
+        yield trees
+    finally:
+        for tree in made:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def base_url(target: Target) -> str:
+    return "http://" + target.ws_url.split("//", 1)[1].split("/", 1)[0]
+
+
+async def publish_rounds(
+    targets: list[Target], rate: float, seconds: float, rounds: int, problems: list[str]
+) -> list[list[float]]:
+    """Each round: every node published to at ``rate`` at once; µs of node CPU per publish."""
+    publishers = []
+    for target in targets:
+        url = base_url(target) + "/api/publish"
+        headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+        publisher = HttpPublisher([f"r{k}" for k in range(10)], 100, url, headers, herald_body=True)
+        await publisher.start()
+        publishers.append(publisher)
+    try:
+        await asyncio.gather(*(p.run(min(rate, 200), 2) for p in publishers))  # warm up
+        figures: list[list[float]] = []
+        for _ in range(rounds):
+            before = [cpu_seconds(t.server_pids[0]) for t in targets]
+            sent = await asyncio.gather(*(p.run(rate, seconds) for p in publishers))
+            await asyncio.gather(*(p.drain(5) for p in publishers))
+            after = [cpu_seconds(t.server_pids[0]) for t in targets]
+            figures.append([1e6 * (a - b) / max(n, 1) for a, b, n in zip(after, before, sent, strict=True)])
+            print("publish: " + "  ".join(f"{f:.0f}" for f in figures[-1]) + " µs", flush=True)
+        for publisher in publishers:
+            if publisher.errors:
+                problems.append(f"publish errors: {dict(publisher.errors)}")
+    finally:
+        for publisher in publishers:
+            await publisher.close()
+    return figures
+
+
+def storm_rounds(
+    targets: list[Target], conns: int, rate: float, rounds: int, logs: Path, problems: list[str]
+) -> list[list[float]]:
+    """Each round: a storm against every node at once; µs of node CPU per connect."""
+    figures: list[list[float]] = []
+    for round_ in range(rounds):
+        procs = []
+        for index, target in enumerate(targets):
+            out = logs / f"storm-{round_}-{index}.json"
+            cmd = [sys.executable, "-m", "ops.loadtest", "--storm", "--transport", "ws", "--url", target.ws_url]
+            cmd += ["--jwt-secret", JWT_SECRET, "--conns", str(conns), "--connect-rate", f"{rate:g}"]
+            cmd += ["--hold", "1", "--connect-timeout", "30", "--server-pid", str(target.server_pids[0])]
+            cmd += ["--json", str(out)]
+            log = (logs / f"storm-{round_}-{index}.log").open("wb")
+            procs.append((subprocess.Popen(pinned("1", cmd), stdout=log, stderr=log, cwd=ROOT), out))
+        row = []
+        for proc, out in procs:
+            proc.wait(timeout=300)
+            storm = json.loads(out.read_text())["storm"]
+            if storm["failed"]:
+                problems.append(f"storm: {storm['failed']} connects failed ({out})")
+            row.append(float(storm["server"]["us_per_connect"]))
+        figures.append(row)
+        print("storm: " + "  ".join(f"{f:.0f}" for f in row) + " µs", flush=True)
+    return figures
+
+
+def summary(name: str, labels: list[str], figures: list[list[float]]) -> str:
+    ratios = [b / a for a, b in figures if a > 0]
+    medians = [statistics.median(column) for column in zip(*figures, strict=True)]
+    sides = ", ".join(f"{label} {m:.0f}" for label, m in zip(labels, medians, strict=True))
+    spread = f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "-"
+    return f"{name}: median µs {sides}; B/A median {statistics.median(ratios):.3f} (rounds {spread})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ops.bench.ab", description=__doc__.split("\n\n")[0])
+    p.add_argument("a", help="git revision or checkout directory")
+    p.add_argument("b", help="git revision or checkout directory")
+    p.add_argument("--only", default="publish,storm", help="publish, storm or both")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=6.0, help="each publish round")
+    p.add_argument("--rate", type=float, default=500.0, help="publishes/s to each node")
+    p.add_argument("--storm-conns", type=int, default=3000)
+    p.add_argument("--storm-rate", type=float, default=600.0, help="connects/s offered to each node")
+    args = p.parse_args(argv)
+    only = set(args.only.split(","))
+    install_signal_handlers()
+    procs = Processes()
+    logs = Path(tempfile.mkdtemp(prefix="herald-ab-logs-"))
+    lines: list[str] = []
+    problems: list[str] = []  # errors and failed connects: the figures are not comparable
+    with checkouts([args.a, args.b]) as trees:
+        nodes = [
+            Herald(procs, logs, env={"HERALD_LIMITS_API_RATE": "1000000"}, label=f"node-{label}", root=tree)
+            for label, tree in zip("AB", trees, strict=True)
+        ]
+        try:
+            targets = [node.start() for node in nodes]
+            if "publish" in only:
+                figures = asyncio.run(publish_rounds(targets, args.rate, args.seconds, args.rounds, problems))
+                lines.append(summary(f"publish @{args.rate:g}/s", ["A", "B"], figures))
+            if "storm" in only:
+                figures = storm_rounds(targets, args.storm_conns, args.storm_rate, args.rounds, logs, problems)
+                lines.append(summary(f"storm {args.storm_conns} @{args.storm_rate:g}/s", ["A", "B"], figures))
+        finally:
+            for node in nodes:
+                node.stop()
+            procs.stop_all()
+    print(f"A = {args.a}, B = {args.b} (logs: {logs})")
+    print("\n".join(lines + problems))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
