@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import gc
 
-from gateway.server import freeze_startup_objects
+from gateway.server import YOUNG_GC_THRESHOLD, freeze_startup_objects
 
 
-def test_what_exists_at_start_is_frozen() -> None:
+def test_what_exists_at_start_is_frozen_and_young_passes_are_rarer() -> None:
+    thresholds = gc.get_threshold()
     try:
         freeze_startup_objects()
         assert gc.get_freeze_count() > 1000  # the modules and the node's parts
+        assert gc.get_threshold() == (YOUNG_GC_THRESHOLD, *thresholds[1:])
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
