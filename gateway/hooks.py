@@ -94,6 +94,7 @@ class Dispatcher:
         self._http: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(self.hooks.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._finishing = False  # run is finishing what is in flight: no more cancels
 
     def url_for(self, event: str) -> str | None:
         for glob, url in self.routes:
@@ -115,11 +116,21 @@ class Dispatcher:
                     self._tasks.add(task)
                     task.add_done_callback(self._finished)
         finally:
+            self._finishing = True
             depth.cancel()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self.hooks.timeout + 1)
             await self._http.close()
             await self.source.close()
+
+    def stop(self, task: asyncio.Task[None]) -> None:
+        """SIGTERM/SIGINT: cancel ``task`` (running ``run``), and again every
+        0.5 s until it finishes what is in flight: a cancel that arrives
+        together with a fetch's messages is lost (see broker.tasks.cancel_and_wait)."""
+        if task.done() or self._finishing:
+            return
+        task.cancel()
+        asyncio.get_running_loop().call_later(0.5, self.stop, task)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -230,7 +241,7 @@ async def run_dispatcher(settings: Settings) -> None:
     task = asyncio.create_task(dispatcher.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, dispatcher.stop, task)
     log.info("webhook dispatcher running: %s", h.url or ", ".join(u for _, u in dispatcher.routes))
     try:
         await task

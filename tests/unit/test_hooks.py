@@ -1,11 +1,17 @@
-"""Webhook signatures, and the README's receiver example verifying them (the
-dispatchers against a real nats-server and node: tests/nats/test_hooks.py)."""
+"""Webhook signatures, the README's receiver example verifying them, and
+the dispatcher's stop (the dispatchers against a real nats-server and node:
+tests/nats/test_hooks.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
-from gateway.hooks import signature, verify
+from broker.hooks import HookMessage, HookSource
+from gateway.hooks import Dispatcher, signature, verify
+from gateway.settings import Settings
+from gateway.settings.loading import with_overrides
 
 SECRET = "hook-secret-0123456789"
 
@@ -34,3 +40,40 @@ def test_the_readme_receiver_example_verifies_our_signatures() -> None:
     header = signature([SECRET], int(time.time()), body)
     assert namespace["verify"](SECRET, header, body)
     assert not namespace["verify"](SECRET, header, body + b" ")
+
+
+class _LosesOneCancel:
+    """A hook source whose fetch drops the first cancel, as Python 3.11's
+    ``wait_for`` does when the fetch's messages arrive with it."""
+
+    ready = True
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def pending(self) -> int:
+        return 0
+
+    async def messages(self, batch: int) -> AsyncIterator[list[HookMessage]]:
+        lost = False
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost = True
+            yield []
+
+
+async def test_a_stop_whose_cancel_is_lost_cancels_again() -> None:
+    settings = with_overrides(Settings(), hooks={"url": "http://127.0.0.1:9/hook", "secret": SECRET})
+    dispatcher = Dispatcher(settings, cast(HookSource, _LosesOneCancel()))
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.05)
+    dispatcher.stop(task)
+    done, _ = await asyncio.wait([task], timeout=3)
+    assert done and task.cancelled()  # one plain cancel would leave it dispatching
