@@ -50,8 +50,11 @@ class DirectReader:
         self._api = f"$JS.API.DIRECT.GET.{stream}"
         self._timeout = timeout
 
-    async def read(self, subject: str, channel: Channel, start: int, count: int) -> list[Stored]:
-        """Up to ``count`` messages of ``subject`` from sequence ``start`` on, oldest first."""
+    async def read(
+        self, subject: str, channel: Channel, start: int, count: int, timeout: float | None = None
+    ) -> list[Stored]:
+        """Up to ``count`` messages of ``subject`` from sequence ``start`` on,
+        oldest first; within ``timeout`` (default: the request timeout)."""
         replies: list[tuple[bytes, dict[str, str]]] = []
         done = asyncio.get_running_loop().create_future()
 
@@ -67,7 +70,7 @@ class DirectReader:
             nc, reply = await self._inbox.open(take)
             request = {"seq": max(1, start), "next_by_subj": subject, "batch": count}
             await nc.publish(self._api, orjson.dumps(request), reply=reply)
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout if timeout is None else timeout):
                 await done
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None

@@ -80,6 +80,9 @@ async def _each(calls: list[Awaitable[T]]) -> list[T]:
 
 # Messages per channel a replay reads with a direct get before it needs a consumer.
 DIRECT_BATCH = 100
+# A direct get answers in milliseconds: a copy that has not within this is
+# passed over for the consumer read, not waited for the request timeout.
+DIRECT_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +184,10 @@ class NatsHistory:
         subjects = [self._place.subjects.input_subject(c) for c in channels]
         try:
             reads = await _each(
-                [self._pages.read(s, c, after_seq + 1, DIRECT_BATCH) for s, c in zip(subjects, channels, strict=True)]
+                [
+                    self._pages.read(s, c, after_seq + 1, DIRECT_BATCH, DIRECT_TIMEOUT)
+                    for s, c in zip(subjects, channels, strict=True)
+                ]
             )
         except BrokerUnavailable:
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 
 from broker import BrokerUnavailable, Channel
@@ -17,6 +19,7 @@ from broker.channels import Subjects, room_channel, user_channel
 from broker.embedded import NatsServer
 from broker.jetstream import NatsBroker, NatsConfig
 from broker.snapshot import Puller, read_snapshot, snapshot_config
+from broker.store import DIRECT_TIMEOUT
 
 from ..helpers import broker_events
 
@@ -168,3 +171,28 @@ async def test_a_replay_longer_than_a_batch_or_behind_reads_a_consumer(
     monkeypatch.setattr(pages, "read", behind)
     replay = await history_broker.history.replay([room, user], 0, 100)
     assert [d.seq for d in replay.deliveries] == missed
+
+
+async def test_a_copy_that_does_not_answer_a_direct_read_is_passed_over_soon(
+    history_broker: NatsBroker, nats_server: NatsServer
+) -> None:
+    """Not after the whole request timeout: the consumer read is asked after DIRECT_TIMEOUT."""
+    room = room_channel("x")
+    missed = await _published(history_broker, [room, room])
+    pages = history_broker.history._pages
+    assert pages._timeout >= 3 * DIRECT_TIMEOUT
+    silent = await nats.connect(nats_server.url)
+    try:
+        await silent.subscribe("_herald_test.silent", cb=_ignore)  # takes the direct gets, answers none
+        await silent.flush()
+        pages._api = "_herald_test.silent"
+        started = time.monotonic()
+        replay = await history_broker.history.replay([room], 0, 100)
+        assert [d.seq for d in replay.deliveries] == missed
+        assert time.monotonic() - started < 2 * DIRECT_TIMEOUT
+    finally:
+        await silent.close()
+
+
+async def _ignore(msg: Msg) -> None:
+    pass
