@@ -78,7 +78,7 @@ class RunningNode:
 
     @property
     def node(self) -> Node:
-        return self.runner.app[NODE]  # type: ignore[union-attr]
+        return self.runner.app[NODE]
 
     @property
     def ws_url(self) -> str:
