@@ -128,7 +128,7 @@ class PublishApi:
             published = await self._pubsub.publish_batch(items)
         except BrokerUnavailable as exc:
             return self._refuse(503, "unavailable", str(exc))
-        self._metrics.published.labels("ok").inc(len(items))
+        self._metrics.published_ok.inc(len(items))
         if isinstance(doc, list):
             return json_reply({"ids": [str(p.seq) for p in published]})
         answer: dict[str, object] = {"id": str(published[0].seq)}

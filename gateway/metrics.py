@@ -150,11 +150,13 @@ class Metrics:
         self.transport: dict[str, TransportMetrics] = {}
         r.register(_DeliveryCollector(self))
         self.dropped_queue_full = self.dropped.labels("queue_full")
+        self._closed: dict[tuple[str, str], Counter] = {}  # by (transport, reason): one labels() per close is ~1 µs
         # Pre-create the children so series exist (at 0) from the first scrape.
         for t in transports:
             self.add_transport(t)
         for result in API_RESULTS:
             self.published.labels(result)
+        self.published_ok = self.published.labels("ok")
         for result in COMMAND_RESULTS:
             for forwarded in ("false", "true"):
                 self.commands.labels(result, forwarded)
@@ -176,8 +178,14 @@ class Metrics:
     def add_transport(self, name: str) -> TransportMetrics:
         metrics = self.transport[name] = TransportMetrics(self, name)
         for reason in CLOSE_REASONS:
-            self.closed.labels(name, reason)
+            self._closed[name, reason] = self.closed.labels(name, reason)
         return metrics
+
+    def count_closed(self, transport: str, reason: str) -> None:
+        child = self._closed.get((transport, reason))
+        if child is None:
+            child = self._closed[transport, reason] = self.closed.labels(transport, reason)
+        child.inc()
 
     def watch_queue_bytes(self, total: Callable[[], float]) -> None:
         self.queue_bytes.set_function(total)

@@ -64,7 +64,7 @@ class Sessions:
         self._open.discard(session)
         self._by_id.pop(session.id, None)
         session.metrics.connections.dec()
-        self._metrics.closed.labels(session.transport.name, final.label).inc()
+        self._metrics.count_closed(session.transport.name, final.label)
         return True
 
     def get(self, conn_id: str) -> Session | None:
