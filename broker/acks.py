@@ -87,7 +87,7 @@ class AckedPublisher:
             return []
         acks = _Acks(self._inbox, self._timeout)
         try:
-            nc = await self._inbox.ready(self._buffered)
+            nc = self._inbox.current(self._buffered) or await self._inbox.ready(self._buffered)
             replies = [acks.reply_to() for _ in messages]
             commands = [
                 _hpub(subject, reply, self._head if headers is None else _head(self._stream, headers), payload)
@@ -108,7 +108,7 @@ class AckedPublisher:
         acks = _Acks(self._inbox, self._timeout)
         batch = b"%s-%d" % (self._batch_prefix.encode(), next(self._batch_ids))
         try:
-            nc = await self._inbox.ready(self._buffered)
+            nc = self._inbox.current(self._buffered) or await self._inbox.ready(self._buffered)
             opening = b"NATS/1.0\r\nNats-Expected-Stream: %s\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: " % (
                 self._stream.encode(),
                 batch,

@@ -54,8 +54,18 @@ class ReplyInbox:
     async def open(self, on_reply: OnReply, buffered: bool = False) -> tuple[DispatchingClient, str]:
         """A reply subject whose replies go to ``on_reply`` until ``close``.
         ``buffered``: see ``ready``."""
-        nc = await self.ready(buffered)
+        nc = self.current(buffered) or await self.ready(buffered)
         return nc, self.add(on_reply).decode()
+
+    def current(self, buffered: bool = False) -> DispatchingClient | None:
+        """What ``ready`` returns when it has nothing to wait for (the usual
+        case), without its awaits; None when it has."""
+        nc = self._client
+        if nc is None:
+            return None
+        if buffered and nc.is_reconnecting:
+            return nc
+        return nc if self._client_of() is nc else None
 
     async def ready(self, buffered: bool = False) -> DispatchingClient:
         """The client to send requests on, with the inbox subscribed.

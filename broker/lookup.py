@@ -57,7 +57,8 @@ async def ask(
 
     reply = ""
     try:
-        nc, reply = await inbox.open(take, buffered)
+        nc = inbox.current(buffered) or await inbox.ready(buffered)
+        reply = inbox.add(take).decode()
         if not nc.publish_soon(subject, reply, payload):
             await nc.publish(subject, payload, reply=reply)
         expiry = loop.call_later(timeout, expire, (answer,))
