@@ -44,10 +44,16 @@ class LookupFailed(BrokerUnavailable):
 
 
 async def ask(
-    inbox: ReplyInbox, subject: str, payload: bytes, timeout: float, buffered: bool = False
+    inbox: ReplyInbox,
+    subject: str,
+    payload: bytes,
+    timeout: float,
+    buffered: bool = False,
+    asked: str = "JetStream",
 ) -> tuple[bytes, dict[str, str] | None]:
     """One request through the inbox: its reply's payload and headers.
-    BrokerUnavailable if none comes within ``timeout`` (or NATS fails)."""
+    BrokerUnavailable if none comes within ``timeout`` (or NATS fails);
+    ``asked`` names who did not answer in its message."""
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[tuple[bytes, dict[str, str] | None]] = loop.create_future()
 
@@ -67,9 +73,9 @@ async def ask(
         finally:
             expiry.cancel()
     except TimeoutError:
-        raise BrokerUnavailable("JetStream did not answer in time") from None
+        raise BrokerUnavailable(f"{asked} did not answer in time") from None
     except (OSError, nats.errors.Error) as exc:
-        raise BrokerUnavailable(f"JetStream request failed: {exc.__class__.__name__}") from None
+        raise BrokerUnavailable(f"{asked} request failed: {exc.__class__.__name__}") from None
     finally:
         inbox.close(reply)
 

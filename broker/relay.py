@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from .base import BrokerUnavailable, NodeGone
 from .kv import key_token
 from .link import NatsLink
+from .lookup import ask
 from .tasks import spawn
 from .throttle import Throttle
 
@@ -71,16 +72,13 @@ class NatsRelay:
             warn("respond", "could not answer a request from another node: %r", exc)
 
     async def ask(self, node: str, body: bytes, timeout: float) -> bytes:
-        nc = self._link.client()
-        try:
-            msg = await nc.request(self._subject(node), body, timeout=timeout)
-        except nats.errors.NoRespondersError:
-            raise NodeGone(f"node {node} is not running") from None
-        except nats.errors.TimeoutError:
-            raise BrokerUnavailable(f"node {node} did not answer within {timeout:g}s") from None
-        except nats.errors.Error as exc:
-            raise BrokerUnavailable(f"cannot reach node {node}: {exc!r}") from None
-        return msg.data
+        """The node's answer. NodeGone at once when no node listens on its
+        subject (NATS's "no responders"); BrokerUnavailable when it does not
+        answer within ``timeout``."""
+        data, headers = await ask(self._inbox, self._subject(node), body, timeout, asked=f"node {node}")
+        if headers and headers.get("Status") == "503":
+            raise NodeGone(f"node {node} is not running")
+        return data
 
     async def ask_all(self, body: bytes, timeout: float) -> tuple[list[bytes], bool]:
         """Every live node's answer (this one's too), and whether all of them
