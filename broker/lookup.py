@@ -63,8 +63,7 @@ async def ask(
 
     reply = ""
     try:
-        nc = inbox.current(buffered) or await inbox.ready(buffered)
-        reply = inbox.add(take).decode()
+        nc, reply = await inbox.open(take, buffered)
         if not nc.publish_soon(subject, reply, payload):
             await nc.publish(subject, payload, reply=reply)
         expiry = loop.call_later(timeout, expire, (answer,))

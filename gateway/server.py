@@ -105,7 +105,7 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         log.info("node %s listening on %s:%s", settings.node.id, http.host, http.port)
-        freeze_startup_objects()
+        tune_gc()
         if on_ready is not None:
             on_ready()
         await stop.wait()
@@ -126,10 +126,10 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
 YOUNG_GC_THRESHOLD = 10_000
 
 
-def freeze_startup_objects() -> None:
+def tune_gc() -> None:
     """Once the node serves, what exists (modules, classes, the node's parts:
-    ~50,000 objects) is left out of the cyclic GC's passes for good: each
-    full pass scanned them all again. Young passes are made rarer too."""
+    ~50,000 objects) is left out of the cyclic GC's passes for good (each
+    full pass scanned them all again), and young passes are made rarer."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
