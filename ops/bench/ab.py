@@ -5,12 +5,13 @@
 A and B are git revisions (checked out into temporary worktrees) or
 directories holding a checkout. Both nodes run at the same time, pinned to
 core 0, each with its own nats-server on core 1, and get the same load at the
-same moment: HTTP publishes at ``--rate`` (node CPU per publish), then
-connect storms of ``--storm-conns`` at ``--storm-rate`` each (node CPU per
-connect). This VM's speed drifts by ±20 % between runs a minute apart, which
+same moment: HTTP publishes at ``--rate`` (node CPU per publish), connect
+storms of ``--storm-conns`` at ``--storm-rate`` each (node CPU per connect),
+and a fan-out to 1,000 WebSocket receivers published to over HTTP at each
+of ``--fanout-rates`` (node CPU per delivery). This VM's speed drifts by ±20 % between runs a minute apart, which
 hides any change smaller than that when runs are compared one after another;
 side by side, both nodes see the same drift, and each round's B ÷ A ratio
-is steady to ~2 %. Reported: each round's figures, and the ratio's median
+is steady to ~2 % (publish, fan-out) or ~5 % (storm). Reported: each round's figures, and the ratio's median
 and range. A node that is second in the pair measures ~1-2 % higher: swap
 A and B to see it.
 """
@@ -118,10 +119,43 @@ def storm_rounds(
     return figures
 
 
+def fanout_rounds(
+    targets: list[Target], rates: list[float], seconds: float, rounds: int, logs: Path, problems: list[str]
+) -> dict[float, list[list[float]]]:
+    """Each round: 1,000 WebSocket receivers over 10 rooms on every node at
+    once, published to over HTTP at each of ``rates``; µs of node CPU per
+    delivery, by rate."""
+    figures: dict[float, list[list[float]]] = {rate: [] for rate in rates}
+    for round_ in range(rounds):
+        procs = []
+        for index, target in enumerate(targets):
+            out = logs / f"fanout-{round_}-{index}.json"
+            cmd = [sys.executable, "-m", "ops.loadtest", "--transport", "ws", "--url", target.ws_url]
+            cmd += ["--jwt-secret", JWT_SECRET, "--conns", "1000", "--rooms", "10", "--connect-rate", "1000"]
+            cmd += ["--rates", ",".join(f"{r:g}" for r in rates), "--step-seconds", f"{seconds:g}"]
+            cmd += ["--warmup", "2", "--settle", "1", *target.http_publish_args, "--payload-bytes", "100"]
+            cmd += ["--server-pid", str(target.server_pids[0]), "--json", str(out)]
+            log = (logs / f"fanout-{round_}-{index}.log").open("wb")
+            procs.append((subprocess.Popen(pinned("1", cmd), stdout=log, stderr=log, cwd=ROOT), out))
+        rows: dict[float, list[float]] = {rate: [] for rate in rates}
+        for proc, out in procs:
+            proc.wait(timeout=300)
+            for step in json.loads(out.read_text())["steps"]:
+                if step["lost"] or step["duplicated"]:
+                    problems.append(f"fanout: {step['lost']} lost, {step['duplicated']} duplicated ({out})")
+                if step["rate"] in rows:
+                    rows[step["rate"]].append(float(step["server"]["us_per_delivery"]))
+        for rate, row in rows.items():
+            if len(row) == len(targets):
+                figures[rate].append(row)
+                print(f"fanout @{rate:g}/s: " + "  ".join(f"{f:.1f}" for f in row) + " µs", flush=True)
+    return figures
+
+
 def summary(name: str, labels: list[str], figures: list[list[float]]) -> str:
     ratios = [b / a for a, b in figures if a > 0]
     medians = [statistics.median(column) for column in zip(*figures, strict=True)]
-    sides = ", ".join(f"{label} {m:.0f}" for label, m in zip(labels, medians, strict=True))
+    sides = ", ".join(f"{label} {m:.{1 if m < 100 else 0}f}" for label, m in zip(labels, medians, strict=True))
     spread = f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "-"
     return f"{name}: median µs {sides}; B/A median {statistics.median(ratios):.3f} (rounds {spread})"
 
@@ -130,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops.bench.ab", description=__doc__.split("\n\n")[0])
     p.add_argument("a", help="git revision or checkout directory")
     p.add_argument("b", help="git revision or checkout directory")
-    p.add_argument("--only", default="publish,storm", help="publish, storm or both")
+    p.add_argument("--only", default="publish,storm,fanout", help="publish, storm, fanout (comma-separated)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=6.0, help="each publish round")
     p.add_argument("--rate", type=float, default=500.0, help="publishes/s to each node")
     p.add_argument("--storm-conns", type=int, default=3000)
     p.add_argument("--storm-rate", type=float, default=600.0, help="connects/s offered to each node")
+    p.add_argument("--fanout-rates", default="200,500", help="publishes/s over HTTP to 1,000 receivers, each node")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     install_signal_handlers()
@@ -156,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
             if "storm" in only:
                 figures = storm_rounds(targets, args.storm_conns, args.storm_rate, args.rounds, logs, problems)
                 lines.append(summary(f"storm {args.storm_conns} @{args.storm_rate:g}/s", ["A", "B"], figures))
+            if "fanout" in only:
+                rates = [float(r) for r in args.fanout_rates.split(",")]
+                by_rate = fanout_rounds(targets, rates, args.seconds, args.rounds, logs, problems)
+                for rate, figures in by_rate.items():
+                    if figures:
+                        lines.append(summary(f"fanout-ws-http @{rate:g}/s, per delivery", ["A", "B"], figures))
         finally:
             for node in nodes:
                 node.stop()

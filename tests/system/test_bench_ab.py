@@ -1,6 +1,6 @@
 """`make bench-ab` (ops/bench/ab.py): two checkouts served side by side — a
 revision checked out into a worktree (removed after) and a directory — each
-answers its publishes and connects (a short run; the figures are the
+answers its publishes, connects and fan-out (a short run; the figures are the
 bench's, not a test's)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(240)
 def test_two_checkouts_are_measured_side_by_side() -> None:
     args = ["--rounds", "1", "--seconds", "0.5", "--rate", "100", "--storm-conns", "40", "--storm-rate", "200"]
+    args += ["--fanout-rates", "50"]
     run = subprocess.run(
         [sys.executable, "-m", "ops.bench.ab", "HEAD", str(REPO), *args],
         cwd=REPO,
@@ -27,5 +28,6 @@ def test_two_checkouts_are_measured_side_by_side() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "publish @100/s: median µs A " in run.stdout
     assert "storm 40 @200/s: median µs A " in run.stdout
+    assert "fanout-ws-http @50/s, per delivery: median µs A " in run.stdout
     worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
     assert "herald-ab-" not in worktrees
