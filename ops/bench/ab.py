@@ -1,19 +1,20 @@
 """Two versions of Herald measured side by side (``make bench-ab``).
 
-    python -m ops.bench.ab A B [--only publish,storm] [--rounds 5]
+    python -m ops.bench.ab A B [--only publish,storm,fanout] [--rounds 5]
 
 A and B are git revisions (checked out into temporary worktrees) or
 directories holding a checkout. Both nodes run at the same time, pinned to
-core 0, each with its own nats-server on core 1, and get the same load at the
-same moment: HTTP publishes at ``--rate`` (node CPU per publish), connect
-storms of ``--storm-conns`` at ``--storm-rate`` each (node CPU per connect),
-and a fan-out to 1,000 WebSocket receivers published to over HTTP at each
-of ``--fanout-rates`` (node CPU per delivery). This VM's speed drifts by ±20 % between runs a minute apart, which
-hides any change smaller than that when runs are compared one after another;
-side by side, both nodes see the same drift, and each round's B ÷ A ratio
-is steady to ~2 % (publish, fan-out) or ~5 % (storm). Reported: each round's figures, and the ratio's median
-and range. A node that is second in the pair measures ~1-2 % higher: swap
-A and B to see it.
+core 0, each with its own nats-server on core 1, and get the same load at
+the same moment: HTTP publishes at ``--rate`` (node CPU per publish),
+connect storms of ``--storm-conns`` at ``--storm-rate`` each (node CPU per
+connect), and a fan-out to 1,000 WebSocket receivers published to over HTTP
+at each of ``--fanout-rates`` (node CPU per delivery). This VM's speed
+drifts by ±20 % between runs a minute apart, which hides any change smaller
+than that when runs are compared one after another; side by side, both
+nodes see the same drift, and each round's B ÷ A is steady to ~2 %
+(publish, fan-out) or ~5 % (storm). Reported: each round's figures, and the
+ratio's median and range. The node second in the pair measures ~1-2 %
+higher: swap A and B to see it.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ops.loadtest.publisher import HttpPublisher
 
@@ -92,27 +93,38 @@ async def publish_rounds(
     return figures
 
 
+def loadtests(
+    targets: list[Target], logs: Path, name: str, args: Callable[[Target], list[str]]
+) -> list[dict[str, Any]]:
+    """One load tool per node at once (on core 1), with ``args(node)`` and
+    the node's pid; their JSON results, in the nodes' order."""
+    procs = []
+    for index, target in enumerate(targets):
+        out = logs / f"{name}-{index}.json"
+        cmd = [sys.executable, "-m", "ops.loadtest", "--transport", "ws", "--url", target.ws_url]
+        cmd += ["--jwt-secret", JWT_SECRET, *args(target), "--server-pid", str(target.server_pids[0])]
+        with (logs / f"{name}-{index}.log").open("wb") as log:
+            proc = subprocess.Popen(pinned("1", [*cmd, "--json", str(out)]), stdout=log, stderr=log, cwd=ROOT)
+        procs.append((proc, out))
+    results = []
+    for proc, out in procs:
+        proc.wait(timeout=300)
+        results.append(json.loads(out.read_text()))
+    return results
+
+
 def storm_rounds(
     targets: list[Target], conns: int, rate: float, rounds: int, logs: Path, problems: list[str]
 ) -> list[list[float]]:
     """Each round: a storm against every node at once; µs of node CPU per connect."""
+    args = ["--storm", "--conns", str(conns), "--connect-rate", f"{rate:g}", "--hold", "1", "--connect-timeout", "30"]
     figures: list[list[float]] = []
     for round_ in range(rounds):
-        procs = []
-        for index, target in enumerate(targets):
-            out = logs / f"storm-{round_}-{index}.json"
-            cmd = [sys.executable, "-m", "ops.loadtest", "--storm", "--transport", "ws", "--url", target.ws_url]
-            cmd += ["--jwt-secret", JWT_SECRET, "--conns", str(conns), "--connect-rate", f"{rate:g}"]
-            cmd += ["--hold", "1", "--connect-timeout", "30", "--server-pid", str(target.server_pids[0])]
-            cmd += ["--json", str(out)]
-            log = (logs / f"storm-{round_}-{index}.log").open("wb")
-            procs.append((subprocess.Popen(pinned("1", cmd), stdout=log, stderr=log, cwd=ROOT), out))
         row = []
-        for proc, out in procs:
-            proc.wait(timeout=300)
-            storm = json.loads(out.read_text())["storm"]
+        for result in loadtests(targets, logs, f"storm-{round_}", lambda _: args):
+            storm = result["storm"]
             if storm["failed"]:
-                problems.append(f"storm: {storm['failed']} connects failed ({out})")
+                problems.append(f"storm: {storm['failed']} connects failed (logs: {logs})")
             row.append(float(storm["server"]["us_per_connect"]))
         figures.append(row)
         print("storm: " + "  ".join(f"{f:.0f}" for f in row) + " µs", flush=True)
@@ -125,24 +137,16 @@ def fanout_rounds(
     """Each round: 1,000 WebSocket receivers over 10 rooms on every node at
     once, published to over HTTP at each of ``rates``; µs of node CPU per
     delivery, by rate."""
+    steps = ["--conns", "1000", "--rooms", "10", "--connect-rate", "1000", "--payload-bytes", "100"]
+    steps += ["--rates", ",".join(f"{r:g}" for r in rates), "--step-seconds", f"{seconds:g}"]
+    steps += ["--warmup", "2", "--settle", "1"]
     figures: dict[float, list[list[float]]] = {rate: [] for rate in rates}
     for round_ in range(rounds):
-        procs = []
-        for index, target in enumerate(targets):
-            out = logs / f"fanout-{round_}-{index}.json"
-            cmd = [sys.executable, "-m", "ops.loadtest", "--transport", "ws", "--url", target.ws_url]
-            cmd += ["--jwt-secret", JWT_SECRET, "--conns", "1000", "--rooms", "10", "--connect-rate", "1000"]
-            cmd += ["--rates", ",".join(f"{r:g}" for r in rates), "--step-seconds", f"{seconds:g}"]
-            cmd += ["--warmup", "2", "--settle", "1", *target.http_publish_args, "--payload-bytes", "100"]
-            cmd += ["--server-pid", str(target.server_pids[0]), "--json", str(out)]
-            log = (logs / f"fanout-{round_}-{index}.log").open("wb")
-            procs.append((subprocess.Popen(pinned("1", cmd), stdout=log, stderr=log, cwd=ROOT), out))
         rows: dict[float, list[float]] = {rate: [] for rate in rates}
-        for proc, out in procs:
-            proc.wait(timeout=300)
-            for step in json.loads(out.read_text())["steps"]:
+        for result in loadtests(targets, logs, f"fanout-{round_}", lambda t: [*steps, *t.http_publish_args]):
+            for step in result["steps"]:
                 if step["lost"] or step["duplicated"]:
-                    problems.append(f"fanout: {step['lost']} lost, {step['duplicated']} duplicated ({out})")
+                    problems.append(f"fanout: {step['lost']} lost, {step['duplicated']} duplicated (logs: {logs})")
                 if step["rate"] in rows:
                     rows[step["rate"]].append(float(step["server"]["us_per_delivery"]))
         for rate, row in rows.items():
@@ -207,5 +211,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     raise SystemExit(main())
