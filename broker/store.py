@@ -123,7 +123,7 @@ class NatsHistory:
                 # missed nothing: had any been evicted after it, so would that
                 # one (eviction takes the oldest first). One with none may have
                 # had them all evicted.
-                unread = [c for c, last in zip(channels, lasts, strict=True) if last > after_seq]
+                unread = {s: c for s, c, last in zip(subjects, channels, lasts, strict=True) if last > after_seq}
                 empty = [c for c, last in zip(channels, lasts, strict=True) if last == 0]
                 reach = {s: last for s, last in zip(subjects, lasts, strict=True) if last}
                 if not unread:  # nothing after the position (the inbox, on most connects)
@@ -137,7 +137,7 @@ class NatsHistory:
             raise BrokerUnavailable(f"replay took longer than {p.replay_timeout:g}s") from None
         # Messages after the position that the stream dropped as a whole (age,
         # size): any of these channels may have had some.
-        evicted = [*unread, *empty] if after_seq + 1 < first else ()
+        evicted = [*unread.values(), *empty] if after_seq + 1 < first else ()
         return retain(found, p.retention, limit, time.time(), evicted)
 
     async def page(self, channel: Channel, before: int | None, limit: int) -> list[Delivery]:
@@ -166,14 +166,14 @@ class NatsHistory:
         self._link.jetstream()  # fails at once while NATS is away
         return await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout)
 
-    async def _fetch(self, channels: Sequence[Channel], after_seq: int, reach: dict[str, int]) -> list[Delivery]:
-        """Every stored message of ``channels`` after ``after_seq``, oldest
-        first, up to at least ``reach`` (subject → sequence)."""
+    async def _fetch(self, channels: Mapping[str, Channel], after_seq: int, reach: dict[str, int]) -> list[Delivery]:
+        """Every stored message of ``channels`` (by input subject) after
+        ``after_seq``, oldest first, up to at least ``reach`` (subject → sequence)."""
         found = await self._read_direct(channels, after_seq, reach)
         return found if found is not None else await self._read_consumer(channels, after_seq, reach)
 
     async def _read_direct(
-        self, channels: Sequence[Channel], after_seq: int, reach: dict[str, int]
+        self, channels: Mapping[str, Channel], after_seq: int, reach: dict[str, int]
     ) -> list[Delivery] | None:
         """What most replays need — a few messages per channel — read with one
         batch direct get each: no consumer to create and delete (on a cluster,
@@ -181,18 +181,14 @@ class NatsHistory:
         answer, but a copy's log is a prefix of the leader's: one that holds
         ``reach`` holds everything before it. None when a copy is behind or a
         channel has more than a batch after the position."""
-        subjects = [self._place.subjects.input_subject(c) for c in channels]
         try:
             reads = await _each(
-                [
-                    self._pages.read(s, c, after_seq + 1, DIRECT_BATCH, DIRECT_TIMEOUT)
-                    for s, c in zip(subjects, channels, strict=True)
-                ]
+                [self._pages.read(s, c, after_seq + 1, DIRECT_BATCH, DIRECT_TIMEOUT) for s, c in channels.items()]
             )
         except BrokerUnavailable:
             return None
         found: list[Delivery] = []
-        for subject, stored in zip(subjects, reads, strict=True):
+        for subject, stored in zip(channels, reads, strict=True):
             if not stored or stored[-1].delivery.seq < reach[subject]:
                 return None
             found.extend(s.delivery for s in stored)
@@ -201,19 +197,18 @@ class NatsHistory:
         return found
 
     async def _read_consumer(
-        self, channels: Sequence[Channel], after_seq: int, reach: dict[str, int]
+        self, channels: Mapping[str, Channel], after_seq: int, reach: dict[str, int]
     ) -> list[Delivery]:
         js = self._link.jetstream()
         nc = self._link.client()
-        subjects = self._place.subjects
         return await read_stored(
             js,
             self._place.stream,
-            [subjects.input_subject(c) for c in channels],
+            list(channels),
             after_seq,
             len(channels) * stream_cap(self._place.retention),  # all the stream holds for them
             nc._nuid.next().decode(),
-            subjects.channel_of,
+            self._place.subjects.channel_of,
             self._place.request_timeout,
             reach,
         )
