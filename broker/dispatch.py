@@ -102,11 +102,36 @@ class DispatchingClient(Client):
         self._burst = 0
         self._outgoing: list[bytes] = []  # see write_soon
 
-    async def subscribe_direct(self, subject: str, handler: Handler, written: bool = True) -> LiveSubscription:
+    async def subscribe_direct(self, subject: str, handler: Handler) -> LiveSubscription:
         """Subscribe with ``handler`` called for each message, in the reader.
-        Returns once the SUB is written to the socket, or with ``written``
-        False once it is queued (``confirm`` then writes it: one wait for
-        many subscriptions)."""
+        Returns once the SUB is written to the socket."""
+        sub = self._register(subject, handler)
+        try:
+            await self._send_subscribe(sub)  # type: ignore[arg-type]
+            await self._flush_pending(force_flush=True)  # see confirm()
+        except BaseException:
+            self._forget(sub)
+            raise
+        return sub
+
+    def subscribe_soon(self, subject: str, handler: Handler) -> LiveSubscription:
+        """``subscribe_direct`` with the SUB written at the end of this loop
+        pass, ahead of every command queued after it (``write_soon`` writes
+        nats-py's buffer first): an answer to a request made after it shows
+        the server has the subscription (``confirm`` when there is none).
+        Nothing to await: a cancel cannot leave a subscription half made."""
+        sub = self._register(subject, handler)
+        command = b"SUB %s %d\r\n" % (subject.encode(), sub._id)
+        # nats-py's buffer: while reconnecting, written after the reconnect's
+        # own SUBs of every subscription (the server takes a repeat as one).
+        self._pending.append(command)
+        self._pending_data_size += len(command)
+        if not self._outgoing and self._transport is not None and self.is_connected:
+            self._outgoing.append(b"")  # a write at the end of the pass, as write_soon's
+            asyncio.get_running_loop().call_soon(self._write_out)
+        return sub
+
+    def _register(self, subject: str, handler: Handler) -> LiveSubscription:
         if self.is_closed:
             raise ConnectionClosedError
         if self.is_draining:
@@ -115,13 +140,6 @@ class DispatchingClient(Client):
         sub = LiveSubscription(self._sid, subject)
         self._handlers[sub._id] = handler
         self._subs[sub._id] = sub  # type: ignore[assignment]  # resubscribed by nats-py on reconnect
-        try:
-            await self._send_subscribe(sub)  # type: ignore[arg-type]
-            if written:
-                await self._flush_pending(force_flush=True)  # see confirm()
-        except BaseException:
-            self._forget(sub)
-            raise
         return sub
 
     async def confirm(self, timeout: int) -> None:

@@ -9,7 +9,6 @@ requests can be in flight at once.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,13 +30,23 @@ def expire(futures: Iterable[asyncio.Future[Any]]) -> None:
 
 class ReplyInbox:
     """Reply subjects under one wildcard subscription per connection (made
-    again on a new client), shared by every kind of request."""
+    again on a new client), shared by every kind of request.
+
+    Replies also tell what the server has done: requests are numbered in the
+    order they are made, and commands go out in the order they are queued, so
+    the answer to request *n* shows the server has read every command queued
+    before *n* was made (e.g. a SUB: ``mark``, ``seen``)."""
 
     def __init__(self, client: Callable[[], DispatchingClient]) -> None:
         self._client_of = client  # the connected client, or BrokerUnavailable
         self._client: DispatchingClient | None = None  # the client ``_prefix`` is subscribed on
         self._prefix = b""
-        self._ids = itertools.count()
+        self._cut = 1  # where a reply subject's number starts
+        self.issued = 0  # requests numbered so far: the next one's number
+        # Every command queued before number ``proven`` was taken is known to
+        # be read; ``_asked``: the last mark taken (replies are read for it).
+        self.proven = 0
+        self._asked = -1
         self._waiting: dict[bytes, OnReply] = {}
 
     async def subscribe(self) -> DispatchingClient:
@@ -47,6 +56,7 @@ class ReplyInbox:
         if nc is not self._client:
             prefix = nc.new_inbox()
             self._prefix = prefix.encode()
+            self._cut = len(self._prefix) + 1
             await nc.subscribe_direct(prefix + ".*", self._on_reply)
             self._client = nc
         return nc
@@ -80,9 +90,30 @@ class ReplyInbox:
     def add(self, on_reply: OnReply) -> bytes:
         """A reply subject (after ``ready``) whose replies go to ``on_reply``
         until ``discard``."""
-        reply = b"%s.%d" % (self._prefix, next(self._ids))
+        reply = b"%s.%d" % (self._prefix, self.number())
         self._waiting[reply] = on_reply
         return reply
+
+    def mark(self) -> int:
+        """The mark of what is queued now (e.g. a SUB): the next answer that
+        shows the server read it is noted (``seen``)."""
+        self._asked = self.issued
+        return self.issued
+
+    def seen(self, mark: int) -> bool:
+        """Whether the server is known to have read what was queued at ``mark``."""
+        return mark < self.proven
+
+    def number(self) -> int:
+        """A number for a round trip made outside the inbox (a PING): what is
+        queued after this call is not before it."""
+        self.issued += 1
+        return self.issued - 1
+
+    def answered(self, number: int) -> None:
+        """The round trip numbered ``number`` is answered: what was queued
+        before it is read."""
+        self.proven = max(self.proven, number + 1)
 
     def close(self, reply: str) -> None:
         self._waiting.pop(reply.encode(), None)
@@ -94,5 +125,8 @@ class ReplyInbox:
 
     def _on_reply(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
         on_reply = self._waiting.get(subject)
-        if on_reply is not None:  # else: a request that gave up
-            on_reply(data, headers)
+        if on_reply is None:  # a request that gave up
+            return
+        if self._asked >= self.proven:  # a mark not seen yet: does this reply show it?
+            self.answered(int(subject[self._cut :]))
+        on_reply(data, headers)

@@ -275,7 +275,7 @@ class NatsBroker:
             await asyncio.wait_for(nc.flush(1), timeout=1.5)
         # Connections counted out during the drain: a moment to finish, then
         # ended here (not destroyed pending when the loop closes).
-        tasks = self._tasks | self.pubsub.tasks | self.connections.tasks | self.relay.tasks
+        tasks = self._tasks | self.connections.tasks | self.relay.tasks
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=1.0)
             await cancel_and_wait(pending)

@@ -22,7 +22,6 @@ from .link import NatsLink
 from .presence import PRESENCE_HEADER
 from .roles import BrokerEvents, History
 from .sequencer import Sequencer
-from .tasks import spawn
 from .timestamps import parse_rfc3339
 
 # Interest key of the shared user subscription; never a valid channel name.
@@ -61,10 +60,10 @@ class NatsPubSub:
         self._receive = self.sequencer.receive
         # Channels wanted (reference counted): the ones whose flow is kept gap-free.
         self._wanted: dict[Channel, int] = {}
-        self.tasks: set[asyncio.Task[None]] = set()  # unsubscribes of subscriptions opened for nobody
         self._acks = AckedPublisher(link, options.stream, options.publish_timeout)
         # One PING/PONG confirms every subscription made before it was sent (a connect storm makes many).
         self._confirm = Fresh(self._round_trip)
+        self._queued = -1  # the inbox's count of requests when the last SUB was queued (see live)
         self._confirm_timeout = max(1, int(options.publish_timeout))
 
     @property
@@ -109,20 +108,18 @@ class NatsPubSub:
             raise BrokerUnavailable("NATS is not connected")
         return nc
 
-    async def _subscribe(self, key: str) -> None:
-        self._client()
-        # Subscribe-and-confirm runs to completion even if the connection that
-        # asked goes away meanwhile: a subscription left half made would be
-        # unknown to Interest, and the next one would deliver everything twice.
-        opening = asyncio.ensure_future(self._open_subscription(key))
+    async def live(self) -> None:
+        # Often known already: the connect's other requests, made after its
+        # SUBs, were answered. Else one PING/PONG for every SUB before it.
+        if self._link.replies.seen(self._queued):
+            return
         try:
-            sub = await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            opening.add_done_callback(self._discard_opened)
-            raise
-        self._subs[key] = sub
+            async with asyncio.timeout(self._confirm_timeout):
+                await self._confirm.get()  # a round trip that starts after this call
+        except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
+            raise BrokerUnavailable(f"subscribe not confirmed: {exc.__class__.__name__}") from None
 
-    async def _open_subscription(self, key: str) -> LiveSubscription:
+    async def _subscribe(self, key: str) -> None:
         nc = self._client()
         handle = self._handle
         if key == ALL_USERS:
@@ -131,33 +128,25 @@ class NatsPubSub:
             def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
                 handle(channel_of(subject.decode()), data, headers)
 
-            sub = await nc.subscribe_direct(self._subjects.live_family("user"), on_message, written=False)
+            subject = self._subjects.live_family("user")
         else:
             channel = cast(Channel, key)  # the key of a channel is that channel (see _interest_key)
 
             def on_message(subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
                 handle(channel, data, headers)
 
-            sub = await nc.subscribe_direct(self._subjects.live_subject(channel), on_message, written=False)
-        # Live on the server before want() returns, so nothing published after the welcome is missed.
+            subject = self._subjects.live_subject(channel)
         try:
-            async with asyncio.timeout(self._confirm_timeout):
-                await self._confirm.get()  # a round trip that starts after this SUB was queued
-        except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
-            with contextlib.suppress(Exception):
-                await nc.unsubscribe_direct(sub)
-            raise BrokerUnavailable(f"subscribe not confirmed: {exc.__class__.__name__}") from None
-        return sub
+            self._subs[key] = nc.subscribe_soon(subject, on_message)
+        except nats.errors.Error as exc:
+            raise BrokerUnavailable(f"cannot subscribe: {exc.__class__.__name__}") from None
+        self._queued = self._link.replies.mark()
 
     async def _round_trip(self) -> None:
+        replies = self._link.replies
+        number = replies.number()
         await self._client().confirm(self._confirm_timeout)
-
-    def _discard_opened(self, opening: asyncio.Future[LiveSubscription]) -> None:
-        if opening.cancelled() or opening.exception() is not None:
-            return
-        nc = self._link.nc
-        if nc is not None:
-            spawn(self.tasks, nc.unsubscribe_direct(opening.result()))
+        replies.answered(number)
 
     async def _unsubscribe(self, key: str) -> None:
         sub = self._subs.pop(key, None)

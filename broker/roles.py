@@ -43,8 +43,12 @@ class PubSub(Protocol):
     """Live flow of channels, and publishing into them."""
 
     async def want(self, channel: Channel) -> None:
-        """Start delivering ``channel`` (reference counted); returns once the
-        broker has the interest, so what is published after is delivered."""
+        """Start delivering ``channel`` (reference counted). The interest is
+        on its way to the broker: ``live`` says when it is there."""
+
+    async def live(self) -> None:
+        """Returns once the broker has every interest wanted before the call:
+        what is published after is delivered."""
 
     async def unwant(self, channel: Channel) -> None:
         """Drop one reference to ``channel``."""

@@ -10,7 +10,6 @@ limits.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,12 +57,15 @@ class Resumer:
         its channels are live: what is published after it reaches the client."""
         session.start_holding()
         try:
+            # The position is read before the channels go live: whatever is
+            # published after it is delivered live (after the welcome) or was
+            # published while they were joined, and a resume from it gets
+            # both. (Read after, a message live but not yet here could be
+            # behind it: a client gone before that message came would skip it.)
+            position = await self._history.position()
             await self._join(session, channels)
-            # The position is read once the channels are live: whatever is
-            # published after it reaches the client, live or on a resume from it.
-            (replay, unread), position = await asyncio.gather(
-                self._opening_replay(session, channels, since), self._history.position()
-            )
+            replay, unread = await self._opening_replay(session, channels, since)
+            await self._subscriptions.live()  # mostly known by now: the replay asked after the joins
             if joined is not None:
                 joined()
             if first is not None:
@@ -85,14 +87,17 @@ class Resumer:
         try:
             await self._join(session, channels)
             replay = await self._history.replay(channels, since, self._settings.replay_max)
+            await self._subscriptions.live()
         except BaseException:
             self._queue_held(session)
             raise
         await self._send(session, replay)
 
     async def _join(self, session: Session, channels: Sequence[Channel]) -> None:
+        """Join ``channels``; live once ``Subscriptions.live`` returns (the
+        requests made meanwhile mostly show it without a round trip of its own)."""
         for channel in channels:
-            await self._subscriptions.join(session, channel)
+            await self._subscriptions.join(session, channel, live=False)
 
     async def _opening_replay(
         self, session: Session, channels: Sequence[Channel], since: int | None

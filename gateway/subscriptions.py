@@ -21,9 +21,10 @@ class Subscriptions:
         # Room channel → user → this node's connections of that user in it.
         self._members: dict[Channel, dict[str, int]] = {}
 
-    async def join(self, session: Session, channel: Channel) -> None:
+    async def join(self, session: Session, channel: Channel, live: bool = True) -> None:
         """Deliver ``channel`` to ``session``; returns once the broker has the
-        interest (what is published after reaches the session)."""
+        interest (what is published after reaches the session), or with
+        ``live`` False once it is asked for (``live()`` waits for it)."""
         if channel in session.channels:
             return
         session.channels.add(channel)
@@ -35,6 +36,12 @@ class Subscriptions:
         except BaseException:
             self._drop(session, channel)
             raise
+        if live:
+            await self._pubsub.live()
+
+    async def live(self) -> None:
+        """Returns once every channel joined so far is live on the broker."""
+        await self._pubsub.live()
 
     async def leave(self, session: Session, channel: Channel) -> None:
         if channel not in session.channels:

@@ -63,6 +63,9 @@ class MemoryPubSub:
     async def want(self, channel: Channel) -> None:
         await self._stream.interest.want(channel)
 
+    async def live(self) -> None:
+        pass  # an interest is live once wanted
+
     async def unwant(self, channel: Channel) -> None:
         await self._stream.interest.unwant(channel)
 

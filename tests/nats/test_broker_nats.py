@@ -60,6 +60,7 @@ async def test_cancelled_want_leaves_no_subscription_behind(nats_server: NatsSer
 
         await wait_for(no_leftovers, timeout=5)
         await broker.pubsub.want(ROOM_X)
+        await broker.pubsub.live()
         assert await subjects_of(nats_server, "cancel-test", "cx_live.") == ["cx_live.room.x"]
         seq = await broker.pubsub.publish(ROOM_X, b'"once"')
         await wait_for(lambda: len(got) >= 1)
@@ -89,10 +90,10 @@ async def test_second_stream_on_the_same_subjects_fails_with_the_servers_reason(
         await first.close()
 
 
-async def test_a_wanted_channel_is_live_when_want_returns(nats_server: NatsServer) -> None:
-    """want() returns only once the server has the subscription: a message
-    published right after, from another connection, is never missed.
-    (nats-py's flush() writes its PING ahead of a SUB still pending.)"""
+async def test_a_wanted_channel_is_live_when_live_returns(nats_server: NatsServer) -> None:
+    """live() returns only once the server has the subscriptions wanted
+    before it: a message published right after, from another connection, is
+    never missed. (nats-py's flush() writes its PING ahead of a SUB still pending.)"""
     got: list[Delivery] = []
     config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("lv", "lv_live"), stream="LV", storage="memory")
     broker = NatsBroker(config, broker_events(got.append))
@@ -102,6 +103,7 @@ async def test_a_wanted_channel_is_live_when_want_returns(nats_server: NatsServe
         rounds = 150
         for i in range(rounds):
             await broker.pubsub.want(room_channel(f"r{i}"))
+            await broker.pubsub.live()
             await publisher.publish(f"lv_live.room.r{i}", b'"x"')  # ephemeral: straight to the live subject
         await publisher.flush()
         await wait_for(lambda: len(got) >= rounds, timeout=5)

@@ -212,10 +212,10 @@ async def test_a_kv_write_while_nats_reconnects_waits_for_it(tmp_path: Any) -> N
         server.cleanup()
 
 
-async def test_concurrent_wants_share_round_trips_and_are_live_when_they_return(nats_server: NatsServer) -> None:
+async def test_concurrent_wants_share_round_trips_and_are_live_when_live_returns(nats_server: NatsServer) -> None:
     """Many connects subscribing at once: one PING/PONG confirms many SUBs,
-    and each channel is live on the server when its want() returns — a
-    message published right after, from another connection, arrives."""
+    and each channel is live on the server when live() returns after its
+    want() — a message published right after, from another connection, arrives."""
     rounds = 120
     got: list[Delivery] = []
     config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("cf", "cf_live"), stream="CF", storage="memory")
@@ -237,6 +237,7 @@ async def test_concurrent_wants_share_round_trips_and_are_live_when_they_return(
 
         async def want_then_publish(i: int) -> None:
             await broker.pubsub.want(room_channel(f"r{i}"))
+            await broker.pubsub.live()
             await publisher.publish(f"cf_live.room.r{i}", b'"x"')  # ephemeral: straight to the live subject
             await publisher.flush()
 
@@ -249,7 +250,9 @@ async def test_concurrent_wants_share_round_trips_and_are_live_when_they_return(
         await broker.close()
 
 
-async def test_a_subscription_not_confirmed_in_time_is_undone(nats_server: NatsServer) -> None:
+async def test_a_subscription_not_confirmed_in_time_fails_live_and_goes_with_its_unwant(
+    nats_server: NatsServer,
+) -> None:
     config = NatsConfig(
         urls=(nats_server.url,), subjects=Subjects("cu", "cu_live"), stream="CU", storage="memory", publish_timeout=1
     )
@@ -262,12 +265,57 @@ async def test_a_subscription_not_confirmed_in_time_is_undone(nats_server: NatsS
         await asyncio.sleep(30)
 
     nc.flush = never  # type: ignore[method-assign]
+    late = room_channel("late")
     try:
+        await broker.pubsub.want(late)
         with pytest.raises(BrokerUnavailable, match="not confirmed"):
-            await asyncio.wait_for(broker.pubsub.want(room_channel("late")), timeout=3)
-        assert broker.pubsub.subscriptions == 0
+            await asyncio.wait_for(broker.pubsub.live(), timeout=3)
+        await broker.pubsub.unwant(late)  # what a session that failed to open does
+        await wait_for(lambda: broker.pubsub.subscriptions == 0, timeout=3)  # after unsubscribe_delay
         assert not [s for s in nc._subs.values() if s.subject.startswith("cu_live")]
     finally:
+        await broker.close()
+
+
+async def test_a_request_answered_after_the_subs_makes_them_live_without_a_ping(nats_server: NatsServer) -> None:
+    """The connect's own requests, made after its SUBs, show the server has
+    them: live() then needs no round trip of its own. A request made before
+    a SUB shows nothing about it."""
+    got: list[Delivery] = []
+    config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("cq", "cq_live"), stream="CQ", storage="memory")
+    broker = NatsBroker(config, broker_events(got.append))
+    await broker.start()
+    publisher = await nats.connect(nats_server.url)
+    nc = broker._link.nc
+    assert nc is not None
+    flushes = 0
+    real_flush = nc.flush
+
+    async def counted_flush(timeout: int = 10) -> None:
+        nonlocal flushes
+        flushes += 1
+        await real_flush(timeout)
+
+    nc.flush = counted_flush  # type: ignore[method-assign]
+    try:
+        replies = broker._link.replies
+        issued = replies.issued
+        early = asyncio.ensure_future(broker.history.position())
+        await wait_for(lambda: replies.issued > issued, timeout=1)  # its request is made, before the SUB
+        await broker.pubsub.want(room_channel("a"))
+        await early
+        await broker.pubsub.live()
+        assert flushes == 1  # the answer came after the SUB was queued, but says nothing of it
+
+        await broker.pubsub.want(room_channel("b"))
+        await broker.history.position()  # asked after the SUB
+        await broker.pubsub.live()
+        assert flushes == 1
+        await publisher.publish("cq_live.room.b", b'"x"')
+        await publisher.flush()
+        await wait_for(lambda: [d.channel for d in got] == ["room:b"], timeout=5)
+    finally:
+        await publisher.close()
         await broker.close()
 
 

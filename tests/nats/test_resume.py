@@ -4,6 +4,9 @@ continues live: each message once, in order (WS ``since``, SSE ``Last-Event-ID``
 from __future__ import annotations
 
 import aiohttp
+import pytest
+
+from broker.channels import Channel, room_channel
 
 from ..helpers import RunningNode, SseClient, recv_json, scrape, token
 from ..helpers import api_publish as publish
@@ -65,3 +68,35 @@ async def test_sse_stream_is_live_once_its_headers_arrive(node: RunningNode, htt
         sent = await publish(http, node, f"room:early{i}", i)
         assert (await SseClient(resp).next(timeout=3)).id == sent
         resp.close()
+
+
+async def test_a_message_published_while_joining_is_after_the_welcome_position(
+    node: RunningNode, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The welcome's position is read before the channels go live: a message
+    published while they are joined — its live copy may reach the client after
+    the welcome — is after it, so a client gone before that copy came gets
+    the message when it resumes from the welcome's position."""
+    pubsub = node.node.broker.pubsub
+    want = pubsub.want
+    lobby = room_channel("lobby")
+    published: list[int] = []
+
+    async def want_then_publish(channel: Channel) -> None:
+        await want(channel)
+        if channel == lobby:
+            published.append(await pubsub.publish(channel, b'"during the join"'))
+
+    monkeypatch.setattr(pubsub, "want", want_then_publish)
+    ws = await http.ws_connect(node.ws_url, params={"token": token("dave"), "room": "lobby"})
+    welcome = await recv_json(ws)
+    await ws.close()  # gone before (or just after) the live copy
+    monkeypatch.undo()
+    (seq,) = published
+    assert int(welcome["position"]) < seq
+    params = {"token": token("dave"), "room": "lobby", "since": welcome["position"]}
+    ws = await http.ws_connect(node.ws_url, params=params)
+    assert (await recv_json(ws))["type"] == "welcome"
+    frame = await recv_json(ws)
+    assert (frame["id"], frame["data"]) == (str(seq), "during the join")
+    await ws.close()

@@ -1,5 +1,5 @@
-"""The reply inbox's client without a wait (broker/inbox.py ``current``):
-what ``ready`` would return, or None when ``ready`` has work to do."""
+"""The reply inbox (broker/inbox.py): its client without a wait
+(``current``), and what its answers show the server has read."""
 
 from __future__ import annotations
 
@@ -34,3 +34,26 @@ async def test_current_is_the_subscribed_client_else_none() -> None:
     connected = first
     assert inbox.current(buffered=True) is first  # requests wait in its buffer (see ready)
     assert await inbox.ready() is first
+
+
+def test_what_an_answer_shows_was_read() -> None:
+    """Request n's answer shows the server read what was queued before n was
+    made (ReplyInbox.seen), not what was queued after."""
+    inbox = ReplyInbox(lambda: cast(DispatchingClient, FakeClient()))
+    inbox._prefix, inbox._cut = b"_INBOX.x", len(b"_INBOX.x.")
+    got: list[bytes] = []
+    early = inbox.add(lambda data, headers: got.append(data))
+    mark = inbox.mark()  # a SUB queued now
+    assert not inbox.seen(mark)
+    inbox._on_reply(early, b"1", None)  # asked before the SUB: tells nothing of it
+    assert got == [b"1"] and not inbox.seen(mark)
+    later = inbox.add(lambda data, headers: got.append(data))
+    inbox._on_reply(later, b"2", None)
+    assert inbox.seen(mark)
+    mark = inbox.mark()
+    ping = inbox.number()  # a PING sent after that SUB
+    after_ping = inbox.mark()  # a SUB queued after the PING
+    inbox.answered(ping)
+    assert inbox.seen(mark) and not inbox.seen(after_ping)
+    inbox._on_reply(b"_INBOX.x.999", b"", None)  # gave up or never asked: ignored
+    assert not inbox.seen(after_ping)
