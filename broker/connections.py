@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 
 from .base import BrokerUnavailable, TooManyConnections
-from .kv import Bucket, bind_bucket, compare_and_set, key_token, storage_type
+from .kv import Bucket, Current, bind_bucket, compare_and_set, key_token, storage_type
 from .link import NatsLink
 from .tasks import spawn
 from .throttle import Throttle
@@ -58,6 +58,11 @@ class KvConnections:
         self._timeout = timeout  # of each KV request (the JetStream context's)
         self._kv: Bucket | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # connections being counted out
+        # The newest value and revision this node wrote (or read) of each user
+        # it has connections of: the next write of that user tries it first,
+        # so a count out (and a second tab's count in) need no read while
+        # no other node changed the user's table.
+        self._known: dict[str, Current] = {}
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
         kv = await bind_bucket(
@@ -133,14 +138,41 @@ class KvConnections:
         try:
             alive = await self._alive()
             alive.add(self._instance)
+            instance = self._instance
+            ours = False  # whether the table as left holds connections of this node
 
             def apply(value: bytes | None) -> bytes | None:
-                new = change(orjson.loads(value or b"{}"), alive)
+                nonlocal ours
+                table = orjson.loads(value or b"{}")
+                new = change(table, alive)
+                ours = any(v[0] == instance for v in (table if new is None else new).values())
                 return None if new is None else orjson.dumps(new)
 
             # A conflict is another connection of this user counted meanwhile.
-            return await compare_and_set(kv, key_token(user), apply, tries=100)
+            key = key_token(user)
+            known = self._known.get(user)
+            try:
+                current = await compare_and_set(kv, key, apply, tries=100, known=known)
+            except TooManyConnections:
+                if known is None:
+                    raise
+                # Judged on what this node last wrote: another may have counted some out since.
+                current = await compare_and_set(kv, key, apply, tries=100)
         except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
             detail = getattr(exc, "description", None)  # what the JetStream API said, if it answered
             warn("update", "connection count of a user not updated: %r%s", exc, f" ({detail})" if detail else "")
-        return False
+            return False
+        if current is not None:
+            self._remember(user, current, ours)
+        return current is not None
+
+    def _remember(self, user: str, current: Current, ours: bool) -> None:
+        """Keep ``current`` as the user's newest known table while this node
+        has connections of the user (writes may finish out of order)."""
+        known = self._known.get(user)
+        if known is not None and known[1] > current[1]:
+            return
+        if ours:
+            self._known[user] = current
+        else:
+            self._known.pop(user, None)

@@ -73,34 +73,45 @@ class Bucket:
             return None, stored.seq
         return stored.data, stored.seq
 
-    async def write(self, key: str, value: bytes, revision: int) -> bool:
+    async def write(self, key: str, value: bytes, revision: int) -> int:
         """Store ``value`` if the key's last revision is still ``revision``
-        (0: the key has no message); False if it is not."""
+        (0: the key has no message): its new revision; 0 if it is not."""
         message = (self._prefix + key, value, {"Nats-Expected-Last-Subject-Sequence": str(revision)})
         try:
-            await self._acks.publish([message])
+            (ack,) = await self._acks.publish([message])
         except Refused as refused:
             if refused.code in _WRONG_LAST:
-                return False
+                return 0
             raise
-        return True
+        return ack.seq
 
 
-async def compare_and_set(bucket: Bucket, key: str, change: Callable[[bytes | None], bytes | None], tries: int) -> bool:
+# A key's value (None: absent) and the revision a write over it must expect.
+Current = tuple[bytes | None, int]
+
+
+async def compare_and_set(
+    bucket: Bucket, key: str, change: Callable[[bytes | None], bytes | None], tries: int, known: Current | None = None
+) -> Current | None:
     """Write ``change(current value)`` (None: the key is absent) unless another
     writer got in between, in which case look again. ``change`` returning None
-    leaves the key as it is. False if ``tries`` conflicts in a row."""
+    leaves the key as it is. ``known``: the value and revision to try first
+    (what this writer last wrote): no read when nobody wrote since. Returns
+    the key's value and revision as this left them, or None after ``tries``
+    conflicts in a row."""
     for _ in range(tries):
-        value, revision = await bucket.get(key)
+        value, revision = known or await bucket.get(key)
+        known = None
         new = change(value)
         if new is None:
-            return True
+            return value, revision
         # Over a deleted key, the write expects its delete marker (what
         # nats-py's create() finds out with a second get after a conflict).
-        if await bucket.write(key, new, revision):
-            return True
+        written = await bucket.write(key, new, revision)
+        if written:
+            return new, written
         # Changed meanwhile: look again.
-    return False
+    return None
 
 
 async def live_keys(kv: KeyValue, pattern: str) -> list[str]:

@@ -9,7 +9,6 @@ reason (SSE, and anything before an upgrade) and the close code (WebSocket).
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from broker import BROADCAST, Channel, Connections, TooManyConnections
@@ -211,9 +210,9 @@ class Gate:
         if not self._sessions.remove(session, reason):
             return
         self._connections.close(session.user, session.id)
-        # Shielded: a cancel (the handler's client went) must not stop it
-        # halfway and leave the rest of the session's channels held forever.
+        # Not shielded: the link's finishing task is never cancelled (a cancel
+        # halfway would leave the rest of the session's channels held).
         try:
-            await asyncio.shield(self._subscriptions.leave_all(session))
+            await self._subscriptions.leave_all(session)
         except Exception as exc:  # noqa: BLE001 - logged; the node goes on
             self._warn("leave", "releasing the channels of %s failed: %r", session.id, exc)

@@ -35,7 +35,7 @@ from ..settings import BackpressureSettings
 
 log = logging.getLogger("herald.transports")
 
-# Sessions being finished (see broker.tasks.spawn).
+# Sessions being finished (see broker.tasks.spawn); never cancelled: see Gate.finish.
 _finishing: set[asyncio.Task[None]] = set()
 
 

@@ -6,17 +6,19 @@ js.get_msg give, and subscriptions live when want() returns."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
+import orjson
 import pytest
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from broker import BrokerUnavailable, Delivery, Kind
+from broker import BrokerUnavailable, Delivery, Kind, TooManyConnections
 from broker.acks import _Acks
 from broker.channels import Subjects, room_channel
 from broker.dispatch import DispatchingClient
@@ -372,3 +374,49 @@ async def test_presence_writes_a_burst_in_batches_and_announces_each_join_and_le
         assert await presence.members(stage) == []
     finally:
         await broker.close()
+
+
+async def test_a_count_out_reads_nothing_and_a_refusal_on_an_old_table_is_checked_again(
+    nats_server: NatsServer,
+) -> None:
+    """A node tries the user's table as it last wrote it: a count out (and a
+    second tab's count in) then needs no read. When another node changed the
+    table meanwhile, the write is refused and the node reads it again — also
+    when the old table said the user was at the limit."""
+    config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("kc", "kc_live"), stream="KC", storage="memory")
+    a = NatsBroker(dataclasses.replace(config, node_id="a"), broker_events())
+    b = NatsBroker(dataclasses.replace(config, node_id="b"), broker_events())
+    await a.start()
+    await b.start()
+    kv = a.connections._kv
+    assert kv is not None
+    reads = 0
+    real_get = kv.get
+
+    async def counted_get(key: str) -> tuple[bytes | None, int]:
+        nonlocal reads
+        reads += 1
+        return await real_get(key)
+
+    kv.get = counted_get  # type: ignore[method-assign]
+    try:
+        await a.connections.open("ivan", "a:1", 2, False)
+        assert reads == 1  # never seen: read, then written
+        await a.connections.open("ivan", "a:2", 2, False)
+        await a.connections._count_out("ivan", "a:1")
+        assert reads == 1  # both from the table as this node wrote it
+        await b.connections.open("ivan", "b:1", 2, False)  # ivan is at the limit now
+        await a.connections._count_out("ivan", "a:2")  # refused over b's write: read again
+        assert reads == 2
+        await b.connections.open("ivan", "b:2", 2, False)
+        await b.connections._count_out("ivan", "b:1")
+        # a's last table says ivan is at the limit (a:2 gone, b:1 and b:2 in), b counted one out since.
+        full = {"b:1": [b.presence.instance, 1.0], "b:2": [b.presence.instance, 2.0]}
+        a.connections._known["ivan"] = (orjson.dumps(full), 1)
+        await a.connections.open("ivan", "a:3", 2, False)
+        assert reads == 3
+        with pytest.raises(TooManyConnections):
+            await a.connections.open("ivan", "a:4", 2, False)
+    finally:
+        await a.close()
+        await b.close()
