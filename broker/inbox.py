@@ -90,7 +90,9 @@ class ReplyInbox:
     def add(self, on_reply: OnReply) -> bytes:
         """A reply subject (after ``ready``) whose replies go to ``on_reply``
         until ``discard``."""
-        reply = b"%s.%d" % (self._prefix, self.number())
+        number = self.issued
+        self.issued = number + 1
+        reply = b"%s.%d" % (self._prefix, number)
         self._waiting[reply] = on_reply
         return reply
 
