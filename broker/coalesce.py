@@ -1,8 +1,10 @@
-"""One request answers every caller that asked before it was sent."""
+"""One request answers every caller that asked before it was sent (or,
+where a slightly older answer will do, every caller of a short while)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -22,6 +24,15 @@ class Fresh(Generic[T]):
         self._in_flight: asyncio.Future[T] | None = None
         self._queued: asyncio.Future[T] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._last: tuple[float, T] | None = None  # when the last answer came, and it
+
+    async def recent(self, max_age: float) -> T:
+        """An answer that came at most ``max_age`` seconds ago (before this
+        call), else a new one as ``get``."""
+        last = self._last
+        if last is not None and time.monotonic() - last[0] <= max_age:
+            return last[1]
+        return await self.get()
 
     async def get(self) -> T:
         queued = self._queued
@@ -37,7 +48,9 @@ class Fresh(Generic[T]):
         self._queued = None  # callers from now on wait for the next call
         self._in_flight = answer
         try:
-            answer.set_result(await self._ask())
+            result = await self._ask()
+            self._last = time.monotonic(), result
+            answer.set_result(result)
         except asyncio.CancelledError:
             answer.cancel()
             raise

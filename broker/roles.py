@@ -82,8 +82,9 @@ class History(Protocol):
         ``before`` (None: the newest), oldest first: a page of its history.
         Held: within the channel family's retention, as for a replay."""
 
-    async def position(self) -> int:
-        """The stream's last sequence now (0 while it is empty)."""
+    async def position(self, max_age: float = 0.0) -> int:
+        """The stream's last sequence (0 while it is empty): asked now, or an
+        answer that came at most ``max_age`` seconds before the call."""
 
 
 class ReadPositions(Protocol):

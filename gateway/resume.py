@@ -21,6 +21,11 @@ from .session import Session
 from .settings import HistorySettings
 from .subscriptions import Subscriptions
 
+# How old the stream's last sequence a welcome gives as its position may be:
+# read before the channels go live, any answer is a position that misses
+# nothing; an older one only adds what was published in between to a resume.
+POSITION_AGE = 0.05
+
 
 class Resumer:
     """Owns what a session is sent before (or while joining) the live flow:
@@ -62,7 +67,8 @@ class Resumer:
             # published while they were joined, and a resume from it gets
             # both. (Read after, a message live but not yet here could be
             # behind it: a client gone before that message came would skip it.)
-            position = await self._history.position()
+            # A burst of connects shares one answer of the last POSITION_AGE.
+            position = await self._history.position(POSITION_AGE)
             await self._join(session, channels)
             replay, unread = await self._opening_replay(session, channels, since)
             await self._subscriptions.live()  # mostly known by now: the replay asked after the joins

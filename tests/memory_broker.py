@@ -119,7 +119,7 @@ class MemoryHistory:
         older = [d for d in held if (before is None or d.seq < before) and now - d.ts <= rule.max_age]
         return older[-limit:] if limit else []
 
-    async def position(self) -> int:
+    async def position(self, max_age: float = 0.0) -> int:
         self._stream.check()
         return len(self._stream.log)
 

@@ -57,3 +57,20 @@ async def test_a_waiter_cancelled_does_not_cancel_the_others() -> None:
     assert await b == 3
     with pytest.raises(asyncio.CancelledError):
         await a
+
+
+async def test_recent_takes_an_answer_young_enough_else_asks_again() -> None:
+    calls = 0
+
+    async def ask() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    fresh = Fresh(ask)
+    assert await fresh.recent(10) == 1  # none yet: asked
+    assert await fresh.recent(10) == 1  # young enough
+    assert await fresh.get() == 2  # get always asks
+    await asyncio.sleep(0.03)
+    assert await fresh.recent(0.01) == 3  # too old: asked again
+    assert calls == 3
