@@ -60,6 +60,36 @@ async def new_bucket(link: NatsLink, direct: bool = False) -> tuple[KeyValue, Bu
     return kv, Bucket(link, kv, 2.0)
 
 
+class PingCount:
+    """How many PING/PONG round trips (``flush``) a broker's client made."""
+
+    def __init__(self, nc: DispatchingClient) -> None:
+        self.count = 0
+        real_flush = nc.flush
+
+        async def counted_flush(timeout: int = 10) -> None:
+            self.count += 1
+            await real_flush(timeout)
+
+        nc.flush = counted_flush  # type: ignore[method-assign]
+
+
+async def started_broker(server: NatsServer, name: str, got: list[Delivery]) -> NatsBroker:
+    """A broker on stream ``name`` (upper case), live subjects ``<name>_live``."""
+    config = NatsConfig(
+        urls=(server.url,), subjects=Subjects(name, f"{name}_live"), stream=name.upper(), storage="memory"
+    )
+    broker = NatsBroker(config, broker_events(got.append))
+    await broker.start()
+    return broker
+
+
+def count_pings(broker: NatsBroker) -> PingCount:
+    nc = broker._link.nc
+    assert nc is not None
+    return PingCount(nc)
+
+
 @pytest.mark.parametrize("direct", [False, True], ids=["leader", "direct"])
 async def test_get_reads_values_and_revisions_as_nats_py_does(link: NatsLink, direct: bool) -> None:
     kv, bucket = await new_bucket(link, direct)
@@ -220,21 +250,9 @@ async def test_concurrent_wants_share_round_trips_and_are_live_when_live_returns
     want() — a message published right after, from another connection, arrives."""
     rounds = 120
     got: list[Delivery] = []
-    config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("cf", "cf_live"), stream="CF", storage="memory")
-    broker = NatsBroker(config, broker_events(got.append))
-    await broker.start()
+    broker = await started_broker(nats_server, "cf", got)
     publisher = await nats.connect(nats_server.url)
-    nc = broker._link.nc
-    assert nc is not None
-    flushes = 0
-    real_flush = nc.flush
-
-    async def counted_flush(timeout: int = 10) -> None:
-        nonlocal flushes
-        flushes += 1
-        await real_flush(timeout)
-
-    nc.flush = counted_flush  # type: ignore[method-assign]
+    pings = count_pings(broker)
     try:
 
         async def want_then_publish(i: int) -> None:
@@ -246,7 +264,7 @@ async def test_concurrent_wants_share_round_trips_and_are_live_when_live_returns
         await asyncio.gather(*(want_then_publish(i) for i in range(rounds)))
         await wait_for(lambda: len(got) >= rounds, timeout=5)
         assert sorted(d.channel for d in got) == sorted(f"room:r{i}" for i in range(rounds))
-        assert flushes <= rounds // 10, f"{flushes} round trips for {rounds} subscriptions"
+        assert pings.count <= rounds // 10, f"{pings.count} round trips for {rounds} subscriptions"
     finally:
         await publisher.close()
         await broker.close()
@@ -284,21 +302,9 @@ async def test_a_request_answered_after_the_subs_makes_them_live_without_a_ping(
     them: live() then needs no round trip of its own. A request made before
     a SUB shows nothing about it."""
     got: list[Delivery] = []
-    config = NatsConfig(urls=(nats_server.url,), subjects=Subjects("cq", "cq_live"), stream="CQ", storage="memory")
-    broker = NatsBroker(config, broker_events(got.append))
-    await broker.start()
+    broker = await started_broker(nats_server, "cq", got)
     publisher = await nats.connect(nats_server.url)
-    nc = broker._link.nc
-    assert nc is not None
-    flushes = 0
-    real_flush = nc.flush
-
-    async def counted_flush(timeout: int = 10) -> None:
-        nonlocal flushes
-        flushes += 1
-        await real_flush(timeout)
-
-    nc.flush = counted_flush  # type: ignore[method-assign]
+    pings = count_pings(broker)
     try:
         replies = broker._link.replies
         issued = replies.issued
@@ -307,12 +313,12 @@ async def test_a_request_answered_after_the_subs_makes_them_live_without_a_ping(
         await broker.pubsub.want(room_channel("a"))
         await early
         await broker.pubsub.live()
-        assert flushes == 1  # the answer came after the SUB was queued, but says nothing of it
+        assert pings.count == 1  # the answer came after the SUB was queued, but says nothing of it
 
         await broker.pubsub.want(room_channel("b"))
         await broker.history.position()  # asked after the SUB
         await broker.pubsub.live()
-        assert flushes == 1
+        assert pings.count == 1
         await publisher.publish("cq_live.room.b", b'"x"')
         await publisher.flush()
         await wait_for(lambda: [d.channel for d in got] == ["room:b"], timeout=5)
