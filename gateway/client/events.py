@@ -71,8 +71,8 @@ class Unsubscribed:
 @dataclass(frozen=True, slots=True)
 class Welcome:
     """The first frame of every connection. ``position`` is the stream's
-    position once the channels were live (None from nodes that do not send
-    it); ``unread`` is None when the node's inbox is off."""
+    position as read just before the channels went live (None from nodes
+    that do not send it); ``unread`` is None when the node's inbox is off."""
 
     conn: str
     user: str

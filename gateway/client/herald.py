@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from types import TracebackType
 from typing import Any
@@ -59,7 +59,10 @@ class HeraldClient(Commands):
     ``url``: a node's base URL (http, https, ws or wss; ``/ws`` is added), or
     a list of them, tried in turn on each reconnect. ``token`` or
     ``get_token`` (called for the first token when there is no ``token``, and
-    once after the node refuses one with 4001; may be async). ``rooms``: the
+    once after the node refuses one with 4001; may be async). ``headers``:
+    sent with every connect — e.g. the app's session ``Cookie`` for a node
+    whose connect hook decides who it is (``auth.mode`` hook or either),
+    which needs no token. ``rooms``: the
     rooms to be in from the start. ``since``: the position to start from (the
     last id of an earlier run). ``timeout``: seconds a command may take,
     waiting for the connection included. ``min_delay`` / ``max_delay``: the
@@ -76,6 +79,7 @@ class HeraldClient(Commands):
         *,
         token: str | None = None,
         get_token: TokenSource | None = None,
+        headers: Mapping[str, str] | None = None,
         rooms: Iterable[str] = (),
         since: str | None = None,
         timeout: float = 10.0,
@@ -86,11 +90,13 @@ class HeraldClient(Commands):
         on_reset: ResetHandler | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        if token is None and get_token is None:
-            raise ValueError("give token or get_token")
+        if token is None and get_token is None and not headers:
+            raise ValueError("give token, get_token or headers (a session cookie)")
         self._endpoints = Endpoints(url)
         self._token = token
         self._get_token = get_token
+        self._headers = dict(headers or {})
+        self._by_hook = token is None and get_token is None  # who the client is: the app's cookie says
         self._rooms = Rooms(rooms)
         self._timeout = timeout
         self._heartbeat = heartbeat
@@ -249,12 +255,12 @@ class HeraldClient(Commands):
         try:
             while not self._closing:
                 url = self._endpoints.next()
-                if self._token is None and not await self._new_token():
+                if self._token is None and self._get_token is not None and not await self._new_token():
                     continue
                 code, reason = await self._connection(url)
                 if self._closing:
                     return
-                step = self._policy.after(code, reason, self._get_token is not None)
+                step = self._policy.after(code, reason, self._get_token is not None, self._by_hook)
                 if step.stop:
                     log.info("stopped by %s: %s %s", url, code, reason)
                     self._end(Stopped(code or 0, reason))
@@ -285,7 +291,10 @@ class HeraldClient(Commands):
 
     async def _connection(self, url: str) -> tuple[int | None, str]:
         """One connection, from the upgrade to its end: (close code or None, reason)."""
-        assert self._session is not None and self._token is not None
+        assert self._session is not None
+        headers = self._headers
+        if self._token is not None:
+            headers = {**headers, "Authorization": f"Bearer {self._token}"}
         params = [("room", room) for room in self._rooms.in_url()]
         self._since_opened = self._feed.since
         if self._since_opened is not None:
@@ -294,7 +303,7 @@ class HeraldClient(Commands):
             ws = await self._session.ws_connect(
                 url,
                 params=params,
-                headers={"Authorization": f"Bearer {self._token}"},
+                headers=headers,
                 heartbeat=self._heartbeat,
                 max_msg_size=_MAX_MESSAGE,
             )

@@ -83,7 +83,7 @@ class Reconnect:
         self.max_delay = max_delay
         self._rand = rand
         self._attempt = 0
-        self._refreshed = False  # get_token was asked since the last welcome
+        self._refreshed = False  # get_token (or the hook) was asked again since the last welcome
 
     def opened(self) -> None:
         """A ``welcome`` arrived: the next trouble starts from the smallest delays."""
@@ -96,16 +96,18 @@ class Reconnect:
         self._attempt = min(self._attempt + 1, _MAX_ATTEMPT)
         return self._rand() * bound
 
-    def after(self, code: int | None, reason: str, can_refresh: bool) -> Step:
+    def after(self, code: int | None, reason: str, can_refresh: bool, by_hook: bool = False) -> Step:
         """The step after a connection ended with close ``code`` (None: it
-        dropped, or never opened) and ``reason``."""
+        dropped, or never opened) and ``reason``. ``can_refresh``: there is a
+        ``get_token`` to ask; ``by_hook``: no token at all (the connect hook
+        decides from the app's cookie: after a 4001 it is asked again once)."""
         if code in (4000, 4003, 4403) or (code == 4029 and "oldest" in reason):
             return Step(stop=True)
         if code == 4001:
-            if not can_refresh or self._refreshed:
+            if not (can_refresh or by_hook) or self._refreshed:
                 return Step(stop=True)
             self._refreshed = True
-            return Step(new_token=True)
+            return Step(self.backoff()) if by_hook else Step(new_token=True)
         if code == 4008:
             return Step()
         if code == 1012:

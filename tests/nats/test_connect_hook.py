@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from broker.embedded import free_port
+from gateway.client import HeraldClient
 
 from ..helpers import (
     ADMIN_KEY,
@@ -499,3 +500,25 @@ async def test_the_client_address_behind_trusted_proxies(
         assert (await expect_close(refused))[0] == 4001
     refusals = [r.getMessage() for r in caplog.records if "refused token" in r.getMessage()]
     assert refusals and f"from {seen}:" in refusals[-1], refusals
+
+
+async def test_the_python_client_connects_with_the_session_cookie(node_factory: NodeFactory, app: App) -> None:
+    """HeraldClient with the app's session cookie as a header, no token: the
+    hook names the user, and the client publishes and receives as that user.
+    When the app's answer expires (4001), it connects again and the app is
+    asked again."""
+    node = await node_factory(auth=auth(app.url))
+    cookie = app.login("s-py", "py-user", ["lobby"], ttl=2.0)
+    client = HeraldClient(node.url, headers={"Cookie": cookie}, rooms=["lobby"], timeout=5.0, min_delay=0.05)
+    async with client:
+        msg_id = await client.publish("lobby", {"n": 1})
+        async with asyncio.timeout(5):
+            async for message in client:
+                if message.id == msg_id:
+                    break
+        first = client.welcome
+        assert first is not None and first.user == "py-user"
+        app.login("s-py", "py-user", ["lobby"])  # the session goes on: the app will say so again
+        await wait_for(lambda: client.welcome is not None and client.welcome.conn != first.conn, timeout=10)
+        assert await client.publish("lobby", {"n": 2})
+    assert [orjson.loads(body)["headers"]["cookie"] for _, body in app.requests] == [cookie, cookie]

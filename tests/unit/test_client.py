@@ -70,6 +70,10 @@ def test_close_codes_decide_as_herald_js_does() -> None:
     r.opened()
     assert r.after(4001, "token expired", True) == Step(new_token=True)
     assert Reconnect().after(4001, "token expired", False) == Step(stop=True)
+    # Admitted by a cookie (the connect hook; no token): the app is asked again once, after a backoff.
+    r = Reconnect(0.5, 30.0, rand=lambda: 0.5)
+    assert r.after(4001, "token expired", False, by_hook=True) == Step(0.25)
+    assert r.after(4001, "refused by the app", False, by_hook=True) == Step(stop=True)
 
 
 def test_backoff_is_full_jitter_doubling_up_to_the_cap_and_reset_by_a_welcome() -> None:
@@ -191,6 +195,7 @@ class Visit:
     at: float
     query: list[tuple[str, str]]
     token: str
+    cookie: str = ""
     sent: list[dict[str, Any]] = field(default_factory=list)
 
     def param(self, name: str) -> str | None:
@@ -251,7 +256,10 @@ async def fake_node() -> AsyncIterator[FakeNode]:
     node = FakeNode("", [])
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        visit = Visit(time.monotonic(), list(request.query.items()), request.headers.get("Authorization", ""))
+        headers = request.headers
+        visit = Visit(
+            time.monotonic(), list(request.query.items()), headers.get("Authorization", ""), headers.get("Cookie", "")
+        )
         node.visits.append(visit)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
@@ -489,8 +497,28 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> Non
             await asyncio.sleep(0.01)
 
 
-def test_needs_a_token_and_async_with() -> None:
+def test_needs_a_token_or_headers_and_async_with() -> None:
     with pytest.raises(ValueError):
         HeraldClient("http://h")
+    HeraldClient("http://h", headers={"Cookie": "sid=1"})  # a connect hook decides
     with pytest.raises(RuntimeError, match="async with"):
         HeraldClient("http://h", token="t").__aiter__()
+
+
+async def test_headers_go_with_every_connect_and_a_refused_cookie_stops(fake_node: FakeNode) -> None:
+    """A session cookie instead of a token (a node whose connect hook decides):
+    sent on each connect, no Authorization. A 4001 (the app's answer
+    expired) connects again so the app is asked again; refused again before a
+    welcome, the client stops."""
+    fake_node.scripts = [
+        closes(4008, "slow consumer"),
+        closes(4001, "token expired"),
+        closes(4001, "refused by the app", welcomed=False),
+    ]
+    client = fast(fake_node.url, token=None, headers={"Cookie": "sid=abc"})
+    async with client:
+        with pytest.raises(Stopped) as stopped:
+            async for _ in client:
+                pass
+    assert stopped.value.code == 4001
+    assert [(v.token, v.cookie) for v in fake_node.visits] == [("", "sid=abc")] * 3
