@@ -128,6 +128,7 @@ class KvConnections:
             if await self._update(user, remove):
                 return
             await asyncio.sleep(min(30.0, 2.0**attempt))
+        self._known.pop(user, None)  # not kept for a user this node may never write again
         log.error("a closed connection of a user stays counted until this node restarts")
 
     async def _update(self, user: str, change: Callable[[Table, set[str]], Table | None]) -> bool:
