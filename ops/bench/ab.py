@@ -7,7 +7,7 @@ directories holding a checkout. Both nodes run at the same time, pinned to
 core 0, each with its own nats-server on core 1, and get the same load at
 the same moment: HTTP publishes at ``--rate`` (node CPU per publish),
 connect storms of ``--storm-conns`` at ``--storm-rate`` each (node CPU per
-connect), and a fan-out to 1,000 WebSocket receivers published to over HTTP
+connect, and per connection over the closes after), and a fan-out to 1,000 WebSocket receivers published to over HTTP
 at each of ``--fanout-rates`` (node CPU per delivery). This VM's speed
 drifts by ±20 % between runs a minute apart, which hides any change smaller
 than that when runs are compared one after another; side by side, both
@@ -115,20 +115,27 @@ def loadtests(
 
 def storm_rounds(
     targets: list[Target], conns: int, rate: float, rounds: int, logs: Path, problems: list[str]
-) -> list[list[float]]:
-    """Each round: a storm against every node at once; µs of node CPU per connect."""
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Each round: a storm against every node at once; µs of node CPU per
+    connect, and per connection over the closes that follow."""
     args = ["--storm", "--conns", str(conns), "--connect-rate", f"{rate:g}", "--hold", "1", "--connect-timeout", "30"]
-    figures: list[list[float]] = []
+    connects: list[list[float]] = []
+    closes: list[list[float]] = []
     for round_ in range(rounds):
-        row = []
+        row, closing = [], []
         for result in loadtests(targets, logs, f"storm-{round_}", lambda _: args):
             storm = result["storm"]
             if storm["failed"]:
                 problems.append(f"storm: {storm['failed']} connects failed (logs: {logs})")
             row.append(float(storm["server"]["us_per_connect"]))
-        figures.append(row)
-        print("storm: " + "  ".join(f"{f:.0f}" for f in row) + " µs", flush=True)
-    return figures
+            closing.append(float(storm["server"]["us_per_close"]))
+        connects.append(row)
+        closes.append(closing)
+        print(
+            "storm: " + "  ".join(f"{f:.0f}" for f in row) + " µs; closes " + "  ".join(f"{f:.0f}" for f in closing),
+            flush=True,
+        )
+    return connects, closes
 
 
 def fanout_rounds(
@@ -160,7 +167,9 @@ def summary(name: str, labels: list[str], figures: list[list[float]]) -> str:
     ratios = [b / a for a, b in figures if a > 0]
     medians = [statistics.median(column) for column in zip(*figures, strict=True)]
     sides = ", ".join(f"{label} {m:.{1 if m < 100 else 0}f}" for label, m in zip(labels, medians, strict=True))
-    spread = f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "-"
+    if not ratios:  # A used no measurable CPU (a tiny run: /proc counts in 10 ms ticks)
+        return f"{name}: median µs {sides}; B/A -"
+    spread = f"{min(ratios):.3f}-{max(ratios):.3f}"
     return f"{name}: median µs {sides}; B/A median {statistics.median(ratios):.3f} (rounds {spread})"
 
 
@@ -193,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                 figures = asyncio.run(publish_rounds(targets, args.rate, args.seconds, args.rounds, problems))
                 lines.append(summary(f"publish @{args.rate:g}/s", ["A", "B"], figures))
             if "storm" in only:
-                figures = storm_rounds(targets, args.storm_conns, args.storm_rate, args.rounds, logs, problems)
+                figures, closes = storm_rounds(targets, args.storm_conns, args.storm_rate, args.rounds, logs, problems)
                 lines.append(summary(f"storm {args.storm_conns} @{args.storm_rate:g}/s", ["A", "B"], figures))
+                lines.append(summary("their closes, per connection", ["A", "B"], closes))
             if "fanout" in only:
                 rates = [float(r) for r in args.fanout_rates.split(",")]
                 by_rate = fanout_rounds(targets, rates, args.seconds, args.rounds, logs, problems)

@@ -142,6 +142,8 @@ def storm_lines(s: Row) -> list[str]:
             if aux.get("cpu_s") is not None
             else ""
         ),
+        f"  closing: server CPU {_num(server.get('us_per_close'))} µs per connection (the hold, the closes, "
+        "until the server settled)",
         f"  generator CPU {gens} (per process, % of a core)",
     ]
     if s["generator_busy"]:

@@ -43,6 +43,9 @@ from .stats import Histogram
 
 GENERATOR_BUSY_PCT = 85.0
 START_DELAY = 0.2  # seconds between "every part is ready" and the first connect
+# After the clients closed: time for the server to finish closing (counting
+# out, releasing channels after its unsubscribe delay, 1 s by default).
+CLOSE_SETTLE = 1.5
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -244,14 +247,22 @@ def merge(parts: Sequence[dict[str, Any]], requested: int, rate: float) -> dict[
     }
 
 
-def add_server(storm: dict[str, Any], server_s: float | None, aux_s: float | None) -> dict[str, Any]:
-    """Server (and aux) CPU over the storm, per connect and as % of a core."""
+# Server (and aux) CPU seconds: over the connects, and from their end until
+# the server settled after the clients closed (the hold included).
+Cpu = dict[str, float | None]
+
+
+def add_server(storm: dict[str, Any], cpu: Cpu) -> dict[str, Any]:
+    """Server (and aux) CPU over the storm, per connect and as % of a core,
+    and per connection over its close."""
     connected, seconds = storm["connected"], storm["seconds"]
-    for key, cpu in (("server", server_s), ("aux", aux_s)):
+    for key in ("server", "aux"):
+        used, closing = cpu.get(key), cpu.get(f"{key}_close")
         storm[key] = {
-            "cpu_s": None if cpu is None else round(cpu, 3),
-            "cpu_pct": round(100 * cpu / seconds, 1) if cpu is not None and seconds > 0 else None,
-            "us_per_connect": round(cpu / connected * 1e6, 1) if cpu is not None and connected else None,
+            "cpu_s": None if used is None else round(used, 3),
+            "cpu_pct": round(100 * used / seconds, 1) if used is not None and seconds > 0 else None,
+            "us_per_connect": round(used / connected * 1e6, 1) if used is not None and connected else None,
+            "us_per_close": round(closing / connected * 1e6, 1) if closing is not None and connected else None,
         }
     return storm
 
@@ -267,7 +278,7 @@ async def run(cfg: Config) -> dict[str, Any]:
             if cfg.child is not None:
                 return await _child(cfg)
             server, aux = ProcGroup(list(cfg.server_pids)), ProcGroup(list(cfg.aux_pids))
-            parts, server_s, aux_s = await (_parent(cfg, server, aux) if cfg.procs > 1 else _single(cfg, server, aux))
+            parts, cpu = await (_parent(cfg, server, aux) if cfg.procs > 1 else _single(cfg, server, aux))
     except TimeoutError:
         result["aborted"] = "deadline (--max-seconds)"
         log("deadline reached: stopping")
@@ -276,7 +287,7 @@ async def run(cfg: Config) -> dict[str, Any]:
         result["aborted"] = f"error: {exc!r}"
         log(f"stopping on error: {exc!r}")
         return result
-    storm = add_server(merge(parts, cfg.conns, cfg.connect_rate), server_s, aux_s)
+    storm = add_server(merge(parts, cfg.conns, cfg.connect_rate), cpu)
     result["storm"] = storm
     result["summary"] = {"mode": "storm", "admitted_per_s": storm["admitted_per_s"], "stopped": "storm done"}
     for line in report.storm_lines(storm):
@@ -292,14 +303,16 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-async def _single(cfg: Config, server: ProcGroup, aux: ProcGroup) -> tuple[list[dict[str, Any]], Any, Any]:
+async def _single(cfg: Config, server: ProcGroup, aux: ProcGroup) -> tuple[list[dict[str, Any]], Cpu]:
     log(f"storm: {cfg.conns} {cfg.transport} connects at {cfg.connect_rate:g}/s to {cfg.url}")
     part = Part(cfg, 0)
     go = time.monotonic() + START_DELAY
-    cpu: dict[str, float | None] = {}
+    cpu: Cpu = {}
+    at_done: Cpu = {}
 
     def done() -> None:
-        cpu["server"], cpu["aux"] = _minus(_cpu(server), cpu["server"]), _minus(_cpu(aux), cpu["aux"])
+        at_done.update(server=_cpu(server), aux=_cpu(aux))
+        cpu["server"], cpu["aux"] = _minus(at_done["server"], cpu["server"]), _minus(at_done["aux"], cpu["aux"])
 
     async def sample_at_go() -> None:
         await asyncio.sleep(max(0.0, go - time.monotonic()))
@@ -308,7 +321,14 @@ async def _single(cfg: Config, server: ProcGroup, aux: ProcGroup) -> tuple[list[
     sampler = asyncio.get_running_loop().create_task(sample_at_go())
     record = await part.run(go, done)
     await sampler
-    return [record], cpu["server"], cpu["aux"]
+    await _closing_cpu(cpu, at_done, server, aux)
+    return [record], cpu
+
+
+async def _closing_cpu(cpu: Cpu, at_done: Cpu, server: ProcGroup, aux: ProcGroup) -> None:
+    """Once the clients closed: the CPU since the connects were done, after the settle."""
+    await asyncio.sleep(CLOSE_SETTLE)
+    cpu["server_close"], cpu["aux_close"] = _minus(_cpu(server), at_done["server"]), _minus(_cpu(aux), at_done["aux"])
 
 
 async def _child(cfg: Config) -> dict[str, Any]:
@@ -326,7 +346,7 @@ async def _child(cfg: Config) -> dict[str, Any]:
     return {"part": record["part"]}
 
 
-async def _parent(cfg: Config, server: ProcGroup, aux: ProcGroup) -> tuple[list[dict[str, Any]], Any, Any]:
+async def _parent(cfg: Config, server: ProcGroup, aux: ProcGroup) -> tuple[list[dict[str, Any]], Cpu]:
     log(f"storm: {cfg.conns} {cfg.transport} connects at {cfg.connect_rate:g}/s over {cfg.procs} processes")
     folder = tempfile.mkdtemp(prefix="herald-storm-")
     paths = [os.path.join(folder, f"part-{j}.json") for j in range(cfg.procs)]
@@ -354,10 +374,12 @@ async def _parent(cfg: Config, server: ProcGroup, aux: ProcGroup) -> tuple[list[
         await asyncio.sleep(max(0.0, go - time.monotonic()))
         server0, aux0 = _cpu(server), _cpu(aux)
         await _expect(children, b"DONE")
-        server_s, aux_s = _minus(_cpu(server), server0), _minus(_cpu(aux), aux0)
+        at_done: Cpu = {"server": _cpu(server), "aux": _cpu(aux)}
+        cpu: Cpu = {"server": _minus(at_done["server"], server0), "aux": _minus(at_done["aux"], aux0)}
         codes = [await child.wait() for child in children]
         if any(codes):
             raise RuntimeError(f"storm processes exited with {codes}")
+        await _closing_cpu(cpu, at_done, server, aux)
         parts = [json.loads(Path(path).read_text()) for path in paths]
     finally:
         for child in children:
@@ -370,7 +392,7 @@ async def _parent(cfg: Config, server: ProcGroup, aux: ProcGroup) -> tuple[list[
                 os.unlink(path)
         with contextlib.suppress(OSError):
             os.rmdir(folder)
-    return parts, server_s, aux_s
+    return parts, cpu
 
 
 async def _expect(children: Sequence[asyncio.subprocess.Process], word: bytes) -> None:

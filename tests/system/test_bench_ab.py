@@ -28,6 +28,7 @@ def test_two_checkouts_are_measured_side_by_side() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "publish @100/s: median µs A " in run.stdout
     assert "storm 40 @200/s: median µs A " in run.stdout
+    assert "their closes, per connection: median µs A " in run.stdout
     assert "fanout-ws-http @50/s, per delivery: median µs A " in run.stdout
     worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
     assert "herald-ab-" not in worktrees

@@ -605,9 +605,9 @@ def test_storm_parts_merge_on_one_clock() -> None:
     assert merged["head_ms"]["count"] == 5  # the one that timed out did get its head
     assert merged["generator_cpu_pct"] == [50.0, 90.0] and merged["generator_cpu_max"] == 90.0
     assert merged["generator_busy"]  # ≥ 85 %: it may be the limit
-    storm.add_server(merged, server_s=0.4, aux_s=None)
-    assert merged["server"] == {"cpu_s": 0.4, "cpu_pct": 20.0, "us_per_connect": 100_000.0}
-    assert merged["aux"]["us_per_connect"] is None
+    storm.add_server(merged, {"server": 0.4, "aux": None, "server_close": 0.2})
+    assert merged["server"] == {"cpu_s": 0.4, "cpu_pct": 20.0, "us_per_connect": 100_000.0, "us_per_close": 50_000.0}
+    assert merged["aux"]["us_per_connect"] is None and merged["aux"]["us_per_close"] is None
     assert storm.quantiles_ms([]) is None
     assert storm.quantiles_ms([0.001 * i for i in range(1, 101)])["p99"] == pytest.approx(99.0)
     lines = loadtest_report.storm_lines(merged)
