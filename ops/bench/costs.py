@@ -77,6 +77,7 @@ def storm_figures(result: Doc) -> Doc:
         "start_late_ms": s.get("start_late_ms"),
         "us_per_connect": get(s, "server", "us_per_connect"),
         "aux_us_per_connect": get(s, "aux", "us_per_connect"),
+        "us_per_close": get(s, "server", "us_per_close"),
         "server_cpu_pct": get(s, "server", "cpu_pct"),
         "procs": s.get("procs"),
         "generator_cpu_pct": s.get("generator_cpu_pct"),
@@ -120,6 +121,7 @@ def cost_ratios(figures: dict[str, dict[str, Doc]]) -> dict[str, Doc]:
                     "admitted_per_s": ratio(h["admitted_per_s"], o["admitted_per_s"]),
                     "handshake_p99": ratio(get(h, "handshake_ms", "p99"), get(o, "handshake_ms", "p99")),
                     "us_per_connect": ratio(h["us_per_connect"], o["us_per_connect"]),
+                    "us_per_close": ratio(h.get("us_per_close"), o.get("us_per_close")),
                 }
 
     return ratios
@@ -207,6 +209,7 @@ def storm_section(figures: dict[str, dict[str, Doc]]) -> list[str]:
                     f"{fmt(head.get('p50'))} / {fmt(head.get('p99'))}",
                     fmt(fig.get("us_per_connect"), 0),
                     fmt(fig.get("aux_us_per_connect"), 0),
+                    fmt(fig.get("us_per_close"), 0),
                     f"{fmt(fig.get('failed'), 0)}" + (f" ({errors})" if errors else ""),
                     " + ".join(fmt(g, 0, "%") for g in gens) or "-",
                     " / ".join(fmt(fig.get(k), 0, "%") for k in ("server_core_busy_pct", "generator_core_busy_pct")),
@@ -223,7 +226,8 @@ def storm_section(figures: dict[str, dict[str, Doc]]) -> list[str]:
         "over 10 rooms. admitted/s = connected / (last ready - first start). ready = Herald's welcome frame or "
         "`welcome` event (the client is admitted), for the others the 101 / response head (nchan sends nothing "
         "after it); head = the 101 / response head. µs/conn = server CPU from the first start until every "
-        "connect succeeded or failed, per connect; `+nats` = nats-server's per connect (Herald). gen CPU = each "
+        "connect succeeded or failed, per connect; `+nats` = nats-server's per connect (Herald); µs/close = "
+        "server CPU from then over the hold and the closes until it settled, per connection. gen CPU = each "
         "generator process, % of a core (≥ 85%: it may be the limit); cores = how busy the server's and the "
         "generator's cores were during the storm.",
         "",
@@ -238,6 +242,7 @@ def storm_section(figures: dict[str, dict[str, Doc]]) -> list[str]:
                 "head p50 / p99 ms",
                 "µs/conn",
                 "+nats µs/conn",
+                "µs/close",
                 "failed",
                 "gen CPU",
                 "cores srv / gen",

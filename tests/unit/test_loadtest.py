@@ -779,7 +779,7 @@ def canned_outcomes() -> list[dict[str, Any]]:
                 "admitted_per_s": admitted,
                 "handshake_ms": {"p50": 1.0, "p99": p99, "max": p99 * 2},
                 "head_ms": {"p50": 0.9, "p99": p99},
-                "server": {"us_per_connect": us, "cpu_pct": 50.0},
+                "server": {"us_per_connect": us, "cpu_pct": 50.0, "us_per_close": us / 4},
                 "aux": {"us_per_connect": None},
                 "procs": 1,
                 "generator_cpu_pct": [gen],
@@ -818,6 +818,7 @@ def test_report_issue20_figures_and_ratios() -> None:
         "admitted_per_s": round(1000 / 4950, 3),
         "handshake_p99": 200.0,
         "us_per_connect": 16.0,
+        "us_per_close": 16.0,
     }
     text = bench_report.markdown(summary)
     publish_table = text.split("## HTTP publish API")[1].split("## Connect storms")[0]
@@ -827,6 +828,7 @@ def test_report_issue20_figures_and_ratios() -> None:
     assert "1,000 receivers over 10 rooms, 100 deliveries per message" in publish_table
     storms = text.split("## Connect storms")[1].split("## Ratios")[0]
     assert "| connect-storm-ws | herald | 5,000 @ 5,000/s | 4,990 " in storms
+    assert "| 800 " in storms and "| 200 " in storms and "µs/close" in storms  # per connect, per close
     throughput = text.split("## Throughput and cost")[1].split("## HTTP publish API")[0]
     assert "| fanout-ws-http | herald | 12.0 " in throughput and "publish-api" not in throughput.split("|---")[1]
     assert re.search(r"\| connect-storm-ws \| us_per_connect +\| Herald ÷ nchan \| 16\.00", text)
