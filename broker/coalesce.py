@@ -28,9 +28,9 @@ class Fresh(Generic[T]):
 
     async def recent(self, max_age: float) -> T:
         """An answer that came at most ``max_age`` seconds ago (before this
-        call), else a new one as ``get``."""
+        call), else a new one as ``get`` (always, for ``max_age`` 0)."""
         last = self._last
-        if last is not None and time.monotonic() - last[0] <= max_age:
+        if max_age > 0 and last is not None and time.monotonic() - last[0] <= max_age:
             return last[1]
         return await self.get()
 

@@ -156,8 +156,7 @@ class NatsHistory:
             raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None
 
     async def position(self, max_age: float = 0.0) -> int:
-        bounds = await (self._bounds.recent(max_age) if max_age > 0 else self._bounds.get())
-        return bounds[1]
+        return (await self._bounds.recent(max_age))[1]
 
     async def _first_sequence(self) -> int:
         """The lowest sequence the stream still holds."""

@@ -7,8 +7,9 @@ directories holding a checkout. Both nodes run at the same time, pinned to
 core 0, each with its own nats-server on core 1, and get the same load at
 the same moment: HTTP publishes at ``--rate`` (node CPU per publish),
 connect storms of ``--storm-conns`` at ``--storm-rate`` each (node CPU per
-connect, and per connection over the closes after), and a fan-out to 1,000 WebSocket receivers published to over HTTP
-at each of ``--fanout-rates`` (node CPU per delivery). This VM's speed
+connect, and per connection over the closes after), and a fan-out to 1,000
+WebSocket receivers published to over HTTP at each of ``--fanout-rates``
+(node CPU per delivery). This VM's speed
 drifts by ±20 % between runs a minute apart, which hides any change smaller
 than that when runs are compared one after another; side by side, both
 nodes see the same drift, and each round's B ÷ A is steady to ~2 %

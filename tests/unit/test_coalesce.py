@@ -73,4 +73,5 @@ async def test_recent_takes_an_answer_young_enough_else_asks_again() -> None:
     assert await fresh.get() == 2  # get always asks
     await asyncio.sleep(0.03)
     assert await fresh.recent(0.01) == 3  # too old: asked again
-    assert calls == 3
+    assert await fresh.recent(0) == 4  # 0: asked now, even within the same clock tick
+    assert calls == 4
