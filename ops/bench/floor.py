@@ -19,6 +19,12 @@ at a welcome frame sent with the 101
     position and its inbox's last message.
 The server runs on core 0, nats-server and the load generator on core 1;
 the server's CPU is read from /proc.
+
+A third floor is a server of the bench itself (``--servers floor``, in the
+``fanout-*-http`` scenarios, beside Herald and nchan in the same run):
+``--serve fanout`` keeps WebSocket connections and SSE streams per room and
+writes each ``POST /pub/<room>`` body, framed once, to every one of them —
+what a fan-out costs in Python and uvloop without a broker in the path.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ import asyncio
 import json
 import sys
 import tempfile
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import nats
 import uvloop
@@ -41,13 +48,14 @@ from ops.loadtest.publisher import HttpPublisher
 from ops.loadtest.wsproto import accept_value
 
 from .history import cpu_seconds
-from .procs import Processes, pinned
+from .procs import CoreSampler, Processes, pinned
 
 SERVER_CORES, OTHER_CORES = "0", "1"
 ANSWER = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{"id":"1"}'
 WELCOME = b'{"type":"welcome","conn":"c","user":"u","node":"floor","channels":[]}'
 STREAM, COUNTS = "FLOOR", "KV_FLOOR"  # messages; one value per key, as a KV bucket
 MODES = {"publish": ("http", "publish"), "connect": ("handshake", "connect")}
+SERVED = ("fanout",)  # modes only the bench runs (``--servers floor``)
 
 
 class NatsLine(asyncio.Protocol):
@@ -211,8 +219,78 @@ class WsFloor(asyncio.Protocol):
             self._transport.write(self._answer)
 
 
+WS_HEAD = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+)
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+
+
+class FanoutFloor(asyncio.Protocol):
+    """``GET /ws?room=R`` (a WebSocket) and ``GET /sse?room=R`` (an event
+    stream, chunked as Herald's) join room R; ``POST /pub/R`` writes its body
+    to all of R's, framed once per transport, and is answered."""
+
+    rooms: ClassVar[defaultdict[bytes, dict[asyncio.Transport, bool]]] = defaultdict(dict)  # → is SSE
+
+    def __init__(self) -> None:
+        self._buffer: bytes | None = b""
+        self._room = b""
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self.rooms[self._room].pop(self._transport, None)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if self._buffer is None:  # a stream: a client's close frame (or anything) ends it
+            transport.close()
+            return
+        self._buffer += data
+        while (end := self._buffer.find(b"\r\n\r\n")) >= 0:
+            lines = self._buffer[:end].split(b"\r\n")
+            target = lines[0].split(b" ")[1]
+            length, key = 0, b""
+            for line in lines[1:]:
+                name = line[:18].lower()
+                if name.startswith(b"content-length:"):
+                    length = int(line[15:])
+                elif name == b"sec-websocket-key:":
+                    key = line[18:].strip()
+            if len(self._buffer) < end + 4 + length:
+                return
+            body, self._buffer = self._buffer[end + 4 : end + 4 + length], self._buffer[end + 4 + length :]
+            if target.startswith(b"/pub/"):
+                self._publish(target[5:], body)
+                transport.write(ANSWER)
+                continue
+            self._buffer, self._room = None, target.partition(b"room=")[2].partition(b"&")[0]
+            sse = target.startswith(b"/sse")
+            transport.write(SSE_HEAD if sse else WS_HEAD % accept_value(key.decode("latin-1")).encode())
+            self.rooms[self._room][transport] = sse
+            return
+
+    def _publish(self, room: bytes, body: bytes) -> None:
+        ws = (bytes((0x81, len(body))) if len(body) < 126 else b"\x81\x7e" + len(body).to_bytes(2, "big")) + body
+        event = b"data: %s\n\n" % body
+        sse = b"%x\r\n%s\r\n" % (len(event), event)
+        for transport, is_sse in self.rooms[room].items():
+            transport.write(sse if is_sse else ws)
+
+
 async def serve(mode: str, port: int, nats_url: str) -> None:
     loop = asyncio.get_running_loop()
+    if mode == "fanout":
+        await loop.create_server(FanoutFloor, "127.0.0.1", port, backlog=4096)
+        await asyncio.Event().wait()
     protocol: type[HttpFloor] | type[WsFloor] = HttpFloor if mode in MODES["publish"] else WsFloor
     if mode in ("publish", "connect"):
         host, nats_port = nats_url.removeprefix("nats://").split(":")
@@ -246,19 +324,28 @@ async def publish_cost(port: int, pid: int, rate: float, seconds: float) -> dict
     return {"rate": rate, "sent": sent, "errors": dict(publisher.errors), "us_per_publish": round(1e6 * cost / sent, 1)}
 
 
-def storm_cost(procs: Processes, port: int, pid: int, conns: int, logs: Path) -> dict[str, Any]:
+def storm_cost(procs: Processes, port: int, pid: int, nats_pid: int, conns: int, logs: Path) -> dict[str, Any]:
     out = logs / f"storm-{port}.json"
     cmd = [sys.executable, "-m", "ops.loadtest", "--storm", "--transport", "ws"]
     cmd += ["--url", f"ws://127.0.0.1:{port}/ws?token={{token}}&room={{room}}", "--conns", str(conns)]
     cmd += ["--connect-rate", "5000", "--jwt-secret", "x" * 32, "--json", str(out), "--server-pid", str(pid)]
-    generator = procs.spawn(pinned(OTHER_CORES, cmd), logs / "generator.log", cwd=Path(__file__).resolve().parents[2])
-    generator.wait()
+    cmd += ["--aux-pid", str(nats_pid)]
+    cores = CoreSampler(0.1)  # is the other core (nats-server and the generator) the limit?
+    cores.start()
+    try:
+        root = Path(__file__).resolve().parents[2]
+        procs.spawn(pinned(OTHER_CORES, cmd), logs / "generator.log", cwd=root).wait()
+    finally:
+        cores.stop()
     storm = json.loads(out.read_text())["storm"]
     return {
         "connected": storm["connected"],
         "admitted_per_s": storm["admitted_per_s"],
         "ready_p99_ms": storm["handshake_ms"]["p99"],
         "us_per_connect": storm["server"]["us_per_connect"],
+        "nats_us_per_connect": storm["aux"]["us_per_connect"],
+        "generator_cpu_pct": storm["generator_cpu_max"],
+        "cores_busy_pct": cores.busy_pct(*storm["window"]),
     }
 
 
@@ -267,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="publish,connect", help="publish, connect or both")
     parser.add_argument("--seconds", type=float, default=10.0, help="each publish step")
     parser.add_argument("--conns", type=int, default=5000, help="connects per storm (offered at 5,000/s)")
-    parser.add_argument("--serve", choices=[m for pair in MODES.values() for m in pair], help=argparse.SUPPRESS)
+    served = [*(m for pair in MODES.values() for m in pair), *SERVED]
+    parser.add_argument("--serve", choices=served, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--nats", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -278,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     nats_server = NatsServer()
     results: dict[str, Any] = {}
     try:
-        procs.spawn(pinned(OTHER_CORES, nats_server.command()), logs / "nats.log")
+        nats_proc = procs.spawn(pinned(OTHER_CORES, nats_server.command()), logs / "nats.log")
         if not wait_for_port("127.0.0.1", nats_server.port, 15):
             raise SystemExit("nats-server did not start")
         asyncio.run(make_streams(nats_server.url))
@@ -292,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "publish":
                     results[mode] = [asyncio.run(publish_cost(port, server.pid, r, args.seconds)) for r in (500, 2000)]
                 else:
-                    results[mode] = storm_cost(procs, port, server.pid, args.conns, logs)
+                    results[mode] = storm_cost(procs, port, server.pid, nats_proc.pid, args.conns, logs)
                 procs.stop(server)
                 print(mode, json.dumps(results[mode]), flush=True)
     finally:

@@ -2,7 +2,10 @@
 
 Deliberately naive: default aiohttp settings (permessage-deflate on, default
 event loop), one set of sockets per room, and a publish that awaits every
-recipient's send in turn, so one slow client holds up the room.
+recipient's send in turn, so one slow client holds up the room. Only its
+accept queue is not aiohttp's default (128, Herald's 2,048): in a connect
+storm a full queue drops SYNs, and the 1 s retransmits measured the queue,
+not the server.
     python ops/bench/naive_server.py --port P
 GET /ws?room=R · GET /sse?room=R · POST /pub/R (body = message)
 """
@@ -61,4 +64,4 @@ if __name__ == "__main__":
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/sse", sse_handler)
     app.router.add_post("/pub/{room}", publish)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, backlog=2048)

@@ -235,7 +235,7 @@ def summarize(outcomes: Iterable[Doc], meta: Doc) -> Doc:
         herald = per.get("herald")
         if herald is None:
             continue
-        for peer in ("nchan", "naive"):
+        for peer in ("nchan", "naive", "floor"):
             other = per.get(peer)
             if other is None:
                 continue

@@ -36,7 +36,7 @@ from .procs import (
     wait_for_quiet,
 )
 from .scenarios import GROUPS, SCENARIO_NAMES, Scenario, loadtest_command, standard
-from .servers import ROOT, Herald, Naive, Nchan, Server, child_env, gateway_supports_workers
+from .servers import ROOT, Floor, Herald, Naive, Nchan, Server, child_env, gateway_supports_workers
 
 SERVER_CORES = "0"
 GENERATOR_CORES = "1"
@@ -80,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
         "--peers", action="store_true", help="also run nginx + nchan (every scenario but broadcast, stalled, workers)"
     )
     p.add_argument("--only", default="", help=f"comma-separated scenarios (default: all): {', '.join(SCENARIO_NAMES)}")
-    p.add_argument("--servers", default="", help="comma-separated subset of herald,naive,nchan (default: all run)")
+    p.add_argument(
+        "--servers",
+        default="",
+        help="comma-separated subset of herald,naive,nchan,floor (default: herald,naive; nchan with --peers; "
+        "floor only when named: the fan-out floor, in fanout-ws-http and fanout-sse-http)",
+    )
     p.add_argument("--rates", default="", help="comma-separated publish rates for every stepped scenario (msgs/s)")
     p.add_argument("--out", default="artifacts/bench", help="results directory (default: artifacts/bench)")
     p.add_argument("--max-p99-ms", type=float, default=100.0, help="a step with a higher p99 is not sustained")
@@ -135,7 +140,7 @@ def select(args: argparse.Namespace) -> tuple[list[Scenario], set[str], list[str
     servers = {"herald", "naive"} | ({"nchan"} if args.peers else set())
     if args.servers:
         servers = {s.strip() for s in args.servers.split(",") if s.strip()}
-        unknown = sorted(servers - {"herald", "naive", "nchan"})
+        unknown = sorted(servers - {"herald", "naive", "nchan", "floor"})
         if unknown:
             raise SystemExit(f"unknown server(s): {', '.join(unknown)}")
     if "nchan" in servers:
@@ -165,6 +170,8 @@ class Bench:
             return Naive(self.procs, logs, SERVER_CORES), GENERATOR_CORES
         if name == "nchan":
             return Nchan(self.procs, logs, SERVER_CORES), GENERATOR_CORES
+        if name == "floor":
+            return Floor(self.procs, logs, SERVER_CORES), GENERATOR_CORES
         if name.startswith("herald-w"):
             workers = int(name.removeprefix("herald-w"))
             server = Herald(self.procs, logs, BOTH_CORES, BOTH_CORES, workers=workers, env=env, label=name)

@@ -177,7 +177,7 @@ def new_scenarios(quick: bool, fanout: Scenario) -> list[Scenario]:
         replace(
             fanout,
             name="fanout-ws-http",
-            servers=("herald", "nchan"),
+            servers=("herald", "nchan", "floor"),
             publish="http",
             herald_env=UNLIMITED_API,
             measure_up_to=HEADLINE_MAX,
@@ -187,7 +187,7 @@ def new_scenarios(quick: bool, fanout: Scenario) -> list[Scenario]:
             fanout,
             name="fanout-sse-http",
             transport="sse",
-            servers=("herald", "nchan"),
+            servers=("herald", "nchan", "floor"),
             publish="http",
             herald_env=UNLIMITED_API,
             measure_up_to=HEADLINE_MAX,

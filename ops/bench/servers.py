@@ -1,4 +1,5 @@
-"""The servers under test: Herald (+ its nats-server), the naive aiohttp loop, nginx + nchan.
+"""The servers under test: Herald (+ its nats-server), the naive aiohttp loop, nginx + nchan,
+and the fan-out floor (ops/bench/floor.py).
 
 Each ``start()`` returns a Target: what the load tool needs to reach the
 server (URL templates, how to publish) and which pids to measure. Every
@@ -51,7 +52,7 @@ NCHAN_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/lib64/nginx/modules", "/usr
 class Target:
     """A running server, as the load tool sees it."""
 
-    server: str  # herald | naive | nchan (| herald-wN)
+    server: str  # herald | naive | nchan | floor (| herald-wN)
     ws_url: str
     sse_url: str
     envelope: str  # herald | raw
@@ -220,6 +221,22 @@ class Naive(Server):
         port = free_port()
         log = "naive.log"
         proc = self._spawn([sys.executable, str(NAIVE_SERVER), "--port", str(port)], log)
+        try:
+            wait_until(lambda: port_open(port), 20, "listen", proc)
+        except BenchError as exc:
+            raise self._fail(exc, log) from None
+        return raw_target(self.name, port, "/ws?room={room}", "/sse?room={room}", [proc.pid])
+
+
+class Floor(Server):
+    """``ops.bench.floor --serve fanout``: the fan-out with nothing around it, in Python and uvloop."""
+
+    name = "floor"
+
+    def start(self) -> Target:
+        port = free_port()
+        log = "floor.log"
+        proc = self._spawn([sys.executable, "-m", "ops.bench.floor", "--serve", "fanout", "--port", str(port)], log)
         try:
             wait_until(lambda: port_open(port), 20, "listen", proc)
         except BenchError as exc:

@@ -707,7 +707,7 @@ def test_issue20_scenarios_and_their_commands() -> None:
         scenario, cfg = loadtest_config(name, HERALD)
         assert (cfg.transport, cfg.conns, cfg.rooms, cfg.measure_up_to) == (transport, 1000, 10, 500)
         assert cfg.jwt_secret and cfg.publish_url and 200.0 in cfg.rates and 500.0 in cfg.rates
-        assert scenario.herald_env and scenario.servers == ("herald", "nchan")
+        assert scenario.herald_env and scenario.servers == ("herald", "nchan", "floor")
     for quick, conns, rate in ((False, 5000, 5000), (True, 1000, 2000)):
         for name in ("connect-storm-ws", "connect-storm-sse"):
             scenario, cfg = loadtest_config(name, HERALD, quick)
@@ -729,6 +729,15 @@ def test_issue20_selection_groups() -> None:
     assert by_name["publish-api"].rates == (500, 2000)  # --rates steps fan-outs, not the publish API's fixed rates
     assert by_name["fanout-ws-http"].rates == (50,) and by_name["connect-storm-sse"].procs == 2
     assert any("publish-api-batch" in n for n in notes)
+
+
+def test_the_fanout_floor_runs_only_when_named() -> None:
+    _, servers, _ = select(bench_parser().parse_args(["--peers", "--only", "fanout-ws-http"]))
+    assert servers == {"herald", "naive", "nchan"}  # the fan-out floor is asked for by name
+    _, servers, _ = select(bench_parser().parse_args(["--only", "fanout-ws-http", "--servers", "herald,floor"]))
+    assert servers == {"herald", "floor"}
+    with pytest.raises(SystemExit, match="unknown server"):
+        select(bench_parser().parse_args(["--servers", "herald,flor"]))
 
 
 def canned_outcomes() -> list[dict[str, Any]]:
@@ -795,6 +804,7 @@ def canned_outcomes() -> list[dict[str, Any]]:
         {"scenario": "publish-api-batch", "server": "herald", "result": publish({2000: 20.0, 10000: 15.0}, 9.0, 100)},
         {"scenario": "fanout-ws-http", "server": "herald", "result": fanout(12.0, 30.0)},
         {"scenario": "fanout-ws-http", "server": "nchan", "result": fanout(4.0, 10.0)},
+        {"scenario": "fanout-ws-http", "server": "floor", "result": fanout(3.0, 10.0)},
         {"scenario": "connect-storm-ws", "server": "herald", "result": storm(1000.0, 400.0, 800.0, 20.0, [99.0, 80.0])},
         {"scenario": "connect-storm-ws", "server": "nchan", "result": storm(4950.0, 2.0, 50.0, 90.0, [60.0, 99.0])},
     ]
@@ -814,6 +824,7 @@ def test_report_issue20_figures_and_ratios() -> None:
     assert ratios["publish-api"]["nchan"]["us_per_publish_with_fanout@500"] == 3.0
     http = ratios["fanout-ws-http"]["nchan"]
     assert http["us_per_delivery@200"] == http["us_per_delivery@500"] == 3.0 and http["p99@500"] == 3.0
+    assert ratios["fanout-ws-http"]["floor"]["us_per_delivery@500"] == 4.0  # Herald above the fan-out floor
     assert ratios["connect-storm-ws"]["nchan"] == {
         "admitted_per_s": round(1000 / 4950, 3),
         "handshake_p99": 200.0,
@@ -831,4 +842,5 @@ def test_report_issue20_figures_and_ratios() -> None:
     assert "| 800 " in storms and "| 200 " in storms and "µs/close" in storms  # per connect, per close
     throughput = text.split("## Throughput and cost")[1].split("## HTTP publish API")[0]
     assert "| fanout-ws-http | herald | 12.0 " in throughput and "publish-api" not in throughput.split("|---")[1]
+    assert "| fanout-ws-http | floor  | 3.0 " in throughput
     assert re.search(r"\| connect-storm-ws \| us_per_connect +\| Herald ÷ nchan \| 16\.00", text)
