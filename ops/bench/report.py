@@ -50,6 +50,7 @@ def _step_row(step: Doc) -> Doc:
         "max_ms": _get(step, "latency_ms", "max"),
         "server_cpu_pct": _get(step, "server", "cpu_pct"),
         "us_per_delivery": us,
+        "kernel_us_per_delivery": _get(step, "server", "kernel_us_per_delivery"),
         "us_per_delivery_with_aux": us_with_aux,
         "server_rss_mb": _get(step, "server", "rss_mb"),
         "server_rss_peak_mb": _get(step, "server", "rss_peak_mb"),
@@ -107,6 +108,7 @@ def rate_figures(result: Doc) -> Doc:
         if match is not None:
             at[str(rate)] = {
                 "us_per_delivery": match["us_per_delivery"],
+                "kernel_us_per_delivery": match["kernel_us_per_delivery"],
                 "us_per_delivery_with_aux": match["us_per_delivery_with_aux"],
                 "p50_ms": match["p50_ms"],
                 "p99_ms": match["p99_ms"],
@@ -314,6 +316,7 @@ def _rate_rows(figures: dict[str, dict[str, Doc]]) -> list[list[str]]:
                     server,
                     _at(fig, 200),
                     _at(fig, 500),
+                    _at(fig, 500, "kernel_us_per_delivery"),
                     _at(fig, 200, "us_per_delivery_with_aux"),
                     _at(fig, 500, "p99_ms"),
                     _fmt(fig.get("saturation_rate"), 0),
@@ -346,7 +349,9 @@ def markdown(summary: Doc) -> str:
             "## Throughput and cost",
             "",
             "µs/deliv = µs of server CPU (from /proc) per delivered message at that publish rate "
-            "(`*` = that step was not sustained); `+nats` adds nats-server's CPU (Herald only); "
+            "(`*` = that step was not sustained); kernel = the part of it spent in the kernel (stime: "
+            "the sockets' system calls and the network stack's work on their way); "
+            "`+nats` adds nats-server's CPU (Herald only); "
             "p99 = publish → receive latency. `-http`: Herald publishes through POST /api/publish "
             "as nchan does through /pub (the others: Herald through NATS). "
             "sat = highest sustained publish rate (msgs/s); deliv/s = deliveries/s there. "
@@ -359,6 +364,7 @@ def markdown(summary: Doc) -> str:
                     "server",
                     "µs/deliv @200",
                     "µs/deliv @500",
+                    "kernel @500",
                     "+nats @200",
                     "p99 ms @500",
                     "sat msgs/s",

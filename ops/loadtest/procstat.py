@@ -12,8 +12,8 @@ import resource
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of ``pid`` in seconds, or None if it is gone."""
+def cpu_times(pid: int) -> tuple[float, float] | None:
+    """utime and stime of ``pid`` in seconds (user space, kernel), or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -21,7 +21,13 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     # The command name may contain spaces and ')': fields start after the last ')'.
     fields = stat[stat.rfind(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` in seconds, or None if it is gone."""
+    times = cpu_times(pid)
+    return None if times is None else times[0] + times[1]
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -56,6 +62,11 @@ class ProcGroup:
 
     def cpu(self) -> float:
         return sum(c for c in map(cpu_seconds, self.pids) if c is not None)
+
+    def kernel(self) -> float:
+        """The kernel's share of ``cpu()`` (stime): system calls and, on their
+        way, the network stack's work for the sockets."""
+        return sum(t[1] for t in map(cpu_times, self.pids) if t is not None)
 
     def rss(self) -> int:
         return sum(r for r in map(rss_bytes, self.pids) if r is not None)

@@ -251,12 +251,14 @@ class Run:
         if http:
             http.latency.take()
         cpu0, aux0, gen0, t0 = self.server.cpu(), self.aux.cpu(), self_cpu(), loop.time()
+        kernel0 = self.server.kernel()
 
         started = await pub.run(rate, seconds)
         cpu_p, aux_p, gen_p, t_pub = self.server.cpu(), self.aux.cpu(), self_cpu(), loop.time()
         abandoned = await pub.drain(cfg.settle)
         await asyncio.sleep(max(0.0, t_pub + cfg.settle - loop.time()))
         cpu1, aux1, t1 = self.server.cpu(), self.aux.cpu(), loop.time()
+        kernel = self.server.kernel() - kernel0
 
         diff = self._tally() - before
         hist = self.hist.take()
@@ -308,6 +310,9 @@ class Run:
                 "cpu_s": round(server_cpu, 3),
                 "cpu_pct": round(100 * (cpu_p - cpu0) / publish_window, 1) if self.server else None,
                 "us_per_delivery": round(server_cpu / diff.received * 1e6, 2)
+                if self.server and diff.received
+                else None,
+                "kernel_us_per_delivery": round(kernel / diff.received * 1e6, 2)
                 if self.server and diff.received
                 else None,
                 "rss_mb": round(rss_end / MB, 1) if rss_end is not None else None,

@@ -22,7 +22,7 @@ from ops.bench.run import _parser as bench_parser
 from ops.bench.run import select
 from ops.bench.scenarios import SCENARIO_NAMES, loadtest_command, standard
 from ops.bench.servers import Target, raw_target
-from ops.loadtest import payload, storm, wsproto
+from ops.loadtest import payload, procstat, storm, wsproto
 from ops.loadtest import report as loadtest_report
 from ops.loadtest.cli import config
 from ops.loadtest.clients import ConnectError, SseClient, WsClient
@@ -731,6 +731,17 @@ def test_issue20_selection_groups() -> None:
     assert any("publish-api-batch" in n for n in notes)
 
 
+def test_a_process_cpu_is_split_into_user_space_and_kernel() -> None:
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass  # some CPU of our own to see
+    user, kernel = procstat.cpu_times(os.getpid()) or (0.0, 0.0)
+    assert user > 0 and kernel >= 0 and procstat.cpu_seconds(os.getpid()) == pytest.approx(user + kernel)
+    group = procstat.ProcGroup([os.getpid()])
+    assert 0 <= group.kernel() <= group.cpu()
+    assert procstat.cpu_times(2**22 + 1) is None  # beyond pid_max: gone
+
+
 def test_the_fanout_floor_runs_only_when_named() -> None:
     _, servers, _ = select(bench_parser().parse_args(["--peers", "--only", "fanout-ws-http"]))
     assert servers == {"herald", "naive", "nchan"}  # the fan-out floor is asked for by name
@@ -765,7 +776,7 @@ def canned_outcomes() -> list[dict[str, Any]]:
                 "delivered": rate * 1000,
                 "delivered_per_s": rate * 100,
                 "latency_ms": {"p50": 1.0, "p99": p99 * rate / 500, "max": 50.0},
-                "server": {"us_per_delivery": us, "us_per_publish": us * 100},
+                "server": {"us_per_delivery": us, "kernel_us_per_delivery": us * 0.75, "us_per_publish": us * 100},
                 "publish": {"latency_ms": {"p50": 0.5, "p99": 2.0}},
                 "verdict": "ok",
             }
@@ -843,4 +854,6 @@ def test_report_issue20_figures_and_ratios() -> None:
     throughput = text.split("## Throughput and cost")[1].split("## HTTP publish API")[0]
     assert "| fanout-ws-http | herald | 12.0 " in throughput and "publish-api" not in throughput.split("|---")[1]
     assert "| fanout-ws-http | floor  | 3.0 " in throughput
+    assert "| fanout-ws-http | herald | 12.0          | 12.0          | 9.0  " in throughput  # of it, the kernel's
+    assert fig["fanout-ws-http"]["herald"]["at"]["500"]["kernel_us_per_delivery"] == 9.0
     assert re.search(r"\| connect-storm-ws \| us_per_connect +\| Herald ÷ nchan \| 16\.00", text)
