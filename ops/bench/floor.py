@@ -44,6 +44,7 @@ import uvloop
 from nats.js.api import StorageType, StreamConfig
 
 from broker.embedded import NatsServer, free_port, wait_for_port
+from gateway.frames import ws_frame
 from ops.loadtest.publisher import HttpPublisher
 from ops.loadtest.wsproto import accept_value
 
@@ -251,7 +252,7 @@ class FanoutFloor(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        if self._buffer is None:  # a stream: a client's close frame (or anything) ends it
+        if self._buffer is None:  # a stream: the load tool's clients send nothing but a close
             transport.close()
             return
         self._buffer += data
@@ -279,7 +280,7 @@ class FanoutFloor(asyncio.Protocol):
             return
 
     def _publish(self, room: bytes, body: bytes) -> None:
-        ws = (bytes((0x81, len(body))) if len(body) < 126 else b"\x81\x7e" + len(body).to_bytes(2, "big")) + body
+        ws = ws_frame(body)
         event = b"data: %s\n\n" % body
         sse = b"%x\r\n%s\r\n" % (len(event), event)
         for transport, is_sse in self.rooms[room].items():

@@ -212,36 +212,40 @@ class Herald(Server):
             self._nats = None
 
 
-class Naive(Server):
+class RawServer(Server):
+    """A Python server of the bench's own that speaks the raw target's URLs
+    (``/ws?room=…``, ``/sse?room=…``, ``POST /pub/<room>``)."""
+
+    def command(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> Target:
+        port = free_port()
+        log = f"{self.name}.log"
+        proc = self._spawn(self.command(port), log)
+        try:
+            wait_until(lambda: port_open(port), 20, "listen", proc)
+        except BenchError as exc:
+            raise self._fail(exc, log) from None
+        return raw_target(self.name, port, "/ws?room={room}", "/sse?room={room}", [proc.pid])
+
+
+class Naive(RawServer):
     """ops/bench/naive_server.py: the ~40-line await-every-send baseline."""
 
     name = "naive"
 
-    def start(self) -> Target:
-        port = free_port()
-        log = "naive.log"
-        proc = self._spawn([sys.executable, str(NAIVE_SERVER), "--port", str(port)], log)
-        try:
-            wait_until(lambda: port_open(port), 20, "listen", proc)
-        except BenchError as exc:
-            raise self._fail(exc, log) from None
-        return raw_target(self.name, port, "/ws?room={room}", "/sse?room={room}", [proc.pid])
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, str(NAIVE_SERVER), "--port", str(port)]
 
 
-class Floor(Server):
+class Floor(RawServer):
     """``ops.bench.floor --serve fanout``: the fan-out with nothing around it, in Python and uvloop."""
 
     name = "floor"
 
-    def start(self) -> Target:
-        port = free_port()
-        log = "floor.log"
-        proc = self._spawn([sys.executable, "-m", "ops.bench.floor", "--serve", "fanout", "--port", str(port)], log)
-        try:
-            wait_until(lambda: port_open(port), 20, "listen", proc)
-        except BenchError as exc:
-            raise self._fail(exc, log) from None
-        return raw_target(self.name, port, "/ws?room={room}", "/sse?room={room}", [proc.pid])
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "ops.bench.floor", "--serve", "fanout", "--port", str(port)]
 
 
 def nginx_binary() -> str | None:
