@@ -63,10 +63,12 @@ class ProcGroup:
     def cpu(self) -> float:
         return sum(c for c in map(cpu_seconds, self.pids) if c is not None)
 
-    def kernel(self) -> float:
-        """The kernel's share of ``cpu()`` (stime): system calls and, on their
-        way, the network stack's work for the sockets."""
-        return sum(t[1] for t in map(cpu_times, self.pids) if t is not None)
+    def cpu_and_kernel(self) -> tuple[float, float]:
+        """``cpu()`` and, from the same reading, the kernel's share of it
+        (stime): system calls and, on their way, the network stack's work
+        for the sockets."""
+        times = [t for t in map(cpu_times, self.pids) if t is not None]
+        return sum(u + k for u, k in times), sum(k for _, k in times)
 
     def rss(self) -> int:
         return sum(r for r in map(rss_bytes, self.pids) if r is not None)

@@ -250,15 +250,14 @@ class Run:
         requests_before = http.requests if http else 0
         if http:
             http.latency.take()
-        cpu0, aux0, gen0, t0 = self.server.cpu(), self.aux.cpu(), self_cpu(), loop.time()
-        kernel0 = self.server.kernel()
+        (cpu0, kernel0), aux0, gen0, t0 = self.server.cpu_and_kernel(), self.aux.cpu(), self_cpu(), loop.time()
 
         started = await pub.run(rate, seconds)
         cpu_p, aux_p, gen_p, t_pub = self.server.cpu(), self.aux.cpu(), self_cpu(), loop.time()
         abandoned = await pub.drain(cfg.settle)
         await asyncio.sleep(max(0.0, t_pub + cfg.settle - loop.time()))
-        cpu1, aux1, t1 = self.server.cpu(), self.aux.cpu(), loop.time()
-        kernel = self.server.kernel() - kernel0
+        (cpu1, kernel1), aux1, t1 = self.server.cpu_and_kernel(), self.aux.cpu(), loop.time()
+        kernel = kernel1 - kernel0
 
         diff = self._tally() - before
         hist = self.hist.take()
