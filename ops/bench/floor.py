@@ -57,6 +57,22 @@ WELCOME = b'{"type":"welcome","conn":"c","user":"u","node":"floor","channels":[]
 STREAM, COUNTS = "FLOOR", "KV_FLOOR"  # messages; one value per key, as a KV bucket
 MODES = {"publish": ("http", "publish"), "connect": ("handshake", "connect")}
 SERVED = ("fanout",)  # modes only the bench runs (``--servers floor``)
+WS_HEAD = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+)
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def header(head: bytes, name: bytes) -> bytes:
+    """The value of header ``name`` (lower case, with its colon) in a request
+    head, b"" if it has none: the one header each floor needs, nothing checked."""
+    for line in head.split(b"\r\n")[1:]:
+        if line[: len(name)].lower() == name:
+            return line[len(name) :].strip()
+    return b""
 
 
 class NatsLine(asyncio.Protocol):
@@ -139,10 +155,7 @@ class HttpFloor(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         while (end := self._buffer.find(b"\r\n\r\n")) >= 0:
-            length = 0
-            for line in self._buffer[:end].split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
+            length = int(header(self._buffer[:end], b"content-length:") or 0)
             if len(self._buffer) < end + 4 + length:
                 return
             body, self._buffer = self._buffer[end + 4 : end + 4 + length], self._buffer[end + 4 + length :]
@@ -179,16 +192,9 @@ class WsFloor(asyncio.Protocol):
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             return
-        key = b""
-        for line in self._buffer[:end].split(b"\r\n"):
-            if line[:18].lower() == b"sec-websocket-key:":
-                key = line[18:].strip()
+        key = header(self._buffer[:end], b"sec-websocket-key:")
         self._buffer = None
-        accept = accept_value(key.decode("latin-1")).encode()
-        self._answer = (
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: %s\r\n\r\n%s%s" % (accept, bytes((0x81, len(WELCOME))), WELCOME)
-        )
+        self._answer = WS_HEAD % accept_value(key.decode("latin-1")).encode() + ws_frame(WELCOME)
         nats_line = self.nats
         if nats_line is None:
             self._write_answer()
@@ -220,15 +226,6 @@ class WsFloor(asyncio.Protocol):
             self._transport.write(self._answer)
 
 
-WS_HEAD = (
-    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
-)
-SSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-    b"Transfer-Encoding: chunked\r\n\r\n"
-)
-
-
 class FanoutFloor(asyncio.Protocol):
     """``GET /ws?room=R`` (a WebSocket) and ``GET /sse?room=R`` (an event
     stream, chunked as Herald's) join room R; ``POST /pub/R`` writes its body
@@ -257,15 +254,9 @@ class FanoutFloor(asyncio.Protocol):
             return
         self._buffer += data
         while (end := self._buffer.find(b"\r\n\r\n")) >= 0:
-            lines = self._buffer[:end].split(b"\r\n")
-            target = lines[0].split(b" ")[1]
-            length, key = 0, b""
-            for line in lines[1:]:
-                name = line[:18].lower()
-                if name.startswith(b"content-length:"):
-                    length = int(line[15:])
-                elif name == b"sec-websocket-key:":
-                    key = line[18:].strip()
+            head = self._buffer[:end]
+            target = head.split(b" ", 2)[1]
+            length = int(header(head, b"content-length:") or 0)
             if len(self._buffer) < end + 4 + length:
                 return
             body, self._buffer = self._buffer[end + 4 : end + 4 + length], self._buffer[end + 4 + length :]
@@ -275,7 +266,11 @@ class FanoutFloor(asyncio.Protocol):
                 continue
             self._buffer, self._room = None, target.partition(b"room=")[2].partition(b"&")[0]
             sse = target.startswith(b"/sse")
-            transport.write(SSE_HEAD if sse else WS_HEAD % accept_value(key.decode("latin-1")).encode())
+            if sse:
+                transport.write(SSE_HEAD)
+            else:
+                key = header(head, b"sec-websocket-key:").decode("latin-1")
+                transport.write(WS_HEAD % accept_value(key).encode())
             self.rooms[self._room][transport] = sse
             return
 
