@@ -32,9 +32,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ops.loadtest.procstat import live_cpu_seconds
 from ops.loadtest.publisher import HttpPublisher
 
-from .history import cpu_seconds
 from .procs import Processes, install_signal_handlers, pinned
 from .servers import JWT_SECRET, PUBLISH_KEY, ROOT, Herald, Target
 
@@ -79,10 +79,10 @@ async def publish_rounds(
         await asyncio.gather(*(p.run(min(rate, 200), 2) for p in publishers))  # warm up
         figures: list[list[float]] = []
         for _ in range(rounds):
-            before = [cpu_seconds(t.server_pids[0]) for t in targets]
+            before = [live_cpu_seconds(t.server_pids[0]) for t in targets]
             sent = await asyncio.gather(*(p.run(rate, seconds) for p in publishers))
             await asyncio.gather(*(p.drain(5) for p in publishers))
-            after = [cpu_seconds(t.server_pids[0]) for t in targets]
+            after = [live_cpu_seconds(t.server_pids[0]) for t in targets]
             figures.append([1e6 * (a - b) / max(n, 1) for a, b, n in zip(after, before, sent, strict=True)])
             print("publish: " + "  ".join(f"{f:.0f}" for f in figures[-1]) + " µs", flush=True)
         for publisher in publishers:

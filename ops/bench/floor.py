@@ -45,10 +45,10 @@ from nats.js.api import StorageType, StreamConfig
 
 from broker.embedded import NatsServer, free_port, wait_for_port
 from gateway.frames import ws_frame
+from ops.loadtest.procstat import live_cpu_seconds
 from ops.loadtest.publisher import HttpPublisher
 from ops.loadtest.wsproto import accept_value
 
-from .history import cpu_seconds
 from .procs import CoreSampler, Processes, pinned
 
 SERVER_CORES, OTHER_CORES = "0", "1"
@@ -312,10 +312,10 @@ async def publish_cost(port: int, pid: int, rate: float, seconds: float) -> dict
     await publisher.start()
     await publisher.run(200, 1.0)  # warm-up
     await publisher.drain(5)
-    before = cpu_seconds(pid)
+    before = live_cpu_seconds(pid)
     sent = await publisher.run(rate, seconds)
     await publisher.drain(5)
-    cost = cpu_seconds(pid) - before
+    cost = live_cpu_seconds(pid) - before
     await publisher.close()
     return {"rate": rate, "sent": sent, "errors": dict(publisher.errors), "us_per_publish": round(1e6 * cost / sent, 1)}
 

@@ -15,24 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
 import time
-from pathlib import Path
 
 import aiohttp
 
 from gateway.auth import mint_token
+from ops.loadtest.procstat import live_cpu_seconds
 
 from .servers import JWT_SECRET, PUBLISH_KEY, against_one_node
 
 ROOMS = 10
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def fill(http: aiohttp.ClientSession, base: str, messages: int) -> None:
@@ -61,7 +55,7 @@ async def measure(base: str, pid: int, messages: int, requests: int, limit: int)
                 page = await ws.receive_json()
                 newest[name] = page["messages"][0]["id"]
             latencies = []
-            cpu0 = cpu_seconds(pid)
+            cpu0 = live_cpu_seconds(pid)
             for i in range(requests):
                 room = f"r{i % ROOMS}"
                 cmd: dict[str, object] = {"type": "history", "room": room, "limit": limit, "ref": i}
@@ -72,7 +66,7 @@ async def measure(base: str, pid: int, messages: int, requests: int, limit: int)
                 answer = await ws.receive_json()
                 latencies.append(time.perf_counter() - started)
                 assert answer["type"] == "history", answer
-            cpu = cpu_seconds(pid) - cpu0
+            cpu = live_cpu_seconds(pid) - cpu0
     latencies.sort()
     return {
         "requests": requests,

@@ -17,7 +17,8 @@ import time
 
 import aiohttp
 
-from .history import cpu_seconds
+from ops.loadtest.procstat import live_cpu_seconds
+
 from .servers import PUBLISH_KEY, against_one_node
 
 HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
@@ -43,9 +44,9 @@ async def run(base: str, pid: int, messages: int, batch: int, concurrency: int) 
                 for body in queue:
                     await post(body)
 
-            cpu0, wall0 = cpu_seconds(pid), time.perf_counter()
+            cpu0, wall0 = live_cpu_seconds(pid), time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
-            return cpu_seconds(pid) - cpu0, time.perf_counter() - wall0
+            return live_cpu_seconds(pid) - cpu0, time.perf_counter() - wall0
 
         await drive([item(i) for i in range(200)])  # warm up
         single_cpu, single_wall = await drive([item(i) for i in range(messages)])

@@ -30,6 +30,15 @@ def cpu_seconds(pid: int) -> float | None:
     return None if times is None else times[0] + times[1]
 
 
+def live_cpu_seconds(pid: int) -> float:
+    """``cpu_seconds`` of a process that must still be there (a node under
+    measurement): ProcessLookupError if it is gone."""
+    seconds = cpu_seconds(pid)
+    if seconds is None:
+        raise ProcessLookupError(f"process {pid} is gone")
+    return seconds
+
+
 def rss_bytes(pid: int) -> int | None:
     """VmRSS of ``pid``, or None if it is gone."""
     try:

@@ -740,6 +740,9 @@ def test_a_process_cpu_is_split_into_user_space_and_kernel() -> None:
     total, kernel = procstat.ProcGroup([os.getpid()]).cpu_and_kernel()
     assert 0 <= kernel <= total and total >= user
     assert procstat.cpu_times(2**22 + 1) is None  # beyond pid_max: gone
+    assert procstat.live_cpu_seconds(os.getpid()) >= user
+    with pytest.raises(ProcessLookupError):
+        procstat.live_cpu_seconds(2**22 + 1)  # a node under measurement that is gone is an error
 
 
 def test_the_fanout_floor_runs_only_when_named() -> None:
