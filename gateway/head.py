@@ -36,19 +36,36 @@ class Head(Protocol):
 
 
 class FrontHead:
-    """A request head read by the front door, answered without aiohttp."""
+    """A request head read by the front door, answered without aiohttp.
+    Its URL and peer are made when first read: a publish reads neither (a
+    yarl URL and a getpeername() less per request)."""
 
-    __slots__ = ("headers", "method", "rel_url", "remote", "transport")
+    __slots__ = ("_peer_read", "_rel_url", "_remote", "_target", "headers", "method", "transport")
 
     def __init__(self, method: str, target: str, headers: CIMultiDict[str], transport: asyncio.Transport) -> None:
         self.method = method
-        path, _, query = target.partition("?")
-        # As aiohttp makes it: the query parsed the same way, to the same values.
-        self.rel_url = URL.build(path=path, query_string=query, encoded=True)
         self.headers = CIMultiDictProxy(headers)
         self.transport: asyncio.Transport | None = transport
-        peer = transport.get_extra_info("peername")
-        self.remote = str(peer[0]) if isinstance(peer, (list, tuple)) and peer else None
+        self._target = target
+        self._rel_url: URL | None = None
+        self._remote: str | None = None
+        self._peer_read = False
+
+    @property
+    def rel_url(self) -> URL:
+        if self._rel_url is None:
+            path, _, query = self._target.partition("?")
+            # As aiohttp makes it: the query parsed the same way, to the same values.
+            self._rel_url = URL.build(path=path, query_string=query, encoded=True)
+        return self._rel_url
+
+    @property
+    def remote(self) -> str | None:
+        if not self._peer_read:
+            self._peer_read = True
+            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+            self._remote = str(peer[0]) if isinstance(peer, (list, tuple)) and peer else None
+        return self._remote
 
     @property
     def query(self) -> MultiMapping[str]:
