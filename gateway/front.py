@@ -130,7 +130,7 @@ class FrontDoor:
 class FrontConnection(asyncio.Protocol):
     """One connection while the front door serves it."""
 
-    __slots__ = ("_buffer", "_busy", "_door", "_gone", "_handler", "_timer", "_transport")
+    __slots__ = ("_buffer", "_busy", "_deadline", "_door", "_gone", "_handler", "_loop", "_timer", "_transport")
 
     def __init__(self, door: FrontDoor, handler: Callable[[], asyncio.Protocol]) -> None:
         self._door = door
@@ -139,6 +139,8 @@ class FrontConnection(asyncio.Protocol):
         self._busy = False  # a request is being answered
         self._gone = False
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # loop time by which a whole request must be in (0: none is awaited)
+        self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -155,7 +157,7 @@ class FrontConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._gone = True
-        self._disarm()
+        self._stop_timer()
         self._door.connections.discard(self)
 
     def close_idle(self) -> None:
@@ -209,7 +211,7 @@ class FrontConnection(asyncio.Protocol):
 
     def _release(self) -> None:
         """The connection is no longer the front door's."""
-        self._disarm()
+        self._stop_timer()
         self._door.connections.discard(self)
         self._transport = None
 
@@ -228,10 +230,18 @@ class FrontConnection(asyncio.Protocol):
         self._buffer = bytearray()
 
     def _arm(self) -> None:
-        self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(self._door.timeout, self._expire)
+        """A whole request must be in within the timeout. One timer per
+        connection, moved on when it fires: none is made and cancelled per
+        request of a keep-alive connection."""
+        self._deadline = self._loop.time() + self._door.timeout
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._expire)
 
     def _disarm(self) -> None:
+        self._deadline = 0.0  # a request is being answered: the timer finds nothing to expire
+
+    def _stop_timer(self) -> None:
+        self._deadline = 0.0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -240,7 +250,10 @@ class FrontConnection(asyncio.Protocol):
         """No complete request within the timeout: a slow or idle client."""
         self._timer = None
         transport = self._transport
-        if transport is None or self._busy:
+        if transport is None or self._busy or not self._deadline:
+            return
+        if self._loop.time() < self._deadline:  # answered a request since this timer was set
+            self._timer = self._loop.call_at(self._deadline, self._expire)
             return
         if self._buffer:
             hard_abort(transport)  # half a request: nothing to say to it

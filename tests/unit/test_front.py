@@ -158,6 +158,29 @@ async def test_an_idle_or_slow_connection_is_closed_after_the_timeout(served: Se
         await asyncio.wait_for(reader.read(), 5)
 
 
+async def test_the_idle_timeout_counts_from_the_last_answer(served: Served) -> None:
+    """The timeout is 0.5 s: a request at 0.35 s keeps the connection open past
+    0.5 s, until 0.5 s after its answer; one answered slowly is not cut meanwhile."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await served.open()
+    writer.write(post(b"first"))
+    await response(reader)
+    await asyncio.sleep(0.35)
+    writer.write(post(b"second"))
+    await response(reader)
+    answered = loop.time()
+    gate = served.echo.gate = asyncio.Event()
+    await asyncio.sleep(0.3)  # past the first deadline
+    writer.write(post(b"slow"))
+    await asyncio.sleep(0.7)  # answered after more than the timeout
+    gate.set()
+    assert (await response(reader))[2].startswith(b'{"front":true,"body":"slow"')
+    slow_answered = loop.time()
+    assert slow_answered - answered > 0.9
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert loop.time() - slow_answered >= 0.45  # idle from the slow answer on, not from before it
+
+
 async def test_shutdown_answers_the_request_in_flight_then_closes(served: Served) -> None:
     gate = served.echo.gate = asyncio.Event()
     busy_reader, busy_writer = await served.open()
