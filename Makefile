@@ -81,6 +81,7 @@ bench-floor: $(STAMP)
 	$(BIN)/python -m ops.bench.floor $(BENCH_ARGS)
 
 # Two versions served side by side, so that this VM's drift hits both alike: make bench-ab AB='main HEAD'
+# (AB='nchan HEAD': nginx + nchan beside a version, for the ratio to nchan)
 bench-ab: $(STAMP)
 	$(BIN)/python -m ops.bench.ab $(AB) $(BENCH_ARGS)
 

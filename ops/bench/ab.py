@@ -1,15 +1,17 @@
 """Two versions of Herald measured side by side (``make bench-ab``).
 
-    python -m ops.bench.ab A B [--only publish,storm,fanout] [--rounds 5]
+    python -m ops.bench.ab A B [--only publish,storm,fanout] [--rounds 5] [--transport ws|sse]
 
 A and B are git revisions (checked out into temporary worktrees) or
-directories holding a checkout. Both nodes run at the same time, pinned to
-core 0, each with its own nats-server on core 1, and get the same load at
-the same moment: HTTP publishes at ``--rate`` (node CPU per publish),
+directories holding a checkout, or ``nchan``: nginx + nchan set beside a
+Herald (``make bench-ab AB='nchan HEAD'``), which gives the ratio to nchan
+with both under the same drift. Both servers run at the same time, pinned to
+core 0, each Herald with its own nats-server on core 1, and get the same load at
+the same moment: HTTP publishes at ``--rate`` (server CPU per publish),
 connect storms of ``--storm-conns`` at ``--storm-rate`` each (node CPU per
 connect, and per connection over the closes after), and a fan-out to 1,000
-WebSocket receivers published to over HTTP at each of ``--fanout-rates``
-(node CPU per delivery). This VM's speed
+WebSocket (``--transport sse``: SSE) receivers published to over HTTP at
+each of ``--fanout-rates`` (server CPU per delivery). This VM's speed
 drifts by ±20 % between runs a minute apart, which hides any change smaller
 than that when runs are compared one after another; side by side, both
 nodes see the same drift, and each round's B ÷ A is steady to ~2 %
@@ -36,16 +38,23 @@ from ops.loadtest.procstat import live_cpu_seconds
 from ops.loadtest.publisher import HttpPublisher
 
 from .procs import Processes, install_signal_handlers, pinned
-from .servers import JWT_SECRET, PUBLISH_KEY, ROOT, Herald, Target
+from .servers import ROOT, Herald, Nchan, Target
+
+# What A or B may name instead of a version of Herald.
+PEER = "nchan"
 
 
 @contextmanager
-def checkouts(versions: list[str]) -> Iterator[list[Path]]:
-    """A directory per version: itself if it is one, else a worktree of the revision."""
+def checkouts(versions: list[str]) -> Iterator[list[Path | None]]:
+    """A directory per version: itself if it is one, else a worktree of the
+    revision; None for the peer."""
     made: list[Path] = []
-    trees: list[Path] = []
+    trees: list[Path | None] = []
     try:
         for version in versions:
+            if version == PEER:
+                trees.append(None)
+                continue
             if Path(version, "gateway").is_dir():
                 trees.append(Path(version).resolve())
                 continue
@@ -60,19 +69,23 @@ def checkouts(versions: list[str]) -> Iterator[list[Path]]:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
 
 
-def base_url(target: Target) -> str:
-    return "http://" + target.ws_url.split("//", 1)[1].split("/", 1)[0]
+def http_publisher(target: Target) -> HttpPublisher:
+    """A publisher to ``target`` over 10 rooms, as its ``http_publish_args``
+    tell the load tool (pairs of a flag and its value)."""
+    pairs = list(zip(target.http_publish_args[::2], target.http_publish_args[1::2], strict=True))
+    flags = dict(pairs)
+    headers = dict(value.split(": ", 1) for flag, value in pairs if flag == "--publish-header")
+    herald_body = flags.get("--publish-body") == "herald"
+    return HttpPublisher([f"r{k}" for k in range(10)], 100, flags["--publish-url"], headers, herald_body)
 
 
 async def publish_rounds(
     targets: list[Target], rate: float, seconds: float, rounds: int, problems: list[str]
 ) -> list[list[float]]:
-    """Each round: every node published to at ``rate`` at once; µs of node CPU per publish."""
+    """Each round: every server published to at ``rate`` at once; µs of its CPU per publish."""
     publishers = []
     for target in targets:
-        url = base_url(target) + "/api/publish"
-        headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
-        publisher = HttpPublisher([f"r{k}" for k in range(10)], 100, url, headers, herald_body=True)
+        publisher = http_publisher(target)
         await publisher.start()
         publishers.append(publisher)
     try:
@@ -95,15 +108,17 @@ async def publish_rounds(
 
 
 def loadtests(
-    targets: list[Target], logs: Path, name: str, args: Callable[[Target], list[str]]
+    targets: list[Target], logs: Path, name: str, args: Callable[[Target], list[str]], transport: str = "ws"
 ) -> list[dict[str, Any]]:
-    """One load tool per node at once (on core 1), with ``args(node)`` and
-    the node's pid; their JSON results, in the nodes' order."""
+    """One load tool per server at once (on core 1), with ``args(server)`` and
+    the server's pid; their JSON results, in the servers' order."""
     procs = []
     for index, target in enumerate(targets):
         out = logs / f"{name}-{index}.json"
-        cmd = [sys.executable, "-m", "ops.loadtest", "--transport", "ws", "--url", target.ws_url]
-        cmd += ["--jwt-secret", JWT_SECRET, *args(target), "--server-pid", str(target.server_pids[0])]
+        url = target.ws_url if transport == "ws" else target.sse_url
+        cmd = [sys.executable, "-m", "ops.loadtest", "--transport", transport, "--url", url]
+        cmd += ["--envelope", target.envelope, *(["--jwt-secret", target.jwt_secret] if target.jwt_secret else [])]
+        cmd += [*args(target), "--server-pid", str(target.server_pids[0])]
         with (logs / f"{name}-{index}.log").open("wb") as log:
             proc = subprocess.Popen(pinned("1", [*cmd, "--json", str(out)]), stdout=log, stderr=log, cwd=ROOT)
         procs.append((proc, out))
@@ -140,18 +155,25 @@ def storm_rounds(
 
 
 def fanout_rounds(
-    targets: list[Target], rates: list[float], seconds: float, rounds: int, logs: Path, problems: list[str]
+    targets: list[Target],
+    rates: list[float],
+    seconds: float,
+    rounds: int,
+    logs: Path,
+    problems: list[str],
+    transport: str = "ws",
 ) -> dict[float, list[list[float]]]:
-    """Each round: 1,000 WebSocket receivers over 10 rooms on every node at
-    once, published to over HTTP at each of ``rates``; µs of node CPU per
-    delivery, by rate."""
+    """Each round: 1,000 receivers (``transport``) over 10 rooms on every
+    server at once, published to over HTTP at each of ``rates``; µs of its
+    CPU per delivery, by rate."""
     steps = ["--conns", "1000", "--rooms", "10", "--connect-rate", "1000", "--payload-bytes", "100"]
     steps += ["--rates", ",".join(f"{r:g}" for r in rates), "--step-seconds", f"{seconds:g}"]
     steps += ["--warmup", "2", "--settle", "1"]
     figures: dict[float, list[list[float]]] = {rate: [] for rate in rates}
     for round_ in range(rounds):
         rows: dict[float, list[float]] = {rate: [] for rate in rates}
-        for result in loadtests(targets, logs, f"fanout-{round_}", lambda t: [*steps, *t.http_publish_args]):
+        results = loadtests(targets, logs, f"fanout-{round_}", lambda t: [*steps, *t.http_publish_args], transport)
+        for result in results:
             for step in result["steps"]:
                 if step["lost"] or step["duplicated"]:
                     problems.append(f"fanout: {step['lost']} lost, {step['duplicated']} duplicated (logs: {logs})")
@@ -176,8 +198,8 @@ def summary(name: str, labels: list[str], figures: list[list[float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops.bench.ab", description=__doc__.split("\n\n")[0])
-    p.add_argument("a", help="git revision or checkout directory")
-    p.add_argument("b", help="git revision or checkout directory")
+    p.add_argument("a", help=f"git revision or checkout directory, or {PEER}")
+    p.add_argument("b", help=f"git revision or checkout directory, or {PEER}")
     p.add_argument("--only", default="publish,storm,fanout", help="publish, storm, fanout (comma-separated)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=6.0, help="each publish round")
@@ -185,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storm-conns", type=int, default=3000)
     p.add_argument("--storm-rate", type=float, default=600.0, help="connects/s offered to each node")
     p.add_argument("--fanout-rates", default="200,500", help="publishes/s over HTTP to 1,000 receivers, each node")
+    p.add_argument("--transport", choices=("ws", "sse"), default="ws", help="the fan-out's receivers")
     args = p.parse_args(argv)
+    if args.a == args.b == PEER:
+        p.error(f"at most one of A and B may be {PEER}")
+    if PEER in (args.a, args.b) and (why := Nchan.missing()):
+        p.error(why)
     only = set(args.only.split(","))
     install_signal_handlers()
     procs = Processes()
@@ -194,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []  # errors and failed connects: the figures are not comparable
     with checkouts([args.a, args.b]) as trees:
         nodes = [
-            Herald(procs, logs, env={"HERALD_LIMITS_API_RATE": "1000000"}, label=f"node-{label}", root=tree)
+            Nchan(procs, logs)
+            if tree is None
+            else Herald(procs, logs, env={"HERALD_LIMITS_API_RATE": "1000000"}, label=f"node-{label}", root=tree)
             for label, tree in zip("AB", trees, strict=True)
         ]
         try:
@@ -208,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(summary("their closes, per connection", ["A", "B"], closes))
             if "fanout" in only:
                 rates = [float(r) for r in args.fanout_rates.split(",")]
-                by_rate = fanout_rounds(targets, rates, args.seconds, args.rounds, logs, problems)
+                by_rate = fanout_rounds(targets, rates, args.seconds, args.rounds, logs, problems, args.transport)
                 for rate, figures in by_rate.items():
                     if figures:
-                        lines.append(summary(f"fanout-ws-http @{rate:g}/s, per delivery", ["A", "B"], figures))
+                        name = f"fanout-{args.transport}-http @{rate:g}/s, per delivery"
+                        lines.append(summary(name, ["A", "B"], figures))
         finally:
             for node in nodes:
                 node.stop()

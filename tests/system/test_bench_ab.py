@@ -1,7 +1,7 @@
 """`make bench-ab` (ops/bench/ab.py): two checkouts served side by side — a
 revision checked out into a worktree (removed after) and a directory — each
-answers its publishes, connects and fan-out (a short run; the figures are the
-bench's, not a test's)."""
+answers its publishes, connects and fan-out; and nginx + nchan beside a
+Herald the same way (short runs; the figures are the bench's, not a test's)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from ops.bench.servers import Nchan
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,3 +34,30 @@ def test_two_checkouts_are_measured_side_by_side() -> None:
     assert "fanout-ws-http @50/s, per delivery: median µs A " in run.stdout
     worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
     assert "herald-ab-" not in worktrees
+
+
+@pytest.mark.timeout(240)
+def test_nchan_is_measured_beside_a_herald() -> None:
+    if why := Nchan.missing():
+        pytest.skip(why)
+    args = ["--rounds", "1", "--seconds", "0.5", "--rate", "100", "--storm-conns", "40", "--storm-rate", "200"]
+    args += ["--fanout-rates", "50", "--transport", "sse"]
+    run = subprocess.run(
+        [sys.executable, "-m", "ops.bench.ab", "nchan", str(REPO), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr  # a lost message or a failed publish is a problem: 1
+    assert "A = nchan" in run.stdout
+    assert "publish @100/s: median µs A " in run.stdout
+    assert "storm 40 @200/s: median µs A " in run.stdout
+    assert "fanout-sse-http @50/s, per delivery: median µs A " in run.stdout
+
+
+def test_two_peers_are_refused() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "ops.bench.ab", "nchan", "nchan"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2 and "at most one of A and B may be nchan" in run.stderr
