@@ -16,17 +16,17 @@ from ops.bench.servers import Nchan
 REPO = Path(__file__).resolve().parents[2]
 
 
+def bench_ab(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ops.bench.ab", *args], cwd=REPO, capture_output=True, text=True, timeout=230
+    )
+
+
 @pytest.mark.timeout(240)
 def test_two_checkouts_are_measured_side_by_side() -> None:
     args = ["--rounds", "1", "--seconds", "0.5", "--rate", "100", "--storm-conns", "40", "--storm-rate", "200"]
     args += ["--fanout-rates", "50"]
-    run = subprocess.run(
-        [sys.executable, "-m", "ops.bench.ab", "HEAD", str(REPO), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=230,
-    )
+    run = bench_ab("HEAD", str(REPO), *args)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "publish @100/s: median µs A " in run.stdout
     assert "storm 40 @200/s: median µs A " in run.stdout
@@ -42,13 +42,7 @@ def test_nchan_is_measured_beside_a_herald() -> None:
         pytest.skip(why)
     args = ["--rounds", "1", "--seconds", "0.5", "--rate", "100", "--storm-conns", "40", "--storm-rate", "200"]
     args += ["--fanout-rates", "50", "--transport", "sse"]
-    run = subprocess.run(
-        [sys.executable, "-m", "ops.bench.ab", "nchan", str(REPO), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=230,
-    )
+    run = bench_ab("nchan", str(REPO), *args)
     assert run.returncode == 0, run.stdout + run.stderr  # a lost message or a failed publish is a problem: 1
     assert "A = nchan" in run.stdout
     assert "publish @100/s: median µs A " in run.stdout
@@ -57,7 +51,5 @@ def test_nchan_is_measured_beside_a_herald() -> None:
 
 
 def test_two_peers_are_refused() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "ops.bench.ab", "nchan", "nchan"], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    run = bench_ab("nchan", "nchan")
     assert run.returncode == 2 and "at most one of A and B may be nchan" in run.stderr
