@@ -1,4 +1,4 @@
-"""Two versions of Herald measured side by side (``make bench-ab``).
+"""Two versions of Herald, or nginx + nchan beside one, measured side by side (``make bench-ab``).
 
     python -m ops.bench.ab A B [--only publish,storm,fanout] [--rounds 5] [--transport ws|sse]
 
