@@ -60,10 +60,8 @@ SERVED = ("fanout",)  # modes only the bench runs (``--servers floor``)
 WS_HEAD = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
 )
-SSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-    b"Transfer-Encoding: chunked\r\n\r\n"
-)
+# A close-delimited body, as Herald's: events go out as they are, no chunk framing.
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
 
 
 def header(head: bytes, name: bytes) -> bytes:
@@ -228,7 +226,7 @@ class WsFloor(asyncio.Protocol):
 
 class FanoutFloor(asyncio.Protocol):
     """``GET /ws?room=R`` (a WebSocket) and ``GET /sse?room=R`` (an event
-    stream, chunked as Herald's) join room R; ``POST /pub/R`` writes its body
+    stream, close-delimited as Herald's) join room R; ``POST /pub/R`` writes its body
     to all of R's, framed once per transport, and is answered."""
 
     rooms: ClassVar[defaultdict[bytes, dict[asyncio.Transport, bool]]] = defaultdict(dict)  # → is SSE
@@ -276,8 +274,7 @@ class FanoutFloor(asyncio.Protocol):
 
     def _publish(self, room: bytes, body: bytes) -> None:
         ws = ws_frame(body)
-        event = b"data: %s\n\n" % body
-        sse = b"%x\r\n%s\r\n" % (len(event), event)
+        sse = b"data: %s\n\n" % body
         for transport, is_sse in self.rooms[room].items():
             transport.write(sse if is_sse else ws)
 
