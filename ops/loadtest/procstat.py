@@ -70,7 +70,7 @@ class ProcGroup:
         return bool(self.pids)
 
     def cpu(self) -> float:
-        return sum(c for c in map(cpu_seconds, self.pids) if c is not None)
+        return self.cpu_and_kernel()[0]
 
     def cpu_and_kernel(self) -> tuple[float, float]:
         """``cpu()`` and, from the same reading, the kernel's share of it
