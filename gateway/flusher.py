@@ -17,8 +17,8 @@ class Flusher:
 
     The common case — a connection with nothing pending that gets one message
     in a loop pass — never touches the queue: ``fan_out`` checks the
-    connection's limits and notes the write itself, framed once per message
-    (not per recipient). That is the cost of every delivery, so it is kept to
+    connection's limits and notes the write itself: the message's frame,
+    encoded once, not per recipient. That is the cost of every delivery, so it is kept to
     a few attribute reads per recipient. Anything else (a second message in
     the same pass, a backed-up or closed connection) goes through ``push`` and
     ``flush``, after the direct writes so that order holds.
@@ -66,8 +66,6 @@ class Flusher:
         writes = self._writes
         metrics = queues[0].metrics
         direct = 0
-        framing: Callable[[bytes], bytes] | None = None
-        framed = frame
         for queue in queues:
             if (
                 queue.noted_pass == this_pass  # already written to in this pass: queue behind that write
@@ -88,10 +86,7 @@ class Flusher:
             queue.noted_pass = this_pass
             queue.noted_slot = len(writes)
             queue.wire_bytes = wire_bytes + size
-            if wire.frame is not framing:  # SSE: an HTTP chunk, made once per message
-                framing = wire.frame
-                framed = frame if framing is None else framing(frame)
-            writes.append((queue, wire.send, framed))
+            writes.append((queue, wire.send, frame))
             direct += 1
         if direct:
             metrics.delivered += direct

@@ -188,7 +188,7 @@ class SocketWire:
     transport pauses above ``write_buffer``. Subclasses say how to wait for it
     to resume (``drained``)."""
 
-    __slots__ = ("_transport", "buffered", "frame", "send")
+    __slots__ = ("_transport", "buffered", "send")
 
     def __init__(self, transport: asyncio.Transport, write_buffer: int, socket_buffer: int = 0) -> None:
         transport.set_write_buffer_limits(high=write_buffer)
@@ -202,8 +202,7 @@ class SocketWire:
         self._transport = transport
         self.send: Callable[[bytes], object] = transport.write
         self.buffered: Callable[[], int] = transport.get_write_buffer_size
-        self.frame: Callable[[bytes], bytes] | None = None
 
     def write(self, data: bytes) -> None:
         if not self._transport.is_closing():
-            self._transport.write(data if self.frame is None else self.frame(data))
+            self._transport.write(data)

@@ -41,11 +41,9 @@ Entry = tuple[bytes, int, float, bool]
 class Wire(Protocol):
     """The raw side of a transport."""
 
-    # The transport's own write (a C method), and the framing a transport adds
-    # around a batch (SSE: an HTTP chunk), None if none. Kept as attributes so
-    # the flusher can issue all of a loop pass's writes back to back.
+    # The transport's own write (a C method), kept as an attribute so the
+    # flusher can issue all of a loop pass's writes back to back.
     send: Callable[[bytes], object]
-    frame: Callable[[bytes], bytes] | None
     # Bytes the transport holds that the peer has not taken yet (the
     # transport's own method: asked once per write).
     buffered: Callable[[], int]
@@ -252,18 +250,13 @@ class Outbound:
         return False
 
     def _emit(self, data: bytes, out: list[Write] | None) -> None:
-        wire = self.wire
         if out is None:
-            wire.write(data)
+            self.wire.write(data)
+        elif self.noted_pass == self.flusher.flushing:  # one write per connection per pass
+            _, send, first = out[self.noted_slot]
+            out[self.noted_slot] = (self, send, first + data)
         else:
-            framing = wire.frame
-            if framing is not None:
-                data = framing(data)
-            if self.noted_pass == self.flusher.flushing:  # one write per connection per pass
-                _, send, first = out[self.noted_slot]
-                out[self.noted_slot] = (self, send, first + data)
-            else:
-                out.append((self, wire.send, data))
+            out.append((self, self.wire.send, data))
 
     def _backed_up(self) -> None:
         if self.waiter is None and not self.closed:
