@@ -70,13 +70,10 @@ def checkouts(versions: list[str]) -> Iterator[list[Path | None]]:
 
 
 def http_publisher(target: Target) -> HttpPublisher:
-    """A publisher to ``target`` over 10 rooms, as its ``http_publish_args``
-    tell the load tool (pairs of a flag and its value)."""
-    pairs = list(zip(target.http_publish_args[::2], target.http_publish_args[1::2], strict=True))
-    flags = dict(pairs)
-    headers = dict(value.split(": ", 1) for flag, value in pairs if flag == "--publish-header")
-    herald_body = flags.get("--publish-body") == "herald"
-    return HttpPublisher([f"r{k}" for k in range(10)], 100, flags["--publish-url"], headers, herald_body)
+    """A publisher to ``target`` over 10 rooms, as the load tool publishes to it."""
+    publish = target.http()
+    rooms = [f"r{k}" for k in range(10)]
+    return HttpPublisher(rooms, 100, publish.url, dict(publish.headers), publish.body == "herald")
 
 
 async def publish_rounds(

@@ -48,6 +48,22 @@ SUBJECT_PREFIX = "herald"
 NCHAN_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/lib64/nginx/modules", "/usr/share/nginx/modules")
 
 
+@dataclass(frozen=True)
+class HttpPublish:
+    """How a server takes publishes by HTTP POST (the same shape for every peer)."""
+
+    url: str  # may hold {room}
+    body: str  # herald | raw: the load tool's --publish-body
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def args(self) -> list[str]:
+        """The load tool's flags for it."""
+        args = ["--publish-url", self.url, "--publish-body", self.body]
+        for name, value in self.headers.items():
+            args += ["--publish-header", f"{name}: {value}"]
+        return args
+
+
 @dataclass
 class Target:
     """A running server, as the load tool sees it."""
@@ -60,11 +76,18 @@ class Target:
     server_pids: list[int]
     aux_pids: list[int] = field(default_factory=list)
     jwt_secret: str | None = None
-    http_publish_args: list[str] = field(default_factory=list)  # publishing by HTTP POST (the same for peers)
+    http_publish: HttpPublish | None = None
 
-    def __post_init__(self) -> None:
-        if not self.http_publish_args and "--publish-url" in self.publish_args:
-            self.http_publish_args = list(self.publish_args)
+    def http(self) -> HttpPublish:
+        """How it takes publishes by HTTP POST."""
+        if self.http_publish is None:
+            raise BenchError(f"{self.server} takes no HTTP publishes")
+        return self.http_publish
+
+    @property
+    def http_publish_args(self) -> list[str]:
+        """The load tool's flags for publishing by HTTP POST."""
+        return self.http().args()
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -80,13 +103,15 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def raw_target(server: str, port: int, ws_path: str, sse_path: str, pids: list[int]) -> Target:
     """A peer that sends payloads as they are and takes them by HTTP POST /pub/<room>."""
     base = f"127.0.0.1:{port}"
+    http_publish = HttpPublish(f"http://{base}/pub/{{room}}", "raw")
     return Target(
         server=server,
         ws_url=f"ws://{base}{ws_path}",
         sse_url=f"http://{base}{sse_path}",
         envelope="raw",
-        publish_args=["--publish-url", f"http://{base}/pub/{{room}}", "--publish-body", "raw"],
+        publish_args=http_publish.args(),
         server_pids=pids,
+        http_publish=http_publish,
     )
 
 
@@ -195,14 +220,9 @@ class Herald(Server):
             server_pids=pids,
             aux_pids=[nats_proc.pid],
             jwt_secret=JWT_SECRET,
-            http_publish_args=[
-                "--publish-url",
-                f"http://{base}/api/publish",
-                "--publish-body",
-                "herald",
-                "--publish-header",
-                f"Authorization: Bearer {PUBLISH_KEY}",
-            ],
+            http_publish=HttpPublish(
+                f"http://{base}/api/publish", "herald", {"Authorization": f"Bearer {PUBLISH_KEY}"}
+            ),
         )
 
     def stop(self) -> None:

@@ -21,7 +21,7 @@ from ops.bench import report as bench_report
 from ops.bench.run import _parser as bench_parser
 from ops.bench.run import select
 from ops.bench.scenarios import SCENARIO_NAMES, loadtest_command, standard
-from ops.bench.servers import Target, raw_target
+from ops.bench.servers import HttpPublish, Target, raw_target
 from ops.loadtest import payload, procstat, storm, wsproto
 from ops.loadtest import report as loadtest_report
 from ops.loadtest.cli import config
@@ -675,10 +675,7 @@ HERALD = Target(
     server_pids=[101],
     aux_pids=[102],
     jwt_secret="s" * 32,
-    http_publish_args=[
-        *("--publish-url", "http://127.0.0.1:8080/api/publish", "--publish-body", "herald"),
-        *("--publish-header", "Authorization: Bearer k"),
-    ],
+    http_publish=HttpPublish("http://127.0.0.1:8080/api/publish", "herald", {"Authorization": "Bearer k"}),
 )
 NCHAN = raw_target("nchan", 8089, "/sub/{room}", "/sub/{room}", [201])
 
