@@ -1,23 +1,20 @@
-"""From the load tool's JSON files to the figures, the ratios and the tables.
+"""From the load tool's JSON files to the figures and the ratios.
 
 Input: one outcome per (scenario, server) as ``run.Outcome.as_dict()`` — the
 load tool's ``--json`` document under ``result``. Output: ``summarize`` builds
-one JSON-able dict, ``markdown`` renders it.
+one JSON-able dict (``render.markdown`` makes its tables).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .costs import cost_ratios, publish_figures, publish_section, storm_figures, storm_section
+from .costs import cost_ratios, publish_figures, storm_figures
 from .tables import Doc
-from .tables import at as _at
 from .tables import core_busy as _core_busy
-from .tables import fmt as _fmt
 from .tables import get as _get
 from .tables import num as _num
 from .tables import ratio as _ratio
-from .tables import table as _table
 
 HEADLINE_RATES = (200, 500)
 STALL_TOLERANCE = 0.10  # the issue: within 10 % of the clean run
@@ -298,200 +295,3 @@ def summarize(outcomes: Iterable[Doc], meta: Doc) -> Doc:
         "stalled": stalled,
         "workers": workers,
     }
-
-
-# -- rendering ----------------------------------------------------------------
-
-
-def _rate_rows(figures: dict[str, dict[str, Doc]]) -> list[list[str]]:
-    rows = []
-    for scenario, per in figures.items():
-        for server, fig in per.items():
-            if "steps" not in fig or fig.get("kind") or scenario in ("stalled", "workers"):
-                continue
-            half = fig.get("half_saturation") or {}
-            rows.append(
-                [
-                    scenario,
-                    server,
-                    _at(fig, 200),
-                    _at(fig, 500),
-                    _at(fig, 500, "kernel_us_per_delivery"),
-                    _at(fig, 200, "us_per_delivery_with_aux"),
-                    _at(fig, 500, "p99_ms"),
-                    _fmt(fig.get("saturation_rate"), 0),
-                    _fmt(fig.get("max_delivered_per_s"), 0),
-                    f"{_fmt(half.get('p50_ms'))} / {_fmt(half.get('p99_ms'))} @ {_fmt(half.get('rate'), 0)}",
-                    f"{fig.get('lost', 0)} / {fig.get('duplicated', 0)}",
-                    _fmt(fig.get("generator_cpu_max"), 0, "%"),
-                    _fmt(fig.get("other_cpu_pct"), 0, "%"),
-                    str(fig.get("limit") or fig.get("aborted") or "-"),
-                ]
-            )
-    return rows
-
-
-def markdown(summary: Doc) -> str:
-    meta = summary.get("meta", {})
-    figures: dict[str, dict[str, Doc]] = summary.get("figures", {})
-    out = [
-        "# Herald benchmark" + (" (quick: smoke test, not figures to quote)" if meta.get("quick") else ""),
-        "",
-        f"{meta.get('started', '?')} on {meta.get('host', '?')}, {meta.get('cpus', '?')} CPUs, "
-        f"Python {meta.get('python', '?')}. Servers pinned to core {_get(meta, 'pinning', 'server')}, "
-        f"generator (and Herald's nats-server) to core {_get(meta, 'pinning', 'generator')}. "
-        f"A step is sustained when ≥ 95% of expected deliveries arrive and p99 ≤ {meta.get('max_p99_ms', 100):g} ms.",
-        "",
-    ]
-    rows = _rate_rows(figures)
-    if rows:
-        out += [
-            "## Throughput and cost",
-            "",
-            "µs/deliv = µs of server CPU (from /proc) per delivered message at that publish rate "
-            "(`*` = that step was not sustained); kernel = the part of it spent in the kernel (stime: "
-            "the sockets' system calls and the network stack's work on their way); "
-            "`+nats` adds nats-server's CPU (Herald only); "
-            "p99 = publish → receive latency. `-http`: Herald publishes through POST /api/publish "
-            "as nchan does through /pub (the others: Herald through NATS). "
-            "sat = highest sustained publish rate (msgs/s); deliv/s = deliveries/s there. "
-            "other CPU = what processes outside the bench used meanwhile (% of a core): above ~10% "
-            "the figures are suspect.",
-            "",
-            *_table(
-                [
-                    "scenario",
-                    "server",
-                    "µs/deliv @200",
-                    "µs/deliv @500",
-                    "kernel @500",
-                    "+nats @200",
-                    "p99 ms @500",
-                    "sat msgs/s",
-                    "deliv/s",
-                    "p50 / p99 ms @ half sat",
-                    "lost / dup",
-                    "gen CPU max",
-                    "other CPU",
-                    "stopped by",
-                ],
-                rows,
-            ),
-            "",
-        ]
-    out += publish_section(figures)
-    out += storm_section(figures)
-    idle_rows = [(scenario, server, fig) for scenario in IDLE for server, fig in figures.get(scenario, {}).items()]
-    if idle_rows:
-        out += [
-            "## Idle connections",
-            "",
-            "idle = WebSocket connections, idle-sse = SSE streams; KiB / conn = (RSS with - RSS before) / conns.",
-            "",
-            *_table(
-                [
-                    "scenario",
-                    "server",
-                    "conns",
-                    "RSS before MB",
-                    "RSS with MB",
-                    "KiB / conn",
-                    "server CPU idle",
-                    "other CPU",
-                ],
-                [
-                    [
-                        scenario,
-                        server,
-                        f"{fig.get('connections')} ({fig.get('still_open')} open at end)",
-                        _fmt(fig.get("rss_before_mb")),
-                        _fmt(fig.get("rss_with_mb")),
-                        _fmt(fig.get("kib_per_conn")),
-                        _fmt(fig.get("server_cpu_pct"), 1, "%"),
-                        _fmt(fig.get("other_cpu_pct"), 0, "%"),
-                    ]
-                    for scenario, server, fig in idle_rows
-                ],
-            ),
-            "",
-        ]
-    ratios: dict[str, Doc] = summary.get("ratios", {})
-    if ratios:
-        ratio_rows = []
-        for scenario, per in ratios.items():
-            for peer, row in per.items():
-                for figure, value in row.items():
-                    if value is None:
-                        continue
-                    ratio_rows.append([scenario, figure, f"Herald ÷ {peer}", _fmt(value, 2)])
-        out += [
-            "## Ratios",
-            "",
-            "Lower is better for µs, p99 and KiB; higher is better for deliveries/s.",
-            "",
-            *_table(["scenario", "figure", "ratio", "value"], ratio_rows),
-            "",
-        ]
-    stalled: dict[str, Doc] = summary.get("stalled", {})
-    if stalled:
-        rows = []
-        for server, s in stalled.items():
-            for r in s["rates"]:
-                rows.append(
-                    [
-                        server,
-                        _fmt(r["rate"], 0),
-                        _fmt(r["throughput_ratio"], 2),
-                        f"{_fmt(r['p99_ms'])} vs {_fmt(r['clean_p99_ms'])}",
-                        f"{_fmt(r['rss_peak_mb'])} vs {_fmt(r['clean_rss_peak_mb'])}",
-                        "ok" if r["ok"] else f"NO ({', '.join(r['failed'])})",
-                    ]
-                )
-            sc = s.get("stalled_clients") or {}
-            how = ", ".join(f"{k} x{n}" for k, n in (sc.get("how") or {}).items())
-            rows.append(
-                [
-                    server,
-                    "all",
-                    f"sat {_fmt(s['saturation_rate'], 0)} vs {_fmt(s['clean_saturation_rate'], 0)}",
-                    "",
-                    "",
-                    f"stalled clients: {sc.get('count', '?')}, cut off by server: {sc.get('disconnected', '?')} "
-                    f"({how or 'none'}); other clients closed by server: {s.get('others_closed_by_server')}",
-                ]
-            )
-        out += [
-            "## Stalled clients (1% stop reading) vs the clean fanout-ws run",
-            "",
-            f"Others' deliveries/s must stay ≥ {1 - STALL_TOLERANCE:.0%} of the clean run and p99 within "
-            f"{STALL_TOLERANCE:.0%} (or {P99_FLOOR_MS:g} ms); RSS is the node's peak.",
-            "",
-            *_table(["server", "rate", "deliv/s ÷ clean", "p99 ms", "RSS peak MB", "verdict"], rows),
-            "",
-        ]
-    workers = summary.get("workers")
-    if workers:
-        verdict = "met" if workers["meets_target"] else "not met"
-        if workers.get("inconclusive"):
-            verdict = "inconclusive: both sustained every rate"
-        out += [
-            "## serve --workers 2 vs 1",
-            "",
-            f"max sustained deliveries/s: {_fmt(workers['w2_max_delivered_per_s'], 0)} vs "
-            f"{_fmt(workers['w1_max_delivered_per_s'], 0)} → {_fmt(workers['ratio'], 2)}x "
-            f"(target ≥ {workers['target']}x: {verdict}); "
-            f"generator CPU up to {_fmt(workers['generator_cpu_max'], 0)}%. Note: {workers['note']}.",
-            "",
-        ]
-    problems = [r for r in summary.get("runs", []) if r.get("error") or r.get("skipped") or r.get("notes")]
-    notes = list(meta.get("notes") or [])
-    if problems or notes:
-        out += ["## Notes", ""]
-        out += [f"- {n}" for n in notes]
-        for r in problems:
-            what = r.get("error") or r.get("skipped") or ""
-            extra = "; ".join(r.get("notes") or [])
-            text = "; ".join(x for x in (what.splitlines()[0] if what else "", extra) if x)
-            out.append(f"- {r['scenario']}/{r['server']}: {text}")
-        out.append("")
-    return "\n".join(out)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import report
+from . import render, report
 from .procs import (
     BenchError,
     CoreSampler,
@@ -270,7 +270,7 @@ class Bench:
         summary = report.summarize([o.as_dict() for o in self.outcomes], meta)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (self.out / "summary.md").write_text(report.markdown(summary))
+        (self.out / "summary.md").write_text(render.markdown(summary))
         return summary
 
 
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     summary = bench.save(meta)
     print()
-    print(report.markdown(summary))
+    print(render.markdown(summary))
     print(f"results: {out / 'summary.md'}, {out / 'summary.json'}, raw load-tool output in {bench.raw}")
     if code == 0 and any(o.error for o in bench.outcomes):
         code = 1

@@ -17,6 +17,7 @@ from unittest import mock
 import pytest
 
 from gateway.frames import sse_event, ws_frame
+from ops.bench import render as bench_render
 from ops.bench import report as bench_report
 from ops.bench.run import _parser as bench_parser
 from ops.bench.run import select
@@ -439,7 +440,7 @@ def test_report_idle_sse_figures_and_ratios() -> None:
     assert summary["figures"]["idle-sse"]["herald"]["kib_per_conn"] == 12.0
     assert summary["ratios"]["idle"] == {"nchan": {"kib_per_conn": 0.5}}
     assert summary["ratios"]["idle-sse"] == {"nchan": {"kib_per_conn": 1.5}, "naive": {"kib_per_conn": 0.5}}
-    text = bench_report.markdown(summary)
+    text = bench_render.markdown(summary)
     idle_table = text.split("## Idle connections")[1].split("## Ratios")[0]
     assert "| idle-sse | herald " in idle_table and "| idle     | nchan " in idle_table
     assert "| idle-sse | kib_per_conn | Herald ÷ nchan | 1.50" in text
@@ -842,7 +843,7 @@ def test_report_issue20_figures_and_ratios() -> None:
         "us_per_connect": 16.0,
         "us_per_close": 16.0,
     }
-    text = bench_report.markdown(summary)
+    text = bench_render.markdown(summary)
     publish_table = text.split("## HTTP publish API")[1].split("## Connect storms")[0]
     assert "| herald | 200.0 " in publish_table and "| 15.0 " in publish_table  # batch @10000
     nchan_row = next(line for line in publish_table.splitlines() if line.startswith("| nchan"))
