@@ -18,10 +18,11 @@ class Flusher:
     The common case — a connection with nothing pending that gets one message
     in a loop pass — never touches the queue: ``fan_out`` checks the
     connection's limits and notes the write itself: the message's frame,
-    encoded once, not per recipient. That is the cost of every delivery, so it is kept to
-    a few attribute reads per recipient. Anything else (a second message in
-    the same pass, a backed-up or closed connection) goes through ``push`` and
-    ``flush``, after the direct writes so that order holds.
+    encoded once, not per recipient. That is the cost of every delivery, so
+    it is kept to a few attribute reads per recipient. Anything else (a
+    second message in the same pass, a backed-up or closed connection) goes
+    through ``push`` and ``flush``, after the direct writes so that order
+    holds.
     """
 
     def __init__(self, count_dropped: Callable[[int], None], delay: float = 0.0) -> None:
