@@ -5,7 +5,7 @@ storms (``--storm``), and their Herald ÷ peer ratios."""
 from __future__ import annotations
 
 from .scenarios import BATCH_RATES, PUBLISH_RATES
-from .tables import Doc, at, core_busy, fmt, get, num, ratio, table
+from .tables import Doc, at, core_busy, fmt, get, num, ratio, section
 
 STORMS = ("connect-storm-ws", "connect-storm-sse", "connect-storm-sse-10k")
 PUBLISH_FANOUT = ("fanout-ws-http", 500)  # publish-api's "with fan-out" case: this run, this rate
@@ -161,34 +161,29 @@ def publish_section(figures: dict[str, dict[str, Doc]]) -> list[str]:
     receivers = next((get(f, "connect", "requested") for f in fanout.values() if get(f, "connect", "requested")), None)
     fan = f"{receivers:,} receivers over 10 rooms, {receivers // 10:,} deliveries per message" if receivers else "-"
     batch_size = next((r.get("batch") for f in batch.values() for r in f.get("steps", []) if r.get("batch")), "?")
-    return [
-        "## HTTP publish API",
-        "",
+    return section(
+        "HTTP publish API",
         f"No receivers; 10 keep-alive connections, one request in flight on each. µs/pub = µs of server CPU "
         f"per published message (over the step and its settle time); `+nats` = nats-server's CPU per message "
         f"(Herald only; nchan keeps messages itself). p50 / p99 = request round trip. Batch = POST /api/publish "
         f"with a JSON array of {batch_size} messages, µs of server CPU per message (— : nchan has no batch). "
         f"fan-out = the `{fanout_run}` run at {fanout_rate} msgs/s ({fan}): µs of server CPU per publish. "
         "`*` = not sustained or not every publish got 2xx.",
-        "",
-        *table(
-            [
-                "server",
-                f"µs/pub @{lo}",
-                f"µs/pub @{hi}",
-                f"+nats @{hi}",
-                f"pub/s @{hi}",
-                f"p50 / p99 ms @{lo}",
-                f"p50 / p99 ms @{hi}",
-                "errors",
-                *(f"batch µs/msg @{r}" for r in BATCH_RATES),
-                f"fan-out µs/pub @{fanout_rate}",
-                "gen CPU max",
-            ],
-            rows,
-        ),
-        "",
-    ]
+        [
+            "server",
+            f"µs/pub @{lo}",
+            f"µs/pub @{hi}",
+            f"+nats @{hi}",
+            f"pub/s @{hi}",
+            f"p50 / p99 ms @{lo}",
+            f"p50 / p99 ms @{hi}",
+            "errors",
+            *(f"batch µs/msg @{r}" for r in BATCH_RATES),
+            f"fan-out µs/pub @{fanout_rate}",
+            "gen CPU max",
+        ],
+        rows,
+    )
 
 
 def storm_section(figures: dict[str, dict[str, Doc]]) -> list[str]:
@@ -219,9 +214,8 @@ def storm_section(figures: dict[str, dict[str, Doc]]) -> list[str]:
             )
     if not rows:
         return []
-    return [
-        "## Connect storms",
-        "",
+    return section(
+        "Connect storms",
         "Connects offered at a fixed rate, each its own user (Herald: a JWT each, minted before the storm), "
         "over 10 rooms. admitted/s = connected / (last ready - first start). ready = Herald's welcome frame or "
         "`welcome` event (the client is admitted), for the others the 101 / response head (nchan sends nothing "
@@ -230,26 +224,22 @@ def storm_section(figures: dict[str, dict[str, Doc]]) -> list[str]:
         "server CPU from then over the hold and the closes until it settled, per connection. gen CPU = each "
         "generator process, % of a core (≥ 85%: it may be the limit); cores = how busy the server's and the "
         "generator's cores were during the storm.",
-        "",
-        *table(
-            [
-                "scenario",
-                "server",
-                "offered",
-                "offered/s",
-                "admitted/s",
-                "ready p50 / p99 / max ms",
-                "head p50 / p99 ms",
-                "µs/conn",
-                "+nats µs/conn",
-                "µs/close",
-                "failed",
-                "gen CPU",
-                "cores srv / gen",
-                "other CPU",
-                "limit",
-            ],
-            rows,
-        ),
-        "",
-    ]
+        [
+            "scenario",
+            "server",
+            "offered",
+            "offered/s",
+            "admitted/s",
+            "ready p50 / p99 / max ms",
+            "head p50 / p99 ms",
+            "µs/conn",
+            "+nats µs/conn",
+            "µs/close",
+            "failed",
+            "gen CPU",
+            "cores srv / gen",
+            "other CPU",
+            "limit",
+        ],
+        rows,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .costs import publish_section, storm_section
 from .report import IDLE, P99_FLOOR_MS, STALL_TOLERANCE
-from .tables import Doc, at, fmt, get, table
+from .tables import Doc, at, fmt, get, section
 
 
 def _rate_rows(figures: dict[str, dict[str, Doc]]) -> list[list[str]]:
@@ -63,9 +63,8 @@ def _throughput_section(figures: dict[str, dict[str, Doc]]) -> list[str]:
     rows = _rate_rows(figures)
     if not rows:
         return []
-    return [
-        "## Throughput and cost",
-        "",
+    return section(
+        "Throughput and cost",
         "µs/deliv = µs of server CPU (from /proc) per delivered message at that publish rate "
         "(`*` = that step was not sustained); kernel = the part of it spent in the kernel (stime: "
         "the sockets' system calls and the network stack's work on their way); "
@@ -75,66 +74,57 @@ def _throughput_section(figures: dict[str, dict[str, Doc]]) -> list[str]:
         "sat = highest sustained publish rate (msgs/s); deliv/s = deliveries/s there. "
         "other CPU = what processes outside the bench used meanwhile (% of a core): above ~10% "
         "the figures are suspect.",
-        "",
-        *table(
-            [
-                "scenario",
-                "server",
-                "µs/deliv @200",
-                "µs/deliv @500",
-                "kernel @500",
-                "+nats @200",
-                "p99 ms @500",
-                "sat msgs/s",
-                "deliv/s",
-                "p50 / p99 ms @ half sat",
-                "lost / dup",
-                "gen CPU max",
-                "other CPU",
-                "stopped by",
-            ],
-            rows,
-        ),
-        "",
-    ]
+        [
+            "scenario",
+            "server",
+            "µs/deliv @200",
+            "µs/deliv @500",
+            "kernel @500",
+            "+nats @200",
+            "p99 ms @500",
+            "sat msgs/s",
+            "deliv/s",
+            "p50 / p99 ms @ half sat",
+            "lost / dup",
+            "gen CPU max",
+            "other CPU",
+            "stopped by",
+        ],
+        rows,
+    )
 
 
 def _idle_section(figures: dict[str, dict[str, Doc]]) -> list[str]:
     idle_rows = [(scenario, server, fig) for scenario in IDLE for server, fig in figures.get(scenario, {}).items()]
     if not idle_rows:
         return []
-    return [
-        "## Idle connections",
-        "",
+    return section(
+        "Idle connections",
         "idle = WebSocket connections, idle-sse = SSE streams; KiB / conn = (RSS with - RSS before) / conns.",
-        "",
-        *table(
+        [
+            "scenario",
+            "server",
+            "conns",
+            "RSS before MB",
+            "RSS with MB",
+            "KiB / conn",
+            "server CPU idle",
+            "other CPU",
+        ],
+        [
             [
-                "scenario",
-                "server",
-                "conns",
-                "RSS before MB",
-                "RSS with MB",
-                "KiB / conn",
-                "server CPU idle",
-                "other CPU",
-            ],
-            [
-                [
-                    scenario,
-                    server,
-                    f"{fig.get('connections')} ({fig.get('still_open')} open at end)",
-                    fmt(fig.get("rss_before_mb")),
-                    fmt(fig.get("rss_with_mb")),
-                    fmt(fig.get("kib_per_conn")),
-                    fmt(fig.get("server_cpu_pct"), 1, "%"),
-                    fmt(fig.get("other_cpu_pct"), 0, "%"),
-                ]
-                for scenario, server, fig in idle_rows
-            ],
-        ),
-        "",
-    ]
+                scenario,
+                server,
+                f"{fig.get('connections')} ({fig.get('still_open')} open at end)",
+                fmt(fig.get("rss_before_mb")),
+                fmt(fig.get("rss_with_mb")),
+                fmt(fig.get("kib_per_conn")),
+                fmt(fig.get("server_cpu_pct"), 1, "%"),
+                fmt(fig.get("other_cpu_pct"), 0, "%"),
+            ]
+            for scenario, server, fig in idle_rows
+        ],
+    )
 
 
 def _ratio_section(ratios: dict[str, Doc]) -> list[str]:
@@ -147,14 +137,12 @@ def _ratio_section(ratios: dict[str, Doc]) -> list[str]:
                 if value is None:
                     continue
                 ratio_rows.append([scenario, figure, f"Herald ÷ {peer}", fmt(value, 2)])
-    return [
-        "## Ratios",
-        "",
+    return section(
+        "Ratios",
         "Lower is better for µs, p99 and KiB; higher is better for deliveries/s.",
-        "",
-        *table(["scenario", "figure", "ratio", "value"], ratio_rows),
-        "",
-    ]
+        ["scenario", "figure", "ratio", "value"],
+        ratio_rows,
+    )
 
 
 def _stalled_section(stalled: dict[str, Doc]) -> list[str]:
@@ -186,15 +174,13 @@ def _stalled_section(stalled: dict[str, Doc]) -> list[str]:
                 f"({how or 'none'}); other clients closed by server: {s.get('others_closed_by_server')}",
             ]
         )
-    return [
-        "## Stalled clients (1% stop reading) vs the clean fanout-ws run",
-        "",
+    return section(
+        "Stalled clients (1% stop reading) vs the clean fanout-ws run",
         f"Others' deliveries/s must stay ≥ {1 - STALL_TOLERANCE:.0%} of the clean run and p99 within "
         f"{STALL_TOLERANCE:.0%} (or {P99_FLOOR_MS:g} ms); RSS is the node's peak.",
-        "",
-        *table(["server", "rate", "deliv/s ÷ clean", "p99 ms", "RSS peak MB", "verdict"], rows),
-        "",
-    ]
+        ["server", "rate", "deliv/s ÷ clean", "p99 ms", "RSS peak MB", "verdict"],
+        rows,
+    )
 
 
 def _workers_section(workers: Doc | None) -> list[str]:

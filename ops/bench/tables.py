@@ -49,6 +49,11 @@ def table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [line, rule, *body]
 
 
+def section(title: str, text: str, headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown section: its title, what it shows, and its table."""
+    return [f"## {title}", "", text, "", *table(headers, rows), ""]
+
+
 def at(fig: Doc | None, rate: int, key: str = "us_per_delivery", digits: int = 1) -> str:
     cell = get(fig, "at", str(rate))
     if not isinstance(cell, dict):
