@@ -7,7 +7,7 @@ import itertools
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ VENV_BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 PUBLISH_KEY = "test-publish-key"
+PUBLISH_HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 ADMIN_KEY = "test-admin-key"
 _ids = itertools.count(1)
 
@@ -344,7 +345,7 @@ async def api_publish(http: aiohttp.ClientSession, node: RunningNode, channel: s
     async with http.post(
         node.url + "/api/publish",
         json={"channel": channel, "data": data},
-        headers={"Authorization": f"Bearer {PUBLISH_KEY}"},
+        headers=PUBLISH_HEADERS,
         timeout=aiohttp.ClientTimeout(total=5),
     ) as resp:
         body = await resp.json(content_type=None)
@@ -403,3 +404,7 @@ async def wait_http_ok(
 def free_base(count: int = 13) -> int:
     """A port with ``count - 1`` free ports after it (the cluster's --base-port)."""
     return free_ports(count)
+
+
+# What the node-starting fixtures hand a test (conftest.py): call it, await a node.
+NodeFactory = Callable[..., Awaitable[RunningNode]]

@@ -31,8 +31,10 @@ from gateway.auth import mint_token
 
 from ..helpers import (
     ADMIN_KEY,
+    PUBLISH_HEADERS,
     PUBLISH_KEY,
     SECRET,
+    NodeFactory,
     RunningNode,
     SseClient,
     expect_close,
@@ -43,11 +45,9 @@ from ..helpers import (
     wait_for,
 )
 
-NodeFactory = Callable[..., Any]
 Params = list[tuple[str, str]]
 
 OTHER_SECRET = "another-secret-that-is-long-enough-for-hs256!"
-PUBLISH_HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 HS256 = {"alg": "HS256", "typ": "JWT"}
 
 # Ids that must never reach a subject: separators, wildcards, spaces, empty,

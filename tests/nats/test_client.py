@@ -10,7 +10,6 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -18,9 +17,7 @@ import pytest
 
 from gateway.client import CommandError, HeraldClient, Message, Stopped, Subscribed, Unsubscribed, Welcome
 
-from ..helpers import ADMIN_KEY, RunningNode, api_publish, token, wait_for
-
-NodeFactory = Callable[..., Awaitable[RunningNode]]
+from ..helpers import ADMIN_KEY, NodeFactory, RunningNode, api_publish, token, wait_for
 
 
 def shared_cluster(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from gateway.client import HeraldClient
 
 from ..helpers import (
     ADMIN_KEY,
+    NodeFactory,
     RunningNode,
     SseClient,
     api_publish,
@@ -35,7 +36,6 @@ from ..helpers import (
     wait_for,
 )
 
-NodeFactory = Callable[..., Any]
 CONNECT_SECRET = "connect-secret-0123456789"
 
 

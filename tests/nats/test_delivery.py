@@ -9,7 +9,7 @@ import aiohttp
 
 from broker.embedded import NatsServer
 
-from ..helpers import PUBLISH_KEY, RunningNode, SseClient, core_publish, recv_json, recv_until, token
+from ..helpers import PUBLISH_HEADERS, RunningNode, SseClient, core_publish, recv_json, recv_until, token
 
 
 async def open_ws(
@@ -116,7 +116,7 @@ async def test_broadcast_reaches_everyone(
 async def test_http_publish_api(node: RunningNode, http: aiohttp.ClientSession) -> None:
     ws = await open_ws(http, node, token("alice"), ["news"])
     await subscribed(node, 3)
-    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+    headers = PUBLISH_HEADERS
     async with http.post(
         node.url + "/api/publish", json={"channel": "room:news", "event": "headline", "data": {"t": 1}}, headers=headers
     ) as resp:

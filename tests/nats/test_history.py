@@ -4,16 +4,13 @@ every welcome (3.2), on a real nats-server."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from ..helpers import ADMIN_KEY, PUBLISH_KEY, RunningNode, api_publish, recv_json, token
-
-NodeFactory = Callable[..., Awaitable[RunningNode]]
+from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, NodeFactory, RunningNode, api_publish, recv_json, token
 
 
 async def publish_many(http: aiohttp.ClientSession, node: RunningNode, items: list[tuple[str, Any]]) -> list[str]:
@@ -141,7 +138,7 @@ async def test_admin_history_api(node: RunningNode, http: aiohttp.ClientSession)
     ):
         async with http.get(url, params=params, headers=admin) as resp:
             assert (resp.status, (await resp.json())["error"]) == (400, "bad_request")
-    for headers in ({}, {"Authorization": f"Bearer {PUBLISH_KEY}"}):
+    for headers in ({}, PUBLISH_HEADERS):
         async with http.get(url, params={"channel": "room:lobby"}, headers=headers) as resp:
             assert resp.status == 401
 

@@ -22,9 +22,18 @@ from broker.embedded import NatsServer, free_port
 from gateway.hooks import Dispatcher, verify
 from gateway.settings import Settings, with_overrides
 
-from ..helpers import RunningNode, api_publish, cli_env, make_settings, recv_json, scrape, start_node, token, wait_for
+from ..helpers import (
+    RunningNode,
+    api_publish,
+    cli_env,
+    make_settings,
+    recv_json,
+    scrape,
+    start_node,
+    token,
+    wait_for,
+)
 
-NodeFactory = Callable[..., Any]
 SECRET = "hook-secret-0123456789"
 
 

@@ -8,15 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from ..helpers import RunningNode, api_publish, expect_close, recv_json, scrape, token, wait_for
-
-NodeFactory = Callable[..., Any]
+from ..helpers import NodeFactory, RunningNode, api_publish, expect_close, recv_json, scrape, token, wait_for
 
 
 async def honest_client(http: aiohttp.ClientSession, node: RunningNode) -> aiohttp.ClientWebSocketResponse:

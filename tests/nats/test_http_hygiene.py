@@ -13,7 +13,7 @@ import aiohttp
 
 from gateway.app import PAGE_HEADERS
 
-from ..helpers import ADMIN_KEY, PUBLISH_KEY, SECRET, RunningNode, recv_json, spawn_cluster_node, token
+from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, PUBLISH_KEY, SECRET, RunningNode, recv_json, spawn_cluster_node, token
 
 
 async def test_the_demo_and_client_carry_security_headers(node: RunningNode, http: aiohttp.ClientSession) -> None:
@@ -35,7 +35,7 @@ async def test_no_cors_on_the_publish_api(node: RunningNode, http: aiohttp.Clien
     async with http.options(node.url + "/api/publish", headers=evil) as preflight:
         assert preflight.status in (403, 404, 405)
         assert not any(h.lower().startswith("access-control-") for h in preflight.headers)
-    headers = {"Origin": "https://evil.example", "Authorization": f"Bearer {PUBLISH_KEY}"}
+    headers = {"Origin": "https://evil.example", **PUBLISH_HEADERS}
     async with http.post(node.url + "/api/publish", json={"channel": "room:a", "data": 1}, headers=headers) as resp:
         assert "Access-Control-Allow-Origin" not in resp.headers
 

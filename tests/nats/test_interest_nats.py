@@ -9,7 +9,7 @@ import aiohttp
 
 from broker.embedded import NatsServer
 
-from ..helpers import PUBLISH_KEY, RunningNode, SseClient, recv_json, scrape, token, wait_for
+from ..helpers import PUBLISH_HEADERS, RunningNode, SseClient, recv_json, scrape, token, wait_for
 
 
 async def node_subjects(http: aiohttp.ClientSession, nats_server: NatsServer, node: RunningNode) -> list[str]:
@@ -99,7 +99,7 @@ async def test_shared_user_subscription(node_factory, nats_server: NatsServer, h
         sockets[user] = ws
     assert sorted(await node_subjects(http, nats_server, node)) == [f"{live}.broadcast", f"{live}.user.*"]
     assert (await scrape(http, node.url))["herald_channels_subscribed"] == 2
-    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+    headers = PUBLISH_HEADERS
     for user in ("ben", "dan", "nobody-here"):
         async with http.post(
             node.url + "/api/publish", json={"channel": f"user:{user}", "data": user}, headers=headers

@@ -24,7 +24,7 @@ import asyncio
 import json
 import os
 import struct
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,8 @@ import pytest
 from gateway.settings import ConfigError
 
 from ..helpers import (
-    PUBLISH_KEY,
+    PUBLISH_HEADERS,
+    NodeFactory,
     RawWsClient,
     RunningNode,
     expect_close,
@@ -45,9 +46,6 @@ from ..helpers import (
     wait_for,
 )
 
-NodeFactory = Callable[..., Any]
-
-PUBLISH_HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 EVIL = "https://evil.example.com"
 APP = "https://app.example.com"
 LIMIT_LABELS = ("origin", "publish_rate", "command_rate", "api_rate", "body_size", "frame_size", "subscriptions")

@@ -6,7 +6,16 @@ import aiohttp
 
 from broker.embedded import NatsServer
 
-from ..helpers import ADMIN_KEY, PUBLISH_KEY, RunningNode, SseClient, recv_json, scrape, token, wait_for
+from ..helpers import (
+    ADMIN_KEY,
+    PUBLISH_HEADERS,
+    RunningNode,
+    SseClient,
+    recv_json,
+    scrape,
+    token,
+    wait_for,
+)
 
 CONTRACT = [
     'herald_connections{transport="ws"}',
@@ -45,7 +54,7 @@ async def test_contract_metrics_move(node: RunningNode, nats_server: NatsServer,
     assert during['herald_connections_opened_total{transport="ws"}'] == 2
     assert during["herald_channels_subscribed"] == 5
 
-    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+    headers = PUBLISH_HEADERS
     for i in range(3):
         async with http.post(node.url + "/api/publish", json={"channel": "room:r", "data": i}, headers=headers) as r:
             assert r.status == 200

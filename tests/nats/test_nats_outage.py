@@ -18,7 +18,7 @@ from broker.channels import room_channel
 from broker.embedded import NatsServer, free_port
 
 from ..helpers import (
-    PUBLISH_KEY,
+    PUBLISH_HEADERS,
     RunningNode,
     SseClient,
     make_settings,
@@ -29,7 +29,6 @@ from ..helpers import (
     wait_for,
 )
 
-PUBLISH_HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 # Every request in this file is bounded: a hang is a failure, not a stuck run.
 SHORT = aiohttp.ClientTimeout(total=3)
 

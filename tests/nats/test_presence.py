@@ -8,16 +8,14 @@ import asyncio
 import itertools
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
 from broker.embedded import NatsServer
 
-from ..helpers import ADMIN_KEY, RunningNode, recv_json, recv_until, spawn_cluster_node, token, wait_for
+from ..helpers import ADMIN_KEY, NodeFactory, RunningNode, recv_json, recv_until, spawn_cluster_node, token, wait_for
 
-NodeFactory = Callable[..., Awaitable[RunningNode]]
 _clusters = itertools.count(1)
 
 

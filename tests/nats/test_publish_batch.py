@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -15,10 +14,8 @@ from nats.js.api import StorageType, StreamConfig
 from broker.acks import AckedPublisher, Refused
 from broker.embedded import NatsServer
 
-from ..helpers import ADMIN_KEY, PUBLISH_KEY, RunningNode, recv_json, token
+from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, NodeFactory, RunningNode, recv_json, token
 from .test_lean_requests import connected_link
-
-NodeFactory = Callable[..., Awaitable[RunningNode]]
 
 
 async def cluster(node_factory: NodeFactory, n: int = 2, **sections: dict[str, Any]) -> list[RunningNode]:
@@ -32,9 +29,7 @@ async def post(
 ) -> tuple[int, dict[str, Any]]:
     if key is not None:
         headers["Idempotency-Key"] = key
-    async with http.post(
-        node.url + "/api/publish", json=body, headers={"Authorization": f"Bearer {PUBLISH_KEY}", **headers}
-    ) as resp:
+    async with http.post(node.url + "/api/publish", json=body, headers={**PUBLISH_HEADERS, **headers}) as resp:
         return resp.status, await resp.json()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import jwt
@@ -16,9 +15,7 @@ from broker.embedded import NatsServer
 from broker.publisher import NatsPublisher
 from gateway.client import HttpPublisher, PublishRefused
 
-from ..helpers import PUBLISH_KEY, RunningNode, recv_json, token
-
-NodeFactory = Callable[..., Awaitable[RunningNode]]
+from ..helpers import PUBLISH_KEY, NodeFactory, RunningNode, recv_json, token
 
 
 async def open_ws(http: aiohttp.ClientSession, node: RunningNode, user: str) -> aiohttp.ClientWebSocketResponse:

@@ -4,7 +4,6 @@ stream must not silence a user's inbox for good."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -14,8 +13,6 @@ from broker.embedded import NatsServer
 
 from ..helpers import RunningNode, make_settings, scrape, start_node
 from .test_inbox import cluster, connect, messages, publish_many, quiet, read
-
-NodeFactory = Callable[..., Awaitable[RunningNode]]
 
 
 async def test_a_read_past_the_end_is_refused_and_changes_nothing(

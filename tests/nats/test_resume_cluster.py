@@ -32,9 +32,7 @@ from broker.channels import parse_channel
 from broker.embedded import NatsServer
 from gateway.session import State
 
-from ..helpers import RawWsClient, RunningNode, SseClient, api_publish, recv_json, scrape, token, wait_for
-
-NodeFactory = Callable[..., Awaitable[RunningNode]]
+from ..helpers import NodeFactory, RawWsClient, RunningNode, SseClient, api_publish, recv_json, scrape, token, wait_for
 
 # Enough room that the resume tests never hit retention by accident.
 ROOMY = {"room_max": 2000, "user_max": 2000}

@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -15,6 +14,7 @@ import aiohttp
 from broker.embedded import NatsServer
 
 from ..helpers import (
+    NodeFactory,
     RunningNode,
     SseClient,
     recv_json,
@@ -23,7 +23,6 @@ from ..helpers import (
 )
 from ..helpers import api_publish as publish
 
-NodeFactory = Callable[..., Awaitable[RunningNode]]
 _clusters = itertools.count(1)
 
 

@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
-from ..helpers import ADMIN_KEY, PUBLISH_KEY, RunningNode, SseClient, api_publish, expect_close, recv_json, token
-
-NodeFactory = Callable[..., Awaitable[RunningNode]]
+from ..helpers import (
+    ADMIN_KEY,
+    PUBLISH_KEY,
+    NodeFactory,
+    RunningNode,
+    SseClient,
+    api_publish,
+    expect_close,
+    recv_json,
+    token,
+)
 
 
 async def cluster(node_factory: NodeFactory) -> tuple[RunningNode, RunningNode]:

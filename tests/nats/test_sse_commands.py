@@ -8,15 +8,12 @@ import asyncio
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from ..helpers import RunningNode, SseClient, SseEvent, api_publish, recv_json, token
-
-NodeFactory = Callable[..., Awaitable[RunningNode]]
+from ..helpers import NodeFactory, RunningNode, SseClient, SseEvent, api_publish, recv_json, token
 
 
 async def open_stream(

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
-from ..helpers import RunningNode, SseClient, expect_close, recv_json, scrape, token, wait_for
+from ..helpers import NodeFactory, RunningNode, SseClient, expect_close, recv_json, scrape, token, wait_for
 
-NodeFactory = Callable[..., Awaitable[RunningNode]]
 _clusters = itertools.count(1)
 
 

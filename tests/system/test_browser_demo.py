@@ -13,7 +13,7 @@ import asyncio
 import re
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,17 @@ from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 
 from ..browser import ConsoleWatch, screenshot_path
-from ..helpers import ADMIN_KEY, PUBLISH_KEY, RunningNode, api_publish, spawn_cluster_node, token, wait_for
+from ..helpers import (
+    ADMIN_KEY,
+    PUBLISH_HEADERS,
+    NodeFactory,
+    RunningNode,
+    api_publish,
+    spawn_cluster_node,
+    token,
+    wait_for,
+)
 
-NodeFactory = Callable[..., Any]
 # A node in a process of its own serves the static files of the gateway package this test imports (a
 # worktree's, with PYTHONPATH), not of the one the venv has installed.
 OWN_GATEWAY = {"PYTHONPATH": str(Path(gateway.__file__).resolve().parent.parent)}
@@ -54,7 +62,7 @@ async def demo_page(browser: Browser, base: str, **query: str) -> AsyncIterator[
 async def publish_batch(http: aiohttp.ClientSession, base: str, channel: str, texts: list[str]) -> list[str]:
     """Publish one message per text (``{"user": "srv", "text"}``) in one batch; returns their ids."""
     batch = [{"channel": channel, "event": "chat", "data": {"user": "srv", "text": t}} for t in texts]
-    async with http.post(base + "/api/publish", json=batch, headers={"Authorization": f"Bearer {PUBLISH_KEY}"}) as resp:
+    async with http.post(base + "/api/publish", json=batch, headers=PUBLISH_HEADERS) as resp:
         body = await resp.json(content_type=None)
         assert resp.status == 200, body
         return [str(i) for i in body["ids"]]

@@ -30,7 +30,7 @@ from ops.cluster import HOST, NAMES, Cluster, Ports
 
 from ..browser import ARTIFACTS
 from ..failover import SteadyPublisher, Subscriber, check_delivery, p99_latency
-from ..helpers import ADMIN_KEY, PUBLISH_KEY, SECRET, free_base, wait_for
+from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, PUBLISH_KEY, SECRET, free_base, wait_for
 
 # A cluster of 7 processes and 300 clients per test (make test runs them one at a time: tests/conftest.py).
 pytestmark = pytest.mark.slow
@@ -246,7 +246,7 @@ async def test_all_of_nats_down_then_back(cluster: RunningCluster, many: aiohttp
         for i in range(3):
             cluster.kill(f"nats{i + 1}")
         await wait_for(lambda: _all(statuses("/readyz"), 503), timeout=10, interval=0.1)
-        headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+        headers = PUBLISH_HEADERS
         body = {"channel": "room:x", "data": 1}
         async with many.post(cluster.lb + "/api/publish", json=body, headers=headers) as resp:
             assert resp.status == 503

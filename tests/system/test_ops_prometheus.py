@@ -25,7 +25,17 @@ import pytest
 
 from broker.embedded import free_port
 
-from ..helpers import PUBLISH_KEY, RunningNode, SseClient, api_publish, recv_json, scrape, token, wait_for, wait_http_ok
+from ..helpers import (
+    PUBLISH_HEADERS,
+    RunningNode,
+    SseClient,
+    api_publish,
+    recv_json,
+    scrape,
+    token,
+    wait_for,
+    wait_http_ok,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -188,9 +198,7 @@ async def make_trouble(http: aiohttp.ClientSession, node: RunningNode) -> None:
     ) as resp:
         assert resp.status == 401
     big = {"channel": "room:ops", "data": "x" * (node.settings.http.max_body + 1)}
-    async with http.post(
-        node.url + "/api/publish", json=big, headers={"Authorization": f"Bearer {PUBLISH_KEY}"}
-    ) as resp:
+    async with http.post(node.url + "/api/publish", json=big, headers=PUBLISH_HEADERS) as resp:
         assert resp.status == 413
 
 

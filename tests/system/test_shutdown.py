@@ -21,6 +21,7 @@ import pytest
 from broker.embedded import NatsServer, free_port
 
 from ..helpers import (
+    PUBLISH_HEADERS,
     PUBLISH_KEY,
     SECRET,
     RawWsClient,
@@ -123,7 +124,7 @@ async def test_sigterm_drains_and_exits_despite_a_stalled_client(
         assert opcode == 1 and b'"welcome"' in welcome
         await wait_for(lambda: has_connections(http, base, 3), timeout=5)
         await asyncio.sleep(0.1)  # the SUBs reach NATS
-        headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+        headers = PUBLISH_HEADERS
         async with http.post(base + "/api/publish", json={"channel": "room:news", "data": {"hi": 1}}, headers=headers):
             pass
         assert (await recv_json(ws))["data"] == {"hi": 1}
