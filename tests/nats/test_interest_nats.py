@@ -99,10 +99,9 @@ async def test_shared_user_subscription(node_factory, nats_server: NatsServer, h
         sockets[user] = ws
     assert sorted(await node_subjects(http, nats_server, node)) == [f"{live}.broadcast", f"{live}.user.*"]
     assert (await scrape(http, node.url))["herald_channels_subscribed"] == 2
-    headers = PUBLISH_HEADERS
     for user in ("ben", "dan", "nobody-here"):
         async with http.post(
-            node.url + "/api/publish", json={"channel": f"user:{user}", "data": user}, headers=headers
+            node.url + "/api/publish", json={"channel": f"user:{user}", "data": user}, headers=PUBLISH_HEADERS
         ) as r:
             assert r.status == 200
     for user in ("ben", "dan"):

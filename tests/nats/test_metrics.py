@@ -53,10 +53,10 @@ async def test_contract_metrics_move(node: RunningNode, nats_server: NatsServer,
     assert during['herald_connections{transport="sse"}'] == 1
     assert during['herald_connections_opened_total{transport="ws"}'] == 2
     assert during["herald_channels_subscribed"] == 5
-
-    headers = PUBLISH_HEADERS
     for i in range(3):
-        async with http.post(node.url + "/api/publish", json={"channel": "room:r", "data": i}, headers=headers) as r:
+        async with http.post(
+            node.url + "/api/publish", json={"channel": "room:r", "data": i}, headers=PUBLISH_HEADERS
+        ) as r:
             assert r.status == 200
     for ws in (a, b):
         for _ in range(3):

@@ -246,9 +246,8 @@ async def test_all_of_nats_down_then_back(cluster: RunningCluster, many: aiohttp
         for i in range(3):
             cluster.kill(f"nats{i + 1}")
         await wait_for(lambda: _all(statuses("/readyz"), 503), timeout=10, interval=0.1)
-        headers = PUBLISH_HEADERS
         body = {"channel": "room:x", "data": 1}
-        async with many.post(cluster.lb + "/api/publish", json=body, headers=headers) as resp:
+        async with many.post(cluster.lb + "/api/publish", json=body, headers=PUBLISH_HEADERS) as resp:
             assert resp.status == 503
             assert (await resp.json())["error"] == "unavailable"
         assert await statuses("/healthz") == [200, 200, 200]  # no crash

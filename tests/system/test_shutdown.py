@@ -124,8 +124,9 @@ async def test_sigterm_drains_and_exits_despite_a_stalled_client(
         assert opcode == 1 and b'"welcome"' in welcome
         await wait_for(lambda: has_connections(http, base, 3), timeout=5)
         await asyncio.sleep(0.1)  # the SUBs reach NATS
-        headers = PUBLISH_HEADERS
-        async with http.post(base + "/api/publish", json={"channel": "room:news", "data": {"hi": 1}}, headers=headers):
+        async with http.post(
+            base + "/api/publish", json={"channel": "room:news", "data": {"hi": 1}}, headers=PUBLISH_HEADERS
+        ):
             pass
         assert (await recv_json(ws))["data"] == {"hi": 1}
         assert (await sse.next()).json() == {"hi": 1}
@@ -134,7 +135,7 @@ async def test_sigterm_drains_and_exits_despite_a_stalled_client(
         big = {"channel": "room:lobby", "data": "x" * 48_000}
         queued = 0.0
         for _ in range(200):
-            async with http.post(base + "/api/publish", json=big, headers=headers) as resp:
+            async with http.post(base + "/api/publish", json=big, headers=PUBLISH_HEADERS) as resp:
                 assert resp.status == 200, await resp.text()
             queued = (await scrape(http, base))["herald_outbound_queue_bytes"]
             if queued > 256 * 1024:
