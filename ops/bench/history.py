@@ -24,18 +24,19 @@ import aiohttp
 from gateway.auth import mint_token
 from ops.loadtest.procstat import live_cpu_seconds
 
-from .servers import JWT_SECRET, PUBLISH_KEY, against_one_node
+from .servers import JWT_SECRET, PUBLISH_HEADERS, against_one_node
 
 ROOMS = 10
 
 
 async def fill(http: aiohttp.ClientSession, base: str, messages: int) -> None:
-    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
     body = {"text": "x" * 80}
 
     async def one(i: int) -> None:
         channel = f"room:r{i % ROOMS}"
-        async with http.post(f"{base}/api/publish", json={"channel": channel, "data": body}, headers=headers) as r:
+        async with http.post(
+            f"{base}/api/publish", json={"channel": channel, "data": body}, headers=PUBLISH_HEADERS
+        ) as r:
             r.raise_for_status()
 
     for start in range(0, messages, 200):

@@ -19,9 +19,7 @@ import aiohttp
 
 from ops.loadtest.procstat import live_cpu_seconds
 
-from .servers import PUBLISH_KEY, against_one_node
-
-HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+from .servers import PUBLISH_HEADERS, against_one_node
 
 
 def item(i: int) -> dict[str, object]:
@@ -33,7 +31,7 @@ async def run(base: str, pid: int, messages: int, batch: int, concurrency: int) 
         url = f"{base}/api/publish"
 
         async def post(body: object) -> None:
-            async with http.post(url, json=body, headers=HEADERS) as resp:
+            async with http.post(url, json=body, headers=PUBLISH_HEADERS) as resp:
                 resp.raise_for_status()
                 await resp.read()
 

@@ -43,6 +43,7 @@ NAIVE_SERVER = HERE / "naive_server.py"
 
 JWT_SECRET = "herald-bench-secret-0123456789abcdef0123456789abcdef"
 PUBLISH_KEY = "herald-bench-publish-key"
+PUBLISH_HEADERS = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 SUBJECT_PREFIX = "herald"
 
 NCHAN_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/lib64/nginx/modules", "/usr/share/nginx/modules")
@@ -220,9 +221,7 @@ class Herald(Server):
             server_pids=pids,
             aux_pids=[nats_proc.pid],
             jwt_secret=JWT_SECRET,
-            http_publish=HttpPublish(
-                f"http://{base}/api/publish", "herald", {"Authorization": f"Bearer {PUBLISH_KEY}"}
-            ),
+            http_publish=HttpPublish(f"http://{base}/api/publish", "herald", PUBLISH_HEADERS),
         )
 
     def stop(self) -> None:
