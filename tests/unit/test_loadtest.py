@@ -22,7 +22,7 @@ from ops.bench import report as bench_report
 from ops.bench.run import _parser as bench_parser
 from ops.bench.run import select
 from ops.bench.scenarios import SCENARIO_NAMES, loadtest_command, standard
-from ops.bench.servers import HttpPublish, Target, raw_target
+from ops.bench.servers import HttpPublish, Nchan, Target, raw_target
 from ops.loadtest import payload, procstat, storm, wsproto
 from ops.loadtest import report as loadtest_report
 from ops.loadtest.cli import config
@@ -744,13 +744,20 @@ def test_a_process_cpu_is_split_into_user_space_and_kernel() -> None:
         procstat.live_cpu_seconds(2**22 + 1)  # a node under measurement that is gone is an error
 
 
-def test_the_fanout_floor_runs_only_when_named() -> None:
+def test_the_fanout_floor_runs_only_when_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Nchan, "missing", staticmethod(lambda: None))  # as if nginx + nchan were installed
     _, servers, _ = select(bench_parser().parse_args(["--peers", "--only", "fanout-ws-http"]))
     assert servers == {"herald", "naive", "nchan"}  # the fan-out floor is asked for by name
     _, servers, _ = select(bench_parser().parse_args(["--only", "fanout-ws-http", "--servers", "herald,floor"]))
     assert servers == {"herald", "floor"}
     with pytest.raises(SystemExit, match="unknown server"):
         select(bench_parser().parse_args(["--servers", "herald,flor"]))
+
+
+def test_peers_without_nginx_run_without_nchan_and_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Nchan, "missing", staticmethod(lambda: "nginx not found"))
+    _, servers, notes = select(bench_parser().parse_args(["--peers", "--only", "fanout-ws-http"]))
+    assert servers == {"herald", "naive"} and "nchan skipped: nginx not found" in notes
 
 
 def canned_outcomes() -> list[dict[str, Any]]:
