@@ -117,16 +117,29 @@ async def compare_and_set(
 async def live_keys(kv: KeyValue, pattern: str) -> list[str]:
     """Keys matching ``pattern`` (NATS wildcards) that hold a value, filtered
     by the server: the last message of each key, as of one moment (see
-    snapshot.py; nats-py's ``keys()`` and watchers wait for an end mark)."""
+    snapshot.py; nats-py's ``keys()`` and watchers wait for an end mark).
+    Every write the leader acked before the call is seen, whichever copy of a
+    replicated bucket the read lands on."""
     # The bucket's JetStream context, stream and subject prefix, as nats-py's
     # KeyValue keeps them (set in its constructor since nats-py 2.0).
     js, stream, prefix = kv._js, kv._stream, kv._pre
+    subject = prefix + pattern
+    try:
+        # The last message on these keys, as the leader says: the read goes at
+        # least that far (a copy behind it would miss keys already acked).
+        last = await js.get_msg(stream, subject=subject)
+        reach = {last.subject: last.seq} if last.subject and last.seq else {}
+    except nats.js.errors.NotFoundError:
+        reach = {}
 
-    def key(msg: Msg) -> str | None:
+    def entry(msg: Msg) -> tuple[str, bool]:
         headers = msg.headers or {}
-        if headers.get("KV-Operation") in _GONE or "Nats-Marker-Reason" in headers:
-            return None
-        return msg.subject[len(prefix) :]
+        gone = headers.get("KV-Operation") in _GONE or "Nats-Marker-Reason" in headers
+        return msg.subject[len(prefix) :], not gone
 
-    config = snapshot_config(uuid.uuid4().hex, [prefix + pattern], last_per_subject=True, headers_only=True)
-    return await read_snapshot(js, stream, config, key, 1 << 31, KEYS_TIMEOUT)
+    config = snapshot_config(uuid.uuid4().hex, [subject], last_per_subject=True, headers_only=True)
+    entries = await read_snapshot(js, stream, config, entry, 1 << 31, KEYS_TIMEOUT, reach)
+    # A copy catching up delivers a key's later messages after its last one
+    # as of the read's start: the latest says whether it holds a value.
+    latest = dict(entries)
+    return [key for key, held in latest.items() if held]
