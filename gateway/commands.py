@@ -4,6 +4,7 @@ echoing the command's ``ref``; the caller sends it where it belongs."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -292,12 +293,17 @@ class Commands:
         return channel
 
 
+# A page limit written as text: ASCII digits, few enough for int() (str.isdigit
+# takes "²", which int() refuses).
+_LIMIT_TEXT = re.compile(r"[0-9]{1,9}")
+
+
 def page_request(limit: Any, before: Any, page_max: int) -> tuple[int, int | None]:
     """A history page's ``limit`` (default 50) and ``before`` (an id, or
     None: the newest), checked; InvalidChannel says what is wrong."""
     if limit is None:
         limit = min(50, page_max)
-    elif type(limit) is str and limit.isdigit():  # from a query string
+    elif type(limit) is str and _LIMIT_TEXT.fullmatch(limit):  # from a query string
         limit = int(limit)
     if type(limit) is not int or not 1 <= limit <= page_max:
         raise InvalidChannel(f"limit must be an integer from 1 to {page_max} (history.page_max)")

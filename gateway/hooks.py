@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import random
+import re
 import signal
 import time
 from datetime import UTC, datetime
@@ -50,7 +51,7 @@ def verify(secret: str, header: str, body: bytes, tolerance: float = 300.0) -> b
     """What a receiver does (README has it standalone): one v1 matches, t is recent."""
     fields = [part.partition("=") for part in header.split(",")]
     stamps = [v for k, _, v in fields if k == "t"]
-    if len(stamps) != 1 or not stamps[0].isdigit() or abs(time.time() - int(stamps[0])) > tolerance:
+    if len(stamps) != 1 or not re.fullmatch(r"[0-9]{1,15}", stamps[0]) or abs(time.time() - int(stamps[0])) > tolerance:
         return False
     expected = hmac.new(secret.encode(), stamps[0].encode() + b"." + body, hashlib.sha256).hexdigest()
     return any(hmac.compare_digest(expected, v) for k, _, v in fields if k == "v1")

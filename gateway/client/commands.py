@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .calls import Answer
-from .events import Message, message_of
+from .events import Message, is_id, message_of
 from .feed import Feed
 from .rooms import Rooms
 
@@ -33,7 +33,7 @@ class Commands:
         fields: dict[str, Any] = {"room": room}
         if since is not None:
             fields["since"] = str(since)
-            if fields["since"].isdigit():  # else the node refuses it (bad_request)
+            if is_id(fields["since"]):  # else the node refuses it (bad_request)
                 self._feed.rewind(f"room:{room}", fields["since"])
         await self._command("subscribe", fields)
         self._rooms.asked(room)  # acked: reconnects join it from now on

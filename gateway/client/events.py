@@ -8,8 +8,17 @@ ignores what it does not know: a client MUST ignore new frame types and keys.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
+
+# A stream id as text: ASCII digits (str.isdigit also takes "²", which int() refuses).
+_ID_TEXT = re.compile(r"[0-9]{1,20}")
+
+
+def is_id(text: str) -> bool:
+    """Whether ``text`` is a stream id (what ``int()`` reads, as the node writes it)."""
+    return _ID_TEXT.fullmatch(text) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +139,7 @@ def _str(value: Any, default: str = "") -> str:
 
 def _id(value: Any) -> str | None:
     """A stream id as the string the protocol uses (integers are accepted)."""
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and is_id(value):
         return value
     if type(value) is int and value >= 0:
         return str(value)

@@ -90,13 +90,15 @@ async def test_history_refusals(node: RunningNode, http: aiohttp.ClientSession) 
             {"room": "lobby", "limit": -1},
             {"room": "lobby", "limit": 10_000},
             {"room": "lobby", "limit": 2.5},
+            {"room": "lobby", "limit": "\u00b2"},  # a digit to str.isdigit, not to int()
+            {"room": "lobby", "limit": "9" * 5000},  # more digits than int() reads
             {"room": "lobby", "before": "abc"},
             {"room": "lobby", "before": -5},
             {"room": "a.b"},
             {"channel": "room:*"},
         ]
         codes = [(await ask(ws, {"type": "history", **cmd}))["code"] for cmd in bad]
-        assert codes == ["forbidden", "forbidden"] + ["bad_request"] * 8
+        assert codes == ["forbidden", "forbidden"] + ["bad_request"] * 10
 
 
 async def test_a_room_history_limit_caps_every_page(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
@@ -133,6 +135,8 @@ async def test_admin_history_api(node: RunningNode, http: aiohttp.ClientSession)
         assert [m["id"] for m in (await resp.json())["messages"]] == published[-6:-3]
     for params in (
         {"channel": "room:lobby", "limit": "0"},
+        {"channel": "room:lobby", "limit": "\u00b2"},
+        {"channel": "room:lobby", "limit": "9" * 5000},
         {"channel": "lobby"},
         {"channel": "room:lobby", "before": "x"},
     ):

@@ -366,6 +366,7 @@ async def test_commands_answer_by_ref_and_errors_raise(fake_node: FakeNode) -> N
         with pytest.raises(ValueError):
             await client.history()
         await client.subscribe("b", since="3")
+        await client.subscribe("b", since="\u00b2")  # not an id: the node's to refuse, no ValueError here
         assert client.rooms == ("b",)
         await client.unsubscribe("b")
         assert client.rooms == ()
@@ -377,6 +378,7 @@ async def test_commands_answer_by_ref_and_errors_raise(fake_node: FakeNode) -> N
         {"type": "history", "room": "a", "limit": 5, "before": "10"},
         {"type": "history", "channel": "user", "limit": 50},
         {"type": "subscribe", "room": "b", "since": "3"},
+        {"type": "subscribe", "room": "b", "since": "\u00b2"},
         {"type": "unsubscribe", "room": "b"},
         {"type": "read", "id": "9"},
     ]

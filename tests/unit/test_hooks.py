@@ -25,6 +25,8 @@ def test_signature_scheme_and_tampering() -> None:
     assert not verify("another-secret", header, body)
     stale = signature([SECRET], 1_000_000_000, body)
     assert not verify(SECRET, stale, body)  # too old: a replay
+    for forged in ("\u00b2", "9" * 5000, "-1", " 1", ""):  # "²" passes str.isdigit; int() refuses it and 5,000 digits
+        assert not verify(SECRET, header.replace(header.split(",")[0], f"t={forged}"), body)
 
 
 def test_the_readme_receiver_example_verifies_our_signatures() -> None:
@@ -40,6 +42,7 @@ def test_the_readme_receiver_example_verifies_our_signatures() -> None:
     header = signature([SECRET], int(time.time()), body)
     assert namespace["verify"](SECRET, header, body)
     assert not namespace["verify"](SECRET, header, body + b" ")
+    assert not namespace["verify"](SECRET, header.replace("t=", "t=\u00b2", 1), body)  # refused, not raised
 
 
 class _LosesOneCancel:
