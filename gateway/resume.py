@@ -125,7 +125,7 @@ class Resumer:
                 return None, 0
             return replay, len(replay.deliveries)
         replay = await history.replay(channels, since, settings.replay_max)
-        if read >= since:
+        if read >= since and user not in replay.lost:  # the replay holds every unread message
             unread = sum(1 for d in replay.deliveries if d.channel == user and d.seq > read)
         else:
             unread = len((await history.replay((user,), read, settings.user_max)).deliveries)

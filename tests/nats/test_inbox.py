@@ -385,6 +385,22 @@ async def test_unread_counts_from_read_position_whatever_since(
     await ws.close()
 
 
+async def test_unread_counts_the_messages_a_capped_replay_leaves_out(
+    node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """A resume cut short by ``replay_max`` still counts every unread message
+    (docs/protocol.md 7.3: "whether or not they are in this replay")."""
+    node: RunningNode = await node_factory(history={"replay_max": 3})
+    await publish_many(http, node, "user:jack", 2)
+    room_ids = await publish_many(http, node, "room:lobby", 5)
+    ws, welcome = await connect(http, node, "jack", room="lobby", since="0")  # read position 0: at since
+    assert welcome["unread"] == 2
+    resets = [await recv_json(ws) for _ in range(2)]  # both lost messages to the cap
+    assert [(f["type"], f["channel"]) for f in resets] == [("reset", "room:lobby"), ("reset", "user")]
+    assert [f["id"] for f in await messages(ws, 3)] == room_ids[-3:]
+    await ws.close()
+
+
 async def test_inbox_and_live_flow_meet_without_gap_or_duplicate(
     node_factory: Callable[..., Any], http: aiohttp.ClientSession
 ) -> None:
