@@ -231,11 +231,14 @@ class Commands:
         if fresh.user != session.user:
             self._metrics.auth_failures.labels("other_user").inc()
             raise CommandError("forbidden", "refresh token is for another user")
-        session.identity = fresh
+        previous, session.identity = session.identity, fresh
         session.set_expiry(fresh.expires)
-        # Rooms the new token no longer allows are left.
+        # Rooms the new token no longer allows are left. One the old token did
+        # not allow either was joined by the backend (POST /api/subscribe), whatever
+        # the token says: it stays.
         for channel in list(session.channels):
-            if is_room(channel) and not fresh.may_join(channel_id(channel)):
+            room = channel_id(channel) if is_room(channel) else None
+            if room is not None and previous.may_join(room) and not fresh.may_join(room):
                 await self._subscriptions.leave(session, channel)
         return _frame("ack", channels=sorted(client_name(c) for c in session.channels))
 

@@ -37,6 +37,7 @@ from ..helpers import (
     NodeFactory,
     RunningNode,
     SseClient,
+    api_publish,
     expect_close,
     recv_json,
     recv_until,
@@ -737,10 +738,17 @@ async def test_refresh_leaves_rooms_the_new_token_no_longer_allows(
     node: RunningNode, http: aiohttp.ClientSession
 ) -> None:
     ws, _ = await open_ws(http, node, token("alice", rooms=["a", "b"]), ["a", "b"])
+    # A room the backend joined the connection to, whatever the token says (docs/protocol.md 3.2), stays.
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with http.post(node.url + "/api/subscribe", json={"user": "alice", "room": "p9"}, headers=headers) as r:
+        assert (r.status, (await r.json())["subscribed"]) == (200, 1)
+    assert await recv_json(ws) == {"type": "subscribed", "room": "p9"}
     await ws.send_json({"type": "refresh", "token": token("alice", rooms=["a"]), "ref": "r"})
     ack = await recv_json(ws)
-    assert ack == {"type": "ack", "ref": "r", "channels": ["broadcast", "room:a", "user"]}
-    await wait_for(lambda: node.node.broker.stats().subscriptions == 3)
+    assert ack == {"type": "ack", "ref": "r", "channels": ["broadcast", "room:a", "room:p9", "user"]}
+    await wait_for(lambda: node.node.broker.stats().subscriptions == 4)
+    await api_publish(http, node, "room:p9", {"n": 1})
+    assert (await recv_json(ws))["channel"] == "room:p9"
     await ws.close()
 
 
