@@ -22,7 +22,17 @@ from .command_route import CommandRouter, error, status_of
 from .commands import NOT_JSON, Frame, page_request
 from .frames import dumps_exact, history_messages, loads_exact
 from .head import FrontHead
-from .http import Reply, error_reply, header_key_matches, json_error, json_reply, json_response, key_matches
+from .http import (
+    Reply,
+    body_timeout,
+    error_reply,
+    header_key_matches,
+    json_error,
+    json_reply,
+    json_response,
+    key_matches,
+    read_body,
+)
 from .hub import Hub
 from .limits import TokenBucket
 from .metrics import Metrics
@@ -39,11 +49,19 @@ class PublishApi:
     optional ``Idempotency-Key``. Owns the rate bucket of each publish key."""
 
     def __init__(
-        self, key: str, rate: float, max_body: int, settings: PublishSettings, pubsub: PubSub, metrics: Metrics
+        self,
+        key: str,
+        rate: float,
+        max_body: int,
+        body_timeout: float,
+        settings: PublishSettings,
+        pubsub: PubSub,
+        metrics: Metrics,
     ) -> None:
         self._key = key  # publish.key
         self._rate = rate  # limits.api_rate
         self._max_body = max_body  # http.max_body: one message
+        self._body_timeout = body_timeout  # http.handshake_timeout (the front door's, for the body)
         self._max_batch = settings.max_batch
         self._max_batch_body = settings.max_batch_body
         self._pubsub = pubsub
@@ -69,7 +87,9 @@ class PublishApi:
         if refusal is not None:
             return refusal.response()
         try:
-            body = await request.read()
+            body = await read_body(request, self._body_timeout)
+        except TimeoutError:
+            return body_timeout(self._body_timeout).response(close=True)
         except web.HTTPRequestEntityTooLarge:
             return self._too_large(f"body larger than {self._max_batch_body} bytes").response()
         except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
@@ -264,6 +284,7 @@ class NodeApi:
         self._page_max = settings.history.page_max
         self._admin_key = settings.admin.key
         self._jwt_secret = settings.jwt.secret
+        self._body_timeout = settings.http.handshake_timeout
         self._broker = broker
         self._sessions = sessions
         self._subscriptions = subscriptions
@@ -344,7 +365,11 @@ class NodeApi:
         rooms, publish everywhere, ``ttl`` seconds: 1 to 86400, default 3600).
         Only with ``http.dev_tokens`` (``herald dev``)."""
         try:
-            doc = orjson.loads(await request.read())
+            body = await read_body(request, self._body_timeout)
+        except TimeoutError:
+            return body_timeout(self._body_timeout).response(close=True)
+        try:
+            doc = orjson.loads(body)
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
             user = check_id("user", doc.get("user"))

@@ -105,6 +105,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         settings.publish.key,
         settings.limits.api_rate,
         settings.http.max_body,
+        settings.http.handshake_timeout,
         settings.publish,
         node.broker.pubsub,
         node.metrics,
@@ -119,7 +120,9 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         node.broker.history,
         node.metrics,
     )
-    server_api = ServerApi(settings.admin.key, settings.limits.api_rate, node.broker.relay)
+    server_api = ServerApi(
+        settings.admin.key, settings.limits.api_rate, node.broker.relay, settings.http.handshake_timeout
+    )
     app[NODE] = node
     app[NODE_API] = node_api
     app.router.add_post("/api/publish", publish.publish)

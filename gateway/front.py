@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 from broker.tasks import spawn
 
 from .head import FrontHead
-from .http import ALWAYS_HEADERS, Reply, error_reply, hard_abort
+from .http import ALWAYS_HEADERS, Reply, body_timeout, error_reply, hard_abort
 
 log = logging.getLogger("herald.http")
 
@@ -42,7 +42,8 @@ MAX_HEAD = 8190  # longer heads go to aiohttp (its limit for a line: it refuses 
 # Header lines as RFC 9110 has them (no folding, no stray control bytes), checked in one pass.
 _HEADERS = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-_TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin-form, visible ASCII: anything else is aiohttp's to judge
+# Origin-form, visible ASCII but "#" (a fragment, which aiohttp drops): anything else is aiohttp's to judge.
+_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*")
 # What only aiohttp handles: bodies that are not plain Content-Length ones.
 _DELEGATED = frozenset(("transfer-encoding", "content-encoding", "expect"))
 
@@ -255,10 +256,19 @@ class FrontConnection(asyncio.Protocol):
         if self._loop.time() < self._deadline:  # answered a request since this timer was set
             self._timer = self._loop.call_at(self._deadline, self._expire)
             return
-        if self._buffer:
-            hard_abort(transport)  # half a request: nothing to say to it
+        if self._awaits_body():
+            # The head of a fast route, its body not all in: answered as aiohttp's route answers.
+            transport.write(self._door.encode(body_timeout(self._door.timeout), close=True))
+            transport.close()
+        elif self._buffer:
+            hard_abort(transport)  # half a head: nothing to say to it
         else:
             transport.close()
+
+    def _awaits_body(self) -> bool:
+        """Whether the buffer holds the whole head of a request the front door serves (but not its body)."""
+        end = self._buffer.find(b"\r\n\r\n")
+        return 0 <= end <= MAX_HEAD and self._door.match(bytes(self._buffer[:end])) is not None
 
 
 # Answers being written (see broker.tasks.spawn).

@@ -30,11 +30,14 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
     content_type: str = "application/json"
 
-    def response(self) -> web.Response:
-        """As aiohttp's response."""
-        return web.Response(
+    def response(self, close: bool = False) -> web.Response:
+        """As aiohttp's response (``close``: the connection closes after it)."""
+        response = web.Response(
             body=self.body, status=self.status, content_type=self.content_type, headers=dict(self.headers)
         )
+        if close:
+            response.force_close()
+        return response
 
 
 def json_reply(body: Any, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
@@ -43,6 +46,20 @@ def json_reply(body: Any, status: int = 200, headers: tuple[tuple[str, str], ...
 
 def error_reply(status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
     return json_reply({"error": error, "message": message}, status, headers)
+
+
+def body_timeout(seconds: float) -> Reply:
+    """The answer to a request whose body was not all in within ``seconds``
+    (``http.handshake_timeout``); its connection closes after it."""
+    return error_reply(408, "timeout", f"the body did not arrive within {seconds:g}s")
+
+
+async def read_body(request: web.Request, seconds: float) -> bytes:
+    """``request``'s body, all of it within ``seconds`` (else TimeoutError):
+    aiohttp waits for a body as long as its client takes, and one that never
+    ends it would hold the connection and the handler for good."""
+    async with asyncio.timeout(seconds):
+        return await request.read()
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:

@@ -22,7 +22,7 @@ from broker.channels import InvalidChannel, channel_id, check_id, room_channel
 from .command_route import CommandRouter
 from .disconnect import DISCONNECTED, DISCONNECTED_FOR_GOOD
 from .frames import loads_exact
-from .http import json_error, json_response, key_matches
+from .http import body_timeout, json_error, json_response, key_matches, read_body
 from .limits import TokenBucket
 from .sessions import Sessions
 from .subscriptions import Subscriptions
@@ -87,8 +87,9 @@ class ServerApi:
     """``POST /api/disconnect``, ``/api/subscribe``, ``/api/unsubscribe``
     (admin key), rate-limited like the publish API."""
 
-    def __init__(self, admin_key: str, rate: float, relay: Relay) -> None:
+    def __init__(self, admin_key: str, rate: float, relay: Relay, body_timeout: float) -> None:
         self._key = admin_key
+        self._body_timeout = body_timeout  # http.handshake_timeout
         burst = max(1.0, rate)
         self._bucket = TokenBucket(burst, burst / rate)  # limits.api_rate
         self._relay = relay
@@ -108,7 +109,9 @@ class ServerApi:
         if self._bucket.take():
             return json_error(429, "rate_limited", "too many server API requests: retry later")
         try:
-            action = _action(op, await request.read())
+            action = _action(op, await read_body(request, self._body_timeout))
+        except TimeoutError:
+            return body_timeout(self._body_timeout).response(close=True)
         except (ValueError, InvalidChannel) as exc:
             return json_error(400, "bad_request", str(exc))
         except (web.HTTPRequestEntityTooLarge, RequestPayloadError):

@@ -1,0 +1,77 @@
+"""A fast route's requests get the same answer whether the front door serves
+them (their plain shape) or aiohttp does (any other shape: here, a harmless
+header repeated, or a chunked body), over raw sockets (gateway/front.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from ..helpers import ADMIN_KEY, PUBLISH_KEY, NodeFactory, RunningNode, token
+
+BODY = b'{"channel":"room:lobby","data":1}'
+WS_HEADERS = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+REPEATED = b"X-Probe: 1\r\nX-Probe: 2\r\n"  # a header twice: the request is aiohttp's
+SHAPES = {"front": b"", "aiohttp": REPEATED}
+
+
+async def exchange(node: RunningNode, request: bytes, seconds: float = 3.0) -> bytes:
+    """What the node sends back until it closes or ``seconds`` pass."""
+    host, port = node.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    received = b""
+    try:
+        writer.write(request)
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(65536):
+                received += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        writer.transport.abort()
+    return received
+
+
+@pytest.mark.parametrize("path", ["/sse", "/ws"])
+async def test_a_fragment_in_the_target_is_dropped_on_both_paths(node: RunningNode, path: str) -> None:
+    target = f"{path}?token={token()}&room=lobby#top".encode()
+    head = b"GET %b HTTP/1.1\r\nHost: 127.0.0.1\r\n%b" % (target, WS_HEADERS if path == "/ws" else b"")
+    for shape, extra in SHAPES.items():
+        answer = await exchange(node, head + extra + b"\r\n", seconds=1.0)
+        status = answer.split(b"\r\n", 1)[0]
+        assert status in (b"HTTP/1.1 200 OK", b"HTTP/1.1 101 Switching Protocols"), (shape, answer[:300])
+        assert b'"type":"welcome"' in answer and b'"room:lobby"' in answer, (shape, answer[:300])
+
+
+@pytest.mark.parametrize(
+    ("path", "key"), [("/api/publish", PUBLISH_KEY), ("/api/subscribe", ADMIN_KEY)], ids=["publish", "subscribe"]
+)
+async def test_a_body_that_never_ends_gets_408_within_the_handshake_timeout(
+    node_factory: NodeFactory, path: str, key: str
+) -> None:
+    """README: a connection must send its complete request within
+    http.handshake_timeout — its body too, in every shape (aiohttp alone
+    would wait for a body for ever)."""
+    node: RunningNode = await node_factory(http={"handshake_timeout": 1.0})
+    head = b"POST %b HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %b\r\n" % (path.encode(), key.encode())
+    shapes = {
+        "front": b"Content-Length: %d\r\n\r\n" % len(BODY),
+        "aiohttp": b"Content-Length: %d\r\n%b\r\n" % (len(BODY), REPEATED),
+        "chunked": b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(BODY),
+    }
+    for shape, rest in shapes.items():
+        if path != "/api/publish" and shape == "front":
+            continue  # not a fast route
+        began = time.monotonic()
+        answer = await exchange(node, head + rest + BODY[:-5], seconds=5.0)
+        assert time.monotonic() - began < 3, shape  # closed after the answer
+        status, _, rest_of_answer = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 408 Request Timeout", (shape, answer)
+        body = orjson.loads(rest_of_answer.partition(b"\r\n\r\n")[2])
+        assert body == {"error": "timeout", "message": "the body did not arrive within 1s"}, shape
