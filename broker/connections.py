@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 import nats.errors
 import orjson
@@ -35,6 +35,14 @@ warn = Throttle(log)
 Table = dict[str, list[object]]
 
 
+class _Unlisted(Exception):
+    """A user's table names instances the live-node listing in hand lacks."""
+
+    def __init__(self, instances: set[str]) -> None:
+        super().__init__(instances)
+        self.instances = instances
+
+
 class KvConnections:
     """``broker.roles.Connections``: the per-user table in KV, and the kicks
     that make room for a newer connection (``kick`` is told of local ones;
@@ -45,7 +53,7 @@ class KvConnections:
         link: NatsLink,
         stream: str,
         instance: str,
-        alive: Callable[[], Awaitable[set[str]]],
+        alive: Callable[[Collection[str]], Awaitable[set[str]]],
         kick: Callable[[str], None],
         timeout: float = 5.0,
     ) -> None:
@@ -137,14 +145,18 @@ class KvConnections:
         if kv is None:
             return False
         try:
-            alive = await self._alive()
-            alive.add(self._instance)
             instance = self._instance
+            alive = await self._alive(())
+            alive.add(instance)
+            asked: set[str] = set()  # instances the listing was asked about after their entry was read
             ours = False  # whether the table as left holds connections of this node
 
             def apply(value: bytes | None) -> bytes | None:
                 nonlocal ours
                 table = orjson.loads(value or b"{}")
+                unknown = {str(v[0]) for v in table.values()} - alive - asked
+                if unknown:
+                    raise _Unlisted(unknown)
                 new = change(table, alive)
                 ours = any(v[0] == instance for v in (table if new is None else new).values())
                 return None if new is None else orjson.dumps(new)
@@ -152,13 +164,21 @@ class KvConnections:
             # A conflict is another connection of this user counted meanwhile.
             key = key_token(user)
             known = self._known.get(user)
-            try:
-                current = await compare_and_set(kv, key, apply, tries=100, known=known)
-            except TooManyConnections:
-                if known is None:
-                    raise
-                # Judged on what this node last wrote: another may have counted some out since.
-                current = await compare_and_set(kv, key, apply, tries=100)
+            for _ in range(5):
+                try:
+                    current = await compare_and_set(kv, key, apply, tries=100, known=known)
+                    break
+                except _Unlisted as exc:
+                    # Entries of instances the cached listing lacks: started since, or gone.
+                    asked |= exc.instances
+                    alive = await self._alive(exc.instances) | {instance}
+                except TooManyConnections:
+                    if known is None:
+                        raise
+                    # Judged on what this node last wrote: another may have counted some out since.
+                    known = None
+            else:
+                return False
         except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
             detail = getattr(exc, "description", None)  # what the JetStream API said, if it answered
             warn("update", "connection count of a user not updated: %r%s", exc, f" ({detail})" if detail else "")

@@ -24,6 +24,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Collection
 
 import nats.errors
 import nats.js.errors
@@ -86,8 +87,12 @@ class KvPresence:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._alive_cache: set[str] = set()
-        self._alive_at = -1e9
+        self._alive_at = -1e9  # when the cached listing began (monotonic)
         self._refreshing: asyncio.Future[set[str]] | None = None
+        self._refresh_began = -1e9
+        # Instances seen in entries but absent from a listing begun after: gone
+        # (ids are per process); until a later listing has them again.
+        self._gone: set[str] = set()
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
         """Bind (or create) the buckets, announce this instance, start writing."""
@@ -175,27 +180,48 @@ class KvPresence:
 
     async def _claim_join(self, room: Channel, user: str) -> None:
         assert self._kv is not None
-        try:
-            await self._kv.create(self._marker(room, user), b"1")
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return  # in the room already, through another node or tab
-        await self._announce(room, user, True)
+        marker = self._marker(room, user)
+        for _ in range(10):
+            try:
+                await self._kv.create(marker, b"1")
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass  # in the room already, through another node or tab
+            else:
+                await self._announce(room, user, True)
+                return
+            # Move the marker's revision on: a leave judged on entries read
+            # before this node's was written then fails to delete it (_left).
+            try:
+                current = await self._kv.get(marker)
+                await self._kv.update(marker, b"1", last=current.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return  # moved on by another node meanwhile: as good
+            except nats.js.errors.NotFoundError:
+                continue  # left meanwhile: this is a new stay, announced
+            return
 
     async def _left(self, room: Channel, user: str) -> None:
+        """Announce the leave unless an entry of a live instance is left.
+        The marker's revision is read first: a join written after it moves
+        it on, and the delete expecting it fails (_claim_join)."""
         assert self._kv is not None
-        alive = await self.alive()
-        for entry in await live_keys(self._kv, f"*.{key_token(room)}.{key_token(user)}"):
-            if entry.split(".", 1)[0] in alive:
-                return  # still there on some node
-        await asyncio.shield(self._claim_leave(room, user))
+        marker = self._marker(room, user)
+        try:
+            revision = (await self._kv.get(marker)).revision or 0
+        except nats.js.errors.NotFoundError:
+            return  # announced by another node already
+        entries = await live_keys(self._kv, f"*.{key_token(room)}.{key_token(user)}")
+        instances = {entry.split(".", 1)[0] for entry in entries}
+        if instances & await self.alive(instances):
+            return  # still there on some node
+        await asyncio.shield(self._claim_leave(room, user, revision))
 
-    async def _claim_leave(self, room: Channel, user: str) -> None:
+    async def _claim_leave(self, room: Channel, user: str, revision: int) -> None:
         assert self._kv is not None
         try:
-            marker = await self._kv.get(self._marker(room, user))
-            await self._kv.delete(self._marker(room, user), last=marker.revision)
+            await self._kv.delete(self._marker(room, user), last=revision)
         except (nats.js.errors.NotFoundError, nats.js.errors.KeyWrongLastSequenceError):
-            return  # announced by another node already
+            return  # announced by another node already, or joined again meanwhile
         await self._announce(room, user, False)
 
     async def _heartbeat_loop(self) -> None:
@@ -217,8 +243,9 @@ class KvPresence:
     async def _sweep(self) -> None:
         """Delete the entries of instances that stopped refreshing their key."""
         assert self._kv is not None
-        alive = await self._alive()
-        for key in await live_keys(self._kv, f"{REGISTRY}.*"):
+        registered = await live_keys(self._kv, f"{REGISTRY}.*")
+        alive = await self._alive()  # listed after: a node registered since is in it
+        for key in registered:
             dead = key.split(".", 1)[1]
             if dead in alive or dead == self.instance:
                 continue
@@ -238,22 +265,42 @@ class KvPresence:
 
     async def _alive(self) -> set[str]:
         assert self._nodes is not None
-        self._alive_cache = set(await live_keys(self._nodes, "*"))
-        self._alive_at = time.monotonic()
-        return set(self._alive_cache)
+        began = time.monotonic()
+        alive = set(await live_keys(self._nodes, "*"))
+        self._alive_cache, self._alive_at = alive, began
+        self._gone -= alive
+        return set(alive)
 
-    async def alive(self) -> set[str]:
-        """Live instances, at most ttl/3 old (for checks on every connect)."""
+    async def alive(self, seen: Collection[str] = ()) -> set[str]:
+        """Live instances (for checks on every connect): a listing begun at
+        most ttl/3 ago — or after this call, when ``seen`` (the instances of
+        entries read before it) names one the cached listing lacks: a node
+        started since is not taken for a dead one."""
         if self._nodes is None:
             return {self.instance}
-        if time.monotonic() - self._alive_at > self._ttl / 3:
-            # One lookup for everyone asking meanwhile (a burst of connects or
-            # closes would otherwise start a KV listing, one consumer, each).
+        now = time.monotonic()
+        unknown = set(seen) - self._alive_cache - self._gone
+        if unknown:
+            await self._listing(now)
+            self._gone |= unknown - self._alive_cache
+        elif now - self._alive_at > self._ttl / 3:
+            await self._listing(now - self._ttl / 3)
+        return set(self._alive_cache)
+
+    async def _listing(self, since: float) -> None:
+        """Return once a listing of the live instances begun at or after
+        ``since`` (monotonic) is done; raise if it fails. One listing at a
+        time, shared by everyone asking meanwhile (a burst of connects or
+        closes would otherwise start a KV listing, one consumer, each)."""
+        while self._alive_at < since:
             refresh = self._refreshing
+            if refresh is not None and not refresh.done() and self._refresh_began < since:
+                await asyncio.wait([refresh])  # begun too early: the next one, once it is done
+                continue
             if refresh is None or refresh.done():
+                self._refresh_began = time.monotonic()
                 refresh = self._refreshing = asyncio.ensure_future(self._alive())
             await asyncio.shield(refresh)
-        return set(self._alive_cache)
 
     async def members(self, room: Channel) -> list[str]:
         """Users with a connection in ``room`` on any live node, sorted."""
@@ -261,8 +308,8 @@ class KvPresence:
         if self._kv is None or self._nodes is None:
             raise BrokerUnavailable("presence is not available yet")
         try:
-            alive = await self._alive()
             entries = await live_keys(self._kv, f"*.{key_token(room)}.*")
+            alive = await self._alive()  # listed after: a node that wrote an entry is in it
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"presence lookup failed: {exc.__class__.__name__}") from None
         users = set()

@@ -10,10 +10,14 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 
+import broker.presence
 from broker.embedded import NatsServer
+from broker.kv import key_token
 
 from ..helpers import (
+    ADMIN_KEY,
     NodeFactory,
     RunningNode,
     SseClient,
@@ -95,6 +99,57 @@ async def test_one_join_and_one_leave_per_user_across_two_nodes(
     rita = await open_ws(http, b, "rita", "lobby")
     assert presence_frames(await frames_for(quiet, 0.6)) == []
     await rita.close()
+    await observer.close()
+
+
+async def test_no_leave_while_the_user_is_on_a_node_started_since_the_live_nodes_were_listed(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    shared = cluster()
+    a = await node_factory(**shared)
+    observer = await open_ws(http, a, "olga", "chat-1")  # A lists the live nodes now (kept ttl/3)
+    assert presence_frames(await frames_for(observer, 0.5)) == [("join", "olga")]
+    b = await node_factory(**shared)
+    on_b = await open_ws(http, b, "alice", "chat-1")
+    on_a = await open_ws(http, a, "alice", "chat-1")  # a second tab
+    assert presence_frames(await frames_for(observer, 0.8)) == [("join", "alice")]
+    await on_a.close()  # alice is still in the room, on B
+    assert presence_frames(await frames_for(observer, 1.0)) == []
+    await on_b.close()
+    assert presence_frames(await frames_for(observer, 1.0)) == [("leave", "alice")]
+    await observer.close()
+
+
+async def test_a_user_back_on_another_node_while_the_last_leave_is_judged_stays_in(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice's last tab on A closes; A lists her entries (none), and before it
+    takes the room's marker away she is back, on B (whose join finds the
+    marker there: no join of its own). The leave judged on the older listing
+    must not go out: she is in the room."""
+    shared = cluster()
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    observer = await open_ws(http, a, "olga", "chat-1")
+    on_a = await open_ws(http, a, "alice", "chat-1")
+    assert presence_frames(await frames_for(observer, 0.8)) == [("join", "olga"), ("join", "alice")]
+    listing = broker.presence.live_keys
+    back: list[aiohttp.ClientWebSocketResponse] = []
+
+    async def listed_then_back(kv: Any, pattern: str) -> list[str]:
+        keys = await listing(kv, pattern)
+        if pattern.endswith(key_token("alice")) and not back:
+            back.append(await open_ws(http, b, "alice", "chat-1"))
+            await asyncio.sleep(0.5)  # B has written its entry and claimed the join by now
+        return keys
+
+    monkeypatch.setattr(broker.presence, "live_keys", listed_then_back)
+    await on_a.close()
+    assert presence_frames(await frames_for(observer, 1.5)) == []
+    async with http.get(f"{a.url}/api/presence/chat-1", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+        assert (r.status, (await r.json())["users"]) == (200, ["alice", "olga"])
+    await back[0].close()
+    assert presence_frames(await frames_for(observer, 1.0)) == [("leave", "alice")]
     await observer.close()
 
 

@@ -117,3 +117,24 @@ async def test_a_burst_of_one_users_connects_on_two_nodes_admits_exactly_the_lim
     assert all(what == "welcome" for _, what in outcomes[12:])
     for ws, _ in outcomes:
         await ws.close()
+
+
+async def test_a_node_started_since_the_live_nodes_were_listed_counts(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """Node A lists the live nodes (kept ttl/3); node B starts after and
+    admits the user: A must count B's connection (not take B for a dead
+    node), and must not drop it from the user's table either."""
+    shared = cluster(max_connections_per_user=1)
+    a = await node_factory(**shared)
+    warm = await connect(http, a, "zed")  # A lists the live nodes now
+    assert (await recv_json(warm))["type"] == "welcome"
+    b = await node_factory(**shared)
+    first = await connect(http, b, "ann")
+    assert (await recv_json(first))["type"] == "welcome"
+    for node in (a, a, b):  # refused each time: B's connection is still counted
+        second = await connect(http, node, "ann")
+        code, reason = await expect_close(second)
+        assert code == 4029 and "at most 1 connections" in reason
+    for ws in (warm, first):
+        await ws.close()
