@@ -239,6 +239,10 @@ class Opener:
         except Refusal as refusal:
             link.refuse(refusal)
             return
+        except Exception:  # a bug: told as such (WS 1011, SSE 500), logged; the node goes on
+            log.exception("admitting a %s stream failed", link.name)
+            link.refuse(Refusal(500, INTERNAL, "internal", "internal error"))
+            return
         if link.gone:  # the client left while it was being admitted
             gate.count_out(admission.identity.user, conn_id)
             return

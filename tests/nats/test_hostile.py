@@ -170,3 +170,27 @@ async def test_clients_that_leave_during_admission_leave_no_traceback(
     honest = await honest_client(http, node)
     await still_served(http, node, honest)
     await honest.close()
+
+
+async def test_a_failure_while_admitting_is_a_1011_or_a_500_and_the_node_goes_on(
+    node: RunningNode, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug met while a stream is admitted (after the WebSocket upgrade)
+    closes it 1011 — not HTTP bytes written into the WebSocket stream — and
+    an SSE request gets a JSON 500; both are logged."""
+    gate = node.node.gate
+
+    async def fails(*args: Any) -> str:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gate, "count_in", fails)
+    ws = await http.ws_connect(node.ws_url, params={"token": token("alice")})
+    code, reason = await expect_close(ws)
+    assert (code, reason) == (1011, "internal error")
+    async with http.get(node.url + "/sse", params={"token": token("alice")}) as resp:
+        assert (resp.status, (await resp.json())["error"]) == (500, "internal")
+    assert sum("a bug" in r.getMessage() or "a bug" in str(r.exc_info) for r in caplog.records) >= 2
+    monkeypatch.undo()
+    ws = await http.ws_connect(node.ws_url, params={"token": token("alice")})
+    assert (await recv_json(ws))["type"] == "welcome"
+    await ws.close()
