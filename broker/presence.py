@@ -267,7 +267,8 @@ class KvPresence:
         assert self._nodes is not None
         began = time.monotonic()
         alive = set(await live_keys(self._nodes, "*"))
-        self._alive_cache, self._alive_at = alive, began
+        if began >= self._alive_at:  # listings may end out of order: the newest is kept
+            self._alive_cache, self._alive_at = alive, began
         self._gone -= alive
         return set(alive)
 
