@@ -150,7 +150,10 @@ class Outbound:
             # The cached transport size may be stale (the peer read since): ask
             # again, counting a direct write of this pass not sent yet.
             self.wire_bytes = self.wire.buffered() + len(self.flusher.noted(self))
-            if not self._within_limits() and not self._shed():
+            # A frame larger than the limit is let through alone in the queue:
+            # past it, it could never be sent, and a resume would meet it again.
+            alone = len(self.entries) == 1
+            if not alone and not self._within_limits() and not self._shed():
                 self.on_overflow(False)
                 return
         if not self._scheduled and self.waiter is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from broker import Channel, History, ReadPositions, Replay
+from broker import Channel, Delivery, History, ReadPositions, Replay
 from broker.channels import client_name, user_channel
 
 from .metrics import Metrics
@@ -150,15 +150,13 @@ class Resumer:
         deliveries = replay.deliveries
         if not deliveries:
             return
-        max_bytes, max_messages = _pace(session)
-        outbound = session.outbound
+        pace = _pace(session)
         sent = 0
         for d in deliveries:
-            if outbound.bytes > max_bytes or len(outbound) > max_messages:
-                await outbound.room(max_bytes, max_messages)
+            frame = await _room_for(session, d, pace)
             if not session.active:
                 break
-            session.queue_replayed(d)
+            session.queue_replayed(d, frame)
             sent += 1
         self._metrics.replayed.inc(sent)
 
@@ -166,14 +164,12 @@ class Resumer:
         """Queue the held live deliveries at the socket's pace; what arrives
         meanwhile is held too, and goes next. Ends, with the session live, once
         nothing is held (the client reads faster than its channels get messages)."""
-        max_bytes, max_messages = _pace(session)
-        outbound = session.outbound
+        pace = _pace(session)
         droppable = self._droppable
         while session.held and session.active:
             for d in session.take_held():
-                if outbound.bytes > max_bytes or len(outbound) > max_messages:
-                    await outbound.room(max_bytes, max_messages)
-                session.queue_held(d, droppable(d.channel))
+                frame = await _room_for(session, d, pace)
+                session.queue_held(d, droppable(d.channel), frame)
 
     def _queue_held(self, session: Session) -> None:
         """Stop holding and queue what is held now (unpaced: the session is
@@ -181,6 +177,23 @@ class Resumer:
         droppable = self._droppable
         for d in session.stop_holding():
             session.queue_held(d, droppable(d.channel))
+
+
+async def _room_for(session: Session, d: Delivery, pace: tuple[int, int]) -> bytes | None:
+    """Wait until the queue has room for ``d`` at the replay's pace; its frame
+    if it had to be made to tell. A frame larger than the queue's limit waits
+    for the queue to empty: it goes out on its own (outbound.push)."""
+    outbound = session.outbound
+    max_bytes, max_messages = pace
+    frame = None
+    if len(d.payload) + outbound.bytes >= outbound.limits.max_bytes // 2:  # may not fit beside the queue
+        frame = session.codec.message(d)
+        if len(frame) + outbound.bytes > outbound.limits.max_bytes:
+            await outbound.room(0, 0)
+            return frame
+    if outbound.bytes > max_bytes or len(outbound) > max_messages:
+        await outbound.room(max_bytes, max_messages)
+    return frame
 
 
 def _pace(session: Session) -> tuple[int, int]:

@@ -141,18 +141,19 @@ class Session:
         self.gated = self.floors is not None
         return held
 
-    def queue_replayed(self, d: Delivery) -> None:
-        self.outbound.push(self.codec.message(d), REPLAYED)
+    def queue_replayed(self, d: Delivery, frame: bytes | None = None) -> None:
+        """Queue a replayed delivery (``frame``: its frame, if made already)."""
+        self.outbound.push(self.codec.message(d) if frame is None else frame, REPLAYED)
         floors = self.floors
         if floors is None:
             floors = self.floors = {}
             self.gated = True
         floors[d.channel] = d.seq
 
-    def queue_held(self, d: Delivery, droppable: bool) -> None:
+    def queue_held(self, d: Delivery, droppable: bool, frame: bytes | None = None) -> None:
         """Queue a held live delivery, unless a replay sent it already."""
         if not self._replayed(d):
-            self.outbound.push(self.codec.message(d), LIVE, d.ts, droppable)
+            self.outbound.push(self.codec.message(d) if frame is None else frame, LIVE, d.ts, droppable)
 
     # -- life ----------------------------------------------------------------------
 

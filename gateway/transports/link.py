@@ -65,13 +65,14 @@ def ends_on_failure(session: Session) -> Iterator[None]:
 class Links:
     """The open links of one transport on a node, and what they all share."""
 
-    __slots__ = ("close_timeout", "gate", "links", "socket_buffer", "write_buffer")
+    __slots__ = ("close_timeout", "gate", "links", "socket_buffer", "stall_timeout", "write_buffer")
 
     def __init__(self, close_timeout: float, backpressure: BackpressureSettings, gate: Gate) -> None:
         self.gate = gate
         self.close_timeout = close_timeout
         self.write_buffer = backpressure.write_buffer
         self.socket_buffer = backpressure.socket_buffer
+        self.stall_timeout = backpressure.stall_timeout
         self.links: set[Any] = set()
 
     async def wait_closed(self) -> None:
@@ -90,7 +91,19 @@ class SocketLink(SocketWire, asyncio.Protocol):
     how a refusal before the session is told (``refuse``). A session ends
     once both its handler is done (``start``) and the link is closing or gone."""
 
-    __slots__ = ("_ctx", "_drain", "_loop", "_paused", "_started", "_timer", "closing", "gone", "session")
+    __slots__ = (
+        "_ctx",
+        "_drain",
+        "_loop",
+        "_paused",
+        "_started",
+        "_stuck_bytes",
+        "_stuck_since",
+        "_timer",
+        "closing",
+        "gone",
+        "session",
+    )
 
     name = ""
     duplex = False
@@ -104,6 +117,8 @@ class SocketLink(SocketWire, asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._started = False  # the handler has set the session up (or given up)
+        self._stuck_bytes = 0  # what the socket held unsent at the last tick (check_stall)
+        self._stuck_since = 0.0
         self.session: Session | None = None
         self.closing = False  # our farewell is out (or the socket aborted)
         self.gone = False
@@ -118,6 +133,21 @@ class SocketLink(SocketWire, asyncio.Protocol):
         self._started = True
         if self.gone or self.closing:
             self._finish()
+
+    def check_stall(self, now: float) -> None:
+        """On the transport's periodic tick (loop time ``now``): a socket that
+        holds unsent bytes and took none for ``stall_timeout`` is a stalled
+        peer. Past ``write_buffer`` the queue's own waiter finds it (outbound.py);
+        below it, with nothing queued, only this does."""
+        held = self.buffered()
+        if not held or not self._stuck_bytes or held < self._stuck_bytes:
+            self._stuck_bytes, self._stuck_since = held, now  # nothing held, or the peer took some
+        elif now - self._stuck_since >= self._ctx.stall_timeout:
+            session = self.session
+            if session is not None and session.active:
+                session.outbound.on_overflow(True)
+        else:
+            self._stuck_bytes = held
 
     def refuse(self, refusal: Refusal) -> None:
         """Tell a client refused before it has a session, and close."""

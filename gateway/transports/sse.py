@@ -149,9 +149,12 @@ class KeepAlive:
         self._timer = None
         if not self._links:
             return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         for link in list(self._links):
+            link.check_stall(now)
             link.tick()
-        self._timer = asyncio.get_running_loop().call_later(self.interval, self._tick)
+        self._timer = loop.call_later(self.interval, self._tick)
 
 
 class SseEndpoint(StreamEndpoint[SseLinks]):

@@ -220,6 +220,7 @@ class Pinger:
         loop = asyncio.get_running_loop()
         now = loop.time()
         for link in list(self._links):
+            link.check_stall(now)
             link.heartbeat(now, self.interval)
         self._timer = loop.call_later(self.interval / 2, self._tick)
 

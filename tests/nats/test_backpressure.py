@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import resource
+from typing import Any
 
 import aiohttp
 import nats
 
 from broker.embedded import NatsServer
 
-from ..helpers import RawWsClient, RunningNode, recv_json, scrape, token, wait_for
+from ..helpers import RawWsClient, RunningNode, api_publish, recv_json, scrape, token, wait_for
 
 PAYLOAD = b'{"blob":"' + b"x" * 4000 + b'"}'
 COUNT = 1500  # ~6 MB: more than the kernel buffers of a stalled loopback socket hold
@@ -175,3 +176,84 @@ async def test_sse_stalled_reader_stream_ends(
     metrics = await scrape(http, node.url)
     assert metrics['herald_connections_closed_total{reason="slow_consumer",transport="sse"}'] == 1
     writer.transport.abort()
+
+
+async def _stalled_with_a_small_backlog(node: RunningNode, http: aiohttp.ClientSession, transport: str) -> None:
+    """A client that reads its response head, then nothing: once the node
+    holds unsent bytes for it (fewer than write_buffer, nothing queued), it is
+    closed 4008 (stalled) within stall_timeout and a tick, and counted."""
+    import base64
+    import os
+    import socket
+
+    host, port = node.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, int(port)))
+    upgrade = ""
+    if transport == "ws":
+        key = base64.b64encode(os.urandom(16)).decode()
+        upgrade = (
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        )
+    target = f"/{transport}?token={token('slow')}&room=lobby"
+    await loop.sock_sendall(sock, f"GET {target} HTTP/1.1\r\nHost: x\r\n{upgrade}\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += await loop.sock_recv(sock, 1)
+    await wait_for(lambda: len(node.node.sessions) == 1 and node.node.broker.stats().subscriptions >= 3)
+    (session,) = list(node.node.sessions)
+    for i in range(400):  # until the socket takes no more: the node holds what is left
+        await api_publish(http, node, "room:lobby", {"n": i, "blob": "x" * 4000})
+        await asyncio.sleep(0.01)
+        if session.outbound.wire.buffered():
+            break
+    assert 0 < session.outbound.wire.buffered() < 65536 and not session.outbound.entries
+
+    async def cut() -> bool:
+        if transport == "ws":
+            sock.send(b"\x8a\x80\x00\x00\x00\x00")  # an unsolicited pong: alive, though it reads nothing
+        m = await scrape(http, node.url)
+        return m[f'herald_slow_consumer_disconnects_total{{transport="{transport}"}}'] == 1
+
+    await wait_for(cut, timeout=4, interval=0.2)
+    assert session.disconnect is not None and session.disconnect.code == 4008
+    assert session.disconnect.message.startswith("stalled")
+    sock.close()
+
+
+async def test_a_stalled_sse_reader_with_a_small_backlog_is_closed(
+    node_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    node = await node_factory(backpressure={"stall_timeout": 1.0}, sse={"keepalive": 0.3})
+    await _stalled_with_a_small_backlog(node, http, "sse")
+
+
+async def test_a_stalled_ws_reader_with_a_small_backlog_is_closed(
+    node_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    node = await node_factory(backpressure={"stall_timeout": 1.0}, ws={"heartbeat": 0.6})
+    await _stalled_with_a_small_backlog(node, http, "ws")
+
+
+async def test_a_message_larger_than_max_bytes_goes_out_on_its_own(
+    node_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    """max_bytes bounds a backlog; one frame larger than it alone is sent
+    (else it could never be: every resume would meet it again, 4008)."""
+    node = await node_factory(backpressure={"max_bytes": 65536, "write_buffer": 32768})
+    ws = await http.ws_connect(node.ws_url, params={"token": token("fast"), "room": "lobby"}, max_msg_size=0)
+    assert (await recv_json(ws))["type"] == "welcome"
+    first = await api_publish(http, node, "room:lobby", "small")
+    assert (await recv_json(ws))["id"] == first
+    big = await api_publish(http, node, "room:lobby", "z" * 65480)  # a body within http.max_body
+    assert (await recv_json(ws))["id"] == big
+    resumed = await http.ws_connect(
+        node.ws_url, params={"token": token("fast"), "room": "lobby", "since": first}, max_msg_size=0
+    )
+    assert (await recv_json(resumed))["type"] == "welcome"
+    assert (await recv_json(resumed))["id"] == big
+    for socket_ in (ws, resumed):
+        await socket_.close()
