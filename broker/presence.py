@@ -288,6 +288,15 @@ class KvPresence:
             await self._listing(now - self._ttl / 3)
         return set(self._alive_cache)
 
+    async def alive_now(self) -> set[str]:
+        """Live instances as a listing begun now has them: for a request that
+        waits for every live node (the server API), where a node that stopped
+        or started in the last ttl/3 would be miscounted by ``alive``."""
+        if self._nodes is None:
+            return {self.instance}
+        await self._listing(time.monotonic())
+        return set(self._alive_cache)
+
     async def _listing(self, since: float) -> None:
         """Return once a listing of the live instances begun at or after
         ``since`` (monotonic) is done; raise if it fails. One listing at a

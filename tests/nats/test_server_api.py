@@ -132,3 +132,26 @@ async def test_server_api_refusals(node: RunningNode, http: aiohttp.ClientSessio
         node.url + "/api/subscribe", data=b"not json", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
     ) as r:
         assert r.status == 400
+
+
+async def test_the_nodes_counted_are_those_alive_now(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
+    """The answer waits for every live node: one stopped a moment ago is not
+    waited for (1 s, "complete": false), one started a moment ago is not
+    left out (a short count, "complete": true)."""
+    tag = "sa" + uuid.uuid4().hex[:8]
+    shared: dict[str, Any] = {"subject": {"prefix": tag}, "stream": {"name": tag.upper(), "storage": "memory"}}
+    a, b = await node_factory(**shared), await node_factory(**shared)
+    assert (await admin(http, a, "/api/subscribe", {"user": "x", "room": "r"}))[1]["nodes"] == 2
+    await b.stop()
+    began = time.monotonic()
+    status, answer = await admin(http, a, "/api/subscribe", {"user": "x", "room": "r"})
+    assert (status, answer) == (200, {"subscribed": 0, "nodes": 1, "complete": True})
+    assert time.monotonic() - began < 0.5  # not the 1 s wait for a node that is gone
+    c, d = await node_factory(**shared), await node_factory(**shared)
+    streams = [await http.ws_connect(n.ws_url, params={"token": token("mal")}) for n in (c, d)]
+    for ws in streams:
+        assert (await recv_json(ws))["type"] == "welcome"
+    status, answer = await admin(http, a, "/api/disconnect", {"user": "mal"})
+    assert (status, answer) == (200, {"disconnected": 2, "nodes": 3, "complete": True})
+    for ws in streams:
+        assert (await expect_close(ws))[0] == 4009
