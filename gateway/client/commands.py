@@ -31,11 +31,16 @@ class Commands:
         """Join ``room`` (and rejoin it on every reconnect); with ``since``,
         the room's stored messages after that id come first."""
         fields: dict[str, Any] = {"room": room}
+        rewound = since is not None and is_id(str(since))  # else the node refuses it (bad_request)
         if since is not None:
             fields["since"] = str(since)
-            if is_id(fields["since"]):  # else the node refuses it (bad_request)
-                self._feed.rewind(f"room:{room}", fields["since"])
-        await self._command("subscribe", fields)
+        if rewound:
+            self._feed.rewind(f"room:{room}", fields["since"])
+        try:
+            await self._command("subscribe", fields)
+        finally:
+            if rewound:
+                self._feed.rewound(f"room:{room}")  # the answer comes after the replay
         self._rooms.asked(room)  # acked: reconnects join it from now on
 
     async def unsubscribe(self, room: str) -> None:

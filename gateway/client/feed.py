@@ -11,6 +11,9 @@ Positions (docs/protocol.md §7.1): the client resumes from the last id it
 from ``welcome.position``. A message that comes a second time (after a gap
 repair and a reconnect) has an id no larger than the last one of its
 channel, and is dropped: each channel's messages come once, in order.
+``subscribe(room, since)`` asks for a room's messages again: until it is
+answered, that room's messages after ``since`` come once each, in whatever
+order the live ones and the replay interleave.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class Feed:
         self._aborted = False
         self.since = since  # where the next connection resumes from
         self._newest: dict[str, int] = {}  # channel -> the largest id yielded on it
+        # Rewound channels: the position asked from, and the ids yielded since.
+        self._replaying: dict[str, tuple[int, set[int]]] = {}
         self.duplicates = 0
 
     def __len__(self) -> int:
@@ -50,8 +55,13 @@ class Feed:
 
     def rewind(self, channel: str, since: str) -> None:
         """``subscribe(room, since)`` asked for the room's messages after
-        ``since`` again: let them through."""
-        self._newest[channel] = int(since)
+        ``since`` again: let them through, each once, until ``rewound``
+        (live ones may come before the replay, with larger ids)."""
+        self._replaying[channel] = (int(since), set())
+
+    def rewound(self, channel: str) -> None:
+        """The subscribe that rewound ``channel`` was answered: its replay is in."""
+        self._replaying.pop(channel, None)
 
     async def put(self, event: Event) -> None:
         """Add one event (waiting while the buffer is full); a message moves
@@ -59,10 +69,18 @@ class Feed:
         if isinstance(event, Message) and event.id is not None:
             self.since = event.id
             seq = int(event.id)
-            if seq <= self._newest.get(event.channel, -1):
+            newest = self._newest.get(event.channel, -1)
+            replaying = self._replaying.get(event.channel)
+            if replaying is not None:
+                since, seen = replaying
+                if seq <= since or seq in seen:
+                    self.duplicates += 1
+                    return
+                seen.add(seq)
+            elif seq <= newest:
                 self.duplicates += 1
                 return
-            self._newest[event.channel] = seq
+            self._newest[event.channel] = max(seq, newest)
         while len(self._items) >= self._size and not self._aborted:
             self._room.clear()
             await self._room.wait()

@@ -370,26 +370,28 @@ class HeraldClient(Commands):
             self._ws = ws
             self._open.set()
         log.info("connected to %s as %s (conn %s)", welcome.node, welcome.user, welcome.conn)
-        rooms = self._rooms.to_rejoin(welcome.channels)
+        rooms = self._rooms.to_rejoin(welcome.channels, self._since_opened)
         if rooms:
-            task = asyncio.create_task(self._rejoin(rooms, self._since_opened))
+            task = asyncio.create_task(self._rejoin(rooms))
             self._rejoining.add(task)
             task.add_done_callback(self._rejoining.discard)
 
-    async def _rejoin(self, rooms: tuple[str, ...], since: str | None) -> None:
-        """Ask again for the rooms the backend had joined, from where this
-        connection resumed; one the token does not allow is given up."""
-        for room in rooms:
+    async def _rejoin(self, rooms: tuple[tuple[str, str | None], ...]) -> None:
+        """Ask again for the rooms the backend had joined, each from its
+        position (Rooms.to_rejoin); one the token does not allow is given up."""
+        for room, since in rooms:
             fields = {"room": room} if since is None else {"room": room, "since": since}
             try:
                 await self._command("subscribe", fields)
             except CommandError as exc:
                 if exc.code in ("disconnected", "timeout", "closed", "unavailable", "rate_limited"):
-                    return  # the next connection tries again
+                    return  # the next connection tries again, from the same position
                 log.warning("room %s (joined by the backend) is left: %s", room, exc)
                 self._rooms.left(room)
             except HeraldError:
                 return
+            else:
+                self._rooms.rejoined(room)
 
     def _end(self, why: HeraldError) -> None:
         """No more connections: waiting commands fail with ``why``, the feed ends with it

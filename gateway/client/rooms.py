@@ -11,6 +11,11 @@ Two kinds (docs/protocol.md §3.2, ``subscribed``):
   the token no longer allows then costs that room, not the connection.
 
 An ``unsubscribed`` frame, or ``unsubscribe``, takes a room out of both.
+
+A re-join asks for the room's messages after the position the connection
+resumed from. If that connection ends before the re-join is answered, the
+next one asks from the same position again: by then the connection's own
+position has moved on with the other channels' messages, past the room's.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class Rooms:
     def __init__(self, asked: Iterable[str] = ()) -> None:
         self._asked = dict.fromkeys(asked)  # ordered sets
         self._granted: dict[str, None] = {}
+        self._rejoining: dict[str, str | None] = {}  # granted room -> the position its re-join asks from
 
     def all(self) -> tuple[str, ...]:
         return (*self._asked, *self._granted)
@@ -32,14 +38,23 @@ class Rooms:
         """The ``room`` parameters of a new connection."""
         return tuple(self._asked)
 
-    def to_rejoin(self, channels: Iterable[str]) -> tuple[str, ...]:
-        """The granted rooms a new connection (on ``channels``) is not in yet."""
+    def to_rejoin(self, channels: Iterable[str], since: str | None) -> tuple[tuple[str, str | None], ...]:
+        """The granted rooms a new connection (on ``channels``, resumed from
+        ``since``) is not in yet, each with the position to ask from: ``since``,
+        or where an earlier re-join of it that was not answered asked from."""
         have = set(channels)
-        return tuple(room for room in self._granted if f"room:{room}" not in have)
+        return tuple(
+            (room, self._rejoining.setdefault(room, since)) for room in self._granted if f"room:{room}" not in have
+        )
+
+    def rejoined(self, room: str) -> None:
+        """A re-join was answered: the room's messages come from now on."""
+        self._rejoining.pop(room, None)
 
     def asked(self, room: str) -> None:
         """``subscribe`` was acknowledged: in every URL from now on."""
         self._granted.pop(room, None)
+        self._rejoining.pop(room, None)
         self._asked[room] = None
 
     def granted(self, room: str) -> None:
@@ -51,9 +66,11 @@ class Rooms:
         """``unsubscribe``, an ``unsubscribed`` frame, or a re-join refused."""
         self._asked.pop(room, None)
         self._granted.pop(room, None)
+        self._rejoining.pop(room, None)
 
     def keep_only(self, rooms: Iterable[str]) -> None:
         """After ``refresh``: the rooms the new token still allows."""
         kept = set(rooms)
         self._asked = {r: None for r in self._asked if r in kept}
         self._granted = {r: None for r in self._granted if r in kept}
+        self._rejoining = {r: s for r, s in self._rejoining.items() if r in kept}

@@ -15,9 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from broker.embedded import free_port
 from gateway.client import CommandError, HeraldClient, Message, Stopped, Subscribed, Unsubscribed, Welcome
 
-from ..helpers import ADMIN_KEY, NodeFactory, RunningNode, api_publish, token, wait_for
+from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, NodeFactory, RunningNode, api_publish, token, wait_for
 
 
 def shared_cluster(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -253,3 +254,87 @@ async def test_rooms_the_backend_joins_survive_a_reconnect_and_disconnects_are_o
         with pytest.raises(Stopped) as stopped:
             await anext(events)
         assert stopped.value.code == 4403
+
+
+async def _batch(http: aiohttp.ClientSession, node: RunningNode, items: list[dict[str, Any]]) -> list[str]:
+    async with http.post(node.url + "/api/publish", json=items, headers=PUBLISH_HEADERS) as resp:
+        assert resp.status == 200
+        return [str(i) for i in (await resp.json())["ids"]]
+
+
+async def test_a_granted_room_s_rejoin_cut_short_asks_from_the_same_position_again(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """The client is in project-9 only through the backend; away, it misses
+    one message there and 600 broadcasts. Its resume is cut (4009) while the
+    broadcasts come, before project-9's re-join is answered: the next
+    connection must still ask for project-9 from where the first resumed
+    (its own position has moved past the missed message by then)."""
+    port = free_port()
+    shared = shared_cluster(history={"room_max": 5000})
+    a = await node_factory(**{**shared, "http": {"reconnect_spread": 0.0, "port": port}})
+    b = await node_factory(**shared)
+    user = "u" + uuid.uuid4().hex[:6]
+    async with HeraldClient(
+        a.url, token=token(user, rooms=["project-*"]), buffer=4, min_delay=0.05, max_delay=0.1
+    ) as client:
+        await client.ping()
+        assert (await admin(http, b, "/api/subscribe", {"user": user, "room": "project-9"}))["subscribed"] == 1
+        events = client.events()
+        assert isinstance(await anext(events), Welcome)
+        assert await anext(events) == Subscribed("project-9")
+        await a.stop()  # the client is away
+        await wait_for(lambda: not client.connected)
+        missed = await api_publish(http, b, "room:project-9", {"n": "missed"})
+        for _ in range(3):
+            await _batch(http, b, [{"channel": "broadcast", "data": {"pad": "x" * 4000}} for _ in range(200)])
+        await node_factory(**{**shared, "http": {"reconnect_spread": 0.0, "port": port}})  # back on its port
+        got: list[Message] = []
+        welcomes = 0
+        async with asyncio.timeout(15):
+            async for event in events:
+                if isinstance(event, Welcome):
+                    welcomes += 1
+                elif isinstance(event, Message):
+                    got.append(event)
+                    if len(got) == 3 and welcomes == 1:  # the resume under way: cut it (4009, reconnect)
+                        assert (await admin(http, b, "/api/disconnect", {"user": user}))["disconnected"] == 1
+                    if len(got) == 601:
+                        break
+        assert client.rooms == ("project-9",) and welcomes == 2
+        assert len([m for m in got if m.channel == "broadcast"]) == 600  # every broadcast, once
+        assert [m.id for m in got if m.channel == "room:project-9"] == [missed]
+
+
+async def test_subscribe_since_on_a_busy_room_gets_its_replay(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    """``subscribe(room, since)`` on a room the client is in while messages
+    keep coming: live ones that arrive before the replay must not make the
+    client drop the replay as repeats."""
+    user = "u" + uuid.uuid4().hex[:6]
+    async with HeraldClient(node.url, token=token(user, rooms=["lobby"]), rooms=["lobby"]) as client:
+        await client.ping()
+        ids = await _batch(http, node, [{"channel": "room:lobby", "data": {"i": i}} for i in range(20)])
+        got: list[str | None] = []
+
+        async def consume() -> None:
+            async for m in client:
+                got.append(m.id)
+
+        consuming = asyncio.create_task(consume())
+        busy = True
+
+        async def pump() -> None:
+            while busy:
+                await api_publish(http, node, "room:lobby", {"live": 1})
+
+        pumps = [asyncio.create_task(pump()) for _ in range(4)]
+        await wait_for(lambda: len(got) >= 25)
+        mark = len(got)
+        await client.subscribe("lobby", since=ids[4])
+        busy = False
+        await asyncio.gather(*pumps)
+        await asyncio.sleep(0.5)
+        consuming.cancel()
+        after = got[mark:]
+        assert set(ids[5:]) <= set(after), (client._feed.duplicates, after[:10])
+        assert len(after) == len(set(after))  # each once

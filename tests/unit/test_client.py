@@ -170,10 +170,15 @@ def test_rooms_asked_go_in_the_url_and_granted_are_rejoined() -> None:
     rooms.granted("p")
     rooms.granted("a")  # already asked for: stays in the URL
     assert rooms.in_url() == ("a", "b") and rooms.all() == ("a", "b", "p")
-    assert rooms.to_rejoin(["user", "room:a", "room:b"]) == ("p",)
-    assert rooms.to_rejoin(["room:p"]) == ()
+    assert rooms.to_rejoin(["user", "room:a", "room:b"], "10") == (("p", "10"),)
+    # Not answered (the connection ended): the next connection asks from 10
+    # again, though it resumed from further on (other channels' messages).
+    assert rooms.to_rejoin(["user"], "25") == (("p", "10"),)
+    rooms.rejoined("p")
+    assert rooms.to_rejoin(["user"], "30") == (("p", "30"),)
+    assert rooms.to_rejoin(["room:p"], "31") == ()
     rooms.asked("p")  # subscribe acknowledged: in the URL from now on
-    assert rooms.in_url() == ("a", "b", "p") and rooms.to_rejoin([]) == ()
+    assert rooms.in_url() == ("a", "b", "p") and rooms.to_rejoin([], None) == ()
     rooms.granted("q")
     rooms.left("a")
     rooms.left("q")
