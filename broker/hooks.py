@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -86,9 +87,21 @@ class HookSource:
         self._acks: set[asyncio.Task[None]] = set()
         self._place: tuple[str, int] | None = None  # see _stream_place
         self._place_at = 0.0
-        self.ready = False  # consuming (False: waiting for NATS, the stream or the consumer)
+        self._bound = False  # the consumer was found or made (False: waiting for the stream or the consumer)
         self._waited = False  # the stream was missing at some point while this dispatcher ran
         self._incarnation: str | None = None  # the stream's, when the consumer was last found or made
+
+    @property
+    def ready(self) -> bool:
+        """Consuming: connected to NATS, the consumer bound (False: waiting for one of them)."""
+        return self._bound and self._nc is not None and self._nc.is_connected
+
+    async def _lost(self) -> None:
+        warn("lost", "webhook dispatcher lost NATS: waiting for it to come back")
+
+    async def _nats_error(self, exc: Exception) -> None:
+        # nats-py retries the first connect too (max_reconnect_attempts=-1): say that it waits.
+        warn("connect", "webhook dispatcher cannot reach NATS at %s (%r): retrying", self._urls, exc)
 
     async def start(self) -> None:
         """Connect and bind the consumer, waiting as long as it takes for NATS
@@ -104,6 +117,8 @@ class HookSource:
                     max_reconnect_attempts=-1,  # once connected, nats-py reconnects by itself
                     reconnect_time_wait=1,
                     allow_reconnect=True,
+                    error_cb=self._nats_error,
+                    disconnected_cb=self._lost,
                 )
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 warn("connect", "webhook dispatcher cannot reach NATS at %s (%r): retrying", self._urls, exc)
@@ -116,7 +131,7 @@ class HookSource:
         """Wait for the stream, then make (or find) the consumer and the
         dead-letter stream. Waiting, not creating the stream: only the nodes
         hold its settings, and a dispatcher's copy could differ from theirs."""
-        self.ready = False
+        self._bound = False
         js = self._js
         assert js is not None
         delay = 0.5
@@ -134,7 +149,7 @@ class HookSource:
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 warn("jetstream", "webhook dispatcher cannot use NATS JetStream (%r): retrying", exc)
             else:
-                self.ready = True
+                self._bound = True
                 log.info("webhook dispatcher consuming %s", self._stream)
                 return
             await asyncio.sleep(delay)
@@ -148,7 +163,12 @@ class HookSource:
         than the dispatcher's watch, and what came before the consumer must
         not be lost)."""
         with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.consumer_info(self._stream, self.consumer)
+            info = await js.consumer_info(self._stream, self.consumer)
+            if abs((info.config.ack_wait or 0) - self._ack_wait) > 0.001:
+                # hooks.timeout changed since it was made: with the old ack_wait
+                # a POST slower than it would be handed out again while in flight.
+                await js.add_consumer(self._stream, dataclasses.replace(info.config, ack_wait=self._ack_wait))
+                log.info("webhook consumer of %s: ack_wait now %g s", self._stream, self._ack_wait)
             self._incarnation = incarnation
             return
         from_start = self._waited or (self._incarnation is not None and self._incarnation != incarnation)

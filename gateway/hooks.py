@@ -7,13 +7,15 @@ the stream id is the idempotency key (``Herald-Delivery-Id``).
 Decisions per message (each ends it, or hands it back to come again):
 online and (no unread_after, or read) → skip; offline and younger than
 offline_after → later; read meanwhile → skip; else POST: 2xx → done; 429 →
-after Retry-After; other 4xx → dead letter; 5xx / timeout / refused → later
-with backoff, dead letter past the horizon.
+after Retry-After (seconds or a date, at most the horizon); 3xx (redirects
+are not followed) and other 4xx → dead letter; 5xx / timeout / refused →
+later with backoff, dead letter past the horizon.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import hmac
 import logging
@@ -177,16 +179,18 @@ class Dispatcher:
         }
         began = time.monotonic()
         try:
-            async with self._http.post(url, data=body, headers=headers) as resp:
+            # Not followed: a 301/302/303 would be fetched again as a GET without the body.
+            async with self._http.post(url, data=body, headers=headers, allow_redirects=False) as resp:
                 status, retry_after = resp.status, resp.headers.get("Retry-After", "")
+                failure = f"HTTP {status}"
+                if 300 <= status < 400:  # the URL moved: hooks.url must say where (nothing is sent elsewhere)
+                    failure += f": redirected to {resp.headers.get('Location', '?')} (set hooks.url to it)"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             status, retry_after, failure = 0, "", f"{type(exc).__name__}: {exc}"
-        else:
-            failure = f"HTTP {status}"
         self.metrics.latency.observe(time.monotonic() - began)
         if 200 <= status < 300:
             return await self._end(m, "delivered")
-        if 400 <= status < 500 and status != 429:
+        if 300 <= status < 500 and status != 429:
             log.warning("webhook %s for %s refused (%s): dead-lettered", m.id, m.user, failure)
             self.metrics.deliveries.labels("rejected").inc()
             return await self.source.dead_letter(m, failure)
@@ -195,12 +199,12 @@ class Dispatcher:
             self.metrics.deliveries.labels("dead").inc()
             return await self.source.dead_letter(m, f"{failure} after {m.attempt} attempts")
         self.metrics.deliveries.labels("retried").inc()
-        delay = _seconds(retry_after) if status == 429 else None
+        delay = _seconds(retry_after, self.hooks.horizon) if status == 429 else None
         await m.later(delay if delay is not None else self.backoff(m.attempt))
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: a random wait in [0, min(max_backoff, 2^attempt)) seconds."""
-        return random.uniform(0, min(self.hooks.max_backoff, 2.0**attempt))
+        return random.uniform(0, min(self.hooks.max_backoff, 2.0 ** min(attempt, 64)))
 
     @staticmethod
     def body(m: HookMessage) -> bytes:
@@ -209,11 +213,22 @@ class Dispatcher:
         return orjson.dumps(head)[:-1] + b',"data":' + json_data(m.data) + b"}"
 
 
-def _seconds(retry_after: str) -> float | None:
-    try:
-        return max(0.0, float(retry_after))
-    except ValueError:
-        return None  # an HTTP date: the usual backoff instead
+def _seconds(retry_after: str, most: float) -> float | None:
+    """A ``Retry-After`` (delay seconds, or an HTTP date) as a wait of 0 to
+    ``most`` seconds; None (the usual backoff) if it is neither."""
+    value = retry_after.strip()
+    if _DELAY.fullmatch(value):
+        wait = float(value)
+    else:
+        try:
+            wait = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return min(max(0.0, wait), most)
+
+
+# RFC 9110's delay-seconds (digits), a fraction allowed; "nan", "inf" or "1e400" are not waits.
+_DELAY = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 
 
 async def run_dispatcher(settings: Settings) -> None:

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 
 class ConfigError(ValueError):
@@ -193,13 +194,22 @@ class HooksSettings:
     metrics_host: str = "127.0.0.1"
 
 
+def hook_url(url: str) -> bool:
+    """Whether ``url`` is one a webhook can be POSTed to: http(s), a host, a valid port."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:  # e.g. "http://[::1/hook", a port out of range
+        return False
+
+
 def hook_routes(routes: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """Parse ``hooks.routes``; ValueError names the bad entry."""
     parsed = []
     for route in routes:
         glob, sep, url = route.partition("=")
-        if not (sep and glob.strip() and url.strip().startswith(("http://", "https://"))):
-            raise ValueError(f"{route!r} is not event-glob=http(s)://url")
+        if not (sep and glob.strip() and hook_url(url.strip())):
+            raise ValueError(f"{route!r} is not event-glob=http(s)://host/path")
         parsed.append((glob.strip(), url.strip()))
     return tuple(parsed)
 

@@ -33,6 +33,7 @@ from .schema import (
     StreamSettings,
     WsSettings,
     hook_routes,
+    hook_url,
     room_history_rules,
 )
 
@@ -138,10 +139,13 @@ def _hooks(h: HooksSettings) -> None:
         hook_routes(h.routes)
     except ValueError as exc:
         _require(False, "hooks.routes", str(exc))
-    _require(not h.url or h.url.startswith(("http://", "https://")), "hooks.url", "must be an http(s) URL")
-    _require(h.offline_after >= 0 and h.unread_after >= 0, "hooks.offline_after", "delays must be >= 0")
-    _require(h.timeout > 0 and h.horizon > 0 and h.max_backoff > 0, "hooks.timeout", "must be > 0 (and horizon)")
+    _require(not h.url or hook_url(h.url), "hooks.url", "must be an http(s) URL with a host")
+    for key in ("offline_after", "unread_after"):
+        _require(getattr(h, key) >= 0, f"hooks.{key}", "must be >= 0 seconds")
+    for key in ("timeout", "horizon", "max_backoff"):
+        _require(getattr(h, key) > 0, f"hooks.{key}", "must be > 0 seconds")
     _require(1 <= h.concurrency <= 1000, "hooks.concurrency", "must be between 1 and 1000")
+    _require(0 <= h.metrics_port <= 65535, "hooks.metrics_port", "must be 0..65535 (0: none)")
 
 
 def _rooms(rooms: RoomsSettings) -> None:

@@ -53,7 +53,7 @@ class Receiver:
         answer = self.answers.pop(0) if self.answers else 200
         if answer == "hang":
             await asyncio.sleep(3600)
-        headers = {"Retry-After": "1"} if answer == 429 else {}
+        headers = {"Retry-After": "1"} if answer == 429 else {"Location": "/moved"} if answer in (301, 302, 303) else {}
         return web.Response(status=int(answer), text="ok" if answer == 200 else "no", headers=headers)
 
 
@@ -206,6 +206,22 @@ async def test_429_waits_for_retry_after_and_4xx_is_not_retried(
     assert [(d["id"], d["reason"]) for d in dead] == [(gone, "HTTP 410")]
 
 
+async def test_a_redirect_is_not_followed_but_dead_lettered_naming_where(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    """Followed, a 301/302/303 becomes a GET without the body, whose 200
+    would count as delivered: the message would be lost."""
+    receiver.answers = [302]
+    settings = hook_settings(node, receiver.url, concurrency=1)
+    dispatcher = dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    moved = await api_publish(http, node, "user:gus", 1)
+    await wait_for(lambda: receiver.requests, timeout=10)
+    dead = await wait_for_dead_letters(nats_server, settings, 1)
+    assert receiver.ids() == [moved] and dispatcher.metrics.deliveries.labels("delivered")._value.get() == 0
+    assert [(d["id"], d["reason"]) for d in dead] == [(moved, "HTTP 302: redirected to /moved (set hooks.url to it)")]
+
+
 async def test_receiver_down_past_the_horizon_is_dead_lettered(
     node: RunningNode, http: aiohttp.ClientSession, dispatchers: Any, nats_server: NatsServer
 ) -> None:
@@ -338,7 +354,7 @@ async def test_a_dispatcher_started_before_the_stream_waits_then_delivers(
     dispatcher = dispatchers(settings)
     await asyncio.sleep(3.0)  # the nodes come up later
     assert not dispatcher.source.ready
-    assert dispatcher.metrics.ready._value.get() == 0.0
+    assert dispatcher.metrics.registry.get_sample_value("herald_webhook_dispatcher_ready") == 0.0
     node = await start_node(settings)
     try:
         await wait_for(lambda: dispatcher.source.ready, timeout=15)
@@ -380,3 +396,51 @@ async def test_a_recreated_stream_is_bound_again_and_old_read_positions_do_not_s
         assert dispatcher.source.ready
     finally:
         await node.stop()
+
+
+async def wait_for_dead_letters(nats_server: NatsServer, settings: Settings, n: int) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+
+    async def enough() -> bool:
+        found[:] = await dead_letters(nats_server, settings)
+        return len(found) >= n
+
+    await wait_for(enough, timeout=10, interval=0.2)
+    return found
+
+
+async def test_a_longer_timeout_lengthens_the_shared_consumer_s_ack_wait(
+    node: RunningNode, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    """The consumer a dispatcher with timeout 1 s made keeps JetStream from
+    handing a message out again for 3 s: one restarted with timeout 6 s
+    (a POST may take that long) lengthens it, or a slow POST would be sent
+    a second time while the first is in flight."""
+    first = dispatchers(hook_settings(node, receiver.url, timeout=1.0))
+    await wait_for(lambda: first.source.ready, timeout=15)
+    second = dispatchers(hook_settings(node, receiver.url, timeout=6.0))
+    await wait_for(lambda: second.source.ready, timeout=15)
+    nc = await nats.connect(nats_server.url)
+    try:
+        info = await nc.jetstream().consumer_info(node.settings.stream.name, f"{node.settings.stream.name}_hooks")
+        assert info.config.ack_wait == 13.0  # 2 x timeout + 1
+    finally:
+        await nc.close()
+
+
+async def test_not_ready_while_nats_is_away_and_it_says_it_waits(
+    receiver: Receiver, dispatchers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = NatsServer(port=free_port()).start()
+    try:
+        settings = with_overrides(make_settings(server.url), hooks={"url": receiver.url, **HOOKS})
+        node = await start_node(settings)
+        dispatcher = dispatchers(settings)
+        await wait_for(lambda: dispatcher.source.ready, timeout=15)
+        await node.stop()
+        server.stop()
+        await wait_for(lambda: not dispatcher.source.ready, timeout=10)
+        assert dispatcher.metrics.registry.get_sample_value("herald_webhook_dispatcher_ready") == 0.0
+        await wait_for(lambda: any("lost NATS" in r.getMessage() for r in caplog.records), timeout=10)
+    finally:
+        server.cleanup()

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from broker.hooks import HookMessage, HookSource
-from gateway.hooks import Dispatcher, signature, verify
+from gateway.hooks import Dispatcher, _seconds, signature, verify
 from gateway.settings import Settings
 from gateway.settings.loading import with_overrides
 
@@ -80,3 +80,23 @@ async def test_a_stop_whose_cancel_is_lost_cancels_again() -> None:
     dispatcher.stop(task)
     done, _ = await asyncio.wait([task], timeout=3)
     assert done and task.cancelled()  # one plain cancel would leave it dispatching
+
+
+def test_retry_after_is_seconds_or_a_date_within_the_horizon() -> None:
+    import time
+    from email.utils import formatdate
+
+    assert _seconds("5", 100.0) == 5.0 and _seconds(" 2.5 ", 100.0) == 2.5
+    assert _seconds("100000000000", 100.0) == 100.0  # at most the horizon
+    for absurd in ("nan", "inf", "1e400", "-3", "", "soon", "0x10"):
+        assert _seconds(absurd, 100.0) is None, absurd  # the usual backoff instead
+    assert 6.0 < (_seconds(formatdate(time.time() + 8, usegmt=True), 100.0) or 0) <= 8.0
+    assert _seconds(formatdate(time.time() - 60, usegmt=True), 100.0) == 0.0  # past: now
+
+
+def test_backoff_stays_finite_however_many_deliveries() -> None:
+    from gateway.settings import load_settings, with_overrides
+
+    settings = with_overrides(load_settings(env={}, use_default_file=False), hooks={"max_backoff": 5.0})
+    dispatcher = Dispatcher(settings)
+    assert all(0 <= dispatcher.backoff(attempt) <= 5.0 for attempt in (1, 1023, 1024, 10**6))

@@ -228,6 +228,13 @@ def test_every_key_has_an_env_name() -> None:
         ({"HERALD_BACKPRESSURE_MAX_BYTES": "10"}, ("backpressure.max_bytes",)),
         ({"HERALD_HISTORY_USER_MAX": "0"}, ("history.user_max",)),
         ({"HERALD_BACKPRESSURE_WRITE_BUFFER": "2000000"}, ("backpressure.write_buffer",)),
+        ({"HERALD_HOOKS_MAX_BACKOFF": "0"}, ("hooks.max_backoff",)),
+        ({"HERALD_HOOKS_HORIZON": "-1"}, ("hooks.horizon",)),
+        ({"HERALD_HOOKS_UNREAD_AFTER": "-1"}, ("hooks.unread_after",)),
+        ({"HERALD_HOOKS_METRICS_PORT": "99999"}, ("hooks.metrics_port",)),
+        ({"HERALD_HOOKS_URL": "http://"}, ("hooks.url",)),
+        ({"HERALD_HOOKS_URL": "http://[::1/hook"}, ("hooks.url",)),
+        ({"HERALD_HOOKS_URL": "http://h:99999/hook"}, ("hooks.url",)),
     ],
 )
 def test_bad_env_values_raise_one_line_naming_the_key(env: dict[str, str], names: tuple[str, ...]) -> None:
