@@ -18,7 +18,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+import broker.hooks
 from broker.embedded import NatsServer, free_port
+from broker.throttle import Throttle
 from gateway.hooks import Dispatcher, verify
 from gateway.settings import Settings, with_overrides
 
@@ -429,8 +431,9 @@ async def test_a_longer_timeout_lengthens_the_shared_consumer_s_ack_wait(
 
 
 async def test_not_ready_while_nats_is_away_and_it_says_it_waits(
-    receiver: Receiver, dispatchers: Any, caplog: pytest.LogCaptureFixture
+    receiver: Receiver, dispatchers: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(broker.hooks, "warn", Throttle(broker.hooks.log))  # not muted by another test's outage
     server = NatsServer(port=free_port()).start()
     try:
         settings = with_overrides(make_settings(server.url), hooks={"url": receiver.url, **HOOKS})
