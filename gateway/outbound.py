@@ -9,8 +9,10 @@ transport's buffer up to ``write_buffer``, and issues the writes back to back. A
 waits, in one task of its own and only while backed up, for the transport to
 drain. ``max_bytes`` bounds what a connection holds in total (queued here plus
 the transport's buffer): past it, droppable (drop-oldest) entries are shed, or
-the overflow handler closes the connection as a slow consumer. A transport
-that makes no progress for ``stall_timeout`` is treated the same way.
+the overflow handler closes the connection as a slow consumer (one frame
+larger than ``max_bytes`` alone in the queue goes out: it could never fit). A
+transport that makes no progress for ``stall_timeout`` is treated the same
+way (below ``write_buffer``, found by the links' ticks: SocketLink.check_stall).
 """
 
 from __future__ import annotations
