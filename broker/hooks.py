@@ -100,8 +100,8 @@ class HookSource:
         warn("lost", "webhook dispatcher lost NATS: waiting for it to come back")
 
     async def _nats_error(self, exc: Exception) -> None:
-        # nats-py retries the first connect too (max_reconnect_attempts=-1): say that it waits.
-        warn("connect", "webhook dispatcher cannot reach NATS at %s (%r): retrying", self._urls, exc)
+        # nats-py retries the first connect too (max_reconnect_attempts=-1) and says so only here.
+        warn("nats", "webhook dispatcher: NATS at %s: %r (retrying)", self._urls, exc)
 
     async def start(self) -> None:
         """Connect and bind the consumer, waiting as long as it takes for NATS
