@@ -286,6 +286,19 @@ async def test_herald_hooks_needs_a_url_and_a_secret() -> None:
         assert proc.returncode == 2 and b"hooks." in err, err
 
 
+async def test_herald_hooks_says_it_waits_for_nats(spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """Started before NATS is up, it says so (nats-py retries that first connect silently)."""
+    closed = f"nats://127.0.0.1:{free_port()}"
+    proc = spawn(
+        ["hooks"], cli_env(HERALD_NATS_URLS=closed, HERALD_HOOKS_URL="http://127.0.0.1:9/h", HERALD_HOOKS_SECRET="s")
+    )
+
+    def said() -> bool:
+        return "NATS at" in proc.err_path.read_text() + proc.out_path.read_text()  # type: ignore[attr-defined]
+
+    await wait_for(said, timeout=10, interval=0.2)
+
+
 async def test_metrics_port_serves_webhook_metrics(
     node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, nats_server: NatsServer, spawn: Any
 ) -> None:
