@@ -36,6 +36,8 @@ from .tasks import spawn
 from .throttle import Throttle
 
 log = logging.getLogger("herald.hooks")
+# The dead-letter stream's metadata key that names the stream incarnation consumed.
+_SERVED = "herald_hooks_stream"
 warn = Throttle(log, interval=30.0)
 
 
@@ -138,11 +140,11 @@ class HookSource:
         while True:
             try:
                 info = await js.stream_info(self._stream)
-                await self._ensure_consumer(js, stream_id(info.created))
-                try:
-                    await js.stream_info(self.dead_stream)
-                except nats.js.errors.NotFoundError:
-                    await js.add_stream(StreamConfig(name=self.dead_stream, subjects=[self.dead_subject]))
+                incarnation = stream_id(info.created)
+                served = await self._served(js)
+                await self._ensure_consumer(js, incarnation, served)
+                if served != incarnation:
+                    await self._serve(js, incarnation)
             except nats.js.errors.NotFoundError:
                 self._waited = True
                 warn("stream", "stream %s not found: waiting for a node to create it", self._stream)
@@ -155,13 +157,32 @@ class HookSource:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def _ensure_consumer(self, js: JetStreamContext, incarnation: str) -> None:
+    async def _served(self, js: JetStreamContext) -> str | None:
+        """The stream incarnation the dispatchers last consumed, as the
+        dead-letter stream's metadata keeps it (None: none ever ran)."""
+        try:
+            dead = await js.stream_info(self.dead_stream)
+        except nats.js.errors.NotFoundError:
+            return None
+        return (dead.config.metadata or {}).get(_SERVED, "")  # "": made before it was kept
+
+    async def _serve(self, js: JetStreamContext, incarnation: str) -> None:
+        """Keep ``incarnation`` as the one consumed (making the dead-letter stream if need be)."""
+        try:
+            dead = (await js.stream_info(self.dead_stream)).config
+        except nats.js.errors.NotFoundError:
+            dead = StreamConfig(name=self.dead_stream, subjects=[self.dead_subject])
+            await js.add_stream(dataclasses.replace(dead, metadata={_SERVED: incarnation}))
+            return
+        await js.update_stream(dataclasses.replace(dead, metadata={**(dead.metadata or {}), _SERVED: incarnation}))
+
+    async def _ensure_consumer(self, js: JetStreamContext, incarnation: str, served: str | None) -> None:
         """The shared durable consumer: found if it exists, else made. Made
         when the stream is first seen as it was, it starts with what comes
-        next; made for a stream that appeared or was recreated while this
-        dispatcher ran, it starts at its beginning (nothing in it is older
-        than the dispatcher's watch, and what came before the consumer must
-        not be lost)."""
+        next; made for a stream that appeared or was recreated — while this
+        dispatcher ran, or since the dispatchers last consumed one (``served``) —
+        it starts at its beginning (nothing in it is older than the
+        dispatchers' watch, and what came before the consumer must not be lost)."""
         with contextlib.suppress(nats.js.errors.NotFoundError):
             info = await js.consumer_info(self._stream, self.consumer)
             if abs((info.config.ack_wait or 0) - self._ack_wait) > 0.001:
@@ -171,7 +192,8 @@ class HookSource:
                 log.info("webhook consumer of %s: ack_wait now %g s", self._stream, self._ack_wait)
             self._incarnation = incarnation
             return
-        from_start = self._waited or (self._incarnation is not None and self._incarnation != incarnation)
+        known = self._incarnation if self._incarnation is not None else served or None
+        from_start = self._waited or (known is not None and known != incarnation)
         await js.add_consumer(
             self._stream,
             ConsumerConfig(

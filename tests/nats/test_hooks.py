@@ -460,3 +460,32 @@ async def test_not_ready_while_nats_is_away_and_it_says_it_waits(
         await wait_for(lambda: any("lost NATS" in r.getMessage() for r in caplog.records), timeout=10)
     finally:
         server.cleanup()
+
+
+async def test_a_stream_recreated_while_no_dispatcher_ran_is_read_from_its_start(
+    nats_server: NatsServer, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any
+) -> None:
+    """A dispatcher starting on a stream other than the one the dispatchers
+    last consumed (the dead-letter stream's metadata names it) reads it from
+    its first message: what was published before it started is sent."""
+    settings = with_overrides(make_settings(nats_server.url), hooks={"url": receiver.url, **HOOKS})
+    node = await start_node(settings)
+    first = Dispatcher(settings)
+    task = asyncio.create_task(first.run())
+    await wait_for(lambda: first.source.ready, timeout=15)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await node.stop()
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().delete_stream(settings.stream.name)
+    await nc.close()
+    node = await start_node(settings)  # the stream made again, no dispatcher running
+    try:
+        sent = await api_publish(http, node, "user:sam", {"text": "while no dispatcher ran"})
+        dispatcher = dispatchers(settings)
+        await wait_for(lambda: dispatcher.source.ready, timeout=15)
+        await wait_for(lambda: receiver.ids() == [sent], timeout=10)
+        later = await api_publish(http, node, "user:sam", {"text": "after"})
+        await wait_for(lambda: receiver.ids() == [sent, later], timeout=10)  # once each
+    finally:
+        await node.stop()
