@@ -45,13 +45,14 @@ warn = Throttle(log, interval=30.0)
 class HookMessage:
     """One stored user-channel message as the dispatcher sees it."""
 
-    id: int  # the stream sequence: the idempotency key
+    id: int  # the stream sequence: with ``stream``, the idempotency key
     user: str
     event: str
     data: bytes
     timestamp: float  # when the stream stored it (unix seconds)
     attempt: int  # 1 for the first delivery to a dispatcher
     _msg: Msg
+    stream: str = ""  # the stream's incarnation (a recreated stream numbers from 1 again)
 
     @property
     def age(self) -> float:
@@ -269,6 +270,7 @@ class HookSource:
             timestamp=meta.timestamp.timestamp() if meta.timestamp else time.time(),
             attempt=meta.num_delivered or 1,
             _msg=msg,
+            stream=self._incarnation or "",
         )
 
     async def _user_value(self, bucket: str, user: str) -> bytes | None:
@@ -321,13 +323,16 @@ class HookSource:
         assert js is not None
         record = {
             "id": str(message.id),
+            "stream": message.stream,
             "user": message.user,
             "event": message.event,
             "reason": reason,
             "attempts": message.attempt,
             "data": message.data.decode("utf-8", "replace"),
         }
-        await js.publish(self.dead_subject, orjson.dumps(record), headers={"Nats-Msg-Id": f"dead-{message.id}"})
+        await js.publish(
+            self.dead_subject, orjson.dumps(record), headers={"Nats-Msg-Id": f"dead-{message.stream}-{message.id}"}
+        )
         await message.done()
 
     async def pending(self) -> int:

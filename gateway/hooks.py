@@ -174,6 +174,7 @@ class Dispatcher:
             "Content-Type": "application/json",
             "User-Agent": "herald-hooks",
             "Herald-Delivery-Id": str(m.id),
+            "Herald-Stream": m.stream,
             "Herald-Event": m.event,
             "Herald-Signature": signature(self.secrets, int(time.time()), body),
         }

@@ -473,6 +473,8 @@ async def test_a_stream_recreated_while_no_dispatcher_ran_is_read_from_its_start
     first = Dispatcher(settings)
     task = asyncio.create_task(first.run())
     await wait_for(lambda: first.source.ready, timeout=15)
+    old = await api_publish(http, node, "user:sam", {"text": "before"})
+    await wait_for(lambda: receiver.ids() == [old], timeout=10)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await node.stop()
@@ -482,10 +484,14 @@ async def test_a_stream_recreated_while_no_dispatcher_ran_is_read_from_its_start
     node = await start_node(settings)  # the stream made again, no dispatcher running
     try:
         sent = await api_publish(http, node, "user:sam", {"text": "while no dispatcher ran"})
+        assert sent == old  # numbered from 1 again
         dispatcher = dispatchers(settings)
         await wait_for(lambda: dispatcher.source.ready, timeout=15)
-        await wait_for(lambda: receiver.ids() == [sent], timeout=10)
+        await wait_for(lambda: receiver.ids() == [old, sent], timeout=10)
         later = await api_publish(http, node, "user:sam", {"text": "after"})
-        await wait_for(lambda: receiver.ids() == [sent, later], timeout=10)  # once each
+        await wait_for(lambda: receiver.ids() == [old, sent, later], timeout=10)  # once each
+        # Herald-Stream tells the two "1"s apart: deduplicating on the pair keeps both.
+        pairs = [(h["Herald-Stream"], h["Herald-Delivery-Id"]) for h, _ in receiver.requests]
+        assert len(set(pairs)) == 3 and pairs[0][0] != pairs[1][0] == pairs[2][0] != ""
     finally:
         await node.stop()
