@@ -322,10 +322,12 @@ class KvPresence:
             alive = await self._alive()  # listed after: a node that wrote an entry is in it
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"presence lookup failed: {exc.__class__.__name__}") from None
-        users = set()
+        # This node's own users as it knows them now: its writes to the bucket
+        # are queued, and a client asking right after its welcome is one of them.
+        users = {user for present, user in self._local if present == room}
         for entry in entries:
             instance, _, user = entry.split(".")
-            if instance in alive:
+            if instance in alive and instance != self.instance:
                 users.add(from_key_token(user))
         return sorted(users)
 

@@ -169,3 +169,28 @@ async def test_key_listings_end_promptly_and_exactly_while_keys_churn(nats_serve
         stop.set()
         await asyncio.gather(*churners, return_exceptions=True)
         await nc.close()
+
+
+async def test_a_client_asking_right_after_its_welcome_is_among_the_members(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, monkeypatch: Any
+) -> None:
+    """The node's own users come from what it knows now, not from its KV
+    writes, which are queued (here: held back half a second)."""
+    node = await node_factory(**cluster())
+    presence = node.node.broker.presence
+    await wait_for(lambda: presence._acks is not None)
+    write = presence._acks.publish
+
+    async def slow(messages: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await write(messages)
+
+    monkeypatch.setattr(presence._acks, "publish", slow)
+    alice = await open_ws(http, node, "alice", ["lobby"])
+    assert (await ask(alice, "lobby"))["users"] == ["alice"]
+    bob = await open_ws(http, node, "bob", ["lobby"])
+    assert (await ask(bob, "lobby"))["users"] == ["alice", "bob"]
+    await alice.close()
+    await wait_for(lambda: len(node.node.sessions) == 1)
+    assert (await ask(bob, "lobby", "q"))["users"] == ["bob"]
+    await bob.close()
