@@ -31,6 +31,7 @@ from .http import (
     json_reply,
     json_response,
     key_matches,
+    late_body,
     read_body,
 )
 from .hub import Hub
@@ -244,10 +245,9 @@ class CommandApi:
         body: bytes | None = None
         if request.content_length is None or request.content_length <= limit:
             try:
-                async with asyncio.timeout(self._timeout):
-                    body = await request.read()
+                body = await read_body(request, self._timeout)
             except TimeoutError:
-                return error("timeout", f"the body did not arrive within {self._timeout:g}s"), False
+                return error("timeout", late_body(self._timeout)), False
             except web.HTTPRequestEntityTooLarge:
                 body = None
             except RequestPayloadError as exc:

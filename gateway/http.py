@@ -48,10 +48,15 @@ def error_reply(status: int, error: str, message: str, headers: tuple[tuple[str,
     return json_reply({"error": error, "message": message}, status, headers)
 
 
+def late_body(seconds: float) -> str:
+    """Why a request whose body was not all in within ``seconds`` is refused (408 ``timeout``)."""
+    return f"the body did not arrive within {seconds:g}s"
+
+
 def body_timeout(seconds: float) -> Reply:
     """The answer to a request whose body was not all in within ``seconds``
     (``http.handshake_timeout``); its connection closes after it."""
-    return error_reply(408, "timeout", f"the body did not arrive within {seconds:g}s")
+    return error_reply(408, "timeout", late_body(seconds))
 
 
 async def read_body(request: web.Request, seconds: float) -> bytes:
