@@ -31,9 +31,9 @@ class Commands:
         """Join ``room`` (and rejoin it on every reconnect); with ``since``,
         the room's stored messages after that id come first."""
         fields: dict[str, Any] = {"room": room}
-        rewound = since is not None and is_id(str(since))  # else the node refuses it (bad_request)
         if since is not None:
             fields["since"] = str(since)
+        rewound = "since" in fields and is_id(fields["since"])  # else the node refuses it (bad_request)
         if rewound:
             self._feed.rewind(f"room:{room}", fields["since"])
         try:
