@@ -244,7 +244,7 @@ class KvPresence:
         """Delete the entries of instances that stopped refreshing their key."""
         assert self._kv is not None
         registered = await live_keys(self._kv, f"{REGISTRY}.*")
-        alive = await self._alive()  # listed after: a node registered since is in it
+        alive = await self.alive_now()  # listed after: a node registered since is in it
         for key in registered:
             dead = key.split(".", 1)[1]
             if dead in alive or dead == self.instance:
@@ -319,7 +319,7 @@ class KvPresence:
             raise BrokerUnavailable("presence is not available yet")
         try:
             entries = await live_keys(self._kv, f"*.{key_token(room)}.*")
-            alive = await self._alive()  # listed after: a node that wrote an entry is in it
+            alive = await self.alive_now()  # listed after: a node that wrote an entry is in it
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"presence lookup failed: {exc.__class__.__name__}") from None
         # This node's own users as it knows them now: its writes to the bucket
