@@ -142,10 +142,11 @@ class HookSource:
             try:
                 info = await js.stream_info(self._stream)
                 incarnation = stream_id(info.created)
-                served = await self._served(js)
+                dead = await self._dead_stream(js)
+                served = None if dead is None else (dead.metadata or {}).get(_SERVED, "")  # "": kept none yet
                 await self._ensure_consumer(js, incarnation, served)
                 if served != incarnation:
-                    await self._serve(js, incarnation)
+                    await self._serve(js, dead, incarnation)
             except nats.js.errors.NotFoundError:
                 self._waited = True
                 warn("stream", "stream %s not found: waiting for a node to create it", self._stream)
@@ -158,22 +159,19 @@ class HookSource:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def _served(self, js: JetStreamContext) -> str | None:
-        """The stream incarnation the dispatchers last consumed, as the
-        dead-letter stream's metadata keeps it (None: none ever ran)."""
+    async def _dead_stream(self, js: JetStreamContext) -> StreamConfig | None:
+        """The dead-letter stream's config (None: no dispatcher ever made it).
+        Its metadata names the stream incarnation the dispatchers last consumed."""
         try:
-            dead = await js.stream_info(self.dead_stream)
+            return (await js.stream_info(self.dead_stream)).config
         except nats.js.errors.NotFoundError:
             return None
-        return (dead.config.metadata or {}).get(_SERVED, "")  # "": made before it was kept
 
-    async def _serve(self, js: JetStreamContext, incarnation: str) -> None:
+    async def _serve(self, js: JetStreamContext, dead: StreamConfig | None, incarnation: str) -> None:
         """Keep ``incarnation`` as the one consumed (making the dead-letter stream if need be)."""
-        try:
-            dead = (await js.stream_info(self.dead_stream)).config
-        except nats.js.errors.NotFoundError:
-            dead = StreamConfig(name=self.dead_stream, subjects=[self.dead_subject])
-            await js.add_stream(dataclasses.replace(dead, metadata={_SERVED: incarnation}))
+        if dead is None:
+            config = StreamConfig(name=self.dead_stream, subjects=[self.dead_subject], metadata={_SERVED: incarnation})
+            await js.add_stream(config)
             return
         await js.update_stream(dataclasses.replace(dead, metadata={**(dead.metadata or {}), _SERVED: incarnation}))
 
