@@ -164,7 +164,8 @@ class PublishApi:
         if not 1 <= len(doc) <= self._max_batch:
             raise BadItem(f"a batch holds 1 to {self._max_batch} items (publish.max_batch)")
         key = idempotency_key
-        return [self._item(item, None if key is None else f"{key}:{i}", f"item {i}") for i, item in enumerate(doc)]
+        # A space, which a key cannot hold: no single publish's key is an item's.
+        return [self._item(item, None if key is None else f"{key} {i}", f"item {i}") for i, item in enumerate(doc)]
 
     def _item(self, doc: object, msg_id: str | None, where: str) -> Publishable:
         if not isinstance(doc, dict) or "data" not in doc:

@@ -91,6 +91,18 @@ async def test_a_batch_publishes_in_order_with_its_ids(node_factory: NodeFactory
     assert (await post(http, b, keyed, "batch-7"))[1]["ids"] == once
 
 
+async def test_a_batch_key_does_not_swallow_another_keys_publish(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """Items of a batch keyed "order-7" and a single publish keyed "order-7:1"
+    are different keys: the single publish is stored."""
+    batch = [{"channel": "room:a", "data": 0}, {"channel": "room:a", "data": 1}]
+    batch_ids = (await post(http, node, batch, "order-7"))[1]["ids"]
+    status, single = await post(http, node, {"channel": "user:bob", "data": "refund"}, "order-7:1")
+    assert status == 200 and "duplicate" not in single and single["id"] not in batch_ids, (batch_ids, single)
+    assert await history_ids(http, node, "user:bob") == [single["id"]]
+
+
 async def test_one_bad_item_refuses_the_whole_batch(node: RunningNode, http: aiohttp.ClientSession) -> None:
     good = {"channel": "room:lobby", "data": 1}
     bad_items = [
