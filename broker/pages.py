@@ -115,9 +115,23 @@ class Pager:
         if want <= 0:
             return []
         start_seq, start_index = await self._place(older - want, (first, 0), (end, older), want, total)
-        found = await self._read(start_seq, min(MAX_READ, older - start_index))
+        found = await self._read_span(start_seq, older - start_index)
         page = [s.delivery for s in found if total - 1 - s.after >= older - want and s.delivery.seq < end]
         return [d for d in page if now - d.ts <= retention.max_age]
+
+    async def _read_span(self, start: int, count: int) -> list[Stored]:
+        """``count`` messages from ``start`` on, in reads of at most ``MAX_READ``
+        (the span holds the page and up to as many before it: 2,000 at most)."""
+        found: list[Stored] = []
+        while count > 0:
+            asked = min(MAX_READ, count)
+            got = await self._read(start, asked)
+            found += got
+            if len(got) < asked:
+                break  # the subject has no more
+            count -= asked
+            start = got[-1].delivery.seq + 1
+        return found
 
     async def _place(
         self, target: int, low: tuple[int, int], high: tuple[int, int], slack: int, total: int

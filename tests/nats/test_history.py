@@ -23,6 +23,9 @@ async def ask(ws: aiohttp.ClientWebSocketResponse, cmd: dict[str, Any]) -> dict[
     return await recv_json(ws)
 
 
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 def ids(frame: dict[str, Any]) -> list[str]:
     return [m["id"] for m in frame["messages"]]
 
@@ -112,6 +115,25 @@ async def test_a_room_history_limit_caps_every_page(node_factory: NodeFactory, h
         assert ids(await ask(ws, {"type": "history", "room": "small-1", "before": published[-2]})) == published[-5:-2]
 
 
+async def test_a_page_of_more_than_half_the_read_size_is_whole(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A page of up to history.page_max (1000) messages is the newest ``limit``:
+    placing its start may leave up to as many before it to read past."""
+    node = await node_factory(history={"room_max": 3000, "page_max": 1000})
+    batch = [{"channel": "room:a", "data": i} for i in range(1000)]
+    published: list[str] = []
+    for _ in range(2):
+        async with http.post(node.url + "/api/publish", json=batch, headers=PUBLISH_HEADERS) as resp:
+            published += (await resp.json())["ids"]
+    for limit, before in ((1000, None), (700, None), (1000, published[1500])):
+        params = {"channel": "room:a", "limit": str(limit), **({} if before is None else {"before": before})}
+        async with http.get(node.url + "/api/history", params=params, headers=ADMIN) as resp:
+            page = ids(await resp.json())
+        end = len(published) if before is None else published.index(before)
+        assert page == published[end - limit : end], (limit, before, len(page))
+
+
 async def test_the_user_inbox_history(node: RunningNode, http: aiohttp.ClientSession) -> None:
     mine = await publish_many(http, node, [("user:alice", {"n": i}) for i in range(3)])
     await api_publish(http, node, "user:bob", {"n": "not alice's"})
@@ -124,7 +146,7 @@ async def test_the_user_inbox_history(node: RunningNode, http: aiohttp.ClientSes
 
 async def test_admin_history_api(node: RunningNode, http: aiohttp.ClientSession) -> None:
     published = await publish_many(http, node, [("room:lobby", {"n": i}) for i in range(7)])
-    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    admin = ADMIN
     url = node.url + "/api/history"
     async with http.get(url, params={"channel": "room:lobby", "limit": "3"}, headers=admin) as resp:
         body = await resp.json()
