@@ -86,12 +86,16 @@ class KvReadPositions:
     async def advance(self, user: str, seq: int) -> int:
         stored = seq
         stream = self.stream_id
+        last = 0  # the stream's end, read only to judge a position stored without its stream
 
         def forward(value: bytes | None) -> bytes | None:
             nonlocal stored
             current, written_for = decode(value)
-            if written_for != stream:
-                current = 0  # another stream's position (or one without a stream): not ahead of anything
+            if written_for is None:
+                # As ``position`` counts it: trusted up to the stream's end.
+                current, _ = trusted(value, stream, last)
+            elif written_for != stream:
+                current = 0  # another stream's position: not ahead of anything
             if current >= seq:
                 stored = current
                 return None
@@ -99,10 +103,14 @@ class KvReadPositions:
             return encode(seq, stream)
 
         kv = self._bucket()
+        key = key_token(user)
         try:
+            known = await kv.get(key)
+            if known[0] is not None and decode(known[0])[1] is None:
+                last = await self._last()
             # Each conflict is another tab moving the position forward: it ends
             # once ours is no longer ahead; the bound only guards against a bug.
-            done = await compare_and_set(kv, key_token(user), forward, tries=1000)
+            done = await compare_and_set(kv, key, forward, tries=1000, known=known)
         except BrokerUnavailable as exc:
             raise BrokerUnavailable(f"storing the read position failed: {exc}") from None
         if not done:

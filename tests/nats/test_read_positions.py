@@ -10,6 +10,7 @@ import aiohttp
 import nats
 
 from broker.embedded import NatsServer
+from broker.kv import key_token
 
 from ..helpers import RunningNode, make_settings, scrape, start_node
 from .test_inbox import cluster, connect, messages, publish_many, quiet, read
@@ -85,3 +86,25 @@ async def test_positions_of_a_deleted_stream_do_not_silence_the_new_one(
         await ws.close()
     finally:
         await second.stop()
+
+
+async def test_a_position_stored_without_its_stream_never_moves_back(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """A position stored before positions named their stream counts (up to the
+    stream's end) for ``unread``; a lower ``read`` then leaves it where it is."""
+    ids = await publish_many(http, node, "user:leg", 6)
+    nc = await nats.connect(node.settings.nats.urls[0])
+    try:
+        kv = await nc.jetstream().key_value(node.settings.stream.name + "_read")
+        await kv.put(key_token("leg"), ids[3].encode())  # the old format: the sequence alone
+    finally:
+        await nc.close()
+    ws, welcome = await connect(http, node, "leg")
+    assert welcome["unread"] == 2
+    await messages(ws, 2)
+    assert (await read(ws, ids[1]))["id"] == ids[3]
+    await ws.close()
+    ws, welcome = await connect(http, node, "leg")
+    await ws.close()
+    assert welcome["unread"] == 2
