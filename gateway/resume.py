@@ -123,13 +123,16 @@ class Resumer:
                 # inbox's own limits, and a reset on every connect of every idle
                 # user would only be noise.
                 return None, 0
-            return replay, len(replay.deliveries)
+            return replay, await self._unread(user, read, replay)
         replay = await history.replay(channels, since, settings.replay_max)
-        if read >= since and user not in replay.lost:  # the replay holds every unread message
-            unread = sum(1 for d in replay.deliveries if d.channel == user and d.seq > read)
-        else:
-            unread = len((await history.replay((user,), read, settings.user_max)).deliveries)
-        return replay, unread
+        return replay, await self._unread(user, read, replay if read >= since else None)
+
+    async def _unread(self, user: Channel, read: int, replay: Replay | None) -> int:
+        """The user's held messages after ``read``: counted in ``replay`` if it
+        holds them all (replayed from ``read`` or before, none cut), else read."""
+        if replay is not None and user not in replay.lost:
+            return sum(1 for d in replay.deliveries if d.channel == user and d.seq > read)
+        return len((await self._history.replay((user,), read, self._settings.user_max)).deliveries)
 
     async def _send(self, session: Session, replay: Replay | None) -> None:
         """Resets first, then the replayed messages, paced; then the held live ones."""

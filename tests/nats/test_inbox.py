@@ -399,6 +399,13 @@ async def test_unread_counts_the_messages_a_capped_replay_leaves_out(
     assert [(f["type"], f["channel"]) for f in resets] == [("reset", "room:lobby"), ("reset", "user")]
     assert [f["id"] for f in await messages(ws, 3)] == room_ids[-3:]
     await ws.close()
+    # Without a position: the newest 3 unread, after a reset, and all 7 counted.
+    user_ids = await publish_many(http, node, "user:jack", 5)
+    ws, welcome = await connect(http, node, "jack")
+    assert welcome["unread"] == 7
+    assert (await recv_json(ws))["type"] == "reset"
+    assert [f["id"] for f in await messages(ws, 3)] == user_ids[-3:]
+    await ws.close()
 
 
 async def test_inbox_and_live_flow_meet_without_gap_or_duplicate(
