@@ -78,7 +78,7 @@ class Resumer:
                 if unread is not None:
                     first["unread"] = unread
                 first["position"] = str(position)
-                session.send(first)
+                session.welcome(first)
         except BaseException:
             session.stop_holding()
             raise

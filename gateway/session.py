@@ -44,6 +44,7 @@ class Session:
         "channels",
         "codec",
         "disconnect",
+        "early",
         "floors",
         "gated",
         "held",
@@ -73,6 +74,9 @@ class Session:
         self.channels: set[Channel] = set()
         self.state = State.CONNECTING
         self.disconnect: Disconnect | None = None
+        # Control frames sent before the welcome (a server-side subscribe, a
+        # reset of a channel being joined): they follow it. None once it is out.
+        self.early: list[bytes] | None = []
         # Live deliveries held aside while a replay runs (see resume.py).
         self.held: list[Delivery] | None = None
         # Per replayed channel, the last sequence the replay sent: live copies
@@ -103,8 +107,19 @@ class Session:
             self.state = State.OPEN
 
     def send(self, obj: dict[str, Any]) -> None:
-        """Queue a control frame (welcome, ack, error, pong…)."""
+        """Queue a control frame (ack, error, pong…); before the welcome, to follow it."""
+        frame = self.codec.control(obj)
+        if self.early is None:
+            self.outbound.push(frame)
+        else:
+            self.early.append(frame)
+
+    def welcome(self, obj: dict[str, Any]) -> None:
+        """Queue the welcome, always the first frame, then what was sent before it."""
+        early, self.early = self.early or [], None
         self.outbound.push(self.codec.control(obj))
+        for frame in early:
+            self.outbound.push(frame)
 
     # -- holding live deliveries while a replay runs ----------------------------
 

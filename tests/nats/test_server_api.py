@@ -4,14 +4,17 @@ node."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
 from ..helpers import (
     ADMIN_KEY,
+    PUBLISH_HEADERS,
     PUBLISH_KEY,
     NodeFactory,
     RunningNode,
@@ -155,3 +158,44 @@ async def test_the_nodes_counted_are_those_alive_now(node_factory: NodeFactory, 
     assert (status, answer) == (200, {"disconnected": 2, "nodes": 3, "complete": True})
     for ws in streams:
         assert (await expect_close(ws))[0] == 4009
+
+
+ROOMS = [f"big{i}" for i in range(5)]
+
+
+async def subscribe_while_opening(http: aiohttp.ClientSession, node: RunningNode, user: str) -> dict[str, Any]:
+    """POST /api/subscribe for ``user`` until a connection of it is counted (one is opening)."""
+    deadline = time.monotonic() + 5
+    answer: dict[str, Any] = {}
+    while time.monotonic() < deadline and not answer.get("subscribed"):
+        answer = (await admin(http, node, "/api/subscribe", {"user": user, "room": "extra"}))[1]
+    return answer
+
+
+async def test_a_connection_still_opening_gets_its_welcome_first(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """A server-side subscribe reaching a connection while it joins its
+    channels is sent after its welcome (3.2) — on SSE, after the response head (4.2)."""
+    batch = [{"channel": f"room:{r}", "data": {"n": i, "pad": "x" * 50}} for r in ROOMS for i in range(200)]
+    for _ in range(5):  # a resume from 0 then takes the node a while
+        async with http.post(node.url + "/api/publish", json=batch, headers=PUBLISH_HEADERS) as resp:
+            assert resp.status == 200
+    rooms = [("room", r) for r in ROOMS]
+    connecting = asyncio.ensure_future(
+        http.ws_connect(node.ws_url, params=[("token", token("sam")), ("since", "0"), *rooms])
+    )
+    assert (await subscribe_while_opening(http, node, "sam"))["subscribed"] == 1
+    async with await connecting as ws:
+        assert (await recv_json(ws))["type"] == "welcome"
+        assert {"type": "subscribed", "room": "extra"} in [await recv_json(ws) for _ in range(5001)]
+
+    host, port = node.url.rsplit("//", 1)[1].split(":")
+    query = urlencode([("token", token("ann")), ("since", "0"), ("envelope", "1"), *rooms])
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET /sse?{query} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        assert (await subscribe_while_opening(http, node, "ann"))["subscribed"] == 1
+        assert (await asyncio.wait_for(reader.read(64), 5)).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()

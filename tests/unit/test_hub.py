@@ -165,6 +165,7 @@ class Env:
             limits,
             self.metrics.transport[wire.name],
         )
+        session.early = None  # as if welcomed: control frames go out at once
         session.opened()
         self.sessions.append(session)
         return session, wire, closer
@@ -306,6 +307,17 @@ async def test_control_frames_and_deliveries_keep_push_order(env: Env) -> None:
     ]
     assert env.sample("herald_messages_delivered_total", transport="ws") == 2  # control frames are not deliveries
     assert env.sample("herald_delivery_latency_seconds_count") == 2
+
+
+async def test_control_frames_sent_before_the_welcome_follow_it(env: Env) -> None:
+    s, wire, _ = env.session()
+    s.early = []  # still connecting: its welcome is not out yet
+    s.send({"type": "subscribed", "room": "x"})
+    s.send({"type": "reset", "channel": "room:a"})
+    s.welcome({"type": "welcome"})
+    s.send({"type": "pong"})
+    await settle()
+    assert [f["type"] for f in ws_frames(wire.data)] == ["welcome", "subscribed", "reset", "pong"]
 
 
 async def test_sse_control_and_delivery_order(env: Env) -> None:
