@@ -5,7 +5,9 @@ naming the key, on one line.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import re
 from pathlib import Path
 
 from broker.channels import Subjects
@@ -43,8 +45,16 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config error: {key}: {message}")
 
 
+# The largest number any setting takes: NATS limits are 64-bit, timers and
+# JSON want exact integers; nothing meaningful is near it.
+MAX_NUMBER = 2**53
+# Settings where a negative number means something: -1 for "none".
+NEGATIVE_MEANS_NONE = {"stream.max_bytes"}
+
+
 def validate(s: Settings) -> None:
     """Raise ConfigError naming the first bad key, checking the sections in this order."""
+    _numbers(s)
     _node(s.node)
     _http(s.http)
     _publish(s.publish, s.http)
@@ -65,9 +75,30 @@ def validate(s: Settings) -> None:
     _log(s.log)
 
 
+def _numbers(s: Settings) -> None:
+    """What no number may be, whichever setting it is: negative (but -1 where
+    it means none), or beyond ``MAX_NUMBER``."""
+    for section in dataclasses.fields(s):
+        part = getattr(s, section.name)
+        if not dataclasses.is_dataclass(part):
+            continue
+        for field in dataclasses.fields(part):
+            value = getattr(part, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            key = f"{section.name}.{field.name}"
+            lowest = -1 if key in NEGATIVE_MEANS_NONE else 0
+            _require(value >= lowest, key, "must be >= 0" if lowest == 0 else "must be >= 0, or -1 for none")
+            _require(value <= MAX_NUMBER, key, f"must be at most {MAX_NUMBER}")
+
+
+# Names that go into NATS subjects, streams and buckets: ASCII only.
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _node(node: NodeSettings) -> None:
     _require(
-        bool(node.id) and all(c.isalnum() or c in "-_." for c in node.id),
+        _NAME.fullmatch(node.id.replace(".", "_")) is not None,
         "node.id",
         "letters, digits, '-', '_' or '.'",
     )
@@ -75,7 +106,7 @@ def _node(node: NodeSettings) -> None:
 
 def _http(http: HttpSettings) -> None:
     _require(0 <= http.port <= 65535, "http.port", "must be 0..65535")
-    _require(http.backlog > 0, "http.backlog", "must be > 0")
+    _require(0 < http.backlog <= 65535, "http.backlog", "must be 1 to 65535")
     _require(http.max_body >= 1024, "http.max_body", "must be >= 1024")
     _require(http.shutdown_grace >= 0, "http.shutdown_grace", "must be >= 0")
     _require(http.drain_delay >= 0, "http.drain_delay", "must be >= 0")
@@ -122,7 +153,7 @@ def _subject(s: Settings) -> None:
 
 def _stream(stream: StreamSettings) -> None:
     _require(
-        bool(stream.name) and stream.name.replace("_", "").replace("-", "").isalnum(),
+        _NAME.fullmatch(stream.name) is not None,
         "stream.name",
         "letters, digits, '-' or '_'",
     )

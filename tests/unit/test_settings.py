@@ -235,6 +235,18 @@ def test_every_key_has_an_env_name() -> None:
         ({"HERALD_HOOKS_URL": "http://"}, ("hooks.url",)),
         ({"HERALD_HOOKS_URL": "http://[::1/hook"}, ("hooks.url",)),
         ({"HERALD_HOOKS_URL": "http://h:99999/hook"}, ("hooks.url",)),
+        # No number is negative (but stream.max_bytes = -1), nor beyond 2**53.
+        ({"HERALD_NATS_RECONNECT_WAIT": "-5"}, ("nats.reconnect_wait",)),
+        ({"HERALD_JWT_LEEWAY": "-100"}, ("jwt.leeway",)),
+        ({"HERALD_NATS_PENDING_MSGS_LIMIT": "-1"}, ("nats.pending_msgs_limit",)),
+        ({"HERALD_NATS_PENDING_BYTES_LIMIT": "-1"}, ("nats.pending_bytes_limit",)),
+        ({"HERALD_STREAM_MAX_BYTES": "-7"}, ("stream.max_bytes",)),
+        ({"HERALD_HISTORY_USER_MAX": "100000000000000000000"}, ("history.user_max",)),
+        ({"HERALD_WS_HEARTBEAT": "1e300"}, ("ws.heartbeat",)),
+        ({"HERALD_HTTP_BACKLOG": "99999999999"}, ("http.backlog",)),
+        ({"HERALD_HTTP_BACKLOG": "65536"}, ("http.backlog",)),
+        ({"HERALD_STREAM_NAME": "\u00c9V\u00c9NEMENTS"}, ("stream.name",)),
+        ({"HERALD_NODE_ID": "n\u00f6de"}, ("node.id",)),
     ],
 )
 def test_bad_env_values_raise_one_line_naming_the_key(env: dict[str, str], names: tuple[str, ...]) -> None:
