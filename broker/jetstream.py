@@ -180,13 +180,17 @@ class NatsBroker:
             ) from None
         self._link.nc = nc
         self._link.js = nc.jetstream(timeout=self._config.publish_timeout)
-        await self.connections.listen()
-        await self._link.replies.subscribe()
-        if manage_stream:
-            await self.relay.listen()  # a node: other nodes may address it
-            await self._ensure_stream_when_ready()
-        else:
-            self._stream_ready = True
+        try:
+            await self.connections.listen()
+            await self._link.replies.subscribe()
+            if manage_stream:
+                await self.relay.listen()  # a node: other nodes may address it
+                await self._ensure_stream_when_ready()
+            else:
+                self._stream_ready = True
+        except BaseException:
+            await self.close()  # the connection and its tasks end here, not when the loop is gone
+            raise
 
     async def _ensure_stream_when_ready(self) -> None:
         """``_ensure_stream``, retried while JetStream does not answer yet (a

@@ -68,19 +68,19 @@ async def serve_process(
     on a private subject prefix and stream; returns once /readyz is 200."""
     n = next(_ids)
     port = free_port()
-    env = cli_env(
-        HERALD_NATS_URLS=nats_url,
-        HERALD_HTTP_HOST="127.0.0.1",
-        HERALD_HTTP_PORT=str(port),
-        HERALD_JWT_SECRET=SECRET,
-        HERALD_PUBLISH_KEY=PUBLISH_KEY,
-        HERALD_SUBJECT_PREFIX=f"shut{n}x{os.getpid()}",
-        HERALD_STREAM_NAME=f"SHUT{n}X{os.getpid()}",
-        HERALD_STREAM_STORAGE="memory",
-        HERALD_HTTP_SHUTDOWN_GRACE="1",
-        HERALD_WS_CLOSE_TIMEOUT="1",
-        **extra,
-    )
+    defaults = {
+        "HERALD_NATS_URLS": nats_url,
+        "HERALD_HTTP_HOST": "127.0.0.1",
+        "HERALD_HTTP_PORT": str(port),
+        "HERALD_JWT_SECRET": SECRET,
+        "HERALD_PUBLISH_KEY": PUBLISH_KEY,
+        "HERALD_SUBJECT_PREFIX": f"shut{n}x{os.getpid()}",
+        "HERALD_STREAM_NAME": f"SHUT{n}X{os.getpid()}",
+        "HERALD_STREAM_STORAGE": "memory",
+        "HERALD_HTTP_SHUTDOWN_GRACE": "1",
+        "HERALD_WS_CLOSE_TIMEOUT": "1",
+    }
+    env = cli_env(**{**defaults, **extra})
     proc = spawn(["serve"], env)
     base = f"http://127.0.0.1:{port}"
     await wait_ready(http, base, proc)
@@ -286,3 +286,27 @@ def test_bad_config_fails_fast_with_one_line(case: str, tmp_path: Path) -> None:
     for needle in expected:
         assert needle in lines[0], lines[0]
     assert "Traceback" not in result.stderr
+
+
+async def test_a_stream_nats_refuses_stops_the_node_with_one_error(
+    spawn: Callable[..., subprocess.Popen[bytes]], nats_server: NatsServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A start that fails once connected (NATS refuses to change an existing
+    stream's storage) says so on one line, its NATS client closed: no
+    "Event loop is closed" or pending-task noise after it."""
+    n = next(_ids)
+    names = {"HERALD_SUBJECT_PREFIX": f"st{n}x{os.getpid()}", "HERALD_STREAM_NAME": f"ST{n}X{os.getpid()}"}
+    proc, _ = await serve_process(spawn, nats_server.url, http, **names, HERALD_STREAM_STORAGE="file")
+    proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(proc, 10) == 0
+    env = {"HERALD_NATS_URLS": nats_server.url, "HERALD_JWT_SECRET": SECRET, "HERALD_HTTP_PORT": str(free_port())}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve"],
+        env=cli_env(**env, **names, HERALD_STREAM_STORAGE="memory"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    errors = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]
+    assert result.returncode == 1 and len(errors) == 1 and "storage" in errors[0], result.stderr[-3000:]
