@@ -4,7 +4,7 @@
 forks that many processes that share the port through SO_REUSEPORT (the kernel
 spreads connections evenly), each with its own NATS connection and metrics;
 worker k serves the admin port + k. The parent forwards signals and exits when
-they have.
+they have; a worker that fails stops the others, and the parent exits 1.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import dataclasses
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import os
 import signal
 import sys
@@ -161,9 +163,67 @@ def worker_settings(settings: Settings, index: int) -> Settings:
     )
 
 
+# What stops a node; the parent of workers passes them on.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _worker(settings: Settings) -> None:
-    # A fresh process group member: the parent forwards the signals it gets.
+    # Forked with the stop signals blocked and the parent's handler: until its
+    # loop takes them, a stop signal ends the worker at once (it serves nothing yet).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     sys.exit(_run(settings, True, None))
+
+
+class Workers:
+    """The parent of ``--workers`` processes: passes the stop signals on, and
+    exits once all have; one that fails (an exit code, or killed: the OOM
+    killer) stops the others and makes the exit code 1, so a supervisor
+    (systemd's Restart=on-failure) starts the node again."""
+
+    def __init__(self, processes: list[multiprocessing.process.BaseProcess]) -> None:
+        self._processes = processes
+        self.stopping = False
+
+    def stop(self, sig: int, _frame: object = None) -> None:
+        self.stopping = True
+        for process in self._processes:
+            if process.pid is not None and process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, sig)
+
+    def start(self) -> None:
+        # Blocked while forking: a child never runs this process's handler.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self.stop)
+            for process in self._processes:
+                process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def wait(self) -> int:
+        code = 0
+        running = list(self._processes)
+        while running:
+            ended = multiprocessing.connection.wait([p.sentinel for p in running])
+            for process in [p for p in running if p.sentinel in ended]:
+                process.join()
+                running.remove(process)
+                if self._failed(process.exitcode):
+                    code = 1
+                    if not self.stopping:
+                        log.error("worker %s exited (%s): stopping the others", process.name, process.exitcode)
+                        self.stop(signal.SIGTERM)
+        return code
+
+    def _failed(self, exitcode: int | None) -> bool:
+        """Not a clean stop: a stop signal kills a worker still starting."""
+        if exitcode == 0:
+            return False
+        return not (self.stopping and exitcode is not None and -exitcode in STOP_SIGNALS)
 
 
 def serve(settings: Settings, workers: int = 1, on_ready: Callable[[], None] | None = None) -> int:
@@ -171,24 +231,10 @@ def serve(settings: Settings, workers: int = 1, on_ready: Callable[[], None] | N
     if workers <= 1:
         return _run(settings, False, on_ready)
     context = multiprocessing.get_context("fork")
-    children = [context.Process(target=_worker, args=(worker_settings(settings, k),)) for k in range(workers)]
-
-    def forward(sig: int, _frame: object) -> None:
-        for child in children:
-            if child.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, sig)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
-    for child in children:
-        child.start()
+    parent = Workers(
+        [context.Process(target=_worker, args=(worker_settings(settings, k),), name=f"w{k}") for k in range(workers)]
+    )
+    parent.start()
     if on_ready is not None:
         on_ready()
-    code = 0
-    for child in children:
-        child.join()
-        code = max(code, child.exitcode or 0)
-        if child.exitcode:
-            forward(signal.SIGTERM, None)  # one failed: stop the others
-    return code
+    return parent.wait()

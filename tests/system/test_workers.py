@@ -4,10 +4,15 @@ with its own NATS connection, node id and admin port; SIGTERM stops them all."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import aiohttp
+import pytest
 
 from broker.embedded import NatsServer, free_port, free_ports
 
@@ -69,3 +74,59 @@ async def test_two_workers_share_the_port(nats_server: NatsServer, spawn, http: 
     while proc.poll() is None and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert proc.returncode == 0, proc.err_path.read_text()
+
+
+def workers_env(nats_server: NatsServer, name: str) -> dict[str, str]:
+    return cli_env(
+        HERALD_NATS_URLS=nats_server.url,
+        HERALD_HTTP_PORT=str(free_port()),
+        HERALD_JWT_SECRET=SECRET,
+        HERALD_SUBJECT_PREFIX=name.lower(),
+        HERALD_STREAM_NAME=name,
+        HERALD_STREAM_STORAGE="memory",
+    )
+
+
+async def started_workers(proc: subprocess.Popen[bytes], serving: bool) -> list[int]:
+    """The pids of ``proc``'s two workers, once forked (``serving``: once both take connections)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            pids = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            if len(pids) == 2 and (not serving or all(listening(pid) for pid in pids)):
+                return pids
+        await asyncio.sleep(0.002 if not serving else 0.05)
+    raise AssertionError(f"the workers did not start: {proc.err_path.read_text()}")  # type: ignore[attr-defined]
+
+
+def listening(pid: int) -> bool:
+    """Whether the process holds a listening TCP socket (its node serves)."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    table = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    return any(row.split()[3] == "0A" and f"socket:[{row.split()[9]}]" in inodes for row in table)
+
+
+async def exit_code(proc: subprocess.Popen[bytes], timeout: float = 15) -> int | None:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return proc.poll()
+
+
+@pytest.mark.parametrize("which", [0, 1])
+async def test_a_worker_killed_stops_the_others_and_fails(nats_server: NatsServer, spawn, which: int) -> None:
+    """Whichever worker dies (the OOM killer: SIGKILL), the parent sees it at
+    once, stops the other and exits 1: systemd's Restart=on-failure starts the node again."""
+    proc = spawn(["serve", "--workers", "2"], workers_env(nats_server, f"KILL{which}"))
+    pids = await started_workers(proc, serving=True)
+    os.kill(pids[which], signal.SIGKILL)
+    assert await exit_code(proc) == 1, proc.err_path.read_text()
+    assert "stopping the others" in proc.err_path.read_text()
+
+
+async def test_sigterm_while_the_workers_start_stops_them_all(nats_server: NatsServer, spawn) -> None:
+    proc = spawn(["serve", "--workers", "2"], workers_env(nats_server, "EARLY"))
+    await started_workers(proc, serving=False)
+    proc.send_signal(signal.SIGTERM)  # the workers are still connecting to NATS
+    log = proc.err_path.read_text() if await exit_code(proc) is not None else "still running"
+    assert proc.returncode == 0 and "Traceback" not in log, log
