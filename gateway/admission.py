@@ -94,12 +94,15 @@ class Gate:
         """What is checked before a stream is accepted (before a WS upgrade, so a
         refused browser sees the HTTP status): a draining node, the node's
         capacity and the origin."""
-        if self._sessions.draining:
-            # An HTTP status, not a close code after the upgrade: a load balancer
-            # can only pass a request on to another node before the 101.
-            raise Refusal(503, SHUTDOWN, "draining", "node is draining: connect to another node")
+        # An HTTP status, not a close code after the upgrade: a load balancer
+        # can only pass a request on to another node before the 101.
+        self._check_not_draining()
         self._check_capacity()
         self.check_origin(request)
+
+    def _check_not_draining(self) -> None:
+        if self._sessions.draining:
+            raise Refusal(503, SHUTDOWN, "draining", "node is draining: connect to another node")
 
     def _check_capacity(self) -> None:
         """A node at ``limits.max_connections`` refuses more streams (503: try another node)."""
@@ -199,6 +202,13 @@ class Gate:
         except TooManyConnections as exc:
             self._metrics.limit_rejections.labels("connections_per_user").inc()
             raise Refusal(429, TOO_MANY_CONNECTIONS, "too_many_connections", str(exc)) from None
+        try:
+            # Admitting took a while (a connect hook, NATS): the node may have
+            # begun draining since, and its sessions were told to go already.
+            self._check_not_draining()
+        except Refusal:
+            self.count_out(identity.user, conn_id)
+            raise
         return conn_id
 
     def count_out(self, user: str, conn_id: str) -> None:

@@ -396,6 +396,25 @@ async def test_an_answer_asked_for_before_a_disconnect_is_used_but_not_kept(
     assert len(app.requests) == 2  # that answer was not kept
 
 
+async def test_a_stream_admitted_once_the_node_drains_is_refused(
+    node_factory: NodeFactory, app: App, http: aiohttp.ClientSession
+) -> None:
+    """The node began draining (and told its sessions to go) while the hook
+    was asked: the stream is refused as draining — WS 1012, SSE 503 — not
+    welcomed and then dropped at exit without a word."""
+    node = await node_factory(auth=auth(app.url), http={"drain_delay": 0, "shutdown_grace": 1})
+    alice, bob = app.login("s-alice", "alice", ["lobby"]), app.login("s-bob", "bob", ["lobby"])
+    app.held = asyncio.Event()
+    ws_close_task = asyncio.create_task(ws_close(http, node, alice))
+    sse_task = asyncio.create_task(sse_status(http, node, bob))
+    await wait_for(lambda: len(app.requests) == 2)
+    await node.node.shutdown()
+    app.held.set()
+    assert (await ws_close_task)[0] == 1012
+    status, body = await sse_task
+    assert (status, body["error"]) == (503, "draining")
+
+
 # -- modes -------------------------------------------------------------------------
 
 
