@@ -100,6 +100,11 @@ class Gate:
         self._check_capacity()
         self.check_origin(request)
 
+    def refused(self, transport: str, refusal: Refusal) -> Refusal:
+        """Count ``refusal`` of a ``transport`` stream (herald_connections_refused_total)."""
+        self._metrics.refused.labels(transport, refusal.error).inc()
+        return refusal
+
     def _check_not_draining(self) -> None:
         if self._sessions.draining:
             raise Refusal(503, SHUTDOWN, "draining", "node is draining: connect to another node")

@@ -40,6 +40,19 @@ AUTH_FAILURE_REASONS = (
     "conflicting",
     "other_user",
 )
+# The ``error`` of every stream refusal (docs/protocol.md 8, "HTTP status of a refused stream").
+REFUSALS = (
+    "bad_request",
+    "forbidden_origin",
+    "draining",
+    "node_full",
+    "bad_token",
+    "unavailable",
+    "too_many_subscriptions",
+    "forbidden",
+    "too_many_connections",
+    "internal",
+)
 LIMITS = (
     "node_connections",
     "connections_per_user",
@@ -119,6 +132,12 @@ class Metrics:
         self.closed = Counter(
             "herald_connections_closed", "Client connections closed, by reason", ["transport", "reason"], registry=r
         )
+        self.refused = Counter(
+            "herald_connections_refused",
+            "Streams refused at open (never a connection), by the refusal's error code",
+            ["transport", "reason"],
+            registry=r,
+        )
         self.latency = LatencyHistogram()
         self.slow_consumer = Counter(
             "herald_slow_consumer_disconnects", "Connections closed for falling behind", ["transport"], registry=r
@@ -179,6 +198,8 @@ class Metrics:
         metrics = self.transport[name] = TransportMetrics(self, name)
         for reason in CLOSE_REASONS:
             self._closed[name, reason] = self.closed.labels(name, reason)
+        for error in REFUSALS:
+            self.refused.labels(name, error)
         return metrics
 
     def count_closed(self, transport: str, reason: str) -> None:

@@ -267,11 +267,11 @@ class Opener:
             admission = await gate.admit(request, link.name, last_event_id)
             conn_id = await gate.count_in(admission.identity)
         except Refusal as refusal:
-            link.refuse(refusal)
+            link.refuse(gate.refused(link.name, refusal))
             return
         except Exception:  # a bug: told as such (WS 1011, SSE 500), logged; the node goes on
             log.exception("admitting a %s stream failed", link.name)
-            link.refuse(Refusal(500, INTERNAL, "internal", "internal error"))
+            link.refuse(gate.refused(link.name, Refusal(500, INTERNAL, "internal", "internal error")))
             return
         if link.gone:  # the client left while it was being admitted
             gate.count_out(admission.identity.user, conn_id)

@@ -165,6 +165,7 @@ class SseEndpoint(StreamEndpoint[SseLinks]):
         try:
             self._gate.screen(request)
         except Refusal as refusal:
+            self._gate.refused(SseLink.name, refusal)
             return error_reply(refusal.status, refusal.error, refusal.message)
         transport = request.transport
         if transport is None or transport.is_closing():  # the client already left

@@ -239,6 +239,7 @@ class WsEndpoint(StreamEndpoint[WsLinks]):
         try:
             self._gate.screen(request)  # before the upgrade: a cross-site page learns nothing
         except Refusal as refusal:
+            self._gate.refused(WsLink.name, refusal)
             return error_reply(refusal.status, refusal.error, refusal.message)
         transport = request.transport
         if transport is None or transport.is_closing():  # the client already left

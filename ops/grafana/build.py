@@ -103,10 +103,14 @@ ROWS = [
                 width=6,
             ),
             Panel(
-                "Disconnects / s by reason",
-                "herald_connections_closed_total: closes by reason (client_closed, slow_consumer, bad_token, "
-                "heartbeat_timeout, shutdown, replaced, ...).",
-                [Target(rate("herald_connections_closed_total", "reason"), "{{reason}}")],
+                "Disconnects and refusals / s by reason",
+                "herald_connections_closed_total: closes by reason (client_closed, slow_consumer, token_expired, "
+                "heartbeat_timeout, shutdown, replaced, ...); herald_connections_refused_total: streams refused at "
+                "open, by error code (bad_token, too_many_connections, draining, ...).",
+                [
+                    Target(rate("herald_connections_closed_total", "reason"), "{{reason}}"),
+                    Target(rate("herald_connections_refused_total", "reason"), "refused {{reason}}"),
+                ],
                 unit="ops",
                 width=6,
             ),

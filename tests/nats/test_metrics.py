@@ -9,8 +9,10 @@ from broker.embedded import NatsServer
 from ..helpers import (
     ADMIN_KEY,
     PUBLISH_HEADERS,
+    NodeFactory,
     RunningNode,
     SseClient,
+    expect_close,
     recv_json,
     scrape,
     token,
@@ -129,3 +131,45 @@ async def test_labelled_series_exist_from_the_first_scrape(node: RunningNode, ht
         assert scraped[f'herald_api_publishes_total{{result="{result}"}}'] == 0
     assert scraped['herald_connections_closed_total{reason="slow_consumer",transport="sse"}'] == 0
     assert scraped["process_resident_memory_bytes"] > 0
+
+
+async def test_streams_refused_at_open_are_counted_by_their_error(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A refused stream is never a connection (opened and closed do not move):
+    herald_connections_refused_total counts it, by the refusal's error code."""
+    node = await node_factory(limits={"max_connections_per_user": 1, "origins": ["https://app.example"]})
+    before = await scrape(http, node.url)
+    async with http.ws_connect(node.ws_url, params={"token": "not-a-token"}) as ws:
+        assert (await expect_close(ws))[0] == 4001
+    async with http.ws_connect(node.ws_url, params={"token": token("f", rooms=["a"]), "room": "b"}) as ws:
+        assert (await expect_close(ws))[0] == 4003
+    first = await http.ws_connect(node.ws_url, params={"token": token("twice")})
+    assert (await recv_json(first))["type"] == "welcome"
+    async with http.ws_connect(node.ws_url, params={"token": token("twice")}) as ws:
+        assert (await expect_close(ws))[0] == 4029
+    await first.close()
+    async with http.get(node.url + "/sse", params={"token": "not-a-token"}) as resp:
+        assert resp.status == 401
+    async with http.get(node.url + "/sse", params={"token": token()}, headers={"Origin": "https://evil.example"}) as r:
+        assert r.status == 403
+    await wait_for(lambda: node.node.sessions.__len__() == 0)
+    after = await scrape(http, node.url)
+
+    def moved(name: str) -> float:
+        return after[name] - before[name]
+
+    refused = {
+        (t, r): moved(f'herald_connections_refused_total{{reason="{r}",transport="{t}"}}')
+        for t, r in (("ws", "bad_token"), ("ws", "forbidden"), ("ws", "too_many_connections"), ("sse", "bad_token"))
+    }
+    refused["sse", "forbidden_origin"] = moved(
+        'herald_connections_refused_total{reason="forbidden_origin",transport="sse"}'
+    )
+    assert refused == dict.fromkeys(refused, 1), refused
+    assert moved('herald_connections_opened_total{transport="ws"}') == 1
+    assert (
+        sum(v for k, v in after.items() if k.startswith("herald_connections_closed_total"))
+        - sum(v for k, v in before.items() if k.startswith("herald_connections_closed_total"))
+        == 1
+    )

@@ -20,7 +20,10 @@ def test_every_label_value_the_code_uses_is_pre_created() -> None:
     assert used_limits <= set(metrics.LIMITS), used_limits - set(metrics.LIMITS)
     used_results = set(re.findall(r'refuse\(\d+, "(\w+)"', source)) | {"ok"}
     assert used_results <= set(metrics.API_RESULTS), used_results - set(metrics.API_RESULTS)
+    used_refusals = set(re.findall(r'Refusal\(\s*\d+, \w+, "(\w+)"', source))
+    assert used_refusals <= set(metrics.REFUSALS), used_refusals - set(metrics.REFUSALS)
     assert len(used_auth) > 10 and len(used_limits) > 6 and len(used_results) > 5  # the patterns still match
+    assert len(used_refusals) > 8
 
 
 def test_the_accept_queue_counts_connections_the_node_has_not_taken() -> None:
