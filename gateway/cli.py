@@ -85,7 +85,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if http:
         settings = with_overrides(settings, http=http)
     if args.workers < 1:
-        raise ConfigError("herald: --workers must be >= 1")
+        raise ConfigError("--workers must be >= 1")
     configure_logging(settings.log.level)
     return serve(settings, workers=args.workers)
 

@@ -58,7 +58,7 @@ def validate(s: Settings) -> None:
     _node(s.node)
     _http(s.http)
     _publish(s.publish, s.http)
-    _admin(s.admin)
+    _admin(s.admin, s.http)
     _nats(s.nats)
     _subject(s)
     _stream(s.stream)
@@ -105,6 +105,7 @@ def _node(node: NodeSettings) -> None:
 
 
 def _http(http: HttpSettings) -> None:
+    _require(bool(http.host), "http.host", 'must not be empty (every interface: "0.0.0.0")')
     _require(0 <= http.port <= 65535, "http.port", "must be 0..65535")
     _require(0 < http.backlog <= 65535, "http.backlog", "must be 1 to 65535")
     _require(http.max_body >= 1024, "http.max_body", "must be >= 1024")
@@ -128,8 +129,10 @@ def _publish(publish: PublishSettings, http: HttpSettings) -> None:
     )
 
 
-def _admin(admin: AdminSettings) -> None:
+def _admin(admin: AdminSettings, http: HttpSettings) -> None:
     _require(0 <= admin.port <= 65535, "admin.port", "must be 0..65535 (0: on the main port)")
+    _require(bool(admin.host), "admin.host", 'must not be empty (every interface: "0.0.0.0")')
+    _require(not admin.port or admin.port != http.port, "admin.port", "must differ from http.port (0: on the main port)")
 
 
 def _nats(nats: NatsSettings) -> None:

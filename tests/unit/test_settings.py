@@ -247,6 +247,9 @@ def test_every_key_has_an_env_name() -> None:
         ({"HERALD_HTTP_BACKLOG": "65536"}, ("http.backlog",)),
         ({"HERALD_STREAM_NAME": "\u00c9V\u00c9NEMENTS"}, ("stream.name",)),
         ({"HERALD_NODE_ID": "n\u00f6de"}, ("node.id",)),
+        ({"HERALD_HTTP_HOST": ""}, ("http.host",)),
+        ({"HERALD_ADMIN_HOST": ""}, ("admin.host",)),
+        ({"HERALD_ADMIN_PORT": "8080", "HERALD_HTTP_PORT": "8080"}, ("admin.port",)),
     ],
 )
 def test_bad_env_values_raise_one_line_naming_the_key(env: dict[str, str], names: tuple[str, ...]) -> None:
