@@ -4,8 +4,9 @@ One KV key per user (``<stream>_conns``) holds that user's open connections —
 ``{conn id: [node instance, opened at]}`` — updated with compare-and-set, so
 two nodes admitting the same user at once cannot both take the last place.
 Entries of instances that stopped refreshing their liveness key (crashed) do
-not count and are dropped at the user's next update. A connection chosen to
-make room on another node is closed through a message to that node.
+not count and are dropped at the user's next update; a node that was only
+stalled writes its own back when it carries on (``recount``). A connection
+chosen to make room on another node is closed through a message to that node.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class KvConnections:
         # so a count out (and a second tab's count in) need no read while
         # no other node changed the user's table.
         self._known: dict[str, Current] = {}
+        # This node's counted connections: user -> {conn id: opened at}, to
+        # write back when other nodes dropped them (``recount``).
+        self._open: dict[str, dict[str, float]] = {}
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
         kv = await bind_bucket(
@@ -93,7 +97,9 @@ class KvConnections:
         """Count ``conn`` in, kicking the oldest to make room (close-oldest), or
         raise TooManyConnections (refuse-new). Without NATS it admits (a limit
         is protection, not authentication)."""
-        for instance, victim in await self._admit(user, conn, limit, close_oldest):
+        victims = await self._admit(user, conn, limit, close_oldest)
+        self._open.setdefault(user, {})[conn] = time.time()
+        for instance, victim in victims:
             if instance == self._instance:
                 self._kick(victim)
             elif self._link.nc is not None:
@@ -101,7 +107,33 @@ class KvConnections:
                     await self._link.nc.publish(self._kick_subject(instance), victim.encode())
 
     def close(self, user: str, conn: str) -> None:
+        conns = self._open.get(user)
+        if conns is not None:
+            conns.pop(conn, None)
+            if not conns:
+                del self._open[user]
         spawn(self.tasks, self._count_out(user, conn))
+
+    def recount(self) -> None:
+        """Write this node's connections back into their users' tables: it
+        was taken for a dead node (a stall past ``presence.ttl``), and other
+        nodes dropped them there. Until the users close some, they may hold
+        more than their limit; no new one is admitted meanwhile."""
+        for user, conns in list(self._open.items()):
+            spawn(self.tasks, self._restore(user, dict(conns)))
+
+    async def _restore(self, user: str, conns: dict[str, float]) -> None:
+        instance = self._instance
+
+        def restore(table: Table, alive: set[str]) -> Table | None:
+            open_now = self._open.get(user, {})  # closed meanwhile: not written back
+            missing = {c: [instance, at] for c, at in conns.items() if c not in table and c in open_now}
+            if not missing:
+                return None
+            return {**{c: v for c, v in table.items() if v[0] in alive}, **missing}
+
+        self._known.pop(user, None)  # what this node last wrote still holds them: read what others left
+        await self._update(user, restore)
 
     async def _admit(self, user: str, conn: str, limit: int, close_oldest: bool) -> list[tuple[str, str]]:
         """Count ``conn`` in; returns the (instance, conn) to close to make room."""

@@ -132,6 +132,7 @@ class NatsBroker:
         self.connections = KvConnections(
             link, config.stream, self.presence.instance, self.presence.alive, events.kick, config.publish_timeout
         )
+        self.presence.on_lapse = self.connections.recount
         self.relay = NatsRelay(link, config.stream, config.node_id, events.request, self.presence.alive_now)
         self._stream_ready = False
         self._stream_created: float | None = None

@@ -24,7 +24,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import nats.errors
 import nats.js.errors
@@ -93,6 +93,11 @@ class KvPresence:
         # Instances seen in entries but absent from a listing begun after: gone
         # (ids are per process); until a later listing has them again.
         self._gone: set[str] = set()
+        self._revision = 0  # of this instance's liveness key, as last written
+        # Called when this instance was taken for a dead one (its liveness key
+        # lapsed: a stall, NATS away past the ttl) and is back: what others
+        # dropped of it (its users' connection counts) is written again.
+        self.on_lapse: Callable[[], None] | None = None
 
     async def ensure(self, js: JetStreamContext, replicas: int, storage: str) -> None:
         """Bind (or create) the buckets, announce this instance, start writing."""
@@ -105,15 +110,46 @@ class KvPresence:
         )
         # Waits while NATS reconnects, as nats-py's put did.
         self._acks = AckedPublisher(self._link, self._kv._stream, self._timeout, buffered=True)
-        await self._nodes.put(self.instance, b"1")
+        if not self._tasks:  # the first connect
+            await self._register()
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._write_loop()), loop.create_task(self._heartbeat_loop())]
+        elif not await self._refresh():  # a reconnect, after the ttl: taken for dead meanwhile
+            await self._come_back()
+        else:  # the store may be new all the same: write everything again
+            self._rewrite()
+
+    async def _register(self) -> None:
+        """Say this instance is alive, and that its entries are to be swept if it dies."""
+        assert self._nodes is not None and self._kv is not None
+        self._revision = await self._nodes.put(self.instance, b"1")
         await self._kv.put(f"{REGISTRY}.{self.instance}", b"1")
-        # After a reconnect the store may be new: write everything again.
+
+    async def _refresh(self) -> bool:
+        """Refresh this instance's liveness key; False if it had lapsed (it
+        expired, or a sweep took this instance for a dead one): nothing is written then."""
+        assert self._nodes is not None and self._kv is not None
+        try:
+            self._revision = await self._nodes.update(self.instance, b"1", last=self._revision)
+            await self._kv.get(f"{REGISTRY}.{self.instance}")
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.NotFoundError):
+            return False
+        return True
+
+    async def _come_back(self) -> None:
+        """After a lapse: register again, write every entry again (a sweep
+        deleted them, or is deleting them: the next refresh then finds the
+        registration gone and comes here again), and tell ``on_lapse``."""
+        log.warning("presence: this node was taken for a dead one (a stall, or NATS away); writing its state again")
+        await self._register()
+        self._rewrite()
+        if self.on_lapse is not None:
+            self.on_lapse()
+
+    def _rewrite(self) -> None:
         for key in self._local:
             self._pending.setdefault(key, True)
         self._wake.set()
-        if not self._tasks:
-            loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._write_loop()), loop.create_task(self._heartbeat_loop())]
 
     # -- this node's members ----------------------------------------------------
 
@@ -230,8 +266,8 @@ class KvPresence:
         while True:
             await asyncio.sleep(beat)
             with contextlib.suppress(TimeoutError, nats.errors.Error):
-                assert self._nodes is not None
-                await self._nodes.put(self.instance, b"1")
+                if not await self._refresh():
+                    await self._come_back()
             since_sweep += beat
             if since_sweep >= self._ttl:
                 since_sweep = 0.0

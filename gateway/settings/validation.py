@@ -132,7 +132,9 @@ def _publish(publish: PublishSettings, http: HttpSettings) -> None:
 def _admin(admin: AdminSettings, http: HttpSettings) -> None:
     _require(0 <= admin.port <= 65535, "admin.port", "must be 0..65535 (0: on the main port)")
     _require(bool(admin.host), "admin.host", 'must not be empty (every interface: "0.0.0.0")')
-    _require(not admin.port or admin.port != http.port, "admin.port", "must differ from http.port (0: on the main port)")
+    _require(
+        not admin.port or admin.port != http.port, "admin.port", "must differ from http.port (0: on the main port)"
+    )
 
 
 def _nats(nats: NatsSettings) -> None:
