@@ -61,6 +61,7 @@ class NatsConfig:
     name: str = "herald"
     connect_timeout: float = 5.0
     reconnect_wait: float = 1.0
+    ping_interval: float = 10.0
     subjects: Subjects = field(default_factory=Subjects)
     stream: str = "HERALD"
     replicas: int = 1
@@ -165,6 +166,10 @@ class NatsBroker:
                     name=self._config.name,
                     connect_timeout=max(1, int(self._config.connect_timeout)),
                     reconnect_time_wait=self._config.reconnect_wait,  # type: ignore[arg-type]
+                    # A server that stops answering (frozen, cut off) is left after
+                    # two unanswered pings, not nats-py's 2 x 120 s.
+                    ping_interval=self._config.ping_interval,  # type: ignore[arg-type]
+                    max_outstanding_pings=2,
                     max_reconnect_attempts=-1,
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,

@@ -43,6 +43,7 @@ def nats_config(settings: Settings) -> NatsConfig:
         name=f"herald-{settings.node.id}",
         connect_timeout=n.connect_timeout,
         reconnect_wait=n.reconnect_wait,
+        ping_interval=n.ping_interval,
         subjects=Subjects(settings.subject.prefix, settings.live_prefix),
         stream=settings.stream.name,
         replicas=settings.stream.replicas,

@@ -56,6 +56,7 @@ class NatsSettings:
     urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     connect_timeout: float = 5.0
     reconnect_wait: float = 1.0
+    ping_interval: float = 10.0
     publish_timeout: float = 5.0
     unsubscribe_delay: float = 1.0
     pending_msgs_limit: int = 65536

@@ -144,6 +144,7 @@ def _nats(nats: NatsSettings) -> None:
             url.split("://", 1)[0] in ("nats", "tls", "ws", "wss") and "://" in url, "nats.urls", f"bad URL {url!r}"
         )
     _require(nats.connect_timeout > 0, "nats.connect_timeout", "must be > 0")
+    _require(nats.ping_interval > 0, "nats.ping_interval", "must be > 0")
     _require(nats.publish_timeout > 0, "nats.publish_timeout", "must be > 0")
     _require(nats.user_subscriptions in ("per-user", "shared"), "nats.user_subscriptions", "must be per-user or shared")
     _require(nats.unsubscribe_delay >= 0, "nats.unsubscribe_delay", "must be >= 0")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -199,3 +200,21 @@ async def test_a_channel_dropped_during_an_outage_leaves_no_subscription_behind(
             await node.stop()
     finally:
         server.stop()
+
+
+async def test_a_frozen_nats_server_is_noticed_within_two_pings(
+    own_nats: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """A server that stops answering keeps its TCP connection open: only
+    unanswered pings (nats.ping_interval) tell the node it is gone."""
+    node: RunningNode = await node_factory(nats_url=own_nats.url, nats={"ping_interval": 0.5, "reconnect_wait": 0.2})
+    readyz = node.url + "/readyz"
+    assert await status_is(http, readyz, 200)
+    assert own_nats.process is not None
+    own_nats.process.send_signal(signal.SIGSTOP)
+    try:
+        await wait_for(lambda: not node.node.broker.connected, timeout=5)
+        assert await status_is(http, readyz, 503)
+    finally:
+        own_nats.process.send_signal(signal.SIGCONT)
+    await wait_for(lambda: node.node.broker.connected, timeout=10)
