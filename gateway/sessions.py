@@ -92,4 +92,4 @@ class Sessions:
         while self._open and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if self._open:
-            log.info("%d connections did not close within the grace; aborting", len(self._open))
+            log.info("%d connections did not close within the grace; they end with the process", len(self._open))
