@@ -188,7 +188,7 @@ class FrontConnection(asyncio.Protocol):
         spawn(_answering, self._answer(request, body, self._transport))
 
     async def _answer(self, request: Request, body: bytes, transport: asyncio.Transport) -> None:
-        head = FrontHead(request.method, request.target, request.headers, transport)
+        head = FrontHead(request.method, request.target, request.headers, transport, self._take_rest)
         try:
             reply = await request.route.answer(head, body)
         except Exception:
@@ -209,6 +209,14 @@ class FrontConnection(asyncio.Protocol):
         self._arm()
         if self._buffer:
             self._advance()
+
+    def _take_rest(self) -> bytes:
+        """What came after the request being answered, for the route that takes the socket."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        if self._transport is not None:
+            self._transport.resume_reading()  # paused if the rest piled up
+        return rest
 
     def _release(self) -> None:
         """The connection is no longer the front door's."""

@@ -4,6 +4,7 @@ request, or the head the front door parsed itself (``FrontHead``)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
@@ -15,6 +16,9 @@ class Head(Protocol):
 
     @property
     def method(self) -> str: ...
+
+    @property
+    def version(self) -> tuple[int, int]: ...
 
     @property
     def headers(self) -> CIMultiDictProxy[str]: ...
@@ -40,10 +44,18 @@ class FrontHead:
     Its URL and peer are made when first read: a publish reads neither (a
     yarl URL and a getpeername() less per request)."""
 
-    __slots__ = ("_peer_read", "_rel_url", "_remote", "_target", "headers", "method", "transport")
+    __slots__ = ("_peer_read", "_rel_url", "_remote", "_rest", "_target", "headers", "method", "transport")
 
-    def __init__(self, method: str, target: str, headers: CIMultiDict[str], transport: asyncio.Transport) -> None:
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        transport: asyncio.Transport,
+        rest: Callable[[], bytes] = bytes,
+    ) -> None:
         self.method = method
+        self._rest = rest
         self.headers = CIMultiDictProxy(headers)
         self.transport: asyncio.Transport | None = transport
         self._target = target
@@ -58,6 +70,14 @@ class FrontHead:
             # As aiohttp makes it: the query parsed the same way, to the same values.
             self._rel_url = URL.build(path=path, query_string=query, encoded=True)
         return self._rel_url
+
+    def take_rest(self) -> bytes:
+        """The bytes that came after this request (a route that takes the socket reads them first)."""
+        return self._rest()
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return (1, 1)  # the front door serves HTTP/1.1 only
 
     @property
     def remote(self) -> str | None:

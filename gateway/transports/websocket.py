@@ -16,7 +16,7 @@ from ..admission import Gate, Refusal
 from ..commands import Commands
 from ..disconnect import HEARTBEAT_TIMEOUT, Disconnect
 from ..frames import WS, ws_frame
-from ..head import Head
+from ..head import FrontHead, Head
 from ..http import Reply, error_reply, hard_abort
 from ..metrics import Metrics
 from ..node import Node
@@ -30,6 +30,7 @@ from .wsproto import (
     OP_PONG,
     OP_TEXT,
     PING,
+    VERSION,
     FrameParser,
     accept_key,
     close_frame,
@@ -62,6 +63,7 @@ class WsLink(SocketLink):
     reader of its client's frames."""
 
     __slots__ = (
+        "_ending",
         "_inbox",
         "_parser",
         "_reading_paused",
@@ -82,6 +84,7 @@ class WsLink(SocketLink):
         self._inbox: list[tuple[int, object]] | None = None  # frames for the command handler
         self._worker: asyncio.Task[None] | None = None
         self._reading_paused = False
+        self._ending: Disconnect | None = None  # the client's close, once its commands are answered
         self.peer_closed = False  # the client's close frame (or a protocol error) came
         self.last_in = self._loop.time()
         self.ping_at = 0.0
@@ -107,11 +110,20 @@ class WsLink(SocketLink):
 
     def _peer_ended(self, reason: Disconnect) -> None:
         """The client sent its close frame or broke the protocol (or a limit):
-        nothing more is read, and nothing is waited for once our close is out."""
+        nothing more is read, and nothing is waited for once our close is out.
+        Commands that came before it are run and answered first."""
         self.peer_closed = True
         self._parser = None
         if reason.label == "too_big":
             self._ctx.frame_rejections.inc()
+        if self._inbox and self.session is not None and self.session.active:
+            self._ending = reason  # the worker ends the link once the inbox is empty
+            if self._worker is None and self._started:
+                self._start_worker()
+            return
+        self._end(reason)
+
+    def _end(self, reason: Disconnect) -> None:
         self._close_all(reason)
         if self.closing and not self.gone:
             self._transport.close()
@@ -163,6 +175,9 @@ class WsLink(SocketLink):
             self._worker = None
             if not inbox:
                 self._inbox = None
+                ending, self._ending = self._ending, None
+                if ending is not None and not self.gone:
+                    self._end(ending)
 
     # -- life -----------------------------------------------------------------
 
@@ -188,8 +203,11 @@ class WsLink(SocketLink):
 
     def heartbeat(self, now: float, interval: float) -> None:
         """A ping when the peer was quiet for ``interval``; closed if the last
-        ping went unanswered."""
-        if self.ping_at:
+        ping went unanswered. Not while the node does not read the socket (its
+        commands queue up): the answer would not be read."""
+        if self._reading_paused:
+            self.ping_at = 0.0
+        elif self.ping_at:
             self._close_all(HEARTBEAT_TIMEOUT)
         elif now - self.last_in >= interval and not self.closing:
             self.ping_at = now
@@ -233,9 +251,9 @@ class WsEndpoint(StreamEndpoint[WsLinks]):
     taken_status = 101
 
     async def open(self, request: Head, forget: Callable[[], None]) -> Reply | None:
-        accept = accept_key(request.method, request.headers)
+        accept = accept_key(request.method, request.headers) if request.version >= (1, 1) else None
         if accept is None:
-            return error_reply(400, "bad_request", "expected a WebSocket upgrade")
+            return _not_an_upgrade(request)
         try:
             self._gate.screen(request)  # before the upgrade: a cross-site page learns nothing
         except Refusal as refusal:
@@ -245,8 +263,23 @@ class WsEndpoint(StreamEndpoint[WsLinks]):
         if transport is None or transport.is_closing():  # the client already left
             return None
         transport.write(switching_protocols(accept))
-        await self._opener.serve(request, WsLink(transport, self.links), forget)
+        link = WsLink(transport, self.links)
+        if isinstance(request, FrontHead):
+            # Frames that came with the request head (a client that did not
+            # wait for the 101): read before whatever comes next.
+            early = request.take_rest()
+            if early:
+                link.data_received(early)
+        await self._opener.serve(request, link, forget)
         return None
+
+
+def _not_an_upgrade(request: Head) -> Reply:
+    version = request.headers.get("Sec-WebSocket-Version")
+    if version is not None and version != VERSION:  # RFC 6455 4.4: say which version this server speaks
+        message = f"WebSocket version {version} is not supported: use {VERSION}"
+        return error_reply(426, "bad_request", message, (("Sec-WebSocket-Version", VERSION),))
+    return error_reply(400, "bad_request", "expected a WebSocket upgrade (HTTP/1.1 GET, version 13)")
 
 
 def _serve(node: Node, opener: Opener) -> WsEndpoint:

@@ -19,6 +19,9 @@ OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2,
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 PING = ws_frame(b"", OP_PING)
+VERSION = "13"  # the only one (RFC 6455 4.4: a client asking another is told this one, 426)
+# Close codes a client may send (RFC 6455 7.4, and IANA's 1012-1014); others are a protocol error.
+_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
 
 # What the parser makes of the client's bytes, in order:
 #   (OP_TEXT, str)          a whole text message (valid UTF-8)
@@ -31,10 +34,12 @@ Event = tuple[int, object]
 
 
 def accept_key(method: str, headers: Mapping[str, str]) -> str | None:
-    """``Sec-WebSocket-Accept`` for a valid upgrade request; None if it is not one."""
+    """``Sec-WebSocket-Accept`` for a valid upgrade request; None if it is not
+    one (a version other than 13 included: see ``VERSION``)."""
     if method != "GET" or headers.get("Upgrade", "").strip().lower() != "websocket":
         return None
-    if "upgrade" not in headers.get("Connection", "").lower() or headers.get("Sec-WebSocket-Version") != "13":
+    connection = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+    if "upgrade" not in connection or headers.get("Sec-WebSocket-Version") != VERSION:
         return None
     key = headers.get("Sec-WebSocket-Key", "")
     try:
@@ -96,15 +101,17 @@ class FrameParser:
         while end - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
             opcode, size, head = b0 & 0x0F, b1 & 0x7F, pos + 2
+            minimum = 0
             if size == 126:
                 if end - head < 2:
                     break
-                size, head = int.from_bytes(buf[head : head + 2], "big"), head + 2
+                size, head, minimum = int.from_bytes(buf[head : head + 2], "big"), head + 2, 126
             elif size == 127:
                 if end - head < 8:
                     break
-                size, head = int.from_bytes(buf[head : head + 8], "big"), head + 8
-            violation = self._check(b0, b1, opcode, size)
+                size, head, minimum = int.from_bytes(buf[head : head + 8], "big"), head + 8, 65536
+            # RFC 6455 5.2: the shortest length encoding, and a 64-bit one below 2**63.
+            violation = PROTOCOL_ERROR if size < minimum or size >> 63 else self._check(b0, b1, opcode, size)
             if violation is not None:
                 return self._end(events, violation)
             stop = head + 4 + size
@@ -156,8 +163,7 @@ class FrameParser:
         elif opcode == OP_PING:
             events.append((OP_PING, payload))
         elif opcode == OP_CLOSE:
-            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            self._end(events, GOING_AWAY if code == 1001 else CLIENT_CLOSED)
+            self._end(events, _closed_by(payload))
 
     def _message(self, events: list[Event], opcode: int, payload: bytes) -> None:
         if opcode == OP_BINARY:
@@ -173,3 +179,19 @@ class FrameParser:
         self._buf = self._fragments = None
         events.append((OP_CLOSE, reason))
         return events
+
+
+def _closed_by(payload: bytes) -> Disconnect:
+    """What a client's close frame ends the connection with: its close, or the
+    protocol error its body is (RFC 6455 5.5.1: none, or a valid code and a
+    UTF-8 reason)."""
+    if not payload:
+        return CLIENT_CLOSED
+    code = int.from_bytes(payload[:2], "big")
+    if len(payload) < 2 or code not in _CLOSE_CODES:
+        return PROTOCOL_ERROR
+    try:
+        payload[2:].decode()
+    except UnicodeDecodeError:
+        return NOT_UTF8
+    return GOING_AWAY if code == 1001 else CLIENT_CLOSED
