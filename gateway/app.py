@@ -12,7 +12,7 @@ from broker.throttle import Throttle
 
 from .api import CommandApi, NodeApi, PublishApi, healthz
 from .front import FastRoute
-from .http import ALWAYS_HEADERS
+from .http import ALWAYS_HEADERS, valid_host
 from .keys import FAST_ROUTES, NODE, NODE_API
 from .node import BrokerFactory, build_node
 from .server_api import ServerApi
@@ -91,13 +91,15 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     node = build_node(settings, broker_factory)
     opener = Opener(node.id, node.gate, node.sessions, node.resumer)
     # Bodies up to a publish batch's; each handler bounds its own (http.max_body for most).
-    app = web.Application(client_max_size=max(settings.http.max_body, settings.publish.max_batch_body))
+    app = web.Application(
+        client_max_size=max(settings.http.max_body, settings.publish.max_batch_body), middlewares=[valid_host]
+    )
     endpoints = []
     fast: dict[tuple[bytes, bytes], FastRoute] = {}  # served by the front door first (front.py)
     for kind in KINDS:
         node.metrics.add_transport(kind.name)
         endpoint = kind.serve(node, opener)
-        app.router.add_get(kind.path, endpoint.handle)
+        app.router.add_get(kind.path, endpoint.handle, allow_head=False)  # a HEAD would open a stream
         fast[(b"GET", kind.path.encode())] = endpoint
         endpoints.append(endpoint)
     commands = CommandApi(node.router, node.gate, settings.ws.max_frame, settings.http.command_timeout, node.metrics)

@@ -18,11 +18,9 @@ the same answers through both paths.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import http
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -34,7 +32,7 @@ from multidict import CIMultiDict
 from broker.tasks import spawn
 
 from .head import FrontHead
-from .http import ALWAYS_HEADERS, Reply, body_timeout, error_reply, hard_abort
+from .http import ALWAYS_HEADERS, HOST, Reply, body_timeout, error_reply, hard_abort, http_date
 
 log = logging.getLogger("herald.http")
 
@@ -44,6 +42,9 @@ _HEADERS = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\x
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # Origin-form, visible ASCII but "#" (a fragment, which aiohttp drops): anything else is aiohttp's to judge.
 _TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*")
+MAX_HEADERS = 128  # aiohttp's limit: it refuses more
+# A request line of an HTTP version aiohttp would answer in kind (it echoes "HTTP/2.0").
+_OTHER_VERSION = re.compile(rb"[^\r\n]* HTTP/(?!1\.[01](?:\r|$))[0-9]\.[0-9](?:\r|$)")
 # What only aiohttp handles: bodies that are not plain Content-Length ones.
 _DELEGATED = frozenset(("transfer-encoding", "content-encoding", "expect"))
 
@@ -79,13 +80,6 @@ class FrontDoor:
         self.timeout = timeout  # http.handshake_timeout: a head, a body, or an idle keep-alive
         self.connections: set[FrontConnection] = set()
         self.closing = False
-        self._date = (0, "")
-
-    def date(self) -> str:
-        now = int(time.time())
-        if now != self._date[0]:
-            self._date = (now, email.utils.formatdate(now, usegmt=True))
-        return self._date[1]
 
     def match(self, head: bytes) -> Request | None:
         """The request if the front door serves it; None: aiohttp's."""
@@ -97,7 +91,7 @@ class FrontDoor:
         route = self._routes.get((method, target.partition(b"?")[0]))
         if route is None or line_end < 0 or _TARGET.fullmatch(target) is None:
             return None
-        if _HEADERS.fullmatch(head, line_end) is None:
+        if _HEADERS.fullmatch(head, line_end) is None or head.count(b"\r\n") > MAX_HEADERS:
             return None
         headers: CIMultiDict[str] = CIMultiDict()
         for line in head[line_end + 2 :].split(b"\r\n"):
@@ -106,8 +100,8 @@ class FrontDoor:
             if key in headers or key.lower() in _DELEGATED:
                 return None
             headers[key] = value.strip(b" \t").decode("utf-8", "surrogateescape")
-        if "Host" not in headers:
-            return None
+        if HOST.fullmatch(headers.get("Host", " ")) is None:
+            return None  # none, or not a host: aiohttp (valid_host) answers 400
         length = headers.get("Content-Length", "0" if method == b"GET" else "").encode("utf-8", "surrogateescape")
         if _DIGITS.fullmatch(length) is None or int(length) > route.max_body:
             return None
@@ -119,7 +113,7 @@ class FrontDoor:
             f"HTTP/1.1 {reply.status} {http.HTTPStatus(reply.status).phrase}",
             f"Content-Type: {reply.content_type}",
             f"Content-Length: {len(reply.body)}",
-            f"Date: {self.date()}",
+            f"Date: {http_date()}",
             f"Server: {SERVER_SOFTWARE}",
         ]
         lines.extend(f"{name}: {value}" for name, value in (*ALWAYS_HEADERS, *reply.headers))
@@ -131,13 +125,25 @@ class FrontDoor:
 class FrontConnection(asyncio.Protocol):
     """One connection while the front door serves it."""
 
-    __slots__ = ("_buffer", "_busy", "_deadline", "_door", "_gone", "_handler", "_loop", "_timer", "_transport")
+    __slots__ = (
+        "_blocked",
+        "_buffer",
+        "_busy",
+        "_deadline",
+        "_door",
+        "_gone",
+        "_handler",
+        "_loop",
+        "_timer",
+        "_transport",
+    )
 
     def __init__(self, door: FrontDoor, handler: Callable[[], asyncio.Protocol]) -> None:
         self._door = door
         self._handler = handler  # makes aiohttp's protocol for this connection
         self._buffer = bytearray()
         self._busy = False  # a request is being answered
+        self._blocked = False  # the client does not read its answers: none more is made until it does
         self._gone = False
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0  # loop time by which a whole request must be in (0: none is awaited)
@@ -151,10 +157,21 @@ class FrontConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if not self._busy:
+        if not self._busy and not self._blocked:
             self._advance()
         elif len(self._buffer) > MAX_HEAD + 65536 and self._transport is not None:
             self._transport.pause_reading()  # pipelined requests pile up: wait for the answer
+
+    def pause_writing(self) -> None:
+        """The client does not read what it is sent: read nor answer more of its requests."""
+        self._blocked = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._blocked = False
+        if not self._busy and self._transport is not None:
+            self._go_on(self._transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._gone = True
@@ -163,19 +180,26 @@ class FrontConnection(asyncio.Protocol):
 
     def close_idle(self) -> None:
         """Shutdown: an idle connection closes now, a busy one after its answer."""
-        if not self._busy and self._transport is not None:
+        if self._blocked and self._transport is not None:
+            hard_abort(self._transport)
+        elif not self._busy and self._transport is not None:
             self._transport.close()
 
     def _advance(self) -> None:
         buffer = self._buffer
         end = buffer.find(b"\r\n\r\n")
         if end < 0 or end > MAX_HEAD:
-            if len(buffer) > MAX_HEAD:
+            # Too long, or lines ended by a bare LF: aiohttp answers 400 at once.
+            if len(buffer) > MAX_HEAD or buffer.find(b"\n\n", 0, MAX_HEAD + 4) >= 0:
                 self._hand_over()
             return
-        request = self._door.match(bytes(buffer[:end]))
+        head = bytes(buffer[:end])
+        request = self._door.match(head)
         if request is None:
-            self._hand_over()
+            if _OTHER_VERSION.match(head):
+                self._refuse(error_reply(505, "bad_request", "HTTP/1.1 (or 1.0) only"))
+            else:
+                self._hand_over()
             return
         start = end + 4
         if len(buffer) < start + request.length:
@@ -205,10 +229,23 @@ class FrontConnection(asyncio.Protocol):
         if close:
             transport.close()
             return
-        transport.resume_reading()
         self._arm()
+        if not self._blocked:  # else once the client reads (resume_writing)
+            self._go_on(transport)
+
+    def _go_on(self, transport: asyncio.Transport) -> None:
+        """Read again, and serve the next request if it is in."""
+        if len(self._buffer) <= MAX_HEAD + 65536:
+            transport.resume_reading()
         if self._buffer:
             self._advance()
+
+    def _refuse(self, reply: Reply) -> None:
+        """Answer ``reply`` and close: a request aiohttp would answer wrongly."""
+        if self._transport is not None:
+            self._transport.write(self._door.encode(reply, close=True))
+            self._transport.close()
+            self._release()
 
     def _take_rest(self) -> bytes:
         """What came after the request being answered, for the route that takes the socket."""
@@ -256,7 +293,8 @@ class FrontConnection(asyncio.Protocol):
             self._timer = None
 
     def _expire(self) -> None:
-        """No complete request within the timeout: a slow or idle client."""
+        """No complete request within the timeout: a slow or idle client, or
+        one that does not read its answers."""
         self._timer = None
         transport = self._transport
         if transport is None or self._busy or not self._deadline:
@@ -264,7 +302,9 @@ class FrontConnection(asyncio.Protocol):
         if self._loop.time() < self._deadline:  # answered a request since this timer was set
             self._timer = self._loop.call_at(self._deadline, self._expire)
             return
-        if self._awaits_body():
+        if self._blocked:
+            hard_abort(transport)  # a close would wait for ever to write what it does not read
+        elif self._awaits_body():
             # The head of a fast route, its body not all in: answered as aiohttp's route answers.
             transport.write(self._door.encode(body_timeout(self._door.timeout), close=True))
             transport.close()

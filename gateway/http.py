@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import hmac
 import ipaddress
+import re
 import socket
 import struct
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +22,22 @@ from .head import Head
 
 # On every answer, whichever path writes it (aiohttp's, the front door's).
 ALWAYS_HEADERS = (("X-Content-Type-Options", "nosniff"),)
+
+# RFC 9110 7.2: uri-host [":" port] — an IP literal, or a reg-name of RFC
+# 3986's characters (empty included) but "," (two Host lines joined). Anything
+# else is answered 400.
+HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]*)(?::[0-9]*)?")
+
+_date = (0, "")
+
+
+def http_date() -> str:
+    """The ``Date`` of an answer written now (RFC 9110 6.6.1), made once a second."""
+    global _date
+    now = int(time.time())
+    if now != _date[0]:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,3 +247,13 @@ class SocketWire:
     def write(self, data: bytes) -> None:
         if not self._transport.is_closing():
             self._transport.write(data)
+
+
+@web.middleware
+async def valid_host(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An invalid ``Host`` value is a bad request (RFC 9112 3.2), on either path (front.py)."""
+    if HOST.fullmatch(request.headers.get("Host", "")) is None:
+        return json_error(400, "bad_request", "invalid Host header")
+    return await handler(request)

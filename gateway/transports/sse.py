@@ -19,7 +19,7 @@ from ..admission import Gate, Refusal
 from ..disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, Disconnect
 from ..frames import SSE, SSE_ENVELOPE, SseCodec, sse_event
 from ..head import Head
-from ..http import Reply, error_reply
+from ..http import Reply, error_reply, http_date
 from ..node import Node
 from ..settings import BackpressureSettings, SseSettings
 from .kind import TransportKind
@@ -27,6 +27,7 @@ from .link import Links, Opener, SocketLink, StreamEndpoint
 
 _HEAD = (
     b"HTTP/1.1 200 OK\r\n"
+    b"Date: %b\r\n"
     b"Content-Type: text/event-stream; charset=utf-8\r\n"
     b"Cache-Control: no-cache\r\n"
     b"Connection: close\r\n"
@@ -54,8 +55,9 @@ def http_error(status: int, error: str, message: str) -> bytes:
     body = orjson.dumps({"error": error, "message": message})
     reason = _REASONS.get(status, b"Service Unavailable" if status == 503 else b"Error")
     return (
-        b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n%b" % (status, reason, len(body), body)
+        b"HTTP/1.1 %d %b\r\nDate: %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n%b"
+        % (status, reason, http_date().encode(), len(body), body)
     )
 
 
@@ -92,7 +94,9 @@ class SseLink(SocketLink):
         """Send the head (naming ``cross_origin`` for CORS) and the ``retry:`` hint."""
         if not self.begun and not self.gone:
             self.begun = True
-            head = _HEAD if cross_origin is None else _HEAD[:-2] + cors_headers(cross_origin) + b"\r\n"
+            head = _HEAD % http_date().encode()
+            if cross_origin is not None:
+                head = head[:-2] + cors_headers(cross_origin) + b"\r\n"
             self._transport.write(head + b"retry: %d\n\n" % self._ctx.retry)
 
     def data_received(self, data: bytes) -> None:
