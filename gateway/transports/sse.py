@@ -18,7 +18,7 @@ import orjson
 from ..admission import Gate, Refusal
 from ..disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, Disconnect
 from ..frames import SSE, SSE_ENVELOPE, SseCodec, sse_event
-from ..head import Head
+from ..head import FrontHead, Head
 from ..http import Reply, error_reply, http_date
 from ..node import Node
 from ..settings import BackpressureSettings, SseSettings
@@ -176,6 +176,8 @@ class SseEndpoint(StreamEndpoint[SseLinks]):
             return None
         codec = SSE_ENVELOPE if request.query.get("envelope") in ("1", "true") else SSE
         link = SseLink(transport, self.links, codec)
+        if isinstance(request, FrontHead):
+            request.take_rest()  # what came after the request is not read on a stream; reading goes on
         cross_origin = self._gate.cross_origin(request)
         # EventSource reconnects to the same URL with a newer Last-Event-ID: it wins over ?since=.
         last_event_id = request.headers.get("Last-Event-ID")
