@@ -217,3 +217,16 @@ async def test_an_invalid_host_is_refused_400(node: RunningNode, shape: bytes, h
     answer, _ = await exchange(node, request, seconds=1.0)
     status = answer.split(b"\r\n", 1)[0]
     assert status.endswith(b" 400 Bad Request"), answer[:300]
+
+
+async def test_a_stream_whose_request_came_with_much_more_still_sees_its_client_leave(node: RunningNode) -> None:
+    """Bytes piled up behind the request pause the front door's reading; the
+    stream that takes the socket reads on, so the client's leaving ends it."""
+    request = b"GET /sse?token=%b HTTP/1.1\r\nHost: x\r\n\r\n" % token("piled").encode()
+    reader, writer = await asyncio.open_connection(*address(node))
+    writer.write(request + b"x" * 200_000)
+    async with asyncio.timeout(5):
+        await reader.readuntil(b"event: welcome")
+    await wait_for(lambda: len(node.node.sessions) == 1)
+    writer.close()
+    await wait_for(lambda: len(node.node.sessions) == 0, timeout=5)
