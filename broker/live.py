@@ -57,6 +57,9 @@ class NatsPubSub:
         self._subs: dict[str, LiveSubscription] = {}
         self._interest = Interest(self._subscribe, self._unsubscribe, options.unsubscribe_delay)
         self.sequencer = Sequencer(events.deliver, events.lost, history.replay, stats, max_repair=options.max_repair)
+        self._position = history.position
+        # Channels newly wanted whose start the sequencer does not know yet (see live).
+        self._fresh: list[Channel] = []
         self._receive = self.sequencer.receive
         # Channels wanted (reference counted): the ones whose flow is kept gap-free.
         self._wanted: dict[Channel, int] = {}
@@ -90,6 +93,7 @@ class NatsPubSub:
         self._wanted[channel] = count + 1
         if not count:
             self.sequencer.track(channel)
+            self._fresh.append(channel)
 
     async def unwant(self, channel: Channel) -> None:
         count = self._wanted.get(channel, 0)
@@ -108,7 +112,20 @@ class NatsPubSub:
             raise BrokerUnavailable("NATS is not connected")
         return nc
 
-    async def live(self) -> None:
+    async def live(self, position: int | None = None) -> None:
+        """Channels new to this node start their gap checks at ``position``,
+        the stream's last sequence read after their SUBs (else read now):
+        a message of theirs stored later comes live, or its loss is seen."""
+        fresh, self._fresh = self._fresh, []
+        if fresh:
+            if position is None:
+                try:
+                    position = await self._position()  # asked after the SUBs
+                except BrokerUnavailable:
+                    self._fresh = fresh + self._fresh
+                    raise
+            for channel in fresh:
+                self.sequencer.start(channel, position)
         # Often known already: the connect's other requests, made after its
         # SUBs, were answered. Else one PING/PONG for every SUB before it.
         if self._link.replies.seen(self._queued):

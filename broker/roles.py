@@ -46,9 +46,10 @@ class PubSub(Protocol):
         """Start delivering ``channel`` (reference counted). The interest is
         on its way to the broker: ``live`` says when it is there."""
 
-    async def live(self) -> None:
+    async def live(self, position: int | None = None) -> None:
         """Returns once the broker has every interest wanted before the call:
-        what is published after is delivered."""
+        what is published after is delivered. ``position``: the stream's last
+        sequence read after those interests were asked for, if known."""
 
     async def unwant(self, channel: Channel) -> None:
         """Drop one reference to ``channel``."""

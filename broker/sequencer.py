@@ -52,8 +52,12 @@ class Sequencer:
         self._max_backlog = max_backlog
         self._retry_wait = retry_wait
         self._attempts = attempts
-        # Held channels → last sequence delivered (0: none yet, nothing to check against).
+        # Held channels → last sequence delivered (0: none yet).
         self._last: dict[Channel, int] = {}
+        # Held channels with none delivered yet → the stream's last sequence
+        # when their subscription was live (``start``): the first message's
+        # previous one past it was missed.
+        self._starts: dict[Channel, int] = {}
         self._backlog: list[Delivery] | None = None
         self._pending: list[tuple[list[Channel], int]] = []
         self._task: asyncio.Task[None] | None = None
@@ -72,8 +76,16 @@ class Sequencer:
     def track(self, channel: Channel) -> None:
         self._last.setdefault(channel, 0)
 
+    def start(self, channel: Channel, seq: int) -> None:
+        """``channel``'s subscription was live when the stream's last sequence
+        was ``seq``: check its first message against that. The earliest
+        start counts (a later one would pass over what an earlier joiner is owed)."""
+        if self._last.get(channel) == 0:
+            self._starts[channel] = min(seq, self._starts.get(channel, seq))
+
     def untrack(self, channel: Channel) -> None:
         self._last.pop(channel, None)
+        self._starts.pop(channel, None)
 
     def receive(self, d: Delivery) -> None:
         """A live delivery, in the order NATS sent it."""
@@ -93,8 +105,9 @@ class Sequencer:
                 if seq <= last:
                     self._stats.duplicates_dropped += 1
                     return
-                if last and d.prev_seq > last:
-                    self._repair([d.channel], last, d)
+                after = last or self._starts.pop(d.channel, d.prev_seq)
+                if d.prev_seq > after:
+                    self._repair([d.channel], after, d)
                     return
                 self._last[d.channel] = seq
             if seq > self.high:
@@ -102,10 +115,12 @@ class Sequencer:
         self._deliver(d)
 
     def pause(self) -> None:
-        """Hold live deliveries back (disconnected: until ``catch_up``)."""
+        """Hold live deliveries back (disconnected: until ``catch_up``). What
+        waited is dropped: the catch-up fetches it again, with what is stored
+        while away (kept, its first entry would make the catch-up take that
+        for live and skip it)."""
         self._paused = True
-        if self._backlog is None:
-            self._backlog = []
+        self._backlog = []
 
     def catch_up(self) -> None:
         """After a reconnect: fetch what every held channel missed meanwhile,
@@ -122,6 +137,7 @@ class Sequencer:
         """The stream started over: no sequence seen so far means anything now.
         Subscribers are told (what they held before may be gone)."""
         self.high = 0
+        self._starts.clear()
         channels = list(self._last)
         for channel in channels:
             self._last[channel] = 0

@@ -21,11 +21,6 @@ from .session import Session
 from .settings import HistorySettings
 from .subscriptions import Subscriptions
 
-# How old the stream's last sequence a welcome gives as its position may be:
-# read before the channels go live, any answer is a position that misses
-# nothing; an older one only adds what was published in between to a resume.
-POSITION_AGE = 0.05
-
 
 class Resumer:
     """Owns what a session is sent before (or while joining) the live flow:
@@ -62,16 +57,15 @@ class Resumer:
         its channels are live: what is published after it reaches the client."""
         session.start_holding()
         try:
-            # The position is read before the channels go live: whatever is
-            # published after it is delivered live (after the welcome) or was
-            # published while they were joined, and a resume from it gets
-            # both. (Read after, a message live but not yet here could be
-            # behind it: a client gone before that message came would skip it.)
-            # A burst of connects shares one answer of the last POSITION_AGE.
-            position = await self._history.position(POSITION_AGE)
             await self._join(session, channels)
+            # Read after the SUBs went out on the same connection: whatever is
+            # stored after it comes live (or its loss is seen: live() starts
+            # the gap checks of channels new here at it). A message stored
+            # before may come live too: before the position, it is extra. A
+            # burst of connects shares one read begun after each one's SUBs.
+            position = await self._history.position()
             replay, unread = await self._opening_replay(session, channels, since)
-            await self._subscriptions.live()  # mostly known by now: the replay asked after the joins
+            await self._subscriptions.live(position)  # known by now: the position's answer came after the SUBs
             if joined is not None:
                 joined()
             if first is not None:

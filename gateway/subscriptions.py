@@ -39,9 +39,10 @@ class Subscriptions:
         if live:
             await self._pubsub.live()
 
-    async def live(self) -> None:
-        """Returns once every channel joined so far is live on the broker."""
-        await self._pubsub.live()
+    async def live(self, position: int | None = None) -> None:
+        """Returns once every channel joined so far is live on the broker
+        (``position``: the stream's last sequence, read after the joins)."""
+        await self._pubsub.live(position)
 
     async def leave(self, session: Session, channel: Channel) -> None:
         if channel not in session.channels:

@@ -63,7 +63,7 @@ class MemoryPubSub:
     async def want(self, channel: Channel) -> None:
         await self._stream.interest.want(channel)
 
-    async def live(self) -> None:
+    async def live(self, position: int | None = None) -> None:
         pass  # an interest is live once wanted
 
     async def unwant(self, channel: Channel) -> None:

@@ -289,7 +289,8 @@ async def test_a_subscription_not_confirmed_in_time_fails_live_and_goes_with_its
     try:
         await broker.pubsub.want(late)
         with pytest.raises(BrokerUnavailable, match="not confirmed"):
-            await asyncio.wait_for(broker.pubsub.live(), timeout=3)
+            # With a position given, no read of its own confirms the SUB: the ping must.
+            await asyncio.wait_for(broker.pubsub.live(0), timeout=3)
         await broker.pubsub.unwant(late)  # what a session that failed to open does
         await wait_for(lambda: broker.pubsub.subscriptions == 0, timeout=3)  # after unsubscribe_delay
         assert not [s for s in nc._subs.values() if s.subject.startswith("cu_live")]
@@ -311,13 +312,14 @@ async def test_a_request_answered_after_the_subs_makes_them_live_without_a_ping(
         early = asyncio.ensure_future(broker.history.position())
         await wait_for(lambda: replies.issued > issued, timeout=1)  # its request is made, before the SUB
         await broker.pubsub.want(room_channel("a"))
-        await early
-        await broker.pubsub.live()
+        await broker.pubsub.live(await early)
         assert pings.count == 1  # the answer came after the SUB was queued, but says nothing of it
 
         await broker.pubsub.want(room_channel("b"))
-        await broker.history.position()  # asked after the SUB
-        await broker.pubsub.live()
+        await broker.pubsub.live(await broker.history.position())  # asked after the SUB
+        assert pings.count == 1
+        await broker.pubsub.want(room_channel("c"))
+        await broker.pubsub.live()  # reads the position itself (after the SUB): no ping either
         assert pings.count == 1
         await publisher.publish("cq_live.room.b", b'"x"')
         await publisher.flush()

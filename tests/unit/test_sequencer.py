@@ -346,11 +346,13 @@ async def test_repair_finishing_while_paused_waits_for_catch_up() -> None:
     stream.open()
     await wait_for(lambda: seq._task is None, timeout=3.0, interval=0.001)  # the repair ran
     await asyncio.sleep(0.01)
-    assert rec.seqs == [1, 2, 3]  # 4 revealed the gap: it waits with 5 for the catch-up
+    # The pause dropped 4 from the backlog (the catch-up would fetch it): the
+    # repair, bounded by 5, delivered it; 5 waits for the catch-up.
+    assert rec.seqs == [1, 2, 3, 4]
     seq.catch_up()
     await settled(seq)
     assert rec.seqs == [1, 2, 3, 4, 5]
-    assert stream.calls[-1][1] == 3  # caught up from the highest delivered
+    assert stream.calls[-1][1] == 4  # caught up from the highest delivered
 
 
 async def test_restart_resets_and_loses_every_tracked_channel() -> None:
@@ -378,3 +380,27 @@ async def test_untracked_during_repair_not_delivered() -> None:
     stream.open()
     await settled(seq)
     assert 2 not in rec.of("room:a")  # fetched for a channel no longer held: not delivered
+
+
+async def test_a_catch_up_during_a_repair_delivers_what_was_stored_while_away() -> None:
+    """A reconnect while a repair waits: the backlog from before the outage is
+    dropped (the catch-up fetches it again), so its first entry is not taken
+    for the start of the live flow and what was stored while away comes."""
+    seq, stream, rec, _stats = make("room:a", "room:b", "room:d")
+    seq.receive(stream.add("room:a"))  # 1
+    seq.receive(stream.add("room:d"))  # 2
+    stream.add("room:a")  # 3: missed live
+    stream.hold()  # the repair's fetch is slow
+    seq.receive(stream.add("room:a"))  # 4, prev 3: gap → repair (waits)
+    await asyncio.sleep(0)
+    seq.pause()  # NATS connection lost while repairing
+    stream.add("room:d")  # 5: stored while away
+    stream.add("room:d")  # 6: stored while away; nothing more on room:d
+    seq.catch_up()  # reconnected
+    seq.receive(stream.add("room:b"))  # 7: live after the reconnect
+    stream.open()
+    await settled(seq)
+    await asyncio.sleep(0.05)
+    assert rec.of("room:a") == [1, 3, 4]
+    assert rec.of("room:b") == [7]
+    assert rec.of("room:d") == [2, 5, 6] and not rec.lost
