@@ -176,7 +176,7 @@ class Gate:
 
     async def admit(self, request: Head, transport: str, last_event_id: str | None = None) -> Admission:
         identity = await self.identify(self.credentials(request, transport))
-        rooms = request.query.getall("room", [])
+        rooms = list(dict.fromkeys(request.query.getall("room", [])))  # a room named twice is one room
         limit = self._limits.max_subscriptions
         if len(rooms) > limit:
             self._metrics.limit_rejections.labels("subscriptions").inc()
@@ -209,8 +209,11 @@ class Gate:
             raise Refusal(429, TOO_MANY_CONNECTIONS, "too_many_connections", str(exc)) from None
         try:
             # Admitting took a while (a connect hook, NATS): the node may have
-            # begun draining since, and its sessions were told to go already.
+            # begun draining since (its sessions were told to go already), or
+            # filled up with the streams admitted meanwhile. The session opens
+            # right after this, with no wait between: checked here, it holds.
             self._check_not_draining()
+            self._check_capacity()
         except Refusal:
             self.count_out(identity.user, conn_id)
             raise

@@ -4,6 +4,7 @@ echoing the command's ``ref``; the caller sends it where it belongs."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -167,7 +168,9 @@ class Commands:
             session.close(RATE_LIMITED)
             return _CLOSED
         what = "publishes" if kind == "publish" else "commands"
-        return _frame("error", code="rate_limited", message=f"too many {what}: retry later", retry_after=round(wait, 3))
+        # Rounded up: a client that waits this long finds the token back.
+        retry_after = math.ceil(wait * 1000) / 1000
+        return _frame("error", code="rate_limited", message=f"too many {what}: retry later", retry_after=retry_after)
 
     async def subscribe(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
         session = _on_connection(session, "subscribe")

@@ -616,3 +616,74 @@ async def test_too_many_subscriptions(node_factory: NodeFactory, http: aiohttp.C
     await send(ws, {"type": "subscribe", "room": "c", "ref": "c2"})
     assert (await recv_json(ws))["type"] == "ack"
     assert await rejections(http, node) == counted(subscriptions=3)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def test_waiting_retry_after_is_enough(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """11.2: ``retry_after`` is "the seconds until a token is back": rounded
+    up, so a client that waits exactly that long is served."""
+    import gateway.limits
+
+    clock = FakeClock()
+    monkeypatch.setattr(gateway.limits, "time", clock)
+    node = await node_factory(limits={"command_rate": 2, "rate_window": 1.0})
+    ws = await open_ws(http, node, token("alice"), [])
+    for n in (1, 2):  # the burst
+        await ws.send_str(json.dumps({"type": "ping", "ref": n}))
+        assert (await recv_json(ws))["type"] == "pong"
+    clock.now += 0.0996  # 0.1992 of a token back: 0.4004 s to go
+    await ws.send_str(json.dumps({"type": "ping", "ref": "early"}))
+    first = await recv_json(ws)
+    assert first["code"] == "rate_limited", first
+    clock.now += first["retry_after"]  # the client waits exactly what it was told
+    await ws.send_str(json.dumps({"type": "ping", "ref": "obeying"}))
+    second = await recv_json(ws)
+    assert second["type"] == "pong", (first, second)
+    await ws.close()
+
+
+async def test_max_connections_holds_under_a_connect_storm(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """11: limits.max_connections: connects that arrive together are screened
+    before any is counted; the count is checked again right before the
+    session opens (after the upgrade: WebSocket 1013)."""
+    limit = 3
+    node = await node_factory(limits={"max_connections": limit})
+
+    async def connect(i: int) -> aiohttp.ClientWebSocketResponse | None:
+        try:
+            ws = await http.ws_connect(node.ws_url, params=[("token", token(f"u{i}"))])
+        except aiohttp.WSServerHandshakeError as exc:
+            assert exc.status == 503, exc
+            return None
+        try:
+            frame = await recv_json(ws)
+        except AssertionError:
+            return None
+        return ws if frame["type"] == "welcome" else None
+
+    results = await asyncio.gather(*(connect(i) for i in range(20)))
+    opened = [ws for ws in results if ws is not None]
+    open_sessions = len(node.node.sessions)
+    for ws in opened:
+        await ws.close()
+    assert len(opened) == limit and open_sessions == limit, (len(opened), open_sessions)
+
+
+async def test_a_room_named_twice_counts_once(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
+    """11: max_subscriptions is "rooms per connection": room=a three times is one."""
+    node = await node_factory(limits={"max_subscriptions": 2})
+    params = [("token", token("alice")), ("room", "a"), ("room", "a"), ("room", "a")]
+    async with http.get(node.url + "/sse", params=params) as resp:
+        body = await resp.read() if resp.status != 200 else b""
+        assert resp.status == 200, (resp.status, body)
