@@ -930,7 +930,7 @@ def expect_admission(pairs: list[tuple[str, str]], last_event_id: str | None) ->
     tok = token_of(found.pop())
     if tok.user is None:
         return 401, "bad_token", []
-    rooms = [v for k, v in pairs if k == "room"]
+    rooms = list(dict.fromkeys(v for k, v in pairs if k == "room"))  # a room named twice is one
     if len(rooms) > MAX_SUBSCRIPTIONS:
         return 400, "too_many_subscriptions", []
     channels = ["user", "broadcast"]
