@@ -7,11 +7,12 @@
 //   const { messages } = await client.history("lobby", { limit: 50 });  // the newest page, oldest first
 //
 // It resumes from the last id it saw after every reconnect (`since` in the URL
-// of the new WebSocket or EventSource), backs off with full jitter, asks
-// `getToken()` for a new token when the node says 4001, and falls back from
-// WebSocket to SSE when WebSockets cannot open ("auto"). Over SSE the stream is
-// opened with `envelope=1` (each event's data is the frame a WebSocket gets)
-// and commands are posted to /api/command: both transports behave the same.
+// of the new WebSocket or EventSource) and hands out each channel's messages
+// once, backs off with full jitter, asks `getToken()` for a new token when the
+// node says 4001, and falls back from WebSocket to SSE when WebSockets cannot
+// open ("auto", the default). Over SSE the stream is opened with `envelope=1`
+// (each event's data is the frame a WebSocket gets) and commands are posted to
+// /api/command: both transports behave the same.
 
 /**
  * @typedef {"ws" | "sse" | "auto"} Transport
@@ -41,6 +42,13 @@
 const SSE_FRAMES = ["welcome", "message", "reset", "join", "leave", "presence", "error", "close", "subscribed", "unsubscribed"];
 // Commands that act on one stream: over SSE they name it (`conn`, from its welcome).
 const ON_STREAM = new Set(["subscribe", "unsubscribe", "refresh"]);
+// Refusals of a re-join that pass: the room is asked for again, from the same position.
+const PASSING = new Set(["disconnected", "timeout", "unavailable", "rate_limited"]);
+// An SSE stream refused with an HTTP status: the close code a WebSocket gets (docs/protocol.md §8).
+const REFUSED = { 400: 4000, 401: 4001, 403: 4003, 429: 4029, 500: 1011, 503: 1013 };
+
+/** Ids are digit strings that may pass 2^53: is `a` after `b`? */
+const after = (a, b) => (a.length !== b.length ? a.length > b.length : a > b);
 
 /** @returns {Message} a `message` frame as the client hands it out */
 const toMessage = (f) => ({ channel: f.channel ?? null, id: f.id || null, event: f.event, data: f.data });
@@ -50,26 +58,28 @@ class Client {
   constructor(opts) {
     this.opts = opts;
     this.base = (opts.url || location.origin).replace(/\/+$/, "");
+    /** Rooms asked for (`rooms`, an acknowledged subscribe): in every stream's URL. */
     this.rooms = new Set(opts.rooms || []);
-    /** Rooms the backend joined this client to (`subscribed`): re-joined after each welcome. */
-    this.serverRooms = new Set();
+    /** Rooms the backend joined this client to (`subscribed`), re-joined after each welcome:
+     * room -> the position its unanswered re-join asked from (undefined: none). */
+    this.serverRooms = new Map();
     /** @type {string | null} the last stream id received: the resume position */
     this.lastId = null;
+    this.newest = new Map(); // channel -> the largest id handed out: an id not after it is a repeat
+    this.replaying = new Map(); // channel -> {since, seen}: a re-join's replay, until answered
     /** @type {State} */
     this.state = "connecting";
+    this.auto = opts.transport !== "ws" && opts.transport !== "sse";
     /** @type {"ws" | "sse"} */
     this.transport = opts.transport === "sse" ? "sse" : "ws";
     this.token = opts.token || null;
     /** @type {string | null} the stream's id, from its welcome (SSE commands name it) */
     this.conn = null;
     this.handlers = new Map();
-    this.pending = new Map(); // ref -> {resolve, reject, timer, urls, abort?}
+    this.pending = new Map(); // ref -> {resolve, reject, timer, sock?, abort?}
     this.queue = []; // commands waiting for an open stream
-    this.rejoin = []; // SSE: acks due once a stream opened from a URL made after their command
     this.posting = Promise.resolve(); // SSE: commands are posted one after the other, in order
     this.refs = 0;
-    this.urls = 0; // stream URLs made so far: a URL made after a command carries its room set
-    this.sockUrl = 0; // the number of the current stream's URL
     this.attempt = 0;
     this.worked = false; // some transport has opened: "auto" stops switching
     this.refreshed = false; // getToken() was called since the last successful open
@@ -102,14 +112,20 @@ class Client {
     if (state !== this.state) { this.state = state; this.emit("state", state); }
   }
 
-  /** Join a room; resolves with the ack. */
+  /** Join a room; resolves with the ack. Reconnects join it once it is acknowledged:
+   * a room the node refused in a URL would cost the whole connection. */
   subscribe(room) {
-    this.rooms.add(room);
-    return this.command({ type: "subscribe", room });
+    return this.command({ type: "subscribe", room }).then((ack) => {
+      this.serverRooms.delete(room); // asked for now: in the URL
+      this.rooms.add(room);
+      return ack;
+    });
   }
 
+  /** Leave a room (one the backend joined too): reconnects no longer join it. */
   unsubscribe(room) {
     this.rooms.delete(room);
+    this.serverRooms.delete(room);
     return this.command({ type: "unsubscribe", room });
   }
 
@@ -167,26 +183,31 @@ class Client {
         const waiting = this.pending.get(ref);
         this.pending.delete(ref);
         this.queue = this.queue.filter((c) => c.ref !== ref);
-        this.rejoin = this.rejoin.filter((a) => a.ref !== ref);
         waiting?.abort?.();
         reject({ code: "timeout", message: `no answer to ${cmd.type} within ${this.opts.timeout || 10000} ms`, ref });
       }, this.opts.timeout || 10000);
-      this.pending.set(ref, { resolve, reject, timer, urls: this.urls });
-      const frame = { ...cmd, ref };
-      if (this.sock && this.state === "open") this.send(frame);
-      else this.queue.push(frame);
+      this.pending.set(ref, { resolve, reject, timer });
+      this.send({ ...cmd, ref });
     });
   }
 
+  /** Send a command on the open stream, else once one is open. */
   send(frame) {
-    if (this.sock instanceof WebSocket) this.sock.send(JSON.stringify(frame));
-    else this.posting = this.posting.then(() => this.post(frame)).catch((err) => this.emit("error", { code: "client", message: String(err) }));
+    const waiting = this.pending.get(frame.ref);
+    if (!waiting) return;
+    if (!this.sock || this.state !== "open") this.queue.push(frame);
+    else if (this.sock instanceof WebSocket) {
+      waiting.sock = this.sock; // its answer comes on this socket, or never
+      this.sock.send(JSON.stringify(frame));
+    } else this.posting = this.posting.then(() => this.post(frame)).catch((err) => this.emit("error", { code: "client", message: String(err) }));
   }
 
   /** SSE: POST one command; its answer (or error) settles its promise. */
   async post(frame) {
     const waiting = this.pending.get(frame.ref);
     if (!waiting) return; // timed out while the commands before it were posted
+    if (ON_STREAM.has(frame.type) && this.state !== "open") return this.send(frame); // it names the next stream
+    const stream = this.sock;
     const body = ON_STREAM.has(frame.type) ? { ...frame, conn: this.conn } : frame;
     const headers = { "Content-Type": "application/json" };
     if (this.token) headers.Authorization = `Bearer ${this.token}`;
@@ -205,35 +226,17 @@ class Client {
       answer = { type: "error", code: "disconnected", message: `command not sent: ${err}` };
     }
     answer = { ...answer, ref: frame.ref }; // refusals made before the body was read carry no ref
-    if (answer.code === "not_found" && (frame.type === "subscribe" || frame.type === "unsubscribe")) {
-      this.resubscribed(frame, body.conn);
+    if (ON_STREAM.has(frame.type) && (answer.code === "not_found" || (answer.type !== "error" && this.sock !== stream))) {
+      // The stream it named is gone, or ended while it was on its way: it acted on no stream
+      // of ours. Send it again on the next open one (with its conn).
+      if (this.sock === stream) {
+        this.drop(); // the node no longer knows the stream this client holds: reopen it
+        this.closed(1006, "the node no longer knows this stream", true);
+      }
+      this.send(frame);
     } else if (this.answer(answer) && answer.type === "presence") {
       this.emit("presence", answer);
     }
-  }
-
-  /** SSE: the node no longer knows the stream a (un)subscribe named: it
-   * reconnected meanwhile, or is about to. A stream opened from a URL made
-   * after the command already has the room set it asked for: its welcome is
-   * the answer. */
-  resubscribed(frame, conn) {
-    const waiting = this.pending.get(frame.ref);
-    if (!waiting) return;
-    this.rejoin.push({ type: "ack", channel: `room:${frame.room}`, ref: frame.ref });
-    if (this.sock && this.state === "open") {
-      if (this.conn !== conn) this.rejoined(this.sockUrl);
-      else { this.drop(); this.closed(1006, "the node no longer knows this stream", true); } // it is gone: reopen
-    }
-  }
-
-  /** Acknowledge the (un)subscribes waiting for a stream opened from URL number `url`. */
-  rejoined(url) {
-    this.rejoin = this.rejoin.filter((ack) => {
-      const waiting = this.pending.get(ack.ref);
-      if (waiting && waiting.urls >= url) return true; // that URL was made before the command
-      this.answer(ack);
-      return false;
-    });
   }
 
   answer(frame) {
@@ -246,15 +249,16 @@ class Client {
     return true;
   }
 
-  failPending(code, message) {
+  /** Reject the commands sent on `sock` (a WebSocket that closed), or all of them. */
+  failPending(code, message, sock) {
     for (const [ref, w] of this.pending) {
+      if (sock && w.sock !== sock) continue; // queued: it waits for the next connection
+      this.pending.delete(ref);
       clearTimeout(w.timer);
       w.abort?.();
       w.reject({ code, message, ref });
     }
-    this.pending.clear();
-    this.queue = [];
-    this.rejoin = [];
+    if (!sock) this.queue = [];
   }
 
   // ---- connection ---------------------------------------------------------
@@ -275,26 +279,24 @@ class Client {
     const q = new URLSearchParams({ token: this.token || "" });
     for (const room of this.rooms) q.append("room", room);
     if (this.lastId) q.set("since", this.lastId);
-    this.sockUrl = ++this.urls;
     if (this.transport === "ws") this.openWs(q);
     else this.openSse(q);
   }
 
   openWs(q) {
     const ws = new WebSocket(`${this.base.replace(/^http/, "ws")}/ws?${q}`);
-    const url = this.sockUrl;
     this.sock = ws;
     let welcomed = false; // a proxy may accept the upgrade yet pass nothing: only a welcome counts
     ws.onmessage = (ev) => {
       let f;
       try { f = JSON.parse(ev.data); } catch { return; }
       if (f.type === "welcome") welcomed = true;
-      this.receive(f, url);
+      this.receive(f);
     };
     ws.onclose = (ev) => {
       if (this.sock !== ws) return;
       this.sock = null;
-      this.failPending("disconnected", `connection closed (${ev.code})`);
+      this.failPending("disconnected", `connection closed (${ev.code})`, ws);
       this.closed(ev.code, ev.reason, welcomed);
     };
   }
@@ -303,7 +305,6 @@ class Client {
     q.set("envelope", "1");
     const href = `${this.base}/sse?${q}`;
     const es = new EventSource(href);
-    const url = this.sockUrl;
     this.sock = es;
     let welcomed = false;
     const onFrame = (ev) => {
@@ -317,7 +318,7 @@ class Client {
         return;
       }
       if (f.type === "welcome") welcomed = true;
-      this.receive(f, url);
+      this.receive(f);
     };
     for (const name of SSE_FRAMES) es.addEventListener(name, onFrame);
     es.onerror = (ev) => {
@@ -335,23 +336,22 @@ class Client {
         })
         .catch(() => [0, null])
         .then(([status, body]) => {
-          const code = { 401: 4001, 403: 4003, 429: 4029 }[status] || (status === 200 ? 1000 : 1006);
+          const code = REFUSED[status] || (status === 200 ? 1000 : 1006);
           this.closed(code, body?.message || "", false);
         });
     };
   }
 
   /** One frame from the stream (WebSocket, or an SSE event's data). */
-  receive(f, url) {
+  receive(f) {
     if (f.type === "welcome") {
       this.conn = typeof f.conn === "string" ? f.conn : null;
       if (this.lastId === null && f.position != null) this.lastId = String(f.position);
       this.opened();
       for (const frame of this.queue.splice(0)) this.send(frame);
-      this.rejoined(url);
-      this.rejoinServerRooms(f.channels || []);
+      for (const room of this.serverRooms.keys()) if (!(f.channels || []).includes(`room:${room}`)) this.rejoin(room);
     }
-    if (f.type === "subscribed") this.serverRooms.add(f.room);
+    if (f.type === "subscribed" && !this.rooms.has(f.room) && !this.serverRooms.has(f.room)) this.serverRooms.set(f.room, undefined);
     if (f.type === "unsubscribed") { this.serverRooms.delete(f.room); this.rooms.delete(f.room); }
     if (f.ref !== undefined && this.answer(f)) {
       if (f.type === "presence") this.emit("presence", f);
@@ -361,16 +361,27 @@ class Client {
     else this.emit(f.type, f);
   }
 
-  /** Rooms the backend joined us to are not in our URL (a room the token does not
-   * allow would cost the whole connection): ask for each again, from the last id. */
-  rejoinServerRooms(channels) {
-    for (const room of this.serverRooms) {
-      if (channels.includes(`room:${room}`)) continue;
-      const cmd = { type: "subscribe", room, ...(this.lastId ? { since: this.lastId } : {}) };
-      this.command(cmd).catch((err) => {
-        if (err.code === "forbidden" || err.code === "bad_request") this.serverRooms.delete(room); // no longer ours
-      });
-    }
+  /** A room the backend joined us to is not in our URL (one the token no longer allows
+   * would cost the whole connection): ask for it again with `subscribe {room, since}`,
+   * from where the stream resumed, or where an earlier re-join of it that was not
+   * answered asked from (the stream's position has moved past the room's messages). */
+  rejoin(room, tries = 0) {
+    if (!this.serverRooms.has(room)) return; // left meanwhile
+    if (this.serverRooms.get(room) === undefined) this.serverRooms.set(room, this.lastId);
+    const since = this.serverRooms.get(room), channel = `room:${room}`, conn = this.conn, newest = this.newest.get(channel);
+    // Its replay brings ids older than the other channels': each once, the ones handed out already not again.
+    const replay = since && { since: newest && after(newest, since) ? newest : since, seen: new Set() };
+    if (replay) this.replaying.set(channel, replay);
+    this.command({ type: "subscribe", room, ...(since ? { since } : {}) }).then(
+      () => { if (this.serverRooms.has(room)) this.serverRooms.set(room, undefined); },
+      (err) => {
+        if (!PASSING.has(err.code)) return this.serverRooms.delete(room); // no longer allowed: given up
+        if (this.conn !== conn || this.state !== "open") return; // the next stream asks by itself
+        const { minDelay = 500, maxDelay = 30000 } = this.opts; // else again on this one, once the refusal has passed
+        const wait = Math.max(1000 * (err.retry_after || 0), Math.random() * Math.min(maxDelay, minDelay * 2 ** tries));
+        setTimeout(() => { if (this.conn === conn && this.state === "open") this.rejoin(room, tries + 1); }, wait);
+      },
+    ).finally(() => { if (this.replaying.get(channel) === replay) this.replaying.delete(channel); });
   }
 
   opened() {
@@ -386,8 +397,19 @@ class Client {
     return Math.random() * Math.min(maxDelay, minDelay * 2 ** this.attempt++);
   }
 
+  /** Hand a message out, unless its channel had it already (a resume or re-join brings
+   * back ids handed out before): each channel's messages come once, in order. */
   deliver(message) {
-    if (message.id) this.lastId = message.id;
+    const { channel, id } = message;
+    if (id) {
+      this.lastId = id; // the last id received, repeated or not, is where a resume starts (protocol §7.1)
+      const newest = this.newest.get(channel), replay = this.replaying.get(channel);
+      if (replay) {
+        if (!after(id, replay.since) || replay.seen.has(id)) return;
+        replay.seen.add(id); // live messages of the room may come amid its replay
+      } else if (newest && !after(id, newest)) return;
+      if (!newest || after(id, newest)) this.newest.set(channel, id);
+    }
     this.emit("message", message);
   }
 
@@ -420,7 +442,7 @@ class Client {
       this.open();
       return;
     }
-    if (this.opts.transport === "auto" && !this.worked && !wasOpen) {
+    if (this.auto && !this.worked && !wasOpen) {
       this.transport = this.transport === "ws" ? "sse" : "ws"; // proxies that block upgrades
     }
     let wait;

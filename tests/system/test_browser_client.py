@@ -258,7 +258,7 @@ async def test_sse_commands_are_posted_in_order_with_conn_and_token(page: Page) 
     assert result["slow"]["code"] == "timeout" and result["timeoutMs"] == 3000 and result["aborted"] is True
 
 
-async def test_sse_subscribe_to_a_stream_that_reconnected_meanwhile_waits_for_the_new_one(page: Page) -> None:
+async def test_sse_command_for_a_stream_that_ended_meanwhile_is_sent_again_on_the_new_one(page: Page) -> None:
     result = await run(
         page,
         """
@@ -268,39 +268,68 @@ async def test_sse_subscribe_to_a_stream_that_reconnected_meanwhile_waits_for_th
         let done = null;
         const sub = c.subscribe("b").then((ack) => { done = ack; return ack; });
         await fake.settle();
-        const sentConn = fake.request().body.conn;
+        const bodies = [fake.request().body];
         fake.last().fail("lost");  // the stream drops while the command is on its way
         fake.request().respond(404, { type: "error", ref: "1", code: "not_found", message: "no open connection n:1" });
         await fake.settle();
         const early = done;
         fake.fireLast();
-        const url = fake.last().url.href;  // made after subscribe(): it carries room b
+        const url = fake.last().url.href;  // room b is not acknowledged yet: not in the URL
         fake.last().receive(welcome("n:2"));
-        const out = { sentConn, early, url, ack: await sub };
+        await fake.settle();
+        bodies.push(fake.request().body);  // sent again, naming the new stream
+        fake.request().respond(200, { type: "ack", ref: "1", channel: "room:b" });
+        const out = { early, url, ack: await sub };
 
-        // The node no longer knows a stream this client still holds: it reopens it.
+        // Acknowledged for a stream that ended before the answer came: it joined no stream of ours.
+        const sub2 = c.subscribe("c");
+        await fake.settle();
+        bodies.push(fake.request().body);
+        fake.last().fail("lost");
+        fake.request().respond(200, { type: "ack", ref: "2", channel: "room:c" });
+        await fake.settle();
+        fake.fireLast();
+        out.url2 = fake.last().url.href;  // b now, c not yet
+        fake.last().receive(welcome("n:3"));
+        await fake.settle();
+        bodies.push(fake.request().body);
+        fake.request().respond(200, { type: "ack", ref: "2", channel: "room:c" });
+        out.ack2 = await sub2;
+
+        // The node no longer knows a stream this client still holds: it reopens it, then sends again.
         const unsub = c.unsubscribe("lobby");
         await fake.settle();
         const held = fake.last();
-        fake.request().respond(404, { type: "error", ref: "2", code: "not_found", message: "no open connection n:2" });
+        bodies.push(fake.request().body);
+        fake.request().respond(404, { type: "error", ref: "3", code: "not_found", message: "no open connection n:3" });
         await fake.settle();
-        out.heldClosed = held.closed;
-        out.state = c.state;
+        Object.assign(out, { heldClosed: held.closed, state: c.state });
         fake.fireLast();
-        out.url2 = fake.last().url.href;
-        fake.last().receive(welcome("n:3"));
-        out.unsub = await unsub;
-        out.requests = fake.requests.length;
+        out.url3 = fake.last().url.href;
+        fake.last().receive(welcome("n:4"));
+        await fake.settle();
+        bodies.push(fake.request().body);
+        fake.request().respond(200, { type: "ack", ref: "3", channel: "room:lobby" });
+        Object.assign(out, { unsub: await unsub, bodies, requests: fake.requests.length });
         return out;
         """,
     )
-    assert (result["sentConn"], result["early"]) == ("n:1", None)
-    assert result["url"] == "http://gw.test/sse?token=t&room=lobby&room=b&envelope=1"
-    assert result["ack"] == {"type": "ack", "channel": "room:b", "ref": "1"}
+    assert (result["early"], result["url"]) == (None, "http://gw.test/sse?token=t&room=lobby&envelope=1")
+    assert result["ack"] == {"type": "ack", "ref": "1", "channel": "room:b"}
+    assert result["url2"] == "http://gw.test/sse?token=t&room=lobby&room=b&envelope=1"
+    assert result["ack2"] == {"type": "ack", "ref": "2", "channel": "room:c"}
     assert (result["heldClosed"], result["state"]) == (True, "reconnecting")
-    assert result["url2"] == "http://gw.test/sse?token=t&room=b&envelope=1"
-    assert result["unsub"] == {"type": "ack", "channel": "room:lobby", "ref": "2"}
-    assert result["requests"] == 2
+    assert result["url3"] == "http://gw.test/sse?token=t&room=b&room=c&envelope=1"
+    assert result["unsub"] == {"type": "ack", "ref": "3", "channel": "room:lobby"}
+    assert [(b["type"], b["room"], b["conn"]) for b in result["bodies"]] == [
+        ("subscribe", "b", "n:1"),
+        ("subscribe", "b", "n:2"),
+        ("subscribe", "c", "n:2"),
+        ("subscribe", "c", "n:3"),
+        ("unsubscribe", "lobby", "n:3"),
+        ("unsubscribe", "lobby", "n:4"),
+    ]
+    assert result["requests"] == 6
 
 
 async def test_sse_close_events_pick_the_reconnect_like_websocket_close_codes(page: Page) -> None:
@@ -458,3 +487,119 @@ async def test_sse_history_is_posted_without_conn(page: Page) -> None:
         "messages": [{"channel": "room:lobby", "id": "5", "event": "message", "data": {"text": "hi"}}],
     }
     assert (result["denied"]["code"], result["denied"]["ref"]) == ("forbidden", "2")
+
+
+async def test_a_room_joins_the_url_once_acknowledged_and_queued_commands_wait(page: Page) -> None:
+    result = await run(
+        page,
+        """
+        const opts = { url: "http://gw.test", token: "t", rooms: ["lobby"], transport: "ws", timeout: 9e4 };
+        const c = Herald.connect(opts);
+        const reconnect = () => fake.timers.splice(fake.timers.findIndex((t) => t.ms < 9e4), 1)[0].fn();
+        fake.last().receive({ type: "welcome", conn: "c1", user: "u", node: "n", channels: [] });
+        const a = c.subscribe("a");
+        const secret = c.subscribe("secret").catch((e) => e.code);
+        fake.last().receive({ type: "ack", ref: "1", channel: "room:a" });
+        fake.last().receive({ type: "error", ref: "2", code: "forbidden", message: "not allowed" });
+        const out = { acked: (await a).channel, refused: await secret };
+        const lost = c.subscribe("b").catch((e) => e.code);  // sent, then the connection drops: not in the URL
+        fake.last().drop(1006);
+        out.lost = await lost;
+        const queued = [c.subscribe("q"), c.ping()].map((p) => p.then((f) => f.type, (e) => e.code));
+        reconnect();
+        fake.last().drop(1006);  // an attempt that fails: the queued commands wait
+        reconnect();
+        const ws = fake.last();
+        out.url = ws.url.href;
+        ws.receive({ type: "welcome", conn: "c2", user: "u", node: "n", channels: [] });
+        out.sent = ws.sent.map((f) => f.type);
+        ws.receive({ type: "ack", ref: "4", channel: "room:q" });
+        ws.receive({ type: "pong", ref: "5" });
+        out.queued = await Promise.all(queued);
+        ws.drop(1006);
+        reconnect();
+        out.url2 = fake.last().url.href;
+        return out;
+        """,
+    )
+    assert (result["acked"], result["refused"], result["lost"]) == ("room:a", "forbidden", "disconnected")
+    assert result["url"] == "ws://gw.test/ws?token=t&room=lobby&room=a"
+    assert (result["sent"], result["queued"]) == (["subscribe", "ping"], ["ack", "pong"])
+    assert result["url2"] == "ws://gw.test/ws?token=t&room=lobby&room=a&room=q"
+
+
+async def test_each_channels_messages_come_once_and_backend_rooms_rejoin_from_their_position(page: Page) -> None:
+    result = await run(
+        page,
+        """
+        const c = Herald.connect({ url: "http://gw.test", token: "t", rooms: ["lobby"], transport: "ws" });
+        const got = [];
+        c.on("message", (m) => got.push(m.id));
+        const channels = ["user", "broadcast", "room:lobby"];
+        const msg = (channel, id) => ({ type: "message", channel, id, event: "message", data: null });
+        let ws = fake.last();
+        const sent = [];  // per connection: the frames it sent
+        const welcome = () => {
+          ws.receive({ type: "welcome", conn: `c${fake.sockets.length}`, user: "u", node: "n", channels });
+          sent.push(ws.sent);
+        };
+        const reconnect = () => { ws.drop(1006); fake.fireLast(); ws = fake.last(); welcome(); };
+        welcome();
+        ws.receive(msg("room:lobby", "10"));
+        ws.receive({ type: "subscribed", room: "p9" });
+        ws.receive(msg("room:p9", "12"));
+        reconnect();  // resumes from 12, re-joins p9 from 12
+        ws.receive(msg("room:lobby", "11"));  // the resume's replay
+        ws.receive(msg("room:lobby", "20"));
+        ws.receive(msg("room:p9", "13"));  // then the re-join's, cut short: no answer
+        reconnect();  // resumes from 13 (the last id received), re-joins p9 from 12 again
+        const since = ws.url.searchParams.get("since");
+        ws.receive(msg("room:lobby", "20"));  // a repeat
+        ws.receive(msg("room:p9", "13"));  // a repeat too
+        ws.receive(msg("room:p9", "14"));
+        ws.receive({ type: "ack", ref: sent.at(-1)[0].ref, channel: "room:p9" });
+        ws.receive(msg("room:p9", "15"));
+        await fake.settle();
+        reconnect();  // answered: re-joined from where this stream resumed
+        ws.receive({ type: "error", ref: sent.at(-1)[0].ref, code: "rate_limited", message: "", retry_after: 2 });
+        await fake.settle();
+        const retryMs = fake.timers.at(-1).ms;
+        fake.fireLast();  // asked again on the same stream, once the budget is back
+        ws.receive({ type: "error", ref: sent.at(-1)[1].ref, code: "forbidden", message: "" });
+        await fake.settle();
+        reconnect();  // given up: nothing to re-join
+        ws.receive({ type: "subscribed", room: "p10" });
+        c.unsubscribe("p10").catch(() => {});  // the connection drops before its answer
+        reconnect();  // left: not re-joined
+        return { got, since, retryMs, sent, lastId: c.lastId };
+        """,
+    )
+    assert result["got"] == ["10", "12", "11", "20", "13", "14", "15"]
+    assert (result["since"], result["lastId"], result["retryMs"]) == ("13", "15", 2000)
+    assert [[(f["type"], f["room"], f.get("since")) for f in frames] for frames in result["sent"]] == [
+        [],
+        [("subscribe", "p9", "12")],
+        [("subscribe", "p9", "12")],
+        [("subscribe", "p9", "15"), ("subscribe", "p9", "15")],
+        [("unsubscribe", "p10", None)],
+        [],
+    ]
+
+
+async def test_the_default_transport_is_auto_and_an_sse_400_stops(page: Page) -> None:
+    result = await run(
+        page,
+        """
+        const c = Herald.connect({ url: "http://gw.test", token: "t", rooms: ["no such/room"] });
+        const first = fake.last() instanceof WebSocket;
+        fake.last().drop(1006);  // WebSockets cannot open: SSE next
+        fake.fireLast();
+        const second = fake.last() instanceof EventSource;
+        fake.last().fail("refused");
+        await fake.settle();
+        fake.request().respond(400, { error: "bad_request", message: "invalid room id" });
+        await fake.settle();
+        return { first, second, state: c.state, timers: fake.timers.length };
+        """,
+    )
+    assert result == {"first": True, "second": True, "state": "closed", "timers": 0}
