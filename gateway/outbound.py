@@ -306,8 +306,10 @@ class Outbound:
                 # The flusher writes first; what does not fit starts the waiter.
                 await asyncio.sleep(0.001)
                 continue
-            self._room = room = asyncio.get_running_loop().create_future()
-            await room
+            room = self._room
+            if room is None:  # shared: every waiter is woken by the same drain
+                room = self._room = asyncio.get_running_loop().create_future()
+            await asyncio.shield(room)
 
     def _wake_room(self) -> None:
         room, self._room = self._room, None

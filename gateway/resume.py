@@ -55,6 +55,17 @@ class Resumer:
         ``unread`` and ``position``), then what it missed since ``since`` — or, without a position,
         its user's unread messages — then the live flow. Either tells the client
         its channels are live: what is published after it reaches the client."""
+        async with session.replaying:  # a subscribe with since (over HTTP, SSE) waits for this one
+            await self._attach(session, channels, since, first, joined)
+
+    async def _attach(
+        self,
+        session: Session,
+        channels: Sequence[Channel],
+        since: int | None,
+        first: dict[str, Any] | None,
+        joined: Callable[[], None] | None,
+    ) -> None:
         session.start_holding()
         try:
             await self._join(session, channels)
@@ -83,6 +94,10 @@ class Resumer:
         """Join ``channels`` on an open session and replay them after ``since``,
         then go on live. Live deliveries are held from before the join: one that
         arrives while joining is then sent once, in order, not before the replay."""
+        async with session.replaying:
+            await self._resume(session, channels, since)
+
+    async def _resume(self, session: Session, channels: Sequence[Channel], since: int) -> None:
         session.start_holding()
         try:
             await self._join(session, channels)

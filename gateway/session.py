@@ -52,6 +52,7 @@ class Session:
         "identity",
         "limiter",
         "outbound",
+        "replaying",
         "state",
         "transport",
     )
@@ -86,6 +87,9 @@ class Session:
         # one attribute for the fan-out to read per recipient.
         self.gated = False
         self.limiter: CommandLimiter | None = None  # made on the first command
+        # Held while a replay runs (the opening one, a subscribe with since):
+        # one at a time, each holding the live flow until it is done (resume.py).
+        self.replaying = asyncio.Lock()
         self._expiry: asyncio.TimerHandle | None = None
         self.set_expiry(identity.expires)
 
