@@ -20,7 +20,7 @@ from .admission import Gate, Refusal
 from .auth import mint_token
 from .command_route import CommandRouter, error, status_of
 from .commands import NOT_JSON, Frame, page_request
-from .frames import dumps_exact, history_messages, loads_exact
+from .frames import TooDeep, dumps_exact, history_messages, loads_exact
 from .head import FrontHead
 from .http import (
     Reply,
@@ -180,7 +180,10 @@ class PublishApi:
                 check_event(event)
         except InvalidChannel as exc:
             raise BadItem(f"{where}: {exc}") from None
-        payload = dumps_exact(doc["data"])
+        try:
+            payload = dumps_exact(doc["data"])
+        except TooDeep as exc:
+            raise BadItem(f"{where}: data: {exc}") from None
         if len(payload) > self._max_body:
             raise BadItem(f"{where}: data larger than {self._max_body} bytes", too_large=True)
         return Publishable(channel, payload, event, msg_id)
@@ -210,8 +213,9 @@ class CommandApi:
     async def command(self, request: web.Request) -> web.Response:
         frame, forwarded = await self._answer(request)
         status = status_of(frame)
-        self._metrics.commands.labels(frame["code"] if status != 200 else "ok", str(forwarded).lower()).inc()
-        response = json_response(frame, status)
+        label = frame["code"] if status != 200 else "ok"
+        self._metrics.commands.labels(label, str(forwarded is not None).lower()).inc()
+        response = json_response(frame, status) if forwarded is None else Reply(status, forwarded).response()
         if "retry_after" in frame:
             response.headers["Retry-After"] = str(max(1, math.ceil(frame["retry_after"])))
         self._allow_cross_origin(request, response)
@@ -236,31 +240,31 @@ class CommandApi:
             response.headers["Vary"] = "Origin"
         return origin is not None
 
-    async def _answer(self, request: web.Request) -> tuple[Frame, bool]:
+    async def _answer(self, request: web.Request) -> tuple[Frame, bytes | None]:
         try:
             self._gate.check_origin(request)  # a cookie token must not work for another site's page
             credentials = self._gate.credentials(request, "command")  # a token, or the connect hook's call
         except Refusal as refusal:
-            return error(refusal.error, refusal.message), False
+            return error(refusal.error, refusal.message), None
         limit = self._max_body
         body: bytes | None = None
         if request.content_length is None or request.content_length <= limit:
             try:
                 body = await read_body(request, self._timeout)
             except TimeoutError:
-                return error("timeout", late_body(self._timeout)), False
+                return error("timeout", late_body(self._timeout)), None
             except web.HTTPRequestEntityTooLarge:
                 body = None
             except RequestPayloadError as exc:
-                return error("bad_request", f"body does not decode: {exc}"), False
+                return error("bad_request", f"body does not decode: {exc}"), None
         if body is None or len(body) > limit:
             self._metrics.limit_rejections.labels("body_size").inc()
-            return error("too_large", f"a command is at most {limit} bytes"), False
+            return error("too_large", f"a command is at most {limit} bytes"), None
         try:
             cmd = loads_exact(body)
         except orjson.JSONDecodeError:
             cmd = NOT_JSON
-        return await self._router.run(credentials, cmd)
+        return await self._router.run(credentials, cmd, body if cmd is not NOT_JSON else b"")
 
 
 async def healthz(request: web.Request) -> web.Response:

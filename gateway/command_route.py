@@ -48,8 +48,27 @@ MAX_USER_BUDGETS = 10_000
 Identify = Callable[[Credentials], Awaitable[Identity]]
 
 
-def error(code: str, message: str) -> Frame:
-    return {"type": "error", "code": code, "message": message}
+def error(code: str, message: str, ref: Any = None) -> Frame:
+    frame: Frame = {"type": "error", "code": code, "message": message}
+    if ref is not None:
+        frame["ref"] = ref
+    return frame
+
+
+def _ref_of(cmd: Any) -> Any:
+    """The command's ``ref``, echoed in its answer (an invalid one is not)."""
+    ref = cmd.get("ref") if isinstance(cmd, dict) else None
+    valid = (isinstance(ref, str) and len(ref) <= 64) or (type(ref) is int and abs(ref) < 2**53)
+    return ref if valid else None
+
+
+def _head_of(answer: bytes) -> Frame:
+    """What the HTTP answer needs of a forwarded answer (its type, code, retry_after)."""
+    try:
+        frame = orjson.loads(answer)
+    except orjson.JSONDecodeError:  # deeper than orjson reads: no error frame is
+        return {}
+    return frame if isinstance(frame, dict) else {}
 
 
 def status_of(frame: Frame) -> int:
@@ -77,34 +96,37 @@ class CommandRouter:
         self._timeout = timeout  # http.command_timeout
         self._budgets: dict[str, CommandLimiter] = {}
 
-    async def run(self, credentials: Credentials, cmd: Any) -> tuple[Frame, bool]:
-        """The answer to ``cmd`` (a decoded body) posted with ``credentials``,
-        and whether another node gave it."""
+    async def run(self, credentials: Credentials, cmd: Any, raw: bytes = b"") -> tuple[Frame, bytes | None]:
+        """The answer to ``cmd`` (``raw``, decoded) posted with ``credentials``;
+        and when another node gave it, that answer's bytes, to be sent as they
+        came (decoded and encoded again, numbers and depths would not survive)."""
         conn = cmd.get("conn") if isinstance(cmd, dict) else None
+        ref = _ref_of(cmd)
         if conn is not None and (not isinstance(conn, str) or not 0 < len(conn) <= 256):
-            return error("bad_request", "conn must be the connection id from its welcome"), False
+            return error("bad_request", "conn must be the connection id from its welcome", ref), None
         try:
             # Checked here even when forwarded: a bad token costs no other node anything.
             identity = await self._identify(credentials)
         except Refusal as refusal:
-            return error(refusal.error, refusal.message), False
+            return error(refusal.error, refusal.message, ref), None
         if conn is not None and (node := conn.rpartition(":")[0]) != self._node_id:
-            return await self._forward(node, credentials, cmd), True
-        return await self._run_here(identity, cmd, conn), False
+            return await self._forward(node, credentials, cmd, raw)
+        return await self._run_here(identity, cmd, conn), None
 
     async def _run_here(self, identity: Identity, cmd: Any, conn: str | None) -> Frame:
         if conn is None:
             frame = await self._commands.run(identity, None, self._budget(identity.user), cmd)
             assert frame is not None  # only a session is closed for abuse
             return frame
+        ref = _ref_of(cmd)
         session = self._sessions.get(conn)
         if session is None or not session.active:
-            return error("not_found", f"no open connection {conn}")
+            return error("not_found", f"no open connection {conn}", ref)
         if session.user != identity.user:
-            return error("forbidden", "the connection is another user's")
+            return error("forbidden", "the connection is another user's", ref)
         frame = await self._commands.run(identity, session, self._commands.limiter(session), cmd)
         if frame is None:
-            return error("rate_limited", "the connection was closed: too many commands refused in a row")
+            return error("rate_limited", "the connection was closed: too many commands refused in a row", ref)
         return frame
 
     def _budget(self, user: str) -> CommandLimiter:
@@ -116,16 +138,18 @@ class CommandRouter:
             limiter = budgets[user] = self._commands.new_limiter()
         return limiter
 
-    async def _forward(self, node: str, credentials: Credentials, cmd: Any) -> Frame:
-        body = dumps_exact({"op": "command", **credentials.wire(), "command": cmd})
+    async def _forward(self, node: str, credentials: Credentials, cmd: Any, raw: bytes) -> tuple[Frame, bytes | None]:
+        # The command as the client wrote it: encoding it again could fail where reading it did not.
+        command = raw or dumps_exact(cmd)
+        body = orjson.dumps({"op": "command", **credentials.wire(), "command": orjson.Fragment(command)})
+        ref = _ref_of(cmd)
         try:
             answer = await self._relay.ask(node, body, self._timeout)
         except NodeGone:
-            return error("not_found", f"no open connection {cmd['conn']}: its node is gone")
+            return error("not_found", f"no open connection {cmd['conn']}: its node is gone", ref), None
         except BrokerUnavailable as exc:
-            return error("unavailable", str(exc))
-        frame: Frame = orjson.loads(answer)
-        return frame
+            return error("unavailable", str(exc), ref), None
+        return _head_of(answer), answer
 
     async def answer(self, request: dict[str, Any]) -> bytes:
         """A command another node forwarded here (decoded by ``NodeRequests``)."""

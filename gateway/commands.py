@@ -28,7 +28,7 @@ from broker.throttle import Throttle
 
 from .auth import Authenticator, AuthError, Identity
 from .disconnect import RATE_LIMITED
-from .frames import dumps_exact, history_messages, loads_exact
+from .frames import TooDeep, dumps_exact, history_messages, loads_exact
 from .limits import CommandLimiter
 from .metrics import Metrics
 from .resume import Resumer
@@ -215,7 +215,10 @@ class Commands:
                 check_event(event)
             except InvalidChannel as exc:
                 raise CommandError("bad_request", str(exc)) from None
-        payload = dumps_exact(cmd["data"])
+        try:
+            payload = dumps_exact(cmd["data"])
+        except TooDeep as exc:
+            raise CommandError("bad_request", f"data: {exc}") from None
         if cmd.get("ephemeral") is True:
             await self._pubsub.publish_ephemeral(channel, payload, event)
             return _frame("ack", channel=channel)

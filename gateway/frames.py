@@ -31,12 +31,35 @@ def loads_exact(raw: bytes | str) -> Any:
     return doc
 
 
+# Deepest JSON a client's data may be (orjson writes 255 levels; deeper goes
+# through the stdlib, whose recursion would otherwise depend on the stack).
+MAX_DEPTH = 512
+
+
+class TooDeep(ValueError):
+    """JSON nested deeper than ``MAX_DEPTH``."""
+
+
 def dumps_exact(obj: Any) -> bytes:
-    """``obj`` as compact JSON; integers orjson cannot hold go through the stdlib."""
+    """``obj`` as compact JSON; integers orjson cannot hold, and nesting past
+    its 255 levels, go through the stdlib (raises TooDeep past MAX_DEPTH)."""
     try:
         return orjson.dumps(obj)
     except orjson.JSONEncodeError:
+        if _depth(obj) > MAX_DEPTH:
+            raise TooDeep(f"JSON nested deeper than {MAX_DEPTH} levels") from None
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _depth(obj: Any) -> int:
+    """How deep ``obj``'s lists and objects nest (no recursion)."""
+    deepest, level = 0, [(obj, 1)]
+    while level:
+        item, depth = level.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            level.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:

@@ -11,6 +11,7 @@ nothing on the stream; its commands come over ``POST /api/command``.
 from __future__ import annotations
 
 import asyncio
+import http
 from collections.abc import Callable
 
 import orjson
@@ -36,28 +37,32 @@ _HEAD = (
     b"\r\n"
 )
 _COMMENT = b":\n\n"
-_REASONS = {400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 429: b"Too Many Requests"}
 # The HTTP status of a stream ended before its head was sent, by close code.
 _STATUS = {4000: 400, 4001: 401, 4003: 403, 4029: 429, 1011: 500}
 # Ends the client did not ask for get an ``event: close`` saying why.
 _SILENT = (CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT)
 
 
-def cors_headers(origin: str) -> bytes:
-    """What lets a page of ``origin`` (allowed by limits.origins) read the answer."""
-    return b"Access-Control-Allow-Origin: %b\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n" % (
-        origin.encode("latin-1", "replace")
-    )
+def cors_pairs(origin: str | None) -> tuple[tuple[str, str], ...]:
+    """What lets a page of ``origin`` (allowed by limits.origins) read the answer; none for None."""
+    if origin is None:
+        return ()
+    return (("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"), ("Vary", "Origin"))
 
 
-def http_error(status: int, error: str, message: str) -> bytes:
-    """A whole HTTP response with a JSON reason (the socket closes after it)."""
+def cors_headers(origin: str | None) -> bytes:
+    return "".join(f"{name}: {value}\r\n" for name, value in cors_pairs(origin)).encode("latin-1", "replace")
+
+
+def http_error(status: int, error: str, message: str, origin: str | None = None) -> bytes:
+    """A whole HTTP response with a JSON reason (the socket closes after it);
+    readable by a page of ``origin`` (CORS), if given."""
     body = orjson.dumps({"error": error, "message": message})
-    reason = _REASONS.get(status, b"Service Unavailable" if status == 503 else b"Error")
+    reason = http.HTTPStatus(status).phrase.encode()
     return (
         b"HTTP/1.1 %d %b\r\nDate: %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n%b"
-        % (status, reason, http_date().encode(), len(body), body)
+        b"Connection: close\r\nX-Content-Type-Options: nosniff\r\n%b\r\n%b"
+        % (status, reason, http_date().encode(), len(body), cors_headers(origin), body)
     )
 
 
@@ -77,26 +82,29 @@ class SseLink(SocketLink):
     once the session's channels are live (``begin``): EventSource's ``open``
     then means that what is published after reaches it."""
 
-    __slots__ = ("begun", "codec")
+    __slots__ = ("begun", "codec", "origin")
 
     name = "sse"
     duplex = False
 
-    def __init__(self, transport: asyncio.Transport, ctx: SseLinks, codec: SseCodec) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, ctx: SseLinks, codec: SseCodec, origin: str | None = None
+    ) -> None:
         super().__init__(transport, ctx)
         self._ctx: SseLinks = ctx
         self.codec = codec
+        self.origin = origin  # a page of another site that limits.origins allows: every answer names it (CORS)
         self.begun = False  # the response head is out
         if ctx.keepalive is not None:
             ctx.keepalive.start()
 
-    def begin(self, cross_origin: str | None = None) -> None:
-        """Send the head (naming ``cross_origin`` for CORS) and the ``retry:`` hint."""
+    def begin(self) -> None:
+        """Send the head (naming ``origin`` for CORS) and the ``retry:`` hint."""
         if not self.begun and not self.gone:
             self.begun = True
             head = _HEAD % http_date().encode()
-            if cross_origin is not None:
-                head = head[:-2] + cors_headers(cross_origin) + b"\r\n"
+            if self.origin is not None:
+                head = head[:-2] + cors_headers(self.origin) + b"\r\n"
             self._transport.write(head + b"retry: %d\n\n" % self._ctx.retry)
 
     def data_received(self, data: bytes) -> None:
@@ -109,14 +117,14 @@ class SseLink(SocketLink):
         """Before the head: an HTTP status with a JSON reason (EventSource stops on it)."""
         if not self.closing and not self.gone:
             self.closing = True
-            self._transport.write(http_error(refusal.status, refusal.error, refusal.message))
+            self._transport.write(http_error(refusal.status, refusal.error, refusal.message, self.origin))
             self._transport.close()
             self._timer = self._loop.call_later(self._ctx.close_timeout, self._give_up)
 
     def _farewell(self, reason: Disconnect) -> None:
         if not self.begun:  # ended while its channels were being joined: an HTTP error then
             status = _STATUS.get(reason.code, 503)
-            body = http_error(status, reason.label, reason.message)
+            body = http_error(status, reason.label, reason.message, self.origin)
         else:
             body = b""
             if reason not in _SILENT:
@@ -166,22 +174,22 @@ class SseEndpoint(StreamEndpoint[SseLinks]):
     Refusals are HTTP statuses with a JSON reason (EventSource stops on them)."""
 
     async def open(self, request: Head, forget: Callable[[], None]) -> Reply | None:
+        origin = self._gate.cross_origin(request)
         try:
             self._gate.screen(request)
         except Refusal as refusal:
             self._gate.refused(SseLink.name, refusal)
-            return error_reply(refusal.status, refusal.error, refusal.message)
+            return error_reply(refusal.status, refusal.error, refusal.message, cors_pairs(origin))
         transport = request.transport
         if transport is None or transport.is_closing():  # the client already left
             return None
         codec = SSE_ENVELOPE if request.query.get("envelope") in ("1", "true") else SSE
-        link = SseLink(transport, self.links, codec)
+        link = SseLink(transport, self.links, codec, origin)
         if isinstance(request, FrontHead):
             request.take_rest()  # what came after the request is not read on a stream; reading goes on
-        cross_origin = self._gate.cross_origin(request)
         # EventSource reconnects to the same URL with a newer Last-Event-ID: it wins over ?since=.
         last_event_id = request.headers.get("Last-Event-ID")
-        await self._opener.serve(request, link, forget, last_event_id, lambda: link.begin(cross_origin))
+        await self._opener.serve(request, link, forget, last_event_id, link.begin)
         return None
 
 
