@@ -87,9 +87,7 @@ class SseLink(SocketLink):
     name = "sse"
     duplex = False
 
-    def __init__(
-        self, transport: asyncio.Transport, ctx: SseLinks, codec: SseCodec, origin: str | None = None
-    ) -> None:
+    def __init__(self, transport: asyncio.Transport, ctx: SseLinks, codec: SseCodec, origin: str | None = None) -> None:
         super().__init__(transport, ctx)
         self._ctx: SseLinks = ctx
         self.codec = codec
