@@ -127,6 +127,10 @@ class NatsHistory:
                 empty = [c for c, last in zip(channels, lasts, strict=True) if last == 0]
                 reach = {s: last for s, last in zip(subjects, lasts, strict=True) if last}
                 if not unread:  # nothing after the position (the inbox, on most connects)
+                    if await self._past_the_end(after_seq):
+                        # Not a position of this stream (recreated, restored): what its
+                        # channels hold now cannot be told apart from what was had.
+                        return Replay([], frozenset(channels))
                     gone = bool(empty) and after_seq > 0 and after_seq + 1 < await self._first_sequence()
                     return Replay([], frozenset(empty) if gone else frozenset())
                 if after_seq > 0:
@@ -157,6 +161,11 @@ class NatsHistory:
 
     async def position(self, max_age: float = 0.0) -> int:
         return (await self._bounds.recent(max_age))[1]
+
+    async def _past_the_end(self, seq: int) -> bool:
+        """Whether ``seq`` is past the stream's last sequence (a recent answer
+        says no for most; a fresh one confirms a yes: the stream only grows)."""
+        return seq > (await self._bounds.recent(1.0))[1] and seq > (await self._bounds.get())[1]
 
     async def _first_sequence(self) -> int:
         """The lowest sequence the stream still holds."""

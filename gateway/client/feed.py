@@ -10,7 +10,8 @@ Positions (docs/protocol.md §7.1): the client resumes from the last id it
 *received* (not the largest), else from where it started (``since``), else
 from ``welcome.position``. A message that comes a second time (after a gap
 repair and a reconnect) has an id no larger than the last one of its
-channel, and is dropped: each channel's messages come once, in order.
+channel, and is dropped: each channel's messages come once, in order (a
+``Reset`` of a channel starts its count over: a recreated stream's ids do).
 ``subscribe(room, since)`` asks for a room's messages again: until it is
 answered, that room's messages after ``since`` come once each, in whatever
 order the live ones and the replay interleave.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from .events import Event, Message, Welcome
+from .events import Event, Message, Reset, Welcome
 
 
 class Feed:
@@ -66,7 +67,11 @@ class Feed:
     async def put(self, event: Event) -> None:
         """Add one event (waiting while the buffer is full); a message moves
         the resume position, and one seen already is dropped."""
-        if isinstance(event, Message) and event.id is not None:
+        if isinstance(event, Reset):
+            # Refetch and carry on: what follows may number from anywhere (a
+            # recreated stream starts over), not as a repeat of what came.
+            self._newest.pop(event.channel, None)
+        elif isinstance(event, Message) and event.id is not None:
             self.since = event.id
             seq = int(event.id)
             newest = self._newest.get(event.channel, -1)

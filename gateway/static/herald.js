@@ -353,6 +353,7 @@ class Client {
     }
     if (f.type === "subscribed" && !this.rooms.has(f.room) && !this.serverRooms.has(f.room)) this.serverRooms.set(f.room, undefined);
     if (f.type === "unsubscribed") { this.serverRooms.delete(f.room); this.rooms.delete(f.room); }
+    if (f.type === "reset") this.newest.delete(f.channel); // refetch, then count anew: a recreated stream's ids start over
     if (f.ref !== undefined && this.answer(f)) {
       if (f.type === "presence") this.emit("presence", f);
       return;

@@ -98,7 +98,7 @@ class SseLink(SocketLink):
 
     def begin(self) -> None:
         """Send the head (naming ``origin`` for CORS) and the ``retry:`` hint."""
-        if not self.begun and not self.gone:
+        if not self.begun and not self.gone and not self.closing:
             self.begun = True
             head = _HEAD % http_date().encode()
             if self.origin is not None:

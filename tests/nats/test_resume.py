@@ -95,3 +95,26 @@ async def test_a_message_published_while_joining_comes_live_at_or_before_the_pos
     frame = await recv_json(ws)
     assert (frame["id"], frame["data"]) == (str(seq), "during the join")
     await ws.close()
+
+
+async def test_a_position_past_the_streams_end_gets_a_reset_for_every_channel(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """A position no message of this stream has reached (the stream was
+    recreated: ids started over) cannot be resumed from: each channel is reset
+    (7.2), not silently resumed."""
+    last = int(await publish(http, node, "room:lobby", {"n": 1}))
+    params = {"token": token("erin"), "room": "lobby", "since": str(last + 1000)}
+    async with http.ws_connect(node.ws_url, params=params) as ws:
+        assert (await recv_json(ws))["type"] == "welcome"
+        resets = [await recv_json(ws) for _ in range(3)]
+    assert sorted((f["type"], f["channel"]) for f in resets) == [
+        ("reset", "broadcast"),
+        ("reset", "room:lobby"),
+        ("reset", "user"),
+    ]
+    params["since"] = str(last)  # at the end: nothing to say
+    async with http.ws_connect(node.ws_url, params=params) as ws:
+        assert (await recv_json(ws))["type"] == "welcome"
+        await ws.send_json({"type": "ping"})
+        assert (await recv_json(ws))["type"] == "pong"

@@ -586,6 +586,26 @@ async def test_each_channels_messages_come_once_and_backend_rooms_rejoin_from_th
     ]
 
 
+async def test_a_reset_starts_its_channels_count_over(page: Page) -> None:
+    """After a reset (a recreated stream numbers from 1 again) smaller ids are new."""
+    got = await run(
+        page,
+        f"""
+        const c = Herald.connect({{ url: "http://gw.test", token: "t", rooms: ["lobby"], transport: "ws" }});
+        const got = [];
+        c.on("message", (m) => got.push(m.id));
+        const msg = (id) => ({{ type: "message", channel: "room:lobby", id, event: "message", data: null }});
+        fake.last().receive({WELCOME});
+        fake.last().receive(msg("40"));
+        fake.last().receive(msg("40"));  // a repeat
+        fake.last().receive({{ type: "reset", channel: "room:lobby", reason: "recreated" }});
+        fake.last().receive(msg("2"));
+        return got;
+        """,
+    )
+    assert got == ["40", "2"]
+
+
 async def test_the_default_transport_is_auto_and_an_sse_400_stops(page: Page) -> None:
     result = await run(
         page,

@@ -111,6 +111,13 @@ async def test_feed_keeps_the_resume_position_and_drops_what_came_already() -> N
     feed.rewind("room:a", "6")  # subscribe(room, since=6): its replay is wanted
     await feed.put(Message("room:a", "7", "m", 1))
     assert (await feed.get()) == Message("room:a", "7", "m", 1)
+    feed.rewound("room:a")
+    await feed.put(Reset("room:b", "the stream was recreated"))  # its ids start over
+    await feed.put(Message("room:b", "2", "m", 5))
+    assert [await feed.get() for _ in range(2)] == [
+        Reset("room:b", "the stream was recreated"),
+        Message("room:b", "2", "m", 5),
+    ]
     fresh = Feed(10)
     fresh.welcomed(Welcome("n:1", "alice", "n", ("user",), None, "40"))
     assert fresh.since == "40"  # nothing received: resume from the welcome's position
