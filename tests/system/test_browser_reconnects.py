@@ -378,9 +378,12 @@ async def test_a_node_lost_mid_stream_every_message_comes_once_in_order(
         "subject": {"prefix": tag},
         "stream": {"name": tag.upper(), "storage": "memory"},
     }
-    other = await node_factory(**shared)
+    # The user channel keeps 50 messages by default: a restart that takes a
+    # while would then miss its oldest (with a reset, as documented).
+    other = await node_factory(**shared, history={"user_max": 1000})
     port = free_port()
-    drain_env = {"HERALD_HTTP_DRAIN_DELAY": "0.2", "HERALD_HTTP_RECONNECT_SPREAD": "1"}
+    env = {"HERALD_HISTORY_USER_MAX": "1000"}
+    drain_env = {"HERALD_HTTP_DRAIN_DELAY": "0.2", "HERALD_HTTP_RECONNECT_SPREAD": "1", **env}
     proc, _ = await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **drain_env)
     proxy = Proxy(port)
     await proxy.start()
@@ -413,7 +416,7 @@ async def test_a_node_lost_mid_stream_every_message_comes_once_in_order(
                     proxy.target = other.runner.addresses[0][1]
                 else:
                     await asyncio.sleep(0.5)
-                    await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port)
+                    await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
             await page.wait_for_function("welcomes.length >= 2 && c.state === 'open'", timeout=TIMEOUT)
             count = sum(map(len, sent.values()))
             await wait_for(lambda: sum(map(len, sent.values())) >= count + 60, timeout=20)
