@@ -13,9 +13,9 @@ import time
 import pytest
 
 from ..helpers import PUBLISH_KEY, NodeFactory, RunningNode, token, wait_for
+from .test_front_paths import REPEATED, exchange
 
 BODY = b'{"channel":"room:lobby","data":1}'
-REPEATED = b"X-Probe: 1\r\nX-Probe: 2\r\n"  # a header twice: the request is aiohttp's (front.py)
 
 
 def address(node: RunningNode) -> tuple[str, int]:
@@ -23,20 +23,10 @@ def address(node: RunningNode) -> tuple[str, int]:
     return host, int(port)
 
 
-async def exchange(node: RunningNode, request: bytes, seconds: float = 3.0) -> tuple[bytes, float]:
+async def timed_exchange(node: RunningNode, request: bytes, seconds: float = 3.0) -> tuple[bytes, float]:
     """What the node sends back until it closes or ``seconds`` pass, and how long that took."""
-    reader, writer = await asyncio.open_connection(*address(node))
-    received = b""
     began = time.monotonic()
-    try:
-        writer.write(request)
-        async with asyncio.timeout(seconds):
-            while chunk := await reader.read(65536):
-                received += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
-    finally:
-        writer.transport.abort()
+    received = await exchange(node, request, seconds)
     return received, time.monotonic() - began
 
 
@@ -79,7 +69,7 @@ async def test_head_on_sse_sends_no_content_and_opens_no_stream(node: RunningNod
 @pytest.mark.parametrize("shape", [b"", REPEATED], ids=["front", "aiohttp"])
 async def test_the_sse_head_carries_a_date(node: RunningNode, shape: bytes) -> None:
     request = b"GET /sse?token=%b HTTP/1.1\r\nHost: x\r\n%b\r\n" % (token("dated").encode(), shape)
-    answer, _ = await exchange(node, request, seconds=1.0)
+    answer, _ = await timed_exchange(node, request, seconds=1.0)
     head = answer.partition(b"\r\n\r\n")[0]
     assert head.startswith(b"HTTP/1.1 200 OK"), answer[:300]
     assert re.search(rb"\r\nDate: ", head, re.IGNORECASE), head
@@ -91,7 +81,7 @@ async def test_the_sse_head_carries_a_date(node: RunningNode, shape: bytes) -> N
 async def test_sse_refusals_carry_a_date(node: RunningNode, query: bytes, status: bytes) -> None:
     if b"%b" in query:
         query = query % token().encode()
-    answer, _ = await exchange(node, b"GET /sse?%b HTTP/1.1\r\nHost: x\r\n\r\n" % query, seconds=1.0)
+    answer, _ = await timed_exchange(node, b"GET /sse?%b HTTP/1.1\r\nHost: x\r\n\r\n" % query, seconds=1.0)
     head = answer.partition(b"\r\n\r\n")[0]
     assert head.startswith(b"HTTP/1.1 " + status), answer[:300]
     assert re.search(rb"\r\nDate: ", head, re.IGNORECASE), head
@@ -112,7 +102,7 @@ async def test_sse_refusals_carry_a_date(node: RunningNode, query: bytes, status
 async def test_a_request_with_bare_lf_line_ends_is_answered_400_at_once(
     node: RunningNode, request_bytes: bytes
 ) -> None:
-    answer, took = await exchange(node, request_bytes, seconds=5.0)
+    answer, took = await timed_exchange(node, request_bytes, seconds=5.0)
     assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), (answer[:200], took)
     assert took < 3.0, took
 
@@ -122,8 +112,8 @@ async def test_a_request_with_bare_lf_line_ends_is_answered_400_at_once(
 
 async def test_a_request_with_more_headers_than_aiohttp_allows_gets_the_same_answer(node: RunningNode) -> None:
     many = b"".join(b"X-H%d: 1\r\n" % i for i in range(140))  # 1.4 KB: far below MAX_HEAD
-    front, _ = await exchange(node, publish(many), seconds=1.0)
-    aiohttp_, _ = await exchange(node, publish(many + REPEATED), seconds=1.0)
+    front, _ = await timed_exchange(node, publish(many), seconds=1.0)
+    aiohttp_, _ = await timed_exchange(node, publish(many + REPEATED), seconds=1.0)
     assert aiohttp_.startswith(b"HTTP/1.0 400 Bad Request")  # aiohttp: "Too many headers received"
     assert front.split(b"\r\n", 1)[0] == aiohttp_.split(b"\r\n", 1)[0], (front[:200], aiohttp_[:200])
 
@@ -200,7 +190,7 @@ async def test_an_http_2_request_line_is_not_answered_as_http_2(node: RunningNod
     """RFC 9110 2.5: never answered in a version the node does not speak
     (aiohttp would echo "HTTP/2.0"): 505."""
     request = publish().replace(b"HTTP/1.1", b"HTTP/2.0", 1)
-    answer, _ = await exchange(node, request, seconds=1.0)
+    answer, _ = await timed_exchange(node, request, seconds=1.0)
     status = answer.split(b"\r\n", 1)[0]
     assert status == b"HTTP/1.1 505 HTTP Version Not Supported", answer[:200]
 
@@ -214,7 +204,7 @@ async def test_an_invalid_host_is_refused_400(node: RunningNode, shape: bytes, h
     """Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2): none of these is one
     (a "," is two Host lines joined)."""
     request = publish(shape).replace(b"Host: x\r\n", b"Host: %b\r\n" % host, 1)
-    answer, _ = await exchange(node, request, seconds=1.0)
+    answer, _ = await timed_exchange(node, request, seconds=1.0)
     status = answer.split(b"\r\n", 1)[0]
     assert status.endswith(b" 400 Bad Request"), answer[:300]
 
