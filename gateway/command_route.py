@@ -10,8 +10,9 @@ per-user budget.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -22,7 +23,7 @@ from .auth import Identity
 from .commands import Commands, Frame
 from .connect_hook import Credentials
 from .frames import dumps_exact
-from .limits import CommandLimiter
+from .limits import CommandLimiter, TokenBucket
 from .sessions import Sessions
 
 # The HTTP status of an answer, by error code (200 when it is no error).
@@ -42,6 +43,7 @@ STATUS = {
 }
 # Per-user budgets kept for commands without a connection; the oldest go first.
 MAX_USER_BUDGETS = 10_000
+T = TypeVar("T")
 
 
 # Who credentials say a client is (Gate.identify); raises Refusal.
@@ -53,6 +55,16 @@ def error(code: str, message: str, ref: Any = None) -> Frame:
     if ref is not None:
         frame["ref"] = ref
     return frame
+
+
+def _kept(kept: dict[str, T], user: str, make: Callable[[], T]) -> T:
+    """``kept[user]``, made if missing; past MAX_USER_BUDGETS the oldest goes."""
+    value = kept.get(user)
+    if value is None:
+        if len(kept) >= MAX_USER_BUDGETS:
+            del kept[next(iter(kept))]
+        value = kept[user] = make()
+    return value
 
 
 def _ref_of(cmd: Any) -> Any:
@@ -95,6 +107,7 @@ class CommandRouter:
         self._relay = relay
         self._timeout = timeout  # http.command_timeout
         self._budgets: dict[str, CommandLimiter] = {}
+        self._misses: dict[str, TokenBucket] = {}  # per user: commands that named no open connection
 
     async def run(self, credentials: Credentials, cmd: Any, raw: bytes = b"") -> tuple[Frame, bytes | None]:
         """The answer to ``cmd`` (``raw``, decoded) posted with ``credentials``;
@@ -109,9 +122,22 @@ class CommandRouter:
             identity = await self._identify(credentials)
         except Refusal as refusal:
             return error(refusal.error, refusal.message, ref), None
-        if conn is not None and (node := conn.rpartition(":")[0]) != self._node_id:
-            return await self._forward(node, credentials, cmd, raw)
-        return await self._run_here(identity, cmd, conn), None
+        node = None if conn is None else conn.rpartition(":")[0]
+        if node is None or node == self._node_id:
+            return await self._run_here(identity, cmd, conn), None
+        # A forwarded command naming no open connection takes from no
+        # connection's budget: each user has one for such misses, and once it
+        # is spent nothing more is forwarded for a while.
+        misses = self._misses_of(identity.user)
+        wait = misses.wait()
+        if wait:
+            frame = error("rate_limited", "too many commands for connections that are not open: retry later", ref)
+            frame["retry_after"] = math.ceil(wait * 1000) / 1000
+            return frame, None
+        frame, answer = await self._forward(node, credentials, cmd, raw)
+        if frame.get("code") == "not_found":
+            misses.take()
+        return frame, answer
 
     async def _run_here(self, identity: Identity, cmd: Any, conn: str | None) -> Frame:
         if conn is None:
@@ -130,13 +156,10 @@ class CommandRouter:
         return frame
 
     def _budget(self, user: str) -> CommandLimiter:
-        budgets = self._budgets
-        limiter = budgets.get(user)
-        if limiter is None:
-            if len(budgets) >= MAX_USER_BUDGETS:
-                del budgets[next(iter(budgets))]
-            limiter = budgets[user] = self._commands.new_limiter()
-        return limiter
+        return _kept(self._budgets, user, self._commands.new_limiter)
+
+    def _misses_of(self, user: str) -> TokenBucket:
+        return _kept(self._misses, user, lambda: self._commands.new_limiter().commands)
 
     async def _forward(self, node: str, credentials: Credentials, cmd: Any, raw: bytes) -> tuple[Frame, bytes | None]:
         # The command as the client wrote it: encoding it again could fail where reading it did not.

@@ -23,13 +23,17 @@ class TokenBucket:
 
     def take(self, now: float | None = None) -> float:
         """Take a token: 0.0 if there was one, else the seconds until there is."""
+        wait = self.wait(now)
+        if not wait:
+            self.tokens -= 1.0
+        return wait
+
+    def wait(self, now: float | None = None) -> float:
+        """0.0 if a token is there, else the seconds until there is one (none is taken)."""
         now = time.monotonic() if now is None else now
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
 
 
 class CommandLimiter:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from gateway.settings import ConfigError
@@ -687,3 +688,28 @@ async def test_a_room_named_twice_counts_once(node_factory: NodeFactory, http: a
     async with http.get(node.url + "/sse", params=params) as resp:
         body = await resp.read() if resp.status != 200 else b""
         assert resp.status == 200, (resp.status, body)
+
+
+async def test_commands_naming_no_open_connection_have_a_budget_of_their_own(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A conn of another node that is not open (here: a node that does not
+    exist) takes from no connection's budget: the user has one for such
+    misses, and once it is spent nothing more is forwarded for a while.
+    Commands naming an open connection here are not charged to it."""
+    node = await node_factory(limits={"command_rate": 3, "rate_window": 60.0})
+    headers = {"Authorization": f"Bearer {token('alice')}"}
+
+    async def post(conn: str) -> tuple[int, dict[str, Any]]:
+        body = {"type": "ping", "ref": 1, "conn": conn}
+        async with http.post(node.url + "/api/command", json=body, headers=headers) as resp:
+            return resp.status, await resp.json()
+
+    statuses = [(await post("no-such-node:1"))[0] for _ in range(5)]
+    assert statuses == [404, 404, 404, 429, 429], statuses
+    async with http.get(node.url + "/sse", params={"token": token("alice"), "envelope": "1"}) as stream:
+        event = b""
+        while b"event: welcome" not in event:
+            event = await stream.content.readuntil(b"\n\n")
+        welcome = orjson.loads(event.split(b"data: ", 1)[1])
+        assert [(await post(welcome["conn"]))[0] for _ in range(3)] == [200, 200, 200]
