@@ -97,8 +97,9 @@ class KvConnections:
         """Count ``conn`` in, kicking the oldest to make room (close-oldest), or
         raise TooManyConnections (refuse-new). Without NATS it admits (a limit
         is protection, not authentication)."""
-        victims = await self._admit(user, conn, limit, close_oldest)
-        self._open.setdefault(user, {})[conn] = time.time()
+        opened = time.time()
+        victims = await self._admit(user, conn, opened, limit, close_oldest)
+        self._open.setdefault(user, {})[conn] = opened
         for instance, victim in victims:
             if instance == self._instance:
                 self._kick(victim)
@@ -135,7 +136,9 @@ class KvConnections:
         self._known.pop(user, None)  # what this node last wrote still holds them: read what others left
         await self._update(user, restore)
 
-    async def _admit(self, user: str, conn: str, limit: int, close_oldest: bool) -> list[tuple[str, str]]:
+    async def _admit(
+        self, user: str, conn: str, opened: float, limit: int, close_oldest: bool
+    ) -> list[tuple[str, str]]:
         """Count ``conn`` in; returns the (instance, conn) to close to make room."""
         victims: list[tuple[str, str]] = []
 
@@ -149,7 +152,7 @@ class KvConnections:
                 for c in sorted(live, key=lambda c: float(live[c][1]))[:excess]:  # type: ignore[arg-type]
                     victims.append((str(live[c][0]), c))
                     del live[c]
-            live[conn] = [self._instance, time.time()]
+            live[conn] = [self._instance, opened]
             return live
 
         await self._update(user, admit)

@@ -25,6 +25,7 @@ from .head import FrontHead
 from .http import (
     Reply,
     body_timeout,
+    cors_pairs,
     error_reply,
     header_key_matches,
     json_error,
@@ -234,10 +235,7 @@ class CommandApi:
 
     def _allow_cross_origin(self, request: web.Request, response: web.Response) -> bool:
         origin = self._gate.cross_origin(request)
-        if origin is not None:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Allow-Credentials"] = "true"
-            response.headers["Vary"] = "Origin"
+        response.headers.update(cors_pairs(origin))
         return origin is not None
 
     async def _answer(self, request: web.Request) -> tuple[Frame, bytes | None]:

@@ -10,7 +10,6 @@ per-user budget.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,10 +19,10 @@ from broker import BrokerUnavailable, NodeGone, Relay
 
 from .admission import Refusal
 from .auth import Identity
-from .commands import Commands, Frame
+from .commands import Commands, Frame, valid_ref
 from .connect_hook import Credentials
 from .frames import dumps_exact
-from .limits import CommandLimiter, TokenBucket
+from .limits import CommandLimiter, TokenBucket, retry_after
 from .sessions import Sessions
 
 # The HTTP status of an answer, by error code (200 when it is no error).
@@ -70,8 +69,7 @@ def _kept(kept: dict[str, T], user: str, make: Callable[[], T]) -> T:
 def _ref_of(cmd: Any) -> Any:
     """The command's ``ref``, echoed in its answer (an invalid one is not)."""
     ref = cmd.get("ref") if isinstance(cmd, dict) else None
-    valid = (isinstance(ref, str) and len(ref) <= 64) or (type(ref) is int and abs(ref) < 2**53)
-    return ref if valid else None
+    return ref if valid_ref(ref) else None
 
 
 def _head_of(answer: bytes) -> Frame:
@@ -132,7 +130,7 @@ class CommandRouter:
         wait = misses.wait()
         if wait:
             frame = error("rate_limited", "too many commands for connections that are not open: retry later", ref)
-            frame["retry_after"] = math.ceil(wait * 1000) / 1000
+            frame["retry_after"] = retry_after(wait)
             return frame, None
         frame, answer = await self._forward(node, credentials, cmd, raw)
         if frame.get("code") == "not_found":

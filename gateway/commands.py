@@ -4,7 +4,6 @@ echoing the command's ``ref``; the caller sends it where it belongs."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,7 +28,7 @@ from broker.throttle import Throttle
 from .auth import Authenticator, AuthError, Identity
 from .disconnect import RATE_LIMITED
 from .frames import TooDeep, dumps_exact, history_messages, loads_exact
-from .limits import CommandLimiter
+from .limits import CommandLimiter, retry_after
 from .metrics import Metrics
 from .resume import Resumer
 from .session import Session
@@ -58,6 +57,12 @@ def _room(cmd: dict[str, Any]) -> Channel:
         return room_channel(cmd.get("room"))
     except InvalidChannel as exc:
         raise CommandError("bad_request", str(exc)) from None
+
+
+def valid_ref(ref: Any) -> bool:
+    """Whether ``ref`` is one an answer echoes: a string of at most 64
+    characters, or an integer a double holds exactly."""
+    return (isinstance(ref, str) and len(ref) <= 64) or (type(ref) is int and abs(ref) < 2**53)
 
 
 class Commands:
@@ -120,7 +125,7 @@ class Commands:
         None: the session was closed for abusing the rate limit."""
         kind = cmd.get("type") if isinstance(cmd, dict) else None
         ref = cmd.get("ref") if isinstance(cmd, dict) else None
-        good_ref = ref is None or (isinstance(ref, str) and len(ref) <= 64) or (type(ref) is int and abs(ref) < 2**53)
+        good_ref = ref is None or valid_ref(ref)
         # Every frame counts against the budget, garbage included.
         refused = self._rate(session, identity, limiter, kind if isinstance(kind, str) else "")
         if refused is not None:
@@ -168,9 +173,8 @@ class Commands:
             session.close(RATE_LIMITED)
             return _CLOSED
         what = "publishes" if kind == "publish" else "commands"
-        # Rounded up: a client that waits this long finds the token back.
-        retry_after = math.ceil(wait * 1000) / 1000
-        return _frame("error", code="rate_limited", message=f"too many {what}: retry later", retry_after=retry_after)
+        message = f"too many {what}: retry later"
+        return _frame("error", code="rate_limited", message=message, retry_after=retry_after(wait))
 
     async def subscribe(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
         session = _on_connection(session, "subscribe")

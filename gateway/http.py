@@ -31,6 +31,14 @@ HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]*)(?::[0-9]
 _date = (0, "")
 
 
+def cors_pairs(origin: str | None) -> tuple[tuple[str, str], ...]:
+    """The headers that let a page of ``origin`` (one limits.origins allows)
+    read an answer; none for None."""
+    if origin is None:
+        return ()
+    return (("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"), ("Vary", "Origin"))
+
+
 def http_date() -> str:
     """The ``Date`` of an answer written now (RFC 9110 6.6.1), made once a second."""
     global _date

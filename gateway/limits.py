@@ -6,8 +6,15 @@ API); nothing here is shared across nodes — cluster-wide limits live in NATS.
 
 from __future__ import annotations
 
+import math
 import time
 from urllib.parse import urlsplit
+
+
+def retry_after(wait: float) -> float:
+    """A wait as an answer's ``retry_after``: in ms, rounded up, so a client
+    that waits this long finds the token back."""
+    return math.ceil(wait * 1000) / 1000
 
 
 class TokenBucket:

@@ -20,7 +20,7 @@ from ..admission import Gate, Refusal
 from ..disconnect import CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT, Disconnect
 from ..frames import SSE, SSE_ENVELOPE, SseCodec, sse_event
 from ..head import FrontHead, Head
-from ..http import Reply, error_reply, http_date
+from ..http import Reply, cors_pairs, error_reply, http_date
 from ..node import Node
 from ..settings import BackpressureSettings, SseSettings
 from .kind import TransportKind
@@ -34,20 +34,13 @@ _HEAD = (
     b"Connection: close\r\n"
     b"X-Accel-Buffering: no\r\n"  # nginx: pass events on as they come
     b"X-Content-Type-Options: nosniff\r\n"
-    b"\r\n"
+    b"%b\r\n"  # CORS, for a page of another site that limits.origins allows
 )
 _COMMENT = b":\n\n"
 # The HTTP status of a stream ended before its head was sent, by close code.
 _STATUS = {4000: 400, 4001: 401, 4003: 403, 4029: 429, 1011: 500}
 # Ends the client did not ask for get an ``event: close`` saying why.
 _SILENT = (CLIENT_CLOSED, GOING_AWAY, HEARTBEAT_TIMEOUT)
-
-
-def cors_pairs(origin: str | None) -> tuple[tuple[str, str], ...]:
-    """What lets a page of ``origin`` (allowed by limits.origins) read the answer; none for None."""
-    if origin is None:
-        return ()
-    return (("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"), ("Vary", "Origin"))
 
 
 def cors_headers(origin: str | None) -> bytes:
@@ -100,9 +93,7 @@ class SseLink(SocketLink):
         """Send the head (naming ``origin`` for CORS) and the ``retry:`` hint."""
         if not self.begun and not self.gone and not self.closing:
             self.begun = True
-            head = _HEAD % http_date().encode()
-            if self.origin is not None:
-                head = head[:-2] + cors_headers(self.origin) + b"\r\n"
+            head = _HEAD % (http_date().encode(), cors_headers(self.origin))
             self._transport.write(head + b"retry: %d\n\n" % self._ctx.retry)
 
     def data_received(self, data: bytes) -> None:
