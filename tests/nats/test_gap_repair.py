@@ -186,6 +186,33 @@ class Dropper:
         nc._handlers[sid] = handler
 
 
+async def a_repair_held(
+    http: aiohttp.ClientSession, node: RunningNode, publisher: RunningNode, channel: str
+) -> tuple[int, int, asyncio.Event]:
+    """Hold ``node``'s repair fetches (a slow stream read), lose one live
+    message of ``channel`` there, and publish (through ``publisher``) the one
+    that reveals the gap: (the lost id, the revealing id, the event that lets
+    the repair go)."""
+    sequencer = nats_broker(node).pubsub.sequencer
+    real_fetch = sequencer._fetch
+    go = asyncio.Event()
+
+    async def slow_fetch(channels: Any, after: int, limit: int) -> Any:
+        await go.wait()
+        return await real_fetch(channels, after, limit)
+
+    sequencer._fetch = slow_fetch
+    dropper = Dropper(node)
+    dropper.wrap(channel)
+    dropper.dropping.add(channel)
+    missed = await publish(http, publisher, channel, 1)
+    await wait_for(lambda: dropper.dropped.get(channel, 0) == 1)
+    dropper.dropping.clear()
+    trigger = await publish(http, publisher, channel, 2)
+    await wait_for(lambda: sequencer.repairing)
+    return missed, trigger, go
+
+
 def nats_broker(node: RunningNode) -> NatsBroker:
     broker = node.node.broker
     assert isinstance(broker, NatsBroker)
@@ -470,24 +497,7 @@ async def test_whitebox_repair_keeps_order_across_channels_of_one_client(
     first = await publish(http, node, "room:ra", 0)
     assert ids(await receive(ws, 1)) == [first]
 
-    # Hold the repair's fetch until the test lets it go (a slow stream read).
-    sequencer = nats_broker(node).pubsub.sequencer
-    real_fetch = sequencer._fetch
-    go = asyncio.Event()
-
-    async def slow_fetch(channels: Any, after: int, limit: int) -> Any:
-        await go.wait()
-        return await real_fetch(channels, after, limit)
-
-    sequencer._fetch = slow_fetch
-    dropper = Dropper(node)
-    dropper.wrap("room:ra")
-    dropper.dropping.add("room:ra")
-    missed = await publish(http, node, "room:ra", 1)
-    await wait_for(lambda: dropper.dropped.get("room:ra", 0) == 1)
-    dropper.dropping.clear()
-    trigger = await publish(http, node, "room:ra", 2)  # reveals the gap: repair starts, held
-    await wait_for(lambda: sequencer.repairing)
+    missed, trigger, go = await a_repair_held(http, node, node, "room:ra")  # the repair waits
     older = await publish(http, node, "room:rb", 3)  # waits in the backlog
     newer = await publish(http, node, "room:ra", 4)  # waits in the backlog
     await asyncio.sleep(0.2)

@@ -12,7 +12,17 @@ from typing import Any
 import aiohttp
 
 from ..helpers import RunningNode, recv_json, token, wait_for
-from .test_gap_repair import Dropper, cluster, ids, nats_broker, open_ws, proxy, publish, wants  # noqa: F401
+from .test_gap_repair import (  # noqa: F401 - proxy: the fixture
+    Dropper,
+    a_repair_held,
+    cluster,
+    ids,
+    nats_broker,
+    open_ws,
+    proxy,
+    publish,
+    wants,
+)
 
 
 async def drain(ws: aiohttp.ClientWebSocketResponse, quiet_for: float = 0.5) -> list[dict[str, Any]]:
@@ -99,23 +109,7 @@ async def test_a_reconnect_during_a_gap_repair_loses_nothing_stored_while_away(
     first = [await publish(http, publisher, "room:ra", 0), await publish(http, publisher, "room:rd", 0)]
     assert ids(await recv_n(ws, 2)) == first
 
-    sequencer = broker.pubsub.sequencer
-    real_fetch = sequencer._fetch
-    go = asyncio.Event()
-
-    async def slow_fetch(channels: Any, after: int, limit: int) -> Any:
-        await go.wait()
-        return await real_fetch(channels, after, limit)
-
-    sequencer._fetch = slow_fetch
-    dropper = Dropper(node)
-    dropper.wrap("room:ra")
-    dropper.dropping.add("room:ra")
-    missed = await publish(http, publisher, "room:ra", 1)
-    await wait_for(lambda: dropper.dropped.get("room:ra", 0) == 1)
-    dropper.dropping.clear()
-    trigger = await publish(http, publisher, "room:ra", 2)  # reveals the gap: the repair waits
-    await wait_for(lambda: sequencer.repairing)
+    missed, trigger, go = await a_repair_held(http, node, publisher, "room:ra")
 
     proxy.cut()
     await wait_for(lambda: not broker.connected)

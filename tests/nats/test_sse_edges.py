@@ -20,6 +20,7 @@ import pytest
 from broker.embedded import NatsServer
 
 from ..helpers import (
+    PUBLISH_HEADERS,
     NodeFactory,
     RunningNode,
     api_publish,
@@ -183,6 +184,13 @@ class RawSse:
         self.writer.transport.abort()
 
 
+async def publish_raw(http: aiohttp.ClientSession, node: RunningNode, data: bytes) -> None:
+    """Publish ``data`` (JSON bytes, as written) to room:lobby."""
+    body = b'{"channel":"room:lobby","data":' + data + b"}"
+    async with http.post(node.url + "/api/publish", data=body, headers=PUBLISH_HEADERS) as r:
+        assert r.status == 200, await r.text()
+
+
 def messages(events: list[Event], skip: tuple[str, ...] = ("welcome",)) -> list[Event]:
     return [e for e in events if e.type not in skip]
 
@@ -270,13 +278,7 @@ async def test_forwarded_history_keeps_numbers_exact_as_a_local_one(
     shared = cluster_shared()
     a, b = await node_factory(**shared), await node_factory(**shared)
     tok = token("alice", publish=["*"])
-    # A backend's message with integers past 64 bits (the publish API keeps them exact).
-    async with http.post(
-        a.url + "/api/publish",
-        data=b'{"channel":"room:lobby","data":' + BIG + b"}",
-        headers={"Authorization": "Bearer test-publish-key"},
-    ) as r:
-        assert r.status == 200, await r.text()
+    await publish_raw(http, a, BIG)  # integers past 64 bits (the publish API keeps them exact)
     sse = await RawSse.open(a.url, [("token", tok), ("room", "lobby"), ("envelope", "1")])
     events = await sse.until(lambda evs: any(e.type == "welcome" for e in evs))
     conn = orjson.loads(events[0].data)["conn"]
@@ -609,12 +611,7 @@ async def test_forwarded_history_of_a_deeply_nested_message_is_answered_as_a_loc
     a, b = await node_factory(**shared), await node_factory(**shared)
     tok = token("alice")
     deep = b"[" * 300 + b"]" * 300  # valid JSON, well within what the node accepts and stores
-    async with http.post(
-        a.url + "/api/publish",
-        data=b'{"channel":"room:lobby","data":' + deep + b"}",
-        headers={"Authorization": "Bearer test-publish-key"},
-    ) as r:
-        assert r.status == 200, await r.text()
+    await publish_raw(http, a, deep)
     sse, conn = await open_raw(a, tok, ["lobby"])
     cmd = {"type": "history", "room": "lobby", "conn": conn}
     status_a, local, _ = await command(http, a, tok, cmd)

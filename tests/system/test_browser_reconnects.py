@@ -31,7 +31,8 @@ from playwright.async_api import Browser, Page, WebSocketRoute
 
 from broker.embedded import NatsServer, free_port
 
-from ..helpers import ADMIN_KEY, NodeFactory, RunningNode, api_publish, spawn_cluster_node, token, wait_for
+from ..helpers import NodeFactory, RunningNode, api_publish, spawn_cluster_node, token, wait_for
+from .test_browser_demo import admin_post
 
 TIMEOUT = 15_000
 
@@ -71,13 +72,12 @@ async def client_page(
         await context.close()
 
 
-async def admin_post(node: RunningNode, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(node.url + path, json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp,
-    ):
-        assert resp.status == 200, await resp.text()
-        return await resp.json()  # type: ignore[no-any-return]
+async def publish_while_away(http: aiohttp.ClientSession, node: RunningNode) -> list[str]:
+    """A message to the backend's room p9 and one to the URL's lobby: their ids."""
+    return [
+        await api_publish(http, node, "room:p9", {"n": "p9 while down"}),
+        await api_publish(http, node, "room:lobby", {"n": "lobby while down"}),
+    ]
 
 
 async def got_ids(page: Page) -> list[str]:
@@ -99,7 +99,7 @@ async def test_refused_subscribe_does_not_cost_the_connection_on_the_next_reconn
         refusal = await page.evaluate("c.subscribe('secret').then((a) => a, (e) => e)")
         assert refusal["code"] == "forbidden"
         # The backend logs the user out everywhere (4009): herald.js is to back off and reconnect.
-        assert (await admin_post(node, "/api/disconnect", {"user": "ivy"}))["disconnected"] == 1
+        assert (await admin_post("/api/disconnect", node, {"user": "ivy"}))["disconnected"] == 1
         await page.wait_for_function("welcomes.length >= 2 || c.state === 'closed'", timeout=TIMEOUT)
         state, closes = await page.evaluate("[c.state, closes]")
         assert state == "open", f"client stopped after a refused subscribe and a 4009: closes={closes}"
@@ -115,7 +115,7 @@ async def test_subscribe_with_an_invalid_room_id_does_not_cost_the_connection(
     async with client_page(browser, node, tok, transport, ["lobby"]) as page:
         refusal = await page.evaluate("c.subscribe('no such/room').then((a) => a, (e) => e)")
         assert refusal["code"] == "bad_request"
-        assert (await admin_post(node, "/api/disconnect", {"user": "ivo"}))["disconnected"] == 1
+        assert (await admin_post("/api/disconnect", node, {"user": "ivo"}))["disconnected"] == 1
         await page.wait_for_function("welcomes.length >= 2 || c.state === 'closed'", timeout=TIMEOUT)
         state, closes = await page.evaluate("[c.state, closes]")
         assert state == "open", f"client not back after a refused subscribe and a 4009: state={state} closes={closes}"
@@ -191,7 +191,7 @@ class Gate:
 
 async def serve_room(page: Page, node: RunningNode, http: aiohttp.ClientSession, user: str, room: str) -> str:
     """The backend joins the user's connection to ``room``; returns the id of a first message seen in it."""
-    assert (await admin_post(node, "/api/subscribe", {"user": user, "room": room}))["subscribed"] == 1
+    assert (await admin_post("/api/subscribe", node, {"user": user, "room": room}))["subscribed"] == 1
     first = await api_publish(http, node, f"room:{room}", {"first": True})
     await page.wait_for_function(f"got.some((m) => m.id === '{first}')", timeout=TIMEOUT)
     return first
@@ -201,7 +201,7 @@ async def bounce(page: Page, node: RunningNode, gate: Gate, user: str, while_dow
     """Close the user's stream (4009) and keep the node unreachable until ``while_down`` ran."""
     welcomes = await page.evaluate("welcomes.length")
     gate.blocked = True
-    assert (await admin_post(node, "/api/disconnect", {"user": user}))["disconnected"] == 1
+    assert (await admin_post("/api/disconnect", node, {"user": user}))["disconnected"] == 1
     await page.wait_for_function("c.state !== 'open'", timeout=TIMEOUT)
     if while_down is not None:
         await while_down()
@@ -227,8 +227,7 @@ async def test_no_message_is_repeated_after_two_reconnects_with_a_backend_room(
         sent: list[str] = []
 
         async def publish_while_down() -> None:
-            sent.append(await api_publish(http, node, "room:p9", {"n": "p9 while down"}))
-            sent.append(await api_publish(http, node, "room:lobby", {"n": "lobby while down"}))
+            sent.extend(await publish_while_away(http, node))
 
         await bounce(page, node, gate, "jay", publish_while_down)
         await page.wait_for_function(f"{sent}.every((id) => got.some((m) => m.id === id))", timeout=TIMEOUT)
@@ -256,8 +255,7 @@ async def test_a_backend_room_rejoin_cut_short_loses_nothing(
         sent: list[str] = []
 
         async def publish_while_down() -> None:
-            sent.append(await api_publish(http, node, "room:p9", {"n": "p9 while down"}))
-            sent.append(await api_publish(http, node, "room:lobby", {"n": "lobby while down"}))
+            sent.extend(await publish_while_away(http, node))
             gate.hold_subscribes = True  # the re-join is on its way when the connection ends
 
         await bounce(page, node, gate, "kim", publish_while_down)
@@ -497,7 +495,7 @@ async def test_token_expiry_keeps_runtime_and_backend_rooms(
         )
         await page.wait_for_function("c.state === 'open'", timeout=TIMEOUT)
         await page.evaluate("c.subscribe('b')")
-        assert (await admin_post(node, "/api/subscribe", {"user": "quin", "room": "p9"}))["subscribed"] == 1
+        assert (await admin_post("/api/subscribe", node, {"user": "quin", "room": "p9"}))["subscribed"] == 1
         first = [await api_publish(http, node, ch, {"n": 1}) for ch in ("room:lobby", "room:b", "room:p9")]
         await page.wait_for_function(f"{first}.every((id) => got.some((m) => m.id === id))", timeout=TIMEOUT)
         await page.wait_for_function(
@@ -532,7 +530,7 @@ async def test_commands_made_while_reconnecting_are_sent_once_the_connection_is_
     tok = token("rae", rooms=["*"], publish=["*"])
     async with client_page(browser, node, tok, transport, ["lobby"], setup=gate.install, timeout=10000) as page:
         gate.blocked = True  # the node restarts: a few attempts fail
-        assert (await admin_post(node, "/api/disconnect", {"user": "rae"}))["disconnected"] == 1
+        assert (await admin_post("/api/disconnect", node, {"user": "rae"}))["disconnected"] == 1
         await page.wait_for_function("c.state !== 'open'", timeout=TIMEOUT)
         await page.evaluate(
             """window.later = [c.publish("lobby", 2), c.presence("lobby"), c.ping()]
@@ -558,7 +556,7 @@ async def test_commands_while_disconnected_settle(
     tok = token("ray", rooms=["*"], publish=["*"])
     async with client_page(browser, node, tok, transport, ["lobby"], setup=gate.install, timeout=2000) as page:
         gate.blocked = True
-        assert (await admin_post(node, "/api/disconnect", {"user": "ray"}))["disconnected"] == 1
+        assert (await admin_post("/api/disconnect", node, {"user": "ray"}))["disconnected"] == 1
         await page.wait_for_function("c.state !== 'open'", timeout=TIMEOUT)
         lost = await page.evaluate(
             """Promise.all([c.publish("lobby", 1), c.presence("lobby"), c.history("lobby"), c.ping(), c.subscribe("x")]
