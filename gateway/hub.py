@@ -68,7 +68,7 @@ class Hub:
             return
         frame = {"type": "reset", "channel": client_name(channel), "reason": "messages were lost in transit"}
         for session in sessions:
-            session.send(frame)
+            session.send_in_flow(frame)
         if self._on_reset is not None:
             self._on_reset(len(sessions))
 

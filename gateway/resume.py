@@ -180,6 +180,9 @@ class Resumer:
         droppable = self._droppable
         while session.held and session.active:
             for d in session.take_held():
+                if isinstance(d, bytes):  # a reset: no pace for a control frame
+                    session.queue_held(d, False)
+                    continue
                 frame = await _room_for(session, d, pace)
                 session.queue_held(d, droppable(d.channel), frame)
 
@@ -188,7 +191,7 @@ class Resumer:
         ending, or ``_queue_held_paced`` left nothing)."""
         droppable = self._droppable
         for d in session.stop_holding():
-            session.queue_held(d, droppable(d.channel))
+            session.queue_held(d, not isinstance(d, bytes) and droppable(d.channel))
 
 
 async def _room_for(session: Session, d: Delivery, pace: tuple[int, int]) -> bytes | None:

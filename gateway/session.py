@@ -25,6 +25,9 @@ from .metrics import TransportMetrics
 from .outbound import LIVE, REPLAYED, Outbound, QueueLimits
 from .transports.contract import Transport
 
+# A live delivery held while a replay runs, or a control frame about the live flow (a reset) in its place.
+Held = Delivery | bytes
+
 
 class State(enum.Enum):
     """Where a session is in its life: connecting → open → closing → closed."""
@@ -78,8 +81,9 @@ class Session:
         # Control frames sent before the welcome (a server-side subscribe, a
         # reset of a channel being joined): they follow it. None once it is out.
         self.early: list[bytes] | None = []
-        # Live deliveries held aside while a replay runs (see resume.py).
-        self.held: list[Delivery] | None = None
+        # Live deliveries held aside while a replay runs (see resume.py), and
+        # frames about the live flow (a reset) in their place among them.
+        self.held: list[Held] | None = None
         # Per replayed channel, the last sequence the replay sent: live copies
         # at or below it (a gap repair re-sending them) are skipped.
         self.floors: dict[Channel, int] | None = None
@@ -118,6 +122,14 @@ class Session:
         else:
             self.early.append(frame)
 
+    def send_in_flow(self, obj: dict[str, Any]) -> None:
+        """Queue a control frame about the live flow (a reset): while a replay
+        holds that flow, after the live deliveries held before it."""
+        if self.held is None:
+            self.send(obj)
+        else:
+            self.held.append(self.codec.control(obj))
+
     def welcome(self, obj: dict[str, Any]) -> None:
         """Queue the welcome, always the first frame, then what was sent before it."""
         early, self.early = self.early or [], None
@@ -149,12 +161,12 @@ class Session:
         floors = self.floors
         return bool(d.seq and floors and d.seq <= floors.get(d.channel, 0))
 
-    def take_held(self) -> list[Delivery]:
+    def take_held(self) -> list[Held]:
         """What was held so far; holding goes on."""
         held, self.held = self.held or [], []
         return held
 
-    def stop_holding(self) -> list[Delivery]:
+    def stop_holding(self) -> list[Held]:
         """What was held; live deliveries are queued directly again."""
         held, self.held = self.held or [], None
         self.gated = self.floors is not None
@@ -169,9 +181,11 @@ class Session:
             self.gated = True
         floors[d.channel] = d.seq
 
-    def queue_held(self, d: Delivery, droppable: bool, frame: bytes | None = None) -> None:
-        """Queue a held live delivery, unless a replay sent it already."""
-        if not self._replayed(d):
+    def queue_held(self, d: Held, droppable: bool, frame: bytes | None = None) -> None:
+        """Queue a held live delivery, unless a replay sent it already, or a held control frame."""
+        if isinstance(d, bytes):
+            self.outbound.push(d)
+        elif not self._replayed(d):
             self.outbound.push(self.codec.message(d) if frame is None else frame, LIVE, d.ts, droppable)
 
     # -- life ----------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from broker import BrokerUnavailable
+
 from ..helpers import RunningNode, recv_json, token, wait_for
 from .test_gap_repair import (  # noqa: F401 - proxy: the fixture
     Dropper,
@@ -128,3 +130,57 @@ async def test_a_reconnect_during_a_gap_repair_loses_nothing_stored_while_away(
 
 async def recv_n(ws: aiohttp.ClientWebSocketResponse, n: int) -> list[dict[str, Any]]:
     return [await recv_json(ws) for _ in range(n)]
+
+
+async def test_a_loss_found_during_a_replay_is_told_after_the_live_messages_held_before_it(
+    node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """A resume's replay holds the session's live flow; a live message of
+    another channel is held, then that channel's gap cannot be repaired. The
+    reset takes its place in the live flow: after the message held before the
+    loss, before the one that revealed it (before, it went out at once, ahead
+    of the older message, which a client then took for one after the reset)."""
+    node: RunningNode = await node_factory()
+    ws = await open_ws(http, node, "alice", ["lobby"])
+    await wants(node, 3)
+    first = await publish(http, node, "room:lobby", 0)
+    assert ids([await recv_json(ws)]) == [first]
+
+    resumer = node.node.resumer
+    history = resumer._history
+    go = asyncio.Event()
+
+    class HeldReplay:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(history, name)
+
+        async def replay(self, *args: Any, **kwargs: Any) -> Any:
+            await go.wait()
+            return await history.replay(*args, **kwargs)
+
+    resumer._history = HeldReplay()
+    await ws.send_json({"type": "subscribe", "room": "other", "since": str(first), "ref": "r"})
+    (session,) = node.node.sessions.of_user("alice")
+    await wait_for(lambda: session.held is not None)
+    held = await publish(http, node, "room:lobby", 1)  # held: the replay runs
+
+    sequencer = nats_broker(node).pubsub.sequencer
+    sequencer._retry_wait = 0.01
+
+    async def unreachable(channels: Any, after: int, limit: int) -> Any:
+        raise BrokerUnavailable("stream unreachable (test)")
+
+    sequencer._fetch = unreachable
+    dropper = Dropper(node)
+    dropper.wrap("room:lobby")
+    dropper.dropping.add("room:lobby")
+    await publish(http, node, "room:lobby", 2)  # lost
+    await wait_for(lambda: dropper.dropped.get("room:lobby", 0) == 1)
+    dropper.dropping.clear()
+    revealing = await publish(http, node, "room:lobby", 3)
+    await wait_for(lambda: any(getattr(d, "seq", 0) == revealing for d in session.held or ()))
+    go.set()
+    frames = [f for f in await drain(ws) if f["type"] != "ack"]
+    assert [f.get("id", f["type"]) for f in frames] == [str(held), "reset", str(revealing)], frames
+    assert frames[1]["channel"] == "room:lobby"
+    await ws.close()
