@@ -37,7 +37,8 @@ def encode(data: Any) -> bytes:
 
 
 class NatsPublisher:
-    """Publishes into the stream from a backend (a short-lived connection of its own)."""
+    """Publishes into the stream from a backend (a short-lived connection of its own).
+    ``timeout`` bounds the connect and each publish's wait for its ack."""
 
     def __init__(
         self,
@@ -53,6 +54,7 @@ class NatsPublisher:
             name="herald-publisher",
             subjects=Subjects(prefix, f"{prefix}_live"),
             stream=stream,
+            connect_timeout=timeout,
             publish_timeout=timeout,
         )
         self._broker = NatsBroker(config, _UNHEARD)
