@@ -82,9 +82,9 @@ class HookCall:
         cookies = headers.getall("Cookie", [])  # HTTP/2 proxies may split it in several
         return cls(
             transport=transport,
-            cookie="; ".join(cookies) if cookies else None,
-            origin=headers.get("Origin"),
-            user_agent=headers.get("User-Agent"),
+            cookie=_json_text("; ".join(cookies)) if cookies else None,
+            origin=_json_text(headers.get("Origin")),
+            user_agent=_json_text(headers.get("User-Agent")),
             query=request.rel_url.raw_query_string,
             remote=remote,
         )
@@ -122,7 +122,15 @@ class HookCall:
     @property
     def cache_key(self) -> bytes | None:
         """The hash of the cookie its answer is kept under (None: not kept)."""
-        return hashlib.sha256(self.cookie.encode("utf-8", "surrogateescape")).digest() if self.cookie else None
+        return hashlib.sha256(self.cookie.encode()).digest() if self.cookie else None
+
+
+def _json_text(value: str | None) -> str | None:
+    """A header as JSON can carry it: bytes that are not UTF-8 (kept as
+    surrogates when the head was read) become U+FFFD."""
+    if value is None or value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +237,10 @@ class ConnectHook:
         the app again instead of being admitted on what it said before."""
         for key in [key for key, (identity, _) in self._cache.items() if identity.user == user]:
             del self._cache[key]
-        # An ask under way now may bring an answer from before: used, not kept.
+        # An ask under way now may bring an answer from before: used by those
+        # waiting for it, not kept, and not waited for by requests from now on
+        # (whose cookie it is, only its answer says: every ask is let go).
+        self._asking.clear()
         now = time.monotonic()
         self._forgotten = {u: t for u, t in self._forgotten.items() if now - t <= self._timeout + 1.0}
         self._forgotten[user] = now

@@ -35,6 +35,7 @@ from ..helpers import (
     token,
     wait_for,
 )
+from .test_fuzz import raw_http
 
 CONNECT_SECRET = "connect-secret-0123456789"
 
@@ -73,14 +74,15 @@ class App:
         self.requests.append((dict(request.headers), body))
         if self.answer == "hang":
             await asyncio.sleep(3600)
+        # Who the cookie is, decided on arrival (as an app reads its session store), then maybe slow to answer.
+        cookie = orjson.loads(body)["headers"]["cookie"] or ""
+        sid = dict(part.strip().partition("=")[::2] for part in cookie.split(";")).get("sid", "")
+        session = self.sessions.get(sid)
         if self.held is not None:
             await self.held.wait()
         if isinstance(self.answer, tuple):
             status, raw = self.answer
             return web.Response(status=status, body=raw, content_type="application/json")
-        cookie = orjson.loads(body)["headers"]["cookie"] or ""
-        sid = dict(part.strip().partition("=")[::2] for part in cookie.split(";")).get("sid", "")
-        session = self.sessions.get(sid)
         if session is None:
             return web.json_response({"error": "not logged in"}, status=403)
         return web.Response(body=orjson.dumps(session), content_type="application/json")
@@ -396,6 +398,31 @@ async def test_an_answer_asked_for_before_a_disconnect_is_used_but_not_kept(
     assert len(app.requests) == 2  # that answer was not kept
 
 
+async def test_a_reconnect_after_a_disconnect_asks_again_while_an_older_ask_is_under_way(
+    node_factory: NodeFactory, app: App, http: aiohttp.ClientSession
+) -> None:
+    """protocol 2.4: the reconnects a disconnect causes ask the app again. One
+    arriving while an ask from before the logout is under way for the same
+    cookie did not: it waited for that ask and was admitted on its answer."""
+    node = await node_factory(auth=auth(app.url))
+    alice = app.login("s-alice", "alice", ["lobby"])
+    app.held = asyncio.Event()
+    before = asyncio.create_task(open_ws(http, node, alice))  # another tab, its answer decided: alice
+    await wait_for(lambda: len(app.requests) == 1)
+    del app.sessions["s-alice"]  # the app logs alice out, then tells Herald
+    async with http.post(
+        node.url + "/api/disconnect", json={"user": "alice"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as resp:
+        assert resp.status == 200
+    after = asyncio.create_task(ws_close(http, node, alice))
+    await wait_for(lambda: len(app.requests) == 2)
+    app.held.set()
+    ws, welcome = await before  # admitted on the answer it waited for
+    assert welcome["user"] == "alice"
+    await ws.close()
+    assert (await after)[0] == 4001
+
+
 async def test_a_stream_admitted_once_the_node_drains_is_refused(
     node_factory: NodeFactory, app: App, http: aiohttp.ClientSession
 ) -> None:
@@ -541,3 +568,28 @@ async def test_the_python_client_connects_with_the_session_cookie(node_factory: 
         await wait_for(lambda: client.welcome is not None and client.welcome.conn != first.conn, timeout=10)
         assert await client.publish("lobby", {"n": 2})
     assert [orjson.loads(body)["headers"]["cookie"] for _, body in app.requests] == [cookie, cookie]
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [
+        (b"Cookie: theme=dark; sid=s-\xe9t\xe9", 401),  # no such session: the app refuses
+        (b"Cookie: sid=s-alice\r\nUser-Agent: caf\xe9", 200),
+    ],
+)
+async def test_headers_that_are_not_utf8_are_sent_to_the_app_replaced(
+    header: bytes, status: int, node_factory: NodeFactory, app: App
+) -> None:
+    """Bytes that are not UTF-8 in a header the app is sent (Latin-1 clients,
+    bots) made the node fail to write the request: 500 for a stream (1011 on
+    WebSocket), for every request of that client. They reach the app as U+FFFD."""
+    node = await node_factory(auth=auth(app.url))
+    app.login("s-alice", "alice", ["lobby"])
+    head = b"GET /sse HTTP/1.1\r\nHost: " + node.url.removeprefix("http://").encode() + b"\r\n" + header
+    answer = await raw_http(node.url, head)
+    assert (answer.status, len(app.requests)) == (status, 1), answer
+    sent = app.bodies()[0]["headers"]
+    assert "\ufffd" in "".join(v for v in sent.values() if v), sent
+    command = b"POST /api/command HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + header
+    answer = await raw_http(node.url, command, b'{"type":"ping"}')
+    assert answer.status == status, answer
