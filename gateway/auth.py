@@ -55,7 +55,7 @@ class Identity:
     user: str
     rooms: tuple[str, ...] = ()
     publish: tuple[str, ...] = ()
-    expires: float | None = None
+    expires: float | None = None  # when the node stops honouring it (a token's exp + jwt.leeway)
 
     def may_join(self, room: str) -> bool:
         return glob_match(self.rooms, room)
@@ -128,7 +128,7 @@ class Authenticator:
         # tokens are kept; expiry is checked on use.
         cached = self._verified.get(token)
         if cached is not None:
-            if cached.expires is None or cached.expires + self._settings.leeway > time.time():
+            if cached.expires is None or cached.expires > time.time():
                 return cached
             del self._verified[token]
         identity = self._decode(token)
@@ -166,17 +166,19 @@ class Authenticator:
             user=sub,
             rooms=_globs(claims, "rooms"),
             publish=_globs(claims, "publish"),
-            expires=_expiry(claims.get("exp")),
+            expires=_expiry(claims.get("exp"), s.leeway),
         )
 
 
-def _expiry(exp: object) -> float | None:
-    """``exp`` as PyJWT took it (a number, or a string ``int()`` reads), or
-    None without one. One PyJWT took but no float can hold is malformed."""
+def _expiry(exp: object, leeway: float) -> float | None:
+    """When a token with this ``exp`` (as PyJWT took it: a number, or a
+    string ``int()`` reads) stops being honoured: the leeway that admits it
+    past ``exp`` keeps its streams open as long. None without one. One PyJWT
+    took but no float can hold is malformed."""
     if exp is None or isinstance(exp, bool):
         return None
     try:
-        return float(int(exp) if isinstance(exp, str) else exp)  # type: ignore[arg-type]
+        return float(int(exp) if isinstance(exp, str) else exp) + leeway  # type: ignore[arg-type]
     except (OverflowError, ValueError, TypeError):
         raise AuthError("malformed", "malformed token") from None
 

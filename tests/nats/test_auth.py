@@ -662,6 +662,20 @@ async def test_expired_token_closes_ws_with_4001(node: RunningNode, http: aiohtt
     await wait_for(lambda: node.node.broker.stats().subscriptions == 0)
 
 
+async def test_a_token_admitted_within_the_leeway_stays_until_exp_plus_leeway(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """jwt.leeway admits a token whose exp passed by less than it (a client's
+    clock behind). The stream was then closed 4001 at once, on every connect:
+    it now stays open until exp + leeway."""
+    node = await node_factory(jwt={"secret": SECRET, "leeway": 2.0})
+    exp = time.time() - 0.5
+    ws, _ = await open_ws(http, node, token("alice", exp=exp))
+    code, _ = await expect_close(ws, timeout=4.0)
+    assert code == 4001
+    assert time.time() >= exp + 1.9
+
+
 async def test_expired_token_ends_sse_stream(
     node: RunningNode, http: aiohttp.ClientSession, sse_streams: list[aiohttp.ClientResponse]
 ) -> None:
