@@ -10,6 +10,9 @@ import ipaddress
 import re
 from pathlib import Path
 
+from jwt.algorithms import HMACAlgorithm
+from jwt.exceptions import InvalidKeyError
+
 from broker.channels import Subjects
 
 from ..limits import normal_origin
@@ -208,6 +211,13 @@ def _jwt(jwt: JwtSettings, http: HttpSettings) -> None:
         "http.dev_tokens",
         "needs jwt.secret (the node must be able to sign tokens)",
     )
+    if jwt.secret:
+        try:
+            HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(jwt.secret)
+        except InvalidKeyError:  # else every token would fail to verify, as a node error
+            raise ConfigError(
+                "config error: jwt.secret: looks like a public key or a JWK, which PyJWT refuses as an HMAC secret"
+            ) from None
     if jwt.public_key:
         try:
             found = Path(jwt.public_key).is_file()

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from gateway.auth import Authenticator, AuthError, Identity
 from gateway.hs256 import HS256
-from gateway.settings import JwtSettings
+from gateway.settings import ConfigError, JwtSettings, load_settings
 
 from ..fuzzing import EXAMPLES, FUZZ, REPORTS, fuzz_report, one_in  # noqa: F401 - fuzz_report: autouse
 from ..helpers import SECRET, token
@@ -326,3 +326,13 @@ def test_common_tokens_never_fall_back_to_pyjwt(name: str) -> None:
 def test_a_secret_pyjwt_refuses_leaves_every_token_to_pyjwt(secret: str) -> None:
     assert HS256.for_secret(secret, ("sub", "exp"), None, None, 0.0) is None
     assert Authenticator(JwtSettings(secret=secret))._hs256 is None
+
+
+@pytest.mark.parametrize(
+    "secret", ["-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n", "ssh-rsa AAAAB3NzaC1yc2E host"]
+)
+def test_a_secret_pyjwt_refuses_stops_the_node_at_load(secret: str) -> None:
+    """PyJWT refuses it for every token (InvalidKeyError, not a token error):
+    each stream was refused as a node error (1011, 500)."""
+    with pytest.raises(ConfigError, match=r"jwt\.secret: looks like a public key"):
+        load_settings(env={"HERALD_JWT_SECRET": secret}, use_default_file=False)
