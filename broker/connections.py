@@ -81,6 +81,9 @@ class KvConnections:
             js, KeyValueConfig(bucket=self._bucket, history=1, replicas=replicas, storage=storage_type(storage))
         )
         self._kv = Bucket(self._link, kv, self._timeout)
+        # Bound again after NATS came back, maybe with a fresh store: what
+        # this node last wrote may be gone, and revisions start over.
+        self._known.clear()
 
     def _kick_subject(self, instance: str) -> str:
         # Core NATS only: outside the stream's subjects, never stored.

@@ -34,6 +34,8 @@ from .store import NatsHistory, StreamPlace
 from .tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("herald.broker")
+# How long a close waits for the connections a drain closed to be counted out.
+COUNT_OUT_WAIT = 3.0
 # JetStream errors that mean "not yet" rather than "no": no leader, no answer.
 _NOT_READY = (
     TimeoutError,
@@ -274,7 +276,12 @@ class NatsBroker:
         nc = self._link.nc
         if nc is None:
             return
-        # Presence first, while connected: its last leaves are announced on NATS.
+        # The drain's count-outs first, while connected: a connection left
+        # counted would take a place of its user on the other nodes, which
+        # take this one for alive until they list the live nodes again.
+        if self.connections.tasks:
+            await asyncio.wait(self.connections.tasks, timeout=COUNT_OUT_WAIT)
+        # Then presence: its last leaves are announced on NATS.
         await self.presence.close()
         self._link.nc = None
         # drain() cannot be bounded (it flushes for 10 s after a cancel): the

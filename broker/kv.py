@@ -96,14 +96,18 @@ async def compare_and_set(
     """Write ``change(current value)`` (None: the key is absent) unless another
     writer got in between, in which case look again. ``change`` returning None
     leaves the key as it is. ``known``: the value and revision to try first
-    (what this writer last wrote): no read when nobody wrote since. Returns
+    (what this writer last wrote): no read when nobody wrote since (a write
+    proves it; that nothing needs writing is checked on a read). Returns
     the key's value and revision as this left them, or None after ``tries``
     conflicts in a row."""
     for _ in range(tries):
+        guessed = known is not None
         value, revision = known or await bucket.get(key)
         known = None
         new = change(value)
         if new is None:
+            if guessed:
+                continue  # nothing to write, judged on what may be stale: judged again on a read
             return value, revision
         # Over a deleted key, the write expects its delete marker (what
         # nats-py's create() finds out with a second get after a conflict).

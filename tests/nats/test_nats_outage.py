@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from broker import BrokerUnavailable
@@ -218,3 +219,39 @@ async def test_a_frozen_nats_server_is_noticed_within_two_pings(
     finally:
         own_nats.process.send_signal(signal.SIGCONT)
     await wait_for(lambda: node.node.broker.connected, timeout=10)
+
+
+async def test_a_store_lost_with_nats_leaves_no_user_counted_for_good(
+    own_nats: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """NATS restarts with a fresh store (memory storage) while a user's last
+    connection closes. The node kept the lost bucket's table of the user (a
+    higher revision than any of the new bucket's) as what it last wrote: the
+    next connection's count-out was judged on it, found nothing to remove,
+    and that connection stayed counted, refusing the user 4029 for good."""
+    node: RunningNode = await node_factory(
+        nats_url=own_nats.url,
+        nats={"reconnect_wait": 0.2},
+        stream={"storage": "memory"},
+        limits={"max_connections_per_user": 1},
+        presence={"ttl": 3.0},
+    )
+
+    async def cycle(user: str) -> str:
+        ws = await http.ws_connect(node.ws_url, params={"token": token(user)}, timeout=aiohttp.ClientWSTimeout())
+        msg = await ws.receive(timeout=5)
+        await ws.close()
+        kind = orjson.loads(msg.data)["type"] if msg.type is aiohttp.WSMsgType.TEXT else f"closed {msg.data}"
+        await wait_for(lambda: not node.node.broker.connections.tasks)  # counted out
+        return str(kind)
+
+    for i in range(10):  # the bucket's revisions climb
+        assert await cycle(f"other{i}") == "welcome"
+    ws = await http.ws_connect(node.ws_url, params={"token": token("una")})
+    assert (await recv_json(ws))["type"] == "welcome"
+    own_nats.kill()
+    await ws.close()  # counted out while NATS is away: retried
+    own_nats.start()  # memory storage: a fresh store
+    await wait_for(lambda: status_is(http, node.url + "/readyz", 200), timeout=10)
+    await wait_for(lambda: not node.node.broker.connections.tasks, timeout=10)
+    assert [await cycle("una") for _ in range(3)] == ["welcome"] * 3

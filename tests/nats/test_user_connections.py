@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
-from ..helpers import NodeFactory, RunningNode, SseClient, expect_close, recv_json, scrape, token, wait_for
+from broker.embedded import NatsServer
+
+from ..helpers import (
+    NodeFactory,
+    RunningNode,
+    SseClient,
+    expect_close,
+    recv_json,
+    scrape,
+    spawn_cluster_node,
+    token,
+    wait_for,
+)
 
 _clusters = itertools.count(1)
 
@@ -137,4 +151,33 @@ async def test_a_node_started_since_the_live_nodes_were_listed_counts(
         code, reason = await expect_close(second)
         assert code == 4029 and "at most 1 connections" in reason
     for ws in (warm, first):
+        await ws.close()
+
+
+async def test_a_drained_node_counts_its_connections_out_before_it_leaves(
+    nats_server: NatsServer, node_factory: NodeFactory, spawn: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """Users hold their limit on node B; B drains (SIGTERM). Its clients,
+    told 1012, reconnect to A at once and are admitted: B counted them out
+    before leaving. Before, it dropped its NATS link first, most count-outs
+    failed, and A (whose listing of live nodes still had B) refused them 4029."""
+    limit = 3
+    shared = cluster(max_connections_per_user=limit)
+    shared["presence"] = {"ttl": 60.0}  # A keeps its listing of live nodes for ttl/3
+    a = await node_factory(**shared)
+    env = {"HERALD_LIMITS_MAX_CONNECTIONS_PER_USER": str(limit), "HERALD_PRESENCE_TTL": "60"}
+    proc, b_url = await spawn_cluster_node(spawn, http, nats_server.url, shared, **env)
+    b = RunningNode(a.settings, a.runner, b_url)  # only its URLs are used
+    users = [f"d{i}" for i in range(30)]  # 90 sockets: the client session holds 100
+    tabs = await asyncio.gather(*(connect(http, b, u) for u in users for _ in range(limit)))
+    assert [(await recv_json(ws))["type"] for ws in tabs] == ["welcome"] * len(tabs)
+    warm = await connect(http, a, "warm")  # A lists the live nodes now: B among them
+    assert (await recv_json(warm))["type"] == "welcome"
+    proc.send_signal(signal.SIGTERM)
+    assert [c for c, _ in await asyncio.gather(*(expect_close(ws, timeout=10) for ws in tabs)) if c != 1012] == []
+    assert await asyncio.to_thread(proc.wait, 20) == 0
+    again = await asyncio.gather(*(connect(http, a, u) for u in users for _ in range(limit)))
+    frames = [(await recv_json(ws)).get("type") for ws in again]
+    assert frames == ["welcome"] * len(again), (frames, proc.err_path.read_text()[-3000:])
+    for ws in (*again, warm):
         await ws.close()
