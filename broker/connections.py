@@ -216,6 +216,7 @@ class KvConnections:
                     # Judged on what this node last wrote: another may have counted some out since.
                     known = None
             else:
+                warn("unlisted", "connection count of a user not updated: its table names nodes the listing lacks")
                 return False
         except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
             detail = getattr(exc, "description", None)  # what the JetStream API said, if it answered
