@@ -31,6 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from .channels import Subjects, channel_id, event_of, is_user
 from .kv import key_token, live_keys
+from .link import close_quietly
 from .readmark import decode, stream_id, trusted
 from .tasks import spawn
 from .throttle import Throttle
@@ -93,6 +94,7 @@ class HookSource:
         self._bound = False  # the consumer was found or made (False: waiting for the stream or the consumer)
         self._waited = False  # the stream was missing at some point while this dispatcher ran
         self._incarnation: str | None = None  # the stream's, when the consumer was last found or made
+        self._closing = False  # close() under way: the disconnect it causes is no loss
 
     @property
     def ready(self) -> bool:
@@ -100,7 +102,8 @@ class HookSource:
         return self._bound and self._nc is not None and self._nc.is_connected
 
     async def _lost(self) -> None:
-        warn("lost", "webhook dispatcher lost NATS: waiting for it to come back")
+        if not self._closing:
+            warn("lost", "webhook dispatcher lost NATS: waiting for it to come back")
 
     async def _nats_error(self, exc: Exception) -> None:
         # nats-py retries the first connect too (max_reconnect_attempts=-1) and says so only here.
@@ -346,9 +349,11 @@ class HookSource:
 
     async def close(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
+        self._closing = True
         if nc is not None:
             # Not drain(): it would wait for the open pull request (up to 30 s).
             # The last acks are flushed; anything unanswered comes back after ack_wait.
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 await nc.flush(timeout=1)
-            await nc.close()
+            # Quietly: with NATS away, closing raises from the dropped transport.
+            await close_quietly(nc)

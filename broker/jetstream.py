@@ -23,7 +23,7 @@ from .connections import KvConnections
 from .dispatch import DispatchingClient
 from .history import stream_cap
 from .kv import storage_type
-from .link import NatsLink
+from .link import NatsLink, close_quietly
 from .live import LiveOptions, NatsPubSub
 from .presence import KvPresence
 from .readmark import stream_id
@@ -181,7 +181,7 @@ class NatsBroker:
                 timeout=self._config.connect_timeout,
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            await _close_quietly(nc)
+            await close_quietly(nc)
             raise BrokerUnavailable(
                 f"cannot connect to NATS at {','.join(urls)} within "
                 f"{self._config.connect_timeout:g}s ({exc.__class__.__name__})"
@@ -296,7 +296,7 @@ class NatsBroker:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=1.0)
             await cancel_and_wait(pending)
-        await _close_quietly(nc)
+        await close_quietly(nc)
 
     def stats(self) -> BrokerStats:
         self._stats.connected = self.connected
@@ -347,9 +347,3 @@ class NatsBroker:
     async def _on_closed(self) -> None:
         if not self._closing:
             log.error("NATS connection closed")
-
-
-async def _close_quietly(nc: DispatchingClient) -> None:
-    # Best effort on a half-open client: whatever it raises, it is gone.
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(nc.close(), timeout=2.0)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from .base import BrokerUnavailable
@@ -34,3 +38,11 @@ class NatsLink:
         if self.js is None or not self.connected:
             raise BrokerUnavailable("NATS is not connected")
         return self.js
+
+
+async def close_quietly(nc: Client) -> None:
+    """Close ``nc``, bounded and whatever it raises: best effort on a
+    half-open client (uvloop raises RuntimeError writing to the transport of
+    a connection NATS already dropped), which is gone either way."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), timeout=2.0)

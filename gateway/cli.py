@@ -169,6 +169,8 @@ def _listen(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _hooks(settings: Settings) -> int:
+    from broker.tasks import cancel_and_wait
+
     from .hooks import run_dispatcher
     from .server import configure_logging, new_event_loop
 
@@ -182,6 +184,9 @@ def _hooks(settings: Settings) -> int:
     try:
         loop.run_until_complete(run_dispatcher(settings))
     finally:
+        # What nats-py left running when its close failed (NATS away) ends
+        # here, not destroyed pending (with a traceback) when the loop closes.
+        loop.run_until_complete(cancel_and_wait(asyncio.all_tasks(loop)))
         loop.close()
     return 0
 

@@ -495,3 +495,39 @@ async def test_a_stream_recreated_while_no_dispatcher_ran_is_read_from_its_start
         assert len(set(pairs)) == 3 and pairs[0][0] != pairs[1][0] == pairs[2][0] != ""
     finally:
         await node.stop()
+
+
+async def test_sigterm_while_nats_is_away_exits_cleanly(
+    http: aiohttp.ClientSession, receiver: Receiver, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """Closing a client whose server is gone used to raise (uvloop's closed
+    transport): ``herald hooks`` exited 1 with a traceback on SIGTERM, and
+    nats-py's tasks were destroyed pending."""
+    server = NatsServer(port=free_port()).start()
+    try:
+        settings = with_overrides(make_settings(server.url), hooks={"url": receiver.url, **HOOKS})
+        node = await start_node(settings)
+        proc = spawn(["hooks"], dispatcher_env(settings, server))
+        await consumer_ready(server, settings)
+        await node.stop()
+        server.kill()
+        await asyncio.sleep(2.0)  # it notices, and goes on asking a server that is not there
+        proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: proc.poll() is not None, timeout=15, interval=0.1)
+        err = proc.err_path.read_text()  # type: ignore[attr-defined]
+        assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    finally:
+        server.cleanup()
+
+
+async def test_a_clean_stop_does_not_say_nats_was_lost(
+    node: RunningNode, receiver: Receiver, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its own close disconnects it: that used to log "lost NATS" at every shutdown."""
+    monkeypatch.setattr(broker.hooks, "warn", Throttle(broker.hooks.log))  # not muted by another test's outage
+    dispatcher = Dispatcher(hook_settings(node, receiver.url))
+    task = asyncio.create_task(dispatcher.run())
+    await wait_for(lambda: dispatcher.source.ready, timeout=15)
+    dispatcher.stop(task)
+    await asyncio.gather(task, return_exceptions=True)
+    assert not [r for r in caplog.records if "lost NATS" in r.getMessage()]
