@@ -40,6 +40,9 @@ log = logging.getLogger("herald.hooks")
 # The dead-letter stream's metadata key that names the stream incarnation consumed.
 _SERVED = "herald_hooks_stream"
 warn = Throttle(log, interval=30.0)
+# A dead-letter record's header block beyond its fields: the NATS/1.0 line, Herald-Truncated.
+_HEADROOM = 128
+_REASON_MAX = 1000  # characters of a failure kept in Herald-Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,23 +321,46 @@ class HookSource:
             self._place_at = now
         return self._place
 
-    async def dead_letter(self, message: HookMessage, reason: str) -> None:
-        """Keep what could not be delivered (with why), then let it go."""
+    async def dead_letter(self, message: HookMessage, reason: str) -> str | None:
+        """Keep what could not be delivered in the dead-letter stream (made
+        again if it was deleted): its payload as it was, what it was and why
+        in headers. None once kept; else why it could not be (the message is
+        not answered: the caller decides)."""
         js = self._js
-        assert js is not None
-        record = {
-            "id": str(message.id),
-            "stream": message.stream,
-            "user": message.user,
-            "event": message.event,
-            "reason": reason,
-            "attempts": message.attempt,
-            "data": message.data.decode("utf-8", "replace"),
+        if js is None:
+            return "not connected to NATS"
+        headers = {
+            "Nats-Msg-Id": f"dead-{message.stream}-{message.id}",  # a second dispatcher's copy is dropped
+            "Herald-Delivery-Id": str(message.id),
+            "Herald-Stream": message.stream,
+            "Herald-User": message.user,
+            "Herald-Event": message.event,
+            "Herald-Reason": _header_value(reason),
+            "Herald-Attempts": str(message.attempt),
         }
-        await js.publish(
-            self.dead_subject, orjson.dumps(record), headers={"Nats-Msg-Id": f"dead-{message.stream}-{message.id}"}
-        )
-        await message.done()
+        data = self._fitting(message.data, headers)
+        try:
+            try:
+                await js.publish(self.dead_subject, data, headers=headers)
+            except nats.js.errors.NoStreamResponseError:  # deleted under us (an operator done with its records)
+                log.warning("dead-letter stream %s is gone: making it again", self.dead_stream)
+                await self._serve(js, None, message.stream)
+                await js.publish(self.dead_subject, data, headers=headers)
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            return repr(exc)
+        return None
+
+    def _fitting(self, data: bytes, headers: dict[str, str]) -> bytes:
+        """``data`` as it is if the record fits in NATS's max_payload (it
+        does unless the message was within a few hundred bytes of it), else
+        cut to fit, with ``Herald-Truncated`` giving its full length: a record
+        that cannot be stored leaves its message to be POSTed again and again."""
+        assert self._nc is not None
+        room = self._nc.max_payload - _HEADROOM - sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+        if len(data) <= room:
+            return data
+        headers["Herald-Truncated"] = str(len(data))
+        return data[: max(0, room)]
 
     async def pending(self) -> int:
         """Messages not yet answered: waiting in the consumer or being worked on."""
@@ -357,3 +383,10 @@ class HookSource:
                 await nc.flush(timeout=1)
             # Quietly: with NATS away, closing raises from the dropped transport.
             await close_quietly(nc)
+
+
+def _header_value(text: str) -> str:
+    """``text`` as a header value: one line (an exception's text may have
+    several), bounded, and encodable."""
+    line = " ".join(text.split())[:_REASON_MAX]
+    return line.encode("utf-8", "replace").decode("utf-8")

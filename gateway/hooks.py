@@ -192,16 +192,35 @@ class Dispatcher:
         if 200 <= status < 300:
             return await self._end(m, "delivered")
         if 300 <= status < 500 and status != 429:
-            log.warning("webhook %s for %s refused (%s): dead-lettered", m.id, m.user, failure)
-            self.metrics.deliveries.labels("rejected").inc()
-            return await self.source.dead_letter(m, failure)
+            return await self._dead_letter(m, "rejected", "refused", failure)
         if m.age > self.hooks.horizon:
-            log.warning("webhook %s for %s failed past the horizon (%s): dead-lettered", m.id, m.user, failure)
-            self.metrics.deliveries.labels("dead").inc()
-            return await self.source.dead_letter(m, f"{failure} after {m.attempt} attempts")
+            return await self._dead_letter(
+                m, "dead", "failed past the horizon", f"{failure} after {m.attempt} attempts"
+            )
         self.metrics.deliveries.labels("retried").inc()
         delay = _seconds(retry_after, self.hooks.horizon) if status == 429 else None
         await m.later(delay if delay is not None else self.backoff(m.attempt))
+
+    async def _dead_letter(self, m: HookMessage, result: str, how: str, reason: str) -> None:
+        """Keep it in the dead-letter stream and let it go, counted as
+        ``result``. If it cannot be kept, it is handed back with backoff and
+        POSTed again then: better twice than lost, and not in a tight loop."""
+        error = await self.source.dead_letter(m, reason)
+        if error is not None:
+            delay = self.backoff(m.attempt)
+            log.error(
+                "webhook %s for %s %s (%s) but could not be dead-lettered (%s): trying it again in %.1f s",
+                m.id,
+                m.user,
+                how,
+                reason,
+                error,
+                delay,
+            )
+            return await m.later(delay)
+        log.warning("webhook %s for %s %s (%s): dead-lettered", m.id, m.user, how, reason)
+        self.metrics.deliveries.labels(result).inc()
+        await m.done()
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: a random wait in [0, min(max_backoff, 2^attempt)) seconds."""

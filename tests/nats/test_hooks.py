@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import nats
+import nats.js.errors
 import orjson
 import pytest
 from aiohttp import web
@@ -236,7 +237,57 @@ async def test_receiver_down_past_the_horizon_is_dead_lettered(
     assert dispatcher.metrics.deliveries.labels("retried")._value.get() >= 2
     dead = await dead_letters(nats_server, settings)
     assert len(dead) == 1 and dead[0]["id"] == sent and dead[0]["user"] == "gus"
-    assert "ClientConnectorError" in dead[0]["reason"] and dead[0]["attempts"] >= 3
+    assert "ClientConnectorError" in dead[0]["reason"] and int(dead[0]["attempts"]) >= 3
+    assert orjson.loads(dead[0]["data"]) == {"x": 1}
+
+
+async def test_refused_messages_near_max_payload_are_dead_lettered_once(
+    node: RunningNode, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    """The record used to hold the payload as an escaped JSON string: one of
+    an 800 KB message (under NATS's 1 MB max_payload) was refused by NATS,
+    and the message POSTed again every ack_wait, forever, counted as
+    rejected each time. The payload is kept as it is now, cut (and marked)
+    only if the record's headers would take it over max_payload."""
+    receiver.answers = [410, 410]
+    settings = hook_settings(node, receiver.url, concurrency=1)
+    dispatcher = dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    nc = await nats.connect(nats_server.url)
+    try:
+        quoted = orjson.dumps(["x"] * 200_000)  # 800 KB: each '"' escaped in a JSON string
+        edge = b'"' + b"y" * (nc.max_payload - 300) + b'"'  # fits, but not with the record's headers
+        acks = [await nc.jetstream().publish(f"{settings.subject.prefix}.user.big", data) for data in (quoted, edge)]
+    finally:
+        await nc.close()
+    dead = await wait_for_dead_letters(nats_server, settings, 2)
+    await asyncio.sleep(3.5)  # ack_wait is 3 s: an unanswered message would be back by now
+    assert receiver.ids() == [str(a.seq) for a in acks] == [d["id"] for d in dead]
+    assert dispatcher.metrics.deliveries.labels("rejected")._value.get() == 2
+    assert dead[0]["data"] == quoted and "truncated" not in dead[0]
+    assert edge.startswith(dead[1]["data"]) and int(dead[1]["truncated"]) == len(edge)
+    assert dead[1]["reason"] == "HTTP 410" and dead[1]["user"] == "big" and dead[1]["stream"]
+
+
+async def test_a_deleted_dead_letter_stream_is_made_again(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    """An operator deletes <stream>_HOOKS_DEAD (done with its records) while
+    a dispatcher runs: the next refused message used to find no stream and
+    be POSTed again every ack_wait, forever."""
+    settings = hook_settings(node, receiver.url)
+    dispatcher = dispatchers(settings)
+    await wait_for(lambda: dispatcher.source.ready, timeout=15)
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().delete_stream(f"{settings.stream.name}_HOOKS_DEAD")
+    finally:
+        await nc.close()
+    receiver.answers = [410]
+    sent = await api_publish(http, node, "user:gone", {"x": 1})
+    dead = await wait_for_dead_letters(nats_server, settings, 1)
+    await asyncio.sleep(3.5)  # ack_wait is 3 s
+    assert receiver.ids() == [sent] and [d["id"] for d in dead] == [sent]
 
 
 async def test_two_dispatchers_send_each_message_once(
@@ -343,6 +394,7 @@ def dispatcher_env(settings: Settings, nats_server: NatsServer, **extra: str) ->
 
 
 async def dead_letters(nats_server: NatsServer, settings: Settings) -> list[dict[str, Any]]:
+    """The dead-letter records: their headers by short name (id, reason, ...) and ``data``, the payload."""
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
@@ -351,7 +403,8 @@ async def dead_letters(nats_server: NatsServer, settings: Settings) -> list[dict
         out = []
         for seq in range(1, (info.state.last_seq or 0) + 1):
             msg = await js.get_msg(stream, seq)
-            out.append(orjson.loads(msg.data or b"{}"))
+            fields = {k.removeprefix("Herald-").lower(): v for k, v in (msg.headers or {}).items()}
+            out.append({**fields, "id": fields.pop("delivery-id", ""), "data": msg.data})
         return out
     finally:
         await nc.close()
@@ -417,7 +470,10 @@ async def wait_for_dead_letters(nats_server: NatsServer, settings: Settings, n: 
     found: list[dict[str, Any]] = []
 
     async def enough() -> bool:
-        found[:] = await dead_letters(nats_server, settings)
+        try:
+            found[:] = await dead_letters(nats_server, settings)
+        except nats.js.errors.NotFoundError:  # not made yet
+            return False
         return len(found) >= n
 
     await wait_for(enough, timeout=10, interval=0.2)

@@ -5,8 +5,12 @@ tests/nats/test_hooks.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
+
+import pytest
+from nats.aio.msg import Msg
 
 from broker.hooks import HookMessage, HookSource
 from gateway.hooks import Dispatcher, _seconds, signature, verify
@@ -80,6 +84,40 @@ async def test_a_stop_whose_cancel_is_lost_cancels_again() -> None:
     dispatcher.stop(task)
     done, _ = await asyncio.wait([task], timeout=3)
     assert done and task.cancelled()  # one plain cancel would leave it dispatching
+
+
+class _Answers:
+    """A JetStream message as HookMessage answers it: what it was told."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, float]] = []
+
+    async def ack(self) -> None:
+        self.told.append(("ack", 0.0))
+
+    async def nak(self, delay: float) -> None:
+        self.told.append(("nak", delay))
+
+
+class _NoDeadLetters(_LosesOneCancel):
+    async def dead_letter(self, message: HookMessage, reason: str) -> str | None:
+        return "MaxPayloadError()"
+
+
+async def test_a_message_that_cannot_be_dead_lettered_comes_back_later_uncounted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It used to be counted and logged as dead-lettered though nothing was
+    kept, and left unanswered: POSTed again every ack_wait, forever."""
+    settings = with_overrides(Settings(), hooks={"url": "http://127.0.0.1:9/hook", "secret": SECRET, "max_backoff": 5})
+    dispatcher = Dispatcher(settings, cast(HookSource, _NoDeadLetters()))
+    msg = _Answers()
+    m = HookMessage(7, "ann", "message", b"{}", time.time(), attempt=3, _msg=cast(Msg, msg))
+    await dispatcher._dead_letter(m, "rejected", "refused", "HTTP 410")
+    [(answer, delay)] = msg.told
+    assert answer == "nak" and 0 <= delay <= 5  # with backoff, and not answered for good
+    assert dispatcher.metrics.deliveries.labels("rejected")._value.get() == 0
+    assert [r.levelname for r in caplog.records if "could not be dead-lettered" in r.getMessage()] == ["ERROR"]
 
 
 def test_retry_after_is_seconds_or_a_date_within_the_horizon() -> None:
