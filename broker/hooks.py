@@ -74,17 +74,37 @@ class HookMessage:
         await self._msg.in_progress()
 
 
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """The shared consumer's load, for all dispatchers."""
+
+    waiting: int  # not yet handed to a dispatcher
+    held: int  # handed out, not answered: being POSTed, or waiting for a delayed nak to fall due
+    limit: int  # the consumer's max_ack_pending: at it, JetStream hands out nothing new
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.limit > 0
+
+
 class HookSource:
     """Connects, makes the consumer and the dead-letter stream, and yields the
     messages; answers whether a user is online and what they have read."""
 
     def __init__(
-        self, urls: tuple[str, ...], subjects: Subjects, stream: str, ack_wait: float, connect_timeout: float = 5.0
+        self,
+        urls: tuple[str, ...],
+        subjects: Subjects,
+        stream: str,
+        ack_wait: float,
+        connect_timeout: float = 5.0,
+        max_ack_pending: int = 10_000,
     ) -> None:
         self._urls = urls
         self._subjects = subjects
         self._stream = stream
         self._ack_wait = ack_wait
+        self._max_ack_pending = max_ack_pending
         self._connect_timeout = connect_timeout
         self.consumer = f"{stream}_hooks"
         self.dead_stream = f"{stream}_HOOKS_DEAD"
@@ -190,11 +210,21 @@ class HookSource:
         dispatchers' watch, and what came before the consumer must not be lost)."""
         with contextlib.suppress(nats.js.errors.NotFoundError):
             info = await js.consumer_info(self._stream, self.consumer)
-            if abs((info.config.ack_wait or 0) - self._ack_wait) > 0.001:
-                # hooks.timeout changed since it was made: with the old ack_wait
-                # a POST slower than it would be handed out again while in flight.
-                await js.add_consumer(self._stream, dataclasses.replace(info.config, ack_wait=self._ack_wait))
-                log.info("webhook consumer of %s: ack_wait now %g s", self._stream, self._ack_wait)
+            # hooks.timeout changed since it was made: with the old ack_wait a
+            # POST slower than it would be handed out again while in flight;
+            # hooks.max_ack_pending changed: raised, it ends a stall.
+            stale_wait = abs((info.config.ack_wait or 0) - self._ack_wait) > 0.001
+            if stale_wait or info.config.max_ack_pending != self._max_ack_pending:
+                config = dataclasses.replace(
+                    info.config, ack_wait=self._ack_wait, max_ack_pending=self._max_ack_pending
+                )
+                await js.add_consumer(self._stream, config)
+                log.info(
+                    "webhook consumer of %s: ack_wait now %g s, max_ack_pending %d",
+                    self._stream,
+                    self._ack_wait,
+                    self._max_ack_pending,
+                )
             self._incarnation = incarnation
             return
         known = self._incarnation if self._incarnation is not None else served or None
@@ -208,7 +238,7 @@ class HookSource:
                 deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
                 ack_wait=self._ack_wait,
                 max_deliver=-1,
-                max_ack_pending=10_000,
+                max_ack_pending=self._max_ack_pending,
             ),
         )
         if from_start:
@@ -362,16 +392,17 @@ class HookSource:
         headers["Herald-Truncated"] = str(len(data))
         return data[: max(0, room)]
 
-    async def pending(self) -> int:
-        """Messages not yet answered: waiting in the consumer or being worked on."""
+    async def backlog(self) -> Backlog | None:
+        """What the consumer holds (None: cannot tell now)."""
         js = self._js
         if js is None:
-            return 0
+            return None
         try:
             info = await js.consumer_info(self._stream, self.consumer)
         except (TimeoutError, nats.errors.Error):
-            return 0
-        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+            return None
+        limit = int(info.config.max_ack_pending or 0)
+        return Backlog(waiting=int(info.num_pending or 0), held=int(info.num_ack_pending or 0), limit=limit)
 
     async def close(self) -> None:
         nc, self._nc, self._js = self._nc, None, None

@@ -31,12 +31,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from broker.channels import Subjects, glob_match
-from broker.hooks import HookMessage, HookSource
+from broker.hooks import Backlog, HookMessage, HookSource
+from broker.throttle import Throttle
 
 from .frames import json_data
 from .settings import HooksSettings, Settings, hook_routes
 
 log = logging.getLogger("herald.hooks")
+warn = Throttle(log, interval=60.0)
 
 RESULTS = ("delivered", "retried", "rejected", "dead", "skipped_online", "skipped_read", "no_route")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -71,6 +73,17 @@ class HookMetrics:
             "herald_webhook_latency_seconds", "Webhook request time", buckets=LATENCY_BUCKETS, registry=r
         )
         self.queue = Gauge("herald_webhook_queue_depth", "User messages not yet decided on", registry=r)
+        self.ack_pending = Gauge(
+            "herald_webhook_ack_pending",
+            "User messages handed out and not yet answered, all dispatchers: being sent, or waiting"
+            " (Retry-After, backoff, offline_after, unread_after)",
+            registry=r,
+        )
+        self.ack_pending_limit = Gauge(
+            "herald_webhook_ack_pending_limit",
+            "The consumer's max_ack_pending (hooks.max_ack_pending): at it, no new message is handed out",
+            registry=r,
+        )
         self.ready = Gauge(
             "herald_webhook_dispatcher_ready",
             "1 while consuming; 0 while waiting for NATS, the stream or its consumer",
@@ -91,6 +104,7 @@ class Dispatcher:
             settings.stream.name,
             ack_wait=2 * self.hooks.timeout + 1.0,  # longer than any request: no two at once
             connect_timeout=settings.nats.connect_timeout,
+            max_ack_pending=self.hooks.max_ack_pending,
         )
         self.metrics = HookMetrics()
         self.metrics.ready.set_function(lambda: 1.0 if self.source.ready else 0.0)
@@ -143,8 +157,26 @@ class Dispatcher:
 
     async def _watch_depth(self) -> None:
         while True:
-            self.metrics.queue.set(await self.source.pending())
+            backlog = await self.source.backlog()
+            if backlog is not None:
+                self._show(backlog)
             await asyncio.sleep(5.0)
+
+    def _show(self, backlog: Backlog) -> None:
+        self.metrics.queue.set(backlog.waiting + backlog.held)
+        self.metrics.ack_pending.set(backlog.held)
+        self.metrics.ack_pending_limit.set(backlog.limit)
+        if backlog.full:
+            # Waits hold their message's place: one route that keeps failing can stop them all.
+            warn(
+                "full",
+                "webhooks stalled: %d messages are being sent or wait (Retry-After, backoff, offline_after,"
+                " unread_after), hooks.max_ack_pending is %d: no new message is handed out, on any route,"
+                " until some are answered. Fix the receiver that keeps failing (retries in the log) or raise"
+                " hooks.max_ack_pending",
+                backlog.held,
+                backlog.limit,
+            )
 
     async def _handle(self, m: HookMessage) -> None:
         url = self.url_for(m.event)

@@ -191,6 +191,10 @@ class HooksSettings:
     horizon: float = 86400.0  # retry until the message is this old, then dead-letter it
     max_backoff: float = 600.0
     concurrency: int = 16
+    # Messages handed out and not yet answered, across all dispatchers: those
+    # being POSTed and those waiting (Retry-After, backoff, offline_after,
+    # unread_after). At it, JetStream hands out no new message on any route.
+    max_ack_pending: int = 10_000
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
 

@@ -185,6 +185,7 @@ def _hooks(h: HooksSettings) -> None:
     for key in ("timeout", "horizon", "max_backoff"):
         _require(getattr(h, key) > 0, f"hooks.{key}", "must be > 0 seconds")
     _require(1 <= h.concurrency <= 1000, "hooks.concurrency", "must be between 1 and 1000")
+    _require(1 <= h.max_ack_pending <= 1_000_000, "hooks.max_ack_pending", "must be between 1 and 1000000")
     _require(0 <= h.metrics_port <= 65535, "hooks.metrics_port", "must be 0..65535 (0: none)")
 
 

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 import broker.hooks
+import gateway.hooks
 from broker.embedded import NatsServer, free_port
 from broker.throttle import Throttle
 from gateway.hooks import Dispatcher, verify
@@ -587,3 +588,42 @@ async def test_a_clean_stop_does_not_say_nats_was_lost(
     dispatcher.stop(task)
     await asyncio.gather(task, return_exceptions=True)
     assert not [r for r in caplog.records if "lost NATS" in r.getMessage()]
+
+
+async def test_waits_that_fill_max_ack_pending_are_shown_and_raising_it_ends_the_stall(
+    node: RunningNode,
+    receiver: Receiver,
+    dispatchers: Any,
+    nats_server: NatsServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A message waiting for its retry (a delayed nak) keeps its place in the
+    shared consumer's max_ack_pending. It was a fixed 10,000: a backlog on
+    one failing route stopped every other webhook, and nothing showed it. It
+    is hooks.max_ack_pending now, a full one is in the gauges and the log,
+    and a dispatcher started with a larger one raises it."""
+    monkeypatch.setattr(gateway.hooks, "warn", Throttle(gateway.hooks.log))  # not muted by another test
+    dead_route = f"sms.*=http://127.0.0.1:{free_port()}/sms"  # nothing listens: retried with backoff
+    settings = hook_settings(node, receiver.url, routes=[dead_route], max_backoff=600.0, max_ack_pending=20)
+    first = dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js, user = nc.jetstream(), f"{settings.subject.prefix}.user"
+        for i in range(20):
+            await js.publish(f"{user}.texter", b"%d" % i, headers={"Herald-Event": "sms.send"})
+
+        def gauge(name: str) -> float | None:
+            return first.metrics.registry.get_sample_value(name)
+
+        await wait_for(lambda: gauge("herald_webhook_ack_pending") == 20, timeout=10, interval=0.2)
+        assert gauge("herald_webhook_ack_pending_limit") == 20
+        assert any("webhooks stalled" in r.getMessage() for r in caplog.records)
+        mail = await js.publish(f"{user}.mailer", b"{}", headers={"Herald-Event": "mail.send"})
+        await asyncio.sleep(2.0)
+        assert receiver.ids() == []  # a healthy route, held up by the other's waits
+        dispatchers(with_overrides(settings, hooks={"max_ack_pending": 40}))
+        await wait_for(lambda: receiver.ids() == [str(mail.seq)], timeout=15, interval=0.2)
+    finally:
+        await nc.close()

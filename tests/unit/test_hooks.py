@@ -61,8 +61,8 @@ class _LosesOneCancel:
     async def close(self) -> None:
         pass
 
-    async def pending(self) -> int:
-        return 0
+    async def backlog(self) -> None:
+        return None
 
     async def messages(self, batch: int) -> AsyncIterator[list[HookMessage]]:
         lost = False

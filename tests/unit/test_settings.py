@@ -232,6 +232,7 @@ def test_every_key_has_an_env_name() -> None:
         ({"HERALD_HOOKS_HORIZON": "-1"}, ("hooks.horizon",)),
         ({"HERALD_HOOKS_UNREAD_AFTER": "-1"}, ("hooks.unread_after",)),
         ({"HERALD_HOOKS_METRICS_PORT": "99999"}, ("hooks.metrics_port",)),
+        ({"HERALD_HOOKS_MAX_ACK_PENDING": "0"}, ("hooks.max_ack_pending",)),
         ({"HERALD_HOOKS_URL": "http://"}, ("hooks.url",)),
         ({"HERALD_HOOKS_URL": "http://[::1/hook"}, ("hooks.url",)),
         ({"HERALD_HOOKS_URL": "http://h:99999/hook"}, ("hooks.url",)),
