@@ -7,9 +7,10 @@ the stream id is the idempotency key (``Herald-Delivery-Id``).
 Decisions per message (each ends it, or hands it back to come again):
 online and (no unread_after, or read) → skip; offline and younger than
 offline_after → later; read meanwhile → skip; else POST: 2xx → done; 429 →
-after Retry-After (seconds or a date, at most the horizon); 3xx (redirects
-are not followed) and other 4xx → dead letter; 5xx / timeout / refused →
-later with backoff, dead letter past the horizon.
+after Retry-After (seconds or a date, at most the horizon) or the backoff if
+longer; 3xx (redirects are not followed) and other 4xx → dead letter; 5xx /
+timeout / refused → later with backoff (logged, throttled), dead letter past
+the horizon.
 """
 
 from __future__ import annotations
@@ -230,8 +231,22 @@ class Dispatcher:
                 m, "dead", "failed past the horizon", f"{failure} after {m.attempt} attempts"
             )
         self.metrics.deliveries.labels("retried").inc()
-        delay = _seconds(retry_after, self.hooks.horizon) if status == 429 else None
-        await m.later(delay if delay is not None else self.backoff(m.attempt))
+        delay = self.retry_delay(m.attempt, _seconds(retry_after, self.hooks.horizon) if status == 429 else None)
+        warn(
+            f"retry {url}",
+            "webhook to %s failed (%s): retrying (%s for %s, in %.1f s)",
+            url,
+            failure,
+            m.id,
+            m.user,
+            delay,
+        )
+        await m.later(delay)
+
+    def retry_delay(self, attempt: int, asked: float | None) -> float:
+        """The backoff, or a 429's Retry-After (``asked``) if longer: one of 0
+        again and again would otherwise be retried at once, forever."""
+        return max(asked or 0.0, self.backoff(attempt))
 
     async def _dead_letter(self, m: HookMessage, result: str, how: str, reason: str) -> None:
         """Keep it in the dead-letter stream and let it go, counted as

@@ -178,8 +178,14 @@ async def test_unread_after_sends_what_an_online_user_left_unread(
 
 
 async def test_retries_after_5xx_then_stops_at_success(
-    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+    node: RunningNode,
+    http: aiohttp.ClientSession,
+    receiver: Receiver,
+    dispatchers: Any,
+    nats_server: NatsServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Retries are logged (at most once a minute per URL): they were only counted."""
     receiver.answers = [500, 500, 200]
     settings = hook_settings(node, receiver.url)
     dispatcher = dispatchers(settings)
@@ -190,6 +196,8 @@ async def test_retries_after_5xx_then_stops_at_success(
     assert receiver.ids() == [sent] * 3  # twice refused, once delivered, never again
     assert dispatcher.metrics.deliveries.labels("retried")._value.get() == 2
     assert dispatcher.metrics.deliveries.labels("delivered")._value.get() == 1
+    said = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"webhook to {receiver.url} failed (HTTP 500): retrying")
 
 
 async def test_429_waits_for_retry_after_and_4xx_is_not_retried(

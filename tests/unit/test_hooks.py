@@ -132,6 +132,15 @@ def test_retry_after_is_seconds_or_a_date_within_the_horizon() -> None:
     assert _seconds(formatdate(time.time() - 60, usegmt=True), 100.0) == 0.0  # past: now
 
 
+def test_a_short_retry_after_still_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Retry-After: 0`` on every try used to be retried at once, forever."""
+    settings = with_overrides(Settings(), hooks={"max_backoff": 5.0})
+    dispatcher = Dispatcher(settings, cast(HookSource, _LosesOneCancel()))
+    monkeypatch.setattr("random.uniform", lambda low, high: high)  # the jitter at its top
+    assert dispatcher.retry_delay(1, 0.0) == 2.0 and dispatcher.retry_delay(10, 0.0) == 5.0
+    assert dispatcher.retry_delay(10, 30.0) == 30.0 and dispatcher.retry_delay(10, None) == 5.0
+
+
 def test_backoff_stays_finite_however_many_deliveries() -> None:
     from gateway.settings import load_settings, with_overrides
 
