@@ -112,6 +112,7 @@ class Flusher:
         for queue, send, data in out:
             if queue.closed or not data:  # closed since noted (its close frame is out), or taken
                 continue
+            queue.written += len(data)
             try:  # noqa: SIM105 - suppress() costs a context manager per write here
                 send(data)
             except RuntimeError:

@@ -108,6 +108,7 @@ class Outbound:
         "waiter",
         "wire",
         "wire_bytes",
+        "written",
     )
 
     def __init__(
@@ -131,6 +132,9 @@ class Outbound:
         self.bytes = 0
         # Transport buffer size as of the last write or check (or noted write).
         self.wire_bytes = 0
+        # Bytes handed to the transport in all: with what it holds, tells
+        # whether the peer took any since an earlier look (stall checks).
+        self.written = 0
         self._scheduled = False
         # Waits for the transport to drain, only while the queue is backed up.
         self.waiter: asyncio.Task[None] | None = None
@@ -256,6 +260,7 @@ class Outbound:
 
     def _emit(self, data: bytes, out: list[Write] | None) -> None:
         if out is None:
+            self.written += len(data)
             self.wire.write(data)
         elif self.noted_pass == self.flusher.flushing:  # one write per connection per pass
             _, send, first = out[self.noted_slot]
@@ -273,10 +278,16 @@ class Outbound:
         deadline = loop.time() + stall
         try:
             while not self.closed:
+                held, written = self.wire.buffered(), self.written
                 try:
                     async with asyncio.timeout_at(deadline):
                         await self.wire.drained()
                 except TimeoutError:
+                    if self.took_since(held, written):
+                        # Slowly, but it reads: the transport did not fall to its
+                        # low-water mark within stall_timeout, it was not stuck.
+                        deadline = loop.time() + stall
+                        continue
                     self.on_overflow(True)
                     return
                 before = self.bytes
@@ -298,6 +309,12 @@ class Outbound:
             self.waiter = None
             self._wake_room()
 
+    def took_since(self, held: int, written: int) -> bool:
+        """Whether the peer took bytes since the transport held ``held`` with
+        ``written`` handed to it (writes since then count: held alone can grow
+        while the peer reads, slower than it is written to)."""
+        return held + (self.written - written) > self.wire.buffered()
+
     async def room(self, max_bytes: int, max_messages: int) -> None:
         """Wait until at most ``max_bytes`` and ``max_messages`` are queued here
         (or the queue is closed): how a replay paces itself to the client."""
@@ -316,23 +333,32 @@ class Outbound:
         if room is not None and not room.done():
             room.set_result(None)
 
-    def write_out(self) -> None:
+    def write_out(self, messages: bool = True) -> None:
         """Write everything pending now, past ``write_buffer``: before a close
         frame, so the client still gets the acks and errors that explain it.
         The pass's direct write goes first: what queued behind it must not
-        arrive without it (a resume from the last id would skip the hole)."""
+        arrive without it (a resume from the last id would skip the hole).
+        ``messages`` False (a slow consumer, which would not take them): only
+        the control frames — the welcome above all, whose position is where a
+        client that got no message resumes from."""
         if self.closed:
             return
-        noted = self.flusher.take_noted(self)
-        if noted:
-            try:
-                self.wire.send(noted)  # framed already (the raw write, as the pass would)
-            except RuntimeError:
-                return  # the connection is gone (uvloop raises): nothing more to write
-        if self.entries:
-            data = b"".join([e[0] for e in self.entries])
+        entries = self.entries
+        if messages:
+            noted = self.flusher.take_noted(self)
+            if noted:
+                self.written += len(noted)
+                try:
+                    self.wire.send(noted)  # framed already (the raw write, as the pass would)
+                except RuntimeError:
+                    return  # the connection is gone (uvloop raises): nothing more to write
+        else:
+            entries = [e for e in entries if e[1] == CONTROL]  # the pass's direct write is a message
+        if entries:
+            data = b"".join([e[0] for e in entries])
             self.entries.clear()
             self.bytes = 0
+            self.written += len(data)
             self.wire.write(data)
 
     def close(self) -> None:

@@ -151,6 +151,8 @@ class Session:
         it already. Past ``max_held`` held the session is a slow consumer."""
         held = self.held
         if held is not None:
+            if not self.active:
+                return False  # closed during its replay: nothing more is held for it
             held.append(d)
             if len(held) > self.outbound.limits.max_held:
                 self._on_overflow(False)
@@ -198,6 +200,8 @@ class Session:
             self._expiry = loop.call_at(loop.time() + delay, self.close, TOKEN_EXPIRED)
 
     def _on_overflow(self, stalled: bool) -> None:
+        if not self.active:
+            return  # closed already: counted then, if for this
         self.metrics.slow_consumer.inc()
         self.close(STALLED if stalled else SLOW_CONSUMER)
 
@@ -207,8 +211,9 @@ class Session:
             return
         self.state = State.CLOSING
         self.disconnect = reason
-        if reason.label != "slow_consumer":  # one that does not read would not take it
-            self.outbound.write_out()
+        # One that does not read would not take its messages; its control
+        # frames (the welcome above all) still go.
+        self.outbound.write_out(messages=reason.label != "slow_consumer")
         self._stop()
         self.transport.close(reason)
 

@@ -99,6 +99,7 @@ class SocketLink(SocketWire, asyncio.Protocol):
         "_started",
         "_stuck_bytes",
         "_stuck_since",
+        "_stuck_written",
         "_timer",
         "closing",
         "gone",
@@ -119,6 +120,7 @@ class SocketLink(SocketWire, asyncio.Protocol):
         self._started = False  # the handler has set the session up (or given up)
         self._stuck_bytes = 0  # what the socket held unsent at the last tick (check_stall)
         self._stuck_since = 0.0
+        self._stuck_written = 0  # what the session's queue had handed it then
         self.session: Session | None = None
         self.closing = False  # our farewell is out (or the socket aborted)
         self.gone = False
@@ -140,12 +142,17 @@ class SocketLink(SocketWire, asyncio.Protocol):
         peer. Past ``write_buffer`` the queue's own waiter finds it (outbound.py);
         below it, with nothing queued, only this does."""
         held = self.buffered()
-        if not held or not self._stuck_bytes or held < self._stuck_bytes:
+        session = self.session
+        if session is None:
+            return
+        outbound = session.outbound
+        took = outbound.took_since(self._stuck_bytes, self._stuck_written)
+        self._stuck_written = outbound.written
+        if not held or not self._stuck_bytes or took:
             self._stuck_bytes, self._stuck_since = held, now  # nothing held, or the peer took some
         elif now - self._stuck_since >= self._ctx.stall_timeout:
-            session = self.session
-            if session is not None and session.active:
-                session.outbound.on_overflow(True)
+            if session.active:
+                outbound.on_overflow(True)
         else:
             self._stuck_bytes = held
 
@@ -219,7 +226,7 @@ class SocketLink(SocketWire, asyncio.Protocol):
 
     async def drained(self) -> None:
         if self._paused and not self.gone:
-            if self._drain is None:
+            if self._drain is None or self._drain.done():  # cancelled by a waiter's timeout
                 self._drain = self._loop.create_future()
             await self._drain
         if self.gone or self._transport.is_closing():
