@@ -10,11 +10,23 @@ Positions (docs/protocol.md §7.1): the client resumes from the last id it
 *received* (not the largest), else from where it started (``since``), else
 from ``welcome.position``. A message that comes a second time (after a gap
 repair and a reconnect) has an id no larger than the last one of its
-channel, and is dropped: each channel's messages come once, in order (a
-``Reset`` of a channel starts its count over: a recreated stream's ids do).
+channel, and is dropped: each channel's messages come once, in order.
+
+A ``Reset`` (docs/protocol.md §7.2) says messages were lost, not always that
+ids start over. Only a reset for a position past the stream's end (the
+stream was recreated or restored) starts the channel's count over; one for
+messages no longer held, or lost in transit, is of the same stream, whose
+ids keep growing: the count stays, or a later resume that brings the
+channel's held messages again would hand them out twice. The frame does not
+say which: the position it is about (where the connection resumed from, or
+``subscribe``'s ``since``) is past the end when it is above every id this
+stream is known to have reached (the welcome's ``position``, the ids
+received since).
+
 ``subscribe(room, since)`` asks for a room's messages again: until it is
 answered, that room's messages after ``since`` come once each, in whatever
-order the live ones and the replay interleave.
+order the live ones and the replay interleave, and so do new ones (after the
+newest handed out) whatever ``since`` is.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from .events import Event, Message, Reset, Welcome
+from .events import Event, Message, Reset, Welcome, is_id
 
 
 class Feed:
@@ -43,6 +55,8 @@ class Feed:
         self._newest: dict[str, int] = {}  # channel -> the largest id yielded on it
         # Rewound channels: the position asked from, and the ids yielded since.
         self._replaying: dict[str, tuple[int, set[int]]] = {}
+        self._opened_from: int | None = None  # the position the connection resumed from
+        self._reach: int | None = None  # the largest id the stream has, as far as known (None: unknown)
         self.duplicates = 0
 
     def __len__(self) -> int:
@@ -51,6 +65,8 @@ class Feed:
     def welcomed(self, welcome: Welcome) -> None:
         """A connection opened: with nothing received yet, the welcome's
         position is where a reconnect resumes from."""
+        self._opened_from = _seq(self.since)
+        self._reach = _seq(welcome.position)
         if self.since is None and welcome.position is not None:
             self.since = welcome.position
 
@@ -68,17 +84,19 @@ class Feed:
         """Add one event (waiting while the buffer is full); a message moves
         the resume position, and one seen already is dropped."""
         if isinstance(event, Reset):
-            # Refetch and carry on: what follows may number from anywhere (a
-            # recreated stream starts over), not as a repeat of what came.
-            self._newest.pop(event.channel, None)
+            self._reset(event.channel)
         elif isinstance(event, Message) and event.id is not None:
             self.since = event.id
             seq = int(event.id)
+            if self._reach is not None:
+                self._reach = max(self._reach, seq)
             newest = self._newest.get(event.channel, -1)
             replaying = self._replaying.get(event.channel)
             if replaying is not None:
                 since, seen = replaying
-                if seq <= since or seq in seen:
+                # Handed out already: in this replay, or before both ``since`` and
+                # the newest (above the newest: a live one, new whatever ``since`` is).
+                if seq in seen or seq <= min(since, newest):
                     self.duplicates += 1
                     return
                 seen.add(seq)
@@ -92,6 +110,19 @@ class Feed:
         if not self._aborted:
             self._items.append(event)
             self._ready.set()
+
+    def _reset(self, channel: str) -> None:
+        """A reset of ``channel``: for a position past the stream's end, its
+        ids start over: its count goes, and so does a rewind whose ``since``
+        is not of this stream (live messages below it are new). A node that
+        sends no ``position`` cannot be told: its count goes."""
+        replaying = self._replaying.get(channel)
+        about = replaying[0] if replaying is not None else self._opened_from
+        past_the_end = about is not None and self._reach is not None and about > self._reach
+        if past_the_end:
+            self._replaying.pop(channel, None)
+        if past_the_end or self._reach is None:
+            self._newest.pop(channel, None)
 
     def end(self, error: BaseException | None = None) -> None:
         """No more events: ``get`` returns what is left, then None (or raises ``error``)."""
@@ -122,3 +153,8 @@ class Feed:
                 return None
             self._ready.clear()
             await self._ready.wait()
+
+
+def _seq(text: str | None) -> int | None:
+    """A position as a number (None: none, or not an id)."""
+    return int(text) if text is not None and is_id(text) else None

@@ -7,6 +7,7 @@ detail: tests/unit/test_client.py; a SIGKILLed node: tests/system/test_client_fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -16,7 +17,17 @@ import aiohttp
 import pytest
 
 from broker.embedded import free_port
-from gateway.client import CommandError, HeraldClient, Message, Stopped, Subscribed, Unsubscribed, Welcome
+from gateway.client import (
+    CommandError,
+    Event,
+    HeraldClient,
+    Message,
+    Reset,
+    Stopped,
+    Subscribed,
+    Unsubscribed,
+    Welcome,
+)
 
 from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, NodeFactory, RunningNode, api_publish, token, wait_for
 
@@ -337,3 +348,86 @@ async def test_subscribe_since_on_a_busy_room_gets_its_replay(node: RunningNode,
         consuming.cancel()
         after = got[mark:]
         assert all(after.count(i) == 1 for i in ids[5:]), (client._feed.duplicates, after[:10])  # once each
+
+
+async def test_a_reset_of_the_same_stream_does_not_hand_messages_out_twice(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """The client is in lobby (it keeps 2 messages) and, through the backend,
+    in proj. Away, it misses P1 (proj), then L1, L2, L3 (lobby). Reconnect 1:
+    a reset of lobby (L1 is gone), L2, L3; proj's re-join replays P1, so the
+    position moves back to P1 (§7.1: the last id received). Reconnect 2
+    (4009) from P1: a reset of lobby again, L2 and L3 again. Every reset used
+    to start the channel's repeat check over, so L2 and L3 were handed out
+    twice; the stream was not recreated (the position is below the welcome's)."""
+    port = free_port()
+    shared = shared_cluster(rooms={"history": ("lobby=2/3600",)})
+    a = await node_factory(**{**shared, "http": {"reconnect_spread": 0.0, "port": port}})
+    b = await node_factory(**{**shared, "http": {"reconnect_spread": 0.0}})
+    user = "u" + uuid.uuid4().hex[:8]
+    async with HeraldClient(
+        a.url, token=token(user, rooms=["*"]), rooms=["lobby"], min_delay=0.05, max_delay=0.1
+    ) as client:
+        await client.ping()
+        events = client.events()
+        assert isinstance(await anext(events), Welcome)
+        await admin(http, b, "/api/subscribe", {"user": user, "room": "proj"})
+        assert await anext(events) == Subscribed("proj")
+        await a.stop()
+        await wait_for(lambda: not client.connected)
+        p1 = await api_publish(http, b, "room:proj", {"p": 1})
+        lobby = [await api_publish(http, b, "room:lobby", {"l": i}) for i in (1, 2, 3)]
+        await node_factory(**{**shared, "http": {"reconnect_spread": 0.0, "port": port}})  # back on its port
+        got: list[Event] = []
+        async with asyncio.timeout(10):
+            while not got or getattr(got[-1], "id", None) != p1:  # reconnect 1 done: P1 replayed
+                got.append(await anext(events))
+        assert client.position == p1
+        await admin(http, b, "/api/disconnect", {"user": user})
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                async for event in events:
+                    got.append(event)
+    assert sum(isinstance(e, Welcome) for e in got) == 2
+    assert [e.id for e in got if isinstance(e, Message) and e.channel == "room:lobby"] == lobby[1:]
+    assert sum(isinstance(e, Reset) for e in got) == 2
+
+
+async def test_subscribe_since_past_the_streams_end_loses_no_live_message(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """``subscribe(room, since)`` from a position past the stream's end (the
+    app kept it across a stream restore): the node resets the room (§7.2) and
+    carries on. The client used to drop every live message of the room below
+    that ``since`` until the subscribe was answered: lost, with no reset
+    after them."""
+    user = "u" + uuid.uuid4().hex[:6]
+    async with HeraldClient(node.url, token=token(user, rooms=["lobby"]), rooms=["lobby"]) as client:
+        await client.ping()
+        received: list[str | None] = []
+        resets: list[Reset] = []
+        consuming = asyncio.create_task(_consume(client, received, resets))
+        sent: list[str] = []
+        busy = True
+
+        async def pump() -> None:
+            while busy:
+                sent.append(await api_publish(http, node, "room:lobby", {"live": 1}))
+
+        pumps = [asyncio.create_task(pump()) for _ in range(3)]
+        await wait_for(lambda: len(received) >= 10)
+        for _ in range(5):
+            await client.subscribe("lobby", since="999999999999")
+        busy = False
+        await asyncio.gather(*pumps)
+        await wait_for(lambda: set(sent) <= set(received))
+        consuming.cancel()
+        assert len(resets) == 5 and len(received) == len(set(received))
+
+
+async def _consume(client: HeraldClient, received: list[str | None], resets: list[Reset]) -> None:
+    async for event in client.events():
+        if isinstance(event, Message):
+            received.append(event.id)
+        elif isinstance(event, Reset):
+            resets.append(event)

@@ -112,18 +112,39 @@ async def test_feed_keeps_the_resume_position_and_drops_what_came_already() -> N
     await feed.put(Message("room:a", "7", "m", 1))
     assert (await feed.get()) == Message("room:a", "7", "m", 1)
     feed.rewound("room:a")
-    await feed.put(Reset("room:b", "the stream was recreated"))  # its ids start over
-    await feed.put(Message("room:b", "2", "m", 5))
-    assert [await feed.get() for _ in range(2)] == [
-        Reset("room:b", "the stream was recreated"),
-        Message("room:b", "2", "m", 5),
-    ]
     fresh = Feed(10)
     fresh.welcomed(Welcome("n:1", "alice", "n", ("user",), None, "40"))
     assert fresh.since == "40"  # nothing received: resume from the welcome's position
     fresh.end(Stopped(4003, "no"))
     with pytest.raises(Stopped):
         await fresh.get()
+
+
+async def test_a_reset_starts_the_channels_count_over_only_past_the_streams_end() -> None:
+    """docs/protocol.md §7.2. A reset for messages no longer held (or lost in
+    transit) is of the same stream: its ids go on, and the count of what was
+    handed out stays. Every reset used to start it over, so a later resume
+    that brought the channel's held messages again (with its reset again)
+    handed them out twice. Only a reset for a position past the stream's end
+    (above the welcome's position) means ids start over."""
+    feed = Feed(10, since="50")
+    feed.welcomed(Welcome("n:1", "alice", "n", ("room:a",), None, "60"))
+    await feed.put(Reset("room:a", "messages missed are no longer held"))
+    for seq in ("55", "58", "55", "58", "61"):  # 55 and 58 again: the next resume's replay
+        await feed.put(Message("room:a", seq, "m", seq))
+    feed.welcomed(Welcome("n:2", "alice", "n", ("room:a",), None, "3"))  # from 61: a recreated stream
+    await feed.put(Reset("room:a", "messages missed are no longer held"))
+    await feed.put(Message("room:a", "2", "m", "2"))
+    # subscribe(room, since) from a position past the end: the live messages
+    # that come before its reset are new, and so are those after it.
+    feed.rewind("room:a", "999")
+    await feed.put(Message("room:a", "4", "m", "4"))
+    await feed.put(Reset("room:a", "messages missed are no longer held"))
+    await feed.put(Message("room:a", "5", "m", "5"))
+    feed.rewound("room:a")
+    got = [await feed.get() for _ in range(len(feed))]
+    handed = [e.id if isinstance(e, Message) else "reset" for e in got]
+    assert handed == ["reset", "55", "58", "61", "reset", "2", "4", "reset", "5"]
 
 
 async def test_feed_holds_the_reader_when_full_and_lets_go_on_abort() -> None:
