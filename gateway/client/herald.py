@@ -51,6 +51,8 @@ ResetHandler = Callable[[Reset], Awaitable[None] | None]
 
 _MAX_MESSAGE = 64 * 2**20  # bytes of one frame from the node (a history page can be large)
 _CLOSE_WAIT = 2.0  # seconds to wait for the node's answer to our close
+# Refusals of a re-join that pass: asked again on the same connection (as herald.js does).
+_PASSING = frozenset({"timeout", "unavailable", "rate_limited"})
 
 
 class HeraldClient(Commands):
@@ -370,28 +372,37 @@ class HeraldClient(Commands):
             self._ws = ws
             self._open.set()
         log.info("connected to %s as %s (conn %s)", welcome.node, welcome.user, welcome.conn)
-        rooms = self._rooms.to_rejoin(welcome.channels, self._since_opened)
-        if rooms:
-            task = asyncio.create_task(self._rejoin(rooms))
+        for room, since in self._rooms.to_rejoin(welcome.channels, self._since_opened):
+            task = asyncio.create_task(self._rejoin(ws, room, since))
             self._rejoining.add(task)
             task.add_done_callback(self._rejoining.discard)
 
-    async def _rejoin(self, rooms: tuple[tuple[str, str | None], ...]) -> None:
-        """Ask again for the rooms the backend had joined, each from its
-        position (Rooms.to_rejoin); one the token does not allow is given up."""
-        for room, since in rooms:
-            fields = {"room": room} if since is None else {"room": room, "since": since}
+    async def _rejoin(self, ws: aiohttp.ClientWebSocketResponse, room: str, since: str | None) -> None:
+        """Ask again on ``ws`` for a room the backend had joined, from its
+        position (Rooms.to_rejoin), while it is still wanted. Refused for now
+        (``_PASSING``): asked again after ``retry_after`` or a backoff; for
+        good: given up. Once ``ws`` is gone the next connection asks by itself."""
+        fields = {"room": room} if since is None else {"room": room, "since": since}
+        attempt = 0
+        while self._rooms.is_granted(room) and self._ws is ws:  # left, or asked for, meanwhile: done
             try:
                 await self._command("subscribe", fields)
             except CommandError as exc:
-                if exc.code in ("disconnected", "timeout", "closed", "unavailable", "rate_limited"):
-                    return  # the next connection tries again, from the same position
-                log.warning("room %s (joined by the backend) is left: %s", room, exc)
-                self._rooms.left(room)
+                if exc.code in ("disconnected", "closed"):
+                    return  # the next connection asks from the same position
+                if exc.code not in _PASSING:
+                    log.warning("room %s (joined by the backend) is left: %s", room, exc)
+                    self._rooms.left(room)
+                    return
+                delay = max(exc.retry_after or 0.0, self._policy.jitter(attempt))
+                log.info("re-join of room %s refused for now (%s): again in %.3f s", room, exc, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
             except HeraldError:
-                return
+                return  # stopped
             else:
                 self._rooms.rejoined(room)
+                return
 
     def _end(self, why: HeraldError) -> None:
         """No more connections: waiting commands fail with ``why``, the feed ends with it

@@ -92,9 +92,14 @@ class Reconnect:
 
     def backoff(self) -> float:
         """The next full-jitter wait; each call doubles the bound (up to ``max_delay``)."""
-        bound = min(self.max_delay, self.min_delay * (1 << self._attempt))
+        delay = self.jitter(self._attempt)
         self._attempt = min(self._attempt + 1, _MAX_ATTEMPT)
-        return self._rand() * bound
+        return delay
+
+    def jitter(self, attempt: int) -> float:
+        """A full-jitter wait for the ``attempt``-th try (from 0) of anything:
+        random in ``[0, min(max_delay, min_delay * 2**attempt))``."""
+        return self._rand() * min(self.max_delay, self.min_delay * (1 << min(attempt, _MAX_ATTEMPT)))
 
     def after(self, code: int | None, reason: str, can_refresh: bool, by_hook: bool = False) -> Step:
         """The step after a connection ended with close ``code`` (None: it

@@ -205,8 +205,15 @@ def test_rooms_asked_go_in_the_url_and_granted_are_rejoined() -> None:
     rooms.rejoined("p")
     assert rooms.to_rejoin(["user"], "30") == (("p", "30"),)
     assert rooms.to_rejoin(["room:p"], "31") == ()
-    rooms.asked("p")  # subscribe acknowledged: in the URL from now on
+    rooms.joining("p")
+    rooms.joined("p", acked=True)  # subscribe acknowledged: in the URL from now on
     assert rooms.in_url() == ("a", "b", "p") and rooms.to_rejoin([], None) == ()
+    rooms.joining("x")
+    rooms.unsubscribing("x")  # sent after it: the node leaves x
+    rooms.joined("x", acked=True)
+    rooms.joining("y")
+    rooms.joined("y", acked=False)
+    assert rooms.in_url() == ("a", "b", "p")
     rooms.granted("q")
     rooms.left("a")
     rooms.left("q")
@@ -557,3 +564,100 @@ async def test_headers_go_with_every_connect_and_a_refused_cookie_stops(fake_nod
                 pass
     assert stopped.value.code == 4001
     assert [(v.token, v.cookie) for v in fake_node.visits] == [("", "sid=abc")] * 3
+
+
+# --- the room set: re-joins, and leaving while joining ---------------------------------------------
+
+
+def granted(*rooms: str) -> Script:
+    """A connection on which the backend joins ``rooms``, then drops (1011)."""
+    return closes(1011, "internal error", tuple({"type": "subscribed", "room": r} for r in rooms))
+
+
+def subscribes(visit: Visit) -> list[str]:
+    return [c["room"] for c in visit.sent if c["type"] == "subscribe"]
+
+
+async def test_a_rejoin_refused_for_now_is_asked_again_on_the_same_connection(fake_node: FakeNode) -> None:
+    """A re-join refused rate_limited is asked again after retry_after, on
+    the same connection, and the rooms after it are asked for too (as
+    herald.js does). It used to end the re-join: that room and the next ones
+    stayed out until the next reconnect."""
+
+    async def limits_once(ws: web.WebSocketResponse, visit: Visit) -> None:
+        await ws.send_json(welcome())
+        async for msg in ws:
+            cmd = orjson.loads(msg.data)
+            visit.sent.append(cmd)
+            if subscribes(visit) == ["p1"]:
+                error = {"type": "error", "code": "rate_limited", "message": "slow down", "retry_after": 0.1}
+                await ws.send_json({**error, "ref": cmd["ref"]})
+            else:
+                await ws.send_json({"type": "ack", "channel": f"room:{cmd['room']}", "ref": cmd["ref"]})
+
+    fake_node.scripts = [granted("p1", "p2"), limits_once]
+    async with fast(fake_node.url) as client:
+        await wait_until(lambda: len(fake_node.visits) == 2 and len(fake_node.visits[1].sent) == 3)
+        await asyncio.sleep(0.2)
+        assert client.rooms == ("p1", "p2")
+    second = fake_node.visits[1]
+    assert sorted(subscribes(second)) == ["p1", "p1", "p2"] and subscribes(second)[-1] == "p1"
+    assert len(fake_node.visits) == 2
+
+
+async def test_unsubscribe_is_not_undone_by_a_rejoin_under_way(fake_node: FakeNode) -> None:
+    """The application leaves b right after a reconnect's welcome, while the
+    re-join of a and b is under way. The re-join used to take its list of
+    rooms at the welcome, and ask for b after the unsubscribe (the
+    connection was in b again); a room is now asked for only while wanted,
+    also when its re-join was refused for now and waits to ask again."""
+
+    async def holds_a(ws: web.WebSocketResponse, visit: Visit) -> None:
+        await ws.send_json(welcome(2))
+        held: list[dict[str, Any]] = []
+        async for msg in ws:
+            cmd = orjson.loads(msg.data)
+            visit.sent.append(cmd)
+            if cmd["type"] == "subscribe" and cmd["room"] == "a":
+                held.append(cmd)  # answered once b is left
+                continue
+            if cmd["type"] == "subscribe":
+                error = {"type": "error", "code": "rate_limited", "message": "slow down", "retry_after": 0.2}
+                await ws.send_json({**error, "ref": cmd["ref"]})
+                continue
+            for answered in [*held, cmd]:
+                await ws.send_json({"type": "ack", "ref": answered["ref"]})
+            held.clear()
+
+    fake_node.scripts = [granted("a", "b"), holds_a]
+    async with fast(fake_node.url) as client:
+        events = client.events()
+        async with asyncio.timeout(2):
+            while await anext(events) != Welcome("fake:2", "alice", "fake", (), None, None):
+                pass
+        await client.unsubscribe("b")
+        assert client.rooms == ("a",)
+        await asyncio.sleep(0.4)  # b's retry would be due
+    sent = [(c["type"], c["room"]) for c in fake_node.visits[1].sent]
+    assert sent[sent.index(("unsubscribe", "b")) :] == [("unsubscribe", "b")], sent
+
+
+async def test_unsubscribe_right_after_subscribe_leaves_the_room(fake_node: FakeNode) -> None:
+    """subscribe(x) then unsubscribe(x) without waiting (a UI toggled
+    twice): the node joins then leaves. The subscribe's ack used to put x
+    back in the room set after unsubscribe took it out, so every reconnect
+    joined x again."""
+    async with fast(fake_node.url) as client:
+        await client.ping()
+        joining = asyncio.create_task(client.subscribe("x"))
+        await asyncio.sleep(0)  # sent
+        await client.unsubscribe("x")
+        await joining
+        assert client.rooms == ()
+        await client.subscribe("x")  # and joined again
+        assert client.rooms == ("x",)
+    assert [(c["type"], c.get("room")) for c in fake_node.visits[0].sent][1:] == [
+        ("subscribe", "x"),
+        ("unsubscribe", "x"),
+        ("subscribe", "x"),
+    ]
