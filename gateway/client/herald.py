@@ -41,7 +41,7 @@ from .events import (
     event_of,
 )
 from .feed import Feed
-from .reconnect import Endpoints, Reconnect
+from .reconnect import Endpoints, Reconnect, refused_code
 from .rooms import Rooms
 
 log = logging.getLogger("herald.client")
@@ -310,7 +310,8 @@ class HeraldClient(Commands):
                 max_msg_size=_MAX_MESSAGE,
             )
         except aiohttp.WSServerHandshakeError as exc:
-            return None, f"upgrade refused: {exc.status} {exc.message}"
+            # Refused before the upgrade: read as the close code a refusal after it gets.
+            return refused_code(exc.status), f"upgrade refused: HTTP {exc.status}"
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return None, f"{type(exc).__name__}: {exc}"
         self._socket = ws
@@ -337,11 +338,13 @@ class HeraldClient(Commands):
                 await self._frame(ws, msg.data)
             elif msg.type is aiohttp.WSMsgType.CLOSE:
                 return int(msg.data), str(msg.extra or "")
-            elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+            elif msg.type is aiohttp.WSMsgType.ERROR:
+                # A frame aiohttp refused (its close code is ours, not the node's): as dropped.
+                return None, repr(msg.data)
+            elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
                 # Dropped without a close frame (1006 is never sent): no code.
                 code = ws.close_code
-                reason = repr(msg.data) if msg.type is aiohttp.WSMsgType.ERROR else ""
-                return (None if code in (None, 1006) else code), reason
+                return (None if code in (None, 1006) else code), ""
 
     async def _frame(self, ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
         try:

@@ -1,9 +1,14 @@
 """Where and when the client reconnects: the node URLs in turn, and the
 close-code rules of herald.js (README, "Browser client"; docs/protocol.md §8).
 
-- 4000, 4003, 4403 (the backend disconnected the user for good), and 4029
-  whose reason names the user's "oldest" connection: stop (reconnecting
-  cannot help, is not wanted, or would evict another of the user's tabs).
+- 4000, 4003, 4403 (the backend disconnected the user for good), 4029
+  whose reason names the user's "oldest" connection, and 1002, 1007, 1009
+  (the node read a frame of ours it cannot take): stop (reconnecting cannot
+  help, is not wanted, or would evict another of the user's tabs).
+- An upgrade refused with an HTTP status is read as the close code of that
+  status (``refused_code``, docs/protocol.md §8): 400 and 426 as 4000, 401
+  as 4001, 403 as 4003, 429 as 4029, 500 as 1011, 503 as 1013; any other
+  status (a proxy's 404 or 502) as a dropped connection.
 - 4001: ask ``get_token`` for a new token and reconnect at once, once; a
   second 4001 before a connection succeeds (or no ``get_token``) stops.
 - 4008 (slow consumer): reconnect at once.
@@ -27,6 +32,19 @@ from urllib.parse import urlsplit, urlunsplit
 _HINT = re.compile(r"(\d+)\s*ms")
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 _MAX_ATTEMPT = 30  # 2**30 * min_delay is past any max_delay: no need to grow further
+# An upgrade refused before the 101: the close code a refusal after it gets
+# (docs/protocol.md §8; herald.js reads an SSE refusal the same way). 426 is
+# the node's answer to another WebSocket version: a client to fix, as 400.
+_REFUSED = {400: 4000, 401: 4001, 403: 4003, 426: 4000, 429: 4029, 500: 1011, 503: 1013}
+# Frames of ours the node could not take (RFC 6455 broken, not UTF-8, over
+# ws.max_frame): the same frames would be refused again.
+_FIX_THE_CLIENT = (1002, 1007, 1009)
+
+
+def refused_code(status: int) -> int | None:
+    """The close code of an upgrade refused with HTTP ``status`` (None: not one
+    of the node's refusals: retried like a dropped connection)."""
+    return _REFUSED.get(status)
 
 
 def ws_url(url: str) -> str:
@@ -106,7 +124,7 @@ class Reconnect:
         dropped, or never opened) and ``reason``. ``can_refresh``: there is a
         ``get_token`` to ask; ``by_hook``: no token at all (the connect hook
         decides from the app's cookie: after a 4001 it is asked again once)."""
-        if code in (4000, 4003, 4403) or (code == 4029 and "oldest" in reason):
+        if code in (4000, 4003, 4403, *_FIX_THE_CLIENT) or (code == 4029 and "oldest" in reason):
             return Step(stop=True)
         if code == 4001:
             if not (can_refresh or by_hook) or self._refreshed:

@@ -29,7 +29,7 @@ from gateway.client import (
 from gateway.client.calls import Calls
 from gateway.client.events import event_of
 from gateway.client.feed import Feed
-from gateway.client.reconnect import Endpoints, Reconnect, Step, ws_url
+from gateway.client.reconnect import Endpoints, Reconnect, Step, refused_code, ws_url
 from gateway.client.rooms import Rooms
 
 # --- the rules alone ------------------------------------------------------------------------------
@@ -60,6 +60,8 @@ def test_close_codes_decide_as_herald_js_does() -> None:
     assert r.after(4403, "disconnected by the server: do not reconnect", True) == Step(stop=True)
     assert r.after(4009, "disconnected by the server: reconnect", True) == Step(0.25)  # backs off
     assert r.after(4029, "too many connections: this was the user's oldest", True) == Step(stop=True)
+    for broken in (1002, 1007, 1009):  # a frame of ours the node cannot take: §8 "stop: fix the client"
+        assert r.after(broken, "frame too big", True) == Step(stop=True)
     assert r.after(4008, "slow consumer: reconnect with since=<last id>", True) == Step(0.0)
     assert r.after(1012, "node restarting: reconnect in 734 ms", True) == Step(0.734)
     assert r.after(1012, "node restarting: reconnect", True) == Step(0.5)  # random <= 1 s
@@ -74,6 +76,9 @@ def test_close_codes_decide_as_herald_js_does() -> None:
     r = Reconnect(0.5, 30.0, rand=lambda: 0.5)
     assert r.after(4001, "token expired", False, by_hook=True) == Step(0.25)
     assert r.after(4001, "refused by the app", False, by_hook=True) == Step(stop=True)
+    # An upgrade refused with an HTTP status: the close code of that status (herald.js reads SSE's so).
+    statuses = (400, 401, 403, 404, 426, 429, 500, 502, 503)
+    assert [refused_code(s) for s in statuses] == [4000, 4001, 4003, None, 4000, 4029, 1011, None, 1013]
 
 
 def test_backoff_is_full_jitter_doubling_up_to_the_cap_and_reset_by_a_welcome() -> None:
@@ -247,6 +252,7 @@ class FakeNode:
     url: str
     scripts: list[Script]
     visits: list[Visit] = field(default_factory=list)
+    refusals: list[int] = field(default_factory=list)  # HTTP statuses of the next upgrades, refused
 
 
 def welcome(n: int = 1, position: str | None = None) -> dict[str, Any]:
@@ -301,6 +307,8 @@ async def fake_node() -> AsyncIterator[FakeNode]:
             time.monotonic(), list(request.query.items()), headers.get("Authorization", ""), headers.get("Cookie", "")
         )
         node.visits.append(visit)
+        if node.refusals:
+            return web.json_response({"error": "refused", "message": "no"}, status=node.refusals.pop(0))
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         script = node.scripts.pop(0) if node.scripts else serves
@@ -352,6 +360,7 @@ async def test_4008_reconnects_at_once_and_1011_backs_off(fake_node: FakeNode) -
         (4000, "invalid room id"),
         (4029, "this was the user's oldest"),
         (4403, "disconnected by the server: do not reconnect"),
+        (1009, "frame too big"),
     ],
 )
 async def test_stopping_codes_end_the_iterator_with_stopped(fake_node: FakeNode, code: int, reason: str) -> None:
@@ -564,6 +573,32 @@ async def test_headers_go_with_every_connect_and_a_refused_cookie_stops(fake_nod
                 pass
     assert stopped.value.code == 4001
     assert [(v.token, v.cookie) for v in fake_node.visits] == [("", "sid=abc")] * 3
+
+
+# --- refusals: before the upgrade, too large, for now ---------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "code"), [(400, 4000), (403, 4003), (401, 4001)])
+async def test_an_upgrade_refused_for_good_stops_the_client(fake_node: FakeNode, status: int, code: int) -> None:
+    """An upgrade refused with 400, 403 (forbidden_origin) or 401 (no
+    get_token to ask) is read as its close code (docs/protocol.md §8): the
+    client stops. It used to retry such refusals forever."""
+    fake_node.refusals = [status] * 100
+    async with fast(fake_node.url) as client:
+        with pytest.raises(Stopped) as stopped:
+            async with asyncio.timeout(2):
+                async for _ in client:
+                    pass
+    assert stopped.value.code == code and f"HTTP {status}" in stopped.value.reason
+    assert len(fake_node.visits) == 1
+
+
+@pytest.mark.parametrize("status", [503, 429, 500, 502])
+async def test_an_upgrade_refused_for_now_is_retried(fake_node: FakeNode, status: int) -> None:
+    fake_node.refusals = [status, status]
+    async with fast(fake_node.url) as client:
+        await client.ping()
+    assert len(fake_node.visits) == 3
 
 
 # --- the room set: re-joins, and leaving while joining ---------------------------------------------
