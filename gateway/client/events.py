@@ -101,7 +101,9 @@ def event_of(frame: dict[str, Any]) -> Event | None:
     if kind == "message":
         return message_of(frame)
     if kind == "reset":
-        return Reset(_str(frame.get("channel")), _str(frame.get("reason")))
+        channel = frame.get("channel")
+        # Without a channel it says nothing a client can refetch.
+        return Reset(channel, _str(frame.get("reason"))) if isinstance(channel, str) and channel else None
     if kind in ("join", "leave"):
         cls = Join if kind == "join" else Leave
         return cls(_str(frame.get("room")), _str(frame.get("user")))
@@ -130,7 +132,11 @@ def message_of(frame: dict[str, Any], channel: str | None = None) -> Message | N
     name = frame.get("channel", channel)
     if not isinstance(name, str):
         return None
-    return Message(name, _id(frame.get("id")), _str(frame.get("event"), "message"), frame.get("data"))
+    raw = frame.get("id")
+    ident = _id(raw)
+    if raw is not None and ident is None:
+        return None  # neither a stored message (no id to resume from) nor an ephemeral one
+    return Message(name, ident, _str(frame.get("event"), "message"), frame.get("data"))
 
 
 def _str(value: Any, default: str = "") -> str:

@@ -23,8 +23,8 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-import orjson
 
+from ..frames import dumps_exact, loads_exact
 from .calls import Answer, Calls
 from .commands import Commands
 from .events import (
@@ -51,6 +51,8 @@ ResetHandler = Callable[[Reset], Awaitable[None] | None]
 
 _MAX_MESSAGE = 64 * 2**20  # bytes of one frame from the node (a history page can be large)
 _CLOSE_WAIT = 2.0  # seconds to wait for the node's answer to our close
+_MAX_FRAME = 65536  # bytes of the largest frame a node takes by default (its ws.max_frame)
+_REF_ROOM = 20  # bytes a ref of ours may take: the digits of a counter
 # Refusals of a re-join that pass: asked again on the same connection (as herald.js does).
 _PASSING = frozenset({"timeout", "unavailable", "rate_limited"})
 
@@ -72,7 +74,9 @@ class HeraldClient(Commands):
     none). ``buffer``: events held for the application before the reader
     stops reading (answers to commands come after them: iterate, even if
     you mostly send commands). ``on_reset``: called (and awaited), in order, for each
-    ``Reset`` while iterating over messages.
+    ``Reset`` while iterating over messages. ``max_frame``: the nodes'
+    ``ws.max_frame``: a larger command is refused here (``too_large``), not
+    sent (the node would close the connection 1009).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class HeraldClient(Commands):
         buffer: int = 1000,
         on_reset: ResetHandler | None = None,
         session: aiohttp.ClientSession | None = None,
+        max_frame: int = _MAX_FRAME,
     ) -> None:
         if token is None and get_token is None and not headers:
             raise ValueError("give token, get_token or headers (a session cookie)")
@@ -103,6 +108,7 @@ class HeraldClient(Commands):
         self._timeout = timeout
         self._heartbeat = heartbeat
         self._on_reset = on_reset
+        self._max_frame = max_frame
         self._policy = Reconnect(min_delay, max_delay)
         self._feed = Feed(buffer, str(since) if since is not None else None)
         self._calls = Calls()
@@ -218,6 +224,7 @@ class HeraldClient(Commands):
         """Send one command when a connection is open and await its answer,
         all within the timeout."""
         self._check_started()
+        frame = self._encode(kind, fields)  # refused now if too large, connected or not
         try:
             async with asyncio.timeout(self._timeout):
                 failed: aiohttp.ClientWebSocketResponse | None = None
@@ -226,7 +233,7 @@ class HeraldClient(Commands):
                     ref, answer = self._calls.open(ws)
                     try:
                         try:
-                            await ws.send_str(orjson.dumps({"type": kind, **fields, "ref": ref}).decode())
+                            await ws.send_str(_with_ref(frame, ref))
                         except (ConnectionError, aiohttp.ClientError):
                             failed = ws  # not sent: wait for the next connection
                             continue
@@ -235,6 +242,17 @@ class HeraldClient(Commands):
                         self._calls.forget(ref)
         except TimeoutError:
             raise CommandTimeout(f"no answer to {kind} within {self._timeout} s") from None
+
+    def _encode(self, kind: str, fields: dict[str, Any]) -> str:
+        """A command's frame with an empty ref (``_with_ref`` fills it in),
+        integers exact at any size. Over ``max_frame`` the node would close
+        the connection (1009) and the command certainly not run: refused here."""
+        frame = dumps_exact({"type": kind, **fields, "ref": ""})
+        if len(frame) + _REF_ROOM > self._max_frame:
+            raise CommandError(
+                "too_large", f"{kind} is {len(frame)} bytes, over the node's ws.max_frame ({self._max_frame}): not sent"
+            )
+        return frame.decode()
 
     async def _connected(self, not_this: object = None) -> aiohttp.ClientWebSocketResponse:
         """The welcomed connection, once there is one."""
@@ -348,16 +366,19 @@ class HeraldClient(Commands):
 
     async def _frame(self, ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
         try:
-            frame = orjson.loads(text)
-        except orjson.JSONDecodeError:
+            frame = loads_exact(text)  # data's integers exact at any size, as the node wrote them
+        except ValueError:  # orjson.JSONDecodeError, and the stdlib's
             log.warning("ignored a frame that is not JSON")
             return
         if not isinstance(frame, dict) or self._calls.answer(frame):
             return
         event = event_of(frame)
         if event is None:
-            if frame.get("type") == "error":
+            kind = frame.get("type")
+            if kind == "error":
                 log.warning("the node says: %s: %s", frame.get("code"), frame.get("message"))
+            elif kind in ("message", "reset"):  # new types are ignored quietly; these are broken
+                log.warning("ignored a %s frame with an invalid id or channel: %.200s", kind, text)
             return
         if isinstance(event, Welcome):
             self._welcomed(ws, event)
@@ -416,3 +437,8 @@ class HeraldClient(Commands):
         self._open.set()
         self._calls.fail(why)
         self._feed.end(None if isinstance(why, CommandError) else why)
+
+
+def _with_ref(frame: str, ref: str) -> str:
+    """A frame of ``_encode`` (ending ``"ref":""}``) with its ``ref``: digits, nothing to escape."""
+    return f"{frame[:-2]}{ref}{frame[-2:]}"

@@ -31,6 +31,7 @@ from gateway.client.events import event_of
 from gateway.client.feed import Feed
 from gateway.client.reconnect import Endpoints, Reconnect, Step, refused_code, ws_url
 from gateway.client.rooms import Rooms
+from gateway.frames import loads_exact
 
 # --- the rules alone ------------------------------------------------------------------------------
 
@@ -276,12 +277,17 @@ def closes(code: int, reason: str = "", frames: tuple[dict[str, Any], ...] = (),
 
 
 async def serves(ws: web.WebSocketResponse, visit: Visit) -> None:
-    """Welcome, then answer commands (an error for "publish" into "secret")."""
+    """Welcome, then answer commands."""
     await ws.send_json(welcome(len(visit.sent)))
+    await answers(ws, visit)
+
+
+async def answers(ws: web.WebSocketResponse, visit: Visit) -> None:
+    """Answer commands (an error for "publish" into "secret")."""
     async for msg in ws:
         if msg.type is not WSMsgType.TEXT:
             continue
-        cmd = orjson.loads(msg.data)
+        cmd = loads_exact(msg.data)
         visit.sent.append(cmd)
         kind, ref = cmd["type"], cmd.get("ref")
         if kind == "publish" and cmd["room"] == "secret":
@@ -599,6 +605,58 @@ async def test_an_upgrade_refused_for_now_is_retried(fake_node: FakeNode, status
     async with fast(fake_node.url) as client:
         await client.ping()
     assert len(fake_node.visits) == 3
+
+
+async def test_a_command_over_max_frame_is_refused_unsent(fake_node: FakeNode) -> None:
+    """A command over the node's ws.max_frame would close the connection
+    1009: it used to be sent, and failed with ``disconnected`` ("may or may
+    not have run") though it certainly did not run. It is refused before it
+    is sent; the connection stays."""
+    async with fast(fake_node.url) as client:
+        await client.ping()
+        with pytest.raises(CommandError) as refused:
+            await client.publish("lobby", "x" * 70_000)  # over the default: 64 KiB
+        assert refused.value.code == "too_large"
+        await client.publish("lobby", "x" * 60_000)
+    async with fast(fake_node.url, max_frame=1000) as client:  # a node with a smaller ws.max_frame
+        with pytest.raises(CommandError, match="too_large"):
+            await client.publish("lobby", "x" * 1000)
+    assert [c["type"] for c in fake_node.visits[0].sent] == ["ping", "publish"]
+    assert all(visit.sent == [] for visit in fake_node.visits[1:])
+
+
+async def test_integers_past_64_bits_are_exact_both_ways(fake_node: FakeNode) -> None:
+    """docs/protocol.md §3.2: data's integers are exact at any size. The
+    client read them as floats, and could not send them (orjson refuses)."""
+    big = 123456789012345678901234567890
+
+    async def sends_big(ws: web.WebSocketResponse, visit: Visit) -> None:
+        await ws.send_json(welcome())
+        await ws.send_str(f'{{"type":"message","channel":"user","id":"5","event":"m","data":{{"n":{big}}}}}')
+        await answers(ws, visit)
+
+    fake_node.scripts = [sends_big]
+    async with fast(fake_node.url) as client:
+        message = await anext(aiter(client))
+        assert message.data == {"n": big}
+        await client.publish("lobby", {"n": -big})
+        assert fake_node.visits[0].sent[-1]["data"] == {"n": -big}
+
+
+async def test_malformed_messages_and_resets_are_ignored(fake_node: FakeNode) -> None:
+    frames = (
+        {"type": "message", "channel": "user", "id": "1e3", "event": "m", "data": 1},  # no id to resume from
+        {"type": "reset", "reason": "no channel"},
+        {"type": "message", "channel": "user", "id": "7", "event": "m", "data": 2},
+    )
+    fake_node.scripts = [closes(4003, "forbidden", frames)]
+    async with fast(fake_node.url) as client:
+        events = []
+        with pytest.raises(Stopped):
+            async for event in client.events():
+                events.append(event)
+    assert [e for e in events if not isinstance(e, Welcome)] == [Message("user", "7", "m", 2)]
+    assert client.position == "7"
 
 
 # --- the room set: re-joins, and leaving while joining ---------------------------------------------
