@@ -3,14 +3,18 @@
     async with HttpPublisher("http://herald.internal:8080", key=PUBLISH_KEY) as pub:
         msg_id = await pub.publish("room:lobby", {"text": "hi"})
 
-Retries connection errors, 5xx and 429 (waiting as ``Retry-After`` says);
-any other refusal (400, 401, 403, 413) raises ``PublishRefused`` at once.
+Retries connection errors, 5xx and 429 (waiting as ``Retry-After`` says:
+seconds, or an HTTP-date); any other refusal (400, 401, 403, 413) raises
+``PublishRefused`` at once.
 ``broker.publisher.NatsPublisher`` publishes through NATS instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 
@@ -63,7 +67,7 @@ class HttpPublisher:
                     if resp.status != 429 and resp.status < 500:
                         raise refused
                     if resp.status == 429 and delay is not None:
-                        delay = max(delay, float(resp.headers.get("Retry-After", "1") or 1))
+                        delay = max(delay, retry_after(resp.headers.get("Retry-After")))
             except (aiohttp.ClientError, TimeoutError) as exc:
                 refused = PublishRefused(0, "unavailable", f"{exc.__class__.__name__}: {exc}")
             if delay is None:
@@ -83,6 +87,22 @@ class HttpPublisher:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def retry_after(value: str | None, now: float | None = None) -> float:
+    """Seconds to wait by a ``Retry-After`` header: a number of seconds (the
+    node's), or an HTTP-date (RFC 9110 10.2.3: what a proxy in front may
+    send; one past waits nothing). Missing or unreadable: 1."""
+    if not value:
+        return 1.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - (time.time() if now is None else now)
+        except (TypeError, ValueError):
+            return 1.0
+    return max(seconds, 0.0) if math.isfinite(seconds) else 1.0  # a date past: at once
 
 
 async def _json(resp: aiohttp.ClientResponse) -> dict[str, Any]:
