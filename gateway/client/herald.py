@@ -123,6 +123,7 @@ class HeraldClient(Commands):
         self._rejoining: set[asyncio.Task[None]] = set()
         self._since_opened: str | None = None  # the position the current connection resumed from
         self._closing = False
+        self._warned = False  # a connection ended: only the first, before any welcome, is a warning
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -288,7 +289,10 @@ class HeraldClient(Commands):
                 if step.new_token:
                     self._token = None
                 why = f"{code} {reason}".rstrip() if code is not None else f"dropped: {reason}".rstrip(": ")
-                log.info("connection to %s ended (%s): reconnecting in %.3f s", url, why, step.delay)
+                # Said once if the first connection cannot be made (a wrong URL, no node); quiet after.
+                level = logging.INFO if self._welcome is not None or self._warned else logging.WARNING
+                self._warned = True
+                log.log(level, "connection to %s ended (%s): reconnecting in %.3f s", url, why, step.delay)
                 await asyncio.sleep(step.delay)
         except asyncio.CancelledError:
             raise

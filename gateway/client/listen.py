@@ -5,6 +5,8 @@ Each message of a channel named on the command line is one line
 connection is a ``HeraldClient``: it reconnects and resumes, so a node that
 goes away loses nothing. SIGINT / SIGTERM end it with 0; a node refusing it
 for good (4000, 4003, 4403, a refused token) ends it with 1 and one line on stderr.
+A first connection that fails (a wrong URL, no node) is one line on stderr (the
+client's warning); the retries after it are said only with -v.
 """
 
 from __future__ import annotations

@@ -324,6 +324,18 @@ async def test_listen_stopped_for_good_exits_1_with_one_line(
     assert len(lines) == 1 and says in lines[0], lines
 
 
+async def test_listen_without_a_node_says_so_once(tmp_path: Path) -> None:
+    """A dead or wrong --url: one line on stderr at the first failed attempt,
+    then quiet retries (each is said with -v). It used to retry silently."""
+    proc = await start_listen(["user", "--url", f"http://127.0.0.1:{free_port()}"], tmp_path, HERALD_TOKEN="x")
+    await asyncio.sleep(3.0)  # several attempts (0.5 s backoff, doubling)
+    proc.send_signal(signal.SIGTERM)
+    out, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0 and out == b""
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "reconnecting in" in lines[0], lines
+
+
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
