@@ -186,21 +186,32 @@ class Commands:
             position = None if since is None else parse_seq(since)
         except InvalidChannel as exc:
             raise CommandError("bad_request", str(exc)) from None
-        if channel not in session.channels:
-            # The user channel and broadcast are always there and do not count.
+        joining = session.joining if session.joining is not None else set()
+        new = channel not in session.channels and channel not in joining
+        if new:
+            # The user channel and broadcast are always there and do not count;
+            # rooms that subscribes under way will join do.
             limit = self._limits.max_subscriptions
-            if len(session.channels) - 2 >= limit:
+            if len(session.channels) - 2 + len(joining - session.channels) >= limit:
                 self._metrics.limit_rejections.labels("subscriptions").inc()
                 raise CommandError("too_many_subscriptions", f"at most {limit} rooms per connection")
-        if position is not None:
-            await self._resumer.resume(session, (channel,), position)  # joins, then replays
-        else:
-            await self._subscriptions.join(session, channel)
+            joining.add(channel)
+            session.joining = joining
+        try:
+            if position is not None:
+                await self._resumer.resume(session, (channel,), position)  # joins, then replays
+            else:
+                await self._subscriptions.join(session, channel)
+        finally:
+            if new:
+                joining.discard(channel)
         return _frame("ack", channel=channel)
 
     async def unsubscribe(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:
         session = _on_connection(session, "unsubscribe")
         channel = _room(cmd)
+        if session.granted is not None:
+            session.granted.discard(channel)
         await self._subscriptions.leave(session, channel)
         return _frame("ack", channel=channel)
 
@@ -241,14 +252,15 @@ class Commands:
         if fresh.user != session.user:
             self._metrics.auth_failures.labels("other_user").inc()
             raise CommandError("forbidden", "refresh token is for another user")
-        previous, session.identity = session.identity, fresh
+        session.identity = fresh
         session.set_expiry(fresh.expires)
-        # Rooms the new token no longer allows are left. One the old token did
-        # not allow either was joined by the backend (POST /api/subscribe), whatever
-        # the token says: it stays.
+        # Rooms the new token does not allow are left (also one joined over
+        # HTTP with another token than the stream's), but those the backend
+        # joined it to (POST /api/subscribe): whatever the token says, they stay.
+        granted = session.granted or ()
         for channel in list(session.channels):
             room = channel_id(channel) if is_room(channel) else None
-            if room is not None and previous.may_join(room) and not fresh.may_join(room):
+            if room is not None and channel not in granted and not fresh.may_join(room):
                 await self._subscriptions.leave(session, channel)
         return _frame("ack", channels=sorted(client_name(c) for c in session.channels))
 

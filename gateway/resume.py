@@ -168,6 +168,8 @@ class Resumer:
             frame = await _room_for(session, d, pace)
             if not session.active:
                 break
+            if d.channel not in session.channels:
+                continue  # left while its replay ran (an unsubscribe over HTTP)
             session.queue_replayed(d, frame)
             sent += 1
         self._metrics.replayed.inc(sent)

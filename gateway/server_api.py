@@ -56,6 +56,10 @@ class UserActions:
         touched = 0
         for session in sessions:
             joining = action == "subscribe"
+            if joining:
+                session.granted = (session.granted or set()) | {channel}  # a refresh keeps it
+            elif session.granted is not None:
+                session.granted.discard(channel)
             if (channel in session.channels) == joining:
                 continue  # already so: no frame for what did not change
             if joining:

@@ -50,9 +50,11 @@ class Session:
         "early",
         "floors",
         "gated",
+        "granted",
         "held",
         "id",
         "identity",
+        "joining",
         "limiter",
         "outbound",
         "replaying",
@@ -76,6 +78,12 @@ class Session:
         self.codec: Codec = transport.codec
         self.outbound = Outbound(transport, flusher, limits, metrics, self._on_overflow)
         self.channels: set[Channel] = set()
+        # Rooms the backend joined it to (POST /api/subscribe): a refresh keeps
+        # them, whatever the new token allows.
+        self.granted: set[Channel] | None = None
+        # Rooms that subscribes under way (waiting for a replay to end) will
+        # join: they count against limits.max_subscriptions already.
+        self.joining: set[Channel] | None = None
         self.state = State.CONNECTING
         self.disconnect: Disconnect | None = None
         # Control frames sent before the welcome (a server-side subscribe, a
@@ -184,10 +192,11 @@ class Session:
         floors[d.channel] = d.seq
 
     def queue_held(self, d: Held, droppable: bool, frame: bytes | None = None) -> None:
-        """Queue a held live delivery, unless a replay sent it already, or a held control frame."""
+        """Queue a held live delivery, unless a replay sent it already or its
+        channel was left meanwhile, or a held control frame."""
         if isinstance(d, bytes):
             self.outbound.push(d)
-        elif not self._replayed(d):
+        elif d.channel in self.channels and not self._replayed(d):
             self.outbound.push(self.codec.message(d) if frame is None else frame, LIVE, d.ts, droppable)
 
     # -- life ----------------------------------------------------------------------

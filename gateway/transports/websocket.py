@@ -116,8 +116,9 @@ class WsLink(SocketLink):
         self._parser = None
         if reason.label == "too_big":
             self._ctx.frame_rejections.inc()
-        if self._inbox and self.session is not None and self.session.active:
-            self._ending = reason  # the worker ends the link once the inbox is empty
+        if (self._inbox or self._worker is not None) and self.session is not None and self.session.active:
+            # One is running, or more wait: the worker ends the link once it has answered them.
+            self._ending = reason
             if self._worker is None and self._started:
                 self._start_worker()
             return
