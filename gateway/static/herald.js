@@ -49,6 +49,8 @@ const REFUSED = { 400: 4000, 401: 4001, 403: 4003, 429: 4029, 500: 1011, 503: 10
 
 /** Ids are digit strings that may pass 2^53: is `a` after `b`? */
 const after = (a, b) => (a.length !== b.length ? a.length > b.length : a > b);
+/** A position as an id string, or null (none, or not an id). */
+const asId = (v) => (v != null && /^\d+$/.test(String(v)) ? String(v) : null);
 
 /** @returns {Message} a `message` frame as the client hands it out */
 const toMessage = (f) => ({ channel: f.channel ?? null, id: f.id || null, event: f.event, data: f.data });
@@ -66,7 +68,12 @@ class Client {
     /** @type {string | null} the last stream id received: the resume position */
     this.lastId = null;
     this.newest = new Map(); // channel -> the largest id handed out: an id not after it is a repeat
-    this.replaying = new Map(); // channel -> {since, seen}: a re-join's replay, until answered
+    this.replaying = new Map(); // channel -> {since, floor, seen}: a re-join's replay, until answered
+    /** @type {string | null} the position the current stream resumed from (its URL's `since`) */
+    this.openedFrom = null;
+    /** @type {string | null} the largest id the stream has, as far as known: the welcome's
+     * `position`, raised by every id received since (null: the node sent no position) */
+    this.reach = null;
     /** @type {State} */
     this.state = "connecting";
     this.auto = opts.transport !== "ws" && opts.transport !== "sse";
@@ -346,6 +353,8 @@ class Client {
   receive(f) {
     if (f.type === "welcome") {
       this.conn = typeof f.conn === "string" ? f.conn : null;
+      this.openedFrom = this.lastId; // what this stream's URL resumed from
+      this.reach = asId(f.position);
       if (this.lastId === null && f.position != null) this.lastId = String(f.position);
       this.opened();
       for (const frame of this.queue.splice(0)) this.send(frame);
@@ -353,7 +362,7 @@ class Client {
     }
     if (f.type === "subscribed" && !this.rooms.has(f.room) && !this.serverRooms.has(f.room)) this.serverRooms.set(f.room, undefined);
     if (f.type === "unsubscribed") { this.serverRooms.delete(f.room); this.rooms.delete(f.room); }
-    if (f.type === "reset") this.newest.delete(f.channel); // refetch, then count anew: a recreated stream's ids start over
+    if (f.type === "reset") this.reset(f.channel);
     if (f.ref !== undefined && this.answer(f)) {
       if (f.type === "presence") this.emit("presence", f);
       return;
@@ -369,9 +378,12 @@ class Client {
   rejoin(room, tries = 0) {
     if (!this.serverRooms.has(room)) return; // left meanwhile
     if (this.serverRooms.get(room) === undefined) this.serverRooms.set(room, this.lastId);
-    const since = this.serverRooms.get(room), channel = `room:${room}`, conn = this.conn, newest = this.newest.get(channel);
-    // Its replay brings ids older than the other channels': each once, the ones handed out already not again.
-    const replay = since && { since: newest && after(newest, since) ? newest : since, seen: new Set() };
+    const since = this.serverRooms.get(room), channel = `room:${room}`, conn = this.conn;
+    // Its replay brings ids older than the other channels': each once, the ones handed out already (up to
+    // `floor`) not again. From a position past the stream's end (recreated: its ids start over) the count
+    // handed out is another stream's: the room's live messages before its reset are new.
+    const pastTheEnd = since && this.reach !== null && after(since, this.reach);
+    const replay = since && { since, floor: pastTheEnd ? undefined : this.newest.get(channel), seen: new Set() };
     if (replay) this.replaying.set(channel, replay);
     this.command({ type: "subscribe", room, ...(since ? { since } : {}) }).then(
       () => { if (this.serverRooms.has(room)) this.serverRooms.set(room, undefined); },
@@ -398,16 +410,35 @@ class Client {
     return Math.random() * Math.min(maxDelay, minDelay * 2 ** this.attempt++);
   }
 
+  /** A reset of `channel` (protocol §7.2). For messages no longer held, or lost in transit,
+   * the stream is the same and its ids go on: the count handed out stays, or the next resume,
+   * which may bring the same reset and the same held messages again, would hand them out twice.
+   * For a position past the stream's end (it was recreated: ids start over) the count starts
+   * over, and a re-join's replay window closes. The frame does not say which: the position it is
+   * about (where the stream resumed from, or the re-join's `since`) is past the end when it is
+   * above every id the stream is known to have reached. No `position` from the node: cannot be
+   * told, the count starts over. */
+  reset(channel) {
+    const replay = this.replaying.get(channel);
+    const about = replay ? replay.since : this.openedFrom;
+    const pastTheEnd = about !== null && this.reach !== null && after(about, this.reach);
+    if (pastTheEnd) this.replaying.delete(channel);
+    if (pastTheEnd || this.reach === null) this.newest.delete(channel);
+  }
+
   /** Hand a message out, unless its channel had it already (a resume or re-join brings
    * back ids handed out before): each channel's messages come once, in order. */
   deliver(message) {
     const { channel, id } = message;
     if (id) {
       this.lastId = id; // the last id received, repeated or not, is where a resume starts (protocol §7.1)
+      if (this.reach !== null && after(id, this.reach)) this.reach = id;
       const newest = this.newest.get(channel), replay = this.replaying.get(channel);
       if (replay) {
-        if (!after(id, replay.since) || replay.seen.has(id)) return;
-        replay.seen.add(id); // live messages of the room may come amid its replay
+        // Live messages of the room may come amid its replay, with larger ids: what was handed out
+        // is what came before it (floor) and in it (seen), not every id up to `since`.
+        if ((replay.floor && !after(id, replay.floor)) || replay.seen.has(id)) return;
+        replay.seen.add(id);
       } else if (newest && !after(id, newest)) return;
       if (!newest || after(id, newest)) this.newest.set(channel, id);
     }

@@ -586,8 +586,9 @@ async def test_each_channels_messages_come_once_and_backend_rooms_rejoin_from_th
     ]
 
 
-async def test_a_reset_starts_its_channels_count_over(page: Page) -> None:
-    """After a reset (a recreated stream numbers from 1 again) smaller ids are new."""
+async def test_a_reset_starts_its_channels_count_over_when_the_node_sends_no_position(page: Page) -> None:
+    """Without a welcome ``position`` the client cannot tell a recreated stream (numbering from 1 again) from
+    the same one: after a reset smaller ids are new."""
     got = await run(
         page,
         f"""
@@ -604,6 +605,60 @@ async def test_a_reset_starts_its_channels_count_over(page: Page) -> None:
         """,
     )
     assert got == ["40", "2"]
+
+
+async def test_a_reset_starts_the_channels_count_over_only_past_the_streams_end(page: Page) -> None:
+    """docs/protocol.md §7.2. A reset for messages no longer held is of the same stream: its ids go on, and a
+    resume that brings the channel's held messages again (with the same reset before them) must not hand them
+    out twice; every reset used to start the count over. Only a reset for a position past the stream's end
+    (above the welcome's position and every id since) starts it over. A backend room re-joined from a
+    position past the end: its live messages before its reset are new."""
+    result = await run(
+        page,
+        """
+        const c = Herald.connect({ url: "http://gw.test", token: "t", rooms: ["a"], transport: "ws" });
+        const got = [];
+        c.on("message", (m) => got.push(m.id)).on("reset", (r) => got.push(`reset ${r.channel}`));
+        const msg = (channel, id) => ({ type: "message", channel, id, event: "message", data: null });
+        const reset = (channel) => ({ type: "reset", channel, reason: "messages missed are no longer held" });
+        const welcome = (position) => fake.last().receive({
+          type: "welcome", conn: `c${fake.sockets.length}`, user: "u", node: "n", channels: ["room:a"], position,
+        });
+        const reconnect = () => { fake.last().drop(1006); fake.fireLast(); };
+        welcome("50");
+        for (const [channel, id] of [["room:a", "55"], ["room:a", "58"], ["room:b", "53"]]) {
+          fake.last().receive(msg(channel, id));  // 53: an older id (a re-join's replay) moves the position back
+        }
+        reconnect();  // from 53: the node resets room:a (54 is gone) and sends what it holds of it again
+        const since = [fake.last().url.searchParams.get("since")];
+        welcome("60");
+        for (const f of [reset("room:a"), msg("room:a", "55"), msg("room:a", "58"), msg("room:a", "59")]) {
+          fake.last().receive(f);
+        }
+        fake.last().receive({ type: "subscribed", room: "p9" });
+        fake.last().receive(msg("room:p9", "62"));
+        reconnect();  // from 62, into a recreated stream (its position is 3): every count starts over
+        since.push(fake.last().url.searchParams.get("since"));
+        welcome("3");
+        const rejoin = fake.last().sent[0];  // p9 from 62: past the stream's end
+        fake.last().receive(reset("room:a"));
+        fake.last().receive(msg("room:a", "2"));
+        fake.last().receive(msg("room:p9", "4"));  // live, before the re-join's reset: new
+        fake.last().receive(reset("room:p9"));
+        fake.last().receive(msg("room:p9", "3"));  // held: the replay
+        fake.last().receive({ type: "ack", ref: rejoin.ref, channel: "room:p9" });
+        await fake.settle();
+        fake.last().receive(msg("room:p9", "5"));
+        return { got, since, rejoin };
+        """,
+    )
+    assert result["since"] == ["53", "62"]
+    assert (result["rejoin"]["room"], result["rejoin"]["since"]) == ("p9", "62")
+    assert result["got"] == [
+        *("55", "58", "53"),
+        *("reset room:a", "59", "62"),  # 55 and 58 are repeats: the same stream
+        *("reset room:a", "2", "4", "reset room:p9", "3", "5"),
+    ]
 
 
 async def test_the_default_transport_is_auto_and_an_sse_400_stops(page: Page) -> None:

@@ -240,6 +240,42 @@ async def test_no_message_is_repeated_after_two_reconnects_with_a_backend_room(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# A reset for messages no longer held is of the same stream (docs/protocol.md §7.2): the next resume can bring
+# the same reset and the same held messages again, which the client drops; only a reset for a position past
+# the stream's end starts the channel's count over.
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_a_reset_of_the_same_stream_does_not_hand_messages_out_twice(
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    """lobby keeps 2 messages. Away, the client misses P1 (the backend's p9), then L1, L2, L3 (lobby).
+    Reconnect 1: a reset of lobby (L1 is gone), L2, L3; p9's re-join replays P1, so the position moves
+    back to P1 (§7.1). Reconnect 2 from P1: the reset of lobby again, L2 and L3 again. Every reset used to
+    start the channel's repeat check over, so L2 and L3 were handed out twice."""
+    node: RunningNode = await node_factory(rooms={"history": ("lobby=2/3600",)})
+    gate = Gate()
+    tok = token("kai", rooms=["*"])
+    async with client_page(browser, node, tok, transport, ["lobby"], setup=gate.install) as page:
+        await page.evaluate("window.resets = []; c.on('reset', (r) => resets.push(r.channel))")
+        await serve_room(page, node, http, "kai", "p9")
+        sent: list[str] = []
+
+        async def publish_while_down() -> None:
+            sent.append(await api_publish(http, node, "room:p9", {"n": "p9 while down"}))
+            sent.extend([await api_publish(http, node, "room:lobby", {"l": i}) for i in (1, 2, 3)])
+
+        await bounce(page, node, gate, "kai", publish_while_down)
+        await page.wait_for_function(f"c.lastId === '{sent[0]}'", timeout=TIMEOUT)  # the re-join's replay came
+        await bounce(page, node, gate, "kai")
+        marker = await api_publish(http, node, "room:lobby", {"n": "marker"})
+        await page.wait_for_function(f"got.some((m) => m.id === '{marker}')", timeout=TIMEOUT)
+        lobby = await page.evaluate("got.filter((m) => m.channel === 'room:lobby').map((m) => m.id)")
+        assert lobby == [*sent[2:], marker], f"sent while down: {sent}"
+        assert await page.evaluate("resets") == ["room:lobby", "room:lobby"]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # A re-join not answered before the connection ends: the next one asks from the same position, not from the
 # connection's new one, which the URL channels' replay moved past the room's messages.
 
