@@ -26,6 +26,8 @@
  *   events?: string[],                  ignored, kept for old callers: SSE used to need the event
  *                                       names; its events now carry every frame, as on WebSocket
  *   timeout?: number,                   command timeout, ms (default 10000)
+ *   maxFrame?: number,                  the nodes' ws.max_frame, bytes (default 65536): a larger command is
+ *                                       refused here (`too_large`), not sent: the node would close 1009
  *   minDelay?: number, maxDelay?: number  reconnect backoff bounds, ms (default 500 / 30000)
  * }} Options
  * @typedef {{channel: string | null, id: string | null, event: string, data: any}} Message
@@ -46,6 +48,12 @@ const ON_STREAM = new Set(["subscribe", "unsubscribe", "refresh"]);
 const PASSING = new Set(["disconnected", "timeout", "unavailable", "rate_limited"]);
 // An SSE stream refused with an HTTP status: the close code a WebSocket gets (docs/protocol.md §8).
 const REFUSED = { 400: 4000, 401: 4001, 403: 4003, 429: 4029, 500: 1011, 503: 1013 };
+// The node read a frame of ours it cannot take (RFC 6455 broken, not UTF-8, over ws.max_frame):
+// the same frames would be refused again, so these stop the client, as 4000 does (protocol §8).
+const FIX_THE_CLIENT = new Set([1002, 1007, 1009]);
+// The largest frame a node takes by default (its ws.max_frame; the welcome does not say).
+const MAX_FRAME = 65536;
+const REF_ROOM = 20; // bytes a ref of ours may take: the digits of a counter
 
 /** Ids are digit strings that may pass 2^53: is `a` after `b`? */
 const after = (a, b) => (a.length !== b.length ? a.length > b.length : a > b);
@@ -185,6 +193,15 @@ class Client {
   command(cmd) {
     if (this.stopped) return Promise.reject({ code: "closed", message: "client closed" });
     return new Promise((resolve, reject) => {
+      // Over ws.max_frame the node would close the connection (1009), failing the other commands on
+      // it too, and this one would certainly not run: refused here (SSE: the node would answer 413).
+      // (Data JSON cannot carry, a BigInt, throws here: the promise rejects with it.)
+      const { maxFrame = MAX_FRAME } = this.opts;
+      const size = new TextEncoder().encode(JSON.stringify({ ...cmd, ref: "" })).length;
+      if (size + REF_ROOM > maxFrame) {
+        reject({ code: "too_large", message: `${cmd.type} is ${size} bytes, over the node's ws.max_frame (${maxFrame}): not sent` });
+        return;
+      }
       const ref = String(++this.refs);
       const timer = setTimeout(() => {
         const waiting = this.pending.get(ref);
@@ -456,6 +473,7 @@ class Client {
       this.setState("closed");
     };
     if (code === 4003 || code === 4000) return stop(reason || "forbidden");
+    if (FIX_THE_CLIENT.has(code)) return stop(reason || "the node cannot take a frame of this client");
     if (code === 4403) return stop(reason || "disconnected by the server"); // for good: no new token brings it back
     if (code === 4029 && /oldest/.test(reason)) return stop(reason); // replaced: reconnecting would evict another tab
     if (code === 4001 && !this.opts.token && !this.opts.getToken) {

@@ -661,6 +661,37 @@ async def test_a_reset_starts_the_channels_count_over_only_past_the_streams_end(
     ]
 
 
+async def test_a_frame_the_node_cannot_take_stops_the_client(page: Page) -> None:
+    """1002, 1007, 1009 (docs/protocol.md §8: "stop: fix the client"): the same frames would be refused
+    again, so no reconnect; the client stops as on 4000, with the same error event."""
+    result = await run(
+        page,
+        f"""
+        const out = {{}};
+        for (const [code, reason] of [[1002, "protocol error"], [1007, "text frame is not UTF-8"],
+                                      [1009, "frame too big"], [4000, "invalid room id"]]) {{
+          const c = Herald.connect({{ url: "http://gw.test", token: "t", transport: "ws" }});
+          const errors = [];
+          c.on("error", (e) => errors.push(e));
+          fake.last().receive({WELCOME});
+          const lost = c.ping().catch((e) => e.code);
+          fake.last().drop(code, reason);
+          out[code] = {{ state: c.state, timers: fake.timers.length, errors, lost: await lost }};
+        }}
+        return {{ out, sockets: fake.sockets.length }};
+        """,
+    )
+    assert result["sockets"] == 4
+    for code, reason in [(1002, "protocol error"), (1007, "text frame is not UTF-8"), (1009, "frame too big")]:
+        assert result["out"][str(code)] == {
+            "state": "closed",
+            "timers": 0,
+            "errors": [{"code": str(code), "message": reason}],
+            "lost": "disconnected",
+        }, code
+    assert result["out"]["4000"]["errors"] == [{"code": "4000", "message": "invalid room id"}]
+
+
 async def test_the_default_transport_is_auto_and_an_sse_400_stops(page: Page) -> None:
     result = await run(
         page,

@@ -333,6 +333,34 @@ async def test_a_backend_room_left_with_unsubscribe_stays_left_after_a_reconnect
 
 
 # ---------------------------------------------------------------------------------------------------------
+# A command over the node's ws.max_frame: refused by the client (too_large), unsent, the connection kept. A
+# 1009 from the node (a client told a larger maxFrame than the node's) stops the client: docs/protocol.md §8
+# "stop: fix the client" -- the same frame would be refused again.
+
+
+async def test_a_command_over_max_frame_is_refused_unsent_and_a_1009_stops_the_client(
+    node_factory: NodeFactory, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(ws={"max_frame": 2048})
+    tok = token("zed", rooms=["*"], publish=["*"])
+    big = "c.publish('lobby', 'x'.repeat(4096)).then((a) => a, (e) => e)"
+    async with client_page(browser, node, tok, "ws", ["lobby"], maxFrame=2048) as page:
+        refusal = await page.evaluate(big)
+        assert refusal["code"] == "too_large", refusal
+        assert (await page.evaluate("c.ping()"))["type"] == "pong"
+        assert await page.evaluate("[welcomes.length, closes]") == [1, []]
+    async with client_page(browser, node, tok, "ws", ["lobby"], maxFrame=1 << 20) as page:
+        await page.evaluate("window.errors = []; c.on('error', (e) => errors.push(e))")
+        lost = await page.evaluate(big)
+        assert lost["code"] == "disconnected", lost
+        await page.wait_for_function("c.state === 'closed' || welcomes.length >= 2", timeout=TIMEOUT)
+        await asyncio.sleep(0.3)  # a reconnect would have come by now (maxDelay 200 ms)
+        state, closes, errors = await page.evaluate("[c.state, closes, errors]")
+        assert (state, closes) == ("closed", [[1009, "frame too big"]]), f"state={state} closes={closes}"
+        assert errors == [{"code": "1009", "message": "frame too big"}]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The default transport is "auto" (the Options typedef): WebSocket first, SSE when WebSockets cannot open.
 
 
