@@ -73,6 +73,8 @@ class Client {
     /** Rooms the backend joined this client to (`subscribed`), re-joined after each welcome:
      * room -> the position its unanswered re-join asked from (undefined: none). */
     this.serverRooms = new Map();
+    /** room -> subscribes of it under way, not left since (unsubscribe cancels their effect) */
+    this.joining = new Map();
     /** @type {string | null} the last stream id received: the resume position */
     this.lastId = null;
     this.newest = new Map(); // channel -> the largest id handed out: an id not after it is a repeat
@@ -130,17 +132,31 @@ class Client {
   /** Join a room; resolves with the ack. Reconnects join it once it is acknowledged:
    * a room the node refused in a URL would cost the whole connection. */
   subscribe(room) {
-    return this.command({ type: "subscribe", room }).then((ack) => {
-      this.serverRooms.delete(room); // asked for now: in the URL
-      this.rooms.add(room);
-      return ack;
-    });
+    this.joining.set(room, (this.joining.get(room) || 0) + 1);
+    const answered = () => {
+      const underWay = this.joining.get(room) || 0; // 0: left since it was sent
+      if (underWay > 1) this.joining.set(room, underWay - 1);
+      else this.joining.delete(room);
+      return underWay > 0;
+    };
+    return this.command({ type: "subscribe", room }).then(
+      (ack) => {
+        if (answered()) {
+          this.serverRooms.delete(room); // asked for now: in the URL
+          this.rooms.add(room);
+        }
+        return ack;
+      },
+      (err) => { answered(); throw err; },
+    );
   }
 
-  /** Leave a room (one the backend joined too): reconnects no longer join it. */
+  /** Leave a room (one the backend joined too): reconnects no longer join it, also when a
+   * subscribe of it sent before is answered after (the node runs the two in order: it is left). */
   unsubscribe(room) {
     this.rooms.delete(room);
     this.serverRooms.delete(room);
+    this.joining.delete(room);
     return this.command({ type: "unsubscribe", room });
   }
 

@@ -333,6 +333,33 @@ async def test_a_backend_room_left_with_unsubscribe_stays_left_after_a_reconnect
 
 
 # ---------------------------------------------------------------------------------------------------------
+# unsubscribe() sent while a subscribe of the room is under way: the node runs the two in order, so the room is
+# left, and the subscribe's ack (answered after unsubscribe() was called) must not put it back in the URL.
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_a_room_left_while_its_subscribe_is_under_way_stays_left_after_a_reconnect(
+    transport: str, node: RunningNode, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    gate = Gate()
+    tok = token("una", rooms=["*"])
+    async with client_page(browser, node, tok, transport, ["lobby"], setup=gate.install) as page:
+        answers = await page.evaluate(
+            "Promise.all([c.subscribe('x'), c.unsubscribe('x')]).then((a) => a.map((f) => f.type))"
+        )
+        assert answers == ["ack", "ack"]
+        await bounce(page, node, gate, "una")
+        after = await api_publish(http, node, "room:x", {"n": "after leaving"})
+        marker = await api_publish(http, node, "room:lobby", {"n": "marker"})
+        await page.wait_for_function(f"got.some((m) => m.id === '{marker}')", timeout=TIMEOUT)
+        await asyncio.sleep(0.3)
+        session = node.node.sessions.of_user("una")[0]
+        assert "room:x" not in session.channels and after not in await got_ids(page), (
+            f"left room joined again: channels={sorted(session.channels)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
 # A command over the node's ws.max_frame: refused by the client (too_large), unsent, the connection kept. A
 # 1009 from the node (a client told a larger maxFrame than the node's) stops the client: docs/protocol.md §8
 # "stop: fix the client" -- the same frame would be refused again.
