@@ -133,8 +133,6 @@ async def flood(nats_url: str, subject: str, count: int, start: int = 0) -> None
         await nc.close()
 
 
-# -- 1. A reader that reads steadily (but slower than a burst) is cut as "stalled" ---------------
-
 # -- a reader that keeps reading is not stalled -------------------------------------
 
 
@@ -168,39 +166,28 @@ async def _trickle(node: RunningNode, http: aiohttp.ClientSession, nats_url: str
     client.close()
 
 
-async def test_ws_steady_slow_reader_is_not_stalled(
-    node_factory: Any, nats_server: NatsServer, http: aiohttp.ClientSession
+@pytest.mark.parametrize(
+    ("transport", "ticks"),
+    [
+        ("ws", {"ws": {"heartbeat": 0}}),  # only the queue's own waiter watches for stalls
+        ("sse", {"sse": {"keepalive": 60.0}}),  # no tick during the test: only the waiter
+    ],
+)
+async def test_a_steady_slow_reader_is_not_stalled(
+    transport: str, ticks: dict[str, Any], node_factory: Any, nats_server: NatsServer, http: aiohttp.ClientSession
 ) -> None:
-    node = await node_factory(
-        backpressure={
-            "stall_timeout": 1.0,
-            "write_buffer": 65536,
-            "max_bytes": 4 * 1024 * 1024,
-            "max_messages": 5000,
-            "socket_buffer": 4096,
-        },
-        ws={"heartbeat": 0},  # only the queue's own waiter watches for stalls
-    )
-    await _trickle(node, http, nats_server.url, "ws")
+    backpressure = {
+        "stall_timeout": 1.0,
+        "write_buffer": 65536,
+        "max_bytes": 4 * 1024 * 1024,
+        "max_messages": 5000,
+        "socket_buffer": 4096,
+    }
+    node = await node_factory(backpressure=backpressure, **ticks)
+    await _trickle(node, http, nats_server.url, transport)
 
 
-async def test_sse_steady_slow_reader_is_not_stalled(
-    node_factory: Any, nats_server: NatsServer, http: aiohttp.ClientSession
-) -> None:
-    node = await node_factory(
-        backpressure={
-            "stall_timeout": 1.0,
-            "write_buffer": 65536,
-            "max_bytes": 4 * 1024 * 1024,
-            "max_messages": 5000,
-            "socket_buffer": 4096,
-        },
-        sse={"keepalive": 60.0},  # no tick during the test: only the waiter
-    )
-    await _trickle(node, http, nats_server.url, "sse")
-
-
-# -- 2. The links' stall tick takes "more held than at the last tick" for "took nothing" -----------
+# The links' periodic check: held bytes that grow (written faster than read) are no stall.
 
 
 async def _reading_while_backlog_grows(node: RunningNode, http: aiohttp.ClientSession, transport: str) -> None:
@@ -236,23 +223,17 @@ async def _reading_while_backlog_grows(node: RunningNode, http: aiohttp.ClientSe
     client.close()
 
 
-async def test_sse_tick_reader_taking_bytes_is_not_stalled(node_factory: Any, http: aiohttp.ClientSession) -> None:
+@pytest.mark.parametrize(
+    ("transport", "ticks"), [("sse", {"sse": {"keepalive": 0.2}}), ("ws", {"ws": {"heartbeat": 0.4}})]
+)
+async def test_a_reader_taking_bytes_while_its_backlog_grows_is_not_stalled(
+    transport: str, ticks: dict[str, Any], node_factory: Any, http: aiohttp.ClientSession
+) -> None:
     node = await node_factory(
-        backpressure={"stall_timeout": 1.0, "write_buffer": 256 * 1024, "socket_buffer": 4096},
-        sse={"keepalive": 0.2},
+        backpressure={"stall_timeout": 1.0, "write_buffer": 256 * 1024, "socket_buffer": 4096}, **ticks
     )
-    await _reading_while_backlog_grows(node, http, "sse")
+    await _reading_while_backlog_grows(node, http, transport)
 
-
-async def test_ws_tick_reader_taking_bytes_is_not_stalled(node_factory: Any, http: aiohttp.ClientSession) -> None:
-    node = await node_factory(
-        backpressure={"stall_timeout": 1.0, "write_buffer": 256 * 1024, "socket_buffer": 4096},
-        ws={"heartbeat": 0.4},
-    )
-    await _reading_while_backlog_grows(node, http, "ws")
-
-
-# -- 3. Held live messages past max_held during a replay: one disconnect counted many times -------
 
 # -- a slow-consumer close ------------------------------------------------------------
 
@@ -286,9 +267,6 @@ async def test_replay_overflow_of_held_live_messages_counts_one_disconnect(
     counted = metrics['herald_slow_consumer_disconnects_total{transport="ws"}']
     assert (closed, counted) == (1, 1)
     client.close()
-
-
-# -- 4. After 4008, resuming from the last id received gives exactly the rest ----------------------
 
 
 @pytest.mark.parametrize("transport", ["ws", "sse"])

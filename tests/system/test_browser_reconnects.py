@@ -209,6 +209,21 @@ async def bounce(page: Page, node: RunningNode, gate: Gate, user: str, while_dow
     await page.wait_for_function(f"welcomes.length > {welcomes} && c.state === 'open'", timeout=TIMEOUT)
 
 
+async def left_for_good(
+    page: Page, node: RunningNode, http: aiohttp.ClientSession, gate: Gate, user: str, room: str
+) -> None:
+    """After a reconnect, ``room`` (left) is not joined again: nothing published to it comes."""
+    await bounce(page, node, gate, user)
+    after = await api_publish(http, node, f"room:{room}", {"n": "after leaving"})
+    marker = await api_publish(http, node, "room:lobby", {"n": "marker"})
+    await page.wait_for_function(f"got.some((m) => m.id === '{marker}')", timeout=TIMEOUT)
+    await asyncio.sleep(0.3)
+    session = node.node.sessions.of_user(user)[0]
+    assert f"room:{room}" not in session.channels and after not in await got_ids(page), (
+        f"left room joined again: channels={sorted(session.channels)}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Rooms the backend joined: re-joined with subscribe {room, since}. Their replay comes after the URL
 # channels' replay, with smaller ids, and the resume position moves back with it (protocol §7.1): the next
@@ -321,15 +336,7 @@ async def test_a_backend_room_left_with_unsubscribe_stays_left_after_a_reconnect
         await serve_room(page, node, http, "lou", "p9")
         ack = await page.evaluate("c.unsubscribe('p9')")
         assert ack["channel"] == "room:p9"
-        await bounce(page, node, gate, "lou")
-        after = await api_publish(http, node, "room:p9", {"n": "after leaving"})
-        marker = await api_publish(http, node, "room:lobby", {"n": "marker"})
-        await page.wait_for_function(f"got.some((m) => m.id === '{marker}')", timeout=TIMEOUT)
-        await asyncio.sleep(0.3)
-        session = node.node.sessions.of_user("lou")[0]
-        assert "room:p9" not in session.channels and after not in await got_ids(page), (
-            f"left room joined again: channels={sorted(session.channels)}"
-        )
+        await left_for_good(page, node, http, gate, "lou", "p9")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,15 +355,7 @@ async def test_a_room_left_while_its_subscribe_is_under_way_stays_left_after_a_r
             "Promise.all([c.subscribe('x'), c.unsubscribe('x')]).then((a) => a.map((f) => f.type))"
         )
         assert answers == ["ack", "ack"]
-        await bounce(page, node, gate, "una")
-        after = await api_publish(http, node, "room:x", {"n": "after leaving"})
-        marker = await api_publish(http, node, "room:lobby", {"n": "marker"})
-        await page.wait_for_function(f"got.some((m) => m.id === '{marker}')", timeout=TIMEOUT)
-        await asyncio.sleep(0.3)
-        session = node.node.sessions.of_user("una")[0]
-        assert "room:x" not in session.channels and after not in await got_ids(page), (
-            f"left room joined again: channels={sorted(session.channels)}"
-        )
+        await left_for_good(page, node, http, gate, "una", "x")
 
 
 # ---------------------------------------------------------------------------------------------------------
