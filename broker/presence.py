@@ -44,6 +44,8 @@ log = logging.getLogger("herald.presence")
 REGISTRY = "_inst"
 # Most entries written in one pipelined batch.
 WRITE_BATCH = 256
+# How long a close waits for the batch being written to end.
+BATCH_WAIT = 5.0
 
 
 def instance_id(node_id: str) -> str:
@@ -85,6 +87,9 @@ class KvPresence:
         self._local: set[tuple[Channel, str]] = set()
         self._pending: dict[tuple[Channel, str], bool] = {}
         self._wake = asyncio.Event()
+        # The batch being written: a close lets it end (its entries written
+        # and their leaves judged), never cuts it in between.
+        self._batch: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._alive_cache: set[str] = set()
         self._alive_at = -1e9  # when the cached listing began (monotonic)
@@ -172,18 +177,28 @@ class KvPresence:
             self._wake.clear()
             while self._pending and self._kv is not None and self._acks is not None:
                 batch = list(itertools.islice(self._pending.items(), WRITE_BATCH))
+                self._batch = asyncio.ensure_future(self._write_batch(batch))
                 try:
-                    # What kv.put / kv.delete publish, pipelined: one ack wait for the batch.
-                    await self._acks.publish([self._write(key, present) for key, present in batch])
-                    # Then each key's join / leave, after its own entry is written.
-                    for key, present in batch:
-                        if self._announces(key[0]):
-                            await (self._joined if present else self._left)(*key)
-                        if self._pending.get(key) is present:  # not changed meanwhile
-                            del self._pending[key]
+                    # Shielded: an entry deleted whose leave was not judged would
+                    # be announced by no one (a survivor's sweep finds no entry).
+                    await asyncio.shield(self._batch)
                 except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
                     log.warning("presence write failed (%r); retrying", exc)
                     await asyncio.sleep(1.0)
+
+    async def _write_batch(self, batch: list[tuple[tuple[Channel, str], bool]]) -> None:
+        # What kv.put / kv.delete publish, pipelined: one ack wait for the batch.
+        assert self._acks is not None
+        await self._acks.publish([self._write(key, present) for key, present in batch])
+        # Then each key's join / leave, after its own entry is written; the keys
+        # are of different users or rooms: judged at once, not one after another.
+        await asyncio.gather(*(self._settle(key, present) for key, present in batch))
+
+    async def _settle(self, key: tuple[Channel, str], present: bool) -> None:
+        if self._announces(key[0]):
+            await (self._joined if present else self._left)(*key)
+        if self._pending.get(key) is present:  # not changed meanwhile
+            del self._pending[key]
 
     def _write(self, key: tuple[Channel, str], present: bool) -> Outgoing:
         assert self._kv is not None
@@ -378,6 +393,11 @@ class KvPresence:
             await asyncio.sleep(0.01)
         tasks, self._tasks = self._tasks, []
         await cancel_and_wait(tasks)  # ended, not destroyed pending later
+        batch = self._batch
+        if batch is not None:
+            await asyncio.wait([batch], timeout=BATCH_WAIT)
+            if batch.done() and not batch.cancelled():
+                batch.exception()  # retrieved: a failed write is for the sweep now
         if self._nodes is None:
             return
         with contextlib.suppress(Exception):

@@ -261,3 +261,34 @@ async def test_a_stopped_nodes_users_leave_and_may_join_again(
     assert presence_frames(await frames_for(watcher, 0.8)) == [("join", "amy")]
     for ws in (again, watcher, amy):
         await ws.close()
+
+
+async def test_a_drain_whose_leaves_take_long_loses_none(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A stopped node's close gave its queued presence writes a second, then
+    cut them off, also between a batch's entry deletes and the judging of
+    their leaves: those users were announced leaving by no one (a survivor's
+    sweep finds no entry), and when they came back, joining neither (their
+    marker stayed). Here each leave takes 0.1 s to judge: 30 of them."""
+    shared = cluster(presence={"ttl": 1.5})
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    watcher = await open_ws(http, a, "zed", "chat-6")
+    users = [f"u{i}" for i in range(30)]
+    tabs = [await open_ws(http, b, user, "chat-6") for user in users]
+    joined = {u for kind, u in presence_frames(await frames_for(watcher, 1.0)) if kind == "join"}
+    assert joined == {"zed", *users}
+    presence = b.node.broker.presence
+    judge = presence._left
+
+    async def slow_left(room: Any, user: str) -> None:
+        await asyncio.sleep(0.1)
+        await judge(room, user)
+
+    presence._left = slow_left  # type: ignore[method-assign]
+    await b.stop()
+    left = [u for kind, u in presence_frames(await frames_for(watcher, 4.0)) if kind == "leave"]
+    assert sorted(left) == sorted(users)
+    for ws in (watcher, *tabs):
+        await ws.close()
