@@ -277,19 +277,18 @@ class KvPresence:
 
     async def _heartbeat_loop(self) -> None:
         beat = self._ttl / 3
-        since_sweep = 0.0
         while True:
             await asyncio.sleep(beat)
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 if not await self._refresh():
                     await self._come_back()
-            since_sweep += beat
-            if since_sweep >= self._ttl:
-                since_sweep = 0.0
-                try:
-                    await self._sweep()
-                except (TimeoutError, nats.errors.Error) as exc:
-                    log.debug("presence sweep failed: %r", exc)
+            # Every beat (two small listings while no node is gone): a dead
+            # node's users leave in announcements within ttl/3 of leaving
+            # presence answers (its key expired), not up to a ttl after.
+            try:
+                await self._sweep()
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.debug("presence sweep failed: %r", exc)
 
     async def _sweep(self) -> None:
         """Delete the entries of instances that stopped refreshing their key."""

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
 
 import broker.presence
@@ -24,6 +25,7 @@ from ..helpers import (
     recv_json,
     spawn_cluster_node,
     token,
+    wait_for,
 )
 from ..helpers import api_publish as publish
 
@@ -59,6 +61,12 @@ async def frames_for(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> lis
         except TimeoutError:
             break
     return got
+
+
+async def api_users(http: aiohttp.ClientSession, url: str, room: str) -> Any:
+    async with http.get(f"{url}/api/presence/{room}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+        body = await r.json(content_type=None)
+        return body.get("users") if r.status == 200 else (r.status, body)
 
 
 def presence_frames(frames: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -292,3 +300,64 @@ async def test_a_drain_whose_leaves_take_long_loses_none(
     assert sorted(left) == sorted(users)
     for ws in (watcher, *tabs):
         await ws.close()
+
+
+async def test_a_killed_nodes_leave_comes_when_presence_drops_the_user(
+    node_factory: NodeFactory,
+    nats_server: NatsServer,
+    spawn: Any,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once presence answers no longer list a crashed node's user (within the
+    ttl), her leave is announced within ttl/3: members and presence answers
+    agree. Sweeps ran once per ttl: the leave came up to a ttl later. The kill
+    is timed just after the doomed node's refresh that follows a sweep."""
+    ttl = 3.0
+    shared = cluster(presence={"ttl": ttl})
+    sweeps: list[float] = []
+    sweep = broker.presence.KvPresence._sweep
+
+    async def timed_sweep(self: Any) -> None:  # instrumentation only
+        sweeps.append(time.monotonic())
+        await sweep(self)
+
+    monkeypatch.setattr(broker.presence.KvPresence, "_sweep", timed_sweep)
+    survivor = await node_factory(**shared)
+    proc, url = await spawn_cluster_node(
+        spawn,
+        http,
+        nats_server.url,
+        shared,
+        HERALD_PRESENCE_TTL=str(ttl),
+        HERALD_ROOMS_JOIN_LEAVE="chat-*",
+        HERALD_NODE_ID="doomed",
+    )
+    refreshes: list[float] = []
+    nc = await nats.connect(nats_server.url)
+
+    async def on_refresh(msg: Any) -> None:
+        if ".doomed-" in msg.subject:
+            refreshes.append(time.monotonic())
+
+    await nc.subscribe(f"$KV.{shared['stream']['name']}_nodes.>", cb=on_refresh)
+    watcher = await open_ws(http, survivor, "wes", "chat-9")
+    xena = await open_ws(http, url.replace("http", "ws") + "/ws", "xena", "chat-9")
+    assert presence_frames(await frames_for(watcher, 1.0)) == [("join", "wes"), ("join", "xena")]
+    # A survivor's sweep, then the doomed node's next refresh (>0.1 s after it): kill then.
+    await wait_for(lambda: bool(sweeps), timeout=3 * ttl)
+    swept = sweeps[-1]
+    await wait_for(lambda: any(r > swept + 0.1 for r in refreshes), timeout=ttl)
+    proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    dropped_at = left_at = None
+    while time.monotonic() - killed < 3 * ttl and left_at is None:
+        if presence_frames(await frames_for(watcher, 0.05)) == [("leave", "xena")]:
+            left_at = time.monotonic() - killed
+        if dropped_at is None and await api_users(http, survivor.url, "chat-9") == ["wes"]:
+            dropped_at = time.monotonic() - killed
+    await nc.close()
+    assert dropped_at is not None and dropped_at <= ttl + 1.0
+    assert left_at is not None and left_at - dropped_at < ttl / 3 + 0.5, (dropped_at, left_at)
+    await watcher.close()
+    await xena.close()
