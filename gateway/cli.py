@@ -10,6 +10,7 @@ from pathlib import Path
 from broker import BrokerUnavailable, InvalidChannel
 from broker.channels import check_event, check_id, parse_channel
 from broker.embedded import NatsServer, free_port, nats_server_binary
+from broker.tasks import cancel_and_wait
 
 from .auth import mint_token
 from .settings import ConfigError, Settings, load_settings, with_overrides
@@ -169,8 +170,6 @@ def _listen(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _hooks(settings: Settings) -> int:
-    from broker.tasks import cancel_and_wait
-
     from .hooks import run_dispatcher
     from .server import configure_logging, new_event_loop
 
