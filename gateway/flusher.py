@@ -87,6 +87,8 @@ class Flusher:
             queue.noted_pass = this_pass
             queue.noted_slot = len(writes)
             queue.wire_bytes = wire_bytes + size
+            if wire_bytes:  # counted only where a stall check may look: the socket holds some
+                queue.written += size
             writes.append((queue, wire.send, frame))
             direct += 1
         if direct:
@@ -112,7 +114,6 @@ class Flusher:
         for queue, send, data in out:
             if queue.closed or not data:  # closed since noted (its close frame is out), or taken
                 continue
-            queue.written += len(data)
             try:  # noqa: SIM105 - suppress() costs a context manager per write here
                 send(data)
             except RuntimeError:

@@ -132,7 +132,8 @@ class Outbound:
         self.bytes = 0
         # Transport buffer size as of the last write or check (or noted write).
         self.wire_bytes = 0
-        # Bytes handed to the transport in all: with what it holds, tells
+        # Bytes handed to the transport (but direct writes to an empty one,
+        # which the kernel mostly takes at once): with what it holds, tells
         # whether the peer took any since an earlier look (stall checks).
         self.written = 0
         self._scheduled = False
@@ -259,8 +260,8 @@ class Outbound:
         return False
 
     def _emit(self, data: bytes, out: list[Write] | None) -> None:
+        self.written += len(data)
         if out is None:
-            self.written += len(data)
             self.wire.write(data)
         elif self.noted_pass == self.flusher.flushing:  # one write per connection per pass
             _, send, first = out[self.noted_slot]
