@@ -190,15 +190,15 @@ class KvPresence:
         # What kv.put / kv.delete publish, pipelined: one ack wait for the batch.
         assert self._acks is not None
         await self._acks.publish([self._write(key, present) for key, present in batch])
-        # Then each key's join / leave, after its own entry is written; the keys
-        # are of different users or rooms: judged at once, not one after another.
-        await asyncio.gather(*(self._settle(key, present) for key, present in batch))
-
-    async def _settle(self, key: tuple[Channel, str], present: bool) -> None:
-        if self._announces(key[0]):
-            await (self._joined if present else self._left)(*key)
-        if self._pending.get(key) is present:  # not changed meanwhile
-            del self._pending[key]
+        # Then the joins / leaves of rooms that announce them, each after its own
+        # entry is written; judged at once (keys of different users or rooms),
+        # not one after another.
+        judged = [((room, user), present) for (room, user), present in batch if self._announces(room)]
+        if judged:
+            await asyncio.gather(*((self._joined if present else self._left)(*key) for key, present in judged))
+        for key, present in batch:
+            if self._pending.get(key) is present:  # not changed meanwhile
+                del self._pending[key]
 
     def _write(self, key: tuple[Channel, str], present: bool) -> Outgoing:
         assert self._kv is not None
