@@ -44,7 +44,7 @@ log = logging.getLogger("herald.presence")
 REGISTRY = "_inst"
 # Most entries written in one pipelined batch.
 WRITE_BATCH = 256
-# How long a close waits for the batch being written to end.
+# How long a close waits for the write loop to end the batch it is writing.
 BATCH_WAIT = 5.0
 
 
@@ -87,9 +87,9 @@ class KvPresence:
         self._local: set[tuple[Channel, str]] = set()
         self._pending: dict[tuple[Channel, str], bool] = {}
         self._wake = asyncio.Event()
-        # The batch being written: a close lets it end (its entries written
-        # and their leaves judged), never cuts it in between.
-        self._batch: asyncio.Future[None] | None = None
+        # Set by a close: the write loop ends after the batch it is writing
+        # (its entries written and their leaves judged), never in between.
+        self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._alive_cache: set[str] = set()
         self._alive_at = -1e9  # when the cached listing began (monotonic)
@@ -172,16 +172,13 @@ class KvPresence:
         return f"{self.instance}.{key_token(room)}.{key_token(user)}"
 
     async def _write_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending and self._kv is not None and self._acks is not None:
+            while self._pending and not self._stopping and self._kv is not None and self._acks is not None:
                 batch = list(itertools.islice(self._pending.items(), WRITE_BATCH))
-                self._batch = asyncio.ensure_future(self._write_batch(batch))
                 try:
-                    # Shielded: an entry deleted whose leave was not judged would
-                    # be announced by no one (a survivor's sweep finds no entry).
-                    await asyncio.shield(self._batch)
+                    await self._write_batch(batch)
                 except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
                     log.warning("presence write failed (%r); retrying", exc)
                     await asyncio.sleep(1.0)
@@ -390,13 +387,14 @@ class KvPresence:
         deadline = loop.time() + timeout
         while self._pending and self._tasks and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        # Not cancelled mid-batch: an entry deleted whose leave was not judged
+        # would be announced by no one (a survivor's sweep finds no entry).
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            await asyncio.wait(self._tasks[:1], timeout=BATCH_WAIT)  # the write loop
         tasks, self._tasks = self._tasks, []
         await cancel_and_wait(tasks)  # ended, not destroyed pending later
-        batch = self._batch
-        if batch is not None:
-            await asyncio.wait([batch], timeout=BATCH_WAIT)
-            if batch.done() and not batch.cancelled():
-                batch.exception()  # retrieved: a failed write is for the sweep now
         if self._nodes is None:
             return
         with contextlib.suppress(Exception):
