@@ -17,7 +17,7 @@ from ..helpers import PUBLISH_KEY
 
 
 async def test_nats_publisher_without_nats_fails_clearly() -> None:
-    pub = NatsPublisher([f"nats://127.0.0.1:{free_port()}"], attempts=2, backoff=0.01, timeout=1.0)
+    pub = NatsPublisher([f"nats://127.0.0.1:{free_port()}"], attempts=2, backoff=0.01, timeout=0.5)
     with pytest.raises(BrokerUnavailable, match="cannot connect"):
         await pub.connect()
     await pub.close()
