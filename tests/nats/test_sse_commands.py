@@ -301,7 +301,8 @@ async def test_stats_and_metrics_list_every_transport(node: RunningNode, http: a
 async def test_a_stream_ended_by_the_node_says_why(
     node: RunningNode, http: aiohttp.ClientSession, envelope: bool
 ) -> None:
-    sse = await open_stream(http, node, token("alice", ttl=1), [], envelope)
+    # exp 1.5 s from now (ttl=1 counts from the whole second: as little as ~0 s left on a loaded CI)
+    sse = await open_stream(http, node, token("alice", exp=time.time() + 1.5), [], envelope)
     ends = await sse.read_to_end(timeout=5)
     assert [(e.event, e.json()) for e in ends] == [
         ("close", {"type": "close", "code": 4001, "reason": "token expired"})
