@@ -69,6 +69,21 @@ async def api_users(http: aiohttp.ClientSession, url: str, room: str) -> Any:
         return body.get("users") if r.status == 200 else (r.status, body)
 
 
+async def spawn_doomed(
+    spawn: Any, http: aiohttp.ClientSession, nats_server: NatsServer, shared: dict[str, Any], ttl: float
+) -> tuple[Any, str]:
+    """A node in its own process (to be killed), announcing joins and leaves of chat-* rooms."""
+    return await spawn_cluster_node(
+        spawn,
+        http,
+        nats_server.url,
+        shared,
+        HERALD_PRESENCE_TTL=str(ttl),
+        HERALD_ROOMS_JOIN_LEAVE="chat-*",
+        HERALD_NODE_ID="doomed",
+    )
+
+
 def presence_frames(frames: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(f["type"], f["user"]) for f in frames if f["type"] in ("join", "leave")]
 
@@ -206,15 +221,7 @@ async def test_a_killed_nodes_users_leave_once(
 ) -> None:
     shared = cluster(presence={"ttl": 1.5})
     survivor = await node_factory(**shared)
-    proc, url = await spawn_cluster_node(
-        spawn,
-        http,
-        nats_server.url,
-        shared,
-        HERALD_PRESENCE_TTL="1.5",
-        HERALD_ROOMS_JOIN_LEAVE="chat-*",
-        HERALD_NODE_ID="doomed",
-    )
+    proc, url = await spawn_doomed(spawn, http, nats_server, shared, 1.5)
     watcher = await open_ws(http, survivor, "wes", "chat-9")
     doomed = await open_ws(http, url.replace("http", "ws") + "/ws", "xena", "chat-9")
     assert presence_frames(await frames_for(watcher, 1.0)) == [("join", "wes"), ("join", "xena")]
@@ -327,15 +334,7 @@ async def test_a_killed_nodes_leave_comes_when_presence_drops_the_user(
 
     monkeypatch.setattr(broker.presence.KvPresence, "_sweep", timed_sweep)
     survivor = await node_factory(**shared)
-    proc, url = await spawn_cluster_node(
-        spawn,
-        http,
-        nats_server.url,
-        shared,
-        HERALD_PRESENCE_TTL=str(ttl),
-        HERALD_ROOMS_JOIN_LEAVE="chat-*",
-        HERALD_NODE_ID="doomed",
-    )
+    proc, url = await spawn_doomed(spawn, http, nats_server, shared, ttl)
     refreshes: list[float] = []
     nc = await nats.connect(nats_server.url)
 
