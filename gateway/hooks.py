@@ -103,7 +103,7 @@ class Dispatcher:
             settings.nats.urls,
             Subjects(settings.subject.prefix, settings.live_prefix),
             settings.stream.name,
-            ack_wait=2 * self.hooks.timeout + 1.0,  # longer than any request: no two at once
+            ack_wait=2 * self.hooks.timeout + 1.0,  # longer than any request (renewed before it): no two at once
             connect_timeout=settings.nats.connect_timeout,
             max_ack_pending=self.hooks.max_ack_pending,
         )
@@ -194,6 +194,9 @@ class Dispatcher:
             return await m.later(wait)
         if await self.source.read_position(m.user) >= m.id:
             return await self._end(m, "skipped_read")
+        # The wait for a slot and the lookups took part of ack_wait: a full
+        # one again for the POST, or JetStream hands the message out twice.
+        await m.working()
         await self._post(m, url)
 
     async def _end(self, m: HookMessage, result: str) -> None:

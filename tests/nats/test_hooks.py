@@ -47,7 +47,7 @@ class Receiver:
 
     url: str = ""
     requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    answers: list[int | str] = field(default_factory=list)  # status, or "hang"
+    answers: list[int | str | float] = field(default_factory=list)  # status, "hang", or seconds then 200
 
     def ids(self) -> list[str]:
         return [h["Herald-Delivery-Id"] for h, _ in self.requests]
@@ -57,6 +57,9 @@ class Receiver:
         answer = self.answers.pop(0) if self.answers else 200
         if answer == "hang":
             await asyncio.sleep(3600)
+        if isinstance(answer, float):
+            await asyncio.sleep(answer)
+            answer = 200
         headers = {"Retry-After": "1"} if answer == 429 else {"Location": "/moved"} if answer in (301, 302, 303) else {}
         return web.Response(status=int(answer), text="ok" if answer == 200 else "no", headers=headers)
 
@@ -312,6 +315,29 @@ async def test_two_dispatchers_send_each_message_once(
     assert collections.Counter(receiver.ids()).most_common(1)[0][1] == 1
     per = [d.metrics.deliveries.labels("delivered")._value.get() for d in (first, second)]
     assert sum(per) == 40
+
+
+async def test_a_message_whose_lookups_were_slow_is_not_sent_twice(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    # ack_wait is 2 x timeout + 1 s = 3 s. Lookups that take 2.5 s (NATS slow:
+    # a leader election) and a POST of 0.9 s end past it: JetStream hands the
+    # message out again unless the dispatcher said it was still on it.
+    settings = hook_settings(node, receiver.url, timeout=1.0)
+    dispatcher = dispatchers(settings)
+    looked_up = dispatcher.source.online
+
+    async def slow_online(user: str) -> bool:
+        await asyncio.sleep(2.5)
+        return await looked_up(user)
+
+    dispatcher.source.online = slow_online  # type: ignore[method-assign]
+    await consumer_ready(nats_server, settings)
+    receiver.answers = [0.9, 0.9]
+    sent = await api_publish(http, node, "user:slow", 1)
+    await wait_for(lambda: receiver.requests, timeout=10)
+    await asyncio.sleep(3.5)  # a second copy would have been handed out at 3 s, POSTed at 5.5 s
+    assert receiver.ids() == [sent]
 
 
 async def test_a_killed_dispatchers_message_is_sent_after_restart_with_the_same_id(
