@@ -235,11 +235,17 @@ async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02)
             await asyncio.sleep(interval)
 
 
-async def core_publish(nats_url: str, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
-    """Publish with plain core NATS, as any backend would."""
+async def core_publish(
+    nats_url: str, subject: str, data: bytes | list[bytes], headers: dict[str, str] | None = None
+) -> None:
+    """Publish with plain core NATS, as any backend would. Several payloads go
+    on one connection: the stream stores them in that order (publishes on
+    different connections may be stored out of order, even one flushed before
+    the other was sent)."""
     nc = await nats.connect(nats_url)
     try:
-        await nc.publish(subject, data, headers=headers)
+        for payload in [data] if isinstance(data, bytes) else data:
+            await nc.publish(subject, payload, headers=headers)
         await nc.flush()
     finally:
         await nc.close()

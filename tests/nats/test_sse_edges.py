@@ -238,8 +238,7 @@ async def test_framing_round_trips_through_a_whatwg_parser(
     node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession, envelope: bool
 ) -> None:
     prefix = node.settings.subject.prefix
-    for p in PAYLOADS:
-        await core_publish(nats_server.url, f"{prefix}.room.lobby", p, {"Herald-Event": "chat"})
+    await core_publish(nats_server.url, f"{prefix}.room.lobby", PAYLOADS, {"Herald-Event": "chat"})
     params = [("token", token("alice")), ("room", "lobby"), ("since", "0")]
     if envelope:
         params.append(("envelope", "1"))
