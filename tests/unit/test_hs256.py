@@ -4,7 +4,7 @@ same Identity or the same refusal (reason and message) as ``jwt.decode``.
 The property draws tokens by hand, segment by segment (header and claims as
 raw JSON text, so duplicate keys, 1e400, NaN, lone surrogates and non-objects
 can be drawn), signs them with the right key or not, and sometimes mangles the
-result. Budget: ``max(HERALD_FUZZ_EXAMPLES, 500)`` examples (tests/fuzzing.py).
+result. Budget: ``max(HERALD_FUZZ_EXAMPLES, 300)`` examples (tests/fuzzing.py).
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def hs256_report() -> Any:
 
 
 @pytest.mark.timeout(0)
-@settings(FUZZ, max_examples=max(EXAMPLES, 500))
+@settings(FUZZ, max_examples=max(EXAMPLES, 300))
 @given(data=st.data(), jwt_settings=JWT_SETTINGS)
 def test_fast_path_decides_as_pyjwt(data: st.DataObject, jwt_settings: JwtSettings) -> None:
     fast, reference = authenticators(jwt_settings)
