@@ -286,7 +286,7 @@ class NodeApi:
         self._node_id = settings.node.id
         self._page_max = settings.history.page_max
         self._admin_key = settings.admin.key
-        self._jwt_secret = settings.jwt.secret
+        self._jwt = settings.jwt
         self._body_timeout = settings.http.handshake_timeout
         self._broker = broker
         self._sessions = sessions
@@ -381,7 +381,8 @@ class NodeApi:
                 raise ValueError("ttl must be a number of seconds from 1 to 86400")
         except (orjson.JSONDecodeError, InvalidChannel, ValueError) as exc:
             return json_error(400, "bad_request", f'body must be {{"user": "<id>", "ttl": <seconds>}}: {exc}')
-        token = mint_token(self._jwt_secret, user, rooms=["*"], publish=["*"], ttl=ttl)
+        jwt = self._jwt
+        token = mint_token(jwt.secret, user, ["*"], ["*"], ttl, audience=jwt.audience, issuer=jwt.issuer)
         return json_response({"token": token, "user": user, "expires_in": ttl})
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -190,14 +190,21 @@ def mint_token(
     publish: Iterable[str] = (),
     ttl: float = 3600.0,
     algorithm: str = "HS256",
+    audience: str = "",
+    issuer: str = "",
     **extra: Any,
 ) -> str:
-    """A token for ``herald token``, ``herald dev`` and tests."""
+    """A token for ``herald token``, ``herald dev`` and tests; with the
+    ``audience`` and ``issuer`` a node's ``jwt`` settings require, if any."""
     now = int(time.time())
     claims: dict[str, Any] = {"sub": user, "iat": now, "exp": now + int(ttl)}
     if rooms:
         claims["rooms"] = list(rooms)
     if publish:
         claims["publish"] = list(publish)
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
     claims.update(extra)
     return jwt.encode(claims, key, algorithm=algorithm)

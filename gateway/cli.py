@@ -118,7 +118,8 @@ def _run_dev(settings: Settings, server: NatsServer, port: int, secret: str) -> 
 
     configure_logging(settings.log.level)
     base = f"http://127.0.0.1:{port}"
-    token = mint_token(secret, "alice", rooms=["*"], publish=["*"], ttl=86400)
+    jwt = settings.jwt
+    token = mint_token(secret, "alice", ["*"], ["*"], 86400, audience=jwt.audience, issuer=jwt.issuer)
 
     def banner() -> None:
         print(
@@ -201,7 +202,8 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print("herald: set jwt.secret (HERALD_JWT_SECRET) or pass --key PRIVATE.pem", file=sys.stderr)
         return 2
-    print(mint_token(key, args.user, args.room, args.publish, args.ttl, algorithm))
+    jwt = settings.jwt
+    print(mint_token(key, args.user, args.room, args.publish, args.ttl, algorithm, jwt.audience, jwt.issuer))
     return 0
 
 

@@ -112,6 +112,12 @@ async def test_dev_token_endpoint_only_when_enabled(node_factory: NodeFactory, h
         short = await r.json()
     assert short["expires_in"] == 5
     assert jwt.decode(short["token"], options={"verify_signature": False})["exp"] - time.time() <= 5
+    strict = await node_factory(http={"dev_tokens": True}, jwt={"audience": "herald-prod", "issuer": "https://auth"})
+    async with http.post(strict.url + "/api/dev/token", json={"user": "dora"}) as r:
+        minted = (await r.json())["token"]
+    ws = await http.ws_connect(strict.ws_url, params={"token": minted})
+    assert (await recv_json(ws))["type"] == "welcome"  # the node's own audience and issuer
+    await ws.close()
     bad_ttls = ({"user": "d", "ttl": t} for t in (0, "5", 86401, True))
     for bad in ({"user": "a.b"}, {"user": ""}, ["dora"], {}, *bad_ttls):
         async with http.post(on.url + "/api/dev/token", json=bad) as r:

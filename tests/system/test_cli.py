@@ -57,6 +57,15 @@ def test_token_mints_a_jwt_the_node_accepts(tmp_path: Path) -> None:
         Authenticator(JwtSettings(secret=SECRET + "-other")).verify(lines[0])
 
 
+def test_token_carries_the_audience_and_issuer_the_node_requires(tmp_path: Path) -> None:
+    aud, iss = "herald-prod", "https://auth.example"
+    env = {"HERALD_JWT_SECRET": SECRET, "HERALD_JWT_AUDIENCE": aud, "HERALD_JWT_ISSUER": iss}
+    result = run_cli(["token", "bob"], tmp_path, **env)
+    assert result.returncode == 0, result.stderr
+    identity = Authenticator(JwtSettings(secret=SECRET, audience=aud, issuer=iss)).verify(result.stdout.strip())
+    assert identity.user == "bob"
+
+
 def test_token_without_a_secret_exits_2_with_a_message(tmp_path: Path) -> None:
     result = run_cli(["token", "bob"], tmp_path)
     assert result.returncode == 2
