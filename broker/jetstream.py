@@ -320,6 +320,7 @@ class NatsBroker:
     async def _on_disconnected(self) -> None:
         # The server we come back to may have lost the stream: not ready until checked.
         self._stream_ready = False
+        self.presence.pause()
         # Live messages wait until the stream is checked and the gap caught up.
         self._sequencer.pause()
         if not self._closing:

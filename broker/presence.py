@@ -13,6 +13,9 @@ are gone (listed under ``_inst.<instance>``) so the bucket does not grow.
 Writes are queued and applied in order by one task, latest state per key:
 joining and leaving never wait for NATS. What is queued goes out as one
 pipelined batch (a connect storm queues one entry per connect).
+
+NATS may come back with a new store, without the join / leave markers:
+``_store_lost``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from nats.js.kv import KeyValue
 from .acks import AckedPublisher, Outgoing
 from .base import BrokerUnavailable
 from .channels import Channel, InvalidChannel, Subjects, channel_id, glob_match, is_room, parse_channel
-from .kv import bind_bucket, from_key_token, key_token, live_keys, storage_type
+from .kv import Bucket, bind_bucket, from_key_token, key_token, live_keys, storage_type
 from .link import NatsLink
 from .tasks import cancel_and_wait
 
@@ -87,6 +90,15 @@ class KvPresence:
         self._local: set[tuple[Channel, str]] = set()
         self._pending: dict[tuple[Channel, str], bool] = {}
         self._wake = asyncio.Event()
+        # Pairs whose join this node judged and whose leave it has not: the markers it counts on.
+        self._marked: set[tuple[Channel, str]] = set()
+        # Set once ensure() has seen whether the bucket is new (its stream's
+        # creation time: ``_created``); cleared while NATS is away.
+        self._bound = asyncio.Event()
+        self._created: float | None = None
+        # For a ttl after a store loss: the pairs whose join / leave is held back.
+        self._settling: asyncio.TimerHandle | None = None
+        self._held: set[tuple[Channel, str]] = set()
         # Set by a close: the write loop ends after the batch it is writing
         # (its entries written and their leaves judged), never in between.
         self._stopping = False
@@ -115,14 +127,50 @@ class KvPresence:
         )
         # Waits while NATS reconnects, as nats-py's put did.
         self._acks = AckedPublisher(self._link, self._kv._stream, self._timeout, buffered=True)
+        created = (await js.stream_info(self._kv._stream)).created
+        stamp = created.timestamp() if created else 0.0
         if not self._tasks:  # the first connect
             await self._register()
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._write_loop()), loop.create_task(self._heartbeat_loop())]
+        elif stamp != self._created:  # a reconnect to a new store
+            await self._store_lost()
+            await self._come_back("NATS has a new store (joins and leaves are held back for the ttl)")
         elif not await self._refresh():  # a reconnect, after the ttl: taken for dead meanwhile
-            await self._come_back()
-        else:  # the store may be new all the same: write everything again
+            await self._come_back("this node was taken for a dead one (a stall, or NATS away)")
+        else:  # the same bucket: everything written again all the same
             self._rewrite()
+        self._created = stamp
+        self._bound.set()
+
+    def pause(self) -> None:
+        """NATS is away, and may come back with a new store: nothing is judged until ensure() has looked."""
+        self._bound.clear()
+
+    async def _store_lost(self) -> None:
+        """The bucket is new (memory storage, a disk lost): the markers are
+        gone. Those this node counts on are put back where the new bucket never
+        had the key (a leave announced since stays announced), and joins and
+        leaves are held back for a ttl, until every live node has done the same
+        and written its users again (on its own reconnect): a missing marker
+        then means again that the user is out, not that the marker was lost."""
+        assert self._kv is not None
+        if self._settling is not None:
+            self._settling.cancel()
+        self._settling = asyncio.get_running_loop().call_later(self._ttl, self._settle)
+        bucket = Bucket(self._link, self._kv, self._timeout)
+        markers = [self._marker(*key) for key in self._marked]
+        for start in range(0, len(markers), WRITE_BATCH):
+            await asyncio.gather(*(bucket.write(key, b"1", 0) for key in markers[start : start + WRITE_BATCH]))
+
+    def _settle(self) -> None:
+        """The ttl after a store loss is over (or a close cuts it short): what was held back is judged, as it is now."""
+        if self._settling is not None:
+            self._settling.cancel()
+        self._settling = None
+        self._pending.update({key: key in self._local for key in self._held - self._pending.keys()})
+        self._held.clear()
+        self._wake.set()
 
     async def _register(self) -> None:
         """Say this instance is alive, and that its entries are to be swept if it dies."""
@@ -141,11 +189,11 @@ class KvPresence:
             return False
         return True
 
-    async def _come_back(self) -> None:
-        """After a lapse: register again, write every entry again (a sweep
-        deleted them, or is deleting them: the next refresh then finds the
-        registration gone and comes here again), and tell ``on_lapse``."""
-        log.warning("presence: this node was taken for a dead one (a stall, or NATS away); writing its state again")
+    async def _come_back(self, why: str) -> None:
+        """After a lapse (or a store loss): register again, write every entry
+        again (a sweep deleted them, or is deleting them: the next refresh then
+        finds the registration gone and comes here again), and tell ``on_lapse``."""
+        log.warning("presence: %s; writing its state again", why)
         await self._register()
         self._rewrite()
         if self.on_lapse is not None:
@@ -176,6 +224,7 @@ class KvPresence:
             await self._wake.wait()
             self._wake.clear()
             while self._pending and not self._stopping and self._kv is not None and self._acks is not None:
+                await self._bound.wait()
                 batch = list(itertools.islice(self._pending.items(), WRITE_BATCH))
                 try:
                     await self._write_batch(batch)
@@ -192,7 +241,13 @@ class KvPresence:
         # not one after another.
         judged = [((room, user), present) for (room, user), present in batch if self._announces(room)]
         if judged:
+            await self._bound.wait()  # NATS went away meanwhile: the store may be new
+        if judged and self._settling is not None:
+            self._held.update(key for key, _ in judged)
+        elif judged:
             await asyncio.gather(*((self._joined if present else self._left)(*key) for key, present in judged))
+            self._marked.update(key for key, present in judged if present)
+            self._marked.difference_update(key for key, present in judged if not present)
         for key, present in batch:
             if self._pending.get(key) is present:  # not changed meanwhile
                 del self._pending[key]
@@ -278,7 +333,7 @@ class KvPresence:
             await asyncio.sleep(beat)
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 if not await self._refresh():
-                    await self._come_back()
+                    await self._come_back("this node was taken for a dead one (a stall, or NATS away)")
             # Every beat (two small listings while no node is gone): a dead
             # node's users leave in announcements within ttl/3 of leaving
             # presence answers (its key expired), not up to a ttl after.
@@ -383,6 +438,7 @@ class KvPresence:
         connections a drain just closed) get ``timeout`` to finish; whatever
         is left stays for a survivor's sweep, which announces those leaves.
         Call it while NATS is still connected: announcements go out on it."""
+        self._settle()  # what is held back after a store loss is judged now, or never
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._pending and self._tasks and loop.time() < deadline:

@@ -8,11 +8,14 @@ import asyncio
 import itertools
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from broker.embedded import NatsServer
+from broker.embedded import NatsServer, free_port
 
 from ..helpers import ADMIN_KEY, NodeFactory, RunningNode, recv_json, recv_until, spawn_cluster_node, token, wait_for
 
@@ -194,3 +197,118 @@ async def test_a_client_asking_right_after_its_welcome_is_among_the_members(
     await wait_for(lambda: len(node.node.sessions) == 1)
     assert (await ask(bob, "lobby", "q"))["users"] == ["bob"]
     await bob.close()
+
+
+# -- a store lost with NATS ------------------------------------------------------
+
+STORE_TTL = 3.0
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of this test's own, to restart (the session server must not be disturbed)."""
+    server = NatsServer(port=free_port(), store_dir=str(tmp_path / "jetstream"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def announcing(**extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A cluster of memory storage (a restarted NATS has a fresh store) announcing chat-* rooms."""
+    return cluster(rooms={"join_leave": ["chat-*"]}, presence={"ttl": STORE_TTL}, **extra)
+
+
+def presence_frames(frames: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(f["type"], f["user"]) for f in frames if f["type"] in ("join", "leave")]
+
+
+async def frames_for(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> list[dict[str, Any]]:
+    """Every frame that arrives within ``seconds``."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            got.append(await recv_json(ws, timeout=left))
+        except TimeoutError:
+            break
+    return got
+
+
+async def restart_with_a_fresh_store(
+    server: NatsServer,
+    http: aiohttp.ClientSession,
+    nodes: list[RunningNode],
+    leaving: list[aiohttp.ClientWebSocketResponse],
+) -> None:
+    """Kill NATS, close ``leaving`` while it is away, start it again (memory
+    storage: every stream and bucket is gone) and wait for every node to be ready."""
+    server.kill()
+    await wait_for(lambda: not any(n.node.broker.connected for n in nodes), timeout=5)
+    for ws in leaving:
+        await ws.close()
+    await asyncio.sleep(0.3)  # their leaves are queued
+    server.start()
+
+    async def ready(node: RunningNode) -> bool:
+        async with http.get(node.url + "/readyz") as r:
+            return r.status == 200
+
+    for node in nodes:
+        await wait_for(lambda: ready(node), timeout=10, interval=0.1)  # noqa: B023
+
+
+async def test_a_store_lost_with_nats_announces_who_left_meanwhile_and_no_one_else(
+    own_nats: NatsServer, node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """NATS restarts with a fresh store, which has lost the join / leave
+    markers. Writing its entries back, the node announced everyone still in
+    the room joining again, and bob, who left meanwhile, leaving never."""
+    node = await node_factory(nats_url=own_nats.url, nats={"reconnect_wait": 0.2}, **announcing())
+    observer = await open_ws(http, node, "olga", ["chat-1"])
+    alice = await open_ws(http, node, "alice", ["chat-1"])
+    bob = await open_ws(http, node, "bob", ["chat-1"])
+    joined = presence_frames(await frames_for(observer, 1.0))
+    assert sorted(joined) == [("join", "alice"), ("join", "bob"), ("join", "olga")]
+
+    await restart_with_a_fresh_store(own_nats, http, [node], leaving=[bob])
+    got = presence_frames(await frames_for(observer, STORE_TTL + 2.0))
+    assert got == [("leave", "bob")], got
+    assert await api_presence(http, node.url, "chat-1") == (200, {"room": "chat-1", "users": ["alice", "olga"]})
+
+    # Announcements carry on as before: alice's marker is there to take away.
+    carl = await open_ws(http, node, "carl", ["chat-1"])
+    await alice.close()
+    assert sorted(presence_frames(await frames_for(observer, 1.5))) == [("join", "carl"), ("leave", "alice")]
+    for ws in (observer, carl):
+        await ws.close()
+
+
+async def test_a_store_lost_with_nats_waits_for_the_other_nodes_before_a_leave(
+    own_nats: NatsServer, node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """Two nodes, the second slower to reconnect. Alice's tab on A closed
+    while NATS was away, but she is still in the room on B: no leave (nor
+    any join); carl's only tab, on A, closed: his leave."""
+    shared = announcing()
+    a = await node_factory(nats_url=own_nats.url, nats={"reconnect_wait": 0.2}, **shared)
+    b = await node_factory(nats_url=own_nats.url, nats={"reconnect_wait": 1.5}, **shared)
+    observer = await open_ws(http, a, "olga", ["chat-1"])
+    alice_a = await open_ws(http, a, "alice", ["chat-1"])
+    alice_b = await open_ws(http, b, "alice", ["chat-1"])
+    bob = await open_ws(http, b, "bob", ["chat-1"])
+    carl = await open_ws(http, a, "carl", ["chat-1"])
+    joined = presence_frames(await frames_for(observer, 1.0))
+    assert sorted(joined) == [("join", "alice"), ("join", "bob"), ("join", "carl"), ("join", "olga")]
+
+    await restart_with_a_fresh_store(own_nats, http, [a, b], leaving=[alice_a, carl])
+    got = presence_frames(await frames_for(observer, STORE_TTL + 2.0))
+    assert got == [("leave", "carl")], got
+    assert (await api_presence(http, a.url, "chat-1"))[1]["users"] == ["alice", "bob", "olga"]
+
+    await alice_b.close()
+    assert presence_frames(await frames_for(observer, 1.5)) == [("leave", "alice")]
+    await bob.close()
+    assert presence_frames(await frames_for(observer, 1.5)) == [("leave", "bob")]
+    await observer.close()
