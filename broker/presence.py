@@ -25,9 +25,8 @@ import contextlib
 import itertools
 import logging
 import re
-import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 
 import nats.errors
 import nats.js.errors
@@ -40,6 +39,7 @@ from .base import BrokerUnavailable
 from .channels import Channel, InvalidChannel, Subjects, channel_id, glob_match, is_room, parse_channel
 from .kv import Bucket, bind_bucket, from_key_token, key_token, live_keys, storage_type
 from .link import NatsLink
+from .liveness import LiveInstances
 from .tasks import cancel_and_wait
 
 log = logging.getLogger("herald.presence")
@@ -103,13 +103,9 @@ class KvPresence:
         # (its entries written and their leaves judged), never in between.
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._alive_cache: set[str] = set()
-        self._alive_at = -1e9  # when the cached listing began (monotonic)
-        self._refreshing: asyncio.Future[set[str]] | None = None
-        self._refresh_began = -1e9
-        # Instances seen in entries but absent from a listing begun after: gone
-        # (ids are per process); until a later listing has them again.
-        self._gone: set[str] = set()
+        self._live = LiveInstances(self.instance, ttl)
+        self.alive = self._live.alive
+        self.alive_now = self._live.alive_now
         self._revision = 0  # of this instance's liveness key, as last written
         # Called when this instance was taken for a dead one (its liveness key
         # lapsed: a stall, NATS away past the ttl) and is back: what others
@@ -125,6 +121,7 @@ class KvPresence:
         self._nodes = await bind_bucket(
             js, KeyValueConfig(bucket=self._nodes_bucket, history=1, ttl=self._ttl, replicas=replicas, storage=kind)
         )
+        self._live.nodes = self._nodes
         # Waits while NATS reconnects, as nats-py's put did.
         self._acks = AckedPublisher(self._link, self._kv._stream, self._timeout, buffered=True)
         created = (await js.stream_info(self._kv._stream)).created
@@ -364,55 +361,6 @@ class KvPresence:
             log.info("presence: removed the entries of instance %s (gone)", dead)
 
     # -- queries -----------------------------------------------------------------
-
-    async def _alive(self) -> set[str]:
-        assert self._nodes is not None
-        began = time.monotonic()
-        alive = set(await live_keys(self._nodes, "*"))
-        if began >= self._alive_at:  # listings may end out of order: the newest is kept
-            self._alive_cache, self._alive_at = alive, began
-        self._gone -= alive
-        return set(alive)
-
-    async def alive(self, seen: Collection[str] = ()) -> set[str]:
-        """Live instances (for checks on every connect): a listing begun at
-        most ttl/3 ago — or after this call, when ``seen`` (the instances of
-        entries read before it) names one the cached listing lacks: a node
-        started since is not taken for a dead one."""
-        if self._nodes is None:
-            return {self.instance}
-        now = time.monotonic()
-        unknown = set(seen) - self._alive_cache - self._gone
-        if unknown:
-            await self._listing(now)
-            self._gone |= unknown - self._alive_cache
-        elif now - self._alive_at > self._ttl / 3:
-            await self._listing(now - self._ttl / 3)
-        return set(self._alive_cache)
-
-    async def alive_now(self) -> set[str]:
-        """Live instances as a listing begun now has them: for a request that
-        waits for every live node (the server API), where a node that stopped
-        or started in the last ttl/3 would be miscounted by ``alive``."""
-        if self._nodes is None:
-            return {self.instance}
-        await self._listing(time.monotonic())
-        return set(self._alive_cache)
-
-    async def _listing(self, since: float) -> None:
-        """Return once a listing of the live instances begun at or after
-        ``since`` (monotonic) is done; raise if it fails. One listing at a
-        time, shared by everyone asking meanwhile (a burst of connects or
-        closes would otherwise start a KV listing, one consumer, each)."""
-        while self._alive_at < since:
-            refresh = self._refreshing
-            if refresh is not None and not refresh.done() and self._refresh_began < since:
-                await asyncio.wait([refresh])  # begun too early: the next one, once it is done
-                continue
-            if refresh is None or refresh.done():
-                self._refresh_began = time.monotonic()
-                refresh = self._refreshing = asyncio.ensure_future(self._alive())
-            await asyncio.shield(refresh)
 
     async def members(self, room: Channel) -> list[str]:
         """Users with a connection in ``room`` on any live node, sorted."""

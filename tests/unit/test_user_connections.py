@@ -15,10 +15,8 @@ async def test_a_burst_of_lookups_of_live_nodes_is_one_kv_listing(monkeypatch: p
     1,000 clients left at once, and those connections stayed counted."""
     import asyncio
 
-    import broker.presence
-    from broker.channels import Subjects
-    from broker.link import NatsLink
-    from broker.presence import KvPresence
+    import broker.liveness
+    from broker.liveness import LiveInstances
 
     listings = 0
 
@@ -28,11 +26,11 @@ async def test_a_burst_of_lookups_of_live_nodes_is_one_kv_listing(monkeypatch: p
         await asyncio.sleep(0.01)  # a round trip
         return ["n1-abc"]
 
-    monkeypatch.setattr(broker.presence, "live_keys", live_keys)
-    presence = KvPresence(NatsLink(), Subjects(), "S", "n1", ttl=3.0)
-    presence._nodes = object()  # type: ignore[assignment]
-    answers = await asyncio.gather(*(presence.alive() for _ in range(200)))
+    monkeypatch.setattr(broker.liveness, "live_keys", live_keys)
+    live = LiveInstances("n1-abc", ttl=3.0)
+    live.nodes = object()  # type: ignore[assignment]
+    answers = await asyncio.gather(*(live.alive() for _ in range(200)))
     assert listings == 1
     assert all(a == {"n1-abc"} for a in answers)
-    await presence.alive()  # fresh: no lookup
+    await live.alive()  # fresh: no lookup
     assert listings == 1
