@@ -4,9 +4,9 @@ stream, one at a time per message across every dispatcher of the cluster.
 A durable pull consumer on ``<prefix>.user.>`` is shared by all dispatchers
 (a work queue): JetStream hands each message to one of them and hands it again
 only after ``ack_wait`` without an answer — so a dispatcher that dies
-mid-delivery is replaced, and while one works on a message (it reports
-progress) no other gets it. Waiting and retrying are ``nak`` with a delay:
-nothing is held in a dispatcher's memory, a restart loses nothing. What
+mid-delivery is replaced, and while one works on a message, or waits for it
+to fall due (it reports progress), no other gets it. Retrying, and waiting
+longer than that, are ``nak`` with a delay: a restart loses nothing. What
 finally fails is published to a dead-letter stream.
 """
 
@@ -79,7 +79,7 @@ class Backlog:
     """The shared consumer's load, for all dispatchers."""
 
     waiting: int  # not yet handed to a dispatcher
-    held: int  # handed out, not answered: being POSTed, or waiting for a delayed nak to fall due
+    held: int  # handed out, not answered: being POSTed, fetched and not yet due, or waiting for a delayed nak
     limit: int  # the consumer's max_ack_pending: at it, JetStream hands out nothing new
 
     @property

@@ -4,9 +4,15 @@ read within ``hooks.unread_after`` — are POSTed, signed, to the backend that
 sends pushes, mails or texts. At least once, never twice at the same time;
 the stream id is the idempotency key (``Herald-Delivery-Id``).
 
-Decisions per message (each ends it, or hands it back to come again):
-online and (no unread_after, or read) → skip; offline and younger than
-offline_after → later; read meanwhile → skip; else POST: 2xx → done; 429 →
+A dispatcher takes no message before it is due: the one it was handed waits,
+kept in progress (no slot of max_ack_pending but its own), until it is as old
+as the shortest wait that can apply — offline_after, or unread_after if
+shorter. The stream is in time order: nothing behind it falls due earlier
+(a retry that falls due meanwhile is fetched after the wait).
+Then, per message (each decision ends it, or hands it back to come again):
+online and (no unread_after, or read) → skip; online and younger than
+unread_after, or offline and younger than offline_after → later (a delayed
+nak, which keeps its slot); read meanwhile → skip; else POST: 2xx → done; 429 →
 after Retry-After (seconds or a date, at most the horizon) or the backoff if
 longer; 3xx (redirects are not followed) and other 4xx → dead letter; 5xx /
 timeout / refused → later with backoff (logged, throttled), dead letter past
@@ -76,8 +82,8 @@ class HookMetrics:
         self.queue = Gauge("herald_webhook_queue_depth", "User messages not yet decided on", registry=r)
         self.ack_pending = Gauge(
             "herald_webhook_ack_pending",
-            "User messages handed out and not yet answered, all dispatchers: being sent, or waiting"
-            " (Retry-After, backoff, offline_after, unread_after)",
+            "User messages handed out and not yet answered, all dispatchers: being sent, fetched and not"
+            " yet due, or handed back to wait (Retry-After, backoff, the longer of unread_after/offline_after)",
             registry=r,
         )
         self.ack_pending_limit = Gauge(
@@ -99,14 +105,19 @@ class Dispatcher:
         self.hooks: HooksSettings = settings.hooks
         self.routes = hook_routes(self.hooks.routes)
         self.secrets = [s for s in (self.hooks.secret, self.hooks.secret_previous) if s]
+        ack_wait = 2 * self.hooks.timeout + 1.0  # longer than any request (renewed before it): no two at once
         self.source = source or HookSource(
             settings.nats.urls,
             Subjects(settings.subject.prefix, settings.live_prefix),
             settings.stream.name,
-            ack_wait=2 * self.hooks.timeout + 1.0,  # longer than any request (renewed before it): no two at once
+            ack_wait=ack_wait,
             connect_timeout=settings.nats.connect_timeout,
             max_ack_pending=self.hooks.max_ack_pending,
         )
+        h = self.hooks
+        self.due_after = min(h.offline_after, h.unread_after) if h.unread_after else h.offline_after
+        self._renew_every = ack_wait / 3  # a message waiting to fall due is kept this often
+        self._held: list[HookMessage] = []  # fetched, not yet handled (the next first)
         self.metrics = HookMetrics()
         self.metrics.ready.set_function(lambda: 1.0 if self.source.ready else 0.0)
         self._http: aiohttp.ClientSession | None = None
@@ -122,20 +133,25 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Dispatch until cancelled; what is in flight then is finished (or left
-        to JetStream, which hands it to another dispatcher after ack_wait)."""
+        to JetStream, which hands it to another dispatcher after ack_wait),
+        what waits to fall due is handed back at once."""
         await self.source.start()
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.hooks.timeout))
         depth = asyncio.create_task(self._watch_depth())
         try:
             async for batch in self.source.messages(self.hooks.concurrency):
-                for message in batch:
+                self._held = batch
+                while self._held:
+                    await self._until_due(self._held)
                     await self._slots.acquire()
-                    task = asyncio.create_task(self._handle(message))
+                    task = asyncio.create_task(self._handle(self._held.pop(0)))
                     self._tasks.add(task)
                     task.add_done_callback(self._finished)
         finally:
             self._finishing = True
             depth.cancel()
+            held, self._held = self._held, []
+            await asyncio.gather(*(m.later(0.0) for m in held), return_exceptions=True)  # for another dispatcher
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self.hooks.timeout + 1)
             await self._http.close()
@@ -149,6 +165,19 @@ class Dispatcher:
             return
         task.cancel()
         asyncio.get_running_loop().call_later(0.5, self.stop, task)
+
+    async def _until_due(self, held: list[HookMessage]) -> None:
+        """Wait until ``held[0]`` is ``due_after`` seconds old, keeping all of
+        ``held`` in progress meanwhile (JetStream would hand them out again
+        after ack_wait). A stream clock ahead of ours (a negative age): at most
+        ``due_after``."""
+        until = time.monotonic() + self.due_after - max(held[0].age, 0.0)
+        while (left := until - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, self._renew_every))
+            answers = await asyncio.gather(*(m.working() for m in held), return_exceptions=True)
+            failed = [a for a in answers if isinstance(a, Exception)]
+            if failed:  # NATS closed or its buffer full: at least once still (the same Herald-Delivery-Id)
+                warn("keep", "could not keep %d waiting webhooks (%r): they may be sent twice", len(failed), failed[0])
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -168,11 +197,11 @@ class Dispatcher:
         self.metrics.ack_pending.set(backlog.held)
         self.metrics.ack_pending_limit.set(backlog.limit)
         if backlog.full:
-            # Waits hold their message's place: one route that keeps failing can stop them all.
+            # Retries hold their message's place: one route that keeps failing can stop them all.
             warn(
                 "full",
-                "webhooks stalled: %d messages are being sent or wait (Retry-After, backoff, offline_after,"
-                " unread_after), hooks.max_ack_pending is %d: no new message is handed out, on any route,"
+                "webhooks stalled: %d messages are being sent or wait (Retry-After, backoff, the longer of"
+                " unread_after/offline_after), hooks.max_ack_pending is %d: no new message is handed out, on any route,"
                 " until some are answered. Fix the receiver that keeps failing (retries in the log) or raise"
                 " hooks.max_ack_pending",
                 backlog.held,

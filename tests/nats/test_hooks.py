@@ -8,6 +8,7 @@ import asyncio
 import collections
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from gateway.hooks import Dispatcher, verify
 from gateway.settings import Settings, with_overrides
 
 from ..helpers import (
+    PUBLISH_HEADERS,
     RunningNode,
     api_publish,
     cli_env,
@@ -47,6 +49,7 @@ class Receiver:
 
     url: str = ""
     requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # time.monotonic() of each request
     answers: list[int | str | float] = field(default_factory=list)  # status, "hang", or seconds then 200
 
     def ids(self) -> list[str]:
@@ -54,6 +57,7 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append((dict(request.headers), await request.read()))
+        self.times.append(time.monotonic())
         answer = self.answers.pop(0) if self.answers else 200
         if answer == "hang":
             await asyncio.sleep(3600)
@@ -661,3 +665,87 @@ async def test_waits_that_fill_max_ack_pending_are_shown_and_raising_it_ends_the
         await wait_for(lambda: receiver.ids() == [str(mail.seq)], timeout=15, interval=0.2)
     finally:
         await nc.close()
+
+
+async def test_waits_for_offline_after_hold_no_place_in_max_ack_pending(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    """A message younger than offline_after used to be handed back at once
+    with a delayed nak, which kept its place in max_ack_pending for the whole
+    wait: above max_ack_pending / offline_after messages a second (100 here)
+    the shared consumer sat at its limit — "webhooks stalled" in the log,
+    HeraldWebhooksStalling firing, no new message handed out on any route
+    until a wait ended — though no receiver failed. The stream is in time
+    order: a dispatcher now waits for the message it holds to fall due, and
+    holds only what it fetched and what it is sending."""
+    settings = hook_settings(node, receiver.url, offline_after=1.0, max_ack_pending=100, concurrency=16)
+    dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    nc = await nats.connect(nats_server.url)
+    js, stream = nc.jetstream(), settings.stream.name
+    held: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            held.append((await js.consumer_info(stream, f"{stream}_hooks")).num_ack_pending)
+            await asyncio.sleep(0.05)
+
+    published: dict[str, float] = {}
+    watching = asyncio.create_task(watch())
+    start = time.monotonic()
+    try:
+        for b in range(40):  # 400 messages a second for 2 s, to 800 offline users
+            items = [{"channel": f"user:away{b}-{i}", "data": i} for i in range(20)]
+            async with http.post(node.url + "/api/publish", json=items, headers=PUBLISH_HEADERS) as resp:
+                assert resp.status == 200
+                published |= {str(i): time.monotonic() for i in (await resp.json())["ids"]}
+            await asyncio.sleep(max(0.0, start + (b + 1) * 0.05 - time.monotonic()))
+        await wait_for(lambda: len(receiver.requests) >= 800, timeout=30, interval=0.05)
+    finally:
+        watching.cancel()
+        await nc.close()
+    waited = [t - published[i] for i, t in zip(receiver.ids(), receiver.times, strict=True)]
+    rate = 799 / (receiver.times[-1] - receiver.times[0])
+    print(f"POSTed {rate:.0f}/s, {min(waited):.2f} to {max(waited):.2f} s after publishing, held at most {max(held)}")
+    assert sorted(receiver.ids(), key=int) == sorted(published, key=int)  # each once
+    assert min(waited) > 0.9 and max(waited) < 2.0  # none before offline_after, none held up
+    assert max(held) <= 40  # fetched + in flight (2 x concurrency), not rate x offline_after (400)
+
+
+async def test_sigterm_while_waiting_exits_at_once_and_another_sends_it(
+    node: RunningNode,
+    http: aiohttp.ClientSession,
+    receiver: Receiver,
+    dispatchers: Any,
+    nats_server: NatsServer,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    """A dispatcher waiting for a message to fall due stops promptly; the
+    message is handed back, and the next dispatcher sends it when due, with
+    the same Herald-Delivery-Id."""
+    settings = hook_settings(node, receiver.url, offline_after=4.0)
+    proc = spawn(["hooks"], dispatcher_env(settings, nats_server))
+    await consumer_ready(nats_server, settings)
+    sent = await api_publish(http, node, "user:quinn", {"n": 1})
+    published = time.monotonic()
+    nc = await nats.connect(nats_server.url)
+    try:
+        js, stream = nc.jetstream(), settings.stream.name
+
+        async def taken() -> bool:
+            return (await js.consumer_info(stream, f"{stream}_hooks")).num_ack_pending == 1
+
+        await wait_for(taken, timeout=10, interval=0.1)  # the dispatcher holds it, waiting
+    finally:
+        await nc.close()
+    proc.send_signal(signal.SIGTERM)
+    stopping = time.monotonic()
+    await wait_for(lambda: proc.poll() is not None, timeout=10, interval=0.05)
+    assert time.monotonic() - stopping < 3.0 and proc.returncode == 0  # not offline_after (4 s)
+    assert receiver.requests == []
+    dispatchers(settings)  # its replacement
+    await wait_for(lambda: receiver.requests, timeout=15)
+    assert receiver.times[0] - published >= 4.0 - 0.1  # when due, not at once
+    await asyncio.sleep(1.0)
+    assert receiver.ids() == [sent]
+    assert verify(SECRET, receiver.requests[0][0]["Herald-Signature"], receiver.requests[0][1])

@@ -98,6 +98,9 @@ class _Answers:
     async def nak(self, delay: float) -> None:
         self.told.append(("nak", delay))
 
+    async def in_progress(self) -> None:
+        self.told.append(("working", 0.0))
+
 
 class _NoDeadLetters(_LosesOneCancel):
     async def dead_letter(self, message: HookMessage, reason: str) -> str | None:
@@ -147,3 +150,46 @@ def test_backoff_stays_finite_however_many_deliveries() -> None:
     settings = with_overrides(load_settings(env={}, use_default_file=False), hooks={"max_backoff": 5.0})
     dispatcher = Dispatcher(settings)
     assert all(0 <= dispatcher.backoff(attempt) <= 5.0 for attempt in (1, 1023, 1024, 10**6))
+
+
+def _young(n: int, stamp: float) -> tuple[list[HookMessage], list[_Answers]]:
+    answers = [_Answers() for _ in range(n)]
+    return [HookMessage(i, "ann", "message", b"{}", stamp, 1, cast(Msg, a)) for i, a in enumerate(answers)], answers
+
+
+async def test_a_batch_waits_for_its_first_to_fall_due_kept_from_the_others() -> None:
+    """Until the first fetched is offline_after old, all of them are kept in
+    progress (after ack_wait — 1.2 s here — JetStream would hand them out
+    again); a stream clock ahead of ours makes the wait offline_after, no longer."""
+    hooks = {"url": "http://127.0.0.1:9/hook", "secret": SECRET, "offline_after": 0.5, "timeout": 0.1}
+    dispatcher = Dispatcher(with_overrides(Settings(), hooks=hooks), cast(HookSource, _LosesOneCancel()))
+    held, answers = _young(3, time.time() + 3600)  # stamped an hour ahead of us
+    began = time.monotonic()
+    await dispatcher._until_due(held)
+    assert 0.5 <= time.monotonic() - began < 0.8
+    assert [a.told for a in answers] == [[("working", 0.0)] * 2] * 3  # at 0.4 s (ack_wait / 3) and 0.5 s
+    held, answers = _young(3, time.time() - 0.5)  # due already: no wait
+    began = time.monotonic()
+    await dispatcher._until_due(held)
+    assert time.monotonic() - began < 0.05 and all(a.told == [] for a in answers)
+
+
+class _OneYoungBatch(_LosesOneCancel):
+    def __init__(self, batch: list[HookMessage]) -> None:
+        self.batch = batch
+
+    async def messages(self, batch: int) -> AsyncIterator[list[HookMessage]]:
+        yield self.batch
+        await asyncio.sleep(3600)
+
+
+async def test_a_stop_hands_back_what_waits_to_fall_due_at_once() -> None:
+    """Not left for ack_wait: another dispatcher takes them now."""
+    hooks = {"url": "http://127.0.0.1:9/hook", "secret": SECRET, "offline_after": 60.0}
+    held, answers = _young(3, time.time())
+    dispatcher = Dispatcher(with_overrides(Settings(), hooks=hooks), cast(HookSource, _OneYoungBatch(held)))
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.1)
+    dispatcher.stop(task)
+    done, _ = await asyncio.wait([task], timeout=1)
+    assert done and [a.told for a in answers] == [[("nak", 0.0)]] * 3
