@@ -374,7 +374,12 @@ class HeraldClient(Commands):
         except ValueError:  # orjson.JSONDecodeError, and the stdlib's
             log.warning("ignored a frame that is not JSON")
             return
-        if not isinstance(frame, dict) or self._calls.answer(frame):
+        if not isinstance(frame, dict):
+            return
+        if self._calls.answer(frame):
+            # The caller's task takes the answer's effect (on the room set) as soon as it runs:
+            # let it run now, before the frames after the answer (one yield: it was woken first).
+            await asyncio.sleep(0)
             return
         event = event_of(frame)
         if event is None:

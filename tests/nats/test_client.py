@@ -431,3 +431,43 @@ async def _consume(client: HeraldClient, received: list[str | None], resets: lis
             received.append(event.id)
         elif isinstance(event, Reset):
             resets.append(event)
+
+
+# --- the room set after answers that come late: it ends as the node's ------------------------------------
+
+
+def rooms_on_node(node: RunningNode, user: str) -> tuple[str, ...]:
+    """The rooms the user's one connection on ``node`` is in, sorted."""
+    (session,) = node.node.sessions.of_user(user)
+    return tuple(sorted(c.removeprefix("room:") for c in session.channels if c.startswith("room:")))
+
+
+@pytest.mark.parametrize("command", ["subscribe", "unsubscribe"])
+async def test_an_answer_takes_effect_before_the_frame_after_it(
+    command: str, node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """The application's subscribe(x) (unsubscribe(x)) is answered, then the
+    backend takes the connection out of x (joins it to x): the ack and the
+    ``unsubscribed`` (``subscribed``) frame are read back to back, the
+    reader having been held up by a full buffer. The ack's effect on the
+    room set waited for the caller's task, which ran after the reader had
+    handled the next frame too: the set ended opposite to the node's."""
+    user = "u" + uuid.uuid4().hex[:8]
+    start = ["x"] if command == "unsubscribe" else []
+    async with HeraldClient(node.url, token=token(user, rooms=["*"]), rooms=start, buffer=1) as client:
+        await client.ping()
+        for n in range(2):  # the first fills the buffer, the second holds the reader up
+            await api_publish(http, node, f"user:{user}", {"n": n})
+        await wait_for(lambda: len(client._feed) == 1)
+        call = asyncio.create_task(getattr(client, command)("x"))
+        await wait_for(lambda: ("x" in rooms_on_node(node, user)) == (command == "subscribe"))
+        backend = "/api/unsubscribe" if command == "subscribe" else "/api/subscribe"
+        done = await admin(http, node, backend, {"user": user, "room": "x"})
+        assert done[backend.removeprefix("/api/") + "d"] == 1
+        held = rooms_on_node(node, user)
+        events = client.events()
+        async with asyncio.timeout(5):
+            while not isinstance(await anext(events), Subscribed | Unsubscribed):
+                pass
+        await call
+        assert client.rooms == held, f"client: {client.rooms}, node: {held}"
