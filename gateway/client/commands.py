@@ -36,21 +36,21 @@ class Commands:
         rewound = "since" in fields and is_id(fields["since"])  # else the node refuses it (bad_request)
         if rewound:
             self._feed.rewind(f"room:{room}", fields["since"])
-        self._rooms.joining(room)
-        acked = False
         try:
             await self._command("subscribe", fields)
-            acked = True
         finally:
             if rewound:
                 self._feed.rewound(f"room:{room}")  # the answer comes after the replay
-            self._rooms.joined(room, acked)  # acked: reconnects join it from now on, unless left meanwhile
+        self._rooms.joined(room)  # reconnects join it from now on (an unsubscribe sent since is answered after)
 
     async def unsubscribe(self, room: str) -> None:
         """Leave ``room``; reconnects no longer join it (even if this fails, or
         a ``subscribe`` of it sent before is answered after)."""
         self._rooms.unsubscribing(room)
-        await self._command("unsubscribe", {"room": room})
+        try:
+            await self._command("unsubscribe", {"room": room})
+        finally:
+            self._rooms.unsubscribed(room)
 
     async def publish(self, room: str, data: Any, event: str | None = None, ephemeral: bool = False) -> str | None:
         """Publish into ``room``; returns the stored id (None when ``ephemeral``).

@@ -10,11 +10,14 @@ Two kinds (docs/protocol.md §3.2, ``subscribed``):
   for again after each ``welcome`` with ``subscribe {room, since}`` — a room
   the token no longer allows then costs that room, not the connection.
 
-An ``unsubscribed`` frame, or ``unsubscribe``, takes a room out of both;
-``unsubscribe`` also when a ``subscribe`` of it is still under way: the node
-runs the two in the order sent, so the room is left, and that subscribe's
-ack must not put it back. A re-join asks only for rooms still in the set,
-each time it asks.
+The set follows the answers: the node runs one connection's commands in the
+order sent and answers them in that order, so an acknowledged ``subscribe``
+puts its room in, and an ``unsubscribe``'s answer, or an ``unsubscribed``
+frame, takes it out of both kinds. A room with an ``unsubscribe`` under way
+is left out of the set meanwhile (not in a new URL, not re-joined), and a
+``subscribe`` of it answered before then does not put it back for good:
+the ``unsubscribe``'s own answer comes after, and takes it out. A re-join
+asks only for rooms still in the set, each time it asks.
 
 A re-join asks for the room's messages after the position the connection
 resumed from. If that connection ends before the re-join is answered, the
@@ -34,14 +37,14 @@ class Rooms:
         self._asked = dict.fromkeys(asked)  # ordered sets
         self._granted: dict[str, None] = {}
         self._rejoining: dict[str, str | None] = {}  # granted room -> the position its re-join asks from
-        self._joining: dict[str, int] = {}  # room -> subscribes under way, not left since
+        self._leaving: dict[str, int] = {}  # room -> unsubscribes of it sent, not answered
 
     def all(self) -> tuple[str, ...]:
-        return (*self._asked, *self._granted)
+        return tuple(room for room in (*self._asked, *self._granted) if room not in self._leaving)
 
     def in_url(self) -> tuple[str, ...]:
         """The ``room`` parameters of a new connection."""
-        return tuple(self._asked)
+        return tuple(room for room in self._asked if room not in self._leaving)
 
     def to_rejoin(self, channels: Iterable[str], since: str | None) -> tuple[tuple[str, str | None], ...]:
         """The granted rooms a new connection (on ``channels``, resumed from
@@ -49,31 +52,26 @@ class Rooms:
         or where an earlier re-join of it that was not answered asked from."""
         have = set(channels)
         return tuple(
-            (room, self._rejoining.setdefault(room, since)) for room in self._granted if f"room:{room}" not in have
+            (room, self._rejoining.setdefault(room, since))
+            for room in self._granted
+            if f"room:{room}" not in have and room not in self._leaving
         )
 
     def is_granted(self, room: str) -> bool:
-        """Whether ``room`` is still one to re-join (not left, nor asked for since)."""
-        return room in self._granted
+        """Whether ``room`` is still one to re-join (not left, nor asked for, nor being left)."""
+        return room in self._granted and room not in self._leaving
 
     def rejoined(self, room: str) -> None:
         """A re-join was answered: the room's messages come from now on."""
         self._rejoining.pop(room, None)
 
-    def joining(self, room: str) -> None:
-        """``subscribe`` was sent: its answer goes to ``joined``."""
-        self._joining[room] = self._joining.get(room, 0) + 1
-
-    def joined(self, room: str, acked: bool) -> None:
-        """The answer to a ``subscribe`` (``acked``: an ack): the room is in
-        every URL from now on, unless it was left after the subscribe was sent."""
-        under_way = self._joining.pop(room, 0)
-        if under_way > 1:
-            self._joining[room] = under_way - 1
-        if acked and under_way:
-            self._granted.pop(room, None)
-            self._rejoining.pop(room, None)
-            self._asked[room] = None
+    def joined(self, room: str) -> None:
+        """A ``subscribe`` of ``room`` was acknowledged: the connection is in
+        it, and every URL asks for it from now on (an ``unsubscribe`` sent
+        after it is answered after it)."""
+        self._granted.pop(room, None)
+        self._rejoining.pop(room, None)
+        self._asked[room] = None
 
     def granted(self, room: str) -> None:
         """The backend joined the connection to ``room``."""
@@ -81,16 +79,21 @@ class Rooms:
             self._granted[room] = None
 
     def left(self, room: str) -> None:
-        """An ``unsubscribed`` frame, or a re-join refused (also ``unsubscribing``)."""
+        """An ``unsubscribed`` frame, or a re-join refused."""
         self._asked.pop(room, None)
         self._granted.pop(room, None)
         self._rejoining.pop(room, None)
 
     def unsubscribing(self, room: str) -> None:
-        """``unsubscribe`` is sent: the node runs it after the subscribes of
-        ``room`` sent before, so their acks no longer add it."""
+        """``unsubscribe`` is sent: ``room`` is out of the set until its answer."""
+        self._leaving[room] = self._leaving.get(room, 0) + 1
+
+    def unsubscribed(self, room: str) -> None:
+        """The ``unsubscribe`` of ``room`` is over (answered, or it never will be)."""
+        under_way = self._leaving.pop(room, 0)
+        if under_way > 1:
+            self._leaving[room] = under_way - 1
         self.left(room)
-        self._joining.pop(room, None)
 
     def keep_only(self, rooms: Iterable[str]) -> None:
         """After ``refresh``: the rooms the new token still allows."""

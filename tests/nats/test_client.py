@@ -471,3 +471,43 @@ async def test_an_answer_takes_effect_before_the_frame_after_it(
                 pass
         await call
         assert client.rooms == held, f"client: {client.rooms}, node: {held}"
+
+
+async def rooms_after_a_reconnect(
+    client: HeraldClient, http: aiohttp.ClientSession, node: RunningNode, user: str
+) -> tuple[str, ...]:
+    """Cut the connection (4009): the rooms the next one is in once welcomed and re-joined, sorted."""
+    welcomes = [client.welcome]
+    assert (await admin(http, node, "/api/disconnect", {"user": user}))["disconnected"] == 1
+    await wait_for(lambda: client.connected and client.welcome not in welcomes, timeout=5)
+    await client.ping()  # re-joins sent at the welcome are answered before it
+    return rooms_on_node(node, user)
+
+
+@pytest.mark.parametrize("last", ["acked", "too_many_subscriptions", "rate_limited"])
+async def test_a_subscribe_answered_after_an_unsubscribe_does_not_put_the_room_back(
+    last: str, node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """subscribe(x), unsubscribe(x), subscribe(y), subscribe(x), sent without
+    waiting: the node runs them in order, so the room set must end as the
+    node's, whatever the last subscribe's answer. The first subscribe's ack,
+    answered after the unsubscribe was sent, used to put x back when the
+    last one was refused (another subscribe of x under way was counted as
+    its own): the client believed it was in x, and every reconnect joined it."""
+    limits: dict[str, Any] = {"rate_window": 60.0}
+    if last == "too_many_subscriptions":
+        limits["max_subscriptions"] = 1  # y takes the one place: x is refused
+    elif last == "rate_limited":
+        limits["command_rate"] = 4  # the ping and three commands: the last is refused
+    node = await node_factory(limits=limits)
+    user = "u" + uuid.uuid4().hex[:8]
+    async with HeraldClient(node.url, token=token(user, rooms=["*"]), min_delay=0.05) as client:
+        await client.ping()
+        calls = [client.subscribe("x"), client.unsubscribe("x"), client.subscribe("y"), client.subscribe("x")]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        codes = [a.code if isinstance(a, CommandError) else "acked" for a in answers]
+        assert codes == ["acked", "acked", "acked", last]
+        held = ("x", "y") if last == "acked" else ("y",)
+        assert rooms_on_node(node, user) == held
+        assert tuple(sorted(client.rooms)) == held, f"client: {client.rooms}, node: {held}"
+        assert await rooms_after_a_reconnect(client, http, node, user) == held
