@@ -73,8 +73,8 @@ class Client {
     /** Rooms the backend joined this client to (`subscribed`), re-joined after each welcome:
      * room -> the position its unanswered re-join asked from (undefined: none). */
     this.serverRooms = new Map();
-    /** room -> subscribes of it under way, not left since (unsubscribe cancels their effect) */
-    this.joining = new Map();
+    /** room -> unsubscribes of it sent, not answered: out of the URL and the re-joins until then */
+    this.leaving = new Map();
     /** @type {string | null} the last stream id received: the resume position */
     this.lastId = null;
     this.newest = new Map(); // channel -> the largest id handed out: an id not after it is a repeat
@@ -130,34 +130,31 @@ class Client {
   }
 
   /** Join a room; resolves with the ack. Reconnects join it once it is acknowledged:
-   * a room the node refused in a URL would cost the whole connection. */
+   * a room the node refused in a URL would cost the whole connection. The room set follows
+   * the answers, which the node sends in the order the commands were sent. */
   subscribe(room) {
-    this.joining.set(room, (this.joining.get(room) || 0) + 1);
-    const answered = () => {
-      const underWay = this.joining.get(room) || 0; // 0: left since it was sent
-      if (underWay > 1) this.joining.set(room, underWay - 1);
-      else this.joining.delete(room);
-      return underWay > 0;
-    };
-    return this.command({ type: "subscribe", room }).then(
-      (ack) => {
-        if (answered()) {
-          this.serverRooms.delete(room); // asked for now: in the URL
-          this.rooms.add(room);
-        }
-        return ack;
-      },
-      (err) => { answered(); throw err; },
-    );
+    return this.command({ type: "subscribe", room }).then((ack) => {
+      this.serverRooms.delete(room); // asked for now: in the URL (an unsubscribe sent since is answered after)
+      this.rooms.add(room);
+      return ack;
+    });
   }
 
   /** Leave a room (one the backend joined too): reconnects no longer join it, also when a
    * subscribe of it sent before is answered after (the node runs the two in order: it is left). */
   unsubscribe(room) {
-    this.rooms.delete(room);
-    this.serverRooms.delete(room);
-    this.joining.delete(room);
-    return this.command({ type: "unsubscribe", room });
+    this.leaving.set(room, (this.leaving.get(room) || 0) + 1);
+    const answered = () => {
+      const underWay = this.leaving.get(room);
+      if (underWay > 1) this.leaving.set(room, underWay - 1);
+      else this.leaving.delete(room);
+      this.rooms.delete(room);
+      this.serverRooms.delete(room);
+    };
+    return this.command({ type: "unsubscribe", room }).then(
+      (ack) => { answered(); return ack; },
+      (err) => { answered(); throw err; },
+    );
   }
 
   /** Publish into a room; resolves with the ack (its `id`, unless ephemeral). */
@@ -317,7 +314,7 @@ class Client {
     }
     if (this.stopped) return;
     const q = new URLSearchParams({ token: this.token || "" });
-    for (const room of this.rooms) q.append("room", room);
+    for (const room of this.rooms) if (!this.leaving.has(room)) q.append("room", room);
     if (this.lastId) q.set("since", this.lastId);
     if (this.transport === "ws") this.openWs(q);
     else this.openSse(q);
@@ -409,7 +406,7 @@ class Client {
    * from where the stream resumed, or where an earlier re-join of it that was not
    * answered asked from (the stream's position has moved past the room's messages). */
   rejoin(room, tries = 0) {
-    if (!this.serverRooms.has(room)) return; // left meanwhile
+    if (!this.serverRooms.has(room) || this.leaving.has(room)) return; // left, or being left, meanwhile
     if (this.serverRooms.get(room) === undefined) this.serverRooms.set(room, this.lastId);
     const since = this.serverRooms.get(room), channel = `room:${room}`, conn = this.conn;
     // Its replay brings ids older than the other channels': each once, the ones handed out already (up to

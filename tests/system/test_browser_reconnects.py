@@ -359,6 +359,49 @@ async def test_a_room_left_while_its_subscribe_is_under_way_stays_left_after_a_r
 
 
 # ---------------------------------------------------------------------------------------------------------
+# subscribe(x), unsubscribe(x), subscribe(y), subscribe(x) without waiting: the node runs them in order, and the
+# client's rooms end as the node's whatever the last subscribe's answer. The first subscribe's ack used to put x
+# back when the last one was refused (that one's count of subscribes under way was taken as its own).
+
+
+def rooms_on_node(node: RunningNode, user: str) -> list[str]:
+    """The rooms of the user's one stream on ``node``, sorted."""
+    (session,) = node.node.sessions.of_user(user)
+    return sorted(c.removeprefix("room:") for c in session.channels if c.startswith("room:"))
+
+
+CLIENT_ROOMS = "[...c.rooms, ...c.serverRooms.keys()].sort()"
+
+
+@pytest.mark.parametrize(
+    ("transport", "last"),
+    [("ws", "acked"), ("ws", "too_many_subscriptions"), ("ws", "rate_limited"), ("sse", "rate_limited")],
+)
+async def test_a_subscribe_answered_after_an_unsubscribe_does_not_put_the_room_back(
+    transport: str, last: str, node_factory: NodeFactory, browser: Browser
+) -> None:
+    limits: dict[str, Any] = {"rate_window": 60.0}
+    if last == "too_many_subscriptions":
+        limits["max_subscriptions"] = 1  # y takes the one place: x is refused
+    elif last == "rate_limited":
+        limits["command_rate"] = 3  # the fourth command is refused
+    node: RunningNode = await node_factory(limits=limits)
+    gate = Gate()
+    user = "u" + uuid.uuid4().hex[:8]
+    async with client_page(browser, node, token(user, rooms=["*"]), transport, [], setup=gate.install) as page:
+        answers = await page.evaluate(
+            """Promise.allSettled([c.subscribe("x"), c.unsubscribe("x"), c.subscribe("y"), c.subscribe("x")])
+                 .then((all) => all.map((r) => (r.status === "fulfilled" ? "acked" : r.reason.code)))"""
+        )
+        assert answers == ["acked", "acked", "acked", last]
+        held = ["x", "y"] if last == "acked" else ["y"]
+        assert rooms_on_node(node, user) == held
+        assert await page.evaluate(CLIENT_ROOMS) == held
+        await bounce(page, node, gate, user)
+        assert rooms_on_node(node, user) == held
+
+
+# ---------------------------------------------------------------------------------------------------------
 # A command over the node's ws.max_frame: refused by the client (too_large), unsent, the connection kept. A
 # 1009 from the node (a client told a larger maxFrame than the node's) stops the client: docs/protocol.md §8
 # "stop: fix the client" -- the same frame would be refused again.
