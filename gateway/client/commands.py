@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .calls import Answer
-from .events import Message, is_id, message_of
+from .events import CommandError, Message, is_id, message_of
 from .feed import Feed
 from .rooms import Rooms
 
@@ -45,12 +45,17 @@ class Commands:
 
     async def unsubscribe(self, room: str) -> None:
         """Leave ``room``; reconnects no longer join it (even if this fails, or
-        a ``subscribe`` of it sent before is answered after)."""
+        a ``subscribe`` of it sent before is answered after) — unless the node
+        refused it ``rate_limited``: then it did not run, and the room is kept."""
         self._rooms.unsubscribing(room)
+        left = True
         try:
             await self._command("unsubscribe", {"room": room})
+        except CommandError as exc:
+            left = exc.code != "rate_limited"  # not run (protocol §11.2): the connection is still in it
+            raise
         finally:
-            self._rooms.unsubscribed(room)
+            self._rooms.unsubscribed(room, left)
 
     async def publish(self, room: str, data: Any, event: str | None = None, ephemeral: bool = False) -> str | None:
         """Publish into ``room``; returns the stored id (None when ``ephemeral``).

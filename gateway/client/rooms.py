@@ -16,8 +16,11 @@ puts its room in, and an ``unsubscribe``'s answer, or an ``unsubscribed``
 frame, takes it out of both kinds. A room with an ``unsubscribe`` under way
 is left out of the set meanwhile (not in a new URL, not re-joined), and a
 ``subscribe`` of it answered before then does not put it back for good:
-the ``unsubscribe``'s own answer comes after, and takes it out. A re-join
-asks only for rooms still in the set, each time it asks.
+the ``unsubscribe``'s own answer comes after, and takes it out — unless it
+is a ``rate_limited`` refusal: that command was not run, the connection is
+still in the room, and the room stays. Without an answer (the connection
+dropped, a timeout) the room is left: the next connection is not in it. A
+re-join asks only for rooms still in the set, each time it asks.
 
 A re-join asks for the room's messages after the position the connection
 resumed from. If that connection ends before the re-join is answered, the
@@ -88,12 +91,14 @@ class Rooms:
         """``unsubscribe`` is sent: ``room`` is out of the set until its answer."""
         self._leaving[room] = self._leaving.get(room, 0) + 1
 
-    def unsubscribed(self, room: str) -> None:
-        """The ``unsubscribe`` of ``room`` is over (answered, or it never will be)."""
+    def unsubscribed(self, room: str, left: bool) -> None:
+        """The ``unsubscribe`` of ``room`` is over: ``left``, or refused
+        without being run (the connection is still in it)."""
         under_way = self._leaving.pop(room, 0)
         if under_way > 1:
             self._leaving[room] = under_way - 1
-        self.left(room)
+        if left:
+            self.left(room)
 
     def keep_only(self, rooms: Iterable[str]) -> None:
         """After ``refresh``: the rooms the new token still allows."""

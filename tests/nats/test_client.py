@@ -511,3 +511,28 @@ async def test_a_subscribe_answered_after_an_unsubscribe_does_not_put_the_room_b
         assert rooms_on_node(node, user) == held
         assert tuple(sorted(client.rooms)) == held, f"client: {client.rooms}, node: {held}"
         assert await rooms_after_a_reconnect(client, http, node, user) == held
+
+
+async def test_an_unsubscribe_the_node_refuses_keeps_the_room(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """An unsubscribe refused ``rate_limited`` was not run (docs/protocol.md
+    §11.2): the connection is still in the room, its messages keep coming.
+    The client used to drop the room all the same, asked for or joined by
+    the backend: it believed it was out of a room it was in, and the next
+    reconnect left it though the application had been told it could not."""
+    node = await node_factory(limits={"command_rate": 3, "rate_window": 60.0})
+    user = "u" + uuid.uuid4().hex[:8]
+    async with HeraldClient(node.url, token=token(user, rooms=["*"]), rooms=["lobby"], min_delay=0.05) as client:
+        await client.ping()
+        assert (await admin(http, node, "/api/subscribe", {"user": user, "room": "p9"}))["subscribed"] == 1
+        await wait_for(lambda: "p9" in client.rooms)
+        await client.ping()
+        await client.ping()  # the budget is spent
+        for room in ("lobby", "p9"):
+            with pytest.raises(CommandError) as refused:
+                await client.unsubscribe(room)
+            assert refused.value.code == "rate_limited"
+        assert rooms_on_node(node, user) == ("lobby", "p9")
+        assert client.rooms == ("lobby", "p9"), f"client: {client.rooms}, node: ('lobby', 'p9')"
+        assert await rooms_after_a_reconnect(client, http, node, user) == ("lobby", "p9")

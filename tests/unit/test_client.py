@@ -216,7 +216,11 @@ def test_rooms_asked_go_in_the_url_and_granted_are_rejoined() -> None:
     rooms.unsubscribing("x")  # sent after a subscribe of x: out of the set at once
     rooms.joined("x")  # the subscribe's ack, answered before the unsubscribe's
     assert rooms.in_url() == ("a", "b", "p")
-    rooms.unsubscribed("x")  # the node ran it after: x is left
+    rooms.unsubscribed("x", left=True)  # the node ran it after: x is left
+    assert rooms.in_url() == ("a", "b", "p")
+    rooms.unsubscribing("b")
+    assert rooms.in_url() == ("a", "p")
+    rooms.unsubscribed("b", left=False)  # refused, not run: b is kept
     assert rooms.in_url() == ("a", "b", "p")
     rooms.granted("q")
     rooms.left("a")
