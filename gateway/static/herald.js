@@ -141,19 +141,21 @@ class Client {
   }
 
   /** Leave a room (one the backend joined too): reconnects no longer join it, also when a
-   * subscribe of it sent before is answered after (the node runs the two in order: it is left). */
+   * subscribe of it sent before is answered after (the node runs the two in order: it is left),
+   * or when it gets no answer. Refused `rate_limited`, it was not run: the room is kept. */
   unsubscribe(room) {
     this.leaving.set(room, (this.leaving.get(room) || 0) + 1);
-    const answered = () => {
+    const answered = (left) => {
       const underWay = this.leaving.get(room);
       if (underWay > 1) this.leaving.set(room, underWay - 1);
       else this.leaving.delete(room);
+      if (!left) return;
       this.rooms.delete(room);
       this.serverRooms.delete(room);
     };
     return this.command({ type: "unsubscribe", room }).then(
-      (ack) => { answered(); return ack; },
-      (err) => { answered(); throw err; },
+      (ack) => { answered(true); return ack; },
+      (err) => { answered(err?.code !== "rate_limited"); throw err; },
     );
   }
 

@@ -401,6 +401,38 @@ async def test_a_subscribe_answered_after_an_unsubscribe_does_not_put_the_room_b
         assert rooms_on_node(node, user) == held
 
 
+# An unsubscribe refused rate_limited was not run (docs/protocol.md §11.2): the stream is still in the room, and
+# the client keeps it. It used to drop it all the same: out of a room whose messages it got, and out of the next
+# stream though the application had been told the unsubscribe failed.
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_an_unsubscribe_the_node_refuses_keeps_the_room(
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(limits={"command_rate": 3, "rate_window": 60.0})
+    gate = Gate()
+    user = "u" + uuid.uuid4().hex[:8]
+    async with client_page(browser, node, token(user, rooms=["*"]), transport, ["lobby"], setup=gate.install) as page:
+        await serve_room(page, node, http, user, "p9")
+        refusals = await page.evaluate(
+            """(async () => {
+                 // The stream's budget is spent (over SSE only commands naming it take from it).
+                 for (let i = 0; i < 3; i++) await c.subscribe("lobby");
+                 const codes = [];
+                 for (const room of ["lobby", "p9"]) {
+                   codes.push(await c.unsubscribe(room).then(() => "acked", (e) => e.code));
+                 }
+                 return codes;
+               })()"""
+        )
+        assert refusals == ["rate_limited", "rate_limited"]
+        assert rooms_on_node(node, user) == ["lobby", "p9"]
+        assert await page.evaluate(CLIENT_ROOMS) == ["lobby", "p9"]
+        await bounce(page, node, gate, user)
+        await wait_for(lambda: rooms_on_node(node, user) == ["lobby", "p9"], timeout=5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A command over the node's ws.max_frame: refused by the client (too_large), unsent, the connection kept. A
 # 1009 from the node (a client told a larger maxFrame than the node's) stops the client: docs/protocol.md §8
