@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker import Channel, Presence, PubSub
+from broker import BrokerUnavailable, Channel, Presence, PubSub
 from broker.channels import channel_id, is_room
 
 from .hub import Hub
@@ -37,7 +37,13 @@ class Subscriptions:
             self._drop(session, channel)
             raise
         if live:
-            await self._pubsub.live()
+            try:
+                await self._pubsub.live()
+            except BrokerUnavailable:
+                # Answered as not joined (unavailable): not held either, or its
+                # messages would come once NATS is back, to a client that left it.
+                await self.leave(session, channel)
+                raise
 
     async def live(self, position: int | None = None) -> None:
         """Returns once every channel joined so far is live on the broker

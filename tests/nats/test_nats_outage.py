@@ -153,6 +153,39 @@ async def test_node_survives_nats_outage_and_recovers(
     sse_resp.close()
 
 
+async def test_a_subscribe_answered_unavailable_leaves_the_room_unjoined(
+    own_nats: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """The client is told the subscribe failed: it must not be in the room
+    anyway (its messages would come once NATS is back, to a client that does
+    not count itself in the room)."""
+    node: RunningNode = await node_factory(nats_url=own_nats.url, nats={"reconnect_wait": 0.2})
+    ws = await http.ws_connect(node.ws_url, params=[("token", token("alice"))])
+    assert (await recv_json(ws))["type"] == "welcome"
+    own_nats.stop()
+    await wait_for(lambda: status_is(http, node.url + "/readyz", 503), timeout=5)
+    await ws.send_json({"type": "subscribe", "room": "late", "ref": "s"})
+    answer = await recv_json(ws, timeout=15)
+    assert (answer["type"], answer["code"]) == ("error", "unavailable"), answer
+    (session,) = node.node.sessions
+    assert room_channel("late") not in session.channels
+    own_nats.start()
+    await wait_for(lambda: status_is(http, node.url + "/readyz", 200), timeout=10)
+    status, _ = await publish(http, node, {"channel": "room:late", "data": 1})
+    assert status == 200
+    await ws.send_json({"type": "ping", "ref": "p"})
+    frames = [await recv_json(ws)]
+    while frames[-1]["type"] != "pong":
+        frames.append(await recv_json(ws))
+    with contextlib.suppress(TimeoutError):
+        while True:
+            frames.append(await recv_json(ws, timeout=0.5))
+    # The store was memory: resets of the channels it held, nothing of the room.
+    assert [f for f in frames if f["type"] not in ("reset", "pong")] == []
+    assert session.channels == {"user:alice", "broadcast"}
+    await ws.close()
+
+
 async def test_readyz_not_ready_until_stream_restored(
     own_nats: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
 ) -> None:
