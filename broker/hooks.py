@@ -28,8 +28,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.kv import KeyValue
 
 from .channels import Subjects, channel_id, event_of, is_user
+from .coalesce import Fresh
 from .kv import key_token, live_keys
 from .link import close_quietly
 from .readmark import decode, stream_id, trusted
@@ -113,6 +115,8 @@ class HookSource:
         self._js: JetStreamContext | None = None
         self._acks: set[asyncio.Task[None]] = set()
         self._place: tuple[str, int] | None = None  # see _stream_place
+        self._buckets: dict[str, KeyValue] = {}  # the nodes' KV buckets, bound (see _bucket)
+        self._alive = Fresh(self._list_alive)  # the live node instances (see online)
         self._place_at = 0.0
         self._bound = False  # the consumer was found or made (False: waiting for the stream or the consumer)
         self._waited = False  # the stream was missing at some point while this dispatcher ran
@@ -307,26 +311,46 @@ class HookSource:
             stream=self._incarnation or "",
         )
 
+    async def _bucket(self, name: str) -> KeyValue | None:
+        """One of the nodes' KV buckets (None: none yet), bound once: binding
+        is a STREAM.INFO, and every message's checks read two buckets."""
+        kv = self._buckets.get(name)
+        if kv is None:
+            assert self._js is not None
+            try:
+                kv = self._buckets[name] = await self._js.key_value(f"{self._stream}_{name}")
+            except nats.js.errors.NotFoundError:
+                return None
+        return kv
+
     async def _user_value(self, bucket: str, user: str) -> bytes | None:
         """The user's value in one of the nodes' KV buckets (None: no bucket or no key)."""
-        js = self._js
-        assert js is not None
-        try:
-            kv = await js.key_value(f"{self._stream}_{bucket}")
-            return (await kv.get(key_token(user))).value
-        except nats.js.errors.NotFoundError:
+        kv = await self._bucket(bucket)
+        if kv is None:
             return None
+        try:
+            return (await kv.get(key_token(user))).value
+        except nats.js.errors.NotFoundError:  # no such key, or the bucket deleted since
+            return None
+
+    async def _list_alive(self) -> set[str]:
+        kv = await self._bucket("nodes")
+        if kv is None:
+            return set()
+        try:
+            return set(await live_keys(kv, "*"))
+        except nats.js.errors.NotFoundError:
+            return set()
 
     async def online(self, user: str) -> bool:
         """Whether ``user`` has a connection on a live node (the nodes' tables)."""
         table = orjson.loads(await self._user_value("conns", user) or b"{}")
         if not table:
             return False
-        assert self._js is not None
-        try:
-            alive = set(await live_keys(await self._js.key_value(f"{self._stream}_nodes"), "*"))
-        except nats.js.errors.NotFoundError:
-            return False
+        # A listing of at most a second ago, shared: one per message would make
+        # (and delete) a consumer per webhook. A node's key lives a ttl after it
+        # dies anyway.
+        alive = await self._alive.recent(1.0)
         return any(isinstance(v, list) and v and v[0] in alive for v in table.values())
 
     async def read_position(self, user: str) -> int:

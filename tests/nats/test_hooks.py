@@ -344,6 +344,43 @@ async def test_a_message_whose_lookups_were_slow_is_not_sent_twice(
     assert receiver.ids() == [sent]
 
 
+async def test_lookups_bind_no_bucket_and_list_no_nodes_per_message(
+    node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
+) -> None:
+    # Each message's checks (is the user online, what has it read) read the
+    # nodes' buckets. Bound per message, that is two STREAM.INFO; the live
+    # nodes listed per message, a consumer made (on a cluster, a proposal of
+    # its meta leader) for every webhook to an online user.
+    settings = hook_settings(node, receiver.url, unread_after=0.5)
+    dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    online = await http.ws_connect(node.ws_url, params={"token": token("here")})  # a table, on a live node
+    assert (await recv_json(online))["type"] == "welcome"
+    await api_publish(http, node, "user:here", 0)
+    await wait_for(lambda: receiver.requests, timeout=10)  # the buckets are bound, the nodes listed once
+    nc = await nats.connect(nats_server.url)
+    kv_streams = f"KV_{settings.stream.name}_"
+    asked: collections.Counter[str] = collections.Counter()
+
+    async def count(msg: Any) -> None:
+        api = msg.subject.split(".")
+        if api[2] == "STREAM" and api[3] == "INFO" and api[4].startswith(kv_streams):
+            asked["bind"] += 1
+        if api[2] == "CONSUMER" and api[3] == "CREATE" and api[4] == f"{kv_streams}nodes":
+            asked["list nodes"] += 1
+
+    await nc.subscribe("$JS.API.>", cb=count)  # the same account sees every JetStream request
+    await nc.flush()
+    items = [{"channel": "user:here" if i % 2 else f"user:away{i}", "data": i} for i in range(1, 41)]
+    async with http.post(node.url + "/api/publish", json=items, headers=PUBLISH_HEADERS) as resp:
+        assert resp.status == 200
+    await wait_for(lambda: len(receiver.requests) >= 41, timeout=15)
+    await nc.close()
+    await online.close()
+    # The node lists the nodes too: about once a second (presence.ttl / 3) and on connects.
+    assert asked["bind"] == 0 and asked["list nodes"] <= 6, asked
+
+
 async def test_a_killed_dispatchers_message_is_sent_after_restart_with_the_same_id(
     node: RunningNode,
     http: aiohttp.ClientSession,
