@@ -22,6 +22,7 @@ from aiohttp import web
 from broker import BrokerUnavailable
 from broker.channels import client_name
 from broker.tasks import spawn
+from broker.throttle import Throttle
 
 from ..admission import Gate, Refusal
 from ..disconnect import CLIENT_CLOSED, INTERNAL, UNAVAILABLE, Disconnect
@@ -34,6 +35,9 @@ from ..sessions import Sessions
 from ..settings import BackpressureSettings
 
 log = logging.getLogger("herald.transports")
+# While NATS is away every client that opens a stream or sends a command meets
+# it: one line per interval says so, not one per connection.
+_unavailable = Throttle(log)
 
 # Sessions being finished (see broker.tasks.spawn); never cancelled: see Gate.finish.
 _finishing: set[asyncio.Task[None]] = set()
@@ -55,7 +59,7 @@ def ends_on_failure(session: Session) -> Iterator[None]:
     try:
         yield
     except BrokerUnavailable as exc:
-        log.warning("connection %s: %s", session.id, exc)
+        _unavailable("unavailable", "connection %s: %s (closed 1013)", session.id, exc)
         session.close(UNAVAILABLE)
     except Exception:
         log.exception("connection %s failed", session.id)

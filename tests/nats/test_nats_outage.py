@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -288,3 +289,25 @@ async def test_a_store_lost_with_nats_leaves_no_user_counted_for_good(
     await wait_for(lambda: status_is(http, node.url + "/readyz", 200), timeout=10)
     await wait_for(lambda: not node.node.broker.connections.tasks, timeout=10)
     assert [await cycle("una") for _ in range(3)] == ["welcome"] * 3
+
+
+async def test_streams_refused_while_nats_is_away_log_no_line_each(
+    own_nats: NatsServer,
+    node_factory: Callable[..., Any],
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every client retries while NATS is away: one warning per refused
+    stream would flood the log with the same line (throttled instead)."""
+    node: RunningNode = await node_factory(nats_url=own_nats.url, nats={"reconnect_wait": 0.2})
+    own_nats.stop()
+    await wait_for(lambda: status_is(http, node.url + "/readyz", 503), timeout=5)
+    caplog.set_level(logging.WARNING, logger="herald.transports")
+
+    async def ws_open(i: int) -> int:
+        async with http.ws_connect(node.ws_url, params={"token": token(f"w{i}")}) as ws:
+            return int((await ws.receive(timeout=10)).data)
+
+    assert await asyncio.gather(*(ws_open(i) for i in range(8))) == [1013] * 8
+    lines = [r for r in caplog.records if r.name == "herald.transports"]
+    assert len(lines) <= 1, [r.getMessage() for r in lines]
