@@ -123,7 +123,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         node.metrics,
     )
     server_api = ServerApi(
-        settings.admin.key, settings.limits.api_rate, node.broker.relay, settings.http.handshake_timeout
+        settings.admin.key, settings.limits.api_rate, node.broker.relay, settings.http.handshake_timeout, node.metrics
     )
     app[NODE] = node
     app[NODE_API] = node_api

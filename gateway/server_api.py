@@ -9,6 +9,7 @@ after ``TIMEOUT`` with the answers that came (``"complete": false``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +23,9 @@ from broker.channels import InvalidChannel, channel_id, check_id, room_channel
 from .command_route import CommandRouter
 from .disconnect import DISCONNECTED, DISCONNECTED_FOR_GOOD
 from .frames import loads_exact
-from .http import body_timeout, json_error, json_response, key_matches, read_body
+from .http import body_timeout, error_reply, json_error, json_response, key_matches, read_body
 from .limits import TokenBucket
+from .metrics import Metrics
 from .sessions import Sessions
 from .subscriptions import Subscriptions
 
@@ -91,12 +93,13 @@ class ServerApi:
     """``POST /api/disconnect``, ``/api/subscribe``, ``/api/unsubscribe``
     (admin key), rate-limited like the publish API."""
 
-    def __init__(self, admin_key: str, rate: float, relay: Relay, body_timeout: float) -> None:
+    def __init__(self, admin_key: str, rate: float, relay: Relay, body_timeout: float, metrics: Metrics) -> None:
         self._key = admin_key
         self._body_timeout = body_timeout  # http.handshake_timeout
         burst = max(1.0, rate)
         self._bucket = TokenBucket(burst, burst / rate)  # limits.api_rate
         self._relay = relay
+        self._rate_rejections = metrics.limit_rejections.labels("api_rate")
 
     async def disconnect(self, request: web.Request) -> web.Response:
         return await self._act(request, "disconnect", "disconnected")
@@ -110,8 +113,11 @@ class ServerApi:
     async def _act(self, request: web.Request, op: str, counted: str) -> web.Response:
         if not key_matches(request, self._key):
             return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
-        if self._bucket.take():
-            return json_error(429, "rate_limited", "too many server API requests: retry later")
+        wait = self._bucket.take()
+        if wait:
+            self._rate_rejections.inc()
+            retry = (("Retry-After", str(max(1, math.ceil(wait)))),)
+            return error_reply(429, "rate_limited", "too many server API requests: retry later", retry).response()
         try:
             action = _action(op, await read_body(request, self._body_timeout))
         except TimeoutError:

@@ -22,6 +22,7 @@ from ..helpers import (
     api_publish,
     expect_close,
     recv_json,
+    scrape,
     token,
 )
 
@@ -199,3 +200,26 @@ async def test_a_connection_still_opening_gets_its_welcome_first(
         assert (await asyncio.wait_for(reader.read(64), 5)).startswith(b"HTTP/1.1 200")
     finally:
         writer.close()
+
+
+async def test_over_api_rate_is_429_with_retry_after_and_counted(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """limits.api_rate holds for the server API as for the publish API: a
+    refusal says when to come back (Retry-After, docs/protocol.md 9) and is
+    counted in herald_limit_rejections_total{limit="api_rate"} (11)."""
+    node = await node_factory(limits={"api_rate": 2.0})
+    before = await scrape(http, node.url)
+    statuses = []
+    for _ in range(4):
+        async with http.post(
+            node.url + "/api/disconnect", json={"user": "a"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ) as resp:
+            statuses.append(resp.status)
+            if resp.status == 429:
+                assert (await resp.json())["error"] == "rate_limited"
+                assert int(resp.headers["Retry-After"]) >= 1
+    assert statuses == [200, 200, 429, 429]
+    after = await scrape(http, node.url)
+    key = 'herald_limit_rejections_total{limit="api_rate"}'
+    assert after[key] - before[key] == 2
