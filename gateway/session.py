@@ -138,9 +138,19 @@ class Session:
         else:
             self.held.append(self.codec.control(obj))
 
+    @property
+    def welcomed(self) -> bool:
+        """Whether its welcome went out: from then on it is a connection (before,
+        an end is the refusal of a stream that was joining)."""
+        return self.early is None
+
     def welcome(self, obj: dict[str, Any]) -> None:
-        """Queue the welcome, always the first frame, then what was sent before it."""
+        """Queue the welcome, always the first frame, then what was sent before
+        it; the session counts as an open connection from here."""
         early, self.early = self.early or [], None
+        metrics = self.metrics
+        metrics.opened.inc()
+        metrics.connections.inc()
         self.outbound.push(self.codec.control(obj))
         for frame in early:
             self.outbound.push(frame)

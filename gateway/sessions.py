@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 
 from .auth import Identity
-from .disconnect import REPLACED, SHUTDOWN, Disconnect
+from .disconnect import CLIENT_CLOSED, REPLACED, SHUTDOWN, Disconnect
 from .flusher import Flusher
 from .metrics import Metrics
 from .outbound import QueueLimits
@@ -48,23 +48,28 @@ class Sessions:
         return f"{self._node_id}:{next(self._ids)}"
 
     def open(self, conn_id: str, identity: Identity, transport: Transport) -> Session:
-        metrics = self._metrics.transport[transport.name]
-        session = Session(conn_id, identity, transport, self._flusher, self._limits, metrics)
+        session = Session(
+            conn_id, identity, transport, self._flusher, self._limits, self._metrics.transport[transport.name]
+        )
         self._open.add(session)
         self._by_id[conn_id] = session
-        metrics.opened.inc()
-        metrics.connections.inc()
-        return session
+        return session  # a connection (opened, the gauge) once its welcome goes out
 
     def remove(self, session: Session, reason: Disconnect) -> bool:
-        """Mark ``session`` closed and count it out; False if it was already."""
+        """Mark ``session`` closed and count it out; False if it was already.
+        One that ended before its welcome was a stream refused while joining
+        (docs/protocol.md 8): never a connection, counted as a refusal by its
+        label (unless its client just left)."""
         if session.state is State.CLOSED:
             return False
         final = session.closed(reason)
         self._open.discard(session)
         self._by_id.pop(session.id, None)
-        session.metrics.connections.dec()
-        self._metrics.count_closed(session.transport.name, final.label)
+        if session.welcomed:
+            session.metrics.connections.dec()
+            self._metrics.count_closed(session.transport.name, final.label)
+        elif final.label != CLIENT_CLOSED.label:
+            self._metrics.refused.labels(session.transport.name, final.label).inc()
         return True
 
     def get(self, conn_id: str) -> Session | None:

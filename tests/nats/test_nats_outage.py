@@ -291,6 +291,50 @@ async def test_a_store_lost_with_nats_leaves_no_user_counted_for_good(
     assert [await cycle("una") for _ in range(3)] == ["welcome"] * 3
 
 
+async def test_streams_refused_while_nats_is_away_are_refusals_not_connections(
+    own_nats: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """docs/protocol.md 8: a stream that ends while joining (NATS down) is
+    refused (WebSocket 1013, SSE 503 ``unavailable``) and is never a
+    connection: herald_connections_refused_total counts it, while the gauge,
+    opened and closed do not move."""
+    node: RunningNode = await node_factory(nats_url=own_nats.url, nats={"reconnect_wait": 0.2})
+    own_nats.stop()
+    await wait_for(lambda: status_is(http, node.url + "/readyz", 503), timeout=5)
+    before = await scrape(http, node.url)
+
+    async def ws_open() -> Any:
+        async with http.ws_connect(node.ws_url, params={"token": token("w"), "room": "r"}) as ws:
+            msg = await ws.receive(timeout=10)
+            return msg.type, msg.data
+
+    async def sse_open() -> Any:
+        params = {"token": token("s"), "room": "r"}
+        async with http.get(node.url + "/sse", params=params, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            return resp.status, (await resp.json(content_type=None))["error"]
+
+    async def gauges_during() -> dict[str, float]:
+        await asyncio.sleep(0.5)  # both are being admitted (waiting for NATS)
+        return await scrape(http, node.url)
+
+    ws, sse, during = await asyncio.gather(ws_open(), sse_open(), gauges_during())
+    assert ws == (aiohttp.WSMsgType.CLOSE, 1013)
+    assert sse == (503, "unavailable")
+    await wait_for(lambda: len(node.node.sessions) == 0)
+    after = await scrape(http, node.url)
+    moved = {
+        k: after[k] - before.get(k, 0)
+        for k in after
+        if k.startswith("herald_connections") and after[k] != before.get(k, 0)
+    }
+    assert moved == {
+        'herald_connections_refused_total{reason="unavailable",transport="ws"}': 1,
+        'herald_connections_refused_total{reason="unavailable",transport="sse"}': 1,
+    }
+    for transport in ("ws", "sse"):
+        assert during[f'herald_connections{{transport="{transport}"}}'] == 0
+
+
 async def test_streams_refused_while_nats_is_away_log_no_line_each(
     own_nats: NatsServer,
     node_factory: Callable[..., Any],
