@@ -27,7 +27,8 @@ from .coalesce import Fresh
 from .history import retain, stream_cap
 from .link import NatsLink
 from .lookup import LastMessage, stream_bounds
-from .pages import DirectReader, Pager
+from .pages import DirectReader, Pager, Stored
+from .shared import SharedReads
 from .snapshot import read_snapshot, snapshot_config
 
 T = TypeVar("T")
@@ -108,6 +109,9 @@ class NatsHistory:
         # Asked on every connect (the welcome's position, a resume's first
         # sequence): one request shared by a burst of them.
         self._bounds = Fresh(self._ask_bounds)
+        # A room's members resuming together read its missed messages once.
+        self._direct_reads: SharedReads[list[Stored]] = SharedReads()
+        self._consumer_reads: SharedReads[list[Delivery]] = SharedReads()
 
     async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
         p = self._place
@@ -177,47 +181,63 @@ class NatsHistory:
 
     async def _fetch(self, channels: Mapping[str, Channel], after_seq: int, reach: dict[str, int]) -> list[Delivery]:
         """Every stored message of ``channels`` (by input subject) after
-        ``after_seq``, oldest first, up to at least ``reach`` (subject → sequence)."""
-        found = await self._read_direct(channels, after_seq, reach)
-        return found if found is not None else await self._read_consumer(channels, after_seq, reach)
+        ``after_seq``, oldest first, up to at least ``reach`` (subject → sequence).
+        Channels a direct get reads whole come from it; the others, from one consumer."""
+        direct = await self._read_direct(channels, after_seq, reach)
+        found = [d for stored in direct.values() for d in stored]
+        rest = {s: c for s, c in channels.items() if s not in direct}
+        if rest:
+            found += await self._read_consumer(rest, after_seq, {s: reach[s] for s in rest})
+        if len(channels) > 1:
+            found.sort(key=lambda d: d.seq)
+        return found
 
     async def _read_direct(
         self, channels: Mapping[str, Channel], after_seq: int, reach: dict[str, int]
-    ) -> list[Delivery] | None:
+    ) -> dict[str, list[Delivery]]:
         """What most replays need — a few messages per channel — read with one
         batch direct get each: no consumer to create and delete (on a cluster,
         each is a proposal of its meta leader). Any copy of the stream may
         answer, but a copy's log is a prefix of the leader's: one that holds
-        ``reach`` holds everything before it. None when a copy is behind or a
-        channel has more than a batch after the position."""
-        try:
-            reads = await _each(
-                [self._pages.read(s, c, after_seq + 1, DIRECT_BATCH, DIRECT_TIMEOUT) for s, c in channels.items()]
-            )
-        except BrokerUnavailable:
-            return None
-        found: list[Delivery] = []
+        ``reach`` holds everything before it. The channels read whole (by
+        subject): not those on a copy behind, or with more than a batch after
+        the position."""
+        reads = await _each([self._read_one(s, c, after_seq, reach[s]) for s, c in channels.items()])
+        whole: dict[str, list[Delivery]] = {}
         for subject, stored in zip(channels, reads, strict=True):
-            if not stored or stored[-1].delivery.seq < reach[subject]:
-                return None
-            found.extend(s.delivery for s in stored)
-        if len(reads) > 1:
-            found.sort(key=lambda d: d.seq)
-        return found
+            if stored and stored[-1].delivery.seq >= reach[subject]:
+                whole[subject] = [s.delivery for s in stored]
+        return whole
+
+    async def _read_one(self, subject: str, channel: Channel, after_seq: int, reach: int) -> list[Stored]:
+        """One channel's batch direct get, shared (SharedReads); empty if it failed."""
+
+        def start() -> Awaitable[list[Stored]]:
+            return self._pages.read(subject, channel, after_seq + 1, DIRECT_BATCH, DIRECT_TIMEOUT)
+
+        try:
+            return await self._direct_reads.read((subject, after_seq), {subject: reach}, start)
+        except BrokerUnavailable:
+            return []
 
     async def _read_consumer(
         self, channels: Mapping[str, Channel], after_seq: int, reach: dict[str, int]
     ) -> list[Delivery]:
         js = self._link.jetstream()
         nc = self._link.client()
-        return await read_stored(
-            js,
-            self._place.stream,
-            list(channels),
-            after_seq,
-            len(channels) * stream_cap(self._place.retention),  # all the stream holds for them
-            nc._nuid.next().decode(),
-            self._place.subjects.channel_of,
-            self._place.request_timeout,
-            reach,
-        )
+
+        def start() -> Awaitable[list[Delivery]]:
+            return read_stored(
+                js,
+                self._place.stream,
+                list(channels),
+                after_seq,
+                len(channels) * stream_cap(self._place.retention),  # all the stream holds for them
+                nc._nuid.next().decode(),
+                self._place.subjects.channel_of,
+                self._place.request_timeout,
+                reach,
+            )
+
+        # Shared: the list is read, never changed, by its callers.
+        return await self._consumer_reads.read((frozenset(channels), after_seq), reach, start)
