@@ -26,7 +26,7 @@ import itertools
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import nats.errors
 import nats.js.errors
@@ -49,6 +49,9 @@ REGISTRY = "_inst"
 WRITE_BATCH = 256
 # How long a close waits for the write loop to end the batch it is writing.
 BATCH_WAIT = 5.0
+# Leaves of one room in a batch from which one listing of the room's entries
+# is cheaper than a listing per user (a consumer each).
+ROOM_LISTING = 8
 
 
 def instance_id(node_id: str) -> str:
@@ -242,7 +245,12 @@ class KvPresence:
         if judged and self._settling is not None:
             self._held.update(key for key, _ in judged)
         elif judged:
-            await asyncio.gather(*((self._joined if present else self._left)(*key) for key, present in judged))
+            leaves: dict[Channel, list[str]] = {}
+            for (room, user), present in judged:
+                if not present:
+                    leaves.setdefault(room, []).append(user)
+            joins = (self._joined(room, user) for (room, user), present in judged if present)
+            await asyncio.gather(*joins, *(self._left(room, users) for room, users in leaves.items()))
             self._marked.update(key for key, present in judged if present)
             self._marked.difference_update(key for key, present in judged if not present)
         for key, present in batch:
@@ -300,21 +308,37 @@ class KvPresence:
                 continue  # left meanwhile: this is a new stay, announced
             return
 
-    async def _left(self, room: Channel, user: str) -> None:
-        """Announce the leave unless an entry of a live instance is left.
-        The marker's revision is read first: a join written after it moves
-        it on, and the delete expecting it fails (_claim_join)."""
+    async def _left(self, room: Channel, users: Collection[str]) -> None:
+        """Announce the leave of each of ``users`` unless an entry of a live
+        instance is left. The marker's revision is read first: a join written
+        after it moves it on, and the delete expecting it fails (_claim_join).
+        Many leaves of one room (a drain, a blip) are judged on one listing of
+        the room's entries, not one each (a consumer made and deleted per listing)."""
         assert self._kv is not None
-        marker = self._marker(room, user)
+        revisions = await asyncio.gather(*(self._marker_revision(room, user) for user in users))
+        waiting = {key_token(user): (user, rev) for user, rev in zip(users, revisions, strict=True) if rev is not None}
+        if not waiting:
+            return  # announced by other nodes already
+        room_token = key_token(room)
+        if len(waiting) >= ROOM_LISTING:
+            listings = [await live_keys(self._kv, f"*.{room_token}.*")]
+        else:
+            listings = await asyncio.gather(*(live_keys(self._kv, f"*.{room_token}.{t}") for t in waiting))
+        present: dict[str, set[str]] = {}  # user token -> instances with an entry
+        for entry in itertools.chain.from_iterable(listings):
+            instance, _, user_token = entry.split(".")
+            present.setdefault(user_token, set()).add(instance)
+        alive = await self.alive(set().union(*present.values()))
+        gone = [user_rev for token, user_rev in waiting.items() if not present.get(token, set()) & alive]
+        await asyncio.gather(*(asyncio.shield(self._claim_leave(room, user, rev)) for user, rev in gone))
+
+    async def _marker_revision(self, room: Channel, user: str) -> int | None:
+        """The revision of the user's marker in ``room``; None: announced left already."""
+        assert self._kv is not None
         try:
-            revision = (await self._kv.get(marker)).revision or 0
+            return (await self._kv.get(self._marker(room, user))).revision or 0
         except nats.js.errors.NotFoundError:
-            return  # announced by another node already
-        entries = await live_keys(self._kv, f"*.{key_token(room)}.{key_token(user)}")
-        instances = {entry.split(".", 1)[0] for entry in entries}
-        if instances & await self.alive(instances):
-            return  # still there on some node
-        await asyncio.shield(self._claim_leave(room, user, revision))
+            return None
 
     async def _claim_leave(self, room: Channel, user: str, revision: int) -> None:
         assert self._kv is not None
@@ -348,15 +372,19 @@ class KvPresence:
             dead = key.split(".", 1)[1]
             if dead in alive or dead == self.instance:
                 continue
+            by_room: dict[str, list[str]] = {}
             for entry in await live_keys(self._kv, f"{dead}.*.*"):
-                await self._kv.delete(entry)
                 _, room_token, user_token = entry.split(".")
+                by_room.setdefault(room_token, []).append(user_token)
+            for room_token, user_tokens in by_room.items():
+                # A room at a time: its entries deleted, then its leaves judged together.
+                await asyncio.gather(*(self._kv.delete(f"{dead}.{room_token}.{t}") for t in user_tokens))
                 try:
                     room = parse_channel(from_key_token(room_token))
                 except InvalidChannel:
                     continue  # not written by a node
                 if self._announces(room):
-                    await self._left(room, from_key_token(user_token))
+                    await self._left(room, [from_key_token(t) for t in user_tokens])
             await self._kv.delete(key)
             log.info("presence: removed the entries of instance %s (gone)", dead)
 

@@ -297,9 +297,9 @@ async def test_a_drain_whose_leaves_take_long_loses_none(
     presence = b.node.broker.presence
     judge = presence._left
 
-    async def slow_left(room: Any, user: str) -> None:
-        await asyncio.sleep(0.1)
-        await judge(room, user)
+    async def slow_left(room: Any, users: Any) -> None:
+        await asyncio.sleep(0.1 * len(users))
+        await judge(room, users)
 
     presence._left = slow_left  # type: ignore[method-assign]
     await b.stop()
@@ -310,6 +310,42 @@ async def test_a_drain_whose_leaves_take_long_loses_none(
     assert sorted(left) == sorted(users)
     for ws in (watcher, *tabs):
         await ws.close()
+
+
+async def test_a_mass_leave_lists_the_room_not_each_user(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, nats_server: NatsServer
+) -> None:
+    """Each leave is judged on the user's entries left on live nodes: listed
+    one user at a time, that is a consumer made and deleted per leave (on a
+    cluster, proposals of the meta leader), and 2,000 leaves took 10 s."""
+    shared = cluster()
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    watcher = await open_ws(http, a, "zed", "chat-9")
+    users = [f"u{i}" for i in range(60)]
+    tabs = await asyncio.gather(*(open_ws(http, b, user, "chat-9") for user in users))
+    joined = {u for kind, u in presence_frames(await frames_for(watcher, 1.5)) if kind == "join"}
+    assert joined == {"zed", *users}
+    nc = await nats.connect(nats_server.url)
+    listings = 0
+
+    async def count(msg: Any) -> None:
+        nonlocal listings
+        api = msg.subject.split(".")
+        if api[2:4] == ["CONSUMER", "CREATE"] and api[4] == f"KV_{shared['stream']['name']}_presence":
+            listings += 1
+
+    await nc.subscribe("$JS.API.>", cb=count)  # the same account sees every JetStream request
+    await nc.flush()
+    await asyncio.gather(*(ws.close() for ws in tabs))
+    left: list[str] = []
+    deadline = time.monotonic() + 10.0
+    while len(left) < len(users) and time.monotonic() < deadline:
+        left += [u for kind, u in presence_frames(await frames_for(watcher, 0.2)) if kind == "leave"]
+    await nc.close()
+    assert sorted(left) == sorted(users)  # each once
+    assert listings <= len(users) // 4, f"{listings} listings for {len(users)} leaves"
+    await watcher.close()
 
 
 async def test_a_killed_nodes_leave_comes_when_presence_drops_the_user(
