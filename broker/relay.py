@@ -24,6 +24,10 @@ from .tasks import spawn
 from .throttle import Throttle
 
 log = logging.getLogger("herald.relay")
+# nats-server's default max_payload (until connected), and what an answer
+# leaves for the reply's framing (an answer carries no headers).
+DEFAULT_MAX_PAYLOAD = 1 << 20
+ANSWER_HEADROOM = 256
 warn = Throttle(log)
 
 
@@ -47,6 +51,14 @@ class NatsRelay:
         self._alive = alive  # the live node instances (presence)
         self._inbox = link.replies
         self.tasks: set[asyncio.Task[None]] = set()  # requests being answered
+
+    @property
+    def max_answer(self) -> int:
+        """NATS's max_payload, less room for the reply's framing."""
+        try:
+            return self._link.client().max_payload - ANSWER_HEADROOM
+        except BrokerUnavailable:
+            return DEFAULT_MAX_PAYLOAD - ANSWER_HEADROOM
 
     def _subject(self, node: str) -> str:
         return self._prefix + key_token(node)

@@ -127,6 +127,12 @@ class Relay(Protocol):
     """Requests addressed to one node, answered by that node's
     ``BrokerEvents.request``."""
 
+    @property
+    def max_answer(self) -> int:
+        """The largest answer a node can send back (bytes): a larger one
+        would be dropped on the way, and the asker would time out."""
+        ...
+
     async def ask(self, node: str, body: bytes, timeout: float) -> bytes:
         """The answer of ``node``; NodeGone if no node by that id listens,
         BrokerUnavailable if the broker is away or the node does not answer

@@ -184,4 +184,13 @@ class CommandRouter:
             return dumps_exact(error(refusal.error, refusal.message))
         except ValueError as exc:
             return dumps_exact(error("bad_request", str(exc)))
-        return dumps_exact(await self._run_here(identity, cmd, conn))
+        answer = dumps_exact(await self._run_here(identity, cmd, conn))
+        limit = self._relay.max_answer
+        if len(answer) > limit:
+            message = (
+                f"the answer ({len(answer)} bytes) is more than nodes can pass each other"
+                f" (NATS max_payload: {limit} bytes): ask for less (a smaller history limit),"
+                " or ask the node that holds the connection"
+            )
+            return orjson.dumps(error("too_large", message, _ref_of(cmd)))
+        return answer

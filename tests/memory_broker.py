@@ -180,6 +180,8 @@ class MemoryConnections:
 class MemoryRelay:
     """One node alone: no other node answers; asking all asks this one."""
 
+    max_answer = 1 << 20
+
     def __init__(self, stream: MemoryStream) -> None:
         self._stream = stream
 

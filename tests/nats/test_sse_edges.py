@@ -291,6 +291,32 @@ async def test_forwarded_history_keeps_numbers_exact_as_a_local_one(
     sse.close()
 
 
+async def test_a_forwarded_answer_over_nats_max_payload_is_refused_at_once(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    # A history page of 20 messages of 60 KB is 1.2 MB: more than one NATS
+    # message (max_payload, 1 MiB) can carry back from the stream's node. It
+    # was dropped there (MaxPayloadError in its log), and the asker answered
+    # 503 "did not answer in time" after the relay's whole timeout.
+    shared = cluster_shared()
+    a, b = await node_factory(**shared), await node_factory(**shared)
+    tok = token("alice", publish=["*"])
+    for _ in range(20):
+        await publish_raw(http, a, b'"' + b"x" * 60_000 + b'"')
+    sse = await RawSse.open(a.url, [("token", tok), ("room", "lobby"), ("envelope", "1")])
+    events = await sse.until(lambda evs: any(e.type == "welcome" for e in evs))
+    conn = orjson.loads(events[0].data)["conn"]
+    started = asyncio.get_running_loop().time()
+    status, raw, _ = await command(http, b, tok, {"type": "history", "room": "lobby", "conn": conn, "ref": "h"})
+    assert asyncio.get_running_loop().time() - started < 3.0
+    body = orjson.loads(raw)
+    assert (status, body["code"], body["ref"]) == (413, "too_large", "h"), body
+    assert "max_payload" in body["message"]
+    status, _, _ = await command(http, b, tok, {"type": "history", "room": "lobby", "conn": conn, "limit": 2})
+    assert status == 200  # a smaller page passes
+    sse.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # The aiohttp path (a request shape the front door hands over) and the front door's give the same stream.
 
