@@ -112,11 +112,17 @@ class KvConnections:
 
     def close(self, user: str, conn: str) -> None:
         conns = self._open.get(user)
-        if conns is not None:
-            conns.pop(conn, None)
-            if not conns:
-                del self._open[user]
+        if conns is None or conns.pop(conn, None) is None:
+            return  # counted out already (a drain does so before its clients are told to go)
+        if not conns:
+            del self._open[user]
         spawn(self.tasks, self._count_out(user, conn))
+
+    async def settle(self, timeout: float) -> None:
+        """Return once the count-outs begun so far are written (or given up),
+        or after ``timeout`` seconds."""
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
 
     def recount(self) -> None:
         """Write this node's connections back into their users' tables: it

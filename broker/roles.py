@@ -120,7 +120,12 @@ class Connections(Protocol):
         TooManyConnections, or (``close_oldest``) have the oldest kicked."""
 
     def close(self, user: str, conn: str) -> None:
-        """The connection is gone (counted out in the background)."""
+        """The connection is gone (counted out in the background); once per
+        connection: a second close of it does nothing."""
+
+    async def settle(self, timeout: float) -> None:
+        """Returns once every count-out begun before the call is done, or
+        after ``timeout`` seconds."""
 
 
 class Relay(Protocol):

@@ -219,6 +219,16 @@ class Gate:
             raise
         return conn_id
 
+    async def count_out_all(self, timeout: float) -> None:
+        """A drain: count every open session out now and wait (at most
+        ``timeout`` seconds) for the writes, before the clients are told to
+        reconnect. Counted out only when they close, a user at their limit
+        who came back to another node at once was refused there (4029 / 429)
+        for the connection being closed here."""
+        for session in list(self._sessions):
+            self._connections.close(session.user, session.id)
+        await self._connections.settle(timeout)
+
     def count_out(self, user: str, conn_id: str) -> None:
         """A connection counted in never became a session (its client left)."""
         self._connections.close(user, conn_id)

@@ -31,6 +31,8 @@ from .settings import Settings, room_history_rules
 from .subscriptions import Subscriptions
 
 log = logging.getLogger("herald.node")
+# How long a drain waits for its connections to be counted out before telling clients to go.
+COUNT_OUT_WAIT = 3.0
 
 BrokerFactory = Callable[[BrokerEvents], Broker]
 
@@ -93,15 +95,19 @@ class Node:
 
     async def shutdown(self) -> None:
         """Stop serving: readyz goes 503 (and new clients are refused) at once;
-        after ``http.drain_delay`` every client is told 1012 / its SSE stream
-        ends, each with its own reconnect delay within ``http.reconnect_spread``
-        so the other nodes are not hit by all of them at once; returns when all
-        are gone or after ``http.shutdown_grace``. Idempotent."""
+        after ``http.drain_delay`` every connection is counted out of its
+        user's count (a client coming back elsewhere at once is not refused
+        for it), then every client is told 1012 / its SSE stream ends, each
+        with its own reconnect delay within ``http.reconnect_spread`` so the
+        other nodes are not hit by all of them at once; returns when all are
+        gone or after ``http.shutdown_grace``. Idempotent."""
         http = self.settings.http
         if not self.sessions.draining:
             self.sessions.draining = True
             if http.drain_delay:
                 await asyncio.sleep(http.drain_delay)
+            if self.broker.ready:  # else the writes would only wait for NATS
+                await self.gate.count_out_all(min(COUNT_OUT_WAIT, http.shutdown_grace))
         await self.sessions.close_all(http.reconnect_spread, http.shutdown_grace)
 
     async def close(self) -> None:

@@ -36,6 +36,8 @@ class Subscriber:
     opened: list[float] = field(default_factory=list)  # monotonic time of every (re)open
     ends: list[str] = field(default_factory=list)  # how each connection ended
     resumed: list[str | None] = field(default_factory=list)  # the position each (re)open resumed from
+    # Opens refused before a welcome / stream: "ws <close code> <reason>", "sse <status>", "ws <status>".
+    refused: list[str] = field(default_factory=list)
     resets: int = 0
     _stop: bool = False
 
@@ -56,6 +58,8 @@ class Subscriber:
             except (aiohttp.ClientError, OSError, TimeoutError, EOFError) as exc:
                 if self.connected:
                     self.ends.append(f"error {type(exc).__name__}")
+                elif isinstance(exc, aiohttp.WSServerHandshakeError):
+                    self.refused.append(f"ws {exc.status}")
                 attempt += 1
             if self._stop:
                 return
@@ -78,7 +82,7 @@ class Subscriber:
         since = self.last
         if since:
             params["since"] = since
-        code, reason = None, ""
+        code, reason, welcomed = None, "", False
         async with http.ws_connect(self.base.replace("http", "ws", 1) + "/ws", params=params, heartbeat=5) as ws:
             while True:
                 msg = await ws.receive()
@@ -91,6 +95,7 @@ class Subscriber:
                 frame = msg.json()
                 kind = frame.get("type")
                 if kind == "welcome":
+                    welcomed = True
                     self.opened.append(time.monotonic())
                     self.resumed.append(since)
                 elif kind == "message" and frame.get("channel") == f"room:{self.room}":
@@ -99,6 +104,8 @@ class Subscriber:
                     self.resets += 1
         if self.connected:
             self.ends.append(f"ws {code} {reason}".strip())
+        elif not welcomed:
+            self.refused.append(f"ws {code} {reason}".strip())
         hint = HINT.search(reason)
         return int(hint[1]) if code == 1012 and hint else None
 
@@ -108,6 +115,7 @@ class Subscriber:
         params = {"token": token(self.user, rooms=["*"]), "room": self.room}
         async with http.get(self.base + "/sse", params=params, headers=headers, timeout=_NO_TIMEOUT) as resp:
             if resp.status != 200:
+                self.refused.append(f"sse {resp.status}")
                 raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
             self.opened.append(time.monotonic())
             self.resumed.append(since)

@@ -176,6 +176,9 @@ class MemoryConnections:
         if conn in conns:
             conns.remove(conn)
 
+    async def settle(self, timeout: float) -> None:
+        pass
+
 
 class MemoryRelay:
     """One node alone: no other node answers; asking all asks this one."""
