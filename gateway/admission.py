@@ -9,6 +9,7 @@ reason (SSE, and anything before an upgrade) and the close code (WebSocket).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from broker import BROADCAST, Channel, Connections, TooManyConnections
@@ -219,13 +220,13 @@ class Gate:
             raise
         return conn_id
 
-    async def count_out_all(self, timeout: float) -> None:
-        """A drain: count every open session out now and wait (at most
-        ``timeout`` seconds) for the writes, before the clients are told to
-        reconnect. Counted out only when they close, a user at their limit
-        who came back to another node at once was refused there (4029 / 429)
-        for the connection being closed here."""
-        for session in list(self._sessions):
+    async def count_out_first(self, sessions: Iterable[Session], timeout: float) -> None:
+        """Count ``sessions`` out now, before they are told to reconnect (a
+        drain, a disconnect by the server API), and wait at most ``timeout``
+        seconds for the writes. Counted out only once their close finished,
+        a user at their limit who came back to another node at once was
+        refused there (4029 / 429) for the connection being closed here."""
+        for session in sessions:
             self._connections.close(session.user, session.id)
         await self._connections.settle(timeout)
 

@@ -107,7 +107,7 @@ class Node:
             if http.drain_delay:
                 await asyncio.sleep(http.drain_delay)
             if self.broker.ready:  # else the writes would only wait for NATS
-                await self.gate.count_out_all(min(COUNT_OUT_WAIT, http.shutdown_grace))
+                await self.gate.count_out_first(list(self.sessions), min(COUNT_OUT_WAIT, http.shutdown_grace))
         await self.sessions.close_all(http.reconnect_spread, http.shutdown_grace)
 
     async def close(self) -> None:
@@ -179,7 +179,8 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
     router = CommandRouter(
         settings.node.id, gate.identify, sessions, commands, broker.relay, settings.http.command_timeout
     )
-    requests = NodeRequests(router, UserActions(sessions, subscriptions, hook.forget if hook else None))
+    actions = UserActions(sessions, subscriptions, gate.count_out_first, hook.forget if hook else None)
+    requests = NodeRequests(router, actions)
     metrics.watch_broker(broker.stats)
     metrics.watch_queue_bytes(sessions.queued_bytes)
     return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router, hook)

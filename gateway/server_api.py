@@ -10,7 +10,7 @@ after ``TIMEOUT`` with the answers that came (``"complete": false``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -26,21 +26,32 @@ from .frames import loads_exact
 from .http import body_timeout, error_reply, json_error, json_response, key_matches, read_body
 from .limits import TokenBucket
 from .metrics import Metrics
+from .session import Session
 from .sessions import Sessions
 from .subscriptions import Subscriptions
 
 # Seconds the asking node waits for every live node's answer.
 TIMEOUT = 1.0
+# Of which a node waits at most this long for its connections of a user to be
+# counted out before it closes them.
+COUNT_OUT_WAIT = 0.5
+# Gate.count_out_first: count sessions out, waiting at most so many seconds.
+CountOut = Callable[[list[Session], float], Awaitable[None]]
 
 
 class UserActions:
     """What a node does to its own connections of one user."""
 
     def __init__(
-        self, sessions: Sessions, subscriptions: Subscriptions, forget_user: Callable[[str], None] | None = None
+        self,
+        sessions: Sessions,
+        subscriptions: Subscriptions,
+        count_out: CountOut | None = None,
+        forget_user: Callable[[str], None] | None = None,
     ) -> None:
         self._sessions = sessions
         self._subscriptions = subscriptions
+        self._count_out = count_out  # Gate.count_out_first
         self._forget_user = forget_user  # the connect hook's kept answers for the user
 
     async def act(self, request: dict[str, Any]) -> int:
@@ -50,7 +61,11 @@ class UserActions:
         if action == "disconnect":
             if self._forget_user is not None:  # every node, whether it holds a connection of the user or not
                 self._forget_user(user)
-            reason = DISCONNECTED if request.get("reconnect", True) else DISCONNECTED_FOR_GOOD
+            reconnect = request.get("reconnect", True)
+            if reconnect and sessions and self._count_out is not None:
+                # Before the 4009: a user back at once on another node is not refused for these.
+                await self._count_out(sessions, COUNT_OUT_WAIT)
+            reason = DISCONNECTED if reconnect else DISCONNECTED_FOR_GOOD
             for session in sessions:
                 session.close(reason)
             return len(sessions)

@@ -34,3 +34,89 @@ async def test_a_burst_of_lookups_of_live_nodes_is_one_kv_listing(monkeypatch: p
     assert all(a == {"n1-abc"} for a in answers)
     await live.alive()  # fresh: no lookup
     assert listings == 1
+
+
+class SlowCountOut:
+    """The memory broker's per-user count, with count-outs that land 0.3 s
+    after ``close`` — as a KV write behind a busy node or a listing may."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.tasks: set[Any] = set()
+
+    async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
+        await self.inner.open(user, conn, limit, close_oldest)
+
+    def close(self, user: str, conn: str) -> None:
+        import asyncio
+
+        from broker.tasks import spawn
+
+        async def later() -> None:
+            await asyncio.sleep(0.3)
+            self.inner.close(user, conn)
+
+        spawn(self.tasks, later())
+
+    async def settle(self, timeout: float) -> None:
+        import asyncio
+
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+
+    def counted(self, user: str) -> int:
+        return len(self.inner._conns.get(user, ()))
+
+
+async def slow_node() -> tuple[Any, SlowCountOut]:
+    from broker import BrokerEvents
+
+    from ..helpers import make_settings, start_node
+    from ..memory_broker import MemoryBroker
+
+    made: list[SlowCountOut] = []
+
+    def factory(events: BrokerEvents) -> MemoryBroker:
+        broker = MemoryBroker(events)
+        made.append(SlowCountOut(broker.connections))
+        broker.connections = made[0]  # type: ignore[assignment]
+        return broker
+
+    settings = make_settings(limits={"max_connections_per_user": 1}, http={"reconnect_spread": 0.0})
+    return await start_node(settings, factory), made[0]
+
+
+@pytest.mark.parametrize("how", ["server api", "drain"])
+async def test_a_connection_told_to_reconnect_is_counted_out_first(how: str) -> None:
+    """When a client is told to come back (POST /api/disconnect: 4009; a
+    drain: 1012), its connection no longer counts for its user: back at
+    once, on this node or another, it is not refused (4029 / 429) for the
+    one being closed. Counted out only once the close was over, users at
+    their limit were refused when a count-out was slower than the reconnect."""
+    import asyncio
+
+    import aiohttp
+
+    from ..helpers import ADMIN_KEY, expect_close, recv_json, token
+
+    node, counts = await slow_node()
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(node.ws_url, params={"token": token("kim")})
+            assert (await recv_json(ws))["type"] == "welcome"
+            if how == "drain":
+                shutdown = asyncio.create_task(node.node.shutdown())
+                code, _ = await expect_close(ws)
+                assert (code, counts.counted("kim")) == (1012, 0)
+                await shutdown
+                return
+            headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            async with http.post(node.url + "/api/disconnect", json={"user": "kim"}, headers=headers) as answer:
+                assert (await answer.json())["disconnected"] == 1
+            code, _ = await expect_close(ws)
+            assert (code, counts.counted("kim")) == (4009, 0)
+            again = await http.ws_connect(node.ws_url, params={"token": token("kim")})
+            assert (await recv_json(again))["type"] == "welcome"
+            await again.close()
+    finally:
+        await node.stop()
