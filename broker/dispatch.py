@@ -75,6 +75,9 @@ class LiveSubscription:
 
 
 _SPACE = re.compile(r"\s")
+# What bytes.strip() strips, as nats-py strips names and values (str.strip()
+# also strips \x1c-\x1f, \x85, \xa0...).
+_ASCII_SPACE = " \t\n\r\x0b\x0c"
 
 
 class DispatchingClient(Client):
@@ -91,9 +94,9 @@ class DispatchingClient(Client):
             name, sep, value = line.partition(":")
             if not sep:
                 continue
-            key = name.strip()
+            key = name.strip(_ASCII_SPACE)
             if key.isascii() and _SPACE.search(key) is None:
-                out[key] = value.strip()
+                out[key] = value.strip(_ASCII_SPACE)
         return out
 
     def __init__(self) -> None:

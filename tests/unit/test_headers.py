@@ -24,3 +24,8 @@ def test_a_jetstream_reply_block() -> None:
         "Nats-Sequence": "12",
         "Nats-Time-Stamp": "2026-12-06T00:30:54.671303694Z",
     }
+
+
+def test_only_ascii_whitespace_is_trimmed_as_nats_py_trims_it() -> None:
+    for raw in (b"\x1c:", b"A:\x1cv\x85", b"\x1fB: x"):
+        assert DispatchingClient._parse_header_lines(raw) == Client._parse_header_lines(raw), raw
