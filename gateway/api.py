@@ -38,6 +38,7 @@ from .http import (
 from .hub import Hub
 from .limits import TokenBucket
 from .metrics import Metrics
+from .readiness import not_ready
 from .sessions import Sessions
 from .settings import PublishSettings, Settings
 from .subscriptions import Subscriptions
@@ -297,10 +298,9 @@ class NodeApi:
         self._metrics = metrics
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if self._sessions.draining:
-            return json_error(503, "draining", "node is draining")
-        if not self._broker.ready:
-            return json_error(503, "nats_unavailable", "not connected to NATS or the stream is not ready")
+        reason = not_ready(self._sessions, self._broker)
+        if reason is not None:
+            return json_error(503, reason.error, reason.message)
         return json_response({"status": "ready"})
 
     def _unauthorized(self, request: web.Request) -> web.Response | None:

@@ -165,6 +165,11 @@ class Metrics:
             registry=r,
         )
         self.queue_bytes = Gauge("herald_outbound_queue_bytes", "Bytes waiting in outbound queues", registry=r)
+        self.ready = Gauge(
+            "herald_ready",
+            "1 while the node serves (/readyz answers 200); 0 while it is draining, or NATS or its stream is not ready",
+            registry=r,
+        )
         # By Transport.name: one per transport the node serves (transports/registry.py).
         self.transport: dict[str, TransportMetrics] = {}
         r.register(_DeliveryCollector(self))
@@ -210,6 +215,10 @@ class Metrics:
 
     def watch_queue_bytes(self, total: Callable[[], float]) -> None:
         self.queue_bytes.set_function(total)
+
+    def watch_ready(self, ready: Callable[[], bool]) -> None:
+        """herald_ready, read at scrape time from what /readyz answers."""
+        self.ready.set_function(lambda: 1.0 if ready() else 0.0)
 
     def watch_broker(self, stats: Callable[[], BrokerStats]) -> None:
         self.registry.register(_BrokerCollector(stats))

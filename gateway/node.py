@@ -24,6 +24,7 @@ from .http import TrustedProxies
 from .hub import Hub
 from .metrics import Metrics
 from .outbound import QueueLimits
+from .readiness import not_ready
 from .resume import Resumer
 from .server_api import NodeRequests, UserActions
 from .sessions import Sessions
@@ -183,4 +184,5 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
     requests = NodeRequests(router, actions)
     metrics.watch_broker(broker.stats)
     metrics.watch_queue_bytes(sessions.queued_bytes)
+    metrics.watch_ready(lambda: not_ready(sessions, broker) is None)
     return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router, hook)

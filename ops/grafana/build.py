@@ -69,13 +69,14 @@ def timeseries_options() -> dict[str, Any]:
     }
 
 
+# herald_nats_connected and herald_ready: 0 or 1 each.
 NATS_STATE = {
     "mappings": [
         {
             "type": "value",
             "options": {
-                "0": {"index": 0, "text": "disconnected", "color": "red"},
-                "1": {"index": 1, "text": "connected", "color": "green"},
+                "0": {"index": 0, "text": "no", "color": "red"},
+                "1": {"index": 1, "text": "yes", "color": "green"},
             },
         }
     ],
@@ -212,9 +213,14 @@ ROWS = [
         "NATS",
         [
             Panel(
-                "NATS connection",
-                "herald_nats_connected: 1 while the node is connected to NATS.",
-                [Target(f"herald_nats_connected{{{NODE}}}", "{{instance}}")],
+                "NATS connection and readiness",
+                "herald_nats_connected: whether the node is connected to NATS. herald_ready: whether it serves "
+                "(/readyz answers 200); not while draining, nor while NATS or the node's JetStream stream is not "
+                "ready: connected but not ready means every stream and publish is refused.",
+                [
+                    Target(f"herald_nats_connected{{{NODE}}}", "connected {{instance}}"),
+                    Target(f"herald_ready{{{NODE}}}", "ready {{instance}}"),
+                ],
                 kind="state-timeline",
                 width=8,
                 options={"showValue": "auto", "mergeValues": True, "rowHeight": 0.8, "alignValue": "center"},

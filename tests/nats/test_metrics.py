@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
 import aiohttp
 
-from broker.embedded import NatsServer
+from broker.embedded import NatsServer, nats_server_binary
 
 from ..helpers import (
     ADMIN_KEY,
@@ -18,6 +23,9 @@ from ..helpers import (
     token,
     wait_for,
 )
+from .test_nats_outage import own_nats, status_is
+
+__all__ = ["own_nats"]  # the fixture
 
 CONTRACT = [
     'herald_connections{transport="ws"}',
@@ -173,3 +181,35 @@ async def test_streams_refused_at_open_are_counted_by_their_error(
         - sum(v for k, v in before.items() if k.startswith("herald_connections_closed_total"))
         == 1
     )
+
+
+async def test_herald_ready_says_what_readyz_says(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    """herald_ready is 1 while /readyz answers 200, 0 once it answers 503 (here: draining)."""
+    assert await status_is(http, node.url + "/readyz", 200)
+    assert (await scrape(http, node.url))["herald_ready"] == 1
+    await node.node.shutdown()
+    assert await status_is(http, node.url + "/readyz", 503)
+    assert (await scrape(http, node.url))["herald_ready"] == 0
+
+
+async def test_a_node_unready_behind_a_live_nats_connection_says_so_in_its_metrics(
+    own_nats: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """NATS restarted without JetStream on the same port: the node reconnects
+    (herald_nats_connected is 1) but its stream is not ready, so /readyz
+    answers 503 and every stream and publish is refused: herald_ready says 0."""
+    node = await node_factory(nats_url=own_nats.url, nats={"reconnect_wait": 0.2})
+    assert (await scrape(http, node.url))["herald_ready"] == 1
+    own_nats.stop()
+    plain = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(own_nats.port)])  # no -js
+    try:
+        await wait_for(lambda: node.node.broker.stats().connected, timeout=10)
+        assert await status_is(http, node.url + "/readyz", 503)
+        await asyncio.sleep(1.0)  # connected for a while, still not ready
+        metrics = await scrape(http, node.url)
+        assert metrics["herald_nats_connected"] == 1
+        assert metrics["herald_ready"] == 0
+        assert await status_is(http, node.url + "/readyz", 503)
+    finally:
+        plain.kill()
+        plain.wait()

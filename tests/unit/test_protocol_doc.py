@@ -29,7 +29,7 @@ FRAME_PATTERNS = (
 # SSE event names written literally.
 SSE_EVENT_PATTERNS = (r"\bsse_event\(\s*" + _NAME,)
 # Error codes: CommandError("x"), _error(ref, "x"), error("x"), code="x", json_error(400, "x"),
-# http_error(400, "x"), Refusal(400, BAD_REQUEST, "x"), refuse(400, "x").
+# http_error(400, "x"), Refusal(400, BAD_REQUEST, "x"), refuse(400, "x"), NotReady("x", ...) (/readyz).
 ERROR_PATTERNS = (
     r"\bCommandError\(\s*" + _NAME,
     r"\b_error\(\s*[\w.]+\s*,\s*" + _NAME,
@@ -39,6 +39,7 @@ ERROR_PATTERNS = (
     r"\bhttp_error\(\s*\d{3}\s*,\s*" + _NAME,
     r"\bRefusal\(\s*\d{3}\s*,\s*[\w.]+\s*,\s*" + _NAME,
     r"\b_?refuse\(\s*\d{3}\s*,\s*" + _NAME,
+    r"\bNotReady\(\s*" + _NAME,
 )
 
 
