@@ -92,7 +92,7 @@ class PublishApi:
         try:
             body = await read_body(request, self._body_timeout)
         except TimeoutError:
-            return body_timeout(self._body_timeout).response(close=True)
+            return self.body_timed_out(self._body_timeout).response(close=True)
         except web.HTTPRequestEntityTooLarge:
             return self._too_large(f"body larger than {self._max_batch_body} bytes").response()
         except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
@@ -105,6 +105,11 @@ class PublishApi:
         if refusal is not None:
             return refusal
         return await self._publish(body, head.headers.get("Idempotency-Key"))
+
+    def body_timed_out(self, seconds: float) -> Reply:
+        """A publish whose body did not arrive within ``seconds`` (the front door's
+        too: front.py); its connection closes after the answer."""
+        return self._refuse(408, "timeout", late_body(seconds))
 
     def _refuse(self, status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
         self._metrics.published.labels(error).inc()  # the metric label is the error code
@@ -151,7 +156,8 @@ class PublishApi:
             published = await self._pubsub.publish_batch(items)
         except BrokerUnavailable as exc:
             return self._refuse(503, "unavailable", str(exc))
-        self._metrics.published_ok.inc(len(items))
+        self._metrics.published_ok.inc()  # one request, whatever its size
+        self._metrics.published_messages.inc(len(items))
         if isinstance(doc, list):
             return json_reply({"ids": [str(p.seq) for p in published]})
         answer: dict[str, object] = {"id": str(published[0].seq)}

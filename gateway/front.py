@@ -32,7 +32,7 @@ from multidict import CIMultiDict
 from broker.tasks import spawn
 
 from .head import FrontHead
-from .http import ALWAYS_HEADERS, HOST, Reply, body_timeout, error_reply, hard_abort, http_date
+from .http import ALWAYS_HEADERS, HOST, Reply, error_reply, hard_abort, http_date
 
 log = logging.getLogger("herald.http")
 
@@ -58,6 +58,11 @@ class FastRoute(Protocol):
 
     def answer(self, head: FrontHead, body: bytes) -> Awaitable[Reply | None]:
         """The reply to one request; None: the route took the socket."""
+
+    def body_timed_out(self, seconds: float) -> Reply:
+        """The reply (408) to a request whose body did not arrive within
+        ``seconds``, as the route's own aiohttp handler gives it (and counts
+        it); the connection closes after it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,19 +309,19 @@ class FrontConnection(asyncio.Protocol):
             return
         if self._blocked:
             hard_abort(transport)  # a close would wait for ever to write what it does not read
-        elif self._awaits_body():
+        elif (request := self._awaiting_body()) is not None:
             # The head of a fast route, its body not all in: answered as aiohttp's route answers.
-            transport.write(self._door.encode(body_timeout(self._door.timeout), close=True))
+            transport.write(self._door.encode(request.route.body_timed_out(self._door.timeout), close=True))
             transport.close()
         elif self._buffer:
             hard_abort(transport)  # half a head: nothing to say to it
         else:
             transport.close()
 
-    def _awaits_body(self) -> bool:
-        """Whether the buffer holds the whole head of a request the front door serves (but not its body)."""
+    def _awaiting_body(self) -> Request | None:
+        """The request whose whole head the buffer holds, if the front door serves it (its body is not all in)."""
         end = self._buffer.find(b"\r\n\r\n")
-        return 0 <= end <= MAX_HEAD and self._door.match(bytes(self._buffer[:end])) is not None
+        return self._door.match(bytes(self._buffer[:end])) if 0 <= end <= MAX_HEAD else None
 
 
 # Answers being written (see broker.tasks.spawn).

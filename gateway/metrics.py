@@ -79,7 +79,8 @@ COMMAND_RESULTS = (
     "rate_limited",
     "unavailable",
 )
-API_RESULTS = ("ok", "disabled", "unauthorized", "rate_limited", "too_large", "bad_request", "unavailable")
+# Of a request to POST /api/publish (one per request, whatever the size of its batch).
+API_RESULTS = ("ok", "disabled", "unauthorized", "rate_limited", "too_large", "bad_request", "timeout", "unavailable")
 # What the connect hook (gateway/connect_hook.py) came to: the app's answer
 # (admitted, refused), an answer reused (cached), or no usable one.
 CONNECT_HOOK_RESULTS = ("admitted", "cached", "refused", "timeout", "unreachable", "error_status", "bad_answer")
@@ -156,7 +157,15 @@ class Metrics:
         self.read_marks = Counter("herald_read_marks", "Read positions stored (read command)", registry=r)
         self.auth_failures = Counter("herald_auth_failures", "Refused tokens, by reason", ["reason"], registry=r)
         self.published = Counter(
-            "herald_api_publishes", "Publishes through the HTTP API, by result", ["result"], registry=r
+            "herald_api_publishes",
+            "Requests to POST /api/publish (a batch is one), by result: ok or the error code",
+            ["result"],
+            registry=r,
+        )
+        self.published_messages = Counter(
+            "herald_api_published_messages",
+            "Messages stored through POST /api/publish (a batch of n is n)",
+            registry=r,
         )
         self.commands = Counter(
             "herald_api_commands",

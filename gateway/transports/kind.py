@@ -27,6 +27,9 @@ class Endpoint(Protocol):
     async def answer(self, head: FrontHead, body: bytes) -> Reply | None:
         """The same from the front door: a refusal, or None (the socket is the stream's)."""
 
+    def body_timed_out(self, seconds: float) -> Reply:
+        """The front door's 408 for a body that did not arrive (a stream's request has none)."""
+
     async def wait_closed(self) -> None:
         """After the node closed its sessions: until their sockets are done (bounded)."""
 

@@ -28,7 +28,7 @@ from ..admission import Gate, Refusal
 from ..disconnect import CLIENT_CLOSED, INTERNAL, UNAVAILABLE, Disconnect
 from ..frames import Codec
 from ..head import FrontHead, Head
-from ..http import Reply, SocketWire, free_socket
+from ..http import Reply, SocketWire, body_timeout, free_socket
 from ..resume import Resumer
 from ..session import Session
 from ..sessions import Sessions
@@ -321,6 +321,9 @@ class StreamEndpoint(Generic[L]):
 
     async def answer(self, head: FrontHead, body: bytes) -> Reply | None:
         return await self.open(head, _nothing)  # the front door keeps nothing of a socket it gave away
+
+    def body_timed_out(self, seconds: float) -> Reply:
+        return body_timeout(seconds)  # never asked: a GET with a body is not the front door's (max_body 0)
 
     async def open(self, request: Head, forget: Callable[[], None]) -> Reply | None:
         """The refusal, or None: the socket is the stream's (or the client left);

@@ -279,15 +279,21 @@ ROWS = [
         [
             Panel(
                 "Publish API / s by result",
-                'herald_api_publishes_total: publishes through POST /api/publish, result "ok" or the error code.',
-                [Target(rate("herald_api_publishes_total", "result"), "{{result}}")],
+                "herald_api_publishes_total: requests to POST /api/publish, by result: ok or the error code (a "
+                "batch is one request, stored or refused). herald_api_published_messages_total: the messages they "
+                "stored (a batch of 100 is 100).",
+                [
+                    Target(rate("herald_api_publishes_total", "result"), "requests {{result}}"),
+                    Target(rate("herald_api_published_messages_total"), "messages stored"),
+                ],
                 unit="ops",
                 width=8,
             ),
             Panel(
                 "Publish API errors / s",
-                "herald_api_publishes_total with a result other than ok: unauthorized, rate_limited, too_large, "
-                "bad_request, unavailable, disabled.",
+                "herald_api_publishes_total with a result other than ok: requests refused (a batch is one), by "
+                "error code: unauthorized, rate_limited, too_large, bad_request, timeout (the body did not arrive "
+                "in time), unavailable, disabled.",
                 [Target(rate('herald_api_publishes_total{result!="ok"}', "result"), "{{result}}")],
                 unit="ops",
                 width=8,

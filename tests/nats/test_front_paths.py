@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import orjson
 import pytest
 
-from ..helpers import ADMIN_KEY, PUBLISH_KEY, NodeFactory, RunningNode, token
+from ..helpers import ADMIN_KEY, PUBLISH_KEY, NodeFactory, RunningNode, scrape, token
 
 BODY = b'{"channel":"room:lobby","data":1}'
 WS_HEADERS = (
@@ -38,6 +39,11 @@ async def exchange(node: RunningNode, request: bytes, seconds: float = 3.0) -> b
     return received
 
 
+async def scrape_over(node: RunningNode) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http:
+        return await scrape(http, node.url)
+
+
 @pytest.mark.parametrize("path", ["/sse", "/ws"])
 async def test_a_fragment_in_the_target_is_dropped_on_both_paths(node: RunningNode, path: str) -> None:
     target = f"{path}?token={token()}&room=lobby#top".encode()
@@ -59,6 +65,8 @@ async def test_a_body_that_never_ends_gets_408_within_the_handshake_timeout(
     http.handshake_timeout — its body too, in every shape (aiohttp alone
     would wait for a body for ever)."""
     node: RunningNode = await node_factory(http={"handshake_timeout": 1.0})
+    timeouts = 'herald_api_publishes_total{result="timeout"}'
+    before = await scrape_over(node)
     head = b"POST %b HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %b\r\n" % (path.encode(), key.encode())
     shapes = {
         "front": b"Content-Length: %d\r\n\r\n" % len(BODY),
@@ -75,3 +83,6 @@ async def test_a_body_that_never_ends_gets_408_within_the_handshake_timeout(
         assert status == b"HTTP/1.1 408 Request Timeout", (shape, answer)
         body = orjson.loads(rest_of_answer.partition(b"\r\n\r\n")[2])
         assert body == {"error": "timeout", "message": "the body did not arrive within 1s"}, shape
+    # A publish answered 408, by the front door or by aiohttp's route, counts once as a timeout.
+    after = await scrape_over(node)
+    assert after[timeouts] - before[timeouts] == (len(shapes) if path == "/api/publish" else 0)

@@ -213,3 +213,25 @@ async def test_a_node_unready_behind_a_live_nats_connection_says_so_in_its_metri
     finally:
         plain.kill()
         plain.wait()
+
+
+async def test_publishes_count_requests_and_published_messages_count_messages(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """herald_api_publishes_total counts requests (a batch is one, stored or
+    refused); herald_api_published_messages_total the messages stored."""
+    node = await node_factory()
+    before = await scrape(http, node.url)
+    good = [{"channel": "room:x", "data": i} for i in range(5)]
+    bad = [*good[:4], {"channel": "no such channel", "data": 4}]
+    for body, status in ((good, 200), (bad, 400), ({"channel": "room:x", "data": "one"}, 200)):
+        async with http.post(node.url + "/api/publish", json=body, headers=PUBLISH_HEADERS) as resp:
+            assert resp.status == status
+    after = await scrape(http, node.url)
+
+    def moved(key: str) -> float:
+        return after[key] - before[key]
+
+    assert moved('herald_api_publishes_total{result="ok"}') == 2
+    assert moved('herald_api_publishes_total{result="bad_request"}') == 1
+    assert moved("herald_api_published_messages_total") == 6

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.front import FastRoute, FrontDoor, FrontRunner
 from gateway.head import FrontHead
-from gateway.http import Reply, json_reply
+from gateway.http import Reply, body_timeout, json_reply
 
 ROUTES: web.AppKey[dict[tuple[bytes, bytes], FastRoute]] = web.AppKey("routes", dict)
 
@@ -30,6 +30,9 @@ class Echo:
         if self.gate is not None:
             await self.gate.wait()
         return json_reply({"front": True, "body": body.decode(), "key": head.headers.get("X-Key")})
+
+    def body_timed_out(self, seconds: float) -> Reply:
+        return body_timeout(seconds)
 
 
 class Served:
