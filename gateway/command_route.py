@@ -23,6 +23,7 @@ from .commands import Commands, Frame, valid_ref
 from .connect_hook import Credentials
 from .frames import dumps_exact
 from .limits import CommandLimiter, TokenBucket, retry_after
+from .metrics import Metrics
 from .sessions import Sessions
 
 # The HTTP status of an answer, by error code (200 when it is no error).
@@ -97,6 +98,7 @@ class CommandRouter:
         commands: Commands,
         relay: Relay,
         timeout: float,
+        metrics: Metrics,
     ) -> None:
         self._node_id = node_id
         self._identify = identify
@@ -106,6 +108,8 @@ class CommandRouter:
         self._timeout = timeout  # http.command_timeout
         self._budgets: dict[str, CommandLimiter] = {}
         self._misses: dict[str, TokenBucket] = {}  # per user: commands that named no open connection
+        # A misses budget is limits.command_rate's size: its refusals count under that limit.
+        self._misses_refused = metrics.limit_rejections.labels("command_rate")
 
     async def run(self, credentials: Credentials, cmd: Any, raw: bytes = b"") -> tuple[Frame, bytes | None]:
         """The answer to ``cmd`` (``raw``, decoded) posted with ``credentials``;
@@ -129,6 +133,7 @@ class CommandRouter:
         misses = self._misses_of(identity.user)
         wait = misses.wait()
         if wait:
+            self._misses_refused.inc()
             frame = error("rate_limited", "too many commands for connections that are not open: retry later", ref)
             frame["retry_after"] = retry_after(wait)
             return frame, None

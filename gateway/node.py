@@ -178,7 +178,7 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
         TrustedProxies(settings.http.trusted_proxies),
     )
     router = CommandRouter(
-        settings.node.id, gate.identify, sessions, commands, broker.relay, settings.http.command_timeout
+        settings.node.id, gate.identify, sessions, commands, broker.relay, settings.http.command_timeout, metrics
     )
     actions = UserActions(sessions, subscriptions, gate.count_out_first, hook.forget if hook else None)
     requests = NodeRequests(router, actions)

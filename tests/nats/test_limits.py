@@ -705,8 +705,12 @@ async def test_commands_naming_no_open_connection_have_a_budget_of_their_own(
         async with http.post(node.url + "/api/command", json=body, headers=headers) as resp:
             return resp.status, await resp.json()
 
+    rejections = 'herald_limit_rejections_total{limit="command_rate"}'
+    before = (await scrape(http, node.url))[rejections]
     statuses = [(await post("no-such-node:1"))[0] for _ in range(5)]
     assert statuses == [404, 404, 404, 429, 429], statuses
+    # The misses budget is command_rate's size, and its refusals count under that limit (docs/protocol.md 5).
+    assert (await scrape(http, node.url))[rejections] - before == 2
     async with http.get(node.url + "/sse", params={"token": token("alice"), "envelope": "1"}) as stream:
         event = b""
         while b"event: welcome" not in event:
