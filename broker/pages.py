@@ -31,6 +31,9 @@ from .timestamps import parse_rfc3339
 
 # Most messages one read asks for: a page is at most history.page_max.
 MAX_READ = 1000
+# Fewest messages a read asks for once the count it was given is read
+# without reaching the page's end (messages were published meanwhile).
+MORE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +103,13 @@ class Pager:
         """The newest ``limit`` held messages older than ``before``, oldest
         first; ``last``: the subject's last sequence (0: it holds nothing).
         Held: among the newest ``retention.max_msgs`` and not older than
-        ``retention.max_age`` (nothing a resume could not return)."""
+        ``retention.max_age`` (nothing a resume could not return).
+
+        The counts of the first reads only place the page's start: messages
+        published (or dropped) between two reads shift them. The page itself
+        is the newest of the messages read up to ``before``, and the read goes
+        on until it has passed ``before``, or starts over from the subject's
+        oldest message if it began past the page's start."""
         end = last + 1 if before is None or before > last else before  # the page is before ``end``
         head = await self._read(1, 1) if last else []
         if not head or end <= head[0].delivery.seq:
@@ -110,28 +119,33 @@ class Pager:
         if end <= last:
             probe = await self._read(end, 1)
             newer = probe[0].after + 1 if probe else 0
-        older = total - newer
-        want = min(limit, retention.max_msgs - newer, older)
+        want = min(limit, retention.max_msgs - newer)
         if want <= 0:
             return []
-        start_seq, start_index = await self._place(older - want, (first, 0), (end, older), want, total)
-        found = await self._read_span(start_seq, older - start_index)
-        page = [s.delivery for s in found if total - 1 - s.after >= older - want and s.delivery.seq < end]
-        return [d for d in page if now - d.ts <= retention.max_age]
+        older = max(1, total - newer)  # an estimate, as is every index below
+        start_seq, start_index = await self._place(max(0, older - want), (first, 0), (end, older), want, total)
+        found = await self._read_until(start_seq, end, older - start_index)
+        if len(found) < want and start_seq != first:
+            found = await self._read_until(first, end, older)  # placed past the page's start
+        return [d for d in found[-want:] if now - d.ts <= retention.max_age]
 
-    async def _read_span(self, start: int, count: int) -> list[Stored]:
-        """``count`` messages from ``start`` on, in reads of at most ``MAX_READ``
-        (the span holds the page and up to as many before it: 2,000 at most)."""
-        found: list[Stored] = []
-        while count > 0:
-            asked = min(MAX_READ, count)
+    async def _read_until(self, start: int, end: int, count: int) -> list[Delivery]:
+        """The subject's messages from ``start`` up to ``end`` (excluded),
+        oldest first, in reads of at most ``MAX_READ``; ``count``: about how
+        many there are (one more is asked for, to see the read reach ``end``)."""
+        found: list[Delivery] = []
+        left = max(0, count) + 1
+        while True:
+            asked = min(MAX_READ, left if left > 0 else MORE)
             got = await self._read(start, asked)
-            found += got
+            for stored in got:
+                if stored.delivery.seq >= end:
+                    return found
+                found.append(stored.delivery)
             if len(got) < asked:
-                break  # the subject has no more
-            count -= asked
+                return found  # the subject has no more
+            left -= asked
             start = got[-1].delivery.seq + 1
-        return found
 
     async def _place(
         self, target: int, low: tuple[int, int], high: tuple[int, int], slack: int, total: int

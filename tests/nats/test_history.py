@@ -191,3 +191,30 @@ async def test_resuming_from_the_welcome_position_gets_exactly_what_was_missed(
         assert got == missed
         await ws.send_json({"type": "ping"})
         assert (await recv_json(ws))["type"] == "pong"  # and nothing else came before it
+
+
+async def test_a_page_asked_while_the_room_gets_messages_is_whole(
+    node: RunningNode, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages published between the reads that place a page (a busy room)
+    do not shorten it: a short page would tell the client it was the last."""
+    published = await publish_many(http, node, [("room:busy", {"n": i}) for i in range(10)])
+    broker = node.node.broker
+    pages = broker.history._pages  # type: ignore[attr-defined]
+    real = pages.read
+    reads = 0
+
+    async def read_then_publish(subject: str, channel: Any, start: int, count: int, timeout: Any = None) -> Any:
+        nonlocal reads
+        got = await real(subject, channel, start, count, timeout)
+        reads += 1
+        if reads == 1:  # the first read of the page: then two messages arrive
+            for _ in range(2):
+                await broker.pubsub.publish(channel, b'"later"')
+        return got
+
+    monkeypatch.setattr(pages, "read", read_then_publish)
+    async with http.ws_connect(node.ws_url, params={"token": token("alice")}) as ws:
+        await recv_json(ws)
+        page = await ask(ws, {"type": "history", "room": "busy", "limit": 3, "before": published[4]})
+    assert ids(page) == published[1:4]

@@ -79,3 +79,38 @@ def test_messages_past_their_age_are_not_in_a_page() -> None:
     stream = ModelStream(list(range(1, 11)), time.time() - 7200)
     page = asyncio.run(Pager(stream, "s", LOBBY).page(10, None, 5, Retention(100, 3600.0), time.time()))  # type: ignore[arg-type]
     assert page == []
+
+
+class BusyStream(ModelStream):
+    """A model stream into which ``published`` more messages of the subject
+    (at the stream's end) are published right after the ``after``-th read:
+    a busy room, paged while it gets messages."""
+
+    def __init__(self, seqs: list[int], ts: float, published: int, after: int) -> None:
+        super().__init__(seqs, ts)
+        self.published = published
+        self.after = after
+
+    async def read(self, subject: str, channel: Channel, start: int, count: int) -> list[Stored]:
+        got = await super().read(subject, channel, start, count)
+        if self.reads == self.after:
+            self.seqs += [self.seqs[-1] + 1 + i for i in range(self.published)]
+        return got
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams(), st.integers(1, 50), st.integers(1, 4))
+def test_a_page_read_while_messages_are_published_is_whole(
+    case: tuple[list[int], int | None, int, int], published: int, after: int
+) -> None:
+    """Messages published between the pager's reads come after the page: it
+    is the same page as without them (not a short one, which would say it is
+    the last)."""
+    seqs, before, limit, max_msgs = case
+    max_msgs += 200  # the held window does not move under it here
+    expected = naive(seqs, before, limit, max_msgs)
+    stream = BusyStream(list(seqs), time.time(), published, after)
+    last = seqs[-1] if seqs else 0
+    end = before if before is not None and before <= last else last + 1
+    page = asyncio.run(Pager(stream, "s", LOBBY).page(last, end, limit, Retention(max_msgs, 3600.0), time.time()))  # type: ignore[arg-type]
+    assert [d.seq for d in page] == expected
