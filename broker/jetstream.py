@@ -49,6 +49,31 @@ _NOT_READY = (
 _NO_PEERS = 10005
 
 
+# The stream's limits a node's settings set, and the settings they come from.
+_LIMITS = {
+    "max_msgs_per_subject": "history.user_max / room_max, rooms.history",
+    "max_age": "history.user_max_age / room_max_age, rooms.history",
+    "max_bytes": "stream.max_bytes",
+    "duplicate_window": "publish.dedup_window",
+}
+
+
+def _log_changes(stream: str, before: StreamConfig, after: StreamConfig) -> None:
+    """Say which limits this node's start changed: nodes with other settings
+    would change them back when they start."""
+    for name, settings in _LIMITS.items():
+        old, new = getattr(before, name), getattr(after, name)
+        if old != new:
+            log.warning(
+                "stream %s: %s changed from %s to %s by this node's settings (%s); every node must have the same",
+                stream,
+                name,
+                old,
+                new,
+                settings,
+            )
+
+
 def _not_ready(exc: BaseException | None) -> bool:
     if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _NO_PEERS:
         return True
@@ -233,13 +258,17 @@ class NatsBroker:
             republish=RePublish(src=f"{self._subjects.prefix}.>", dest=f"{self._subjects.live_prefix}.>"),
         )
 
-    async def _ensure_stream(self) -> None:
+    async def _ensure_stream(self, update: bool = True) -> None:
+        """Create the stream, or (``update``: at start) give it this node's
+        limits. A reconnect only checks it is there: nodes whose settings
+        differ (a rolling change of [history]) must not set it back and forth
+        on every NATS blip, dropping what the newest settings keep."""
         js = self._link.js
         assert js is not None  # connected once: set in start()
         config = self._stream_config()
         try:
             try:
-                await js.stream_info(config.name or "")
+                current = await js.stream_info(config.name or "")
             except nats.js.errors.NotFoundError:
                 try:
                     info = await js.add_stream(config)
@@ -252,7 +281,9 @@ class NatsBroker:
                         # captures these subjects). Say why.
                         raise refused from None
             else:
-                info = await js.update_stream(config)
+                info = await js.update_stream(config) if update else current
+                if update:
+                    _log_changes(config.name or "", current.config, info.config)
             for bucket in (self.reads, self.presence, self.connections):
                 await bucket.ensure(js, self._config.replicas, self._config.storage)
         except (TimeoutError, nats.errors.Error) as exc:
@@ -336,7 +367,7 @@ class NatsBroker:
     async def _restore_stream(self) -> None:
         while not self._closing and self.connected:
             try:
-                await self._ensure_stream()
+                await self._ensure_stream(update=False)
                 # What the held channels missed while disconnected, then the live flow.
                 self._sequencer.catch_up()
                 return
