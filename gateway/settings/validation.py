@@ -69,6 +69,7 @@ def validate(s: Settings) -> None:
     _hooks(s.hooks)
     _rooms(s.rooms)
     _history(s.history)
+    _dedup_window(s)
     _jwt(s.jwt, s.http)
     _auth(s.auth)
     _ws(s.ws)
@@ -202,6 +203,18 @@ def _history(history: HistorySettings) -> None:
     _require(1 <= history.page_max <= 1000, "history.page_max", "must be 1 to 1000")
     for key in ("user_max_age", "room_max_age", "replay_timeout"):
         _require(getattr(history, key) > 0, f"history.{key}", "must be > 0 seconds")
+
+
+def _dedup_window(s: Settings) -> None:
+    """The stream remembers an Idempotency-Key no longer than it keeps
+    messages (JetStream: duplicate window <= max age, the longest history age)."""
+    ages = [s.history.user_max_age, s.history.room_max_age, *(age for _, _, age in room_history_rules(s.rooms.history))]
+    _require(
+        s.publish.dedup_window <= max(ages),
+        "publish.dedup_window",
+        f"must be at most the longest history age ({max(ages):g} s: history.user_max_age, history.room_max_age,"
+        " rooms.history): the stream forgets an Idempotency-Key once it drops messages that old",
+    )
 
 
 def _jwt(jwt: JwtSettings, http: HttpSettings) -> None:

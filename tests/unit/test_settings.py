@@ -251,6 +251,11 @@ def test_every_key_has_an_env_name() -> None:
         ({"HERALD_HTTP_HOST": ""}, ("http.host",)),
         ({"HERALD_ADMIN_HOST": ""}, ("admin.host",)),
         ({"HERALD_ADMIN_PORT": "8080", "HERALD_HTTP_PORT": "8080"}, ("admin.port",)),
+        # The stream keeps an Idempotency-Key no longer than its oldest messages.
+        (
+            {"HERALD_HISTORY_USER_MAX_AGE": "60", "HERALD_HISTORY_ROOM_MAX_AGE": "60"},
+            ("publish.dedup_window", "history.user_max_age"),
+        ),
     ],
 )
 def test_bad_env_values_raise_one_line_naming_the_key(env: dict[str, str], names: tuple[str, ...]) -> None:
@@ -340,3 +345,9 @@ def test_shipped_config_mentions_every_key() -> None:
             if not re.search(rf"^\s*#?\s*{f.name}\s*=", text, re.M):
                 missing.append(f"{section.name}.{f.name}")
     assert not missing, missing
+
+
+def test_a_dedup_window_within_any_history_age_is_fine() -> None:
+    ages = {"HERALD_HISTORY_USER_MAX_AGE": "60", "HERALD_HISTORY_ROOM_MAX_AGE": "60"}
+    assert load({**ages, "HERALD_PUBLISH_DEDUP_WINDOW": "60"}).publish.dedup_window == 60
+    assert load({**ages, "HERALD_ROOMS_HISTORY": "chat-*=10/3600"}).publish.dedup_window == 120
