@@ -12,7 +12,8 @@ stream's servers (nats-server picks one at random), and it reads that
 server's copy, which may be behind the leader: a message the publisher has an
 ack for may not be there yet. A read that must not miss such messages names
 them (``reach``: per subject, its last sequence as the leader said before the
-read), and goes on, waiting for that copy, until it has read them.
+read), and goes on, waiting for that copy, until it has read them — or the
+leader no longer holds them (retention dropped them meanwhile).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ T = TypeVar("T")
 
 # A replicated stream answers 503 for a moment after a leader change: try again.
 _BRIEFLY_UNAVAILABLE = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
+
+# While a copy catches up, how often the leader is asked whether the messages
+# awaited are still held: retention (max_age, max_bytes) may drop them
+# meanwhile, and then they never come.
+CATCH_UP_CHECK = 0.25
 
 # A pull request's answers that end it: no (more) messages now, its wait expired.
 _END_OF_REQUEST = ("404", "408")
@@ -92,6 +98,7 @@ async def read_snapshot(
         pending = min(int(info.num_pending or 0), limit)
         if pending or unmet:
             puller = await Puller.open(js, stream, config.name, timeout)
+            deadline = asyncio.get_running_loop().time() + timeout
             try:
                 read = 0
                 while read < limit and (read < pending or unmet):
@@ -100,7 +107,7 @@ async def read_snapshot(
                         if not batch:
                             pending = read  # fewer than it had: some were removed meanwhile
                     else:
-                        batch = await puller.next()  # this copy is behind the leader: wait for it
+                        batch = await _next_held(js, stream, puller, unmet, deadline)  # a copy behind the leader
                     for msg in batch:
                         read += 1
                         item = take(msg)
@@ -145,9 +152,10 @@ class Puller:
         """What the consumer has now, up to ``batch`` messages."""
         return await self._request(batch, wait=False)
 
-    async def next(self) -> list[Msg]:
-        """The next message the consumer gets, within the timeout (else TimeoutError)."""
-        got = await self._request(1, wait=True)
+    async def next(self, timeout: float | None = None) -> list[Msg]:
+        """The next message the consumer gets, within ``timeout`` (default: the
+        puller's), else TimeoutError."""
+        got = await self._request(1, wait=True, timeout=timeout)
         if not got:
             raise TimeoutError
         return got
@@ -156,11 +164,11 @@ class Puller:
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
 
-    async def _request(self, batch: int, wait: bool) -> list[Msg]:
+    async def _request(self, batch: int, wait: bool, timeout: float | None = None) -> list[Msg]:
         """One pull request (asked again while the consumer is not reachable,
         until the timeout): what it brings."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        deadline = loop.time() + (self._timeout if timeout is None else timeout)
         got: list[Msg] = []
         for attempt in itertools.count():
             left = deadline - loop.time()
@@ -185,6 +193,34 @@ class Puller:
                 break
             await asyncio.sleep(pause)
         raise nats.js.errors.ServiceUnavailableError(description="the consumer is not reachable")
+
+
+async def _next_held(
+    js: JetStreamContext, stream: str, puller: Puller, unmet: dict[str, int], deadline: float
+) -> list[Msg]:
+    """The next message of a copy catching up with the leader, before
+    ``deadline`` (else TimeoutError); [] once every message awaited (``unmet``)
+    has left the stream meanwhile: retention dropped it, it will never come."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return await puller.next(max(0.001, min(CATCH_UP_CHECK, deadline - loop.time())))
+        except TimeoutError:
+            if loop.time() >= deadline:
+                raise
+        missing = []
+        for subject, seq in unmet.items():
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.get_msg(stream, seq)
+                continue
+            missing.append(subject)
+        if missing:
+            last = (await js.stream_info(stream)).state.last_seq or 0
+            for subject in missing:
+                if unmet[subject] <= last:
+                    del unmet[subject]  # stored, and no longer held: dropped (not yet stored: wait on)
+        if not unmet:
+            return []
 
 
 async def _add_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig, tries: int = 4) -> ConsumerInfo:
