@@ -124,9 +124,11 @@ class Gate:
         """A browser page from an origin not allowed may not open a stream (the
         token may be a cookie the browser sends on its own)."""
         origin = request.headers.get("Origin")
-        if not origin_allowed(origin, request.host, self._origins):
+        fetch_site = request.headers.get("Sec-Fetch-Site")
+        if not origin_allowed(origin, request.host, self._origins, fetch_site):
             self._metrics.limit_rejections.labels("origin").inc()
-            shown = ascii(origin)  # quoted as sent, whatever bytes it holds
+            # Quoted as sent, whatever bytes it holds.
+            shown = ascii(origin) if origin is not None else f"none (Sec-Fetch-Site: {fetch_site!a})"
             self._warn("origin", "refused a stream from origin %s (limits.origins)", shown)
             raise Refusal(403, FORBIDDEN, "forbidden_origin", f"origin {shown} is not allowed (limits.origins)")
 

@@ -83,12 +83,22 @@ def normal_origin(origin: str) -> str | None:
     return f"{scheme}://{host}" + ("" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}")
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+# Sec-Fetch-Site of a request a page of another site made.
+_OTHER_SITE = frozenset(("cross-site", "same-site"))
+
+
+def origin_allowed(
+    origin: str | None, host: str | None, allowed: tuple[str, ...], fetch_site: str | None = None
+) -> bool:
     """Browsers send ``Origin``; other clients do not and are not checked.
     ``allowed`` (normalised origins) empty: the node's own origin only (same
-    host); ``*``: any."""
-    if origin is None or "*" in allowed:
+    host); ``*``: any. A browser's request without ``Origin`` that
+    ``Sec-Fetch-Site`` says another site's page made (an <img>, a <script>, a
+    followed link: no CORS, but the user's cookies) is no origin's."""
+    if "*" in allowed:
         return True
+    if origin is None:
+        return fetch_site is None or fetch_site.lower() not in _OTHER_SITE
     normal = normal_origin(origin)
     if normal is None:
         return False

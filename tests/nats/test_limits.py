@@ -4,7 +4,8 @@ nodes over real sockets.
 - Browser ``Origin`` allow-list (``limits.origins``): a foreign page gets 403
   JSON ``forbidden_origin`` — on /ws before any upgrade, on /sse as the
   response; the default allows only the node's own origin, ``*`` anything,
-  requests without ``Origin`` are not checked; bad config values fail at load
+  requests without ``Origin`` are not checked (but another site's page's, by
+  ``Sec-Fetch-Site``, are refused); bad config values fail at load
   (tests/unit/test_limits.py).
 - Client command token buckets per connection (``publish_rate`` for
   ``publish``, ``command_rate`` for every other frame, garbage included):
@@ -234,6 +235,35 @@ async def test_listed_origins_pass_and_unlisted_ones_do_not(
         answer = await sse_answer(http, node, origin, token("alice"))
         assert answer.status == 403 and answer.body["error"] == "forbidden_origin", (origin, answer)
     assert await rejections(http, node) == counted(origin=2 * len(unlisted))
+
+
+async def test_another_sites_request_without_origin_is_refused(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """An <img>, a <script> or a followed link on another site's page sends the
+    browser's cookies (SameSite=Lax ones too, for a link) and no ``Origin``;
+    ``Sec-Fetch-Site`` says where it came from. It must not open a stream in the
+    user's name (presence, their connection slots): only ``*`` allows it."""
+    cookie = {"Cookie": f"herald_token={token('alice')}"}
+    node = await node_factory()
+    for site in ("cross-site", "same-site", "Cross-Site"):
+        headers = {**cookie, "Sec-Fetch-Site": site, "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "script"}
+        async with http.get(node.url + "/sse", params={"room": "lobby"}, headers=headers) as resp:
+            assert resp.status == 403, (site, resp.status)
+            assert (await resp.json())["error"] == "forbidden_origin"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(node.ws_url, headers=headers)
+        assert refused.value.status == 403, site
+    assert not node.node.sessions
+    assert await rejections(http, node) == counted(origin=6)
+    # The node's own pages (same-origin: no Origin on a GET), a typed URL, and non-browsers pass.
+    for site in ("same-origin", "none", None):
+        headers = cookie if site is None else {**cookie, "Sec-Fetch-Site": site}
+        async with http.get(node.url + "/sse", params={"room": "lobby"}, headers=headers) as resp:
+            assert resp.status == 200, (site, resp.status)
+    star = await node_factory(limits={"origins": ("*",)})
+    async with http.get(star.url + "/sse", headers={**cookie, "Sec-Fetch-Site": "cross-site"}) as resp:
+        assert resp.status == 200
 
 
 @pytest.mark.parametrize(
