@@ -184,7 +184,8 @@ class CommandRouter:
         if not isinstance(conn, str) or conn.rpartition(":")[0] != self._node_id:
             return orjson.dumps(error("not_found", "the connection is not on this node"))
         try:
-            identity = await self._identify(Credentials.from_wire(request, f"a node relaying for {conn}"))
+            # The conn as the client wrote it, quoted: its CR / LF must not start log lines of their own.
+            identity = await self._identify(Credentials.from_wire(request, f"a node relaying for {conn!a}"))
         except Refusal as refusal:
             return dumps_exact(error(refusal.error, refusal.message))
         except ValueError as exc:

@@ -337,3 +337,20 @@ async def test_pages_of_an_allowed_other_site_may_read_streams_and_send_commands
         node.url + "/api/command", json={"type": "ping"}, headers={"Authorization": f"Bearer {tok}"}
     ) as r:
         assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_a_forwarded_commands_conn_cannot_forge_log_lines(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node that holds the conn logs a token it refuses (a secret being
+    rotated: the node asked took it) with the conn the client wrote: its CR
+    and LF must not start lines of their own in the log."""
+    tag = "fl" + uuid.uuid4().hex[:8]
+    shared: dict[str, Any] = {"subject": {"prefix": tag}, "stream": {"name": tag.upper(), "storage": "memory"}}
+    a = await node_factory(**shared, jwt={"secret": "another-secret-that-is-long-enough-for-hs256"})
+    b = await node_factory(**shared)
+    conn = f"{a.node.id}:1\r\nERROR herald forged line"
+    status, err = await command(http, b, token("mallory"), {"type": "ping", "conn": conn})
+    assert (status, err["code"]) == (401, "bad_token"), err
+    refused = [r.getMessage() for r in caplog.records if "refused token" in r.getMessage()]
+    assert refused and not any("\n" in m or "\r" in m for m in refused), refused
