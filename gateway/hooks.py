@@ -36,6 +36,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from yarl import URL
 
 from broker.channels import Subjects, glob_match
 from broker.hooks import Backlog, HookMessage, HookSource
@@ -66,6 +67,11 @@ def verify(secret: str, header: str, body: bytes, tolerance: float = 300.0) -> b
         return False
     expected = hmac.new(secret.encode(), stamps[0].encode() + b"." + body, hashlib.sha256).hexdigest()
     return any(hmac.compare_digest(expected, v) for k, _, v in fields if k == "v1")
+
+
+def shown_url(url: str) -> str:
+    """``url`` for the log: without the user and password a receiver behind basic auth needs."""
+    return str(URL(url).with_user(None)) if url else url
 
 
 class HookMetrics:
@@ -264,10 +270,11 @@ class Dispatcher:
             )
         self.metrics.deliveries.labels("retried").inc()
         delay = self.retry_delay(m.attempt, _seconds(retry_after, self.hooks.horizon) if status == 429 else None)
+        shown = shown_url(url)
         warn(
-            f"retry {url}",
+            f"retry {shown}",
             "webhook to %s failed (%s): retrying (%s for %s, in %.1f s)",
-            url,
+            shown,
             failure,
             m.id,
             m.user,
@@ -357,7 +364,9 @@ async def run_dispatcher(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, dispatcher.stop, task)
-    log.info("webhook dispatcher running: %s", h.url or ", ".join(u for _, u in dispatcher.routes))
+    log.info(
+        "webhook dispatcher running: %s", shown_url(h.url) or ", ".join(shown_url(u) for _, u in dispatcher.routes)
+    )
     try:
         await task
     except asyncio.CancelledError:

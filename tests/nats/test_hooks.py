@@ -207,6 +207,28 @@ async def test_retries_after_5xx_then_stops_at_success(
     assert len(said) == 1 and said[0].startswith(f"webhook to {receiver.url} failed (HTTP 500): retrying")
 
 
+async def test_credentials_in_the_url_are_not_logged(
+    node: RunningNode,
+    http: aiohttp.ClientSession,
+    receiver: Receiver,
+    dispatchers: Any,
+    nats_server: NatsServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A receiver behind basic auth (https://user:password@host/...): the
+    retry warning names the URL without them, as the connect hook's do."""
+    receiver.answers = [500, 200]
+    with_credentials = receiver.url.replace("http://", "http://herald:s3cret-password@", 1)
+    settings = hook_settings(node, with_credentials)
+    dispatchers(settings)
+    await consumer_ready(nats_server, settings)
+    await api_publish(http, node, "user:hal", "hi")
+    await wait_for(lambda: len(receiver.requests) >= 2, timeout=15)
+    said = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert said and said[0].startswith(f"webhook to {receiver.url} failed (HTTP 500)"), said
+    assert not [r for r in caplog.records if "s3cret-password" in r.getMessage()]
+
+
 async def test_429_waits_for_retry_after_and_4xx_is_not_retried(
     node: RunningNode, http: aiohttp.ClientSession, receiver: Receiver, dispatchers: Any, nats_server: NatsServer
 ) -> None:
