@@ -139,6 +139,7 @@ class FrontConnection(asyncio.Protocol):
         "_gone",
         "_handler",
         "_loop",
+        "_pending",
         "_timer",
         "_transport",
     )
@@ -152,6 +153,9 @@ class FrontConnection(asyncio.Protocol):
         self._gone = False
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0  # loop time by which a whole request must be in (0: none is awaited)
+        # The request whose body is still coming, and where its body starts in the buffer: its head is
+        # read once, not again at each piece of the body (a body a byte per segment would cost a head each).
+        self._pending: tuple[Request, int] | None = None
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
 
@@ -192,23 +196,26 @@ class FrontConnection(asyncio.Protocol):
 
     def _advance(self) -> None:
         buffer = self._buffer
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0 or end > MAX_HEAD:
-            # Too long, or lines ended by a bare LF: aiohttp answers 400 at once.
-            if len(buffer) > MAX_HEAD or buffer.find(b"\n\n", 0, MAX_HEAD + 4) >= 0:
-                self._hand_over()
-            return
-        head = bytes(buffer[:end])
-        request = self._door.match(head)
-        if request is None:
-            if _OTHER_VERSION.match(head):
-                self._refuse(error_reply(505, "bad_request", "HTTP/1.1 (or 1.0) only"))
-            else:
-                self._hand_over()
-            return
-        start = end + 4
+        if self._pending is None:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0 or end > MAX_HEAD:
+                # Too long, or lines ended by a bare LF: aiohttp answers 400 at once.
+                if len(buffer) > MAX_HEAD or buffer.find(b"\n\n", 0, MAX_HEAD + 4) >= 0:
+                    self._hand_over()
+                return
+            head = bytes(buffer[:end])
+            matched = self._door.match(head)
+            if matched is None:
+                if _OTHER_VERSION.match(head):
+                    self._refuse(error_reply(505, "bad_request", "HTTP/1.1 (or 1.0) only"))
+                else:
+                    self._hand_over()
+                return
+            self._pending = (matched, end + 4)
+        request, start = self._pending
         if len(buffer) < start + request.length:
             return  # the body is still coming
+        self._pending = None
         body = bytes(buffer[start : start + request.length])
         del buffer[: start + request.length]
         self._busy = True
@@ -320,6 +327,8 @@ class FrontConnection(asyncio.Protocol):
 
     def _awaiting_body(self) -> Request | None:
         """The request whose whole head the buffer holds, if the front door serves it (its body is not all in)."""
+        if self._pending is not None:
+            return self._pending[0]
         end = self._buffer.find(b"\r\n\r\n")
         return self._door.match(bytes(self._buffer[:end])) if 0 <= end <= MAX_HEAD else None
 
