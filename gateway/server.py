@@ -19,6 +19,7 @@ import multiprocessing.connection
 import multiprocessing.process
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
@@ -33,6 +34,24 @@ from .metrics import Listener
 from .settings import Settings
 
 log = logging.getLogger("herald")
+
+
+class CannotListen(Exception):
+    """A site of the node could not take its address (the message names it)."""
+
+
+def _reason(exc: OSError) -> str:
+    """The errno's words ("Address already in use"), not asyncio's sentence around them."""
+    if exc.errno and exc.errno > 0 and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)
+    return str(exc)
+
+
+async def start_site(site: web.TCPSite, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise CannotListen(f"cannot listen on {host}:{port}: {_reason(exc)}") from exc
 
 
 def configure_logging(level: str) -> None:
@@ -77,7 +96,7 @@ async def listen(runner: web.AppRunner, settings: Settings, reuse_port: bool = F
     watch the listening sockets' accept queue."""
     http = settings.http
     site = web.TCPSite(runner, http.host, http.port, backlog=http.backlog, reuse_port=reuse_port)
-    await site.start()
+    await start_site(site, http.host, http.port)
     runner.app[NODE].metrics.watch_accept_queue(lambda: _listening_sockets(site))
     return site
 
@@ -101,7 +120,8 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
             admin = web.AppRunner(create_admin_app(app[NODE_API]), access_log=None)
             await admin.setup()
             runners.append(admin)
-            await web.TCPSite(admin, settings.admin.host, settings.admin.port).start()
+            admin_site = web.TCPSite(admin, settings.admin.host, settings.admin.port)
+            await start_site(admin_site, settings.admin.host, settings.admin.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -145,8 +165,8 @@ def _run(settings: Settings, reuse_port: bool, on_ready: Callable[[], None] | No
     except BrokerUnavailable as exc:
         log.error("cannot start: %s", exc)
         return 1
-    except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", settings.http.host, settings.http.port, exc.strerror)
+    except CannotListen as exc:
+        log.error("%s", exc)
         return 1
     finally:
         loop.close()

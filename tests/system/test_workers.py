@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -130,3 +131,18 @@ async def test_sigterm_while_the_workers_start_stops_them_all(nats_server: NatsS
     proc.send_signal(signal.SIGTERM)  # the workers are still connecting to NATS
     log = proc.err_path.read_text() if await exit_code(proc) is not None else "still running"
     assert proc.returncode == 0 and "Traceback" not in log, log
+
+
+async def test_an_admin_port_in_use_is_named(nats_server: NatsServer, spawn) -> None:
+    """The error names the port that is taken (worker 1's admin port), not the main one."""
+    env = workers_env(nats_server, "ADMINPORT")
+    admin = free_ports(2)
+    env.update(HERALD_ADMIN_PORT=str(admin))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", admin + 1))
+        other.listen()
+        proc = spawn(["serve", "--workers", "2"], env)
+        code = await exit_code(proc)
+        log = proc.err_path.read_text()
+    assert code == 1, log
+    assert f"cannot listen on 127.0.0.1:{admin + 1}" in log and f"127.0.0.1:{env['HERALD_HTTP_PORT']}:" not in log, log
