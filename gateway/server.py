@@ -246,10 +246,33 @@ class Workers:
         return not (self.stopping and exitcode is not None and -exitcode in STOP_SIGNALS)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise CannotListen if something listens on ``host``:``port`` already.
+    The workers bind it with SO_REUSEPORT, which another such server of the
+    same user (another herald --workers) would let them share in silence."""
+    if not port:
+        return
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio: TIME_WAITs are no bar
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+    except OSError as exc:
+        raise CannotListen(f"cannot listen on {host}:{port}: {_reason(exc)}") from exc
+
+
 def serve(settings: Settings, workers: int = 1, on_ready: Callable[[], None] | None = None) -> int:
     """Run a node (or ``workers`` of them) until SIGINT/SIGTERM. Returns the exit code."""
     if workers <= 1:
         return _run(settings, False, on_ready)
+    try:
+        check_port_free(settings.http.host, settings.http.port)
+    except CannotListen as exc:
+        log.error("%s", exc)
+        return 1
     context = multiprocessing.get_context("fork")
     parent = Workers(
         [context.Process(target=_worker, args=(worker_settings(settings, k),), name=f"w{k}") for k in range(workers)]

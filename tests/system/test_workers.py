@@ -146,3 +146,20 @@ async def test_an_admin_port_in_use_is_named(nats_server: NatsServer, spawn) -> 
         log = proc.err_path.read_text()
     assert code == 1, log
     assert f"cannot listen on 127.0.0.1:{admin + 1}" in log and f"127.0.0.1:{env['HERALD_HTTP_PORT']}:" not in log, log
+
+
+async def test_a_port_already_served_is_refused(nats_server: NatsServer, spawn) -> None:
+    """Another server on the port (another herald --workers: SO_REUSEPORT, same
+    user) is "address in use", as it is without --workers: the workers do not
+    silently join it and take a share of its clients."""
+    env = workers_env(nats_server, "TAKEN")
+    port = int(env["HERALD_HTTP_PORT"])
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        proc = spawn(["serve", "--workers", "2"], env)
+        code = await exit_code(proc)
+        log = proc.err_path.read_text()
+    assert code == 1, log
+    assert f"cannot listen on 127.0.0.1:{port}" in log and "Traceback" not in log, log
