@@ -4,13 +4,15 @@
 forks that many processes that share the port through SO_REUSEPORT (the kernel
 spreads connections evenly), each with its own NATS connection and metrics;
 worker k serves the admin port + k. The parent forwards signals and exits when
-they have; a worker that fails stops the others, and the parent exits 1.
+they have; a worker that fails stops the others, and the parent exits 1;
+workers whose parent died drain and exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import logging
@@ -187,11 +189,26 @@ def worker_settings(settings: Settings, index: int) -> Settings:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _worker(settings: Settings) -> None:
+# prctl(2): the signal a process gets when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent(parent: int) -> None:
+    """SIGTERM this worker when its parent dies (SIGKILL, an unhandled SIGHUP):
+    it drains instead of serving on, orphaned, beside the node started next.
+    Elsewhere than on Linux a worker outlives its parent."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # died before prctl: the signal is still blocked here
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(settings: Settings, parent: int) -> None:
     # Forked with the stop signals blocked and the parent's handler: until its
     # loop takes them, a stop signal ends the worker at once (it serves nothing yet).
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    _stop_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     sys.exit(_run(settings, True, None))
 
@@ -274,9 +291,8 @@ def serve(settings: Settings, workers: int = 1, on_ready: Callable[[], None] | N
         log.error("%s", exc)
         return 1
     context = multiprocessing.get_context("fork")
-    parent = Workers(
-        [context.Process(target=_worker, args=(worker_settings(settings, k),), name=f"w{k}") for k in range(workers)]
-    )
+    args = [(worker_settings(settings, k), os.getpid()) for k in range(workers)]
+    parent = Workers([context.Process(target=_worker, args=a, name=f"w{k}") for k, a in enumerate(args)])
     parent.start()
     if on_ready is not None:
         on_ready()

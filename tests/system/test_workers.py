@@ -148,6 +148,14 @@ async def test_an_admin_port_in_use_is_named(nats_server: NatsServer, spawn) -> 
     assert f"cannot listen on 127.0.0.1:{admin + 1}" in log and f"127.0.0.1:{env['HERALD_HTTP_PORT']}:" not in log, log
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 async def test_a_port_already_served_is_refused(nats_server: NatsServer, spawn) -> None:
     """Another server on the port (another herald --workers: SO_REUSEPORT, same
     user) is "address in use", as it is without --workers: the workers do not
@@ -163,3 +171,17 @@ async def test_a_port_already_served_is_refused(nats_server: NatsServer, spawn) 
         log = proc.err_path.read_text()
     assert code == 1, log
     assert f"cannot listen on 127.0.0.1:{port}" in log and "Traceback" not in log, log
+
+
+async def test_the_workers_drain_when_their_parent_dies(nats_server: NatsServer, spawn) -> None:
+    """The parent killed (SIGKILL, or a SIGHUP it does not handle): its workers
+    stop too instead of serving on, orphaned, beside the node started next."""
+    proc = spawn(["serve", "--workers", "2"], workers_env(nats_server, "ORPHAN"))
+    pids = await started_workers(proc, serving=True)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not any(alive(pid) for pid in pids), proc.err_path.read_text()
+    assert "draining" in proc.err_path.read_text()  # stopped as by SIGTERM, not killed
