@@ -4,7 +4,8 @@
 forks that many processes that share the port through SO_REUSEPORT (the kernel
 spreads connections evenly), each with its own NATS connection and metrics;
 worker k serves the admin port + k. The parent forwards signals and exits when
-they have; a worker that fails stops the others, and the parent exits 1;
+they have; a worker that fails (or ends unasked) stops the others, and the
+parent exits 1;
 workers whose parent died drain and exit.
 """
 
@@ -215,9 +216,10 @@ def _worker(settings: Settings, parent: int) -> None:
 
 class Workers:
     """The parent of ``--workers`` processes: passes the stop signals on, and
-    exits once all have; one that fails (an exit code, or killed: the OOM
-    killer) stops the others and makes the exit code 1, so a supervisor
-    (systemd's Restart=on-failure) starts the node again."""
+    exits once all have; one that ends unasked (an exit code, killed: the OOM
+    killer, or stopped on its own: a node would serve on with fewer) stops the
+    others and makes the exit code 1, so a supervisor (systemd's
+    Restart=on-failure) starts the node again."""
 
     def __init__(self, processes: list[multiprocessing.process.BaseProcess]) -> None:
         self._processes = processes
@@ -249,11 +251,12 @@ class Workers:
             for process in [p for p in running if p.sentinel in ended]:
                 process.join()
                 running.remove(process)
-                if self._failed(process.exitcode):
+                if not self.stopping:
                     code = 1
-                    if not self.stopping:
-                        log.error("worker %s exited (%s): stopping the others", process.name, process.exitcode)
-                        self.stop(signal.SIGTERM)
+                    log.error("worker %s exited (%s): stopping the others", process.name, process.exitcode)
+                    self.stop(signal.SIGTERM)
+                elif self._failed(process.exitcode):
+                    code = 1
         return code
 
     def _failed(self, exitcode: int | None) -> bool:

@@ -133,6 +133,17 @@ async def test_sigterm_while_the_workers_start_stops_them_all(nats_server: NatsS
     assert proc.returncode == 0 and "Traceback" not in log, log
 
 
+async def test_a_worker_that_ends_unasked_stops_the_node(nats_server: NatsServer, spawn) -> None:
+    """A worker stopped on its own (SIGTERM to its pid) is not a node quietly
+    serving on with one process fewer: the parent says so, stops the others and
+    exits 1, so the supervisor starts the whole node again."""
+    proc = spawn(["serve", "--workers", "2"], workers_env(nats_server, "UNASKED"))
+    pids = await started_workers(proc, serving=True)
+    os.kill(pids[0], signal.SIGTERM)
+    assert await exit_code(proc) == 1, proc.err_path.read_text()
+    assert "w0 exited (0): stopping the others" in proc.err_path.read_text()
+
+
 async def test_an_admin_port_in_use_is_named(nats_server: NatsServer, spawn) -> None:
     """The error names the port that is taken (worker 1's admin port), not the main one."""
     env = workers_env(nats_server, "ADMINPORT")
