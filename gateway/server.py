@@ -5,8 +5,7 @@ forks that many processes that share the port through SO_REUSEPORT (the kernel
 spreads connections evenly), each with its own NATS connection and metrics;
 worker k serves the admin port + k. The parent forwards signals and exits when
 they have; a worker that fails (or ends unasked) stops the others, and the
-parent exits 1;
-workers whose parent died drain and exit.
+parent exits 1; workers whose parent died drain and exit.
 """
 
 from __future__ import annotations
@@ -293,6 +292,13 @@ def serve(settings: Settings, workers: int = 1, on_ready: Callable[[], None] | N
     except CannotListen as exc:
         log.error("%s", exc)
         return 1
+    if not settings.admin.port:
+        log.warning(
+            "%d workers share port %s: /metrics and /api/stats there answer for whichever worker takes the"
+            " request; set admin.port (HERALD_ADMIN_PORT) and scrape admin.port + k of each worker k",
+            workers,
+            settings.http.port,
+        )
     context = multiprocessing.get_context("fork")
     args = [(worker_settings(settings, k), os.getpid()) for k in range(workers)]
     parent = Workers([context.Process(target=_worker, args=a, name=f"w{k}") for k, a in enumerate(args)])

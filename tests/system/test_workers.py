@@ -196,3 +196,13 @@ async def test_the_workers_drain_when_their_parent_dies(nats_server: NatsServer,
         await asyncio.sleep(0.05)
     assert not any(alive(pid) for pid in pids), proc.err_path.read_text()
     assert "draining" in proc.err_path.read_text()  # stopped as by SIGTERM, not killed
+
+
+async def test_workers_without_an_admin_port_warn_about_metrics(nats_server: NatsServer, spawn) -> None:
+    """Without [admin] port, /metrics and /api/stats on the shared port answer for
+    whichever worker the kernel picked: a scrape there mixes the workers'
+    counters (seen as resets). The node says so when it starts."""
+    proc = spawn(["serve", "--workers", "2"], workers_env(nats_server, "NOADMIN"))
+    await started_workers(proc, serving=True)
+    log = proc.err_path.read_text()
+    assert "admin.port" in log and "/metrics" in log, log
