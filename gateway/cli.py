@@ -87,8 +87,27 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         settings = with_overrides(settings, http=http)
     if args.workers < 1:
         raise ConfigError("--workers must be >= 1")
+    _check_admin_ports(settings, args.workers)
     configure_logging(settings.log.level)
     return serve(settings, workers=args.workers)
+
+
+def _check_admin_ports(settings: Settings, workers: int) -> None:
+    """Worker k listens on admin.port + k: each must be a port, and not the HTTP one."""
+    first = settings.admin.port
+    if not first or workers <= 1:
+        return
+    last = first + workers - 1
+    if last > 65535:
+        raise ConfigError(
+            f"config error: admin.port (HERALD_ADMIN_PORT): worker {workers - 1} would listen on {last}"
+            " (admin.port + k), past 65535"
+        )
+    if first <= settings.http.port <= last:
+        raise ConfigError(
+            f"config error: admin.port (HERALD_ADMIN_PORT): the workers' admin ports {first}-{last}"
+            f" include http.port {settings.http.port}"
+        )
 
 
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
