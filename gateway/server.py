@@ -56,12 +56,11 @@ async def start_site(site: web.TCPSite, host: str, port: int) -> None:
         raise CannotListen(f"cannot listen on {host}:{port}: {_reason(exc)}") from exc
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"
+
+
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT.format(tag=""), stream=sys.stderr)
     # nats-py logs every reconnect attempt at error level; our callbacks say it once.
     logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
 
@@ -210,6 +209,9 @@ def _worker(settings: Settings, parent: int) -> None:
         signal.signal(sig, signal.SIG_DFL)
     _stop_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    # The workers share the parent's stderr: each line says whose it is.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT.format(tag=f"[{settings.node.id}] ")))
     sys.exit(_run(settings, True, None))
 
 

@@ -220,3 +220,14 @@ async def test_admin_ports_of_the_workers_are_checked(nats_server: NatsServer, s
     code = await exit_code(proc, timeout=10)
     log = proc.err_path.read_text()
     assert code == 2 and "admin.port" in log and "Traceback" not in log, log
+
+
+async def test_each_worker_names_itself_in_its_log_lines(nats_server: NatsServer, spawn) -> None:
+    """N processes write to one stderr: a warning is of use only if it says which worker had it."""
+    env = workers_env(nats_server, "LOGS")
+    env.update(HERALD_NODE_ID="box", HERALD_ADMIN_PORT=str(free_ports(2)))
+    proc = spawn(["serve", "--workers", "2"], env)
+    await started_workers(proc, serving=True)
+    lines = proc.err_path.read_text().splitlines()  # the workers' only: the parent has said nothing
+    assert any("created stream LOGS" in line for line in lines), lines
+    assert all(line.split()[3] in ("[box-w0]", "[box-w1]") for line in lines), lines
