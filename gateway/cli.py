@@ -87,15 +87,22 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         settings = with_overrides(settings, http=http)
     if args.workers < 1:
         raise ConfigError("--workers must be >= 1")
-    _check_admin_ports(settings, args.workers)
+    _check_worker_ports(settings, args.workers)
     configure_logging(settings.log.level)
     return serve(settings, workers=args.workers)
 
 
-def _check_admin_ports(settings: Settings, workers: int) -> None:
-    """Worker k listens on admin.port + k: each must be a port, and not the HTTP one."""
+def _check_worker_ports(settings: Settings, workers: int) -> None:
+    """The workers share http.port, so it is one; worker k listens on
+    admin.port + k: each must be a port, and not the HTTP one."""
+    if workers <= 1:
+        return
+    if not settings.http.port:
+        raise ConfigError(
+            "config error: http.port (HERALD_HTTP_PORT): 0 (any free port) would give each worker its own"
+        )
     first = settings.admin.port
-    if not first or workers <= 1:
+    if not first:
         return
     last = first + workers - 1
     if last > 65535:

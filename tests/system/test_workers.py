@@ -208,18 +208,23 @@ async def test_workers_without_an_admin_port_warn_about_metrics(nats_server: Nat
     assert "admin.port" in log and "/metrics" in log, log
 
 
-@pytest.mark.parametrize("case", ["past-65535", "on-the-http-port"])
-async def test_admin_ports_of_the_workers_are_checked(nats_server: NatsServer, spawn, case: str) -> None:
+@pytest.mark.parametrize("case", ["past-65535", "on-the-http-port", "any-http-port"])
+async def test_ports_of_the_workers_are_checked(nats_server: NatsServer, spawn, case: str) -> None:
     """Worker k's admin port is admin.port + k: worker 1's on 65536 (which
     bound a random port) or on the HTTP port is a config error naming the key,
-    before any worker starts."""
+    before any worker starts; so is http.port 0 (each worker took a random
+    port of its own: none shared)."""
     env = workers_env(nats_server, case.replace("-", "").upper())
     port = int(env["HERALD_HTTP_PORT"])
-    env.update(HERALD_ADMIN_PORT=str(65535 if case == "past-65535" else port - 1))
+    key = "http.port" if case == "any-http-port" else "admin.port"
+    if case == "any-http-port":
+        env.update(HERALD_HTTP_PORT="0")
+    else:
+        env.update(HERALD_ADMIN_PORT=str(65535 if case == "past-65535" else port - 1))
     proc = spawn(["serve", "--workers", "2"], env)
     code = await exit_code(proc, timeout=10)
     log = proc.err_path.read_text()
-    assert code == 2 and "admin.port" in log and "Traceback" not in log, log
+    assert code == 2 and key in log and "Traceback" not in log, log
 
 
 async def test_each_worker_names_itself_in_its_log_lines(nats_server: NatsServer, spawn) -> None:
