@@ -150,7 +150,7 @@ class Authenticator:
                     audience=s.audience or None,
                     issuer=s.issuer or None,
                     leeway=s.leeway,
-                    options={"require": self._required, "verify_aud": bool(s.audience)},
+                    options={"require": self._required},  # a token with an aud needs jwt.audience set
                 )
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError("bad_claims", f"token lacks claim {exc.claim!r}") from None

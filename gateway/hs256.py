@@ -124,6 +124,8 @@ class HS256:
                 raise jwt.InvalidAudienceError("Invalid claim format in token")
             if self._audience not in audience:
                 raise jwt.InvalidAudienceError("Audience doesn't match")
+        elif claims.get("aud"):  # meant for some service: this node names none (RFC 7519 4.1.3)
+            raise jwt.InvalidAudienceError("Invalid audience")
         if "sub" in claims and not isinstance(claims["sub"], str):
             raise InvalidSubjectError("Subject must be a string")
         if "jti" in claims and not isinstance(claims["jti"], str):

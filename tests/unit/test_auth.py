@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
-from ..helpers import token
+from gateway.auth import Authenticator, AuthError
+from gateway.settings import JwtSettings
+
+from ..helpers import SECRET, token
 
 OTHER_SECRET = "another-secret-that-is-long-enough-for-hs256!"
 
@@ -68,3 +71,14 @@ def test_an_exp_as_a_string_or_too_large_for_a_float_is_read_or_refused() -> Non
     with pytest.raises(AuthError) as refused:
         auth.verify(huge)
     assert refused.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("aud", ["billing-api", ["billing-api", "other"]])
+def test_a_token_for_some_audience_is_refused_where_none_is_configured(aud: object) -> None:
+    """It was minted for another service (RFC 7519 4.1.3): whoever got it
+    there must not connect here as its user. PyJWT's default too."""
+    auth = Authenticator(JwtSettings(secret=SECRET))
+    with pytest.raises(AuthError) as refused:
+        auth.verify(token("alice", aud=aud))
+    assert refused.value.reason == "bad_audience"
+    assert auth.verify(token("alice", aud="")).user == "alice"  # an empty aud names no one
