@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import re
@@ -130,6 +131,7 @@ class KvPresence:
         created = (await js.stream_info(self._kv._stream)).created
         stamp = created.timestamp() if created else 0.0
         if not self._tasks:  # the first connect
+            await self._keep_ttl(js)
             await self._register()
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._write_loop()), loop.create_task(self._heartbeat_loop())]
@@ -171,6 +173,17 @@ class KvPresence:
         self._pending.update({key: key in self._local for key in self._held - self._pending.keys()})
         self._held.clear()
         self._wake.set()
+
+    async def _keep_ttl(self, js: JetStreamContext) -> None:
+        """Give the nodes bucket this node's ``presence.ttl``: it keeps the ttl
+        it was made with, and a key refreshed every ttl/3 of a longer ttl than
+        the bucket's lapses between refreshes (the node taken for a dead one)."""
+        assert self._nodes is not None
+        config = (await js.stream_info(self._nodes._stream)).config
+        if abs((config.max_age or 0.0) - self._ttl) > 0.001:
+            warning = "presence: bucket %s had a ttl of %g s, now presence.ttl: %g s (every node must have the same)"
+            log.warning(warning, self._nodes_bucket, config.max_age or 0.0, self._ttl)
+            await js.update_stream(dataclasses.replace(config, max_age=self._ttl))
 
     async def _register(self) -> None:
         """Say this instance is alive, and that its entries are to be swept if it dies."""
