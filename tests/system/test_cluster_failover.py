@@ -15,8 +15,8 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,11 @@ class RunningCluster:
         self.cluster.spawn(name, [nats_server_binary(), "-c", str(self.cluster.conf / f"{NAMES[i]}.conf")], env)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
+@contextmanager
+def running_cluster(directory: Path, **env: str) -> Iterator[RunningCluster]:
+    """The cluster of ops/cluster.py, its nodes with the test keys and ``env``
+    (HERALD_* settings) on top: the cluster tool passes its environment on."""
     base = free_base()
-    ports = Ports.from_base(base)
     settings = {
         "HERALD_JWT_SECRET": SECRET,
         "HERALD_PUBLISH_KEY": PUBLISH_KEY,
@@ -73,13 +74,14 @@ def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
         "HERALD_HTTP_RECONNECT_SPREAD": "1",
         "HERALD_HTTP_SHUTDOWN_GRACE": "5",
         "HERALD_NATS_RECONNECT_WAIT": "0.5",
+        **env,
     }
     saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)  # the cluster tool passes its environment to the nodes
-    cluster = Cluster(tmp_path / "cluster")
+    os.environ.update(settings)
+    cluster = Cluster(directory)
     try:
         cluster.start(base, timeout=30)
-        yield RunningCluster(cluster, ports)
+        yield RunningCluster(cluster, Ports.from_base(base))
     finally:
         cluster.stop(5.0)
         for k, v in saved.items():
@@ -90,10 +92,9 @@ def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
 
 
 @pytest.fixture
-async def many() -> AsyncIterator[aiohttp.ClientSession]:
-    """A client session without the default 100-connection cap (SSE streams hold theirs)."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        yield session
+def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
+    with running_cluster(tmp_path / "cluster") as running:
+        yield running
 
 
 async def run_scenario(

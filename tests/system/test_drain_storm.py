@@ -16,7 +16,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
@@ -24,11 +24,10 @@ import aiohttp
 import pytest
 
 from broker.publisher import NatsPublisher
-from ops.cluster import Cluster, Ports
 
 from ..failover import SteadyPublisher, Subscriber, check_delivery
-from ..helpers import ADMIN_KEY, PUBLISH_KEY, ROOT, SECRET, free_base, wait_for
-from .test_cluster_failover import RunningCluster, assert_lossless, nginx_summary
+from ..helpers import ROOT, wait_for
+from .test_cluster_failover import RunningCluster, assert_lossless, nginx_summary, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -40,38 +39,15 @@ RATE = 40.0
 @pytest.fixture
 def one_per_user(tmp_path: Path) -> Iterator[RunningCluster]:
     """The cluster, each user allowed one connection (refuse-new)."""
-    base = free_base()
-    settings = {
-        "HERALD_JWT_SECRET": SECRET,
-        "HERALD_PUBLISH_KEY": PUBLISH_KEY,
-        "HERALD_ADMIN_KEY": ADMIN_KEY,
+    with running_cluster(
+        tmp_path / "cluster",
         # Most clients come back within tens of ms: before a count out left to their close is written.
-        "HERALD_HTTP_RECONNECT_SPREAD": "0.3",
-        "HERALD_HTTP_SHUTDOWN_GRACE": "5",
-        "HERALD_NATS_RECONNECT_WAIT": "0.5",
-        "HERALD_LIMITS_MAX_CONNECTIONS_PER_USER": "1",
+        HERALD_HTTP_RECONNECT_SPREAD="0.3",
+        HERALD_LIMITS_MAX_CONNECTIONS_PER_USER="1",
         # The nodes run this checkout (the venv's editable install may be of another worktree).
-        "PYTHONPATH": str(ROOT),
-    }
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    cluster = Cluster(tmp_path / "cluster")
-    try:
-        cluster.start(base, timeout=30)
-        yield RunningCluster(cluster, Ports.from_base(base))
-    finally:
-        cluster.stop(5.0)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture
-async def many() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        yield session
+        PYTHONPATH=str(ROOT),
+    ) as running:
+        yield running
 
 
 def passed_on_503s(c: RunningCluster) -> Counter[str]:

@@ -19,11 +19,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from ops.cluster import Cluster, Ports, alive, herald_command
+from ops.cluster import alive, herald_command
 
-from ..helpers import ADMIN_KEY, PUBLISH_KEY, ROOT, SECRET, free_base, wait_http_ok
-from .test_cluster_failover import RunningCluster, assert_lossless, run_scenario
-from .test_drain_storm import many  # noqa: F401
+from ..helpers import ROOT, wait_http_ok
+from .test_cluster_failover import RunningCluster, assert_lossless, run_scenario, running_cluster
 
 OLD = os.environ.get("OLD_HERALD_ROOT", "")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not OLD, reason="OLD_HERALD_ROOT: a checkout of an older commit")]
@@ -32,31 +31,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not OLD, reason="OLD_HERALD_R
 @pytest.fixture
 def mixed(tmp_path: Path) -> Iterator[RunningCluster]:
     """The cluster with node1 running the older version."""
-    base = free_base()
-    settings = {
-        "HERALD_JWT_SECRET": SECRET,
-        "HERALD_PUBLISH_KEY": PUBLISH_KEY,
-        "HERALD_ADMIN_KEY": ADMIN_KEY,
-        "HERALD_HTTP_RECONNECT_SPREAD": "1",
-        "HERALD_HTTP_SHUTDOWN_GRACE": "5",
-        "HERALD_NATS_RECONNECT_WAIT": "0.5",
-        "PYTHONPATH": str(ROOT),
-    }
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    cluster = Cluster(tmp_path / "cluster")
-    try:
-        cluster.start(base, timeout=30)
-        running = RunningCluster(cluster, Ports.from_base(base))
+    with running_cluster(tmp_path / "cluster", PYTHONPATH=str(ROOT)) as running:
         replace(running, 0, OLD)
         yield running
-    finally:
-        cluster.stop(5.0)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def replace(c: RunningCluster, i: int, root: str) -> None:
@@ -81,7 +58,7 @@ async def node_ready(c: RunningCluster, i: int) -> None:
         await wait_http_ok(http, f"http://127.0.0.1:{c.ports.nodes[i]}/readyz", timeout=30)
 
 
-async def test_a_rolling_upgrade_loses_nothing(mixed: RunningCluster, many: aiohttp.ClientSession) -> None:  # noqa: F811
+async def test_a_rolling_upgrade_loses_nothing(mixed: RunningCluster, many: aiohttp.ClientSession) -> None:
     await node_ready(mixed, 0)
 
     async def upgrade() -> None:
