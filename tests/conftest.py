@@ -203,6 +203,18 @@ def nats_server(request: pytest.FixtureRequest) -> NatsServer:
     return request.getfixturevalue("nats_session_server")  # type: ignore[no-any-return]
 
 
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of this test's own, on a fixed port and store so it can be
+    stopped and started again (the session server must not be disturbed)."""
+    server = NatsServer(port=free_port(), store_dir=str(tmp_path / "jetstream"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def nats_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """One real nats-server with JetStream for the session; tests isolate

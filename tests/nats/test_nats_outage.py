@@ -9,7 +9,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -34,18 +34,6 @@ from ..helpers import (
 
 # Every request in this file is bounded: a hang is a failure, not a stuck run.
 SHORT = aiohttp.ClientTimeout(total=3)
-
-
-@pytest.fixture
-def own_nats(tmp_path: Any) -> Iterator[NatsServer]:
-    """A nats-server of this test's own, on a fixed port and store so it can be
-    stopped and started again (the session server must not be disturbed)."""
-    server = NatsServer(port=free_port(), store_dir=str(tmp_path / "jetstream"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def get_status(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:

@@ -8,16 +8,14 @@ import asyncio
 import itertools
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
-from broker.embedded import NatsServer, free_port
+from broker.embedded import NatsServer
 
 from ..helpers import ADMIN_KEY, NodeFactory, RunningNode, recv_json, recv_until, spawn_cluster_node, token, wait_for
+from .test_rooms import frames_for, presence_frames
 
 _clusters = itertools.count(1)
 
@@ -204,36 +202,9 @@ async def test_a_client_asking_right_after_its_welcome_is_among_the_members(
 STORE_TTL = 3.0
 
 
-@pytest.fixture
-def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
-    """A nats-server of this test's own, to restart (the session server must not be disturbed)."""
-    server = NatsServer(port=free_port(), store_dir=str(tmp_path / "jetstream"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def announcing(**extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A cluster of memory storage (a restarted NATS has a fresh store) announcing chat-* rooms."""
     return cluster(rooms={"join_leave": ["chat-*"]}, presence={"ttl": STORE_TTL}, **extra)
-
-
-def presence_frames(frames: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(f["type"], f["user"]) for f in frames if f["type"] in ("join", "leave")]
-
-
-async def frames_for(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> list[dict[str, Any]]:
-    """Every frame that arrives within ``seconds``."""
-    got: list[dict[str, Any]] = []
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            got.append(await recv_json(ws, timeout=left))
-        except TimeoutError:
-            break
-    return got
 
 
 async def restart_with_a_fresh_store(

@@ -6,26 +6,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import nats
 import pytest
 
-from broker.embedded import NatsServer, free_port
+from broker.embedded import NatsServer
 
 from ..helpers import make_settings, start_node, wait_for
-
-
-@pytest.fixture
-def own_nats(tmp_path: Any) -> Iterator[NatsServer]:
-    """A nats-server of this test's own, with a file store, to restart."""
-    server = NatsServer(port=free_port(), store_dir=str(tmp_path / "jetstream"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def per_subject(url: str, stream: str) -> int:
