@@ -4,8 +4,9 @@
 forks that many processes that share the port through SO_REUSEPORT (the kernel
 spreads connections evenly), each with its own NATS connection and metrics;
 worker k serves the admin port + k. The parent forwards signals and exits when
-they have; a worker that fails (or ends unasked) stops the others, and the
-parent exits 1; workers whose parent died drain and exit.
+they have; a worker that fails (or ends unasked, or is killed for having
+stalled: watchdog.py) stops the others, and the parent exits 1; workers whose
+parent died drain and exit.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import dataclasses
 import gc
 import logging
 import multiprocessing
-import multiprocessing.connection
 import multiprocessing.process
 import os
 import signal
@@ -34,6 +34,7 @@ from .front import FrontRunner
 from .keys import FAST_ROUTES, NODE, NODE_API
 from .metrics import Listener
 from .settings import Settings
+from .watchdog import Watchdog, beat
 
 log = logging.getLogger("herald")
 
@@ -159,8 +160,12 @@ def tune_gc() -> None:
     gc.set_threshold(YOUNG_GC_THRESHOLD, middle, old)
 
 
-def _run(settings: Settings, reuse_port: bool, on_ready: Callable[[], None] | None) -> int:
+def _run(
+    settings: Settings, reuse_port: bool, on_ready: Callable[[], None] | None, heartbeat: int | None = None
+) -> int:
     loop = new_event_loop()
+    if heartbeat is not None:
+        beat(loop, heartbeat)
     try:
         loop.run_until_complete(run_node(settings, reuse_port, on_ready))
     except BrokerUnavailable as exc:
@@ -202,7 +207,7 @@ def _stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(settings: Settings, parent: int) -> None:
+def _worker(settings: Settings, parent: int, watchdog: Watchdog, index: int) -> None:
     # Forked with the stop signals blocked and the parent's handler: until its
     # loop takes them, a stop signal ends the worker at once (it serves nothing yet).
     for sig in STOP_SIGNALS:
@@ -212,18 +217,20 @@ def _worker(settings: Settings, parent: int) -> None:
     # The workers share the parent's stderr: each line says whose it is.
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(LOG_FORMAT.format(tag=f"[{settings.node.id}] ")))
-    sys.exit(_run(settings, True, None))
+    sys.exit(_run(settings, True, None, watchdog.worker_end(index)))
 
 
 class Workers:
     """The parent of ``--workers`` processes: passes the stop signals on, and
     exits once all have; one that ends unasked (an exit code, killed: the OOM
-    killer, or stopped on its own: a node would serve on with fewer) stops the
-    others and makes the exit code 1, so a supervisor (systemd's
-    Restart=on-failure) starts the node again."""
+    killer, or stopped on its own: a node would serve on with fewer; or killed
+    here, its loop silent past ``http.worker_timeout``) stops the others and
+    makes the exit code 1, so a supervisor (systemd's Restart=on-failure)
+    starts the node again."""
 
-    def __init__(self, processes: list[multiprocessing.process.BaseProcess]) -> None:
+    def __init__(self, processes: list[multiprocessing.process.BaseProcess], watchdog: Watchdog) -> None:
         self._processes = processes
+        self._watchdog = watchdog
         self.stopping = False
 
     def stop(self, sig: int, _frame: object = None) -> None:
@@ -241,6 +248,7 @@ class Workers:
                 signal.signal(sig, self.stop)
             for process in self._processes:
                 process.start()
+            self._watchdog.watch()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
@@ -248,7 +256,9 @@ class Workers:
         code = 0
         running = list(self._processes)
         while running:
-            ended = multiprocessing.connection.wait([p.sentinel for p in running])
+            ended = self._watchdog.wait([p.sentinel for p in running])
+            for index, silent in self._watchdog.silent():
+                self._kill_stalled(self._processes[index], silent)
             for process in [p for p in running if p.sentinel in ended]:
                 process.join()
                 running.remove(process)
@@ -259,6 +269,20 @@ class Workers:
                 elif self._failed(process.exitcode):
                     code = 1
         return code
+
+    def _kill_stalled(self, process: multiprocessing.process.BaseProcess, silent: float) -> None:
+        """SIGKILL a worker whose loop stalled: its end is then a worker's that ended unasked."""
+        if process.pid is None or process.exitcode is not None:
+            return
+        log.error(
+            "worker %s (pid %d) silent for %.1f s (http.worker_timeout %g s): its event loop is stalled; killing it",
+            process.name,
+            process.pid,
+            silent,
+            self._watchdog.timeout,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
 
     def _failed(self, exitcode: int | None) -> bool:
         """Not a clean stop: a stop signal kills a worker still starting."""
@@ -302,8 +326,9 @@ def serve(settings: Settings, workers: int = 1, on_ready: Callable[[], None] | N
             settings.http.port,
         )
     context = multiprocessing.get_context("fork")
-    args = [(worker_settings(settings, k), os.getpid()) for k in range(workers)]
-    parent = Workers([context.Process(target=_worker, args=a, name=f"w{k}") for k, a in enumerate(args)])
+    watchdog = Watchdog(workers, settings.http.worker_timeout)
+    args = [(worker_settings(settings, k), os.getpid(), watchdog, k) for k in range(workers)]
+    parent = Workers([context.Process(target=_worker, args=a, name=f"w{k}") for k, a in enumerate(args)], watchdog)
     parent.start()
     if on_ready is not None:
         on_ready()

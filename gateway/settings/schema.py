@@ -44,6 +44,9 @@ class HttpSettings:
     # and the window over which their reconnects are spread (random per client).
     drain_delay: float = 0.0
     reconnect_spread: float = 2.0
+    # serve --workers: a worker whose event loop has not said it is alive
+    # (every second) for this long is killed and the node stopped (0: never).
+    worker_timeout: float = 30.0
     # POST /api/dev/token mints a token for any user: development only (herald dev).
     dev_tokens: bool = False
     # CIDRs of the proxies in front of the node: X-Forwarded-For is honoured

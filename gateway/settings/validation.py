@@ -117,6 +117,11 @@ def _http(http: HttpSettings) -> None:
     _require(http.drain_delay >= 0, "http.drain_delay", "must be >= 0")
     _require(http.handshake_timeout > 0, "http.handshake_timeout", "must be > 0")
     _require(http.command_timeout > 0, "http.command_timeout", "must be > 0")
+    _require(
+        http.worker_timeout == 0 or http.worker_timeout >= 2,
+        "http.worker_timeout",
+        "must be 0 (never) or >= 2 (each worker says it is alive every second)",
+    )
     _require(0 <= http.reconnect_spread <= 300, "http.reconnect_spread", "must be 0 to 300 seconds")
     for cidr in http.trusted_proxies:
         try:

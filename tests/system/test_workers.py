@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -236,3 +237,42 @@ async def test_each_worker_names_itself_in_its_log_lines(nats_server: NatsServer
     lines = proc.err_path.read_text().splitlines()  # the workers' only: the parent has said nothing
     assert any("created stream LOGS" in line for line in lines), lines
     assert all(line.split()[3] in ("[box-w0]", "[box-w1]") for line in lines), lines
+
+
+async def test_a_stalled_worker_is_killed_and_stops_the_node(nats_server: NatsServer, spawn) -> None:
+    """A worker that stalls (SIGSTOP here; a blocked event loop, a deadlock)
+    keeps its SO_REUSEPORT socket, and the kernel hands it its share of new
+    connections, which hang. Its loop stops telling the parent it is alive:
+    past http.worker_timeout the parent says so, kills it and stops the node
+    (exit 1), as for a worker that ended unasked: the supervisor restarts it."""
+    env = workers_env(nats_server, "STALL")
+    env.update(HERALD_HTTP_WORKER_TIMEOUT="3")
+    proc = spawn(["serve", "--workers", "2"], env)
+    pids = await started_workers(proc, serving=True)
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        assert await exit_code(proc, timeout=15) == 1, proc.err_path.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[1], signal.SIGCONT)
+    log = proc.err_path.read_text()
+    assert re.search(rf"worker w1 \(pid {pids[1]}\) silent for [3-9]\.\d s", log), log
+    assert "w1 exited (-9): stopping the others" in log, log
+    assert not alive(pids[0]) and not alive(pids[1]), log
+
+
+async def test_a_worker_stalled_briefly_is_not_killed(nats_server: NatsServer, spawn) -> None:
+    """A loop held for less than http.worker_timeout (a connect storm, a long
+    GC pass) is busy, not failed: once it runs again the parent hears from it."""
+    env = workers_env(nats_server, "BRIEF")
+    env.update(HERALD_HTTP_WORKER_TIMEOUT="4")
+    proc = spawn(["serve", "--workers", "2"], env)
+    pids = await started_workers(proc, serving=True)
+    for _ in range(2):
+        os.kill(pids[1], signal.SIGSTOP)
+        await asyncio.sleep(2)
+        os.kill(pids[1], signal.SIGCONT)
+        await asyncio.sleep(1)
+    await asyncio.sleep(3)  # past the bound since the first stall began
+    assert proc.poll() is None and all(alive(pid) for pid in pids), proc.err_path.read_text()
+    assert "silent" not in proc.err_path.read_text()
