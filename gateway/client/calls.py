@@ -5,17 +5,28 @@ Each command gets a fresh ``ref`` and a future. The answer with that ref
 frame fails it with ``CommandError``. A command belongs to the connection it
 was sent on: when that connection drops, its answer can never come, and it
 fails with ``disconnected``.
+
+A command may have an effect on the client's state (``subscribe`` and
+``unsubscribe`` on the room set): it is applied, once, when the answer is
+read, in the order the answers come — also when the caller stopped waiting
+first (a timeout): the node ran the command all the same. It is applied
+with None when no answer can come (the connection ended, or too many
+commands were left waiting for theirs).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from .events import CommandError
 
 Answer = dict[str, Any]
+Effect = Callable[[Answer | None], None]  # a command's effect: its answer (an error frame too), or None: none came
+
+_MAX_LATE = 1000  # commands given up on, kept for the effect of their answer
 
 
 class Calls:
@@ -23,30 +34,48 @@ class Calls:
 
     def __init__(self) -> None:
         self._refs = itertools.count(1)
-        self._pending: dict[str, tuple[asyncio.Future[Answer], object]] = {}
+        self._pending: dict[str, tuple[asyncio.Future[Answer], object, Effect | None]] = {}
+        self._late: dict[str, None] = {}  # refs of _pending whose caller gave up waiting, oldest first
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def open(self, conn: object) -> tuple[str, asyncio.Future[Answer]]:
+    def open(self, conn: object, effect: Effect | None = None) -> tuple[str, asyncio.Future[Answer]]:
         """A new ref, and the future its answer resolves, for a command sent on ``conn``."""
         ref = str(next(self._refs))
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._pending[ref] = (future, conn)
+        self._pending[ref] = (future, conn, effect)
         return ref, future
 
+    def unsent(self, ref: str) -> Effect | None:
+        """The command could not be sent: forgotten, and its effect handed back (for the next try)."""
+        entry = self._pending.pop(ref, None)
+        return entry[2] if entry is not None else None
+
     def forget(self, ref: str) -> None:
-        """The caller stopped waiting (answered, timed out, cancelled)."""
-        self._pending.pop(ref, None)
+        """The caller stopped waiting (answered, timed out, cancelled). A
+        command with an effect not answered yet is kept for its answer, until
+        its connection ends (the oldest goes, without one, past ``_MAX_LATE``)."""
+        entry = self._pending.get(ref)
+        if entry is None:
+            return
+        future, _, effect = entry
+        future.cancel()
+        if effect is None:
+            del self._pending[ref]
+            return
+        self._late[ref] = None
+        if len(self._late) > _MAX_LATE:
+            self._settle(next(iter(self._late)), None)
 
     def answer(self, frame: Answer) -> bool:
-        """Resolve the command ``frame`` answers; False if it answers none
-        (no ref, or the caller gave up already)."""
+        """Resolve the command ``frame`` answers (and apply its effect); False
+        if it answers none (no ref, or the caller gave up already on a
+        command without an effect)."""
         ref = frame.get("ref")
-        entry = self._pending.pop(ref, None) if isinstance(ref, str) else None
-        if entry is None:
+        future = self._settle(ref, frame) if isinstance(ref, str) else None
+        if future is None:
             return False
-        future = entry[0]
         if future.done():
             return True
         if frame.get("type") == "error":
@@ -64,8 +93,19 @@ class Calls:
 
     def fail(self, error: CommandError | Exception, conn: object | None = None) -> None:
         """Fail the commands sent on ``conn`` (None: every one) with ``error``."""
-        for ref, (future, on) in list(self._pending.items()):
+        for ref, (_, on, _) in list(self._pending.items()):
             if conn is None or on is conn:
-                del self._pending[ref]
-                if not future.done():
+                future = self._settle(ref, None)
+                if future is not None and not future.done():
                     future.set_exception(error)
+
+    def _settle(self, ref: str, answer: Answer | None) -> asyncio.Future[Answer] | None:
+        """Take ``ref`` out, applying its effect with ``answer``: its future (None: no such command)."""
+        entry = self._pending.pop(ref, None)
+        if entry is None:
+            return None
+        future, _, effect = entry
+        self._late.pop(ref, None)
+        if effect is not None:
+            effect(answer)
+        return future

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .calls import Answer
-from .events import CommandError, Message, is_id, message_of
+from .calls import Answer, Effect
+from .events import Message, is_id, message_of
 from .feed import Feed
 from .rooms import Rooms
 
@@ -24,7 +24,7 @@ class Commands:
     _feed: Feed
     _token: str | None
 
-    async def _command(self, kind: str, fields: dict[str, Any]) -> Answer:
+    async def _command(self, kind: str, fields: dict[str, Any], effect: Effect | None = None) -> Answer:
         raise NotImplementedError
 
     async def subscribe(self, room: str, since: str | None = None) -> None:
@@ -36,26 +36,32 @@ class Commands:
         rewound = "since" in fields and is_id(fields["since"])  # else the node refuses it (bad_request)
         if rewound:
             self._feed.rewind(f"room:{room}", fields["since"])
+
+        def joined(answer: Answer | None) -> None:
+            # Reconnects join it from now on (an unsubscribe sent since is answered after); also when
+            # the ack comes after the timeout: the node holds the room.
+            if answer is not None and answer.get("type") != "error":
+                self._rooms.joined(room)
+
         try:
-            await self._command("subscribe", fields)
+            await self._command("subscribe", fields, joined)
         finally:
             if rewound:
                 self._feed.rewound(f"room:{room}")  # the answer comes after the replay
-        self._rooms.joined(room)  # reconnects join it from now on (an unsubscribe sent since is answered after)
 
     async def unsubscribe(self, room: str) -> None:
         """Leave ``room``; reconnects no longer join it (even if this fails, or
         a ``subscribe`` of it sent before is answered after) — unless the node
-        refused it ``rate_limited``: then it did not run, and the room is kept."""
+        refused it ``rate_limited``: then it did not run, and the room is kept
+        (also when that answer comes after the timeout: out of the set until then)."""
         self._rooms.unsubscribing(room)
-        left = True
-        try:
-            await self._command("unsubscribe", {"room": room})
-        except CommandError as exc:
-            left = exc.code != "rate_limited"  # not run (protocol §11.2): the connection is still in it
-            raise
-        finally:
-            self._rooms.unsubscribed(room, left)
+
+        def over(answer: Answer | None) -> None:
+            # Not run (protocol §11.2): the connection is still in it.
+            refused = answer is not None and answer.get("type") == "error" and answer.get("code") == "rate_limited"
+            self._rooms.unsubscribed(room, not refused)
+
+        await self._command("unsubscribe", {"room": room}, over)
 
     async def publish(self, room: str, data: Any, event: str | None = None, ephemeral: bool = False) -> str | None:
         """Publish into ``room``; returns the stored id (None when ``ephemeral``).

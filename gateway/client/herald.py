@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from ..frames import dumps_exact, loads_exact
-from .calls import Answer, Calls
+from .calls import Answer, Calls, Effect
 from .commands import Commands
 from .events import (
     CommandError,
@@ -221,28 +221,35 @@ class HeraldClient(Commands):
         if self._task is None:
             raise RuntimeError("use 'async with HeraldClient(...)' (or call start()) first")
 
-    async def _command(self, kind: str, fields: dict[str, Any]) -> Answer:
+    async def _command(self, kind: str, fields: dict[str, Any], effect: Effect | None = None) -> Answer:
         """Send one command when a connection is open and await its answer,
-        all within the timeout."""
-        self._check_started()
-        frame = self._encode(kind, fields)  # refused now if too large, connected or not
+        all within the timeout. ``effect`` is applied once, with the answer
+        when it is read (even after the timeout: the node ran the command),
+        or with None if none can come (not sent, or the connection ended)."""
         try:
+            self._check_started()
+            frame = self._encode(kind, fields)  # refused now if too large, connected or not
             async with asyncio.timeout(self._timeout):
                 failed: aiohttp.ClientWebSocketResponse | None = None
                 while True:
                     ws = await self._connected(not_this=failed)
-                    ref, answer = self._calls.open(ws)
+                    ref, answer = self._calls.open(ws, effect)
+                    effect = None  # the calls apply it from now on
                     try:
                         try:
                             await ws.send_str(_with_ref(frame, ref))
                         except (ConnectionError, aiohttp.ClientError):
                             failed = ws  # not sent: wait for the next connection
+                            effect = self._calls.unsent(ref)
                             continue
                         return await answer
                     finally:
                         self._calls.forget(ref)
         except TimeoutError:
             raise CommandTimeout(f"no answer to {kind} within {self._timeout} s") from None
+        finally:
+            if effect is not None:
+                effect(None)
 
     def _encode(self, kind: str, fields: dict[str, Any]) -> str:
         """A command's frame with an empty ref (``_with_ref`` fills it in),
@@ -377,8 +384,9 @@ class HeraldClient(Commands):
         if not isinstance(frame, dict):
             return
         if self._calls.answer(frame):
-            # The caller's task takes the answer's effect (on the room set) as soon as it runs:
-            # let it run now, before the frames after the answer (one yield: it was woken first).
+            # The caller's task takes the rest of the answer's effect (refresh's on the room set, the end
+            # of a rewind) as soon as it runs: let it run now, before the frames after the answer (one
+            # yield: it was woken first).
             await asyncio.sleep(0)
             return
         event = event_of(frame)

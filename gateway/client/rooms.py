@@ -19,8 +19,11 @@ is left out of the set meanwhile (not in a new URL, not re-joined), and a
 the ``unsubscribe``'s own answer comes after, and takes it out — unless it
 is a ``rate_limited`` refusal: that command was not run, the connection is
 still in the room, and the room stays. Without an answer (the connection
-dropped, a timeout) the room is left: the next connection is not in it. A
-re-join asks only for rooms still in the set, each time it asks.
+dropped) the room is left: the next connection is not in it. An answer read
+after the command's timeout counts all the same, when it comes (the node
+ran the command): until then, or until the connection ends, a timed-out
+``unsubscribe`` is still under way. A re-join asks only for rooms still in
+the set, each time it asks.
 
 A re-join asks for the room's messages after the position the connection
 resumed from. If that connection ends before the re-join is answered, the

@@ -19,6 +19,7 @@ import pytest
 from broker.embedded import free_port
 from gateway.client import (
     CommandError,
+    CommandTimeout,
     Event,
     HeraldClient,
     Message,
@@ -536,3 +537,35 @@ async def test_an_unsubscribe_the_node_refuses_keeps_the_room(
         assert rooms_on_node(node, user) == ("lobby", "p9")
         assert client.rooms == ("lobby", "p9"), f"client: {client.rooms}, node: ('lobby', 'p9')"
         assert await rooms_after_a_reconnect(client, http, node, user) == ("lobby", "p9")
+
+
+@pytest.mark.parametrize("command", ["subscribe", "unsubscribe"])
+async def test_an_answer_after_the_timeout_still_sets_the_room_set(
+    command: str, node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """subscribe(x) (unsubscribe(x), refused ``rate_limited``) times out on
+    the client's side, the reader held up by a full buffer; its answer is
+    read afterwards. The client stopped listening at the timeout: the node
+    held x and the client did not count itself in it (counted itself out
+    of it), and the next reconnect did not join it (left it)."""
+    node = await node_factory(limits={"command_rate": 2, "rate_window": 60.0})  # two pings, then refusals
+    user = "u" + uuid.uuid4().hex[:8]
+    start = ["x"] if command == "unsubscribe" else []
+    async with HeraldClient(node.url, token=token(user, rooms=["*"]), rooms=start, buffer=1, timeout=1.0) as client:
+        await client.ping()
+        if command == "unsubscribe":
+            await client.ping()  # the budget is spent: the unsubscribe is refused, not run
+        for n in range(2):  # the first fills the buffer, the second holds the reader up
+            await api_publish(http, node, f"user:{user}", {"n": n})
+        await wait_for(lambda: len(client._feed) == 1)
+        with pytest.raises(CommandTimeout):
+            await getattr(client, command)("x")
+        assert rooms_on_node(node, user) == ("x",)
+        events = client.events()
+        assert isinstance(await anext(events), Welcome)
+        for _ in range(2):  # the reader goes on: the late answer comes
+            assert isinstance(await anext(events), Message)
+        with contextlib.suppress(CommandError):  # rate_limited, once the budget is spent: answered all the same
+            await client.ping()
+        assert client.rooms == ("x",), f"client: {client.rooms}, node: ('x',)"
+        assert await rooms_after_a_reconnect(client, http, node, user) == ("x",)
