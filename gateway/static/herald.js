@@ -54,6 +54,7 @@ const FIX_THE_CLIENT = new Set([1002, 1007, 1009]);
 // The largest frame a node takes by default (its ws.max_frame; the welcome does not say).
 const MAX_FRAME = 65536;
 const REF_ROOM = 20; // bytes a ref of ours may take: the digits of a counter
+const MAX_LATE = 1000; // commands timed out on a WebSocket, kept for the effect of their answer
 
 /** Ids are digit strings that may pass 2^53: is `a` after `b`? */
 const after = (a, b) => (a.length !== b.length ? a.length > b.length : a > b);
@@ -93,7 +94,10 @@ class Client {
     /** @type {string | null} the stream's id, from its welcome (SSE commands name it) */
     this.conn = null;
     this.handlers = new Map();
-    this.pending = new Map(); // ref -> {resolve, reject, timer, sock?, abort?}
+    this.pending = new Map(); // ref -> {resolve, reject, timer, effect?, sock?, abort?}
+    /** ref -> {effect, sock}: commands with an effect that timed out after they were sent on `sock`: the node
+     * runs them all the same, and their answer takes effect when it comes (or null, once `sock` ends). */
+    this.late = new Map();
     this.queue = []; // commands waiting for an open stream
     this.posting = Promise.resolve(); // SSE: commands are posted one after the other, in order
     this.refs = 0;
@@ -129,34 +133,32 @@ class Client {
     if (state !== this.state) { this.state = state; this.emit("state", state); }
   }
 
-  /** Join a room; resolves with the ack. Reconnects join it once it is acknowledged:
-   * a room the node refused in a URL would cost the whole connection. The room set follows
-   * the answers, which the node sends in the order the commands were sent. */
+  /** Join a room; resolves with the ack. Reconnects join it once it is acknowledged (also
+   * after the timeout: the node holds it): a room the node refused in a URL would cost the whole
+   * connection. The room set follows the answers, which the node sends in the order the commands
+   * were sent. */
   subscribe(room) {
-    return this.command({ type: "subscribe", room }).then((ack) => {
+    return this.command({ type: "subscribe", room }, (answer) => {
+      if (!answer || answer.type === "error") return;
       this.serverRooms.delete(room); // asked for now: in the URL (an unsubscribe sent since is answered after)
       this.rooms.add(room);
-      return ack;
     });
   }
 
   /** Leave a room (one the backend joined too): reconnects no longer join it, also when a
    * subscribe of it sent before is answered after (the node runs the two in order: it is left),
-   * or when it gets no answer. Refused `rate_limited`, it was not run: the room is kept. */
+   * or when it gets no answer. Refused `rate_limited`, it was not run: the room is kept (also
+   * when that answer comes after the timeout: out of the room set until then). */
   unsubscribe(room) {
     this.leaving.set(room, (this.leaving.get(room) || 0) + 1);
-    const answered = (left) => {
+    return this.command({ type: "unsubscribe", room }, (answer) => {
       const underWay = this.leaving.get(room);
       if (underWay > 1) this.leaving.set(room, underWay - 1);
       else this.leaving.delete(room);
-      if (!left) return;
+      if (answer?.type === "error" && answer.code === "rate_limited") return; // not run (protocol §11.2)
       this.rooms.delete(room);
       this.serverRooms.delete(room);
-    };
-    return this.command({ type: "unsubscribe", room }).then(
-      (ack) => { answered(true); return ack; },
-      (err) => { answered(err?.code !== "rate_limited"); throw err; },
-    );
+    });
   }
 
   /** Publish into a room; resolves with the ack (its `id`, unless ephemeral). */
@@ -204,9 +206,14 @@ class Client {
 
   // ---- commands -----------------------------------------------------------
 
-  /** @returns {Promise<any>} */
-  command(cmd) {
-    if (this.stopped) return Promise.reject({ code: "closed", message: "client closed" });
+  /** `effect`, if given, is applied once: with the answer (an error frame too) when it comes, also after
+   * the timeout if the command was sent on a WebSocket (the node runs it all the same), else with null.
+   * @param {(answer: any) => void} [effect] @returns {Promise<any>} */
+  command(cmd, effect) {
+    if (this.stopped) {
+      effect?.(null);
+      return Promise.reject({ code: "closed", message: "client closed" });
+    }
     return new Promise((resolve, reject) => {
       // Over ws.max_frame the node would close the connection (1009), failing the other commands on
       // it too, and this one would certainly not run: refused here (SSE: the node would answer 413).
@@ -214,6 +221,7 @@ class Client {
       const { maxFrame = MAX_FRAME } = this.opts;
       const size = new TextEncoder().encode(JSON.stringify({ ...cmd, ref: "" })).length;
       if (size + REF_ROOM > maxFrame) {
+        effect?.(null);
         reject({ code: "too_large", message: `${cmd.type} is ${size} bytes, over the node's ws.max_frame (${maxFrame}): not sent` });
         return;
       }
@@ -222,12 +230,24 @@ class Client {
         const waiting = this.pending.get(ref);
         this.pending.delete(ref);
         this.queue = this.queue.filter((c) => c.ref !== ref);
-        waiting?.abort?.();
+        waiting?.abort?.(); // SSE: its answer is not read
+        if (waiting?.effect) this.keepLate(ref, waiting);
         reject({ code: "timeout", message: `no answer to ${cmd.type} within ${this.opts.timeout || 10000} ms`, ref });
       }, this.opts.timeout || 10000);
-      this.pending.set(ref, { resolve, reject, timer });
+      this.pending.set(ref, { resolve, reject, timer, effect });
       this.send({ ...cmd, ref });
     });
+  }
+
+  /** A command with an effect timed out: sent on a WebSocket, its answer may still come on it. */
+  keepLate(ref, { effect, sock }) {
+    if (!sock || sock !== this.sock) return effect(null);
+    this.late.set(ref, { effect, sock });
+    if (this.late.size > MAX_LATE) {
+      const [oldest, entry] = this.late.entries().next().value;
+      this.late.delete(oldest);
+      entry.effect(null);
+    }
   }
 
   /** Send a command on the open stream, else once one is open. */
@@ -279,10 +299,17 @@ class Client {
   }
 
   answer(frame) {
+    const late = this.late.get(frame.ref);
+    if (late) {
+      this.late.delete(frame.ref);
+      late.effect(frame);
+      return false; // its caller has gone: handled as an answer to no command, as before
+    }
     const waiting = this.pending.get(frame.ref);
     if (!waiting) return false;
     this.pending.delete(frame.ref);
     clearTimeout(waiting.timer);
+    waiting.effect?.(frame);
     if (frame.type === "error") waiting.reject(frame);
     else waiting.resolve(frame);
     return true;
@@ -295,7 +322,13 @@ class Client {
       this.pending.delete(ref);
       clearTimeout(w.timer);
       w.abort?.();
+      w.effect?.(null);
       w.reject({ code, message, ref });
+    }
+    for (const [ref, late] of this.late) {
+      if (sock && late.sock !== sock) continue;
+      this.late.delete(ref);
+      late.effect(null);
     }
     if (!sock) this.queue = [];
   }

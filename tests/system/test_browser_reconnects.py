@@ -136,8 +136,8 @@ async def test_a_refused_stream_stops_the_client_on_both_transports(
 
 # ---------------------------------------------------------------------------------------------------------
 # A gate between the page and the node: it refuses new streams while `blocked` (the node is unreachable),
-# and holds back the subscribe commands the page sends while `hold_subscribes` (they are on their way when
-# the connection ends).
+# holds back the subscribe commands the page sends while `hold_subscribes` (they are on their way when
+# the connection ends), and the WebSocket commands of type `delay` until `forward()` (a slow path to the node).
 
 
 class Gate:
@@ -145,6 +145,8 @@ class Gate:
         self.blocked = False
         self.hold_subscribes = False
         self.held: list[Any] = []
+        self.delay: str | None = None
+        self.delayed: list[tuple[WebSocketRoute, str]] = []
         self.opened = 0  # streams let through
 
     async def install(self, page: Page) -> None:
@@ -163,6 +165,9 @@ class Gate:
             if self.hold_subscribes and isinstance(message, str) and '"type":"subscribe"' in message:
                 self.held.append(message)
                 return
+            if self.delay is not None and isinstance(message, str) and f'"type":"{self.delay}"' in message:
+                self.delayed.append((server, message))
+                return
             server.send(message)
 
         ws.on_message(from_page)
@@ -180,6 +185,13 @@ class Gate:
             self.held.append(route)
             return
         await route.continue_()
+
+    def forward(self) -> None:
+        """The delayed WebSocket commands reach the node now, in order."""
+        self.delay = None
+        for server, message in self.delayed:
+            server.send(message)
+        self.delayed.clear()
 
     async def release(self) -> None:
         """Held HTTP commands fail (their connection is gone); held WebSocket frames are forgotten."""
@@ -431,6 +443,34 @@ async def test_an_unsubscribe_the_node_refuses_keeps_the_room(
         assert await page.evaluate(CLIENT_ROOMS) == ["lobby", "p9"]
         await bounce(page, node, gate, user)
         await wait_for(lambda: rooms_on_node(node, user) == ["lobby", "p9"], timeout=5)
+
+
+# A subscribe (an unsubscribe, refused rate_limited) that reaches the node after the client's timeout: the node
+# runs it all the same, and the client's rooms end as the node's. The client used to stop listening at the
+# timeout: it counted itself out of a room the node held, and the next stream did not join it (left it).
+
+
+@pytest.mark.parametrize("command", ["subscribe", "unsubscribe"])
+async def test_an_answer_after_the_timeout_still_sets_the_room_set(
+    command: str, node_factory: NodeFactory, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(limits={"command_rate": 2, "rate_window": 60.0})
+    gate = Gate()
+    user = "u" + uuid.uuid4().hex[:8]
+    start = ["x"] if command == "unsubscribe" else []
+    tok = token(user, rooms=["*"])
+    async with client_page(browser, node, tok, "ws", start, setup=gate.install, timeout=1000) as page:
+        if command == "unsubscribe":
+            await page.evaluate("c.ping().then(() => c.ping())")  # the budget is spent: refused, not run
+        gate.delay = command
+        code = await page.evaluate(f"c.{command}('x').then(() => 'acked', (e) => e.code)")
+        assert code == "timeout"
+        gate.forward()
+        await wait_for(lambda: rooms_on_node(node, user) == ["x"], timeout=5)
+        await page.evaluate("c.ping().catch(() => null)")  # answered after it: its answer is in
+        assert await page.evaluate(CLIENT_ROOMS) == ["x"], f"node: {rooms_on_node(node, user)}"
+        await bounce(page, node, gate, user)
+        assert rooms_on_node(node, user) == ["x"]
 
 
 # ---------------------------------------------------------------------------------------------------------
