@@ -21,12 +21,31 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+from ..frames import dumps_exact
 from .events import CommandError
 
 Answer = dict[str, Any]
 Effect = Callable[[Answer | None], None]  # a command's effect: its answer (an error frame too), or None: none came
 
 _MAX_LATE = 1000  # commands given up on, kept for the effect of their answer
+_REF_ROOM = 20  # bytes a ref of ours may take: the digits of a counter
+
+
+def encode(kind: str, fields: dict[str, Any], max_frame: int) -> str:
+    """A command's frame with an empty ref (``with_ref`` fills it in),
+    integers exact at any size. Over ``max_frame`` the node would close the
+    connection (1009) and the command certainly not run: refused here."""
+    frame = dumps_exact({"type": kind, **fields, "ref": ""})
+    if len(frame) + _REF_ROOM > max_frame:
+        raise CommandError(
+            "too_large", f"{kind} is {len(frame)} bytes, over the node's ws.max_frame ({max_frame}): not sent"
+        )
+    return frame.decode()
+
+
+def with_ref(frame: str, ref: str) -> str:
+    """A frame of ``encode`` (ending ``"ref":""}``) with its ``ref``: digits, nothing to escape."""
+    return f"{frame[:-2]}{ref}{frame[-2:]}"
 
 
 class Calls:

@@ -24,8 +24,8 @@ from typing import Any
 
 import aiohttp
 
-from ..frames import dumps_exact, loads_exact
-from .calls import Answer, Calls, Effect
+from ..frames import loads_exact
+from .calls import Answer, Calls, Effect, encode, with_ref
 from .commands import Commands
 from .events import (
     CommandError,
@@ -52,7 +52,6 @@ ResetHandler = Callable[[Reset], Awaitable[None] | None]
 _MAX_MESSAGE = 64 * 2**20  # bytes of one frame from the node (a history page can be large)
 _CLOSE_WAIT = 2.0  # seconds to wait for the node's answer to our close
 _MAX_FRAME = 65536  # bytes of the largest frame a node takes by default (its ws.max_frame)
-_REF_ROOM = 20  # bytes a ref of ours may take: the digits of a counter
 # Refusals of a re-join that pass: asked again on the same connection (as herald.js does).
 _PASSING = frozenset({"timeout", "unavailable", "rate_limited"})
 
@@ -228,7 +227,7 @@ class HeraldClient(Commands):
         or with None if none can come (not sent, or the connection ended)."""
         try:
             self._check_started()
-            frame = self._encode(kind, fields)  # refused now if too large, connected or not
+            frame = encode(kind, fields, self._max_frame)  # refused now if too large, connected or not
             async with asyncio.timeout(self._timeout):
                 failed: aiohttp.ClientWebSocketResponse | None = None
                 while True:
@@ -237,7 +236,7 @@ class HeraldClient(Commands):
                     effect = None  # the calls apply it from now on
                     try:
                         try:
-                            await ws.send_str(_with_ref(frame, ref))
+                            await ws.send_str(with_ref(frame, ref))
                         except (ConnectionError, aiohttp.ClientError):
                             failed = ws  # not sent: wait for the next connection
                             effect = self._calls.unsent(ref)
@@ -250,17 +249,6 @@ class HeraldClient(Commands):
         finally:
             if effect is not None:
                 effect(None)
-
-    def _encode(self, kind: str, fields: dict[str, Any]) -> str:
-        """A command's frame with an empty ref (``_with_ref`` fills it in),
-        integers exact at any size. Over ``max_frame`` the node would close
-        the connection (1009) and the command certainly not run: refused here."""
-        frame = dumps_exact({"type": kind, **fields, "ref": ""})
-        if len(frame) + _REF_ROOM > self._max_frame:
-            raise CommandError(
-                "too_large", f"{kind} is {len(frame)} bytes, over the node's ws.max_frame ({self._max_frame}): not sent"
-            )
-        return frame.decode()
 
     async def _connected(self, not_this: object = None) -> aiohttp.ClientWebSocketResponse:
         """The welcomed connection, once there is one."""
@@ -454,8 +442,3 @@ class HeraldClient(Commands):
         self._open.set()
         self._calls.fail(why)
         self._feed.end(None if isinstance(why, CommandError) else why)
-
-
-def _with_ref(frame: str, ref: str) -> str:
-    """A frame of ``_encode`` (ending ``"ref":""}``) with its ``ref``: digits, nothing to escape."""
-    return f"{frame[:-2]}{ref}{frame[-2:]}"
