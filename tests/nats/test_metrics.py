@@ -23,9 +23,7 @@ from ..helpers import (
     token,
     wait_for,
 )
-from .test_nats_outage import own_nats, status_is
-
-__all__ = ["own_nats"]  # the fixture
+from .test_nats_outage import status_is
 
 CONTRACT = [
     'herald_connections{transport="ws"}',
