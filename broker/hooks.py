@@ -114,10 +114,10 @@ class HookSource:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._acks: set[asyncio.Task[None]] = set()
-        self._place: tuple[str, int] | None = None  # see _stream_place
         self._buckets: dict[str, KeyValue] = {}  # the nodes' KV buckets, bound (see _bucket)
+        # Asked at most once a second, one request for every check meanwhile:
         self._alive = Fresh(self._list_alive)  # the live node instances (see online)
-        self._place_at = 0.0
+        self._place = Fresh(self._stream_place)  # the stream's incarnation and last sequence
         self._bound = False  # the consumer was found or made (False: waiting for the stream or the consumer)
         self._waited = False  # the stream was missing at some point while this dispatcher ran
         self._incarnation: str | None = None  # the stream's, when the consumer was last found or made
@@ -347,9 +347,8 @@ class HookSource:
         table = orjson.loads(await self._user_value("conns", user) or b"{}")
         if not table:
             return False
-        # A listing of at most a second ago, shared: one per message would make
-        # (and delete) a consumer per webhook. A node's key lives a ttl after it
-        # dies anyway.
+        # One listing per message would make (and delete) a consumer per
+        # webhook. A node's key lives a ttl after it dies anyway.
         alive = await self._alive.recent(1.0)
         return any(isinstance(v, list) and v and v[0] in alive for v in table.values())
 
@@ -359,21 +358,16 @@ class HookSource:
         nothing read."""
         value = await self._user_value("read", user)
         seq, written_for = decode(value)
-        stream, last = await self._stream_place()
+        stream, last = await self._place.recent(1.0)
         if written_for == stream:
             return seq  # checked against the stream's end when written (that end may be newer than ours)
         return trusted(value, stream, last)[0]
 
     async def _stream_place(self) -> tuple[str, int]:
-        """The stream's incarnation and last sequence, asked at most once a second."""
-        now = time.monotonic()
-        if self._place is None or now - self._place_at > 1.0:
-            js = self._js
-            assert js is not None
-            info = await js.stream_info(self._stream)
-            self._place = (stream_id(info.created), int(info.state.last_seq or 0))
-            self._place_at = now
-        return self._place
+        """The stream's incarnation and last sequence."""
+        assert self._js is not None
+        info = await self._js.stream_info(self._stream)
+        return stream_id(info.created), int(info.state.last_seq or 0)
 
     async def dead_letter(self, message: HookMessage, reason: str) -> str | None:
         """Keep what could not be delivered in the dead-letter stream (made
