@@ -281,8 +281,9 @@ class NatsBroker:
                         # captures these subjects). Say why.
                         raise refused from None
             else:
-                info = await js.update_stream(config) if update else current
+                info = current
                 if update:
+                    info = await js.update_stream(config)
                     _log_changes(config.name or "", current.config, info.config)
             for bucket in (self.reads, self.presence, self.connections):
                 await bucket.ensure(js, self._config.replicas, self._config.storage)
@@ -310,8 +311,7 @@ class NatsBroker:
         # The drain's count-outs first, while connected: a connection left
         # counted would take a place of its user on the other nodes, which
         # take this one for alive until they list the live nodes again.
-        if self.connections.tasks:
-            await asyncio.wait(self.connections.tasks, timeout=COUNT_OUT_WAIT)
+        await self.connections.settle(COUNT_OUT_WAIT)
         # Then presence: its last leaves are announced on NATS.
         await self.presence.close()
         self._link.nc = None

@@ -50,6 +50,8 @@ REGISTRY = "_inst"
 WRITE_BATCH = 256
 # How long a close waits for the write loop to end the batch it is writing.
 BATCH_WAIT = 5.0
+# Why a node writes its state again after its liveness key lapsed.
+LAPSED = "this node was taken for a dead one (a stall, or NATS away)"
 # Leaves of one room in a batch from which one listing of the room's entries
 # is cheaper than a listing per user (a consumer each).
 ROOM_LISTING = 8
@@ -139,7 +141,7 @@ class KvPresence:
             await self._store_lost()
             await self._come_back("NATS has a new store (joins and leaves are held back for the ttl)")
         elif not await self._refresh():  # a reconnect, after the ttl: taken for dead meanwhile
-            await self._come_back("this node was taken for a dead one (a stall, or NATS away)")
+            await self._come_back(LAPSED)
         else:  # the same bucket: everything written again all the same
             self._rewrite()
         self._created = stamp
@@ -367,7 +369,7 @@ class KvPresence:
             await asyncio.sleep(beat)
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 if not await self._refresh():
-                    await self._come_back("this node was taken for a dead one (a stall, or NATS away)")
+                    await self._come_back(LAPSED)
             # Every beat (two small listings while no node is gone): a dead
             # node's users leave in announcements within ttl/3 of leaving
             # presence answers (its key expired), not up to a ttl after.
