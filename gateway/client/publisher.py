@@ -5,7 +5,9 @@
 
 Retries connection errors, 5xx and 429 (waiting as ``Retry-After`` says:
 seconds, or an HTTP-date); any other refusal (400, 401, 403, 413) raises
-``PublishRefused`` at once.
+``PublishRefused`` at once. Every publish carries an ``Idempotency-Key``
+(the caller's, or one made for it), the same on each retry: one the node
+stored but whose answer was lost is not stored again (docs/protocol.md §10.1).
 ``broker.publisher.NatsPublisher`` publishes through NATS instead.
 """
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
+from collections.abc import Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
@@ -47,21 +51,36 @@ class HttpPublisher:
     async def publish(
         self, channel: str, data: Any, event: str | None = None, idempotency_key: str | None = None
     ) -> str:
-        """Store one message through the node; returns its id. With
-        ``idempotency_key`` (``Idempotency-Key``) the retries here — and the
-        caller's own — store it once: a repeat answers the first id."""
+        """Store one message through the node; returns its id. Every try
+        carries the same ``Idempotency-Key`` (``idempotency_key``, else one
+        made for this call), so a retry of a publish the node stored but whose
+        answer was lost (a 502 from a proxy) answers the first id instead of
+        storing it again. Give your own key to make your retries safe too."""
+        doc = await self._post(_item(channel, data, event), idempotency_key)
+        return str(doc["id"])
+
+    async def publish_batch(
+        self, messages: Sequence[Mapping[str, Any]], idempotency_key: str | None = None
+    ) -> list[str]:
+        """Store ``messages`` (each ``{"channel", "data", "event"?}``) in order,
+        as one request; returns their ids. Retried as ``publish`` is, with one
+        key for the batch (the node keys item *i* ``<key> <i>``)."""
+        items = [_item(m["channel"], m["data"], m.get("event")) for m in messages]
+        doc = await self._post(items, idempotency_key)
+        return [str(i) for i in doc["ids"]]
+
+    async def _post(self, body: Any, idempotency_key: str | None) -> dict[str, Any]:
+        """POST ``body`` until the node answers 200 (its JSON), retrying what may pass."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        body: dict[str, Any] = {"channel": channel, "data": data}
-        if event is not None:
-            body["event"] = event
-        headers = self._headers if idempotency_key is None else {**self._headers, "Idempotency-Key": idempotency_key}
+        # One key for every try: the node stores the publish once within publish.dedup_window.
+        headers = {**self._headers, "Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         refused = PublishRefused(0, "unavailable", "no attempt made")
         for delay in [*retry_delays(self._attempts, self._backoff), None]:
             try:
                 async with self._session.post(self._url, json=body, headers=headers) as resp:
                     if resp.status == 200:
-                        return str((await resp.json())["id"])
+                        return dict(await resp.json())
                     doc = await _json(resp)
                     refused = PublishRefused(resp.status, doc.get("error", "?"), doc.get("message", ""))
                     if resp.status != 429 and resp.status < 500:
@@ -103,6 +122,11 @@ def retry_after(value: str | None, now: float | None = None) -> float:
         except (TypeError, ValueError):
             return 1.0
     return max(seconds, 0.0) if math.isfinite(seconds) else 1.0  # a date past: at once
+
+
+def _item(channel: str, data: Any, event: str | None) -> dict[str, Any]:
+    """One message of a publish's body."""
+    return {"channel": channel, "data": data} if event is None else {"channel": channel, "data": data, "event": event}
 
 
 async def _json(resp: aiohttp.ClientResponse) -> dict[str, Any]:

@@ -9,9 +9,10 @@ import time
 import aiohttp
 import jwt
 import pytest
+from aiohttp import web
 
 from broker import InvalidChannel
-from broker.embedded import NatsServer
+from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 from gateway.client import HttpPublisher, PublishRefused
 
@@ -78,6 +79,77 @@ async def test_http_publisher_with_an_idempotency_key_publishes_once(
         first = await pub.publish("room:lobby", {"n": 1}, idempotency_key="k-1")
         assert await pub.publish("room:lobby", {"n": 1}, idempotency_key="k-1") == first
     assert (await recv_json(ws))["id"] == first
+    await ws.send_json({"type": "ping"})
+    assert (await recv_json(ws))["type"] == "pong"
+    await ws.close()
+
+
+class LosingProxy:
+    """In front of a node: passes each publish on, and answers the first one
+    502 once the node has stored it (nginx when the node's answer is lost,
+    e.g. as it drains). Records the Idempotency-Key of each request."""
+
+    def __init__(self, node: RunningNode, http: aiohttp.ClientSession) -> None:
+        self.node, self.http = node, http
+        self.keys: list[str | None] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> LosingProxy:
+        app = web.Application()
+        app.router.add_post("/api/publish", self._forward)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Idempotency-Key")}
+        self.keys.append(headers.get("Idempotency-Key"))
+        body = await request.read()
+        async with self.http.post(self.node.url + "/api/publish", data=body, headers=headers) as resp:
+            answer = await resp.read()
+            assert resp.status == 200, answer
+        if len(self.keys) == 1:
+            return web.json_response({"error": "bad_gateway", "message": "upstream reset"}, status=502)
+        return web.Response(body=answer, content_type="application/json")
+
+
+@pytest.mark.parametrize("given", [None, "order-1"])
+async def test_http_publisher_stores_a_publish_whose_answer_was_lost_once(
+    given: str | None, node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """The node stores the publish, its answer is lost (502): the retry must
+    not store it again. Without a key of its own the publisher's retry was a
+    new message: stored and delivered twice."""
+    ws = await open_ws(http, node, "eve")
+    async with LosingProxy(node, http) as proxy, HttpPublisher(proxy.url, PUBLISH_KEY, backoff=0.01) as pub:
+        stored = await pub.publish("room:lobby", {"n": 1}, idempotency_key=given)
+    assert (await recv_json(ws))["id"] == stored
+    await ws.send_json({"type": "ping"})
+    assert (await recv_json(ws))["type"] == "pong"  # not stored twice
+    await ws.close()
+    assert len(proxy.keys) == 2 and proxy.keys[0] is not None and proxy.keys[0] == proxy.keys[1]
+    assert given is None or proxy.keys[0] == given  # the caller's key wins
+
+
+async def test_http_publisher_stores_a_batch_whose_answer_was_lost_once(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    ws = await open_ws(http, node, "fay")
+    batch = [{"channel": "room:lobby", "data": {"n": n}} for n in range(3)]
+    async with LosingProxy(node, http) as proxy, HttpPublisher(proxy.url, PUBLISH_KEY, backoff=0.01) as pub:
+        ids = await pub.publish_batch(batch)
+        again = await pub.publish_batch(batch)  # another batch: another key, stored anew
+    assert len(proxy.keys) == 3 and proxy.keys[0] == proxy.keys[1] != proxy.keys[2]
+    got = [(await recv_json(ws))["id"] for _ in range(6)]
+    assert got == ids + again and len(set(got)) == 6
     await ws.send_json({"type": "ping"})
     assert (await recv_json(ws))["type"] == "pong"
     await ws.close()
