@@ -33,21 +33,19 @@ class Commands:
         fields: dict[str, Any] = {"room": room}
         if since is not None:
             fields["since"] = str(since)
-        rewound = "since" in fields and is_id(fields["since"])  # else the node refuses it (bad_request)
-        if rewound:
-            self._feed.rewind(f"room:{room}", fields["since"])
+        channel = f"room:{room}"
+        # Not an id: the node refuses it (bad_request), and replays nothing.
+        replay = self._feed.rewind(channel, fields["since"]) if "since" in fields and is_id(fields["since"]) else None
 
         def joined(answer: Answer | None) -> None:
+            if replay is not None:  # the answer comes after the replay (or none will: it ended)
+                self._feed.rewound(channel, replay)
             # Reconnects join it from now on (an unsubscribe sent since is answered after); also when
             # the ack comes after the timeout: the node holds the room.
             if answer is not None and answer.get("type") != "error":
                 self._rooms.joined(room)
 
-        try:
-            await self._command("subscribe", fields, joined)
-        finally:
-            if rewound:
-                self._feed.rewound(f"room:{room}")  # the answer comes after the replay
+        await self._command("subscribe", fields, joined)
 
     async def unsubscribe(self, room: str) -> None:
         """Leave ``room``; reconnects no longer join it (even if this fails, or

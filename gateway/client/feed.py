@@ -24,9 +24,10 @@ stream is known to have reached (the welcome's ``position``, the ids
 received since).
 
 ``subscribe(room, since)`` asks for a room's messages again: until it is
-answered, that room's messages after ``since`` come once each, in whatever
-order the live ones and the replay interleave, and so do new ones (after the
-newest handed out) whatever ``since`` is.
+answered (when the answer is read, also after the caller's timeout: the
+replay comes before it), that room's messages after ``since`` come once
+each, in whatever order the live ones and the replay interleave, and so do
+new ones (after the newest handed out) whatever ``since`` is.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import asyncio
 from collections import deque
 
 from .events import Event, Message, Reset, Welcome, is_id
+
+Replay = tuple[int, set[int]]  # a rewind: the position asked from, and the ids yielded since
 
 
 class Feed:
@@ -53,8 +56,7 @@ class Feed:
         self._aborted = False
         self.since = since  # where the next connection resumes from
         self._newest: dict[str, int] = {}  # channel -> the largest id yielded on it
-        # Rewound channels: the position asked from, and the ids yielded since.
-        self._replaying: dict[str, tuple[int, set[int]]] = {}
+        self._replaying: dict[str, Replay] = {}  # rewound channels
         self._opened_from: int | None = None  # the position the connection resumed from
         self._reach: int | None = None  # the largest id the stream has, as far as known (None: unknown)
         self.duplicates = 0
@@ -70,15 +72,19 @@ class Feed:
         if self.since is None and welcome.position is not None:
             self.since = welcome.position
 
-    def rewind(self, channel: str, since: str) -> None:
+    def rewind(self, channel: str, since: str) -> Replay:
         """``subscribe(room, since)`` asked for the room's messages after
         ``since`` again: let them through, each once, until ``rewound``
         (live ones may come before the replay, with larger ids)."""
-        self._replaying[channel] = (int(since), set())
+        replay = self._replaying[channel] = (int(since), set())
+        return replay
 
-    def rewound(self, channel: str) -> None:
-        """The subscribe that rewound ``channel`` was answered: its replay is in."""
-        self._replaying.pop(channel, None)
+    def rewound(self, channel: str, replay: Replay) -> None:
+        """The subscribe that made ``replay`` was answered (also after its
+        caller's timeout: the replay comes before the answer), or can no
+        longer be: its replay is in. A later rewind of the channel stays."""
+        if self._replaying.get(channel) is replay:
+            del self._replaying[channel]
 
     async def put(self, event: Event) -> None:
         """Add one event (waiting while the buffer is full); a message moves

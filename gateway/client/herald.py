@@ -372,9 +372,8 @@ class HeraldClient(Commands):
         if not isinstance(frame, dict):
             return
         if self._calls.answer(frame):
-            # The caller's task takes the rest of the answer's effect (refresh's on the room set, the end
-            # of a rewind) as soon as it runs: let it run now, before the frames after the answer (one
-            # yield: it was woken first).
+            # The caller's task takes the rest of the answer's effect (refresh's on the room set) as soon
+            # as it runs: let it run now, before the frames after the answer (one yield: it was woken first).
             await asyncio.sleep(0)
             return
         event = event_of(frame)

@@ -569,3 +569,34 @@ async def test_an_answer_after_the_timeout_still_sets_the_room_set(
             await client.ping()
         assert client.rooms == ("x",), f"client: {client.rooms}, node: ('x',)"
         assert await rooms_after_a_reconnect(client, http, node, user) == ("x",)
+
+
+async def test_a_replay_read_after_its_subscribe_timed_out_still_comes(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """subscribe(lobby, since) asks again for lobby's messages the client
+    had; it times out on the client's side (the reader held up by a full
+    buffer), and the replay and the ack are read afterwards. The repeat
+    filter let the replay through only until the timeout: the messages it
+    brought after it were dropped as repeats, though the node sent them."""
+    user = "u" + uuid.uuid4().hex[:8]
+    async with HeraldClient(
+        node.url, token=token(user, rooms=["lobby"]), rooms=["lobby"], buffer=1, timeout=1.0
+    ) as client:
+        await client.ping()
+        events = client.events()
+        assert isinstance(await anext(events), Welcome)
+        ids = await _batch(http, node, [{"channel": "room:lobby", "data": {"i": i}} for i in range(5)])
+        assert [(await anext(events)).id for _ in ids] == ids  # type: ignore[attr-defined]
+        for n in range(2):  # the first fills the buffer, the second holds the reader up
+            await api_publish(http, node, f"user:{user}", {"n": n})
+        await wait_for(lambda: len(client._feed) == 1)
+        with pytest.raises(CommandTimeout):
+            await client.subscribe("lobby", since=ids[0])
+        got: list[Event] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                async for event in events:
+                    got.append(event)
+        replayed = [e.id for e in got if isinstance(e, Message) and e.channel == "room:lobby"]
+        assert replayed == ids[1:], f"{client._feed.duplicates} dropped as repeats"

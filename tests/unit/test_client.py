@@ -114,10 +114,16 @@ async def test_feed_keeps_the_resume_position_and_drops_what_came_already() -> N
         ("room:a", "8"),
         ("room:a", None),
     ]
-    feed.rewind("room:a", "6")  # subscribe(room, since=6): its replay is wanted
+    replay = feed.rewind("room:a", "6")  # subscribe(room, since=6): its replay is wanted
     await feed.put(Message("room:a", "7", "m", 1))
     assert (await feed.get()) == Message("room:a", "7", "m", 1)
-    feed.rewound("room:a")
+    again = feed.rewind("room:a", "6")  # another one, before the first is answered
+    feed.rewound("room:a", replay)  # the first's answer leaves the second's window open
+    await feed.put(Message("room:a", "7", "m", 1))
+    assert (await feed.get()) == Message("room:a", "7", "m", 1)
+    feed.rewound("room:a", again)
+    await feed.put(Message("room:a", "7", "m", 1))
+    assert len(feed) == 0 and feed.duplicates == 2
     fresh = Feed(10)
     fresh.welcomed(Welcome("n:1", "alice", "n", ("user",), None, "40"))
     assert fresh.since == "40"  # nothing received: resume from the welcome's position
@@ -143,11 +149,11 @@ async def test_a_reset_starts_the_channels_count_over_only_past_the_streams_end(
     await feed.put(Message("room:a", "2", "m", "2"))
     # subscribe(room, since) from a position past the end: the live messages
     # that come before its reset are new, and so are those after it.
-    feed.rewind("room:a", "999")
+    replay = feed.rewind("room:a", "999")
     await feed.put(Message("room:a", "4", "m", "4"))
     await feed.put(Reset("room:a", "messages missed are no longer held"))
     await feed.put(Message("room:a", "5", "m", "5"))
-    feed.rewound("room:a")
+    feed.rewound("room:a", replay)
     got = [await feed.get() for _ in range(len(feed))]
     handed = [e.id if isinstance(e, Message) else "reset" for e in got]
     assert handed == ["reset", "55", "58", "61", "reset", "2", "4", "reset", "5"]
