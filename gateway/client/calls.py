@@ -6,8 +6,9 @@ frame fails it with ``CommandError``. A command belongs to the connection it
 was sent on: when that connection drops, its answer can never come, and it
 fails with ``disconnected``.
 
-A command may have an effect on the client's state (``subscribe`` and
-``unsubscribe`` on the room set): it is applied, once, when the answer is
+A command may have an effect on the client's state (``subscribe``,
+``unsubscribe`` and ``refresh`` on the room set, ``refresh`` on the token,
+``subscribe {since}`` on the repeat filter): it is applied, once, when the answer is
 read, in the order the answers come — also when the caller stopped waiting
 first (a timeout): the node ran the command all the same. It is applied
 with None when no answer can come (the connection ended, or too many

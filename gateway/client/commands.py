@@ -105,12 +105,18 @@ class Commands:
 
     async def refresh(self, token: str) -> None:
         """Replace the connection's token before it expires (and use it for
-        reconnects); rooms it no longer allows are left."""
-        answer = await self._command("refresh", {"token": token})
-        self._token = token
-        channels = answer.get("channels")
-        if isinstance(channels, list):
-            self._rooms.keep_only(c.removeprefix("room:") for c in channels if isinstance(c, str))
+        reconnects); rooms it no longer allows are left — also when the ack
+        comes after the timeout: the node took the token all the same."""
+
+        def refreshed(answer: Answer | None) -> None:
+            if answer is None or answer.get("type") == "error":
+                return
+            self._token = token
+            channels = answer.get("channels")
+            if isinstance(channels, list):
+                self._rooms.keep_only(c.removeprefix("room:") for c in channels if isinstance(c, str))
+
+        await self._command("refresh", {"token": token}, refreshed)
 
     async def ping(self) -> None:
         """A round trip to the node: returns once it answered (so once the

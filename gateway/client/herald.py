@@ -371,10 +371,7 @@ class HeraldClient(Commands):
             return
         if not isinstance(frame, dict):
             return
-        if self._calls.answer(frame):
-            # The caller's task takes the rest of the answer's effect (refresh's on the room set) as soon
-            # as it runs: let it run now, before the frames after the answer (one yield: it was woken first).
-            await asyncio.sleep(0)
+        if self._calls.answer(frame):  # its effect (Calls) is applied: before the frames after it
             return
         event = event_of(frame)
         if event is None:

@@ -600,3 +600,32 @@ async def test_a_replay_read_after_its_subscribe_timed_out_still_comes(
                     got.append(event)
         replayed = [e.id for e in got if isinstance(e, Message) and e.channel == "room:lobby"]
         assert replayed == ids[1:], f"{client._feed.duplicates} dropped as repeats"
+
+
+async def test_a_refresh_answered_after_the_timeout_still_sets_the_rooms_and_token(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """refresh(a token allowing x only) times out on the client's side (the
+    reader held up by a full buffer); the node left y and its ack is read
+    afterwards. The client ignored the late ack: it kept y in its room set
+    and the old token, so the next connection joined y again."""
+    user = "u" + uuid.uuid4().hex[:8]
+    async with HeraldClient(
+        node.url, token=token(user, rooms=["x", "y"]), rooms=["x", "y"], buffer=1, timeout=1.0
+    ) as client:
+        await client.ping()
+        for n in range(2):  # the first fills the buffer, the second holds the reader up
+            await api_publish(http, node, f"user:{user}", {"n": n})
+        await wait_for(lambda: len(client._feed) == 1)
+        narrower = token(user, rooms=["x"], ttl=600)
+        with pytest.raises(CommandTimeout):
+            await client.refresh(narrower)
+        assert rooms_on_node(node, user) == ("x",)
+        events = client.events()
+        assert isinstance(await anext(events), Welcome)
+        for _ in range(2):  # the reader goes on: the late answer comes
+            assert isinstance(await anext(events), Message)
+        await client.ping()
+        assert client.rooms == ("x",), f"client: {client.rooms}, node: ('x',)"
+        assert client._token == narrower
+        assert await rooms_after_a_reconnect(client, http, node, user) == ("x",)
