@@ -161,6 +161,21 @@ class Client {
     });
   }
 
+  /** Replace the stream's token before it expires (and use it for reconnects); resolves with the ack,
+   * whose `channels` are the stream's afterwards: the rooms the new token no longer allows are left, and
+   * leave the room set. Over a WebSocket also when the ack comes after the timeout: the node took the token
+   * (over SSE a timed-out POST is aborted and its answer lost: token and rooms stay as they were). */
+  refresh(token) {
+    return this.command({ type: "refresh", token }, (answer) => {
+      if (!answer || answer.type === "error") return;
+      this.token = token;
+      if (!Array.isArray(answer.channels)) return;
+      const kept = new Set(answer.channels.filter((c) => typeof c === "string" && c.startsWith("room:")).map((c) => c.slice(5)));
+      for (const room of [...this.rooms]) if (!kept.has(room)) this.rooms.delete(room);
+      for (const room of [...this.serverRooms.keys()]) if (!kept.has(room)) this.serverRooms.delete(room);
+    });
+  }
+
   /** Publish into a room; resolves with the ack (its `id`, unless ephemeral). */
   publish(room, data, { event, ephemeral } = {}) {
     return this.command({ type: "publish", room, data, ...(event ? { event } : {}), ...(ephemeral ? { ephemeral } : {}) });
@@ -269,7 +284,8 @@ class Client {
     const stream = this.sock;
     const body = ON_STREAM.has(frame.type) ? { ...frame, conn: this.conn } : frame;
     const headers = { "Content-Type": "application/json" };
-    if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    const bearer = frame.type === "refresh" ? frame.token : this.token; // the old one may have expired (§2.3)
+    if (bearer) headers.Authorization = `Bearer ${bearer}`;
     const abort = new AbortController();
     waiting.abort = () => abort.abort();
     let answer;

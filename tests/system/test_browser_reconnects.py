@@ -473,6 +473,33 @@ async def test_an_answer_after_the_timeout_still_sets_the_room_set(
         assert rooms_on_node(node, user) == ["x"]
 
 
+# refresh with a token that allows fewer rooms: the node leaves the others, and so must the client's room set,
+# with the new token for the next streams -- also when the ack comes after the timeout (WebSocket; over SSE a
+# timed-out POST is aborted, its answer lost). herald.js had no refresh(); a refresh sent with command() changed
+# neither, in time or late: the next stream joined the dropped room again with the old token.
+
+
+@pytest.mark.parametrize(("transport", "late"), [("ws", True), ("ws", False), ("sse", False)])
+async def test_a_refresh_sets_the_token_and_drops_the_rooms_it_no_longer_allows(
+    transport: str, late: bool, node: RunningNode, browser: Browser
+) -> None:
+    gate = Gate()
+    user = "u" + uuid.uuid4().hex[:8]
+    tok, narrower = token(user, rooms=["x", "y"]), token(user, rooms=["x"], ttl=600)
+    async with client_page(browser, node, tok, transport, ["x", "y"], setup=gate.install, timeout=1000) as page:
+        if late:
+            gate.delay = "refresh"
+        code = await page.evaluate("(t) => c.refresh(t).then(() => 'acked', (e) => e.code)", narrower)
+        assert code == ("timeout" if late else "acked")
+        gate.forward()
+        await wait_for(lambda: rooms_on_node(node, user) == ["x"], timeout=5)
+        await page.evaluate("c.ping().catch(() => null)")  # answered after it: its answer is in
+        assert await page.evaluate(CLIENT_ROOMS) == ["x"], f"node: {rooms_on_node(node, user)}"
+        assert await page.evaluate("c.token") == narrower
+        await bounce(page, node, gate, user)
+        assert rooms_on_node(node, user) == ["x"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A command over the node's ws.max_frame: refused by the client (too_large), unsent, the connection kept. A
 # 1009 from the node (a client told a larger maxFrame than the node's) stops the client: docs/protocol.md §8
