@@ -114,7 +114,8 @@ class Commands:
             self._token = token
             channels = answer.get("channels")
             if isinstance(channels, list):
-                self._rooms.keep_only(c.removeprefix("room:") for c in channels if isinstance(c, str))
+                rooms = (c.removeprefix("room:") for c in channels if isinstance(c, str) and c.startswith("room:"))
+                self._rooms.keep_only(rooms)  # not "user" or "broadcast": a room may have those names too
 
         await self._command("refresh", {"token": token}, refreshed)
 
