@@ -10,7 +10,7 @@ import re
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker import Broker, BrokerUnavailable, History, Presence, Publishable, PubSub
@@ -86,9 +86,10 @@ class PublishApi:
 
     async def publish(self, request: web.Request) -> web.Response:
         """The aiohttp route (the front door serves the common shapes: ``answer``)."""
-        refusal = self._refusal(request.headers, request.content_length)
+        refusal = self.refusal(request.headers, request.content_length)
         if refusal is not None:
-            return refusal.response()
+            # As the front door: a body not all in is not read, and the connection ends.
+            return refusal.response(close=not request.content.is_eof())
         try:
             body = await read_body(request, self._body_timeout)
         except TimeoutError:
@@ -100,10 +101,7 @@ class PublishApi:
         return (await self._publish(body, request.headers.get("Idempotency-Key"))).response()
 
     async def answer(self, head: FrontHead, body: bytes) -> Reply:
-        """The front door's route."""
-        refusal = self._refusal(head.headers, len(body))
-        if refusal is not None:
-            return refusal
+        """The front door's route, for a request ``refusal`` let through."""
         return await self._publish(body, head.headers.get("Idempotency-Key"))
 
     def body_timed_out(self, seconds: float) -> Reply:
@@ -119,8 +117,10 @@ class PublishApi:
         self._metrics.limit_rejections.labels("body_size").inc()
         return self._refuse(413, "too_large", message)
 
-    def _refusal(self, headers: CIMultiDictProxy[str], content_length: int | None) -> Reply | None:
-        """Why a request is refused before its body is looked at, or None."""
+    def refusal(self, headers: MultiMapping[str], content_length: int | None) -> Reply | None:
+        """Why a request is refused before its body is read (the front door asks
+        once the head is in: a client without the key cannot make the node hold
+        a body), or None."""
         key = self._key
         if not key:
             return self._refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")

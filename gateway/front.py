@@ -22,12 +22,12 @@ import http
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, cast
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 from broker.tasks import spawn
 
@@ -56,8 +56,13 @@ class FastRoute(Protocol):
     def max_body(self) -> int:
         """Larger bodies go to aiohttp, which refuses them (0: a GET route)."""
 
+    def refusal(self, headers: MultiMapping[str], length: int) -> Reply | None:
+        """The reply to a request its head alone refuses (a wrong key…), made
+        before its body is read, or None. A refusal whose body is not all in
+        ends the connection: the body is never held."""
+
     def answer(self, head: FrontHead, body: bytes) -> Awaitable[Reply | None]:
-        """The reply to one request; None: the route took the socket."""
+        """The reply to one request ``refusal`` let through; None: the route took the socket."""
 
     def body_timed_out(self, seconds: float) -> Reply:
         """The reply (408) to a request whose body did not arrive within
@@ -75,6 +80,7 @@ class Request:
     headers: CIMultiDict[str]
     length: int
     close: bool
+    refused: Reply | None = None  # the route's refusal on the head alone
 
 
 class FrontDoor:
@@ -142,6 +148,7 @@ class FrontConnection(asyncio.Protocol):
         "_pending",
         "_timer",
         "_transport",
+        "_unread",
     )
 
     def __init__(self, door: FrontDoor, handler: Callable[[], asyncio.Protocol]) -> None:
@@ -158,6 +165,8 @@ class FrontConnection(asyncio.Protocol):
         self._pending: tuple[Request, int] | None = None
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        # Refused on its head, its body not all in: the body bytes still to come, dropped as they do.
+        self._unread: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -165,6 +174,9 @@ class FrontConnection(asyncio.Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._unread is not None:
+            self._drop(len(data))
+            return
         self._buffer += data
         if not self._busy and not self._blocked:
             self._advance()
@@ -211,9 +223,14 @@ class FrontConnection(asyncio.Protocol):
                 else:
                     self._hand_over()
                 return
+            refused = matched.route.refusal(matched.headers, matched.length)
+            if refused is not None:
+                matched = replace(matched, refused=refused)
             self._pending = (matched, end + 4)
         request, start = self._pending
         if len(buffer) < start + request.length:
+            if request.refused is not None:
+                self._refuse_unread(request.refused, start + request.length - len(buffer))
             return  # the body is still coming
         self._pending = None
         body = bytes(buffer[start : start + request.length])
@@ -226,7 +243,7 @@ class FrontConnection(asyncio.Protocol):
     async def _answer(self, request: Request, body: bytes, transport: asyncio.Transport) -> None:
         head = FrontHead(request.method, request.target, request.headers, transport, self._take_rest)
         try:
-            reply = await request.route.answer(head, body)
+            reply = request.refused if request.refused is not None else await request.route.answer(head, body)
         except Exception:
             log.exception("request failed")
             reply = error_reply(500, "internal", "internal error")
@@ -258,6 +275,29 @@ class FrontConnection(asyncio.Protocol):
             self._transport.write(self._door.encode(reply, close=True))
             self._transport.close()
             self._release()
+
+    def _refuse_unread(self, reply: Reply, unread: int) -> None:
+        """Answer ``reply`` and close, not reading the ``unread`` body bytes still
+        to come. Until they came (or the timeout) they are dropped as they
+        arrive, not held: a close with bytes unread would reset the connection,
+        and a client still sending could lose the answer."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._pending = None
+        self._buffer.clear()
+        transport.write(self._door.encode(reply, close=True))
+        if transport.can_write_eof():
+            transport.write_eof()  # the client reads the answer and its end at once
+        self._unread = unread
+        self._arm()  # at most the timeout more
+
+    def _drop(self, received: int) -> None:
+        """``received`` body bytes of the refused request came: dropped; once all came, the connection closes."""
+        assert self._unread is not None
+        self._unread -= received
+        if self._unread <= 0 and self._transport is not None:
+            self._transport.close()
 
     def _take_rest(self) -> bytes:
         """What came after the request being answered, for the route that takes the socket."""
@@ -316,6 +356,8 @@ class FrontConnection(asyncio.Protocol):
             return
         if self._blocked:
             hard_abort(transport)  # a close would wait for ever to write what it does not read
+        elif self._unread is not None:
+            transport.close()  # refused, and its body still not all in: answered already
         elif (request := self._awaiting_body()) is not None:
             # The head of a fast route, its body not all in: answered as aiohttp's route answers.
             transport.write(self._door.encode(request.route.body_timed_out(self._door.timeout), close=True))

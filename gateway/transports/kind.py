@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from ..head import FrontHead
 from ..http import Reply
@@ -23,6 +24,9 @@ class Endpoint(Protocol):
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one client stream (it outlives the handler)."""
+
+    def refusal(self, headers: MultiMapping[str], length: int) -> Reply | None:
+        """None: a stream's request is judged whole, in ``answer`` (it has no body)."""
 
     async def answer(self, head: FrontHead, body: bytes) -> Reply | None:
         """The same from the front door: a refusal, or None (the socket is the stream's)."""

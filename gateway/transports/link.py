@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from broker import BrokerUnavailable
 from broker.channels import client_name
@@ -318,6 +319,9 @@ class StreamEndpoint(Generic[L]):
     async def handle(self, request: web.Request) -> web.StreamResponse:
         reply = await self.open(request, lambda: detach(request))
         return web.Response(status=self.taken_status) if reply is None else reply.response()
+
+    def refusal(self, headers: MultiMapping[str], length: int) -> Reply | None:
+        return None  # judged whole in open(): a stream's request has no body
 
     async def answer(self, head: FrontHead, body: bytes) -> Reply | None:
         return await self.open(head, _nothing)  # the front door keeps nothing of a socket it gave away

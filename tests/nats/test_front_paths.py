@@ -86,3 +86,53 @@ async def test_a_body_that_never_ends_gets_408_within_the_handshake_timeout(
     # A publish answered 408, by the front door or by aiohttp's route, counts once as a timeout.
     after = await scrape_over(node)
     assert after[timeouts] - before[timeouts] == (len(shapes) if path == "/api/publish" else 0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "auth", "status", "error"),
+    [
+        ({}, b"Authorization: Bearer wrong\r\n", b"401 Unauthorized", "unauthorized"),
+        ({}, b"", b"401 Unauthorized", "unauthorized"),
+        ({"publish": {"key": ""}}, b"Authorization: Bearer x\r\n", b"403 Forbidden", "disabled"),
+    ],
+    ids=["wrong", "missing", "disabled"],
+)
+async def test_a_publish_without_a_valid_key_is_refused_before_its_body(
+    node_factory: NodeFactory, settings: dict[str, dict[str, object]], auth: bytes, status: bytes, error: str
+) -> None:
+    """The key is checked once the head is in: a client without one cannot
+    make the node hold a body of up to publish.max_batch_body for
+    http.handshake_timeout. The answer comes at once, and the connection
+    ends, its body unread."""
+    node: RunningNode = await node_factory(http={"handshake_timeout": 5.0}, **settings)
+    length = 500_000  # announced, never sent
+    for shape, extra in SHAPES.items():
+        head = b"POST /api/publish HTTP/1.1\r\nHost: x\r\n%bContent-Length: %d\r\n%b\r\n" % (auth, length, extra)
+        began = time.monotonic()
+        answer = await exchange(node, head + b"[" + b" " * 1000, seconds=4.0)
+        assert time.monotonic() - began < 2, shape  # not the 408 after the handshake timeout
+        first, _, rest = answer.partition(b"\r\n")
+        assert first == b"HTTP/1.1 " + status, (shape, answer)
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert b"connection: close" in headers.lower(), (shape, answer)
+        assert orjson.loads(body)["error"] == error, shape
+
+
+async def test_a_refused_publish_whose_body_is_in_keeps_its_connection(node: RunningNode) -> None:
+    """A refusal (a wrong key, a rate limit) of a request whose whole body came
+    in does not cost the client its keep-alive connection."""
+    host, port = node.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for key in (b"wrong", PUBLISH_KEY.encode(), b"wrong"):
+            writer.write(
+                b"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %b\r\nContent-Length: %d\r\n\r\n%b"
+                % (key, len(BODY), BODY)
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+            assert head.startswith(b"HTTP/1.1 401" if key == b"wrong" else b"HTTP/1.1 200"), head
+            assert b"connection: close" not in head.lower()
+            length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+            await reader.readexactly(length)
+    finally:
+        writer.transport.abort()

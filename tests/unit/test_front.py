@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+from multidict import MultiMapping
 
 from gateway.front import FastRoute, FrontDoor, FrontRunner
 from gateway.head import FrontHead
@@ -24,6 +25,9 @@ class Echo:
     def __init__(self) -> None:
         self.served = 0
         self.gate: asyncio.Event | None = None
+
+    def refusal(self, headers: MultiMapping[str], length: int) -> Reply | None:
+        return None
 
     async def answer(self, head: FrontHead, body: bytes) -> Reply:
         self.served += 1
