@@ -4,6 +4,7 @@ and health, readiness, stats, presence and metrics of the node (``NodeApi``)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 
@@ -42,6 +43,8 @@ from .readiness import not_ready
 from .sessions import Sessions
 from .settings import PublishSettings, Settings
 from .subscriptions import Subscriptions
+
+log = logging.getLogger("herald.http")
 
 # What a publish's Idempotency-Key may be (it becomes the Nats-Msg-Id header).
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
@@ -98,11 +101,20 @@ class PublishApi:
             return self._too_large(f"body larger than {self._max_batch_body} bytes").response()
         except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
             return self._refuse(400, "bad_request", f"body does not decode: {exc}").response()
-        return (await self._publish(body, request.headers.get("Idempotency-Key"))).response()
+        return (await self._publish_counted(body, request.headers.get("Idempotency-Key"))).response()
 
     async def answer(self, head: FrontHead, body: bytes) -> Reply:
         """The front door's route, for a request ``refusal`` let through."""
-        return await self._publish(body, head.headers.get("Idempotency-Key"))
+        return await self._publish_counted(body, head.headers.get("Idempotency-Key"))
+
+    async def _publish_counted(self, body: bytes, idempotency_key: str | None) -> Reply:
+        """``_publish``, a bug it meets answered 500 ``internal`` and counted as
+        one (as every other answer is), on either path."""
+        try:
+            return await self._publish(body, idempotency_key)
+        except Exception:
+            log.exception("publish failed")
+            return self._refuse(500, "internal", "internal error")
 
     def body_timed_out(self, seconds: float) -> Reply:
         """A publish whose body did not arrive within ``seconds`` (the front door's

@@ -80,7 +80,17 @@ COMMAND_RESULTS = (
     "unavailable",
 )
 # Of a request to POST /api/publish (one per request, whatever the size of its batch).
-API_RESULTS = ("ok", "disabled", "unauthorized", "rate_limited", "too_large", "bad_request", "timeout", "unavailable")
+API_RESULTS = (
+    "ok",
+    "disabled",
+    "unauthorized",
+    "rate_limited",
+    "too_large",
+    "bad_request",
+    "timeout",
+    "unavailable",
+    "internal",  # a 500: a bug in the node, logged
+)
 # What the connect hook (gateway/connect_hook.py) came to: the app's answer
 # (admitted, refused), an answer reused (cached), or no usable one.
 CONNECT_HOOK_RESULTS = ("admitted", "cached", "refused", "timeout", "unreachable", "error_status", "bad_answer")

@@ -293,7 +293,7 @@ ROWS = [
                 "Publish API errors / s",
                 "herald_api_publishes_total with a result other than ok: requests refused (a batch is one), by "
                 "error code: unauthorized, rate_limited, too_large, bad_request, timeout (the body did not arrive "
-                "in time), unavailable, disabled.",
+                "in time), unavailable, disabled, internal (a 500: a bug in the node, logged).",
                 [Target(rate('herald_api_publishes_total{result!="ok"}', "result"), "{{result}}")],
                 unit="ops",
                 width=8,

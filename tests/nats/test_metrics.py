@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import subprocess
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
+import pytest
 
 from broker.embedded import NatsServer, nats_server_binary
 
@@ -233,3 +235,29 @@ async def test_publishes_count_requests_and_published_messages_count_messages(
     assert moved('herald_api_publishes_total{result="ok"}') == 2
     assert moved('herald_api_publishes_total{result="bad_request"}') == 1
     assert moved("herald_api_published_messages_total") == 6
+
+
+async def test_a_publish_that_fails_inside_the_node_counts_as_internal(
+    node: RunningNode, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug met while publishing (here, the broker raising what it never
+    should) is answered 500 internal on both paths, and counted: a rate of
+    errors that leaves out the node's own would hide it."""
+
+    async def broken(items: object) -> NoReturn:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(node.node.broker.pubsub, "publish_batch", broken)
+    key = 'herald_api_publishes_total{result="internal"}'
+    before = (await scrape(http, node.url)).get(key, 0.0)
+    body = b'{"channel":"room:x","data":1}'
+    for encoded in (False, True):  # the front door's path, then aiohttp's (a Content-Encoding)
+        headers = {**PUBLISH_HEADERS, "Content-Type": "application/json"}
+        data = body
+        if encoded:
+            headers["Content-Encoding"] = "gzip"
+            data = gzip.compress(body)
+        async with http.post(node.url + "/api/publish", data=data, headers=headers) as resp:
+            assert resp.status == 500
+            assert await resp.json() == {"error": "internal", "message": "internal error"}
+    assert (await scrape(http, node.url))[key] - before == 2
