@@ -125,7 +125,10 @@ class Gate:
         token may be a cookie the browser sends on its own)."""
         origin = request.headers.get("Origin")
         fetch_site = request.headers.get("Sec-Fetch-Site")
-        if not origin_allowed(origin, request.host, self._origins, fetch_site):
+        scheme = None  # the scheme the client used, when a trusted proxy says it: the own origin's
+        if origin is not None and not self._origins and self._proxies is not None:
+            scheme = self._proxies.scheme(request)
+        if not origin_allowed(origin, request.host, self._origins, fetch_site, scheme):
             self._metrics.limit_rejections.labels("origin").inc()
             # Quoted as sent, whatever bytes it holds.
             shown = ascii(origin) if origin is not None else f"none (Sec-Fetch-Site: {fetch_site!a})"

@@ -167,7 +167,7 @@ def _address(text: str) -> IpAddress | None:
 
 
 class TrustedProxies:
-    """``http.trusted_proxies``: whose ``X-Forwarded-For`` is believed. The
+    """``http.trusted_proxies``: whose ``X-Forwarded-For`` (and ``-Proto``) is believed. The
     client is the right-most forwarded address that is not itself a trusted
     proxy: what a client puts in the header itself is to the left of what its
     proxies append, so it can pretend to be anything but not skip them."""
@@ -198,6 +198,21 @@ class TrustedProxies:
             if not self.trusts(address):
                 break
         return str(hop)
+
+    def scheme(self, request: Head) -> str | None:
+        """``http`` or ``https``: the scheme the client used, as the trusted proxy
+        that is the direct peer says in ``X-Forwarded-Proto`` (its left-most
+        value: the first proxy's, the one the client spoke to). None when no
+        trusted proxy says it (the node speaks no TLS itself, but a proxy it
+        does not know of may)."""
+        if not self._networks:
+            return None
+        proto = request.headers.get("X-Forwarded-Proto")
+        hop = _address(request.remote or "?")
+        if proto is None or hop is None or not self.trusts(hop):
+            return None
+        first = proto.partition(",")[0].strip().lower()
+        return first if first in ("http", "https") else None
 
 
 def peer(request: Head, proxies: TrustedProxies | None = None) -> str:

@@ -88,13 +88,21 @@ _OTHER_SITE = frozenset(("cross-site", "same-site"))
 
 
 def origin_allowed(
-    origin: str | None, host: str | None, allowed: tuple[str, ...], fetch_site: str | None = None
+    origin: str | None,
+    host: str | None,
+    allowed: tuple[str, ...],
+    fetch_site: str | None = None,
+    scheme: str | None = None,
 ) -> bool:
     """Browsers send ``Origin``; other clients do not and are not checked.
-    ``allowed`` (normalised origins) empty: the node's own origin only (same
-    host); ``*``: any. A browser's request without ``Origin`` that
-    ``Sec-Fetch-Site`` says another site's page made (an <img>, a <script>, a
-    followed link: no CORS, but the user's cookies) is no origin's."""
+    ``allowed`` (normalised origins) empty: the node's own origin only, which
+    is ``scheme://host`` when the scheme the client used is known (a trusted
+    proxy said it), else the ``Origin``'s host[:port] must equal ``host`` (the
+    node speaks no TLS itself, so without a proxy's word it cannot tell a page
+    of http://host from one of https://host behind a proxy); ``*``: any. A
+    browser's request without ``Origin`` that ``Sec-Fetch-Site`` says another
+    site's page made (an <img>, a <script>, a followed link: no CORS, but the
+    user's cookies) is no origin's."""
     if "*" in allowed:
         return True
     if origin is None:
@@ -104,4 +112,8 @@ def origin_allowed(
         return False
     if allowed:
         return normal in allowed
-    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+    if host is None:
+        return False
+    if scheme is not None:
+        return normal == normal_origin(f"{scheme}://{host}")
+    return urlsplit(origin).netloc.lower() == host.lower()

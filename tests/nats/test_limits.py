@@ -203,6 +203,47 @@ async def test_default_allows_the_nodes_own_origin_and_clients_without_origin(
     assert await rejections(http, node) == counted(origin=8)
 
 
+async def stream_statuses(http: aiohttp.ClientSession, node: RunningNode, headers: dict[str, str]) -> tuple[int, int]:
+    """The HTTP status of an SSE stream and of a WebSocket handshake sent with ``headers``."""
+    query = rooms_query(token("alice"), ["lobby"])
+    async with http.get(node.url + "/sse", params=query, headers=headers) as resp:
+        sse = resp.status
+    try:
+        ws = await http.ws_connect(node.ws_url, params=query, headers=headers)
+    except aiohttp.WSServerHandshakeError as exc:
+        return sse, exc.status
+    await ws.close()
+    return sse, 101
+
+
+async def test_the_own_origin_behind_a_trusted_proxy_has_the_scheme_it_forwards(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """Behind a TLS-terminating proxy (http.trusted_proxies) that sends
+    X-Forwarded-Proto, the node's own origin has that scheme: a page of
+    http://host may not open streams on a node served as https://host, nor
+    the reverse. From a peer that is not a trusted proxy the header is not
+    believed, and the check compares host and port alone."""
+    behind = await node_factory(http={"trusted_proxies": ("127.0.0.0/8",)})
+    for proto, origin, allowed in [
+        ("https", "https://app.example", True),
+        ("https", "https://app.example:443", True),
+        ("https", "http://app.example", False),
+        ("https", "http://app.example:443", False),
+        ("http", "http://app.example", True),
+        ("http", "https://app.example", False),
+        ("HTTPS", "https://app.example", True),
+    ]:
+        headers = {"Host": "app.example", "Origin": origin, "X-Forwarded-Proto": proto}
+        expected = (200, 101) if allowed else (403, 403)
+        assert await stream_statuses(http, behind, headers) == expected, (proto, origin)
+    # Not from a trusted proxy (and no proxies at all): the scheme is not known, host and port are compared.
+    for node in (await node_factory(http={"trusted_proxies": ("10.0.0.0/8",)}), await node_factory()):
+        for origin in ("https://app.example", "http://app.example"):
+            headers = {"Host": "app.example", "Origin": origin, "X-Forwarded-Proto": "https"}
+            assert await stream_statuses(http, node, headers) == (200, 101), origin
+
+
 async def test_star_allows_any_origin(node_factory: NodeFactory, http: aiohttp.ClientSession) -> None:
     node = await node_factory(limits={"origins": ("*",)})
     for origin in (EVIL, "null", node.url, None):
