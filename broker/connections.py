@@ -110,13 +110,13 @@ class KvConnections:
                 with contextlib.suppress(nats.errors.Error):
                     await self._link.nc.publish(self._kick_subject(instance), victim.encode())
 
-    def close(self, user: str, conn: str) -> None:
+    def close(self, user: str, conn: str) -> asyncio.Task[None] | None:
         conns = self._open.get(user)
         if conns is None or conns.pop(conn, None) is None:
-            return  # counted out already (a drain does so before its clients are told to go)
+            return None  # counted out already (a drain does so before its clients are told to go)
         if not conns:
             del self._open[user]
-        spawn(self.tasks, self._count_out(user, conn))
+        return spawn(self.tasks, self._count_out(user, conn))
 
     async def settle(self, timeout: float) -> None:
         """Return once the count-outs begun so far are written (or given up),

@@ -12,6 +12,7 @@ built, never assigned afterwards. No NATS type appears here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -119,9 +120,10 @@ class Connections(Protocol):
         """Count a new connection of ``user``. At ``limit``: raise
         TooManyConnections, or (``close_oldest``) have the oldest kicked."""
 
-    def close(self, user: str, conn: str) -> None:
+    def close(self, user: str, conn: str) -> asyncio.Future[None] | None:
         """The connection is gone (counted out in the background); once per
-        connection: a second close of it does nothing."""
+        connection: a second close of it does nothing. The count-out under
+        way, for a caller that waits for it (None: nothing to wait for)."""
 
     async def settle(self, timeout: float) -> None:
         """Returns once every count-out begun before the call is done, or

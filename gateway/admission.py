@@ -9,6 +9,7 @@ reason (SSE, and anything before an upgrade) and the close code (WebSocket).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -234,6 +235,14 @@ class Gate:
         for session in sessions:
             self._connections.close(session.user, session.id)
         await self._connections.settle(timeout)
+
+    async def count_out_one(self, session: Session, timeout: float) -> None:
+        """Count ``session`` out now, before it is told to come back at once
+        (4008), waiting at most ``timeout`` seconds for its own write (not for
+        others': many slow consumers at once wait each for one)."""
+        counting = self._connections.close(session.user, session.id)
+        if counting is not None:
+            await asyncio.wait({counting}, timeout=timeout)
 
     def count_out(self, user: str, conn_id: str) -> None:
         """A connection counted in never became a session (its client left)."""

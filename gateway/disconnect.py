@@ -6,7 +6,7 @@ Every close goes through one of these, so the code a client sees and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,14 +19,18 @@ class Disconnect:
     # When the client should reconnect, in ms (0: its own choice). WS says it in
     # the close reason, SSE as a ``retry:`` line before the stream ends.
     retry_ms: int = 0
+    # The client is told to come back at once: its connection is counted out of
+    # its user's count before it is told (else, at its limit, it is refused 4029
+    # for the very connection being closed).
+    count_out_first: bool = False
 
     def with_message(self, message: str) -> Disconnect:
         # WebSocket close reasons are limited to 123 bytes.
-        return Disconnect(self.code, message.encode()[:123].decode(errors="ignore"), self.label, self.retry_ms)
+        return replace(self, message=message.encode()[:123].decode(errors="ignore"))
 
     def reconnect_in(self, ms: int) -> Disconnect:
         """The same reason, telling the client to reconnect in ``ms``."""
-        return Disconnect(self.code, f"{self.message} in {ms} ms", self.label, ms)
+        return replace(self, message=f"{self.message} in {ms} ms", retry_ms=ms)
 
 
 CLIENT_CLOSED = Disconnect(1000, "", "client_closed")
@@ -35,8 +39,8 @@ BAD_TOKEN = Disconnect(4001, "invalid token", "bad_token")
 TOKEN_EXPIRED = Disconnect(4001, "token expired", "token_expired")
 FORBIDDEN = Disconnect(4003, "forbidden", "forbidden")
 BAD_REQUEST = Disconnect(4000, "bad request", "bad_request")
-SLOW_CONSUMER = Disconnect(4008, "slow consumer: reconnect with since=<last id>", "slow_consumer")
-STALLED = Disconnect(4008, "stalled: reconnect with since=<last id>", "slow_consumer")
+SLOW_CONSUMER = Disconnect(4008, "slow consumer: reconnect with since=<last id>", "slow_consumer", count_out_first=True)
+STALLED = Disconnect(4008, "stalled: reconnect with since=<last id>", "slow_consumer", count_out_first=True)
 RATE_LIMITED = Disconnect(4029, "rate limited", "rate_limited")
 TOO_MANY_CONNECTIONS = Disconnect(4029, "too many connections for this user", "too_many_connections")
 REPLACED = Disconnect(4029, "too many connections: this was the user's oldest", "replaced")

@@ -42,6 +42,9 @@ _unavailable = Throttle(log)
 
 # Sessions being finished (see broker.tasks.spawn); never cancelled: see Gate.finish.
 _finishing: set[asyncio.Task[None]] = set()
+# Seconds a close that tells the client to come back at once (4008) waits at
+# most for its connection to be counted out (Disconnect.count_out_first).
+COUNT_OUT_WAIT = 0.5
 
 
 def detach(request: web.BaseRequest) -> None:
@@ -167,7 +170,21 @@ class SocketLink(SocketWire, asyncio.Protocol):
 
     def close(self, reason: Disconnect) -> None:
         """Close with ``reason`` (the session's Transport.close): the farewell
-        after what is queued; the peer gets ``close_timeout`` to read it."""
+        after what is queued; the peer gets ``close_timeout`` to read it. A
+        reason that tells the client to come back at once is sent once its
+        connection is counted out (or after ``COUNT_OUT_WAIT``): the session
+        is closing already, nothing more is queued for it, and no caller waits."""
+        session = self.session
+        if reason.count_out_first and session is not None and not (self.closing or self.gone):
+            spawn(_finishing, self._close_counted_out(session, reason))
+        else:
+            self._close_now(reason)
+
+    async def _close_counted_out(self, session: Session, reason: Disconnect) -> None:
+        await self._ctx.gate.count_out_one(session, COUNT_OUT_WAIT)
+        self._close_now(reason)
+
+    def _close_now(self, reason: Disconnect) -> None:
         if self.closing or self.gone:
             return
         self.closing = True

@@ -14,7 +14,9 @@ import aiohttp
 from broker.embedded import NatsServer
 
 from ..helpers import (
+    PUBLISH_HEADERS,
     NodeFactory,
+    RawWsClient,
     RunningNode,
     SseClient,
     expect_close,
@@ -181,3 +183,32 @@ async def test_a_drained_node_counts_its_connections_out_before_it_leaves(
     assert frames == ["welcome"] * len(again), (frames, proc.err_path.read_text()[-3000:])
     for ws in (*again, warm):
         await ws.close()
+
+
+async def test_a_slow_consumer_closed_4008_is_counted_out_before_it_is_told(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """4008 tells a client to reconnect at once (with since=<last id>). A user
+    at limits.max_connections_per_user = 1 who does so the moment the close
+    frame arrives is admitted: the closed connection was counted out of the
+    user's table in KV before the close was sent. (Counted out after it, one
+    such reconnect in 3 to 10 met 4029 here.)"""
+    settings = cluster(max_connections_per_user=1)
+    node = await node_factory(**settings, backpressure={"max_messages": 20, "write_delay": 0.1})
+    for round_ in range(40):
+        user = f"slow{round_}"
+        url = f"{node.ws_url}?token={token(user)}"
+        slow = await RawWsClient.connect(url, rcvbuf=1 << 20)
+        assert b'"welcome"' in (await slow.frame())[1]
+        # A burst within write_delay overflows the queue of 20: the slow-consumer close.
+        batch = [{"channel": f"user:{user}", "data": i} for i in range(40)]
+        async with http.post(node.url + "/api/publish", json=batch, headers=PUBLISH_HEADERS) as resp:
+            assert resp.status == 200
+        _, code = await slow.messages_until_close()
+        assert code == 4008, round_
+        again = await RawWsClient.connect(url)  # at once
+        opcode, payload = await again.frame()
+        assert opcode == 1 and b'"welcome"' in payload, (round_, payload)
+        slow.close()
+        again.close()
+        await wait_for(lambda: not node.node.sessions, interval=0.002)

@@ -47,7 +47,7 @@ class SlowCountOut:
     async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
         await self.inner.open(user, conn, limit, close_oldest)
 
-    def close(self, user: str, conn: str) -> None:
+    def close(self, user: str, conn: str) -> Any:
         import asyncio
 
         from broker.tasks import spawn
@@ -56,7 +56,7 @@ class SlowCountOut:
             await asyncio.sleep(0.3)
             self.inner.close(user, conn)
 
-        spawn(self.tasks, later())
+        return spawn(self.tasks, later())
 
     async def settle(self, timeout: float) -> None:
         import asyncio
@@ -82,14 +82,18 @@ async def slow_node() -> tuple[Any, SlowCountOut]:
         broker.connections = made[0]  # type: ignore[assignment]
         return broker
 
-    settings = make_settings(limits={"max_connections_per_user": 1}, http={"reconnect_spread": 0.0})
+    settings = make_settings(
+        limits={"max_connections_per_user": 1},
+        http={"reconnect_spread": 0.0},
+        backpressure={"max_messages": 20, "write_delay": 0.3},  # a burst of 40 overflows a queue: 4008
+    )
     return await start_node(settings, factory), made[0]
 
 
-@pytest.mark.parametrize("how", ["server api", "drain"])
+@pytest.mark.parametrize("how", ["server api", "drain", "slow consumer"])
 async def test_a_connection_told_to_reconnect_is_counted_out_first(how: str) -> None:
     """When a client is told to come back (POST /api/disconnect: 4009; a
-    drain: 1012), its connection no longer counts for its user: back at
+    drain: 1012; a slow consumer: 4008, at once), its connection no longer counts for its user: back at
     once, on this node or another, it is not refused (4029 / 429) for the
     one being closed. Counted out only once the close was over, users at
     their limit were refused when a count-out was slower than the reconnect."""
@@ -97,7 +101,7 @@ async def test_a_connection_told_to_reconnect_is_counted_out_first(how: str) -> 
 
     import aiohttp
 
-    from ..helpers import ADMIN_KEY, expect_close, recv_json, token
+    from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, expect_close, recv_json, token
 
     node, counts = await slow_node()
     try:
@@ -110,11 +114,18 @@ async def test_a_connection_told_to_reconnect_is_counted_out_first(how: str) -> 
                 assert (code, counts.counted("kim")) == (1012, 0)
                 await shutdown
                 return
-            headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-            async with http.post(node.url + "/api/disconnect", json={"user": "kim"}, headers=headers) as answer:
-                assert (await answer.json())["disconnected"] == 1
-            code, _ = await expect_close(ws)
-            assert (code, counts.counted("kim")) == (4009, 0)
+            if how == "slow consumer":
+                batch = [{"channel": "user:kim", "data": i} for i in range(40)]
+                async with http.post(node.url + "/api/publish", json=batch, headers=PUBLISH_HEADERS) as answer:
+                    assert answer.status == 200
+                code, _ = await expect_close(ws)
+                assert (code, counts.counted("kim")) == (4008, 0)
+            else:
+                headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+                async with http.post(node.url + "/api/disconnect", json={"user": "kim"}, headers=headers) as answer:
+                    assert (await answer.json())["disconnected"] == 1
+                code, _ = await expect_close(ws)
+                assert (code, counts.counted("kim")) == (4009, 0)
             again = await http.ws_connect(node.ws_url, params={"token": token("kim")})
             assert (await recv_json(again))["type"] == "welcome"
             await again.close()
