@@ -36,7 +36,7 @@ class Disconnect:
 CLIENT_CLOSED = Disconnect(1000, "", "client_closed")
 GOING_AWAY = Disconnect(1001, "going away", "client_closed")
 BAD_TOKEN = Disconnect(4001, "invalid token", "bad_token")
-TOKEN_EXPIRED = Disconnect(4001, "token expired", "token_expired")
+TOKEN_EXPIRED = Disconnect(4001, "token expired", "token_expired", count_out_first=True)
 FORBIDDEN = Disconnect(4003, "forbidden", "forbidden")
 BAD_REQUEST = Disconnect(4000, "bad request", "bad_request")
 SLOW_CONSUMER = Disconnect(4008, "slow consumer: reconnect with since=<last id>", "slow_consumer", count_out_first=True)

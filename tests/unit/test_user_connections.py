@@ -90,10 +90,11 @@ async def slow_node() -> tuple[Any, SlowCountOut]:
     return await start_node(settings, factory), made[0]
 
 
-@pytest.mark.parametrize("how", ["server api", "drain", "slow consumer"])
+@pytest.mark.parametrize("how", ["server api", "drain", "slow consumer", "token expired"])
 async def test_a_connection_told_to_reconnect_is_counted_out_first(how: str) -> None:
     """When a client is told to come back (POST /api/disconnect: 4009; a
-    drain: 1012; a slow consumer: 4008, at once), its connection no longer counts for its user: back at
+    drain: 1012; a slow consumer: 4008, at once; a token expired: 4001, with a
+    new one), its connection no longer counts for its user: back at
     once, on this node or another, it is not refused (4029 / 429) for the
     one being closed. Counted out only once the close was over, users at
     their limit were refused when a count-out was slower than the reconnect."""
@@ -106,7 +107,8 @@ async def test_a_connection_told_to_reconnect_is_counted_out_first(how: str) -> 
     node, counts = await slow_node()
     try:
         async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(node.ws_url, params={"token": token("kim")})
+            ttl = 1.5 if how == "token expired" else 3600
+            ws = await http.ws_connect(node.ws_url, params={"token": token("kim", ttl=ttl)})
             assert (await recv_json(ws))["type"] == "welcome"
             if how == "drain":
                 shutdown = asyncio.create_task(node.node.shutdown())
@@ -120,6 +122,9 @@ async def test_a_connection_told_to_reconnect_is_counted_out_first(how: str) -> 
                     assert answer.status == 200
                 code, _ = await expect_close(ws)
                 assert (code, counts.counted("kim")) == (4008, 0)
+            elif how == "token expired":
+                code, _ = await expect_close(ws, timeout=5)
+                assert (code, counts.counted("kim")) == (4001, 0)
             else:
                 headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
                 async with http.post(node.url + "/api/disconnect", json={"user": "kim"}, headers=headers) as answer:
