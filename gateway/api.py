@@ -48,6 +48,8 @@ log = logging.getLogger("herald.http")
 
 # What a publish's Idempotency-Key may be (it becomes the Nats-Msg-Id header).
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
+# A publish whose head ``PublishApi.expect`` let through (judged once).
+_HEAD_PASSED = web.RequestKey("herald_head_passed", bool)
 
 
 class PublishApi:
@@ -87,9 +89,22 @@ class PublishApi:
         """The largest body (a batch's); larger ones are refused before they are read."""
         return self._max_batch_body
 
+    async def expect(self, request: web.Request) -> web.Response | None:
+        """``Expect: 100-continue`` (the aiohttp route's expect handler): the
+        head is judged before the client is asked for its body, and a refused
+        one is told so instead of "100 Continue"."""
+        refusal = self.refusal(request.headers, request.content_length)
+        if refusal is not None:
+            return refusal.response(close=True)  # the body was never asked for
+        request[_HEAD_PASSED] = True  # judged once: one token of the rate limit, not two
+        if request.version != (1, 1) or request.headers.get("Expect", "").lower() != "100-continue":
+            return error_reply(417, "bad_request", "the only expectation served is 100-continue").response()
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+
     async def publish(self, request: web.Request) -> web.Response:
         """The aiohttp route (the front door serves the common shapes: ``answer``)."""
-        refusal = self.refusal(request.headers, request.content_length)
+        refusal = None if request.get(_HEAD_PASSED) else self.refusal(request.headers, request.content_length)
         if refusal is not None:
             # As the front door: a body not all in is not read, and the connection ends.
             return refusal.response(close=not request.content.is_eof())

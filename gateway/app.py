@@ -127,7 +127,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     )
     app[NODE] = node
     app[NODE_API] = node_api
-    app.router.add_post("/api/publish", publish.publish)
+    app.router.add_post("/api/publish", publish.publish, expect_handler=publish.expect)
     fast[(b"POST", b"/api/publish")] = publish
     app[FAST_ROUTES] = fast
     app.router.add_post("/api/command", commands.command)

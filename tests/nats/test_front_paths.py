@@ -106,7 +106,8 @@ async def test_a_publish_without_a_valid_key_is_refused_before_its_body(
     ends, its body unread."""
     node: RunningNode = await node_factory(http={"handshake_timeout": 5.0}, **settings)
     length = 500_000  # announced, never sent
-    for shape, extra in SHAPES.items():
+    # A client that asks before sending its body (curl does past 1 MB) is told no, not "100 Continue".
+    for shape, extra in {**SHAPES, "expect": b"Expect: 100-continue\r\n"}.items():
         head = b"POST /api/publish HTTP/1.1\r\nHost: x\r\n%bContent-Length: %d\r\n%b\r\n" % (auth, length, extra)
         began = time.monotonic()
         answer = await exchange(node, head + b"[" + b" " * 1000, seconds=4.0)
@@ -136,3 +137,24 @@ async def test_a_refused_publish_whose_body_is_in_keeps_its_connection(node: Run
             await reader.readexactly(length)
     finally:
         writer.transport.abort()
+
+
+async def test_a_publish_that_expects_100_continue_is_judged_once(node_factory: NodeFactory) -> None:
+    """A publish sent with ``Expect: 100-continue`` is asked for its body once
+    its head passed, and its head costs one of the key's publishes a second, not two."""
+    node: RunningNode = await node_factory(limits={"api_rate": 2.0})
+    host, port = node.url.removeprefix("http://").split(":")
+    answers = []
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(
+                b"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %b\r\n"
+                b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (PUBLISH_KEY.encode(), len(BODY))
+            )
+            assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(BODY)
+            answers.append((await asyncio.wait_for(reader.readuntil(b"\r\n"), 3)).strip())
+        finally:
+            writer.transport.abort()
+    assert answers == [b"HTTP/1.1 200 OK"] * 2
