@@ -133,6 +133,11 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
             admin={"key": settings.admin.key or DEV_ADMIN_KEY},
             rooms={"join_leave": settings.rooms.join_leave or ("*",)},  # the demo's presence list
         )
+        # Both ports are checked before anything starts: a nats-server that cannot
+        # listen exits in silence, and the node would serve on whatever server does.
+        _check_dev_port("--port", args.port)
+        if args.nats_port:
+            _check_dev_port("--nats-port", args.nats_port)
         server.start()
         return _run_dev(settings, server, args.port, secret)
     finally:
@@ -166,14 +171,24 @@ def _run_dev(settings: Settings, server: NatsServer, port: int, secret: str) -> 
     return serve(settings, on_ready=banner)
 
 
-def _port_free(port: int) -> bool:
-    import socket
+def _check_dev_port(flag: str, port: int) -> None:
+    from .server import CannotListen, check_port_free
 
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{flag} {port}: must be 0..65535")
+    try:
+        check_port_free("127.0.0.1", port)
+    except CannotListen as exc:
+        raise ConfigError(f"{exc} ({flag}: another herald dev or server?)") from exc
+
+
+def _port_free(port: int) -> bool:
+    from .server import CannotListen, check_port_free
+
+    try:
+        check_port_free("127.0.0.1", port)
+    except CannotListen:
+        return False
     return True
 
 

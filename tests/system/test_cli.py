@@ -252,6 +252,32 @@ async def test_dev_with_a_bad_port_fails_fast_and_leaves_no_nats_server(
     assert not port_open(nats_port), "nats-server left running after dev failed"
 
 
+@pytest.mark.parametrize("busy", ["nats", "http"])
+async def test_dev_on_a_port_in_use_says_which_and_starts_nothing(
+    busy: str, nats_server: NatsServer, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A second ``herald dev`` on a taken --nats-port must not serve on the other
+    server's NATS (its own nats-server failed to listen, in silence); on a taken
+    --port it must not start a nats-server first."""
+    taken = nats_server.port
+    port, nats_port = (free_port(), taken) if busy == "nats" else (taken, free_port())
+    out, err = tmp_path / "dev.out", tmp_path / "dev.err"
+    store_parent = tmp_path / "tmp"
+    store_parent.mkdir()
+    proc = spawn(
+        ["dev", "--port", str(port), "--nats-port", str(nats_port)], cli_env(TMPDIR=str(store_parent)), out, err
+    )
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert proc.returncode == 2, f"dev did not stop on port {taken} in use:\n{out.read_text()}{err.read_text()}"
+    lines = err.read_text().strip().splitlines()
+    flag = "--nats-port" if busy == "nats" else "--port"
+    assert len(lines) == 1 and f"127.0.0.1:{taken}" in lines[0] and flag in lines[0], lines
+    assert not port_open(port if busy == "nats" else nats_port)
+    assert list(store_parent.iterdir()) == [], "a JetStream store was left behind"
+
+
 # --- listen ------------------------------------------------------------------
 
 
