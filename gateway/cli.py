@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT); one per core")
 
     dev = sub.add_parser("dev", help="local nats-server with JetStream + one node, dev secrets")
-    dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0: any free one)")
     dev.add_argument("--nats-port", type=int, default=0, help="default: 4222 if free, else any")
 
     pub = sub.add_parser("publish", help="publish through JetStream (acked)")
@@ -119,6 +119,7 @@ def _check_worker_ports(settings: Settings, workers: int) -> None:
 
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
     nats_server_binary()  # fail fast with a clear message
+    port = args.port or free_port()  # the banner names it: not 0
     nats_port = args.nats_port or (4222 if _port_free(4222) else free_port())
     server = NatsServer(port=nats_port)  # its own temp store, removed on exit
     server.log_file = str(Path(server.store_dir) / "nats.log")
@@ -126,7 +127,7 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
     try:
         settings = with_overrides(
             settings,
-            http={"host": "127.0.0.1", "port": args.port, "dev_tokens": True},
+            http={"host": "127.0.0.1", "port": port, "dev_tokens": True},
             nats={"urls": (server.url,)},
             jwt={"secret": secret, "public_key": ""},
             publish={"key": settings.publish.key or DEV_PUBLISH_KEY},
@@ -135,11 +136,11 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
         )
         # Both ports are checked before anything starts: a nats-server that cannot
         # listen exits in silence, and the node would serve on whatever server does.
-        _check_dev_port("--port", args.port)
+        _check_dev_port("--port", port)
         if args.nats_port:
             _check_dev_port("--nats-port", args.nats_port)
         server.start()
-        return _run_dev(settings, server, args.port, secret)
+        return _run_dev(settings, server, port, secret)
     finally:
         server.cleanup()
 

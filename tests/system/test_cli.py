@@ -252,6 +252,25 @@ async def test_dev_with_a_bad_port_fails_fast_and_leaves_no_nats_server(
     assert not port_open(nats_port), "nats-server left running after dev failed"
 
 
+async def test_dev_on_port_0_prints_the_port_it_took(
+    spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    out, err = tmp_path / "dev.out", tmp_path / "dev.err"
+    proc = spawn(["dev", "--port", "0", "--nats-port", str(free_port())], cli_env(TMPDIR=str(tmp_path)), out, err)
+
+    def banner() -> bool:
+        assert proc.poll() is None, err.read_text()
+        return "sample token" in out.read_text()
+
+    await wait_for(banner, timeout=15, interval=0.05)
+    demo = next(line.split()[-1] for line in out.read_text().splitlines() if "demo:" in line)
+    assert not demo.endswith(":0/"), demo
+    async with http.get(demo) as resp:
+        assert resp.status == 200 and "text/html" in resp.headers["Content-Type"]
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(proc.wait, 10) == 0, err.read_text()
+
+
 @pytest.mark.parametrize("busy", ["nats", "http"])
 async def test_dev_on_a_port_in_use_says_which_and_starts_nothing(
     busy: str, nats_server: NatsServer, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
