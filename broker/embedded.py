@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +73,20 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+# prctl(2): the signal a process gets when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent(parent: int) -> None:
+    """SIGTERM this process when ``parent`` (the process that started it, by
+    pid) dies, even by SIGKILL or an unhandled SIGHUP. Elsewhere than on Linux
+    the child outlives its parent."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class NatsServer:
     """A nats-server process with JetStream, bound to 127.0.0.1."""
 
@@ -80,6 +97,7 @@ class NatsServer:
         monitor_port: int | None = None,
         config_file: str | None = None,
         log_file: str | None = None,
+        stop_with_parent: bool = False,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
@@ -88,6 +106,9 @@ class NatsServer:
         self.store_dir = store_dir or tempfile.mkdtemp(prefix="herald-nats-")
         self.config_file = config_file
         self.log_file = log_file
+        # Stopped when the thread that starts it ends (prctl ties it to that thread):
+        # for `herald dev`, whose main thread lives as long as it does.
+        self.stop_with_parent = stop_with_parent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -105,7 +126,9 @@ class NatsServer:
 
     def start(self, timeout: float = 15.0) -> NatsServer:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(self.command(), stdout=out, stderr=out)
+        parent = os.getpid()
+        preexec = (lambda: stop_with_parent(parent)) if self.stop_with_parent else None
+        self.process = subprocess.Popen(self.command(), stdout=out, stderr=out, preexec_fn=preexec)
         if not wait_for_port(self.host, self.port, timeout):
             self.stop()
             raise RuntimeError(f"nats-server did not listen on {self.url} within {timeout:g}s")

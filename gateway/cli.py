@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -121,7 +122,8 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
     nats_server_binary()  # fail fast with a clear message
     port = args.port or free_port()  # the banner names it: not 0
     nats_port = args.nats_port or (4222 if _port_free(4222) else free_port())
-    server = NatsServer(port=nats_port)  # its own temp store, removed on exit
+    # Its own temp store, removed on exit; a dev killed outright takes it down too.
+    server = NatsServer(port=nats_port, stop_with_parent=True)
     server.log_file = str(Path(server.store_dir) / "nats.log")
     secret = settings.jwt.secret or DEV_SECRET
     try:
@@ -153,7 +155,10 @@ def _run_dev(settings: Settings, server: NatsServer, port: int, secret: str) -> 
     jwt = settings.jwt
     token = mint_token(secret, "alice", ["*"], ["*"], 86400, audience=jwt.audience, issuer=jwt.issuer)
 
-    def banner() -> None:
+    def ready() -> None:
+        # A closed terminal hangs up the whole group: nats-server reloads its
+        # config and stays, so dev stops as on Ctrl-C and stops it.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, signal.raise_signal, signal.SIGTERM)
         print(
             f"\nHerald dev node {settings.node.id}\n"
             f"  demo:        {base}/\n"
@@ -169,7 +174,7 @@ def _run_dev(settings: Settings, server: NatsServer, port: int, secret: str) -> 
             flush=True,
         )
 
-    return serve(settings, on_ready=banner)
+    return serve(settings, on_ready=ready)
 
 
 def _check_dev_port(flag: str, port: int) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import logging
@@ -28,6 +27,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from broker import BrokerUnavailable
+from broker.embedded import stop_with_parent
 
 from .app import create_admin_app, create_app
 from .front import FrontRunner
@@ -193,26 +193,14 @@ def worker_settings(settings: Settings, index: int) -> Settings:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-# prctl(2): the signal a process gets when its parent dies (Linux).
-PR_SET_PDEATHSIG = 1
-
-
-def _stop_with_parent(parent: int) -> None:
-    """SIGTERM this worker when its parent dies (SIGKILL, an unhandled SIGHUP):
-    it drains instead of serving on, orphaned, beside the node started next.
-    Elsewhere than on Linux a worker outlives its parent."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # died before prctl: the signal is still blocked here
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _worker(settings: Settings, parent: int, watchdog: Watchdog, index: int) -> None:
     # Forked with the stop signals blocked and the parent's handler: until its
     # loop takes them, a stop signal ends the worker at once (it serves nothing yet).
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
-    _stop_with_parent(parent)
+    # It drains instead of serving on, orphaned, beside the node started next
+    # (SIGTERM is still blocked here: one sent already waits for the loop).
+    stop_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     # The workers share the parent's stderr: each line says whose it is.
     for handler in logging.getLogger().handlers:

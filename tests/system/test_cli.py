@@ -252,6 +252,37 @@ async def test_dev_with_a_bad_port_fails_fast_and_leaves_no_nats_server(
     assert not port_open(nats_port), "nats-server left running after dev failed"
 
 
+@pytest.mark.parametrize("end", ["hangup", "sigkill"])
+async def test_dev_ended_by_its_terminal_or_sigkill_leaves_no_nats_server(
+    end: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A closed terminal sends SIGHUP to the whole group: nats-server reloads its
+    config and stays, so dev must stop it (and remove the store) as on Ctrl-C.
+    A SIGKILLed dev cannot: its nats-server must stop by itself."""
+    port, nats_port = free_port(), free_port()
+    out, err = tmp_path / "dev.out", tmp_path / "dev.err"
+    store_parent = tmp_path / "tmp"
+    store_parent.mkdir()
+    proc = spawn(
+        ["dev", "--port", str(port), "--nats-port", str(nats_port)], cli_env(TMPDIR=str(store_parent)), out, err
+    )
+
+    def banner() -> bool:
+        assert proc.poll() is None, err.read_text()
+        return "sample token" in out.read_text()
+
+    await wait_for(banner, timeout=15, interval=0.05)
+    if end == "hangup":
+        os.killpg(proc.pid, signal.SIGHUP)
+    else:
+        proc.kill()
+    code = await asyncio.to_thread(proc.wait, 10)
+    await wait_for(lambda: not port_open(nats_port), timeout=5)  # else: the dev nats-server outlived dev
+    if end == "hangup":
+        assert code == 0, err.read_text()
+        assert list(store_parent.iterdir()) == [], "the JetStream store was left behind"
+
+
 async def test_dev_on_port_0_prints_the_port_it_took(
     spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
