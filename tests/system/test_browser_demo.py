@@ -188,6 +188,27 @@ async def test_expired_token_is_replaced_through_get_token(
         assert page_errors(watch) == []
 
 
+async def test_a_long_word_wraps_in_the_chat_and_the_notifications(
+    node_factory: NodeFactory, nats_server: NatsServer, browser: Browser
+) -> None:
+    """A 2,000-character word (the chat input's limit) or a long URL must wrap,
+    not run out of its card behind a horizontal scrollbar."""
+    node: RunningNode = await node_factory(**DEMO)
+    async with demo_page(browser, node.url, user="gwen", room="lobby") as (page, watch):
+        word = "w" * 2000
+        await page.locator("#text").fill(word)
+        await page.locator("#text").press("Enter")
+        await expect(page.locator("#messages li[data-id]")).to_have_count(1)
+        settings = node.settings
+        async with NatsPublisher([nats_server.url], settings.subject.prefix, settings.stream.name) as backend:
+            await backend.publish("user:gwen", {"text": "https://example.com/" + "n" * 500}, event="notify")
+        await expect(page.locator("#notifications li")).to_have_count(1)
+        for box in ("#messages", "#messages li[data-id]", "#notifications", "#notifications li", "html"):
+            wide = await page.locator(box).evaluate("e => [e.scrollWidth, e.clientWidth]")
+            assert wide[0] <= wide[1], f"{box} overflows: {wide[0]} px of content in {wide[1]} px"
+        assert watch.errors == [], watch.messages
+
+
 async def test_auto_falls_back_to_sse_when_websockets_are_blocked(
     node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
