@@ -13,6 +13,12 @@ const TYPING_SHOWN = 3500; // ms a typing announcement stays visible
 const PAGE = 50; // messages per history page
 const NEAR = 40; // px from an edge of the message list that count as "at" it
 
+// What the node takes as a user or room id (docs/protocol.md): checked here, so
+// that a bad one from a link or storage is named at sign-in, not closed 4000.
+const ID = /^[A-Za-z0-9_:@=+-]{1,128}$/;
+const RULE = "letters, digits and _ : @ = + - (1 to 128)";
+const badId = (what, value) => (ID.test(value) ? null : `${what} ${JSON.stringify(value)} is not an id: use ${RULE}`);
+
 /** Visible to tests and to the curious in the console. */
 const demo = (window.heraldDemo = { client: null, tokens: 0, user: null, room: null });
 
@@ -303,12 +309,25 @@ function start({ user, room, transport }, token) {
 
 async function signIn(choice) {
   $("signin-error").textContent = "";
+  const bad = badId("name", choice.user) || badId("room", choice.room);
+  if (bad) {
+    $("name").value = choice.user;
+    $("room").value = choice.room;
+    $("signin-error").textContent = `Could not sign in: ${bad}`;
+    return;
+  }
   try {
     start(choice, await mintToken(choice.user));
   } catch (err) {
     $("signin").hidden = false;
     $("signin-error").textContent = `Could not sign in: ${err.message}`;
   }
+}
+
+// The browser's own "Please match the requested format" does not say which format.
+for (const [field, what] of [["name", "name"], ["room", "room"], ["join-room", "room"]]) {
+  const input = $(field);
+  input.oninput = () => input.setCustomValidity(input.value && badId(what, input.value.trim()) ? `A ${what} may only use ${RULE}` : "");
 }
 
 $("signin").onsubmit = (ev) => {

@@ -209,6 +209,43 @@ async def test_a_long_word_wraps_in_the_chat_and_the_notifications(
         assert watch.errors == [], watch.messages
 
 
+RULE = "letters, digits and _ : @ = + -"
+
+
+async def test_a_room_the_node_refuses_is_named_at_sign_in_and_in_the_join_box(
+    node_factory: NodeFactory, browser: Browser
+) -> None:
+    """A bad room from a link (or the sign-in kept from an earlier visit) is
+    refused on the page, saying what a room id may hold, before any stream
+    (the node would close it 4000 and the page would keep the room for the
+    next visit); the form's fields and the Join box say the same as one types."""
+    node: RunningNode = await node_factory(**DEMO)
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        watch = ConsoleWatch(page)
+        streams: list[str] = []
+        page.on("request", lambda r: streams.append(r.url) if "/sse?" in r.url else None)
+        page.on("websocket", lambda ws: streams.append(ws.url))
+        await page.goto(f"{node.url}/?user=hana&room=a.b")
+        await expect(page.locator("#signin-error")).to_contain_text('"a.b"')
+        await expect(page.locator("#signin-error")).to_contain_text(RULE)
+        await expect(page.locator("#signin")).to_be_visible()
+        assert await page.locator("#room").input_value() == "a.b"  # to be corrected in place
+        assert streams == [] and await page.evaluate("localStorage.getItem('herald-demo')") is None
+
+        await page.locator("#room").fill("lobby")
+        await page.locator("#signin button[type=submit]").click()
+        await expect(page.locator("#status")).to_have_attribute("data-state", "open", timeout=TIMEOUT)
+        await page.locator("#join-room").fill("x y")
+        await page.locator("#join button").click()
+        assert RULE in await page.locator("#join-room").evaluate("e => e.validationMessage")
+        await expect(page.locator("#room-name")).to_have_text("lobby")
+        assert watch.errors == [], watch.messages
+    finally:
+        await context.close()
+
+
 async def test_auto_falls_back_to_sse_when_websockets_are_blocked(
     node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
