@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 
@@ -137,6 +138,12 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     app.router.add_post("/api/unsubscribe", server_api.unsubscribe)
     if settings.http.dev_tokens:
         app.router.add_post("/api/dev/token", node_api.dev_token)
+        if not _loopback(settings.http.host):
+            log.warning(
+                "http.dev_tokens is on and the node listens on %s: whoever reaches it can mint a token"
+                " for any user (POST /api/dev/token); development only",
+                settings.http.host,
+            )
     if settings.admin.port:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", node_api.readyz)
@@ -162,6 +169,16 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     app.on_shutdown.append(shutdown)
     app.on_cleanup.append(cleanup)
     return app
+
+
+def _loopback(host: str) -> bool:
+    """Only this machine can reach ``host`` (an address or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
 
 
 def create_admin_app(node_api: NodeApi) -> web.Application:

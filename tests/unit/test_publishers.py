@@ -4,6 +4,8 @@ through NATS and a node: tests/nats/test_publishers.py)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from aiohttp import web
 
@@ -13,7 +15,7 @@ from broker.publisher import NatsPublisher
 from gateway.client import HttpPublisher, PublishRefused
 from gateway.client.publisher import retry_after
 
-from ..helpers import PUBLISH_KEY
+from ..helpers import PUBLISH_KEY, make_settings
 
 
 async def test_nats_publisher_without_nats_fails_clearly() -> None:
@@ -68,3 +70,18 @@ def test_dev_tokens_need_a_secret() -> None:
 
     with pytest.raises(ConfigError, match=r"http\.dev_tokens"):
         load_settings(env={"HERALD_HTTP_DEV_TOKENS": "true"}, use_default_file=False)
+
+
+@pytest.mark.parametrize(
+    ("host", "warned"), [("0.0.0.0", True), ("::", True), ("127.0.0.1", False), ("::1", False), ("localhost", False)]
+)
+def test_dev_tokens_off_loopback_are_warned_about(host: str, warned: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """POST /api/dev/token signs anyone in as anyone: fine on herald dev's
+    127.0.0.1, worth a warning where other machines reach the node."""
+    from gateway.app import create_app
+
+    from ..memory_broker import MemoryBroker
+
+    create_app(make_settings(http={"dev_tokens": True, "host": host}), MemoryBroker)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("http.dev_tokens" in w and "any user" in w for w in warnings) == warned, warnings
