@@ -251,6 +251,10 @@ function start({ user, room, transport }, token) {
       // Messages of the room were lost to this page: what the node still
       // holds is its history, so show the newest page again.
       if (r.channel === `room:${room}`) { newView(); loadPage(false); }
+      // The user's notifications start over with the messages that follow: those
+      // shown may be gone, or be of a stream made anew (a restarted herald dev),
+      // whose ids start over (a read of an old id would be refused).
+      if (r.channel === "user") { $("notifications").replaceChildren(); lastNotification = null; setUnread(0); }
     })
     .on("error", (e) => { if (!e.ref) system(`error: ${e.message}`); });
   const presenceTimer = setInterval(refreshPresence, 15000);

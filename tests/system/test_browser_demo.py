@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
 from playwright.async_api import Browser, Page, Route, WebSocketRoute, expect
 
@@ -30,6 +31,7 @@ from ..browser import ConsoleWatch, screenshot_path
 from ..helpers import (
     ADMIN_KEY,
     PUBLISH_HEADERS,
+    PUBLISH_KEY,
     NodeFactory,
     RunningNode,
     api_publish,
@@ -544,6 +546,43 @@ async def test_a_reset_reloads_the_rooms_history(
         after = await api_publish(http, other, "room:lobby", {"user": "srv", "text": "after"})
         await expect(page.locator("#messages li[data-id]")).to_have_count(len(everything) + 1)
         assert (await list_rows(page))[-1] == f"live:{after}"
+        assert page_errors(watch) == []
+
+
+async def test_notifications_start_over_after_a_reset_of_the_user_channel(
+    nats_server: NatsServer, spawn: Any, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    """A restarted ``herald dev`` has a new, empty stream: the page resumes past
+    its end and gets a reset of every channel. Notifications of the old stream
+    must go (their ids mean nothing now: "Mark all read" was refused
+    ``id 3 is past the stream's last message`` and the badge stayed)."""
+    tag = "bn" + uuid.uuid4().hex[:10]
+    shared: dict[str, dict[str, Any]] = {
+        "subject": {"prefix": tag},
+        "stream": {"name": tag.upper(), "storage": "memory"},
+    }
+    port = free_port()
+    env = {"HERALD_HTTP_DEV_TOKENS": "true", "HERALD_PUBLISH_KEY": PUBLISH_KEY, **OWN_GATEWAY}
+    proc, base = await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
+    async with demo_page(browser, base, user="lena", room="lobby") as (page, watch):
+        await publish_batch(http, base, "user:lena", ["n0", "n1", "n2"])
+        await expect(page.locator("#unread")).to_have_text("3")
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().delete_stream(tag.upper())  # what a restarted herald dev starts with
+        await nc.close()
+        await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **env)
+        await expect(page.locator("#status")).to_have_attribute("data-state", "open", timeout=TIMEOUT)
+        await expect(page.locator("#notifications li")).to_have_count(0)
+        await expect(page.locator("#unread")).to_have_text("0")
+
+        await publish_batch(http, base, "user:lena", ["fresh"])
+        await expect(page.locator("#unread")).to_have_text("1")
+        await page.locator("#mark-read").click()
+        await expect(page.locator("#unread")).to_have_text("0")
+        assert await page.locator("#messages li.system").all_text_contents() == []
         assert page_errors(watch) == []
 
 
