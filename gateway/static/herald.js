@@ -367,8 +367,14 @@ class Client {
     const q = new URLSearchParams({ token: this.token || "" });
     for (const room of this.rooms) if (!this.leaving.has(room)) q.append("room", room);
     if (this.lastId) q.set("since", this.lastId);
-    if (this.transport === "ws") this.openWs(q);
-    else this.openSse(q);
+    try {
+      if (this.transport === "ws") this.openWs(q);
+      else this.openSse(q);
+    } catch (err) { // a malformed URL, or one the page's CSP forbids: no socket, so no close event
+      this.sock = null;
+      this.emit("error", { code: "connect", message: `cannot open the ${this.transport} stream: ${err}` });
+      this.closed(1006, "", false); // as an unreachable node: auto tries the other transport, else backs off
+    }
   }
 
   openWs(q) {

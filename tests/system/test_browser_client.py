@@ -709,3 +709,28 @@ async def test_the_default_transport_is_auto_and_an_sse_400_stops(page: Page) ->
         """,
     )
     assert result == {"first": True, "second": True, "state": "closed", "timers": 0}
+
+
+async def test_a_stream_that_cannot_even_be_made_is_retried_and_said(page: Page) -> None:
+    """``new WebSocket`` / ``new EventSource`` throw for a malformed URL or
+    one the page's CSP forbids: the client says so (``error``) and goes on as
+    for an unreachable node (the other transport, then the backoff) instead of
+    staying "connecting" for ever."""
+    result = await run(
+        page,
+        """
+        const refuse = () => { throw new DOMException("refused to connect", "SecurityError"); };
+        window.WebSocket = class { constructor() { refuse(); } };
+        window.EventSource = class { constructor() { refuse(); } };
+        const errors = [];
+        const c = Herald.connect({ url: "http://gw.test", token: "t" });  // auto: ws, then sse
+        c.on("error", (e) => errors.push(e.code));
+        const states = [c.state];
+        const waits = [fake.fire(), fake.fire()];
+        states.push(c.state);
+        return { errors, states, waits, transport: c.transport };
+        """,
+    )
+    assert result["errors"] == ["connect", "connect"]  # the first came before the handler was on
+    assert result["states"] == ["reconnecting", "reconnecting"]
+    assert result["waits"] == [500, 1000]
