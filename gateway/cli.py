@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT); one per core")
 
     dev = sub.add_parser("dev", help="local nats-server with JetStream + one node, dev secrets")
-    dev.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0: any free one)")
+    dev.add_argument("--port", type=int, help="HTTP port (default: http.port, 8080; 0: any free one)")
     dev.add_argument("--nats-port", type=int, default=0, help="default: 4222 if free, else any")
 
     pub = sub.add_parser("publish", help="publish through JetStream (acked)")
@@ -120,7 +120,7 @@ def _check_worker_ports(settings: Settings, workers: int) -> None:
 
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
     nats_server_binary()  # fail fast with a clear message
-    port = args.port or free_port()  # the banner names it: not 0
+    port = (settings.http.port if args.port is None else args.port) or free_port()  # the banner names it: not 0
     nats_port = args.nats_port or (4222 if _port_free(4222) else free_port())
     # Its own temp store, removed on exit; a dev killed outright takes it down too.
     server = NatsServer(port=nats_port, stop_with_parent=True)

@@ -283,11 +283,15 @@ async def test_dev_ended_by_its_terminal_or_sigkill_leaves_no_nats_server(
         assert list(store_parent.iterdir()) == [], "the JetStream store was left behind"
 
 
+@pytest.mark.parametrize("how", ["--port 0", "HERALD_HTTP_PORT"])
 async def test_dev_on_port_0_prints_the_port_it_took(
-    spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, http: aiohttp.ClientSession
+    how: str, spawn: Callable[..., subprocess.Popen[bytes]], tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
+    """``--port 0`` takes a free port; without ``--port``, http.port is used (as serve and listen do)."""
     out, err = tmp_path / "dev.out", tmp_path / "dev.err"
-    proc = spawn(["dev", "--port", "0", "--nats-port", str(free_port())], cli_env(TMPDIR=str(tmp_path)), out, err)
+    port = free_port()
+    args, env = (["--port", "0"], {}) if how == "--port 0" else ([], {"HERALD_HTTP_PORT": str(port)})
+    proc = spawn(["dev", *args, "--nats-port", str(free_port())], cli_env(TMPDIR=str(tmp_path), **env), out, err)
 
     def banner() -> bool:
         assert proc.poll() is None, err.read_text()
@@ -296,6 +300,8 @@ async def test_dev_on_port_0_prints_the_port_it_took(
     await wait_for(banner, timeout=15, interval=0.05)
     demo = next(line.split()[-1] for line in out.read_text().splitlines() if "demo:" in line)
     assert not demo.endswith(":0/"), demo
+    if how == "HERALD_HTTP_PORT":
+        assert demo.endswith(f":{port}/"), demo
     async with http.get(demo) as resp:
         assert resp.status == 200 and "text/html" in resp.headers["Content-Type"]
     proc.send_signal(signal.SIGINT)
