@@ -55,6 +55,10 @@ const FIX_THE_CLIENT = new Set([1002, 1007, 1009]);
 const MAX_FRAME = 65536;
 const REF_ROOM = 20; // bytes a ref of ours may take: the digits of a counter
 const MAX_LATE = 1000; // commands timed out on a WebSocket, kept for the effect of their answer
+// A stream's query (token, since, rooms) is kept within this many bytes: nginx refuses a request line over
+// 8 KB (414, large_client_header_buffers) and the node one over 8190 bytes (400), and every reconnect would
+// be refused. Rooms past it are re-joined after the welcome, as the backend's are (`subscribe {room, since}`).
+const MAX_QUERY = 6144;
 
 /** Ids are digit strings that may pass 2^53: is `a` after `b`? */
 const after = (a, b) => (a.length !== b.length ? a.length > b.length : a > b);
@@ -69,10 +73,10 @@ class Client {
   constructor(opts) {
     this.opts = opts;
     this.base = (opts.url || location.origin).replace(/\/+$/, "");
-    /** Rooms asked for (`rooms`, an acknowledged subscribe): in every stream's URL. */
+    /** Rooms asked for (`rooms`, an acknowledged subscribe): in every stream's URL (while it has room). */
     this.rooms = new Set(opts.rooms || []);
-    /** Rooms the backend joined this client to (`subscribed`), re-joined after each welcome:
-     * room -> the position its unanswered re-join asked from (undefined: none). */
+    /** Rooms the backend joined this client to (`subscribed`), and those past MAX_QUERY, re-joined after
+     * each welcome: room -> the position its unanswered re-join asked from (undefined: none). */
     this.serverRooms = new Map();
     /** room -> unsubscribes of it sent, not answered: out of the URL and the re-joins until then */
     this.leaving = new Map();
@@ -365,7 +369,13 @@ class Client {
     }
     if (this.stopped) return;
     const q = new URLSearchParams({ token: this.token || "" });
-    for (const room of this.rooms) if (!this.leaving.has(room)) q.append("room", room);
+    let size = q.toString().length + (this.lastId ? this.lastId.length + 7 : 0);
+    for (const room of this.rooms) {
+      if (this.leaving.has(room)) continue;
+      size += new URLSearchParams({ room }).toString().length + 1;
+      if (size <= MAX_QUERY) q.append("room", room);
+      else { this.rooms.delete(room); this.serverRooms.set(room, undefined); } // joined after the welcome
+    }
     if (this.lastId) q.set("since", this.lastId);
     try {
       if (this.transport === "ws") this.openWs(q);
