@@ -397,7 +397,8 @@ class HeraldClient(Commands):
             self._ws = ws
             self._open.set()
         log.info("connected to %s as %s (conn %s)", welcome.node, welcome.user, welcome.conn)
-        for room, since in self._rooms.to_rejoin(welcome.channels, self._since_opened):
+        # A first connection's rooms past the URL (Rooms.in_url) join from where its own channels went live.
+        for room, since in self._rooms.to_rejoin(welcome.channels, self._since_opened or welcome.position):
             task = asyncio.create_task(self._rejoin(ws, room, since))
             self._rejoining.add(task)
             task.add_done_callback(self._rejoining.discard)

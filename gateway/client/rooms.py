@@ -9,6 +9,7 @@ Two kinds (docs/protocol.md §3.2, ``subscribed``):
   ``POST /api/subscribe``): the token may not allow them, so they are asked
   for again after each ``welcome`` with ``subscribe {room, since}`` — a room
   the token no longer allows then costs that room, not the connection.
+  Asked rooms past what a URL holds (``MAX_QUERY``) become such rooms too.
 
 The set follows the answers: the node runs one connection's commands in the
 order sent and answers them in that order, so an acknowledged ``subscribe``
@@ -34,6 +35,13 @@ position has moved on with the other channels' messages, past the room's.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from urllib.parse import urlencode
+
+# A connection's query is kept within this many bytes: the node refuses a
+# request line over 8190 bytes (400) and nginx one over 8 KB (414), and every
+# reconnect would be refused too. Rooms past it are re-joined after the
+# welcome instead, as the backend's rooms are.
+MAX_QUERY = 6144
 
 
 class Rooms:
@@ -49,8 +57,18 @@ class Rooms:
         return tuple(room for room in (*self._asked, *self._granted) if room not in self._leaving)
 
     def in_url(self) -> tuple[str, ...]:
-        """The ``room`` parameters of a new connection."""
-        return tuple(room for room in self._asked if room not in self._leaving)
+        """The ``room`` parameters of a new connection: those that fit in
+        ``MAX_QUERY``; the others become rooms re-joined after the welcome."""
+        kept: list[str] = []
+        size = 0
+        for room in [r for r in self._asked if r not in self._leaving]:
+            size += len(urlencode({"room": room})) + 1
+            if size <= MAX_QUERY:
+                kept.append(room)
+            else:
+                del self._asked[room]
+                self._granted[room] = None
+        return tuple(kept)
 
     def to_rejoin(self, channels: Iterable[str], since: str | None) -> tuple[tuple[str, str | None], ...]:
         """The granted rooms a new connection (on ``channels``, resumed from

@@ -631,3 +631,25 @@ async def test_a_refresh_answered_after_the_timeout_still_sets_the_rooms_and_tok
         assert client.rooms == ("x",), f"client: {client.rooms}, node: ('x',)"
         assert client._token == narrower
         assert await rooms_after_a_reconnect(client, http, node, user) == ("x",)
+
+
+async def test_rooms_past_the_request_line_limit_join_after_the_welcome(
+    node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """70 rooms of 120 characters (within limits.max_subscriptions): ~9 KB of `room=`, over the node's
+    request line (8190 bytes, 400: read as 4000, which stopped the client) and nginx's (8 KB, 414)."""
+    rooms = [str(i).rjust(120, "r") for i in range(70)]
+    user = "u" + uuid.uuid4().hex[:8]
+    async with HeraldClient(node.url, token=token(user), rooms=rooms, min_delay=0.05) as client:
+        await client.ping()
+        session = node.node.sessions.of_user(user)[0]
+        await wait_for(lambda: {f"room:{r}" for r in rooms} <= session.channels)
+        assert set(client.rooms) == set(rooms)
+        sent = await api_publish(http, node, f"room:{rooms[-1]}", {"n": 1})
+        assert [m.id for m in await take(client, 1)] == [sent]
+        assert (await admin(http, node, "/api/disconnect", {"user": user}))["disconnected"] == 1
+        await wait_for(lambda: node.node.sessions.of_user(user) and node.node.sessions.of_user(user)[0] is not session)
+        again = node.node.sessions.of_user(user)[0]
+        await wait_for(lambda: {f"room:{r}" for r in rooms} <= again.channels)
+        after = await api_publish(http, node, f"room:{rooms[-1]}", {"n": 2})
+        assert [m.id for m in await take(client, 1)] == [after]
