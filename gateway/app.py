@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from pathlib import Path
 
 from aiohttp import web
@@ -37,6 +38,9 @@ PAGE_HEADERS = {
 }
 
 
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s'\"]*")
+
+
 class _MalformedRequests(logging.Filter):
     """aiohttp logs every request its parser refuses (a request line too long,
     a repeated Content-Type, a body that does not decode) at ERROR with a
@@ -50,7 +54,9 @@ class _MalformedRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            self._warn("malformed", "refused malformed requests (HTTP 400), e.g.: %s", exc.message)
+            # A refused request line is quoted: a stream's carries its token (?token=).
+            excerpt = _TOKEN_IN_QUERY.sub(r"\1…", str(exc.message))
+            self._warn("malformed", "refused malformed requests (HTTP 400), e.g.: %s", excerpt)
             return False
         return True
 

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from multidict import MultiMapping
 
+from gateway.app import _MalformedRequests
 from gateway.front import FastRoute, FrontDoor, FrontRunner
 from gateway.head import FrontHead
 from gateway.http import Reply, body_timeout, json_reply
@@ -247,3 +250,15 @@ def test_match_reads_only_plain_requests() -> None:
     assert door.match(b"POST  /echo HTTP/1.1\r\nContent-Length: 3") is None
     assert door.match(b"POST /echo?\xc3\xa9 HTTP/1.1\r\nHost: h\r\nContent-Length: 3") is None
     assert door.match(b"POST /echo?q=1#top HTTP/1.1\r\nHost: h\r\nContent-Length: 3") is None  # aiohttp drops it
+
+
+def test_a_refused_request_line_is_logged_without_its_token(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp quotes the start of a request line it refuses (over 8190 bytes): a stream's has ?token=."""
+    line = b"/sse?token=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9&room=" + b"r" * 40
+    refused = LineTooLong(line, 8190)
+    record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (), None)
+    record.exc_info = (LineTooLong, refused, None)
+    with caplog.at_level(logging.WARNING, logger="herald"):
+        assert _MalformedRequests().filter(record) is False
+    assert "refused malformed requests" in caplog.text and "/sse?token=" in caplog.text
+    assert "eyJ" not in caplog.text, caplog.text
