@@ -152,9 +152,10 @@ async def stand_in_nodes(ports: Ports, handler: Any) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def running_nginx(prefix: Path, ports: Ports) -> AsyncIterator[None]:
-    """The load balancer config for ``ports``, run by the real nginx."""
-    assert nginx_test(prefix, render_nginx(ports)).returncode == 0
+async def running_nginx(prefix: Path, ports: Ports, confs: dict[str, str] | None = None) -> AsyncIterator[None]:
+    """The load balancer config for ``ports`` (or ``confs``, files of it changed), run by the real nginx."""
+    tested = nginx_test(prefix, confs or render_nginx(ports))
+    assert tested.returncode == 0, tested.stderr
     conf = prefix / "conf" / "nginx.conf"
     cmd = [nginx_binary(), "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "logs" / "error.log")]
     nginx = subprocess.Popen([*cmd, "-g", "daemon off;"])
