@@ -25,7 +25,8 @@
  *   transport?: Transport,              default "auto"
  *   events?: string[],                  ignored, kept for old callers: SSE used to need the event
  *                                       names; its events now carry every frame, as on WebSocket
- *   timeout?: number,                   command timeout, ms (default 10000)
+ *   timeout?: number,                   command timeout, and how long a stream may take to send its
+ *                                       welcome before it is given up and reopened, ms (default 10000)
  *   maxFrame?: number,                  the nodes' ws.max_frame, bytes (default 65536): a larger command is
  *                                       refused here (`too_large`), not sent: the node would close 1009
  *   minDelay?: number, maxDelay?: number  reconnect backoff bounds, ms (default 500 / 30000)
@@ -391,13 +392,15 @@ class Client {
     const ws = new WebSocket(`${this.base.replace(/^http/, "ws")}/ws?${q}`);
     this.sock = ws;
     let welcomed = false; // a proxy may accept the upgrade yet pass nothing: only a welcome counts
+    const due = this.welcomeDue(ws);
     ws.onmessage = (ev) => {
       let f;
       try { f = JSON.parse(ev.data); } catch { return; }
-      if (f.type === "welcome") welcomed = true;
+      if (f.type === "welcome") { welcomed = true; clearTimeout(due); }
       this.receive(f);
     };
     ws.onclose = (ev) => {
+      clearTimeout(due);
       if (this.sock !== ws) return;
       this.sock = null;
       this.failPending("disconnected", `connection closed (${ev.code})`, ws);
@@ -411,22 +414,25 @@ class Client {
     const es = new EventSource(href);
     this.sock = es;
     let welcomed = false;
+    const due = this.welcomeDue(es);
     const onFrame = (ev) => {
       if (this.sock !== es || typeof ev.data !== "string") return;
       let f;
       try { f = JSON.parse(ev.data); } catch { return; }
       if (f.type === "close") { // the node ends the stream, and says why: the WebSocket close rules apply
+        clearTimeout(due);
         this.sock = null;
         es.close(); // EventSource would reconnect by itself, with a stale room set
         this.closed(Number(f.code) || 1006, f.reason || "", welcomed);
         return;
       }
-      if (f.type === "welcome") welcomed = true;
+      if (f.type === "welcome") { welcomed = true; clearTimeout(due); }
       this.receive(f);
     };
     for (const name of SSE_FRAMES) es.addEventListener(name, onFrame);
     es.onerror = (ev) => {
       if (this.sock !== es || typeof ev.data === "string") return; // a stream's `event: error` is a frame
+      clearTimeout(due);
       this.sock = null;
       const refused = es.readyState === EventSource.CLOSED; // an HTTP error (401, 403, 503…), not a lost stream
       es.close(); // this client reopens it (below): the new URL carries the current rooms and position
@@ -444,6 +450,19 @@ class Client {
           this.closed(code, body?.message || "", false);
         });
     };
+  }
+
+  /** A stream with no welcome within `timeout` ms is given up, and another opened: a node that takes
+   * connections but answers nothing (a frozen process) would hold it for as long as a proxy in between
+   * waits (ops/nginx: an hour), and a proxy that buffers the stream would hold it for good. */
+  welcomeDue(sock) {
+    const ms = this.opts.timeout || 10000;
+    return setTimeout(() => {
+      if (this.sock !== sock) return;
+      this.drop();
+      this.failPending("disconnected", `no welcome within ${ms} ms`, sock);
+      this.closed(1006, `no welcome within ${ms} ms`, false);
+    }, ms);
   }
 
   /** One frame from the stream (WebSocket, or an SSE event's data). */

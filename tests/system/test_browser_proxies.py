@@ -11,6 +11,10 @@ break, on both transports.
   none for commands) more tabs than that stream and get their commands
   answered, and streams nginx cuts (a proxy_read_timeout shorter than the
   keep-alive) resume without loss or repeats.
+- A node that takes connections but answers nothing (a frozen process: the
+  kernel still accepts) holds a stream nginx passed it for the location's
+  read timeout, an hour: the client gives the welcome `timeout` ms, then
+  reconnects, and nginx passes it to a node that answers.
 """
 
 from __future__ import annotations
@@ -40,12 +44,16 @@ from .test_ops_cluster import running_nginx
 
 @asynccontextmanager
 async def behind_nginx(
-    tmp_path: Path, node_factory: NodeFactory, edit: Callable[[str], str] | None = None, scheme: str = "http"
+    tmp_path: Path,
+    node_factory: NodeFactory,
+    edit: Callable[[str], str] | None = None,
+    scheme: str = "http",
+    upstream: int = 0,
 ) -> AsyncIterator[tuple[RunningNode, RunningNode]]:
-    """A node on the first upstream port of ops/nginx/herald.conf (changed by ``edit``), nginx in front:
+    """A node on upstream port ``upstream`` of ops/nginx/herald.conf (changed by ``edit``), nginx in front:
     (the node, the node as the page sees it: through nginx)."""
     ports = Ports.from_base(free_base())
-    node = await node_factory(http={"port": ports.nodes[0]})
+    node = await node_factory(http={"port": ports.nodes[upstream]})
     confs = render_nginx(ports)
     if edit is not None:
         confs["herald.conf"] = edit(confs["herald.conf"])
@@ -150,3 +158,54 @@ async def test_sse_tabs_over_http2_get_commands_answered_and_resume_streams_ngin
             assert max([await p.evaluate("closes.length") for p in pages]) >= 2  # nginx did cut them
         finally:
             await context.close()
+
+
+class FreezesOnce:
+    """Stands on nginx's first upstream port for a node: passes connections on to it, but the first
+    stream (/ws or /sse) it holds, answering nothing, as a frozen process would."""
+
+    def __init__(self, node_port: int) -> None:
+        self.node_port = node_port
+        self.held: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n")
+        if not self.held and head.split(b"?")[0] in (b"GET /ws", b"GET /sse"):
+            self.held.append(writer)
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.node_port)
+        up_writer.write(head)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_a_stream_a_frozen_node_holds_is_given_up_and_opened_again(
+    transport: str, tmp_path: Path, node_factory: NodeFactory, browser: Browser
+) -> None:
+    """nginx passes the first stream to a node that answers nothing; /ws and /sse wait an hour for it."""
+    node = await node_factory()
+    ports = Ports.from_base(free_base())
+    freezes = FreezesOnce(int(node.url.rsplit(":", 1)[1]))
+    stand_in = await asyncio.start_server(freezes.serve, "127.0.0.1", ports.nodes[0])
+    try:
+        async with running_nginx(tmp_path, ports):
+            front = dataclasses.replace(node, url=f"http://127.0.0.1:{ports.lb}")
+            async with client_page(browser, front, token("tom"), transport, ["lobby"], timeout=2000) as page:
+                assert freezes.held, "the first stream was not held"
+                assert await page.evaluate("closes.length") >= 1
+    finally:
+        for writer in freezes.held:
+            writer.close()
+        stand_in.close()
