@@ -139,9 +139,12 @@ class HeraldClient(Commands):
         """Start connecting (``async with`` does it); returns at once."""
         if self._task is None:
             if self._session is None:
-                self._session = aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_connect=self._timeout)
+                # sock_read bounds the wait for the upgrade's answer (a frozen node: nginx would wait an hour
+                # for it); aiohttp lifts it once the socket is a WebSocket.
+                timeout = aiohttp.ClientTimeout(
+                    total=None, connect=self._timeout, sock_connect=self._timeout, sock_read=self._timeout
                 )
+                self._session = aiohttp.ClientSession(timeout=timeout)
             self._task = asyncio.create_task(self._run(), name="herald-client")
 
     async def close(self) -> None:

@@ -653,3 +653,26 @@ async def test_rooms_past_the_request_line_limit_join_after_the_welcome(
         await wait_for(lambda: {f"room:{r}" for r in rooms} <= again.channels)
         after = await api_publish(http, node, f"room:{rooms[-1]}", {"n": 2})
         assert [m.id for m in await take(client, 1)] == [after]
+
+
+async def test_an_upgrade_nobody_answers_is_given_up_for_the_next_url(node: RunningNode) -> None:
+    """A server that takes the connection and answers nothing (a frozen node; behind nginx, /ws waits an
+    hour for it): the client gives it `timeout` seconds, then moves to the next URL."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def frozen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    stall = await asyncio.start_server(frozen, "127.0.0.1", 0)
+    stalled = f"http://127.0.0.1:{stall.sockets[0].getsockname()[1]}"
+    try:
+        async with HeraldClient([stalled, node.url], token=token("tess"), timeout=1.0, min_delay=0.05) as client:
+            await wait_for(lambda: client.connected, timeout=5)
+            assert held and client.welcome is not None
+            conn = client.welcome.conn
+            await asyncio.sleep(2.5)  # an open connection may stay quiet longer than that
+            assert client.connected and client.welcome.conn == conn
+    finally:
+        for writer in held:
+            writer.close()
+        stall.close()
