@@ -19,6 +19,7 @@ there (store.py).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -54,10 +55,17 @@ class DirectReader:
         self._timeout = timeout
 
     async def read(
-        self, subject: str, channel: Channel, start: int, count: int, timeout: float | None = None
+        self,
+        subject: str,
+        channel: Channel,
+        start: int,
+        count: int,
+        timeout: float | None = None,
+        patient: Callable[[], bool] | None = None,
     ) -> list[Stored]:
         """Up to ``count`` messages of ``subject`` from sequence ``start`` on,
-        oldest first; within ``timeout`` (default: the request timeout)."""
+        oldest first; within ``timeout`` (default: the request timeout) — or,
+        if ``patient()`` says so then, within the request timeout."""
         replies: list[tuple[bytes, dict[str, str]]] = []
         done = asyncio.get_running_loop().create_future()
 
@@ -73,8 +81,13 @@ class DirectReader:
             nc, reply = await self._inbox.open(take)
             request = {"seq": max(1, start), "next_by_subj": subject, "batch": count}
             await nc.publish(self._api, orjson.dumps(request), reply=reply)
-            async with asyncio.timeout(self._timeout if timeout is None else timeout):
-                await done
+            first = self._timeout if timeout is None else timeout
+            await asyncio.wait((done,), timeout=first)  # a timeout leaves ``done`` to wait on
+            if not done.done():
+                if patient is None or not patient():
+                    raise TimeoutError
+                async with asyncio.timeout(max(0.0, self._timeout - first)):
+                    await done
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None
         finally:

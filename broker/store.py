@@ -82,8 +82,13 @@ async def _each(calls: list[Awaitable[T]]) -> list[T]:
 # Messages per channel a replay reads with a direct get before it needs a consumer.
 DIRECT_BATCH = 100
 # A direct get answers in milliseconds: a copy that has not within this is
-# passed over for the consumer read, not waited for the request timeout.
+# passed over for the consumer read, not waited for the request timeout —
+# unless MAX_CONSUMER_READS are under way: then it is this node that is slow
+# to take the answers (a reconnect storm), and a consumer would cost more.
 DIRECT_TIMEOUT = 1.0
+# Consumer reads one node makes at once; more wait. Each is a consumer on the
+# server, which refuses a stream's 1001st (a storm's clients got 1013).
+MAX_CONSUMER_READS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +117,8 @@ class NatsHistory:
         # A room's members resuming together read its missed messages once.
         self._direct_reads: SharedReads[list[Stored]] = SharedReads()
         self._consumer_reads: SharedReads[list[Delivery]] = SharedReads()
+        self._consumer_slots = asyncio.Semaphore(MAX_CONSUMER_READS)
+        self._late = 0  # direct gets passed over whose consumer reads are not done (see _fetch)
 
     async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
         p = self._place
@@ -183,17 +190,33 @@ class NatsHistory:
         """Every stored message of ``channels`` (by input subject) after
         ``after_seq``, oldest first, up to at least ``reach`` (subject → sequence).
         Channels a direct get reads whole come from it; the others, from one consumer."""
-        direct = await self._read_direct(channels, after_seq, reach)
-        found = [d for stored in direct.values() for d in stored]
-        rest = {s: c for s, c in channels.items() if s not in direct}
-        if rest:
-            found += await self._read_consumer(rest, after_seq, {s: reach[s] for s in rest})
+        late = 0  # this fetch's direct gets passed over for the consumer read
+
+        def patient() -> bool:
+            """Whether a direct get not answered within DIRECT_TIMEOUT is waited
+            for: when as many consumer reads are owed as may run at once, it is
+            this node that is slow to take answers, not a copy silent."""
+            nonlocal late
+            if self._late >= MAX_CONSUMER_READS:
+                return True
+            self._late += 1
+            late += 1
+            return False
+
+        try:
+            direct = await self._read_direct(channels, after_seq, reach, patient)
+            found = [d for stored in direct.values() for d in stored]
+            rest = {s: c for s, c in channels.items() if s not in direct}
+            if rest:
+                found += await self._read_consumer(rest, after_seq, {s: reach[s] for s in rest})
+        finally:
+            self._late -= late
         if len(channels) > 1:
             found.sort(key=lambda d: d.seq)
         return found
 
     async def _read_direct(
-        self, channels: Mapping[str, Channel], after_seq: int, reach: dict[str, int]
+        self, channels: Mapping[str, Channel], after_seq: int, reach: dict[str, int], patient: Callable[[], bool]
     ) -> dict[str, list[Delivery]]:
         """What most replays need — a few messages per channel — read with one
         batch direct get each: no consumer to create and delete (on a cluster,
@@ -202,18 +225,20 @@ class NatsHistory:
         ``reach`` holds everything before it. The channels read whole (by
         subject): not those on a copy behind, or with more than a batch after
         the position."""
-        reads = await _each([self._read_one(s, c, after_seq, reach[s]) for s, c in channels.items()])
+        reads = await _each([self._read_one(s, c, after_seq, reach[s], patient) for s, c in channels.items()])
         whole: dict[str, list[Delivery]] = {}
         for subject, stored in zip(channels, reads, strict=True):
             if stored and stored[-1].delivery.seq >= reach[subject]:
                 whole[subject] = [s.delivery for s in stored]
         return whole
 
-    async def _read_one(self, subject: str, channel: Channel, after_seq: int, reach: int) -> list[Stored]:
+    async def _read_one(
+        self, subject: str, channel: Channel, after_seq: int, reach: int, patient: Callable[[], bool]
+    ) -> list[Stored]:
         """One channel's batch direct get, shared (SharedReads); empty if it failed."""
 
         def start() -> Awaitable[list[Stored]]:
-            return self._pages.read(subject, channel, after_seq + 1, DIRECT_BATCH, DIRECT_TIMEOUT)
+            return self._pages.read(subject, channel, after_seq + 1, DIRECT_BATCH, DIRECT_TIMEOUT, patient)
 
         try:
             return await self._direct_reads.read((subject, after_seq), {subject: reach}, start)
@@ -226,18 +251,19 @@ class NatsHistory:
         js = self._link.jetstream()
         nc = self._link.client()
 
-        def start() -> Awaitable[list[Delivery]]:
-            return read_stored(
-                js,
-                self._place.stream,
-                list(channels),
-                after_seq,
-                len(channels) * stream_cap(self._place.retention),  # all the stream holds for them
-                nc._nuid.next().decode(),
-                self._place.subjects.channel_of,
-                self._place.request_timeout,
-                reach,
-            )
+        async def start() -> list[Delivery]:
+            async with self._consumer_slots:
+                return await read_stored(
+                    js,
+                    self._place.stream,
+                    list(channels),
+                    after_seq,
+                    len(channels) * stream_cap(self._place.retention),  # all the stream holds for them
+                    nc._nuid.next().decode(),
+                    self._place.subjects.channel_of,
+                    self._place.request_timeout,
+                    reach,
+                )
 
         # Shared: the list is read, never changed, by its callers.
         return await self._consumer_reads.read((frozenset(channels), after_seq), reach, start)

@@ -19,7 +19,7 @@ from broker.channels import Subjects, room_channel, user_channel
 from broker.embedded import NatsServer
 from broker.jetstream import NatsBroker, NatsConfig
 from broker.snapshot import Puller, read_snapshot, snapshot_config
-from broker.store import DIRECT_TIMEOUT
+from broker.store import DIRECT_TIMEOUT, MAX_CONSUMER_READS
 
 from ..helpers import broker_events
 
@@ -196,3 +196,48 @@ async def test_a_copy_that_does_not_answer_a_direct_read_is_passed_over_soon(
 
 async def _ignore(msg: Msg) -> None:
     pass
+
+
+async def test_a_storm_of_slow_direct_reads_does_not_become_a_consumer_each(
+    history_broker: NatsBroker, nats_server: NatsServer
+) -> None:
+    """A node too busy to take its direct gets' answers within DIRECT_TIMEOUT
+    (a reconnect storm of inboxes) is not a silent copy: a consumer per
+    replay would cost the server more (nats-server refuses a stream's
+    1001st consumer: the clients were closed 1013). At most
+    MAX_CONSUMER_READS are made; the other replays take their direct answers."""
+    users = [user_channel(f"u{i}") for i in range(300)]
+    missed = await _published(history_broker, users)
+    stream = history_broker._config.stream
+    pages = history_broker.history._pages
+    real_api = pages._api
+    late = await nats.connect(nats_server.url)
+    made = at_once = 0  # consumers made, and the most there were at once
+    forwards: set[asyncio.Task[None]] = set()
+
+    async def forward(msg: Msg) -> None:
+        await asyncio.sleep(DIRECT_TIMEOUT + 0.5)
+        await late.publish(real_api, msg.data, reply=msg.reply)
+
+    async def answer_late(msg: Msg) -> None:  # the answers arrive after DIRECT_TIMEOUT
+        task = asyncio.create_task(forward(msg))
+        forwards.add(task)
+        task.add_done_callback(forwards.discard)
+
+    async def count(msg: Msg) -> None:  # one subscription: creates and deletes in the order sent
+        nonlocal made, at_once
+        live = made - int(msg.subject.startswith(f"$JS.API.CONSUMER.DELETE.{stream}."))
+        made = live + int(msg.subject.startswith(f"$JS.API.CONSUMER.CREATE.{stream}."))
+        at_once = max(at_once, made)
+
+    try:
+        await late.subscribe("_herald_test.late", cb=answer_late)
+        await late.subscribe("$JS.API.CONSUMER.>", cb=count)
+        await late.flush()
+        pages._api = "_herald_test.late"
+        replays = await asyncio.gather(*(history_broker.history.replay([u], 0, 10) for u in users))
+        await late.flush()
+    finally:
+        await late.close()
+    assert [[d.seq for d in r.deliveries] for r in replays] == [[seq] for seq in missed]
+    assert 0 < at_once <= MAX_CONSUMER_READS
