@@ -24,13 +24,17 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 
 from .base import BrokerUnavailable, TooManyConnections
-from .kv import Bucket, Current, bind_bucket, compare_and_set, key_token, storage_type
+from .kv import Bucket, Current, allow_message_ttls, bind_bucket, compare_and_set, key_token, storage_type
 from .link import NatsLink
 from .tasks import spawn
 from .throttle import Throttle
 
 log = logging.getLogger("herald.connections")
 warn = Throttle(log)
+# Seconds a user's emptied table stays (a reload's reconnect finds it): then
+# the server removes it, so the bucket holds the users with connections, not
+# every user ever seen.
+EMPTY_TABLE_TTL = 60
 
 # conn id → [instance, opened at (unix seconds)]
 Table = dict[str, list[object]]
@@ -66,6 +70,7 @@ class KvConnections:
         self._kick = kick
         self._timeout = timeout  # of each KV request (the JetStream context's)
         self._kv: Bucket | None = None
+        self._expiring = False  # whether an emptied table is written with EMPTY_TABLE_TTL
         self.tasks: set[asyncio.Task[None]] = set()  # connections being counted out
         # The newest value and revision this node wrote (or read) of each user
         # it has connections of: the next write of that user tries it first,
@@ -81,6 +86,7 @@ class KvConnections:
             js, KeyValueConfig(bucket=self._bucket, history=1, replicas=replicas, storage=storage_type(storage))
         )
         self._kv = Bucket(self._link, kv, self._timeout)
+        self._expiring = await allow_message_ttls(js, kv)
         # Bound again after NATS came back, maybe with a fresh store: what
         # this node last wrote may be gone, and revisions start over.
         self._known.clear()
@@ -210,7 +216,9 @@ class KvConnections:
             known = self._known.get(user)
             for _ in range(5):
                 try:
-                    current = await compare_and_set(kv, key, apply, tries=100, known=known)
+                    current = await compare_and_set(
+                        kv, key, apply, tries=100, known=known, ttl=_ttl if self._expiring else None
+                    )
                     break
                 except _Unlisted as exc:
                     # Entries of instances the cached listing lacks: started since, or gone.
@@ -242,3 +250,8 @@ class KvConnections:
             self._known[user] = current
         else:
             self._known.pop(user, None)
+
+
+def _ttl(table: bytes) -> int:
+    """The TTL a user's table is written with: an empty one goes after a while."""
+    return EMPTY_TABLE_TTL if table == b"{}" else 0

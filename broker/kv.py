@@ -4,9 +4,12 @@ presence, connections per user)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
+import logging
 import uuid
 from collections.abc import Callable
 
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -17,6 +20,8 @@ from .acks import AckedPublisher, Refused
 from .link import NatsLink
 from .lookup import LastMessage
 from .snapshot import read_snapshot, snapshot_config
+
+log = logging.getLogger("herald.kv")
 
 # A listing reads what the bucket holds when it starts; this bounds a read
 # that stalls (the server answers within milliseconds otherwise).
@@ -73,10 +78,15 @@ class Bucket:
             return None, stored.seq
         return stored.data, stored.seq
 
-    async def write(self, key: str, value: bytes, revision: int) -> int:
+    async def write(self, key: str, value: bytes, revision: int, ttl: int = 0) -> int:
         """Store ``value`` if the key's last revision is still ``revision``
-        (0: the key has no message): its new revision; 0 if it is not."""
-        message = (self._prefix + key, value, {"Nats-Expected-Last-Subject-Sequence": str(revision)})
+        (0: the key has no message): its new revision; 0 if it is not.
+        ``ttl``: seconds after which the server removes it, key and all
+        (0: never; the bucket must allow it, ``allow_message_ttls``)."""
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+        if ttl:
+            headers["Nats-TTL"] = f"{ttl}s"
+        message = (self._prefix + key, value, headers)
         try:
             (ack,) = await self._acks.publish([message])
         except Refused as refused:
@@ -91,15 +101,20 @@ Current = tuple[bytes | None, int]
 
 
 async def compare_and_set(
-    bucket: Bucket, key: str, change: Callable[[bytes | None], bytes | None], tries: int, known: Current | None = None
+    bucket: Bucket,
+    key: str,
+    change: Callable[[bytes | None], bytes | None],
+    tries: int,
+    known: Current | None = None,
+    ttl: Callable[[bytes], int] | None = None,
 ) -> Current | None:
     """Write ``change(current value)`` (None: the key is absent) unless another
     writer got in between, in which case look again. ``change`` returning None
     leaves the key as it is. ``known``: the value and revision to try first
     (what this writer last wrote): no read when nobody wrote since (a write
-    proves it; that nothing needs writing is checked on a read). Returns
-    the key's value and revision as this left them, or None after ``tries``
-    conflicts in a row."""
+    proves it; that nothing needs writing is checked on a read). ``ttl``:
+    the TTL of a new value (see ``Bucket.write``). Returns the key's value
+    and revision as this left them, or None after ``tries`` conflicts in a row."""
     for _ in range(tries):
         guessed = known is not None
         value, revision = known or await bucket.get(key)
@@ -111,11 +126,24 @@ async def compare_and_set(
             return value, revision
         # Over a deleted key, the write expects its delete marker (what
         # nats-py's create() finds out with a second get after a conflict).
-        written = await bucket.write(key, new, revision)
+        written = await bucket.write(key, new, revision, ttl(new) if ttl is not None else 0)
         if written:
             return new, written
         # Changed meanwhile: look again.
     return None
+
+
+async def allow_message_ttls(js: JetStreamContext, kv: KeyValue) -> bool:
+    """Whether values of ``kv`` may carry a TTL of their own (nats-server
+    2.11+; buckets nats-py makes allow it), turned on if the bucket does not."""
+    try:
+        info = await js.stream_info(kv._stream)  # the bucket's stream, as nats-py's KeyValue keeps it
+        if not info.config.allow_msg_ttl:
+            info = await js.update_stream(dataclasses.replace(info.config, allow_msg_ttl=True))
+    except nats.errors.Error as exc:
+        log.warning("bucket %s: its values cannot expire on their own (%r): emptied keys stay", kv._stream, exc)
+        return False
+    return bool(info.config.allow_msg_ttl)
 
 
 async def live_keys(kv: KeyValue, pattern: str) -> list[str]:

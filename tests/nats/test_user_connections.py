@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import nats
+import orjson
 
 from broker.embedded import NatsServer
 
@@ -212,3 +214,45 @@ async def test_a_slow_consumer_closed_4008_is_counted_out_before_it_is_told(
         slow.close()
         again.close()
         await wait_for(lambda: not node.node.sessions, interval=0.002)
+
+
+async def test_users_gone_leave_no_key_behind(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, nats_server: NatsServer, monkeypatch: Any
+) -> None:
+    """Each user's table in ``<stream>_conns`` goes once its last connection
+    is counted out (after EMPTY_TABLE_TTL): the bucket holds the users
+    connected, not every user ever seen (10,000 users that came and went
+    left 10,000 keys of ``{}``, forever)."""
+    monkeypatch.setattr("broker.connections.EMPTY_TABLE_TTL", 1)
+    shared = cluster()
+    node = await node_factory(**shared)
+    stream = f"KV_{shared['stream']['name']}_conns"
+    users = [f"gone{i}" for i in range(40)]
+    tabs = [await connect(http, node, user) for user in users]
+    for ws in tabs:
+        assert (await recv_json(ws))["type"] == "welcome"
+    kept = await connect(http, node, "stays")
+    assert (await recv_json(kept))["type"] == "welcome"
+    nc = await nats.connect(nats_server.url)
+    try:
+
+        async def subjects() -> int:
+            info = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2)
+            return int(orjson.loads(info.data)["state"].get("num_subjects") or 0)
+
+        assert await subjects() == len(users) + 1
+        for ws in tabs:
+            await ws.close()
+
+        async def only_the_connected() -> bool:
+            return await subjects() == 1
+
+        await wait_for(only_the_connected, timeout=8)
+        # A user back after its key went is counted as before.
+        again = await connect(http, node, users[0])
+        assert (await recv_json(again))["type"] == "welcome"
+        assert await subjects() == 2
+        await again.close()
+        await kept.close()
+    finally:
+        await nc.close()
