@@ -31,6 +31,7 @@ from .throttle import Throttle
 
 log = logging.getLogger("herald.connections")
 warn = Throttle(log)
+stuck = Throttle(log, level=logging.ERROR)
 # Seconds a user's emptied table stays (a reload's reconnect finds it): then
 # the server removes it, so the bucket holds the users with connections, not
 # every user ever seen.
@@ -187,7 +188,7 @@ class KvConnections:
                 return
             await asyncio.sleep(min(30.0, 2.0**attempt))
         self._known.pop(user, None)  # not kept for a user this node may never write again
-        log.error("a closed connection of a user stays counted until this node restarts")
+        stuck("stuck", "a closed connection of a user stays counted until this node restarts")
 
     async def _update(self, user: str, change: Callable[[Table, set[str]], Table | None]) -> bool:
         """Apply ``change`` with compare-and-set; False if NATS failed."""

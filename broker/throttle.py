@@ -11,9 +11,10 @@ import time
 class Throttle:
     """At most one log line per ``interval`` per key, with a count of the rest."""
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, level: int = logging.WARNING) -> None:
         self._log = logger
         self._interval = interval
+        self._level = level
         self._last: dict[str, tuple[float, int]] = {}
 
     def __call__(self, key: str, message: str, *args: object) -> None:
@@ -23,4 +24,4 @@ class Throttle:
             self._last[key] = (last, skipped + 1)
             return
         self._last[key] = (now, 0)
-        self._log.warning(message + (f" ({skipped} more suppressed)" if skipped else ""), *args)
+        self._log.log(self._level, message + (f" ({skipped} more suppressed)" if skipped else ""), *args)

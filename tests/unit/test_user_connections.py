@@ -136,3 +136,24 @@ async def test_a_connection_told_to_reconnect_is_counted_out_first(how: str) -> 
             await again.close()
     finally:
         await node.stop()
+
+
+async def test_count_outs_given_up_in_a_burst_log_one_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A node that cannot count its closed connections out (NATS away, or too
+    busy to be answered) says so once per interval, with a count: a storm's
+    10,000 users gone at once logged one ERROR line each (499 in 24 s)."""
+    import asyncio
+    import logging
+
+    from broker.connections import KvConnections
+    from broker.link import NatsLink
+
+    async def alive(_: Any) -> set[str]:
+        return {"n1"}
+
+    # No bucket bound (NATS away): every update fails.
+    connections = KvConnections(NatsLink(), "S", "n1", alive, lambda conn: None)
+    with caplog.at_level(logging.ERROR, logger="herald.connections"):
+        await asyncio.gather(*(connections._count_out(f"u{i}", f"n1:{i}", attempts=1) for i in range(30)))
+    given_up = [r for r in caplog.records if r.name == "herald.connections" and r.levelno == logging.ERROR]
+    assert len(given_up) == 1, [r.getMessage() for r in given_up]
