@@ -146,7 +146,12 @@ class NatsBroker:
         )
         self._sequencer = self.pubsub.sequencer
         self.reads = KvReadPositions(
-            f"{config.stream}_read", link, self.history.position, self._stats, config.publish_timeout
+            f"{config.stream}_read",
+            link,
+            self.history.position,
+            self._stats,
+            config.publish_timeout,
+            config.history.user.max_age,
         )
         self.presence = KvPresence(
             link,

@@ -9,13 +9,19 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 
 from .base import BrokerStats, BrokerUnavailable
-from .kv import Bucket, bind_bucket, compare_and_set, key_token, storage_type
+from .kv import Bucket, allow_message_ttls, bind_bucket, compare_and_set, key_token, storage_type
 from .link import NatsLink
 from .readmark import decode, encode, trusted
 from .throttle import Throttle
 
 log = logging.getLogger("herald.reads")
 warn = Throttle(log)
+# A stored position outlives its last move by history.user_max_age and this:
+# by then every message at or before it is past the inbox's age (it was
+# published before the move), so the key can go — the user, as one that
+# never read, is handed the same inbox — and the bucket does not keep a key
+# for every user that ever read. The margin covers the clocks' differences.
+READ_MARGIN = 86400.0
 
 
 class KvReadPositions:
@@ -30,9 +36,12 @@ class KvReadPositions:
         last: Callable[[], Awaitable[int]],
         stats: BrokerStats,
         timeout: float = 5.0,
+        inbox_age: float = 0.0,
     ) -> None:
         self.bucket = bucket
         self._timeout = timeout  # of each KV request (the JetStream context's)
+        self._inbox_age = inbox_age  # history.user_max_age (0: positions kept for ever)
+        self._expiring = False  # whether positions are written with a TTL (see READ_MARGIN)
         self._link = link
         self._last = last  # the stream's last sequence now
         self._stats = stats
@@ -52,6 +61,7 @@ class KvReadPositions:
             ),
         )
         self._kv = Bucket(self._link, kv, self._timeout)
+        self._expiring = self._inbox_age > 0 and await allow_message_ttls(js, kv)
 
     def _bucket(self) -> Bucket:
         self._link.jetstream()  # fails at once while NATS is away
@@ -110,9 +120,14 @@ class KvReadPositions:
                 last = await self._last()
             # Each conflict is another tab moving the position forward: it ends
             # once ours is no longer ahead; the bound only guards against a bug.
-            done = await compare_and_set(kv, key, forward, tries=1000, known=known)
+            done = await compare_and_set(
+                kv, key, forward, tries=1000, known=known, ttl=self._ttl if self._expiring else None
+            )
         except BrokerUnavailable as exc:
             raise BrokerUnavailable(f"storing the read position failed: {exc}") from None
         if not done:
             raise BrokerUnavailable("read position kept changing under us")
         return stored
+
+    def _ttl(self, _: bytes) -> int:
+        return int(self._inbox_age + READ_MARGIN)

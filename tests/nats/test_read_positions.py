@@ -8,11 +8,12 @@ from typing import Any
 
 import aiohttp
 import nats
+import orjson
 
 from broker.embedded import NatsServer
 from broker.kv import key_token
 
-from ..helpers import RunningNode, make_settings, scrape, start_node
+from ..helpers import RunningNode, make_settings, scrape, start_node, wait_for
 from .test_inbox import cluster, connect, messages, publish_many, quiet, read
 
 
@@ -108,3 +109,43 @@ async def test_a_position_stored_without_its_stream_never_moves_back(
     ws, welcome = await connect(http, node, "leg")
     await ws.close()
     assert welcome["unread"] == 2
+
+
+async def test_a_position_left_unmoved_past_the_inboxs_age_leaves_the_bucket(
+    node_factory: Any, http: aiohttp.ClientSession, nats_server: NatsServer, monkeypatch: Any
+) -> None:
+    """A user's key in ``<stream>_read`` goes history.user_max_age (and
+    READ_MARGIN) after its last move: every message at or before it is then
+    past the inbox's age, so "nothing read" hands out the same inbox, and the
+    bucket no longer keeps a key for every user that ever read (10,000 users
+    left 10,000 keys for good)."""
+    monkeypatch.setattr("broker.reads.READ_MARGIN", 0.0)
+    node: RunningNode = await node_factory(history={"user_max_age": 2.0})
+    ids = await publish_many(http, node, "user:cy", 2)
+    ws, welcome = await connect(http, node, "cy")
+    assert welcome["unread"] == 2
+    await messages(ws, 2)
+    assert (await read(ws, ids[-1]))["id"] == ids[-1]
+    await ws.close()
+    bucket = f"KV_{node.settings.stream.name}_read"
+    nc = await nats.connect(nats_server.url)
+    try:
+
+        async def keys() -> int:
+            info = await nc.request(f"$JS.API.STREAM.INFO.{bucket}", b"", timeout=2)
+            return int(orjson.loads(info.data)["state"].get("num_subjects") or 0)
+
+        assert await keys() == 1
+
+        async def gone() -> bool:
+            return await keys() == 0
+
+        await wait_for(gone, timeout=8)
+    finally:
+        await nc.close()
+    ws, welcome = await connect(http, node, "cy")  # what was read is past the inbox's age: not handed out again
+    assert welcome["unread"] == 0
+    await quiet(ws)
+    later = await publish_many(http, node, "user:cy", 1)
+    assert [m["id"] for m in await messages(ws, 1)] == later
+    await ws.close()
