@@ -87,7 +87,7 @@ class Resumer:
         except BaseException:
             session.stop_holding()
             raise
-        await self._send(session, replay)
+        await self._send(session, replay, position if since is None else None)
         session.opened()
 
     async def resume(self, session: Session, channels: Sequence[Channel], since: int) -> None:
@@ -143,11 +143,17 @@ class Resumer:
             return sum(1 for d in replay.deliveries if d.channel == user and d.seq > read)
         return len((await self._history.replay((user,), read, self._settings.user_max)).deliveries)
 
-    async def _send(self, session: Session, replay: Replay | None) -> None:
-        """Resets first, then the replayed messages, paced; then the held live ones."""
+    async def _send(self, session: Session, replay: Replay | None, position: int | None = None) -> None:
+        """Resets first, then the replayed messages, paced; then (a new
+        connection's) ``position`` as where to resume from, unless a replayed
+        message is past it; then the held live ones."""
         try:
             if replay is not None:
                 await self._send_replay(session, replay)
+            if position is not None and (
+                replay is None or not replay.deliveries or replay.deliveries[-1].seq < position
+            ):
+                session.resume_point(position)
             await self._queue_held_paced(session)
         finally:
             self._queue_held(session)

@@ -130,6 +130,13 @@ class Session:
         else:
             self.early.append(frame)
 
+    def resume_point(self, seq: int) -> None:
+        """Tell the client (if its transport has a way) to resume from ``seq``
+        should it get no message before its connection ends."""
+        frame = self.codec.resume_point(seq)
+        if frame is not None:
+            self.outbound.push(frame)
+
     def send_in_flow(self, obj: dict[str, Any]) -> None:
         """Queue a control frame about the live flow (a reset): while a replay
         holds that flow, after the live deliveries held before it."""

@@ -159,6 +159,7 @@ class SseClient:
         self.comments = 0
         self.ended = False
         self.welcome: dict[str, Any] | None = None
+        self.last_event_id = ""  # what an EventSource would send as Last-Event-ID now
 
     async def next(self, timeout: float = 5.0) -> SseEvent:
         ev = await self._next(timeout)
@@ -179,9 +180,12 @@ class SseClient:
                     raise EOFError("stream ended")
                 line = raw.decode().rstrip("\r\n")
                 if not line:
+                    if ev.id is not None:
+                        self.last_event_id = ev.id
                     if have:
                         ev.data = "\n".join(data)
                         return ev
+                    ev = SseEvent()  # no data: no event (an id alone moves last_event_id)
                     continue
                 if line.startswith(":"):
                     self.comments += 1
@@ -193,10 +197,8 @@ class SseClient:
                     have = True
                 elif name == "event":
                     ev.event = value
-                    have = True
                 elif name == "id":
                     ev.id = value
-                    have = True
                 elif name == "retry":
                     self.retry = int(value)
                 else:

@@ -104,6 +104,11 @@ class Whatwg:
         elif name == "retry" and value and all("0" <= ch <= "9" for ch in value):
             self.retry = int(value)
 
+    @property
+    def last_event_id(self) -> str:
+        """What an EventSource would send as ``Last-Event-ID`` on a reconnect now."""
+        return self._last_id
+
     def _dispatch(self) -> None:
         self._last_id = self._lid_buf
         if self._data == "":
@@ -721,3 +726,28 @@ async def test_http_command_errors_echo_the_ref(node: RunningNode, http: aiohttp
         got.append((s, orjson.loads(raw).get("ref")))
     assert got == [(status, cmd["ref"]) for _, cmd, status in cases]
     sse.close()
+
+
+@pytest.mark.parametrize("unread", [0, 2])
+async def test_a_plain_eventsource_cut_before_any_message_resumes_from_its_welcome(
+    node: RunningNode, http: aiohttp.ClientSession, unread: int
+) -> None:
+    """A stream opened without a position tells the browser (an ``id:`` with no
+    data: no event) to resume from its welcome's position — after the inbox's
+    messages, older — so a plain EventSource cut before its first stored
+    message misses nothing published while it reconnects."""
+    user = f"ev{uuid.uuid4().hex[:8]}"
+    for i in range(unread):
+        await api_publish(http, node, f"user:{user}", {"inbox": i})
+    params = [("token", token(user)), ("room", "lobby")]
+    sse = await RawSse.open(node.url, params)
+    events = await sse.until(lambda evs: sum(e.type == "message" for e in evs) == unread and bool(evs))
+    welcome = orjson.loads(next(e.data for e in events if e.type == "welcome"))
+    await sse.until(lambda _: sse.parser.last_event_id == welcome["position"], timeout=2.0)
+    assert [e.type for e in sse.parser.events] == ["welcome"] + ["message"] * unread  # no event of its own
+    sse.close()
+    missed = await api_publish(http, node, "room:lobby", {"while": "away"})
+    again = await RawSse.open(node.url, params, [("Last-Event-ID", sse.parser.last_event_id)])
+    events = await again.until(lambda evs: any(e.type == "message" for e in evs))
+    assert [e.last_event_id for e in events if e.type == "message"] == [missed]
+    again.close()
