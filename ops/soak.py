@@ -254,9 +254,12 @@ class Soak:
             self.c[f"sse status {r.status}"] += 1
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(random.uniform(2, 8)):
+                    after_id = False
                     while r.status == 200 and (line := await r.content.readline()):
-                        if line.startswith(b"id:"):
+                        if after_id and line.strip():  # not the new stream's id-only block: a message
                             self.c["received"] += 1
+                        after_id = line.startswith(b"id:")
+                        if after_id:
                             self.sse_last = line[3:].strip().decode()
 
     async def spawner(self) -> None:
