@@ -150,7 +150,11 @@ class Authenticator:
                     audience=s.audience or None,
                     issuer=s.issuer or None,
                     leeway=s.leeway,
-                    options={"require": self._required},  # a token with an aud needs jwt.audience set
+                    # A token with an aud needs jwt.audience set. iat is not checked
+                    # against the clock: it says when the token was issued, not
+                    # from when it is valid (that is nbf, RFC 7519 4.1.5-6), and
+                    # a node a second behind its issuer would refuse every fresh token.
+                    options={"require": self._required, "verify_iat": False},
                 )
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError("bad_claims", f"token lacks claim {exc.claim!r}") from None
@@ -159,6 +163,8 @@ class Authenticator:
             raise AuthError(reason, message) from None
         except (OverflowError, ValueError, TypeError):  # e.g. "exp": 1e400 in a signed token
             raise AuthError("malformed", "malformed token") from None
+        if "iat" in claims and not _numeric_date(claims["iat"]):
+            raise AuthError("malformed", "malformed token")  # as PyJWT's iat check had it
         sub = claims.get("sub")
         if not isinstance(sub, str) or ID_RE.fullmatch(sub) is None:
             raise AuthError("bad_claims", "invalid sub: must match [A-Za-z0-9_:@=+-]{1,128}")
@@ -168,6 +174,15 @@ class Authenticator:
             publish=_globs(claims, "publish"),
             expires=_expiry(claims.get("exp"), s.leeway),
         )
+
+
+def _numeric_date(value: object) -> bool:
+    """Whether PyJWT's time checks take ``value`` (its ``int()``: 12, "12", 1.5, true)."""
+    try:
+        int(value)  # type: ignore[call-overload]
+    except (OverflowError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _expiry(exp: object, leeway: float) -> float | None:

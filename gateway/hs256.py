@@ -95,16 +95,15 @@ class HS256:
         return None if claims is None else self._check(claims)
 
     def _check(self, claims: dict[str, Any]) -> dict[str, Any] | None:
-        """PyJWT's ``_validate_claims``, in its order; None when a time claim is not an int (PyJWT's int()
-        takes "12", 1.5, true...)."""
+        """PyJWT's ``_validate_claims`` with Herald's options, in its order; None when a time claim is not an
+        int (PyJWT's int() takes "12", 1.5, true...)."""
         for name in self._required:
             if claims.get(name) is None:
                 raise jwt.MissingRequiredClaimError(name)
         if any(name in claims and type(claims[name]) is not int for name in _TIME_CLAIMS):
             return None
         now = time.time()
-        if "iat" in claims and claims["iat"] > now + self._leeway:
-            raise jwt.ImmatureSignatureError("The token is not yet valid (iat)")
+        # iat is not checked against the clock (see Authenticator._decode).
         if "nbf" in claims and claims["nbf"] > now + self._leeway:
             raise jwt.ImmatureSignatureError("The token is not yet valid (nbf)")
         if "exp" in claims and claims["exp"] <= now - self._leeway:

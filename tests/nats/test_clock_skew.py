@@ -1,0 +1,50 @@
+"""Nodes whose wall clocks are off — from each other, from the token issuer,
+from nats-server — by seconds to minutes (NTP not synced yet after boot, a VM
+resumed from suspend): real ``herald serve`` / ``herald hooks`` processes on
+one nats-server, each with its clock skewed in-process (tests/skewed_clock).
+What users see must not change with a skew of up to a minute or so."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from broker.embedded import NatsServer
+
+from ..helpers import ROOT, recv_json, spawn_cluster_node, token
+
+SKEWED_CLOCK = ROOT / "tests" / "skewed_clock"
+_clusters = iter(range(1, 1_000_000))
+
+
+def cluster() -> dict[str, dict[str, Any]]:
+    n = next(_clusters)
+    return {"subject": {"prefix": f"skew{n}"}, "stream": {"name": f"SKEW{n}", "storage": "memory"}}
+
+
+def skewed(seconds: float, **env: str) -> dict[str, str]:
+    """The environment of a process whose wall clock runs ``seconds`` ahead (negative: behind)."""
+    return {"PYTHONPATH": f"{SKEWED_CLOCK}:{ROOT}", "SKEWED_CLOCK_OFFSET": str(seconds), **env}
+
+
+def ws_url(base: str) -> str:
+    return base.replace("http://", "ws://") + "/ws"
+
+
+async def test_a_node_behind_the_token_issuer_admits_its_fresh_tokens(
+    nats_server: NatsServer, spawn: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """A token minted now (``iat`` now, by a backend whose clock is right)
+    is fine on a node 30 s behind: ``iat`` says when it was issued, not from
+    when it is valid (that is ``nbf``, RFC 7519 4.1.5-6). Before, the node
+    refused it with 4001 "token not yet valid" — even 2 s behind, with the
+    default jwt.leeway of 0 — and herald.js, whose one fresh token got the same
+    answer, stopped for good."""
+    shared = cluster()
+    for seconds in (-2, -30):
+        _, url = await spawn_cluster_node(spawn, http, nats_server.url, shared, **skewed(seconds))
+        ws = await http.ws_connect(ws_url(url), params={"token": token("ann"), "room": "lobby"})
+        assert (await recv_json(ws))["type"] == "welcome", f"node {seconds} s behind"
+        await ws.close()
