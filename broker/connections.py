@@ -37,7 +37,8 @@ stuck = Throttle(log, level=logging.ERROR)
 # every user ever seen.
 EMPTY_TABLE_TTL = 60
 
-# conn id → [instance, opened at (unix seconds)]
+# conn id → [instance, opened at (unix seconds, and later than every entry
+# before it: the order of admission, whatever the nodes' clocks)]
 Table = dict[str, list[object]]
 
 
@@ -107,8 +108,7 @@ class KvConnections:
         """Count ``conn`` in, kicking the oldest to make room (close-oldest), or
         raise TooManyConnections (refuse-new). Without NATS it admits (a limit
         is protection, not authentication)."""
-        opened = time.time()
-        victims = await self._admit(user, conn, opened, limit, close_oldest)
+        victims, opened = await self._admit(user, conn, limit, close_oldest)
         self._open.setdefault(user, {})[conn] = opened
         for instance, victim in victims:
             if instance == self._instance:
@@ -152,15 +152,21 @@ class KvConnections:
         self._known.pop(user, None)  # what this node last wrote still holds them: read what others left
         await self._update(user, restore)
 
-    async def _admit(
-        self, user: str, conn: str, opened: float, limit: int, close_oldest: bool
-    ) -> list[tuple[str, str]]:
-        """Count ``conn`` in; returns the (instance, conn) to close to make room."""
+    async def _admit(self, user: str, conn: str, limit: int, close_oldest: bool) -> tuple[list[tuple[str, str]], float]:
+        """Count ``conn`` in; returns the (instance, conn) to close to make
+        room, and the time it is stamped with."""
         victims: list[tuple[str, str]] = []
+        opened = time.time()
 
         def admit(table: Table, alive: set[str]) -> Table | None:
+            nonlocal opened
             victims.clear()
             live = {c: v for c, v in table.items() if v[0] in alive}
+            # Later than every connection in the table, whatever this node's
+            # clock says: the table's writes are in admission order, the
+            # nodes' clocks may not be (one a minute behind would stamp its
+            # newest connection as the oldest, and close-oldest close it).
+            opened = max([time.time(), *(float(v[1]) + 0.001 for v in table.values())])  # type: ignore[arg-type]
             excess = len(live) + 1 - limit
             if excess > 0:
                 if not close_oldest:
@@ -172,7 +178,7 @@ class KvConnections:
             return live
 
         await self._update(user, admit)
-        return victims
+        return victims, opened
 
     async def _count_out(self, user: str, conn: str, attempts: int = 5) -> None:
         """Count ``conn`` out. Retried: a connection left counted would take

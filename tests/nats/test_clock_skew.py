@@ -13,7 +13,7 @@ import aiohttp
 
 from broker.embedded import NatsServer
 
-from ..helpers import ROOT, recv_json, spawn_cluster_node, token
+from ..helpers import ROOT, NodeFactory, expect_close, recv_json, spawn_cluster_node, token
 
 SKEWED_CLOCK = ROOT / "tests" / "skewed_clock"
 _clusters = iter(range(1, 1_000_000))
@@ -47,4 +47,29 @@ async def test_a_node_behind_the_token_issuer_admits_its_fresh_tokens(
         _, url = await spawn_cluster_node(spawn, http, nats_server.url, shared, **skewed(seconds))
         ws = await http.ws_connect(ws_url(url), params={"token": token("ann"), "room": "lobby"})
         assert (await recv_json(ws))["type"] == "welcome", f"node {seconds} s behind"
+        await ws.close()
+
+
+async def test_close_oldest_closes_the_oldest_whatever_the_clocks_of_the_nodes(
+    nats_server: NatsServer, spawn: Callable[..., Any], node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A user's first tab on node A, the second on node B (60 s behind),
+    the third on A: close-oldest closes the first. Before, each connection
+    was stamped with its node's clock, the second looked a minute older than
+    the first and was closed instead (and herald.js, told it was replaced,
+    stopped)."""
+    shared = {**cluster(), "limits": {"max_connections_per_user": 2, "connections_policy": "close-oldest"}}
+    a = await node_factory(**shared)
+    env = {"HERALD_LIMITS_MAX_CONNECTIONS_PER_USER": "2", "HERALD_LIMITS_CONNECTIONS_POLICY": "close-oldest"}
+    _, b = await spawn_cluster_node(spawn, http, nats_server.url, shared, **skewed(-60, **env))
+    tabs = []
+    for url in (a.url, b, a.url):
+        ws = await http.ws_connect(ws_url(url), params={"token": token("ann"), "room": "lobby"})
+        assert (await recv_json(ws))["type"] == "welcome"
+        tabs.append(ws)
+    code, reason = await expect_close(tabs[0])
+    assert code == 4029 and "oldest" in reason
+    for ws in tabs[1:]:
+        await ws.send_json({"type": "ping", "ref": "p"})
+        assert (await recv_json(ws))["type"] == "pong"
         await ws.close()
