@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import nats
@@ -35,6 +35,7 @@ from .coalesce import Fresh
 from .kv import key_token, live_keys
 from .link import close_quietly
 from .readmark import decode, stream_id, trusted
+from .server_clock import ServerClock
 from .tasks import spawn
 from .throttle import Throttle
 
@@ -59,10 +60,11 @@ class HookMessage:
     attempt: int  # 1 for the first delivery to a dispatcher
     _msg: Msg
     stream: str = ""  # the stream's incarnation (a recreated stream numbers from 1 again)
+    clock: Callable[[], float] = time.time  # now, on the clock that stored it (HookSource.now)
 
     @property
     def age(self) -> float:
-        return time.time() - self.timestamp
+        return self.clock() - self.timestamp
 
     async def done(self) -> None:
         await self._msg.ack()
@@ -122,6 +124,8 @@ class HookSource:
         self._waited = False  # the stream was missing at some point while this dispatcher ran
         self._incarnation: str | None = None  # the stream's, when the consumer was last found or made
         self._closing = False  # close() under way: the disconnect it causes is no loss
+        self._clock = ServerClock()  # nats-server's: ages are judged on the clock that stamped the messages
+        self.now = self._clock.now
 
     @property
     def ready(self) -> bool:
@@ -184,6 +188,7 @@ class HookSource:
                 warn("jetstream", "webhook dispatcher cannot use NATS JetStream (%r): retrying", exc)
             else:
                 self._bound = True
+                await self.backlog()  # the server's clock, before the first message is judged
                 log.info("webhook dispatcher consuming %s", self._stream)
                 return
             await asyncio.sleep(delay)
@@ -305,10 +310,11 @@ class HookSource:
             user=channel_id(channel),
             event=event_of(msg.headers or {}),
             data=msg.data,
-            timestamp=meta.timestamp.timestamp() if meta.timestamp else time.time(),
+            timestamp=meta.timestamp.timestamp() if meta.timestamp else self.now(),
             attempt=meta.num_delivered or 1,
             _msg=msg,
             stream=self._incarnation or "",
+            clock=self.now,
         )
 
     async def _bucket(self, name: str) -> KeyValue | None:
@@ -411,16 +417,17 @@ class HookSource:
         return data[: max(0, room)]
 
     async def backlog(self) -> Backlog | None:
-        """What the consumer holds (None: cannot tell now)."""
-        js = self._js
-        if js is None:
+        """What the consumer holds (None: cannot tell now); sets ``now``'s clock."""
+        nc = self._nc
+        if nc is None or self._js is None:
             return None
+        subject = f"$JS.API.CONSUMER.INFO.{self._stream}.{self.consumer}"
         try:
-            info = await js.consumer_info(self._stream, self.consumer)
-        except (TimeoutError, nats.errors.Error):
-            return None
-        limit = int(info.config.max_ack_pending or 0)
-        return Backlog(waiting=int(info.num_pending or 0), held=int(info.num_ack_pending or 0), limit=limit)
+            info = await self._clock.ask(nc, subject, timeout=5.0)
+            limit = int(info["config"].get("max_ack_pending") or 0)
+            return Backlog(int(info.get("num_pending") or 0), int(info.get("num_ack_pending") or 0), limit)
+        except (TimeoutError, nats.errors.Error, ValueError, AttributeError, KeyError, TypeError):
+            return None  # NATS away, or an error answer (no consumer yet): nothing to show
 
     async def close(self) -> None:
         nc, self._nc, self._js = self._nc, None, None

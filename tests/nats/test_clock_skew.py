@@ -6,6 +6,7 @@ What users see must not change with a skew of up to a minute or so."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,18 @@ import aiohttp
 
 from broker.embedded import NatsServer
 
-from ..helpers import ROOT, NodeFactory, expect_close, recv_json, spawn_cluster_node, token
+from ..helpers import (
+    ROOT,
+    NodeFactory,
+    RunningNode,
+    api_publish,
+    expect_close,
+    recv_json,
+    spawn_cluster_node,
+    token,
+    wait_for,
+)
+from .test_hooks import Receiver, consumer_ready, dispatcher_env, hook_settings, receiver  # noqa: F401 - the fixture
 
 SKEWED_CLOCK = ROOT / "tests" / "skewed_clock"
 _clusters = iter(range(1, 1_000_000))
@@ -73,3 +85,30 @@ async def test_close_oldest_closes_the_oldest_whatever_the_clocks_of_the_nodes(
         await ws.send_json({"type": "ping", "ref": "p"})
         assert (await recv_json(ws))["type"] == "pong"
         await ws.close()
+
+
+async def test_the_webhook_dispatcher_waits_offline_after_by_the_stream_s_clock(
+    node: RunningNode,
+    http: aiohttp.ClientSession,
+    receiver: Receiver,  # noqa: F811 - the fixture
+    nats_server: NatsServer,
+    spawn: Callable[..., Any],
+) -> None:
+    """A message's age is nats-server's clock minus its stored time: a
+    dispatcher 30 s ahead still waits offline_after (4 s) before it sends an
+    offline user's webhook, one 6 s behind does not wait 6 s longer. Before,
+    the age was taken on the dispatcher's clock: 30 s ahead sent it at once
+    (with the default of 60 s, a push for every message a user reconnecting
+    gets anyway), 6 s behind after 10 s."""
+    settings = hook_settings(node, receiver.url, offline_after=4.0)
+    for seconds in (30, -6):
+        proc = spawn(["hooks"], dispatcher_env(settings, nats_server, **skewed(seconds)))
+        await consumer_ready(nats_server, settings)
+        sent = len(receiver.requests)
+        began = time.monotonic()
+        await api_publish(http, node, "user:hal", {"skew": seconds})
+        await wait_for(lambda: len(receiver.requests) > sent, timeout=20)  # noqa: B023 - awaited here
+        waited = receiver.times[-1] - began
+        assert 3.5 < waited < 6.0, f"dispatcher {seconds:+} s: sent after {waited:.1f} s, offline_after 4 s"
+        proc.kill()
+        proc.wait()
