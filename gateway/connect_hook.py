@@ -204,7 +204,9 @@ class ConnectHook:
         self._results = {result: metrics.connect_hook.labels(result) for result in CONNECT_HOOK_RESULTS}
         self._warn = Throttle(log)
         self._http: aiohttp.ClientSession | None = None
-        # cookie hash -> (identity, unix time it may be reused until)
+        # cookie hash -> (identity, monotonic time it may be reused until, at
+        # most: the ttl is a duration, which a wall clock stepped back would
+        # stretch; its expires, a wall-clock time, is checked as well)
         self._cache: dict[bytes, tuple[Identity, float]] = {}
         self._asking: dict[bytes, asyncio.Task[Identity]] = {}
         # user -> when ``forget`` dropped its answers (kept while an ask may still be under way)
@@ -218,7 +220,7 @@ class ConnectHook:
         kept = self._cache.get(key)
         if kept is not None:
             identity, until = kept
-            if until > time.time():
+            if until > time.monotonic() and (identity.expires or 0.0) > time.time():
                 self._results["cached"].inc()
                 return identity
             del self._cache[key]
@@ -259,7 +261,7 @@ class ConnectHook:
             return identity
         if len(self._cache) >= CACHE_SIZE:
             del self._cache[next(iter(self._cache))]  # the oldest
-        self._cache[key] = identity, min(identity.expires, time.time() + self._ttl)
+        self._cache[key] = identity, time.monotonic() + self._ttl
         return identity
 
     async def _ask(self, call: HookCall) -> Identity:

@@ -6,8 +6,10 @@ What users see must not change with a skew of up to a minute or so."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,6 +27,7 @@ from ..helpers import (
     token,
     wait_for,
 )
+from .test_connect_hook import CONNECT_SECRET, App, app  # noqa: F401 - the fixture
 from .test_hooks import Receiver, consumer_ready, dispatcher_env, hook_settings, receiver  # noqa: F401 - the fixture
 
 SKEWED_CLOCK = ROOT / "tests" / "skewed_clock"
@@ -112,3 +115,40 @@ async def test_the_webhook_dispatcher_waits_offline_after_by_the_stream_s_clock(
         assert 3.5 < waited < 6.0, f"dispatcher {seconds:+} s: sent after {waited:.1f} s, offline_after 4 s"
         proc.kill()
         proc.wait()
+
+
+async def test_a_clock_stepped_back_does_not_keep_connect_hook_answers_longer(
+    nats_server: NatsServer,
+    spawn: Callable[..., Any],
+    http: aiohttp.ClientSession,
+    app: App,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """An answer of the app is reused for auth.connect_cache_ttl seconds
+    (1.5 here), however the node's clock moves meanwhile. Before, "until" was
+    a wall-clock time: the node's clock stepped back by 2 minutes (an NTP
+    correction) kept the answer 2 minutes longer — a logout at the app not
+    seen by the node that long."""
+    clock = tmp_path / "clock"
+    clock.write_text("0")
+    env = {
+        "HERALD_AUTH_MODE": "hook",
+        "HERALD_AUTH_CONNECT_URL": app.url,
+        "HERALD_AUTH_CONNECT_SECRET": CONNECT_SECRET,
+        "HERALD_AUTH_CONNECT_CACHE_TTL": "1.5",
+        "SKEWED_CLOCK_FILE": str(clock),
+    }
+    _, url = await spawn_cluster_node(spawn, http, nats_server.url, cluster(), **skewed(0, **env))
+    cookie = app.login("s1", "ann", ["lobby"])
+
+    async def connect() -> None:
+        async with http.ws_connect(ws_url(url), headers={"Cookie": cookie}) as ws:
+            assert (await recv_json(ws))["type"] == "welcome"
+
+    await connect()
+    await connect()
+    assert len(app.requests) == 1  # the second was answered from the cache
+    clock.write_text("-120")
+    await asyncio.sleep(2.0)  # past the ttl (the clock file is read again every 20 ms)
+    await connect()
+    assert len(app.requests) == 2, "the answer was reused past connect_cache_ttl"
