@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 from dataclasses import dataclass
 
 import nats.errors
@@ -28,6 +29,7 @@ import orjson
 from .base import BrokerUnavailable
 from .dispatch import DispatchingClient
 from .inbox import ReplyInbox, expire
+from .server_clock import ServerClock
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +106,14 @@ class LastMessage:
         return _leader_answer(data, headers)
 
 
-async def stream_bounds(inbox: ReplyInbox, stream: str, timeout: float) -> tuple[int, int]:
+async def stream_bounds(
+    inbox: ReplyInbox, stream: str, timeout: float, clock: ServerClock | None = None
+) -> tuple[int, int]:
     """The lowest and the highest sequence the stream holds, as its leader
     says (STREAM.INFO, what nats-py's stream_info asks; only the state is
     read, not the whole answer turned into dataclasses). Waits out a
-    reconnect within ``timeout``, as nats-py did."""
+    reconnect within ``timeout``, as nats-py did. The answer's time sets ``clock``."""
+    asked = time.time()
     try:
         data, headers = await ask(inbox, f"$JS.API.STREAM.INFO.{stream}", b"", timeout, buffered=True)
     except BrokerUnavailable as exc:
@@ -121,6 +126,8 @@ async def stream_bounds(inbox: ReplyInbox, stream: str, timeout: float) -> tuple
         if error is not None:
             raise BrokerUnavailable(f"stream info failed: {error.get('description')}")
         state = answer["state"]
+        if clock is not None:
+            clock.note(answer, asked, time.time())
         return int(state.get("first_seq") or 0), int(state.get("last_seq") or 0)
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         raise BrokerUnavailable(f"stream info failed: unreadable answer {data[:80]!r}") from None

@@ -9,6 +9,7 @@ the request: off by at most half the round trip."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -31,6 +32,14 @@ class ServerClock:
         """The time on nats-server's clock, in unix seconds."""
         return time.time() + self.offset
 
+    def note(self, answer: dict[str, Any], asked: float, answered: float) -> None:
+        """Take the server's time from a JetStream API answer asked at
+        ``asked`` and answered at ``answered`` (this host's ``time.time()``)."""
+        stamp = answer.get("ts")
+        if isinstance(stamp, str) and 0 <= answered - asked < READ_MAX:
+            with contextlib.suppress(ValueError):  # not a time: the offset stays as it was
+                self.offset = parse_rfc3339(stamp) - (asked + answered) / 2
+
     async def ask(self, nc: Client, subject: str, timeout: float) -> dict[str, Any]:
         """The JSON answer of a JetStream API request (nats-py's info
         dataclasses drop ``ts``), noting the server's time it carries. Raises
@@ -41,7 +50,5 @@ class ServerClock:
         answer = orjson.loads(reply.data)
         if not isinstance(answer, dict):
             raise ValueError(f"not a JSON object: {reply.data[:80]!r}")
-        stamp = answer.get("ts")
-        if isinstance(stamp, str) and answered - asked < READ_MAX:
-            self.offset = parse_rfc3339(stamp) - (asked + answered) / 2
+        self.note(answer, asked, answered)
         return answer

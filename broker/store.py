@@ -11,7 +11,7 @@ snapshot consumer (snapshot.py).
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,6 +28,7 @@ from .history import retain, stream_cap
 from .link import NatsLink
 from .lookup import LastMessage, stream_bounds
 from .pages import DirectReader, Pager, Stored
+from .server_clock import ServerClock
 from .shared import SharedReads
 from .snapshot import read_snapshot, snapshot_config
 
@@ -81,6 +82,8 @@ async def _each(calls: list[Awaitable[T]]) -> list[T]:
 
 # Messages per channel a replay reads with a direct get before it needs a consumer.
 DIRECT_BATCH = 100
+# Seconds a reading of nats-server's clock is used for (a host's clock steps rarely).
+CLOCK_AGE = 30.0
 # A direct get answers in milliseconds: a copy that has not within this is
 # passed over for the consumer read, not waited for the request timeout —
 # unless MAX_CONSUMER_READS are under way: then it is this node that is slow
@@ -114,6 +117,9 @@ class NatsHistory:
         # Asked on every connect (the welcome's position, a resume's first
         # sequence): one request shared by a burst of them.
         self._bounds = Fresh(self._ask_bounds)
+        # nats-server's clock, from the answers of _ask_bounds: messages' ages
+        # (the families' max_age) are judged on the clock that stored them.
+        self._clock = ServerClock()
         # A room's members resuming together read its missed messages once.
         self._direct_reads: SharedReads[list[Stored]] = SharedReads()
         self._consumer_reads: SharedReads[list[Delivery]] = SharedReads()
@@ -153,7 +159,7 @@ class NatsHistory:
         # Messages after the position that the stream dropped as a whole (age,
         # size): any of these channels may have had some.
         evicted = [*unread.values(), *empty] if after_seq + 1 < first else ()
-        return retain(found, p.retention, limit, time.time(), evicted)
+        return retain(found, p.retention, limit, await self._now(), evicted)
 
     async def page(self, channel: Channel, before: int | None, limit: int) -> list[Delivery]:
         p = self._place
@@ -166,7 +172,7 @@ class NatsHistory:
                     last = int((await js.get_msg(p.stream, subject=subject, direct=True)).seq or 0)
                 except nats.js.errors.NotFoundError:
                     last = 0
-                return await pager.page(last, before, limit, p.retention.of(channel), time.time())
+                return await pager.page(last, before, limit, p.retention.of(channel), await self._now())
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None
 
@@ -182,9 +188,15 @@ class NatsHistory:
         """The lowest sequence the stream still holds."""
         return (await self._bounds.get())[0]
 
+    async def _now(self) -> float:
+        """Now on nats-server's clock, as a STREAM.INFO of the last CLOCK_AGE seconds has it."""
+        with contextlib.suppress(BrokerUnavailable):
+            await self._bounds.recent(CLOCK_AGE)
+        return self._clock.now()
+
     async def _ask_bounds(self) -> tuple[int, int]:
         self._link.jetstream()  # fails at once while NATS is away
-        return await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout)
+        return await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout, self._clock)
 
     async def _fetch(self, channels: Mapping[str, Channel], after_seq: int, reach: dict[str, int]) -> list[Delivery]:
         """Every stored message of ``channels`` (by input subject) after

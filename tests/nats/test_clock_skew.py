@@ -17,6 +17,8 @@ import aiohttp
 from broker.embedded import NatsServer
 
 from ..helpers import (
+    PUBLISH_HEADERS,
+    PUBLISH_KEY,
     ROOT,
     NodeFactory,
     RunningNode,
@@ -152,3 +154,29 @@ async def test_a_clock_stepped_back_does_not_keep_connect_hook_answers_longer(
     await asyncio.sleep(2.0)  # past the ttl (the clock file is read again every 20 ms)
     await connect()
     assert len(app.requests) == 2, "the answer was reused past connect_cache_ttl"
+
+
+async def test_a_node_ahead_keeps_what_a_room_s_max_age_keeps(
+    nats_server: NatsServer, spawn: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """Rooms whose history lasts 20 s, on a node 30 s ahead: a message
+    published just now is in the history page and in a resume. Before, the
+    node judged its age on its own clock against the time nats-server stored
+    it: 30 s old, past the room's max_age — an empty page, and a resume that
+    got a reset instead of the message (a node behind kept messages past it)."""
+    env = {"HERALD_ROOMS_HISTORY": "brief-*=100/20", "HERALD_PUBLISH_KEY": PUBLISH_KEY}
+    _, url = await spawn_cluster_node(spawn, http, nats_server.url, cluster(), **skewed(30, **env))
+    ids = []
+    for n in range(2):
+        async with http.post(
+            url + "/api/publish", json={"channel": "room:brief-1", "data": n}, headers=PUBLISH_HEADERS
+        ) as resp:
+            ids.append((await resp.json())["id"])
+    ws = await http.ws_connect(ws_url(url), params={"token": token("ann"), "room": "brief-1", "since": ids[0]})
+    assert (await recv_json(ws))["type"] == "welcome"
+    replayed = await recv_json(ws)
+    assert (replayed["type"], replayed.get("id")) == ("message", ids[1]), replayed
+    await ws.send_json({"type": "history", "room": "brief-1", "ref": "h"})
+    page = await recv_json(ws)
+    assert [m["id"] for m in page["messages"]] == ids, page
+    await ws.close()
