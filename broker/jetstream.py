@@ -129,6 +129,7 @@ class NatsBroker:
         self.history = NatsHistory(
             link,
             StreamPlace(config.stream, config.subjects, config.history, config.publish_timeout, config.replay_timeout),
+            events.clock_offset,
         )
         self.pubsub = NatsPubSub(
             link,
@@ -143,6 +144,7 @@ class NatsBroker:
             events,
             self.history,
             self._stats,
+            self.history.clock.now,
         )
         self._sequencer = self.pubsub.sequencer
         self.reads = KvReadPositions(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -48,9 +48,18 @@ class NatsPubSub:
     live message is decoded and handed, gap-free, to ``events.deliver``."""
 
     def __init__(
-        self, link: NatsLink, options: LiveOptions, events: BrokerEvents, history: History, stats: BrokerStats
+        self,
+        link: NatsLink,
+        options: LiveOptions,
+        events: BrokerEvents,
+        history: History,
+        stats: BrokerStats,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self._link = link
+        # Now on the stream's clock: an ephemeral message, which the stream
+        # never stamped, is stamped with it on arrival (for its latency).
+        self._now = now
         self._options = options
         self._subjects = options.subjects
         self._stats = stats
@@ -178,7 +187,7 @@ class NatsPubSub:
             self._stats.malformed_messages += 1
             return
         try:
-            delivery = _decode(channel, data, headers)
+            delivery = _decode(channel, data, headers, self._now)
         except (ValueError, KeyError):
             self._stats.malformed_messages += 1
             return
@@ -212,20 +221,20 @@ class NatsPubSub:
 _ANNOUNCED = {"join": Kind.JOIN, "leave": Kind.LEAVE}
 
 
-def _decode(channel: Channel, data: bytes, headers: dict[str, str] | None) -> Delivery:
+def _decode(channel: Channel, data: bytes, headers: dict[str, str] | None, now: Callable[[], float]) -> Delivery:
     if not headers:
-        return Delivery(channel, 0, 0, time.time(), DEFAULT_EVENT, data)
+        return Delivery(channel, 0, 0, now(), DEFAULT_EVENT, data)
     event = event_of(headers)
     seq_text = headers.get("Nats-Sequence")
     if seq_text is None:  # ephemeral: published straight to the live subject
         kind = _ANNOUNCED.get(headers.get(PRESENCE_HEADER, ""), Kind.MESSAGE)
-        return Delivery(channel, 0, 0, time.time(), event, data, kind)
+        return Delivery(channel, 0, 0, now(), event, data, kind)
     stamp = headers.get("Nats-Time-Stamp")
     return Delivery(
         channel,
         int(seq_text),
         int(headers.get("Nats-Last-Sequence") or 0),
-        parse_rfc3339(stamp) if stamp else time.time(),
+        parse_rfc3339(stamp) if stamp else now(),
         event,
         data,
     )

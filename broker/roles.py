@@ -38,6 +38,9 @@ class BrokerEvents:
     # Answer a request another node addressed to this one (``Relay.ask``):
     # the one event that is awaited, each in a task of its own.
     request: Callable[[bytes], Awaitable[bytes]]
+    # This node's wall clock minus the stream's (nats-server's, which stamps
+    # the messages), in seconds, each time the broker reads it anew.
+    clock_offset: Callable[[float], None] = lambda _: None
 
 
 class PubSub(Protocol):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -23,10 +24,12 @@ READ_MAX = 1.0
 
 
 class ServerClock:
-    """The offset of nats-server's clock from this host's, from the answers ``ask`` gets."""
+    """The offset of nats-server's clock from this host's, from the answers ``ask`` gets;
+    ``read`` is told this host's clock minus the server's at each reading."""
 
-    def __init__(self) -> None:
+    def __init__(self, read: Callable[[float], None] | None = None) -> None:
         self.offset = 0.0  # seconds the server's clock is ahead of ours (until an answer says)
+        self._read = read
 
     def now(self) -> float:
         """The time on nats-server's clock, in unix seconds."""
@@ -39,6 +42,8 @@ class ServerClock:
         if isinstance(stamp, str) and 0 <= answered - asked < READ_MAX:
             with contextlib.suppress(ValueError):  # not a time: the offset stays as it was
                 self.offset = parse_rfc3339(stamp) - (asked + answered) / 2
+                if self._read is not None:
+                    self._read(-self.offset)
 
     async def ask(self, nc: Client, subject: str, timeout: float) -> dict[str, Any]:
         """The JSON answer of a JetStream API request (nats-py's info

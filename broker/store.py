@@ -108,7 +108,7 @@ class StreamPlace:
 class NatsHistory:
     """``broker.roles.History`` over the JetStream stream."""
 
-    def __init__(self, link: NatsLink, place: StreamPlace) -> None:
+    def __init__(self, link: NatsLink, place: StreamPlace, clock_offset: Callable[[float], None] | None = None) -> None:
         self._link = link
         self._place = place
         self._pages = DirectReader(link, place.stream, place.request_timeout)
@@ -119,7 +119,7 @@ class NatsHistory:
         self._bounds = Fresh(self._ask_bounds)
         # nats-server's clock, from the answers of _ask_bounds: messages' ages
         # (the families' max_age) are judged on the clock that stored them.
-        self._clock = ServerClock()
+        self.clock = ServerClock(clock_offset)
         # A room's members resuming together read its missed messages once.
         self._direct_reads: SharedReads[list[Stored]] = SharedReads()
         self._consumer_reads: SharedReads[list[Delivery]] = SharedReads()
@@ -192,11 +192,11 @@ class NatsHistory:
         """Now on nats-server's clock, as a STREAM.INFO of the last CLOCK_AGE seconds has it."""
         with contextlib.suppress(BrokerUnavailable):
             await self._bounds.recent(CLOCK_AGE)
-        return self._clock.now()
+        return self.clock.now()
 
     async def _ask_bounds(self) -> tuple[int, int]:
         self._link.jetstream()  # fails at once while NATS is away
-        return await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout, self._clock)
+        return await stream_bounds(self._link.replies, self._place.stream, self._place.request_timeout, self.clock)
 
     async def _fetch(self, channels: Mapping[str, Channel], after_seq: int, reach: dict[str, int]) -> list[Delivery]:
         """Every stored message of ``channels`` (by input subject) after

@@ -35,6 +35,9 @@ class Flusher:
         self.flushing = 0  # the pass whose writes _run is putting together
         self._scheduled = False
         self.count_dropped = count_dropped
+        # This node's wall clock minus the stream's (BrokerEvents.clock_offset):
+        # a delivery's latency is the stream's "now" minus its stream timestamp.
+        self.clock_offset = 0.0
 
     def _schedule(self) -> None:
         if not self._scheduled:
@@ -100,7 +103,7 @@ class Flusher:
         self._scheduled = False
         self.flushing = self._pass
         self._pass += 1
-        now = time.time()
+        now = time.time() - self.clock_offset
         out, self._writes = self._writes, []
         stamps, self._stamps = self._stamps, []
         for ts, count, histogram in stamps:

@@ -184,6 +184,11 @@ class Metrics:
             registry=r,
         )
         self.queue_bytes = Gauge("herald_outbound_queue_bytes", "Bytes waiting in outbound queues", registry=r)
+        self.clock_offset = Gauge(
+            "herald_clock_offset_seconds",
+            "This node's wall clock minus nats-server's (which stamps messages), as last read",
+            registry=r,
+        )
         self.ready = Gauge(
             "herald_ready",
             "1 while the node serves (/readyz answers 200); 0 while it is draining, or NATS or its stream is not ready",

@@ -136,16 +136,19 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
         bp.stall_timeout,
         max_held=max(bp.max_messages, settings.history.replay_max),
     )
-    sessions = Sessions(
-        settings.node.id, Flusher(metrics.dropped_queue_full.inc, bp.write_delay), queue_limits, metrics
-    )
+    flusher = Flusher(metrics.dropped_queue_full.inc, bp.write_delay)
+    sessions = Sessions(settings.node.id, flusher, queue_limits, metrics)
+
+    def clock_read(offset: float) -> None:
+        flusher.clock_offset = offset
+        metrics.clock_offset.set(offset)
 
     async def requested(body: bytes) -> bytes:
         # What another node asks this one: ``requests`` is made below, before
         # the broker starts (no request can arrive earlier).
         return await requests.answer(body)
 
-    events = BrokerEvents(deliver=hub.deliver, lost=hub.lost, kick=sessions.kick, request=requested)
+    events = BrokerEvents(hub.deliver, hub.lost, sessions.kick, requested, clock_read)
     broker = (broker_factory or (lambda e: NatsBroker(nats_config(settings), e)))(events)
     subscriptions = Subscriptions(hub, broker.pubsub, broker.presence)
     resumer = Resumer(subscriptions, broker.history, broker.reads, hub.droppable, settings.history, metrics)

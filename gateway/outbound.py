@@ -62,6 +62,7 @@ class Scheduler(Protocol):
 
     flushing: int  # the pass whose writes are being put together
     count_dropped: Callable[[int], None]
+    clock_offset: float  # this node's wall clock minus the stream's: for latencies
 
     def schedule(self, queue: Outbound) -> None: ...
     def noted(self, queue: Outbound) -> bytes: ...
@@ -292,7 +293,7 @@ class Outbound:
                     self.on_overflow(True)
                     return
                 before = self.bytes
-                more = self.flush(time.time())
+                more = self.flush(time.time() - self.flusher.clock_offset)
                 self._wake_room()
                 if not more:
                     return

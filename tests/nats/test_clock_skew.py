@@ -25,6 +25,8 @@ from ..helpers import (
     api_publish,
     expect_close,
     recv_json,
+    recv_until,
+    scrape,
     spawn_cluster_node,
     token,
     wait_for,
@@ -180,3 +182,28 @@ async def test_a_node_ahead_keeps_what_a_room_s_max_age_keeps(
     page = await recv_json(ws)
     assert [m["id"] for m in page["messages"]] == ids, page
     await ws.close()
+
+
+async def test_delivery_latency_is_not_the_node_s_clock_skew(
+    nats_server: NatsServer, spawn: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """herald_delivery_latency_seconds of a node 30 s ahead is the delivery's
+    latency, not 30 s (which fired HeraldDeliveryLatencyHigh on a skew of half
+    a second) — nor -30 s for an ephemeral message, which the node stamps on
+    arrival — and herald_clock_offset_seconds shows the skew."""
+    _, url = await spawn_cluster_node(
+        spawn, http, nats_server.url, cluster(), **skewed(30, HERALD_PUBLISH_KEY=PUBLISH_KEY)
+    )
+    ws = await http.ws_connect(ws_url(url), params={"token": token("ann", publish=["*"]), "room": "lobby"})
+    assert (await recv_json(ws))["type"] == "welcome"
+    for n in range(3):
+        async with http.post(url + "/api/publish", json={"channel": "room:lobby", "data": n}, headers=PUBLISH_HEADERS):
+            pass
+        assert (await recv_json(ws))["data"] == n
+    await ws.send_json({"type": "publish", "room": "lobby", "data": "typing", "ephemeral": True})
+    assert (await recv_until(ws, "message"))["data"] == "typing"
+    await ws.close()
+    metrics = await scrape(http, url)
+    assert metrics["herald_delivery_latency_seconds_count"] == 4
+    assert -0.5 < metrics["herald_delivery_latency_seconds_sum"] < 1.0, metrics["herald_delivery_latency_seconds_sum"]
+    assert abs(metrics["herald_clock_offset_seconds"] - 30) < 1.0

@@ -53,6 +53,7 @@ ALERTS = {
     "HeraldAuthFailureSpike",
     "HeraldReplayOrGapRepairSpike",
     "HeraldAcceptQueueFilling",
+    "HeraldClockSkewed",
 }
 # What Grafana would put in for its own variables when the queries run.
 GRAFANA_VARS = {"${node}": ".*", "$node": ".*", "$__rate_interval": "5s", "$__interval": "5s"}
