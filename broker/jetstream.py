@@ -337,6 +337,8 @@ class NatsBroker:
         await close_quietly(nc)
 
     def stats(self) -> BrokerStats:
+        if self.connected:
+            spawn(self._tasks, self.history.read_clock())  # seen by the next scrape
         self._stats.connected = self.connected
         self._stats.subscriptions = self.pubsub.subscriptions
         return self._stats

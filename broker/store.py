@@ -188,6 +188,13 @@ class NatsHistory:
         """The lowest sequence the stream still holds."""
         return (await self._bounds.get())[0]
 
+    async def read_clock(self) -> None:
+        """Read nats-server's clock again (unless read in the last second):
+        on every scrape, so that a step of this host's clock is seen even
+        while nothing else asks the stream anything."""
+        with contextlib.suppress(BrokerUnavailable):
+            await self._bounds.recent(1.0)
+
     async def _now(self) -> float:
         """Now on nats-server's clock, as a STREAM.INFO of the last CLOCK_AGE seconds has it."""
         with contextlib.suppress(BrokerUnavailable):

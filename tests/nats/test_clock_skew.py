@@ -207,3 +207,30 @@ async def test_delivery_latency_is_not_the_node_s_clock_skew(
     assert metrics["herald_delivery_latency_seconds_count"] == 4
     assert -0.5 < metrics["herald_delivery_latency_seconds_sum"] < 1.0, metrics["herald_delivery_latency_seconds_sum"]
     assert abs(metrics["herald_clock_offset_seconds"] - 30) < 1.0
+
+
+async def test_a_node_whose_clock_steps_reads_the_offset_again_by_the_next_scrape(
+    nats_server: NatsServer, spawn: Callable[..., Any], http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A node whose streams stay open (no connect, no replay asks the stream
+    anything) has its clock stepped 60 s ahead: a scrape has the offset read
+    again (the next one shows it), and deliveries after it are not counted 60 s
+    late."""
+    clock = tmp_path / "clock"
+    clock.write_text("0")
+    env = {"HERALD_PUBLISH_KEY": PUBLISH_KEY, "SKEWED_CLOCK_FILE": str(clock)}
+    _, url = await spawn_cluster_node(spawn, http, nats_server.url, cluster(), **skewed(0, **env))
+    ws = await http.ws_connect(ws_url(url), params={"token": token("ann"), "room": "lobby"})
+    assert (await recv_json(ws))["type"] == "welcome"
+    clock.write_text("60")
+    await asyncio.sleep(0.2)  # read by the node's clock within 20 ms
+
+    async def read_again() -> bool:
+        return abs((await scrape(http, url))["herald_clock_offset_seconds"] - 60) < 1.0
+
+    await wait_for(read_again, timeout=5, interval=0.2)
+    async with http.post(url + "/api/publish", json={"channel": "room:lobby", "data": 1}, headers=PUBLISH_HEADERS):
+        pass
+    assert (await recv_json(ws))["data"] == 1
+    await ws.close()
+    assert (await scrape(http, url))["herald_delivery_latency_seconds_sum"] < 1.0
