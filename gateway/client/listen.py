@@ -19,8 +19,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import orjson
-
 from broker.channels import (
     BROADCAST_NAME,
     InvalidChannel,
@@ -34,6 +32,7 @@ from broker.channels import (
 )
 
 from ..auth import mint_token
+from ..frames import TooDeep, dumps_exact
 from ..settings import ConfigError, Settings
 from .events import Message, Reset, Stopped, Welcome
 from .herald import HeraldClient
@@ -151,7 +150,12 @@ async def _print(client: HeraldClient, want: Wanted) -> int:
     async for event in client.events():
         if isinstance(event, Message):
             if event.channel in want.printed:
-                out.write(orjson.dumps(event.as_json()).decode() + "\n")
+                try:
+                    line = dumps_exact(event.as_json())  # data's integers exact at any size, as the node wrote them
+                except TooDeep as exc:
+                    print(f"herald: message {event.id} of {event.channel} not printed: {exc}", file=sys.stderr)
+                    continue
+                out.write(line.decode() + "\n")
                 out.flush()
         elif isinstance(event, Welcome):
             if want.user is not None and event.user != want.user:

@@ -393,6 +393,38 @@ async def test_listen_prints_json_lines_resumes_from_since_and_exits_0_on_sigter
         await node.stop()
 
 
+async def test_listen_prints_any_payload_a_node_delivers_as_one_json_line(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Integers past 64 bits and nesting past orjson's 255 levels come exact,
+    and the lines after them too. It used to die with a traceback on them,
+    and again at the same message on every run resumed from before it."""
+    node = await start_node(make_settings(nats_server.url))
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            deep: Any = []
+            for _ in range(299):
+                deep = [deep]
+            payloads = [{"n": 12345678901234567890123456789}, deep, "after"]
+            ids = [await api_publish(http, node, "room:lobby", data) for data in payloads]
+            since = str(int(ids[0]) - 1)
+            proc = await start_listen(
+                ["room:lobby", "--since", since, "--url", node.url], tmp_path, HERALD_TOKEN=token("dave")
+            )
+            lines = await read_lines(proc, 3)
+            assert [line["data"] for line in lines] == payloads
+            assert [line["id"] for line in lines] == ids
+            proc.send_signal(signal.SIGTERM)
+            out, err = await asyncio.wait_for(proc.communicate(), 10)
+            assert proc.returncode == 0 and out == b"" and err == b"", err.decode()
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await node.stop()
+
+
 @pytest.mark.parametrize(
     ("args", "tokens", "says"),
     [
