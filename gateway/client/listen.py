@@ -1,9 +1,11 @@
 """``herald listen CHANNEL…``: a node's messages as JSON lines on stdout.
 
 Each message of a channel named on the command line is one line
-``{"channel","id","event","data"}``, flushed at once (pipe it to jq). The
+``{"channel","id","event","data"}``, written at once (pipe it to jq). The
 connection is a ``HeraldClient``: it reconnects and resumes, so a node that
-goes away loses nothing. SIGINT / SIGTERM end it with 0; a node refusing it
+goes away loses nothing. SIGINT / SIGTERM end it with 0, even while a reader
+that stops reading holds its output back, and so does the end of the pipe's
+reader (``| head -1``: at once, not at the next message); a node refusing it
 for good (4000, 4003, 4403, a refused token) ends it with 1 and one line on stderr.
 A first connection that fails (a wrong URL, no node) is one line on stderr (the
 client's warning); the retries after it are said only with -v.
@@ -36,6 +38,7 @@ from ..frames import TooDeep, dumps_exact
 from ..settings import ConfigError, Settings
 from .events import Message, Reset, Stopped, Welcome
 from .herald import HeraldClient
+from .stdout import Stdout
 
 TOKEN_TTL = 3600.0  # seconds of a token minted with --user (a new one is minted when it expires)
 
@@ -99,6 +102,8 @@ def listen(
         assert user is not None
         return mint_token(secret, user, list(want.rooms), [], TOKEN_TTL)
 
+    if sys.stdout is None:  # started with >&-
+        raise ConfigError("listen: standard output is closed")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="herald: %(message)s")
     try:
         client = HeraldClient(
@@ -129,15 +134,19 @@ async def _run(client: HeraldClient, want: Wanted) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with client:
-        printing = asyncio.create_task(_print(client, want))
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({printing, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not printing.done():
-            printing.cancel()
-            await asyncio.gather(printing, return_exceptions=True)
-            return 0
+    out = Stdout(sys.stdout.fileno(), gone=stop.set)  # its reader gone (| head): as good as an interrupt
+    try:
+        async with client:
+            printing = asyncio.create_task(_print(client, want, out))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({printing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not printing.done():
+                printing.cancel()
+                await asyncio.gather(printing, return_exceptions=True)
+                return 0
+    finally:
+        out.close()
     try:
         return printing.result()
     except Stopped as exc:
@@ -145,8 +154,7 @@ async def _run(client: HeraldClient, want: Wanted) -> int:
         return 1
 
 
-async def _print(client: HeraldClient, want: Wanted) -> int:
-    out = sys.stdout
+async def _print(client: HeraldClient, want: Wanted, out: Stdout) -> int:
     async for event in client.events():
         if isinstance(event, Message):
             if event.channel in want.printed:
@@ -155,8 +163,7 @@ async def _print(client: HeraldClient, want: Wanted) -> int:
                 except TooDeep as exc:
                     print(f"herald: message {event.id} of {event.channel} not printed: {exc}", file=sys.stderr)
                     continue
-                out.write(line.decode() + "\n")
-                out.flush()
+                await out.write(line + b"\n")
         elif isinstance(event, Welcome):
             if want.user is not None and event.user != want.user:
                 print(f"herald: user:{want.user} is not this token's user ({event.user})", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -422,6 +423,69 @@ async def test_listen_prints_any_payload_a_node_delivers_as_one_json_line(
         if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()
+        await node.stop()
+
+
+async def test_listen_piped_into_head_ends_with_head(nats_server: NatsServer, tmp_path: Path) -> None:
+    """``$(herald listen … | head -1)``: the shell waits for listen too, so
+    listen must end when head does, not at the next message it fails to
+    write (there may be none: it used to wait forever)."""
+    node = await start_node(make_settings(nats_server.url))
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            first = await api_publish(http, node, "room:lobby", {"n": 1})
+            since = str(int(first) - 1)
+            listen = f"{sys.executable} -m gateway listen room:lobby --since {since} --url {node.url}"
+            proc = await asyncio.create_subprocess_exec(
+                "sh", "-c", f"{listen} | head -1",
+                env=cli_env(HERALD_TOKEN=token("erin")), cwd=tmp_path, start_new_session=True,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            started = time.monotonic()
+            out, err = await asyncio.wait_for(proc.communicate(), 10)
+            assert time.monotonic() - started < 5
+            assert json.loads(out.decode().splitlines()[0])["id"] == first
+            assert proc.returncode == 0 and err == b"", err.decode()
+    finally:
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # sh and the listen it waits for
+            await proc.wait()
+        await node.stop()
+
+
+async def test_listen_blocked_on_a_full_pipe_still_ends_on_sigterm(nats_server: NatsServer, tmp_path: Path) -> None:
+    """A reader that stops reading (a stuck consumer) fills the pipe: listen
+    must still end on SIGTERM (``timeout 5 herald listen … | stuck``). It used
+    to sit in a blocking write, where no signal handler of the loop runs."""
+    node = await start_node(make_settings(nats_server.url))
+    read_end, write_end = os.pipe()
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            ids = [await api_publish(http, node, "room:lobby", "x" * 60000) for _ in range(4)]  # > the pipe's 64 KiB
+            since = str(int(ids[0]) - 1)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway", "listen", "room:lobby", "--since", since, "--url", node.url,
+                env=cli_env(HERALD_TOKEN=token("frank")), cwd=tmp_path,
+                stdout=write_end, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            os.close(write_end)
+            write_end = -1
+            await asyncio.sleep(2.0)  # connected, the pipe full, the rest waiting
+            assert proc.returncode is None
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 5)
+            assert proc.returncode == 0, err.decode()
+            assert "Traceback" not in err.decode()
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
         await node.stop()
 
 
