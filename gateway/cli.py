@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
     pub = sub.add_parser("publish", help="publish through JetStream (acked)")
     pub.add_argument("channel", help="room:<id>, user:<id> or broadcast")
-    pub.add_argument("data", help="payload, usually JSON")
+    pub.add_argument("data", help="payload, usually JSON; - reads it from stdin (one final newline dropped)")
     pub.add_argument("--event")
     pub.add_argument("--key", help="idempotency key: a repeat within publish.dedup_window is stored once")
 
@@ -206,9 +207,20 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
         check_event(args.event)
     publisher = NatsPublisher(settings.nats.urls, settings.subject.prefix, settings.stream.name, attempts=1)
     async with publisher:
-        seq = await publisher.publish(channel, args.data.encode(), args.event, idempotency_key=args.key)
+        seq = await publisher.publish(channel, _payload(args.data), args.event, idempotency_key=args.key)
     print(seq)
     return 0
+
+
+def _payload(data: str) -> bytes:
+    """The bytes to publish: the argument's as the shell passed them (not
+    UTF-8 is fine: the node replaces it), or stdin's for ``-``."""
+    if data != "-":
+        return os.fsencode(data)
+    if sys.stdin is None:  # started with <&-
+        raise ConfigError("publish -: standard input is closed")
+    raw = sys.stdin.buffer.read()
+    return raw[:-1] if raw.endswith(b"\n") else raw
 
 
 def _listen(settings: Settings, args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from broker.embedded import NatsServer, free_port
 from gateway.auth import Authenticator
 from gateway.settings import JwtSettings
 
-from ..helpers import SECRET, api_publish, cli_env, make_settings, recv_json, start_node, token, wait_for
+from ..helpers import ADMIN_KEY, SECRET, api_publish, cli_env, make_settings, recv_json, start_node, token, wait_for
 
 _ids = itertools.count(1)
 
@@ -139,6 +139,49 @@ async def test_publish_prints_the_stream_id_and_reaches_clients(nats_server: Nat
         if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()
+        await node.stop()
+
+
+async def test_publish_reads_stdin_with_a_dash_and_sends_argument_bytes_as_they_are(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """``-`` reads the payload from stdin (past the 128 KiB the kernel allows
+    one argument; one final newline dropped); an argument that is not UTF-8
+    is sent as its bytes (the node replaces what is not UTF-8 with U+FFFD).
+    It used to be a UnicodeEncodeError traceback."""
+    n = next(_ids)
+    prefix, stream = f"clis{n}x{os.getpid()}", f"CLIS{n}X{os.getpid()}"
+    node = await start_node(
+        make_settings(nats_server.url, subject={"prefix": prefix}, stream={"name": stream, "storage": "memory"})
+    )
+    env = cli_env(HERALD_NATS_URLS=nats_server.url, HERALD_SUBJECT_PREFIX=prefix, HERALD_STREAM_NAME=stream)
+    big = {"text": "y" * 200_000}
+
+    async def publish(data: bytes, stdin: bytes | None = None) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, b"-m", b"gateway", b"publish", b"room:lobby", data,
+            env=env, cwd=tmp_path, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=15)
+        assert proc.returncode == 0 and err == b"", err.decode()
+        return out.decode().strip()
+
+    try:
+        ids = [await publish(b"-", json.dumps(big).encode() + b"\n"), await publish(b"\xff\xfe raw")]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                node.url + "/api/history",
+                params={"channel": "room:lobby"},
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            ) as resp,
+        ):
+            assert resp.status == 200
+            messages = (await resp.json())["messages"]
+        assert [m["id"] for m in messages] == ids
+        assert [m["data"] for m in messages] == [big, "\ufffd\ufffd raw"]
+    finally:
         await node.stop()
 
 
