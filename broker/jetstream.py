@@ -172,6 +172,9 @@ class NatsBroker:
         self._stream_ready = False
         self._stream_created: float | None = None
         self._closing = False
+        # The first connect: its attempts' errors are the reason it fails, said once in BrokerUnavailable.
+        self._connecting = False
+        self._connect_error: Exception | None = None
         self._last_error_log = 0.0
         self._suppressed_errors = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -191,6 +194,7 @@ class NatsBroker:
         (short-lived publishers must not rewrite the nodes' stream limits)."""
         nc = DispatchingClient()
         urls = list(self._config.urls)
+        self._connecting, self._connect_error = True, None
         try:
             # max_reconnect_attempts=-1 would retry the first connect forever:
             # bound it, so a wrong URL fails fast with a clear message.
@@ -214,10 +218,13 @@ class NatsBroker:
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             await close_quietly(nc)
+            why = self._connect_error or exc
+            detail = f"{why.__class__.__name__}: {why}" if str(why) else why.__class__.__name__
             raise BrokerUnavailable(
-                f"cannot connect to NATS at {','.join(urls)} within "
-                f"{self._config.connect_timeout:g}s ({exc.__class__.__name__})"
+                f"cannot connect to NATS at {','.join(urls)} within {self._config.connect_timeout:g}s ({detail})"
             ) from None
+        finally:
+            self._connecting = False
         self._link.nc = nc
         self._link.js = nc.jetstream(timeout=self._config.publish_timeout)
         try:
@@ -349,6 +356,9 @@ class NatsBroker:
         # nats-py awaits this once per dropped message on overflow: keep it cheap.
         if isinstance(exc, nats.errors.SlowConsumerError):
             self._stats.slow_consumer_errors += 1
+        if self._connecting:
+            self._connect_error = exc
+            return
         now = time.monotonic()
         if now - self._last_error_log < 5.0:
             self._suppressed_errors += 1
@@ -363,7 +373,7 @@ class NatsBroker:
         self.presence.pause()
         # Live messages wait until the stream is checked and the gap caught up.
         self._sequencer.pause()
-        if not self._closing:
+        if not (self._closing or self._connecting):
             log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
@@ -386,5 +396,5 @@ class NatsBroker:
             await asyncio.sleep(self._config.reconnect_wait)
 
     async def _on_closed(self) -> None:
-        if not self._closing:
+        if not (self._closing or self._connecting):
             log.error("NATS connection closed")

@@ -38,7 +38,8 @@ def encode(data: Any) -> bytes:
 
 class NatsPublisher:
     """Publishes into the stream from a backend (a short-lived connection of its own).
-    ``timeout`` bounds the connect and each publish's wait for its ack."""
+    ``timeout`` bounds the connect and, unless ``publish_timeout`` does, each
+    publish's wait for its ack."""
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class NatsPublisher:
         attempts: int = 5,
         backoff: float = 0.2,
         timeout: float = 5.0,
+        publish_timeout: float | None = None,
     ) -> None:
         config = NatsConfig(
             urls=tuple(urls),
@@ -55,7 +57,7 @@ class NatsPublisher:
             subjects=Subjects(prefix, f"{prefix}_live"),
             stream=stream,
             connect_timeout=timeout,
-            publish_timeout=timeout,
+            publish_timeout=timeout if publish_timeout is None else publish_timeout,
         )
         self._broker = NatsBroker(config, _UNHEARD)
         self._attempts = attempts

@@ -205,7 +205,15 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
     channel = parse_channel(args.channel)
     if args.event:
         check_event(args.event)
-    publisher = NatsPublisher(settings.nats.urls, settings.subject.prefix, settings.stream.name, attempts=1)
+    nats = settings.nats
+    publisher = NatsPublisher(
+        nats.urls,
+        settings.subject.prefix,
+        settings.stream.name,
+        attempts=1,
+        timeout=nats.connect_timeout,
+        publish_timeout=nats.publish_timeout,
+    )
     async with publisher:
         seq = await publisher.publish(channel, _payload(args.data), args.event, idempotency_key=args.key)
     print(seq)
