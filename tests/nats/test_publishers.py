@@ -11,7 +11,7 @@ import jwt
 import pytest
 from aiohttp import web
 
-from broker import InvalidChannel
+from broker import BrokerUnavailable, InvalidChannel
 from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 from gateway.client import HttpPublisher, PublishRefused
@@ -195,3 +195,30 @@ async def test_dev_token_endpoint_only_when_enabled(node_factory: NodeFactory, h
         async with http.post(on.url + "/api/dev/token", json=bad) as r:
             assert r.status == 400, bad
             assert (await r.json())["error"] == "bad_request"
+
+
+async def test_a_message_over_nats_max_payload_is_refused_and_the_connection_kept(
+    node_factory: NodeFactory, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
+    """NATS closes a connection that sends it a message over its max_payload
+    (1 MiB by default), and nats-py then closes for good: a node whose
+    http.max_body allowed such a publish lost NATS until restarted, and
+    ``herald publish`` waited 5 s for an ack. Refused before it is sent."""
+    node = await node_factory(http={"max_body": 3_000_000}, publish={"max_batch_body": 3_000_000})
+    too_big = "a" * 1_500_000
+    started = time.monotonic()
+    async with http.post(
+        node.url + "/api/publish",
+        json={"channel": "room:lobby", "data": too_big},
+        headers={"Authorization": f"Bearer {PUBLISH_KEY}"},
+    ) as resp:
+        body = await resp.json()
+    assert resp.status == 503 and "max_payload" in body["message"], body
+    assert time.monotonic() - started < 2
+    async with HttpPublisher(node.url, PUBLISH_KEY, attempts=1) as pub:
+        assert await pub.publish("room:lobby", {"n": 1})  # the node's NATS connection is still there
+    prefix, stream = node.settings.subject.prefix, node.settings.stream.name
+    async with NatsPublisher([nats_server.url], prefix, stream, attempts=1) as nats_pub:
+        with pytest.raises(BrokerUnavailable, match="max_payload"):
+            await nats_pub.publish("room:lobby", too_big.encode())
+        assert await nats_pub.publish("room:lobby", b"1")
