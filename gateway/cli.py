@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from broker import BrokerUnavailable, InvalidChannel
 from broker.channels import check_event, check_id, parse_channel
@@ -15,6 +17,7 @@ from broker.embedded import NatsServer, free_port, nats_server_binary
 from broker.tasks import cancel_and_wait
 
 from .auth import mint_token
+from .public_keys import private_key_algorithm
 from .settings import ConfigError, Settings, load_settings, with_overrides
 
 DEV_SECRET = "herald-dev-secret-do-not-use-in-production"
@@ -260,10 +263,16 @@ def _hooks(settings: Settings) -> int:
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
     check_id("user", args.user)
+    if not (math.isfinite(args.ttl) and args.ttl > 0):
+        raise ConfigError(f"--ttl must be a positive number of seconds, got {args.ttl:g}")
+    key: Any
     if args.key:
-        pem = Path(args.key).read_bytes()
-        algorithm = "ES256" if b"EC PRIVATE" in pem or _is_ec(pem) else "RS256"
-        key: str = pem.decode()
+        try:
+            key, algorithm = private_key_algorithm(Path(args.key).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"--key {args.key}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"--key {args.key}: {exc}") from None
     elif settings.jwt.secret:
         key, algorithm = settings.jwt.secret, "HS256"
     else:
@@ -272,10 +281,3 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     jwt = settings.jwt
     print(mint_token(key, args.user, args.room, args.publish, args.ttl, algorithm, jwt.audience, jwt.issuer))
     return 0
-
-
-def _is_ec(pem: bytes) -> bool:
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    return isinstance(load_pem_private_key(pem, None), ec.EllipticCurvePrivateKey)

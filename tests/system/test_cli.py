@@ -82,6 +82,50 @@ def test_token_refuses_a_bad_user_id(tmp_path: Path) -> None:
     assert "user id" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("ttl", ["inf", "nan", "0", "-5"])
+def test_token_refuses_a_ttl_that_is_not_a_positive_number(ttl: str, tmp_path: Path) -> None:
+    result = run_cli(["token", "bob", f"--ttl={ttl}"], tmp_path, HERALD_JWT_SECRET=SECRET)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--ttl" in lines[0], result.stderr
+
+
+def _pem(key: Any, password: bytes | None = None) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    encryption = serialization.NoEncryption() if password is None else serialization.BestAvailableEncryption(password)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)  # type: ignore[no-any-return]
+
+
+def test_token_signs_with_an_rsa_or_p256_key_and_refuses_other_keys_in_one_line(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    good = {"rsa": rsa.generate_private_key(65537, 2048), "p256": ec.generate_private_key(ec.SECP256R1())}
+    for name, key in good.items():
+        private, public = tmp_path / f"{name}.pem", tmp_path / f"{name}.pub"
+        private.write_bytes(_pem(key))
+        public.write_bytes(
+            key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        result = run_cli(["token", "bob", "--key", str(private)], tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert Authenticator(JwtSettings(public_key=str(public))).verify(result.stdout.strip()).user == "bob"
+    bad = {
+        "junk.pem": b"not a key\n",
+        "ed25519.pem": _pem(ed25519.Ed25519PrivateKey.generate()),
+        "p384.pem": _pem(ec.generate_private_key(ec.SECP384R1())),
+        "locked.pem": _pem(good["rsa"], password=b"secret"),
+    }
+    for name, pem in bad.items():
+        (tmp_path / name).write_bytes(pem)
+    for path in [*bad, "missing.pem", "."]:
+        result = run_cli(["token", "bob", "--key", path], tmp_path)
+        assert result.returncode == 2 and result.stdout == "", (path, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"--key {path}" in lines[0], (path, result.stderr)
+
+
 # --- publish -----------------------------------------------------------------
 
 
