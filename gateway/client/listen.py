@@ -92,7 +92,8 @@ def listen(
         check_id("user", user)
         if want.user is not None and want.user != user:
             raise InvalidChannel(f"user:{want.user} is not --user {user}: only your own user channel")
-    secret = settings.jwt.secret
+    jwt = settings.jwt
+    secret = jwt.secret
     if token is None and (user is None or not secret):
         raise ConfigError(
             "listen needs a token: --token, $HERALD_TOKEN, or --user with jwt.secret (HERALD_JWT_SECRET) set"
@@ -100,7 +101,7 @@ def listen(
 
     def minted() -> str:
         assert user is not None
-        return mint_token(secret, user, list(want.rooms), [], TOKEN_TTL)
+        return mint_token(secret, user, list(want.rooms), [], TOKEN_TTL, audience=jwt.audience, issuer=jwt.issuer)
 
     if sys.stdout is None:  # started with >&-
         raise ConfigError("listen: standard output is closed")

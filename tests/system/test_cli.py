@@ -517,6 +517,35 @@ async def test_listen_prints_any_payload_a_node_delivers_as_one_json_line(
         await node.stop()
 
 
+async def test_listen_user_mints_the_audience_and_issuer_the_node_requires(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """--user mints with jwt.secret, and with jwt.audience / jwt.issuer as
+    ``herald token`` does: it used to leave them out, and such a node
+    refused every token it minted (4001 token lacks claim), exit 1."""
+    aud, iss = "herald-prod", "https://auth.example"
+    node = await start_node(make_settings(nats_server.url, jwt={"audience": aud, "issuer": iss}))
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        env = {"HERALD_JWT_SECRET": SECRET, "HERALD_JWT_AUDIENCE": aud, "HERALD_JWT_ISSUER": iss}
+        proc = await start_listen(["room:lobby", "--user", "gus", "--url", node.url, "-v"], tmp_path, **env)
+        assert proc.stderr is not None
+        async with asyncio.timeout(10):
+            said = (await proc.stderr.readline()).decode()
+        assert "connected to" in said, said
+        async with aiohttp.ClientSession() as http:
+            sent = await api_publish(http, node, "room:lobby", {"n": 1})
+        assert (await read_lines(proc, 1))[0]["id"] == sent
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await node.stop()
+
+
 async def test_listen_piped_into_head_ends_with_head(nats_server: NatsServer, tmp_path: Path) -> None:
     """``$(herald listen … | head -1)``: the shell waits for listen too, so
     listen must end when head does, not at the next message it fails to
