@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
 import os
 import signal
@@ -26,26 +27,31 @@ DEV_ADMIN_KEY = "dev-admin-key"
 
 
 def _parser() -> argparse.ArgumentParser:
+    config_help = "TOML file (default: $HERALD_CONFIG or config/herald.toml)"
     p = argparse.ArgumentParser(prog="herald", description="Herald realtime gateway")
-    p.add_argument("--config", help="TOML file (default: $HERALD_CONFIG or config/herald.toml)")
+    p.add_argument("--config", help=config_help)
+    # Also after the command (herald serve --config F): SUPPRESS leaves the one given before it.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     sub = p.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, parents=[config])
 
-    serve = sub.add_parser("serve", help="run a node")
+    serve = add("serve", help="run a node")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT); one per core")
 
-    dev = sub.add_parser("dev", help="local nats-server with JetStream + one node, dev secrets")
+    dev = add("dev", help="local nats-server with JetStream + one node, dev secrets")
     dev.add_argument("--port", type=int, help="HTTP port (default: http.port, 8080; 0: any free one)")
     dev.add_argument("--nats-port", type=int, default=0, help="default: 4222 if free, else any")
 
-    pub = sub.add_parser("publish", help="publish through JetStream (acked)")
+    pub = add("publish", help="publish through JetStream (acked)")
     pub.add_argument("channel", help="room:<id>, user:<id> or broadcast")
     pub.add_argument("data", help="payload, usually JSON; - reads it from stdin (one final newline dropped)")
     pub.add_argument("--event")
     pub.add_argument("--key", help="idempotency key: a repeat within publish.dedup_window is stored once")
 
-    listen = sub.add_parser("listen", help="print a node's messages as JSON lines, reconnecting and resuming")
+    listen = add("listen", help="print a node's messages as JSON lines, reconnecting and resuming")
     listen.add_argument("channels", nargs="+", metavar="CHANNEL", help="room:<id>, user, user:<id> or broadcast")
     listen.add_argument("--since", help="start after this message id")
     listen.add_argument("--url", action="append", default=[], help="a node's URL (repeatable; tried in turn)")
@@ -53,9 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--user", help="mint a token for this user with jwt.secret instead")
     listen.add_argument("-v", "--verbose", action="store_true", help="say on stderr when it connects and reconnects")
 
-    sub.add_parser("hooks", help="run a webhook dispatcher (config [hooks])")
+    add("hooks", help="run a webhook dispatcher (config [hooks])")
 
-    tok = sub.add_parser("token", help="mint a client token")
+    tok = add("token", help="mint a client token")
     tok.add_argument("user")
     tok.add_argument("--room", action="append", default=[], help="room id or glob (repeatable)")
     tok.add_argument("--publish", action="append", default=[], help="room glob the user may publish to")

@@ -82,6 +82,21 @@ def test_token_refuses_a_bad_user_id(tmp_path: Path) -> None:
     assert "user id" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_is_taken_before_or_after_the_command(where: str, tmp_path: Path) -> None:
+    """README writes ``herald serve [--config F]``, ops/systemd ``herald
+    --config F serve``: both work. After the command it used to be refused
+    (unrecognized arguments)."""
+    (tmp_path / "mine.toml").write_text(f'[jwt]\nsecret = "{SECRET}"\n')
+    args = ["--config", "mine.toml", "token", "bob"] if where == "before" else ["token", "bob", "--config", "mine.toml"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Authenticator(JwtSettings(secret=SECRET)).verify(result.stdout.strip()).user == "bob"
+    elsewhere = [a.replace("mine.toml", "none.toml") for a in args]
+    missing = run_cli(elsewhere, tmp_path)
+    assert missing.returncode == 2 and "cannot read none.toml" in missing.stderr, missing.stderr
+
+
 @pytest.mark.parametrize("ttl", ["inf", "nan", "0", "-5"])
 def test_token_refuses_a_ttl_that_is_not_a_positive_number(ttl: str, tmp_path: Path) -> None:
     result = run_cli(["token", "bob", f"--ttl={ttl}"], tmp_path, HERALD_JWT_SECRET=SECRET)
