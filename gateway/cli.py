@@ -17,7 +17,7 @@ from broker.channels import check_event, check_id, parse_channel
 from broker.embedded import NatsServer, free_port, nats_server_binary
 from broker.tasks import cancel_and_wait
 
-from .auth import mint_token
+from .auth import GLOB_RE, mint_token
 from .public_keys import private_key_algorithm
 from .settings import ConfigError, Settings, load_settings, with_overrides
 
@@ -271,6 +271,10 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     check_id("user", args.user)
     if not (math.isfinite(args.ttl) and args.ttl > 0):
         raise ConfigError(f"--ttl must be a positive number of seconds, got {args.ttl:g}")
+    for option, globs in (("--room", args.room), ("--publish", args.publish)):
+        for glob in globs:
+            if GLOB_RE.fullmatch(glob) is None:  # a node would refuse the token (4001 bad_claims)
+                raise ConfigError(f"{option} {glob!r}: not a room id or glob ({GLOB_RE.pattern})")
     key: Any
     if args.key:
         try:

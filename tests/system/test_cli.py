@@ -97,6 +97,17 @@ def test_config_is_taken_before_or_after_the_command(where: str, tmp_path: Path)
     assert missing.returncode == 2 and "cannot read none.toml" in missing.stderr, missing.stderr
 
 
+@pytest.mark.parametrize("option", ["--room", "--publish"])
+@pytest.mark.parametrize("glob", ["a b", "x.y", "lobby>", ""])
+def test_token_refuses_a_room_glob_no_node_takes(option: str, glob: str, tmp_path: Path) -> None:
+    """It used to mint the token, which every node then refused (4001 claim
+    'rooms' must be a list of room ids or globs)."""
+    result = run_cli(["token", "bob", option, glob], tmp_path, HERALD_JWT_SECRET=SECRET)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0], result.stderr
+
+
 @pytest.mark.parametrize("ttl", ["inf", "nan", "0", "-5"])
 def test_token_refuses_a_ttl_that_is_not_a_positive_number(ttl: str, tmp_path: Path) -> None:
     result = run_cli(["token", "bob", f"--ttl={ttl}"], tmp_path, HERALD_JWT_SECRET=SECRET)
