@@ -278,6 +278,20 @@ def test_publish_without_nats_fails_within_connect_timeout_with_one_line(tmp_pat
     assert len(lines) == 1 and url in lines[0] and "ConnectionRefused" in lines[0], result.stderr
 
 
+async def test_publish_interrupted_while_connecting_exits_130_quietly(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) is the shell's 130 and no KeyboardInterrupt traceback."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "publish", "room:lobby", "x",
+        env=cli_env(HERALD_NATS_URLS=f"nats://127.0.0.1:{free_port()}", HERALD_NATS_CONNECT_TIMEOUT="10"),
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(1.5)  # past the imports, connecting
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 5)
+    assert proc.returncode == 130 and out == b"", err.decode()
+    assert "Traceback" not in err.decode(), err.decode()
+
+
 # --- dev ---------------------------------------------------------------------
 
 
