@@ -88,13 +88,16 @@ class AckedPublisher:
         acks = _Acks(self._inbox, self._timeout)
         try:
             nc = self._inbox.current(self._buffered) or await self._inbox.ready(self._buffered)
-            heads = [self._head if headers is None else _head(self._stream, headers) for _, _, headers in messages]
-            for head, (_, payload, _) in zip(heads, messages, strict=True):
-                _check_fits(nc.max_payload, head, payload)
+            limit = nc.max_payload
             replies = [acks.reply_to() for _ in messages]
             commands = [
-                _hpub(subject, reply, head, payload)
-                for (subject, payload, _), head, reply in zip(messages, heads, replies, strict=True)
+                _hpub(
+                    subject,
+                    reply,
+                    _fitting(limit, self._head if headers is None else _head(self._stream, headers), payload),
+                    payload,
+                )
+                for (subject, payload, headers), reply in zip(messages, replies, strict=True)
             ]
             if not nc.write_soon(b"".join(commands)):
                 for (subject, payload, headers), reply in zip(messages, replies, strict=True):
@@ -125,7 +128,7 @@ class AckedPublisher:
                     _lines(headers) if headers else b"",
                     b"Nats-Batch-Commit: 1\r\n" if last else b"",
                 )
-                _check_fits(nc.max_payload, head, payload)
+                _fitting(nc.max_payload, head, payload)
                 commands.append(_hpub(subject, acks.reply_to() if last else b"", head, payload))
             if not nc.write_soon(b"".join(commands)):
                 raise BrokerUnavailable("NATS is not connected")
@@ -195,12 +198,14 @@ def _lines(headers: dict[str, str]) -> bytes:
     return "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode()
 
 
-def _check_fits(limit: int, head: bytes, payload: bytes) -> None:
-    """Refuse a message over the server's max_payload (headers count): NATS
-    closes a connection that sends one, and nats-py then closes for good."""
+def _fitting(limit: int, head: bytes, payload: bytes) -> bytes:
+    """``head``, unless its message is over the server's max_payload (headers
+    count): refused, as NATS closes a connection that sends one, and nats-py
+    then closes for good."""
     size = len(head) + len(payload)
     if size > limit:
         raise Refused(f"a message of {size} bytes (headers included) is over NATS max_payload ({limit})")
+    return head
 
 
 def _hpub(subject: str, reply: bytes, head: bytes, payload: bytes) -> bytes:

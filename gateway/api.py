@@ -116,20 +116,11 @@ class PublishApi:
             return self._too_large(f"body larger than {self._max_batch_body} bytes").response()
         except RequestPayloadError as exc:  # e.g. not gzip although Content-Encoding says so
             return self._refuse(400, "bad_request", f"body does not decode: {exc}").response()
-        return (await self._publish_counted(body, request.headers.get("Idempotency-Key"))).response()
+        return (await self._publish(body, request.headers.get("Idempotency-Key"))).response()
 
     async def answer(self, head: FrontHead, body: bytes) -> Reply:
         """The front door's route, for a request ``refusal`` let through."""
-        return await self._publish_counted(body, head.headers.get("Idempotency-Key"))
-
-    async def _publish_counted(self, body: bytes, idempotency_key: str | None) -> Reply:
-        """``_publish``, a bug it meets answered 500 ``internal`` and counted as
-        one (as every other answer is), on either path."""
-        try:
-            return await self._publish(body, idempotency_key)
-        except Exception:
-            log.exception("publish failed")
-            return self._refuse(500, "internal", "internal error")
+        return await self._publish(body, head.headers.get("Idempotency-Key"))
 
     def body_timed_out(self, seconds: float) -> Reply:
         """A publish whose body did not arrive within ``seconds`` (the front door's
@@ -167,30 +158,37 @@ class PublishApi:
         return None
 
     async def _publish(self, body: bytes, idempotency_key: str | None) -> Reply:
-        if len(body) > self._max_body and not body.lstrip().startswith(b"["):  # only a batch may be larger
-            return self._too_large(f"body larger than {self._max_body} bytes")
+        """Publish the body's messages; a bug met on the way is answered 500
+        ``internal`` and counted as one (as every other answer is), on either
+        path (a try costs nothing here: no coroutine of its own)."""
         try:
-            doc = loads_exact(body)
-        except orjson.JSONDecodeError:
-            return self._refuse(400, "bad_request", "body is not valid JSON")
-        try:
-            items = self._items(doc, idempotency_key)
-        except BadItem as exc:
-            if exc.too_large:
-                return self._too_large(str(exc))
-            return self._refuse(400, "bad_request", str(exc))
-        try:
-            published = await self._pubsub.publish_batch(items)
-        except BrokerUnavailable as exc:
-            return self._refuse(503, "unavailable", str(exc))
-        self._metrics.published_ok.inc()  # one request, whatever its size
-        self._metrics.published_messages.inc(len(items))
-        if isinstance(doc, list):
-            return json_reply({"ids": [str(p.seq) for p in published]})
-        answer: dict[str, object] = {"id": str(published[0].seq)}
-        if published[0].duplicate:
-            answer["duplicate"] = True
-        return json_reply(answer)
+            if len(body) > self._max_body and not body.lstrip().startswith(b"["):  # only a batch may be larger
+                return self._too_large(f"body larger than {self._max_body} bytes")
+            try:
+                doc = loads_exact(body)
+            except orjson.JSONDecodeError:
+                return self._refuse(400, "bad_request", "body is not valid JSON")
+            try:
+                items = self._items(doc, idempotency_key)
+            except BadItem as exc:
+                if exc.too_large:
+                    return self._too_large(str(exc))
+                return self._refuse(400, "bad_request", str(exc))
+            try:
+                published = await self._pubsub.publish_batch(items)
+            except BrokerUnavailable as exc:
+                return self._refuse(503, "unavailable", str(exc))
+            self._metrics.published_ok.inc()  # one request, whatever its size
+            self._metrics.published_messages.inc(len(items))
+            if isinstance(doc, list):
+                return json_reply({"ids": [str(p.seq) for p in published]})
+            answer: dict[str, object] = {"id": str(published[0].seq)}
+            if published[0].duplicate:
+                answer["duplicate"] = True
+            return json_reply(answer)
+        except Exception:
+            log.exception("publish failed")
+            return self._refuse(500, "internal", "internal error")
 
     def _items(self, doc: object, idempotency_key: str | None) -> list[Publishable]:
         """Every message of the body, checked before any is published."""
