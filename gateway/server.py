@@ -111,6 +111,10 @@ def _listening_sockets(site: web.BaseSite) -> Sequence[Listener]:
 
 async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully (see Node.shutdown)."""
+    if not reuse_port:  # a worker shares the port with its siblings: its parent checked it
+        # Before NATS: a node started by mistake on a busy port changes no stream.
+        check_port_free(settings.http.host, settings.http.port)
+    check_port_free(settings.admin.host, settings.admin.port)
     app = create_app(settings)
     runner = app_runner(app, settings)
     await runner.setup()  # connects to NATS; raises BrokerUnavailable

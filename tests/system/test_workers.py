@@ -276,3 +276,20 @@ async def test_a_worker_stalled_briefly_is_not_killed(nats_server: NatsServer, s
     await asyncio.sleep(3)  # past the bound since the first stall began
     assert proc.poll() is None and all(alive(pid) for pid in pids), proc.err_path.read_text()
     assert "silent" not in proc.err_path.read_text()
+
+
+async def test_one_node_on_a_busy_port_touches_no_nats(nats_server: NatsServer, spawn) -> None:
+    """Without --workers too, a port in use is found before NATS is: a second
+    node started by mistake neither creates nor updates the stream, nor says
+    it is ready; one line names the port."""
+    env = workers_env(nats_server, "BUSY")
+    port = int(env["HERALD_HTTP_PORT"])
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        proc = spawn(["serve"], env)
+        code = await exit_code(proc)
+        log = proc.err_path.read_text()
+    assert code == 1, log
+    assert f"cannot listen on 127.0.0.1:{port}" in log and "Traceback" not in log, log
+    assert "stream" not in log and " ready" not in log and len(log.splitlines()) == 1, log
