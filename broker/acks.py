@@ -20,7 +20,7 @@ from typing import Any
 import nats.errors
 import orjson
 
-from .base import BrokerUnavailable, Published
+from .base import BrokerUnavailable, MessageTooLarge, Published
 from .inbox import ReplyInbox, expire
 from .link import NatsLink
 
@@ -204,7 +204,7 @@ def _fitting(limit: int, head: bytes, payload: bytes) -> bytes:
     then closes for good."""
     size = len(head) + len(payload)
     if size > limit:
-        raise Refused(f"a message of {size} bytes (headers included) is over NATS max_payload ({limit})")
+        raise MessageTooLarge(f"a message of {size} bytes (headers included) is over NATS max_payload ({limit})")
     return head
 
 

@@ -116,6 +116,12 @@ class BrokerUnavailable(Exception):
     """The broker cannot take the request now (disconnected, no ack in time)."""
 
 
+class MessageTooLarge(BrokerUnavailable):
+    """A message over what the broker carries (NATS max_payload, headers
+    included), refused before it is sent: no retry changes that (a 413, not a
+    503). A BrokerUnavailable still for callers that only tell stored from not."""
+
+
 @dataclass(slots=True)
 class BrokerStats:
     """Plain counters; the gateway exports them as metrics."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from .base import BrokerUnavailable, Publishable
+from .base import BrokerUnavailable, MessageTooLarge, Publishable
 from .channels import InvalidChannel, Subjects, check_event, parse_channel
 from .jetstream import NatsBroker, NatsConfig
 from .roles import BrokerEvents
@@ -72,7 +72,8 @@ class NatsPublisher:
     ) -> int:
         """Store one message; returns its id once acked. Retries while NATS
         does not answer; raises BrokerUnavailable after the last try, and
-        InvalidChannel at once for a bad channel or event name.
+        InvalidChannel at once for a bad channel or event name, MessageTooLarge
+        at once for a message over NATS max_payload.
         ``idempotency_key``: a repeat within the stream's duplicate window
         (publish.dedup_window) is not stored again and returns the first id —
         so these retries (and the caller's) publish once."""
@@ -85,6 +86,8 @@ class NatsPublisher:
         for delay in [*retry_delays(self._attempts, self._backoff), None]:
             try:
                 return (await self._broker.pubsub.publish_batch([item]))[0].seq
+            except MessageTooLarge:
+                raise
             except BrokerUnavailable:
                 if delay is None:
                     raise

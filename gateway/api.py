@@ -14,7 +14,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker import Broker, BrokerUnavailable, History, Presence, Publishable, PubSub
+from broker import Broker, BrokerUnavailable, History, MessageTooLarge, Presence, Publishable, PubSub
 from broker.channels import InvalidChannel, channel_id, check_event, check_id, parse_channel, room_channel
 
 from .admission import Gate, Refusal
@@ -176,6 +176,8 @@ class PublishApi:
                 return self._refuse(400, "bad_request", str(exc))
             try:
                 published = await self._pubsub.publish_batch(items)
+            except MessageTooLarge as exc:  # over NATS max_payload: a retry would not help
+                return self._refuse(413, "too_large", str(exc))
             except BrokerUnavailable as exc:
                 return self._refuse(503, "unavailable", str(exc))
             self._metrics.published_ok.inc()  # one request, whatever its size

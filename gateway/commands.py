@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from broker import BROADCAST, BrokerUnavailable, Channel, History, Presence, PubSub, ReadPositions
+from broker import BROADCAST, BrokerUnavailable, Channel, History, MessageTooLarge, Presence, PubSub, ReadPositions
 from broker.channels import (
     InvalidChannel,
     channel_id,
@@ -143,6 +143,8 @@ class Commands:
             return _reply(await handler(self, identity, session, cmd), ref)
         except CommandError as exc:
             return _error(ref, exc.code, str(exc))
+        except MessageTooLarge as exc:  # over NATS max_payload: a retry would not help
+            return _error(ref, "too_large", str(exc))
         except BrokerUnavailable as exc:
             return _error(ref, "unavailable", str(exc))
 

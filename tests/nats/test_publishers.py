@@ -11,12 +11,12 @@ import jwt
 import pytest
 from aiohttp import web
 
-from broker import BrokerUnavailable, InvalidChannel
+from broker import InvalidChannel, MessageTooLarge
 from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 from gateway.client import HttpPublisher, PublishRefused
 
-from ..helpers import PUBLISH_KEY, NodeFactory, RunningNode, recv_json, token
+from ..helpers import PUBLISH_KEY, NodeFactory, RunningNode, recv_json, recv_until, scrape, token
 
 
 async def open_ws(http: aiohttp.ClientSession, node: RunningNode, user: str) -> aiohttp.ClientWebSocketResponse:
@@ -213,12 +213,32 @@ async def test_a_message_over_nats_max_payload_is_refused_and_the_connection_kep
         headers={"Authorization": f"Bearer {PUBLISH_KEY}"},
     ) as resp:
         body = await resp.json()
-    assert resp.status == 503 and "max_payload" in body["message"], body
+    # Nothing changes on a retry: 413 too_large, not 503 unavailable.
+    assert (resp.status, body["error"]) == (413, "too_large") and "max_payload" in body["message"], body
     assert time.monotonic() - started < 2
+    assert (await scrape(http, node.url))['herald_api_publishes_total{result="too_large"}'] == 1
     async with HttpPublisher(node.url, PUBLISH_KEY, attempts=1) as pub:
         assert await pub.publish("room:lobby", {"n": 1})  # the node's NATS connection is still there
     prefix, stream = node.settings.subject.prefix, node.settings.stream.name
-    async with NatsPublisher([nats_server.url], prefix, stream, attempts=1) as nats_pub:
-        with pytest.raises(BrokerUnavailable, match="max_payload"):
+    # Its retries (up to 1 + 2 + 4 + 5 s of backoff) are not spent on a refusal no retry changes.
+    async with NatsPublisher([nats_server.url], prefix, stream, attempts=5, backoff=1.0) as nats_pub:
+        started = time.monotonic()
+        with pytest.raises(MessageTooLarge, match="max_payload"):
             await nats_pub.publish("room:lobby", too_big.encode())
+        assert time.monotonic() - started < 0.5
         assert await nats_pub.publish("room:lobby", b"1")
+
+
+async def test_a_client_publish_over_nats_max_payload_is_too_large(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A client's publish command over NATS max_payload (its frame within
+    ws.max_frame) is ``too_large``, not ``unavailable``: a retry would not help."""
+    node = await node_factory(ws={"max_frame": 3_000_000})
+    ws = await http.ws_connect(node.ws_url, params={"token": token("alice", rooms=["chat-*"], publish=["chat-*"])})
+    assert (await recv_json(ws))["type"] == "welcome"
+    await ws.send_json({"type": "publish", "room": "chat-1", "data": "a" * 1_500_000, "ref": "big"})
+    err = await recv_until(ws, "error")
+    assert (err["code"], err["ref"]) == ("too_large", "big") and "max_payload" in err["message"], err
+    await ws.send_json({"type": "publish", "room": "chat-1", "data": 1, "ref": "small"})
+    assert (await recv_until(ws, "ack"))["ref"] == "small"
