@@ -39,7 +39,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from yarl import URL
 
 from broker.channels import Subjects, glob_match
-from broker.hooks import Backlog, HookMessage, HookSource
+from broker.hook_message import Backlog, HookMessage
+from broker.hooks import HookSource
 from broker.throttle import Throttle
 
 from .frames import json_data

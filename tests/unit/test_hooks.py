@@ -12,7 +12,8 @@ from typing import Any, cast
 import pytest
 from nats.aio.msg import Msg
 
-from broker.hooks import HookMessage, HookSource
+from broker.hook_message import HookMessage
+from broker.hooks import HookSource
 from gateway.hooks import Dispatcher, _seconds, signature, verify
 from gateway.settings import Settings
 from gateway.settings.loading import with_overrides
