@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from nats.js.kv import KeyValue
 
+from .base import BrokerUnavailable
 from .channels import Subjects, channel_id, event_of, is_user
 from .coalesce import Fresh
 from .hook_message import Backlog, HookMessage
@@ -80,6 +81,7 @@ class HookSource:
         self._waited = False  # the stream was missing at some point while this dispatcher ran
         self._incarnation: str | None = None  # the stream's, when the consumer was last found or made
         self._closing = False  # close() under way: the disconnect it causes is no loss
+        self._closed_for_good: str | None = None  # why nats-py closed the connection (it will not reconnect)
         self._clock = ServerClock()  # nats-server's: ages are judged on the clock that stamped the messages
         self.now = self._clock.now
 
@@ -89,8 +91,20 @@ class HookSource:
         return self._bound and self._nc is not None and self._nc.is_connected
 
     async def _lost(self) -> None:
-        if not self._closing:
+        if not self._closing and not (self._nc is not None and self._nc.is_closed):
             warn("lost", "webhook dispatcher lost NATS: waiting for it to come back")
+
+    async def _closed(self) -> None:
+        """nats-py closes for good on most of the server's -ERRs (maximum
+        connections or subscriptions exceeded...): ``messages`` then ends with
+        BrokerUnavailable, and ``herald hooks`` exits 1 for its supervisor to
+        start it again, instead of waiting unready for a reconnect that never comes."""
+        if not self._closing and self._nc is not None:
+            self._closed_for_good = f"NATS connection closed for good ({self._nc.last_error or 'no error given'})"
+
+    def _check_open(self) -> None:
+        if self._closed_for_good is not None:
+            raise BrokerUnavailable(self._closed_for_good)
 
     async def _nats_error(self, exc: Exception) -> None:
         # nats-py retries the first connect too (max_reconnect_attempts=-1) and says so only here.
@@ -112,6 +126,7 @@ class HookSource:
                     allow_reconnect=True,
                     error_cb=self._nats_error,
                     disconnected_cb=self._lost,
+                    closed_cb=self._closed,
                 )
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 warn("connect", "webhook dispatcher cannot reach NATS at %s (%r): retrying", self._urls, exc)
@@ -129,6 +144,7 @@ class HookSource:
         assert js is not None
         delay = 0.5
         while True:
+            self._check_open()
             try:
                 info = await js.stream_info(self._stream)
                 incarnation = stream_id(info.created)
@@ -221,6 +237,7 @@ class HookSource:
         sub = await js.pull_subscribe_bind(self.consumer, self._stream)
         idle = 0.0
         while True:
+            self._check_open()
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):

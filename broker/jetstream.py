@@ -123,6 +123,7 @@ class NatsBroker:
 
     def __init__(self, config: NatsConfig, events: BrokerEvents) -> None:
         self._config = config
+        self._on_closed_for_good = events.closed
         self._subjects = config.subjects
         self._link = link = NatsLink()
         self._stats = BrokerStats()
@@ -373,7 +374,8 @@ class NatsBroker:
         self.presence.pause()
         # Live messages wait until the stream is checked and the gap caught up.
         self._sequencer.pause()
-        if not (self._closing or self._connecting):
+        closed = self._link.nc is not None and self._link.nc.is_closed  # no reconnect: _on_closed says it
+        if not (self._closing or self._connecting or closed):
             log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
@@ -395,6 +397,22 @@ class NatsBroker:
                 log.error("%s; retrying", exc)
             await asyncio.sleep(self._config.reconnect_wait)
 
+    @property
+    def closed_for_good(self) -> bool:
+        """NATS closed the connection and nats-py will not reconnect it."""
+        nc = self._link.nc
+        return nc is not None and nc.is_closed and not self._closing
+
     async def _on_closed(self) -> None:
-        if not (self._closing or self._connecting):
-            log.error("NATS connection closed")
+        """nats-py closes for good on any -ERR of the server but a stale
+        connection or a permissions violation (maximum subscriptions or
+        connections exceeded, an authorization violation...)."""
+        if self._closing or self._connecting:
+            return
+        self._stream_ready = False
+        error = self._link.nc.last_error if self._link.nc is not None else None
+        reason = f"NATS connection closed for good ({error or 'no error given'})"
+        if self._on_closed_for_good is None:
+            log.error("%s", reason)
+        else:
+            self._on_closed_for_good(reason)

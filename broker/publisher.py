@@ -59,6 +59,7 @@ class NatsPublisher:
             connect_timeout=timeout,
             publish_timeout=timeout if publish_timeout is None else publish_timeout,
         )
+        self._config = config
         self._broker = NatsBroker(config, _UNHEARD)
         self._attempts = attempts
         self._backoff = backoff
@@ -85,6 +86,8 @@ class NatsPublisher:
         item = Publishable(target, encode(data), event, idempotency_key)
         for delay in [*retry_delays(self._attempts, self._backoff), None]:
             try:
+                if self._broker.closed_for_good:
+                    await self._reconnect()
                 return (await self._broker.pubsub.publish_batch([item]))[0].seq
             except MessageTooLarge:
                 raise
@@ -93,6 +96,13 @@ class NatsPublisher:
                     raise
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    async def _reconnect(self) -> None:
+        """A new connection for one nats-py closed for good (on a server's
+        -ERR such as maximum connections exceeded): it never reconnects."""
+        closed, self._broker = self._broker, NatsBroker(self._config, _UNHEARD)
+        await closed.close()
+        await self.connect()
 
     async def close(self) -> None:
         await self._broker.close()

@@ -41,6 +41,10 @@ class BrokerEvents:
     # This node's wall clock minus the stream's (nats-server's, which stamps
     # the messages), in seconds, each time the broker reads it anew.
     clock_offset: Callable[[float], None] = lambda _: None
+    # The connection ended for good (why, in words): no reconnect follows
+    # (nats-py closes on the server's -ERR, e.g. maximum subscriptions or
+    # connections exceeded). None: the broker logs it, and is unavailable.
+    closed: Callable[[str], None] | None = None
 
 
 class PubSub(Protocol):

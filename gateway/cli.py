@@ -254,7 +254,7 @@ def _listen(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _hooks(settings: Settings) -> int:
-    from .hooks import run_dispatcher
+    from .hooks import log, run_dispatcher
     from .server import configure_logging, new_event_loop
 
     h = settings.hooks
@@ -266,6 +266,9 @@ def _hooks(settings: Settings) -> int:
     loop = new_event_loop()
     try:
         loop.run_until_complete(run_dispatcher(settings))
+    except BrokerUnavailable as exc:  # NATS closed the connection for good
+        log.error("webhook dispatcher: %s: exiting 1 for the service manager to restart it", exc)
+        return 1
     finally:
         # What nats-py left running when its close failed (NATS away) ends
         # here, not destroyed pending (with a traceback) when the loop closes.

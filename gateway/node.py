@@ -71,6 +71,21 @@ def nats_config(settings: Settings) -> NatsConfig:
     )
 
 
+class Failure:
+    """Why the node must stop on its own (its NATS connection closed for
+    good: a node without NATS would answer 503 to everything until
+    restarted), and ``stop``, set then (and by SIGTERM: see server.run_node)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.stop = asyncio.Event()
+
+    def __call__(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.stop.set()
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     """The parts of one node, made complete by ``build_node``."""
@@ -85,6 +100,7 @@ class Node:
     resumer: Resumer
     commands: Commands
     router: CommandRouter
+    failure: Failure
     hook: ConnectHook | None = None  # auth.mode "hook" or "either"
 
     @property
@@ -148,7 +164,8 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
         # the broker starts (no request can arrive earlier).
         return await requests.answer(body)
 
-    events = BrokerEvents(hub.deliver, hub.lost, sessions.kick, requested, clock_read)
+    failure = Failure()
+    events = BrokerEvents(hub.deliver, hub.lost, sessions.kick, requested, clock_read, failure)
     broker = (broker_factory or (lambda e: NatsBroker(nats_config(settings), e)))(events)
     subscriptions = Subscriptions(hub, broker.pubsub, broker.presence)
     resumer = Resumer(subscriptions, broker.history, broker.reads, hub.droppable, settings.history, metrics)
@@ -188,4 +205,4 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
     metrics.watch_broker(broker.stats)
     metrics.watch_queue_bytes(sessions.queued_bytes)
     metrics.watch_ready(lambda: not_ready(sessions, broker) is None)
-    return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router, hook)
+    return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router, failure, hook)

@@ -43,6 +43,10 @@ class CannotListen(Exception):
     """A site of the node could not take its address (the message names it)."""
 
 
+class NodeFailed(Exception):
+    """The node stopped on its own (its NATS connection closed for good): exit 1."""
+
+
 def _reason(exc: OSError) -> str:
     """The errno's words ("Address already in use"), not asyncio's sentence around them."""
     if exc.errno and exc.errno > 0 and not isinstance(exc, socket.gaierror):
@@ -128,7 +132,8 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
             runners.append(admin)
             admin_site = web.TCPSite(admin, settings.admin.host, settings.admin.port)
             await start_site(admin_site, settings.admin.host, settings.admin.port)
-        stop = asyncio.Event()
+        node = app[NODE]
+        stop = node.failure.stop  # set by a signal, or by the node's failure
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -137,9 +142,17 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
         if on_ready is not None:
             on_ready()
         await stop.wait()
-        log.info("node %s draining", settings.node.id)
+        failed = node.failure.reason
+        if failed is None:
+            log.info("node %s draining", settings.node.id)
+        else:
+            # A new connection would need every part bound to NATS bound anew
+            # (subscriptions, buckets, relay, inbox): a restart does that, tested.
+            log.error("node %s: %s: draining, then exiting 1 for the service manager to restart it", node.id, failed)
         # Still listening: readyz answers 503 while the clients are sent away.
-        await app[NODE].shutdown()
+        await node.shutdown()
+        if failed is not None:
+            raise NodeFailed(failed)
     finally:
         for r in reversed(runners):
             await r.cleanup()
@@ -178,6 +191,8 @@ def _run(
     except CannotListen as exc:
         log.error("%s", exc)
         return 1
+    except NodeFailed:
+        return 1  # said when it happened
     finally:
         loop.close()
     return 0

@@ -1,0 +1,72 @@
+"""nats-py closes a connection for good (no reconnect) on most of the
+server's -ERRs: maximum subscriptions or connections exceeded, an
+authorization violation... The webhook dispatcher and NatsPublisher must not
+stay without NATS afterwards. (The node: tests/system/test_nats_closed.py.)
+
+Here the -ERR is provoked on the client's own connection (subscriptions past
+the server's max_subscriptions): the one way to single out one client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker import BrokerUnavailable
+from broker.embedded import NatsServer
+from broker.publisher import NatsPublisher
+from gateway.hooks import Dispatcher
+from gateway.settings import with_overrides
+
+from ..helpers import SECRET, make_settings, start_node, wait_for
+
+# Fewer than a node or a dispatcher takes; the test adds its own past it.
+MAX_SUBSCRIPTIONS = 40
+
+
+@pytest.fixture
+def limited_server(tmp_path: Path) -> Iterator[NatsServer]:
+    config = tmp_path / "nats.conf"
+    config.write_text(f"max_subscriptions: {MAX_SUBSCRIPTIONS}\n")
+    with NatsServer(store_dir=str(tmp_path / "js"), config_file=str(config)) as server:
+        yield server
+
+
+async def exceed_subscriptions(nc: object) -> None:
+    """Make the server answer ``nc`` -ERR "maximum subscriptions exceeded"."""
+    for n in range(MAX_SUBSCRIPTIONS + 1):
+        await nc.subscribe(f"past.limit.{n}")  # type: ignore[attr-defined]
+    await wait_for(lambda: nc.is_closed, timeout=5)  # type: ignore[attr-defined]
+
+
+async def test_nats_publisher_connects_anew_after_nats_closed_it(limited_server: NatsServer) -> None:
+    settings = make_settings(limited_server.url)
+    node = await start_node(settings)
+    try:
+        prefix, stream = settings.subject.prefix, settings.stream.name
+        async with NatsPublisher([limited_server.url], prefix, stream, attempts=3, backoff=0.1) as pub:
+            first = await pub.publish("room:lobby", b"1")
+            await exceed_subscriptions(pub._broker._link.nc)
+            assert await pub.publish("room:lobby", b"2") == first + 1
+    finally:
+        await node.stop()
+
+
+async def test_the_dispatcher_ends_when_nats_closed_it(limited_server: NatsServer) -> None:
+    """Not ready, waiting for a reconnect nats-py never makes, as it was: its
+    run ends with BrokerUnavailable, and ``herald hooks`` exits 1 (cli)."""
+    settings = with_overrides(make_settings(limited_server.url), hooks={"url": "http://127.0.0.1:9/", "secret": SECRET})
+    node = await start_node(settings)
+    dispatcher = Dispatcher(settings)
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        await wait_for(lambda: dispatcher.source.ready, timeout=15)
+        await exceed_subscriptions(dispatcher.source._nc)
+        with pytest.raises(BrokerUnavailable, match=r"closed for good.*maximum subscriptions exceeded"):
+            await asyncio.wait_for(task, timeout=10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await node.stop()
