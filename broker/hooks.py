@@ -62,6 +62,7 @@ class HookSource:
         max_ack_pending: int = 10_000,
     ) -> None:
         self._urls = urls
+        self._shown_urls = ",".join(urls)  # for the log, as the node's own connect error names them
         self._subjects = subjects
         self._stream = stream
         self._ack_wait = ack_wait
@@ -108,7 +109,7 @@ class HookSource:
 
     async def _nats_error(self, exc: Exception) -> None:
         # nats-py retries the first connect too (max_reconnect_attempts=-1) and says so only here.
-        warn("nats", "webhook dispatcher: NATS at %s: %r (retrying)", self._urls, exc)
+        warn("nats", "webhook dispatcher: NATS at %s: %r (retrying)", self._shown_urls, exc)
 
     async def start(self) -> None:
         """Connect and bind the consumer, waiting as long as it takes for NATS
@@ -129,7 +130,7 @@ class HookSource:
                     closed_cb=self._closed,
                 )
             except (TimeoutError, nats.errors.Error, OSError) as exc:
-                warn("connect", "webhook dispatcher cannot reach NATS at %s (%r): retrying", self._urls, exc)
+                warn("connect", "webhook dispatcher cannot reach NATS at %s (%r): retrying", self._shown_urls, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._js = self._nc.jetstream()

@@ -5,6 +5,8 @@ tests/nats/test_hooks.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -194,3 +196,34 @@ async def test_a_stop_hands_back_what_waits_to_fall_due_at_once() -> None:
     dispatcher.stop(task)
     done, _ = await asyncio.wait([task], timeout=1)
     assert done and [a.told for a in answers] == [[("nak", 0.0)]] * 3
+
+
+async def test_nats_warnings_list_the_urls_comma_separated(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatcher's NATS warnings name the URLs as the node's own
+    connect error does (``a,b``), not as a Python tuple."""
+    import broker.hooks
+    from broker.channels import Subjects
+    from broker.throttle import Throttle
+
+    monkeypatch.setattr(broker.hooks, "warn", Throttle(broker.hooks.log, interval=30.0))  # unmuted by other tests
+
+    urls = ("nats://127.0.0.1:1", "nats://127.0.0.1:2")
+    source = HookSource(urls, Subjects("herald"), "HERALD", ack_wait=5.0, connect_timeout=0.2)
+    with caplog.at_level(logging.WARNING):
+        starting = asyncio.ensure_future(source.start())
+        try:
+            await asyncio.wait_for(_until(lambda: any("retrying" in r.getMessage() for r in caplog.records)), 10)
+        finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    said = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert said and all("nats://127.0.0.1:1,nats://127.0.0.1:2" in line for line in said), said
+    assert not any("('nats://" in line for line in said), said
+
+
+async def _until(check: Any) -> None:
+    while not check():
+        await asyncio.sleep(0.05)
