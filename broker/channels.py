@@ -30,16 +30,29 @@ class InvalidChannel(ValueError):
     """A channel, id or event name that the contract refuses."""
 
 
+def shown(value: object, limit: int = 40) -> str:
+    """``value`` as a refusal names it: ASCII-quoted (no newline or escape
+    reaches a log line or a close reason), cut past ``limit`` characters so
+    that a refusal still fits a 123-byte close reason."""
+    if isinstance(value, str):
+        text = ascii(value[: limit + 1])
+        return text if len(text) <= limit + 2 else text[: limit + 1] + "..." + text[0]
+    if value is None or isinstance(value, (bool, int, float)):
+        text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else "(a large integer)"
+        return text[:limit]
+    return f"(a {type(value).__name__})"  # a JSON array or object: not an id, whatever it holds
+
+
 def check_id(kind: str, value: object) -> str:
     """Return ``value`` if it is a valid user or room id, else raise InvalidChannel."""
     if not isinstance(value, str) or ID_RE.fullmatch(value) is None:
-        raise InvalidChannel(f"invalid {kind} id: must match [A-Za-z0-9_:@=+-]{{1,128}}")
+        raise InvalidChannel(f"invalid {kind} id {shown(value)}: must match [A-Za-z0-9_:@=+-]{{1,128}}")
     return value
 
 
 def check_event(value: object) -> str:
     if not isinstance(value, str) or EVENT_RE.fullmatch(value) is None:
-        raise InvalidChannel("invalid event name: must match [A-Za-z0-9_.:@+-]{1,64}")
+        raise InvalidChannel(f"invalid event name {shown(value)}: must match [A-Za-z0-9_.:@+-]{{1,64}}")
     return value
 
 
@@ -79,7 +92,7 @@ def parse_channel(name: object) -> Channel:
         kind, sep, ident = name.partition(":")
         if sep and kind in (ROOM, USER):
             return _channel(kind, check_id(kind, ident))
-    raise InvalidChannel("invalid channel: expected room:<id>, user:<id> or broadcast")
+    raise InvalidChannel(f"invalid channel {shown(name)}: expected room:<id>, user:<id> or broadcast")
 
 
 def _channel(kind: str, ident: str) -> Channel:

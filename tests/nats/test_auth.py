@@ -549,6 +549,10 @@ async def test_publish_api_refuses_bad_channels(channel: Any, node: RunningNode,
     answer = await publish_api(http, node, {"channel": channel, "data": {"x": 1}})
     assert answer.status == 400
     assert answer.body["error"] == "bad_request" and answer.body["message"]
+    if isinstance(channel, str):  # the message names what was sent: the id, or the whole name
+        kind, sep, ident = channel.partition(":")
+        sent = ident if sep and kind in ("room", "user") else channel
+        assert ascii(sent) in answer.body["message"], answer.body
 
 
 async def test_publish_api_validation(node: RunningNode, http: aiohttp.ClientSession) -> None:

@@ -101,7 +101,9 @@ async def test_presence_needs_the_room_in_the_token(node_factory: NodeFactory, h
     await ws.send_json({"type": "presence", "room": "a.b", "ref": 2})
     err = await recv_json(ws)
     assert (err["type"], err["code"], err["ref"]) == ("error", "bad_request", 2)
-    assert (await api_presence(http, node.url, "a*b"))[0] == 400
+    assert "'a.b'" in err["message"], err  # the value sent, quoted
+    status, body = await api_presence(http, node.url, "a*b")
+    assert status == 400 and "'a*b'" in body["message"], body
     async with http.get(node.url + "/api/presence/lobby") as r:
         assert r.status == 401
     await ws.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 import pytest
@@ -371,3 +372,30 @@ def test_parse_rfc3339_lowercase_and_tiny_fraction() -> None:
 def test_parse_rfc3339_refuses_garbage(text: str) -> None:
     with pytest.raises(ValueError):
         parse_rfc3339(text)
+
+
+@pytest.mark.parametrize(
+    ("check", "value", "says"),
+    [
+        (lambda v: check_id("room", v), "a.b", "invalid room id 'a.b': must match"),
+        (lambda v: check_id("user", v), "", "invalid user id '': must match"),
+        (lambda v: check_id("room", v), "a\nb\x1b", "invalid room id 'a\\nb\\x1b'"),  # no line or escape reaches a log
+        (lambda v: check_id("room", v), 5, "invalid room id 5:"),
+        (parse_channel, "lobby", "invalid channel 'lobby': expected"),
+        (parse_channel, "room:x*", "invalid room id 'x*'"),
+        (check_event, "", "invalid event name '': must match"),
+    ],
+)
+def test_refusals_name_the_value_quoted(check: Callable[[object], object], value: object, says: str) -> None:
+    with pytest.raises(InvalidChannel) as refused:
+        check(value)
+    assert str(refused.value).startswith(says), refused.value
+
+
+@pytest.mark.parametrize("value", ["r" * 5000, "\U0001f600" * 200, ["room"] * 10_000, {"a": "b" * 5000}])
+def test_a_long_value_is_cut_so_the_refusal_fits_a_close_reason(value: object) -> None:
+    """A 4000 close reason holds 123 bytes: the value is cut, the rule kept."""
+    with pytest.raises(InvalidChannel) as refused:
+        check_id("room", value)
+    said = str(refused.value)
+    assert said.isascii() and len(said) <= 123 and said.endswith("must match [A-Za-z0-9_:@=+-]{1,128}"), said
