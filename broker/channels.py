@@ -61,9 +61,12 @@ def parse_seq(value: object) -> int:
     ASCII digits, or (from JSON) a non-negative integer below 2**63."""
     if type(value) is int and 0 <= value < 2**63:
         return value
-    if not isinstance(value, str) or SEQ_RE.fullmatch(value) is None or int(value) >= 2**63:
-        raise InvalidChannel("a position must be a stream id (a string of digits)")
-    return int(value)
+    if isinstance(value, str) and SEQ_RE.fullmatch(value) is not None and int(value) < 2**63:
+        return int(value)
+    digits = isinstance(value, str) and value.isascii() and value.isdigit()
+    if digits or (type(value) is int and value >= 2**63):  # a stream id, but past any the stream can hold
+        raise InvalidChannel("a position is too large: stream ids are below 2^63 (9223372036854775808)")
+    raise InvalidChannel("a position must be a stream id (a string of digits)")
 
 
 # A validated channel name: ``user:<id>``, ``room:<id>`` or ``broadcast``.

@@ -702,6 +702,8 @@ async def test_listen_without_a_node_says_so_once(tmp_path: Path) -> None:
         (["room:" + "\u00e9" * 300], {"HERALD_TOKEN": "x"}, "invalid room id '\\xe9\\xe9"),
         (["user:bob", "--user", "eve"], {"HERALD_JWT_SECRET": SECRET}, "only your own user channel"),
         (["user", "--since", "x"], {"HERALD_TOKEN": "x"}, "position"),
+        (["user", "--since", "9" * 23], {"HERALD_TOKEN": "x"}, "too large"),
+        (["user", "--since", str(2**63)], {"HERALD_TOKEN": "x"}, "too large"),
         (["user", "--url", "ftp://h"], {"HERALD_TOKEN": "x"}, "not a node URL"),
     ],
 )

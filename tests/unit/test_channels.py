@@ -399,3 +399,16 @@ def test_a_long_value_is_cut_so_the_refusal_fits_a_close_reason(value: object) -
         check_id("room", value)
     said = str(refused.value)
     assert said.isascii() and len(said) <= 123 and said.endswith("must match [A-Za-z0-9_:@=+-]{1,128}"), said
+
+
+@pytest.mark.parametrize("value", ["9" * 20, "9" * 23, str(2**63), 2**63, 10**30])
+def test_a_position_past_2_63_is_too_large(value: object) -> None:
+    """Digits, but too many: it used to say "must be a stream id (a string of digits)"."""
+    with pytest.raises(InvalidChannel, match="too large"):
+        parse_seq(value)
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "1.5", "\u00b2", "", -1, 1.5, True])
+def test_a_position_not_digits_is_said_so(value: object) -> None:
+    with pytest.raises(InvalidChannel, match="string of digits"):
+        parse_seq(value)
