@@ -219,7 +219,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
     from broker.publisher import NatsPublisher
 
     channel = parse_channel(args.channel)
-    if args.event:
+    if args.event is not None:  # "" too, before connecting: the node refuses an empty event (400)
         check_event(args.event)
     nats = settings.nats
     publisher = NatsPublisher(

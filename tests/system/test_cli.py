@@ -274,6 +274,20 @@ def test_publish_refuses_a_bad_channel(channel: str, says: str, tmp_path: Path) 
     assert len(lines) == 1 and says in lines[0], result.stderr
 
 
+@pytest.mark.parametrize("event", ["", "a b", "e" * 65])
+def test_publish_refuses_a_bad_event_before_connecting(event: str, tmp_path: Path) -> None:
+    """An empty --event skipped the argument check: refused only once NATS
+    answered, and with NATS down the user heard about the connection instead.
+    The node's publish API refuses "" too (400), as docs/protocol.md 1.1 says."""
+    result = run_cli(
+        ["publish", "room:lobby", "x", "--event", event], tmp_path, HERALD_NATS_URLS=f"nats://127.0.0.1:{free_port()}"
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "invalid event name" in lines[0], result.stderr
+
+
 def test_publish_without_nats_fails_within_connect_timeout_with_one_line(tmp_path: Path) -> None:
     """nats.connect_timeout bounds the wait (it used to be 5 s whatever it
     said), and stderr is one line naming the URL and why, not the broker's
