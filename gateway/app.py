@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-
-from broker.throttle import Throttle
 
 from .api import CommandApi, NodeApi, PublishApi, healthz
 from .front import FastRoute
 from .http import ALWAYS_HEADERS, valid_host
 from .keys import FAST_ROUTES, NODE, NODE_API
+from .malformed import quiet_malformed_requests
 from .node import BrokerFactory, build_node
 from .server_api import ServerApi
 from .settings import Settings
@@ -36,35 +33,6 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
-
-
-_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s'\"]*")
-
-
-class _MalformedRequests(logging.Filter):
-    """aiohttp logs every request its parser refuses (a request line too long,
-    a repeated Content-Type, a body that does not decode) at ERROR with a
-    traceback, after answering 400 itself: anyone could fill the log with
-    them. One throttled warning line instead."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._warn = Throttle(log, interval=60.0)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            # A refused request line is quoted: a stream's carries its token (?token=).
-            excerpt = _TOKEN_IN_QUERY.sub(r"\1…", str(exc.message))
-            self._warn("malformed", "refused malformed requests (HTTP 400), e.g.: %s", excerpt)
-            return False
-        return True
-
-
-def _quiet_malformed_requests() -> None:
-    server_log = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
-        server_log.addFilter(_MalformedRequests())
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -94,7 +62,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
     """The node's public application: its composition root. ``/metrics`` and
     ``/api/stats`` are on it unless ``[admin] port`` puts them on the admin
     application instead."""
-    _quiet_malformed_requests()
+    quiet_malformed_requests()
     node = build_node(settings, broker_factory)
     opener = Opener(node.id, node.gate, node.sessions, node.resumer)
     # Bodies up to a publish batch's; each handler bounds its own (http.max_body for most).

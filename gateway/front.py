@@ -33,16 +33,19 @@ from broker.tasks import spawn
 
 from .head import FrontHead
 from .http import ALWAYS_HEADERS, HOST, Reply, error_reply, hard_abort, http_date
+from .malformed import MAX_HEADERS, MAX_LINE, JsonRefusals, line_too_long, log_refused
 
 log = logging.getLogger("herald.http")
 
-MAX_HEAD = 8190  # longer heads go to aiohttp (its limit for a line: it refuses longer ones)
+MAX_HEAD = MAX_LINE  # longer heads go to aiohttp (its limit for a line: it refuses longer ones)
+# After refusing a request line too long, what more of it is read (and dropped) before the connection
+# closes: the client sending the rest reads the answer, rather than a reset.
+_LINE_DROPPED = 65536
 # Header lines as RFC 9110 has them (no folding, no stray control bytes), checked in one pass.
 _HEADERS = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # Origin-form, visible ASCII but "#" (a fragment, which aiohttp drops): anything else is aiohttp's to judge.
 _TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*")
-MAX_HEADERS = 128  # aiohttp's limit: it refuses more
 # A request line of an HTTP version aiohttp would answer in kind (it echoes "HTTP/2.0").
 _OTHER_VERSION = re.compile(rb"[^\r\n]* HTTP/(?!1\.[01](?:\r|$))[0-9]\.[0-9](?:\r|$)")
 # What only aiohttp handles: bodies that are not plain Content-Length ones.
@@ -211,8 +214,12 @@ class FrontConnection(asyncio.Protocol):
         if self._pending is None:
             end = buffer.find(b"\r\n\r\n")
             if end < 0 or end > MAX_HEAD:
-                # Too long, or lines ended by a bare LF: aiohttp answers 400 at once.
-                if len(buffer) > MAX_HEAD or buffer.find(b"\n\n", 0, MAX_HEAD + 4) >= 0:
+                if len(buffer) > MAX_HEAD and buffer.find(b"\n", 0, MAX_HEAD + 2) < 0:
+                    # A request line too long: 414 (aiohttp's parser would say a plain 400).
+                    log_refused(414, repr(bytes(buffer[:100])) + "...")
+                    self._refuse_unread(line_too_long(), _LINE_DROPPED)
+                # Too long, or lines ended by a bare LF: aiohttp answers 400 (or 431) at once.
+                elif len(buffer) > MAX_HEAD or buffer.find(b"\n\n", 0, MAX_HEAD + 4) >= 0:
                     self._hand_over()
                 return
             head = bytes(buffer[:end])
@@ -387,7 +394,11 @@ class FrontServer(web.Server):
         self.door = door
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
-        return FrontConnection(self.door, super().__call__)
+        return FrontConnection(self.door, self._handler)
+
+    def _handler(self) -> JsonRefusals:
+        """aiohttp's protocol for a connection handed over (as web.Server makes it), refusing in JSON."""
+        return JsonRefusals(self, loop=self._loop, **self._kwargs)
 
     def pre_shutdown(self) -> None:
         self.door.closing = True

@@ -6,11 +6,16 @@ clients that never read their answers, HTTP versions, Host values."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import re
 import socket
 import time
 
 import pytest
+
+from broker.throttle import Throttle
+from gateway import malformed
 
 from ..helpers import PUBLISH_KEY, NodeFactory, RunningNode, token, wait_for
 from .test_front_paths import REPEATED, exchange
@@ -107,6 +112,54 @@ async def test_a_request_with_bare_lf_line_ends_is_answered_400_at_once(
     assert took < 3.0, took
 
 
+# --- heads no parser reads: the node's JSON refusal, not aiohttp's plain text -----------------------
+
+LONG = b"x" * 9000  # past the 8190 bytes aiohttp reads of a line
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "says"),
+    [
+        (b"GET /sse?token=%b HTTP/1.1\r\nHost: x\r\n\r\n" % LONG, 414, "request line"),
+        (b"GET /healthz?q=%b HTTP/1.1\r\nHost: x\r\n\r\n" % LONG, 414, "request line"),
+        (b"POST /api/publish?token=%b HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" % LONG, 414, "request line"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: %b\r\n\r\n" % LONG, 431, "header line"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n%b\r\n" % b"".join(b"X-H%d: 1\r\n" % i for i in range(140)), 431, "128"),
+        (b"GET /healthz HTTP/1.1\nHost: x\n\n", 400, "malformed"),
+        (b"GET /healthz HTTP/1.1\r\n\r\n", 400, "Host"),
+    ],
+    ids=["sse-line", "healthz-line", "publish-line", "header-line", "many-headers", "bare-LF", "no-Host"],
+)
+async def test_a_head_no_parser_reads_is_refused_in_json_and_closed(
+    node: RunningNode, request_bytes: bytes, status: int, says: str
+) -> None:
+    """docs/protocol.md 9: every refusal is {"error","message"}; aiohttp's parser
+    answered these with a plain-text 400 quoting the request line (token and all).
+    RFC 9112 3: a request line too long is 414; RFC 6585: header fields, 431."""
+    answer, took = await timed_exchange(node, request_bytes, seconds=5.0)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] %d " % status, head), answer[:300]
+    assert re.search(rb"\r\nContent-Type: application/json", head, re.IGNORECASE), head
+    refusal = json.loads(body)
+    assert refusal["error"] == "bad_request" and says in refusal["message"], refusal
+    assert b"xxxxxxxxxx" not in answer  # nothing of the request is echoed: a token would be
+    assert took < 3.0, took  # and the connection closes
+
+
+async def test_a_request_line_too_long_is_logged_without_its_token(
+    node: RunningNode, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(malformed, "_warn", Throttle(malformed.log, interval=60.0))  # unmuted by other tests
+    secret = token("long").encode()
+    with caplog.at_level(logging.WARNING, logger="herald"):
+        request = b"GET /sse?token=%b&room=%b HTTP/1.1\r\nHost: x\r\n\r\n" % (secret, LONG)
+        answer, _ = await timed_exchange(node, request)
+    assert answer.startswith(b"HTTP/1.1 414 "), answer[:200]
+    said = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert said and "(HTTP 414)" in said[0] and "/sse?token=" in said[0], said
+    assert secret[:20].decode() not in caplog.text
+
+
 # --- more headers than aiohttp takes: a fast route gives the same answers through both paths --------
 
 
@@ -114,7 +167,7 @@ async def test_a_request_with_more_headers_than_aiohttp_allows_gets_the_same_ans
     many = b"".join(b"X-H%d: 1\r\n" % i for i in range(140))  # 1.4 KB: far below MAX_HEAD
     front, _ = await timed_exchange(node, publish(many), seconds=1.0)
     aiohttp_, _ = await timed_exchange(node, publish(many + REPEATED), seconds=1.0)
-    assert aiohttp_.startswith(b"HTTP/1.0 400 Bad Request")  # aiohttp: "Too many headers received"
+    assert aiohttp_.startswith(b"HTTP/1.0 431 Request Header Fields Too Large")  # aiohttp: "Too many headers received"
     assert front.split(b"\r\n", 1)[0] == aiohttp_.split(b"\r\n", 1)[0], (front[:200], aiohttp_[:200])
 
 
