@@ -8,7 +8,9 @@ close-code rules of herald.js (README, "Browser client"; docs/protocol.md §8).
 - An upgrade refused with an HTTP status is read as the close code of that
   status (``refused_code``, docs/protocol.md §8): 400 and 426 as 4000, 401
   as 4001, 403 as 4003, 429 as 4029, 500 as 1011, 503 as 1013; any other
-  status (a proxy's 404 or 502) as a dropped connection.
+  4xx (a proxy's 414 or 431, a wrong URL's 404) as 4000, but 408 and 421
+  (retried on a new connection) as a dropped connection; any other 5xx (a
+  proxy's 502 or 504) as 1013.
 - 4001: ask ``get_token`` for a new token and reconnect at once, once; a
   second 4001 before a connection succeeds (or no ``get_token``) stops.
 - 4008 (slow consumer): reconnect at once.
@@ -41,10 +43,19 @@ _REFUSED = {400: 4000, 401: 4001, 403: 4003, 426: 4000, 429: 4029, 500: 1011, 50
 _FIX_THE_CLIENT = (1002, 1007, 1009)
 
 
+# 4xx that a new connection may not get again: a request that timed out on its way, one sent to the wrong server.
+_RETRIED_4XX = (408, 421)
+
+
 def refused_code(status: int) -> int | None:
-    """The close code of an upgrade refused with HTTP ``status`` (None: not one
-    of the node's refusals: retried like a dropped connection)."""
-    return _REFUSED.get(status)
+    """The close code of an upgrade refused with HTTP ``status`` (None: retried
+    like a dropped connection). Beyond the node's own refusals, as herald.js
+    reads an SSE refusal: a 4xx the same request would get again stops the
+    client, as 4000 does; a 5xx is retried with backoff, as 1013."""
+    code = _REFUSED.get(status)
+    if code is not None or status < 400 or status in _RETRIED_4XX:
+        return code
+    return 4000 if status < 500 else 1013
 
 
 def ws_url(url: str) -> str:

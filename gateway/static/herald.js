@@ -49,6 +49,15 @@ const ON_STREAM = new Set(["subscribe", "unsubscribe", "refresh"]);
 const PASSING = new Set(["disconnected", "timeout", "unavailable", "rate_limited"]);
 // An SSE stream refused with an HTTP status: the close code a WebSocket gets (docs/protocol.md §8).
 const REFUSED = { 400: 4000, 401: 4001, 403: 4003, 429: 4029, 500: 1011, 503: 1013 };
+/** The close code an SSE open refused with HTTP `status` is read as (protocol §8). Beyond the node's own
+ * refusals: a 4xx the same request would get again (a proxy's 414 or 431, a wrong URL's 404) stops, as 4000
+ * does; 408 and every 5xx (a proxy's 502 or 504: no node behind it) back off and retry, as 1013. */
+const refusedAs = (status) => {
+  if (REFUSED[status]) return REFUSED[status];
+  if (status === 200) return 1000; // a stream again: it is made anew
+  if (status < 400 || status === 408 || status === 421) return 1006; // no answer (0); timed out, or misdirected
+  return status < 500 ? 4000 : 1013;
+};
 // The node read a frame of ours it cannot take (RFC 6455 broken, not UTF-8, over ws.max_frame):
 // the same frames would be refused again, so these stop the client, as 4000 does (protocol §8).
 const FIX_THE_CLIENT = new Set([1002, 1007, 1009]);
@@ -57,7 +66,7 @@ const MAX_FRAME = 65536;
 const REF_ROOM = 20; // bytes a ref of ours may take: the digits of a counter
 const MAX_LATE = 1000; // commands timed out on a WebSocket, kept for the effect of their answer
 // A stream's query (token, since, rooms) is kept within this many bytes: nginx refuses a request line over
-// 8 KB (414, large_client_header_buffers) and the node one over 8190 bytes (400), and every reconnect would
+// 8 KB (414, large_client_header_buffers) and the node one over 8190 bytes (414), and every reconnect would
 // be refused. Rooms past it are re-joined after the welcome, as the backend's are (`subscribe {room, since}`).
 const MAX_QUERY = 6144;
 
@@ -446,8 +455,8 @@ class Client {
         })
         .catch(() => [0, null])
         .then(([status, body]) => {
-          const code = REFUSED[status] || (status === 200 ? 1000 : 1006);
-          this.closed(code, body?.message || "", false);
+          const code = refusedAs(status);
+          this.closed(code, body?.message || (code === 4000 ? `HTTP ${status}` : ""), false);
         });
     };
   }

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -637,7 +638,7 @@ async def test_rooms_past_the_request_line_limit_join_after_the_welcome(
     node: RunningNode, http: aiohttp.ClientSession
 ) -> None:
     """70 rooms of 120 characters (within limits.max_subscriptions): ~9 KB of `room=`, over the node's
-    request line (8190 bytes, 400: read as 4000, which stopped the client) and nginx's (8 KB, 414)."""
+    request line (8190 bytes, 414 — it was 400 —: read as 4000, which stopped the client) and nginx's (8 KB, 414)."""
     rooms = [str(i).rjust(120, "r") for i in range(70)]
     user = "u" + uuid.uuid4().hex[:8]
     async with HeraldClient(node.url, token=token(user), rooms=rooms, min_delay=0.05) as client:
@@ -653,6 +654,37 @@ async def test_rooms_past_the_request_line_limit_join_after_the_welcome(
         await wait_for(lambda: {f"room:{r}" for r in rooms} <= again.channels)
         after = await api_publish(http, node, f"room:{rooms[-1]}", {"n": 2})
         assert [m.id for m in await take(client, 1)] == [after]
+
+
+async def test_an_upgrade_refused_by_a_proxy_stops_on_a_lasting_4xx_and_retries_a_5xx(node: RunningNode) -> None:
+    """Statuses the node does not send (docs/protocol.md 8): a proxy's 414 (a URL too long) would come
+    again on every retry, so the client stops as on 4000 (it used to retry for ever); a 502 is retried,
+    and the next URL, a node, is reached."""
+
+    def answering(status: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 %b\r\nContent-Type: text/html\r\nContent-Length: 5\r\n\r\n<p/>\n" % status)
+            await writer.drain()
+            writer.close()
+
+        return proxy
+
+    too_long = await asyncio.start_server(answering(b"414 Request-URI Too Large"), "127.0.0.1", 0)
+    bad_gateway = await asyncio.start_server(answering(b"502 Bad Gateway"), "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{too_long.sockets[0].getsockname()[1]}"
+        async with HeraldClient(url, token=token("uri"), min_delay=0.01) as client:
+            with pytest.raises(Stopped) as stopped:
+                await asyncio.wait_for(take(client, 1), 5)
+            assert stopped.value.code == 4000 and "414" in stopped.value.reason
+        url = f"http://127.0.0.1:{bad_gateway.sockets[0].getsockname()[1]}"
+        async with HeraldClient([url, node.url], token=token("gw"), min_delay=0.01) as client:
+            await asyncio.wait_for(client.ping(), 5)
+            assert client.welcome is not None
+    finally:
+        too_long.close()
+        bad_gateway.close()
 
 
 async def test_an_upgrade_nobody_answers_is_given_up_for_the_next_url(node: RunningNode) -> None:

@@ -711,6 +711,42 @@ async def test_the_default_transport_is_auto_and_an_sse_400_stops(page: Page) ->
     assert result == {"first": True, "second": True, "state": "closed", "timers": 0}
 
 
+async def test_an_sse_open_refused_with_another_status_stops_or_backs_off_by_its_class(page: Page) -> None:
+    """Statuses the node does not send but a proxy or a wrong URL does (docs/protocol.md 8): a 4xx the same
+    request would get again (404 a wrong path, 414 / 431 a URL or head too long, 405, 410) stops the client
+    as 4000 does, with the status in the error; 408, 421 and every 5xx (502, 504: a proxy without a node) are
+    retried with backoff. They used to be read as 1006 and retried for ever."""
+    result = await run(
+        page,
+        """
+        const out = {};
+        for (const status of [404, 405, 410, 414, 431, 408, 421, 502, 504, 599]) {
+          const c = Herald.connect({ url: "http://gw.test", token: "t", transport: "sse" });
+          const errors = [], closes = [];
+          c.on("error", (e) => errors.push(e));
+          c.on("close", (e) => closes.push(e.code));
+          fake.last().fail("refused");
+          await fake.settle();
+          fake.request().respond(status);  // a proxy's page: no JSON
+          await fake.settle();
+          out[status] = { state: c.state, timers: fake.timers.length, errors, closes };
+          fake.timers.splice(0);
+          c.close();
+        }
+        return out;
+        """,
+    )
+    for status in (404, 405, 410, 414, 431):
+        assert result[str(status)] == {
+            "state": "closed",
+            "timers": 0,
+            "errors": [{"code": "4000", "message": f"HTTP {status}"}],
+            "closes": [4000],
+        }, status
+    for status, code in ((408, 1006), (421, 1006), (502, 1013), (504, 1013), (599, 1013)):
+        assert result[str(status)] == {"state": "reconnecting", "timers": 1, "errors": [], "closes": [code]}, status
+
+
 async def test_a_stream_that_cannot_even_be_made_is_retried_and_said(page: Page) -> None:
     """``new WebSocket`` / ``new EventSource`` throw for a malformed URL or
     one the page's CSP forbids: the client says so (``error``) and goes on as

@@ -4,7 +4,7 @@ break, on both transports.
 
 - A stream's URL carries the token and every room: past nginx's request line
   limit (large_client_header_buffers, 8 KB: 414) and the node's (8190 bytes:
-  400) the stream could never open again; rooms past it join after the
+  414) the stream could never open again; rooms past it join after the
   welcome instead, and resume like the others.
 - Over HTTP/2 (what docs/protocol.md §4.1 tells SSE deployments to serve:
   HTTP/1.1 gives a browser 6 connections per origin, and 6 SSE tabs leave

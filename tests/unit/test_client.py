@@ -79,7 +79,13 @@ def test_close_codes_decide_as_herald_js_does() -> None:
     assert r.after(4001, "refused by the app", False, by_hook=True) == Step(stop=True)
     # An upgrade refused with an HTTP status: the close code of that status (herald.js reads SSE's so).
     statuses = (400, 401, 403, 404, 426, 429, 500, 502, 503)
-    assert [refused_code(s) for s in statuses] == [4000, 4001, 4003, None, 4000, 4029, 1011, None, 1013]
+    assert [refused_code(s) for s in statuses] == [4000, 4001, 4003, 4000, 4000, 4029, 1011, 1013, 1013]
+    # A proxy's or a wrong URL's: a 4xx the same request would get again stops as 4000 (herald.js too);
+    # 408 and every 5xx back off and retry (None: as a dropped connection; 1013).
+    others = (405, 410, 414, 431, 408, 421, 502, 504, 599, 200, 302)
+    assert [refused_code(s) for s in others] == [4000, 4000, 4000, 4000, None, None, 1013, 1013, 1013, None, None]
+    assert Reconnect().after(refused_code(414), "upgrade refused: HTTP 414", True) == Step(stop=True)
+    assert not Reconnect().after(refused_code(502), "upgrade refused: HTTP 502", True).stop
 
 
 def test_backoff_is_full_jitter_doubling_up_to_the_cap_and_reset_by_a_welcome() -> None:
