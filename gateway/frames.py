@@ -22,9 +22,38 @@ _DIGITS_ONLY = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
 _LONG_DIGITS = b"0" * 19
 
 
+# In a JSON text, from left to right: an escaped backslash, a surrogate pair's escapes, a lone surrogate's
+# escape (6 bytes). An escaped backslash is taken whole: in "\\ud800" (a backslash, then text) nothing is.
+_SURROGATE_ESCAPES = re.compile(
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+)
+
+
+def _mend(escape: re.Match[bytes]) -> bytes:
+    return b"\\ufffd" if len(escape[0]) == 6 else escape[0]
+
+
+def without_lone_surrogates(raw: bytes) -> bytes | None:
+    """``raw`` with every lone surrogate escape (an unpaired ``\\ud800``:
+    JSON's grammar allows it, but it is no Unicode text, and orjson refuses
+    it) made ``\\ufffd``, the rest byte for byte; None if it has none."""
+    if b"\\u" not in raw:
+        return None
+    mended = _SURROGATE_ESCAPES.sub(_mend, raw)
+    return None if mended == raw else mended
+
+
 def loads_exact(raw: bytes | str) -> Any:
-    """A client's or publisher's JSON, numbers kept as they were written."""
-    doc = orjson.loads(raw)  # raises orjson.JSONDecodeError
+    """A client's or publisher's JSON, numbers kept as they were written; a
+    lone surrogate escape in a string is read as U+FFFD."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        mended = without_lone_surrogates(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw)
+        if mended is None:
+            raise
+        raw = mended
+        doc = orjson.loads(raw)  # raises orjson.JSONDecodeError
     if _LONG_DIGITS in (raw.encode() if isinstance(raw, str) else raw).translate(_DIGITS_ONLY):
         with contextlib.suppress(RecursionError):  # deeper than the stdlib goes: orjson's reading stands
             doc = json.loads(raw)
@@ -76,10 +105,17 @@ def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 
 
 def json_data(payload: bytes) -> bytes:
-    """``payload`` if it is JSON (embedded as is), else a JSON string of it."""
+    """``payload`` if it is JSON (embedded as is, but for a lone surrogate
+    escape, made U+FFFD: no client's parser need take one), else a JSON
+    string of it."""
     try:
         orjson.loads(payload)
     except orjson.JSONDecodeError:
+        mended = without_lone_surrogates(payload)
+        if mended is not None:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                orjson.loads(mended)
+                return mended
         return orjson.dumps(payload.decode("utf-8", "replace"))
     return payload
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import orjson
 
 from broker.embedded import NatsServer
 
@@ -199,3 +200,31 @@ async def test_welcome_means_the_channels_are_live(
         frame = await recv_json(ws)
         assert (frame["channel"], frame["data"]) == (f"room:new-room-{i}", {"n": i})
         await ws.close()
+
+
+# A JSON text whose strings hold lone surrogate escapes: valid JSON grammar, but no Unicode text (orjson,
+# and so the Python client, refuse it); a pair, and an escaped backslash before "ud800", are text.
+LONE = b'{"t":"\\ud800 lone","end":["\\udfff"],"pair":"\\ud83d\\ude00","esc":"\\\\ud800"}'
+MENDED = {"t": "\ufffd lone", "end": ["\ufffd"], "pair": "\U0001f600", "esc": "\\ud800"}
+
+
+async def test_lone_surrogate_escapes_are_delivered_as_u_fffd_in_the_json_value(
+    node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
+    """docs/protocol.md 3.2: data is the published JSON value, and what is no Unicode text is U+FFFD.
+    Such a payload was delivered as a string of its text; over HTTP it was refused as not JSON."""
+    prefix = node.settings.subject.prefix
+    ws = await open_ws(http, node, token("alice"), ["lobby"])
+    resp = await http.get(node.url + "/sse", params=[("token", token("bob")), ("room", "lobby"), ("envelope", "1")])
+    assert resp.status == 200
+    sse = SseClient(resp)
+    await subscribed(node, 4)
+    await core_publish(nats_server.url, f"{prefix}.room.lobby", LONE)
+    body = b'{"channel":"room:lobby","data":%b}' % LONE
+    async with http.post(node.url + "/api/publish", data=body, headers=PUBLISH_HEADERS) as answer:
+        assert answer.status == 200, await answer.text()
+    for _ in range(2):
+        frame = await recv_json(ws)  # orjson: strict JSON, no lone surrogate
+        assert (frame["type"], frame["data"]) == ("message", MENDED), frame
+        ev = await sse.next()
+        assert orjson.loads(ev.data)["data"] == MENDED, ev.data

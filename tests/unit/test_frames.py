@@ -157,6 +157,12 @@ def test_message_json_embeds_payload_verbatim() -> None:
         (b"\xff\xfeab", "\ufffd\ufffdab"),
         (b"caf\xc3\xa9", "caf\u00e9"),
         ("caf\u00e9 \u2603".encode(), "caf\u00e9 \u2603"),
+        # Lone surrogate escapes: JSON's grammar, no text: U+FFFD, the value kept (pairs, \\ud800 are text).
+        (b'"\\ud800"', "\ufffd"),
+        (b'{"a":"x\\uDBFFy\\udc00"}', {"a": "x\ufffdy\ufffd"}),
+        (b'["\\ud83d\\ude00","\\ude00\\ud83d"]', ["\U0001f600", "\ufffd\ufffd"]),
+        (b'["\\\\ud800","\\\\\\ud800"]', ["\\ud800", "\\\ufffd"]),
+        (b'{"a":"\\ud800"', '{"a":"\\ud800"'),  # still not JSON: the text, as a string
     ],
 )
 def test_message_json_data(payload: bytes, data: Any) -> None:
@@ -165,6 +171,15 @@ def test_message_json_data(payload: bytes, data: Any) -> None:
     assert out["data"] == data
     assert out["type"] == "message"
     assert set(out) == {"type", "channel", "id", "event", "data"}
+
+
+def test_loads_exact_reads_a_lone_surrogate_escape_as_u_fffd() -> None:
+    """What a browser's JSON.stringify writes for a string cut inside an emoji: a client's command or a
+    publish body with one is read, its lone surrogates as U+FFFD (orjson refuses them)."""
+    for raw in (b'{"t":"a\\ud83d","n":12345678901234567890123}', '{"t":"a\\ud83d","n":12345678901234567890123}'):
+        assert loads_exact(raw) == {"t": "a\ufffd", "n": 12345678901234567890123}
+    with pytest.raises(orjson.JSONDecodeError):
+        loads_exact(b'{"t":"\\ud800"')
 
 
 def test_json_data_passthrough_is_identity() -> None:
