@@ -159,4 +159,5 @@ def create_admin_app(node_api: NodeApi) -> web.Application:
     """Metrics, stats and health of a node for the admin port (no lifecycle of its own)."""
     app = web.Application()
     _add_admin_routes(app, node_api)
+    app[FAST_ROUTES] = {}  # none: its front door only judges heads (front.py), as the public port's does
     return app

@@ -127,7 +127,7 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
         http = settings.http
         await listen(runner, settings, reuse_port)
         if settings.admin.port:
-            admin = web.AppRunner(create_admin_app(app[NODE_API]), access_log=None)
+            admin = FrontRunner(create_admin_app(app[NODE_API]), FAST_ROUTES, access_log=None)
             await admin.setup()
             runners.append(admin)
             admin_site = web.TCPSite(admin, settings.admin.host, settings.admin.port)

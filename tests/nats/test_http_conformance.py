@@ -11,13 +11,18 @@ import logging
 import re
 import socket
 import time
+import uuid
+from types import SimpleNamespace
+from typing import Any, cast
 
+import aiohttp
 import pytest
 
+from broker.embedded import NatsServer, free_port
 from broker.throttle import Throttle
 from gateway import malformed
 
-from ..helpers import PUBLISH_KEY, NodeFactory, RunningNode, token, wait_for
+from ..helpers import PUBLISH_KEY, NodeFactory, RunningNode, spawn_cluster_node, token, wait_for, wait_http_ok
 from .test_front_paths import REPEATED, exchange
 
 BODY = b'{"channel":"room:lobby","data":1}'
@@ -144,6 +149,26 @@ async def test_a_head_no_parser_reads_is_refused_in_json_and_closed(
     assert refusal["error"] == "bad_request" and says in refusal["message"], refusal
     assert b"xxxxxxxxxx" not in answer  # nothing of the request is echoed: a token would be
     assert took < 3.0, took  # and the connection closes
+
+
+async def test_the_admin_port_refuses_such_heads_in_json_too(
+    spawn: Any, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
+    """[admin] port serves /metrics, /api/stats, /api/presence: its heads are judged as the public port's."""
+    tag = "adm" + uuid.uuid4().hex[:8]
+    admin_port = free_port()
+    shared = {"subject": {"prefix": tag}, "stream": {"name": tag.upper()}}
+    await spawn_cluster_node(spawn, http, nats_server.url, shared, HERALD_ADMIN_PORT=str(admin_port))
+    await wait_http_ok(http, f"http://127.0.0.1:{admin_port}/healthz", None, timeout=10)
+    for request, status in (
+        (b"GET /api/stats?q=%b HTTP/1.1\r\nHost: x\r\n\r\n" % LONG, 414),
+        (b"GET /api/stats HTTP/1.1\r\nHost: x\r\nX-Long: %b\r\n\r\n" % LONG, 431),
+        (b"GET /api/stats HTTP/1.1\nHost: x\n\n", 400),
+    ):
+        answer = await exchange(cast(RunningNode, SimpleNamespace(url=f"http://127.0.0.1:{admin_port}")), request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert re.match(rb"HTTP/1\.[01] %d " % status, head), answer[:300]
+        assert json.loads(body)["error"] == "bad_request", body
 
 
 async def test_a_request_line_too_long_is_logged_without_its_token(
