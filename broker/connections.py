@@ -127,9 +127,8 @@ class KvConnections:
 
     async def settle(self, timeout: float) -> None:
         """Return once the count-outs begun so far are written (or given up),
-        or after ``timeout`` seconds."""
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=timeout)
+        or after ``timeout`` seconds, or once NATS is away (they cannot be)."""
+        await self._link.wait_connected(self.tasks, timeout)
 
     def recount(self) -> None:
         """Write this node's connections back into their users' tables: it

@@ -334,8 +334,9 @@ class NatsBroker:
         # subscriptions are forgotten (no UNSUB: the connection ends), so
         # flush briefly and close.
         await self.pubsub.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.flush(1), timeout=1.5)
+        if nc.is_connected:  # else nothing can be flushed
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.flush(1), timeout=1.5)
         # Connections counted out during the drain: a moment to finish, then
         # ended here (not destroyed pending when the loop closes).
         tasks = self._tasks | self.connections.tasks | self.relay.tasks

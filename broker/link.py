@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Collection
+from typing import Any
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -28,6 +30,19 @@ class NatsLink:
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    async def wait_connected(self, tasks: Collection[asyncio.Future[Any]], timeout: float) -> None:
+        """Wait for ``tasks`` at most ``timeout`` seconds, and no longer than
+        NATS stays connected: what they write would only time out once it
+        left (a node stopped together with its nats-server: a Ctrl-C to both)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = set(tasks)
+        while pending and self.connected:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            _, pending = await asyncio.wait(pending, timeout=min(left, 0.1))
 
     def client(self) -> DispatchingClient:
         if self.nc is None or not self.nc.is_connected:

@@ -432,18 +432,17 @@ class KvPresence:
         self._settle()  # what is held back after a store loss is judged now, or never
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._pending and self._tasks and loop.time() < deadline:
+        while self._pending and self._tasks and loop.time() < deadline and self._link.connected:
             await asyncio.sleep(0.01)
         # Not cancelled mid-batch: an entry deleted whose leave was not judged
         # would be announced by no one (a survivor's sweep finds no entry).
         self._stopping = True
         self._wake.set()
-        if self._tasks:
-            await asyncio.wait(self._tasks[:1], timeout=BATCH_WAIT)  # the write loop
+        await self._link.wait_connected(self._tasks[:1], BATCH_WAIT)  # the write loop
         tasks, self._tasks = self._tasks, []
         await cancel_and_wait(tasks)  # ended, not destroyed pending later
-        if self._nodes is None:
-            return
+        if self._nodes is None or not self._link.connected:
+            return  # without NATS, the entry lapses after the ttl
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
                 await self._nodes.delete(self.instance)
