@@ -649,6 +649,26 @@ class Positions:
     last: int = 0
 
 
+# Escapes read left to right: an escaped backslash, a surrogate pair, a surrogate alone (docs/protocol.md
+# 3.2: read as U+FFFD).
+_ESCAPES = re.compile(
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+)
+
+
+def json_as_read(data: str | bytes) -> Any:
+    """A client's or publisher's JSON as the node reads it: orjson's verdict,
+    but for a lone surrogate escape (which orjson refuses), read as U+FFFD."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+        mended = _ESCAPES.sub(lambda m: b"\\ufffd" if len(m[0]) == 6 else m[0], raw)
+        if mended == raw:
+            raise
+        return orjson.loads(mended)
+
+
 def expect_frame(frame: Frame, conn: FuzzConn, read_position: Positions) -> Expect:
     """The documented answer to one frame, updating the oracle's state."""
     size = len(frame.data.encode() if isinstance(frame.data, str) else frame.data)
@@ -662,7 +682,7 @@ def expect_frame(frame: Frame, conn: FuzzConn, read_position: Positions) -> Expe
             return Expect("close", frozenset({"1007"}))
         return expect_frame(Frame("text", frame.data.decode()), conn, read_position)
     try:
-        cmd = orjson.loads(frame.data)  # JSON corner cases (huge numbers, NaN) are the parser's call
+        cmd = json_as_read(frame.data)  # JSON corner cases (huge numbers, NaN) are the parser's call
     except orjson.JSONDecodeError:
         return Expect("error", frozenset({"bad_frame"}))
     if not isinstance(cmd, dict):
@@ -1208,7 +1228,7 @@ def expect_publish(headers: list[tuple[bytes, bytes]], body: bytes, encoding: by
         if len(body) > 65536:
             return Publish(413, "too_large")
     try:
-        doc = orjson.loads(body)
+        doc = json_as_read(body)
     except orjson.JSONDecodeError:
         return Publish(400, "bad_request")
     items = doc if isinstance(doc, list) else [doc]  # an array: a batch, checked whole
