@@ -134,7 +134,7 @@ class Connections(Protocol):
 
     async def settle(self, timeout: float) -> None:
         """Returns once every count-out begun before the call is done, or
-        after ``timeout`` seconds."""
+        after ``timeout`` seconds, or once NATS is away (none can be done)."""
 
 
 class Relay(Protocol):
