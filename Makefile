@@ -53,7 +53,7 @@ test-system: $(STAMP) browser-deps cluster-deps ops-deps
 	$(BIN)/python -m pytest $(XDIST) tests/system $(PYTEST_ARGS)
 
 # The fuzzers of tests/{unit,nats}/test_fuzz.py and tests/unit/test_hs256.py with a big budget (make test
-# runs them with 100 examples each, 300 for hs256); inputs/s per property in artifacts/fuzz/stats.json.
+# runs them with 100 examples each); inputs/s per property in artifacts/fuzz/stats.json.
 FUZZ_EXAMPLES ?= 5000
 fuzz: $(STAMP)
 	HERALD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/unit/test_fuzz.py tests/unit/test_hs256.py \

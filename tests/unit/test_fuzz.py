@@ -3,7 +3,7 @@ the node's edges are fuzzed in tests/nats/test_fuzz.py): random TOML documents
 (and environments) fed to ``load_settings`` give Settings whose values have the
 documented types, or a one-line ``ConfigError``, nothing else.
 
-Budget: twice ``HERALD_FUZZ_EXAMPLES`` examples (tests/fuzzing.py). The bugs
+Budget: ``HERALD_FUZZ_EXAMPLES`` examples (tests/fuzzing.py). The bugs
 this property found are pinned by the regression tests at the bottom.
 """
 
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from gateway.settings import ConfigError, Settings, load_settings
 
-from ..fuzzing import EXAMPLES, FUZZ, REPORTS, fuzz_report, one_in  # noqa: F401 - fuzz_report: autouse
+from ..fuzzing import FUZZ, REPORTS, fuzz_report, one_in  # noqa: F401 - fuzz_report: autouse
 
 DEFAULTS = Settings()
 # section -> key -> default, from the Settings dataclasses themselves.
@@ -261,7 +261,7 @@ def config_stats() -> Any:
 
 
 @pytest.mark.timeout(0)
-@settings(FUZZ, max_examples=EXAMPLES * 2)
+@settings(FUZZ)
 @given(data=st.data())
 def test_config_files(tmp_path: Path, keyfiles: dict[str, str], config_stats: Any, data: st.DataObject) -> None:
     """Any TOML file (and HERALD_* environment) gives Settings whose values

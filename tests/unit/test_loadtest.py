@@ -205,19 +205,20 @@ async def test_close_delimited_sse_any_split() -> None:
     ep = loopback_url("http://127.0.0.1:1/sse", ("http",))
     body = herald_stream(time.time())
     wire = SSE_CLOSE_HEAD + body
-    for cut in range(len(wire) + 1):
-        for size in (1, 7, len(wire)):
-            hist = Histogram()
-            client = SseClient(0, 0, ep, True, hist, False)
-            transport = FakeTransport()
-            client.connection_made(transport)  # type: ignore[arg-type]
-            client.data_received(wire[:cut])
-            for i in range(cut, len(wire), size):
-                client.data_received(wire[i : i + size])
-            assert client.ready.done() and client.ready.exception() is None, (cut, size)
-            assert (client.track.last, client.track.received, client.track.gaps, client.track.dups) == (3, 3, 0, 0)
-            assert hist.count == 3 and client.other == HERALD_CONTROL_EVENTS, (cut, size)
-            assert client.closed_at is None and not transport.closing  # the body runs until EOF
+    # Every split in two, in pieces of 7, and a byte at a time (which covers any cut).
+    splits = [(cut, size) for cut in range(len(wire) + 1) for size in (7, len(wire))]
+    for cut, size in [*splits, (0, 1)]:
+        hist = Histogram()
+        client = SseClient(0, 0, ep, True, hist, False)
+        transport = FakeTransport()
+        client.connection_made(transport)  # type: ignore[arg-type]
+        client.data_received(wire[:cut])
+        for i in range(cut, len(wire), size):
+            client.data_received(wire[i : i + size])
+        assert client.ready.done() and client.ready.exception() is None, (cut, size)
+        assert (client.track.last, client.track.received, client.track.gaps, client.track.dups) == (3, 3, 0, 0)
+        assert hist.count == 3 and client.other == HERALD_CONTROL_EVENTS, (cut, size)
+        assert client.closed_at is None and not transport.closing  # the body runs until EOF
     client.connection_lost(None)  # the server closes: that is the end of the body
     assert client.close_how == "sse end"
 
@@ -615,7 +616,9 @@ def test_storm_parts_merge_on_one_clock() -> None:
     assert any("admitted 4/s" in line for line in lines) and any("may be the limit" in line for line in lines)
 
 
-async def test_storm_against_a_loopback_event_stream() -> None:
+async def test_storm_against_a_loopback_event_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storm, "CLOSE_SETTLE", 0.1)  # the CPU after the closes: not measured here
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(SSE_CLOSE_HEAD)
