@@ -32,9 +32,8 @@ import aiohttp
 import pytest
 
 from broker.embedded import NatsServer, free_port, nats_server_binary
-from gateway.node import BrokerFactory
 
-from .helpers import RunningNode, make_settings, start_node
+from .helpers import NodeFactory, RunningNode, node_maker
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "nats", "system")
@@ -226,26 +225,15 @@ def nats_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Na
 
 
 @pytest.fixture
-async def node_factory(nats_server: NatsServer) -> AsyncIterator[Callable[..., Any]]:
+async def node_factory(nats_server: NatsServer) -> AsyncIterator[NodeFactory]:
     """``await node_factory(ws={...}, ...)`` starts a node on a free port."""
-    running: list[RunningNode] = []
-
-    async def make(
-        broker_factory: BrokerFactory | None = None, nats_url: str | None = None, **sections: dict[str, Any]
-    ) -> RunningNode:
-        settings = make_settings(nats_url or nats_server.url, **sections)
-        node = await start_node(settings, broker_factory)
-        running.append(node)
-        return node
-
-    yield make
-    for node in reversed(running):
-        await node.stop()
+    async with node_maker(nats_server.url) as make:
+        yield make
 
 
 @pytest.fixture
-async def node(node_factory: Callable[..., Any]) -> RunningNode:
-    return await node_factory()  # type: ignore[no-any-return]
+async def node(node_factory: NodeFactory) -> RunningNode:
+    return await node_factory()
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import itertools
 import os
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,25 @@ async def start_node(settings: Settings, broker_factory: BrokerFactory | None = 
     await listen(runner, settings)
     host, port = runner.addresses[0][:2]
     return RunningNode(settings, runner, f"http://{host}:{port}")
+
+
+@asynccontextmanager
+async def node_maker(nats_url: str) -> AsyncIterator[NodeFactory]:
+    """``await make(ws={...}, ...)`` starts a node on a free port; all are stopped on exit."""
+    running: list[RunningNode] = []
+
+    async def make(
+        broker_factory: BrokerFactory | None = None, nats_url: str = nats_url, **sections: dict[str, Any]
+    ) -> RunningNode:
+        node = await start_node(make_settings(nats_url, **sections), broker_factory)
+        running.append(node)
+        return node
+
+    try:
+        yield make
+    finally:
+        for node in reversed(running):
+            await node.stop()
 
 
 def broker_events(deliver: Callable[[Delivery], None] | None = None) -> BrokerEvents:

@@ -1,4 +1,4 @@
-"""Fixtures of the system tier: Debian's chromium through playwright; a client session for many streams."""
+"""Fixtures of the system tier: a client session for many streams (chromium: browser/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser
-
-from ..browser import launch_chromium
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    """Debian's headless chromium through playwright's async API (same loop as the nodes), closed afterwards."""
-    async with launch_chromium() as launched:
-        yield launched
 
 
 @pytest.fixture

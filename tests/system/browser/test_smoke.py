@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from playwright.async_api import Browser
 
-from ..browser import ConsoleWatch, screenshot_path
-from ..helpers import RunningNode
+from ...browser import ConsoleWatch, screenshot_path
+from ...helpers import RunningNode
 
 
 async def test_chromium_loads_the_client_module(node: RunningNode, browser: Browser) -> None:

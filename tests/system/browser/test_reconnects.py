@@ -31,8 +31,8 @@ from playwright.async_api import Browser, Page, WebSocketRoute
 
 from broker.embedded import NatsServer, free_port
 
-from ..helpers import NodeFactory, RunningNode, api_publish, spawn_cluster_node, token, wait_for
-from .test_browser_demo import admin_post
+from ...helpers import NodeFactory, RunningNode, api_publish, spawn_cluster_node, token, wait_for
+from .test_demo import admin_post
 
 TIMEOUT = 15_000
 

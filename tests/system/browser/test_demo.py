@@ -27,8 +27,8 @@ import gateway
 from broker.embedded import NatsServer, free_port
 from broker.publisher import NatsPublisher
 
-from ..browser import ConsoleWatch, screenshot_path
-from ..helpers import (
+from ...browser import ConsoleWatch, screenshot_path
+from ...helpers import (
     ADMIN_KEY,
     PUBLISH_HEADERS,
     PUBLISH_KEY,

@@ -37,9 +37,9 @@ from playwright.async_api import Browser
 
 from ops.cluster import Ports, render_nginx
 
-from ..helpers import NodeFactory, RunningNode, api_publish, free_base, token, wait_for
-from .test_browser_reconnects import PAGE, TIMEOUT, Gate, bounce, client_page
-from .test_ops_cluster import running_nginx
+from ...helpers import NodeFactory, RunningNode, api_publish, free_base, token, wait_for
+from ..test_ops_cluster import running_nginx
+from .test_reconnects import PAGE, TIMEOUT, Gate, bounce, client_page
 
 
 @asynccontextmanager

@@ -1,7 +1,7 @@
 """herald.js's decisions, checked in chromium with a scripted WebSocket and
-manual timers (tests/system/js/fake_socket.js): backoff, resume positions, close
+manual timers (tests/system/browser/js/fake_socket.js): backoff, resume positions, close
 codes, token renewal and command promises. The real-node behaviour is in
-test_browser_demo.py."""
+test_demo.py."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+import pytest_asyncio
 from playwright.async_api import Browser, Page
 
-from ..browser import ConsoleWatch
-from ..helpers import RunningNode
+from ...browser import ConsoleWatch
+from ...helpers import RunningNode
 
 FAKE = Path(__file__).parent / "js" / "fake_socket.js"
 WELCOME = '{type: "welcome", conn: "c1", user: "u", node: "n", channels: []}'
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="session")  # the browser's loop (conftest.py)
 async def page(node: RunningNode, browser: Browser) -> AsyncIterator[Page]:
     context = await browser.new_context()
     page = await context.new_page()

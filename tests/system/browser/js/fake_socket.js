@@ -1,4 +1,4 @@
-// Loaded before any page script in tests/system/test_browser_client.py: WebSocket,
+// Loaded before any page script in tests/system/browser/test_client.py: WebSocket,
 // EventSource and fetch are scripted fakes, timers wait for the test to run them,
 // Math.random is 1 (so a full-jitter backoff waits its whole bound).
 (() => {
