@@ -61,7 +61,7 @@ def streams(draw: st.DrawFn) -> tuple[list[int], int | None, int, int]:
     return seqs, before, draw(st.integers(1, 200)), draw(st.integers(1, 1001))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(streams())
 def test_every_page_is_the_naive_page(case: tuple[list[int], int | None, int, int]) -> None:
     seqs, before, limit, max_msgs = case
@@ -98,7 +98,7 @@ class BusyStream(ModelStream):
         return got
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(streams(), st.integers(1, 50), st.integers(1, 4))
 def test_a_page_read_while_messages_are_published_is_whole(
     case: tuple[list[int], int | None, int, int], published: int, after: int
