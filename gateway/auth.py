@@ -83,23 +83,24 @@ class Authenticator:
     def __init__(self, settings: JwtSettings, on_refused: OnRefused | None = None) -> None:
         self._settings = settings
         self._on_refused = on_refused
-        self._key: Any
         self._required = ["sub", "exp"] if settings.require_exp else ["sub"]
-        self._hs256: HS256 | None = None
-        if settings.public_key:
-            self._key, algorithm = key_algorithm(Path(settings.public_key).read_bytes())
-            self._algorithms = [algorithm]
-        else:
-            self._algorithms = ["HS256"]
-            self._key = settings.secret
-            if settings.secret:
-                self._hs256 = HS256.for_secret(
-                    settings.secret,
-                    tuple(self._required),
-                    settings.audience or None,
-                    settings.issuer or None,
-                    settings.leeway,
-                )
+        # Each key pins its own algorithm; the current key first, then those a
+        # rotation replaces (jwt.*_previous). A token's kid is not consulted.
+        keys = (
+            _key(settings.secret, settings.public_key),
+            _key(settings.secret_previous, ""),
+            _key("", settings.public_key_previous),
+        )
+        self._keys: list[tuple[Any, str]] = [k for k in keys if k is not None]
+        secrets = [s for s in (settings.secret, settings.secret_previous) if s]
+        fast = [
+            HS256.for_secret(
+                s, tuple(self._required), settings.audience or None, settings.issuer or None, settings.leeway
+            )
+            for s in secrets
+        ]
+        # A secret PyJWT refuses leaves every token to PyJWT, which says so per token.
+        self._hs256: tuple[HS256, ...] = () if None in fast else tuple(h for h in fast if h is not None)
         self._verified: dict[str, Identity] = {}
 
     @property
@@ -137,16 +138,29 @@ class Authenticator:
         self._verified[token] = identity
         return identity
 
-    def _decode(self, token: str) -> Identity:
+    def _fast_claims(self, token: str) -> dict[str, Any] | None:
+        """The HS256 fast path with each secret in turn: the first whose
+        signature matches decides; None leaves the token to PyJWT."""
+        for i, hs256 in enumerate(self._hs256):
+            try:
+                return hs256.claims(token)
+            except jwt.InvalidSignatureError:
+                if i == len(self._hs256) - 1:
+                    raise
+        return None
+
+    def _pyjwt_claims(self, token: str) -> dict[str, Any]:
+        """``jwt.decode`` with each key in turn: the first that takes the
+        token's algorithm and signature decides. Refused by all: a bad
+        signature if some key had the token's algorithm, else the algorithm."""
         s = self._settings
-        try:
-            # PyJWT for public keys and for HS256 tokens of an unusual shape.
-            claims = self._hs256.claims(token) if self._hs256 is not None else None
-            if claims is None:
-                claims = jwt.decode(
+        refusal: jwt.InvalidTokenError | None = None
+        for key, algorithm in self._keys:
+            try:
+                return jwt.decode(
                     token,
-                    self._key,
-                    algorithms=self._algorithms,
+                    key,
+                    algorithms=[algorithm],
                     audience=s.audience or None,
                     issuer=s.issuer or None,
                     leeway=s.leeway,
@@ -156,6 +170,19 @@ class Authenticator:
                     # a node a second behind its issuer would refuse every fresh token.
                     options={"require": self._required, "verify_iat": False},
                 )
+            except jwt.InvalidSignatureError as exc:
+                refusal = exc
+            except jwt.InvalidAlgorithmError as exc:
+                refusal = refusal or exc
+        raise refusal or jwt.InvalidTokenError("no key configured")
+
+    def _decode(self, token: str) -> Identity:
+        s = self._settings
+        try:
+            # PyJWT for public keys and for HS256 tokens of an unusual shape.
+            claims = self._fast_claims(token)
+            if claims is None:
+                claims = self._pyjwt_claims(token)
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError("bad_claims", f"token lacks claim {exc.claim!r}") from None
         except jwt.InvalidTokenError as exc:
@@ -174,6 +201,13 @@ class Authenticator:
             publish=_globs(claims, "publish"),
             expires=_expiry(claims.get("exp"), s.leeway),
         )
+
+
+def _key(secret: str, public_key: str) -> tuple[Any, str] | None:
+    """A configured key and the one algorithm it verifies, or None."""
+    if secret:
+        return secret, "HS256"
+    return key_algorithm(Path(public_key).read_bytes()) if public_key else None
 
 
 def _numeric_date(value: object) -> bool:

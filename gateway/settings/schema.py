@@ -136,6 +136,9 @@ def room_history_rules(rules: tuple[str, ...]) -> tuple[tuple[str, int, float], 
 class JwtSettings:
     secret: str = ""
     public_key: str = ""
+    # During a rotation, tokens signed with the key being replaced are taken too.
+    secret_previous: str = ""
+    public_key_previous: str = ""
     audience: str = ""
     issuer: str = ""
     require_exp: bool = True

@@ -130,6 +130,14 @@ def _http(http: HttpSettings) -> None:
             _require(False, "http.trusted_proxies", f"{cidr!r} is not a network like 10.0.0.0/8 or 127.0.0.1/32")
 
 
+def _previous(current: str, previous: str, key: str, needs: str) -> None:
+    """A ``*_previous`` key is the one a rotation replaces: it needs the one
+    replacing it, and is another (the values are never quoted: they are secrets)."""
+    if previous:
+        _require(bool(current), key, f"needs {needs} (the key that replaces it)")
+        _require(previous != current, key, f"is the same as {needs}: drop it, or set the old key there")
+
+
 def _publish(publish: PublishSettings, http: HttpSettings) -> None:
     _require(1 <= publish.dedup_window <= 86400, "publish.dedup_window", "must be 1 to 86400 seconds")
     _require(1 <= publish.max_batch <= 10_000, "publish.max_batch", "must be 1 to 10000")
@@ -230,23 +238,36 @@ def _jwt(jwt: JwtSettings, http: HttpSettings) -> None:
         "http.dev_tokens",
         "needs jwt.secret (the node must be able to sign tokens)",
     )
-    if jwt.secret:
-        try:
-            HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(jwt.secret)
-        except InvalidKeyError:  # else every token would fail to verify, as a node error
-            raise ConfigError(
-                "config error: jwt.secret: looks like a public key or a JWK, which PyJWT refuses as an HMAC secret"
-            ) from None
-    if jwt.public_key:
-        try:
-            found = Path(jwt.public_key).is_file()
-        except OSError:  # e.g. a name too long
-            found = False
-        _require(found, "jwt.public_key", f"no such file {jwt.public_key!r}")
-        try:
-            key_algorithm(Path(jwt.public_key).read_bytes())
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"config error: jwt.public_key: {exc}") from None
+    current = jwt.secret or jwt.public_key
+    _previous(current, jwt.secret_previous, "jwt.secret_previous", "jwt.secret or jwt.public_key")
+    _previous(current, jwt.public_key_previous, "jwt.public_key_previous", "jwt.secret or jwt.public_key")
+    for key, secret in (("jwt.secret", jwt.secret), ("jwt.secret_previous", jwt.secret_previous)):
+        if secret:
+            _hmac_secret(key, secret)
+    for key, path in (("jwt.public_key", jwt.public_key), ("jwt.public_key_previous", jwt.public_key_previous)):
+        if path:
+            _public_key_file(key, path)
+
+
+def _hmac_secret(key: str, secret: str) -> None:
+    try:
+        HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
+    except InvalidKeyError:  # else every token would fail to verify, as a node error
+        raise ConfigError(
+            f"config error: {key}: looks like a public key or a JWK, which PyJWT refuses as an HMAC secret"
+        ) from None
+
+
+def _public_key_file(key: str, path: str) -> None:
+    try:
+        found = Path(path).is_file()
+    except OSError:  # e.g. a name too long
+        found = False
+    _require(found, key, f"no such file {path!r}")
+    try:
+        key_algorithm(Path(path).read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"config error: {key}: {exc}") from None
 
 
 def _auth(auth: AuthSettings) -> None:

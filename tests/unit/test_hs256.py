@@ -31,6 +31,7 @@ from ..fuzzing import FUZZ, REPORTS, fuzz_report, one_in  # noqa: F401 - fuzz_re
 from ..helpers import SECRET, token
 
 OTHER_SECRET = "another-secret-that-is-long-enough-for-hs256!"
+PREVIOUS_SECRET = "the-secret-being-replaced-long-enough-for-hs256"
 AUDIENCE = "herald"
 ISSUER = "https://auth.example"
 # Seconds from now: clear of the boundaries (now, now ± leeway) by 15 s at least.
@@ -64,16 +65,16 @@ def authenticators(jwt_settings: JwtSettings) -> tuple[Authenticator, Authentica
     """(with the fast path, PyJWT only) for these settings."""
     if jwt_settings not in _authenticators:
         fast, reference = Authenticator(jwt_settings), Authenticator(jwt_settings)
-        reference._hs256 = None
-        assert fast._hs256 is not None
+        reference._hs256 = ()
+        assert fast._hs256
         _authenticators[jwt_settings] = (fast, reference)
     return _authenticators[jwt_settings]
 
 
 def decided_by_fast_path(auth: Authenticator, tok: str) -> bool:
-    assert auth._hs256 is not None
+    assert auth._hs256
     try:
-        return auth._hs256.claims(tok) is not None
+        return auth._fast_claims(tok) is not None
     except jwt.InvalidTokenError:
         return True
 
@@ -228,7 +229,7 @@ MANGLINGS = [
 def tokens(draw: st.DrawFn, now: int) -> str:
     header = draw(json_object(header_fields(), odd=20)) if draw(one_in(3)) else b'{"alg":"HS256","typ":"JWT"}'
     signing_input = f"{b64url(header)}.{b64url(draw(json_object(claim_fields(now))))}"
-    key = draw(st.sampled_from([SECRET] * 6 + [OTHER_SECRET]))
+    key = draw(st.sampled_from([SECRET] * 5 + [PREVIOUS_SECRET] * 2 + [OTHER_SECRET]))
     tok = f"{signing_input}.{sign(signing_input, key)}"
     if draw(one_in(4)):
         tok = mangle(tok, draw(st.sampled_from(MANGLINGS)), draw(st.integers(0, 200)))
@@ -238,6 +239,7 @@ def tokens(draw: st.DrawFn, now: int) -> str:
 JWT_SETTINGS = st.builds(
     JwtSettings,
     secret=st.just(SECRET),
+    secret_previous=st.sampled_from(["", PREVIOUS_SECRET]),  # a rotation: tokens of either secret are taken
     audience=st.sampled_from(["", AUDIENCE]),
     issuer=st.sampled_from(["", ISSUER]),
     require_exp=st.booleans(),
@@ -325,7 +327,7 @@ def test_common_tokens_never_fall_back_to_pyjwt(name: str) -> None:
 )
 def test_a_secret_pyjwt_refuses_leaves_every_token_to_pyjwt(secret: str) -> None:
     assert HS256.for_secret(secret, ("sub", "exp"), None, None, 0.0) is None
-    assert Authenticator(JwtSettings(secret=secret))._hs256 is None
+    assert Authenticator(JwtSettings(secret=secret))._hs256 == ()
 
 
 @pytest.mark.parametrize(
