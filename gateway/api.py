@@ -28,7 +28,7 @@ from .http import (
     body_timeout,
     cors_pairs,
     error_reply,
-    header_key_matches,
+    header_key,
     json_error,
     json_reply,
     json_response,
@@ -58,7 +58,6 @@ class PublishApi:
 
     def __init__(
         self,
-        key: str,
         rate: float,
         max_body: int,
         body_timeout: float,
@@ -66,7 +65,7 @@ class PublishApi:
         pubsub: PubSub,
         metrics: Metrics,
     ) -> None:
-        self._key = key  # publish.key
+        self._keys = settings.bearer_keys
         self._rate = rate  # limits.api_rate
         self._max_body = max_body  # http.max_body: one message
         self._body_timeout = body_timeout  # http.handshake_timeout (the front door's, for the body)
@@ -139,10 +138,10 @@ class PublishApi:
         """Why a request is refused before its body is read (the front door asks
         once the head is in: a client without the key cannot make the node hold
         a body), or None."""
-        key = self._key
-        if not key:
+        if not self._keys:
             return self._refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
-        if not header_key_matches(headers.get("Authorization", ""), key):
+        key = header_key(headers.get("Authorization", ""), self._keys)
+        if key is None:
             return self._refuse(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
         wait = self._bucket(key).take()
         if wait:
@@ -319,7 +318,7 @@ class NodeApi:
     ) -> None:
         self._node_id = settings.node.id
         self._page_max = settings.history.page_max
-        self._admin_key = settings.admin.key
+        self._admin_keys = settings.admin.bearer_keys
         self._jwt = settings.jwt
         self._body_timeout = settings.http.handshake_timeout
         self._broker = broker
@@ -337,7 +336,7 @@ class NodeApi:
         return json_response({"status": "ready"})
 
     def _unauthorized(self, request: web.Request) -> web.Response | None:
-        if key_matches(request, self._admin_key):
+        if key_matches(request, self._admin_keys):
             return None
         return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
 

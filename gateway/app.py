@@ -79,7 +79,6 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         endpoints.append(endpoint)
     commands = CommandApi(node.router, node.gate, settings.ws.max_frame, settings.http.command_timeout, node.metrics)
     publish = PublishApi(
-        settings.publish.key,
         settings.limits.api_rate,
         settings.http.max_body,
         settings.http.handshake_timeout,
@@ -98,7 +97,11 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         node.metrics,
     )
     server_api = ServerApi(
-        settings.admin.key, settings.limits.api_rate, node.broker.relay, settings.http.handshake_timeout, node.metrics
+        settings.admin.bearer_keys,
+        settings.limits.api_rate,
+        node.broker.relay,
+        settings.http.handshake_timeout,
+        node.metrics,
     )
     app[NODE] = node
     app[NODE_API] = node_api

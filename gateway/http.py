@@ -139,17 +139,19 @@ def client_token(request: Head) -> str | None:
     return found.pop() if found else None
 
 
-def key_matches(request: Head, expected: str) -> bool:
-    return header_key_matches(request.headers.get("Authorization", ""), expected)
+def key_matches(request: Head, keys: tuple[str, ...]) -> bool:
+    return header_key(request.headers.get("Authorization", ""), keys) is not None
 
 
-def header_key_matches(authorization: str, expected: str) -> bool:
-    """Whether an ``Authorization`` header carries the bearer key ``expected``."""
+def header_key(authorization: str, keys: tuple[str, ...]) -> str | None:
+    """Which of ``keys`` (a key and, during a rotation, the one it replaces)
+    an ``Authorization`` header carries as its bearer key, if any."""
     given = _bearer_value(authorization)
-    if not expected or given is None:
-        return False
+    if given is None:
+        return None
     # Header bytes that are not UTF-8 reach us as surrogates: compare the bytes sent.
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+    sent = given.encode("utf-8", "surrogateescape")
+    return next((key for key in keys if key and hmac.compare_digest(sent, key.encode())), None)
 
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -108,8 +108,10 @@ class ServerApi:
     """``POST /api/disconnect``, ``/api/subscribe``, ``/api/unsubscribe``
     (admin key), rate-limited like the publish API."""
 
-    def __init__(self, admin_key: str, rate: float, relay: Relay, body_timeout: float, metrics: Metrics) -> None:
-        self._key = admin_key
+    def __init__(
+        self, admin_keys: tuple[str, ...], rate: float, relay: Relay, body_timeout: float, metrics: Metrics
+    ) -> None:
+        self._keys = admin_keys
         self._body_timeout = body_timeout  # http.handshake_timeout
         burst = max(1.0, rate)
         self._bucket = TokenBucket(burst, burst / rate)  # limits.api_rate
@@ -126,7 +128,7 @@ class ServerApi:
         return await self._act(request, "unsubscribe", "unsubscribed")
 
     async def _act(self, request: web.Request, op: str, counted: str) -> web.Response:
-        if not key_matches(request, self._key):
+        if not key_matches(request, self._keys):
             return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
         wait = self._bucket.take()
         if wait:

@@ -167,18 +167,30 @@ class AuthSettings:
 @dataclass(frozen=True, slots=True)
 class PublishSettings:
     key: str = ""
+    key_previous: str = ""  # during a rotation both are taken
     # Seconds a publish's Idempotency-Key is remembered (the stream's duplicate window).
     dedup_window: float = 120.0
     # POST /api/publish with a JSON array: most items, and most bytes in the whole body.
     max_batch: int = 1000
     max_batch_body: int = 1048576
 
+    @property
+    def bearer_keys(self) -> tuple[str, ...]:
+        """The keys taken: ``key``, and during a rotation ``key_previous``."""
+        return tuple(k for k in (self.key, self.key_previous) if k)
+
 
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
     key: str = ""
+    key_previous: str = ""  # during a rotation both are taken
     host: str = "127.0.0.1"
     port: int = 0
+
+    @property
+    def bearer_keys(self) -> tuple[str, ...]:
+        """The keys taken: ``key``, and during a rotation ``key_previous``."""
+        return tuple(k for k in (self.key, self.key_previous) if k)
 
 
 @dataclass(frozen=True, slots=True)

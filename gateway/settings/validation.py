@@ -139,6 +139,7 @@ def _previous(current: str, previous: str, key: str, needs: str) -> None:
 
 
 def _publish(publish: PublishSettings, http: HttpSettings) -> None:
+    _previous(publish.key, publish.key_previous, "publish.key_previous", "publish.key")
     _require(1 <= publish.dedup_window <= 86400, "publish.dedup_window", "must be 1 to 86400 seconds")
     _require(1 <= publish.max_batch <= 10_000, "publish.max_batch", "must be 1 to 10000")
     _require(
@@ -147,6 +148,7 @@ def _publish(publish: PublishSettings, http: HttpSettings) -> None:
 
 
 def _admin(admin: AdminSettings, http: HttpSettings) -> None:
+    _previous(admin.key, admin.key_previous, "admin.key_previous", "admin.key")
     _require(0 <= admin.port <= 65535, "admin.port", "must be 0..65535 (0: on the main port)")
     _require(bool(admin.host), "admin.host", 'must not be empty (every interface: "0.0.0.0")')
     _require(

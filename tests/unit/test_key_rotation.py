@@ -1,7 +1,7 @@
 """Rotating the token keys without an outage (README: Rotating secrets): a node
 with ``jwt.secret_previous`` / ``jwt.public_key_previous`` takes tokens signed
 with either key, the HS256 fast path answering as PyJWT does; one without
-refuses tokens of the old key."""
+refuses tokens of the old key. The publish and admin keys: tests/nats/test_key_rotation.py."""
 
 from __future__ import annotations
 
@@ -149,22 +149,30 @@ def test_previous_keys_come_from_the_environment(tmp_path: Path) -> None:
         "HERALD_JWT_SECRET": SECRET,
         "HERALD_JWT_SECRET_PREVIOUS": OLD_SECRET,
         "HERALD_JWT_PUBLIC_KEY_PREVIOUS": path,
+        "HERALD_PUBLISH_KEY": "new-publish",
+        "HERALD_PUBLISH_KEY_PREVIOUS": "old-publish",
+        "HERALD_ADMIN_KEY": "new-admin",
+        "HERALD_ADMIN_KEY_PREVIOUS": "old-admin",
     }
     s = load_settings(env=env, use_default_file=False)
     assert (s.jwt.secret_previous, s.jwt.public_key_previous) == (OLD_SECRET, path)
+    assert (s.publish.key_previous, s.admin.key_previous) == ("old-publish", "old-admin")
 
 
 @pytest.mark.parametrize(
     ("env", "named"),
     [
         ({"HERALD_JWT_SECRET_PREVIOUS": OLD_SECRET}, "jwt.secret_previous"),
+        ({"HERALD_PUBLISH_KEY_PREVIOUS": "old"}, "publish.key_previous"),
+        ({"HERALD_ADMIN_KEY_PREVIOUS": "old"}, "admin.key_previous"),
         (
             {"HERALD_JWT_SECRET": SECRET, "HERALD_JWT_PUBLIC_KEY_PREVIOUS": "/nonexistent.pem"},
             "jwt.public_key_previous",
         ),
         ({"HERALD_JWT_SECRET": SECRET, "HERALD_JWT_SECRET_PREVIOUS": SECRET}, "jwt.secret_previous"),
+        ({"HERALD_PUBLISH_KEY": "k", "HERALD_PUBLISH_KEY_PREVIOUS": "k"}, "publish.key_previous"),
     ],
-    ids=["secret-alone", "missing-file", "same-secret"],
+    ids=["secret-alone", "publish-alone", "admin-alone", "missing-file", "same-secret", "same-key"],
 )
 def test_a_previous_key_without_a_current_one_or_equal_to_it_stops_the_node(env: dict[str, str], named: str) -> None:
     assert named in config_error(env)
