@@ -191,6 +191,7 @@ def _presence(presence: PresenceSettings) -> None:
 
 
 def _hooks(h: HooksSettings) -> None:
+    _previous(h.secret, h.secret_previous, "hooks.secret_previous", "hooks.secret")
     try:
         hook_routes(h.routes)
     except ValueError as exc:
@@ -284,6 +285,7 @@ def _auth(auth: AuthSettings) -> None:
         _require(
             bool(auth.connect_secret), "auth.connect_secret", f"needed with auth.mode = {auth.mode} (signs the hook)"
         )
+    _previous(auth.connect_secret, auth.connect_secret_previous, "auth.connect_secret_previous", "auth.connect_secret")
     _require(0 < auth.connect_timeout <= 30, "auth.connect_timeout", "must be > 0 and <= 30 seconds")
     _require(0 <= auth.connect_cache_ttl <= 86400, "auth.connect_cache_ttl", "must be 0 to 86400 seconds")
 

@@ -171,8 +171,11 @@ def test_previous_keys_come_from_the_environment(tmp_path: Path) -> None:
         ),
         ({"HERALD_JWT_SECRET": SECRET, "HERALD_JWT_SECRET_PREVIOUS": SECRET}, "jwt.secret_previous"),
         ({"HERALD_PUBLISH_KEY": "k", "HERALD_PUBLISH_KEY_PREVIOUS": "k"}, "publish.key_previous"),
+        # Signed with the old secret only: a receiver already on the new one refuses every webhook.
+        ({"HERALD_HOOKS_SECRET_PREVIOUS": OLD_SECRET}, "hooks.secret_previous"),
+        ({"HERALD_AUTH_CONNECT_SECRET_PREVIOUS": OLD_SECRET}, "auth.connect_secret_previous"),
     ],
-    ids=["secret-alone", "publish-alone", "admin-alone", "missing-file", "same-secret", "same-key"],
+    ids=["secret-alone", "publish-alone", "admin-alone", "missing-file", "same-secret", "same-key", "hooks", "connect"],
 )
 def test_a_previous_key_without_a_current_one_or_equal_to_it_stops_the_node(env: dict[str, str], named: str) -> None:
     assert named in config_error(env)
