@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker import Broker, BrokerUnavailable, History, MessageTooLarge, Presence, Publishable, PubSub
 from broker.channels import InvalidChannel, channel_id, check_event, check_id, parse_channel, room_channel
+from broker.throttle import Throttle
 
 from .admission import Gate, Refusal
 from .auth import mint_token
@@ -74,6 +75,9 @@ class PublishApi:
         self._pubsub = pubsub
         self._metrics = metrics
         self._buckets: dict[str, TokenBucket] = {}
+        # A backend on a key no longer configured (a rotation's old key dropped
+        # too soon) shows in the log too; no key is ever written there.
+        self._warn = Throttle(log)
 
     def _bucket(self, key: str) -> TokenBucket:
         """The rate bucket of one key (one per configured key: bounded)."""
@@ -142,6 +146,7 @@ class PublishApi:
             return self._refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
         key = header_key(headers.get("Authorization", ""), self._keys)
         if key is None:
+            self._warn("unauthorized", "refused POST /api/publish: missing or wrong publish key")
             return self._refuse(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
         wait = self._bucket(key).take()
         if wait:
@@ -319,6 +324,7 @@ class NodeApi:
         self._node_id = settings.node.id
         self._page_max = settings.history.page_max
         self._admin_keys = settings.admin.bearer_keys
+        self._warn = Throttle(log)
         self._jwt = settings.jwt
         self._body_timeout = settings.http.handshake_timeout
         self._broker = broker
@@ -338,6 +344,7 @@ class NodeApi:
     def _unauthorized(self, request: web.Request) -> web.Response | None:
         if key_matches(request, self._admin_keys):
             return None
+        self._warn("unauthorized", "refused %s %s: missing or wrong admin key", request.method, request.path)
         return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
 
     async def stats(self, request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ after ``TIMEOUT`` with the answers that came (``"complete": false``).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from broker import BrokerUnavailable, Relay
 from broker.channels import InvalidChannel, channel_id, check_id, room_channel
+from broker.throttle import Throttle
 
 from .command_route import CommandRouter
 from .disconnect import DISCONNECTED, DISCONNECTED_FOR_GOOD
@@ -37,6 +39,8 @@ TIMEOUT = 1.0
 COUNT_OUT_WAIT = 0.5
 # Gate.count_out_first: count sessions out, waiting at most so many seconds.
 CountOut = Callable[[list[Session], float], Awaitable[None]]
+
+log = logging.getLogger("herald.http")
 
 
 class UserActions:
@@ -112,6 +116,7 @@ class ServerApi:
         self, admin_keys: tuple[str, ...], rate: float, relay: Relay, body_timeout: float, metrics: Metrics
     ) -> None:
         self._keys = admin_keys
+        self._warn = Throttle(log)
         self._body_timeout = body_timeout  # http.handshake_timeout
         burst = max(1.0, rate)
         self._bucket = TokenBucket(burst, burst / rate)  # limits.api_rate
@@ -129,6 +134,7 @@ class ServerApi:
 
     async def _act(self, request: web.Request, op: str, counted: str) -> web.Response:
         if not key_matches(request, self._keys):
+            self._warn("unauthorized", "refused %s %s: missing or wrong admin key", request.method, request.path)
             return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
         wait = self._bucket.take()
         if wait:

@@ -7,8 +7,11 @@ tests/unit/test_key_rotation.py."""
 
 from __future__ import annotations
 
+import logging
+
 import aiohttp
 import orjson
+import pytest
 
 from ..helpers import ADMIN_KEY, PUBLISH_KEY, SECRET, NodeFactory, RunningNode, recv_until, token
 from .test_auth import open_ws, query, sse_refusal, ws_refusal
@@ -90,3 +93,21 @@ async def test_old_and_new_keys_are_taken_during_a_rotation_and_only_the_new_aft
         assert (await recv_until(client, "message"))["channel"] == "room:lobby"
     for client in (ws, held, ws2):
         await client.close()
+
+
+async def test_a_refused_key_is_logged_once_per_interval_without_the_key(
+    node: RunningNode, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend or admin tool left on a key no longer configured (a rotation
+    whose previous key was dropped too soon) shows in the node's log, not only
+    in herald_api_publishes_total: one line per interval, naming no key."""
+    caplog.set_level(logging.WARNING, logger="herald.http")
+    assert await publish_status(node, "a-stale-publish-key") == {"front": 401, "aiohttp": 401, "expect": 401}
+    assert await admin_status(http, node, "a-stale-admin-key") == (401, 401)
+    lines = [r.getMessage() for r in caplog.records if r.name == "herald.http"]
+    assert lines == [
+        "refused POST /api/publish: missing or wrong publish key",
+        "refused GET /api/stats: missing or wrong admin key",
+        "refused POST /api/disconnect: missing or wrong admin key",
+    ], lines
+    assert not any("stale" in text for text in caplog.text.splitlines())
