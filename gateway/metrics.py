@@ -14,13 +14,14 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker import BrokerStats
 
 from .disconnect import CLOSE_REASONS
+from .process_metrics import ProcessMetrics
 
 # Every label value the code uses, so each series exists (at 0) from the first
 # scrape: rate() and increase() then see a node's first event of each kind.
@@ -213,7 +214,7 @@ class Metrics:
         for limit in LIMITS:
             self.limit_rejections.labels(limit)
         # CPU, memory and open files of the node's process (Linux /proc).
-        ProcessCollector(registry=r)
+        r.register(ProcessMetrics())
         self.resets_history = self.resets.labels("history")
         self.resets_gap = self.resets.labels("gap")
         self.connect_hook_seconds = Histogram(

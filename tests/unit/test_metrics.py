@@ -3,6 +3,8 @@ running node: tests/nats/test_metrics.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_every_label_value_the_code_uses_is_pre_created() -> None:
     """The vocabularies in gateway/metrics.py cover every literal label the code
@@ -49,3 +51,36 @@ def test_the_accept_queue_counts_connections_the_node_has_not_taken() -> None:
         for c in clients:
             c.close()
         listener.close()
+
+
+def test_open_fds_are_counted_without_listing_every_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """process_open_fds is read on every scrape, on the event loop: listing
+    /proc/self/fd took 20 ms at 10,000 connections (each scrape, 1 s apart on
+    some fleets). Linux 6.2 and later give the count as the directory's size."""
+    import os
+    import socket
+
+    from prometheus_client import generate_latest
+
+    from gateway.metrics import Metrics
+
+    if not os.path.isdir("/proc/self/fd") or os.stat("/proc/self/fd").st_size == 0:
+        pytest.skip("no /proc, or a kernel before 6.2: the descriptors are listed")
+    pairs = [socket.socketpair() for _ in range(300)]
+    try:
+        metrics = Metrics()
+        expected = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir opened
+
+        def listed(path: str) -> list[str]:
+            raise AssertionError(f"{path} listed on a scrape")
+
+        monkeypatch.setattr(os, "listdir", listed)
+        text = generate_latest(metrics.registry).decode()
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+    samples = dict(line.split(" ") for line in text.splitlines() if line.startswith("process_"))
+    assert float(samples["process_open_fds"]) == expected >= 600
+    assert {"process_max_fds", "process_cpu_seconds_total", "process_resident_memory_bytes"} <= set(samples)
+    assert {"process_virtual_memory_bytes", "process_start_time_seconds"} <= set(samples)
