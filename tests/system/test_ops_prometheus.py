@@ -46,6 +46,7 @@ DASHBOARD = ROOT / "ops" / "grafana" / "herald.json"
 ALERTS = {
     "HeraldNodeDown",
     "HeraldNatsDisconnected",
+    "HeraldNatsUnreachable",
     "HeraldNodeNotReady",
     "HeraldDeliveryLatencyHigh",
     "HeraldSlowConsumerDisconnectsHigh",
