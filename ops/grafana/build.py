@@ -57,6 +57,11 @@ def rate(metric: str, by: str = "", window: str = RATE, func: str = "rate") -> s
     return f"sum{grouping}({func}({selector}[{window}]))"
 
 
+def top(expr: str, k: int = 3) -> str:
+    """The ``k`` highest series of ``expr``: a per-node view that stays readable however many nodes there are."""
+    return f"topk({k}, {expr})"
+
+
 def quantile(q: float, by: str = "") -> str:
     labels = f"{by}, le" if by else "le"
     return f"histogram_quantile({q}, {rate('herald_delivery_latency_seconds_bucket', labels)})"
@@ -69,31 +74,41 @@ def timeseries_options() -> dict[str, Any]:
     }
 
 
-# herald_nats_connected and herald_ready: 0 or 1 each.
+# herald_nats_connected + herald_ready of a node: 0 NATS lost, 1 connected but not ready, 2 serving.
 NATS_STATE = {
     "mappings": [
         {
             "type": "value",
             "options": {
-                "0": {"index": 0, "text": "no", "color": "red"},
-                "1": {"index": 1, "text": "yes", "color": "green"},
+                "0": {"index": 0, "text": "NATS lost", "color": "red"},
+                "1": {"index": 1, "text": "not ready", "color": "orange"},
+                "2": {"index": 2, "text": "serving", "color": "green"},
             },
         }
     ],
     "color": {"mode": "thresholds"},
-    "thresholds": {"mode": "absolute", "steps": [{"color": "red", "value": None}, {"color": "green", "value": 1}]},
+    "thresholds": {
+        "mode": "absolute",
+        "steps": [{"color": "red", "value": None}, {"color": "orange", "value": 1}, {"color": "green", "value": 2}],
+    },
     "min": 0,
-    "max": 1,
+    "max": 2,
 }
+CONNECTIONS = f"sum by (instance) (herald_connections{{{NODE}}})"
 
 ROWS = [
     Row(
         "Connections",
         [
             Panel(
-                "Open connections by transport and node",
-                "herald_connections: WebSocket and SSE clients connected to each node.",
-                [Target(f"sum by (instance, transport) (herald_connections{{{NODE}}})", "{{instance}} {{transport}}")],
+                "Open connections",
+                "herald_connections: WebSocket and SSE clients connected, all nodes together by transport, and "
+                "those of the busiest and the quietest node (far apart: the load balancer does not spread them).",
+                [
+                    Target(f"sum by (transport) (herald_connections{{{NODE}}})", "{{transport}}"),
+                    Target(f"max({CONNECTIONS})", "busiest node"),
+                    Target(f"min({CONNECTIONS})", "quietest node"),
+                ],
                 width=6,
             ),
             Panel(
@@ -116,13 +131,13 @@ ROWS = [
                 width=6,
             ),
             Panel(
-                "Accept queue by node",
+                "Accept queue, longest 3 nodes",
                 "herald_accept_queue: connects the kernel holds until the node takes them. Near "
-                "herald_accept_queue_limit, connects come faster than the node admits them; when full, new ones wait "
-                "for a SYN retransmit (1 s, 3 s...).",
+                "herald_accept_queue_limit (the largest node's shown), connects come faster than the node admits "
+                "them; when full, new ones wait for a SYN retransmit (1 s, 3 s...).",
                 [
-                    Target(f"sum by (instance) (herald_accept_queue{{{NODE}}})", "{{instance}}"),
-                    Target(f"sum by (instance) (herald_accept_queue_limit{{{NODE}}})", "limit {{instance}}"),
+                    Target(top(f"sum by (instance) (herald_accept_queue{{{NODE}}})"), "{{instance}}"),
+                    Target(f"max(herald_accept_queue_limit{{{NODE}}})", "limit"),
                 ],
                 width=6,
             ),
@@ -133,22 +148,27 @@ ROWS = [
         [
             Panel(
                 "Messages / s",
-                "Delivered: messages written to client sockets (herald_messages_delivered_total, replays included). "
-                "Received: messages in from NATS, once per node whatever the fan-out (herald_messages_received_total).",
+                "Delivered: messages written to client sockets, all nodes (herald_messages_delivered_total, replays "
+                "included). Received: messages in from NATS by the node that receives most "
+                "(herald_messages_received_total): a node receives a message once whatever its fan-out, if any of "
+                "its clients wants the channel, so a sum over nodes would count a broadcast once per node.",
                 [
                     Target(rate("herald_messages_delivered_total", "transport"), "delivered {{transport}}"),
-                    Target(rate("herald_messages_received_total"), "received from NATS"),
+                    Target(
+                        f"max({rate('herald_messages_received_total', 'instance')})", "received from NATS, busiest node"
+                    ),
                 ],
                 unit="ops",
                 width=8,
             ),
             Panel(
                 "Delivery latency p50 / p99",
-                "herald_delivery_latency_seconds: stream timestamp to socket write, live messages only.",
+                "herald_delivery_latency_seconds: stream timestamp to socket write, live messages only; all nodes, "
+                "and the p99 of the 3 slowest.",
                 [
                     Target(quantile(0.5), "p50"),
                     Target(quantile(0.99), "p99"),
-                    Target(quantile(0.99, "instance"), "p99 {{instance}}"),
+                    Target(top(quantile(0.99, "instance")), "p99 {{instance}}"),
                 ],
                 unit="s",
                 width=8,
@@ -182,20 +202,19 @@ ROWS = [
         "Backpressure",
         [
             Panel(
-                "Outbound queue bytes",
-                "herald_outbound_queue_bytes: bytes waiting to be written to clients, per node.",
-                [Target(f"herald_outbound_queue_bytes{{{NODE}}}", "{{instance}}")],
+                "Outbound queue bytes, fullest 3 nodes",
+                "herald_outbound_queue_bytes: bytes waiting to be written to clients, on the 3 nodes holding most.",
+                [Target(top(f"sum by (instance) (herald_outbound_queue_bytes{{{NODE}}})"), "{{instance}}")],
                 unit="bytes",
                 width=8,
             ),
             Panel(
                 "Slow-consumer disconnects / s",
-                "herald_slow_consumer_disconnects_total: connections closed (4008) for falling behind.",
+                "herald_slow_consumer_disconnects_total: connections closed (4008) for falling behind, all nodes by "
+                "transport, and the 3 nodes closing most.",
                 [
-                    Target(
-                        rate("herald_slow_consumer_disconnects_total", "instance, transport"),
-                        "{{instance}} {{transport}}",
-                    )
+                    Target(rate("herald_slow_consumer_disconnects_total", "transport"), "{{transport}}"),
+                    Target(top(rate("herald_slow_consumer_disconnects_total", "instance")), "{{instance}}"),
                 ],
                 unit="ops",
                 width=8,
@@ -214,37 +233,43 @@ ROWS = [
         [
             Panel(
                 "NATS connection and readiness",
-                "herald_nats_connected: whether the node is connected to NATS. herald_ready: whether it serves "
-                "(/readyz answers 200); not while draining, nor while NATS or the node's JetStream stream is not "
-                "ready: connected but not ready means every stream and publish is refused.",
+                "A row per node: herald_nats_connected (connected to NATS) plus herald_ready (serves: /readyz answers "
+                "200). NATS lost; not ready: connected but draining, or its JetStream stream is not ready, so every "
+                "stream and publish is refused; serving.",
                 [
-                    Target(f"herald_nats_connected{{{NODE}}}", "connected {{instance}}"),
-                    Target(f"herald_ready{{{NODE}}}", "ready {{instance}}"),
+                    Target(
+                        f"sum by (instance) (herald_nats_connected{{{NODE}}})"
+                        f" + sum by (instance) (herald_ready{{{NODE}}})",
+                        "{{instance}}",
+                    )
                 ],
                 kind="state-timeline",
                 width=8,
+                height=10,
                 options={"showValue": "auto", "mergeValues": True, "rowHeight": 0.8, "alignValue": "center"},
                 defaults=NATS_STATE,
             ),
             Panel(
                 "NATS reconnects and slow-consumer drops",
-                "herald_nats_reconnects_total (reconnections) and herald_nats_slow_consumer_total (messages NATS "
-                "dropped because the node fell behind), per interval.",
+                "herald_nats_reconnects_total (reconnections, all nodes) and herald_nats_slow_consumer_total "
+                "(messages NATS dropped because the node fell behind, the 3 nodes dropping most), per interval.",
                 [
+                    Target(rate("herald_nats_reconnects_total", func="increase"), "reconnects"),
                     Target(
-                        rate("herald_nats_reconnects_total", "instance", func="increase"), "reconnects {{instance}}"
-                    ),
-                    Target(
-                        rate("herald_nats_slow_consumer_total", "instance", func="increase"),
+                        top(rate("herald_nats_slow_consumer_total", "instance", func="increase")),
                         "slow-consumer drops {{instance}}",
                     ),
                 ],
                 width=8,
             ),
             Panel(
-                "NATS subscriptions",
-                "herald_channels_subscribed: NATS subscriptions held, one per channel some client on the node wants.",
-                [Target(f"herald_channels_subscribed{{{NODE}}}", "{{instance}}")],
+                "NATS subscriptions, most and fewest",
+                "herald_channels_subscribed: NATS subscriptions held, one per channel some client on the node wants; "
+                "the node holding most and the one holding fewest (nodes share channels: no sum).",
+                [
+                    Target(f"max(herald_channels_subscribed{{{NODE}}})", "most"),
+                    Target(f"min(herald_channels_subscribed{{{NODE}}})", "fewest"),
+                ],
                 width=8,
             ),
         ],

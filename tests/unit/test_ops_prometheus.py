@@ -5,6 +5,7 @@ node: tests/system/test_ops_prometheus.py)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,29 @@ def test_dashboard_is_well_formed_and_up_to_date() -> None:
             assert t["expr"].strip(), p["title"]
             assert t["datasource"]["uid"] == "${datasource}", p["title"]
             assert 'instance=~"$node"' in t["expr"], (p["title"], t["expr"])
+
+
+def gives_a_series_per_node(expr: str) -> bool:
+    """Whether ``expr`` answers with one series per node (grouped by instance, or not aggregated at all) rather
+    than a number of series that does not grow with the fleet (topk/bottomk bound it)."""
+    if re.match(r"\s*(topk|bottomk)\(", expr):
+        return False
+    outer = re.match(r"\s*(?:histogram_quantile\([\d.]+, )?(?:sum|max|min|avg|count) ?(?:by \(([^)]*)\) )?\(", expr)
+    if outer is None:
+        return True  # not aggregated
+    return "instance" in re.split(r",\s*", outer[1] or "")
+
+
+def test_no_panel_draws_a_line_per_node_but_a_state_timeline() -> None:
+    """At 12 nodes a line per node and transport was 24 lines in one panel: per-node views are topk or
+    busiest/quietest; only a state timeline (a row per node, read across) draws every node, once."""
+    assert gives_a_series_per_node('herald_outbound_queue_bytes{instance=~"$node"}')
+    assert gives_a_series_per_node('sum by (instance, transport) (herald_connections{instance=~"$node"})')
+    assert not gives_a_series_per_node('topk(5, sum by (instance) (herald_connections{instance=~"$node"}))')
+    assert not gives_a_series_per_node('sum by (transport) (herald_connections{instance=~"$node"})')
+    assert not gives_a_series_per_node('max(sum by (instance) (herald_connections{instance=~"$node"}))')
+    assert gives_a_series_per_node("histogram_quantile(0.99, sum by (instance, le) (rate(x_bucket[5m])))")
+    for p in (p for p in load_dashboard()["panels"] if p["type"] != "row"):
+        per_node = [t["expr"] for t in p["targets"] if gives_a_series_per_node(t["expr"])]
+        allowed = 1 if p["type"] == "state-timeline" else 0
+        assert len(per_node) <= allowed, (p["title"], per_node)
