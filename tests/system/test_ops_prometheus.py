@@ -134,15 +134,17 @@ class Prometheus:
 
 
 @contextlib.asynccontextmanager
-async def run_prometheus(tmp: Path, target: str, http: aiohttp.ClientSession) -> AsyncIterator[Prometheus]:
-    """Debian's prometheus scraping ``target`` every second with the Herald rules loaded; killed on exit."""
+async def run_prometheus(tmp: Path, target: str | list[str], http: aiohttp.ClientSession) -> AsyncIterator[Prometheus]:
+    """Debian's prometheus scraping ``target`` (or each of a list) every second with the Herald rules loaded;
+    killed on exit."""
+    targets = ", ".join(f"'{t}'" for t in ([target] if isinstance(target, str) else target))
     rule_files = "\n".join(f"  - {p}" for p in RULE_FILES)
     config = tmp / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
         f"rule_files:\n{rule_files}\n"
         "scrape_configs:\n  - job_name: herald\n    metrics_path: /metrics\n"
-        f"    static_configs:\n      - targets: ['{target}']\n"
+        f"    static_configs:\n      - targets: [{targets}]\n"
     )
     port = free_port()
     log = tmp / "prometheus.log"
