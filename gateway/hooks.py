@@ -75,6 +75,10 @@ def shown_url(url: str) -> str:
     return str(URL(url).with_user(None)) if url else url
 
 
+# Help of the gauges read from the consumer all dispatchers share.
+SHARED = "every dispatcher reports the same: max, not sum"
+
+
 class HookMetrics:
     """The webhook dispatcher's metrics (its own registry)."""
 
@@ -86,16 +90,22 @@ class HookMetrics:
         self.latency = Histogram(
             "herald_webhook_latency_seconds", "Webhook request time", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.queue = Gauge("herald_webhook_queue_depth", "User messages not yet decided on", registry=r)
+        # The shared consumer's numbers: each dispatcher reports the same.
+        self.queue = Gauge(
+            "herald_webhook_queue_depth",
+            f"User messages not yet decided on, all dispatchers ({SHARED})",
+            registry=r,
+        )
         self.ack_pending = Gauge(
             "herald_webhook_ack_pending",
             "User messages handed out and not yet answered, all dispatchers: being sent, fetched and not"
-            " yet due, or handed back to wait (Retry-After, backoff, the longer of unread_after/offline_after)",
+            " yet due, or handed back to wait (Retry-After, backoff, the longer of unread_after/offline_after);"
+            f" {SHARED}",
             registry=r,
         )
         self.ack_pending_limit = Gauge(
             "herald_webhook_ack_pending_limit",
-            "The consumer's max_ack_pending (hooks.max_ack_pending): at it, no new message is handed out",
+            f"The consumer's max_ack_pending (hooks.max_ack_pending): at it, no new message is handed out; {SHARED}",
             registry=r,
         )
         self.ready = Gauge(

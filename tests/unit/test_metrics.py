@@ -84,3 +84,14 @@ def test_open_fds_are_counted_without_listing_every_descriptor(monkeypatch: pyte
     assert float(samples["process_open_fds"]) == expected >= 600
     assert {"process_max_fds", "process_cpu_seconds_total", "process_resident_memory_bytes"} <= set(samples)
     assert {"process_virtual_memory_bytes", "process_start_time_seconds"} <= set(samples)
+
+
+def test_the_webhook_consumer_gauges_say_they_are_the_same_on_every_dispatcher() -> None:
+    """Every dispatcher reports the shared consumer's queue and ack-pending count: two dispatchers summed on a
+    dashboard would show twice the backlog. Their help says to take max."""
+    from gateway.hooks import HookMetrics
+
+    helps = {m.name: m.documentation for m in HookMetrics().registry.collect()}
+    for name in ("herald_webhook_queue_depth", "herald_webhook_ack_pending", "herald_webhook_ack_pending_limit"):
+        assert "every dispatcher reports the same: max, not sum" in helps[name], (name, helps[name])
+    assert "every dispatcher" not in helps["herald_webhook_deliveries"]
