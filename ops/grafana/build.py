@@ -5,7 +5,7 @@
 
 Edit this file and panels.py (the panels), not the JSON: panel ids and positions are assigned here, so they
 stay unique and tidy.
-Every query filters ``instance=~"$node"`` and runs on the ``${datasource}`` variable (no ``__inputs``:
+Every query filters ``job="$job", instance=~"$node"`` and runs on the ``${datasource}`` variable (no ``__inputs``:
 import the file as it is and pick the Prometheus data source from the drop-down).
 """
 
@@ -52,8 +52,24 @@ def panel_json(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
     }
 
 
+def query_variable(name: str, label: str, query: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "definition": query,
+        "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+        "regex": "",
+        "hide": 0,
+        "options": [],
+        "refresh": 2,
+        "sort": 1,
+        **fields,
+    }
+
+
 def templating() -> dict[str, Any]:
-    query = "label_values(herald_connections, instance)"
     return {
         "list": [
             {
@@ -69,23 +85,19 @@ def templating() -> dict[str, Any]:
                 "options": [],
                 "refresh": 1,
             },
-            {
-                "name": "node",
-                "label": "Node",
-                "type": "query",
-                "datasource": DATASOURCE,
-                "definition": query,
-                "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
-                "regex": "",
-                "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-                "hide": 0,
-                "includeAll": True,
-                "allValue": ".*",
-                "multi": True,
-                "options": [],
-                "refresh": 2,
-                "sort": 1,
-            },
+            # The scrape job: one Herald cluster (its first, when there are several).
+            query_variable(
+                "job", "Job", "label_values(herald_connections, job)", current={}, includeAll=False, multi=False
+            ),
+            query_variable(
+                "node",
+                "Node",
+                'label_values(herald_connections{job="$job"}, instance)',
+                current={"selected": True, "text": ["All"], "value": ["$__all"]},
+                includeAll=True,
+                allValue=".*",
+                multi=True,
+            ),
         ]
     }
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-NODE = 'instance=~"$node"'
+# One Herald cluster (scrape job) at a time: two in one Prometheus are never added up.
+NODE = 'job="$job", instance=~"$node"'
 RATE = "$__rate_interval"
 
 

@@ -75,9 +75,11 @@ async def test_twelve_nodes_show_cluster_numbers_and_raise_no_alert(
                     break
             panels = await panel_results(prom)
             # The node variable's query lists every node.
-            variable = load_dashboard()["templating"]["list"][1]["definition"]
-            assert variable == "label_values(herald_connections, instance)"
-            listed = await prom.get("/api/v1/label/instance/values", **{"match[]": "herald_connections"})
+            variables = {v["name"]: v["definition"] for v in load_dashboard()["templating"]["list"][1:]}
+            assert await prom.get("/api/v1/label/job/values", **{"match[]": "herald_connections"}) == ["herald"]
+            assert variables["node"] == 'label_values(herald_connections{job="$job"}, instance)'
+            match = grafana_substitute('herald_connections{job="$job"}')
+            listed = await prom.get("/api/v1/label/instance/values", **{"match[]": match})
             assert sorted(listed) == sorted(n.url.removeprefix("http://") for n in nodes)
 
             # No panel names more than SHOWN_PER_NODE nodes, but the state timeline: one row per node.

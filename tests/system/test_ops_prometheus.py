@@ -57,7 +57,7 @@ ALERTS = {
     "HeraldClockSkewed",
 }
 # What Grafana would put in for its own variables when the queries run.
-GRAFANA_VARS = {"${node}": ".*", "$node": ".*", "$__rate_interval": "5s", "$__interval": "5s"}
+GRAFANA_VARS = {"${node}": ".*", "$node": ".*", "$job": "herald", "$__rate_interval": "5s", "$__interval": "5s"}
 METRIC_RE = re.compile(r"(?<![:\w])herald_\w+")
 
 

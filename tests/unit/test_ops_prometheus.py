@@ -31,7 +31,7 @@ def test_dashboard_is_well_formed_and_up_to_date() -> None:
     assert variables["datasource"]["query"] == "prometheus"
     node = variables["node"]
     assert node["type"] == "query" and node["multi"] and node["includeAll"]
-    assert node["definition"] == "label_values(herald_connections, instance)"
+    assert node["definition"] == 'label_values(herald_connections{job="$job"}, instance)'
     assert node["datasource"]["uid"] == "${datasource}"
     panels = [p for p in d["panels"] if p["type"] != "row"]
     assert len(panels) >= 12
@@ -69,3 +69,18 @@ def test_no_panel_draws_a_line_per_node_but_a_state_timeline() -> None:
         per_node = [t["expr"] for t in p["targets"] if gives_a_series_per_node(t["expr"])]
         allowed = 1 if p["type"] == "state-timeline" else 0
         assert len(per_node) <= allowed, (p["title"], per_node)
+
+
+def test_every_query_is_scoped_to_the_chosen_job() -> None:
+    """Two Herald clusters in one Prometheus (jobs herald and herald-staging, say): a panel summing over every job
+    would add them up. One job at a time, from a variable; the node list is that job's."""
+    variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
+    job = variables["job"]
+    assert job["definition"] == "label_values(herald_connections, job)"
+    assert not job["multi"] and not job["includeAll"]
+    assert variables["node"]["definition"] == 'label_values(herald_connections{job="$job"}, instance)'
+    names = [v["name"] for v in load_dashboard()["templating"]["list"]]
+    assert names.index("job") < names.index("node")  # the node query uses $job
+    for p in (p for p in load_dashboard()["panels"] if p["type"] != "row"):
+        for t in p["targets"]:
+            assert t["expr"].count('job="$job"') == t["expr"].count('instance=~"$node"') >= 1, (p["title"], t["expr"])
