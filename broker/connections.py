@@ -191,7 +191,8 @@ class KvConnections:
         for attempt in range(attempts):
             if await self._update(user, remove):
                 return
-            await asyncio.sleep(min(30.0, 2.0**attempt))
+            if attempt < attempts - 1:  # no wait after the last: given up at once
+                await asyncio.sleep(min(30.0, 2.0**attempt))
         self._known.pop(user, None)  # not kept for a user this node may never write again
         stuck("stuck", "a closed connection of a user stays counted until this node restarts")
 

@@ -68,7 +68,7 @@ class SlowCountOut:
         return len(self.inner._conns.get(user, ()))
 
 
-async def slow_node() -> tuple[Any, SlowCountOut]:
+async def slow_node(write_delay: float = 0.0) -> tuple[Any, SlowCountOut]:
     from broker import BrokerEvents
 
     from ..helpers import make_settings, start_node
@@ -85,7 +85,8 @@ async def slow_node() -> tuple[Any, SlowCountOut]:
     settings = make_settings(
         limits={"max_connections_per_user": 1},
         http={"reconnect_spread": 0.0},
-        backpressure={"max_messages": 20, "write_delay": 0.3},  # a burst of 40 overflows a queue: 4008
+        # With a write delay, a burst of 40 overflows a queue: 4008.
+        backpressure={"max_messages": 20, "write_delay": write_delay},
     )
     return await start_node(settings, factory), made[0]
 
@@ -104,7 +105,7 @@ async def test_a_connection_told_to_reconnect_is_counted_out_first(how: str) -> 
 
     from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, expect_close, recv_json, token
 
-    node, counts = await slow_node()
+    node, counts = await slow_node(write_delay=0.3 if how == "slow consumer" else 0.0)
     try:
         async with aiohttp.ClientSession() as http:
             ttl = 1.5 if how == "token expired" else 3600
