@@ -25,7 +25,8 @@ class Delivery:
 
     ``seq`` is the global stream sequence (0 for ephemeral messages, which have
     none), ``prev_seq`` the previous sequence on the same channel (0 if unknown),
-    ``ts`` the time the stream stored it (unix seconds).
+    ``ts`` the time the stream stored it (unix seconds), ``sender`` the user
+    who published it from a client connection (None: a backend's message).
     """
 
     channel: Channel
@@ -35,16 +36,19 @@ class Delivery:
     event: str
     payload: bytes
     kind: Kind = Kind.MESSAGE
+    sender: str | None = None
 
 
 class Publishable(NamedTuple):  # a tuple: one is made per message of a publish
     """A message for the stream; ``msg_id``: an idempotency key (a repeat
-    within the stream's duplicate window is not stored again)."""
+    within the stream's duplicate window is not stored again); ``sender``: the
+    publishing user, for a client's message."""
 
     channel: Channel
     payload: bytes
     event: str | None = None
     msg_id: str | None = None
+    sender: str | None = None
 
 
 class Published(NamedTuple):

@@ -193,3 +193,17 @@ def event_of(headers: dict[str, str]) -> str:
     if event is not DEFAULT_EVENT and EVENT_RE.fullmatch(event) is None:
         return DEFAULT_EVENT
     return event
+
+
+# The header a client's message names its publisher in (the node sets it from
+# the connection's identity; absent: a backend's message, from no one).
+FROM_HEADER = "Herald-From"
+
+
+def sender_of(headers: dict[str, str]) -> str | None:
+    """The user who published a stored or live message (None: no one, or a
+    value no user id could be: only a raw NATS publisher can write one)."""
+    sender = headers.get(FROM_HEADER)
+    if sender is None or ID_RE.fullmatch(sender) is None:
+        return None
+    return sender

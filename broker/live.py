@@ -14,7 +14,7 @@ import nats.errors
 
 from .acks import AckedPublisher, Outgoing
 from .base import BrokerStats, BrokerUnavailable, Delivery, Kind, Publishable, Published
-from .channels import DEFAULT_EVENT, EVENT_HEADER, Channel, Subjects, event_of, is_user
+from .channels import DEFAULT_EVENT, EVENT_HEADER, FROM_HEADER, Channel, Subjects, event_of, is_user, sender_of
 from .coalesce import Fresh
 from .dispatch import DispatchingClient, LiveSubscription
 from .interest import Interest
@@ -193,8 +193,10 @@ class NatsPubSub:
             return
         self._receive(delivery)
 
-    async def publish(self, channel: Channel, payload: bytes, event: str | None = None) -> int:
-        (ack,) = await self._acks.publish([self._outgoing(Publishable(channel, payload, event))])
+    async def publish(
+        self, channel: Channel, payload: bytes, event: str | None = None, sender: str | None = None
+    ) -> int:
+        (ack,) = await self._acks.publish([self._outgoing(Publishable(channel, payload, event, sender=sender))])
         return ack.seq
 
     async def publish_batch(self, items: Sequence[Publishable]) -> list[Published]:
@@ -202,14 +204,20 @@ class NatsPubSub:
 
     def _outgoing(self, item: Publishable) -> Outgoing:
         headers = {EVENT_HEADER: item.event} if item.event else {}
+        if item.sender is not None:
+            headers[FROM_HEADER] = item.sender
         if item.msg_id is not None:
             headers["Nats-Msg-Id"] = item.msg_id  # the stream drops a repeat within its duplicate window
         return self._subjects.input_subject(item.channel), item.payload, headers or None
 
-    async def publish_ephemeral(self, channel: Channel, payload: bytes, event: str | None = None) -> None:
+    async def publish_ephemeral(
+        self, channel: Channel, payload: bytes, event: str | None = None, sender: str | None = None
+    ) -> None:
         nc = self._link.client()
-        headers = {EVENT_HEADER: event} if event else None
-        await nc.publish(self._subjects.live_subject(channel), payload, headers=headers)
+        headers = {EVENT_HEADER: event} if event else {}
+        if sender is not None:
+            headers[FROM_HEADER] = sender
+        await nc.publish(self._subjects.live_subject(channel), payload, headers=headers or None)
 
     async def close(self) -> None:
         """Drop the subscriptions (briefly: NATS may be gone) and stop repairing."""
@@ -225,10 +233,11 @@ def _decode(channel: Channel, data: bytes, headers: dict[str, str] | None, now: 
     if not headers:
         return Delivery(channel, 0, 0, now(), DEFAULT_EVENT, data)
     event = event_of(headers)
+    sender = sender_of(headers)
     seq_text = headers.get("Nats-Sequence")
     if seq_text is None:  # ephemeral: published straight to the live subject
         kind = _ANNOUNCED.get(headers.get(PRESENCE_HEADER, ""), Kind.MESSAGE)
-        return Delivery(channel, 0, 0, now(), event, data, kind)
+        return Delivery(channel, 0, 0, now(), event, data, kind, sender)
     stamp = headers.get("Nats-Time-Stamp")
     return Delivery(
         channel,
@@ -237,4 +246,5 @@ def _decode(channel: Channel, data: bytes, headers: dict[str, str] | None, now: 
         parse_rfc3339(stamp) if stamp else now(),
         event,
         data,
+        sender=sender,
     )

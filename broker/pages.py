@@ -26,7 +26,7 @@ import nats.errors
 import orjson
 
 from .base import BrokerUnavailable, Delivery, Retention
-from .channels import Channel, event_of
+from .channels import Channel, event_of, sender_of
 from .link import NatsLink
 from .timestamps import parse_rfc3339
 
@@ -98,7 +98,8 @@ class DirectReader:
 def _stored(data: bytes, headers: dict[str, str], channel: Channel) -> Stored:
     seq = int(headers["Nats-Sequence"])
     ts = parse_rfc3339(headers["Nats-Time-Stamp"])
-    return Stored(Delivery(channel, seq, 0, ts, event_of(headers), data), int(headers.get("Nats-Num-Pending", 0)))
+    delivery = Delivery(channel, seq, 0, ts, event_of(headers), data, sender=sender_of(headers))
+    return Stored(delivery, int(headers.get("Nats-Num-Pending", 0)))
 
 
 class Pager:

@@ -62,8 +62,11 @@ class PubSub(Protocol):
     async def unwant(self, channel: Channel) -> None:
         """Drop one reference to ``channel``."""
 
-    async def publish(self, channel: Channel, payload: bytes, event: str | None = None) -> int:
-        """Store a message in the stream; returns its sequence once acked."""
+    async def publish(
+        self, channel: Channel, payload: bytes, event: str | None = None, sender: str | None = None
+    ) -> int:
+        """Store a message in the stream; returns its sequence once acked.
+        ``sender``: the user publishing it from a client connection."""
         ...
 
     async def publish_batch(self, items: Sequence[Publishable]) -> list[Published]:
@@ -74,7 +77,9 @@ class PubSub(Protocol):
         raised, those before the failure may be stored."""
         ...
 
-    async def publish_ephemeral(self, channel: Channel, payload: bytes, event: str | None = None) -> None:
+    async def publish_ephemeral(
+        self, channel: Channel, payload: bytes, event: str | None = None, sender: str | None = None
+    ) -> None:
         """Deliver to whoever is connected now; never stored, no sequence."""
 
 

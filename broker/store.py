@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .base import BrokerUnavailable, Delivery, Replay, RetentionPolicy
-from .channels import Channel, Subjects, event_of
+from .channels import Channel, Subjects, event_of, sender_of
 from .coalesce import Fresh
 from .history import retain, stream_cap
 from .link import NatsLink
@@ -60,7 +60,9 @@ def _stored(msg: Msg, channel_of: Callable[[str], Channel | None]) -> Delivery |
     if channel is None:
         return None
     meta = msg.metadata
-    return Delivery(channel, meta.sequence.stream, 0, meta.timestamp.timestamp(), event_of(msg.headers or {}), msg.data)
+    headers = msg.headers or {}
+    stamp = meta.timestamp.timestamp()
+    return Delivery(channel, meta.sequence.stream, 0, stamp, event_of(headers), msg.data, sender=sender_of(headers))
 
 
 async def last_sequence(leader: LastMessage, subject: str) -> int:

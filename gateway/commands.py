@@ -226,6 +226,8 @@ class Commands:
             raise CommandError("forbidden", f"clients may not publish to room {room} (rooms.client_publish)")
         if "data" not in cmd:
             raise CommandError("bad_request", "publish needs data")
+        if "from" in cmd:  # the node names the publisher: a client's own claim would be unchecked
+            raise CommandError("bad_request", "publish takes no from: the node names the publishing user")
         event = cmd.get("event")
         if event is not None:
             try:
@@ -237,9 +239,9 @@ class Commands:
         except TooDeep as exc:
             raise CommandError("bad_request", f"data: {exc}") from None
         if cmd.get("ephemeral") is True:
-            await self._pubsub.publish_ephemeral(channel, payload, event)
+            await self._pubsub.publish_ephemeral(channel, payload, event, identity.user)
             return _frame("ack", channel=channel)
-        seq = await self._pubsub.publish(channel, payload, event)
+        seq = await self._pubsub.publish(channel, payload, event, identity.user)
         return _frame("ack", channel=channel, id=str(seq))
 
     async def refresh(self, identity: Identity, session: Session | None, cmd: dict[str, Any]) -> Frame:

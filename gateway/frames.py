@@ -125,6 +125,8 @@ def message_json(d: Delivery) -> bytes:
     if d.seq:
         head["id"] = str(d.seq)
     head["event"] = d.event
+    if d.sender is not None:
+        head["from"] = d.sender
     # Splice the payload in without re-serialising it.
     return orjson.dumps(head)[:-1] + b',"data":' + json_data(d.payload) + b"}"
 

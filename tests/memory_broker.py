@@ -69,13 +69,14 @@ class MemoryPubSub:
     async def unwant(self, channel: Channel) -> None:
         await self._stream.interest.unwant(channel)
 
-    async def publish(self, channel: Channel, payload: bytes, event: str | None = None) -> int:
+    async def publish(
+        self, channel: Channel, payload: bytes, event: str | None = None, sender: str | None = None
+    ) -> int:
         s = self._stream
         s.check()
         seq = len(s.log) + 1
-        delivery = Delivery(
-            channel, seq, s.last_on_channel.get(channel, 0), time.time(), event or DEFAULT_EVENT, payload
-        )
+        last = s.last_on_channel.get(channel, 0)
+        delivery = Delivery(channel, seq, last, time.time(), event or DEFAULT_EVENT, payload, sender=sender)
         s.last_on_channel[channel] = seq
         s.log.append(delivery)
         s.emit(delivery)
@@ -88,15 +89,17 @@ class MemoryPubSub:
             if first is not None:
                 done.append(Published(first, duplicate=True))
                 continue
-            seq = await self.publish(item.channel, item.payload, item.event)
+            seq = await self.publish(item.channel, item.payload, item.event, item.sender)
             if item.msg_id is not None:
                 self._keys[item.msg_id] = seq
             done.append(Published(seq))
         return done
 
-    async def publish_ephemeral(self, channel: Channel, payload: bytes, event: str | None = None) -> None:
+    async def publish_ephemeral(
+        self, channel: Channel, payload: bytes, event: str | None = None, sender: str | None = None
+    ) -> None:
         self._stream.check()
-        self._stream.emit(Delivery(channel, 0, 0, time.time(), event or DEFAULT_EVENT, payload))
+        self._stream.emit(Delivery(channel, 0, 0, time.time(), event or DEFAULT_EVENT, payload, sender=sender))
 
 
 class MemoryHistory:

@@ -191,7 +191,8 @@ async def test_ephemeral_reaches_members_live_and_is_never_replayed(
     assert acks[0] == {"type": "ack", "ref": 1, "channel": "room:chat-2"}  # no id: not stored
     stored_id = acks[1]["id"]
     got = [f for f in await frames_for(reader, 0.5) if f["type"] == "message"]
-    assert got[0] == {"type": "message", "channel": "room:chat-2", "event": "message", "data": {"typing": True}}
+    typing = {"type": "message", "channel": "room:chat-2", "event": "message", "from": "tom", "data": {"typing": True}}
+    assert got[0] == typing
     assert (got[1]["id"], got[1]["data"]) == (stored_id, {"text": "hi"})
 
     # A later resume from before both: only the stored one.

@@ -107,7 +107,8 @@ async def test_commands_over_http_act_on_the_stream_as_on_a_websocket(
     status, ack = await command(http, node, tok, {"type": "publish", "room": "b", "data": "typing", "ephemeral": True})
     assert (status, ack) == (200, {"type": "ack", "channel": "room:b"})
     ev = await sse.next()
-    assert ev.id is None and ev.json() == {"type": "message", "channel": "room:b", "event": "message", "data": "typing"}
+    typing = {"type": "message", "channel": "room:b", "event": "message", "from": "alice", "data": "typing"}
+    assert ev.id is None and ev.json() == typing
 
     # presence, read, ping: the frames a WebSocket client gets.
     assert await command(http, node, tok, {"type": "presence", "room": "b"}) == (
