@@ -25,16 +25,22 @@ def is_id(text: str) -> bool:
 class Message:
     """A message on one of the connection's channels: ``user``, ``broadcast``
     or ``room:<id>``. ``id`` is its stream id (a decimal string), None for an
-    ephemeral message; ``data`` the published JSON value."""
+    ephemeral message; ``data`` the published JSON value; ``sender`` the
+    protocol's ``from``: the user who published it from a client connection,
+    as the node verified it (None for a backend's message)."""
 
     channel: str
     id: str | None
     event: str
     data: Any
+    sender: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """The four fields, as ``herald listen`` prints them."""
-        return {"channel": self.channel, "id": self.id, "event": self.event, "data": self.data}
+        """The fields as ``herald listen`` prints them (``from`` only when there is one)."""
+        doc = {"channel": self.channel, "id": self.id, "event": self.event, "data": self.data}
+        if self.sender is not None:
+            doc["from"] = self.sender
+        return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +142,10 @@ def message_of(frame: dict[str, Any], channel: str | None = None) -> Message | N
     ident = _id(raw)
     if raw is not None and ident is None:
         return None  # neither a stored message (no id to resume from) nor an ephemeral one
-    return Message(name, ident, _str(frame.get("event"), "message"), frame.get("data"))
+    sender = frame.get("from")
+    return Message(
+        name, ident, _str(frame.get("event"), "message"), frame.get("data"), sender if isinstance(sender, str) else None
+    )
 
 
 def _str(value: Any, default: str = "") -> str:

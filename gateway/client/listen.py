@@ -1,7 +1,8 @@
 """``herald listen CHANNEL…``: a node's messages as JSON lines on stdout.
 
 Each message of a channel named on the command line is one line
-``{"channel","id","event","data"}``, written at once (pipe it to jq). The
+``{"channel","id","event","data"}`` (and ``"from"``, the publishing user,
+for a message a client published), written at once (pipe it to jq). The
 connection is a ``HeraldClient``: it reconnects and resumes, so a node that
 goes away loses nothing. SIGINT / SIGTERM end it with 0, even while a reader
 that stops reading holds its output back, and so does the end of the pipe's

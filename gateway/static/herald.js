@@ -31,7 +31,9 @@
  *                                       refused here (`too_large`), not sent: the node would close 1009
  *   minDelay?: number, maxDelay?: number  reconnect backoff bounds, ms (default 500 / 30000)
  * }} Options
- * @typedef {{channel: string | null, id: string | null, event: string, data: any}} Message
+ * @typedef {{channel: string | null, id: string | null, event: string, from: string | null, data: any}} Message
+ *   from: the user who published it from a client connection, as the node verified it
+ *   (null: a backend's message). Over SSE it needs envelope mode, which this client uses.
  * @typedef {{limit?: number, before?: string | number}} PageOptions
  *   limit: messages per page (1 to the node's history.page_max, 200; default 50);
  *   before: an id: the page ends just before it (default: the newest messages)
@@ -76,7 +78,13 @@ const after = (a, b) => (a.length !== b.length ? a.length > b.length : a > b);
 const asId = (v) => (v != null && /^\d+$/.test(String(v)) ? String(v) : null);
 
 /** @returns {Message} a `message` frame as the client hands it out */
-const toMessage = (f) => ({ channel: f.channel ?? null, id: f.id || null, event: f.event, data: f.data });
+const toMessage = (f) => ({
+  channel: f.channel ?? null,
+  id: f.id || null,
+  event: f.event,
+  from: typeof f.from === "string" ? f.from : null,
+  data: f.data,
+});
 
 class Client {
   /** @param {Options} opts */

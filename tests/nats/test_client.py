@@ -77,8 +77,8 @@ async def test_receives_rooms_user_and_broadcast_and_commands_answer(
         assert stored is not None and stored.isdigit()
         assert await client.publish("lobby", {"typing": True}, event="typing", ephemeral=True) is None
         assert await take(client, 2) == [
-            Message("room:lobby", stored, "chat", {"text": "hi"}),
-            Message("room:lobby", None, "typing", {"typing": True}),
+            Message("room:lobby", stored, "chat", {"text": "hi"}, sender=user),
+            Message("room:lobby", None, "typing", {"typing": True}, sender=user),
         ]
         assert await client.presence("lobby") == [user]
         assert await client.read(ids[2]) == ids[2]

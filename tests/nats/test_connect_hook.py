@@ -550,7 +550,8 @@ async def test_the_client_address_behind_trusted_proxies(
 
 async def test_the_python_client_connects_with_the_session_cookie(node_factory: NodeFactory, app: App) -> None:
     """HeraldClient with the app's session cookie as a header, no token: the
-    hook names the user, and the client publishes and receives as that user.
+    hook names the user, and the client publishes (its messages are ``from``
+    that user) and receives as that user.
     When the app's answer expires (4001), it connects again and the app is
     asked again."""
     node = await node_factory(auth=auth(app.url))
@@ -562,6 +563,7 @@ async def test_the_python_client_connects_with_the_session_cookie(node_factory: 
             async for message in client:
                 if message.id == msg_id:
                     break
+        assert message.sender == "py-user"  # the hook's user is the one its messages are from
         first = client.welcome
         assert first is not None and first.user == "py-user"
         app.login("s-py", "py-user", ["lobby"])  # the session goes on: the app will say so again

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from broker.embedded import NatsServer
+from gateway.client import HeraldClient
 
 from ..helpers import ADMIN_KEY, RunningNode, SseClient, api_publish, core_publish, recv_json, token
 
@@ -98,3 +99,13 @@ async def test_a_raw_nats_publisher_may_name_a_sender_and_the_inbox_keeps_it(
         assert (await recv_json(ws))["unread"] == 2
         frames = [await recv_json(ws) for _ in range(2)]
         assert [m.get("from") for m in frames] == ["billing", None]
+
+
+async def test_the_python_client_hands_out_the_sender(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    async with HeraldClient([node.url], token=token("bob"), rooms=["lobby"]) as client:
+        await client.ping()  # connected: what is published now reaches it
+        stored = await alice_publishes(http, node, {"text": "hi"})
+        message = await anext(aiter(client))
+        assert (message.id, message.sender, message.data) == (stored["id"], "alice", {"text": "hi"})
+        page = await client.history("lobby")
+        assert [m.sender for m in page] == ["alice"]

@@ -12,6 +12,7 @@ import pytest
 
 from broker import Delivery
 from broker.channels import parse_channel, sender_of
+from gateway.client.events import Message, event_of
 from gateway.frames import SSE, SSE_ENVELOPE, WS, message_json
 
 from ..helpers import ADMIN_KEY, RunningNode, api_publish, make_settings, recv_json, start_node, token
@@ -45,6 +46,14 @@ def test_a_sender_header_that_is_no_user_id_is_dropped() -> None:
     assert sender_of({}) is None
     for bad in ("", "a b", "a.b", "x" * 129, "al\nice"):
         assert sender_of({"Herald-From": bad}) is None, bad
+
+
+def test_the_python_client_reads_from_as_sender() -> None:
+    frame = {"type": "message", "channel": "room:a", "id": "3", "event": "e", "from": "alice", "data": 1}
+    assert event_of(frame) == Message("room:a", "3", "e", 1, sender="alice")
+    assert event_of({**frame, "from": 5}) == Message("room:a", "3", "e", 1)  # not a user id: none
+    assert Message("room:a", "3", "e", 1, sender="alice").as_json()["from"] == "alice"
+    assert "from" not in Message("room:a", "3", "e", 1).as_json()
 
 
 async def test_bob_sees_alice_as_the_sender_of_what_she_publishes(node: RunningNode) -> None:

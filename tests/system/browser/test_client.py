@@ -162,9 +162,10 @@ async def test_sse_stream_carries_frames_and_is_reopened_with_the_current_rooms(
         for (const name of ["message", "reset", "join", "leave", "welcome"]) c.on(name, (v) => got.push([name, v]));
         const es = fake.last();
         es.receive({WELCOME});
-        es.receive({{ type: "message", channel: "room:lobby", id: "41", event: "chat", data: {{ text: "hi" }} }});
+        const hi = {{ text: "hi" }};
+        es.receive({{ type: "message", channel: "room:lobby", id: "41", event: "chat", from: "ann", data: hi }});
         es.receive({{ type: "message", channel: "user", id: "42", event: "notify", data: "x" }});
-        es.receive({{ type: "message", channel: "room:lobby", event: "typing", data: 2 }});  // ephemeral: no id
+        es.receive({{ type: "message", channel: "room:lobby", event: "typing", from: "ann", data: 2 }});  // no id
         es.receive({{ type: "reset", channel: "room:lobby", reason: "gone" }});
         es.receive({{ type: "join", room: "lobby", user: "v" }});
         const sub = c.subscribe("b");
@@ -186,9 +187,9 @@ async def test_sse_stream_carries_frames_and_is_reopened_with_the_current_rooms(
     assert result["ack"] == {"type": "ack", "ref": "1", "channel": "room:b"}
     messages = [v for name, v in result["got"] if name == "message"]
     assert messages == [
-        {"channel": "room:lobby", "id": "41", "event": "chat", "data": {"text": "hi"}},
-        {"channel": "user", "id": "42", "event": "notify", "data": "x"},
-        {"channel": "room:lobby", "id": None, "event": "typing", "data": 2},
+        {"channel": "room:lobby", "id": "41", "event": "chat", "from": "ann", "data": {"text": "hi"}},
+        {"channel": "user", "id": "42", "event": "notify", "from": None, "data": "x"},  # a backend's: from no one
+        {"channel": "room:lobby", "id": None, "event": "typing", "from": "ann", "data": 2},
     ]
     assert [name for name, _ in result["got"]] == ["welcome", "message", "message", "message", "reset", "join"]
 
@@ -437,14 +438,14 @@ async def test_history_pages_resolve_as_messages_and_reject_by_ref(page: Page) -
     assert result["early"] == {
         "channel": "room:lobby",
         "messages": [
-            {"channel": "room:lobby", "id": "39", "event": "chat", "data": 1},
-            {"channel": "room:lobby", "id": "41", "event": "chat", "data": 2},
+            {"channel": "room:lobby", "id": "39", "event": "chat", "from": None, "data": 1},
+            {"channel": "room:lobby", "id": "41", "event": "chat", "from": None, "data": 2},
         ],
     }
     assert result["older"] == {"channel": "room:lobby", "messages": []}
     assert result["inbox"] == {
         "channel": "user",
-        "messages": [{"channel": "user", "id": "12", "event": "notify", "data": "x"}],
+        "messages": [{"channel": "user", "id": "12", "event": "notify", "from": None, "data": "x"}],
     }
     assert result["denied"] == {
         "type": "error",
@@ -453,7 +454,9 @@ async def test_history_pages_resolve_as_messages_and_reject_by_ref(page: Page) -
         "ref": "4",
     }
     assert result["resets"] == ["room:lobby"]
-    assert result["reloaded"]["messages"] == [{"channel": "room:lobby", "id": "49", "event": "chat", "data": 3}]
+    assert result["reloaded"]["messages"] == [
+        {"channel": "room:lobby", "id": "49", "event": "chat", "from": None, "data": 3}
+    ]
     # A page is read, not delivered: no message event, and the resume position stays the welcome's.
     assert (result["got"], result["lastId"]) == ([], "50")
 
@@ -469,7 +472,7 @@ async def test_sse_history_is_posted_without_conn(page: Page) -> None:
         await fake.settle();
         const first = fake.request();
         first.respond(200, { type: "history", channel: "room:lobby", ref: "1",
-          messages: [{ type: "message", channel: "room:lobby", id: "5", event: "message", data: { text: "hi" } }] });
+          messages: [{ type: "message", channel: "room:lobby", id: "5", event: "message", from: "kai", data: "hi" }] });
         await fake.settle();
         const second = fake.request();
         const refusal = { type: "error", code: "forbidden", message: "token does not allow room secret", ref: "2" };
@@ -484,7 +487,7 @@ async def test_sse_history_is_posted_without_conn(page: Page) -> None:
     ]
     assert result["newest"] == {
         "channel": "room:lobby",
-        "messages": [{"channel": "room:lobby", "id": "5", "event": "message", "data": {"text": "hi"}}],
+        "messages": [{"channel": "room:lobby", "id": "5", "event": "message", "from": "kai", "data": "hi"}],
     }
     assert (result["denied"]["code"], result["denied"]["ref"]) == ("forbidden", "2")
 

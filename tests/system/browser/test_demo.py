@@ -323,10 +323,10 @@ async def test_client_commands_and_rooms_on_one_stream(transport: str, node: Run
     stored, in_b, after_unsub, marker = r["ids"]
     assert r["states"] == ["open"] and r["sameConn"] and r["conn"].startswith(node.settings.node.id + ":")
     assert r["got"] == [
-        {"channel": "room:lobby", "id": stored, "event": "chat", "data": {"text": "hi"}},
-        {"channel": "room:lobby", "id": None, "event": "typing", "data": {"user": "frank"}},
-        {"channel": "room:b", "id": in_b, "event": "message", "data": {"text": "in b"}},
-        {"channel": "room:lobby", "id": marker, "event": "message", "data": {"text": "marker"}},
+        {"channel": "room:lobby", "id": stored, "event": "chat", "from": "frank", "data": {"text": "hi"}},
+        {"channel": "room:lobby", "id": None, "event": "typing", "from": "frank", "data": {"user": "frank"}},
+        {"channel": "room:b", "id": in_b, "event": "message", "from": "frank", "data": {"text": "in b"}},
+        {"channel": "room:lobby", "id": marker, "event": "message", "from": "frank", "data": {"text": "marker"}},
     ]
     assert after_unsub and after_unsub not in [m["id"] for m in r["got"]]
     assert r["stored"] == {"type": "ack", "channel": "room:lobby", "id": stored, "ref": "1"}
@@ -671,14 +671,16 @@ async def test_client_history_pages_on_a_real_node(
         await context.close()
 
     def room_message(i: int) -> dict[str, Any]:
-        return {"channel": "room:lobby", "id": lobby[i], "event": "message", "data": {"n": i}}
+        return {"channel": "room:lobby", "id": lobby[i], "event": "message", "from": None, "data": {"n": i}}
 
-    inbox = [{"channel": "user", "id": notes[i], "event": "message", "data": {"note": i}} for i in range(2)]
+    inbox = [
+        {"channel": "user", "id": notes[i], "event": "message", "from": None, "data": {"note": i}} for i in range(2)
+    ]
     assert r["newest"] == {"channel": "room:lobby", "messages": [room_message(i) for i in (2, 3, 4)]}
     assert r["older"] == {"channel": "room:lobby", "messages": [room_message(i) for i in (0, 1)]}  # 2 < 3: the last
     assert r["inbox"] == {"channel": "user", "messages": inbox}
     assert (r["forbidden"]["code"], r["forbidden"]["message"]) == ("forbidden", "token does not allow room secret")
     assert r["bad"]["code"] == "bad_request" and r["bad"]["ref"]
     assert r["unchanged"] is True
-    live = {"channel": "room:lobby", "id": r["live"], "event": "message", "data": {"text": "live"}}
+    live = {"channel": "room:lobby", "id": r["live"], "event": "message", "from": "hana", "data": {"text": "live"}}
     assert r["got"] == [*inbox, live]  # the unread inbox at open, then the live message: no history
