@@ -135,10 +135,9 @@ function start({ user, room, transport }, token) {
     return view;
   };
   const atBottom = () => list.scrollHeight - list.scrollTop - list.clientHeight < NEAR;
-  const chatLine = (m, cls) => {
-    const who = m.data && typeof m.data.user === "string" ? m.data.user : undefined;
-    return line(textOf(m.data), { id: m.id || undefined, who, cls });
-  };
+  // The author is the message's `from`, the publishing user as the node verified
+  // it (a name in the data could be anyone's); a backend's message has none.
+  const chatLine = (m, cls) => line(textOf(m.data), { id: m.id || undefined, who: m.from || undefined, cls });
   /** A page of history, oldest first, each in its place by id. */
   const insertHistory = (messages) => {
     let newest = null;
@@ -234,13 +233,13 @@ function start({ user, room, transport }, token) {
       } else if (m.channel !== `room:${room}` && m.channel !== "broadcast") {
         // a room left a moment ago
       } else if (m.event === "typing") {
-        const who = m.data && m.data.user;
+        const who = m.from;
         if (!who || who === user) return;
         clearTimeout(typing.get(who));
         typing.set(who, setTimeout(() => { typing.delete(who); showTyping(); }, TYPING_SHOWN));
         showTyping();
       } else {
-        const who = m.data && typeof m.data.user === "string" ? m.data.user : null;
+        const who = m.from;
         if (who && typing.has(who)) { clearTimeout(typing.get(who)); typing.delete(who); showTyping(); }
         showLive(m);
       }
@@ -276,7 +275,7 @@ function start({ user, room, transport }, token) {
     ev.preventDefault();
     const text = $("text").value.trim();
     if (!text) return;
-    client.publish(room, { user, text }, { event: "chat" }).then(
+    client.publish(room, { text }, { event: "chat" }).then(
       () => { $("text").value = ""; },
       (e) => system(`not sent: ${e.message}`),
     );
@@ -284,7 +283,7 @@ function start({ user, room, transport }, token) {
   $("text").oninput = () => {
     if (Date.now() - lastTyping < TYPING_EVERY) return;
     lastTyping = Date.now();
-    client.publish(room, { user }, { event: "typing", ephemeral: true }).catch(() => {});
+    client.publish(room, {}, { event: "typing", ephemeral: true }).catch(() => {});
   };
   $("mark-read").onclick = () => {
     if (!lastNotification) return;

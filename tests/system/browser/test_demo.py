@@ -132,6 +132,37 @@ async def test_two_users_chat_with_presence_typing_and_notifications(
 
 
 @pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_the_author_shown_is_the_verified_sender_not_a_name_in_the_data(
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    """Mallory's messages say they are alice's; the page shows mallory, the
+    message's ``from``, live, typing and in the room's history. A backend's
+    message has no author."""
+    node: RunningNode = await node_factory(**DEMO)
+    forged = {"user": "alice", "text": "it is me, alice"}
+    async with (
+        demo_page(browser, node.url, user="bob", room="lobby", transport=transport) as (bob, watch),
+        http.ws_connect(node.ws_url, params={"token": token("mallory", publish=["*"])}) as mallory,
+    ):
+        await mallory.send_json(
+            {"type": "publish", "room": "lobby", "event": "typing", "data": forged, "ephemeral": True}
+        )
+        await expect(bob.locator("#typing")).to_have_text("mallory is typing…")
+        await mallory.send_json({"type": "publish", "room": "lobby", "event": "chat", "data": forged})
+        await api_publish(http, node, "room:lobby", {"user": "alice", "text": "from the backend"})
+        lines = bob.locator("#messages li[data-id]")
+        await expect(lines).to_have_count(2)
+        await expect(lines.nth(0).locator(".who")).to_have_text("mallory")
+        await expect(lines.nth(1).locator(".who")).to_have_count(0)
+        await bob.reload()  # now from the room's history
+        await expect(bob.locator("#messages li.history")).to_have_count(2, timeout=TIMEOUT)
+        history = bob.locator("#messages li.history")
+        await expect(history.nth(0).locator(".who")).to_have_text("mallory")
+        await expect(history.nth(1).locator(".who")).to_have_count(0)
+        assert page_errors(watch) == []
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
 async def test_page_resumes_after_its_node_is_killed_and_restarted(
     transport: str,
     node_factory: NodeFactory,
