@@ -35,6 +35,7 @@ from .hook_message import Backlog, HookMessage
 from .kv import key_token, live_keys
 from .link import close_quietly
 from .readmark import decode, stream_id, trusted
+from .redact import redacted_urls
 from .server_clock import ServerClock
 from .tasks import spawn
 from .throttle import Throttle
@@ -62,7 +63,7 @@ class HookSource:
         max_ack_pending: int = 10_000,
     ) -> None:
         self._urls = urls
-        self._shown_urls = ",".join(urls)  # for the log, as the node's own connect error names them
+        self._shown_urls = redacted_urls(urls)  # for the log, as the node's own connect error names them
         self._subjects = subjects
         self._stream = stream
         self._ack_wait = ack_wait

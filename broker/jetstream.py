@@ -28,6 +28,7 @@ from .live import LiveOptions, NatsPubSub
 from .presence import KvPresence
 from .readmark import stream_id
 from .reads import KvReadPositions
+from .redact import redacted, redacted_urls
 from .relay import NatsRelay
 from .roles import BrokerEvents
 from .store import NatsHistory, StreamPlace
@@ -222,7 +223,7 @@ class NatsBroker:
             why = self._connect_error or exc
             detail = f"{why.__class__.__name__}: {why}" if str(why) else why.__class__.__name__
             raise BrokerUnavailable(
-                f"cannot connect to NATS at {','.join(urls)} within {self._config.connect_timeout:g}s ({detail})"
+                f"cannot connect to NATS at {redacted_urls(urls)} within {self._config.connect_timeout:g}s ({detail})"
             ) from None
         finally:
             self._connecting = False
@@ -382,7 +383,7 @@ class NatsBroker:
     async def _on_reconnected(self) -> None:
         self._stats.reconnects += 1
         url = self._link.nc.connected_url if self._link.nc is not None else None
-        log.info("reconnected to NATS at %s", url.netloc if url else "?")
+        log.info("reconnected to NATS at %s", redacted(url.geturl()) if url else "?")
         # The server may have lost the stream (a fresh store): recreate it.
         spawn(self._tasks, self._restore_stream())
 

@@ -15,6 +15,7 @@ from typing import Any
 from broker import BrokerUnavailable, InvalidChannel
 from broker.channels import check_event, check_id, parse_channel
 from broker.embedded import NatsServer, free_port, nats_server_binary
+from broker.redact import redacted
 from broker.tasks import cancel_and_wait
 
 from .auth import GLOB_RE, mint_token
@@ -182,7 +183,7 @@ def _run_dev(settings: Settings, server: NatsServer, port: int, secret: str) -> 
             f"  websocket:   ws://127.0.0.1:{port}/ws?token=<token>&room=lobby\n"
             f"  events:      {base}/sse?token=<token>&room=lobby\n"
             f"  metrics:     {base}/metrics\n"
-            f"  nats:        {server.url} (JetStream store {server.store_dir})\n"
+            f"  nats:        {redacted(server.url)} (JetStream store {server.store_dir})\n"
             f"  publish key: {settings.publish.key}   admin key: {settings.admin.key}\n"
             f"  sample token (user alice, all rooms, 24 h):\n    {token}\n"
             f"  try:  curl -N '{base}/sse?token={token}&room=lobby'\n"

@@ -14,6 +14,7 @@ from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import InvalidKeyError
 
 from broker.channels import Subjects
+from broker.redact import redacted
 
 from ..limits import normal_origin
 from ..public_keys import key_algorithm
@@ -159,9 +160,8 @@ def _admin(admin: AdminSettings, http: HttpSettings) -> None:
 def _nats(nats: NatsSettings) -> None:
     _require(len(nats.urls) > 0, "nats.urls", "at least one URL")
     for url in nats.urls:
-        _require(
-            url.split("://", 1)[0] in ("nats", "tls", "ws", "wss") and "://" in url, "nats.urls", f"bad URL {url!r}"
-        )
+        scheme_ok = url.split("://", 1)[0] in ("nats", "tls", "ws", "wss") and "://" in url
+        _require(scheme_ok, "nats.urls", f"bad URL {redacted(url)!r}")
     _require(nats.connect_timeout > 0, "nats.connect_timeout", "must be > 0")
     _require(nats.ping_interval > 0, "nats.ping_interval", "must be > 0")
     _require(nats.publish_timeout > 0, "nats.publish_timeout", "must be > 0")

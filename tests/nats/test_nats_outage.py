@@ -10,6 +10,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -343,3 +344,26 @@ async def test_streams_refused_while_nats_is_away_log_no_line_each(
     assert await asyncio.gather(*(ws_open(i) for i in range(8))) == [1013] * 8
     lines = [r for r in caplog.records if r.name == "herald.transports"]
     assert len(lines) <= 1, [r.getMessage() for r in lines]
+
+
+async def test_the_reconnect_line_hides_the_password_in_the_nats_url(
+    tmp_path: Path, node_factory: Callable[..., Any], http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ "reconnected to NATS at ..." named the server with the user and password
+    of the URL the node was given."""
+    config = tmp_path / "nats.conf"
+    config.write_text("authorization { user: alice, password: s3cret }\n")
+    server = NatsServer(port=free_port(), store_dir=str(tmp_path / "js"), config_file=str(config)).start()
+    try:
+        url = f"nats://alice:s3cret@127.0.0.1:{server.port}"
+        node: RunningNode = await node_factory(nats_url=url, nats={"reconnect_wait": 0.2})
+        caplog.set_level(logging.INFO, logger="herald")
+        server.stop()
+        await wait_for(lambda: status_is(http, node.url + "/readyz", 503), timeout=5)
+        server.start()
+        await wait_for(lambda: status_is(http, node.url + "/readyz", 200), timeout=10)
+    finally:
+        server.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert f"reconnected to NATS at nats://alice:***@127.0.0.1:{server.port}" in said, said
+    assert not any("s3cret" in line for line in said), said

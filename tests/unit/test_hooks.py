@@ -224,6 +224,30 @@ async def test_nats_warnings_list_the_urls_comma_separated(
     assert not any("('nats://" in line for line in said), said
 
 
+async def test_nats_warnings_hide_a_password_or_token_in_the_urls(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import broker.hooks
+    from broker.channels import Subjects
+    from broker.throttle import Throttle
+
+    monkeypatch.setattr(broker.hooks, "warn", Throttle(broker.hooks.log, interval=30.0))  # unmuted by other tests
+
+    urls = ("nats://alice:s3cret@127.0.0.1:1", "nats://t0ken@127.0.0.1:2")
+    source = HookSource(urls, Subjects("herald"), "HERALD", ack_wait=5.0, connect_timeout=0.2)
+    with caplog.at_level(logging.WARNING):
+        starting = asyncio.ensure_future(source.start())
+        try:
+            await asyncio.wait_for(_until(lambda: any("retrying" in r.getMessage() for r in caplog.records)), 10)
+        finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    said = [r.getMessage() for r in caplog.records if "NATS" in r.getMessage()]
+    assert said and all("nats://alice:***@127.0.0.1:1,nats://***@127.0.0.1:2" in line for line in said), said
+    assert not any("s3cret" in line or "t0ken" in line for line in said), said
+
+
 async def _until(check: Any) -> None:
     while not check():
         await asyncio.sleep(0.05)
