@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker import BrokerUnavailable, InvalidChannel
+from broker import BrokerUnavailable, InvalidChannel, MessageTooLarge
 from broker.channels import check_event, check_id, parse_channel
 from broker.embedded import NatsServer, free_port, nats_server_binary
 from broker.redact import redacted
@@ -93,9 +93,12 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "hooks":
             return _hooks(settings)
         return _token(settings, args)
-    except (ConfigError, InvalidChannel, BrokerUnavailable, FileNotFoundError) as exc:
+    except (ConfigError, InvalidChannel, MessageTooLarge, FileNotFoundError) as exc:
         print(f"herald: {exc}", file=sys.stderr)
-        return 2
+        return 2  # a usage or config error: no retry gets past it
+    except BrokerUnavailable as exc:  # NATS away, no stream, no ack in time (publish)
+        print(f"herald: {exc}", file=sys.stderr)
+        return 1  # a failure, as serve, listen and hooks say theirs: a retry may succeed
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:

@@ -296,9 +296,33 @@ def test_publish_without_nats_fails_within_connect_timeout_with_one_line(tmp_pat
     started = time.monotonic()
     result = run_cli(["publish", "room:lobby", "x"], tmp_path, HERALD_NATS_URLS=url, HERALD_NATS_CONNECT_TIMEOUT="1")
     assert time.monotonic() - started < 4
-    assert result.returncode == 2 and result.stdout == ""
+    assert result.returncode == 1 and result.stdout == ""  # a failure, not a usage error (2)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and url in lines[0] and "ConnectionRefused" in lines[0], result.stderr
+
+
+def test_publish_not_stored_exits_1_and_a_message_over_max_payload_2(nats_server: NatsServer, tmp_path: Path) -> None:
+    """Exit 1 is a failure that a retry may get past (NATS away, no stream, no
+    ack in time), 2 what no retry will (a bad argument, config, a message
+    NATS never takes): a script tells them apart, as with listen and hooks."""
+    n = next(_ids)
+    env = cli_env(
+        HERALD_NATS_URLS=nats_server.url, HERALD_SUBJECT_PREFIX=f"nostream{n}", HERALD_STREAM_NAME=f"NOSTREAM{n}"
+    )
+    unstored = subprocess.run(
+        [sys.executable, "-m", "gateway", "publish", "room:lobby", "x"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=15,
+    )  # fmt: skip
+    assert unstored.returncode == 1 and unstored.stdout == "", unstored.stderr
+    lines = unstored.stderr.strip().splitlines()
+    assert len(lines) == 1 and "stream" in lines[0], unstored.stderr
+    too_large = subprocess.run(
+        [sys.executable, "-m", "gateway", "publish", "room:lobby", "-"],
+        input="x" * (1024 * 1024 + 1), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=15,
+    )  # fmt: skip
+    assert too_large.returncode == 2 and too_large.stdout == "", too_large.stderr
+    lines = too_large.stderr.strip().splitlines()
+    assert len(lines) == 1 and "max_payload" in lines[0], too_large.stderr
 
 
 async def test_publish_interrupted_while_connecting_exits_130_quietly(tmp_path: Path) -> None:
