@@ -12,6 +12,7 @@ from collections.abc import Collection
 from nats.js.kv import KeyValue
 
 from .kv import live_keys
+from .tasks import failure_read
 
 
 class LiveInstances:
@@ -76,4 +77,6 @@ class LiveInstances:
             if refresh is None or refresh.done():
                 self._refresh_began = time.monotonic()
                 refresh = self._refreshing = asyncio.ensure_future(self._list())
+                # Those waiting for it without awaiting it (above) list again: none may read its failure.
+                refresh.add_done_callback(failure_read)
             await asyncio.shield(refresh)

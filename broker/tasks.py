@@ -33,3 +33,11 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], tries: int = 10) -
         for task in done:
             if not task.cancelled():
                 task.exception()  # retrieved: ending with an error is no news at close
+
+
+def failure_read(future: asyncio.Future[Any]) -> None:
+    """Done callback of a future several waiters share: its failure counts as
+    read. Each waiter still there gets it; when all have gone (a client left,
+    the node stops) asyncio would log it as "never retrieved"."""
+    if not future.cancelled():
+        future.exception()

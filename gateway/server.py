@@ -28,6 +28,7 @@ from aiohttp import web
 
 from broker import BrokerUnavailable
 from broker.embedded import stop_with_parent
+from broker.tasks import cancel_and_wait
 
 from .app import create_admin_app, create_app
 from .front import FrontRunner
@@ -194,8 +195,24 @@ def _run(
     except NodeFailed:
         return 1  # said when it happened
     finally:
+        # What the node leaves running (connects waiting on a NATS gone, the
+        # reads they share, nats-py's tasks when its close failed) ends here:
+        # closed with the loop, each would be destroyed pending, and a shared
+        # wait failed just before would leave its waiters' exceptions unread
+        # ("Future exception was never retrieved").
+        loop.run_until_complete(_end_tasks())
         loop.close()
     return 0
+
+
+async def _end_tasks(rounds: int = 3) -> None:
+    """Cancel and wait for the loop's other tasks; again for those they start
+    as they end (a connect cancelled counts its connection out in a task)."""
+    for _ in range(rounds):
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        if not left:
+            return
+        await cancel_and_wait(left)
 
 
 def worker_settings(settings: Settings, index: int) -> Settings:

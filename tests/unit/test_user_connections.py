@@ -36,6 +36,42 @@ async def test_a_burst_of_lookups_of_live_nodes_is_one_kv_listing(monkeypatch: p
     assert listings == 1
 
 
+async def test_a_shared_listing_that_fails_after_its_starter_left_leaves_no_unread_failure(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listing shared by a burst is awaited (shielded) by the lookup that
+    started it; one asked later waits for it to end, then lists again. When
+    the starter had gone (its client left, the node was stopping) and the
+    listing failed (NATS gone), nobody read the failure: asyncio logged
+    "Task exception was never retrieved" once the listing was collected."""
+    import asyncio
+    import gc
+    import logging
+
+    import broker.liveness
+    from broker import BrokerUnavailable
+    from broker.liveness import LiveInstances
+
+    async def live_keys(kv: Any, pattern: str) -> list[str]:
+        await asyncio.sleep(0.05)
+        raise BrokerUnavailable("NATS is not connected")
+
+    monkeypatch.setattr(broker.liveness, "live_keys", live_keys)
+    live = LiveInstances("n1-abc", ttl=3.0)
+    live.nodes = object()  # type: ignore[assignment]
+    starter = asyncio.ensure_future(live.alive_now())
+    await asyncio.sleep(0.01)
+    later = asyncio.ensure_future(live.alive_now())  # asked after the listing began: waits for it, then lists
+    await asyncio.sleep(0.01)
+    starter.cancel()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        with pytest.raises(BrokerUnavailable):
+            await later  # its own listing's failure, read by it
+        del starter, later, live
+        gc.collect()
+    assert not [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+
+
 class SlowCountOut:
     """The memory broker's per-user count, with count-outs that land 0.3 s
     after ``close`` — as a KV write behind a busy node or a listing may."""
