@@ -161,7 +161,7 @@ class _Acks:
 
     def reply_to(self) -> bytes:
         """A reply subject for the next ack (all are asked for before any can come)."""
-        reply = self._inbox.add(partial(self._take, len(self._acks)))
+        reply = self._inbox.add(partial(self._take, len(self._acks)), self.done)
         self._acks.append(None)
         self._replies.append(reply)
         self._left += 1

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .base import BrokerUnavailable
 from .dispatch import DispatchingClient
 
 # (payload, headers or None) of one reply.
@@ -48,6 +49,8 @@ class ReplyInbox:
         self.proven = 0
         self._asked = -1
         self._waiting: dict[bytes, OnReply] = {}
+        # What each reply subject's request awaits: failed at once by ``fail``.
+        self._waiters: dict[bytes, asyncio.Future[Any]] = {}
 
     async def subscribe(self) -> DispatchingClient:
         """The inbox subscription on the current client (made now if needed:
@@ -61,11 +64,13 @@ class ReplyInbox:
             self._client = nc
         return nc
 
-    async def open(self, on_reply: OnReply, buffered: bool = False) -> tuple[DispatchingClient, str]:
-        """A reply subject whose replies go to ``on_reply`` until ``close``.
-        ``buffered``: see ``ready``."""
+    async def open(
+        self, on_reply: OnReply, waiter: asyncio.Future[Any], buffered: bool = False
+    ) -> tuple[DispatchingClient, str]:
+        """A reply subject whose replies go to ``on_reply`` until ``close``;
+        ``waiter``: what the request awaits (see ``add``). ``buffered``: see ``ready``."""
         nc = self.current(buffered) or await self.ready(buffered)
-        return nc, self.add(on_reply).decode()
+        return nc, self.add(on_reply, waiter).decode()
 
     def current(self, buffered: bool = False) -> DispatchingClient | None:
         """What ``ready`` returns when it has nothing to wait for (the usual
@@ -87,13 +92,15 @@ class ReplyInbox:
             nc = await self.subscribe()
         return nc
 
-    def add(self, on_reply: OnReply) -> bytes:
+    def add(self, on_reply: OnReply, waiter: asyncio.Future[Any]) -> bytes:
         """A reply subject (after ``ready``) whose replies go to ``on_reply``
-        until ``discard``."""
+        until ``discard``. ``waiter``, what the request awaits, is failed at
+        once if the connection closes for good (``fail``)."""
         number = self.issued
         self.issued = number + 1
         reply = b"%s.%d" % (self._prefix, number)
         self._waiting[reply] = on_reply
+        self._waiters[reply] = waiter
         return reply
 
     def mark(self) -> int:
@@ -119,11 +126,23 @@ class ReplyInbox:
 
     def close(self, reply: str) -> None:
         self._waiting.pop(reply.encode(), None)
+        self._waiters.pop(reply.encode(), None)
 
     def discard(self, replies: Iterable[bytes]) -> None:
-        waiting = self._waiting
+        waiting, waiters = self._waiting, self._waiters
         for reply in replies:
             waiting.pop(reply, None)
+            waiters.pop(reply, None)
+
+    def fail(self, reason: str) -> None:
+        """The connection is closed for good: no reply will come. Every
+        request waiting fails now with BrokerUnavailable(``reason``), not at
+        its timeout (a publish's: nats.publish_timeout), which held the
+        node's drain and exit as long."""
+        for waiter in set(self._waiters.values()):
+            if not waiter.done():
+                waiter.set_exception(BrokerUnavailable(reason))
+                waiter.exception()  # read: its request may be gone before it looks
 
     def _on_reply(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
         on_reply = self._waiting.get(subject)

@@ -65,7 +65,7 @@ async def ask(
 
     reply = ""
     try:
-        nc, reply = await inbox.open(take, buffered)
+        nc, reply = await inbox.open(take, answer, buffered)
         if not nc.publish_soon(subject, reply, payload):
             await nc.publish(subject, payload, reply=reply)
         expiry = loop.call_later(timeout, expire, (answer,))

@@ -78,7 +78,7 @@ class DirectReader:
 
         reply = ""
         try:
-            nc, reply = await self._inbox.open(take)
+            nc, reply = await self._inbox.open(take, done)
             request = {"seq": max(1, start), "next_by_subj": subject, "batch": count}
             await nc.publish(self._api, orjson.dumps(request), reply=reply)
             first = self._timeout if timeout is None else timeout
@@ -88,6 +88,7 @@ class DirectReader:
                     raise TimeoutError
                 async with asyncio.timeout(max(0.0, self._timeout - first)):
                     await done
+            done.result()  # BrokerUnavailable if NATS closed the connection for good meanwhile (ReplyInbox.fail)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None
         finally:

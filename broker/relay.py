@@ -111,7 +111,7 @@ class NatsRelay:
 
         reply = ""
         try:
-            nc, reply = await self._inbox.open(take)
+            nc, reply = await self._inbox.open(take, everyone)
             await nc.publish(self._all, body, reply=reply)
             async with asyncio.timeout(timeout):
                 await everyone

@@ -9,9 +9,12 @@ the server's max_subscriptions): the one way to single out one client."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
+import nats
 import pytest
 
 from broker import BrokerUnavailable
@@ -20,7 +23,7 @@ from broker.publisher import NatsPublisher
 from gateway.hooks import Dispatcher
 from gateway.settings import with_overrides
 
-from ..helpers import SECRET, make_settings, start_node, wait_for
+from ..helpers import PUBLISH_HEADERS, SECRET, make_settings, start_node, wait_for
 
 # Fewer than a node or a dispatcher takes; the test adds its own past it.
 MAX_SUBSCRIPTIONS = 40
@@ -69,4 +72,42 @@ async def test_the_dispatcher_ends_when_nats_closed_it(limited_server: NatsServe
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await node.stop()
+
+
+async def test_a_publish_waiting_for_its_ack_fails_at_once_when_nats_closed_the_node(
+    limited_server: NatsServer,
+) -> None:
+    """The node drains and exits 1 once NATS closed its connection for good
+    (tests/system/test_nats_closed.py); a publish already waiting for its ack
+    then waited out nats.publish_timeout (5 s) for an answer that could not
+    come, and held the drain, and the exit, as long."""
+    settings = make_settings(limited_server.url, nats={"publish_timeout": 5.0})
+    node = await start_node(settings)
+    nc = await nats.connect(limited_server.url)
+    try:
+        # No stream to ack it, but a subscriber that hears it (no "no responders"):
+        # the publish waits for an ack, as one does when NATS closes mid-way.
+        await nc.jetstream().delete_stream(settings.stream.name)
+        await nc.subscribe(f"{settings.subject.prefix}.room.held")
+        await nc.flush()
+        async with aiohttp.ClientSession() as http:
+            publish = asyncio.ensure_future(
+                http.post(node.url + "/api/publish", json={"channel": "room:held", "data": 1}, headers=PUBLISH_HEADERS)
+            )
+            await asyncio.sleep(0.5)
+            assert not publish.done()
+            started = time.monotonic()
+            await exceed_subscriptions(node.node.broker._link.nc)  # type: ignore[attr-defined]
+            async with await publish as resp:
+                answered = time.monotonic() - started
+                assert resp.status == 503, await resp.text()
+            await node.node.failure.stop.wait()
+            await node.node.shutdown()
+            await node.stop()
+            stopped = time.monotonic() - started
+        assert answered < 1.0, f"the publish was answered {answered:.1f}s after NATS closed the connection"
+        assert stopped < 2.5, f"the node took {stopped:.1f}s to drain and stop"
+    finally:
+        await nc.close()
         await node.stop()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 from broker.dispatch import DispatchingClient
@@ -36,18 +37,19 @@ async def test_current_is_the_subscribed_client_else_none() -> None:
     assert await inbox.ready() is first
 
 
-def test_what_an_answer_shows_was_read() -> None:
+async def test_what_an_answer_shows_was_read() -> None:
     """Request n's answer shows the server read what was queued before n was
     made (ReplyInbox.seen), not what was queued after."""
     inbox = ReplyInbox(lambda: cast(DispatchingClient, FakeClient()))
     inbox._prefix, inbox._cut = b"_INBOX.x", len(b"_INBOX.x.")
     got: list[bytes] = []
-    early = inbox.add(lambda data, headers: got.append(data))
+    loop = asyncio.get_running_loop()
+    early = inbox.add(lambda data, headers: got.append(data), loop.create_future())
     mark = inbox.mark()  # a SUB queued now
     assert not inbox.seen(mark)
     inbox._on_reply(early, b"1", None)  # asked before the SUB: tells nothing of it
     assert got == [b"1"] and not inbox.seen(mark)
-    later = inbox.add(lambda data, headers: got.append(data))
+    later = inbox.add(lambda data, headers: got.append(data), loop.create_future())
     inbox._on_reply(later, b"2", None)
     assert inbox.seen(mark)
     mark = inbox.mark()
