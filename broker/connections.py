@@ -125,10 +125,11 @@ class KvConnections:
             del self._open[user]
         return spawn(self.tasks, self._count_out(user, conn))
 
-    async def settle(self, timeout: float) -> None:
-        """Return once the count-outs begun so far are written (or given up),
-        or after ``timeout`` seconds, or once NATS is away (they cannot be)."""
-        await self._link.wait_connected(self.tasks, timeout)
+    async def settle(self, timeout: float, counting: Collection[asyncio.Future[None]] | None = None) -> None:
+        """Return once ``counting`` (None: the count-outs begun so far) is
+        written (or given up), or after ``timeout`` seconds, or once NATS is
+        away (they cannot be)."""
+        await self._link.wait_connected(self.tasks if counting is None else counting, timeout)
 
     def recount(self) -> None:
         """Write this node's connections back into their users' tables: it

@@ -13,7 +13,7 @@ built, never assigned afterwards. No NATS type appears here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -137,9 +137,10 @@ class Connections(Protocol):
         connection: a second close of it does nothing. The count-out under
         way, for a caller that waits for it (None: nothing to wait for)."""
 
-    async def settle(self, timeout: float) -> None:
-        """Returns once every count-out begun before the call is done, or
-        after ``timeout`` seconds, or once NATS is away (none can be done)."""
+    async def settle(self, timeout: float, counting: Collection[asyncio.Future[None]] | None = None) -> None:
+        """Returns once ``counting`` (count-outs ``close`` returned; None:
+        every one begun before the call) is done, or after ``timeout``
+        seconds, or once NATS is away (none can be done)."""
 
 
 class Relay(Protocol):

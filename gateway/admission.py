@@ -9,7 +9,6 @@ reason (SSE, and anything before an upgrade) and the close code (WebSocket).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -228,21 +227,14 @@ class Gate:
 
     async def count_out_first(self, sessions: Iterable[Session], timeout: float) -> None:
         """Count ``sessions`` out now, before they are told to reconnect (a
-        drain, a disconnect by the server API), and wait at most ``timeout``
-        seconds for the writes. Counted out only once their close finished,
-        a user at their limit who came back to another node at once was
-        refused there (4029 / 429) for the connection being closed here."""
-        for session in sessions:
-            self._connections.close(session.user, session.id)
-        await self._connections.settle(timeout)
-
-    async def count_out_one(self, session: Session, timeout: float) -> None:
-        """Count ``session`` out now, before it is told to come back at once
-        (4008), waiting at most ``timeout`` seconds for its own write (not for
-        others': many slow consumers at once wait each for one)."""
-        counting = self._connections.close(session.user, session.id)
-        if counting is not None:
-            await asyncio.wait({counting}, timeout=timeout)
+        drain, a disconnect by the server API, a 4008 or 4001), and wait for
+        their writes — theirs only: many slow consumers at once wait each
+        for its own — at most ``timeout`` seconds, and not once NATS is away.
+        Counted out only once their close finished, a user at their limit
+        who came back to another node at once was refused there (4029 / 429)
+        for the connection being closed here."""
+        counting = [self._connections.close(s.user, s.id) for s in sessions]
+        await self._connections.settle(timeout, [c for c in counting if c is not None])
 
     def count_out(self, user: str, conn_id: str) -> None:
         """A connection counted in never became a session (its client left)."""

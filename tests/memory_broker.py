@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from broker import (
     BrokerEvents,
@@ -179,7 +179,7 @@ class MemoryConnections:
         if conn in conns:
             conns.remove(conn)
 
-    async def settle(self, timeout: float) -> None:
+    async def settle(self, timeout: float, counting: Collection[asyncio.Future[None]] | None = None) -> None:
         pass
 
 

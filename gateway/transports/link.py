@@ -181,7 +181,7 @@ class SocketLink(SocketWire, asyncio.Protocol):
             self._close_now(reason)
 
     async def _close_counted_out(self, session: Session, reason: Disconnect) -> None:
-        await self._ctx.gate.count_out_one(session, COUNT_OUT_WAIT)
+        await self._ctx.gate.count_out_first([session], COUNT_OUT_WAIT)
         self._close_now(reason)
 
     def _close_now(self, reason: Disconnect) -> None:

@@ -25,6 +25,7 @@ from ..helpers import (
     PUBLISH_HEADERS,
     RunningNode,
     SseClient,
+    expect_close,
     make_settings,
     recv_json,
     scrape,
@@ -367,3 +368,22 @@ async def test_the_reconnect_line_hides_the_password_in_the_nats_url(
     said = [r.getMessage() for r in caplog.records]
     assert f"reconnected to NATS at nats://alice:***@127.0.0.1:{server.port}" in said, said
     assert not any("s3cret" in line for line in said), said
+
+
+async def test_a_token_expiring_while_nats_is_away_closes_at_its_expiry(
+    own_nats: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """A 4001 waits for its connection to be counted out first (a client back
+    at once is not refused for it), at most 0.5 s: with NATS away no count-out
+    can be written, and the close waited all of it (a drain did not: it
+    stops waiting once NATS is away)."""
+    node: RunningNode = await node_factory(nats_url=own_nats.url, nats={"reconnect_wait": 0.2})
+    expires = int(time.time()) + 3
+    ws = await http.ws_connect(node.ws_url, params={"token": token("kim", exp=expires)})
+    assert (await recv_json(ws))["type"] == "welcome"
+    own_nats.stop()
+    await wait_for(lambda: status_is(http, node.url + "/readyz", 503), timeout=5)
+    assert time.time() < expires - 0.5, "NATS took too long to stop for this test"
+    assert await expect_close(ws, timeout=10) == (4001, "token expired")
+    late = time.time() - expires
+    assert late < 0.3, f"closed {late:.2f}s after the token expired"

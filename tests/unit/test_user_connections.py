@@ -94,11 +94,12 @@ class SlowCountOut:
 
         return spawn(self.tasks, later())
 
-    async def settle(self, timeout: float) -> None:
+    async def settle(self, timeout: float, counting: Any = None) -> None:
         import asyncio
 
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=timeout)
+        waited = set(self.tasks) if counting is None else set(counting)
+        if waited:
+            await asyncio.wait(waited, timeout=timeout)
 
     def counted(self, user: str) -> int:
         return len(self.inner._conns.get(user, ()))
