@@ -208,4 +208,8 @@ class DispatchingClient(Client):
             out = [*self._pending, *out]
             self._pending = []
             self._pending_data_size = 0
-        self._transport.writelines(out)
+        try:
+            self._transport.writelines(out)
+        except (OSError, RuntimeError):  # the socket is gone, nats-py has not seen it yet (uvloop: RuntimeError)
+            self._pending = out  # sent after the reconnect, as above
+            self._pending_data_size = sum(map(len, out))
