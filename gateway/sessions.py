@@ -34,6 +34,7 @@ class Sessions:
         self._ids = itertools.count(1)
         # Set once the node drains: new streams are refused from then on.
         self.draining = False
+        self._waited = False  # a close_all waited its grace: those still open were given it
 
     def __len__(self) -> int:
         return len(self._open)
@@ -91,10 +92,14 @@ class Sessions:
         reconnect delay within ``spread`` seconds so other nodes are not hit
         by all of them at once; returns when all are gone or after ``grace``."""
         spread_ms = int(spread * 1000)
-        for session in list(self._open):
+        told = [session for session in self._open if session.active]
+        for session in told:
             session.close(SHUTDOWN.reconnect_in(random.randint(0, spread_ms)) if spread_ms else SHUTDOWN)
+        if self._waited and not told:
+            return  # called again (the run loop, then aiohttp's on_shutdown): no second grace for the same ones
         deadline = time.monotonic() + grace
         while self._open and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        self._waited = True
         if self._open:
             log.info("%d connections did not close within the grace; they end with the process", len(self._open))

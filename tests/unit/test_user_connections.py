@@ -195,3 +195,34 @@ async def test_count_outs_given_up_in_a_burst_log_one_error(caplog: pytest.LogCa
         await asyncio.gather(*(connections._count_out(f"u{i}", f"n1:{i}", attempts=1) for i in range(30)))
     given_up = [r for r in caplog.records if r.name == "herald.connections" and r.levelno == logging.ERROR]
     assert len(given_up) == 1, [r.getMessage() for r in given_up]
+
+
+async def test_a_second_shutdown_does_not_wait_the_grace_again_for_the_same_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run loop drains the node, then aiohttp's on_shutdown asks again:
+    connections still closing after the grace were waited for a second
+    grace (two "did not close within the grace" lines, 1 s apart)."""
+    import time
+
+    import aiohttp
+
+    from ..helpers import make_settings, recv_json, start_node, token
+    from ..memory_broker import MemoryBroker
+
+    node = await start_node(make_settings(http={"drain_delay": 0.0, "shutdown_grace": 0.5}), MemoryBroker)
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(node.ws_url, params={"token": token("kim")})
+            assert (await recv_json(ws))["type"] == "welcome"
+            (session,) = node.node.sessions
+            monkeypatch.setattr(type(session.transport), "close", lambda self, reason: None)  # never ends
+            started = time.monotonic()
+            await node.node.shutdown()
+            first = time.monotonic() - started
+            await node.node.shutdown()
+            second = time.monotonic() - started - first
+            assert first >= 0.45 and second < 0.1, (first, second)
+            await ws.close()
+    finally:
+        await node.stop()
