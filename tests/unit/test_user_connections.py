@@ -223,6 +223,8 @@ async def test_a_second_shutdown_does_not_wait_the_grace_again_for_the_same_conn
             await node.node.shutdown()
             second = time.monotonic() - started - first
             assert first >= 0.45 and second < 0.1, (first, second)
+            monkeypatch.undo()
+            session.transport.close(session.disconnect)  # the close it was told, done now
             await ws.close()
     finally:
         await node.stop()
