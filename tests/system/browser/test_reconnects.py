@@ -32,6 +32,7 @@ from playwright.async_api import Browser, Page, WebSocketRoute
 from broker.embedded import NatsServer, free_port
 
 from ...helpers import NodeFactory, RunningNode, api_publish, spawn_cluster_node, token, wait_for
+from ...relay import Relay
 from .test_demo import admin_post
 
 TIMEOUT = 15_000
@@ -554,43 +555,6 @@ async def test_the_default_transport_falls_back_to_sse_when_websockets_are_block
 # comes once, in order per channel.
 
 
-class Proxy:
-    """A TCP proxy on a port of its own: the page's one URL, in front of whichever node is ``target``."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            except (OSError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                w.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
 @pytest.mark.parametrize(
     ("transport", "scenario"), [("ws", "restart"), ("sse", "failover"), ("ws", "drain"), ("sse", "drain")]
 )
@@ -615,7 +579,7 @@ async def test_a_node_lost_mid_stream_every_message_comes_once_in_order(
     env = {"HERALD_HISTORY_USER_MAX": "1000"}
     drain_env = {"HERALD_HTTP_DRAIN_DELAY": "0.2", "HERALD_HTTP_RECONNECT_SPREAD": "1", **env}
     proc, _ = await spawn_cluster_node(spawn, http, nats_server.url, shared, port=port, **drain_env)
-    proxy = Proxy(port)
+    proxy = Relay(port)
     await proxy.start()
     front = RunningNode(other.settings, other.runner, f"http://127.0.0.1:{proxy.port}")
     user = "u" + uuid.uuid4().hex[:8]
