@@ -170,23 +170,28 @@ class SseEvent:
 class SseClient:
     """Reads an event stream from a real socket and parses it per the spec.
     The stream's first event, ``welcome``, is kept in ``welcome`` rather than
-    returned by ``next``."""
+    returned by ``next``; an envelope stream's ``keepalive`` events are
+    counted in ``keepalives``, as comments are in ``comments``, not returned."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
         self.status = response.status
         self.retry: int | None = None
         self.comments = 0
+        self.keepalives = 0
         self.ended = False
         self.welcome: dict[str, Any] | None = None
         self.last_event_id = ""  # what an EventSource would send as Last-Event-ID now
 
     async def next(self, timeout: float = 5.0) -> SseEvent:
-        ev = await self._next(timeout)
-        if self.welcome is None and ev.event == "welcome":
-            self.welcome = ev.json()
+        while True:
             ev = await self._next(timeout)
-        return ev
+            if self.welcome is None and ev.event == "welcome":
+                self.welcome = ev.json()
+            elif ev.event == "keepalive":
+                self.keepalives += 1
+            else:
+                return ev
 
     async def _next(self, timeout: float) -> SseEvent:
         async with asyncio.timeout(timeout):

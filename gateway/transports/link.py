@@ -164,6 +164,10 @@ class SocketLink(SocketWire, asyncio.Protocol):
         else:
             self._stuck_bytes = held
 
+    def first_frames(self) -> list[dict[str, Any]]:
+        """Control frames the stream gets right after its welcome."""
+        return []
+
     def refuse(self, refusal: Refusal) -> None:
         """Tell a client refused before it has a session, and close."""
         self.close(refusal.disconnect)
@@ -306,6 +310,8 @@ class Opener:
             gate.count_out(admission.identity.user, conn_id)
             return
         session = link.session = self._sessions.open(conn_id, admission.identity, link)
+        for frame in link.first_frames():
+            session.send(frame)  # queued to follow the welcome
         welcome = {
             "type": "welcome",
             "conn": session.id,

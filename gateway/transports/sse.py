@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import http
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -62,12 +63,17 @@ def http_error(status: int, error: str, message: str, origin: str | None = None)
 class SseLinks(Links):
     """The event streams of one node, and what they all share."""
 
-    __slots__ = ("keepalive", "retry")
+    __slots__ = ("keepalive", "keepalive_event", "keepalive_frame", "retry")
 
     def __init__(self, sse: SseSettings, close_timeout: float, backpressure: BackpressureSettings, gate: Gate) -> None:
         super().__init__(close_timeout, backpressure, gate)
         self.retry = sse.retry
         self.keepalive = KeepAlive(sse.keepalive, self.links) if sse.keepalive else None
+        # An envelope stream's keep-alive is an event its page sees (EventSource hides comments): a client
+        # can tell a quiet stream from a half-open one (a network switch leaves the socket without a FIN).
+        # The first one follows the welcome at once: the client watches the stream from the start.
+        self.keepalive_frame = {"type": "keepalive", "interval": sse.keepalive}
+        self.keepalive_event = sse_event("keepalive", orjson.dumps(self.keepalive_frame))
 
 
 class SseLink(SocketLink):
@@ -95,6 +101,10 @@ class SseLink(SocketLink):
             self.begun = True
             head = _HEAD % (http_date().encode(), cors_headers(self.origin))
             self._transport.write(head + b"retry: %d\n\n" % self._ctx.retry)
+
+    def first_frames(self) -> list[dict[str, Any]]:
+        """An envelope stream's first ``keepalive``, which says how often the next ones come."""
+        return [self._ctx.keepalive_frame] if self.codec is SSE_ENVELOPE and self._ctx.keepalive else []
 
     def data_received(self, data: bytes) -> None:
         """The client has nothing to say on the stream (a pipelined request is ignored)."""
@@ -126,9 +136,9 @@ class SseLink(SocketLink):
         self._transport.close()  # after what is buffered is written
 
     def tick(self) -> None:
-        """A keep-alive comment, unless bytes are still on their way anyway."""
+        """A keep-alive comment (envelope streams: a ``keepalive`` event), unless bytes are still on their way."""
         if self.begun and not self.closing and not self.buffered():
-            self._transport.write(_COMMENT)
+            self._transport.write(self._ctx.keepalive_event if self.codec is SSE_ENVELOPE else _COMMENT)
 
 
 class KeepAlive:

@@ -52,6 +52,24 @@ async def test_sse_keepalive_comments(node_factory, http: aiohttp.ClientSession)
     assert sse.comments >= 2
 
 
+async def test_sse_envelope_keepalive_is_an_event_the_page_sees(node_factory, http: aiohttp.ClientSession) -> None:
+    """EventSource hides comments: an envelope stream's keep-alive is a ``keepalive`` event, the first right
+    after the welcome, so that a page can tell a quiet stream from a half-open one (docs/protocol.md 4.4)."""
+    node: RunningNode = await node_factory(sse={"keepalive": 0.1})
+    sse = SseClient(await http.get(node.url + "/sse", params={"token": token("a"), "envelope": "1"}))
+    assert sse.status == 200
+    assert [(await sse._next(1.0)).event for _ in range(2)] == ["welcome", "keepalive"]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0.5):  # next() skips keepalive events: it returns nothing here
+            await sse.next()
+    assert sse.keepalives >= 2 and sse.comments == 0
+    quiet: RunningNode = await node_factory(sse={"keepalive": 60.0})
+    sse = SseClient(await http.get(quiet.url + "/sse", params={"token": token("a"), "envelope": "1"}))
+    assert (await sse._next(1.0)).event == "welcome"
+    first = await sse._next(1.0)
+    assert (first.event, first.json()) == ("keepalive", {"type": "keepalive", "interval": 60.0})
+
+
 def test_shipped_nats_config_is_valid() -> None:
     conf = Path(__file__).resolve().parents[2] / "config" / "nats-single.conf"
     result = subprocess.run([nats_server_binary(), "-c", str(conf), "-t"], capture_output=True, text=True, timeout=30)

@@ -196,7 +196,7 @@ async def publish_raw(http: aiohttp.ClientSession, node: RunningNode, data: byte
         assert r.status == 200, await r.text()
 
 
-def messages(events: list[Event], skip: tuple[str, ...] = ("welcome",)) -> list[Event]:
+def messages(events: list[Event], skip: tuple[str, ...] = ("welcome", "keepalive")) -> list[Event]:
     return [e for e in events if e.type not in skip]
 
 
@@ -380,7 +380,7 @@ async def test_slow_sse_reader_gets_whole_events_then_close_4008(
     tail = events[-1]
     assert tail.type == "close", [e.type for e in events[-3:]]
     assert orjson.loads(tail.data)["code"] == 4008
-    msgs = [e for e in events if e.type not in ("welcome", "close")]
+    msgs = messages(events, ("welcome", "keepalive", "close"))
     assert msgs, "some messages came before the close"
     got = [orjson.loads(e.data) for e in msgs]
     ids = [g["id"] for g in got] if envelope else [e.last_event_id for e in msgs]
@@ -435,7 +435,7 @@ async def test_forwarded_refresh_extends_the_stream_and_drops_rooms(
     await api_publish(http, a, "room:b", {"gone": True})
     lobby = await api_publish(http, a, "room:lobby", {"ok": True})
     events = await sse.until(lambda evs: any(e.type == "message" for e in evs) or any(e.type == "close" for e in evs))
-    got = [(e.type, orjson.loads(e.data).get("id")) for e in events if e.type != "welcome"]
+    got = [(e.type, orjson.loads(e.data).get("id")) for e in messages(events)]
     assert got == [("message", lobby)]
     sse.close()
 
@@ -458,7 +458,7 @@ async def test_forwarded_rate_limit_closes_the_stream_4029_with_retry_after(
     assert answers[4][:2] == (429, "rate_limited")
     assert answers[5][:2] == (404, "not_found")
     events = await sse.to_end()
-    assert [(e.type, orjson.loads(e.data)["code"]) for e in events if e.type != "welcome"] == [("close", 4029)]
+    assert [(e.type, orjson.loads(e.data)["code"]) for e in messages(events)] == [("close", 4029)]
 
 
 # ---------------------------------------------------------------------------------------------
