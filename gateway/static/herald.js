@@ -13,6 +13,9 @@
 // open ("auto", the default). Over SSE the stream is opened with `envelope=1`
 // (each event's data is the frame a WebSocket gets) and commands are posted to
 // /api/command: both transports behave the same.
+// An open stream that falls silent is asked for a sign of life and, with none,
+// reopened: a network switch leaves its socket half-open, which no browser
+// reports.
 
 /**
  * @typedef {"ws" | "sse" | "auto"} Transport
@@ -30,6 +33,9 @@
  *   maxFrame?: number,                  the nodes' ws.max_frame, bytes (default 65536): a larger command is
  *                                       refused here (`too_large`), not sent: the node would close 1009
  *   minDelay?: number, maxDelay?: number  reconnect backoff bounds, ms (default 500 / 30000)
+ *   heartbeat?: number,                 ms of silence on an open stream before it is checked (default 30000;
+ *                                       0: never): a WebSocket is sent a `ping`, an SSE stream waits for
+ *                                       the node's `keepalive`; nothing within `timeout` ms more: reopened
  * }} Options
  * @typedef {{channel: string | null, id: string | null, event: string, from: string | null, data: any}} Message
  *   from: the user who published it from a client connection, as the node verified it
@@ -44,7 +50,7 @@
 
 // The event names of an envelope SSE stream: its frames' types. ("error" is
 // also EventSource's own failure event, which carries no data.)
-const SSE_FRAMES = ["welcome", "message", "reset", "join", "leave", "presence", "error", "close", "subscribed", "unsubscribed"];
+const SSE_FRAMES = ["welcome", "message", "reset", "join", "leave", "presence", "error", "close", "subscribed", "unsubscribed", "keepalive"];
 // Commands that act on one stream: over SSE they name it (`conn`, from its welcome).
 const ON_STREAM = new Set(["subscribe", "unsubscribe", "refresh"]);
 // Refusals of a re-join that pass: the room is asked for again, from the same position.
@@ -128,6 +134,10 @@ class Client {
     this.refreshed = false; // getToken() was called since the last successful open
     this.sock = null; // WebSocket or EventSource
     this.timer = null;
+    this.heard = 0; // Date.now() of the last frame the open stream brought
+    this.probed = null; // Date.now() when its silence was found and a sign of life asked for (null: none)
+    this.keepalive = null; // ms between the SSE stream's `keepalive` events (null: none came: an older node)
+    this.pulse = null; // the open stream's liveness check
     this.stopped = false;
     this.open();
   }
@@ -236,6 +246,7 @@ class Client {
   close() {
     this.stopped = true;
     clearTimeout(this.timer);
+    clearTimeout(this.pulse);
     this.drop();
     this.failPending("closed", "client closed");
     this.setState("closed");
@@ -412,6 +423,7 @@ class Client {
     const due = this.welcomeDue(ws);
     ws.onmessage = (ev) => {
       let f;
+      if (this.sock === ws) this.alive();
       try { f = JSON.parse(ev.data); } catch { return; }
       if (f.type === "welcome") { welcomed = true; clearTimeout(due); }
       this.receive(f);
@@ -430,10 +442,12 @@ class Client {
     const href = `${this.base}/sse?${q}`;
     const es = new EventSource(href);
     this.sock = es;
+    this.keepalive = null; // a node that sends them sends one right after the welcome
     let welcomed = false;
     const due = this.welcomeDue(es);
     const onFrame = (ev) => {
       if (this.sock !== es || typeof ev.data !== "string") return;
+      this.alive();
       let f;
       try { f = JSON.parse(ev.data); } catch { return; }
       if (f.type === "close") { // the node ends the stream, and says why: the WebSocket close rules apply
@@ -484,12 +498,17 @@ class Client {
 
   /** One frame from the stream (WebSocket, or an SSE event's data). */
   receive(f) {
+    if (f.type === "keepalive") { // SSE only: the node's sign of life, every sse.keepalive seconds
+      this.keepalive = Number(f.interval) * 1000 || null;
+      return;
+    }
     if (f.type === "welcome") {
       this.conn = typeof f.conn === "string" ? f.conn : null;
       this.openedFrom = this.lastId; // what this stream's URL resumed from
       this.reach = asId(f.position);
       if (this.lastId === null && f.position != null) this.lastId = String(f.position);
       this.opened();
+      this.watch(this.sock);
       for (const frame of this.queue.splice(0)) this.send(frame);
       for (const room of this.serverRooms.keys()) if (!(f.channels || []).includes(`room:${room}`)) this.rejoin(room);
     }
@@ -528,6 +547,46 @@ class Client {
         setTimeout(() => { if (this.conn === conn && this.state === "open") this.rejoin(room, tries + 1); }, wait);
       },
     ).finally(() => { if (this.replaying.get(channel) === replay) this.replaying.delete(channel); });
+  }
+
+  /** A frame came on the open stream: it is alive. */
+  alive() {
+    this.heard = Date.now();
+    this.probed = null;
+  }
+
+  /** Watch the open stream for silence: a half-open connection (a network switch leaves the old socket
+   * without a FIN) shows nothing else, and would hold the client for good. Silent `heartbeat` ms (an SSE
+   * stream: also twice its keepalive interval; not without one: an older node sends no keepalive events):
+   * probed; still silent `timeout` ms later: given up as a close 1006, and reopened. Times are read from
+   * the clock, so a page whose timers ran late (a hidden tab, a frozen page) is probed first. */
+  watch(sock) {
+    const { heartbeat = 30000 } = this.opts;
+    clearTimeout(this.pulse);
+    this.alive();
+    if (!heartbeat) return;
+    const ms = this.opts.timeout || 10000;
+    const check = () => {
+      if (this.sock !== sock || this.state !== "open") return;
+      const now = Date.now();
+      if (this.probed !== null && now - this.probed >= ms) {
+        this.drop();
+        this.failPending("disconnected", `no sign of life within ${ms} ms`, sock);
+        this.closed(1006, `no sign of life within ${ms} ms`, true);
+        return;
+      }
+      const quiet = sock instanceof WebSocket ? heartbeat : this.keepalive && Math.max(heartbeat, 2 * this.keepalive);
+      if (this.probed === null && quiet && now - this.heard >= quiet) this.probe();
+      this.pulse = setTimeout(check, Math.min(heartbeat, ms) / 2);
+    };
+    this.pulse = setTimeout(check, Math.min(heartbeat, ms) / 2);
+  }
+
+  /** Ask the open stream for a sign of life: a WebSocket gets a `ping` (its answer, or any frame, is one);
+   * an SSE stream's next keepalive is. */
+  probe() {
+    this.probed = Date.now();
+    if (this.sock instanceof WebSocket) this.ping().catch(() => {}); // its failure is the stream's
   }
 
   opened() {

@@ -1,7 +1,9 @@
 """herald.js's decisions, checked in chromium with a scripted WebSocket and
 manual timers (tests/system/browser/js/fake_socket.js): backoff, resume positions, close
 codes, token renewal and command promises. The real-node behaviour is in
-test_demo.py."""
+test_demo.py. The clients here have no heartbeat (``heartbeat: 0``): its
+liveness timer would sit among the ones a test fires (test_mobile.py
+checks it against real nodes)."""
 
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ async def test_backoff_is_exponential_capped_and_resumes_from_the_last_id(page: 
     result = await run(
         page,
         f"""
-        const c = Herald.connect({{ url: "http://gw.test", token: "t1", rooms: ["lobby", "b"], transport: "ws" }});
+        const c = Herald.connect({{ url: "http://gw.test", heartbeat: 0,
+          token: "t1", rooms: ["lobby", "b"], transport: "ws" }});
         const states = [];
         c.on("state", (s) => states.push(s));
         const first = fake.last().url;
@@ -65,7 +68,7 @@ async def test_close_codes_pick_the_reconnect(page: Page) -> None:
     result = await run(
         page,
         f"""
-        const c = Herald.connect({{ url: "http://gw.test", token: "t", transport: "ws" }});
+        const c = Herald.connect({{ url: "http://gw.test", heartbeat: 0, token: "t", transport: "ws" }});
         const waits = {{}};
         for (const [code, reason] of [[4008, ""], [1012, "node restarting"], [1012, "reconnect in 2500 ms"]]) {{
           fake.last().receive({WELCOME});
@@ -75,7 +78,7 @@ async def test_close_codes_pick_the_reconnect(page: Page) -> None:
         fake.last().receive({WELCOME});
         fake.last().drop(4003, "forbidden");
         const afterForbidden = {{ state: c.state, timers: fake.timers.length, sockets: fake.sockets.length }};
-        const d = Herald.connect({{ url: "http://gw.test", token: "t", transport: "ws" }});
+        const d = Herald.connect({{ url: "http://gw.test", heartbeat: 0, token: "t", transport: "ws" }});
         fake.last().receive({WELCOME});
         fake.last().drop(4029, "too many connections: this was the user's oldest");
         return {{ waits, afterForbidden, replaced: d.state, timers: fake.timers.length }};
@@ -92,7 +95,7 @@ async def test_a_rejected_token_is_renewed_once_through_get_token(page: Page) ->
         f"""
         let calls = 0;
         const getToken = async () => `tok${{++calls}}`;
-        const c = Herald.connect({{ url: "http://gw.test", getToken, transport: "ws" }});
+        const c = Herald.connect({{ url: "http://gw.test", heartbeat: 0, getToken, transport: "ws" }});
         await fake.settle();
         const tokens = [fake.last().url.searchParams.get("token")];
         fake.last().receive({WELCOME});
@@ -116,7 +119,7 @@ async def test_commands_resolve_and_reject_by_ref(page: Page) -> None:
     result = await run(
         page,
         f"""
-        const c = Herald.connect({{ url: "http://gw.test", token: "t", transport: "ws", timeout: 3000 }});
+        const c = Herald.connect({{ url: "http://gw.test", heartbeat: 0, token: "t", transport: "ws", timeout: 3000 }});
         const ws = fake.last();
         const early = c.publish("lobby", {{ text: "hi" }}, {{ event: "chat" }});  // before the welcome: queued
         const queued = ws.sent.length;
@@ -155,7 +158,8 @@ async def test_sse_stream_carries_frames_and_is_reopened_with_the_current_rooms(
     result = await run(
         page,
         f"""
-        const opts = {{ url: "http://gw.test", token: "t1", rooms: ["lobby"], transport: "sse", events: ["chat"] }};
+        const opts = {{ url: "http://gw.test", heartbeat: 0,
+          token: "t1", rooms: ["lobby"], transport: "sse", events: ["chat"] }};
         const c = Herald.connect(opts);  // events: ignored now, kept for old callers
         const got = [], states = [];
         c.on("state", (s) => states.push(s));
@@ -198,7 +202,7 @@ async def test_sse_commands_are_posted_in_order_with_conn_and_token(page: Page) 
     result = await run(
         page,
         """
-        const c = Herald.connect({ url: "http://gw.test", token: "t", transport: "sse", timeout: 3000 });
+        const c = Herald.connect({ url: "http://gw.test", heartbeat: 0, token: "t", transport: "sse", timeout: 3000 });
         const es = fake.last();
         const early = c.publish("lobby", { text: "hi" }, { event: "chat" });  // before the welcome: waits for it
         await fake.settle();
@@ -264,7 +268,8 @@ async def test_sse_command_for_a_stream_that_ended_meanwhile_is_sent_again_on_th
         page,
         """
         const welcome = (conn) => ({ type: "welcome", conn, user: "u", node: "n", channels: [] });
-        const c = Herald.connect({ url: "http://gw.test", token: "t", rooms: ["lobby"], transport: "sse" });
+        const c = Herald.connect({ url: "http://gw.test", heartbeat: 0,
+          token: "t", rooms: ["lobby"], transport: "sse" });
         fake.last().receive(welcome("n:1"));
         let done = null;
         const sub = c.subscribe("b").then((ack) => { done = ack; return ack; });
@@ -339,7 +344,7 @@ async def test_sse_close_events_pick_the_reconnect_like_websocket_close_codes(pa
         f"""
         let calls = 0;
         const getToken = async () => `tok${{++calls}}`;
-        const c = Herald.connect({{ url: "http://gw.test", getToken, transport: "sse" }});
+        const c = Herald.connect({{ url: "http://gw.test", heartbeat: 0, getToken, transport: "sse" }});
         await fake.settle();
         const waits = {{}};
         const closedByClient = [];
@@ -366,7 +371,7 @@ async def test_sse_close_events_pick_the_reconnect_like_websocket_close_codes(pa
         await fake.settle();
         const afterRefusal = {{ state: c.state, timers: fake.timers.length, calls }};
 
-        const d = Herald.connect({{ url: "http://gw.test", token: "t", transport: "sse" }});
+        const d = Herald.connect({{ url: "http://gw.test", heartbeat: 0, token: "t", transport: "sse" }});
         fake.last().receive({WELCOME});
         const waiting = d.ping().catch((e) => e);  // posted, not answered yet
         const queuedAfter = d.ping().catch((e) => e);
@@ -374,7 +379,7 @@ async def test_sse_close_events_pick_the_reconnect_like_websocket_close_codes(pa
         const forbidden = {{ state: d.state, timers: fake.timers.length }};
         Object.assign(forbidden, {{ waiting: (await waiting).code, queued: (await queuedAfter).code }});
 
-        const e = Herald.connect({{ url: "http://gw.test", token: "t", transport: "sse" }});
+        const e = Herald.connect({{ url: "http://gw.test", heartbeat: 0, token: "t", transport: "sse" }});
         fake.last().receive({WELCOME});
         const reason = "too many connections: this was the user's oldest";
         fake.last().receive({{ type: "close", code: 4029, reason }});
@@ -400,7 +405,8 @@ async def test_history_pages_resolve_as_messages_and_reject_by_ref(page: Page) -
     result = await run(
         page,
         """
-        const c = Herald.connect({ url: "http://gw.test", token: "t", rooms: ["lobby"], transport: "ws" });
+        const c = Herald.connect({ url: "http://gw.test", heartbeat: 0,
+          token: "t", rooms: ["lobby"], transport: "ws" });
         const ws = fake.last();
         const early = c.history("lobby", { limit: 2 });  // before the welcome: queued, like any command
         const queued = ws.sent.length;
@@ -465,7 +471,7 @@ async def test_sse_history_is_posted_without_conn(page: Page) -> None:
     result = await run(
         page,
         """
-        const c = Herald.connect({ url: "http://gw.test", token: "t", transport: "sse" });
+        const c = Herald.connect({ url: "http://gw.test", heartbeat: 0, token: "t", transport: "sse" });
         fake.last().receive({ type: "welcome", conn: "n1:4", user: "u", node: "n1", channels: [], position: "7" });
         const newest = c.history("lobby", { limit: 2, before: "7" });
         const denied = c.history({ channel: "room:secret" }).catch((e) => e);
@@ -496,7 +502,8 @@ async def test_a_room_joins_the_url_once_acknowledged_and_queued_commands_wait(p
     result = await run(
         page,
         """
-        const opts = { url: "http://gw.test", token: "t", rooms: ["lobby"], transport: "ws", timeout: 9e4 };
+        const opts = { url: "http://gw.test", heartbeat: 0,
+          token: "t", rooms: ["lobby"], transport: "ws", timeout: 9e4 };
         const c = Herald.connect(opts);
         const reconnect = () => fake.timers.splice(fake.timers.findIndex((t) => t.ms < 9e4), 1)[0].fn();
         fake.last().receive({ type: "welcome", conn: "c1", user: "u", node: "n", channels: [] });
@@ -535,7 +542,8 @@ async def test_each_channels_messages_come_once_and_backend_rooms_rejoin_from_th
     result = await run(
         page,
         """
-        const c = Herald.connect({ url: "http://gw.test", token: "t", rooms: ["lobby"], transport: "ws" });
+        const c = Herald.connect({ url: "http://gw.test", heartbeat: 0,
+          token: "t", rooms: ["lobby"], transport: "ws" });
         const got = [];
         c.on("message", (m) => got.push(m.id));
         const channels = ["user", "broadcast", "room:lobby"];
@@ -595,7 +603,8 @@ async def test_a_reset_starts_its_channels_count_over_when_the_node_sends_no_pos
     got = await run(
         page,
         f"""
-        const c = Herald.connect({{ url: "http://gw.test", token: "t", rooms: ["lobby"], transport: "ws" }});
+        const c = Herald.connect({{ url: "http://gw.test", heartbeat: 0,
+          token: "t", rooms: ["lobby"], transport: "ws" }});
         const got = [];
         c.on("message", (m) => got.push(m.id));
         const msg = (id) => ({{ type: "message", channel: "room:lobby", id, event: "message", data: null }});
@@ -619,7 +628,7 @@ async def test_a_reset_starts_the_channels_count_over_only_past_the_streams_end(
     result = await run(
         page,
         """
-        const c = Herald.connect({ url: "http://gw.test", token: "t", rooms: ["a"], transport: "ws" });
+        const c = Herald.connect({ url: "http://gw.test", heartbeat: 0, token: "t", rooms: ["a"], transport: "ws" });
         const got = [];
         c.on("message", (m) => got.push(m.id)).on("reset", (r) => got.push(`reset ${r.channel}`));
         const msg = (channel, id) => ({ type: "message", channel, id, event: "message", data: null });
@@ -673,7 +682,7 @@ async def test_a_frame_the_node_cannot_take_stops_the_client(page: Page) -> None
         const out = {{}};
         for (const [code, reason] of [[1002, "protocol error"], [1007, "text frame is not UTF-8"],
                                       [1009, "frame too big"], [4000, "invalid room id"]]) {{
-          const c = Herald.connect({{ url: "http://gw.test", token: "t", transport: "ws" }});
+          const c = Herald.connect({{ url: "http://gw.test", heartbeat: 0, token: "t", transport: "ws" }});
           const errors = [];
           c.on("error", (e) => errors.push(e));
           fake.last().receive({WELCOME});
@@ -699,7 +708,7 @@ async def test_the_default_transport_is_auto_and_an_sse_400_stops(page: Page) ->
     result = await run(
         page,
         """
-        const c = Herald.connect({ url: "http://gw.test", token: "t", rooms: ["no such/room"] });
+        const c = Herald.connect({ url: "http://gw.test", heartbeat: 0, token: "t", rooms: ["no such/room"] });
         const first = fake.last() instanceof WebSocket;
         fake.last().drop(1006);  // WebSockets cannot open: SSE next
         fake.fireLast();
@@ -724,7 +733,7 @@ async def test_an_sse_open_refused_with_another_status_stops_or_backs_off_by_its
         """
         const out = {};
         for (const status of [404, 405, 410, 414, 431, 408, 421, 502, 504, 599]) {
-          const c = Herald.connect({ url: "http://gw.test", token: "t", transport: "sse" });
+          const c = Herald.connect({ url: "http://gw.test", heartbeat: 0, token: "t", transport: "sse" });
           const errors = [], closes = [];
           c.on("error", (e) => errors.push(e));
           c.on("close", (e) => closes.push(e.code));
@@ -762,7 +771,7 @@ async def test_a_stream_that_cannot_even_be_made_is_retried_and_said(page: Page)
         window.WebSocket = class { constructor() { refuse(); } };
         window.EventSource = class { constructor() { refuse(); } };
         const errors = [];
-        const c = Herald.connect({ url: "http://gw.test", token: "t" });  // auto: ws, then sse
+        const c = Herald.connect({ url: "http://gw.test", heartbeat: 0, token: "t" });  // auto: ws, then sse
         c.on("error", (e) => errors.push(e.code));
         const states = [c.state];
         const waits = [fake.fire(), fake.fire()];

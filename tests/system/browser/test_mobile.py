@@ -1,0 +1,104 @@
+"""herald.js on the networks phones and laptops have: what README's "Browser
+client" section promises when the path to the node goes away under a stream.
+
+- A half-open connection (a network switch: the old socket never gets a FIN,
+  simulated by a relay that stops forwarding) is given up within `heartbeat`
+  + `timeout` ms, on both transports, and the stream resumes on a new path
+  with nothing lost or repeated; the node counts the WebSocket one out.
+- A page frozen (Page.setWebLifecycleState) while its stream is alive comes
+  back with that one stream: no burst of reconnects, nothing repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Browser, Page
+
+from ...helpers import NodeFactory, RunningNode, api_publish, token, wait_for
+from ...relay import Relay
+
+TIMEOUT = 15_000
+
+PAGE = """async ([url, token, transport, rooms, extra]) => {
+  const { Herald } = await import("/static/herald.js");
+  window.got = []; window.closes = []; window.welcomes = [];
+  window.c = Herald.connect({ url, token, rooms, transport, ...extra });
+  c.on("message", (m) => got.push(m.id)).on("close", (e) => closes.push([e.code, e.reason]))
+   .on("welcome", (w) => welcomes.push(w.conn));
+}"""
+
+
+@asynccontextmanager
+async def client_page(browser: Browser, url: str, user: str, transport: str, **extra: Any) -> AsyncIterator[Page]:
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        await page.goto(url + "/healthz")
+        await page.evaluate(PAGE, [url, token(user), transport, ["lobby"], extra])
+        await page.wait_for_function("c.state === 'open'", timeout=TIMEOUT)
+        yield page
+    finally:
+        await context.close()
+
+
+async def sessions_of(node: RunningNode, user: str) -> int:
+    return len(node.node.sessions.of_user(user))
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_a_half_open_stream_is_given_up_and_resumed_on_a_new_path(
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(ws={"heartbeat": 2.0}, sse={"keepalive": 0.5})
+    relay = Relay(node.runner.addresses[0][1])
+    await relay.start()
+    try:
+        async with client_page(
+            browser, relay.url, "hal", transport, heartbeat=1000, timeout=1500, minDelay=50, maxDelay=200
+        ) as page:
+            before = await api_publish(http, node, "room:lobby", {"n": 0})
+            await page.wait_for_function(f"got.includes('{before}')", timeout=TIMEOUT)
+            relay.freeze()  # the Wi-Fi is gone; new connections go over "cellular"
+            started = time.monotonic()
+            sent = [await api_publish(http, node, "room:lobby", {"n": n}) for n in (1, 2)]
+            await page.wait_for_function("welcomes.length >= 2 && c.state === 'open'", timeout=8000)
+            noticed = time.monotonic() - started
+            sent.append(await api_publish(http, node, "room:lobby", {"n": 3}))
+            await page.wait_for_function(f"got.includes('{sent[-1]}')", timeout=TIMEOUT)
+            got = await page.evaluate("got")
+            assert got == [before, *sent], f"lost or repeated: {got}"
+            assert noticed < 5, f"the half-open stream was given up after {noticed:.1f} s"
+            if transport == "ws":  # the node's heartbeat counts the frozen one out (SSE: see the report)
+                await wait_for(lambda: len(node.node.sessions.of_user("hal")) == 1, timeout=6)
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_a_frozen_page_comes_back_with_its_one_stream(
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    node: RunningNode = await node_factory(sse={"keepalive": 0.5})
+    async with client_page(
+        browser, node.url, "fay", transport, heartbeat=1000, timeout=1500, minDelay=50, maxDelay=200
+    ) as page:
+        cdp = await page.context.new_cdp_session(page)
+        await cdp.send("Page.setWebLifecycleState", {"state": "frozen"})
+        sent = []
+        for n in range(6):  # the node's messages wait in the socket; its pings are answered all the same
+            await asyncio.sleep(1)
+            sent.append(await api_publish(http, node, "room:lobby", {"n": n}))
+        await cdp.send("Page.setWebLifecycleState", {"state": "active"})
+        await page.wait_for_function(f"got.includes('{sent[-1]}')", timeout=TIMEOUT)
+        await asyncio.sleep(3)  # two heartbeats: a stream given up by mistake would be reopened by now
+        welcomes, got, closes = await page.evaluate("[welcomes, got, closes]")
+        assert got == sent, f"lost or repeated: {got}"
+        assert (len(welcomes), closes) == (1, []), f"a live stream was given up after the thaw: {closes}"
+        assert await sessions_of(node, "fay") == 1
