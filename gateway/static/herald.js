@@ -15,7 +15,7 @@
 // /api/command: both transports behave the same.
 // An open stream that falls silent is asked for a sign of life and, with none,
 // reopened: a network switch leaves its socket half-open, which no browser
-// reports.
+// reports; coming back online reconnects at once.
 
 /**
  * @typedef {"ws" | "sse" | "auto"} Transport
@@ -133,12 +133,20 @@ class Client {
     this.worked = false; // some transport has opened: "auto" stops switching
     this.refreshed = false; // getToken() was called since the last successful open
     this.sock = null; // WebSocket or EventSource
-    this.timer = null;
+    this.timer = null; // the reconnect's wait
     this.heard = 0; // Date.now() of the last frame the open stream brought
     this.probed = null; // Date.now() when its silence was found and a sign of life asked for (null: none)
     this.keepalive = null; // ms between the SSE stream's `keepalive` events (null: none came: an older node)
     this.pulse = null; // the open stream's liveness check
     this.stopped = false;
+    // Back online (a network switch, a laptop that wakes): reconnect now, not after the backoff's wait,
+    // and ask an open WebSocket for a sign of life (its socket may be on the old network, half-open).
+    this.onOnline = () => {
+      if (this.stopped) return;
+      if (this.sock === null && this.state === "reconnecting" && this.timer !== null) this.retryIn(0);
+      else if (this.state === "open" && this.sock instanceof WebSocket && this.probed === null) this.probe();
+    };
+    globalThis.addEventListener?.("online", this.onOnline);
     this.open();
   }
 
@@ -245,6 +253,7 @@ class Client {
 
   close() {
     this.stopped = true;
+    globalThis.removeEventListener?.("online", this.onOnline);
     clearTimeout(this.timer);
     clearTimeout(this.pulse);
     this.drop();
@@ -385,6 +394,7 @@ class Client {
   // ---- connection ---------------------------------------------------------
 
   async open() {
+    this.timer = null;
     if (this.stopped) return;
     if (!this.token && this.opts.getToken) {
       try {
@@ -392,7 +402,7 @@ class Client {
       } catch (err) {
         this.emit("error", { code: "token", message: `getToken failed: ${err}` });
         this.setState("reconnecting");
-        this.timer = setTimeout(() => this.open(), this.backoff());
+        this.retryIn(this.backoff());
         return;
       }
     }
@@ -643,6 +653,7 @@ class Client {
     if (this.stopped) return;
     const stop = (why) => {
       this.stopped = true;
+      globalThis.removeEventListener?.("online", this.onOnline);
       this.failPending("disconnected", why); // SSE: commands still waiting for a stream
       this.emit("error", { code: String(code), message: why });
       this.setState("closed");
@@ -656,7 +667,7 @@ class Client {
       if (this.refreshed) return stop(reason || "refused by the app");
       this.refreshed = true;
       this.setState("reconnecting");
-      this.timer = setTimeout(() => this.open(), this.backoff());
+      this.retryIn(this.backoff());
       return;
     }
     if (code === 4001) {
@@ -675,7 +686,13 @@ class Client {
     else if (code === 1012) wait = Number(/(\d+)\s*ms/.exec(reason)?.[1]) || Math.random() * 1000; // drain hint
     else wait = this.backoff();
     this.setState("reconnecting");
-    this.timer = setTimeout(() => this.open(), wait);
+    this.retryIn(wait);
+  }
+
+  /** Open the next stream in `wait` ms (one wait at a time: a new one replaces it). */
+  retryIn(wait) {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => { this.timer = null; this.open(); }, wait);
   }
 
   drop() {

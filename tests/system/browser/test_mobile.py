@@ -5,6 +5,7 @@ client" section promises when the path to the node goes away under a stream.
   simulated by a relay that stops forwarding) is given up within `heartbeat`
   + `timeout` ms, on both transports, and the stream resumes on a new path
   with nothing lost or repeated; the node counts the WebSocket one out.
+- Coming back online reconnects at once, not after the backoff's wait.
 - A page frozen (Page.setWebLifecycleState) while its stream is alive comes
   back with that one stream: no burst of reconnects, nothing repeated.
 """
@@ -23,6 +24,7 @@ from playwright.async_api import Browser, Page
 
 from ...helpers import NodeFactory, RunningNode, api_publish, token, wait_for
 from ...relay import Relay
+from .test_demo import admin_post
 
 TIMEOUT = 15_000
 
@@ -79,6 +81,27 @@ async def test_a_half_open_stream_is_given_up_and_resumed_on_a_new_path(
                 await wait_for(lambda: len(node.node.sessions.of_user("hal")) == 1, timeout=6)
     finally:
         await relay.stop()
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_coming_back_online_reconnects_at_once(
+    transport: str, node: RunningNode, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    # Every backoff wait is 0.99 of its bound: 19.8 s for the first reconnect.
+    async with client_page(browser, node.url, "oli", transport, minDelay=20000, maxDelay=20000) as page:
+        await page.evaluate("Math.random = () => 0.99")
+        await page.context.set_offline(True)
+        assert (await admin_post("/api/disconnect", node, {"user": "oli"}))["disconnected"] == 1
+        await page.wait_for_function("c.state === 'reconnecting'", timeout=TIMEOUT)
+        missed = await api_publish(http, node, "room:lobby", {"n": "while offline"})
+        await asyncio.sleep(0.5)
+        await page.context.set_offline(False)
+        started = time.monotonic()
+        await page.wait_for_function(f"c.state === 'open' && got.includes('{missed}')", timeout=TIMEOUT)
+        assert time.monotonic() - started < 3, "waited out the backoff after coming back online"
+        await asyncio.sleep(0.3)
+        assert await page.evaluate("[welcomes.length, got]") == [2, [missed]]
+        assert await sessions_of(node, "oli") == 1
 
 
 @pytest.mark.parametrize("transport", ["ws", "sse"])
