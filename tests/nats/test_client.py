@@ -32,6 +32,7 @@ from gateway.client import (
 )
 
 from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, NodeFactory, RunningNode, api_publish, token, wait_for
+from ..relay import Relay
 
 
 def shared_cluster(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -708,3 +709,24 @@ async def test_an_upgrade_nobody_answers_is_given_up_for_the_next_url(node: Runn
         for writer in held:
             writer.close()
         stall.close()
+
+
+async def test_a_half_open_connection_is_given_up_and_resumed(node: RunningNode, http: aiohttp.ClientSession) -> None:
+    """A network switch leaves the socket without a FIN (a relay that stops forwarding): the client's
+    heartbeat gives it up within ``heartbeat`` * 1.5 and resumes on a new connection, losing nothing."""
+    relay = Relay(node.runner.addresses[0][1])
+    await relay.start()
+    user = "u" + uuid.uuid4().hex[:8]
+    try:
+        async with HeraldClient(
+            relay.url, token=token(user), rooms=["lobby"], heartbeat=0.5, timeout=2.0, min_delay=0.05, max_delay=0.2
+        ) as client:
+            await client.ping()
+            first = client.welcome
+            relay.freeze()
+            sent = [await api_publish(http, node, "room:lobby", {"n": n}) for n in range(3)]
+            got = await take(client, 3, timeout=4.0)
+            assert [m.id for m in got] == sent
+            assert client.welcome is not None and first is not None and client.welcome.conn != first.conn
+    finally:
+        await relay.stop()
