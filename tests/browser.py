@@ -36,12 +36,16 @@ ARTIFACTS = Path(os.environ.get("HERALD_ARTIFACTS", Path(__file__).resolve().par
 
 
 @asynccontextmanager
-async def launch_chromium() -> AsyncIterator[Browser]:
-    """A headless chromium (Debian's, at :data:`CHROMIUM`), closed on exit."""
+async def launch_chromium(bfcache: bool = False) -> AsyncIterator[Browser]:
+    """A headless chromium (Debian's, at :data:`CHROMIUM`), closed on exit. Playwright turns the
+    back-forward cache off; ``bfcache=True`` leaves it on, as in a user's browser."""
     if not os.access(CHROMIUM, os.X_OK):
         raise RuntimeError(f"{CHROMIUM} is not executable: run `make browser-deps` (or set HERALD_CHROMIUM)")
+    keep_on = ["--disable-back-forward-cache"] if bfcache else []
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, ignore_default_args=keep_on
+        )
         try:
             yield browser
         finally:

@@ -15,7 +15,8 @@
 // /api/command: both transports behave the same.
 // An open stream that falls silent is asked for a sign of life and, with none,
 // reopened: a network switch leaves its socket half-open, which no browser
-// reports; coming back online reconnects at once.
+// reports; coming back online reconnects at once; a page in the back-forward
+// cache holds no stream.
 
 /**
  * @typedef {"ws" | "sse" | "auto"} Transport
@@ -146,7 +147,25 @@ class Client {
       if (this.sock === null && this.state === "reconnecting" && this.timer !== null) this.retryIn(0);
       else if (this.state === "open" && this.sock instanceof WebSocket && this.probed === null) this.probe();
     };
-    globalThis.addEventListener?.("online", this.onOnline);
+    // Kept in the back-forward cache, the page holds no stream: the node would count the user present
+    // for as long as the page waits there, and an open WebSocket keeps it out of the cache. Back: resumed.
+    this.hidden = false; // in the back-forward cache: no stream is opened
+    this.onPageHide = (ev) => {
+      if (!ev.persisted || this.stopped) return;
+      this.hidden = true;
+      clearTimeout(this.timer);
+      this.timer = null;
+      const sock = this.sock;
+      this.drop();
+      if (sock) this.failPending("disconnected", "the page was left", sock);
+      this.setState("reconnecting");
+    };
+    this.onPageShow = (ev) => {
+      if (!ev.persisted || !this.hidden) return;
+      this.hidden = false;
+      if (!this.stopped) this.retryIn(0);
+    };
+    this.listen("addEventListener");
     this.open();
   }
 
@@ -253,7 +272,7 @@ class Client {
 
   close() {
     this.stopped = true;
-    globalThis.removeEventListener?.("online", this.onOnline);
+    this.listen("removeEventListener");
     clearTimeout(this.timer);
     clearTimeout(this.pulse);
     this.drop();
@@ -395,7 +414,7 @@ class Client {
 
   async open() {
     this.timer = null;
-    if (this.stopped) return;
+    if (this.stopped || this.hidden) return;
     if (!this.token && this.opts.getToken) {
       try {
         this.token = await this.opts.getToken();
@@ -406,7 +425,7 @@ class Client {
         return;
       }
     }
-    if (this.stopped) return;
+    if (this.stopped || this.hidden) return; // (hidden: pageshow opens it)
     const q = new URLSearchParams({ token: this.token || "" });
     let size = q.toString().length + (this.lastId ? this.lastId.length + 7 : 0);
     for (const room of this.rooms) {
@@ -653,7 +672,7 @@ class Client {
     if (this.stopped) return;
     const stop = (why) => {
       this.stopped = true;
-      globalThis.removeEventListener?.("online", this.onOnline);
+      this.listen("removeEventListener");
       this.failPending("disconnected", why); // SSE: commands still waiting for a stream
       this.emit("error", { code: String(code), message: why });
       this.setState("closed");
@@ -687,6 +706,13 @@ class Client {
     else wait = this.backoff();
     this.setState("reconnecting");
     this.retryIn(wait);
+  }
+
+  /** Add or remove (`how`) the page's listeners: online, pagehide, pageshow. */
+  listen(how) {
+    globalThis[how]?.("online", this.onOnline);
+    globalThis[how]?.("pagehide", this.onPageHide);
+    globalThis[how]?.("pageshow", this.onPageShow);
   }
 
   /** Open the next stream in `wait` ms (one wait at a time: a new one replaces it). */

@@ -6,6 +6,8 @@ client" section promises when the path to the node goes away under a stream.
   + `timeout` ms, on both transports, and the stream resumes on a new path
   with nothing lost or repeated; the node counts the WebSocket one out.
 - Coming back online reconnects at once, not after the backoff's wait.
+- A page kept in the back-forward cache holds no stream, and resumes when
+  shown again.
 - A page frozen (Page.setWebLifecycleState) while its stream is alive comes
   back with that one stream: no burst of reconnects, nothing repeated.
 """
@@ -22,6 +24,7 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, Page
 
+from ...browser import launch_chromium
 from ...helpers import NodeFactory, RunningNode, api_publish, token, wait_for
 from ...relay import Relay
 from .test_demo import admin_post
@@ -125,3 +128,25 @@ async def test_a_frozen_page_comes_back_with_its_one_stream(
         assert got == sent, f"lost or repeated: {got}"
         assert (len(welcomes), closes) == (1, []), f"a live stream was given up after the thaw: {closes}"
         assert await sessions_of(node, "fay") == 1
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_a_page_in_the_back_forward_cache_holds_no_stream_and_resumes_on_return(
+    transport: str, node: RunningNode, http: aiohttp.ClientSession
+) -> None:
+    """Away (the page kept in the back-forward cache), the client holds no stream: the node does not count
+    the user present, and an open WebSocket would keep the page out of the cache. Back, it resumes."""
+    async with (
+        launch_chromium(bfcache=True) as browser,
+        client_page(browser, node.url, "bea", transport, minDelay=50, maxDelay=200) as page,
+    ):
+        await page.evaluate("window.kept = true")
+        await page.goto(node.url + "/readyz")
+        await wait_for(lambda: not node.node.sessions.of_user("bea"), timeout=3)
+        missed = await api_publish(http, node, "room:lobby", {"n": "while away"})
+        await page.go_back(wait_until="commit")
+        await page.wait_for_function("window.kept === true", timeout=TIMEOUT)  # from the cache, not reloaded
+        await page.wait_for_function(f"c.state === 'open' && got.includes('{missed}')", timeout=TIMEOUT)
+        await asyncio.sleep(0.3)
+        assert await page.evaluate("got") == [missed]
+        assert await sessions_of(node, "bea") == 1
