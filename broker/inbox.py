@@ -125,8 +125,7 @@ class ReplyInbox:
         self.proven = max(self.proven, number + 1)
 
     def close(self, reply: str) -> None:
-        self._waiting.pop(reply.encode(), None)
-        self._waiters.pop(reply.encode(), None)
+        self.discard((reply.encode(),))
 
     def discard(self, replies: Iterable[bytes]) -> None:
         waiting, waiters = self._waiting, self._waiters

@@ -203,9 +203,7 @@ class NatsPubSub:
         return await self._acks.publish([self._outgoing(item) for item in items])
 
     def _outgoing(self, item: Publishable) -> Outgoing:
-        headers = {EVENT_HEADER: item.event} if item.event else {}
-        if item.sender is not None:
-            headers[FROM_HEADER] = item.sender
+        headers = _headers(item.event, item.sender)
         if item.msg_id is not None:
             headers["Nats-Msg-Id"] = item.msg_id  # the stream drops a repeat within its duplicate window
         return self._subjects.input_subject(item.channel), item.payload, headers or None
@@ -214,10 +212,7 @@ class NatsPubSub:
         self, channel: Channel, payload: bytes, event: str | None = None, sender: str | None = None
     ) -> None:
         nc = self._link.client()
-        headers = {EVENT_HEADER: event} if event else {}
-        if sender is not None:
-            headers[FROM_HEADER] = sender
-        await nc.publish(self._subjects.live_subject(channel), payload, headers=headers or None)
+        await nc.publish(self._subjects.live_subject(channel), payload, headers=_headers(event, sender) or None)
 
     async def close(self) -> None:
         """Drop the subscriptions (briefly: NATS may be gone) and stop repairing."""
@@ -227,6 +222,14 @@ class NatsPubSub:
 
 
 _ANNOUNCED = {"join": Kind.JOIN, "leave": Kind.LEAVE}
+
+
+def _headers(event: str | None, sender: str | None) -> dict[str, str]:
+    """A message's own headers, stored or live: its event name and the client who published it."""
+    headers = {EVENT_HEADER: event} if event else {}
+    if sender is not None:
+        headers[FROM_HEADER] = sender
+    return headers
 
 
 def _decode(channel: Channel, data: bytes, headers: dict[str, str] | None, now: Callable[[], float]) -> Delivery:
