@@ -595,6 +595,7 @@ class Client {
     this.alive();
     if (!heartbeat) return;
     const ms = this.opts.timeout || 10000;
+    const every = Math.min(heartbeat, ms) / 2;
     const check = () => {
       if (this.sock !== sock || this.state !== "open") return;
       const now = Date.now();
@@ -606,9 +607,9 @@ class Client {
       }
       const quiet = sock instanceof WebSocket ? heartbeat : this.keepalive && Math.max(heartbeat, 2 * this.keepalive);
       if (this.probed === null && quiet && now - this.heard >= quiet) this.probe();
-      this.pulse = setTimeout(check, Math.min(heartbeat, ms) / 2);
+      this.pulse = setTimeout(check, every);
     };
-    this.pulse = setTimeout(check, Math.min(heartbeat, ms) / 2);
+    this.pulse = setTimeout(check, every);
   }
 
   /** Ask the open stream for a sign of life: a WebSocket gets a `ping` (its answer, or any frame, is one);
