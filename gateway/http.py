@@ -249,6 +249,10 @@ def free_socket(transport: asyncio.Transport) -> None:
         transport.abort()
 
 
+# Linux only; elsewhere a half-open stream waits for the kernel's own retransmission limit.
+_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+
 class SocketWire:
     """Raw access to a socket for prebuilt frames (see outbound.Wire); the
     transport pauses above ``write_buffer``. Subclasses say how to wait for it
@@ -256,15 +260,22 @@ class SocketWire:
 
     __slots__ = ("_transport", "buffered", "send")
 
-    def __init__(self, transport: asyncio.Transport, write_buffer: int, socket_buffer: int = 0) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, write_buffer: int, socket_buffer: int = 0, user_timeout: float = 0.0
+    ) -> None:
         transport.set_write_buffer_limits(high=write_buffer)
-        if socket_buffer:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and socket_buffer:
             # Bound what the kernel holds for a peer that stopped reading, so
             # backpressure (and its memory bound) starts within our limits.
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
+        if sock is not None and user_timeout and _TCP_USER_TIMEOUT is not None:
+            # A peer whose network went without a FIN or RST acknowledges
+            # nothing: our keep-alives and pings then end the connection after
+            # ``user_timeout``, not after ~15 minutes of retransmissions.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, round(user_timeout * 1000))
         self._transport = transport
         self.send: Callable[[bytes], object] = transport.write
         self.buffered: Callable[[], int] = transport.get_write_buffer_size

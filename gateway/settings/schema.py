@@ -52,6 +52,11 @@ class HttpSettings:
     # CIDRs of the proxies in front of the node: X-Forwarded-For is honoured
     # only from them (the right-most address not itself trusted is the client).
     trusted_proxies: tuple[str, ...] = ()
+    # TCP_USER_TIMEOUT of each stream's socket (WS and SSE), in seconds: bytes
+    # the peer has not acknowledged for this long abort the connection, so a
+    # half-open stream (the client's network went, no FIN came) is counted out
+    # after about this plus one keep-alive. 0: the kernel's own limit (~15 min).
+    tcp_user_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

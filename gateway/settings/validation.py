@@ -124,6 +124,11 @@ def _http(http: HttpSettings) -> None:
         "must be 0 (never) or >= 2 (each worker says it is alive every second)",
     )
     _require(0 <= http.reconnect_spread <= 300, "http.reconnect_spread", "must be 0 to 300 seconds")
+    _require(
+        0 <= http.tcp_user_timeout <= 3600,
+        "http.tcp_user_timeout",
+        "must be 0 (the kernel's own limit) to 3600 seconds",
+    )
     for cidr in http.trusted_proxies:
         try:
             ipaddress.ip_network(cidr)

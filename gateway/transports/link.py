@@ -73,13 +73,16 @@ def ends_on_failure(session: Session) -> Iterator[None]:
 class Links:
     """The open links of one transport on a node, and what they all share."""
 
-    __slots__ = ("close_timeout", "gate", "links", "socket_buffer", "stall_timeout", "write_buffer")
+    __slots__ = ("close_timeout", "gate", "links", "socket_buffer", "stall_timeout", "user_timeout", "write_buffer")
 
-    def __init__(self, close_timeout: float, backpressure: BackpressureSettings, gate: Gate) -> None:
+    def __init__(
+        self, close_timeout: float, backpressure: BackpressureSettings, gate: Gate, user_timeout: float
+    ) -> None:
         self.gate = gate
         self.close_timeout = close_timeout
         self.write_buffer = backpressure.write_buffer
         self.socket_buffer = backpressure.socket_buffer
+        self.user_timeout = user_timeout  # http.tcp_user_timeout
         self.stall_timeout = backpressure.stall_timeout
         self.links: set[Any] = set()
 
@@ -119,7 +122,7 @@ class SocketLink(SocketWire, asyncio.Protocol):
     codec: Codec  # set by each transport
 
     def __init__(self, transport: asyncio.Transport, ctx: Links) -> None:
-        super().__init__(transport, ctx.write_buffer, ctx.socket_buffer)
+        super().__init__(transport, ctx.write_buffer, ctx.socket_buffer, ctx.user_timeout)
         self._ctx = ctx
         self._loop = asyncio.get_running_loop()
         self._paused = False  # the transport's write buffer is above its limit

@@ -65,8 +65,15 @@ class SseLinks(Links):
 
     __slots__ = ("keepalive", "keepalive_event", "keepalive_frame", "retry")
 
-    def __init__(self, sse: SseSettings, close_timeout: float, backpressure: BackpressureSettings, gate: Gate) -> None:
-        super().__init__(close_timeout, backpressure, gate)
+    def __init__(
+        self,
+        sse: SseSettings,
+        close_timeout: float,
+        backpressure: BackpressureSettings,
+        gate: Gate,
+        user_timeout: float,
+    ) -> None:
+        super().__init__(close_timeout, backpressure, gate, user_timeout)
         self.retry = sse.retry
         self.keepalive = KeepAlive(sse.keepalive, self.links) if sse.keepalive else None
         # An envelope stream's keep-alive is an event its page sees (EventSource hides comments): a client
@@ -194,7 +201,8 @@ class SseEndpoint(StreamEndpoint[SseLinks]):
 
 def _serve(node: Node, opener: Opener) -> SseEndpoint:
     s = node.settings
-    return SseEndpoint(node.gate, opener, SseLinks(s.sse, s.ws.close_timeout, s.backpressure, node.gate))
+    links = SseLinks(s.sse, s.ws.close_timeout, s.backpressure, node.gate, s.http.tcp_user_timeout)
+    return SseEndpoint(node.gate, opener, links)
 
 
 KIND = TransportKind(SseLink.name, "/sse", _serve)

@@ -49,9 +49,15 @@ class WsLinks(Links):
     __slots__ = ("commands", "frame_rejections", "max_frame", "pinger")
 
     def __init__(
-        self, ws: WsSettings, backpressure: BackpressureSettings, commands: Commands, gate: Gate, metrics: Metrics
+        self,
+        ws: WsSettings,
+        backpressure: BackpressureSettings,
+        commands: Commands,
+        gate: Gate,
+        metrics: Metrics,
+        user_timeout: float,
     ) -> None:
-        super().__init__(ws.close_timeout, backpressure, gate)
+        super().__init__(ws.close_timeout, backpressure, gate, user_timeout)
         self.commands = commands
         self.max_frame = ws.max_frame
         self.frame_rejections = metrics.limit_rejections.labels("frame_size")
@@ -285,7 +291,8 @@ def _not_an_upgrade(request: Head) -> Reply:
 
 def _serve(node: Node, opener: Opener) -> WsEndpoint:
     s = node.settings
-    return WsEndpoint(node.gate, opener, WsLinks(s.ws, s.backpressure, node.commands, node.gate, node.metrics))
+    links = WsLinks(s.ws, s.backpressure, node.commands, node.gate, node.metrics, s.http.tcp_user_timeout)
+    return WsEndpoint(node.gate, opener, links)
 
 
 KIND = TransportKind(WsLink.name, "/ws", _serve)

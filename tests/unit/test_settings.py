@@ -210,6 +210,8 @@ def test_every_key_has_an_env_name() -> None:
         ({"HERALD_NATS_CONNECT_TIMEOUT": "soon"}, ("nats.connect_timeout", "HERALD_NATS_CONNECT_TIMEOUT")),
         ({"HERALD_NATS_CONNECT_TIMEOUT": "0"}, ("nats.connect_timeout",)),
         ({"HERALD_HTTP_WORKER_TIMEOUT": "1"}, ("http.worker_timeout",)),
+        ({"HERALD_HTTP_TCP_USER_TIMEOUT": "-1"}, ("http.tcp_user_timeout",)),
+        ({"HERALD_HTTP_TCP_USER_TIMEOUT": "86400"}, ("http.tcp_user_timeout",)),
         ({"HERALD_HISTORY_INBOX": "maybe"}, ("history.inbox", "HERALD_HISTORY_INBOX")),
         ({"HERALD_HTTP_PROT": "80"}, ("HERALD_HTTP_PROT",)),
         ({"HERALD_NOPE": "1"}, ("HERALD_NOPE",)),
