@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -26,7 +27,7 @@ from broker.tasks import spawn
 from broker.throttle import Throttle
 
 from ..admission import Gate, Refusal
-from ..disconnect import CLIENT_CLOSED, INTERNAL, UNAVAILABLE, Disconnect
+from ..disconnect import CLIENT_CLOSED, HEARTBEAT_TIMEOUT, INTERNAL, UNAVAILABLE, Disconnect
 from ..frames import Codec
 from ..head import FrontHead, Head
 from ..http import Reply, SocketWire, body_timeout, free_socket
@@ -54,6 +55,15 @@ def detach(request: web.BaseRequest) -> None:
     handler = request.protocol
     handler.transport = None
     handler.connection_lost(None)
+
+
+def lost_because(exc: BaseException | None) -> Disconnect:
+    """Why a socket that went under us ended its session. ETIMEDOUT: the
+    kernel gave up on a peer that acknowledged nothing for
+    http.tcp_user_timeout (a half-open connection), not a client that left."""
+    if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+        return HEARTBEAT_TIMEOUT
+    return CLIENT_CLOSED  # the peer went without a goodbye
 
 
 @contextlib.contextmanager
@@ -219,7 +229,7 @@ class SocketLink(SocketWire, asyncio.Protocol):
         self._ctx.links.discard(self)
         session = self.session
         if session is not None and session.active:
-            session.close(CLIENT_CLOSED)  # the peer went without a goodbye
+            session.close(lost_because(exc))
         if self._started:
             self._finish()
 

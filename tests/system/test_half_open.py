@@ -131,6 +131,10 @@ async def test_a_half_open_sse_stream_is_counted_out(node_factory: NodeFactory, 
             )
             assert took > USER_TIMEOUT - 0.5  # ended by the timeout, not by the cut itself
             assert await present(http, node.url) == []
+            closed = (await scrape(http, node.url))[
+                'herald_connections_closed_total{reason="heartbeat_timeout",transport="sse"}'
+            ]
+            assert closed == 1  # told from a client that closed: the client did not answer
         finally:
             client.kill()
             await client.wait()
