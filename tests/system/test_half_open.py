@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from ..helpers import ADMIN_KEY, NodeFactory, api_publish, scrape, token
+from ..helpers import ADMIN_KEY, NodeFactory, api_publish, scrape, token, wait_for
 
 USER_TIMEOUT = 3.0
 KEEPALIVE = 1.0
@@ -122,6 +122,7 @@ async def test_a_half_open_stream_is_counted_out(
             http={"host": side.node_address, "tcp_user_timeout": USER_TIMEOUT},
             sse={"keepalive": KEEPALIVE},
             ws={"heartbeat": 0},
+            limits={"max_connections_per_user": 1},
         )
         port = node.url.rsplit(":", 1)[1]
         target = f"/{transport}?token={token('mo', rooms=['lobby'])}&room=lobby"
@@ -134,6 +135,7 @@ async def test_a_half_open_stream_is_counted_out(
             assert await asyncio.wait_for(client.stdout.readline(), 10) == b"welcome\n"
             assert await streams(http, node.url, transport) == 1
             assert await present(http, node.url) == ["mo"]
+            assert await another_stream(http, node.url) == 429  # the user's one slot is taken
             await side.cut()
             loop = asyncio.get_running_loop()
             cut_at = loop.time()
@@ -146,6 +148,11 @@ async def test_a_half_open_stream_is_counted_out(
             assert await streams(http, node.url, transport) == 0, f"the stream still counts {took:.1f} s after the cut"
             assert took > USER_TIMEOUT - 0.5  # ended by the timeout, not by the cut itself
             assert await present(http, node.url) == []
+
+            async def admitted() -> bool:
+                return await another_stream(http, node.url) == 200
+
+            await wait_for(admitted, timeout=3)  # and the user's slot is free again
             closed = (await scrape(http, node.url))[
                 f'herald_connections_closed_total{{reason="heartbeat_timeout",transport="{transport}"}}'
             ]
@@ -157,6 +164,12 @@ async def test_a_half_open_stream_is_counted_out(
 
 async def streams(http: aiohttp.ClientSession, url: str, transport: str) -> float:
     return (await scrape(http, url))[f'herald_connections{{transport="{transport}"}}']
+
+
+async def another_stream(http: aiohttp.ClientSession, url: str) -> int:
+    """The status a new stream of the same user gets (from the node's own namespace)."""
+    async with http.get(url + "/sse", params={"token": token("mo")}) as resp:
+        return resp.status
 
 
 async def present(http: aiohttp.ClientSession, url: str) -> list[str]:
