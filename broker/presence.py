@@ -41,7 +41,7 @@ from .channels import Channel, InvalidChannel, Subjects, channel_id, glob_match,
 from .kv import Bucket, bind_bucket, from_key_token, key_token, live_keys, storage_type
 from .link import NatsLink
 from .liveness import LiveInstances
-from .tasks import cancel_and_wait
+from .tasks import cancel_and_wait, shielded
 
 log = logging.getLogger("herald.presence")
 
@@ -109,6 +109,9 @@ class KvPresence:
         # (its entries written and their leaves judged), never in between.
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        # Join / leave claims, shielded: a cancel must not separate a marker from
+        # its announcement. A close gives them the write loop's wait, then ends them.
+        self._claims: set[asyncio.Task[None]] = set()
         self._live = LiveInstances(self.instance, ttl)
         self.alive = self._live.alive
         self.alive_now = self._live.alive_now
@@ -264,7 +267,9 @@ class KvPresence:
             for (room, user), present in judged:
                 if not present:
                     leaves.setdefault(room, []).append(user)
-            joins = (self._joined(room, user) for (room, user), present in judged if present)
+            joins = (
+                shielded(self._claims, self._claim_join(room, user)) for (room, user), present in judged if present
+            )
             await asyncio.gather(*joins, *(self._left(room, users) for room, users in leaves.items()))
             self._marked.update(key for key, present in judged if present)
             self._marked.difference_update(key for key, present in judged if not present)
@@ -295,11 +300,6 @@ class KvPresence:
 
     def _marker(self, room: Channel, user: str) -> str:
         return f"_j.m.{key_token(room)}.{key_token(user)}"
-
-    async def _joined(self, room: Channel, user: str) -> None:
-        assert self._kv is not None
-        # Shielded: a close must not separate the marker from its announcement.
-        await asyncio.shield(self._claim_join(room, user))
 
     async def _claim_join(self, room: Channel, user: str) -> None:
         assert self._kv is not None
@@ -345,7 +345,7 @@ class KvPresence:
             present.setdefault(user_token, set()).add(instance)
         alive = await self.alive(set().union(*present.values()))
         gone = [user_rev for token, user_rev in waiting.items() if not present.get(token, set()) & alive]
-        await asyncio.gather(*(asyncio.shield(self._claim_leave(room, user, rev)) for user, rev in gone))
+        await asyncio.gather(*(shielded(self._claims, self._claim_leave(room, user, rev)) for user, rev in gone))
 
     async def _marker_revision(self, room: Channel, user: str) -> int | None:
         """The revision of the user's marker in ``room``; None: announced left already."""
@@ -438,9 +438,10 @@ class KvPresence:
         # would be announced by no one (a survivor's sweep finds no entry).
         self._stopping = True
         self._wake.set()
-        await self._link.wait_connected(self._tasks[:1], BATCH_WAIT)  # the write loop
+        # The write loop, and the claims of a sweep's leaves (a cancel leaves them running).
+        await self._link.wait_connected([*self._tasks[:1], *self._claims], BATCH_WAIT)
         tasks, self._tasks = self._tasks, []
-        await cancel_and_wait(tasks)  # ended, not destroyed pending later
+        await cancel_and_wait([*tasks, *self._claims])  # ended, not destroyed pending later
         if self._nodes is None or not self._link.connected:
             return  # without NATS, the entry lapses after the ttl
         with contextlib.suppress(Exception):

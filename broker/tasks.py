@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Iterable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def spawn(tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -15,6 +17,16 @@ def spawn(tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any]) -> asyn
     tasks.add(task)
     task.add_done_callback(tasks.discard)
     return task
+
+
+def shielded(tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """``asyncio.shield`` of ``coro``, run in a task held in ``tasks`` (see
+    ``spawn``) whose failure counts as read: a shield cancelled first no
+    longer passes its task's outcome on, and a failure after that would be
+    logged as "never retrieved"."""
+    task = spawn(tasks, coro)
+    task.add_done_callback(failure_read)
+    return asyncio.shield(task)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], tries: int = 10) -> None:

@@ -5,16 +5,31 @@ takes its users out within ``presence.ttl``."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
+import logging
 import signal
 import time
 from typing import Any
 
 import aiohttp
+import pytest
 
+from broker.channels import Subjects, room_channel
 from broker.embedded import NatsServer
+from broker.jetstream import NatsBroker, NatsConfig
 
-from ..helpers import ADMIN_KEY, NodeFactory, RunningNode, recv_json, recv_until, spawn_cluster_node, token, wait_for
+from ..helpers import (
+    ADMIN_KEY,
+    NodeFactory,
+    RunningNode,
+    broker_events,
+    recv_json,
+    recv_until,
+    spawn_cluster_node,
+    token,
+    wait_for,
+)
 from .test_rooms import frames_for, presence_frames
 
 _clusters = itertools.count(1)
@@ -285,3 +300,45 @@ async def test_a_store_lost_with_nats_waits_for_the_other_nodes_before_a_leave(
     await bob.close()
     assert presence_frames(await frames_for(observer, 1.5)) == [("leave", "bob")]
     await observer.close()
+
+
+async def test_a_join_claim_a_close_cut_off_leaves_no_unread_failure(
+    own_nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A join's marker claim is shielded from a close (the marker must not be
+    separated from its announcement). A close while NATS is away cancels the
+    write loop at once; the claim, still waiting on NATS, failed at its
+    timeout with nobody to read it: asyncio logged "Task exception was never
+    retrieved" once it was collected."""
+    config = NatsConfig(
+        urls=(own_nats.url,),
+        subjects=Subjects("pcut", "pcut_live"),
+        stream="PCUT",
+        storage="memory",
+        join_leave_rooms=("*",),
+        publish_timeout=0.3,
+        reconnect_wait=0.1,
+    )
+    broker = NatsBroker(config, broker_events())
+    await broker.start()
+    kv = broker.presence._kv
+    assert kv is not None
+    claiming, cut = asyncio.Event(), asyncio.Event()
+    create = kv.create
+
+    async def create_once_nats_is_gone(*args: Any, **kwargs: Any) -> int:
+        claiming.set()
+        await cut.wait()
+        return await create(*args, **kwargs)
+
+    kv.create = create_once_nats_is_gone  # type: ignore[method-assign]
+    broker.presence.mark(room_channel("lobby"), "alice", True)
+    await asyncio.wait_for(claiming.wait(), timeout=5)
+    own_nats.kill()
+    await wait_for(lambda: not broker.connected, timeout=5)
+    cut.set()  # the claim's request now waits for a NATS that does not come back
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        await broker.close()
+        await asyncio.sleep(0.6)  # past the claim's timeout
+        gc.collect()
+    assert not [r.getMessage() for r in caplog.records if r.name == "asyncio"]
