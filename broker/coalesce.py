@@ -4,6 +4,7 @@ where a slightly older answer will do, every caller of a short while)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -38,8 +39,16 @@ class Fresh(Generic[T]):
         queued = self._queued
         if queued is None:
             queued = self._queued = asyncio.get_running_loop().create_future()
-            spawn(self._tasks, self._send(queued))
+            spawn(self._tasks, self._send(queued)).add_done_callback(functools.partial(self._ended, queued))
         return await asyncio.shield(queued)
+
+    def _ended(self, answer: asyncio.Future[T], _: asyncio.Task[None]) -> None:
+        """A send's task ended. Cancelled before its call went out (waiting
+        for the one in flight, or before it even started), its answer would
+        stay pending: its waiters get the cancel, later callers a new call."""
+        if self._queued is answer:
+            self._queued = None
+        answer.cancel()  # nothing if answered
 
     async def _send(self, answer: asyncio.Future[T]) -> None:
         previous = self._in_flight
@@ -51,9 +60,6 @@ class Fresh(Generic[T]):
             result = await self._ask()
             self._last = time.monotonic(), result
             answer.set_result(result)
-        except asyncio.CancelledError:
-            answer.cancel()
-            raise
         except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
             answer.set_exception(exc)
             answer.exception()  # retrieved: no warning when every waiter has gone

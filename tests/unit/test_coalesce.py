@@ -75,3 +75,35 @@ async def test_recent_takes_an_answer_young_enough_else_asks_again() -> None:
     assert await fresh.recent(0.01) == 3  # too old: asked again
     assert await fresh.recent(0) == 4  # 0: asked now, even within the same clock tick
     assert calls == 4
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before-it-started", "waiting-for-the-call-in-flight"])
+async def test_a_queued_call_cancelled_before_it_went_out_ends_its_waiters(started: bool) -> None:
+    """A queued call's task cancelled before its call went out (it waits for
+    the one in flight; or it had not started yet) left its answer pending:
+    its waiters hung for good, and every later caller joined them."""
+    release = asyncio.Event()
+    calls = 0
+
+    async def ask() -> int:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return calls
+
+    fresh = Fresh(ask)
+    first = asyncio.ensure_future(fresh.get())
+    await asyncio.sleep(0.01)  # the first call is in flight
+    before = set(fresh._tasks)
+    queued = asyncio.ensure_future(fresh.get())
+    await asyncio.sleep(0)  # its call is queued: a task made, not started yet
+    (sender,) = fresh._tasks - before
+    if started:
+        await asyncio.sleep(0)  # it waits for the call in flight
+    sender.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(queued, timeout=1.0)
+    release.set()
+    assert await first == 1
+    assert await asyncio.wait_for(fresh.get(), timeout=1.0) == 2  # a new call, not the cancelled one
+    assert calls == 2
