@@ -11,7 +11,6 @@ import re
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
-from multidict import MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker import Broker, BrokerUnavailable, History, MessageTooLarge, Presence, Publishable, PubSub
@@ -23,9 +22,10 @@ from .auth import mint_token
 from .command_route import CommandRouter, error, status_of
 from .commands import NOT_JSON, Frame, page_request
 from .frames import TooDeep, dumps_exact, history_messages, loads_exact
-from .head import FrontHead
+from .head import FrontHead, Head
 from .http import (
     Reply,
+    TrustedProxies,
     body_timeout,
     cors_pairs,
     error_reply,
@@ -35,6 +35,7 @@ from .http import (
     json_response,
     key_matches,
     late_body,
+    peer,
     read_body,
 )
 from .hub import Hub
@@ -65,6 +66,7 @@ class PublishApi:
         settings: PublishSettings,
         pubsub: PubSub,
         metrics: Metrics,
+        proxies: TrustedProxies,
     ) -> None:
         self._keys = settings.bearer_keys
         self._rate = rate  # limits.api_rate
@@ -76,8 +78,9 @@ class PublishApi:
         self._metrics = metrics
         self._buckets: dict[str, TokenBucket] = {}
         # A backend on a key no longer configured (a rotation's old key dropped
-        # too soon) shows in the log too; no key is ever written there.
+        # too soon) shows in the log too, with its address; no key is ever written there.
         self._warn = Throttle(log)
+        self._proxies = proxies
 
     def _bucket(self, key: str) -> TokenBucket:
         """The rate bucket of one key (one per configured key: bounded)."""
@@ -96,7 +99,7 @@ class PublishApi:
         """``Expect: 100-continue`` (the aiohttp route's expect handler): the
         head is judged before the client is asked for its body, and a refused
         one is told so instead of "100 Continue"."""
-        refusal = self.refusal(request.headers, request.content_length)
+        refusal = self.refusal(request, request.content_length)
         if refusal is not None:
             return refusal.response(close=True)  # the body was never asked for
         request[_HEAD_PASSED] = True  # judged once: one token of the rate limit, not two
@@ -107,7 +110,7 @@ class PublishApi:
 
     async def publish(self, request: web.Request) -> web.Response:
         """The aiohttp route (the front door serves the common shapes: ``answer``)."""
-        refusal = None if request.get(_HEAD_PASSED) else self.refusal(request.headers, request.content_length)
+        refusal = None if request.get(_HEAD_PASSED) else self.refusal(request, request.content_length)
         if refusal is not None:
             # As the front door: a body not all in is not read, and the connection ends.
             return refusal.response(close=not request.content.is_eof())
@@ -138,15 +141,17 @@ class PublishApi:
         self._metrics.limit_rejections.labels("body_size").inc()
         return self._refuse(413, "too_large", message)
 
-    def refusal(self, headers: MultiMapping[str], content_length: int | None) -> Reply | None:
+    def refusal(self, head: Head, content_length: int | None) -> Reply | None:
         """Why a request is refused before its body is read (the front door asks
         once the head is in: a client without the key cannot make the node hold
         a body), or None."""
         if not self._keys:
             return self._refuse(403, "disabled", "the publish API is off: set publish.key (HERALD_PUBLISH_KEY)")
+        headers = head.headers
         key = header_key(headers.get("Authorization", ""), self._keys)
         if key is None:
-            self._warn("unauthorized", "refused POST /api/publish: missing or wrong publish key")
+            who = peer(head, self._proxies)
+            self._warn("unauthorized", "refused POST /api/publish from %s: missing or wrong publish key", who)
             return self._refuse(401, "unauthorized", "missing or wrong publish key (Authorization: Bearer <key>)")
         wait = self._bucket(key).take()
         if wait:
@@ -320,11 +325,13 @@ class NodeApi:
         presence: Presence,
         history: History,
         metrics: Metrics,
+        proxies: TrustedProxies,
     ) -> None:
         self._node_id = settings.node.id
         self._page_max = settings.history.page_max
         self._admin_keys = settings.admin.bearer_keys
         self._warn = Throttle(log)
+        self._proxies = proxies
         self._jwt = settings.jwt
         self._body_timeout = settings.http.handshake_timeout
         self._broker = broker
@@ -344,7 +351,10 @@ class NodeApi:
     def _unauthorized(self, request: web.Request) -> web.Response | None:
         if key_matches(request, self._admin_keys):
             return None
-        self._warn("unauthorized", "refused %s %s: missing or wrong admin key", request.method, request.path)
+        who = peer(request, self._proxies)
+        self._warn(
+            "unauthorized", "refused %s %s from %s: missing or wrong admin key", request.method, request.path, who
+        )
         return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
 
     async def stats(self, request: web.Request) -> web.Response:

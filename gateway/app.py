@@ -85,6 +85,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         settings.publish,
         node.broker.pubsub,
         node.metrics,
+        node.proxies,
     )
     node_api = NodeApi(
         settings,
@@ -95,6 +96,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         node.broker.presence,
         node.broker.history,
         node.metrics,
+        node.proxies,
     )
     server_api = ServerApi(
         settings.admin.bearer_keys,
@@ -102,6 +104,7 @@ def create_app(settings: Settings, broker_factory: BrokerFactory | None = None) 
         node.broker.relay,
         settings.http.handshake_timeout,
         node.metrics,
+        node.proxies,
     )
     app[NODE] = node
     app[NODE_API] = node_api

@@ -27,11 +27,11 @@ from typing import Protocol, cast
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
-from multidict import CIMultiDict, MultiMapping
+from multidict import CIMultiDict
 
 from broker.tasks import spawn
 
-from .head import FrontHead
+from .head import FrontHead, Head
 from .http import ALWAYS_HEADERS, HOST, Reply, error_reply, hard_abort, http_date
 from .malformed import MAX_HEADERS, MAX_LINE, JsonRefusals, line_too_long, log_refused
 
@@ -59,7 +59,7 @@ class FastRoute(Protocol):
     def max_body(self) -> int:
         """Larger bodies go to aiohttp, which refuses them (0: a GET route)."""
 
-    def refusal(self, headers: MultiMapping[str], length: int) -> Reply | None:
+    def refusal(self, head: Head, length: int) -> Reply | None:
         """The reply to a request its head alone refuses (a wrong key…), made
         before its body is read, or None. A refusal whose body is not all in
         ends the connection: the body is never held."""
@@ -163,9 +163,9 @@ class FrontConnection(asyncio.Protocol):
         self._gone = False
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0  # loop time by which a whole request must be in (0: none is awaited)
-        # The request whose body is still coming, and where its body starts in the buffer: its head is
-        # read once, not again at each piece of the body (a body a byte per segment would cost a head each).
-        self._pending: tuple[Request, int] | None = None
+        # The request whose body is still coming, where its body starts in the buffer, and its head: read
+        # once, not again at each piece of the body (a body a byte per segment would cost a head each).
+        self._pending: tuple[Request, int, FrontHead] | None = None
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         # Refused on its head, its body not all in: the body bytes still to come, dropped as they do.
@@ -230,11 +230,13 @@ class FrontConnection(asyncio.Protocol):
                 else:
                     self._hand_over()
                 return
-            refused = matched.route.refusal(matched.headers, matched.length)
+            assert self._transport is not None
+            front_head = FrontHead(matched.method, matched.target, matched.headers, self._transport, self._take_rest)
+            refused = matched.route.refusal(front_head, matched.length)
             if refused is not None:
                 matched = replace(matched, refused=refused)
-            self._pending = (matched, end + 4)
-        request, start = self._pending
+            self._pending = (matched, end + 4, front_head)
+        request, start, front_head = self._pending
         if len(buffer) < start + request.length:
             if request.refused is not None:
                 self._refuse_unread(request.refused, start + request.length - len(buffer))
@@ -245,10 +247,9 @@ class FrontConnection(asyncio.Protocol):
         self._busy = True
         self._disarm()
         assert self._transport is not None
-        spawn(_answering, self._answer(request, body, self._transport))
+        spawn(_answering, self._answer(request, front_head, body, self._transport))
 
-    async def _answer(self, request: Request, body: bytes, transport: asyncio.Transport) -> None:
-        head = FrontHead(request.method, request.target, request.headers, transport, self._take_rest)
+    async def _answer(self, request: Request, head: FrontHead, body: bytes, transport: asyncio.Transport) -> None:
         try:
             reply = request.refused if request.refused is not None else await request.route.answer(head, body)
         except Exception:

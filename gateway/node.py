@@ -101,6 +101,7 @@ class Node:
     commands: Commands
     router: CommandRouter
     failure: Failure
+    proxies: TrustedProxies  # http.trusted_proxies: who a request's client is, for logs and the connect hook
     hook: ConnectHook | None = None  # auth.mode "hook" or "either"
 
     @property
@@ -185,6 +186,7 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
     )
     auth = settings.auth
     hook = ConnectHook(auth, metrics) if auth.mode != "jwt" else None
+    proxies = TrustedProxies(settings.http.trusted_proxies)
     gate = Gate(
         settings.limits,
         sessions,
@@ -195,7 +197,7 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
         warn,
         auth.mode,
         hook,
-        TrustedProxies(settings.http.trusted_proxies),
+        proxies,
     )
     router = CommandRouter(
         settings.node.id, gate.identify, sessions, commands, broker.relay, settings.http.command_timeout, metrics
@@ -205,4 +207,6 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
     metrics.watch_broker(broker.stats)
     metrics.watch_queue_bytes(sessions.queued_bytes)
     metrics.watch_ready(lambda: not_ready(sessions, broker) is None)
-    return Node(settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router, failure, hook)
+    return Node(
+        settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router, failure, proxies, hook
+    )

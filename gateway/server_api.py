@@ -25,7 +25,7 @@ from broker.throttle import Throttle
 from .command_route import CommandRouter
 from .disconnect import DISCONNECTED, DISCONNECTED_FOR_GOOD
 from .frames import loads_exact
-from .http import body_timeout, error_reply, json_error, json_response, key_matches, read_body
+from .http import TrustedProxies, body_timeout, error_reply, json_error, json_response, key_matches, peer, read_body
 from .limits import TokenBucket
 from .metrics import Metrics
 from .session import Session
@@ -113,10 +113,17 @@ class ServerApi:
     (admin key), rate-limited like the publish API."""
 
     def __init__(
-        self, admin_keys: tuple[str, ...], rate: float, relay: Relay, body_timeout: float, metrics: Metrics
+        self,
+        admin_keys: tuple[str, ...],
+        rate: float,
+        relay: Relay,
+        body_timeout: float,
+        metrics: Metrics,
+        proxies: TrustedProxies,
     ) -> None:
         self._keys = admin_keys
         self._warn = Throttle(log)
+        self._proxies = proxies
         self._body_timeout = body_timeout  # http.handshake_timeout
         burst = max(1.0, rate)
         self._bucket = TokenBucket(burst, burst / rate)  # limits.api_rate
@@ -134,7 +141,10 @@ class ServerApi:
 
     async def _act(self, request: web.Request, op: str, counted: str) -> web.Response:
         if not key_matches(request, self._keys):
-            self._warn("unauthorized", "refused %s %s: missing or wrong admin key", request.method, request.path)
+            who = peer(request, self._proxies)
+            self._warn(
+                "unauthorized", "refused %s %s from %s: missing or wrong admin key", request.method, request.path, who
+            )
             return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
         wait = self._bucket.take()
         if wait:

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
-from multidict import MultiMapping
 
-from ..head import FrontHead
+from ..head import FrontHead, Head
 from ..http import Reply
 from ..node import Node
 from .link import Opener
@@ -25,7 +24,7 @@ class Endpoint(Protocol):
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one client stream (it outlives the handler)."""
 
-    def refusal(self, headers: MultiMapping[str], length: int) -> Reply | None:
+    def refusal(self, head: Head, length: int) -> Reply | None:
         """None: a stream's request is judged whole, in ``answer`` (it has no body)."""
 
     async def answer(self, head: FrontHead, body: bytes) -> Reply | None:

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from aiohttp import web
-from multidict import MultiMapping
 
 from broker import BrokerUnavailable
 from broker.channels import client_name
@@ -356,7 +355,7 @@ class StreamEndpoint(Generic[L]):
         reply = await self.open(request, lambda: detach(request))
         return web.Response(status=self.taken_status) if reply is None else reply.response()
 
-    def refusal(self, headers: MultiMapping[str], length: int) -> Reply | None:
+    def refusal(self, head: Head, length: int) -> Reply | None:
         return None  # judged whole in open(): a stream's request has no body
 
     async def answer(self, head: FrontHead, body: bytes) -> Reply | None:

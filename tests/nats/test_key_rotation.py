@@ -22,12 +22,17 @@ NEW_PUBLISH = "new-publish-key"
 NEW_ADMIN = "new-admin-key"
 NEW = (NEW_SECRET, NEW_PUBLISH, NEW_ADMIN)
 OLD = (SECRET, PUBLISH_KEY, ADMIN_KEY)
+PATHS = ("front", "aiohttp", "expect")
 
 
-async def publish_status(node: RunningNode, key: str) -> dict[str, int]:
-    """The status of a publish with ``key`` on each path: the front door's, aiohttp's, and after 100-continue."""
+async def publish_status(
+    node: RunningNode, key: str, shapes: tuple[str, ...] = PATHS, more: bytes = b""
+) -> dict[str, int]:
+    """The status of a publish with ``key`` on each path (``shapes``): the front
+    door's, aiohttp's, and after 100-continue; ``more``: header lines to add."""
     statuses = {}
-    for shape, extra in {**SHAPES, "expect": b"Expect: 100-continue\r\n"}.items():
+    for shape in shapes:
+        extra = {**SHAPES, "expect": b"Expect: 100-continue\r\n"}[shape] + more
         head = b"POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         head += b"Authorization: Bearer %b\r\nContent-Length: %d\r\n%b\r\n" % (key.encode(), len(BODY), extra)
         answer = await exchange(node, head + BODY, seconds=1.0)
@@ -37,8 +42,10 @@ async def publish_status(node: RunningNode, key: str) -> dict[str, int]:
     return statuses
 
 
-async def admin_status(http: aiohttp.ClientSession, node: RunningNode, key: str) -> tuple[int, int]:
-    headers = {"Authorization": f"Bearer {key}"}
+async def admin_status(
+    http: aiohttp.ClientSession, node: RunningNode, key: str, more: dict[str, str] | None = None
+) -> tuple[int, int]:
+    headers = {"Authorization": f"Bearer {key}", **(more or {})}
     async with http.get(node.url + "/api/stats", headers=headers) as stats:
         pass
     async with http.post(node.url + "/api/disconnect", data=orjson.dumps({"user": "nobody"}), headers=headers) as drop:
@@ -100,14 +107,36 @@ async def test_a_refused_key_is_logged_once_per_interval_without_the_key(
 ) -> None:
     """A backend or admin tool left on a key no longer configured (a rotation
     whose previous key was dropped too soon) shows in the node's log, not only
-    in herald_api_publishes_total: one line per interval, naming no key."""
+    in herald_api_publishes_total: one line per interval, naming who sent it
+    but no key."""
     caplog.set_level(logging.WARNING, logger="herald.http")
     assert await publish_status(node, "a-stale-publish-key") == {"front": 401, "aiohttp": 401, "expect": 401}
     assert await admin_status(http, node, "a-stale-admin-key") == (401, 401)
     lines = [r.getMessage() for r in caplog.records if r.name == "herald.http"]
     assert lines == [
-        "refused POST /api/publish: missing or wrong publish key",
-        "refused GET /api/stats: missing or wrong admin key",
-        "refused POST /api/disconnect: missing or wrong admin key",
+        "refused POST /api/publish from 127.0.0.1: missing or wrong publish key",
+        "refused GET /api/stats from 127.0.0.1: missing or wrong admin key",
+        "refused POST /api/disconnect from 127.0.0.1: missing or wrong admin key",
     ], lines
     assert not any("stale" in text for text in caplog.text.splitlines())
+
+
+@pytest.mark.parametrize("shape", PATHS)
+async def test_a_refused_key_is_logged_with_the_client_behind_a_trusted_proxy(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture, shape: str
+) -> None:
+    """The refused key's line names the client as the rest of the node does
+    (http.trusted_proxies: the address X-Forwarded-For gives), on every path
+    of a publish; the first line of an interval is the one logged."""
+    node = await node_factory(http={"trusted_proxies": ["127.0.0.0/8"]})
+    caplog.set_level(logging.WARNING, logger="herald.http")
+    forwarded = b"X-Forwarded-For: 198.51.100.7\r\n"
+    assert await publish_status(node, "a-stale-key", (shape,), forwarded) == {shape: 401}
+    more = {"X-Forwarded-For": "198.51.100.8"}
+    assert await admin_status(http, node, "a-stale-key", more) == (401, 401)
+    lines = [r.getMessage() for r in caplog.records if r.name == "herald.http"]
+    assert lines == [
+        "refused POST /api/publish from 198.51.100.7: missing or wrong publish key",
+        "refused GET /api/stats from 198.51.100.8: missing or wrong admin key",
+        "refused POST /api/disconnect from 198.51.100.8: missing or wrong admin key",
+    ], lines

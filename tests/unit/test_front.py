@@ -10,12 +10,11 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
-from multidict import MultiMapping
 
 from broker.throttle import Throttle
 from gateway import malformed
 from gateway.front import FastRoute, FrontDoor, FrontRunner
-from gateway.head import FrontHead
+from gateway.head import FrontHead, Head
 from gateway.http import Reply, body_timeout, json_reply
 from gateway.malformed import MalformedRequests
 
@@ -31,7 +30,7 @@ class Echo:
         self.served = 0
         self.gate: asyncio.Event | None = None
 
-    def refusal(self, headers: MultiMapping[str], length: int) -> Reply | None:
+    def refusal(self, head: Head, length: int) -> Reply | None:
         return None
 
     async def answer(self, head: FrontHead, body: bytes) -> Reply:
