@@ -11,7 +11,8 @@ through nats-py as usual.
 
 This relies on nats-py internals — ``Client._process_msg``, ``_sid``,
 ``_subs``, ``_send_subscribe``, ``_flush_pending`` and the attributes its
-reconnect and close read from a subscription — checked at import; the
+reconnect and close read from a subscription — checked at import, and on
+``_resp_map`` (its requests' futures, see ``fail_requests``); the
 version range is pinned in setup.cfg and the suite's reconnect tests cover it.
 """
 
@@ -153,6 +154,15 @@ class DispatchingClient(Client):
         server has seen them.)"""
         await self._flush_pending(force_flush=True)
         await self.flush(timeout)
+
+    def fail_requests(self) -> None:
+        """The connection is closed for good: no answer comes to a request
+        nats-py waits on (JetStream's API, KV, a direct get). Each fails now
+        with ConnectionClosedError, as one made now would, not at its timeout."""
+        for future in list(self._resp_map.values()):
+            if not future.done():
+                future.set_exception(ConnectionClosedError())
+                future.exception()  # read: a request whose PUB failed never awaits its future
 
     def _forget(self, sub: LiveSubscription) -> None:
         self._handlers.pop(sub._id, None)

@@ -414,7 +414,7 @@ class NatsBroker:
         self._stream_ready = False
         error = self._link.nc.last_error if self._link.nc is not None else None
         reason = f"NATS connection closed for good ({error or 'no error given'})"
-        self._link.replies.fail(reason)  # no answer comes now: the waits end here, not at their timeouts
+        self._link.fail(reason)  # no answer comes now: the waits end here, not at their timeouts
         if self._on_closed_for_good is None:
             log.error("%s", reason)
         else:

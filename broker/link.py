@@ -44,6 +44,15 @@ class NatsLink:
                 return
             _, pending = await asyncio.wait(pending, timeout=min(left, 0.1))
 
+    def fail(self, reason: str) -> None:
+        """NATS closed the connection for good: every request waiting fails
+        now, not at its timeout — the reply inbox's with
+        BrokerUnavailable(``reason``), nats-py's own (JetStream's API, KV)
+        with ConnectionClosedError."""
+        self.replies.fail(reason)
+        if self.nc is not None:
+            self.nc.fail_requests()
+
     def client(self) -> DispatchingClient:
         if self.nc is None or not self.nc.is_connected:
             raise BrokerUnavailable("NATS is not connected")

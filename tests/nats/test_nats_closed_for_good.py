@@ -23,7 +23,7 @@ from broker.publisher import NatsPublisher
 from gateway.hooks import Dispatcher
 from gateway.settings import with_overrides
 
-from ..helpers import PUBLISH_HEADERS, SECRET, make_settings, start_node, wait_for
+from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, SECRET, make_settings, start_node, wait_for
 
 # Fewer than a node or a dispatcher takes; the test adds its own past it.
 MAX_SUBSCRIPTIONS = 40
@@ -108,6 +108,38 @@ async def test_a_publish_waiting_for_its_ack_fails_at_once_when_nats_closed_the_
             stopped = time.monotonic() - started
         assert answered < 1.0, f"the publish was answered {answered:.1f}s after NATS closed the connection"
         assert stopped < 2.5, f"the node took {stopped:.1f}s to drain and stop"
+    finally:
+        await nc.close()
+        await node.stop()
+
+
+async def test_a_history_page_waiting_on_jetstream_fails_at_once_when_nats_closed_the_node(
+    limited_server: NatsServer,
+) -> None:
+    """Requests made through nats-py rather than the node's reply inbox (a
+    page's first direct get, a replay's consumer, STREAM.INFO, KV writes)
+    waited out their own timeout (nats.publish_timeout) once NATS had closed
+    the connection for good, and held the drain as long."""
+    settings = make_settings(limited_server.url, nats={"publish_timeout": 5.0})
+    node = await start_node(settings)
+    nc = await nats.connect(limited_server.url)
+    try:
+        # No stream to answer the page's direct get, but a subscriber that hears
+        # it (no "no responders"): it waits, as one does when NATS closes mid-way.
+        await nc.jetstream().delete_stream(settings.stream.name)
+        await nc.subscribe(f"$JS.API.DIRECT.GET.{settings.stream.name}.>")
+        await nc.flush()
+        async with aiohttp.ClientSession() as http:
+            url = node.url + "/api/history?channel=room:held"
+            page = asyncio.ensure_future(http.get(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}))
+            await asyncio.sleep(0.5)
+            assert not page.done()
+            started = time.monotonic()
+            await exceed_subscriptions(node.node.broker._link.nc)  # type: ignore[attr-defined]
+            async with await page as resp:
+                answered = time.monotonic() - started
+                assert resp.status == 503, await resp.text()
+        assert answered < 1.0, f"the page was answered {answered:.1f}s after NATS closed the connection"
     finally:
         await nc.close()
         await node.stop()
