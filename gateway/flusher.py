@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from .metrics import LatencyHistogram
-from .outbound import LIVE, Outbound, Write
+from .outbound import LIVE, HeldBytes, Outbound, Write
 
 
 class Flusher:
@@ -35,6 +35,7 @@ class Flusher:
         self.flushing = 0  # the pass whose writes _run is putting together
         self._scheduled = False
         self.count_dropped = count_dropped
+        self.held = HeldBytes()  # what the queues it writes hold (herald_outbound_queue_bytes)
         # This node's wall clock minus the stream's (BrokerEvents.clock_offset):
         # a delivery's latency is the stream's "now" minus its stream timestamp.
         self.clock_offset = 0.0

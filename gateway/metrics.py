@@ -184,7 +184,12 @@ class Metrics:
             ["result", "forwarded"],
             registry=r,
         )
-        self.queue_bytes = Gauge("herald_outbound_queue_bytes", "Bytes waiting in outbound queues", registry=r)
+        self.queue_bytes = Gauge(
+            "herald_outbound_queue_bytes",
+            "Bytes held for clients: in outbound queues (now), plus what their sockets' transports held"
+            " at each connection's last heartbeat (ws) or keep-alive (sse) tick",
+            registry=r,
+        )
         self.clock_offset = Gauge(
             "herald_clock_offset_seconds",
             "This node's wall clock minus nats-server's (which stamps messages), as last read",
@@ -239,6 +244,7 @@ class Metrics:
         child.inc()
 
     def watch_queue_bytes(self, total: Callable[[], float]) -> None:
+        """herald_outbound_queue_bytes, read at scrape time from a running total (outbound.HeldBytes)."""
         self.queue_bytes.set_function(total)
 
     def watch_ready(self, ready: Callable[[], bool]) -> None:

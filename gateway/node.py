@@ -205,7 +205,7 @@ def build_node(settings: Settings, broker_factory: BrokerFactory | None = None) 
     actions = UserActions(sessions, subscriptions, gate.count_out_first, hook.forget if hook else None)
     requests = NodeRequests(router, actions)
     metrics.watch_broker(broker.stats)
-    metrics.watch_queue_bytes(sessions.queued_bytes)
+    metrics.watch_queue_bytes(flusher.held.total)
     metrics.watch_ready(lambda: not_ready(sessions, broker) is None)
     return Node(
         settings, metrics, broker, hub, subscriptions, sessions, gate, resumer, commands, router, failure, proxies, hook

@@ -13,6 +13,8 @@ the overflow handler closes the connection as a slow consumer (one frame
 larger than ``max_bytes`` alone in the queue goes out: it could never fit). A
 transport that makes no progress for ``stall_timeout`` is treated the same
 way (below ``write_buffer``, found by the links' ticks: SocketLink.check_stall).
+What all of a node's queues hold is kept as it changes (``HeldBytes``): a
+scrape reads no connection.
 """
 
 from __future__ import annotations
@@ -57,10 +59,29 @@ class Wire(Protocol):
         """Return once the transport wants more (raises if the connection is gone)."""
 
 
+class HeldBytes:
+    """What a node's outbound queues hold (herald_outbound_queue_bytes), kept
+    as it changes so that reading it costs the same at any number of
+    connections: ``queued``, the sum of every queue's ``bytes``, exact; and
+    ``sampled``, what their transports held at their links' last periodic
+    tick (ws.heartbeat / 2, sse.keepalive): a transport's buffer can only be
+    read one connection at a time, and those ticks read it anyway."""
+
+    __slots__ = ("queued", "sampled")
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.sampled = 0
+
+    def total(self) -> float:
+        return float(self.queued + self.sampled)
+
+
 class Scheduler(Protocol):
     """The node's flusher (flusher.Flusher), as its queues and the hub use it."""
 
     flushing: int  # the pass whose writes are being put together
+    held: HeldBytes  # what all its queues hold
     count_dropped: Callable[[int], None]
     clock_offset: float  # this node's wall clock minus the stream's: for latencies
 
@@ -101,11 +122,13 @@ class Outbound:
         "closed",
         "entries",
         "flusher",
+        "held",
         "limits",
         "metrics",
         "noted_pass",
         "noted_slot",
         "on_overflow",
+        "sampled",
         "waiter",
         "wire",
         "wire_bytes",
@@ -130,7 +153,10 @@ class Outbound:
         # that pass's writes: what ``flush`` writes in the same pass joins it.
         self.noted_pass = 0
         self.noted_slot = 0
-        self.bytes = 0
+        self.bytes = 0  # every change is made to held.queued too
+        self.held = flusher.held
+        # What its transport held at its link's last tick, counted in held.sampled.
+        self.sampled = 0
         # Transport buffer size as of the last write or check (or noted write).
         self.wire_bytes = 0
         # Bytes handed to the transport (but direct writes to an empty one,
@@ -152,7 +178,9 @@ class Outbound:
         if self.closed:
             return
         self.entries.append((frame, kind, ts, droppable))
-        self.bytes += len(frame)
+        size = len(frame)
+        self.bytes += size
+        self.held.queued += size
         limits = self.limits
         if self.bytes + self.wire_bytes > limits.max_bytes or len(self.entries) > limits.max_messages:
             # The cached transport size may be stale (the peer read since): ask
@@ -178,18 +206,20 @@ class Outbound:
         budget = limits.max_bytes - self.wire_bytes
         entries = self.entries
         kept: list[Entry] = []
-        dropped = 0
+        dropped = shed = 0
         i = 0
-        while i < len(entries) and (self.bytes > budget or len(entries) - i + len(kept) > limits.max_messages):
+        while i < len(entries) and (self.bytes - shed > budget or len(entries) - i + len(kept) > limits.max_messages):
             entry = entries[i]
             i += 1
             if entry[3]:
-                self.bytes -= len(entry[0])
+                shed += len(entry[0])
                 dropped += 1
             else:
                 kept.append(entry)
         kept.extend(entries[i:])
         self.entries = kept
+        self.bytes -= shed
+        self.held.queued -= shed
         if dropped:
             self.flusher.count_dropped(dropped)
         return self._within_limits()
@@ -217,6 +247,7 @@ class Outbound:
             # in this loop pass. Kept free of loops and copies.
             frame, kind, ts, _ = entries[0]
             entries.clear()
+            self.held.queued -= self.bytes
             self.bytes = 0
             self._emit(frame, out)
             self.wire_bytes = wire_bytes + len(frame)
@@ -252,6 +283,7 @@ class Outbound:
         if batch is entries:
             entries.clear()
         self.bytes -= len(data)
+        self.held.queued -= len(data)
         self._emit(data, out)
         self.wire_bytes += len(data)
         metrics.delivered += delivered
@@ -359,6 +391,7 @@ class Outbound:
         if entries:
             data = b"".join([e[0] for e in entries])
             self.entries.clear()
+            self.held.queued -= self.bytes
             self.bytes = 0
             self.written += len(data)
             self.wire.write(data)
@@ -367,13 +400,24 @@ class Outbound:
         self.closed = True
         self.on_overflow = _closed  # not the session's method: no cycle, the session is freed at once
         self.entries.clear()
-        self.bytes = 0
+        held = self.held
+        held.queued -= self.bytes
+        held.sampled -= self.sampled
+        self.bytes = self.sampled = 0
         self._wake_room()
         waiter = self.waiter
         if waiter is not None and waiter is not asyncio.current_task():
             waiter.cancel()
 
+    def sample_wire(self, buffered: int) -> None:
+        """Note what its transport holds now (``buffered``: its link's
+        periodic tick read it), in place of the last note, in held.sampled."""
+        if not self.closed:  # a closed queue's note left the total with it
+            self.held.sampled += buffered - self.sampled
+            self.sampled = buffered
+
     def pending_bytes(self) -> int:
+        """What it holds now, queued and in its transport (one connection's, read now)."""
         return self.bytes + (0 if self.closed else self.wire.buffered())
 
 

@@ -42,9 +42,6 @@ class Sessions:
     def __iter__(self) -> Iterator[Session]:
         return iter(self._open)
 
-    def queued_bytes(self) -> float:
-        return float(sum(s.outbound.pending_bytes() for s in self._open))
-
     def new_id(self) -> str:
         return f"{self._node_id}:{next(self._ids)}"
 

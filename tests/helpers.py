@@ -250,6 +250,13 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     return out
 
 
+def held_now(node: Node) -> int:
+    """What the node's connections hold this moment, queued and in their
+    transports: each one read now (herald_outbound_queue_bytes has the
+    transports' part as of their links' last tick)."""
+    return sum(s.outbound.pending_bytes() for s in node.sessions)
+
+
 async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
     """Poll a sync or async predicate until it is true."""
     async with asyncio.timeout(timeout):

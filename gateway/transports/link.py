@@ -160,12 +160,14 @@ class SocketLink(SocketWire, asyncio.Protocol):
         """On the transport's periodic tick (loop time ``now``): a socket that
         holds unsent bytes and took none for ``stall_timeout`` is a stalled
         peer. Past ``write_buffer`` the queue's own waiter finds it (outbound.py);
-        below it, with nothing queued, only this does."""
+        below it, with nothing queued, only this does. What the socket holds
+        is noted for the node's total too (outbound.HeldBytes)."""
         held = self.buffered()
         session = self.session
         if session is None:
             return
         outbound = session.outbound
+        outbound.sample_wire(held)  # herald_outbound_queue_bytes: read here, not per connection on a scrape
         took = outbound.took_since(self._stuck_bytes, self._stuck_written)
         self._stuck_written = outbound.written
         if not held or not self._stuck_bytes or took:

@@ -13,7 +13,7 @@ import nats
 
 from broker.embedded import NatsServer
 
-from ..helpers import RawWsClient, RunningNode, api_publish, recv_json, scrape, token, wait_for
+from ..helpers import RawWsClient, RunningNode, api_publish, held_now, recv_json, scrape, token, wait_for
 
 PAYLOAD = b'{"blob":"' + b"x" * 4000 + b'"}'
 COUNT = 1500  # ~6 MB: more than the kernel buffers of a stalled loopback socket hold
@@ -70,7 +70,7 @@ async def test_stalled_reader_is_closed_4008_and_others_get_everything(
     async def watch_queue() -> None:
         nonlocal peak_queue
         while True:
-            peak_queue = max(peak_queue, node.node.sessions.queued_bytes())
+            peak_queue = max(peak_queue, held_now(node.node))
             await asyncio.sleep(0.005)
 
     watcher = asyncio.create_task(watch_queue())
@@ -181,7 +181,8 @@ async def test_sse_stalled_reader_stream_ends(
 async def _stalled_with_a_small_backlog(node: RunningNode, http: aiohttp.ClientSession, transport: str) -> None:
     """A client that reads its response head, then nothing: once the node
     holds unsent bytes for it (fewer than write_buffer, nothing queued), it is
-    closed 4008 (stalled) within stall_timeout and a tick, and counted."""
+    closed 4008 (stalled) within stall_timeout and a tick, and counted. Until
+    then herald_outbound_queue_bytes counts what its transport holds."""
     import base64
     import os
     import socket
@@ -210,17 +211,28 @@ async def _stalled_with_a_small_backlog(node: RunningNode, http: aiohttp.ClientS
         await asyncio.sleep(0.01)
         if session.outbound.wire.buffered():
             break
-    assert 0 < session.outbound.wire.buffered() < 65536 and not session.outbound.entries
+    held = session.outbound.wire.buffered()
+    assert 0 < held < 65536 and not session.outbound.entries
 
-    async def cut() -> bool:
+    async def metrics() -> dict[str, float]:
         if transport == "ws":
             sock.send(b"\x8a\x80\x00\x00\x00\x00")  # an unsolicited pong: alive, though it reads nothing
-        m = await scrape(http, node.url)
+        return await scrape(http, node.url)
+
+    async def counted() -> bool:
+        # All in the transport: herald_outbound_queue_bytes has it from the link's next tick.
+        return (await metrics())["herald_outbound_queue_bytes"] >= held
+
+    await wait_for(counted, timeout=2, interval=0.1)
+
+    async def cut() -> bool:
+        m = await metrics()
         return m[f'herald_slow_consumer_disconnects_total{{transport="{transport}"}}'] == 1
 
     await wait_for(cut, timeout=4, interval=0.2)
     assert session.disconnect is not None and session.disconnect.code == 4008
     assert session.disconnect.message.startswith("stalled")
+    assert (await scrape(http, node.url))["herald_outbound_queue_bytes"] == 0  # gone with its connection
     sock.close()
 
 

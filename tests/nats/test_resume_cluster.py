@@ -32,7 +32,18 @@ from broker.channels import parse_channel
 from broker.embedded import NatsServer
 from gateway.session import State
 
-from ..helpers import NodeFactory, RawWsClient, RunningNode, SseClient, api_publish, recv_json, scrape, token, wait_for
+from ..helpers import (
+    NodeFactory,
+    RawWsClient,
+    RunningNode,
+    SseClient,
+    api_publish,
+    held_now,
+    recv_json,
+    scrape,
+    token,
+    wait_for,
+)
 
 # Enough room that the resume tests never hit retention by accident.
 ROOMY = {"room_max": 2000, "user_max": 2000}
@@ -722,7 +733,7 @@ async def test_replay_10000_paced_no_slow_consumer(
     async def watch() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, b.node.queued_bytes())
+            peak = max(peak, held_now(b.node))
             await asyncio.sleep(0.005)
 
     watcher = asyncio.create_task(watch())
@@ -839,7 +850,7 @@ async def test_replay_to_slow_reader_is_paced_not_cut(
                 # Stop reading: the node must wait for room, not overflow.
                 for _ in range(10):
                     await asyncio.sleep(0.03)
-                    peak = max(peak, node.node.sessions.queued_bytes())
+                    peak = max(peak, held_now(node.node))
             opcode, payload = await client.frame(timeout=10)
             assert opcode == 1, (opcode, payload[:2])
             frame = orjson.loads(payload)
