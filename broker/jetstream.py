@@ -347,7 +347,7 @@ class NatsBroker:
         await close_quietly(nc)
 
     def stats(self) -> BrokerStats:
-        if self.connected:
+        if self.connected and self.history.clock_due():
             spawn(self._tasks, self.history.read_clock())  # seen by the next scrape
         self._stats.connected = self.connected
         self._stats.subscriptions = self.pubsub.subscriptions

@@ -84,7 +84,8 @@ async def _each(calls: list[Awaitable[T]]) -> list[T]:
 
 # Messages per channel a replay reads with a direct get before it needs a consumer.
 DIRECT_BATCH = 100
-# Seconds a reading of nats-server's clock is used for (a host's clock steps rarely).
+# Seconds a reading of nats-server's clock is used for (a host's clock steps
+# rarely; a step of this host's is seen at once: ServerClock.stepped).
 CLOCK_AGE = 30.0
 # A direct get answers in milliseconds: a copy that has not within this is
 # passed over for the consumer read, not waited for the request timeout —
@@ -190,12 +191,23 @@ class NatsHistory:
         """The lowest sequence the stream still holds."""
         return (await self._bounds.get())[0]
 
+    def clock_due(self) -> bool:
+        """Whether nats-server's clock is to be read again: this host's clock
+        stepped since the last reading, or that reading is CLOCK_AGE old.
+        Asked on every scrape, so that a step is seen even while nothing else
+        asks the stream anything — but not read on every scrape: each reading
+        is a STREAM.INFO on the stream's leader (100 nodes scraped every second
+        asked it 100 times a second). The price: a step of nats-server's own
+        clock is seen within CLOCK_AGE on a node that asks the stream nothing
+        else (any connect, replay or history page reads it sooner)."""
+        return self.clock.stepped() or self.clock.age() > CLOCK_AGE
+
     async def read_clock(self) -> None:
-        """Read nats-server's clock again (unless read in the last second):
-        on every scrape, so that a step of this host's clock is seen even
-        while nothing else asks the stream anything."""
+        """Read nats-server's clock again, unless read in the last second (or,
+        with no step of this host's clock, in the last CLOCK_AGE seconds: an
+        answer too slow for a reading is not asked again at once)."""
         with contextlib.suppress(BrokerUnavailable):
-            await self._bounds.recent(1.0)
+            await self._bounds.recent(1.0 if self.clock.stepped() else CLOCK_AGE)
 
     async def _now(self) -> float:
         """Now on nats-server's clock, as a STREAM.INFO of the last CLOCK_AGE seconds has it."""

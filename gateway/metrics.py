@@ -192,7 +192,8 @@ class Metrics:
         )
         self.clock_offset = Gauge(
             "herald_clock_offset_seconds",
-            "This node's wall clock minus nats-server's (which stamps messages), as last read",
+            "This node's wall clock minus nats-server's (which stamps messages), as last read"
+            " (within 30 s, and after a step of this node's clock)",
             registry=r,
         )
         self.ready = Gauge(

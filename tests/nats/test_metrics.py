@@ -261,3 +261,33 @@ async def test_a_publish_that_fails_inside_the_node_counts_as_internal(
             assert resp.status == 500
             assert await resp.json() == {"error": "internal", "message": "internal error"}
     assert (await scrape(http, node.url))[key] - before == 2
+
+
+async def test_scrapes_do_not_each_ask_the_stream_leader(
+    node: RunningNode, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
+    """Each scrape asked nats-server's clock again with a STREAM.INFO (at most
+    once a second): 100 nodes scraped every second made 100 JetStream API
+    requests/s on the stream's leader. Scrapes now leave a reading alone
+    until it is CLOCK_AGE old or this host's clock stepped."""
+    import nats
+
+    await scrape(http, node.url)  # the node has not read the clock yet: this scrape has it read
+    await asyncio.sleep(0.3)
+    asked: list[str] = []
+
+    async def seen(msg: Any) -> None:
+        asked.append(msg.subject)
+
+    watcher = await nats.connect(nats_server.url)
+    try:
+        await watcher.subscribe(f"$JS.API.STREAM.INFO.{node.settings.stream.name}", cb=seen)
+        await watcher.flush()
+        for _ in range(8):
+            await scrape(http, node.url)
+            await asyncio.sleep(0.3)
+        assert asked == [], f"{len(asked)} STREAM.INFO requests over 8 scrapes in 2.4 s"
+        await node.node.broker.history.position()  # a request of the node's own is seen
+        await wait_for(lambda: len(asked) == 1, timeout=2)
+    finally:
+        await watcher.close()
