@@ -67,6 +67,13 @@ class TooManyConnections(Exception):
     """The user has as many connections as allowed (policy refuse-new)."""
 
 
+class Kick(enum.Enum):
+    """Why the cluster closes a connection to admit a newer one of its user."""
+
+    OLDEST = "oldest"  # the user's oldest, to make room (policy close-oldest)
+    REPLACES = "replaces"  # the one the new stream's client named (``replaces=``): it gave it up
+
+
 @dataclass(frozen=True, slots=True)
 class Retention:
     """How much of one channel family a replay may hand out."""

@@ -6,7 +6,9 @@ two nodes admitting the same user at once cannot both take the last place.
 Entries of instances that stopped refreshing their liveness key (crashed) do
 not count and are dropped at the user's next update; a node that was only
 stalled writes its own back when it carries on (``recount``). A connection
-chosen to make room on another node is closed through a message to that node.
+chosen to make room, or named by its client's new stream (``replaces``), is
+closed through a message to its node when that is another one (why: a
+header, so a node that does not know it still closes it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 
-from .base import BrokerUnavailable, TooManyConnections
+from .base import BrokerUnavailable, Kick, TooManyConnections
 from .kv import Bucket, Current, allow_message_ttls, bind_bucket, compare_and_set, key_token, storage_type
 from .link import NatsLink
 from .tasks import spawn
@@ -36,6 +38,9 @@ stuck = Throttle(log, level=logging.ERROR)
 # the server removes it, so the bucket holds the users with connections, not
 # every user ever seen.
 EMPTY_TABLE_TTL = 60
+
+# The kick message's header saying why (absent: Kick.OLDEST).
+KICK_HEADER = "Herald-Kick"
 
 # conn id → [instance, opened at (unix seconds, and later than every entry
 # before it: the order of admission, whatever the nodes' clocks)]
@@ -61,7 +66,7 @@ class KvConnections:
         stream: str,
         instance: str,
         alive: Callable[[Collection[str]], Awaitable[set[str]]],
-        kick: Callable[[str], None],
+        kick: Callable[[str, Kick], None],
         timeout: float = 5.0,
     ) -> None:
         self._link = link
@@ -102,20 +107,25 @@ class KvConnections:
         await self._link.client().subscribe(self._kick_subject(self._instance), cb=self._on_kick)
 
     async def _on_kick(self, msg: Msg) -> None:
-        self._kick(msg.data.decode(errors="replace"))
+        why = Kick.REPLACES if (msg.headers or {}).get(KICK_HEADER) == Kick.REPLACES.value else Kick.OLDEST
+        self._kick(msg.data.decode(errors="replace"), why)
 
-    async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
-        """Count ``conn`` in, kicking the oldest to make room (close-oldest), or
-        raise TooManyConnections (refuse-new). Without NATS it admits (a limit
-        is protection, not authentication)."""
-        victims, opened = await self._admit(user, conn, limit, close_oldest)
-        self._open.setdefault(user, {})[conn] = opened
-        for instance, victim in victims:
+    async def open(self, user: str, conn: str, limit: int, close_oldest: bool, replaces: str | None = None) -> None:
+        """Count ``conn`` in, kicking ``replaces`` if it is one of the user's
+        connections and the oldest to make room (close-oldest), or raise
+        TooManyConnections (refuse-new). Without NATS it admits (a limit is
+        protection, not authentication)."""
+        victims, opened = await self._admit(user, conn, limit, close_oldest, replaces)
+        conns = self._open.setdefault(user, {})
+        conns[conn] = opened
+        for instance, victim, why in victims:
             if instance == self._instance:
-                self._kick(victim)
+                conns.pop(victim, None)  # counted out by that write: its close has nothing to write
+                self._kick(victim, why)
             elif self._link.nc is not None:
+                headers = {KICK_HEADER: why.value} if why is not Kick.OLDEST else None
                 with contextlib.suppress(nats.errors.Error):
-                    await self._link.nc.publish(self._kick_subject(instance), victim.encode())
+                    await self._link.nc.publish(self._kick_subject(instance), victim.encode(), headers=headers)
 
     def close(self, user: str, conn: str) -> asyncio.Task[None] | None:
         conns = self._open.get(user)
@@ -152,10 +162,13 @@ class KvConnections:
         self._known.pop(user, None)  # what this node last wrote still holds them: read what others left
         await self._update(user, restore)
 
-    async def _admit(self, user: str, conn: str, limit: int, close_oldest: bool) -> tuple[list[tuple[str, str]], float]:
-        """Count ``conn`` in; returns the (instance, conn) to close to make
-        room, and the time it is stamped with."""
-        victims: list[tuple[str, str]] = []
+    async def _admit(
+        self, user: str, conn: str, limit: int, close_oldest: bool, replaces: str | None
+    ) -> tuple[list[tuple[str, str, Kick]], float]:
+        """Count ``conn`` in (and ``replaces`` out, when the user's table has
+        it); returns the (instance, conn, why) to close, and the time it is
+        stamped with."""
+        victims: list[tuple[str, str, Kick]] = []
         opened = time.time()
 
         def admit(table: Table, alive: set[str]) -> Table | None:
@@ -167,12 +180,16 @@ class KvConnections:
             # nodes' clocks may not be (one a minute behind would stamp its
             # newest connection as the oldest, and close-oldest close it).
             opened = max([time.time(), *(float(v[1]) + 0.001 for v in table.values())])  # type: ignore[arg-type]
+            # Only the user's own table is looked in: another user's connection,
+            # or an unknown one, is not found, and the stream is admitted as usual.
+            if replaces is not None and replaces in live:
+                victims.append((str(live.pop(replaces)[0]), replaces, Kick.REPLACES))
             excess = len(live) + 1 - limit
             if excess > 0:
                 if not close_oldest:
                     raise TooManyConnections(f"at most {limit} connections per user")
                 for c in sorted(live, key=lambda c: float(live[c][1]))[:excess]:  # type: ignore[arg-type]
-                    victims.append((str(live[c][0]), c))
+                    victims.append((str(live[c][0]), c, Kick.OLDEST))
                     del live[c]
             live[conn] = [self._instance, opened]
             return live

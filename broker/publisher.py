@@ -117,7 +117,7 @@ class NatsPublisher:
         await self.close()
 
 
-def _ignore(_: object) -> None:
+def _ignore(*_: object) -> None:
     """A publisher wants no channel: nothing is delivered, lost or kicked."""
 
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .base import BrokerStats, Delivery, Publishable, Published, Replay
+from .base import BrokerStats, Delivery, Kick, Publishable, Published, Replay
 from .channels import Channel
 
 
@@ -33,8 +33,8 @@ class BrokerEvents:
     # the stream: its subscribers must be told (a reset).
     lost: Callable[[Channel], None]
     # Close the local connection with this id: the cluster admitted a newer
-    # one of its user (policy close-oldest).
-    kick: Callable[[str], None]
+    # one of its user (why: to make room, or its client named it).
+    kick: Callable[[str, Kick], None]
     # Answer a request another node addressed to this one (``Relay.ask``):
     # the one event that is awaited, each in a task of its own.
     request: Callable[[bytes], Awaitable[bytes]]
@@ -128,8 +128,10 @@ class Presence(Protocol):
 class Connections(Protocol):
     """Connections per user, counted cluster-wide."""
 
-    async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
-        """Count a new connection of ``user``. At ``limit``: raise
+    async def open(self, user: str, conn: str, limit: int, close_oldest: bool, replaces: str | None = None) -> None:
+        """Count a new connection of ``user``. ``replaces``: a connection the
+        client gave up, kicked and counted out in the same write if it is one
+        of the user's (else ignored). At ``limit``: raise
         TooManyConnections, or (``close_oldest``) have the oldest kicked."""
 
     def close(self, user: str, conn: str) -> asyncio.Future[None] | None:

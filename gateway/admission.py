@@ -28,6 +28,9 @@ from .sessions import Sessions
 from .settings import LimitsSettings
 from .subscriptions import Subscriptions
 
+# The longest conn a client may name (as in POST /api/command): a longer one is none.
+MAX_CONN = 256
+
 
 class Refusal(Exception):
     """A stream refused: its HTTP status, close code, error code and message."""
@@ -42,11 +45,19 @@ class Refusal(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """Who a new stream is, the channels it opens on, and its resume position."""
+    """Who a new stream is, the channels it opens on, its resume position, and
+    the stream its client gave up (``replaces=``), if it names one."""
 
     identity: Identity
     channels: tuple[Channel, ...]
     since: int | None
+    replaces: str | None = None
+
+
+def parse_replaces(value: str | None) -> str | None:
+    """The ``conn`` a stream's ``?replaces=`` names; None for none. A value no
+    conn can be is ignored too, never an error: it replaces nothing."""
+    return value if value and len(value) <= MAX_CONN else None
 
 
 def parse_since(value: str | None) -> int | None:
@@ -200,15 +211,22 @@ class Gate:
 
         # EventSource reconnects to the same URL with a newer Last-Event-ID: it wins over ?since=.
         since = parse_since(last_event_id or request.query.get("since"))
-        return Admission(identity, tuple(channels), since)
+        return Admission(identity, tuple(channels), since, parse_replaces(request.query.get("replaces")))
 
-    async def count_in(self, identity: Identity) -> str:
-        """Count a new connection of the user cluster-wide; its id, or a refusal."""
+    async def count_in(self, identity: Identity, replaces: str | None = None) -> str:
+        """Count a new connection of the user cluster-wide; its id, or a refusal.
+        ``replaces``: a connection its client gave up, closed and counted out
+        in the same write if it is the user's (so it never costs the new one
+        its place); anything else is ignored."""
         conn_id = self._sessions.new_id()
         limits = self._limits
         try:
             await self._connections.open(
-                identity.user, conn_id, limits.max_connections_per_user, limits.connections_policy == "close-oldest"
+                identity.user,
+                conn_id,
+                limits.max_connections_per_user,
+                limits.connections_policy == "close-oldest",
+                replaces,
             )
         except TooManyConnections as exc:
             self._metrics.limit_rejections.labels("connections_per_user").inc()

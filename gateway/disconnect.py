@@ -44,6 +44,8 @@ STALLED = Disconnect(4008, "stalled: reconnect with since=<last id>", "slow_cons
 RATE_LIMITED = Disconnect(4029, "rate limited", "rate_limited")
 TOO_MANY_CONNECTIONS = Disconnect(4029, "too many connections for this user", "too_many_connections")
 REPLACED = Disconnect(4029, "too many connections: this was the user's oldest", "replaced")
+# The client opened a new stream naming this one (``replaces=``): it gave this one up.
+RECONNECTED = Disconnect(4029, "replaced by the client's new connection (replaces=)", "reconnected")
 TOO_BIG = Disconnect(1009, "frame too big", "too_big")
 NOT_UTF8 = Disconnect(1007, "text frame is not UTF-8", "bad_request")
 PROTOCOL_ERROR = Disconnect(1002, "protocol error", "bad_request")

@@ -9,8 +9,10 @@ import random
 import time
 from collections.abc import Iterator
 
+from broker import Kick
+
 from .auth import Identity
-from .disconnect import CLIENT_CLOSED, REPLACED, SHUTDOWN, Disconnect
+from .disconnect import CLIENT_CLOSED, RECONNECTED, REPLACED, SHUTDOWN, Disconnect
 from .flusher import Flusher
 from .metrics import Metrics
 from .outbound import QueueLimits
@@ -78,11 +80,12 @@ class Sessions:
         """The user's open sessions on this node (a scan: for rare admin actions)."""
         return [s for s in self._open if s.user == user and s.active]
 
-    def kick(self, conn_id: str) -> None:
-        """The cluster made room for a newer connection of this one's user."""
+    def kick(self, conn_id: str, why: Kick) -> None:
+        """The cluster admitted a newer connection of this one's user: to make
+        room for it, or its client named this one as the stream it gave up."""
         session = self._by_id.get(conn_id)
         if session is not None:
-            session.close(REPLACED)
+            session.close(RECONNECTED if why is Kick.REPLACES else REPLACED)
 
     async def close_all(self, spread: float, grace: float) -> None:
         """Tell every client 1012 / end its SSE stream, each with its own

@@ -120,7 +120,7 @@ async def node_maker(nats_url: str) -> AsyncIterator[NodeFactory]:
 def broker_events(deliver: Callable[[Delivery], None] | None = None) -> BrokerEvents:
     """Events for a broker built alone: deliveries to ``deliver``, the rest ignored."""
 
-    def ignore(_: object) -> None:
+    def ignore(*_: object) -> None:
         pass
 
     async def unanswered(_: bytes) -> bytes:

@@ -13,6 +13,7 @@ from broker import (
     BrokerUnavailable,
     Channel,
     Delivery,
+    Kick,
     NodeGone,
     Publishable,
     Published,
@@ -164,14 +165,17 @@ class MemoryConnections:
         self._stream = stream
         self._conns: dict[str, list[str]] = {}
 
-    async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
+    async def open(self, user: str, conn: str, limit: int, close_oldest: bool, replaces: str | None = None) -> None:
         conns = self._conns.setdefault(user, [])
+        if replaces in conns:
+            conns.remove(replaces)
+            self._stream.events.kick(replaces, Kick.REPLACES)
         if len(conns) >= limit:
             if not close_oldest:
                 raise TooManyConnections(f"at most {limit} connections per user")
             for victim in conns[: len(conns) + 1 - limit]:
                 conns.remove(victim)
-                self._stream.events.kick(victim)
+                self._stream.events.kick(victim, Kick.OLDEST)
         conns.append(conn)
 
     def close(self, user: str, conn: str) -> None:

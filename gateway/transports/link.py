@@ -312,7 +312,7 @@ class Opener:
         gate = self._gate
         try:
             admission = await gate.admit(request, link.name, last_event_id)
-            conn_id = await gate.count_in(admission.identity)
+            conn_id = await gate.count_in(admission.identity, admission.replaces)
         except Refusal as refusal:
             link.refuse(gate.refused(link.name, refusal))
             return

@@ -17,9 +17,15 @@ from ..helpers import NodeFactory, RunningNode, SseClient, SseEvent, api_publish
 
 
 async def open_stream(
-    http: aiohttp.ClientSession, node: RunningNode, tok: str, rooms: list[str], envelope: bool = True
+    http: aiohttp.ClientSession,
+    node: RunningNode,
+    tok: str,
+    rooms: list[str],
+    envelope: bool = True,
+    replaces: str | None = None,
 ) -> SseClient:
     query = [("token", tok)] + [("room", r) for r in rooms] + ([("envelope", "1")] if envelope else [])
+    query += [("replaces", replaces)] if replaces is not None else []
     resp = await http.get(node.url + "/sse", params=query)
     assert resp.status == 200, await resp.text()
     sse = SseClient(resp)

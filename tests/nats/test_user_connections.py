@@ -14,8 +14,10 @@ import nats
 import orjson
 
 from broker.embedded import NatsServer
+from broker.kv import key_token
 
 from ..helpers import (
+    ADMIN_KEY,
     PUBLISH_HEADERS,
     NodeFactory,
     RawWsClient,
@@ -28,6 +30,7 @@ from ..helpers import (
     token,
     wait_for,
 )
+from .test_sse_commands import open_stream
 
 _clusters = itertools.count(1)
 
@@ -256,3 +259,105 @@ async def test_users_gone_leave_no_key_behind(
         await kept.close()
     finally:
         await nc.close()
+
+
+async def conns_table(nats_url: str, stream: str, user: str) -> dict[str, Any]:
+    """The user's connections as counted cluster-wide (``<stream>_conns``)."""
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value(f"{stream}_conns")
+        return orjson.loads((await kv.get(key_token(user))).value or b"{}")  # type: ignore[no-any-return]
+    finally:
+        await nc.close()
+
+
+async def api_presence(http: aiohttp.ClientSession, node: RunningNode, room: str) -> list[str]:
+    async with http.get(f"{node.url}/api/presence/{room}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+        return (await r.json())["users"]  # type: ignore[no-any-return]
+
+
+async def test_a_stream_naming_the_one_it_replaces_is_admitted_at_the_limit(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, nats_server: NatsServer
+) -> None:
+    """refuse-new, one connection per user: the old stream is open and silent
+    (a network switch left it half-open: its client reads nothing more). The
+    client's new stream names it (``replaces=<conn>``) and is admitted at
+    once; the old one is closed 4029 and counted out in the same write."""
+    shared = cluster(max_connections_per_user=1)
+    node = await node_factory(**shared, ws={"heartbeat": 0})
+    url = f"{node.ws_url}?token={token('rex')}&room=lobby"
+    old = await RawWsClient.connect(url)
+    _, payload = await old.frame()
+    conn = orjson.loads(payload)["conn"]
+    try:
+        new = await http.ws_connect(node.ws_url, params={"token": token("rex"), "room": "lobby", "replaces": conn})
+        welcome = await recv_json(new)
+        assert welcome["type"] == "welcome", welcome
+        _, code = await old.messages_until_close()
+        assert code == 4029
+        await wait_for(lambda: len(node.node.sessions.of_user("rex")) == 1)
+        assert await api_presence(http, node, "lobby") == ["rex"]
+        assert list(await conns_table(nats_server.url, shared["stream"]["name"], "rex")) == [welcome["conn"]]
+        third = await connect(http, node, "rex")  # the limit still holds: the count is 1
+        code, reason = await expect_close(third)
+        assert code == 4029 and "at most 1 connections" in reason
+        metrics = await scrape(http, node.url)
+        assert metrics['herald_connections_closed_total{reason="reconnected",transport="ws"}'] == 1
+        await new.close()
+    finally:
+        old.close()
+
+
+async def test_a_stream_replaces_one_on_another_node(
+    node_factory: NodeFactory, http: aiohttp.ClientSession, nats_server: NatsServer
+) -> None:
+    """The same across nodes, on SSE: the old stream on A, the new one on B
+    names it; A closes its session (event: close 4029) when B tells it."""
+    shared = cluster(max_connections_per_user=1)
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    old = await open_stream(http, a, token("sal"), ["lobby"])
+    assert old.welcome is not None
+    new = await open_stream(http, b, token("sal"), ["lobby"], replaces=old.welcome["conn"])
+    assert new.welcome is not None
+    closing = [ev for ev in await old.read_to_end() if ev.event == "close"]
+    assert [ev.json()["code"] for ev in closing] == [4029]
+    await wait_for(lambda: not a.node.sessions.of_user("sal"))
+    assert await api_presence(http, b, "lobby") == ["sal"]
+    assert list(await conns_table(nats_server.url, shared["stream"]["name"], "sal")) == [new.welcome["conn"]]
+    assert not new.ended
+    metrics = await scrape(http, a.url)
+    assert metrics['herald_connections_closed_total{reason="reconnected",transport="sse"}'] == 1
+    new.response.close()
+
+
+async def test_a_replaces_naming_another_users_or_no_connection_is_ignored(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """Another user's conn: the new stream is admitted (or refused) as if it
+    named nothing, and the other user's stream is untouched. An unknown or
+    malformed one: admitted as usual."""
+    shared = cluster(max_connections_per_user=1)
+    a = await node_factory(**shared)
+    b = await node_factory(**shared)
+    alice = await connect(http, a, "alice")
+    conn = (await recv_json(alice))["conn"]
+    for node in (a, b):  # bob has no connection: admitted; alice's stays
+        bob = await http.ws_connect(node.ws_url, params={"token": token("bob"), "replaces": conn})
+        assert (await recv_json(bob))["type"] == "welcome"
+        await alice.send_json({"type": "ping", "ref": "still"})
+        assert (await recv_json(alice))["type"] == "pong"
+        again = await http.ws_connect(node.ws_url, params={"token": token("bob"), "replaces": conn})
+        code, reason = await expect_close(again)  # bob at his limit: refused as if it named nothing
+        assert code == 4029 and "at most 1 connections" in reason
+        resp = await http.get(node.url + "/sse", params={"token": token("bob"), "replaces": conn})
+        assert resp.status == 429
+        await bob.close()
+        await wait_for(lambda: not a.node.sessions.of_user("bob") and not b.node.sessions.of_user("bob"))
+    for i, named in enumerate(["nope:1", f"{a.node.sessions.new_id()}", "", "x" * 300, conn + "\n"]):
+        ws = await http.ws_connect(b.ws_url, params={"token": token(f"carol{i}"), "replaces": named})
+        assert (await recv_json(ws))["type"] == "welcome", named
+        await ws.close()
+    await alice.send_json({"type": "ping", "ref": "still"})
+    assert (await recv_json(alice))["type"] == "pong"
+    await alice.close()

@@ -80,8 +80,8 @@ class SlowCountOut:
         self.inner = inner
         self.tasks: set[Any] = set()
 
-    async def open(self, user: str, conn: str, limit: int, close_oldest: bool) -> None:
-        await self.inner.open(user, conn, limit, close_oldest)
+    async def open(self, user: str, conn: str, limit: int, close_oldest: bool, replaces: str | None = None) -> None:
+        await self.inner.open(user, conn, limit, close_oldest, replaces)
 
     def close(self, user: str, conn: str) -> Any:
         import asyncio
@@ -190,7 +190,7 @@ async def test_count_outs_given_up_in_a_burst_log_one_error(caplog: pytest.LogCa
         return {"n1"}
 
     # No bucket bound (NATS away): every update fails.
-    connections = KvConnections(NatsLink(), "S", "n1", alive, lambda conn: None)
+    connections = KvConnections(NatsLink(), "S", "n1", alive, lambda conn, why: None)
     with caplog.at_level(logging.ERROR, logger="herald.connections"):
         await asyncio.gather(*(connections._count_out(f"u{i}", f"n1:{i}", attempts=1) for i in range(30)))
     given_up = [r for r in caplog.records if r.name == "herald.connections" and r.levelno == logging.ERROR]
