@@ -33,7 +33,9 @@ class Sessions:
         self._metrics = metrics
         self._open: set[Session] = set()
         self._by_id: dict[str, Session] = {}
-        self._ids = itertools.count(1)
+        # From a random start: a restarted node (the same node id) hands out
+        # none of its predecessor's ids, which clients may still name (replaces=).
+        self._ids = itertools.count(random.randrange(1, 1 << 32))
         # Set once the node drains: new streams are refused from then on.
         self.draining = False
         self._waited = False  # a close_all waited its grace: those still open were given it

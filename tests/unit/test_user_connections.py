@@ -228,3 +228,16 @@ async def test_a_second_shutdown_does_not_wait_the_grace_again_for_the_same_conn
             await ws.close()
     finally:
         await node.stop()
+
+
+def test_a_restarted_node_does_not_hand_out_its_predecessors_conn_ids() -> None:
+    """A client names the stream it gave up (``replaces=<conn>``), maybe one
+    of a node that has restarted since, with the same node id: if the new
+    process numbered its connections from 1 again, that conn could be another
+    tab of the same user now, which the reconnect would close."""
+    from gateway.sessions import Sessions
+
+    before, after = (Sessions("node-1", *(Any,) * 3) for _ in range(2))  # the other parts are not used
+    first = {before.new_id() for _ in range(1000)}
+    assert not first & {after.new_id() for _ in range(1000)}
+    assert all(conn.rpartition(":")[0] == "node-1" for conn in first)  # the node is still what it names
