@@ -7,8 +7,10 @@
 //   const { messages } = await client.history("lobby", { limit: 50 });  // the newest page, oldest first
 //
 // It resumes from the last id it saw after every reconnect (`since` in the URL
-// of the new WebSocket or EventSource) and hands out each channel's messages
-// once, backs off with full jitter, asks `getToken()` for a new token when the
+// of the new WebSocket or EventSource) and names the stream it gave up
+// (`replaces`: the node ends that one, so a half-open stream holds none of the
+// user's connection places and leaves presence), hands out each channel's
+// messages once, backs off with full jitter, asks `getToken()` for a new token when the
 // node says 4001, and falls back from WebSocket to SSE when WebSockets cannot
 // open ("auto", the default). Over SSE the stream is opened with `envelope=1`
 // (each event's data is the frame a WebSocket gets) and commands are posted to
@@ -427,7 +429,10 @@ class Client {
     }
     if (this.stopped || this.hidden) return; // (hidden: pageshow opens it)
     const q = new URLSearchParams({ token: this.token || "" });
-    let size = q.toString().length + (this.lastId ? this.lastId.length + 7 : 0);
+    // A reconnect names the stream it gave up (the last welcome's): the node ends it and counts it out
+    // as it admits this one (protocol §1.4). Named after it ended already, it is ignored.
+    const replaces = this.conn ? new URLSearchParams({ replaces: this.conn }).toString().length + 1 : 0;
+    let size = q.toString().length + (this.lastId ? this.lastId.length + 7 : 0) + replaces;
     for (const room of this.rooms) {
       if (this.leaving.has(room)) continue;
       size += new URLSearchParams({ room }).toString().length + 1;
@@ -435,6 +440,7 @@ class Client {
       else { this.rooms.delete(room); this.serverRooms.set(room, undefined); } // joined after the welcome
     }
     if (this.lastId) q.set("since", this.lastId);
+    if (this.conn) q.set("replaces", this.conn);
     try {
       if (this.transport === "ws") this.openWs(q);
       else this.openSse(q);
@@ -681,7 +687,9 @@ class Client {
     if (code === 4003 || code === 4000) return stop(reason || "forbidden");
     if (FIX_THE_CLIENT.has(code)) return stop(reason || "the node cannot take a frame of this client");
     if (code === 4403) return stop(reason || "disconnected by the server"); // for good: no new token brings it back
-    if (code === 4029 && /oldest/.test(reason)) return stop(reason); // replaced: reconnecting would evict another tab
+    // Replaced by a newer stream of the user (close-oldest, or a `replaces` naming this one): reconnecting
+    // would take a place back from it.
+    if (code === 4029 && /oldest|replaced/.test(reason)) return stop(reason);
     if (code === 4001 && !this.opts.token && !this.opts.getToken) {
       // Admitted by the app's cookie (the connect hook): its answer expired. Ask again once.
       if (this.refreshed) return stop(reason || "refused by the app");

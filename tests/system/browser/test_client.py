@@ -59,7 +59,7 @@ async def test_backoff_is_exponential_capped_and_resumes_from_the_last_id(page: 
         """,
     )
     assert result["first"] == "ws://gw.test/ws?token=t1&room=lobby&room=b"
-    assert result["url"] == "ws://gw.test/ws?token=t1&room=lobby&room=b&since=41"
+    assert result["url"] == "ws://gw.test/ws?token=t1&room=lobby&room=b&since=41&replaces=c1"
     assert result["waits"] == [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 500]
     assert result["states"] == ["open", "reconnecting", "open", "reconnecting"]
 
@@ -81,12 +81,18 @@ async def test_close_codes_pick_the_reconnect(page: Page) -> None:
         const d = Herald.connect({{ url: "http://gw.test", heartbeat: 0, token: "t", transport: "ws" }});
         fake.last().receive({WELCOME});
         fake.last().drop(4029, "too many connections: this was the user's oldest");
-        return {{ waits, afterForbidden, replaced: d.state, timers: fake.timers.length }};
+        const e = Herald.connect({{ url: "http://gw.test", heartbeat: 0, token: "t", transport: "ws" }});
+        fake.last().receive({WELCOME});
+        fake.last().drop(4029, "replaced by the client's new connection (replaces=)");
+        const f = Herald.connect({{ url: "http://gw.test", heartbeat: 0, token: "t", transport: "ws" }});
+        fake.last().receive({WELCOME});
+        fake.last().drop(4029, "at most 1 connections per user");  // refused: backs off and tries again
+        return {{ waits, afterForbidden, replaced: [d.state, e.state, f.state], timers: fake.timers.length }};
         """,
     )
     assert result["waits"] == {"4008 ": 0, "1012 node restarting": 1000, "1012 reconnect in 2500 ms": 2500}
     assert result["afterForbidden"] == {"state": "closed", "timers": 0, "sockets": 4}
-    assert (result["replaced"], result["timers"]) == ("closed", 0)
+    assert (result["replaced"], result["timers"]) == (["closed", "closed", "reconnecting"], 1)
 
 
 async def test_a_rejected_token_is_renewed_once_through_get_token(page: Page) -> None:
@@ -185,7 +191,7 @@ async def test_sse_stream_carries_frames_and_is_reopened_with_the_current_rooms(
         """,
     )
     assert result["first"] == "http://gw.test/sse?token=t1&room=lobby&envelope=1"
-    assert result["url"] == "http://gw.test/sse?token=t1&room=lobby&room=b&since=42&envelope=1"
+    assert result["url"] == "http://gw.test/sse?token=t1&room=lobby&room=b&since=42&replaces=c1&envelope=1"
     assert (result["closed"], result["wait"], result["sources"], result["conn"]) == (True, 500, 2, "c1")
     assert result["states"] == ["open", "reconnecting"]
     assert result["ack"] == {"type": "ack", "ref": "1", "channel": "room:b"}
@@ -320,12 +326,12 @@ async def test_sse_command_for_a_stream_that_ended_meanwhile_is_sent_again_on_th
         return out;
         """,
     )
-    assert (result["early"], result["url"]) == (None, "http://gw.test/sse?token=t&room=lobby&envelope=1")
+    assert (result["early"], result["url"]) == (None, "http://gw.test/sse?token=t&room=lobby&replaces=n%3A1&envelope=1")
     assert result["ack"] == {"type": "ack", "ref": "1", "channel": "room:b"}
-    assert result["url2"] == "http://gw.test/sse?token=t&room=lobby&room=b&envelope=1"
+    assert result["url2"] == "http://gw.test/sse?token=t&room=lobby&room=b&replaces=n%3A2&envelope=1"
     assert result["ack2"] == {"type": "ack", "ref": "2", "channel": "room:c"}
     assert (result["heldClosed"], result["state"]) == (True, "reconnecting")
-    assert result["url3"] == "http://gw.test/sse?token=t&room=b&room=c&envelope=1"
+    assert result["url3"] == "http://gw.test/sse?token=t&room=b&room=c&replaces=n%3A3&envelope=1"
     assert result["unsub"] == {"type": "ack", "ref": "3", "channel": "room:lobby"}
     assert [(b["type"], b["room"], b["conn"]) for b in result["bodies"]] == [
         ("subscribe", "b", "n:1"),
@@ -395,7 +401,7 @@ async def test_sse_close_events_pick_the_reconnect_like_websocket_close_codes(pa
     }
     assert result["closedByClient"] == [True, True, True, True]
     assert result["renewed"] == "tok2"
-    assert result["probeUrl"] == "http://gw.test/sse?token=tok2&envelope=1"
+    assert result["probeUrl"] == "http://gw.test/sse?token=tok2&replaces=c1&envelope=1"
     assert result["afterRefusal"] == {"state": "closed", "timers": 0, "calls": 2}
     assert result["forbidden"] == {"state": "closed", "timers": 0, "waiting": "disconnected", "queued": "disconnected"}
     assert (result["replaced"], result["timers"]) == ("closed", 0)
@@ -533,9 +539,9 @@ async def test_a_room_joins_the_url_once_acknowledged_and_queued_commands_wait(p
         """,
     )
     assert (result["acked"], result["refused"], result["lost"]) == ("room:a", "forbidden", "disconnected")
-    assert result["url"] == "ws://gw.test/ws?token=t&room=lobby&room=a"
+    assert result["url"] == "ws://gw.test/ws?token=t&room=lobby&room=a&replaces=c1"
     assert (result["sent"], result["queued"]) == (["subscribe", "ping"], ["ack", "pong"])
-    assert result["url2"] == "ws://gw.test/ws?token=t&room=lobby&room=a&room=q"
+    assert result["url2"] == "ws://gw.test/ws?token=t&room=lobby&room=a&room=q&replaces=c2"
 
 
 async def test_each_channels_messages_come_once_and_backend_rooms_rejoin_from_their_position(page: Page) -> None:

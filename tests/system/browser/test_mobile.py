@@ -5,6 +5,8 @@ client" section promises when the path to the node goes away under a stream.
   simulated by a relay that stops forwarding) is given up within `heartbeat`
   + `timeout` ms, on both transports, and the stream resumes on a new path
   with nothing lost or repeated; the node counts the WebSocket one out.
+- The reconnect names the stream it gave up (replaces=): a user at their
+  connection limit is let back in at once, and the old stream is closed.
 - Coming back online reconnects at once, not after the backoff's wait.
 - A page kept in the back-forward cache holds no stream, and resumes when
   shown again.
@@ -82,6 +84,38 @@ async def test_a_half_open_stream_is_given_up_and_resumed_on_a_new_path(
             assert noticed < 5, f"the half-open stream was given up after {noticed:.1f} s"
             if transport == "ws":  # the node's heartbeat counts the frozen one out (SSE: see the report)
                 await wait_for(lambda: len(node.node.sessions.of_user("hal")) == 1, timeout=6)
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_a_half_open_stream_does_not_lock_its_user_out(
+    transport: str, node_factory: NodeFactory, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    """One connection per user, refuse-new, and no node-side liveness check
+    that would find the frozen stream dead in time: the reconnect names the
+    stream it gave up (replaces=), so it is admitted at once rather than
+    refused 4029 / 429 until the node's timeouts end the old one, which is
+    closed for it."""
+    limits = {"max_connections_per_user": 1}
+    node: RunningNode = await node_factory(ws={"heartbeat": 0}, sse={"keepalive": 0.5}, limits=limits)
+    relay = Relay(node.runner.addresses[0][1])
+    await relay.start()
+    try:
+        async with client_page(
+            browser, relay.url, "lou", transport, heartbeat=1000, timeout=1500, minDelay=50, maxDelay=200
+        ) as page:
+            old = (await page.evaluate("welcomes"))[0]
+            relay.freeze()  # the Wi-Fi is gone; new connections go over "cellular"
+            started = time.monotonic()
+            await page.wait_for_function("welcomes.length >= 2 && c.state === 'open'", timeout=8000)
+            assert time.monotonic() - started < 5
+            assert await page.evaluate("closes.filter(([code]) => code === 4029)") == []  # never refused
+            await wait_for(lambda: node.node.sessions.get(old) is None, timeout=5)
+            assert await sessions_of(node, "lou") == 1
+            sent = await api_publish(http, node, "room:lobby", {"n": 1})
+            await page.wait_for_function(f"got.includes('{sent}')", timeout=TIMEOUT)
+            assert await page.evaluate("c.state") == "open"
     finally:
         await relay.stop()
 
