@@ -2,8 +2,9 @@
 
 ``target`` may be changed at any time (a balancer sending new connections to
 another node). ``freeze()`` stops the connections open now from forwarding
-anything, either way, without closing them: what a network switch (Wi-Fi to
-cellular) leaves behind, a socket that never gets a FIN. New connections pass.
+anything, either way, without closing them, also once the client closes its
+side: what a network switch (Wi-Fi to cellular) leaves behind, a socket whose
+node never gets a FIN. New connections pass.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ class Relay:
         self.server: asyncio.Server | None = None
         self.port = 0
         self._open: list[asyncio.Event] = []  # per connection: set while it forwards
+        # Each connection's task: asyncio holds a server's handler task only weakly once its client's
+        # socket is gone, and a frozen one collected would close the node's side (a FIN, not half-open).
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -33,6 +37,10 @@ class Relay:
         self._open = []
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
         except OSError:
@@ -54,9 +62,16 @@ class Relay:
                 if forwarding.is_set():
                     w.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        try:
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        finally:  # both ways done, or the relay stopped: frozen ones too are dropped
+            writer.transport.abort()
+            up_w.transport.abort()
 
     async def stop(self) -> None:
-        """Stop listening; frozen connections are dropped with the loop."""
+        """Stop listening, and drop every connection (frozen ones too)."""
         if self.server is not None:
             self.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
