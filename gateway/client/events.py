@@ -187,7 +187,8 @@ class CommandTimeout(CommandError, TimeoutError):
 class Stopped(HeraldError):
     """The node refused the client for good: 4000 (bad request), 4001 (a token
     refused again, or no ``get_token``), 4003 (room not allowed), 4029 (this
-    connection was replaced by a newer one of the user), 4403 (the backend
+    connection was replaced by a newer one of the user: close-oldest, or a
+    ``replaces`` naming it), 4403 (the backend
     disconnected the user for good), 1002, 1007, 1009 (a frame it could not
     take: over its ``ws.max_frame`` for 1009), or the same refused before the
     upgrade (HTTP 400, 401, 403: ``code`` is the close code of the status).

@@ -321,6 +321,10 @@ class HeraldClient(Commands):
         self._since_opened = self._feed.since
         if self._since_opened is not None:
             params.append(("since", self._since_opened))
+        if self._welcome is not None and self._welcome.conn:
+            # The connection given up (docs/protocol.md 1.4): the node closes it and counts it out as it
+            # admits this one, so a half-open one does not hold one of the user's places until it times out.
+            params.append(("replaces", self._welcome.conn))
         try:
             ws = await self._session.ws_connect(
                 url,

@@ -2,9 +2,10 @@
 close-code rules of herald.js (README, "Browser client"; docs/protocol.md §8).
 
 - 4000, 4003, 4403 (the backend disconnected the user for good), 4029
-  whose reason names the user's "oldest" connection, and 1002, 1007, 1009
-  (the node read a frame of ours it cannot take): stop (reconnecting cannot
-  help, is not wanted, or would evict another of the user's tabs).
+  whose reason names the user's "oldest" connection or says it was
+  "replaced" (a newer connection named it), and 1002, 1007, 1009 (the node
+  read a frame of ours it cannot take): stop (reconnecting cannot help, is
+  not wanted, or would evict another of the user's tabs).
 - An upgrade refused with an HTTP status is read as the close code of that
   status (``refused_code``, docs/protocol.md §8): 400 and 426 as 4000, 401
   as 4001, 403 as 4003, 429 as 4029, 500 as 1011, 503 as 1013; any other
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 _HINT = re.compile(r"(\d+)\s*ms")
+# A 4029 that says a newer connection of the user took this one's place (close-oldest, or replaces=).
+_REPLACED = re.compile(r"oldest|replaced")
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 _MAX_ATTEMPT = 30  # 2**30 * min_delay is past any max_delay: no need to grow further
 # An upgrade refused before the 101: the close code a refusal after it gets
@@ -135,7 +138,7 @@ class Reconnect:
         dropped, or never opened) and ``reason``. ``can_refresh``: there is a
         ``get_token`` to ask; ``by_hook``: no token at all (the connect hook
         decides from the app's cookie: after a 4001 it is asked again once)."""
-        if code in (4000, 4003, 4403, *_FIX_THE_CLIENT) or (code == 4029 and "oldest" in reason):
+        if code in (4000, 4003, 4403, *_FIX_THE_CLIENT) or (code == 4029 and _REPLACED.search(reason)):
             return Step(stop=True)
         if code == 4001:
             if not (can_refresh or by_hook) or self._refreshed:

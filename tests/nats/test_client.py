@@ -730,3 +730,30 @@ async def test_a_half_open_connection_is_given_up_and_resumed(node: RunningNode,
             assert client.welcome is not None and first is not None and client.welcome.conn != first.conn
     finally:
         await relay.stop()
+
+
+async def test_a_half_open_connection_does_not_lock_its_user_out(
+    node_factory: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    """One connection per user (refuse-new) and no node heartbeat to find the frozen one dead: the
+    reconnect names the connection it gave up (replaces=), is admitted at once, and the node closes
+    the old one. Without it, every reconnect was refused 4029 while the old one lived on."""
+    node = await node_factory(ws={"heartbeat": 0}, limits={"max_connections_per_user": 1})
+    relay = Relay(node.runner.addresses[0][1])
+    await relay.start()
+    user = "u" + uuid.uuid4().hex[:8]
+    try:
+        async with HeraldClient(
+            relay.url, token=token(user), rooms=["lobby"], heartbeat=0.5, timeout=2.0, min_delay=0.05, max_delay=0.2
+        ) as client:
+            await client.ping()
+            first = client.welcome
+            assert first is not None
+            relay.freeze()
+            sent = await api_publish(http, node, "room:lobby", {"n": 1})
+            assert [m.id for m in await take(client, 1, timeout=4.0)] == [sent]
+            assert client.welcome is not None and client.welcome.conn != first.conn
+            await wait_for(lambda: node.node.sessions.get(first.conn) is None, timeout=5)
+            assert len(node.node.sessions.of_user(user)) == 1
+    finally:
+        await relay.stop()

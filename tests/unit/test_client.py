@@ -61,6 +61,7 @@ def test_close_codes_decide_as_herald_js_does() -> None:
     assert r.after(4403, "disconnected by the server: do not reconnect", True) == Step(stop=True)
     assert r.after(4009, "disconnected by the server: reconnect", True) == Step(0.25)  # backs off
     assert r.after(4029, "too many connections: this was the user's oldest", True) == Step(stop=True)
+    assert r.after(4029, "replaced by the client's new connection (replaces=)", True) == Step(stop=True)
     for broken in (1002, 1007, 1009):  # a frame of ours the node cannot take: §8 "stop: fix the client"
         assert r.after(broken, "frame too big", True) == Step(stop=True)
     assert r.after(4008, "slow consumer: reconnect with since=<last id>", True) == Step(0.0)
