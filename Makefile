@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 # pytest-xdist workers for make test / test-nats / test-system (0: one process). The tests mostly wait
 # (on sockets, timers, other processes), so 4 is right on 2 cores; tests/conftest.py gives the soak a
-# worker of its own and runs the cluster failovers one at a time.
+# worker of its own (then its share of the rest) and runs the cluster failovers one at a time.
 TEST_WORKERS ?= 4
 XDIST = -n $(TEST_WORKERS) --dist loadgroup
 # Extra arguments for ops/bench/run.py, e.g. make bench BENCH_ARGS='--quick --only fanout-ws'

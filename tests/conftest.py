@@ -63,11 +63,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # --- pytest-xdist (make test: -n 4 --dist loadgroup) -------------------------------------------------
-# The soak (minutes, mostly waiting) starts first on a worker of its own; the cluster failovers
-# (a 7-process cluster and 300 clients each) run one at a time on another worker; the other workers
-# take the rest, longest tiers first, and are done well before the soak is.
+# The soak (minutes, mostly waiting) starts first on a worker of its own, which takes its share of
+# what is left once the soak is done; the cluster failovers (a 7-process cluster and 300 clients
+# each) run one at a time on another worker; the other workers take the rest, longest tiers first.
 
-SOLO = ("tests/system/test_soak.py::",)  # a worker to itself, which then ends
+SOLO = ("tests/system/test_soak.py::",)  # a worker to itself until it is done
 SERIAL = ("tests/system/test_cluster_failover.py::",)  # one unit of work: one worker, one test at a time
 
 
@@ -97,12 +97,21 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
         def _reschedule(self, node: Any) -> None:
             units = self.assigned_work.get(node, {}).values()
-            if not node.shutting_down and any(nid.startswith(SOLO) for unit in units for nid in unit):
-                # Anything queued now would wait for the soak, and a worker does not start a test
-                # before it knows the next one (or that there is none): it ends after the soak.
-                node.shutdown()
+            soaking = any(nid.startswith(SOLO) and not done for unit in units for nid, done in unit.items())
+            if soaking and not node.shutting_down:
+                # A worker does not start a test before it knows the next one (or that there is
+                # none), and that one waits for the soak: it is the last unit queued, a unit test
+                # of milliseconds. Once the soak is done, the worker takes its share of the rest.
+                if not self.workqueue:
+                    node.shutdown()
+                elif self._pending_of(self.assigned_work[node]) == 1:
+                    self._assign_last_unit(node)
                 return
             super()._reschedule(node)
+
+        def _assign_last_unit(self, node: Any) -> None:
+            self.workqueue.move_to_end(next(reversed(self.workqueue)), last=False)
+            self._assign_work_unit(node)
 
     config.option.loadscopereorder = False  # keep the order of _weight
     return TierScheduling(config, log)
