@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -662,16 +665,22 @@ async def test_listen_piped_into_head_ends_with_head(nats_server: NatsServer, tm
         await node.stop()
 
 
+def pipe_pending(fd: int) -> int:
+    """Bytes written to a pipe and not read yet."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
+
+
 async def test_listen_blocked_on_a_full_pipe_still_ends_on_sigterm(nats_server: NatsServer, tmp_path: Path) -> None:
     """A reader that stops reading (a stuck consumer) fills the pipe: listen
     must still end on SIGTERM (``timeout 5 herald listen … | stuck``). It used
     to sit in a blocking write, where no signal handler of the loop runs."""
+    body = 60000  # two fill the pipe
     node = await start_node(make_settings(nats_server.url))
     read_end, write_end = os.pipe()
     proc: asyncio.subprocess.Process | None = None
     try:
         async with aiohttp.ClientSession() as http:
-            ids = [await api_publish(http, node, "room:lobby", "x" * 60000) for _ in range(4)]  # > the pipe's 64 KiB
+            ids = [await api_publish(http, node, "room:lobby", "x" * body) for _ in range(4)]  # > the pipe's 64 KiB
             since = str(int(ids[0]) - 1)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway", "listen", "room:lobby", "--since", since, "--url", node.url,
@@ -680,7 +689,10 @@ async def test_listen_blocked_on_a_full_pipe_still_ends_on_sigterm(nats_server: 
             )  # fmt: skip
             os.close(write_end)
             write_end = -1
-            await asyncio.sleep(2.0)  # connected, the pipe full, the rest waiting
+            # Connected (its SIGTERM handler set), a message in the pipe, the next too big for the room
+            # left: a fixed 2 s was not enough on a loaded machine, where SIGTERM came first and killed it.
+            await wait_for(lambda: pipe_pending(read_end) > body, timeout=20, interval=0.05)
+            await asyncio.sleep(0.5)  # the next message (already sent) is being written
             assert proc.returncode is None
             proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(proc.communicate(), 5)
