@@ -9,9 +9,10 @@ with both under the same drift. Both servers run at the same time, pinned to
 core 0, each Herald with its own nats-server on core 1, and get the same load at
 the same moment: HTTP publishes at ``--rate`` (server CPU per publish),
 connect storms of ``--storm-conns`` at ``--storm-rate`` each (node CPU per
-connect, and per connection over the closes after), and a fan-out to 1,000
-WebSocket (``--transport sse``: SSE) receivers published to over HTTP at
-each of ``--fanout-rates`` (server CPU per delivery). This VM's speed
+connect, and per connection over the closes after), and a fan-out to
+``--fanout-conns`` (1,000) WebSocket (``--transport sse``: SSE) receivers
+published to over HTTP at each of ``--fanout-rates`` (server CPU per
+delivery), each load after ``--warmup`` seconds (2) of the same. This VM's speed
 drifts by ±20 % between runs a minute apart, which hides any change smaller
 than that when runs are compared one after another; side by side, both
 nodes see the same drift, and each round's B ÷ A is steady to ~2 %
@@ -77,7 +78,7 @@ def http_publisher(target: Target) -> HttpPublisher:
 
 
 async def publish_rounds(
-    targets: list[Target], rate: float, seconds: float, rounds: int, problems: list[str]
+    targets: list[Target], rate: float, seconds: float, rounds: int, warmup: float, problems: list[str]
 ) -> list[list[float]]:
     """Each round: every server published to at ``rate`` at once; µs of its CPU per publish."""
     publishers = []
@@ -86,7 +87,7 @@ async def publish_rounds(
         await publisher.start()
         publishers.append(publisher)
     try:
-        await asyncio.gather(*(p.run(min(rate, 200), 2) for p in publishers))  # warm up
+        await asyncio.gather(*(p.run(min(rate, 200), warmup) for p in publishers))
         figures: list[list[float]] = []
         for _ in range(rounds):
             before = [live_cpu_seconds(t.server_pids[0]) for t in targets]
@@ -159,13 +160,15 @@ def fanout_rounds(
     logs: Path,
     problems: list[str],
     transport: str = "ws",
+    conns: int = 1000,
+    warmup: float = 2.0,
 ) -> dict[float, list[list[float]]]:
-    """Each round: 1,000 receivers (``transport``) over 10 rooms on every
+    """Each round: ``conns`` receivers (``transport``) over 10 rooms on every
     server at once, published to over HTTP at each of ``rates``; µs of its
     CPU per delivery, by rate."""
-    steps = ["--conns", "1000", "--rooms", "10", "--connect-rate", "1000", "--payload-bytes", "100"]
+    steps = ["--conns", str(conns), "--rooms", "10", "--connect-rate", "1000", "--payload-bytes", "100"]
     steps += ["--rates", ",".join(f"{r:g}" for r in rates), "--step-seconds", f"{seconds:g}"]
-    steps += ["--warmup", "2", "--settle", "1"]
+    steps += ["--warmup", f"{warmup:g}", "--settle", "1"]
     figures: dict[float, list[list[float]]] = {rate: [] for rate in rates}
     for round_ in range(rounds):
         rows: dict[float, list[float]] = {rate: [] for rate in rates}
@@ -203,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=500.0, help="publishes/s to each node")
     p.add_argument("--storm-conns", type=int, default=3000)
     p.add_argument("--storm-rate", type=float, default=600.0, help="connects/s offered to each node")
-    p.add_argument("--fanout-rates", default="200,500", help="publishes/s over HTTP to 1,000 receivers, each node")
+    p.add_argument("--fanout-rates", default="200,500", help="publishes/s over HTTP to the fan-out, each node")
+    p.add_argument("--fanout-conns", type=int, default=1000, help="the fan-out's receivers, each node")
     p.add_argument("--transport", choices=("ws", "sse"), default="ws", help="the fan-out's receivers")
+    p.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of load before the publishes and fan-out measured"
+    )
     args = p.parse_args(argv)
     if args.a == args.b == PEER:
         p.error(f"at most one of A and B may be {PEER}")
@@ -226,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             targets = [node.start() for node in nodes]
             if "publish" in only:
-                figures = asyncio.run(publish_rounds(targets, args.rate, args.seconds, args.rounds, problems))
+                figures = asyncio.run(
+                    publish_rounds(targets, args.rate, args.seconds, args.rounds, args.warmup, problems)
+                )
                 lines.append(summary(f"publish @{args.rate:g}/s", ["A", "B"], figures))
             if "storm" in only:
                 figures, closes = storm_rounds(targets, args.storm_conns, args.storm_rate, args.rounds, logs, problems)
@@ -234,7 +243,17 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(summary("their closes, per connection", ["A", "B"], closes))
             if "fanout" in only:
                 rates = [float(r) for r in args.fanout_rates.split(",")]
-                by_rate = fanout_rounds(targets, rates, args.seconds, args.rounds, logs, problems, args.transport)
+                by_rate = fanout_rounds(
+                    targets,
+                    rates,
+                    args.seconds,
+                    args.rounds,
+                    logs,
+                    problems,
+                    args.transport,
+                    args.fanout_conns,
+                    args.warmup,
+                )
                 for rate, figures in by_rate.items():
                     if figures:
                         name = f"fanout-{args.transport}-http @{rate:g}/s, per delivery"

@@ -3,10 +3,10 @@ publish and per connect when it does only the work Herald's contract needs,
 none of Herald's own (``make bench-floor``). What Herald costs above these
 is Herald's; what they cost is Python's and asyncio's here.
 
-    python -m ops.bench.floor [--only publish,connect] [--seconds 10] [--conns 5000]
+    python -m ops.bench.floor [--only publish,connect] [--seconds 10] [--conns 5000] [--warmup 1]
 
 publish: ``POST`` bodies on 10 keep-alive connections at 500 and 2,000/s (as
-the ``publish-api`` scenario), answered by
+the ``publish-api`` scenario, each after ``--warmup`` seconds at 200/s), answered by
   - ``http``: a fixed answer, nothing else;
   - ``publish``: the answer sent on the stream's ack of a JetStream publish of
     the body, over a raw NATS protocol (callbacks only: no client library,
@@ -304,10 +304,10 @@ async def make_streams(nats_url: str) -> None:
     await nc.close()
 
 
-async def publish_cost(port: int, pid: int, rate: float, seconds: float) -> dict[str, Any]:
+async def publish_cost(port: int, pid: int, rate: float, seconds: float, warmup: float) -> dict[str, Any]:
     publisher = HttpPublisher([f"r{k}" for k in range(10)], 100, f"http://127.0.0.1:{port}/api/publish", {}, True)
     await publisher.start()
-    await publisher.run(200, 1.0)  # warm-up
+    await publisher.run(200, warmup)
     await publisher.drain(5)
     before = live_cpu_seconds(pid)
     sent = await publisher.run(rate, seconds)
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="publish,connect", help="publish, connect or both")
     parser.add_argument("--seconds", type=float, default=10.0, help="each publish step")
     parser.add_argument("--conns", type=int, default=5000, help="connects per storm (offered at 5,000/s)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds at 200/s before each publish step")
     served = [*(m for pair in MODES.values() for m in pair), *SERVED]
     parser.add_argument("--serve", choices=served, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -371,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not wait_for_port("127.0.0.1", port, 15):
                     raise SystemExit(f"the {mode} floor server did not start (see {logs})")
                 if kind == "publish":
-                    results[mode] = [asyncio.run(publish_cost(port, server.pid, r, args.seconds)) for r in (500, 2000)]
+                    results[mode] = [
+                        asyncio.run(publish_cost(port, server.pid, r, args.seconds, args.warmup)) for r in (500, 2000)
+                    ]
                 else:
                     results[mode] = storm_cost(procs, port, server.pid, nats_proc.pid, args.conns, logs)
                 procs.stop(server)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(180)
 def test_the_floor_servers_answer_every_publish_and_connect() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "ops.bench.floor", "--seconds", "0.5", "--conns", "40"],
+        [sys.executable, "-m", "ops.bench.floor", "--seconds", "0.5", "--warmup", "0.2", "--conns", "40"],
         cwd=REPO,
         capture_output=True,
         text=True,
