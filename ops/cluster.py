@@ -170,13 +170,18 @@ class Cluster:
         wait_meta(ports, timeout)
         return procs
 
+    def node_env(self, ports: Ports) -> dict[str, str]:
+        """What every node runs with: this environment, the secrets (else the dev ones), the 3 nats-servers."""
+        shared = os.environ | secrets_from_env() | {"HERALD_NATS_URLS": ports.nats_urls, "HERALD_STREAM_REPLICAS": "3"}
+        if "HERALD_JWT_SECRET" not in os.environ:  # the demo page signs in by name, as with `herald dev`
+            shared.setdefault("HERALD_HTTP_DEV_TOKENS", "true")
+        return shared
+
     def _start(self, base: int | None, ports: Ports, timeout: float) -> str:
         began = time.monotonic()
         self.start_nats(ports, timeout)
         secrets, dev = secrets_from_env(), "HERALD_JWT_SECRET" not in os.environ
-        shared = os.environ | secrets | {"HERALD_NATS_URLS": ports.nats_urls, "HERALD_STREAM_REPLICAS": "3"}
-        if dev:  # the demo page signs in by name, as with `herald dev`
-            shared.setdefault("HERALD_HTTP_DEV_TOKENS", "true")
+        shared = self.node_env(ports)
         # node1 first: nodes creating the R3 stream and KV buckets at the same moment fail ("no response
         # from stream", timeouts) and exit, as one may while JetStream settles ("peer offline"): retried.
         for batch in ((0,), (1, 2)):

@@ -12,12 +12,14 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,14 @@ import pytest
 
 from broker.embedded import nats_server_binary
 from broker.publisher import NatsPublisher
-from ops.cluster import HOST, NAMES, Cluster, Ports
+from ops.cluster import HOST, NAMES, Cluster, Ports, ours, wait_http, wait_meta
 
 from ..browser import ARTIFACTS
 from ..failover import SteadyPublisher, Subscriber, check_delivery, p99_latency
 from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, PUBLISH_KEY, SECRET, free_base, wait_for
 
-# A cluster of 7 processes and 300 clients per test (make test runs them one at a time: tests/conftest.py).
+# A cluster of 7 processes, shared by the tests, and 300 clients per test (make test runs them one at
+# a time: tests/conftest.py).
 pytestmark = pytest.mark.slow
 
 CLIENTS = int(os.environ.get("HERALD_FAILOVER_CLIENTS", "300"))
@@ -44,6 +47,14 @@ RATE = 40.0  # messages/s over all rooms
 class RunningCluster:
     cluster: Cluster
     ports: Ports
+    # Each log's size when this test got the cluster: a failure shows this test's lines only.
+    marks: dict[str, int] = field(default_factory=dict)
+
+    def log_lines(self, name: str) -> list[str]:
+        """The lines of log ``name`` (in the cluster's logs/) written since the test began."""
+        with (self.cluster.logs / name).open("rb") as f:
+            f.seek(self.marks.get(name, 0))
+            return f.read().decode(errors="replace").splitlines()
 
     @property
     def lb(self) -> str:
@@ -55,11 +66,44 @@ class RunningCluster:
     def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
         os.kill(self.pid(name), sig)
 
-    def restart_nats(self, i: int) -> None:
+    def restart_nats(self, i: int) -> subprocess.Popen[bytes]:
         """nats-server ``n<i+1>`` again, on its config and store."""
         name = f"nats{i + 1}"
         env = os.environ | {"NATS_STORE_DIR": str(self.cluster.dir / "data" / NAMES[i])}
-        self.cluster.spawn(name, [nats_server_binary(), "-c", str(self.cluster.conf / f"{NAMES[i]}.conf")], env)
+        conf = self.cluster.conf / f"{NAMES[i]}.conf"
+        return self.cluster.spawn(name, [nats_server_binary(), "-c", str(conf)], env)
+
+    def heal(self, timeout: float = 30) -> None:
+        """Every process running and every node ready again, as after the cluster's start: each
+        test kills or drains some. A node still draining is waited for, then started again."""
+        restarted = False
+        for i, port in enumerate(self.ports.monitor):
+            if not ours(name := f"nats{i + 1}", self.pid(name)):
+                proc = self.restart_nats(i)
+                wait_http(f"http://{HOST}:{port}/healthz", proc, self.cluster.logs / f"{name}.log", timeout)
+                restarted = True
+        if restarted:
+            wait_meta(self.ports, timeout)
+        env = self.cluster.node_env(self.ports)
+        for i, port in enumerate(self.ports.nodes):
+            name, deadline = f"node{i + 1}", time.monotonic() + timeout
+            while ours(name, self.pid(name)) and not _ready(f"http://{HOST}:{port}/readyz"):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{name} neither ready nor gone within {timeout:g}s", pytrace=False)
+                time.sleep(0.1)
+            if not ours(name, self.pid(name)):
+                self.cluster.node_ready(i, self.cluster.spawn_node(i, self.ports, env), self.ports, env, timeout)
+        if down := [name for name, pid in self.cluster.recorded() if not ours(name, pid)]:
+            pytest.fail(f"the cluster lost {down}, which no test stops", pytrace=False)
+        self.marks = {log.name: log.stat().st_size for log in self.cluster.logs.glob("*.log")}
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:  # HTTPError (503: draining, NATS away) included
+        return False
 
 
 @contextmanager
@@ -91,10 +135,17 @@ def running_cluster(directory: Path, **env: str) -> Iterator[RunningCluster]:
                 os.environ[k] = v
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RunningCluster]:
-    with running_cluster(tmp_path / "cluster") as running:
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    """One cluster for the module: its start and stop took 5-20 s per test (loaded machine)."""
+    with running_cluster(tmp_path_factory.mktemp("failover") / "cluster") as running:
         yield running
+
+
+@pytest.fixture
+def cluster(shared_cluster: RunningCluster) -> RunningCluster:
+    shared_cluster.heal()
+    return shared_cluster
 
 
 async def run_scenario(
@@ -176,7 +227,7 @@ def assert_lossless(c: RunningCluster, figures: dict[str, Any], refusals_allowed
         warnings = [
             f"{log.name}: {line}"
             for log in sorted(c.cluster.logs.glob("node*.log"))
-            for line in log.read_text(errors="replace").splitlines()
+            for line in c.log_lines(log.name)
             if " WARNING " in line or " ERROR " in line
         ]
         pytest.fail(
@@ -191,13 +242,12 @@ def nginx_summary(c: RunningCluster) -> str:
     names = {f"{HOST}:{port}": f"node{i + 1}" for i, port in enumerate(c.ports.nodes)}
     request = re.compile(r'"\S+ (\S+)" (\d+) \d+ upstream=(.*) rt=')
     answered: Counter[str] = Counter()
-    for line in (c.cluster.logs / "nginx-access.log").read_text(errors="replace").splitlines():
+    for line in c.log_lines("nginx-access.log"):
         if m := request.search(line):
             tried = re.sub(r"[\d.]+:\d+", lambda a: names.get(a[0], a[0]), m[3])
             answered[f"{m[1]} {m[2]} via {tried}"] += 1
     errors = Counter(
-        line.split("] ", 1)[-1].split(", client:")[0].split(": ", 1)[-1]
-        for line in (c.cluster.logs / "nginx-error.log").read_text(errors="replace").splitlines()
+        line.split("] ", 1)[-1].split(", client:")[0].split(": ", 1)[-1] for line in c.log_lines("nginx-error.log")
     )
     return f"nginx answered: {answered.most_common(12)}\nnginx errors: {errors.most_common(6)}"
 

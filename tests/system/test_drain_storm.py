@@ -54,7 +54,7 @@ def passed_on_503s(c: RunningCluster) -> Counter[str]:
     """Streams nginx answered 503 (its client saw the refusal), by path."""
     request = re.compile(r'"\S+ (\S+)" (\d+) ')
     seen: Counter[str] = Counter()
-    for line in (c.cluster.logs / "nginx-access.log").read_text(errors="replace").splitlines():
+    for line in c.log_lines("nginx-access.log"):
         if (m := request.search(line)) and m[1] in ("/ws", "/sse") and m[2] == "503":
             seen[m[1]] += 1
     return seen
