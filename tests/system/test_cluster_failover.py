@@ -32,7 +32,7 @@ from ops.cluster import HOST, NAMES, Cluster, Ports, ours, wait_http, wait_meta
 
 from ..browser import ARTIFACTS
 from ..failover import SteadyPublisher, Subscriber, check_delivery, p99_latency
-from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, PUBLISH_KEY, SECRET, free_base, wait_for
+from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, PUBLISH_KEY, ROOT, SECRET, free_base, wait_for
 
 # A cluster of 7 processes, shared by the tests, and 300 clients per test (make test runs them one at
 # a time: tests/conftest.py).
@@ -138,7 +138,8 @@ def running_cluster(directory: Path, **env: str) -> Iterator[RunningCluster]:
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     """One cluster for the module: its start and stop took 5-20 s per test (loaded machine)."""
-    with running_cluster(tmp_path_factory.mktemp("failover") / "cluster") as running:
+    # The nodes run this checkout's code, not the one the venv has installed (a worktree).
+    with running_cluster(tmp_path_factory.mktemp("failover") / "cluster", PYTHONPATH=str(ROOT)) as running:
         yield running
 
 
