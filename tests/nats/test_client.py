@@ -189,9 +189,11 @@ async def test_commands_made_while_reconnecting_wait_for_the_connection(
     a, b = await node_factory(**shared), await node_factory(**shared)
     async with HeraldClient([a.url, b.url], token=token("erin"), min_delay=0.2, max_delay=0.2) as client:
         await client.ping()
-        await a.stop()
+        # Watched while a drains: by the time its stop returns, the client may be on b already.
+        stopping = asyncio.create_task(a.stop())
         await wait_for(lambda: not client.connected, timeout=5)
         await client.ping()  # sent once the client is on b
+        await stopping
         assert client.welcome is not None and client.welcome.node == b.settings.node.id
 
 

@@ -145,7 +145,8 @@ async def test_a_connection_told_to_reconnect_is_counted_out_first(how: str) -> 
     node, counts = await slow_node(write_delay=0.3 if how == "slow consumer" else 0.0)
     try:
         async with aiohttp.ClientSession() as http:
-            ttl = 1.5 if how == "token expired" else 3600
+            # Whole seconds from a whole second (mint_token): 2 is valid 1 to 2 s from now, 1.5 was 0 to 1.
+            ttl = 2 if how == "token expired" else 3600
             ws = await http.ws_connect(node.ws_url, params={"token": token("kim", ttl=ttl)})
             assert (await recv_json(ws))["type"] == "welcome"
             if how == "drain":
