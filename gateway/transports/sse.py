@@ -3,7 +3,7 @@
 Once the request is screened the socket is handed to an ``SseLink``, as a
 WebSocket's is: Herald writes the response head itself (a close-delimited
 body, so events go out as they are, with no chunk framing) and aiohttp
-forgets the connection. One node-wide ``KeepAlive`` timer writes the comment
+forgets the connection. One node-wide ``Ticker`` writes the comment
 lines that keep proxies from timing idle streams out. The client sends
 nothing on the stream; its commands come over ``POST /api/command``.
 """
@@ -26,6 +26,7 @@ from ..node import Node
 from ..settings import BackpressureSettings, SseSettings
 from .kind import TransportKind
 from .link import Links, Opener, SocketLink, StreamEndpoint
+from .ticker import Ticker
 
 _HEAD = (
     b"HTTP/1.1 200 OK\r\n"
@@ -75,7 +76,7 @@ class SseLinks(Links):
     ) -> None:
         super().__init__(close_timeout, backpressure, gate, user_timeout)
         self.retry = sse.retry
-        self.keepalive = KeepAlive(sse.keepalive, self.links) if sse.keepalive else None
+        self.keepalive = Ticker(sse.keepalive, self.links, _keep_alive) if sse.keepalive else None
         # An envelope stream's keep-alive is an event its page sees (EventSource hides comments): a client
         # can tell a quiet stream from a half-open one (a network switch leaves the socket without a FIN).
         # The first one follows the welcome at once: the client watches the stream from the start.
@@ -148,31 +149,10 @@ class SseLink(SocketLink):
             self._transport.write(self._ctx.keepalive_event if self.codec is SSE_ENVELOPE else _COMMENT)
 
 
-class KeepAlive:
-    """One timer writes every ``interval`` a comment line to each stream."""
-
-    __slots__ = ("_links", "_timer", "interval")
-
-    def __init__(self, interval: float, links: set[SseLink]) -> None:
-        self.interval = interval
-        self._links = links
-        self._timer: asyncio.TimerHandle | None = None
-
-    def start(self) -> None:
-        """Tick while there are streams (a new stream calls this)."""
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.interval, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        if not self._links:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for link in list(self._links):
-            link.check_stall(now)
-            link.tick()
-        self._timer = loop.call_later(self.interval, self._tick)
+def _keep_alive(link: SseLink, now: float) -> None:
+    """Each ``sse.keepalive``: the stall check, then the keep-alive."""
+    link.check_stall(now)
+    link.tick()
 
 
 class SseEndpoint(StreamEndpoint[SseLinks]):

@@ -3,7 +3,7 @@
 The handshake is answered here and the socket handed to a ``WsLink``, which
 reads it through the sans-I/O parser (wsproto.py), queues the client's
 commands for the command handler in order, answers the close handshake and
-keeps the heartbeat; one node-wide ``Pinger`` keeps every link's heartbeat.
+keeps the heartbeat; one node-wide ``Ticker`` keeps every link's heartbeat.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..session import Session
 from ..settings import BackpressureSettings, WsSettings
 from .kind import TransportKind
 from .link import Links, Opener, SocketLink, StreamEndpoint, ends_on_failure
+from .ticker import Ticker
 from .wsproto import (
     OP_BINARY,
     OP_CLOSE,
@@ -46,7 +47,7 @@ _INBOX_PAUSE, _INBOX_RESUME = 64, 16
 class WsLinks(Links):
     """The WebSocket links of one node, and what they all share."""
 
-    __slots__ = ("commands", "frame_rejections", "max_frame", "pinger")
+    __slots__ = ("commands", "frame_rejections", "heartbeat", "max_frame", "pinger")
 
     def __init__(
         self,
@@ -61,7 +62,14 @@ class WsLinks(Links):
         self.commands = commands
         self.max_frame = ws.max_frame
         self.frame_rejections = metrics.limit_rejections.labels("frame_size")
-        self.pinger = Pinger(ws.heartbeat, self.links) if ws.heartbeat else None
+        self.heartbeat = ws.heartbeat
+        # Each half heartbeat: a ping to the links quiet for a heartbeat, closing those that did
+        # not answer the ping of the tick before.
+        self.pinger = Ticker(ws.heartbeat / 2, self.links, self._beat) if ws.heartbeat else None
+
+    def _beat(self, link: WsLink, now: float) -> None:
+        link.check_stall(now)
+        link.heartbeat(now, self.heartbeat)
 
 
 class WsLink(SocketLink):
@@ -219,35 +227,6 @@ class WsLink(SocketLink):
         elif now - self.last_in >= interval and not self.closing:
             self.ping_at = now
             self._transport.write(PING)
-
-
-class Pinger:
-    """One timer keeps every link's heartbeat: a tick each half ``interval``
-    pings the links quiet for ``interval`` and closes those that did not
-    answer the ping of the tick before."""
-
-    __slots__ = ("_links", "_timer", "interval")
-
-    def __init__(self, interval: float, links: set[WsLink]) -> None:
-        self.interval = interval
-        self._links = links
-        self._timer: asyncio.TimerHandle | None = None
-
-    def start(self) -> None:
-        """Tick while there are links (a new link calls this)."""
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.interval / 2, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        if not self._links:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for link in list(self._links):
-            link.check_stall(now)
-            link.heartbeat(now, self.interval)
-        self._timer = loop.call_later(self.interval / 2, self._tick)
 
 
 class WsEndpoint(StreamEndpoint[WsLinks]):
