@@ -24,6 +24,7 @@ from .commands import NOT_JSON, Frame, page_request
 from .frames import TooDeep, dumps_exact, history_messages, loads_exact
 from .head import FrontHead, Head
 from .http import (
+    AdminKeys,
     Reply,
     TrustedProxies,
     body_timeout,
@@ -33,7 +34,6 @@ from .http import (
     json_error,
     json_reply,
     json_response,
-    key_matches,
     late_body,
     peer,
     read_body,
@@ -329,9 +329,7 @@ class NodeApi:
     ) -> None:
         self._node_id = settings.node.id
         self._page_max = settings.history.page_max
-        self._admin_keys = settings.admin.bearer_keys
-        self._warn = Throttle(log)
-        self._proxies = proxies
+        self._admin = AdminKeys(settings.admin.bearer_keys, proxies)
         self._jwt = settings.jwt
         self._body_timeout = settings.http.handshake_timeout
         self._broker = broker
@@ -348,17 +346,8 @@ class NodeApi:
             return json_error(503, reason.error, reason.message)
         return json_response({"status": "ready"})
 
-    def _unauthorized(self, request: web.Request) -> web.Response | None:
-        if key_matches(request, self._admin_keys):
-            return None
-        who = peer(request, self._proxies)
-        self._warn(
-            "unauthorized", "refused %s %s from %s: missing or wrong admin key", request.method, request.path, who
-        )
-        return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
-
     async def stats(self, request: web.Request) -> web.Response:
-        refused = self._unauthorized(request)
+        refused = self._admin.refusal(request)
         if refused is not None:
             return refused
         by_transport = dict.fromkeys(self._metrics.transport, 0)  # every transport the node serves
@@ -381,7 +370,7 @@ class NodeApi:
 
     async def presence(self, request: web.Request) -> web.Response:
         """``GET /api/presence/<room>`` (admin key): the room's users on any node."""
-        refused = self._unauthorized(request)
+        refused = self._admin.refusal(request)
         if refused is not None:
             return refused
         try:
@@ -397,7 +386,7 @@ class NodeApi:
     async def history(self, request: web.Request) -> web.Response:
         """``GET /api/history?channel=room:<id>|user:<id>|broadcast&limit=&before=``
         (admin key): a page of the channel's history, as the ``history`` command gives it."""
-        refused = self._unauthorized(request)
+        refused = self._admin.refusal(request)
         if refused is not None:
             return refused
         query = request.query

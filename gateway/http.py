@@ -7,6 +7,7 @@ import contextlib
 import email.utils
 import hmac
 import ipaddress
+import logging
 import re
 import socket
 import struct
@@ -18,7 +19,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from broker.throttle import Throttle
+
 from .head import Head
+
+_log = logging.getLogger("herald.http")
 
 # On every answer, whichever path writes it (aiohttp's, the front door's).
 ALWAYS_HEADERS = (("X-Content-Type-Options", "nosniff"),)
@@ -139,8 +144,24 @@ def client_token(request: Head) -> str | None:
     return found.pop() if found else None
 
 
-def key_matches(request: Head, keys: tuple[str, ...]) -> bool:
-    return header_key(request.headers.get("Authorization", ""), keys) is not None
+class AdminKeys:
+    """The admin key's check, one for each API behind it (the node API, the
+    server API): a request without one of ``keys`` is answered 401, and a
+    line naming its sender is logged, throttled (never the key)."""
+
+    def __init__(self, keys: tuple[str, ...], proxies: TrustedProxies) -> None:
+        self._keys = keys
+        self._proxies = proxies
+        self._warn = Throttle(_log)
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        if header_key(request.headers.get("Authorization", ""), self._keys) is not None:
+            return None
+        who = peer(request, self._proxies)
+        self._warn(
+            "unauthorized", "refused %s %s from %s: missing or wrong admin key", request.method, request.path, who
+        )
+        return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
 
 
 def header_key(authorization: str, keys: tuple[str, ...]) -> str | None:

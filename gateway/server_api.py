@@ -9,7 +9,6 @@ after ``TIMEOUT`` with the answers that came (``"complete": false``).
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,12 +19,11 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from broker import BrokerUnavailable, Relay
 from broker.channels import InvalidChannel, channel_id, check_id, room_channel
-from broker.throttle import Throttle
 
 from .command_route import CommandRouter
 from .disconnect import DISCONNECTED, DISCONNECTED_FOR_GOOD
 from .frames import loads_exact
-from .http import TrustedProxies, body_timeout, error_reply, json_error, json_response, key_matches, peer, read_body
+from .http import AdminKeys, TrustedProxies, body_timeout, error_reply, json_error, json_response, read_body
 from .limits import TokenBucket
 from .metrics import Metrics
 from .session import Session
@@ -39,8 +37,6 @@ TIMEOUT = 1.0
 COUNT_OUT_WAIT = 0.5
 # Gate.count_out_first: count sessions out, waiting at most so many seconds.
 CountOut = Callable[[list[Session], float], Awaitable[None]]
-
-log = logging.getLogger("herald.http")
 
 
 class UserActions:
@@ -121,9 +117,7 @@ class ServerApi:
         metrics: Metrics,
         proxies: TrustedProxies,
     ) -> None:
-        self._keys = admin_keys
-        self._warn = Throttle(log)
-        self._proxies = proxies
+        self._admin = AdminKeys(admin_keys, proxies)
         self._body_timeout = body_timeout  # http.handshake_timeout
         burst = max(1.0, rate)
         self._bucket = TokenBucket(burst, burst / rate)  # limits.api_rate
@@ -140,12 +134,9 @@ class ServerApi:
         return await self._act(request, "unsubscribe", "unsubscribed")
 
     async def _act(self, request: web.Request, op: str, counted: str) -> web.Response:
-        if not key_matches(request, self._keys):
-            who = peer(request, self._proxies)
-            self._warn(
-                "unauthorized", "refused %s %s from %s: missing or wrong admin key", request.method, request.path, who
-            )
-            return json_error(401, "unauthorized", "missing or wrong admin key (Authorization: Bearer <key>)")
+        refused = self._admin.refusal(request)
+        if refused is not None:
+            return refused
         wait = self._bucket.take()
         if wait:
             self._rate_rejections.inc()
