@@ -36,7 +36,7 @@ MESSAGE_COST = 256
 # (subject, payload, headers or None)
 Handler = Callable[[bytes, bytes, dict[str, str] | None], None]
 
-_NEEDED = ("_process_msg", "_process_headers", "_send_subscribe", "_send_unsubscribe", "_flush_pending")
+_NEEDED = ("_process_msg", "_process_headers", "_send_subscribe", "_flush_pending")
 if not all(inspect.iscoroutinefunction(getattr(Client, name, None)) for name in _NEEDED):
     raise ImportError("this nats-py lacks the client internals Herald dispatches through: it needs nats-py 2.x")
 
@@ -125,7 +125,19 @@ class DispatchingClient(Client):
         the server has the subscription (``confirm`` when there is none).
         Nothing to await: a cancel cannot leave a subscription half made."""
         sub = self._register(subject, handler)
-        command = b"SUB %s %d\r\n" % (subject.encode(), sub._id)
+        self._queue_command(b"SUB %s %d\r\n" % (subject.encode(), sub._id))
+        return sub
+
+    def unsubscribe_soon(self, sub: LiveSubscription) -> None:
+        """Drop ``sub``: its UNSUB written at the end of this loop pass, after
+        every SUB queued before it. While reconnecting too: a SUB written
+        during the outage waits in the same buffer, and the UNSUB behind it
+        undoes it (else the server keeps the subject). Closed: nothing to drop."""
+        self._forget(sub)
+        if not self.is_closed:
+            self._queue_command(b"UNSUB %d\r\n" % sub._id)
+
+    def _queue_command(self, command: bytes) -> None:
         # nats-py's buffer: while reconnecting, written after the reconnect's
         # own SUBs of every subscription (the server takes a repeat as one).
         self._pending.append(command)
@@ -133,7 +145,6 @@ class DispatchingClient(Client):
         if not self._outgoing and self._transport is not None and self.is_connected:
             self._outgoing.append(b"")  # a write at the end of the pass, as write_soon's
             asyncio.get_running_loop().call_soon(self._write_out)
-        return sub
 
     def _register(self, subject: str, handler: Handler) -> LiveSubscription:
         if self.is_closed:
@@ -167,14 +178,6 @@ class DispatchingClient(Client):
     def _forget(self, sub: LiveSubscription) -> None:
         self._handlers.pop(sub._id, None)
         self._subs.pop(sub._id, None)
-
-    async def unsubscribe_direct(self, sub: LiveSubscription) -> None:
-        self._forget(sub)
-        if not self.is_closed:
-            # While reconnecting too: a SUB written during the outage waits in
-            # the pending buffer and goes out after the reconnect; the UNSUB
-            # queued behind it undoes it (else the server keeps the subject).
-            await self._send_unsubscribe(sub._id)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         handler = self._handlers.get(sid)

@@ -4,7 +4,6 @@ gap repair, and publishing (``NatsPubSub``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,7 +96,7 @@ class NatsPubSub:
         return channel
 
     async def want(self, channel: Channel) -> None:
-        await self._interest.want(self._interest_key(channel))
+        self._interest.want(self._interest_key(channel))
         count = self._wanted.get(channel, 0)
         self._wanted[channel] = count + 1
         if not count:
@@ -111,7 +110,7 @@ class NatsPubSub:
             self.sequencer.untrack(channel)
         else:
             self._wanted[channel] = count - 1
-        await self._interest.unwant(self._interest_key(channel))
+        self._interest.unwant(self._interest_key(channel))
 
     def _client(self) -> DispatchingClient:
         # Not link.client(): while NATS reconnects, nats-py buffers the SUB
@@ -145,7 +144,7 @@ class NatsPubSub:
         except (TimeoutError, nats.errors.Error, BrokerUnavailable) as exc:
             raise BrokerUnavailable(f"subscribe not confirmed: {exc.__class__.__name__}") from None
 
-    async def _subscribe(self, key: str) -> None:
+    def _subscribe(self, key: str) -> None:
         nc = self._client()
         handle = self._handle
         if key == ALL_USERS:
@@ -174,12 +173,11 @@ class NatsPubSub:
         await self._client().confirm(self._confirm_timeout)
         replies.answered(number)
 
-    async def _unsubscribe(self, key: str) -> None:
+    def _unsubscribe(self, key: str) -> None:
         sub = self._subs.pop(key, None)
         nc = self._link.nc
         if sub is not None and nc is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await nc.unsubscribe_direct(sub)
+            nc.unsubscribe_soon(sub)
 
     def _handle(self, channel: Channel | None, data: bytes, headers: dict[str, str] | None) -> None:
         self._stats.messages_received += 1
@@ -215,9 +213,8 @@ class NatsPubSub:
         await nc.publish(self._subjects.live_subject(channel), payload, headers=_headers(event, sender) or None)
 
     async def close(self) -> None:
-        """Drop the subscriptions (briefly: NATS may be gone) and stop repairing."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._interest.release_all(), timeout=1.0)
+        """Drop the subscriptions (their UNSUBs queued: nothing waits on NATS) and stop repairing."""
+        self._interest.release_all()
         self.sequencer.close()
 
 

@@ -39,10 +39,10 @@ class MemoryStream:
         self.stats = BrokerStats()
         self.available = True
 
-    async def _acquire(self, key: str) -> None:
+    def _acquire(self, key: str) -> None:
         self.subscribed.add(key)
 
-    async def _release(self, key: str) -> None:
+    def _release(self, key: str) -> None:
         self.subscribed.discard(key)
 
     def check(self) -> None:
@@ -62,13 +62,13 @@ class MemoryPubSub:
         self._keys: dict[str, int] = {}  # msg id → sequence (no window: a test's life is short)
 
     async def want(self, channel: Channel) -> None:
-        await self._stream.interest.want(channel)
+        self._stream.interest.want(channel)
 
     async def live(self, position: int | None = None) -> None:
         pass  # an interest is live once wanted
 
     async def unwant(self, channel: Channel) -> None:
-        await self._stream.interest.unwant(channel)
+        self._stream.interest.unwant(channel)
 
     async def publish(
         self, channel: Channel, payload: bytes, event: str | None = None, sender: str | None = None
@@ -244,4 +244,4 @@ class MemoryBroker:
         return s.stats
 
     async def close(self) -> None:
-        await self._stream.interest.release_all()
+        self._stream.interest.release_all()
