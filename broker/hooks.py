@@ -32,7 +32,7 @@ from .base import BrokerUnavailable
 from .channels import Subjects, channel_id, event_of, is_user
 from .coalesce import Fresh
 from .hook_message import Backlog, HookMessage
-from .kv import key_token, live_keys
+from .kv import key_token, leader_reads, live_keys
 from .link import close_quietly
 from .readmark import decode, stream_id, trusted
 from .redact import redacted_urls
@@ -299,7 +299,7 @@ class HookSource:
         if kv is None:
             assert self._js is not None
             try:
-                kv = self._buckets[name] = await self._js.key_value(f"{self._stream}_{name}")
+                kv = self._buckets[name] = leader_reads(await self._js.key_value(f"{self._stream}_{name}"))
             except nats.js.errors.NotFoundError:
                 return None
         return kv

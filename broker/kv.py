@@ -46,11 +46,23 @@ def from_key_token(token: str) -> str:
 
 
 async def bind_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    """The bucket if it exists (another node made it), else a new one."""
+    """The bucket if it exists (another node made it), else a new one; read
+    from its leader either way (``leader_reads``)."""
     try:
-        return await js.key_value(config.bucket)
+        return leader_reads(await js.key_value(config.bucket))
     except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(config)
+        return leader_reads(await js.create_key_value(config))
+
+
+def leader_reads(kv: KeyValue) -> KeyValue:
+    """``kv`` with its gets asked of the stream's leader (``STREAM.MSG.GET``),
+    even if the bucket allows direct gets (nats.go and the nats CLI make
+    buckets so; Herald does not). A direct get may be answered by a copy a
+    write behind the leader (now and then; often after a leader change): a
+    table still holding a connection just counted out refuses a user under
+    their limit, a read position behind hands read messages out again."""
+    kv._direct = False  # what nats-py's get chooses by; Bucket follows it too
+    return kv
 
 
 class Bucket:
@@ -62,7 +74,7 @@ class Bucket:
 
     def __init__(self, link: NatsLink, kv: KeyValue, timeout: float) -> None:
         # The bucket's stream and key prefix, as nats-py's KeyValue keeps them;
-        # direct gets only if the stream allows them (nats-py's rule).
+        # direct gets only if ``kv`` asks them (never once bind_bucket bound it).
         self._prefix = kv._pre
         self._last = LastMessage(link.replies, kv._stream, timeout, direct=bool(kv._direct), buffered=True)
         self._acks = AckedPublisher(link, kv._stream, timeout, buffered=True)
