@@ -5,7 +5,8 @@ leader: on a 3-server cluster with such buckets, in the second after a
 leader stepdown, about 1 user in 20 at their limit of one connection was
 refused after closing their last one, and 1 read position in 10 was read
 behind what was just stored (its inbox messages handed out again as
-unread). Seen on a cluster only; here, on one server, the reads' API is checked."""
+unread). Seen on a cluster only (tests/system/test_replica_reads.py); here,
+on one server, the API the reads ask is checked."""
 
 from __future__ import annotations
 
