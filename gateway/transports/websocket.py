@@ -28,6 +28,7 @@ from .ticker import Ticker
 from .wsproto import (
     OP_BINARY,
     OP_CLOSE,
+    OP_PING,
     OP_PONG,
     OP_TEXT,
     PING,
@@ -120,7 +121,20 @@ class WsLink(SocketLink):
                 assert isinstance(payload, Disconnect)
                 self._peer_ended(payload)
                 return
+            if opcode == OP_PING and not self._started:
+                self._pong_now(payload)
+                continue
             self._enqueue(opcode, payload)
+
+    def _pong_now(self, payload: object) -> None:
+        """A ping while the session opens: an open waits for NATS (seconds
+        while it is away), and a client's heartbeat must not give up first.
+        Answered at once, outside the command budget (no session yet), and
+        only while the socket holds nothing unsent (RFC 6455 5.5.3 allows
+        answering only the latest of several pings): a flood cannot grow it."""
+        assert isinstance(payload, bytes)
+        if not self.closing and not self._transport.get_write_buffer_size():
+            self._transport.write(ws_frame(payload, OP_PONG))
 
     def _peer_ended(self, reason: Disconnect) -> None:
         """The client sent its close frame or broke the protocol (or a limit):

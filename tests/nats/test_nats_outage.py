@@ -23,6 +23,7 @@ from broker.embedded import NatsServer, free_port
 
 from ..helpers import (
     PUBLISH_HEADERS,
+    RawWsClient,
     RunningNode,
     SseClient,
     expect_close,
@@ -323,6 +324,26 @@ async def test_streams_refused_while_nats_is_away_are_refusals_not_connections(
     }
     for transport in ("ws", "sse"):
         assert during[f'herald_connections{{transport="{transport}"}}'] == 0
+
+
+async def test_a_websocket_being_opened_while_nats_is_away_answers_pings(
+    own_nats: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """docs/protocol.md 3.5: the node answers a ping with a pong, also before
+    the welcome. An open waits for NATS (up to nats.publish_timeout, more in a
+    cluster whose JetStream is electing): its pings went unanswered, and a
+    client pinging every 5 s (aiohttp's heartbeat) gave up with 1006 before the
+    node's 1013 came."""
+    node: RunningNode = await node_factory(nats_url=own_nats.url, nats={"reconnect_wait": 0.2})
+    own_nats.stop()
+    await wait_for(lambda: status_is(http, node.url + "/readyz", 503), timeout=5)
+    client = await RawWsClient.connect(f"{node.ws_url}?token={token('w')}&room=r")
+    try:
+        client.send_frame(0x9, b"still there?")
+        assert await client.frame(timeout=2) == (0xA, b"still there?")
+        assert await client.messages_until_close() == ([], 1013)
+    finally:
+        client.close()
 
 
 async def test_streams_refused_while_nats_is_away_log_no_line_each(
