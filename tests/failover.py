@@ -1,6 +1,7 @@
 """Clients and a publisher for failure tests: subscribers that stay subscribed
 through node and NATS failures the way herald.js does (resume from the last id,
-honour reconnect hints), and a steady publisher that records every acked id.
+honour reconnect hints) or drop their connection on demand (a network blip),
+and a steady publisher that records every acked id.
 After the run, each subscriber must hold exactly the ids published to its
 room, once and in order."""
 
@@ -9,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -39,7 +43,10 @@ class Subscriber:
     # Opens refused before a welcome / stream: "ws <close code> <reason>", "sse <status>", "ws <status>".
     refused: list[str] = field(default_factory=list)
     resets: int = 0
+    dropped: list[float] = field(default_factory=list)  # monotonic time of every drop()
     _stop: bool = False
+    _hang_up: Callable[[], None] | None = None  # ends the open connection from this side
+    _away_until: float = 0.0  # monotonic time before which a dropped client does not reconnect
 
     @property
     def connected(self) -> bool:
@@ -61,13 +68,26 @@ class Subscriber:
                 elif isinstance(exc, aiohttp.WSServerHandshakeError):
                     self.refused.append(f"ws {exc.status}")
                 attempt += 1
+            self._hang_up = None
             if self._stop:
                 return
             # Like herald.js: the server's hint, else full-jitter backoff (short here).
-            await asyncio.sleep(wait / 1000 if wait is not None else random.uniform(0, min(1.0, 0.05 * 2**attempt)))
+            backoff = wait / 1000 if wait is not None else random.uniform(0, min(1.0, 0.05 * 2**attempt))
+            await asyncio.sleep(max(backoff, self._away_until - time.monotonic()))
 
     def stop(self) -> None:
         self._stop = True
+
+    def drop(self, offline: float) -> bool:
+        """Lose the open connection as on a network blip (the socket shut on
+        this side, no close frame) and stay away ``offline`` seconds; then
+        reconnect as always, from the last id. False if none was open."""
+        if not self.connected or self._hang_up is None:
+            return False
+        self.dropped.append(time.monotonic())
+        self._away_until = time.monotonic() + offline
+        self._hang_up()
+        return True
 
     def _record(self, frame_id: str | None, data: Any) -> None:
         if frame_id is not None:
@@ -96,6 +116,7 @@ class Subscriber:
                 kind = frame.get("type")
                 if kind == "welcome":
                     welcomed = True
+                    self._hang_up = partial(_shut, ws.get_extra_info("socket"))
                     self.opened.append(time.monotonic())
                     self.resumed.append(since)
                 elif kind == "message" and frame.get("channel") == f"room:{self.room}":
@@ -115,8 +136,9 @@ class Subscriber:
         params = {"token": token(self.user, rooms=["*"]), "room": self.room}
         async with http.get(self.base + "/sse", params=params, headers=headers, timeout=_NO_TIMEOUT) as resp:
             if resp.status != 200:
-                self.refused.append(f"sse {resp.status}")
+                self.refused.append(f"sse {resp.status} {await _error_code(resp)}".strip())
                 raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
+            self._hang_up = resp.close
             self.opened.append(time.monotonic())
             self.resumed.append(since)
             sse = SseClient(resp)
@@ -134,6 +156,22 @@ class Subscriber:
 
 
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_read=None)
+
+
+def _shut(sock: socket.socket | None) -> None:
+    """A WebSocket's socket shut under aiohttp: its reader sees the end at once."""
+    if sock is not None:
+        with suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+async def _error_code(resp: aiohttp.ClientResponse) -> str:
+    """The ``error`` of a refusal's JSON body; empty if it has none (a proxy's page)."""
+    with suppress(aiohttp.ClientError, ValueError):
+        body = await resp.json(content_type=None)
+        if isinstance(body, dict):
+            return str(body.get("error", ""))
+    return ""
 
 
 @dataclass

@@ -3,7 +3,9 @@ stream, 3 Herald nodes, nginx in front): 300 clients, WebSocket and SSE mixed,
 in 10 rooms, a publisher at a steady rate through NATS. A gateway node is
 SIGKILLed, one is drained with SIGTERM, a nats-server is SIGKILLed, all of NATS
 goes away: every client ends with every acked message of its room, once, in
-order. Figures go to artifacts/cluster/<test>.json."""
+order. The NATS faults end no stream: there, a share of the clients drops its
+connection during and after the fault, so that resuming is tested there too.
+Figures go to artifacts/cluster/<test>.json."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from ops.cluster import HOST, NAMES, Cluster, Ports, ours, wait_http, wait_meta
 
 from ..browser import ARTIFACTS
 from ..failover import SteadyPublisher, Subscriber, check_delivery, p99_latency
-from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, PUBLISH_KEY, ROOT, SECRET, free_base, wait_for
+from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, PUBLISH_KEY, ROOT, SECRET, free_base, scrape, wait_for
 
 # A cluster of 7 processes, shared by the tests, and 300 clients per test (make test runs them one at
 # a time: tests/conftest.py).
@@ -41,6 +43,8 @@ pytestmark = pytest.mark.slow
 CLIENTS = int(os.environ.get("HERALD_FAILOVER_CLIENTS", "300"))
 ROOMS = 10
 RATE = 40.0  # messages/s over all rooms
+# Flow.drop: a seventh of the clients at a time (odd: WS and SSE alternate; prime to ROOMS: every room).
+DROP_EVERY = 7
 
 
 @dataclass
@@ -98,6 +102,32 @@ class RunningCluster:
         self.marks = {log.name: log.stat().st_size for log in self.cluster.logs.glob("*.log")}
 
 
+@dataclass
+class Flow:
+    """A scenario's clients and publisher, for a fault that acts on them too."""
+
+    subs: list[Subscriber]
+    publisher: SteadyPublisher
+    dropped: list[Subscriber] = field(default_factory=list)
+
+    def drop(self, offset: int, offline: float = 1.0) -> list[Subscriber]:
+        """Every DROP_EVERY-th client from ``offset`` (WS and SSE alike, every
+        room) loses its connection as on a network blip and comes back
+        ``offline`` seconds later, through the load balancer, from its last id."""
+        dropped = [s for s in self.subs[offset::DROP_EVERY] if s.drop(offline)]
+        self.dropped += dropped
+        return dropped
+
+    async def published(self, n: int, timeout: float = 30) -> None:
+        """Until ``n`` more messages are acked: publishing got through the fault."""
+
+        def acked() -> int:
+            return sum(len(ids) for ids in self.publisher.sent.values())
+
+        start = acked()
+        await wait_for(lambda: acked() >= start + n, timeout=timeout, interval=0.05)
+
+
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as answer:
@@ -153,12 +183,13 @@ async def run_scenario(
     name: str,
     c: RunningCluster,
     http: aiohttp.ClientSession,
-    fault: Callable[[], Awaitable[None]],
+    fault: Callable[[Flow], Awaitable[None]],
     after: float = 4.0,
-) -> tuple[list[Subscriber], dict[str, Any]]:
-    """Clients connect, publishing starts, ``fault`` happens, publishing goes
-    on for ``after`` seconds; returns once every client holds what its room got
-    (or after 40 s), with the figures (also written as JSON)."""
+) -> tuple[Flow, dict[str, Any]]:
+    """Clients connect, publishing starts, ``fault`` happens (it may drop
+    clients too), publishing goes on for ``after`` seconds; returns once every
+    client holds what its room got (or after 40 s), with the figures (also
+    written as JSON)."""
     tag = uuid.uuid4().hex[:6]
     subs = [Subscriber(c.lb, ("ws", "sse")[i % 2], f"{tag}u{i}", f"{tag}r{i % ROOMS}") for i in range(CLIENTS)]
     tasks = [asyncio.create_task(s.run(http)) for s in subs]
@@ -174,10 +205,11 @@ async def run_scenario(
                 return str(await pub.publish(channel, data))
 
             publisher = SteadyPublisher(publish, rooms, RATE)
+            flow = Flow(subs, publisher)
             publishing = asyncio.create_task(publisher.run())
             await asyncio.sleep(2.0)
             t0, wall0 = time.monotonic(), time.time()
-            await fault()
+            await fault(flow)
             fault_s = time.monotonic() - t0
             await asyncio.sleep(after)
             publisher.stop()
@@ -193,6 +225,8 @@ async def run_scenario(
         waits = sorted(t - t0 for t in reopened if t is not None)
         # The clients the fault did not touch: does the others' reconnect storm slow them down?
         untouched = [s for s in subs if not any(t > t0 for t in s.opened)]
+        # A dropped client is back once it opened again after its drop, resuming from a position.
+        back = [s for s in flow.dropped if s.opened[-1] > s.dropped[-1] and s.resumed[-1] is not None]
         figures: dict[str, Any] = {
             "clients": CLIENTS,
             "published": sum(len(v) for v in publisher.sent.values()),
@@ -202,6 +236,8 @@ async def run_scenario(
             "reconnect_p50_s": round(waits[len(waits) // 2], 3) if waits else None,
             "reconnect_max_s": round(waits[-1], 3) if waits else None,
             "fault_s": round(fault_s, 3),
+            "dropped": len(flow.dropped),
+            "dropped_back_resumed": len(back),
             "untouched_p99_ms_before": p99_latency(untouched, wall0 - 2, wall0),
             "untouched_p99_ms_during_2s": p99_latency(untouched, wall0, wall0 + 2),
             "caught_up_after_last_publish_s": round(time.monotonic() - stopped, 3),
@@ -216,7 +252,7 @@ async def run_scenario(
     out = ARTIFACTS / "cluster"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
-    return subs, figures
+    return flow, figures
 
 
 def assert_lossless(c: RunningCluster, figures: dict[str, Any], refusals_allowed: bool = False) -> None:
@@ -237,6 +273,12 @@ def assert_lossless(c: RunningCluster, figures: dict[str, Any], refusals_allowed
         )
 
 
+def assert_resumed(figures: dict[str, Any]) -> None:
+    """Flow.drop's clients (two groups) all came back, each from its last id."""
+    dropped, back = figures["dropped"], figures["dropped_back_resumed"]
+    assert dropped >= 2 * (CLIENTS // DROP_EVERY) and back == dropped, figures
+
+
 def nginx_summary(c: RunningCluster) -> str:
     """What nginx answered (path, status, the nodes tried with their statuses)
     and its error lines, counted: whether clients were kept out, and why."""
@@ -254,7 +296,7 @@ def nginx_summary(c: RunningCluster) -> str:
 
 
 async def test_sigkill_of_a_gateway_node_loses_nothing(cluster: RunningCluster, many: aiohttp.ClientSession) -> None:
-    async def fault() -> None:
+    async def fault(_: Flow) -> None:
         cluster.kill("node2")
 
     _, figures = await run_scenario("kill-node", cluster, many, fault)
@@ -265,23 +307,29 @@ async def test_sigkill_of_a_gateway_node_loses_nothing(cluster: RunningCluster, 
 async def test_sigterm_drain_under_load_only_1012_or_stream_end(
     cluster: RunningCluster, many: aiohttp.ClientSession
 ) -> None:
-    async def fault() -> None:
+    async def fault(_: Flow) -> None:
         cluster.kill("node1", signal.SIGTERM)
 
-    subs, figures = await run_scenario("drain-node", cluster, many, fault)
+    flow, figures = await run_scenario("drain-node", cluster, many, fault)
     assert_lossless(cluster, figures)
-    ends = [e for s in subs for e in s.ends]
+    ends = [e for s in flow.subs for e in s.ends]
     assert ends, "node1 had no clients"
     bad = [e for e in ends if not (e.startswith("ws 1012 node restarting") or e == "sse end")]
     assert bad == [], bad[:10]
 
 
 async def test_sigkill_of_a_nats_server_loses_nothing(cluster: RunningCluster, many: aiohttp.ClientSession) -> None:
-    async def fault() -> None:
-        cluster.kill("nats2")
+    """The streams ride it out; clients that drop meanwhile resume from their last id."""
 
-    _, figures = await run_scenario("kill-nats", cluster, many, fault)
+    async def fault(flow: Flow) -> None:
+        cluster.kill("nats2")
+        flow.drop(0)  # while the stream may have no leader: their resumes wait for one
+        await flow.published(10)
+        flow.drop(3)  # while messages flow: what they miss only their resume brings
+
+    _, figures = await run_scenario("kill-nats", cluster, many, fault, after=3.0)
     assert_lossless(cluster, figures)
+    assert_resumed(figures)
 
 
 async def test_all_of_nats_down_then_back(cluster: RunningCluster, many: aiohttp.ClientSession) -> None:
@@ -294,23 +342,56 @@ async def test_all_of_nats_down_then_back(cluster: RunningCluster, many: aiohttp
                 out.append(resp.status)
         return out
 
-    async def fault() -> None:
+    async def refused() -> Counter[str]:
+        """herald_connections_refused_total of every node, by reason and transport."""
+        out: Counter[str] = Counter()
+        for base in nodes:
+            metrics = await scrape(many, base)
+            out.update({k: v for k, v in metrics.items() if k.startswith("herald_connections_refused_total{")})
+        return out
+
+    during: list[Subscriber] = []
+    refused_before: Counter[str] = Counter()
+
+    async def fault(flow: Flow) -> None:
+        refused_before.update(await refused())
         for i in range(3):
             cluster.kill(f"nats{i + 1}")
         await wait_for(lambda: _all(statuses("/readyz"), 503), timeout=10, interval=0.1)
+        # These try to come back at once, and again: no node can open a stream.
+        during.extend(flow.drop(0, offline=0.2))
         body = {"channel": "room:x", "data": 1}
         async with many.post(cluster.lb + "/api/publish", json=body, headers=PUBLISH_HEADERS) as resp:
             assert resp.status == 503
             assert (await resp.json())["error"] == "unavailable"
         assert await statuses("/healthz") == [200, 200, 200]  # no crash
+        # An open waits for NATS (nats.publish_timeout, 5 s) before its refusal.
+        ws = [s for s in during if s.transport == "ws"]
+        await wait_for(lambda: all(s.refused for s in ws), timeout=15, interval=0.1)
         for i in range(3):
             cluster.restart_nats(i)
         await wait_for(lambda: _all(statuses("/readyz"), 200), timeout=30, interval=0.2)
+        flow.drop(3)  # right after, while messages flow again: what they miss only their resume brings
 
-    _, figures = await run_scenario("all-nats-down", cluster, many, fault)
+    flow, figures = await run_scenario("all-nats-down", cluster, many, fault, after=3.0)
     # What was published while NATS was down was refused (and retried by the
     # publisher until acked); what was acked reached everyone.
     assert_lossless(cluster, figures, refusals_allowed=True)
+    assert_resumed(figures)
+    # docs/protocol.md 13: an open stream is not closed for NATS being away (the
+    # node fetches what it missed once NATS is back); one opening meanwhile is
+    # refused, WebSocket close 1013, SSE 503 `unavailable` (nginx tries the
+    # next node on a 503: the client may see the third node's answer), and
+    # resumes once NATS is back (assert_resumed).
+    kept = [s for s in flow.subs if s not in flow.dropped]
+    assert [(s.user, s.ends) for s in kept if s.ends] == [], "a stream ended while NATS was away"
+    refusals = Counter(r for s in during for r in s.refused)
+    assert set(refusals) <= {"ws 1013 broker unavailable: try again", "sse 503 unavailable"}, refusals
+    by_nodes = await refused() - refused_before
+    assert set(by_nodes) == {
+        'herald_connections_refused_total{reason="unavailable",transport="ws"}',
+        'herald_connections_refused_total{reason="unavailable",transport="sse"}',
+    }, by_nodes
 
 
 async def _all(statuses: Awaitable[list[int]], wanted: int) -> bool:
