@@ -18,11 +18,9 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
-import nats
 import nats.errors
 import nats.js.errors
 import orjson
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
@@ -31,6 +29,7 @@ from nats.js.kv import KeyValue
 from .base import BrokerUnavailable
 from .channels import Subjects, channel_id, event_of, is_user
 from .coalesce import Fresh
+from .dispatch import DispatchingClient
 from .hook_message import Backlog, HookMessage
 from .kv import key_token, leader_reads, live_keys
 from .link import close_quietly
@@ -72,7 +71,7 @@ class HookSource:
         self.consumer = f"{stream}_hooks"
         self.dead_stream = f"{stream}_HOOKS_DEAD"
         self.dead_subject = f"_herald.{stream}.hooks.dead"
-        self._nc: Client | None = None
+        self._nc: DispatchingClient | None = None
         self._js: JetStreamContext | None = None
         self._acks: set[asyncio.Task[None]] = set()
         self._buckets: dict[str, KeyValue] = {}  # the nodes' KV buckets, bound (see _bucket)
@@ -103,6 +102,7 @@ class HookSource:
         start it again, instead of waiting unready for a reconnect that never comes."""
         if not self._closing and self._nc is not None:
             self._closed_for_good = f"NATS connection closed for good ({self._nc.last_error or 'no error given'})"
+            self._nc.fail_requests()  # no answer comes now: the waits end here, not at their timeouts
 
     def _check_open(self) -> None:
         if self._closed_for_good is not None:
@@ -119,10 +119,11 @@ class HookSource:
         delay = 0.5
         while self._nc is None:
             try:
-                self._nc = await nats.connect(
+                nc = DispatchingClient()  # as the node's: fail_requests on a close for good
+                await nc.connect(
                     list(self._urls),
                     name="herald-hooks",
-                    connect_timeout=self._connect_timeout,
+                    connect_timeout=self._connect_timeout,  # type: ignore[arg-type]  # nats-py waits a float as well
                     max_reconnect_attempts=-1,  # once connected, nats-py reconnects by itself
                     reconnect_time_wait=1,
                     allow_reconnect=True,
@@ -130,6 +131,7 @@ class HookSource:
                     disconnected_cb=self._lost,
                     closed_cb=self._closed,
                 )
+                self._nc = nc
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 warn("connect", "webhook dispatcher cannot reach NATS at %s (%r): retrying", self._shown_urls, exc)
                 await asyncio.sleep(delay)

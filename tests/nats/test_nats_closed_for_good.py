@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import nats
 import pytest
+from nats.js.api import KeyValueConfig
 
 from broker import BrokerUnavailable
 from broker.embedded import NatsServer
@@ -23,7 +24,7 @@ from broker.publisher import NatsPublisher
 from gateway.hooks import Dispatcher
 from gateway.settings import with_overrides
 
-from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, SECRET, make_settings, start_node, wait_for
+from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, SECRET, api_publish, make_settings, start_node, wait_for
 
 # Fewer than a node or a dispatcher takes; the test adds its own past it.
 MAX_SUBSCRIPTIONS = 40
@@ -141,5 +142,49 @@ async def test_a_history_page_waiting_on_jetstream_fails_at_once_when_nats_close
                 assert resp.status == 503, await resp.text()
         assert answered < 1.0, f"the page was answered {answered:.1f}s after NATS closed the connection"
     finally:
+        await nc.close()
+        await node.stop()
+
+
+async def test_the_dispatchers_waiting_requests_fail_at_once_when_nats_closed_it(limited_server: NatsServer) -> None:
+    """The dispatcher's own requests waiting on NATS (a KV read, STREAM.INFO,
+    CONSUMER.INFO) waited out their timeout (5 s) once NATS had closed its
+    connection for good, and ``herald hooks`` exited only after them."""
+    hooks = {"url": "http://127.0.0.1:9/", "secret": SECRET, "offline_after": 0.0, "timeout": 10.0}
+    settings = with_overrides(make_settings(limited_server.url), hooks=hooks)
+    node = await start_node(settings)
+    dispatcher = Dispatcher(settings)
+    task = asyncio.create_task(dispatcher.run())
+    nc = await nats.connect(limited_server.url)
+    try:
+        await wait_for(lambda: dispatcher.source.ready, timeout=15)
+        # The nodes' conns bucket, made again with direct gets (a request any subscriber can hear), bound.
+        js, bucket = nc.jetstream(), f"{settings.stream.name}_conns"
+        conns = f"KV_{bucket}"
+        await js.delete_stream(conns)
+        await js.create_key_value(KeyValueConfig(bucket=bucket, direct=True))
+        assert not await dispatcher.source.online("bob")
+        # No bucket to answer the next online()'s direct get, but a subscriber
+        # that hears it (no "no responders"): it waits, as one does when NATS closes mid-way.
+        await js.delete_stream(conns)
+        asked = asyncio.Event()
+
+        async def heard(_: object) -> None:
+            asked.set()
+
+        await nc.subscribe(f"$JS.API.DIRECT.GET.{conns}.>", cb=heard)
+        await nc.flush()
+        async with aiohttp.ClientSession() as http:
+            await api_publish(http, node, "user:bob", {"text": "held"})
+        await asyncio.wait_for(asked.wait(), timeout=10)
+        started = time.monotonic()
+        await exceed_subscriptions(dispatcher.source._nc)
+        with pytest.raises(BrokerUnavailable, match=r"closed for good"):
+            await asyncio.wait_for(task, timeout=15)
+        ended = time.monotonic() - started
+        assert ended < 2.5, f"the dispatcher ended {ended:.1f}s after NATS closed its connection"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         await nc.close()
         await node.stop()
