@@ -12,8 +12,8 @@ through nats-py as usual.
 This relies on nats-py internals — ``Client._process_msg``, ``_sid``,
 ``_subs``, ``_send_subscribe``, ``_flush_pending`` and the attributes its
 reconnect and close read from a subscription — checked at import, and on
-``_resp_map`` (its requests' futures, see ``fail_requests``); the
-version range is pinned in setup.cfg and the suite's reconnect tests cover it.
+``_resp_map`` and ``_pongs`` (its requests' and flushes' futures, see
+``fail_requests``); the version range is pinned in setup.cfg and the suite's reconnect tests cover it.
 """
 
 from __future__ import annotations
@@ -168,9 +168,11 @@ class DispatchingClient(Client):
 
     def fail_requests(self) -> None:
         """The connection is closed for good: no answer comes to a request
-        nats-py waits on (JetStream's API, KV, a direct get). Each fails now
-        with ConnectionClosedError, as one made now would, not at its timeout."""
-        for future in list(self._resp_map.values()):
+        nats-py waits on (JetStream's API, KV, a direct get), nor a PONG to a
+        flush's PING (nats-py's close stops its reader, and a PONG not read
+        by then never is: confirm). Each fails now with ConnectionClosedError,
+        as one made now would, not at its timeout."""
+        for future in [*self._resp_map.values(), *self._pongs]:
             if not future.done():
                 future.set_exception(ConnectionClosedError())
                 future.exception()  # read: a request whose PUB failed never awaits its future

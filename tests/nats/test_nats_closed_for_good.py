@@ -9,6 +9,7 @@ the server's max_subscriptions): the one way to single out one client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +39,13 @@ def limited_server(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
 
 
-async def exceed_subscriptions(nc: object) -> None:
-    """Make the server answer ``nc`` -ERR "maximum subscriptions exceeded"."""
+async def exceed_subscriptions(nc: object, closed: bool = True) -> None:
+    """Make the server answer ``nc`` -ERR "maximum subscriptions exceeded"
+    (and, if ``closed``, wait until nats-py closed the connection for it)."""
     for n in range(MAX_SUBSCRIPTIONS + 1):
         await nc.subscribe(f"past.limit.{n}")  # type: ignore[attr-defined]
-    await wait_for(lambda: nc.is_closed, timeout=5)  # type: ignore[attr-defined]
+    if closed:
+        await wait_for(lambda: nc.is_closed, timeout=5)  # type: ignore[attr-defined]
 
 
 async def test_nats_publisher_connects_anew_after_nats_closed_it(limited_server: NatsServer) -> None:
@@ -188,3 +191,87 @@ async def test_the_dispatchers_waiting_requests_fail_at_once_when_nats_closed_it
         await asyncio.gather(task, return_exceptions=True)
         await nc.close()
         await node.stop()
+
+
+class HeldReplies:
+    """A TCP relay to nats-server whose server-to-client bytes can be held
+    (``hold``) and let through up to the end of a line (``release_through``):
+    a client then reads the server's -ERR but not what the server sent after it."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.held: bytearray | None = None  # None: forwarding
+        self._writers: list[asyncio.StreamWriter] = []  # to the client, per connection
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def hold(self) -> None:
+        self.held = bytearray()
+
+    def release_through(self, marker: bytes) -> None:
+        """Forward what is held up to the end of the line with ``marker``; hold the rest."""
+        assert self.held is not None and len(self._writers) == 1
+        end = self.held.index(b"\n", self.held.index(marker)) + 1
+        self._writers[0].write(bytes(self.held[:end]))
+        del self.held[:end]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers.append(writer)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, holds: bool) -> None:
+            with contextlib.suppress(OSError):
+                while data := await r.read(65536):
+                    if holds and self.held is not None:
+                        self.held += data
+                    else:
+                        w.write(data)
+
+        try:
+            await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+        finally:
+            self._writers.remove(writer)
+            writer.transport.abort()
+            up_w.transport.abort()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+
+async def test_a_flush_waiting_for_its_pong_fails_at_once_when_nats_closed_the_node(
+    limited_server: NatsServer,
+) -> None:
+    """A subscribe's confirmation (a PING/PONG round trip: DispatchingClient.confirm)
+    whose PONG had not been read when NATS closed the connection for good
+    waited out its timeout (nats.publish_timeout) for a PONG nats-py would
+    never read, holding the connect that made it as long."""
+    relay = HeldReplies(limited_server.port)
+    await relay.start()
+    settings = make_settings(relay.url, nats={"publish_timeout": 5.0})
+    node = await start_node(settings)
+    try:
+        nc = node.node.broker._link.nc  # type: ignore[attr-defined]
+        relay.hold()
+        await exceed_subscriptions(nc, closed=False)  # the server's -ERR, held
+        confirm = asyncio.create_task(nc.confirm(5))  # its PONG comes after the -ERR, held too
+        await wait_for(lambda: relay.held is not None and b"PONG" in relay.held.partition(b"-ERR")[2], timeout=5)
+        started = time.monotonic()
+        relay.release_through(b"-ERR")
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await asyncio.wait_for(confirm, timeout=10)
+        failed = time.monotonic() - started
+        assert failed < 1.0, f"the flush failed {failed:.1f}s after NATS closed the connection"
+    finally:
+        await node.stop()
+        await relay.stop()
