@@ -82,7 +82,6 @@ class HookSource:
         self._waited = False  # the stream was missing at some point while this dispatcher ran
         self._incarnation: str | None = None  # the stream's, when the consumer was last found or made
         self._closing = False  # close() under way: the disconnect it causes is no loss
-        self._closed_for_good: str | None = None  # why nats-py closed the connection (it will not reconnect)
         self._clock = ServerClock()  # nats-server's: ages are judged on the clock that stamped the messages
         self.now = self._clock.now
 
@@ -101,12 +100,14 @@ class HookSource:
         BrokerUnavailable, and ``herald hooks`` exits 1 for its supervisor to
         start it again, instead of waiting unready for a reconnect that never comes."""
         if not self._closing and self._nc is not None:
-            self._closed_for_good = f"NATS connection closed for good ({self._nc.last_error or 'no error given'})"
             self._nc.fail_requests()  # no answer comes now: the waits end here, not at their timeouts
 
     def _check_open(self) -> None:
-        if self._closed_for_good is not None:
-            raise BrokerUnavailable(self._closed_for_good)
+        # Read from the client, not set by _closed: nats-py marks itself closed
+        # first and calls closed_cb last, after what it cut off has failed.
+        nc = self._nc
+        if nc is not None and nc.is_closed and not self._closing:
+            raise BrokerUnavailable(f"NATS connection closed for good ({nc.last_error or 'no error given'})")
 
     async def _nats_error(self, exc: Exception) -> None:
         # nats-py retries the first connect too (max_reconnect_attempts=-1) and says so only here.
@@ -250,6 +251,7 @@ class HookSource:
                     continue
                 msgs = []  # quiet for a while: make sure the consumer is still there
             except nats.errors.Error as exc:  # disconnected (nats-py reconnects), or the consumer is gone
+                self._check_open()  # or NATS closed the connection: no pause first
                 log.warning("fetching webhook messages failed: %r", exc)
                 await asyncio.sleep(1.0)
                 msgs = []
