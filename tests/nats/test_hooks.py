@@ -767,7 +767,9 @@ async def test_waits_for_offline_after_hold_no_place_in_max_ack_pending(
     rate = 799 / (receiver.times[-1] - receiver.times[0])
     print(f"POSTed {rate:.0f}/s, {min(waited):.2f} to {max(waited):.2f} s after publishing, held at most {max(held)}")
     assert sorted(receiver.ids(), key=int) == sorted(published, key=int)  # each once
-    assert min(waited) > 0.9 and max(waited) < 2.0  # none before offline_after, none held up
+    # None before offline_after; none held up: at the consumer's limit (the defect), 800 took 8 s to
+    # hand out. Not 2 s: on two busy cores the POSTs alone ran at 160-215/s (3.0-3.9 s seen).
+    assert min(waited) > 0.9 and max(waited) < 5.0
     assert max(held) <= 40  # fetched + in flight (2 x concurrency), not rate x offline_after (400)
 
 
