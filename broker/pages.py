@@ -10,16 +10,19 @@ the subject fills the stream, then one read that starts where the page
 should (rarely a second one, when the estimate was off).
 
 Direct gets may be answered by any replica of the stream, which may be a
-moment behind its leader: a page can miss the very newest messages, never
-reorder or invent any. Pages are for showing history; a replay reads with
-the same gets only up to a sequence the leader named, and checks it got
-there (store.py).
+write or more behind its leader (ADR-31). A page is read against the
+subject's last sequence as the leader said it when the page was asked: a
+read whose copy ends before that one is a copy behind, and the rest is read
+as a replay reads it, up to that sequence (store.py ``_fetch``: a direct get
+again, else a consumer that waits for its copy). So a page misses nothing the
+leader held, and a client's welcome position, then a page, leave no message
+out; with a copy up to date, a page costs no more reads than the direct gets.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -103,20 +106,49 @@ def _stored(data: bytes, headers: dict[str, str], channel: Channel) -> Stored:
     return Stored(delivery, int(headers.get("Nats-Num-Pending", 0)))
 
 
+# The subject's messages after a sequence, oldest first, up to at least
+# another (the leader's last), whichever copy of the stream holds them.
+ReadUpTo = Callable[[int, int], Awaitable[list[Delivery]]]
+
+
 class Pager:
     """Reads pages of one subject's history."""
 
-    def __init__(self, reader: DirectReader, subject: str, channel: Channel) -> None:
+    def __init__(self, reader: DirectReader, subject: str, channel: Channel, read_up_to: ReadUpTo) -> None:
         self._reader = reader
         self._subject = subject
         self._channel = channel
+        self._read_up_to = read_up_to
+        self._last = 0  # the subject's last sequence, as the leader said (page)
+        self._rest: tuple[int, list[Delivery]] | None = None  # what a copy behind lacked: after a sequence
 
-    async def _read(self, start: int, count: int) -> list[Stored]:
-        return await self._reader.read(self._subject, self._channel, start, count)
+    async def _read(self, start: int, count: int, whole: bool = True) -> list[Stored]:
+        """Up to ``count`` of the subject's messages from ``start`` on, as the
+        leader held them (``whole``; else as the copy that answered holds
+        them, for an estimate). A copy that answers without the leader's last
+        message, and with none of the subject's after what it returned
+        (``after`` 0), is behind: the rest is read up to that message."""
+        got = await self._reader.read(self._subject, self._channel, start, count)
+        read_to = got[-1].delivery.seq if got else start - 1
+        if not whole or read_to >= self._last or (got and got[-1].after):
+            return got
+        rest = await self._rest_after(read_to)
+        # Counts as the leader's: the copy's, plus what it lacked.
+        return [Stored(s.delivery, s.after + len(rest)) for s in got] + [
+            Stored(d, len(rest) - 1 - i) for i, d in enumerate(rest[: count - len(got)])
+        ]
+
+    async def _rest_after(self, seq: int) -> list[Delivery]:
+        """The subject's messages after ``seq`` up to the leader's last, read
+        once per page: a later read behind, further on, takes its part."""
+        if self._rest is None or seq < self._rest[0]:
+            self._rest = (seq, await self._read_up_to(seq, self._last))
+        return [d for d in self._rest[1] if seq < d.seq <= self._last]
 
     async def page(self, last: int, before: int | None, limit: int, retention: Retention, now: float) -> list[Delivery]:
         """The newest ``limit`` held messages older than ``before``, oldest
-        first; ``last``: the subject's last sequence (0: it holds nothing).
+        first; ``last``: the subject's last sequence as the stream's leader
+        says it (0: it holds nothing) — the page holds every message up to it.
         Held: among the newest ``retention.max_msgs`` and not older than
         ``retention.max_age`` (nothing a resume could not return).
 
@@ -125,6 +157,7 @@ class Pager:
         is the newest of the messages read up to ``before``, and the read goes
         on until it has passed ``before``, or starts over from the subject's
         oldest message if it began past the page's start."""
+        self._last = last
         end = last + 1 if before is None or before > last else before  # the page is before ``end``
         head = await self._read(1, 1) if last else []
         if not head or end <= head[0].delivery.seq:
@@ -182,7 +215,7 @@ class Pager:
             else:
                 share = (target - low_index) / (high_index - low_index)
                 guess = low_seq + max(1, int((high_seq - low_seq) * share) - 1)
-            probe = await self._read(guess, 1)
+            probe = await self._read(guess, 1, whole=False)  # a copy behind: an estimate all the same
             if not probe:
                 break
             seq, index = probe[0].delivery.seq, total - 1 - probe[0].after

@@ -5,7 +5,9 @@ asked of it first, and the read goes at least that far, whichever copy of a
 replicated stream answers it (the others may be a moment behind). Channels
 with nothing after the position are not read at all; a few messages per
 channel are read with batch direct gets; more, or a copy behind, with a
-snapshot consumer (snapshot.py).
+snapshot consumer (snapshot.py). A history page (pages.py) is read against
+its channel's last sequence from the leader too, and what a copy behind
+lacked is read as a replay reads it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -166,15 +167,18 @@ class NatsHistory:
 
     async def page(self, channel: Channel, before: int | None, limit: int) -> list[Delivery]:
         p = self._place
-        js = self._link.jetstream()
+        self._link.jetstream()  # fails at once while NATS is away
         subject = p.subjects.input_subject(channel)
-        pager = Pager(self._pages, subject, channel)
+
+        async def read_up_to(after_seq: int, reach: int) -> list[Delivery]:
+            return await self._fetch({subject: channel}, after_seq, {subject: reach})
+
+        pager = Pager(self._pages, subject, channel, read_up_to)
         try:
             async with asyncio.timeout(p.replay_timeout):
-                try:
-                    last = int((await js.get_msg(p.stream, subject=subject, direct=True)).seq or 0)
-                except nats.js.errors.NotFoundError:
-                    last = 0
+                # Asked of the leader, as for a replay: the page holds every
+                # message up to it, whichever copy its direct gets read.
+                last = await last_sequence(self._leader, subject)
                 return await pager.page(last, before, limit, p.retention.of(channel), await self._now())
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerUnavailable(f"reading history failed: {exc.__class__.__name__}") from None

@@ -10,6 +10,8 @@ import aiohttp
 import orjson
 import pytest
 
+from broker.pages import Stored
+
 from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, NodeFactory, RunningNode, api_publish, recv_json, token
 
 
@@ -218,3 +220,48 @@ async def test_a_page_asked_while_the_room_gets_messages_is_whole(
         await recv_json(ws)
         page = await ask(ws, {"type": "history", "room": "busy", "limit": 3, "before": published[4]})
     assert ids(page) == published[1:4]
+
+
+@pytest.mark.parametrize("catches_up", [False, True])
+async def test_a_page_read_from_a_copy_behind_holds_what_the_stream_acked(
+    node: RunningNode, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, catches_up: bool
+) -> None:
+    """Direct gets answered by a copy of the stream that lacks the room's two
+    newest messages (a follower a write behind; tests/system/test_replica_reads.py
+    has the real one): the page holds them all the same — read again once
+    the copy has caught up, or through a consumer while it has not. The
+    newest page, and one just before the newest message."""
+    published = await publish_many(http, node, [("room:lag", {"n": i}) for i in range(6)])
+    copy_end, lacking = int(published[3]), 2
+    pages = node.node.broker.history._pages  # type: ignore[attr-defined]
+    real = pages.read
+    behind_reads = 0
+
+    async def read_behind(
+        subject: str, channel: Any, start: int, count: int, timeout: Any = None, patient: Any = None
+    ) -> Any:
+        nonlocal behind_reads
+        got = await real(subject, channel, start, count, timeout, patient)
+        if catches_up and behind_reads >= 2:
+            return got
+        behind_reads += 1
+        return [Stored(s.delivery, s.after - lacking) for s in got if s.delivery.seq <= copy_end]
+
+    history = node.node.broker.history
+    consumer = history._read_consumer  # type: ignore[attr-defined]
+    consumer_reads = 0
+
+    async def count_consumer_read(*args: Any) -> Any:
+        nonlocal consumer_reads
+        consumer_reads += 1
+        return await consumer(*args)
+
+    monkeypatch.setattr(pages, "read", read_behind)
+    monkeypatch.setattr(history, "_read_consumer", count_consumer_read)
+    async with http.ws_connect(node.ws_url, params={"token": token("alice")}) as ws:
+        await recv_json(ws)
+        assert ids(await ask(ws, {"type": "history", "room": "lag", "limit": 10})) == published
+        behind_reads = 0
+        page = await ask(ws, {"type": "history", "room": "lag", "limit": 10, "before": published[5]})
+        assert ids(page) == published[:5]
+    assert bool(consumer_reads) != catches_up  # a copy caught up is read again, no consumer made
