@@ -74,9 +74,9 @@ class Bucket:
 
     def __init__(self, link: NatsLink, kv: KeyValue, timeout: float) -> None:
         # The bucket's stream and key prefix, as nats-py's KeyValue keeps them;
-        # direct gets only if ``kv`` asks them (never once bind_bucket bound it).
+        # read from the leader whatever the bucket allows (see leader_reads).
         self._prefix = kv._pre
-        self._last = LastMessage(link.replies, kv._stream, timeout, direct=bool(kv._direct), buffered=True)
+        self._last = LastMessage(link.replies, kv._stream, timeout, buffered=True)
         self._acks = AckedPublisher(link, kv._stream, timeout, buffered=True)
 
     async def get(self, key: str) -> tuple[bytes | None, int]:

@@ -9,10 +9,12 @@ headers. Asked on every connect (a user's connection count and read position,
 whether the user's channel holds anything new, the welcome's position), so
 they have to be cheap.
 
-Two forms, as nats-py chooses between them: the stream leader's
-``STREAM.MSG.GET`` (never behind), or a direct get (``DIRECT.GET``, ADR-31:
-any replica may answer, possibly from a moment behind) for streams that allow
-it, when such a read is good enough.
+Every lookup is asked of the stream's leader (``STREAM.MSG.GET``, never
+behind). A direct get (``DIRECT.GET``, ADR-31) may be answered by any copy,
+possibly a write behind: a connection table or read position read so would
+refuse a user under their limit or hand read messages out again; pages and
+replays read with direct gets up to what a leader's lookup named (pages.py,
+store.py).
 """
 
 from __future__ import annotations
@@ -82,15 +84,14 @@ async def ask(
 
 
 class LastMessage:
-    """Reads the last message of a subject of one stream."""
+    """Reads the last message of a subject of one stream, from its leader."""
 
-    __slots__ = ("_buffered", "_direct", "_inbox", "_leader_api", "_timeout")
+    __slots__ = ("_api", "_buffered", "_inbox", "_timeout")
 
-    def __init__(self, inbox: ReplyInbox, stream: str, timeout: float, direct: bool, buffered: bool = False) -> None:
+    def __init__(self, inbox: ReplyInbox, stream: str, timeout: float, buffered: bool = False) -> None:
         self._inbox = inbox
         self._timeout = timeout
-        self._direct = f"$JS.API.DIRECT.GET.{stream}." if direct else ""
-        self._leader_api = f"$JS.API.STREAM.MSG.GET.{stream}"
+        self._api = f"$JS.API.STREAM.MSG.GET.{stream}"
         # While NATS reconnects: wait for it (as nats-py's requests do) rather than fail at once.
         self._buffered = buffered
 
@@ -98,11 +99,8 @@ class LastMessage:
         """The last message stored on ``subject``; None if there is none (or
         no such stream: JetStream says 404 for both, as nats-py reads it).
         Raises BrokerUnavailable if no answer comes in time or it is an error."""
-        if self._direct:  # the last_by_subj form that needs no payload (as nats-py asks it)
-            data, headers = await ask(self._inbox, self._direct + subject, b"", self._timeout, self._buffered)
-            return _direct_answer(data, headers)
         request = orjson.dumps({"last_by_subj": subject})
-        data, headers = await ask(self._inbox, self._leader_api, request, self._timeout, self._buffered)
+        data, headers = await ask(self._inbox, self._api, request, self._timeout, self._buffered)
         return _leader_answer(data, headers)
 
 
@@ -135,17 +133,6 @@ async def stream_bounds(
 
 def _unavailable(headers: dict[str, str] | None) -> bool:
     return headers is not None and headers.get("Status") == "503"  # no responders: JetStream is not there
-
-
-def _direct_answer(data: bytes, headers: dict[str, str] | None) -> Stored | None:
-    if _unavailable(headers):
-        raise BrokerUnavailable("no stream answered (is JetStream up?)")
-    status = headers.get("Status") if headers else None
-    if status == "404":
-        return None
-    if headers is None or status is not None or "Nats-Sequence" not in headers:
-        raise LookupFailed(f"direct get failed: {status} {(headers or {}).get('Description', '')}".rstrip())
-    return Stored(int(headers["Nats-Sequence"]), data, headers)
 
 
 def _leader_answer(data: bytes, headers: dict[str, str] | None) -> Stored | None:

@@ -117,7 +117,7 @@ class NatsHistory:
         self._place = place
         self._pages = DirectReader(link, place.stream, place.request_timeout)
         # Buffered while NATS reconnects, as js.get_msg was (within the request timeout).
-        self._leader = LastMessage(link.replies, place.stream, place.request_timeout, direct=False, buffered=True)
+        self._leader = LastMessage(link.replies, place.stream, place.request_timeout, buffered=True)
         # Asked on every connect (the welcome's position, a resume's first
         # sequence): one request shared by a burst of them.
         self._bounds = Fresh(self._ask_bounds)

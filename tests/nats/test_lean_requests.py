@@ -51,7 +51,8 @@ async def link(nats_server: NatsServer) -> AsyncIterator[NatsLink]:
 
 
 async def new_bucket(link: NatsLink, direct: bool = False) -> tuple[KeyValue, Bucket]:
-    """A bucket of the test's own, as nats-py's KeyValue and as the lean Bucket."""
+    """A bucket of the test's own, as nats-py's KeyValue and as the lean Bucket (``direct``: one that
+    allows direct gets, as nats.go makes them: the lean Bucket reads it from the leader all the same)."""
     assert link.js is not None
     name = f"LEAN{uuid.uuid4().hex[:10]}"
     config = KeyValueConfig(bucket=name, history=1, storage=StorageType.MEMORY, direct=direct or None)
@@ -192,7 +193,7 @@ async def test_last_sequence_asks_the_leader_and_reads_404_as_nothing(link: Nats
     assert link.js is not None
     stream = f"LS{uuid.uuid4().hex[:10]}"
     await link.js.add_stream(name=stream, subjects=[f"{stream}.>"], storage=StorageType.MEMORY)
-    leader = LastMessage(link.replies, stream, 2.0, direct=False)
+    leader = LastMessage(link.replies, stream, 2.0)
     assert await last_sequence(leader, f"{stream}.a") == 0
     first = (await link.js.publish(f"{stream}.a", b"1")).seq
     await link.js.publish(f"{stream}.b", b"2")
@@ -201,7 +202,7 @@ async def test_last_sequence_asks_the_leader_and_reads_404_as_nothing(link: Nats
     stored = await leader.get(f"{stream}.a")
     assert stored is not None and (stored.seq, stored.data, stored.headers.get("H")) == (second, b"3", "v")
     # No such stream: 404 as well, read as nothing stored (as nats-py's NotFoundError was).
-    assert await last_sequence(LastMessage(link.replies, "NO_SUCH_STREAM", 2.0, direct=False), "x") == 0
+    assert await last_sequence(LastMessage(link.replies, "NO_SUCH_STREAM", 2.0), "x") == 0
 
 
 async def test_stream_bounds_read_the_leaders_state(link: NatsLink) -> None:
