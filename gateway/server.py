@@ -32,6 +32,7 @@ from broker.tasks import cancel_and_wait
 
 from .app import create_admin_app, create_app
 from .front import FrontRunner
+from .heap import trim_heap_every
 from .keys import FAST_ROUTES, NODE, NODE_API
 from .metrics import Listener
 from .settings import Settings
@@ -124,6 +125,7 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
     runner = app_runner(app, settings)
     await runner.setup()  # connects to NATS; raises BrokerUnavailable
     runners = [runner]
+    stop_trimming = trim_heap_every(asyncio.get_running_loop())
     try:
         http = settings.http
         await listen(runner, settings, reuse_port)
@@ -155,6 +157,7 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
         if failed is not None:
             raise NodeFailed(failed)
     finally:
+        stop_trimming()
         for r in reversed(runners):
             await r.cleanup()
 
