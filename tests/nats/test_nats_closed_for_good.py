@@ -17,7 +17,6 @@ from pathlib import Path
 import aiohttp
 import nats
 import pytest
-from nats.js.api import KeyValueConfig
 
 from broker import BrokerUnavailable
 from broker.embedded import NatsServer
@@ -120,77 +119,65 @@ async def test_a_publish_waiting_for_its_ack_fails_at_once_when_nats_closed_the_
 async def test_a_history_page_waiting_on_jetstream_fails_at_once_when_nats_closed_the_node(
     limited_server: NatsServer,
 ) -> None:
-    """Requests made through nats-py rather than the node's reply inbox (a
-    page's first direct get, a replay's consumer, STREAM.INFO, KV writes)
-    waited out their own timeout (nats.publish_timeout) once NATS had closed
-    the connection for good, and held the drain as long."""
-    settings = make_settings(limited_server.url, nats={"publish_timeout": 5.0})
+    """A page's requests waiting on JetStream (its leader lookup, its direct
+    gets, a consumer's) once NATS had closed the connection for good waited
+    out their timeout (nats.publish_timeout), and held the drain as long."""
+    relay = HeldReplies(limited_server.port)
+    await relay.start()
+    settings = make_settings(relay.url, nats={"publish_timeout": 5.0})
     node = await start_node(settings)
-    nc = await nats.connect(limited_server.url)
     try:
-        # No stream to answer the page's direct get, but a subscriber that hears
-        # it (no "no responders"): it waits, as one does when NATS closes mid-way.
-        await nc.jetstream().delete_stream(settings.stream.name)
-        await nc.subscribe(f"$JS.API.DIRECT.GET.{settings.stream.name}.>")
-        await nc.flush()
         async with aiohttp.ClientSession() as http:
+            await api_publish(http, node, "room:held", 1)
+            relay.hold()
+            await exceed_subscriptions(node.node.broker._link.nc, closed=False)  # type: ignore[attr-defined]
             url = node.url + "/api/history?channel=room:held"
             page = asyncio.ensure_future(http.get(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}))
-            await asyncio.sleep(0.5)
+            # Its lookup's answer comes after the -ERR: held with it.
+            await wait_for(lambda: relay.held is not None and b"MSG " in relay.held.partition(b"-ERR")[2], timeout=5)
             assert not page.done()
             started = time.monotonic()
-            await exceed_subscriptions(node.node.broker._link.nc)  # type: ignore[attr-defined]
+            relay.release_through(b"-ERR")
             async with await page as resp:
                 answered = time.monotonic() - started
                 assert resp.status == 503, await resp.text()
         assert answered < 1.0, f"the page was answered {answered:.1f}s after NATS closed the connection"
     finally:
-        await nc.close()
         await node.stop()
+        await relay.stop()
 
 
 async def test_the_dispatchers_waiting_requests_fail_at_once_when_nats_closed_it(limited_server: NatsServer) -> None:
     """The dispatcher's own requests waiting on NATS (a KV read, STREAM.INFO,
-    CONSUMER.INFO) waited out their timeout (5 s) once NATS had closed its
-    connection for good, and ``herald hooks`` exited only after them."""
+    CONSUMER.INFO: nats-py's) waited out their timeout (5 s) once NATS had
+    closed its connection for good, and ``herald hooks`` exited only after them."""
+    relay = HeldReplies(limited_server.port)
+    await relay.start()
     hooks = {"url": "http://127.0.0.1:9/", "secret": SECRET, "offline_after": 0.0, "timeout": 10.0}
-    settings = with_overrides(make_settings(limited_server.url), hooks=hooks)
+    settings = make_settings(limited_server.url)
     node = await start_node(settings)
-    dispatcher = Dispatcher(settings)
+    dispatcher = Dispatcher(with_overrides(settings, nats={"urls": (relay.url,)}, hooks=hooks))
     task = asyncio.create_task(dispatcher.run())
-    nc = await nats.connect(limited_server.url)
     try:
         await wait_for(lambda: dispatcher.source.ready, timeout=15)
-        # The nodes' conns bucket, made again with direct gets (a request any subscriber can hear), bound.
-        js, bucket = nc.jetstream(), f"{settings.stream.name}_conns"
-        conns = f"KV_{bucket}"
-        await js.delete_stream(conns)
-        await js.create_key_value(KeyValueConfig(bucket=bucket, direct=True))
-        assert not await dispatcher.source.online("bob")
-        # No bucket to answer the next online()'s direct get, but a subscriber
-        # that hears it (no "no responders"): it waits, as one does when NATS closes mid-way.
-        await js.delete_stream(conns)
-        asked = asyncio.Event()
-
-        async def heard(_: object) -> None:
-            asked.set()
-
-        await nc.subscribe(f"$JS.API.DIRECT.GET.{conns}.>", cb=heard)
-        await nc.flush()
-        async with aiohttp.ClientSession() as http:
-            await api_publish(http, node, "user:bob", {"text": "held"})
-        await asyncio.wait_for(asked.wait(), timeout=10)
+        assert not await dispatcher.source.online("bob")  # the conns bucket bound
+        relay.hold()
+        await exceed_subscriptions(dispatcher.source._nc, closed=False)
+        asked = asyncio.ensure_future(dispatcher.source.online("bob"))  # a KV read: its answer after the -ERR, held
+        await wait_for(lambda: relay.held is not None and b"MSG " in relay.held.partition(b"-ERR")[2], timeout=5)
         started = time.monotonic()
-        await exceed_subscriptions(dispatcher.source._nc)
+        relay.release_through(b"-ERR")
         with pytest.raises(BrokerUnavailable, match=r"closed for good"):
             await asyncio.wait_for(task, timeout=15)
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await asyncio.wait_for(asked, timeout=1)
         ended = time.monotonic() - started
         assert ended < 0.5, f"the dispatcher ended {ended:.1f}s after NATS closed its connection"
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await nc.close()
         await node.stop()
+        await relay.stop()
 
 
 class HeldReplies:
