@@ -61,7 +61,7 @@ def leader_reads(kv: KeyValue) -> KeyValue:
     write behind the leader (now and then; often after a leader change): a
     table still holding a connection just counted out refuses a user under
     their limit, a read position behind hands read messages out again."""
-    kv._direct = False  # what nats-py's get chooses by; Bucket follows it too
+    kv._direct = False  # what nats-py's get chooses by (Bucket's own reads ask the leader always)
     return kv
 
 

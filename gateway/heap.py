@@ -36,19 +36,18 @@ def trim_heap_every(
     loop: asyncio.AbstractEventLoop, seconds: float = TRIM_EVERY, trim: Callable[[], int] | None = None
 ) -> Callable[[], None]:
     """Trim the heap every ``seconds`` from ``loop`` (glibc only); returns what stops it."""
-    trim = trim or malloc_trim()
-    handle: asyncio.TimerHandle | None = None
+    trimming = trim or malloc_trim()
+    if trimming is None:
+        return lambda: None
+    handle: asyncio.TimerHandle  # the next trim's
 
     def once() -> None:
         nonlocal handle
-        assert trim is not None
-        trim()
+        trimming()
         handle = loop.call_later(seconds, once)
 
     def stop() -> None:
-        if handle is not None:
-            handle.cancel()
+        handle.cancel()
 
-    if trim is not None:
-        handle = loop.call_later(seconds, once)
+    handle = loop.call_later(seconds, once)
     return stop
