@@ -8,8 +8,9 @@ the quiet point after the warm-up, 9 of the heap's 20 MB were free and still
 resident, and RSS rose 8-11 % between two quiet points while Python's own
 allocations rose 0.05 MB. ``malloc_trim(0)`` hands every free page back
 (madvise): measured here, ~3 ms on a 100 MB heap with nothing to give, ~20 ms
-when it gave 130 MB back. Every TRIM_EVERY seconds, on the loop. Elsewhere
-than glibc (musl, macOS) there is no such call and nothing is done.
+when it gave 130 MB back. Every ``node.heap_trim_interval`` seconds (60 by
+default), on the loop. Elsewhere than glibc (musl, macOS) there is no such
+call and nothing is done.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 from collections.abc import Callable
-
-TRIM_EVERY = 60.0
 
 
 def malloc_trim() -> Callable[[], int] | None:
@@ -33,11 +32,11 @@ def malloc_trim() -> Callable[[], int] | None:
 
 
 def trim_heap_every(
-    loop: asyncio.AbstractEventLoop, seconds: float = TRIM_EVERY, trim: Callable[[], int] | None = None
+    loop: asyncio.AbstractEventLoop, seconds: float, trim: Callable[[], int] | None = None
 ) -> Callable[[], None]:
-    """Trim the heap every ``seconds`` from ``loop`` (glibc only); returns what stops it."""
+    """Trim the heap every ``seconds`` from ``loop`` (glibc only; 0: never); returns what stops it."""
     trimming = trim or malloc_trim()
-    if trimming is None:
+    if trimming is None or seconds <= 0:
         return lambda: None
     handle: asyncio.TimerHandle  # the next trim's
 

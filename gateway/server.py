@@ -125,7 +125,7 @@ async def run_node(settings: Settings, reuse_port: bool = False, on_ready: Calla
     runner = app_runner(app, settings)
     await runner.setup()  # connects to NATS; raises BrokerUnavailable
     runners = [runner]
-    stop_trimming = trim_heap_every(asyncio.get_running_loop())
+    stop_trimming = trim_heap_every(asyncio.get_running_loop(), settings.node.heap_trim_interval)
     try:
         http = settings.http
         await listen(runner, settings, reuse_port)

@@ -25,6 +25,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class NodeSettings:
     id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Seconds between two hand-backs of the heap's free pages to the OS
+    # (glibc's malloc_trim; gateway/heap.py says why). 0: never.
+    heap_trim_interval: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

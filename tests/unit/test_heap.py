@@ -46,3 +46,11 @@ async def test_without_a_trim_function_nothing_is_scheduled(monkeypatch: pytest.
     monkeypatch.setattr("gateway.heap.malloc_trim", lambda: None)
     stop = trim_heap_every(asyncio.get_running_loop(), 0.01)
     stop()  # and stopping it is harmless
+
+
+async def test_an_interval_of_zero_never_trims() -> None:
+    trims: list[int] = []
+    stop = trim_heap_every(asyncio.get_running_loop(), 0, lambda: trims.append(1) or 1)
+    await asyncio.sleep(0.05)
+    stop()
+    assert trims == []
