@@ -47,6 +47,11 @@ class LookupFailed(BrokerUnavailable):
     """JetStream answered with an error other than "no such message"."""
 
 
+# Seconds after which a read the stream's leader has not answered is asked
+# again (see ask's ``resend``).
+RESEND_AFTER = 1.0
+
+
 async def ask(
     inbox: ReplyInbox,
     subject: str,
@@ -54,10 +59,16 @@ async def ask(
     timeout: float,
     buffered: bool = False,
     asked: str = "JetStream",
+    resend: bool = False,
 ) -> tuple[bytes, dict[str, str] | None]:
     """One request through the inbox: its reply's payload and headers.
     BrokerUnavailable if none comes within ``timeout`` (or NATS fails);
-    ``asked`` names who did not answer in its message."""
+    ``asked`` names who did not answer in its message. ``resend``: a read
+    (asking it twice changes nothing) is sent again every RESEND_AFTER
+    seconds while unanswered, on the same reply subject: a stream whose
+    leader died drops what was asked of it, and answers once another server
+    leads it (measured: a page asked just before a leader's SIGKILL failed
+    after the whole 5 s timeout, though the stream was led again sooner)."""
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[tuple[bytes, dict[str, str] | None]] = loop.create_future()
 
@@ -66,15 +77,26 @@ async def ask(
             answer.set_result((data, headers))
 
     reply = ""
+    again: asyncio.TimerHandle | None = None
     try:
         nc, reply = await inbox.open(take, answer, buffered)
         if not nc.publish_soon(subject, reply, payload):
             await nc.publish(subject, payload, reply=reply)
         expiry = loop.call_later(timeout, expire, (answer,))
+        if resend:
+
+            def send_again() -> None:
+                nonlocal again
+                nc.publish_soon(subject, reply, payload)  # not connected: the first is queued already
+                again = loop.call_later(RESEND_AFTER, send_again)
+
+            again = loop.call_later(RESEND_AFTER, send_again)
         try:
             return await answer
         finally:
             expiry.cancel()
+            if again is not None:
+                again.cancel()
     except TimeoutError:
         raise BrokerUnavailable(f"{asked} did not answer in time") from None
     except (OSError, nats.errors.Error) as exc:
@@ -100,7 +122,7 @@ class LastMessage:
         no such stream: JetStream says 404 for both, as nats-py reads it).
         Raises BrokerUnavailable if no answer comes in time or it is an error."""
         request = orjson.dumps({"last_by_subj": subject})
-        data, headers = await ask(self._inbox, self._api, request, self._timeout, self._buffered)
+        data, headers = await ask(self._inbox, self._api, request, self._timeout, self._buffered, resend=True)
         return _leader_answer(data, headers)
 
 
@@ -113,7 +135,7 @@ async def stream_bounds(
     reconnect within ``timeout``, as nats-py did. The answer's time sets ``clock``."""
     asked = time.time()
     try:
-        data, headers = await ask(inbox, f"$JS.API.STREAM.INFO.{stream}", b"", timeout, buffered=True)
+        data, headers = await ask(inbox, f"$JS.API.STREAM.INFO.{stream}", b"", timeout, buffered=True, resend=True)
     except BrokerUnavailable as exc:
         raise BrokerUnavailable(f"stream info failed: {exc}") from None
     if _unavailable(headers):

@@ -327,3 +327,54 @@ async def test_a_page_holds_what_the_leader_acked_whichever_copy_it_reads(nats_c
     finally:
         await node.close()
         await watcher.close()
+
+
+# Leader moves, and pagers asking without a pause: some page is in flight at each move.
+MOVES = ("n3", "n1", "n3", "n1")
+PAGE_WAIT_MAX = 3.0
+
+
+@pytest.mark.timeout(60)
+async def test_reads_in_flight_when_the_leader_moves_are_answered_by_the_next(nats_cluster: NatsCluster) -> None:
+    """A stream's leader that steps down drops the reads asked of it (a
+    history page's last sequence, a replay's, a KV key's): they are asked
+    again each second, and the next leader answers. Before, such a page
+    waited the whole request timeout (5 s) and failed: in 2 of 4 runs of
+    three leader moves, with pagers pausing 50 ms between pages."""
+    watcher = await nats.connect(nats_cluster.url("n1"))
+    config = NatsConfig(
+        urls=(nats_cluster.url("n2"),), subjects=Subjects("lm", "lm_live"), stream="LM", replicas=3, storage="memory"
+    )
+    node = NatsBroker(config, broker_events())
+    waits: list[float] = []
+    failed: list[str] = []
+    moving = True
+    try:
+        await node.start()
+        await _settled(partial(node.pubsub.publish, ROOM_A, b'"x"'))
+        await _lead_on(watcher, "LM", "n1")
+
+        async def page_on() -> None:
+            while moving:
+                began = asyncio.get_running_loop().time()
+                try:
+                    await node.history.page(ROOM_A, None, 10)
+                except BrokerUnavailable as exc:
+                    failed.append(str(exc))
+                waits.append(asyncio.get_running_loop().time() - began)
+
+        async def move() -> None:
+            nonlocal moving
+            for server in MOVES:
+                await asyncio.sleep(1.0)
+                await _lead_on(watcher, "LM", server)
+            await asyncio.sleep(0.5)
+            moving = False
+
+        await asyncio.gather(move(), *(page_on() for _ in range(3)))
+        assert failed == [], f"of {len(waits)} pages"
+        assert max(waits) < PAGE_WAIT_MAX, sorted(waits)[-5:]
+        assert len(waits) >= 50
+    finally:
+        await node.close()
+        await watcher.close()
