@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -21,7 +22,7 @@ import nats.errors
 import orjson
 
 from .base import BrokerUnavailable, MessageTooLarge, Published
-from .inbox import ReplyInbox, expire
+from .inbox import ReplyInbox, expire, no_responders, resend_every
 from .link import NatsLink
 
 # A message to publish: (subject, payload, headers or None).
@@ -48,13 +49,18 @@ class Refused(BrokerUnavailable):
 class AckedPublisher:
     """Publishes into the stream and waits for its acks."""
 
-    def __init__(self, link: NatsLink, stream: str, timeout: float, buffered: bool = False) -> None:
+    def __init__(
+        self, link: NatsLink, stream: str, timeout: float, buffered: bool = False, resend: bool = False
+    ) -> None:
         self._inbox = link.replies
         self._stream = stream  # expected: a subject another stream captured is refused, not stored there
         self._timeout = timeout
         self._headers = {"Nats-Expected-Stream": stream}
         self._head = _head(stream, {})
         self._buffered = buffered  # while NATS reconnects: wait for it (ReplyInbox.open)
+        # Unacked messages sent again (``resend_every``): only for writes that
+        # expect a revision (KV), whose repeat is refused once one is stored.
+        self._resend = resend
         # The stream takes atomic batches (allow_atomic, nats-server 2.12+): set once it is known.
         self.atomic = False
         self._batch_ids = itertools.count()
@@ -85,7 +91,8 @@ class AckedPublisher:
         """Every message with a reply subject: an ack each."""
         if not messages:
             return []
-        acks = _Acks(self._inbox, self._timeout)
+        acks = _Acks(self._inbox, self._timeout, self._resend)
+        stop: Callable[[], None] | None = None
         try:
             nc = self._inbox.current(self._buffered) or await self._inbox.ready(self._buffered)
             limit = nc.max_payload
@@ -99,14 +106,19 @@ class AckedPublisher:
                 )
                 for (subject, payload, headers), reply in zip(messages, replies, strict=True)
             ]
-            if not nc.write_soon(b"".join(commands)):
+            written = b"".join(commands)
+            if not nc.write_soon(written):
                 for (subject, payload, headers), reply in zip(messages, replies, strict=True):
                     await nc.publish(
                         subject, payload, reply=reply.decode(), headers={**self._headers, **(headers or {})}
                     )
+            if self._resend:
+                stop = resend_every(lambda: nc.write_soon(written))  # not connected: the first is queued
             return [Published(int(ack["seq"]), bool(ack.get("duplicate"))) for ack in await acks.done]
         finally:
             acks.close()
+            if stop is not None:
+                stop()
 
     async def _publish_atomic(self, messages: list[Outgoing]) -> list[Published]:
         """One atomic batch (ADR-50): the last message commits it and alone
@@ -146,13 +158,17 @@ class _Acks:
     that expects one its reply subject; ``done`` has them all (read, see
     ``_read_ack``) in that order, or the first failure to arrive, or
     TimeoutError after ``timeout`` (one timer for the whole write, not a
-    timeout scope and a gather). ``close`` forgets the replies and the timer."""
+    timeout scope and a gather). ``close`` forgets the replies and the timer.
+    ``resent``: the messages are sent again while unacked, and "no
+    responders" is no answer but a stream whose leader is moving (its
+    subjects have no listener for a moment): the repeat may find the next."""
 
-    __slots__ = ("_acks", "_inbox", "_left", "_replies", "_timer", "done")
+    __slots__ = ("_acks", "_inbox", "_left", "_replies", "_resent", "_timer", "done")
 
-    def __init__(self, inbox: ReplyInbox, timeout: float) -> None:
+    def __init__(self, inbox: ReplyInbox, timeout: float, resent: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._inbox = inbox
+        self._resent = resent
         self._acks: list[dict[str, Any] | None] = []
         self._replies: list[bytes] = []
         self._left = 0
@@ -178,6 +194,8 @@ class _Acks:
 
     def _take(self, index: int, data: bytes, headers: dict[str, str] | None) -> None:
         if self.done.done() or self._acks[index] is not None:
+            return
+        if self._resent and no_responders(headers):
             return
         try:
             self._acks[index] = _read_ack(data, headers)
@@ -223,7 +241,7 @@ def _hpub(subject: str, reply: bytes, head: bytes, payload: bytes) -> bytes:
 def _read_ack(data: bytes, headers: dict[str, str] | None) -> dict[str, Any]:
     """An ack that says where the stream stored a message (its ``seq``);
     BrokerUnavailable or Refused if it did not."""
-    if headers and headers.get("Status") == "503":
+    if no_responders(headers):
         raise BrokerUnavailable("no stream answered (is JetStream up?)")
     try:
         ack = orjson.loads(data)

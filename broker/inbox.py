@@ -17,6 +17,9 @@ from .dispatch import DispatchingClient
 
 # (payload, headers or None) of one reply.
 OnReply = Callable[[bytes, dict[str, str] | None], None]
+# Seconds after which a request not answered is sent again, where that is
+# safe (``resend_every``).
+RESEND_AFTER = 1.0
 
 
 def expire(futures: Iterable[asyncio.Future[Any]]) -> None:
@@ -27,6 +30,32 @@ def expire(futures: Iterable[asyncio.Future[Any]]) -> None:
     for future in futures:
         if not future.done():
             future.set_exception(TimeoutError())
+
+
+def no_responders(headers: dict[str, str] | None) -> bool:
+    """A reply that says nobody listens on the subject asked (503): JetStream
+    is not there, or the stream's leader is moving."""
+    return headers is not None and headers.get("Status") == "503"
+
+
+def resend_every(send: Callable[[], object]) -> Callable[[], None]:
+    """Call ``send`` every RESEND_AFTER seconds until what this returns is
+    called. For requests whose repeat changes nothing (a read; a write that
+    expects a revision: a repeat of one stored is refused) while unanswered:
+    a stream's leader that steps down or dies drops what was asked of it,
+    and answers nothing until another leads it. Measured: a history page in
+    flight at a stepdown failed after the whole 5 s timeout; asked again,
+    it took 1 s."""
+    loop = asyncio.get_running_loop()
+    handle: asyncio.TimerHandle
+
+    def again() -> None:
+        nonlocal handle
+        send()
+        handle = loop.call_later(RESEND_AFTER, again)
+
+    handle = loop.call_later(RESEND_AFTER, again)
+    return lambda: handle.cancel()
 
 
 class ReplyInbox:

@@ -77,7 +77,7 @@ class Bucket:
         # read from the leader whatever the bucket allows (see leader_reads).
         self._prefix = kv._pre
         self._last = LastMessage(link.replies, kv._stream, timeout, buffered=True)
-        self._acks = AckedPublisher(link, kv._stream, timeout, buffered=True)
+        self._acks = AckedPublisher(link, kv._stream, timeout, buffered=True, resend=True)
 
     async def get(self, key: str) -> tuple[bytes | None, int]:
         """The key's value (None: never set, deleted or purged) and the

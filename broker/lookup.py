@@ -30,7 +30,7 @@ import orjson
 
 from .base import BrokerUnavailable
 from .dispatch import DispatchingClient
-from .inbox import ReplyInbox, expire
+from .inbox import ReplyInbox, expire, no_responders, resend_every
 from .server_clock import ServerClock
 
 
@@ -47,11 +47,6 @@ class LookupFailed(BrokerUnavailable):
     """JetStream answered with an error other than "no such message"."""
 
 
-# Seconds after which a read the stream's leader has not answered is asked
-# again (see ask's ``resend``).
-RESEND_AFTER = 1.0
-
-
 async def ask(
     inbox: ReplyInbox,
     subject: str,
@@ -63,12 +58,8 @@ async def ask(
 ) -> tuple[bytes, dict[str, str] | None]:
     """One request through the inbox: its reply's payload and headers.
     BrokerUnavailable if none comes within ``timeout`` (or NATS fails);
-    ``asked`` names who did not answer in its message. ``resend``: a read
-    (asking it twice changes nothing) is sent again every RESEND_AFTER
-    seconds while unanswered, on the same reply subject: a stream whose
-    leader died drops what was asked of it, and answers once another server
-    leads it (measured: a page asked just before a leader's SIGKILL failed
-    after the whole 5 s timeout, though the stream was led again sooner)."""
+    ``asked`` names who did not answer in its message. ``resend``: a read,
+    sent again while unanswered on the same reply subject (``resend_every``)."""
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[tuple[bytes, dict[str, str] | None]] = loop.create_future()
 
@@ -77,26 +68,19 @@ async def ask(
             answer.set_result((data, headers))
 
     reply = ""
-    again: asyncio.TimerHandle | None = None
     try:
         nc, reply = await inbox.open(take, answer, buffered)
         if not nc.publish_soon(subject, reply, payload):
             await nc.publish(subject, payload, reply=reply)
         expiry = loop.call_later(timeout, expire, (answer,))
-        if resend:
-
-            def send_again() -> None:
-                nonlocal again
-                nc.publish_soon(subject, reply, payload)  # not connected: the first is queued already
-                again = loop.call_later(RESEND_AFTER, send_again)
-
-            again = loop.call_later(RESEND_AFTER, send_again)
+        # Not connected: the first is queued already, and the repeat not.
+        stop = resend_every(lambda: nc.publish_soon(subject, reply, payload)) if resend else None
         try:
             return await answer
         finally:
             expiry.cancel()
-            if again is not None:
-                again.cancel()
+            if stop is not None:
+                stop()
     except TimeoutError:
         raise BrokerUnavailable(f"{asked} did not answer in time") from None
     except (OSError, nats.errors.Error) as exc:
@@ -138,7 +122,7 @@ async def stream_bounds(
         data, headers = await ask(inbox, f"$JS.API.STREAM.INFO.{stream}", b"", timeout, buffered=True, resend=True)
     except BrokerUnavailable as exc:
         raise BrokerUnavailable(f"stream info failed: {exc}") from None
-    if _unavailable(headers):
+    if no_responders(headers):
         raise BrokerUnavailable("stream info failed: no stream answered (is JetStream up?)")
     try:
         answer = orjson.loads(data)
@@ -153,12 +137,8 @@ async def stream_bounds(
         raise BrokerUnavailable(f"stream info failed: unreadable answer {data[:80]!r}") from None
 
 
-def _unavailable(headers: dict[str, str] | None) -> bool:
-    return headers is not None and headers.get("Status") == "503"  # no responders: JetStream is not there
-
-
 def _leader_answer(data: bytes, headers: dict[str, str] | None) -> Stored | None:
-    if _unavailable(headers):
+    if no_responders(headers):
         raise BrokerUnavailable("no stream answered (is JetStream up?)")
     try:
         answer = orjson.loads(data)

@@ -329,51 +329,66 @@ async def test_a_page_holds_what_the_leader_acked_whichever_copy_it_reads(nats_c
         await watcher.close()
 
 
-# Leader moves, and pagers asking without a pause: some page is in flight at each move.
+# Leader moves, and workers asking without a pause: some request is in flight at each move.
 MOVES = ("n3", "n1", "n3", "n1")
-PAGE_WAIT_MAX = 3.0
+WAIT_MAX = 3.0
 
 
 @pytest.mark.timeout(60)
-async def test_reads_in_flight_when_the_leader_moves_are_answered_by_the_next(nats_cluster: NatsCluster) -> None:
-    """A stream's leader that steps down drops the reads asked of it (a
-    history page's last sequence, a replay's, a KV key's): they are asked
-    again each second, and the next leader answers. Before, such a page
-    waited the whole request timeout (5 s) and failed: in 2 of 4 runs of
-    three leader moves, with pagers pausing 50 ms between pages."""
+@pytest.mark.parametrize("what", ["page", "count-in"])
+async def test_requests_in_flight_when_the_leader_moves_are_answered_by_the_next(
+    nats_cluster: NatsCluster, what: str
+) -> None:
+    """A stream's leader that steps down drops what was asked of it unanswered:
+    reads (a history page's last sequence, a replay's, a KV key) and KV
+    writes that expect a revision (a user's connection count) are sent again
+    each second, and the next leader answers. Before, a page in flight
+    waited the whole request timeout (5 s) and failed (in 2 of 4 runs of
+    three moves, with pagers pausing 50 ms between pages), and a connection
+    whose count-in write was dropped waited 5 s, then was admitted uncounted."""
     watcher = await nats.connect(nats_cluster.url("n1"))
     config = NatsConfig(
         urls=(nats_cluster.url("n2"),), subjects=Subjects("lm", "lm_live"), stream="LM", replicas=3, storage="memory"
     )
     node = NatsBroker(config, broker_events())
+    stream = "LM" if what == "page" else "KV_LM_conns"
     waits: list[float] = []
     failed: list[str] = []
     moving = True
     try:
         await node.start()
         await _settled(partial(node.pubsub.publish, ROOM_A, b'"x"'))
-        await _lead_on(watcher, "LM", "n1")
+        await _lead_on(watcher, stream, "n1")
 
-        async def page_on() -> None:
+        async def page() -> None:
+            try:
+                await node.history.page(ROOM_A, None, 10)
+            except BrokerUnavailable as exc:
+                failed.append(str(exc))
+
+        async def count_in() -> None:
+            user = uuid.uuid4().hex
+            await node.connections.open(user, "c", 5, close_oldest=False)
+            if user not in node.connections._known:  # written: the count-in kept the table it wrote
+                failed.append(f"{user} not counted in")
+
+        async def ask_on() -> None:
             while moving:
                 began = asyncio.get_running_loop().time()
-                try:
-                    await node.history.page(ROOM_A, None, 10)
-                except BrokerUnavailable as exc:
-                    failed.append(str(exc))
+                await (page() if what == "page" else count_in())
                 waits.append(asyncio.get_running_loop().time() - began)
 
         async def move() -> None:
             nonlocal moving
             for server in MOVES:
                 await asyncio.sleep(1.0)
-                await _lead_on(watcher, "LM", server)
+                await _lead_on(watcher, stream, server)
             await asyncio.sleep(0.5)
             moving = False
 
-        await asyncio.gather(move(), *(page_on() for _ in range(3)))
-        assert failed == [], f"of {len(waits)} pages"
-        assert max(waits) < PAGE_WAIT_MAX, sorted(waits)[-5:]
+        await asyncio.gather(move(), *(ask_on() for _ in range(3)))
+        assert failed == [], f"of {len(waits)}"
+        assert max(waits) < WAIT_MAX, sorted(waits)[-5:]
         assert len(waits) >= 50
     finally:
         await node.close()

@@ -1,20 +1,24 @@
 """A read through the reply inbox that nobody answers is asked again each
-RESEND_AFTER seconds (broker/lookup.py ``ask``): a stream's leader that steps
-down or dies drops what was asked of it, and the next one answers the
-repeat. Against a real nats-server, with a responder of our own that ignores
-the first ask."""
+RESEND_AFTER seconds (broker/inbox.py ``resend_every``), and so is a KV
+write (it expects a revision: a repeat of one stored is refused): a
+stream's leader that steps down or dies drops what was asked of it, and the
+next one answers the repeat. Against a real nats-server, with a responder of
+our own that ignores the first ask, and a stream that appears late."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import nats
 import pytest
 from nats.aio.msg import Msg
+from nats.js.api import StorageType
 
-import broker.lookup
+import broker.inbox
 from broker import BrokerUnavailable
+from broker.acks import AckedPublisher
 from broker.embedded import NatsServer
 from broker.link import NatsLink
 from broker.lookup import ask
@@ -47,7 +51,7 @@ async def answering_from_the_second(url: str, subject: str, asks: list[bytes]) -
 async def test_a_read_left_unanswered_is_asked_again_and_the_repeat_answered(
     link: NatsLink, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(broker.lookup, "RESEND_AFTER", 0.2)
+    monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
     asks: list[bytes] = []
     responder = await answering_from_the_second(nats_server.url, "lookup.test", asks)
     try:
@@ -66,7 +70,7 @@ async def test_without_resend_one_ask_waits_out_its_timeout(
     link: NatsLink, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Writes are not asked twice (a publish without a message id would be stored twice)."""
-    monkeypatch.setattr(broker.lookup, "RESEND_AFTER", 0.2)
+    monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
     asks: list[bytes] = []
     responder = await answering_from_the_second(nats_server.url, "lookup.test", asks)
     try:
@@ -75,3 +79,27 @@ async def test_without_resend_one_ask_waits_out_its_timeout(
         assert asks == [b"q"]
     finally:
         await responder.close()
+
+
+@pytest.mark.parametrize("resend", [True, False])
+async def test_a_resent_write_waits_out_no_responders(
+    link: NatsLink, monkeypatch: pytest.MonkeyPatch, resend: bool
+) -> None:
+    """ "No responders" (503) while the stream's subjects have no listener (its
+    leader moving): a resent write waits for its next send; another fails at once."""
+    monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
+    assert link.js is not None
+    stream = f"LATE{uuid.uuid4().hex[:8]}"  # made after the first sends
+    publisher = AckedPublisher(link, stream, 3.0, resend=resend)
+    write = (f"{stream}.k", b"v", {"Nats-Expected-Last-Subject-Sequence": "0"})
+    writing = asyncio.create_task(publisher.publish([write]))
+    await asyncio.sleep(0.3)  # one send and a repeat met no stream
+    if not resend:
+        with pytest.raises(BrokerUnavailable, match="no stream answered"):
+            await writing
+        return
+    assert not writing.done()
+    await link.js.add_stream(name=stream, subjects=[f"{stream}.>"], storage=StorageType.MEMORY)
+    (published,) = await writing
+    assert published.seq == 1
+    assert (await link.js.get_last_msg(stream, f"{stream}.k")).data == b"v"
