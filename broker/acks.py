@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -22,7 +21,7 @@ import nats.errors
 import orjson
 
 from .base import BrokerUnavailable, MessageTooLarge, Published
-from .inbox import ReplyInbox, expire, no_responders, resend_every
+from .inbox import ReplyInbox, expire, no_responders
 from .link import NatsLink
 
 # A message to publish: (subject, payload, headers or None).
@@ -58,7 +57,7 @@ class AckedPublisher:
         self._headers = {"Nats-Expected-Stream": stream}
         self._head = _head(stream, {})
         self._buffered = buffered  # while NATS reconnects: wait for it (ReplyInbox.open)
-        # Unacked messages sent again (``resend_every``): only for writes that
+        # Unacked messages sent again (``ReplyInbox.resend``): only for writes that
         # expect a revision (KV), whose repeat is refused once one is stored.
         self._resend = resend
         # The stream takes atomic batches (allow_atomic, nats-server 2.12+): set once it is known.
@@ -92,7 +91,6 @@ class AckedPublisher:
         if not messages:
             return []
         acks = _Acks(self._inbox, self._timeout, self._resend)
-        stop: Callable[[], None] | None = None
         try:
             nc = self._inbox.current(self._buffered) or await self._inbox.ready(self._buffered)
             limit = nc.max_payload
@@ -113,12 +111,10 @@ class AckedPublisher:
                         subject, payload, reply=reply.decode(), headers={**self._headers, **(headers or {})}
                     )
             if self._resend:
-                stop = resend_every(lambda: nc.write_soon(written))  # not connected: the first is queued
+                self._inbox.resend(replies[0], written)  # until every ack came (close discards the replies)
             return [Published(int(ack["seq"]), bool(ack.get("duplicate"))) for ack in await acks.done]
         finally:
             acks.close()
-            if stop is not None:
-                stop()
 
     async def _publish_atomic(self, messages: list[Outgoing]) -> list[Published]:
         """One atomic batch (ADR-50): the last message commits it and alone

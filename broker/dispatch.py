@@ -211,7 +211,7 @@ class DispatchingClient(Client):
 
     def publish_soon(self, subject: str, reply: str, payload: bytes) -> bool:
         """``write_soon`` of a plain PUB (subjects are ours, already valid)."""
-        return self.write_soon(b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload), payload))
+        return self.write_soon(pub_command(subject, reply, payload))
 
     def _write_out(self) -> None:
         out, self._outgoing = self._outgoing, []
@@ -228,3 +228,8 @@ class DispatchingClient(Client):
         except (OSError, RuntimeError):  # the socket is gone, nats-py has not seen it yet (uvloop: RuntimeError)
             self._pending = out  # sent after the reconnect, as above
             self._pending_data_size = sum(map(len, out))
+
+
+def pub_command(subject: str, reply: str, payload: bytes) -> bytes:
+    """A plain PUB with a reply subject (subjects are ours, already valid)."""
+    return b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload), payload)

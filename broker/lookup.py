@@ -29,8 +29,8 @@ import nats.errors
 import orjson
 
 from .base import BrokerUnavailable
-from .dispatch import DispatchingClient
-from .inbox import ReplyInbox, expire, no_responders, resend_every
+from .dispatch import DispatchingClient, pub_command
+from .inbox import ReplyInbox, expire, no_responders
 from .server_clock import ServerClock
 
 
@@ -59,7 +59,7 @@ async def ask(
     """One request through the inbox: its reply's payload and headers.
     BrokerUnavailable if none comes within ``timeout`` (or NATS fails);
     ``asked`` names who did not answer in its message. ``resend``: a read,
-    sent again while unanswered on the same reply subject (``resend_every``)."""
+    sent again while unanswered on the same reply subject (``ReplyInbox.resend``)."""
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[tuple[bytes, dict[str, str] | None]] = loop.create_future()
 
@@ -70,17 +70,16 @@ async def ask(
     reply = ""
     try:
         nc, reply = await inbox.open(take, answer, buffered)
-        if not nc.publish_soon(subject, reply, payload):
+        command = pub_command(subject, reply, payload)
+        if not nc.write_soon(command):
             await nc.publish(subject, payload, reply=reply)
+        if resend:
+            inbox.resend(reply.encode(), command)
         expiry = loop.call_later(timeout, expire, (answer,))
-        # Not connected: the first is queued already, and the repeat not.
-        stop = resend_every(lambda: nc.publish_soon(subject, reply, payload)) if resend else None
         try:
             return await answer
         finally:
             expiry.cancel()
-            if stop is not None:
-                stop()
     except TimeoutError:
         raise BrokerUnavailable(f"{asked} did not answer in time") from None
     except (OSError, nats.errors.Error) as exc:

@@ -1,5 +1,5 @@
 """A read through the reply inbox that nobody answers is asked again each
-RESEND_AFTER seconds (broker/inbox.py ``resend_every``), and so is a KV
+RESEND_AFTER seconds (broker/inbox.py ``ReplyInbox.resend``), and so is a KV
 write (it expects a revision: a repeat of one stored is refused): a
 stream's leader that steps down or dies drops what was asked of it, and the
 next one answers the repeat. Against a real nats-server, with a responder of
@@ -53,10 +53,13 @@ async def test_a_read_left_unanswered_is_asked_again_and_the_repeat_answered(
 ) -> None:
     monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
     asks: list[bytes] = []
-    responder = await answering_from_the_second(nats_server.url, "lookup.test", asks)
+    # A subject of its own: one whose listener just left and another came
+    # may still answer "no responders" (seen 3 times in 30 on one server).
+    subject = f"lookup.{uuid.uuid4().hex}"
+    responder = await answering_from_the_second(nats_server.url, subject, asks)
     try:
         began = asyncio.get_running_loop().time()
-        data, _ = await ask(link.replies, "lookup.test", b"q", 3.0, resend=True)
+        data, _ = await ask(link.replies, subject, b"q", 3.0, resend=True)
         waited = asyncio.get_running_loop().time() - began
         assert (data, asks) == (b"answer 2", [b"q", b"q"])
         assert 0.2 <= waited < 1.0
@@ -72,10 +75,11 @@ async def test_without_resend_one_ask_waits_out_its_timeout(
     """Writes are not asked twice (a publish without a message id would be stored twice)."""
     monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
     asks: list[bytes] = []
-    responder = await answering_from_the_second(nats_server.url, "lookup.test", asks)
+    subject = f"lookup.{uuid.uuid4().hex}"
+    responder = await answering_from_the_second(nats_server.url, subject, asks)
     try:
         with pytest.raises(BrokerUnavailable, match="did not answer in time"):
-            await ask(link.replies, "lookup.test", b"q", 0.8)
+            await ask(link.replies, subject, b"q", 0.8)
         assert asks == [b"q"]
     finally:
         await responder.close()
@@ -103,3 +107,30 @@ async def test_a_resent_write_waits_out_no_responders(
     (published,) = await writing
     assert published.seq == 1
     assert (await link.js.get_last_msg(stream, f"{stream}.k")).data == b"v"
+
+
+async def test_each_unanswered_read_is_resent_until_it_gives_up(
+    link: NatsLink, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One timer resends them all, each on its own schedule, and none after its request ended."""
+    monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
+    silent = await nats.connect(nats_server.url)
+    asks: list[bytes] = []
+
+    async def note(msg: Msg) -> None:
+        asks.append(msg.data)
+
+    subject = f"lookup.{uuid.uuid4().hex}"
+    await silent.subscribe(subject, cb=note)
+    await silent.flush()
+    try:
+        short = ask(link.replies, subject, b"short", 0.5, resend=True)
+        long = ask(link.replies, subject, b"long", 1.5, resend=True)
+        results = await asyncio.gather(short, long, return_exceptions=True)
+        assert all(isinstance(r, BrokerUnavailable) for r in results)
+        await asyncio.sleep(0.5)
+        assert 2 <= asks.count(b"short") <= 3  # at 0, 0.2, 0.4 s
+        assert 6 <= asks.count(b"long") <= 8  # every 0.2 s over 1.5 s
+        assert link.replies._resends == {}
+    finally:
+        await silent.close()
