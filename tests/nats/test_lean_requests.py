@@ -9,7 +9,6 @@ import asyncio
 import dataclasses
 import gc
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -30,24 +29,7 @@ from broker.lookup import LastMessage, stream_bounds
 from broker.store import last_sequence
 
 from ..helpers import broker_events, wait_for
-
-
-async def connected_link(url: str, **options: Any) -> NatsLink:
-    link = NatsLink()
-    nc = DispatchingClient()
-    await nc.connect(url, **options)
-    link.nc = nc
-    link.js = nc.jetstream(timeout=2.0)
-    await link.replies.subscribe()
-    return link
-
-
-@pytest.fixture
-async def link(nats_server: NatsServer) -> AsyncIterator[NatsLink]:
-    link = await connected_link(nats_server.url)
-    yield link
-    assert link.nc is not None
-    await link.nc.close()
+from .conftest import connected_link
 
 
 async def new_bucket(link: NatsLink, direct: bool = False) -> tuple[KeyValue, Bucket]:

@@ -15,7 +15,7 @@ from broker.acks import AckedPublisher, Refused
 from broker.embedded import NatsServer
 
 from ..helpers import ADMIN_KEY, PUBLISH_HEADERS, NodeFactory, RunningNode, recv_json, token
-from .test_lean_requests import connected_link
+from .conftest import connected_link
 
 
 async def cluster(node_factory: NodeFactory, n: int = 2, **sections: dict[str, Any]) -> list[RunningNode]:

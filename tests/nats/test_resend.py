@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import StorageType
@@ -23,75 +25,72 @@ from broker.embedded import NatsServer
 from broker.link import NatsLink
 from broker.lookup import ask
 
-from .test_lean_requests import connected_link
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
+
+
+@dataclass
+class Listener:
+    """A subject of our own, every ask that reached it, and from which ask on it answers (0: none)."""
+
+    subject: str
+    asks: list[bytes]
+    answer_from: int = 2
 
 
 @pytest.fixture
-async def link(nats_server: NatsServer) -> AsyncIterator[NatsLink]:
-    link = await connected_link(nats_server.url)
-    yield link
-    assert link.nc is not None
-    await link.nc.close()
-
-
-async def answering_from_the_second(url: str, subject: str, asks: list[bytes]) -> nats.NATS:
-    """A responder on ``subject`` that notes every ask and answers all but the first."""
-    nc = await nats.connect(url)
+async def listener(link: NatsLink, nats_server: NatsServer) -> AsyncIterator[Listener]:
+    """A listener on another connection, heard by the link's before the test
+    starts: a subscription just made and flushed was now and then answered
+    "no responders" all the same (3 times in 30 asks)."""
+    found = Listener(f"lookup.{uuid.uuid4().hex}", [])
+    nc = await nats.connect(nats_server.url)
 
     async def on_ask(msg: Msg) -> None:
-        asks.append(msg.data)
-        if len(asks) > 1:
-            await msg.respond(b"answer %d" % len(asks))
+        if msg.data == b"probe":
+            await msg.respond(b"here")
+            return
+        found.asks.append(msg.data)
+        if found.answer_from and len(found.asks) >= found.answer_from:
+            await msg.respond(b"answer %d" % len(found.asks))
 
-    await nc.subscribe(subject, cb=on_ask)
-    await nc.flush()
-    return nc
+    await nc.subscribe(found.subject, cb=on_ask)
+    assert link.nc is not None
+    for _ in range(50):
+        try:
+            await link.nc.request(found.subject, b"probe", timeout=1.0)
+            break
+        except nats.errors.NoRespondersError:
+            await asyncio.sleep(0.05)
+    yield found
+    await nc.close()
 
 
 async def test_a_read_left_unanswered_is_asked_again_and_the_repeat_answered(
-    link: NatsLink, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+    link: NatsLink, quick: None, listener: Listener
 ) -> None:
-    monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
-    asks: list[bytes] = []
-    # A subject of its own: one whose listener just left and another came
-    # may still answer "no responders" (seen 3 times in 30 on one server).
-    subject = f"lookup.{uuid.uuid4().hex}"
-    responder = await answering_from_the_second(nats_server.url, subject, asks)
-    try:
-        began = asyncio.get_running_loop().time()
-        data, _ = await ask(link.replies, subject, b"q", 3.0, resend=True)
-        waited = asyncio.get_running_loop().time() - began
-        assert (data, asks) == (b"answer 2", [b"q", b"q"])
-        assert 0.2 <= waited < 1.0
-        await asyncio.sleep(0.5)
-        assert len(asks) == 2  # answered: asked no more
-    finally:
-        await responder.close()
+    began = asyncio.get_running_loop().time()
+    data, _ = await ask(link.replies, listener.subject, b"q", 3.0, resend=True)
+    waited = asyncio.get_running_loop().time() - began
+    assert (data, listener.asks) == (b"answer 2", [b"q", b"q"])
+    assert 0.2 <= waited < 1.0
+    await asyncio.sleep(0.5)
+    assert len(listener.asks) == 2  # answered: asked no more
 
 
-async def test_without_resend_one_ask_waits_out_its_timeout(
-    link: NatsLink, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_without_resend_one_ask_waits_out_its_timeout(link: NatsLink, quick: None, listener: Listener) -> None:
     """Writes are not asked twice (a publish without a message id would be stored twice)."""
-    monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
-    asks: list[bytes] = []
-    subject = f"lookup.{uuid.uuid4().hex}"
-    responder = await answering_from_the_second(nats_server.url, subject, asks)
-    try:
-        with pytest.raises(BrokerUnavailable, match="did not answer in time"):
-            await ask(link.replies, subject, b"q", 0.8)
-        assert asks == [b"q"]
-    finally:
-        await responder.close()
+    with pytest.raises(BrokerUnavailable, match="did not answer in time"):
+        await ask(link.replies, listener.subject, b"q", 0.8)
+    assert listener.asks == [b"q"]
 
 
 @pytest.mark.parametrize("resend", [True, False])
-async def test_a_resent_write_waits_out_no_responders(
-    link: NatsLink, monkeypatch: pytest.MonkeyPatch, resend: bool
-) -> None:
+async def test_a_resent_write_waits_out_no_responders(link: NatsLink, quick: None, resend: bool) -> None:
     """ "No responders" (503) while the stream's subjects have no listener (its
     leader moving): a resent write waits for its next send; another fails at once."""
-    monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
     assert link.js is not None
     stream = f"LATE{uuid.uuid4().hex[:8]}"  # made after the first sends
     publisher = AckedPublisher(link, stream, 3.0, resend=resend)
@@ -110,27 +109,15 @@ async def test_a_resent_write_waits_out_no_responders(
 
 
 async def test_each_unanswered_read_is_resent_until_it_gives_up(
-    link: NatsLink, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+    link: NatsLink, quick: None, listener: Listener
 ) -> None:
     """One timer resends them all, each on its own schedule, and none after its request ended."""
-    monkeypatch.setattr(broker.inbox, "RESEND_AFTER", 0.2)
-    silent = await nats.connect(nats_server.url)
-    asks: list[bytes] = []
-
-    async def note(msg: Msg) -> None:
-        asks.append(msg.data)
-
-    subject = f"lookup.{uuid.uuid4().hex}"
-    await silent.subscribe(subject, cb=note)
-    await silent.flush()
-    try:
-        short = ask(link.replies, subject, b"short", 0.5, resend=True)
-        long = ask(link.replies, subject, b"long", 1.5, resend=True)
-        results = await asyncio.gather(short, long, return_exceptions=True)
-        assert all(isinstance(r, BrokerUnavailable) for r in results)
-        await asyncio.sleep(0.5)
-        assert 2 <= asks.count(b"short") <= 3  # at 0, 0.2, 0.4 s
-        assert 6 <= asks.count(b"long") <= 8  # every 0.2 s over 1.5 s
-        assert link.replies._resends == {}
-    finally:
-        await silent.close()
+    listener.answer_from = 0
+    short = ask(link.replies, listener.subject, b"short", 0.5, resend=True)
+    long = ask(link.replies, listener.subject, b"long", 1.5, resend=True)
+    results = await asyncio.gather(short, long, return_exceptions=True)
+    assert all(isinstance(r, BrokerUnavailable) for r in results)
+    await asyncio.sleep(0.5)
+    assert 2 <= listener.asks.count(b"short") <= 3  # at 0, 0.2, 0.4 s
+    assert 6 <= listener.asks.count(b"long") <= 8  # every 0.2 s over 1.5 s
+    assert link.replies._resends == {}
