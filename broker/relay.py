@@ -17,6 +17,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from .base import BrokerUnavailable, NodeGone
+from .inbox import no_responders
 from .kv import key_token
 from .link import NatsLink
 from .lookup import ask
@@ -88,7 +89,7 @@ class NatsRelay:
         subject (NATS's "no responders"); BrokerUnavailable when it does not
         answer within ``timeout``."""
         data, headers = await ask(self._inbox, self._subject(node), body, timeout, asked=f"node {node}")
-        if headers and headers.get("Status") == "503":
+        if no_responders(headers):
             raise NodeGone(f"node {node} is not running")
         return data
 
