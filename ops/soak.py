@@ -233,6 +233,8 @@ class Soak:
                     break
                 frame = orjson.loads(msg.data)
                 self.c[f"ws frames {frame.get('type')}"] += 1
+                if frame.get("type") == "error":  # which: a rate limit, NATS away...
+                    self.c[f"ws frames error {frame.get('code')}"] += 1
                 if frame.get("type") == "message" and "id" in frame:
                     seq, channel = int(frame["id"]), frame["channel"]
                     self.c["received"] += 1
