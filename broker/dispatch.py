@@ -209,10 +209,6 @@ class DispatchingClient(Client):
         self.stats["out_msgs"] += 1
         return True
 
-    def publish_soon(self, subject: str, reply: str, payload: bytes) -> bool:
-        """``write_soon`` of a plain PUB (subjects are ours, already valid)."""
-        return self.write_soon(pub_command(subject, reply, payload))
-
     def _write_out(self) -> None:
         out, self._outgoing = self._outgoing, []
         if self._transport is None or not self.is_connected:  # lost meanwhile: sent after the reconnect
