@@ -94,6 +94,10 @@ async def test_a_publish_waiting_for_its_ack_fails_at_once_when_nats_closed_the_
         await nc.jetstream().delete_stream(settings.stream.name)
         await nc.subscribe(f"{settings.subject.prefix}.room.held")
         await nc.flush()
+        # nats-server may not yet show that interest to another connection
+        # (the publish would get "no responders" at once) until that
+        # connection made a round trip of its own.
+        await node.node.broker._link.nc.flush()  # type: ignore[attr-defined]
         async with aiohttp.ClientSession() as http:
             publish = asyncio.ensure_future(
                 http.post(node.url + "/api/publish", json={"channel": "room:held", "data": 1}, headers=PUBLISH_HEADERS)
