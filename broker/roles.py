@@ -86,9 +86,16 @@ class PubSub(Protocol):
 class History(Protocol):
     """What the stream still holds."""
 
-    async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
+    async def replay(
+        self, channels: Sequence[Channel], after_seq: int, limit: int, lasts: Sequence[int] | None = None
+    ) -> Replay:
         """Stored messages of ``channels`` with sequence > ``after_seq``, oldest
-        first, within each family's retention and at most ``limit`` (the newest)."""
+        first, within each family's retention and at most ``limit`` (the newest).
+        ``lasts``: each channel's ``last``, when the caller asked it already."""
+        ...
+
+    async def last(self, channel: Channel) -> int:
+        """The last sequence stored on ``channel`` (0: none), as the stream's leader says."""
         ...
 
     async def page(self, channel: Channel, before: int | None, limit: int) -> list[Delivery]:

@@ -130,7 +130,9 @@ class NatsHistory:
         self._consumer_slots = asyncio.Semaphore(MAX_CONSUMER_READS)
         self._late = 0  # direct gets passed over whose consumer reads are not done (see _fetch)
 
-    async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
+    async def replay(
+        self, channels: Sequence[Channel], after_seq: int, limit: int, lasts: Sequence[int] | None = None
+    ) -> Replay:
         p = self._place
         self._link.jetstream()  # fails at once while NATS is away
         try:
@@ -139,7 +141,8 @@ class NatsHistory:
                 # last_sequence): the read goes up to it, whichever copy of the
                 # stream it reads; and it often shows there is nothing to read.
                 subjects = [p.subjects.input_subject(c) for c in channels]
-                lasts = await _each([last_sequence(self._leader, s) for s in subjects])
+                if lasts is None:
+                    lasts = await _each([last_sequence(self._leader, s) for s in subjects])
                 # A channel whose last message is at or before the position
                 # missed nothing: had any been evicted after it, so would that
                 # one (eviction takes the oldest first). One with none may have
@@ -185,6 +188,10 @@ class NatsHistory:
 
     async def position(self, max_age: float = 0.0) -> int:
         return (await self._bounds.recent(max_age))[1]
+
+    async def last(self, channel: Channel) -> int:
+        self._link.jetstream()  # fails at once while NATS is away
+        return await last_sequence(self._leader, self._place.subjects.input_subject(channel))
 
     async def _past_the_end(self, seq: int) -> bool:
         """Whether ``seq`` is past the stream's last sequence (a recent answer

@@ -124,15 +124,21 @@ class Resumer:
             replay = None if since is None else await history.replay(channels, since, settings.replay_max)
             return replay, None
         user = user_channel(session.user)
-        read = await self._reads.position(session.user)
         if since is None:
-            replay = await history.replay((user,), read, settings.replay_max)
+            # The user's channel first: when nothing was sent to the user, the
+            # read position (a request of its own) need not be asked.
+            last = await history.last(user)
+            if not last:
+                return None, 0
+            read = await self._reads.position(session.user)
+            replay = await history.replay((user,), read, settings.replay_max, (last,))
             if not replay.deliveries:
                 # Nothing unread is held: whatever expired unread did so by the
                 # inbox's own limits, and a reset on every connect of every idle
                 # user would only be noise.
                 return None, 0
             return replay, await self._unread(user, read, replay)
+        read = await self._reads.position(session.user)
         replay = await history.replay(channels, since, settings.replay_max)
         return replay, await self._unread(user, read, replay if read >= since else None)
 

@@ -107,12 +107,18 @@ class MemoryHistory:
     def __init__(self, stream: MemoryStream) -> None:
         self._stream = stream
 
-    async def replay(self, channels: Sequence[Channel], after_seq: int, limit: int) -> Replay:
+    async def replay(
+        self, channels: Sequence[Channel], after_seq: int, limit: int, lasts: Sequence[int] | None = None
+    ) -> Replay:
         s = self._stream
         s.check()
         wanted = set(channels)
         found = [d for d in s.log[after_seq:] if d.channel in wanted]
         return retain(found, s.retention, limit, time.time())
+
+    async def last(self, channel: Channel) -> int:
+        self._stream.check()
+        return max((d.seq for d in self._stream.log if d.channel == channel), default=0)
 
     async def page(self, channel: Channel, before: int | None, limit: int) -> list[Delivery]:
         s = self._stream

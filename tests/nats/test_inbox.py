@@ -12,9 +12,14 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import nats
+import orjson
 import pytest
+from nats.aio.msg import Msg
 
+from broker.embedded import NatsServer
 from broker.jetstream import NatsBroker
+from broker.kv import key_token
 from broker.readmark import decode, encode
 
 from ..helpers import (
@@ -436,3 +441,33 @@ async def test_inbox_and_live_flow_meet_without_gap_or_duplicate(
     assert welcome["unread"] >= 30
     await quiet(ws)
     await ws.close()
+
+
+async def test_a_user_nothing_was_sent_to_opens_without_a_read_of_their_position(
+    nats_server: NatsServer, node_factory: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """The user's channel is asked first: while it holds nothing, the read
+    position (a request of its own, on every connect) is not asked."""
+    node: RunningNode = await node_factory()
+    bucket = node.node.broker.reads.bucket  # type: ignore[attr-defined]
+    spy = await nats.connect(nats_server.url)
+    asked: list[bytes] = []
+
+    async def note(msg: Msg) -> None:
+        asked.append(msg.data)
+
+    try:
+        await spy.subscribe(f"$JS.API.STREAM.MSG.GET.KV_{bucket}", cb=note)
+        await spy.flush()
+        ws, welcome = await connect(http, node, "nobody")
+        assert welcome["unread"] == 0
+        await ws.close()
+        await publish_many(http, node, "user:somebody", 2)
+        ws, welcome = await connect(http, node, "somebody")
+        assert welcome["unread"] == 2
+        await messages(ws, 2)
+        await ws.close()
+        await spy.flush()
+        assert [orjson.loads(a)["last_by_subj"] for a in asked] == [f"$KV.{bucket}.{key_token('somebody')}"]
+    finally:
+        await spy.close()

@@ -593,14 +593,16 @@ class ReplayHook:
         self._before = before
         self.fail = False
 
-    async def replay(self, channels: Sequence[str], after_seq: int, limit: int) -> Replay:
+    async def replay(
+        self, channels: Sequence[str], after_seq: int, limit: int, lasts: Sequence[int] | None = None
+    ) -> Replay:
         if self.fail:
             await settle()
             raise BrokerUnavailable("replay failed")
         if self._before is not None:
             await self._before()
             await settle()
-        found = await self._history.replay(channels, after_seq, limit)
+        found = await self._history.replay(channels, after_seq, limit, lasts)
         if self._during is not None:
             await self._during()
         await settle()
