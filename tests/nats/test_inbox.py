@@ -459,6 +459,7 @@ async def test_a_user_nothing_was_sent_to_opens_without_a_read_of_their_position
     try:
         await spy.subscribe(f"$JS.API.STREAM.MSG.GET.KV_{bucket}", cb=note)
         await spy.flush()
+        await node.node.broker._link.nc.flush()  # type: ignore[attr-defined]  # so it sees the spy at once
         ws, welcome = await connect(http, node, "nobody")
         assert welcome["unread"] == 0
         await ws.close()
