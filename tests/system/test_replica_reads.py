@@ -88,12 +88,18 @@ async def broker(nats_cluster: NatsCluster) -> AsyncIterator[tuple[NatsBroker, N
 
 async def _settled(call: Callable[[], Awaitable[T]]) -> T:
     """``call()``, tried again while JetStream answers "no responders" or
-    "unavailable": a follower that was stopped may call an election when it
-    goes on, and the stream has no leader for a moment."""
+    "unavailable", or not at all: a follower that was stopped may call an
+    election when it goes on, and the stream has no leader for a moment; a
+    leader that steps down drops what was asked of it unanswered."""
     for attempt in range(30):
         try:
             return await call()
-        except (BrokerUnavailable, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+        except (
+            BrokerUnavailable,
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+            nats.js.errors.ServiceUnavailableError,
+        ):
             if attempt == 29:
                 raise
             await asyncio.sleep(0.1)
@@ -195,7 +201,7 @@ async def test_a_key_listing_holds_what_the_leader_acked_whichever_copy_it_reads
 
 async def _lead_on(nc: nats.NATS, stream: str, server: str) -> None:
     """Have ``server`` lead ``stream`` (a stepdown naming it, nats-server 2.11+)."""
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=2)  # an info asked of a leader stepping down is not answered: ask again
     request = orjson.dumps({"placement": {"preferred": server}})
     for _ in range(50):
         info = await _settled(lambda: js.stream_info(stream))
