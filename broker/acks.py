@@ -26,6 +26,9 @@ from .link import NatsLink
 
 # A message to publish: (subject, payload, headers or None).
 Outgoing = tuple[str, bytes, dict[str, str] | None]
+# A message's id: a repeat within the stream's duplicate window is acked (as a
+# duplicate, with the first one's sequence), not stored.
+MSG_ID = "Nats-Msg-Id"
 # The most messages the stream takes in one atomic batch (nats-server's limit).
 ATOMIC_MAX = 1000
 # Refusals of an atomic batch after which the messages can go one by one (none
@@ -49,7 +52,13 @@ class AckedPublisher:
     """Publishes into the stream and waits for its acks."""
 
     def __init__(
-        self, link: NatsLink, stream: str, timeout: float, buffered: bool = False, resend: bool = False
+        self,
+        link: NatsLink,
+        stream: str,
+        timeout: float,
+        buffered: bool = False,
+        resend: bool = False,
+        keyed_resend: bool = False,
     ) -> None:
         self._inbox = link.replies
         self._stream = stream  # expected: a subject another stream captured is refused, not stored there
@@ -58,8 +67,11 @@ class AckedPublisher:
         self._head = _head(stream, {})
         self._buffered = buffered  # while NATS reconnects: wait for it (ReplyInbox.open)
         # Unacked messages sent again (``ReplyInbox.resend``): only for writes that
-        # expect a revision (KV), whose repeat is refused once one is stored.
+        # expect a revision (KV), whose repeat is refused once one is stored, and,
+        # with ``keyed_resend``, writes whose every message has an id (the stream
+        # acks a repeat of one it stored as a duplicate and stores nothing).
         self._resend = resend
+        self._keyed_resend = keyed_resend
         # The stream takes atomic batches (allow_atomic, nats-server 2.12+): set once it is known.
         self.atomic = False
         self._batch_ids = itertools.count()
@@ -90,7 +102,10 @@ class AckedPublisher:
         """Every message with a reply subject: an ack each."""
         if not messages:
             return []
-        acks = _Acks(self._inbox, self._timeout, self._resend)
+        resend = self._resend or (
+            self._keyed_resend and all(headers is not None and MSG_ID in headers for _, _, headers in messages)
+        )
+        acks = _Acks(self._inbox, self._timeout, resend)
         try:
             nc = self._inbox.current(self._buffered) or await self._inbox.ready(self._buffered)
             limit = nc.max_payload
@@ -110,7 +125,7 @@ class AckedPublisher:
                     await nc.publish(
                         subject, payload, reply=reply.decode(), headers={**self._headers, **(headers or {})}
                     )
-            if self._resend:
+            if resend:
                 self._inbox.resend(replies[0], written)  # until every ack came (close discards the replies)
             return [Published(int(ack["seq"]), bool(ack.get("duplicate"))) for ack in await acks.done]
         finally:

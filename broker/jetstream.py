@@ -142,6 +142,7 @@ class NatsBroker:
                 config.unsubscribe_delay,
                 config.shared_user_subscription,
                 config.max_repair,
+                min(config.dedup_window, config.history.max_age),  # the stream's duplicate window
             ),
             events,
             self.history,

@@ -11,7 +11,7 @@ from typing import cast
 
 import nats.errors
 
-from .acks import AckedPublisher, Outgoing
+from .acks import MSG_ID, AckedPublisher, Outgoing
 from .base import BrokerStats, BrokerUnavailable, Delivery, Kind, Publishable, Published
 from .channels import DEFAULT_EVENT, EVENT_HEADER, FROM_HEADER, Channel, Subjects, event_of, is_user, sender_of
 from .coalesce import Fresh
@@ -40,6 +40,9 @@ class LiveOptions:
     # most of the users, at the price of receiving every user's messages.
     shared_user_subscription: bool = False
     max_repair: int = 10_000
+    # Seconds the stream remembers a message id: a keyed publish is sent again
+    # while unacked only if a repeat is sure to be known (longer than the timeout).
+    dedup_window: float = 120.0
 
 
 class NatsPubSub:
@@ -71,7 +74,9 @@ class NatsPubSub:
         self._receive = self.sequencer.receive
         # Channels wanted (reference counted): the ones whose flow is kept gap-free.
         self._wanted: dict[Channel, int] = {}
-        self._acks = AckedPublisher(link, options.stream, options.publish_timeout)
+        self._acks = AckedPublisher(
+            link, options.stream, options.publish_timeout, keyed_resend=options.dedup_window > options.publish_timeout
+        )
         # One PING/PONG confirms every subscription made before it was sent (a connect storm makes many).
         self._confirm = Fresh(self._round_trip)
         self._queued = -1  # the inbox's count of requests when the last SUB was queued (see live)
@@ -203,7 +208,7 @@ class NatsPubSub:
     def _outgoing(self, item: Publishable) -> Outgoing:
         headers = _headers(item.event, item.sender)
         if item.msg_id is not None:
-            headers["Nats-Msg-Id"] = item.msg_id  # the stream drops a repeat within its duplicate window
+            headers[MSG_ID] = item.msg_id  # a repeat is not stored: the node may send it again
         return self._subjects.input_subject(item.channel), item.payload, headers or None
 
     async def publish_ephemeral(

@@ -1,6 +1,7 @@
 """A read through the reply inbox that nobody answers is asked again each
 RESEND_AFTER seconds (broker/inbox.py ``ReplyInbox.resend``), and so is a KV
-write (it expects a revision: a repeat of one stored is refused): a
+write (it expects a revision: a repeat of one stored is refused) and a
+publish with a message id (a repeat of one stored is not stored): a
 stream's leader that steps down or dies drops what was asked of it, and the
 next one answers the repeat. Against a real nats-server, with a responder of
 our own that ignores the first ask, and a stream that appears late."""
@@ -21,9 +22,13 @@ from nats.js.api import StorageType
 import broker.inbox
 from broker import BrokerUnavailable
 from broker.acks import AckedPublisher
+from broker.channels import Subjects
 from broker.embedded import NatsServer
+from broker.jetstream import NatsBroker, NatsConfig
 from broker.link import NatsLink
 from broker.lookup import ask
+
+from ..helpers import broker_events
 
 
 @pytest.fixture
@@ -108,6 +113,36 @@ async def test_a_resent_write_waits_out_no_responders(link: NatsLink, quick: Non
     assert (await link.js.get_last_msg(stream, f"{stream}.k")).data == b"v"
 
 
+@pytest.mark.parametrize(("keyed", "keyed_resend"), [(True, True), (False, True), (True, False)])
+async def test_a_publish_with_a_message_id_is_resent_until_a_stream_acks_it(
+    link: NatsLink, quick: None, keyed: bool, keyed_resend: bool
+) -> None:
+    """A publish's message id (an Idempotency-Key) makes a repeat harmless
+    (the stream acks it as a duplicate, not stored): one in flight while the
+    stream's leader moves is sent again, as a KV write is — here the stream
+    appears late, "no responders" until then — and stored once. A publish
+    without an id is never sent twice: it fails at once; nor is one with an
+    id where the stream might forget it first (``keyed_resend`` off: a
+    duplicate window no longer than the timeout)."""
+    assert link.js is not None
+    stream = f"KEYED{uuid.uuid4().hex[:8]}"
+    publisher = AckedPublisher(link, stream, 3.0, keyed_resend=keyed_resend)
+    headers = {"Nats-Msg-Id": "k1"} if keyed else None
+    writing = asyncio.create_task(publisher.publish([(f"{stream}.m", b"v", headers)]))
+    await asyncio.sleep(0.3)  # one send and a repeat met no stream
+    if not (keyed and keyed_resend):
+        with pytest.raises(BrokerUnavailable, match="no stream answered"):
+            await writing
+        return
+    assert not writing.done()
+    await link.js.add_stream(name=stream, subjects=[f"{stream}.>"], storage=StorageType.MEMORY)
+    (published,) = await writing
+    assert published.seq == 1
+    await asyncio.sleep(0.5)  # repeats still going out would be acked as duplicates
+    assert (await link.js.stream_info(stream)).state.messages == 1
+    assert link.replies._resends == {}
+
+
 async def test_each_unanswered_read_is_resent_until_it_gives_up(
     link: NatsLink, quick: None, listener: Listener
 ) -> None:
@@ -121,3 +156,11 @@ async def test_each_unanswered_read_is_resent_until_it_gives_up(
     assert 2 <= listener.asks.count(b"short") <= 3  # at 0, 0.2, 0.4 s
     assert 6 <= listener.asks.count(b"long") <= 8  # every 0.2 s over 1.5 s
     assert link.replies._resends == {}
+
+
+@pytest.mark.parametrize(("dedup_window", "resent"), [(120.0, True), (5.0, False), (3.0, False)])
+def test_keyed_publishes_are_resent_only_within_the_duplicate_window(dedup_window: float, resent: bool) -> None:
+    """A repeat sent after the stream forgot the id would be stored twice."""
+    config = NatsConfig(subjects=Subjects("kw", "kw_live"), publish_timeout=5.0, dedup_window=dedup_window)
+    node = NatsBroker(config, broker_events())
+    assert node.pubsub._acks._keyed_resend is resent

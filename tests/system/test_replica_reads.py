@@ -34,7 +34,7 @@ import orjson
 import pytest
 from nats.js.api import KeyValueConfig, StorageType
 
-from broker import BrokerUnavailable, TooManyConnections
+from broker import BrokerUnavailable, Publishable, TooManyConnections
 from broker.channels import Subjects, room_channel, user_channel
 from broker.jetstream import NatsBroker, NatsConfig
 from broker.kv import live_keys
@@ -341,23 +341,25 @@ WAIT_MAX = 3.0
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("what", ["page", "count-in"])
+@pytest.mark.parametrize("what", ["page", "count-in", "keyed-publish"])
 async def test_requests_in_flight_when_the_leader_moves_are_answered_by_the_next(
     nats_cluster: NatsCluster, what: str
 ) -> None:
     """A stream's leader that steps down drops what was asked of it unanswered:
-    reads (a history page's last sequence, a replay's, a KV key) and KV
-    writes that expect a revision (a user's connection count) are sent again
-    each second, and the next leader answers. Before, a page in flight
-    waited the whole request timeout (5 s) and failed (in 2 of 4 runs of
-    three moves, with pagers pausing 50 ms between pages), and a connection
-    whose count-in write was dropped waited 5 s, then was admitted uncounted."""
+    reads (a history page's last sequence, a replay's, a KV key), KV writes
+    that expect a revision (a user's connection count) and publishes with a
+    message id (an Idempotency-Key) are sent again each second, and the next
+    leader answers. Before, a page in flight waited the whole request timeout
+    (5 s) and failed (in 2 of 4 runs of three moves, with pagers pausing 50 ms
+    between pages), a connection whose count-in write was dropped waited 5 s,
+    then was admitted uncounted, and a keyed publish failed (503) after 5 s
+    (3 or 4 a run). No keyed publish is stored twice."""
     watcher = await nats.connect(nats_cluster.url("n1"))
     config = NatsConfig(
         urls=(nats_cluster.url("n2"),), subjects=Subjects("lm", "lm_live"), stream="LM", replicas=3, storage="memory"
     )
     node = NatsBroker(config, broker_events())
-    stream = "LM" if what == "page" else "KV_LM_conns"
+    stream = "KV_LM_conns" if what == "count-in" else "LM"
     waits: list[float] = []
     failed: list[str] = []
     moving = True
@@ -378,10 +380,21 @@ async def test_requests_in_flight_when_the_leader_moves_are_answered_by_the_next
             if user not in node.connections._known:  # written: the count-in kept the table it wrote
                 failed.append(f"{user} not counted in")
 
+        published: list[int] = []
+
+        async def keyed_publish() -> None:
+            try:
+                (ack,) = await node.pubsub.publish_batch([Publishable(ROOM_B, b'"p"', msg_id=uuid.uuid4().hex)])
+                published.append(ack.seq)
+            except BrokerUnavailable as exc:
+                failed.append(str(exc))
+
+        asking = {"page": page, "count-in": count_in, "keyed-publish": keyed_publish}[what]
+
         async def ask_on() -> None:
             while moving:
                 began = asyncio.get_running_loop().time()
-                await (page() if what == "page" else count_in())
+                await asking()
                 waits.append(asyncio.get_running_loop().time() - began)
 
         async def move() -> None:
@@ -396,6 +409,9 @@ async def test_requests_in_flight_when_the_leader_moves_are_answered_by_the_next
         assert failed == [], f"of {len(waits)}"
         assert max(waits) < WAIT_MAX, sorted(waits)[-5:]
         assert len(waits) >= 50
+        if what == "keyed-publish":  # each stored once: no sequence but theirs since the first
+            last = (await _settled(lambda: watcher.jetstream().stream_info("LM"))).state.last_seq
+            assert sorted(published) == list(range(last - len(published) + 1, last + 1))
     finally:
         await node.close()
         await watcher.close()
