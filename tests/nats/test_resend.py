@@ -92,17 +92,34 @@ async def test_without_resend_one_ask_waits_out_its_timeout(link: NatsLink, quic
     assert listener.asks == [b"q"]
 
 
-@pytest.mark.parametrize("resend", [True, False])
-async def test_a_resent_write_waits_out_no_responders(link: NatsLink, quick: None, resend: bool) -> None:
+KV_WRITE = {"Nats-Expected-Last-Subject-Sequence": "0"}  # a repeat of one stored is refused
+KEYED = {"Nats-Msg-Id": "k1"}  # an Idempotency-Key: a repeat of one stored is acked, not stored
+
+
+@pytest.mark.parametrize(
+    ("headers", "options", "resent"),
+    [
+        (KV_WRITE, {"resend": True}, True),
+        (KV_WRITE, {}, False),
+        (KEYED, {"keyed_resend": True}, True),
+        (KEYED, {}, False),  # the stream's duplicate window may end before the timeout
+        (None, {"keyed_resend": True}, False),  # a repeat would be stored twice
+    ],
+    ids=["kv-write", "kv-write-not-resent", "keyed-publish", "keyed-outside-the-window", "unkeyed-publish"],
+)
+async def test_a_resent_write_waits_out_no_responders(
+    link: NatsLink, quick: None, headers: dict[str, str] | None, options: dict[str, bool], resent: bool
+) -> None:
     """ "No responders" (503) while the stream's subjects have no listener (its
-    leader moving): a resent write waits for its next send; another fails at once."""
+    leader moving): a write whose repeat changes nothing — a KV write, a
+    publish with a message id — is sent again and waits for its next send,
+    then is stored once; another fails at once."""
     assert link.js is not None
     stream = f"LATE{uuid.uuid4().hex[:8]}"  # made after the first sends
-    publisher = AckedPublisher(link, stream, 3.0, resend=resend)
-    write = (f"{stream}.k", b"v", {"Nats-Expected-Last-Subject-Sequence": "0"})
-    writing = asyncio.create_task(publisher.publish([write]))
+    publisher = AckedPublisher(link, stream, 3.0, **options)
+    writing = asyncio.create_task(publisher.publish([(f"{stream}.k", b"v", headers)]))
     await asyncio.sleep(0.3)  # one send and a repeat met no stream
-    if not resend:
+    if not resent:
         with pytest.raises(BrokerUnavailable, match="no stream answered"):
             await writing
         return
@@ -110,36 +127,9 @@ async def test_a_resent_write_waits_out_no_responders(link: NatsLink, quick: Non
     await link.js.add_stream(name=stream, subjects=[f"{stream}.>"], storage=StorageType.MEMORY)
     (published,) = await writing
     assert published.seq == 1
-    assert (await link.js.get_last_msg(stream, f"{stream}.k")).data == b"v"
-
-
-@pytest.mark.parametrize(("keyed", "keyed_resend"), [(True, True), (False, True), (True, False)])
-async def test_a_publish_with_a_message_id_is_resent_until_a_stream_acks_it(
-    link: NatsLink, quick: None, keyed: bool, keyed_resend: bool
-) -> None:
-    """A publish's message id (an Idempotency-Key) makes a repeat harmless
-    (the stream acks it as a duplicate, not stored): one in flight while the
-    stream's leader moves is sent again, as a KV write is — here the stream
-    appears late, "no responders" until then — and stored once. A publish
-    without an id is never sent twice: it fails at once; nor is one with an
-    id where the stream might forget it first (``keyed_resend`` off: a
-    duplicate window no longer than the timeout)."""
-    assert link.js is not None
-    stream = f"KEYED{uuid.uuid4().hex[:8]}"
-    publisher = AckedPublisher(link, stream, 3.0, keyed_resend=keyed_resend)
-    headers = {"Nats-Msg-Id": "k1"} if keyed else None
-    writing = asyncio.create_task(publisher.publish([(f"{stream}.m", b"v", headers)]))
-    await asyncio.sleep(0.3)  # one send and a repeat met no stream
-    if not (keyed and keyed_resend):
-        with pytest.raises(BrokerUnavailable, match="no stream answered"):
-            await writing
-        return
-    assert not writing.done()
-    await link.js.add_stream(name=stream, subjects=[f"{stream}.>"], storage=StorageType.MEMORY)
-    (published,) = await writing
-    assert published.seq == 1
-    await asyncio.sleep(0.5)  # repeats still going out would be acked as duplicates
+    await asyncio.sleep(0.5)  # repeats still going out would not be stored, but asked no more
     assert (await link.js.stream_info(stream)).state.messages == 1
+    assert (await link.js.get_last_msg(stream, f"{stream}.k")).data == b"v"
     assert link.replies._resends == {}
 
 
