@@ -117,6 +117,11 @@ class NatsConfig:
     # Room globs whose members' first arrival / last departure is announced.
     join_leave_rooms: tuple[str, ...] = ()
 
+    @property
+    def duplicate_window(self) -> float:
+        """Seconds the stream remembers a message id: no longer than it keeps messages."""
+        return min(self.dedup_window, self.history.max_age)
+
 
 class NatsBroker:
     """``broker.roles.Broker`` over a NATS cluster with JetStream: the
@@ -142,7 +147,7 @@ class NatsBroker:
                 config.unsubscribe_delay,
                 config.shared_user_subscription,
                 config.max_repair,
-                min(config.dedup_window, config.history.max_age),  # the stream's duplicate window
+                config.duplicate_window,
             ),
             events,
             self.history,
@@ -268,7 +273,7 @@ class NatsBroker:
             max_msgs_per_subject=stream_cap(c.history),
             max_age=c.history.max_age,
             max_bytes=c.max_bytes,
-            duplicate_window=min(c.dedup_window, c.history.max_age),
+            duplicate_window=c.duplicate_window,
             discard=DiscardPolicy.OLD,
             allow_direct=True,
             allow_atomic=True,  # a publish of many messages stores all or none (nats-server 2.12+)
